@@ -1,0 +1,13 @@
+"""Test session set-up: 8 fake CPU devices for the multi-device tests, strict rank promotion."""
+
+import os
+
+# Must happen before JAX initializes its backends; only adds host devices, so single-device code
+# is unaffected.
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -1,0 +1,92 @@
+"""Argument checks shared by every loss: trace-time, with messages that name the argument.
+
+Shape and dtype checks run on static shapes, so under ``jit`` they cost nothing at run time and
+fail before anything executes. Option checks raise ``ValueError`` naming the option, what was
+expected and what came.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def check_floating(fn: str, name: str, x: jax.typing.ArrayLike) -> None:
+  """Raises ``TypeError`` unless ``x`` has a floating dtype."""
+  dtype = jnp.result_type(x)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{fn}: `{name}` must be a floating array, got dtype {dtype}.")
+
+
+def check_in_range(
+    fn: str,
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+  """Raises ``ValueError`` unless the Python scalar ``value`` lies in the given interval.
+
+  Traced values are skipped: a hyper-parameter under ``jit`` cannot be checked at trace time.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return
+  v = float(np.asarray(value))
+  below = v <= low if low_open else v < low
+  above = v >= high if high_open else v > high
+  if below or above or np.isnan(v):
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    raise ValueError(f"{fn}: `{name}` must be in {lo}{low}, {high}{hi}, got {value!r}.")
+
+
+def check_choice(fn: str, name: str, value: Any, choices: Sequence[Any]) -> None:
+  """Raises ``ValueError`` unless ``value`` is one of ``choices``."""
+  if value not in choices:
+    raise ValueError(f"{fn}: `{name}` must be one of {tuple(choices)}, got {value!r}.")
+
+
+def check_reduction(fn: str, reduction: str) -> None:
+  check_choice(fn, "reduction", reduction, REDUCTIONS)
+
+
+def canonical_axis(fn: str, axis: Any, ndim: int) -> int:
+  """Returns ``axis`` as a non-negative int, naming ``axis`` when it is out of range."""
+  if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+    raise TypeError(f"{fn}: `axis` must be an int, got {axis!r}.")
+  if not -ndim <= axis < ndim:
+    raise ValueError(f"{fn}: `axis`={axis} is out of range for logits of rank {ndim}.")
+  return int(axis) % ndim
+
+
+def check_shape(fn: str, name: str, x: jax.typing.ArrayLike, expected: Sequence[int]) -> None:
+  """Asserts (chex, trace time) that ``x`` has shape ``expected``; the message names ``name``."""
+  chex.assert_shape(
+      x,
+      tuple(expected),
+      custom_message=f"{fn}: `{name}` must have shape {tuple(expected)}, got {jnp.shape(x)}.",
+  )
+
+
+def check_broadcastable(
+    fn: str, name: str, x: jax.typing.ArrayLike, target: Sequence[int]
+) -> None:
+  """Raises ``ValueError`` unless ``x`` broadcasts to ``target`` (used for masks)."""
+  try:
+    np.broadcast_shapes(np.shape(x), tuple(target))
+  except ValueError:
+    raise ValueError(
+        f"{fn}: `{name}` must be broadcastable to shape {tuple(target)}, got {np.shape(x)}."
+    ) from None
+  if len(np.shape(x)) > len(target):
+    raise ValueError(
+        f"{fn}: `{name}` must be broadcastable to shape {tuple(target)}, got {np.shape(x)}."
+    )

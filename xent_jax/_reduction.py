@@ -1,0 +1,41 @@
+"""One reduction rule for every per-example loss in xent_jax.
+
+.. math::
+   \\text{none}: \\ell_i \\qquad \\text{sum}: \\sum_i \\ell_i \\qquad
+   \\text{mean}: \\frac{\\sum_i \\ell_i}{\\sum_i \\omega_i}
+
+where :math:`\\ell_i` already carries its example weight :math:`\\omega_i` (class weight of the
+target times the mask). This is PyTorch's rule for ``nll_loss``/``cross_entropy`` ('mean' divides
+by the summed weights of the non-ignored targets). Where PyTorch returns NaN (every target ignored,
+:math:`\\sum_i \\omega_i = 0`) the mean here is 0 and its gradient is finite (zero).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from xent_jax import _checks
+
+
+def reduce_loss(
+    loss: jax.Array, example_weight: jax.Array, reduction: str, *, fn: str = "reduce_loss"
+) -> jax.Array:
+  """Reduces a per-example loss.
+
+  Args:
+    loss: per-example loss, any shape, already multiplied by ``example_weight`` (zero where masked).
+    example_weight: weights :math:`\\omega_i` broadcastable to ``loss``; the 'mean' denominator.
+    reduction: 'none' (return ``loss``), 'sum' or 'mean'.
+    fn: caller's name, used in error messages.
+
+  Returns:
+    ``loss`` for 'none', else a scalar in ``loss.dtype``.
+  """
+  _checks.check_reduction(fn, reduction)
+  if reduction == "none":
+    return loss
+  total = jnp.sum(loss)
+  if reduction == "sum":
+    return total
+  denominator = jnp.sum(jnp.broadcast_to(example_weight, loss.shape).astype(loss.dtype))
+  safe = jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
+  return jnp.where(denominator == 0, jnp.zeros_like(total), total / safe)
