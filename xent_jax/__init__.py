@@ -3,7 +3,13 @@
 The public API is exactly what this module re-exports; private modules hold one topic each.
 """
 
-# Core cross-entropy (xent_jax/_cross_entropy.py).
+# Core cross-entropy (xent_jax/_cross_entropy.py, _optax_compat.py, _label_checks.py).
+from xent_jax._cross_entropy import cross_entropy
+from xent_jax._label_checks import check_labels
+from xent_jax._optax_compat import poly_loss_cross_entropy
+from xent_jax._optax_compat import smooth_labels
+from xent_jax._optax_compat import softmax_cross_entropy
+from xent_jax._optax_compat import softmax_cross_entropy_with_integer_labels
 
 # Fused linear cross-entropy (xent_jax/_linear.py).
 
@@ -14,4 +20,10 @@ The public API is exactly what this module re-exports; private modules hold one 
 __version__ = "0.1.0"
 
 __all__ = [
+    "check_labels",
+    "cross_entropy",
+    "poly_loss_cross_entropy",
+    "smooth_labels",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
 ]

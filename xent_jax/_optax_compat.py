@@ -1,0 +1,254 @@
+"""Drop-ins for ``optax.losses``: same names, arguments and results, plus label smoothing.
+
+Code written against ``optax.losses`` switches by changing the import. The differences are
+additions: ``label_smoothing`` (keyword-only) without building a one-hot, float32 accumulation for
+half-precision logits, finite results where a ``-inf`` logit meets a zero target, and NaN (not a
+silently wrong number) for integer labels outside ``[0, C)``.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from xent_jax import _checks
+from xent_jax import _cross_entropy as ce
+
+Axis = int | tuple[int, ...]
+
+
+def _classes_last(fn: str, logits, axis: Axis, where):
+  """Moves the class axis (or axes, flattened in order) of ``logits`` (and a per-logit ``where``)
+  to the end, as optax does for a tuple ``axis``. Returns ``(logits, class_mask)``, the mask
+  None unless ``where`` is per-logit."""
+  if isinstance(axis, tuple):
+    axes = tuple(_checks.canonical_axis(fn, a, logits.ndim) for a in axis)
+  elif isinstance(axis, int):
+    axes = (_checks.canonical_axis(fn, axis, logits.ndim),)
+  else:
+    raise TypeError(f"{fn}: `axis` must be an int or a tuple of ints, got {axis!r}.")
+  batch = tuple(a for a in range(logits.ndim) if a not in axes)
+  def flatten(x):
+    x = jnp.transpose(x, batch + axes)
+    return x.reshape(x.shape[: len(batch)] + (-1,))
+  per_logit = where is not None and jnp.ndim(where) == logits.ndim
+  return flatten(logits), (flatten(jnp.asarray(where, bool)) if per_logit else None)
+
+
+def _example_mask(fn: str, where, batch_shape) -> jax.Array:
+  if where is None:
+    return jnp.ones(batch_shape, bool)
+  _checks.check_broadcastable(fn, "where", where, batch_shape)
+  return jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
+
+
+def _masked_class_cross_entropy(logits, q, class_mask):
+  """:math:`\\sum_{c\\in M} q_c(\\mathrm{lse}_M - x_c)` over the classes ``class_mask`` keeps
+  (optax's per-logit ``where``); 0 for rows that keep no class."""
+  dtype = ce.compute_dtype(logits.dtype)
+  x = jnp.where(class_mask, logits.astype(dtype), -jnp.inf)
+  lse = ce.finite_logsumexp(x)
+  keep = class_mask & (q != 0)
+  loss = jnp.sum(jnp.where(keep, q * (lse[..., None] - x), 0.0), axis=-1)
+  return jnp.where(jnp.any(class_mask, axis=-1), loss, 0.0)
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    axis: Axis = -1,
+    where: jax.typing.ArrayLike | None = None,
+    *,
+    label_smoothing: float = 0.0,
+) -> jax.Array:
+  r"""Per-example softmax cross-entropy with integer labels; a drop-in for optax's.
+
+  .. math::
+     \ell_i = \mathrm{lse}(x_i) - (1-\epsilon)\,x_{iy_i} - \frac{\epsilon}{C}\sum_c x_{ic}
+
+  Args:
+    logits: ``[..., C]`` float logits (classes on ``axis``; a tuple ``axis`` flattens those axes,
+      and a label is then a flat index into them, as in optax).
+    labels: integer ids of shape ``logits.shape`` without ``axis``.
+    axis: class axis or axes.
+    where: per-example mask (batch shape) or per-logit mask (``logits.shape``, restricting the
+      softmax and the smoothing to the kept classes); rows with nothing kept give 0.
+    label_smoothing: :math:`\epsilon`, uniform over the (kept) classes, without a one-hot.
+
+  Returns:
+    ``[...]`` per-example losses, float32 (float64 for float64 logits).
+
+  References:
+    optax.losses.softmax_cross_entropy_with_integer_labels; Szegedy et al. 2016 (smoothing).
+  """
+  fn = "softmax_cross_entropy_with_integer_labels"
+  _checks.check_floating(fn, "logits", logits)
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}.")
+  _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
+  x, class_mask = _classes_last(fn, jnp.asarray(logits), axis, where)
+  _checks.check_shape(fn, "labels", labels, x.shape[:-1])
+  num_classes = x.shape[-1]
+  if where is not None and jnp.ndim(where) == jnp.ndim(logits):
+    kept = jnp.sum(class_mask, axis=-1, keepdims=True)
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=ce.compute_dtype(x.dtype))
+    q = (1.0 - label_smoothing) * onehot + label_smoothing / jnp.maximum(kept, 1)
+    return _masked_class_cross_entropy(x, q, class_mask)
+  loss, _ = ce.integer_cross_entropy_last_axis(
+      x,
+      labels,
+      class_weight=None,
+      valid=_example_mask(fn, where, x.shape[:-1]),
+      target=ce.smoothed_target(num_classes, label_smoothing),
+      z_loss=0.0,
+      logit_softcap=None,
+  )
+  return loss
+
+
+def softmax_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    axis: Axis = -1,
+    where: jax.typing.ArrayLike | None = None,
+    *,
+    label_smoothing: float = 0.0,
+) -> jax.Array:
+  r"""Per-example softmax cross-entropy with integer or probability labels; a drop-in for optax's.
+
+  .. math::
+     \ell_i = -\sum_c q_{ic}\log\mathrm{softmax}(x_i)_c,\qquad q = (1-\epsilon)\,\text{labels}
+     + \epsilon/C
+
+  Integer labels take :func:`softmax_cross_entropy_with_integer_labels`. Unlike optax, a ``-inf``
+  logit where the target is 0 gives a finite loss (optax returns NaN there).
+
+  Args:
+    logits: ``[..., C]`` float logits.
+    labels: float probabilities of ``logits.shape``, or integer ids (``logits.shape`` without
+      ``axis``).
+    axis: class axis or axes.
+    where: per-example or per-logit mask, as in optax.
+    label_smoothing: :math:`\epsilon`, as ``optax.smooth_labels`` applies it.
+
+  Returns:
+    ``[...]`` per-example losses, float32 (float64 for float64 logits).
+
+  References:
+    optax.losses.softmax_cross_entropy.
+  """
+  fn = "softmax_cross_entropy"
+  _checks.check_floating(fn, "logits", logits)
+  labels = jnp.asarray(labels)
+  if jnp.issubdtype(labels.dtype, jnp.integer):
+    return softmax_cross_entropy_with_integer_labels(
+        logits, labels, axis, where, label_smoothing=label_smoothing
+    )
+  _checks.check_floating(fn, "labels", labels)
+  _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
+  logits = jnp.asarray(logits)
+  _checks.check_shape(fn, "labels", labels, logits.shape)
+  per_logit = where is not None and jnp.ndim(where) == logits.ndim
+  x, class_mask = _classes_last(fn, logits, axis, where)
+  q, _ = _classes_last(fn, labels, axis, None)
+  if per_logit:
+    kept = jnp.sum(class_mask, axis=-1, keepdims=True)
+    q = (1.0 - label_smoothing) * q.astype(ce.compute_dtype(x.dtype)) + label_smoothing / jnp.maximum(kept, 1)
+    return _masked_class_cross_entropy(x, q, class_mask)
+  loss, _ = ce.dense_cross_entropy_last_axis(
+      x,
+      q,
+      class_weight=None,
+      valid=_example_mask(fn, where, x.shape[:-1]),
+      label_smoothing=label_smoothing,
+      smoothing="uniform",
+      z_loss=0.0,
+      logit_softcap=None,
+  )
+  return loss
+
+
+def smooth_labels(
+    labels: jax.typing.ArrayLike,
+    alpha: jax.typing.ArrayLike,
+    *,
+    axis: Axis | None = -1,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+  r"""Label smoothing of one-hot (or probability) labels, as ``optax.smooth_labels``.
+
+  .. math::
+     q = (1-\alpha)\,\text{labels} + \alpha / K
+
+  with :math:`K` the size of ``axis`` (or the number of entries ``where`` keeps along it).
+
+  Args:
+    labels: ``[..., K]`` float labels.
+    alpha: smoothing factor in ``[0, 1]``.
+    axis: class axis or axes.
+    where: mask of the entries that count towards :math:`K`.
+
+  Returns:
+    The smoothed labels, ``labels.shape``.
+
+  References:
+    Müller et al., "When does label smoothing help?", 2019.
+  """
+  fn = "smooth_labels"
+  _checks.check_floating(fn, "labels", labels)
+  _checks.check_in_range(fn, "alpha", alpha, 0.0, 1.0)
+  labels = jnp.asarray(labels)
+  if where is None:
+    axes = range(labels.ndim) if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+    num_categories = math.prod(labels.shape[a] for a in axes)
+  else:
+    num_categories = jnp.sum(where, axis, keepdims=True)
+  return (1.0 - alpha) * labels + alpha / num_categories
+
+
+def poly_loss_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    epsilon: float = 2.0,
+    axis: Axis = -1,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+  r"""Poly-1 loss on probability labels, as ``optax.poly_loss_cross_entropy``.
+
+  .. math::
+     \ell = -\sum_c q_c \log p_c + \epsilon \sum_c q_c (1 - p_c)
+
+  Args:
+    logits: ``[..., C]`` float logits.
+    labels: ``[..., C]`` float (one-hot or probability) labels.
+    epsilon: coefficient of the first polynomial term; 0 gives cross-entropy.
+    axis: class axis or axes.
+    where: per-example or per-logit mask, as in optax.
+
+  Returns:
+    ``[...]`` per-example losses.
+
+  References:
+    Leng et al., "PolyLoss: A Polynomial Expansion Perspective of Classification Loss
+    Functions", 2022.
+  """
+  fn = "poly_loss_cross_entropy"
+  _checks.check_floating(fn, "logits", logits)
+  _checks.check_floating(fn, "labels", labels)
+  logits = jnp.asarray(logits)
+  labels = jnp.asarray(labels)
+  _checks.check_shape(fn, "labels", labels, logits.shape)
+  x, class_mask = _classes_last(fn, logits, axis, where)
+  q, _ = _classes_last(fn, labels, axis, None)
+  q = q.astype(ce.compute_dtype(x.dtype))
+  xent = softmax_cross_entropy(logits, labels, axis, where)
+  if where is not None and jnp.ndim(where) == jnp.ndim(logits):
+    x = jnp.where(class_mask, x, -jnp.inf)
+    q = jnp.where(class_mask, q, 0.0)
+  probs = jax.nn.softmax(x.astype(q.dtype), axis=-1)
+  one_minus_pt = jnp.sum(q * (1.0 - probs), axis=-1)
+  if where is not None and jnp.ndim(where) != jnp.ndim(logits):
+    one_minus_pt = jnp.where(_example_mask(fn, where, x.shape[:-1]), one_minus_pt, 0.0)
+  return xent + epsilon * one_minus_pt
