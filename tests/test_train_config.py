@@ -1,0 +1,102 @@
+"""Config schema: overrides, shipped configs, grid expansion, and errors that name the key."""
+
+import pathlib
+
+import pytest
+
+from xent_jax.train.config import ConfigError, expand_grid, load_config
+
+CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def test_overrides_are_typed_and_applied():
+  config = load_config(None, ("train.num_steps=7", "optim.learning_rate=0.5", "model.hidden_dims=[4,5]",
+                              "loss.hparams={label_smoothing: 0.2}"))
+  assert config.train.num_steps == 7
+  assert config.optim.learning_rate == 0.5
+  assert config.model.hidden_dims == [4, 5]
+  assert config.loss.hparams == {"label_smoothing": 0.2}
+
+
+def test_command_line_beats_file(tmp_path):
+  path = tmp_path / "c.yaml"
+  path.write_text("name: x\ntrain:\n  num_steps: 3\n  batch_size: 16\n")
+  config = load_config(str(path), ("train.num_steps=9",))
+  assert (config.name, config.train.num_steps, config.train.batch_size) == ("x", 9, 16)
+  assert config.workdir == "runs/x"  # interpolation resolved
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+  config = load_config(str(path))
+  assert expand_grid(config)
+
+
+def test_grid_is_variants_times_seeds_times_values(tmp_path):
+  path = tmp_path / "c.yaml"
+  path.write_text(
+      "compare:\n  seeds: [0, 1, 2]\n  grid: {data.label_noise: [0.0, 0.4]}\n"
+      "  variants:\n    - {name: cross_entropy}\n"
+      "    - {name: cross_entropy, hparams: {label_smoothing: 0.1}, label: ls}\n")
+  runs = expand_grid(load_config(str(path)))
+  assert len(runs) == 2 * 2 * 3
+  groups = {(r.name, r.train.seed) for r in runs}
+  assert len(groups) == len(runs)
+  assert {r.data.label_noise for r in runs} == {0.0, 0.4}
+  assert all(r.name.startswith(f"label_noise={r.data.label_noise}__") for r in runs)
+  assert {r.loss.hparams.get("label_smoothing", 0.0) for r in runs if r.name.endswith("__ls")} == {0.1}
+
+
+BAD_OVERRIDES = [
+    # (override, words the message must contain)
+    ("train.nums_steps=5", ["train.nums_steps", "num_steps"]),
+    ("train.num_steps=many", ["train.num_steps"]),
+    ("model.name=resnet", ["model.name", "mlp", "cnn", "transformer"]),
+    ("data.name=mnist", ["data.name", "digits", "pydoc_chars"]),
+    ("optim.name=rmsprop", ["optim.name", "adamw", "sgd"]),
+    ("optim.schedule=step", ["optim.schedule", "cosine"]),
+    ("data.noise_type=pairflip", ["data.noise_type", "asymmetric"]),
+    ("loss.name=no_such_loss", ["loss", "no_such_loss", "cross_entropy"]),
+    ("loss.hparams={not_an_option: 1}", ["loss", "not_an_option"]),
+    ("train.checkpoint_every=15", ["train.checkpoint_every", "eval_every"]),
+    ("data.label_noise=1.5", ["data.label_noise"]),
+    ("loss.fused=true", ["loss.fused", "transformer"]),
+    ("model.name=transformer", ["model.name", "pydoc_chars"]),
+    ("nonsense", ["nonsense", "key.sub=value"]),
+]
+
+
+@pytest.mark.parametrize("override,words", BAD_OVERRIDES, ids=[b[0] for b in BAD_OVERRIDES])
+def test_bad_override_names_the_key(override, words):
+  with pytest.raises(ConfigError) as info:
+    load_config(None, (override,))
+  for word in words:
+    assert word in str(info.value)
+
+
+BAD_FILES = [
+    ("model:\n  hiden_dims: [3]\n", ["model.hiden_dims", "hidden_dims"]),
+    ("train:\n  batch_size: [1]\n", ["train.batch_size"]),
+    ("compare:\n  grid: {data.noise: [0.1]}\n", ["data.noise"]),
+    ("compare:\n  variants:\n    - {name: cross_entropy}\n    - {name: nope}\n", ["compare.variants[1]", "nope"]),
+    ("- just\n- a list\n", ["top level", "mapping"]),
+    ("train: {num_steps: 3\n", ["YAML"]),
+    ("!!python/object:os.system {}\n", ["YAML"]),  # safe loading refuses Python tags
+]
+
+
+@pytest.mark.parametrize("text,words", BAD_FILES, ids=range(len(BAD_FILES)))
+def test_bad_file_names_the_key(tmp_path, text, words):
+  path = tmp_path / "bad.yaml"
+  path.write_text(text)
+  with pytest.raises(ConfigError) as info:
+    load_config(str(path))
+  for word in words:
+    assert word in str(info.value)
+
+
+def test_missing_file_names_the_path(tmp_path):
+  missing = str(tmp_path / "absent.yaml")
+  with pytest.raises(ConfigError, match="not found") as info:
+    load_config(missing)
+  assert missing in str(info.value)

@@ -1,0 +1,73 @@
+"""The ``xent-jax`` command: ``run``, ``compare`` and ``report``.
+
+Examples::
+
+  xent-jax run configs/digits_quick.yaml train.num_steps=100 loss.name=focal
+  xent-jax compare configs/digits_quick.yaml
+  xent-jax report runs/digits_quick
+"""
+
+import argparse
+import logging
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="xent-jax", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name, text in (("run", "train one model with the config's loss"),
+                     ("compare", "run the config's grid of loss variants x seeds, then report")):
+    cmd = sub.add_parser(name, help=text)
+    cmd.add_argument("config", help="YAML config file (see configs/)")
+    cmd.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    cmd.add_argument("--workdir", help="output directory (default: the config's workdir)")
+    cmd.add_argument("--no-progress", action="store_true", help="no progress bars")
+  report = sub.add_parser("report", help="rebuild table.md, table.csv and plots/ from a comparison's files")
+  report.add_argument("directory")
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Entry point of the console script; returns the exit status."""
+  args = _parser().parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  # Imported here so that `xent-jax --help` answers without loading JAX.
+  from xent_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  from xent_jax.train.report import build_report  # pylint: disable=import-outside-toplevel
+
+  if args.command == "report":
+    table = build_report(args.directory)
+    if not table:
+      print(f"xent-jax: error: no finished runs under {args.directory}", file=sys.stderr)
+      return 1
+    print(f"wrote {args.directory}/table.md, table.csv and plots/ for {len(table)} variants")
+    return 0
+
+  overrides = list(args.overrides) + ([f"workdir={args.workdir}"] if args.workdir else [])
+  try:
+    config = config_lib.load_config(args.config, tuple(overrides))
+  except config_lib.ConfigError as err:
+    print(f"xent-jax: error: {err}", file=sys.stderr)
+    return 2
+  from xent_jax.train.compare import run_comparison  # pylint: disable=import-outside-toplevel
+  from xent_jax.train.trainer import NonFiniteLossError, train_and_evaluate  # pylint: disable=import-outside-toplevel
+
+  if args.command == "compare":
+    failures = run_comparison(config, progress=not args.no_progress)
+    print(f"wrote {config.workdir}/table.md, table.csv and plots/")
+    return 1 if failures else 0
+  try:
+    summary = train_and_evaluate(config, config.workdir, progress=not args.no_progress)
+  except NonFiniteLossError as err:
+    print(f"xent-jax: error: {err}", file=sys.stderr)
+    return 1
+  final = summary["final"]
+  print(f"{config.name} seed={config.train.seed}: accuracy={final['eval/accuracy']:.4f} "
+        f"nll={final['eval/nll']:.4f} ece={final['eval/ece']:.4f} brier={final['eval/brier']:.4f} "
+        f"-> {config.workdir}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

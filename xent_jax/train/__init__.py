@@ -1,0 +1,20 @@
+"""Config-driven Flax NNX + Optax training that compares xent_jax loss variants.
+
+Needs the ``experiments`` extra (flax, optax, orbax-checkpoint, omegaconf, tqdm, matplotlib,
+scikit-learn). Entry points: `train_and_evaluate` for one run, `run_comparison` for a grid, and
+`build_report` to rebuild tables and plots from logged files; the ``xent-jax`` CLI wraps them.
+"""
+
+from xent_jax.train.config import Config
+from xent_jax.train.config import ConfigError
+from xent_jax.train.config import load_config
+from xent_jax.train.trainer import NonFiniteLossError
+from xent_jax.train.trainer import train_and_evaluate
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "NonFiniteLossError",
+    "load_config",
+    "train_and_evaluate",
+]

@@ -1,0 +1,72 @@
+"""The jitted training step and evaluation, and the loss they optimize.
+
+The loss comes from the xent_jax registry by name (`xent_jax.get_loss`), so a new loss variant
+never touches this file. With ``loss.fused`` the Transformer's loss is
+`xent_jax.linear_cross_entropy` on its final hidden states and ``[V, D]`` unembedding, which never
+builds the ``[tokens, V]`` logits.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import xent_jax
+from xent_jax import metrics
+from xent_jax.train.config import LossConfig
+
+
+def make_objective(loss: LossConfig):
+  """``objective(model, x, y) -> scalar`` mean training loss of one batch."""
+  if loss.fused:
+    def fused_objective(model, ids_BxL, labels_BxL):
+      h_BxLxD = model.hidden(ids_BxL)
+      h_NxD = h_BxLxD.reshape(-1, h_BxLxD.shape[-1])
+      w_VxD = model.unembed_VxD[...].astype(h_NxD.dtype)
+      return xent_jax.linear_cross_entropy(h_NxD, w_VxD, labels_BxL.reshape(-1), reduction="mean",
+                                           **loss.hparams)
+    return fused_objective
+
+  loss_fn = xent_jax.get_loss(loss.name, **loss.hparams)
+
+  def objective(model, x_BxF, labels_B):
+    logits_BxC = model(x_BxF)
+    return loss_fn(logits_BxC.reshape(-1, logits_BxC.shape[-1]), labels_B.reshape(-1),
+                   reduction="mean")
+  return objective
+
+
+def make_train_step(graphdef, objective):
+  """``train_step(state, x, y) -> (state, loss, finite)``, jitted, donating the old state.
+
+  ``finite`` is True when the loss and every updated parameter are finite, so a step that
+  blows up the weights is caught even while its own loss was still finite.
+  """
+  def train_step(state, x_BxF, y_B):
+    model, optimizer = nnx.merge(graphdef, state)
+    loss, grads = nnx.value_and_grad(objective)(model, x_BxF, y_B)
+    optimizer.update(model, grads)
+    params = nnx.state(model, nnx.Param)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+    return nnx.state((model, optimizer)), loss, finite
+  return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(graphdef, *, num_bins: int):
+  """``eval_step(state, x, y, valid) -> metrics.EvalSums`` of one batch, jitted.
+
+  The sums add up across batches (and shards), so evaluation never gathers logits to the host.
+  """
+  def eval_step(state, x_BxF, y_B, valid_B):
+    model, _ = nnx.merge(graphdef, state)
+    logits_BxC = model(x_BxF)
+    where_B = jnp.broadcast_to(valid_B.reshape(valid_B.shape + (1,) * (y_B.ndim - 1)), y_B.shape)
+    return metrics.eval_sums(logits_BxC, y_B, num_bins=num_bins, where=where_B)
+  return jax.jit(eval_step)
+
+
+def finish_eval(sums: metrics.EvalSums) -> tuple[dict, dict]:
+  """The logged metric row and the calibration counts (for reliability diagrams) of the sums."""
+  row = {f"eval/{k}": float(v) for k, v in metrics.metrics_from_sums(sums).items()}
+  counts = {k: np.asarray(v).tolist() for k, v in sums.calibration._asdict().items()}
+  return row, counts

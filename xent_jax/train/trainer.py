@@ -1,0 +1,154 @@
+"""`train_and_evaluate(config, workdir)`: one training run, resumable, logged to files."""
+
+import logging
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from xent_jax.train import logs
+from xent_jax.train.checkpoint import Checkpointer
+from xent_jax.train.config import Config, loss_label, to_yaml
+from xent_jax.train.data import Dataset, eval_batches, load_dataset, train_batch
+from xent_jax.train.models import build_model
+from xent_jax.train.optim import build_optimizer
+from xent_jax.train.parallel import check_batch_size, make_mesh, replicate, shard_batch
+from xent_jax.train.steps import finish_eval, make_eval_step, make_objective, make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or Inf; the run stopped without checkpointing it."""
+
+
+def _local(array: np.ndarray) -> np.ndarray:
+  """This process's rows of a global batch."""
+  rows = len(array) // jax.process_count()
+  return array[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+
+
+def evaluate(eval_step, state, data: Dataset, config: Config, mesh) -> tuple[dict, dict]:
+  """Scores the whole test split; returns the metric row and the calibration counts."""
+  total = None
+  for batch in eval_batches(data, batch_size=config.train.eval_batch_size):
+    sums = eval_step(state, *shard_batch(tuple(_local(a) for a in batch), mesh))
+    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  return finish_eval(jax.device_get(total))
+
+
+def train_and_evaluate(config: Config, workdir, *, progress: bool = True, devices=None) -> dict:
+  """Trains ``config``'s model on its data with its loss; writes and returns the summary.
+
+  Writes ``config.yaml``, ``metrics.jsonl`` (every ``train.eval_every`` steps), checkpoints every
+  ``train.checkpoint_every`` steps and ``summary.json`` at the end. A finished run (summary with
+  ``completed``) returns its summary at once; an interrupted one resumes from its newest readable
+  checkpoint and truncates the metric rows logged after it, so the result equals an uninterrupted
+  run.
+
+  Args:
+    config: the experiment config (see `xent_jax.train.config.Config`).
+    workdir: the run directory.
+    progress: show a tqdm progress bar.
+    devices: devices of the data-parallel mesh (default: all visible devices).
+
+  Raises:
+    NonFiniteLossError: the training loss is NaN/Inf; the message names the first bad step.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  finished = logs.read_summary(workdir)
+  if finished:
+    return finished
+  is_main = jax.process_index() == 0
+  if is_main:
+    (workdir / logs.CONFIG_FILE).write_text(to_yaml(config))
+  train = config.train
+  mesh = make_mesh(devices)
+  check_batch_size(train.batch_size, "train.batch_size", mesh)
+  check_batch_size(train.eval_batch_size, "train.eval_batch_size", mesh)
+
+  data = load_dataset(config.data, image=config.model.name == "cnn")
+  input_shape = (data.seq_len,) if data.is_lm else data.x_train_NxF.shape[1:]
+  model = build_model(config.model, input_shape=input_shape, num_classes=data.num_classes,
+                      seed=train.seed)
+  optimizer = nnx.Optimizer(model, build_optimizer(config.optim, train.num_steps), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  state = replicate(state, mesh)
+
+  checkpointer = None
+  start_step = 0
+  if train.checkpoint_every:
+    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=train.max_checkpoints)
+    restored = checkpointer.restore_latest(nnx.to_pure_dict(state))
+    if restored is not None:
+      pure_state, record = restored
+      nnx.replace_by_pure_dict(state, pure_state)
+      start_step = record["step"]
+      logging.info("resuming %s from step %d", workdir, start_step)
+  if is_main:
+    logs.truncate_metrics(workdir, last_step=start_step)
+
+  def batch(step):
+    x, y = train_batch(data, seed=train.seed, step=step, batch_size=train.batch_size,
+                       process_index=jax.process_index(), process_count=jax.process_count())
+    return shard_batch((x, y), mesh)
+
+  train_step = make_train_step(graphdef, make_objective(config.loss))
+  eval_step = make_eval_step(graphdef, num_bins=train.num_ece_bins)
+  if start_step < train.num_steps:
+    train_step = train_step.lower(state, *batch(start_step)).compile()
+
+  bar = tqdm(total=train.num_steps, initial=start_step, disable=not progress, leave=False,
+             desc=config.name, unit="step")
+  pending = []
+  tic = time.perf_counter()
+  for step in range(start_step, train.num_steps):
+    state, loss, finite = train_step(state, *batch(step))
+    pending.append((loss, finite))
+    done = step + 1
+    bar.update(1)
+    if done % train.eval_every and done != train.num_steps:
+      continue
+    losses, finite = (np.asarray(a) for a in zip(*jax.device_get(pending)))
+    elapsed = time.perf_counter() - tic
+    bad = np.flatnonzero(~finite)
+    if bad.size:
+      bar.close()
+      kept = done - len(pending)
+      what = "training loss" if not np.isfinite(losses[bad[0]]) else "parameters after the update"
+      raise NonFiniteLossError(
+          f"{what} became non-finite at step {kept + bad[0] + 1} (loss {losses[bad[0]]}) of run "
+          f"{workdir}; stopped. Checkpoints up to step {kept} are kept.")
+    row = {"step": done, "train/loss": float(np.mean(losses, dtype=np.float64))}
+    row.update(evaluate(eval_step, state, data, config, mesh)[0])
+    row["train/examples_per_s"] = len(pending) * train.batch_size / elapsed
+    row["train/step_time_s"] = elapsed / len(pending)
+    if is_main:
+      logs.append_metrics(workdir, row)
+    bar.set_postfix(loss=f"{row['train/loss']:.4f}", acc=f"{row['eval/accuracy']:.3f}")
+    pending = []
+    if checkpointer and (done % train.checkpoint_every == 0 or done == train.num_steps):
+      checkpointer.save(done, nnx.to_pure_dict(state),
+                        {"data_order": {"seed": train.seed, "next_step": done}})
+    tic = time.perf_counter()
+  bar.close()
+
+  final_row, bins = evaluate(eval_step, state, data, config, mesh)
+  summary = {
+      "completed": True,
+      "group": config.name,
+      "loss": loss_label(config.loss),
+      "seed": train.seed,
+      "num_steps": train.num_steps,
+      "num_devices": mesh.size,
+      "final": final_row,
+      "calibration_counts": bins,
+  }
+  if checkpointer:
+    checkpointer.close()
+  if is_main:
+    logs.write_summary(workdir, summary)
+  return summary
