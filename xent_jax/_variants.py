@@ -1,0 +1,427 @@
+r"""Cross-entropy variants for class imbalance, noisy labels and calibration.
+
+Each variant replaces cross-entropy's per-class term :math:`-\log p_c` by its own
+:math:`f(p_c)`, with :math:`p = \mathrm{softmax}(x)` over the class axis, and shares
+:func:`xent_jax.cross_entropy`'s conventions:
+
+* integer labels :math:`y`: :math:`\ell_i = w_{y_i} f(p_{i,y_i})`; probability labels :math:`q`:
+  :math:`\ell_i = \sum_c w_c q_{ic} f(p_{ic})` (the expected loss under the target);
+* example weight :math:`\omega_i = w_{y_i}\,\mathrm{valid}_i` (integer labels) or
+  :math:`\mathrm{valid}_i` (probability labels); rows with ``labels == ignore_index`` or
+  ``where`` False give 0; 'mean' is :math:`\sum_i \ell_i / \sum_i \omega_i` (0 if that is 0);
+* half-precision logits are computed in float32; :math:`1-p` is :math:`-\mathrm{expm1}(\log p)`,
+  so losses and gradients stay finite at logits of :math:`\pm 100` and with :math:`-\infty` on
+  classes the target does not use.
+
+The conventions' arguments, in every function below:
+
+  axis: the class axis of ``logits``.
+  weight: ``[C]`` class weights :math:`w` (constants), or None.
+  ignore_index: integer labels equal to it count for nothing; None: none is ignored. Other labels
+    outside ``[0, C)`` give NaN for their example.
+  reduction: 'none' (per-example, ``logits.shape`` without ``axis``), 'sum' or 'mean'.
+  where: bool mask over examples, broadcastable to ``logits.shape`` without ``axis``.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xent_jax import _checks
+from xent_jax import _variant_inputs as vi
+
+
+def _focal_modulator(log_p: jax.Array, gamma) -> jax.Array:
+  """:math:`(1-p)^\\gamma` with a finite gradient at :math:`p = 1` for every :math:`\\gamma \\ge 0`.
+
+  Below the smallest normal number :math:`(1-p)^\\gamma` is replaced by its limit :math:`0^\\gamma`
+  (1 for :math:`\\gamma = 0`, else 0): :math:`\\gamma (1-p)^{\\gamma-1}` would overflow there, and
+  the logit gradient it changes is of order :math:`(1-p)^{1+\\gamma}`.
+  """
+  u = vi.one_minus_p(log_p)
+  positive = u >= jnp.finfo(u.dtype).tiny
+  safe_u = jnp.where(positive, u, 1)
+  return jnp.where(positive, safe_u**gamma, jnp.power(jnp.zeros_like(u), gamma))
+
+
+def focal_loss(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    gamma: float = 2.0,
+    alpha: jax.typing.ArrayLike | None = None,
+    axis: int = -1,
+    weight: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+  r"""Softmax focal loss: cross-entropy down-weighted on well-classified examples.
+
+  .. math::
+     f(p_y) = -\alpha_y\,(1 - p_y)^{\gamma}\,\log p_y
+
+  :math:`\gamma = 0` with ``alpha=None`` is cross-entropy. :math:`\alpha` balances classes like
+  ``weight`` but, as in the paper, is not part of the 'mean' denominator :math:`\omega`.
+
+  Args:
+    logits: ``[..., C, ...]`` float logits.
+    labels: integer class ids (``logits.shape`` without ``axis``) or probabilities
+      (``logits.shape``).
+    gamma: focusing parameter :math:`\gamma \ge 0` (default 2, the paper's choice).
+    alpha: per-class balance :math:`\alpha`, ``[C]`` or a scalar, :math:`\ge 0`; None: 1.
+    axis, weight, ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
+
+  Returns:
+    The reduced loss, float32 (float64 for float64 logits); per-example for 'none'.
+
+  Example:
+    >>> import jax.numpy as jnp, xent_jax
+    >>> logits = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+    >>> round(float(xent_jax.focal_loss(logits, jnp.array([0, 1]), gamma=2.0)), 4)
+    1.3061
+
+  References:
+    Lin, Goyal, Girshick, He, Dollár, "Focal Loss for Dense Object Detection", ICCV 2017.
+  """
+  fn = "focal_loss"
+  _checks.check_in_range(fn, "gamma", gamma, 0.0, math.inf)
+  vi.check_nonnegative_array(fn, "alpha", alpha)
+  prep = vi.prepare(
+      fn, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
+      reduction=reduction, where=where,
+  )
+  class_factor = None
+  if alpha is not None:
+    if np.shape(alpha) not in ((), (prep.num_classes,)):
+      raise ValueError(f"{fn}: `alpha` must be a scalar or of shape ({prep.num_classes},), "
+                       f"got shape {np.shape(alpha)}.")
+    class_factor = jnp.broadcast_to(jnp.asarray(alpha, prep.x.dtype), (prep.num_classes,))
+  per_class = lambda log_p: -_focal_modulator(log_p, gamma) * log_p
+  loss = vi.expected_target_loss(prep, per_class, class_factor=class_factor)
+  return vi.finish(fn, prep, loss, reduction)
+
+
+def poly1_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    epsilon: float = 2.0,
+    axis: int = -1,
+    weight: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+  r"""Poly-1 loss: cross-entropy plus :math:`\epsilon` times the first polynomial term.
+
+  .. math::
+     f(p_y) = -\log p_y + \epsilon\,(1 - p_y)
+
+  :math:`\epsilon = 0` is cross-entropy. For probability labels this is
+  :math:`\mathrm{CE}(q, p) + \epsilon(1 - \sum_c q_c p_c)`, the same as
+  :func:`xent_jax.poly_loss_cross_entropy` (optax's semantics) without ``weight``.
+
+  Args:
+    logits: ``[..., C, ...]`` float logits.
+    labels: integer class ids or probabilities, as in :func:`xent_jax.cross_entropy`.
+    epsilon: :math:`\epsilon \ge -1` (default 2, as optax; :math:`\epsilon \ge -1` keeps the loss
+      decreasing in :math:`p_y`).
+    axis, weight, ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
+
+  Returns:
+    The reduced loss, float32 (float64 for float64 logits); per-example for 'none'.
+
+  Example:
+    >>> import jax.numpy as jnp, xent_jax
+    >>> logits = jnp.array([[2.0, 0.5, -1.0]])
+    >>> round(float(xent_jax.poly1_cross_entropy(logits, jnp.array([0]), epsilon=1.0)), 4)
+    0.4557
+
+  References:
+    Leng et al., "PolyLoss: A Polynomial Expansion Perspective of Classification Loss
+    Functions", ICLR 2022.
+  """
+  fn = "poly1_cross_entropy"
+  _checks.check_in_range(fn, "epsilon", epsilon, -1.0, math.inf)
+  prep = vi.prepare(
+      fn, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
+      reduction=reduction, where=where,
+  )
+  per_class = lambda log_p: epsilon * vi.one_minus_p(log_p) - log_p
+  return vi.finish(fn, prep, vi.expected_target_loss(prep, per_class), reduction)
+
+
+def symmetric_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    alpha: float = 0.1,
+    beta: float = 1.0,
+    log_clip: float = -4.0,
+    axis: int = -1,
+    weight: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+  r"""Symmetric cross-entropy: cross-entropy plus reverse cross-entropy with a clipped log.
+
+  .. math::
+     \ell = \alpha\,\mathrm{CE}(q, p) + \beta\,\mathrm{RCE}, \qquad
+     \mathrm{RCE} = -\sum_c p_c \max(\log q_c, A)
+
+  For a one-hot target :math:`\mathrm{RCE} = -A\,(1 - p_y)`. Probability labels use the formula
+  as written, scaled by :math:`\sum_c w_c q_c` when ``weight`` is given. :math:`\alpha = 1,
+  \beta = 0` is cross-entropy.
+
+  Args:
+    logits: ``[..., C, ...]`` float logits.
+    labels: integer class ids or probabilities, as in :func:`xent_jax.cross_entropy`.
+    alpha: weight :math:`\alpha \ge 0` of cross-entropy (default 0.1, the paper's CIFAR-10 value).
+    beta: weight :math:`\beta \ge 0` of reverse cross-entropy (default 1.0).
+    log_clip: :math:`A < 0`, the value of :math:`\log 0` (default -4, the paper's).
+    axis, weight, ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
+
+  Returns:
+    The reduced loss, float32 (float64 for float64 logits); per-example for 'none'.
+
+  Example:
+    >>> import jax.numpy as jnp, xent_jax
+    >>> logits = jnp.array([[2.0, 0.5, -1.0]])
+    >>> round(float(xent_jax.symmetric_cross_entropy(logits, jnp.array([0]))), 4)
+    0.8817
+
+  References:
+    Wang, Ma, Chen, Luo, Yi, Bailey, "Symmetric Cross Entropy for Robust Learning with Noisy
+    Labels", ICCV 2019.
+  """
+  fn = "symmetric_cross_entropy"
+  _checks.check_in_range(fn, "alpha", alpha, 0.0, math.inf)
+  _checks.check_in_range(fn, "beta", beta, 0.0, math.inf)
+  _checks.check_in_range(fn, "log_clip", log_clip, -math.inf, 0.0, low_open=True, high_open=True)
+  prep = vi.prepare(
+      fn, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
+      reduction=reduction, where=where,
+  )
+  if prep.integer:
+    per_class = lambda log_p: -alpha * log_p - beta * log_clip * vi.one_minus_p(log_p)
+    return vi.finish(fn, prep, vi.expected_target_loss(prep, per_class), reduction)
+  q = prep.labels
+  above = q > math.exp(log_clip)
+  clipped_log_q = jnp.where(above, jnp.log(jnp.where(above, q, 1)), log_clip)
+  reverse = -jnp.sum(jnp.exp(prep.log_probs()) * clipped_log_q, axis=-1)
+  loss = alpha * vi.expected_target_loss(prep, lambda log_p: -log_p)
+  loss = loss + beta * prep.target_mass * reverse
+  return vi.finish(fn, prep, loss, reduction)
+
+
+def generalized_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    q: float = 0.7,
+    axis: int = -1,
+    weight: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+  r"""Generalized cross-entropy :math:`L_q`: between cross-entropy and mean absolute error.
+
+  .. math::
+     f(p_y) = \frac{1 - p_y^{\,q}}{q} = -\frac{\mathrm{expm1}(q \log p_y)}{q}
+
+  :math:`q \to 0` is cross-entropy; :math:`q = 1` is :math:`1 - p_y` (MAE up to a factor 2).
+
+  Args:
+    logits: ``[..., C, ...]`` float logits.
+    labels: integer class ids or probabilities, as in :func:`xent_jax.cross_entropy`.
+    q: :math:`q \in (0, 1]` (default 0.7, the paper's).
+    axis, weight, ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
+
+  Returns:
+    The reduced loss, float32 (float64 for float64 logits); per-example for 'none'.
+
+  Example:
+    >>> import jax.numpy as jnp, xent_jax
+    >>> logits = jnp.array([[2.0, 0.5, -1.0]])
+    >>> round(float(xent_jax.generalized_cross_entropy(logits, jnp.array([0]), q=0.7)), 4)
+    0.222
+
+  References:
+    Zhang, Sabuncu, "Generalized Cross Entropy Loss for Training Deep Neural Networks with Noisy
+    Labels", NeurIPS 2018.
+  """
+  fn = "generalized_cross_entropy"
+  _checks.check_in_range(fn, "q", q, 0.0, 1.0, low_open=True)
+  prep = vi.prepare(
+      fn, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
+      reduction=reduction, where=where,
+  )
+  per_class = lambda log_p: -jnp.expm1(q * log_p) / q
+  return vi.finish(fn, prep, vi.expected_target_loss(prep, per_class), reduction)
+
+
+def truncated_generalized_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    q: float = 0.7,
+    k: float = 0.5,
+    axis: int = -1,
+    weight: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+  r"""Truncated :math:`L_q` loss: constant (no gradient) once :math:`p_y \le k`.
+
+  .. math::
+     f(p_y) = \begin{cases} L_q(p_y) & p_y > k \\ L_q(k) & p_y \le k \end{cases}
+     = L_q(\max(p_y, k)), \qquad L_q(p) = \frac{1 - p^{\,q}}{q}
+
+  :math:`k = 0` is :func:`generalized_cross_entropy`. (The paper prunes examples below
+  :math:`k` during training; this is the per-example loss it prunes with.)
+
+  Args:
+    logits: ``[..., C, ...]`` float logits.
+    labels: integer class ids or probabilities, as in :func:`xent_jax.cross_entropy`.
+    q: :math:`q \in (0, 1]` (default 0.7, the paper's).
+    k: truncation threshold :math:`k \in [0, 1)` (default 0.5, the paper's).
+    axis, weight, ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
+
+  Returns:
+    The reduced loss, float32 (float64 for float64 logits); per-example for 'none'.
+
+  Example:
+    >>> import jax.numpy as jnp, xent_jax
+    >>> logits = jnp.array([[-1.0, 0.5, 2.0]])
+    >>> round(float(xent_jax.truncated_generalized_cross_entropy(logits, jnp.array([0]))), 4)
+    0.5492
+
+  References:
+    Zhang, Sabuncu, "Generalized Cross Entropy Loss for Training Deep Neural Networks with Noisy
+    Labels", NeurIPS 2018.
+  """
+  fn = "truncated_generalized_cross_entropy"
+  _checks.check_in_range(fn, "q", q, 0.0, 1.0, low_open=True)
+  _checks.check_in_range(fn, "k", k, 0.0, 1.0, high_open=True)
+  prep = vi.prepare(
+      fn, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
+      reduction=reduction, where=where,
+  )
+  log_k = jnp.log(jnp.asarray(k, prep.x.dtype))
+  per_class = lambda log_p: -jnp.expm1(q * jnp.maximum(log_p, log_k)) / q
+  return vi.finish(fn, prep, vi.expected_target_loss(prep, per_class), reduction)
+
+
+def taylor_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    order: int = 2,
+    axis: int = -1,
+    weight: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+  r"""Taylor cross-entropy: the order-:math:`t` Taylor series of :math:`-\log p_y` around 1.
+
+  .. math::
+     f(p_y) = \sum_{n=1}^{t} \frac{(1 - p_y)^n}{n}
+
+  :math:`t = 1` is :math:`1 - p_y` (MAE up to a factor 2); :math:`t \to \infty` is cross-entropy.
+  Bounded by :math:`\sum_{n \le t} 1/n`, also where :math:`p_y = 0`.
+
+  Args:
+    logits: ``[..., C, ...]`` float logits.
+    labels: integer class ids or probabilities, as in :func:`xent_jax.cross_entropy`.
+    order: :math:`t \ge 1`, a Python int (default 2, the paper's choice for CIFAR-10).
+    axis, weight, ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
+
+  Returns:
+    The reduced loss, float32 (float64 for float64 logits); per-example for 'none'.
+
+  Example:
+    >>> import jax.numpy as jnp, xent_jax
+    >>> logits = jnp.array([[2.0, 0.5, -1.0]])
+    >>> round(float(xent_jax.taylor_cross_entropy(logits, jnp.array([0]), order=2)), 4)
+    0.2374
+
+  References:
+    Feng, Shu, Lin, Lv, Li, An, "Can Cross Entropy Loss Be Robust to Label Noise?", IJCAI 2020.
+  """
+  fn = "taylor_cross_entropy"
+  if not isinstance(order, (int, np.integer)) or isinstance(order, bool):
+    raise TypeError(f"{fn}: `order` must be a Python int, got {order!r}.")
+  _checks.check_in_range(fn, "order", order, 1, math.inf)
+  prep = vi.prepare(
+      fn, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
+      reduction=reduction, where=where,
+  )
+
+  def per_class(log_p):
+    u = vi.one_minus_p(log_p)
+    series = jnp.full_like(u, 1.0 / order)  # Horner: u (1 + u (1/2 + u (1/3 + ...)))
+    for n in range(order - 1, 0, -1):
+      series = 1.0 / n + u * series
+    return u * series
+
+  return vi.finish(fn, prep, vi.expected_target_loss(prep, per_class), reduction)
+
+
+def confidence_penalty_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    beta: float = 0.1,
+    axis: int = -1,
+    weight: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+  r"""Cross-entropy with a confidence penalty: rewards high-entropy predictions.
+
+  .. math::
+     \ell = \mathrm{CE}(q, p) - \beta\,H(p), \qquad H(p) = -\sum_c p_c \log p_c
+
+  The entropy term is scaled by the target's weight (:math:`w_y`, or :math:`\sum_c w_c q_c` when
+  probability labels come with ``weight``). :math:`\beta = 0` is cross-entropy. Classes with
+  :math:`x_c = -\infty` add nothing to :math:`H` (:math:`0 \log 0 = 0`).
+
+  Args:
+    logits: ``[..., C, ...]`` float logits.
+    labels: integer class ids or probabilities, as in :func:`xent_jax.cross_entropy`.
+    beta: penalty strength :math:`\beta \ge 0` (default 0.1).
+    axis, weight, ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
+
+  Returns:
+    The reduced loss, float32 (float64 for float64 logits); per-example for 'none'.
+
+  Example:
+    >>> import jax.numpy as jnp, xent_jax
+    >>> logits = jnp.array([[2.0, 0.5, -1.0]])
+    >>> round(float(xent_jax.confidence_penalty_cross_entropy(logits, jnp.array([0]))), 4)
+    0.1792
+
+  References:
+    Pereyra, Tucker, Chorowski, Kaiser, Hinton, "Regularizing Neural Networks by Penalizing
+    Confident Output Distributions", ICLR workshop 2017.
+  """
+  fn = "confidence_penalty_cross_entropy"
+  _checks.check_in_range(fn, "beta", beta, 0.0, math.inf)
+  prep = vi.prepare(
+      fn, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
+      reduction=reduction, where=where,
+  )
+  log_p = prep.log_probs()
+  finite = log_p > -jnp.inf
+  safe_log_p = jnp.where(finite, log_p, 0)
+  entropy = -jnp.sum(jnp.where(finite, jnp.exp(safe_log_p) * safe_log_p, 0), axis=-1)
+  loss = vi.expected_target_loss(prep, lambda lp: -lp) - beta * prep.target_mass * entropy
+  return vi.finish(fn, prep, loss, reduction)
