@@ -16,10 +16,28 @@ from xent_jax._optax_compat import softmax_cross_entropy_with_integer_labels
 # Multi-device cross-entropy (xent_jax/_parallel.py).
 
 # Loss variants and the registry (xent_jax/_variants.py, xent_jax/_registry.py).
+from xent_jax._bitempered import bi_tempered_logistic_loss
+from xent_jax._bitempered import tempered_softmax
+from xent_jax._variants import confidence_penalty_cross_entropy
+from xent_jax._variants import focal_loss
+from xent_jax._variants import generalized_cross_entropy
+from xent_jax._variants import poly1_cross_entropy
+from xent_jax._variants import symmetric_cross_entropy
+from xent_jax._variants import taylor_cross_entropy
+from xent_jax._variants import truncated_generalized_cross_entropy
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "bi_tempered_logistic_loss",
+    "tempered_softmax",
+    "confidence_penalty_cross_entropy",
+    "focal_loss",
+    "generalized_cross_entropy",
+    "poly1_cross_entropy",
+    "symmetric_cross_entropy",
+    "taylor_cross_entropy",
+    "truncated_generalized_cross_entropy",
     "check_labels",
     "cross_entropy",
     "poly_loss_cross_entropy",
