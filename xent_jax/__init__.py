@@ -18,6 +18,8 @@ from xent_jax._optax_compat import softmax_cross_entropy_with_integer_labels
 # Loss variants and the registry (xent_jax/_variants.py, xent_jax/_registry.py).
 from xent_jax._bitempered import bi_tempered_logistic_loss
 from xent_jax._bitempered import tempered_softmax
+from xent_jax._registry import get_loss
+from xent_jax._registry import list_losses
 from xent_jax._variants import confidence_penalty_cross_entropy
 from xent_jax._variants import focal_loss
 from xent_jax._variants import generalized_cross_entropy
@@ -31,6 +33,8 @@ __version__ = "0.1.0"
 __all__ = [
     "bi_tempered_logistic_loss",
     "tempered_softmax",
+    "get_loss",
+    "list_losses",
     "confidence_penalty_cross_entropy",
     "focal_loss",
     "generalized_cross_entropy",
