@@ -12,6 +12,7 @@ from xent_jax._optax_compat import softmax_cross_entropy
 from xent_jax._optax_compat import softmax_cross_entropy_with_integer_labels
 
 # Fused linear cross-entropy (xent_jax/_linear.py).
+from xent_jax._linear import linear_cross_entropy
 
 # Multi-device cross-entropy (xent_jax/_parallel.py).
 
@@ -44,6 +45,7 @@ __all__ = [
     "truncated_generalized_cross_entropy",
     "check_labels",
     "cross_entropy",
+    "linear_cross_entropy",
     "poly_loss_cross_entropy",
     "smooth_labels",
     "softmax_cross_entropy",

@@ -1,0 +1,646 @@
+r"""Fused linear cross-entropy: the loss of ``hidden @ weight.T + bias`` without the ``[N, V]`` logits.
+
+The per-row loss of :func:`xent_jax.cross_entropy` for integer labels needs only three statistics
+of the (capped) logits row :math:`x_i = \mathrm{cap}(h_i W^\top + b)`:
+
+.. math::
+   \mathrm{lse}_i = \log\sum_c e^{x_{ic}}, \qquad t_i = x_{i y_i}, \qquad
+   s_i = \sum_c w_c\, x_{ic},
+
+and its gradient with respect to the logits is, with the chain rule through those statistics,
+
+.. math::
+   \frac{\partial L}{\partial x_{ic}} = \bar{\mathrm{lse}}_i\, e^{x_{ic} - \mathrm{lse}_i}
+   + \bar t_i\, [c = y_i] + \bar s_i\, w_c,
+
+where :math:`(\bar{\mathrm{lse}}, \bar t, \bar s)` are the cotangents of the statistics (found by
+differentiating the core's per-row formula, so the smoothing, z-loss and reduction rules are the
+core's own). Both are computed block by block: the tokens are cut into chunks of
+``token_chunk_size`` rows and the vocabulary into chunks of ``vocab_chunk_size`` classes; only one
+``[token_chunk, vocab_chunk]`` block of logits exists at a time.
+
+Two schedules:
+
+* **one pass** (``reduction`` 'sum' or 'mean', whole vocabulary per block, the default): each token
+  chunk's logits are computed once, and its loss and the gradients for ``hidden``, ``weight`` and
+  ``bias`` are computed from them right away, during the forward pass (as Liger-Kernel does). The
+  backward pass only scales the stored gradients by the incoming scalar cotangent: three matmuls in
+  all, as many as the unfused loss and its gradient.
+* **two passes** (reduction 'none', ``return_lse``, or vocabulary chunks): the forward pass keeps
+  only the per-row statistics; the backward pass recomputes each block from ``hidden`` and
+  ``weight`` once the per-row cotangents are known: four matmuls, the least memory.
+
+A chunk size that does not divide its axis is handled without padding copies: the last chunk is
+shifted back to end at the axis end and the rows (classes) it shares with the previous chunk are
+masked out. The kernels below work on a *slice* of the vocabulary whose first class has the global
+index ``class_offset``, so a vocabulary-sharded caller can combine their per-row partial statistics
+across devices.
+
+References:
+  Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024 (blockwise CE);
+  Hsu et al., "Liger Kernel: Efficient Triton Kernels for LLM Training", 2024 (gradients in the
+  forward pass); Milakov & Gimelshein, "Online normalizer calculation for softmax", 2018.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from xent_jax import _checks
+from xent_jax import _cross_entropy as _ce
+from xent_jax import _reduction
+
+WEIGHT_LAYOUTS = ("vd", "dv")
+
+# Default rows per token chunk: the [chunk, V] float32 block stays near 2**23 elements (32 MiB),
+# and never below 128 rows, where re-reading the [V, D] weight gradient for every chunk dominates.
+_BLOCK_ELEMENTS = 2**23
+_MIN_TOKEN_CHUNK = 128
+_MAX_TOKEN_CHUNK = 1024
+
+
+class RowStats(NamedTuple):
+  """Per-row partial statistics of the (capped) logits over one vocabulary slice.
+
+  Attributes:
+    max: ``[N]`` row maximum :math:`m_i`.
+    sumexp: ``[N]`` :math:`\\sum_c e^{x_{ic} - m_i}`.
+    target: ``[N]`` :math:`x_{iy_i}` where the label lies in the slice, else 0.
+    weighted_sum: ``[N]`` :math:`\\sum_c w_c x_{ic}` (zeros unless requested).
+  """
+
+  max: jax.Array
+  sumexp: jax.Array
+  target: jax.Array
+  weighted_sum: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """Static description of the blocked product :math:`\\mathrm{cap}(h W^\\top + b)`.
+
+  Attributes:
+    weight_layout: 'vd' for ``weight`` ``[V, D]``, 'dv' for ``[D, V]``.
+    logit_softcap: soft cap :math:`c` or None.
+    token_chunk: rows per block (at most N).
+    vocab_chunk: classes per block (at most V).
+    class_offset: global class index of the slice's first class.
+    weighted_sum: whether :math:`\\sum_c w_c x_{ic}` is needed (label smoothing).
+  """
+
+  weight_layout: str
+  logit_softcap: float | None
+  token_chunk: int
+  vocab_chunk: int
+  class_offset: int = 0
+  weighted_sum: bool = False
+
+  @property
+  def vocab_axis(self) -> int:
+    return 0 if self.weight_layout == "vd" else 1
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def _chunk_start(index, size: int, total: int):
+  """First index of chunk ``index``; the last chunk is shifted back so it ends at ``total``."""
+  return jnp.minimum(index * size, total - size)
+
+
+def _num_chunks(total: int, size: int) -> int:
+  return -(-total // size)
+
+
+def _weight_block(weight, start, cfg: BlockConfig):
+  return lax.dynamic_slice_in_dim(weight, start, cfg.vocab_chunk, axis=cfg.vocab_axis)
+
+
+def _block_logits(hidden_TxD, weight_block, bias_C, cfg: BlockConfig):
+  """Capped float32 logits ``[T, C]`` of one block, accumulated in float32 (float64 for float64)."""
+  dtype = _ce.compute_dtype(jnp.result_type(hidden_TxD.dtype, weight_block.dtype))
+  contract = 1 if cfg.weight_layout == "vd" else 0
+  x_TxC = lax.dot_general(
+      hidden_TxD, weight_block, (((1,), (contract,)), ((), ())), preferred_element_type=dtype
+  )
+  if bias_C is not None:
+    x_TxC = x_TxC + bias_C.astype(dtype)[None, :]
+  return _ce.softcap(x_TxC, cfg.logit_softcap)
+
+
+def _block_targets(labels_T, class_start, shape, new_C):
+  """Boolean ``[T, C]``: the label's column, if it lies in this block's new columns."""
+  classes_TxC = lax.broadcasted_iota(labels_T.dtype, shape, 1) + class_start
+  return (classes_TxC == labels_T[:, None]) & new_C[None, :]
+
+
+def _block_stats(x_TxC, is_target_TxC, new_C, class_weight_C, cfg: BlockConfig) -> RowStats:
+  """Partial statistics of one block over its new columns."""
+  neg_inf = jnp.array(-jnp.inf, x_TxC.dtype)
+  x_new = jnp.where(new_C[None, :], x_TxC, neg_inf)
+  m_T = jnp.max(x_new, axis=1)
+  sumexp_T = jnp.sum(jnp.exp(x_new - m_T[:, None]), axis=1)
+  zeros = jnp.zeros_like(x_TxC)
+  target_T = jnp.sum(jnp.where(is_target_TxC, x_TxC, zeros), axis=1)
+  if cfg.weighted_sum:
+    weighted = x_TxC if class_weight_C is None else x_TxC * class_weight_C[None, :]
+    weighted_sum_T = jnp.sum(jnp.where(new_C[None, :], weighted, zeros), axis=1)
+  else:
+    weighted_sum_T = jnp.zeros_like(m_T)
+  return RowStats(m_T, sumexp_T, target_T, weighted_sum_T)
+
+
+def _merge_stats(a: RowStats, b: RowStats) -> RowStats:
+  """Online-softmax merge of the statistics of two disjoint column sets."""
+  m = jnp.maximum(a.max, b.max)
+  safe_m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+  sumexp = a.sumexp * jnp.exp(a.max - safe_m) + b.sumexp * jnp.exp(b.max - safe_m)
+  return RowStats(m, sumexp, a.target + b.target, a.weighted_sum + b.weighted_sum)
+
+
+def logsumexp_from_stats(stats: RowStats) -> jax.Array:
+  """:math:`\\mathrm{lse}_i = m_i + \\log\\sum_c e^{x_{ic} - m_i}` from complete statistics."""
+  return stats.max + jnp.log(stats.sumexp)
+
+
+class StatCotangents(NamedTuple):
+  """Per-row cotangents :math:`(\\bar{\\mathrm{lse}}, \\bar t, \\bar s)` of the statistics."""
+
+  lse: jax.Array
+  target: jax.Array
+  weighted_sum: jax.Array
+
+
+def _block_dlogits(x_TxC, is_target_TxC, new_C, lse_T, cot: StatCotangents, class_weight_C, cfg):
+  """:math:`\\partial L/\\partial (hW^\\top + b)` on one block, zero on columns it does not own."""
+  safe_lse = jnp.where(jnp.isfinite(lse_T), lse_T, jnp.zeros_like(lse_T))
+  g_TxC = cot.lse[:, None] * jnp.exp(x_TxC - safe_lse[:, None])
+  g_TxC = g_TxC + jnp.where(is_target_TxC, cot.target[:, None], jnp.zeros_like(g_TxC))
+  if cfg.weighted_sum:
+    w_C = jnp.ones_like(new_C, x_TxC.dtype) if class_weight_C is None else class_weight_C
+    g_TxC = g_TxC + cot.weighted_sum[:, None] * w_C[None, :]
+  g_TxC = g_TxC * _ce.softcap_grad(x_TxC, cfg.logit_softcap)
+  return jnp.where(new_C[None, :], g_TxC, jnp.zeros_like(g_TxC))
+
+
+def _block_backprop(g_TxC, hidden_TxD, weight_block, cfg: BlockConfig):
+  """``(d_hidden [T, D], d_weight block)`` of one block, float32 accumulation.
+
+  The block gradient is cast to the inputs' dtype first (bfloat16 inputs run bfloat16 matmuls
+  with float32 accumulation, as their unfused gradient does).
+  """
+  acc = g_TxC.dtype
+  g = g_TxC.astype(jnp.result_type(hidden_TxD.dtype, weight_block.dtype))
+  va = cfg.vocab_axis
+  d_hidden = lax.dot_general(
+      g, weight_block, (((1,), (va,)), ((), ())), preferred_element_type=acc
+  )
+  if cfg.weight_layout == "vd":
+    d_weight = lax.dot_general(g, hidden_TxD, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+  else:
+    d_weight = lax.dot_general(hidden_TxD, g, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+  return d_hidden, d_weight
+
+
+def _add_at(total, start, update, axis):
+  """``total[start:start + len(update)] += update`` along ``axis``."""
+  current = lax.dynamic_slice_in_dim(total, start, update.shape[axis], axis=axis)
+  return lax.dynamic_update_slice_in_dim(total, current + update, start, axis=axis)
+
+
+def _token_chunk(tree, start, size):
+  return jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, size, axis=0), tree)
+
+
+def _new_mask(start, index, size):
+  """``[size]`` bool: positions of a shifted chunk not already covered by the previous chunk."""
+  return lax.iota(jnp.int32, size) + start >= index * size
+
+
+# --------------------------------------------------------------------------- slice kernels
+
+
+def vocab_slice_stats(hidden_NxD, weight, bias_V, labels_N, class_weight_V, cfg: BlockConfig):
+  """Per-row partial statistics of ``cap(hidden @ weight_slice.T + bias_slice)`` over one slice.
+
+  Loops over token chunks, and inside each over vocabulary chunks with the online-softmax merge.
+
+  Args:
+    hidden_NxD: ``[N, D]``.
+    weight: the slice's weight, ``[V, D]`` ('vd') or ``[D, V]`` ('dv').
+    bias_V: ``[V]`` or None.
+    labels_N: ``[N]`` global integer class ids.
+    class_weight_V: ``[V]`` float class weights of the slice, or None (ones).
+    cfg: block configuration (chunks, offset, cap).
+
+  Returns:
+    :class:`RowStats` of ``[N]`` arrays; combine slices with :func:`_merge_stats` semantics
+    (max, rescaled sum, sums) and take :func:`logsumexp_from_stats`.
+  """
+  n = hidden_NxD.shape[0]
+  v = weight.shape[cfg.vocab_axis]
+  t, c = cfg.token_chunk, cfg.vocab_chunk
+  dtype = _ce.compute_dtype(jnp.result_type(hidden_NxD.dtype, weight.dtype))
+
+  def token_step(i, stats_N):
+    t0 = _chunk_start(i, t, n)
+    hidden_TxD, labels_T = _token_chunk((hidden_NxD, labels_N), t0, t)
+
+    def vocab_step(j, acc: RowStats):
+      c0 = _chunk_start(j, c, v)
+      new_C = _new_mask(c0, j, c)
+      bias_C = None if bias_V is None else lax.dynamic_slice_in_dim(bias_V, c0, c)
+      weight_C = None if class_weight_V is None else lax.dynamic_slice_in_dim(class_weight_V, c0, c)
+      x_TxC = _block_logits(hidden_TxD, _weight_block(weight, c0, cfg), bias_C, cfg)
+      is_target = _block_targets(labels_T, c0 + cfg.class_offset, x_TxC.shape, new_C)
+      return _merge_stats(acc, _block_stats(x_TxC, is_target, new_C, weight_C, cfg))
+
+    empty = RowStats(
+        jnp.full((t,), -jnp.inf, dtype), jnp.zeros((t,), dtype), jnp.zeros((t,), dtype),
+        jnp.zeros((t,), dtype),
+    )
+    chunk = lax.fori_loop(0, _num_chunks(v, c), vocab_step, empty)
+    # Rows a shifted last chunk shares with the previous one get identical values: overwrite.
+    return jax.tree.map(lambda a, b: lax.dynamic_update_slice_in_dim(a, b, t0, 0), stats_N, chunk)
+
+  init = RowStats(*(jnp.zeros((n,), dtype) for _ in range(4)))
+  return lax.fori_loop(0, _num_chunks(n, t), token_step, init)
+
+
+def vocab_slice_grads(
+    hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse_N, cot: StatCotangents,
+    cfg: BlockConfig,
+):
+  """Gradients through one vocabulary slice, given the complete per-row ``lse`` and cotangents.
+
+  Recomputes every block of logits (the second pass of the two-pass schedule).
+
+  Args:
+    hidden_NxD, weight, bias_V, labels_N, class_weight_V, cfg: as :func:`vocab_slice_stats`.
+    lse_N: ``[N]`` complete (all-slice) logsumexp.
+    cot: per-row cotangents of ``(lse, target, weighted_sum)``.
+
+  Returns:
+    ``(d_hidden [N, D], d_weight (weight's shape), d_bias [V] or None)`` in float32 (float64 for
+    float64 inputs). ``d_hidden`` is this slice's part: sum it over slices.
+  """
+  n, d = hidden_NxD.shape
+  v = weight.shape[cfg.vocab_axis]
+  t, c = cfg.token_chunk, cfg.vocab_chunk
+  dtype = lse_N.dtype
+
+  def token_step(i, carry):
+    d_hidden_NxD, d_weight, d_bias_V = carry
+    t0 = _chunk_start(i, t, n)
+    new_T = _new_mask(t0, i, t)
+    hidden_TxD, labels_T, lse_T, cot_T = _token_chunk((hidden_NxD, labels_N, lse_N, cot), t0, t)
+    # Rows already handled by the previous chunk contribute nothing here.
+    cot_T = jax.tree.map(lambda a: jnp.where(new_T, a, jnp.zeros_like(a)), cot_T)
+
+    def vocab_step(j, inner):
+      d_hidden_TxD, d_weight, d_bias_V = inner
+      c0 = _chunk_start(j, c, v)
+      new_C = _new_mask(c0, j, c)
+      bias_C = None if bias_V is None else lax.dynamic_slice_in_dim(bias_V, c0, c)
+      weight_C = None if class_weight_V is None else lax.dynamic_slice_in_dim(class_weight_V, c0, c)
+      weight_block = _weight_block(weight, c0, cfg)
+      x_TxC = _block_logits(hidden_TxD, weight_block, bias_C, cfg)
+      is_target = _block_targets(labels_T, c0 + cfg.class_offset, x_TxC.shape, new_C)
+      g_TxC = _block_dlogits(x_TxC, is_target, new_C, lse_T, cot_T, weight_C, cfg)
+      dh, dw = _block_backprop(g_TxC, hidden_TxD, weight_block, cfg)
+      if d_bias_V is not None:
+        d_bias_V = _add_at(d_bias_V, c0, jnp.sum(g_TxC, axis=0), 0)
+      return d_hidden_TxD + dh, _add_at(d_weight, c0, dw, cfg.vocab_axis), d_bias_V
+
+    inner = (jnp.zeros((t, d), dtype), d_weight, d_bias_V)
+    d_hidden_TxD, d_weight, d_bias_V = lax.fori_loop(0, _num_chunks(v, c), vocab_step, inner)
+    return _add_at(d_hidden_NxD, t0, d_hidden_TxD, 0), d_weight, d_bias_V
+
+  init = (
+      jnp.zeros((n, d), dtype),
+      jnp.zeros(weight.shape, dtype),
+      None if bias_V is None else jnp.zeros((v,), dtype),
+  )
+  return lax.fori_loop(0, _num_chunks(n, t), token_step, init)
+
+
+RowLoss = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
+
+
+def fused_vocab_slice(
+    hidden_NxD, weight, bias_V, labels_N, class_weight_V, row_loss: RowLoss, rows: Any,
+    cfg: BlockConfig, complete_stats: Callable[[RowStats], RowStats] = lambda s: s,
+):
+  """One pass: the summed loss and its gradients, each token chunk's logits computed once.
+
+  Each token chunk sees its whole vocabulary slice in one block (``cfg.vocab_chunk`` is ignored).
+  ``complete_stats`` turns the slice's statistics into complete ones (identity on one device; a
+  vocabulary-sharded caller passes its collectives), and ``row_loss(lse_T, target_T,
+  weighted_sum_T, rows_T)`` gives each row's contribution to the summed loss, ``rows`` being a
+  pytree of ``[N, ...]`` per-row data sliced alongside.
+
+  Returns:
+    ``(loss_sum, lse [N], d_hidden [N, D], d_weight, d_bias [V] or None)``: the gradients of
+    ``loss_sum`` (float32; float64 for float64 inputs).
+  """
+  n, d = hidden_NxD.shape
+  v = weight.shape[cfg.vocab_axis]
+  t = cfg.token_chunk
+  cfg = dataclasses.replace(cfg, vocab_chunk=v)
+  dtype = _ce.compute_dtype(jnp.result_type(hidden_NxD.dtype, weight.dtype))
+  all_C = jnp.ones((v,), bool)
+
+  def token_step(i, carry):
+    loss_sum, lse_N, d_hidden_NxD, d_weight, d_bias_V = carry
+    t0 = _chunk_start(i, t, n)
+    new_T = _new_mask(t0, i, t)
+    hidden_TxD, labels_T, rows_T = _token_chunk((hidden_NxD, labels_N, rows), t0, t)
+    x_TxC = _block_logits(hidden_TxD, weight, bias_V, cfg)
+    is_target = _block_targets(labels_T, cfg.class_offset, x_TxC.shape, all_C)
+    stats = complete_stats(_block_stats(x_TxC, is_target, all_C, class_weight_V, cfg))
+    lse_T = logsumexp_from_stats(stats)
+    loss_T, pullback = jax.vjp(
+        lambda l, tg, s: row_loss(l, tg, s, rows_T), lse_T, stats.target, stats.weighted_sum
+    )
+    cot = StatCotangents(*pullback(new_T.astype(loss_T.dtype)))
+    g_TxC = _block_dlogits(x_TxC, is_target, all_C, lse_T, cot, class_weight_V, cfg)
+    dh, dw = _block_backprop(g_TxC, hidden_TxD, weight, cfg)
+    if d_bias_V is not None:
+      d_bias_V = d_bias_V + jnp.sum(g_TxC, axis=0)
+    return (
+        loss_sum + jnp.sum(jnp.where(new_T, loss_T, jnp.zeros_like(loss_T))),
+        lax.dynamic_update_slice_in_dim(lse_N, lse_T, t0, 0),
+        _add_at(d_hidden_NxD, t0, dh, 0),
+        d_weight + dw,
+        d_bias_V,
+    )
+
+  init = (
+      jnp.zeros((), dtype),
+      jnp.zeros((n,), dtype),
+      jnp.zeros((n, d), dtype),
+      jnp.zeros(weight.shape, dtype),
+      None if bias_V is None else jnp.zeros((v,), dtype),
+  )
+  return lax.fori_loop(0, _num_chunks(n, t), token_step, init)
+
+
+# --------------------------------------------------------------------------- custom VJPs
+
+
+@dataclasses.dataclass(frozen=True)
+class _LossConfig:
+  target: _ce.SmoothedTarget
+  z_loss: float
+
+
+def _row_loss(lcfg: _LossConfig, total_weight, lse, target_logit, weighted_sum, rows):
+  """Each row's loss (the core's per-row formula) times its scale, 0 on invalid rows."""
+  scale, target_weight, valid = rows
+  loss = _ce.integer_label_loss(
+      lse, target_logit, weighted_sum if lcfg.target.off else None, target_weight, total_weight,
+      lcfg.target, lcfg.z_loss,
+  )
+  return jnp.where(valid, scale * loss, jnp.zeros_like(loss))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _stats_op(cfg, hidden, weight, bias, labels, class_weight):
+  stats = vocab_slice_stats(hidden, weight, bias, labels, class_weight, cfg)
+  return logsumexp_from_stats(stats), stats.target, stats.weighted_sum
+
+
+def _stats_fwd(cfg, hidden, weight, bias, labels, class_weight):
+  out = _stats_op(cfg, hidden, weight, bias, labels, class_weight)
+  return out, (hidden, weight, bias, labels, class_weight, out[0])
+
+
+def _stats_bwd(cfg, residuals, cotangents):
+  hidden, weight, bias, labels, class_weight, lse = residuals
+  d_hidden, d_weight, d_bias = vocab_slice_grads(
+      hidden, weight, bias, labels, class_weight, lse, StatCotangents(*cotangents), cfg
+  )
+  return (
+      d_hidden.astype(hidden.dtype),
+      d_weight.astype(weight.dtype),
+      None if bias is None else d_bias.astype(bias.dtype),
+      None,
+      None,
+  )
+
+
+_stats_op.defvjp(_stats_fwd, _stats_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_op(cfg, lcfg, hidden, weight, bias, labels, class_weight, rows, total_weight):
+  # Not differentiated: statistics only, one matmul.
+  lse, target_logit, weighted_sum = _stats_op(cfg, hidden, weight, bias, labels, class_weight)
+  return jnp.sum(_row_loss(lcfg, total_weight, lse, target_logit, weighted_sum, rows))
+
+
+def _fused_fwd(cfg, lcfg, hidden, weight, bias, labels, class_weight, rows, total_weight):
+  row_loss = functools.partial(_row_loss, lcfg, total_weight)
+  loss, _, d_hidden, d_weight, d_bias = fused_vocab_slice(
+      hidden, weight, bias, labels, class_weight, row_loss, rows, cfg
+  )
+  # Stored in the inputs' dtypes: the backward pass only scales them.
+  grads = (
+      d_hidden.astype(hidden.dtype),
+      d_weight.astype(weight.dtype),
+      None if bias is None else d_bias.astype(bias.dtype),
+  )
+  return loss, grads
+
+
+def _fused_bwd(cfg, lcfg, grads, g_loss):
+  scaled = jax.tree.map(lambda g: (g_loss * g).astype(g.dtype), grads)
+  return (*scaled, None, None, None, None)
+
+
+_fused_op.defvjp(_fused_fwd, _fused_bwd)
+
+
+# --------------------------------------------------------------------------- public function
+
+
+def _resolve_chunk(fn: str, name: str, size, total: int, default: int) -> int:
+  if size is None:
+    size = default
+  elif isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+    raise ValueError(f"{fn}: `{name}` must be a positive int or None, got {size!r}.")
+  return max(1, min(int(size), total))
+
+
+def default_token_chunk(num_classes: int) -> int:
+  """Rows per token chunk when none is given: a power of two with a ``[chunk, V]`` block of about
+  ``2**23`` elements, between 128 and 1024 rows."""
+  rows = 2 ** int(np.floor(np.log2(max(_BLOCK_ELEMENTS // max(num_classes, 1), 1))))
+  return int(np.clip(rows, _MIN_TOKEN_CHUNK, _MAX_TOKEN_CHUNK))
+
+
+def linear_cross_entropy(
+    hidden: jax.typing.ArrayLike,
+    weight: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    bias: jax.typing.ArrayLike | None = None,
+    weight_layout: str = "vd",
+    class_weight: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    smoothing: str = "uniform",
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    return_lse: bool = False,
+    token_chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  r"""Cross-entropy of a linear layer's logits, computed in blocks, never holding ``[N, V]``.
+
+  Equals ``cross_entropy(hidden @ weight.T + bias, labels, weight=class_weight, ...)`` in value and
+  in its gradients for ``hidden``, ``weight`` and ``bias``:
+
+  .. math::
+     x_i = \mathrm{cap}(h_i W^\top + b), \qquad
+     \ell_i = \sum_c w_c\, q_{ic}\,(\mathrm{lse}_i - x_{ic})
+       \;[-\; \textstyle\sum_c w_c q_{ic}\log q_{ic}]_{\text{t5x}}
+       \;+\; z\,\omega_i\,\mathrm{lse}_i^2,
+
+  computed from the per-row statistics :math:`\mathrm{lse}_i`, :math:`x_{iy_i}` and
+  :math:`\sum_c w_c x_{ic}` gathered chunk by chunk (see the module docstring). With 'sum' or
+  'mean' and no ``vocab_chunk_size`` the gradients are computed in the forward pass (three matmuls,
+  as the unfused loss); otherwise the backward pass recomputes the logits (four matmuls, blocks of
+  ``[token_chunk_size, vocab_chunk_size]``, the least memory).
+
+  Args:
+    hidden: ``[..., D]`` float features (bfloat16 is accumulated in float32).
+    weight: ``[V, D]`` projection (``weight_layout='vd'``, the ``nn.Linear`` / embedding layout)
+      or ``[D, V]`` (``'dv'``, the ``hidden @ kernel`` layout of Flax's ``Dense``).
+    labels: ``[...]`` integer class ids (``hidden``'s shape without ``D``).
+    bias: ``[V]`` or None.
+    weight_layout: 'vd' or 'dv', see ``weight``.
+    class_weight: ``[V]`` class weights (``cross_entropy``'s ``weight``), treated as constants.
+    ignore_index: labels equal to it count for nothing; None: none ignored. Other labels outside
+      ``[0, V)`` give a NaN loss.
+    reduction: 'none' (``[...]``), 'sum' or 'mean' (by the summed weights of counted rows; 0 when
+      there are none).
+    label_smoothing: :math:`\epsilon \in [0, 1]`.
+    smoothing: 'uniform' (:math:`\epsilon/V` everywhere) or 't5x' (:math:`\epsilon/(V-1)` off the
+      label, minus the target's entropy).
+    z_loss: :math:`z \ge 0`, adds :math:`z\,\omega_i\,\mathrm{lse}_i^2` (PaLM).
+    logit_softcap: :math:`c > 0` applies :math:`c\tanh(x/c)` to the logits (Gemma 2).
+    where: bool mask broadcastable to ``labels``' shape; False rows count for nothing.
+    return_lse: also return the per-row ``lse`` ``[...]`` (uses the two-pass schedule).
+    token_chunk_size: rows per block; default: a power of two giving a ``[rows, V]`` block of about
+      ``2**23`` elements, within [128, 1024]. Larger than the row count means all rows.
+    vocab_chunk_size: classes per block; default: the whole vocabulary (one-pass schedule for 'sum'
+      and 'mean'). Smaller values bound the block to ``[token_chunk_size, vocab_chunk_size]``.
+
+  Returns:
+    The reduced loss (float32; float64 for float64 inputs), and with ``return_lse`` the pair
+    ``(loss, lse)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, xent_jax
+    >>> hidden = jnp.ones((4, 8)); weight = jnp.zeros((100, 8))
+    >>> float(xent_jax.linear_cross_entropy(hidden, weight, jnp.array([1, 2, 3, 4])))  # log(100)
+    4.605...
+
+  References:
+    Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024;
+    Hsu et al., "Liger Kernel: Efficient Triton Kernels for LLM Training", 2024.
+  """
+  fn = "linear_cross_entropy"
+  _checks.check_floating(fn, "hidden", hidden)
+  _checks.check_floating(fn, "weight", weight)
+  _checks.check_choice(fn, "weight_layout", weight_layout, WEIGHT_LAYOUTS)
+  _ce.check_common_options(
+      fn, label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
+      logit_softcap=logit_softcap, reduction=reduction,
+  )
+  hidden, weight, labels = jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(labels)
+  if hidden.ndim < 1:
+    raise ValueError(f"{fn}: `hidden` must have shape [..., D], got a scalar.")
+  if weight.ndim != 2:
+    raise ValueError(
+        f"{fn}: `weight` must have shape [V, D] (weight_layout='vd') or [D, V] ('dv'), got "
+        f"{weight.shape}."
+    )
+  vocab_axis = 0 if weight_layout == "vd" else 1
+  num_classes, features = weight.shape[vocab_axis], weight.shape[1 - vocab_axis]
+  if hidden.shape[-1] != features:
+    raise ValueError(
+        f"{fn}: `hidden`'s last dimension must equal `weight`'s feature dimension ({features} for "
+        f"weight_layout={weight_layout!r}, `weight` {weight.shape}), got `hidden` {hidden.shape}."
+    )
+  batch_shape = hidden.shape[:-1]
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}.")
+  _checks.check_shape(fn, "labels", labels, batch_shape)
+  if bias is not None:
+    _checks.check_floating(fn, "bias", bias)
+    _checks.check_shape(fn, "bias", bias, (num_classes,))
+    bias = jnp.asarray(bias)
+  if class_weight is not None:
+    _ce.check_class_weight(fn, "class_weight", class_weight, num_classes)
+  if where is not None:
+    _checks.check_broadcastable(fn, "where", where, batch_shape)
+  n = int(np.prod(batch_shape))
+  token_chunk = _resolve_chunk(
+      fn, "token_chunk_size", token_chunk_size, n, default_token_chunk(num_classes)
+  )
+  vocab_chunk = _resolve_chunk(fn, "vocab_chunk_size", vocab_chunk_size, num_classes, num_classes)
+
+  dtype = _ce.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
+  hidden_NxD = hidden.reshape(n, features)
+  labels_N = labels.reshape(n)
+  valid_N = jnp.ones((n,), bool)
+  if where is not None:
+    valid_N = jnp.broadcast_to(jnp.asarray(where, bool), batch_shape).reshape(n)
+  if ignore_index is not None:
+    valid_N = valid_N & (labels_N != ignore_index)
+  in_range_N = (labels_N >= 0) & (labels_N < num_classes)
+  safe_labels_N = jnp.where(in_range_N, labels_N, jnp.zeros_like(labels_N))
+  if class_weight is None:
+    total_weight = jnp.asarray(num_classes, dtype)
+    target_weight_N = jnp.ones((n,), dtype)
+  else:
+    class_weight = jnp.asarray(class_weight).astype(dtype)
+    total_weight = jnp.sum(class_weight)
+    target_weight_N = class_weight[safe_labels_N]
+  example_weight_N = jnp.where(valid_N, target_weight_N, jnp.zeros_like(target_weight_N))
+  # A valid label outside [0, V) makes its row's loss (and gradients) NaN, as in cross_entropy.
+  nan_or_one_N = jnp.where(valid_N & ~in_range_N, jnp.nan, 1.0).astype(dtype)
+
+  target = _ce.smoothed_target(num_classes, label_smoothing, smoothing)
+  lcfg = _LossConfig(target, float(z_loss))
+  cfg = BlockConfig(
+      weight_layout, logit_softcap, token_chunk, vocab_chunk, weighted_sum=bool(target.off)
+  )
+  one_pass = reduction != "none" and not return_lse and vocab_chunk_size is None
+  if one_pass:
+    # Sum and mean are linear in the per-row losses: d(reduced)/d(loss_i) is known up front.
+    row_scale_N = jax.grad(
+        lambda loss: _reduction.reduce_loss(loss, example_weight_N, reduction, fn=fn)
+    )(jnp.zeros((n,), dtype))
+    rows = (row_scale_N * nan_or_one_N, target_weight_N, valid_N)
+    return _fused_op(
+        cfg, lcfg, hidden_NxD, weight, bias, labels_N, class_weight, rows, total_weight
+    )
+  lse_N, target_N, weighted_sum_N = _stats_op(
+      cfg, hidden_NxD, weight, bias, labels_N, class_weight
+  )
+  rows = (nan_or_one_N, target_weight_N, valid_N)
+  loss_N = _row_loss(lcfg, total_weight, lse_N, target_N, weighted_sum_N, rows)
+  loss = _reduction.reduce_loss(loss_N.reshape(batch_shape), example_weight_N.reshape(batch_shape),
+                                reduction, fn=fn)
+  return (loss, lse_N.reshape(batch_shape)) if return_lse else loss
