@@ -29,6 +29,9 @@ from xent_jax._variants import symmetric_cross_entropy
 from xent_jax._variants import taylor_cross_entropy
 from xent_jax._variants import truncated_generalized_cross_entropy
 
+# Metrics (xent_jax/metrics.py), used as a submodule: `from xent_jax import metrics`.
+from xent_jax import metrics
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -46,6 +49,7 @@ __all__ = [
     "check_labels",
     "cross_entropy",
     "linear_cross_entropy",
+    "metrics",
     "poly_loss_cross_entropy",
     "smooth_labels",
     "softmax_cross_entropy",
