@@ -11,7 +11,7 @@ cap :math:`x \\leftarrow c\\tanh(x/c)`), :math:`\\mathrm{lse} = \\log\\sum_c e^{
 For an integer label :math:`y` the target puts ``on`` on :math:`y` and ``off`` on every other
 class, so the sum needs only :math:`\\mathrm{lse}`, :math:`x_y` and :math:`\\sum_c w_c x_c` per row:
 no one-hot is ever built, and the backward pass recomputes the softmax from the logits and the
-per-row :math:`\\mathrm{lse}`, the only residual it keeps.
+per-row maximum and log-sum-exp (two numbers per row), the only residuals it keeps.
 """
 
 import dataclasses
@@ -75,12 +75,33 @@ def softcap_grad(capped: jax.Array, cap: float | None) -> jax.Array | float:
   return 1.0 if cap is None else 1.0 - jnp.square(capped / cap)
 
 
-def finite_logsumexp(x: jax.Array) -> jax.Array:
-  """:math:`\\log\\sum_c e^{x_c}` over the last axis; ``-inf`` entries are fine, rows of all
-  ``-inf`` give ``-inf``."""
-  m = jnp.max(x, axis=-1)
+def along_classes(class_weight: jax.Array, ndim: int) -> jax.Array:
+  """Reshapes a ``[V]`` vector to broadcast against ``[..., V]`` of rank ``ndim`` explicitly."""
+  return class_weight.reshape((1,) * (ndim - 1) + (-1,))
+
+
+def logsumexp_parts(logits: jax.Array, cap: float | None = None) -> tuple[jax.Array, jax.Array]:
+  """The row maximum :math:`m` and :math:`\\log\\sum_c e^{x_c - m}` of
+  :math:`x = c\\tanh(\\text{logits}/c)` over the last axis.
+
+  Keeping the two apart (rather than their sum, the logsumexp) keeps :math:`x_c - m` exact for
+  logits of large magnitude (at 1e4 a float32 logsumexp is only good to ~1e-3). Accumulates in
+  :func:`compute_dtype`; the maximum is taken on the raw logits (exact in any dtype, and the cap
+  is monotonic), so half-precision logits are never copied to float32 whole. ``-inf`` entries are
+  fine; a row of all ``-inf`` gives :math:`m = 0` and ``-inf``.
+  """
+  dtype = compute_dtype(logits.dtype)
+  m = softcap(jnp.max(logits, axis=-1).astype(dtype), cap)
   m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
-  return jnp.log(jnp.sum(jnp.exp(x - m[..., None]), axis=-1)) + m
+  x = softcap(logits.astype(dtype), cap)
+  return m, jnp.log(jnp.sum(jnp.exp(x - m[..., None]), axis=-1))
+
+
+def finite_logsumexp(logits: jax.Array, cap: float | None = None) -> jax.Array:
+  """:math:`\\log\\sum_c e^{x_c}` over the last axis of :math:`x = c\\tanh(\\text{logits}/c)`,
+  from :func:`logsumexp_parts`."""
+  m, log_sum = logsumexp_parts(logits, cap)
+  return m + log_sum
 
 
 def integer_label_loss(
@@ -91,6 +112,8 @@ def integer_label_loss(
     total_weight: jax.Array | float,
     target: SmoothedTarget,
     z_loss: float,
+    *,
+    z_lse: jax.Array | None = None,
 ) -> jax.Array:
   """Per-row loss from per-row statistics (the formula in the module docstring).
 
@@ -108,6 +131,10 @@ def integer_label_loss(
     total_weight: :math:`W = \\sum_c w_c`.
     target: the smoothed target.
     z_loss: coefficient :math:`z`.
+    z_lse: the logsumexp for the z-loss term; defaults to ``lse``. Apart from that term the loss
+      is unchanged when ``lse``, ``target_logit`` and every :math:`x_c` are shifted by the same
+      :math:`s` (``sum_weighted_logits`` by :math:`W s`): pass statistics relative to the row
+      maximum, and the unshifted logsumexp here, to avoid cancellation at large logits.
 
   Returns:
     ``[...]`` per-row loss (not masked).
@@ -120,7 +147,7 @@ def integer_label_loss(
   if target.xlogx_on or target.xlogx_off:
     loss = loss + (target_weight * target.xlogx_on + (total_weight - target_weight) * target.xlogx_off)
   if z_loss:
-    loss = loss + z_loss * target_weight * jnp.square(lse)
+    loss = loss + z_loss * target_weight * jnp.square(lse if z_lse is None else z_lse)
   return loss
 
 
@@ -144,6 +171,7 @@ class _IntegerConfig:
   target: SmoothedTarget
   z_loss: float
   logit_softcap: float | None
+  unit_weight: bool
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -157,47 +185,60 @@ def _integer_forward(logits, labels, class_weight, valid, cfg):
   num_classes = logits.shape[-1]
   in_range = (labels >= 0) & (labels < num_classes)
   safe_labels = jnp.where(in_range, labels, 0)
-  x = softcap(logits.astype(dtype), cfg.logit_softcap)
-  lse = finite_logsumexp(x)
-  raw_target = jnp.take_along_axis(logits, safe_labels[..., None], axis=-1)[..., 0]
-  target_logit = softcap(raw_target.astype(dtype), cfg.logit_softcap)
-  weighted_sum = jnp.sum(x * class_weight, axis=-1) if cfg.target.off else None
+  # Each pass over the logits reads them through its own optimization barrier: without it XLA's
+  # CPU backend shares one float32 copy of half-precision logits between the passes, a
+  # [..., V] float32 temporary.
+  barrier = jax.lax.optimization_barrier
+  m, log_sum = logsumexp_parts(logits, cfg.logit_softcap)
+  raw_target = jnp.take_along_axis(barrier(logits), safe_labels[..., None], axis=-1)[..., 0]
+  target_logit = softcap(raw_target.astype(dtype), cfg.logit_softcap) - m
+  weighted_sum = None
+  if cfg.target.off:
+    x = softcap(barrier(logits).astype(dtype), cfg.logit_softcap) - m[..., None]
+    weighted_sum = jnp.sum(x if cfg.unit_weight else x * along_classes(class_weight, x.ndim), axis=-1)
   target_weight = class_weight[safe_labels]
+  lse = m + log_sum
   loss = integer_label_loss(
-      lse, target_logit, weighted_sum, target_weight, jnp.sum(class_weight), cfg.target, cfg.z_loss
+      log_sum,
+      target_logit,
+      weighted_sum,
+      target_weight,
+      jnp.sum(class_weight),
+      cfg.target,
+      cfg.z_loss,
+      z_lse=lse,
   )
   loss = jnp.where(valid, loss, jnp.zeros_like(loss))
   bad = valid & ~in_range
   loss = jnp.where(bad, jnp.full_like(loss, jnp.nan), loss)
-  return loss, lse, bad
+  return loss, lse, (m, log_sum, bad)
 
 
 def _integer_fwd(logits, labels, class_weight, valid, cfg):
-  loss, lse, bad = _integer_forward(logits, labels, class_weight, valid, cfg)
-  return (loss, lse), (logits, labels, class_weight, valid, lse, bad)
+  loss, lse, (m, log_sum, bad) = _integer_forward(logits, labels, class_weight, valid, cfg)
+  return (loss, lse), (logits, labels, class_weight, valid, m, log_sum, bad)
 
 
 def _integer_bwd(cfg, residuals, cotangents):
-  logits, labels, class_weight, valid, lse, bad = residuals
+  logits, labels, class_weight, valid, m, log_sum, bad = residuals
   g_loss, g_lse = cotangents
-  dtype = lse.dtype
-  num_classes = logits.shape[-1]
+  dtype = m.dtype
   g_loss = jnp.where(valid, g_loss, jnp.zeros_like(g_loss))
   safe_labels = jnp.where(bad | ~valid, 0, labels)
   target_weight = class_weight[safe_labels]
   scale = g_loss * integer_label_grad_scale(
-      lse, target_weight, jnp.sum(class_weight), cfg.target, cfg.z_loss
+      m + log_sum, target_weight, jnp.sum(class_weight), cfg.target, cfg.z_loss
   ) + g_lse
-  x = softcap(logits.astype(dtype), cfg.logit_softcap)
-  safe_lse = jnp.where(jnp.isfinite(lse), lse, jnp.zeros_like(lse))
-  probs = jnp.exp(x - safe_lse[..., None])
+  # A barrier, as in the forward pass, so this pass shares no float32 copy with it.
+  x = softcap(jax.lax.optimization_barrier(logits).astype(dtype), cfg.logit_softcap)
+  probs = jnp.exp((x - m[..., None]) - log_sum[..., None])
   classes = jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
   on_minus_off = (cfg.target.on - cfg.target.off) * g_loss * target_weight
   grad = scale[..., None] * probs - jnp.where(
       classes == safe_labels[..., None], on_minus_off[..., None], jnp.zeros_like(probs)
   )
   if cfg.target.off:
-    grad = grad - cfg.target.off * g_loss[..., None] * class_weight
+    grad = grad - cfg.target.off * g_loss[..., None] * along_classes(class_weight, grad.ndim)
   grad = grad * softcap_grad(x, cfg.logit_softcap)
   grad = jnp.where(bad[..., None], jnp.full_like(grad, jnp.nan), grad)
   return grad.astype(logits.dtype), None, None, None
@@ -233,11 +274,84 @@ def integer_cross_entropy_last_axis(
     out of range.
   """
   dtype = compute_dtype(logits.dtype)
+  cfg = _IntegerConfig(target, float(z_loss), logit_softcap, class_weight is None)
   if class_weight is None:
     class_weight = jnp.ones(logits.shape[-1], dtype)
-  cfg = _IntegerConfig(target, float(z_loss), logit_softcap)
   valid = jnp.broadcast_to(valid, labels.shape)
   return _integer_cross_entropy(logits, labels, class_weight.astype(dtype), valid, cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DenseConfig:
+  label_smoothing: float
+  smoothing: str
+  z_loss: float
+  logit_softcap: float | None
+
+
+def _smooth_probabilities(q: jax.Array, cfg: _DenseConfig) -> tuple[jax.Array, float]:
+  """The smoothed target :math:`q' = \\alpha q + \\beta` and :math:`\\alpha = dq'/dq`."""
+  eps, num_classes = cfg.label_smoothing, q.shape[-1]
+  if not eps:
+    return q, 1.0
+  if cfg.smoothing == "uniform":
+    return (1.0 - eps) * q + eps / num_classes, 1.0 - eps
+  off = eps / max(num_classes - 1, 1)
+  return (1.0 - eps - off) * q + off, 1.0 - eps - off
+
+
+def _dense_forward(logits, labels, class_weight, valid, cfg):
+  dtype = compute_dtype(logits.dtype)
+  q, _ = _smooth_probabilities(labels.astype(dtype), cfg)
+  w = along_classes(class_weight, q.ndim)
+  b = q * w
+  m, log_sum = logsumexp_parts(logits, cfg.logit_softcap)
+  lse = m + log_sum
+  # Centred on the row maximum: lse - x_c = log_sum - (x_c - m), without cancellation.
+  x = softcap(jax.lax.optimization_barrier(logits).astype(dtype), cfg.logit_softcap) - m[..., None]
+  b_x = jnp.where(b == 0, jnp.zeros_like(x), b * x)
+  loss = log_sum * jnp.sum(b, axis=-1) - jnp.sum(b_x, axis=-1)
+  if cfg.label_smoothing and cfg.smoothing == "t5x":
+    loss = loss + jnp.sum(jax.scipy.special.xlogy(q, q) * w, axis=-1)
+  if cfg.z_loss:
+    loss = loss + cfg.z_loss * jnp.square(lse)
+  return jnp.where(valid, loss, jnp.zeros_like(loss)), lse, (m, log_sum)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _dense_cross_entropy(logits, labels, class_weight, valid, cfg):
+  loss, lse, _ = _dense_forward(logits, labels, class_weight, valid, cfg)
+  return loss, lse
+
+
+def _dense_fwd(logits, labels, class_weight, valid, cfg):
+  loss, lse, (m, log_sum) = _dense_forward(logits, labels, class_weight, valid, cfg)
+  return (loss, lse), (logits, labels, class_weight, valid, m, log_sum)
+
+
+def _dense_bwd(cfg, residuals, cotangents):
+  logits, labels, class_weight, valid, m, log_sum = residuals
+  g_loss, g_lse = cotangents
+  dtype = m.dtype
+  g = jnp.where(valid, g_loss, jnp.zeros_like(g_loss))[..., None]
+  q, alpha = _smooth_probabilities(labels.astype(dtype), cfg)
+  w = along_classes(class_weight, q.ndim)
+  b = q * w
+  x = softcap(jax.lax.optimization_barrier(logits).astype(dtype), cfg.logit_softcap)
+  centred = x - m[..., None]
+  probs = jnp.exp(centred - log_sum[..., None])
+  scale = jnp.sum(b, axis=-1)
+  if cfg.z_loss:
+    scale = scale + 2.0 * cfg.z_loss * (m + log_sum)
+  grad = ((g * scale[..., None] + g_lse[..., None]) * probs - g * b) * softcap_grad(x, cfg.logit_softcap)
+  # d loss / d q'_c = w_c (lse - x_c) [+ w_c (log q'_c + 1) for t5x]; chain rule through q'.
+  dq = g * w * (log_sum[..., None] - centred)
+  if cfg.label_smoothing and cfg.smoothing == "t5x":
+    dq = dq + g * w * (jnp.log(q) + 1.0)
+  return grad.astype(logits.dtype), (alpha * dq).astype(labels.dtype), None, None
+
+
+_dense_cross_entropy.defvjp(_dense_fwd, _dense_bwd)
 
 
 def dense_cross_entropy_last_axis(
@@ -254,30 +368,17 @@ def dense_cross_entropy_last_axis(
   """Per-example loss and logsumexp for probability labels, classes on the last axis (no checks).
 
   Smoothing: 'uniform' :math:`q' = (1-\\epsilon)q + \\epsilon/K`; 't5x'
-  :math:`q' = (1-\\epsilon)q + \\epsilon(1-q)/(K-1)` plus :math:`\\sum_c w_c q'_c\\log q'_c`, which
-  reduce to :func:`smoothed_target` for one-hot :math:`q`. Terms with :math:`q'_c = 0` contribute
-  nothing, even where :math:`x_c = -\\infty`. Differentiable in ``labels`` too.
+  :math:`q' = (1-\\epsilon)q + \\epsilon(1-q)/(K-1)` plus :math:`\\sum_c w_c q'_c\\log q'_c` (a
+  KL divergence), which reduce to :func:`smoothed_target` for one-hot :math:`q`. Terms with
+  :math:`q'_c = 0` contribute nothing, even where :math:`x_c = -\\infty`. Differentiable in
+  ``labels`` too; like the integer path, the backward pass keeps two numbers per row.
   """
   dtype = compute_dtype(logits.dtype)
-  num_classes = logits.shape[-1]
-  q = labels.astype(dtype)
-  eps = label_smoothing
-  if eps and smoothing == "uniform":
-    q = (1.0 - eps) * q + eps / num_classes
-  elif eps:
-    q = (1.0 - eps) * q + eps * (1.0 - q) / max(num_classes - 1, 1)
-  b = q if class_weight is None else q * class_weight.astype(dtype)
-  x = softcap(logits.astype(dtype), logit_softcap)
-  lse = jax.nn.logsumexp(x, axis=-1)
-  b_x = jnp.where(b == 0, jnp.zeros_like(x), b * x)
-  loss = lse * jnp.sum(b, axis=-1) - jnp.sum(b_x, axis=-1)
-  if eps and smoothing == "t5x":
-    xlogx = jax.scipy.special.xlogy(q, q)
-    loss = loss + jnp.sum(xlogx if class_weight is None else xlogx * class_weight.astype(dtype), axis=-1)
-  if z_loss:
-    loss = loss + z_loss * jnp.square(lse)
-  valid = jnp.broadcast_to(valid, loss.shape)
-  return jnp.where(valid, loss, jnp.zeros_like(loss)), lse
+  if class_weight is None:
+    class_weight = jnp.ones(logits.shape[-1], dtype)
+  cfg = _DenseConfig(float(label_smoothing), smoothing, float(z_loss), logit_softcap)
+  valid = jnp.broadcast_to(valid, labels.shape[:-1])
+  return _dense_cross_entropy(logits, labels, class_weight.astype(dtype), valid, cfg)
 
 
 def check_common_options(
