@@ -452,6 +452,20 @@ class TestTransforms:
     np.testing.assert_allclose(metrics.accuracy(logits_bf16, labels, k=3, where=mask),
                                _ref_accuracy(exact, labels, 3, mask), rtol=1e-6)
 
+  def test_vmap_over_batches(self):
+    logits, labels, mask = _random_case(43, shape=(3, 10))
+    got = jax.vmap(lambda x, y, m: metrics.expected_calibration_error(x, y, num_bins=4, where=m))(
+        logits, labels, mask)
+    want = [_ref_ece(logits[i], labels[i], 4, mask[i]) for i in range(3)]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+  def test_float64_under_x64(self):
+    logits, labels, mask = _random_case(44)
+    with jax.enable_x64(True):
+      got = metrics.negative_log_likelihood(logits.astype(np.float64), labels, where=mask)
+      assert got.dtype == jnp.float64
+      np.testing.assert_allclose(got, _ref_nll(logits, labels, mask), rtol=1e-12)
+
   @pytest.mark.parametrize("fn", [metrics.negative_log_likelihood, metrics.brier_score])
   def test_gradients(self, fn):
     logits, labels, mask = _random_case(42, shape=(6,), num_classes=4, scale=1.0)
