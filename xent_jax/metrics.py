@@ -86,6 +86,9 @@ class ReliabilityBins(NamedTuple):
 class EvalSums(NamedTuple):
   """Additive sums for every metric of this module; scalars except ``calibration``.
 
+  Counts are float32 (so they can carry NaN from invalid examples like the other sums); they are
+  exact up to 2**24 (about 16.7 million) examples.
+
   Attributes:
     count: number of included examples.
     correct_sum: number of top-1 correct examples.
