@@ -86,7 +86,7 @@ class ReliabilityBins(NamedTuple):
 class EvalSums(NamedTuple):
   """Additive sums for every metric of this module; scalars except ``calibration``.
 
-  Counts are float32 (so they can carry NaN from invalid examples like the other sums); they are
+  Counts are float32, like the sums (which carry NaN from invalid examples); they are
   exact up to 2**24 (about 16.7 million) examples.
 
   Attributes:
