@@ -92,7 +92,10 @@ def tempered_softmax(x: np.ndarray, t: float) -> np.ndarray:
   x = np.asarray(x, np.float64)
   if t == 1.0:
     return softmax(x)
-  total = lambda lam: np.sum(exp_t(x - lam, t))
+  def total(lam):
+    with np.errstate(divide="ignore"):  # 0 ** negative = inf for t > 1: a too-small lambda
+      return np.sum(exp_t(x - lam, t))
+
   lower = np.max(x) - 1.0
   while total(lower) < 1.0:
     lower -= 2.0 * (np.max(x) - lower)

@@ -65,7 +65,7 @@ def _reference(case, labels, **conventions):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("label_kind", ["integer", "probabilities"])
-@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_matches_float64_reference(case, label_kind, reduction):
   labels = INT_LABELS if label_kind == "integer" else PROBS
   conventions = dict(weight=WEIGHT, where=WHERE, reduction=reduction)
@@ -108,7 +108,7 @@ NEUTRAL = [
 
 @pytest.mark.parametrize("fn,hparams,rtol", NEUTRAL)
 @pytest.mark.parametrize("label_kind", ["integer", "probabilities"])
-@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_neutral_setting_is_cross_entropy(fn, hparams, rtol, label_kind, reduction):
   # Moderate logits keep p_y away from 0, where the Taylor series converges slowly.
   logits = 0.5 * LOGITS
@@ -178,8 +178,8 @@ def test_finite_values_and_gradients_at_extremes(fn, hparams, labels, dtype):
     logits = EXTREME_LOGITS
   logits = jnp.asarray(logits, dtype)
   loss_fn = lambda x: fn(x, labels, **hparams, reduction="none")
-  loss = loss_fn(logits)
-  grad = jax.grad(lambda x: jnp.sum(loss_fn(x)))(logits)
+  loss = jax.jit(loss_fn)(logits)
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(loss_fn(x))))(logits)
   assert loss.dtype == jnp.float32 and grad.dtype == dtype
   assert np.all(np.isfinite(np.asarray(loss))), loss
   assert np.all(np.isfinite(np.asarray(grad, np.float32))), grad
@@ -230,7 +230,7 @@ def test_check_grads_float64(fn, hparams, label_kind):
     labels = INT_LABELS[:4] if label_kind == "integer" else PROBS[:4].astype(np.float64)
     loss = lambda x: fn(x, labels, **hparams, weight=WEIGHT.astype(np.float64), reduction="mean")
     assert loss(logits).dtype == jnp.float64
-    check_grads(loss, (logits,), order=1, modes=["rev"])
+    check_grads(jax.jit(loss), (logits,), order=1, modes=["rev"])
 
 
 @pytest.mark.parametrize("fn,hparams", ALL_VARIANTS)
