@@ -367,3 +367,11 @@ def test_tempered_softmax_sums_to_one():
     p = xent_jax.tempered_softmax(jnp.asarray(LOGITS), t, num_iters=iters)
     np.testing.assert_allclose(np.asarray(jnp.sum(p, axis=-1)), np.ones(6), rtol=1e-4)
     np.testing.assert_allclose(np.asarray(p[0]), ref.tempered_softmax(LOGITS[0], t), atol=1e-5)
+
+
+def test_poly1_matches_optax_poly_loss():
+  optax = pytest.importorskip("optax")
+  for labels in (PROBS, np.eye(K, dtype=np.float32)[[0, 3, 2, 4, 1, 2]]):
+    want = optax.losses.poly_loss_cross_entropy(LOGITS, labels, epsilon=1.5)
+    got = xent_jax.poly1_cross_entropy(LOGITS, labels, epsilon=1.5, reduction="none")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
