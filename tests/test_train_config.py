@@ -60,6 +60,7 @@ BAD_OVERRIDES = [
     ("loss.hparams={not_an_option: 1}", ["loss", "not_an_option"]),
     ("train.checkpoint_every=15", ["train.checkpoint_every", "eval_every"]),
     ("data.label_noise=1.5", ["data.label_noise"]),
+    ("optim.warmup_steps=100000", ["optim.warmup_steps", "num_steps"]),
     ("loss.fused=true", ["loss.fused", "transformer"]),
     ("model.name=transformer", ["model.name", "pydoc_chars"]),
     ("nonsense", ["nonsense", "key.sub=value"]),

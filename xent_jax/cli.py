@@ -29,7 +29,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   """Entry point of the console script; returns the exit status."""
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  # Overrides may come before or after the options, so the leftovers of an option are overrides too.
+  args, extra = parser.parse_known_args(argv)
+  if extra and (args.command == "report" or any(a.startswith("-") for a in extra)):
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   # Imported here so that `xent-jax --help` answers without loading JAX.
@@ -44,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.directory}/table.md, table.csv and plots/ for {len(table)} variants")
     return 0
 
-  overrides = list(args.overrides) + ([f"workdir={args.workdir}"] if args.workdir else [])
+  overrides = list(args.overrides) + extra + ([f"workdir={args.workdir}"] if args.workdir else [])
   try:
     config = config_lib.load_config(args.config, tuple(overrides))
   except config_lib.ConfigError as err:

@@ -10,6 +10,7 @@ falls back to the previous one. Nothing is pickled.
 
 import logging
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -54,11 +55,18 @@ class Checkpointer:
         if restored.record["fingerprint"] != fingerprint(restored.state):
           raise ValueError("array fingerprint does not match the saved one")
       except Exception as err:  # pylint: disable=broad-except
-        logging.warning("checkpoint at step %d is unreadable (%s); trying an older one", step,
-                        str(err).splitlines()[0] if str(err) else type(err).__name__)
+        logging.warning("checkpoint at step %d is unreadable (%s); deleting it, trying an older one",
+                        step, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        self._discard(step)
         continue
       return restored.state, restored.record
     return None
+
+  def _discard(self, step: int) -> None:
+    """Removes an unreadable checkpoint so that the step can be saved again."""
+    if jax.process_index() == 0:
+      shutil.rmtree(self.manager.directory / str(step), ignore_errors=True)
+    self.manager.reload()
 
   def close(self) -> None:
     self.manager.close()

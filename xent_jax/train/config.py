@@ -200,6 +200,9 @@ def validate(config: Config) -> None:
     raise ConfigError(
         f"config key 'train.checkpoint_every' must be 0 or a multiple of train.eval_every "
         f"({train.eval_every}), got {train.checkpoint_every}")
+  if config.optim.warmup_steps < 0 or config.optim.warmup_steps >= train.num_steps:
+    raise ConfigError(f"config key 'optim.warmup_steps' must be in [0, train.num_steps="
+                      f"{train.num_steps}), got {config.optim.warmup_steps}")
   if not 0.0 <= config.data.label_noise < 1.0:
     raise ConfigError(f"config key 'data.label_noise' must be in [0, 1), got {config.data.label_noise}")
   is_lm = config.data.name == "pydoc_chars"

@@ -6,6 +6,8 @@ model maps inputs to logits; the Transformer also exposes its final hidden state
 building the logits.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -103,7 +105,7 @@ def build_model(config: ModelConfig, *, input_shape, num_classes: int, seed: int
   rngs = nnx.Rngs(seed)
   dtype = jnp.dtype(config.dtype)
   if config.name == "mlp":
-    return MLP(int(jnp.prod(jnp.array(input_shape))), num_classes, hidden_dims=config.hidden_dims,
+    return MLP(math.prod(input_shape), num_classes, hidden_dims=config.hidden_dims,
                dtype=dtype, rngs=rngs)
   if config.name == "cnn":
     return CNN(num_classes, channels=config.channels, dtype=dtype, rngs=rngs)

@@ -52,21 +52,31 @@ def make_train_step(graphdef, objective):
   return jax.jit(train_step, donate_argnums=0)
 
 
-def make_eval_step(graphdef, *, num_bins: int):
-  """``eval_step(state, x, y, valid) -> metrics.EvalSums`` of one batch, jitted.
+def make_eval_step(graphdef, *, num_bins: int, num_shards: int):
+  """``eval_step(state, x, y, valid) -> metrics.EvalSums`` with a leading ``[num_shards]`` axis.
 
-  The sums add up across batches (and shards), so evaluation never gathers logits to the host.
+  Each device's rows are summed separately (no cross-device reduction, whose order is not fixed
+  on CPU); the caller adds the shards on the host in a fixed order, so evaluation is bitwise
+  reproducible. The sums add up across batches, so logits never leave the devices.
   """
+  def shard_sums(logits_SxC, y_S, where_S):
+    return metrics.eval_sums(logits_SxC, y_S, num_bins=num_bins, where=where_S)
+
   def eval_step(state, x_BxF, y_B, valid_B):
     model, _ = nnx.merge(graphdef, state)
     logits_BxC = model(x_BxF)
     where_B = jnp.broadcast_to(valid_B.reshape(valid_B.shape + (1,) * (y_B.ndim - 1)), y_B.shape)
-    return metrics.eval_sums(logits_BxC, y_B, num_bins=num_bins, where=where_B)
+    split = lambda a: a.reshape((num_shards, -1) + a.shape[1:])  # pylint: disable=unnecessary-lambda-assignment
+    return jax.vmap(shard_sums)(split(logits_BxC), split(y_B), split(where_B))
   return jax.jit(eval_step)
 
 
 def finish_eval(sums: metrics.EvalSums) -> tuple[dict, dict]:
-  """The logged metric row and the calibration counts (for reliability diagrams) of the sums."""
+  """The logged metric row and the calibration counts (for reliability diagrams) of the sums.
+
+  Args:
+    sums: the total over the test split (host arrays without the shard axis).
+  """
   row = {f"eval/{k}": float(v) for k, v in metrics.metrics_from_sums(sums).items()}
   counts = {k: np.asarray(v).tolist() for k, v in sums.calibration._asdict().items()}
   return row, counts

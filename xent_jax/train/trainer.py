@@ -5,9 +5,9 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from xent_jax.train import logs
@@ -35,8 +35,10 @@ def evaluate(eval_step, state, data: Dataset, config: Config, mesh) -> tuple[dic
   total = None
   for batch in eval_batches(data, batch_size=config.train.eval_batch_size):
     sums = eval_step(state, *shard_batch(tuple(_local(a) for a in batch), mesh))
-    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-  return finish_eval(jax.device_get(total))
+    sums = multihost_utils.process_allgather(sums, tiled=True)  # device_get on one process
+    sums = jax.tree.map(lambda a: np.sum(a, axis=0, dtype=np.float64), sums)
+    total = sums if total is None else jax.tree.map(np.add, total, sums)
+  return finish_eval(total)
 
 
 def train_and_evaluate(config: Config, workdir, *, progress: bool = True, devices=None) -> dict:
@@ -72,10 +74,14 @@ def train_and_evaluate(config: Config, workdir, *, progress: bool = True, device
 
   data = load_dataset(config.data, image=config.model.name == "cnn")
   input_shape = (data.seq_len,) if data.is_lm else data.x_train_NxF.shape[1:]
-  model = build_model(config.model, input_shape=input_shape, num_classes=data.num_classes,
-                      seed=train.seed)
-  optimizer = nnx.Optimizer(model, build_optimizer(config.optim, train.num_steps), wrt=nnx.Param)
-  graphdef, state = nnx.split((model, optimizer))
+
+  @nnx.jit  # one compiled initialisation instead of one eager dispatch per parameter
+  def initialize():
+    model = build_model(config.model, input_shape=input_shape, num_classes=data.num_classes,
+                        seed=train.seed)
+    return model, nnx.Optimizer(model, build_optimizer(config.optim, train.num_steps), wrt=nnx.Param)
+
+  graphdef, state = nnx.split(initialize())
   state = replicate(state, mesh)
 
   checkpointer = None
@@ -97,7 +103,7 @@ def train_and_evaluate(config: Config, workdir, *, progress: bool = True, device
     return shard_batch((x, y), mesh)
 
   train_step = make_train_step(graphdef, make_objective(config.loss))
-  eval_step = make_eval_step(graphdef, num_bins=train.num_ece_bins)
+  eval_step = make_eval_step(graphdef, num_bins=train.num_ece_bins, num_shards=mesh.size)
   if start_step < train.num_steps:
     train_step = train_step.lower(state, *batch(start_step)).compile()
 
