@@ -123,41 +123,59 @@ def _weight_block(weight, start, cfg: BlockConfig):
 
 
 def _block_logits(hidden_TxD, weight_block, bias_C, cfg: BlockConfig):
-  """Capped float32 logits ``[T, C]`` of one block, accumulated in float32 (float64 for float64)."""
+  """Capped logits of one block, classes major: ``[C, T]``, accumulated in float32 (float64 for
+  float64 inputs).
+
+  Classes-major blocks make the weight-gradient product ``g @ hidden`` a plain (non-transposed)
+  matmul, the layout XLA's CPU backend runs fastest.
+  """
   dtype = _ce.compute_dtype(jnp.result_type(hidden_TxD.dtype, weight_block.dtype))
-  contract = 1 if cfg.weight_layout == "vd" else 0
-  x_TxC = lax.dot_general(
-      hidden_TxD, weight_block, (((1,), (contract,)), ((), ())), preferred_element_type=dtype
+  features = 1 - cfg.vocab_axis
+  x_CxT = lax.dot_general(
+      weight_block, hidden_TxD, (((features,), (1,)), ((), ())), preferred_element_type=dtype
   )
   if bias_C is not None:
-    x_TxC = x_TxC + bias_C.astype(dtype)[None, :]
-  return _ce.softcap(x_TxC, cfg.logit_softcap)
+    x_CxT = x_CxT + bias_C.astype(dtype)[:, None]
+  return _ce.softcap(x_CxT, cfg.logit_softcap)
 
 
-def _block_targets(labels_T, class_start, shape, new_C):
-  """Boolean ``[T, C]``: the label's column, if it lies in this block's new columns."""
-  classes_TxC = lax.broadcasted_iota(labels_T.dtype, shape, 1) + class_start
-  return (classes_TxC == labels_T[:, None]) & new_C[None, :]
+def _block_targets(target_index_T, shape):
+  """Boolean ``[C, T]``: each row's label entry (none where the index is -1)."""
+  return lax.broadcasted_iota(target_index_T.dtype, shape, 0) == target_index_T[None, :]
 
 
-def _block_stats(x_TxC, is_target_TxC, new_C, class_weight_C, cfg: BlockConfig) -> RowStats:
-  """Partial statistics of one block over its new columns."""
-  neg_inf = jnp.array(-jnp.inf, x_TxC.dtype)
-  x_new = jnp.where(new_C[None, :], x_TxC, neg_inf)
-  m_T = jnp.max(x_new, axis=1)
-  sumexp_T = jnp.sum(jnp.exp(x_new - m_T[:, None]), axis=1)
-  zeros = jnp.zeros_like(x_TxC)
-  target_T = jnp.sum(jnp.where(is_target_TxC, x_TxC, zeros), axis=1)
+def _target_index(labels_T, class_start, new_C):
+  """Each row's label as an index into the block, or -1 where the label is not a new class of it."""
+  index_T = labels_T - class_start
+  inside = (index_T >= 0) & (index_T < new_C.shape[0])
+  inside = inside & new_C[jnp.clip(index_T, 0, new_C.shape[0] - 1)]
+  return jnp.where(inside, index_T, -1)
+
+
+def _gather_targets(x_CxT, target_index_T):
+  """:math:`x_{y_t, t}` where ``target_index_T`` is not -1, else 0 (a gather, not a masked sum)."""
+  safe = jnp.clip(target_index_T, 0, x_CxT.shape[0] - 1)
+  picked_T = jnp.take_along_axis(x_CxT, safe[None, :], axis=0)[0]
+  return jnp.where(target_index_T >= 0, picked_T, jnp.zeros_like(picked_T))
+
+
+def _block_stats(x_CxT, target_index_T, new_C, class_weight_C, cfg: BlockConfig) -> RowStats:
+  """Partial statistics of one block over its new classes."""
+  zeros = jnp.zeros_like(x_CxT)
+  x_new = jnp.where(new_C[:, None], x_CxT, jnp.full_like(x_CxT, -jnp.inf))
+  m_T = jnp.max(x_new, axis=0)
+  sumexp_T = jnp.sum(jnp.exp(x_new - m_T[None, :]), axis=0)
+  target_T = _gather_targets(x_CxT, target_index_T)
   if cfg.weighted_sum:
-    weighted = x_TxC if class_weight_C is None else x_TxC * class_weight_C[None, :]
-    weighted_sum_T = jnp.sum(jnp.where(new_C[None, :], weighted, zeros), axis=1)
+    weighted = x_CxT if class_weight_C is None else x_CxT * class_weight_C[:, None]
+    weighted_sum_T = jnp.sum(jnp.where(new_C[:, None], weighted, zeros), axis=0)
   else:
     weighted_sum_T = jnp.zeros_like(m_T)
   return RowStats(m_T, sumexp_T, target_T, weighted_sum_T)
 
 
 def _merge_stats(a: RowStats, b: RowStats) -> RowStats:
-  """Online-softmax merge of the statistics of two disjoint column sets."""
+  """Online-softmax merge of the statistics of two disjoint class sets."""
   m = jnp.maximum(a.max, b.max)
   safe_m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
   sumexp = a.sumexp * jnp.exp(a.max - safe_m) + b.sumexp * jnp.exp(b.max - safe_m)
@@ -177,34 +195,34 @@ class StatCotangents(NamedTuple):
   weighted_sum: jax.Array
 
 
-def _block_dlogits(x_TxC, is_target_TxC, new_C, lse_T, cot: StatCotangents, class_weight_C, cfg):
-  """:math:`\\partial L/\\partial (hW^\\top + b)` on one block, zero on columns it does not own."""
+def _block_dlogits(x_CxT, is_target_CxT, new_C, lse_T, cot: StatCotangents, class_weight_C, cfg):
+  """:math:`\\partial L/\\partial (hW^\\top + b)` on one block ``[C, T]``, zero on classes it
+  does not own."""
   safe_lse = jnp.where(jnp.isfinite(lse_T), lse_T, jnp.zeros_like(lse_T))
-  g_TxC = cot.lse[:, None] * jnp.exp(x_TxC - safe_lse[:, None])
-  g_TxC = g_TxC + jnp.where(is_target_TxC, cot.target[:, None], jnp.zeros_like(g_TxC))
+  g_CxT = cot.lse[None, :] * jnp.exp(x_CxT - safe_lse[None, :])
+  g_CxT = g_CxT + jnp.where(is_target_CxT, cot.target[None, :], jnp.zeros_like(g_CxT))
   if cfg.weighted_sum:
-    w_C = jnp.ones_like(new_C, x_TxC.dtype) if class_weight_C is None else class_weight_C
-    g_TxC = g_TxC + cot.weighted_sum[:, None] * w_C[None, :]
-  g_TxC = g_TxC * _ce.softcap_grad(x_TxC, cfg.logit_softcap)
-  return jnp.where(new_C[None, :], g_TxC, jnp.zeros_like(g_TxC))
+    w_C = jnp.ones_like(new_C, x_CxT.dtype) if class_weight_C is None else class_weight_C
+    g_CxT = g_CxT + w_C[:, None] * cot.weighted_sum[None, :]
+  g_CxT = g_CxT * _ce.softcap_grad(x_CxT, cfg.logit_softcap)
+  return jnp.where(new_C[:, None], g_CxT, jnp.zeros_like(g_CxT))
 
 
-def _block_backprop(g_TxC, hidden_TxD, weight_block, cfg: BlockConfig):
+def _block_backprop(g_CxT, hidden_TxD, weight_block, cfg: BlockConfig):
   """``(d_hidden [T, D], d_weight block)`` of one block, float32 accumulation.
 
   The block gradient is cast to the inputs' dtype first (bfloat16 inputs run bfloat16 matmuls
   with float32 accumulation, as their unfused gradient does).
   """
-  acc = g_TxC.dtype
-  g = g_TxC.astype(jnp.result_type(hidden_TxD.dtype, weight_block.dtype))
-  va = cfg.vocab_axis
+  acc = g_CxT.dtype
+  g = g_CxT.astype(jnp.result_type(hidden_TxD.dtype, weight_block.dtype))
   d_hidden = lax.dot_general(
-      g, weight_block, (((1,), (va,)), ((), ())), preferred_element_type=acc
+      g, weight_block, (((0,), (cfg.vocab_axis,)), ((), ())), preferred_element_type=acc
   )
   if cfg.weight_layout == "vd":
-    d_weight = lax.dot_general(g, hidden_TxD, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+    d_weight = lax.dot_general(g, hidden_TxD, (((1,), (0,)), ((), ())), preferred_element_type=acc)
   else:
-    d_weight = lax.dot_general(hidden_TxD, g, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+    d_weight = lax.dot_general(hidden_TxD, g, (((0,), (1,)), ((), ())), preferred_element_type=acc)
   return d_hidden, d_weight
 
 
@@ -257,9 +275,9 @@ def vocab_slice_stats(hidden_NxD, weight, bias_V, labels_N, class_weight_V, cfg:
       new_C = _new_mask(c0, j, c)
       bias_C = None if bias_V is None else lax.dynamic_slice_in_dim(bias_V, c0, c)
       weight_C = None if class_weight_V is None else lax.dynamic_slice_in_dim(class_weight_V, c0, c)
-      x_TxC = _block_logits(hidden_TxD, _weight_block(weight, c0, cfg), bias_C, cfg)
-      is_target = _block_targets(labels_T, c0 + cfg.class_offset, x_TxC.shape, new_C)
-      return _merge_stats(acc, _block_stats(x_TxC, is_target, new_C, weight_C, cfg))
+      x_CxT = _block_logits(hidden_TxD, _weight_block(weight, c0, cfg), bias_C, cfg)
+      index_T = _target_index(labels_T, c0 + cfg.class_offset, new_C)
+      return _merge_stats(acc, _block_stats(x_CxT, index_T, new_C, weight_C, cfg))
 
     empty = RowStats(
         jnp.full((t,), -jnp.inf, dtype), jnp.zeros((t,), dtype), jnp.zeros((t,), dtype),
@@ -310,12 +328,12 @@ def vocab_slice_grads(
       bias_C = None if bias_V is None else lax.dynamic_slice_in_dim(bias_V, c0, c)
       weight_C = None if class_weight_V is None else lax.dynamic_slice_in_dim(class_weight_V, c0, c)
       weight_block = _weight_block(weight, c0, cfg)
-      x_TxC = _block_logits(hidden_TxD, weight_block, bias_C, cfg)
-      is_target = _block_targets(labels_T, c0 + cfg.class_offset, x_TxC.shape, new_C)
-      g_TxC = _block_dlogits(x_TxC, is_target, new_C, lse_T, cot_T, weight_C, cfg)
-      dh, dw = _block_backprop(g_TxC, hidden_TxD, weight_block, cfg)
+      x_CxT = _block_logits(hidden_TxD, weight_block, bias_C, cfg)
+      is_target = _block_targets(_target_index(labels_T, c0 + cfg.class_offset, new_C), x_CxT.shape)
+      g_CxT = _block_dlogits(x_CxT, is_target, new_C, lse_T, cot_T, weight_C, cfg)
+      dh, dw = _block_backprop(g_CxT, hidden_TxD, weight_block, cfg)
       if d_bias_V is not None:
-        d_bias_V = _add_at(d_bias_V, c0, jnp.sum(g_TxC, axis=0), 0)
+        d_bias_V = _add_at(d_bias_V, c0, jnp.sum(g_CxT, axis=1), 0)
       return d_hidden_TxD + dh, _add_at(d_weight, c0, dw, cfg.vocab_axis), d_bias_V
 
     inner = (jnp.zeros((t, d), dtype), d_weight, d_bias_V)
@@ -361,18 +379,19 @@ def fused_vocab_slice(
     t0 = _chunk_start(i, t, n)
     new_T = _new_mask(t0, i, t)
     hidden_TxD, labels_T, rows_T = _token_chunk((hidden_NxD, labels_N, rows), t0, t)
-    x_TxC = _block_logits(hidden_TxD, weight, bias_V, cfg)
-    is_target = _block_targets(labels_T, cfg.class_offset, x_TxC.shape, all_C)
-    stats = complete_stats(_block_stats(x_TxC, is_target, all_C, class_weight_V, cfg))
+    x_CxT = _block_logits(hidden_TxD, weight, bias_V, cfg)
+    index_T = _target_index(labels_T, cfg.class_offset, all_C)
+    stats = complete_stats(_block_stats(x_CxT, index_T, all_C, class_weight_V, cfg))
     lse_T = logsumexp_from_stats(stats)
     loss_T, pullback = jax.vjp(
         lambda l, tg, s: row_loss(l, tg, s, rows_T), lse_T, stats.target, stats.weighted_sum
     )
     cot = StatCotangents(*pullback(new_T.astype(loss_T.dtype)))
-    g_TxC = _block_dlogits(x_TxC, is_target, all_C, lse_T, cot, class_weight_V, cfg)
-    dh, dw = _block_backprop(g_TxC, hidden_TxD, weight, cfg)
+    is_target = _block_targets(index_T, x_CxT.shape)
+    g_CxT = _block_dlogits(x_CxT, is_target, all_C, lse_T, cot, class_weight_V, cfg)
+    dh, dw = _block_backprop(g_CxT, hidden_TxD, weight, cfg)
     if d_bias_V is not None:
-      d_bias_V = d_bias_V + jnp.sum(g_TxC, axis=0)
+      d_bias_V = d_bias_V + jnp.sum(g_CxT, axis=1)
     return (
         loss_sum + jnp.sum(jnp.where(new_T, loss_T, jnp.zeros_like(loss_T))),
         lax.dynamic_update_slice_in_dim(lse_N, lse_T, t0, 0),
