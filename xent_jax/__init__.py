@@ -15,6 +15,9 @@ from xent_jax._optax_compat import softmax_cross_entropy_with_integer_labels
 from xent_jax._linear import linear_cross_entropy
 
 # Multi-device cross-entropy (xent_jax/_parallel.py).
+from xent_jax._parallel import vocab_parallel_cross_entropy
+from xent_jax._parallel import vocab_parallel_cross_entropy_local
+from xent_jax._parallel import vocab_parallel_linear_cross_entropy
 
 # Loss variants and the registry (xent_jax/_variants.py, xent_jax/_registry.py).
 from xent_jax._bitempered import bi_tempered_logistic_loss
@@ -54,4 +57,7 @@ __all__ = [
     "taylor_cross_entropy",
     "tempered_softmax",
     "truncated_generalized_cross_entropy",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_cross_entropy_local",
+    "vocab_parallel_linear_cross_entropy",
 ]

@@ -1,0 +1,718 @@
+r"""Vocabulary-parallel cross-entropy over a device mesh (``data x vocab``).
+
+The class (vocabulary) axis is split over one mesh axis, optionally with the batch split over
+another. No device ever holds a whole row of logits: shard :math:`s` of the vocabulary axis holds
+classes :math:`[s V_s, (s+1) V_s)` and each row's statistics are combined with collectives over
+that axis,
+
+.. math::
+   m_i = \operatorname{pmax}_s \max_{c \in s} x_{ic}, \qquad
+   \mathrm{lse}_i = m_i + \log \operatorname{psum}_s \sum_{c \in s} e^{x_{ic} - m_i}, \qquad
+   x_{iy_i} = \operatorname{psum}_s [y_i \in s]\, x_{iy_i},
+
+plus :math:`\operatorname{psum}_s \sum_{c \in s} w_c x_{ic}` when labels are smoothed, after
+which the per-row loss is the core's own formula (:func:`xent_jax._cross_entropy.integer_label_loss`)
+over the **global** class count :math:`K = V_s\,|\text{vocab}|`. Megatron-LM's
+``_VocabParallelCrossEntropy`` spreads the smoothing mass with the vocabulary size of the local
+partition instead, so its smoothed loss changes with the tensor-parallel degree; here the loss is
+the single-device one on any number of shards (tested on 1 to 8).
+
+Backward passes are shard-local and keep only per-row residuals: the gradient on the shard that
+owns class :math:`c` is :math:`s_i p_{ic} - \mathrm{off}\,w_c - (\mathrm{on}-\mathrm{off})\,w_{y_i}
+[c = y_i]`, recomputed from the shard's logits (or, for the linear version, from ``hidden`` and
+the weight shard, by the blocked kernels of :mod:`xent_jax._linear`). Only gradients of
+replicated inputs need a collective: ``psum`` over the vocabulary axis for ``hidden``, over the
+data axis for the weight shard.
+"""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Hashable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from xent_jax import _checks
+from xent_jax import _cross_entropy as _ce
+from xent_jax import _linear
+from xent_jax import _reduction
+
+# --------------------------------------------------------------------------- mesh and checks
+
+
+def _axis_size(fn: str, mesh: Mesh, name: str, axis_name: Hashable) -> int:
+  """The size of mesh axis ``axis_name``; the error names the argument ``name``."""
+  if axis_name not in mesh.axis_names:
+    raise ValueError(
+        f"{fn}: `{name}`={axis_name!r} is not an axis of `mesh`, whose axes are {mesh.axis_names}."
+    )
+  return mesh.shape[axis_name]
+
+
+def _mesh_specs(fn, mesh, vocab_axis, data_axis, num_classes, class_name, batch_shape, batch_name):
+  """Checks the mesh against the problem and returns the batch part of the partition specs."""
+  if not isinstance(mesh, Mesh):
+    raise TypeError(f"{fn}: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+  vocab_size = _axis_size(fn, mesh, "vocab_axis", vocab_axis)
+  if num_classes % vocab_size:
+    raise ValueError(
+        f"{fn}: the class count of `{class_name}` ({num_classes}) must be divisible by the size "
+        f"of `vocab_axis`={vocab_axis!r} ({vocab_size})."
+    )
+  if data_axis is None:
+    return (None,) * len(batch_shape)
+  data_size = _axis_size(fn, mesh, "data_axis", data_axis)
+  if data_axis == vocab_axis:
+    raise ValueError(f"{fn}: `data_axis` and `vocab_axis` must differ, both are {data_axis!r}.")
+  if not batch_shape or batch_shape[0] % data_size:
+    raise ValueError(
+        f"{fn}: the first batch dimension of `{batch_name}` (batch shape {tuple(batch_shape)}) "
+        f"must be divisible by the size of `data_axis`={data_axis!r} ({data_size})."
+    )
+  return (data_axis,) + (None,) * (len(batch_shape) - 1)
+
+
+def _place(x: jax.Array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
+  """Lays ``x`` out as ``spec`` before ``shard_map``.
+
+  ``shard_map`` reshards inputs itself on Auto mesh axes, but on Explicit axes (what
+  ``jax.make_mesh`` builds) it requires them to carry ``spec`` already.
+  """
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  used = [a for a in spec if a is not None]
+  if used and all(types[a] == jax.sharding.AxisType.Explicit for a in used):
+    return jax.reshard(x, NamedSharding(mesh, spec))
+  return x
+
+
+def _shard_map(local, mesh, args, specs, out_specs, *, check_vma=True):
+  """Runs ``local(args)`` under ``jax.shard_map`` with every input laid out as its spec."""
+  placed = {k: _place(v, mesh, specs[k]) for k, v in args.items() if v is not None}
+  in_specs = {k: specs[k] for k in placed}
+  return jax.shard_map(local, mesh=mesh, in_specs=(in_specs,), out_specs=out_specs,
+                       check_vma=check_vma)(placed)
+
+
+# --------------------------------------------------------------------------- shared shard pieces
+
+
+def _owned_labels(labels, num_local: int, vocab_axis):
+  """This shard's column of each label (0 where it does not own it) and whether it owns it."""
+  local = labels - jax.lax.axis_index(vocab_axis) * num_local
+  owned = (local >= 0) & (local < num_local)
+  return jnp.where(owned, local, jnp.zeros_like(local)), owned
+
+
+def _psum_owned(values, owned, vocab_axis):
+  """Each row's value from the shard that owns its label (0 if none does)."""
+  return jax.lax.psum(jnp.where(owned, values, jnp.zeros_like(values)), vocab_axis)
+
+
+def _class_weight_stats(class_weight, labels, num_local, num_classes, vocab_axis, dtype):
+  """``(w_y, W)``: each row's target weight and the total class weight, both global."""
+  if class_weight is None:
+    return jnp.ones(labels.shape, dtype), jnp.asarray(num_classes, dtype)
+  local, owned = _owned_labels(labels, num_local, vocab_axis)
+  target_weight = _psum_owned(class_weight[local], owned, vocab_axis)
+  return target_weight, jax.lax.psum(jnp.sum(class_weight), vocab_axis)
+
+
+def _reduce(loss, example_weight, reduction: str, data_axis, fn: str):
+  """:func:`xent_jax._reduction.reduce_loss` over the global batch (rows split over ``data_axis``)."""
+  if reduction == "none" or data_axis is None:
+    return _reduction.reduce_loss(loss, example_weight, reduction, fn=fn)
+  total = jax.lax.psum(jnp.sum(loss), data_axis)[None]
+  weight = jax.lax.psum(jnp.sum(example_weight.astype(loss.dtype)), data_axis)[None]
+  return _reduction.reduce_loss(total, weight, reduction, fn=fn)
+
+
+def _valid_rows(fn, labels, where, ignore_index):
+  valid = jnp.ones(labels.shape, bool)
+  if where is not None:
+    _checks.check_broadcastable(fn, "where", where, labels.shape)
+    valid = jnp.broadcast_to(jnp.asarray(where, bool), labels.shape)
+  if ignore_index is not None:
+    valid = valid & (labels != ignore_index)
+  return valid
+
+
+def _check_labels(fn, labels, batch_shape):
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}.")
+  _checks.check_shape(fn, "labels", labels, batch_shape)
+
+
+# --------------------------------------------------------------------------- logits kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardConfig:
+  vocab_axis: Hashable
+  target: _ce.SmoothedTarget
+  z_loss: float
+  logit_softcap: float | None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _shard_cross_entropy(logits, labels, class_weight, valid, cfg):
+  loss, lse, target_weight, _ = _shard_forward(logits, labels, class_weight, valid, cfg)
+  return loss, lse, target_weight
+
+
+def _shard_forward(logits, labels, class_weight, valid, cfg: _ShardConfig):
+  """Per-row loss, lse and target weight of one vocabulary shard ``[..., V_s]`` of the logits."""
+  dtype = _ce.compute_dtype(logits.dtype)
+  axis, cap = cfg.vocab_axis, cfg.logit_softcap
+  num_local = logits.shape[-1]
+  num_classes = num_local * jax.lax.axis_size(axis)
+  # Centred on the global row maximum, as the core does, so large logits lose no precision.
+  m = jax.lax.pmax(_ce.softcap(jnp.max(logits, axis=-1).astype(dtype), cap), axis)
+  m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+  x = _ce.softcap(logits.astype(dtype), cap) - m[..., None]
+  log_sum = jnp.log(jax.lax.psum(jnp.sum(jnp.exp(x), axis=-1), axis))
+  local, owned = _owned_labels(labels, num_local, axis)
+  target_logit = _psum_owned(jnp.take_along_axis(x, local[..., None], axis=-1)[..., 0], owned, axis)
+  target_weight, total_weight = _class_weight_stats(
+      class_weight, labels, num_local, num_classes, axis, dtype)
+  weighted_sum = None
+  if cfg.target.off:
+    wx = x if class_weight is None else x * _ce.along_classes(class_weight, x.ndim)
+    weighted_sum = jax.lax.psum(jnp.sum(wx, axis=-1), axis)
+  lse = m + log_sum
+  loss = _ce.integer_label_loss(
+      log_sum, target_logit, weighted_sum, target_weight, total_weight, cfg.target, cfg.z_loss,
+      z_lse=lse,
+  )
+  loss = jnp.where(valid, loss, jnp.zeros_like(loss))
+  bad = valid & ((labels < 0) | (labels >= num_classes))
+  loss = jnp.where(bad, jnp.full_like(loss, jnp.nan), loss)
+  return loss, lse, target_weight, (m, log_sum, total_weight, bad)
+
+
+def _shard_fwd(logits, labels, class_weight, valid, cfg):
+  loss, lse, target_weight, (m, log_sum, total_weight, bad) = _shard_forward(
+      logits, labels, class_weight, valid, cfg)
+  residuals = (logits, labels, class_weight, valid, m, log_sum, target_weight, total_weight, bad)
+  return (loss, lse, target_weight), residuals
+
+
+def _shard_bwd(cfg: _ShardConfig, residuals, cotangents):
+  """Shard-local: no collective, two numbers per row (``m``, ``log_sum``) besides the inputs."""
+  logits, labels, class_weight, valid, m, log_sum, target_weight, total_weight, bad = residuals
+  g_loss, g_lse, _ = cotangents  # The target weight is a constant.
+  g_loss = jnp.where(valid, g_loss, jnp.zeros_like(g_loss))
+  scale = g_loss * _ce.integer_label_grad_scale(
+      m + log_sum, target_weight, total_weight, cfg.target, cfg.z_loss) + g_lse
+  x = _ce.softcap(logits.astype(m.dtype), cfg.logit_softcap)
+  probs = jnp.exp((x - m[..., None]) - log_sum[..., None])
+  local, owned = _owned_labels(labels, logits.shape[-1], cfg.vocab_axis)
+  is_target = owned[..., None] & (
+      jax.lax.broadcasted_iota(local.dtype, logits.shape, logits.ndim - 1) == local[..., None])
+  on_minus_off = (cfg.target.on - cfg.target.off) * g_loss * target_weight
+  grad = scale[..., None] * probs - jnp.where(
+      is_target, on_minus_off[..., None], jnp.zeros_like(probs))
+  if cfg.target.off:
+    w = 1.0 if class_weight is None else _ce.along_classes(class_weight, grad.ndim)
+    grad = grad - cfg.target.off * g_loss[..., None] * w
+  grad = grad * _ce.softcap_grad(x, cfg.logit_softcap)
+  grad = jnp.where(bad[..., None], jnp.full_like(grad, jnp.nan), grad)
+  return grad.astype(logits.dtype), None, None, None
+
+
+_shard_cross_entropy.defvjp(_shard_fwd, _shard_bwd)
+
+
+# --------------------------------------------------------------------------- linear kernel glue
+
+
+def complete_row_stats(stats: _linear.RowStats, vocab_axis: Hashable) -> _linear.RowStats:
+  """Combines per-shard :class:`xent_jax._linear.RowStats` into the global ones (``pmax``/``psum``).
+
+  .. math::
+     m = \operatorname{pmax}_s m_s, \qquad
+     \textstyle S = \operatorname{psum}_s S_s e^{m_s - m}, \qquad
+     t = \operatorname{psum}_s t_s, \qquad \sigma = \operatorname{psum}_s \sigma_s
+  """
+  m = jax.lax.pmax(stats.max, vocab_axis)
+  safe_m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+  sumexp = jax.lax.psum(stats.sumexp * jnp.exp(stats.max - safe_m), vocab_axis)
+  return _linear.RowStats(
+      m, sumexp, jax.lax.psum(stats.target, vocab_axis),
+      jax.lax.psum(stats.weighted_sum, vocab_axis),
+  )
+
+
+# The blocked kernels loop over chunks with zero-initialised accumulators, which
+# ``shard_map(check_vma=True)`` rejects (a loop carry must keep its varying-axes type), so the
+# linear version runs under ``check_vma=False``. There ``shard_map`` sums the cotangents of
+# replicated inputs over the axes they are replicated on (``hidden`` over the vocabulary axis,
+# the weight shard over the data axis) and hands each copy of a replicated output an equal share
+# of its cotangent; a backward pass therefore sums the incoming cotangent over the axes its
+# forward pass reduced over (the transpose of those ``psum``) and returns per-shard partials.
+
+
+def _axes(*names):
+  return tuple(a for a in names if a is not None)
+
+
+def _as_input_dtypes(grads, hidden, weight, bias):
+  d_hidden, d_weight, d_bias = grads
+  return (d_hidden.astype(hidden.dtype), d_weight.astype(weight.dtype),
+          None if bias is None else d_bias.astype(bias.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _sharded_stats(cfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight):
+  return _sharded_stats_fwd(
+      cfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight)[0]
+
+
+def _sharded_stats_fwd(cfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight):
+  stats = complete_row_stats(
+      _linear.vocab_slice_stats(hidden, weight, bias, labels, class_weight, cfg), vocab_axis)
+  lse = _linear.logsumexp_from_stats(stats)
+  return (lse, stats.target, stats.weighted_sum), (hidden, weight, bias, labels, class_weight, lse)
+
+
+def _sharded_stats_bwd(cfg, vocab_axis, data_axis, residuals, cotangents):
+  del data_axis
+  hidden, weight, bias, labels, class_weight, lse = residuals
+  cot = _linear.StatCotangents(*(jax.lax.psum(c, vocab_axis) for c in cotangents))
+  grads = _linear.vocab_slice_grads(hidden, weight, bias, labels, class_weight, lse, cot, cfg)
+  return (*_as_input_dtypes(grads, hidden, weight, bias), None, None)
+
+
+_sharded_stats.defvjp(_sharded_stats_fwd, _sharded_stats_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _sharded_fused(cfg, lcfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight,
+                   rows, total_weight):
+  return _sharded_fused_fwd(cfg, lcfg, vocab_axis, data_axis, hidden, weight, bias, labels,
+                            class_weight, rows, total_weight)[0]
+
+
+def _sharded_fused_fwd(cfg, lcfg, vocab_axis, data_axis, hidden, weight, bias, labels,
+                       class_weight, rows, total_weight):
+  loss, _, *grads = _linear.fused_vocab_slice(
+      hidden, weight, bias, labels, class_weight,
+      functools.partial(_linear._row_loss, lcfg, total_weight), rows, cfg,
+      functools.partial(complete_row_stats, vocab_axis=vocab_axis),
+  )
+  if data_axis is not None:
+    loss = jax.lax.psum(loss, data_axis)
+  return loss, _as_input_dtypes(grads, hidden, weight, bias)
+
+
+def _sharded_fused_bwd(cfg, lcfg, vocab_axis, data_axis, grads, g_loss):
+  g_loss = jax.lax.psum(g_loss, _axes(vocab_axis, data_axis))
+  scaled = jax.tree.map(lambda g: (g_loss * g).astype(g.dtype), grads)
+  return (*scaled, None, None, None, None)
+
+
+_sharded_fused.defvjp(_sharded_fused_fwd, _sharded_fused_bwd)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def vocab_parallel_cross_entropy_local(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    vocab_axis: Hashable = "vocab",
+    data_axis: Hashable | None = None,
+    weight: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    smoothing: str = "uniform",
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  r"""Cross-entropy of one vocabulary shard of the logits, to call inside your own ``shard_map``.
+
+  Shard :math:`s` of mesh axis ``vocab_axis`` holds the logits of classes
+  :math:`[s V_s, (s+1) V_s)`; with :math:`K = V_s\,|\text{vocab}|` the result is the
+  single-device :func:`xent_jax.cross_entropy` of the full rows,
+
+  .. math::
+     \ell_i = \sum_{c<K} w_c q_{ic}(\mathrm{lse}_i - x_{ic})
+       \;[-\textstyle\sum_c w_c q_{ic}\log q_{ic}]_{\text{t5x}} + z\,\omega_i\,\mathrm{lse}_i^2,
+
+  with :math:`\mathrm{lse}_i`, :math:`x_{iy_i}` and :math:`\sum_c w_c x_{ic}` combined over shards
+  by ``pmax``/``psum`` (module docstring) and the smoothing spread over the global :math:`K`.
+  Identical on every shard of ``vocab_axis``. The backward pass is shard-local.
+
+  Args:
+    logits: ``[..., V_s]`` this shard's logits, classes last.
+    labels: ``[...]`` global integer class ids (the same on every vocabulary shard).
+    vocab_axis: the mesh axis the classes are split over.
+    data_axis: the mesh axis the rows are split over, or None. 'sum' and 'mean' then reduce over
+      the global batch (a ``psum``); with None they reduce over this shard's rows.
+    weight: ``[V_s]`` this shard's slice of the class weights (constants), or None.
+    ignore_index: labels equal to it count for nothing; None: none ignored. Other labels outside
+      ``[0, K)`` give a NaN loss.
+    reduction: 'none' (``[...]``), 'sum' or 'mean' (over the summed example weights).
+    label_smoothing: :math:`\epsilon \in [0, 1]`, spread over the global :math:`K` classes.
+    smoothing: 'uniform' or 't5x', as in :func:`xent_jax.cross_entropy`.
+    z_loss: :math:`z \ge 0`.
+    logit_softcap: :math:`c > 0` for :math:`c\tanh(x/c)`, or None.
+    where: bool mask broadcastable to ``labels``' shape; False rows count for nothing.
+    return_lse: also return the per-row ``lse`` ``[...]``.
+
+  Returns:
+    The reduced loss (float32; float64 for float64 logits), and with ``return_lse`` the pair
+    ``(loss, lse)``.
+
+  Example::
+
+    mesh = jax.make_mesh((8,), ("vocab",))
+    loss_fn = functools.partial(vocab_parallel_cross_entropy_local, vocab_axis="vocab")
+    loss = jax.shard_map(loss_fn, mesh=mesh, in_specs=(P(None, "vocab"), P()),
+                         out_specs=P())(logits_NxV, labels_N)
+
+  References:
+    Shoeybi et al., "Megatron-LM: Training Multi-Billion Parameter Language Models Using Model
+    Parallelism", 2019 (vocabulary-parallel cross-entropy).
+  """
+  fn = "vocab_parallel_cross_entropy_local"
+  _checks.check_floating(fn, "logits", logits)
+  _ce.check_common_options(
+      fn, label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
+      logit_softcap=logit_softcap, reduction=reduction,
+  )
+  logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+  if logits.ndim < 1:
+    raise ValueError(f"{fn}: `logits` must have shape [..., V_shard], got a scalar.")
+  _check_labels(fn, labels, logits.shape[:-1])
+  dtype = _ce.compute_dtype(logits.dtype)
+  if weight is not None:
+    _ce.check_class_weight(fn, "weight", weight, logits.shape[-1])
+    weight = jnp.asarray(weight).astype(dtype)
+  valid = _valid_rows(fn, labels, where, ignore_index)
+  num_classes = logits.shape[-1] * jax.lax.axis_size(vocab_axis)
+  cfg = _ShardConfig(
+      vocab_axis, _ce.smoothed_target(num_classes, label_smoothing, smoothing), float(z_loss),
+      logit_softcap,
+  )
+  loss, lse, target_weight = _shard_cross_entropy(logits, labels, weight, valid, cfg)
+  example_weight = jnp.where(valid, target_weight, jnp.zeros_like(target_weight))
+  out = _reduce(loss, example_weight, reduction, data_axis, fn)
+  return (out, lse) if return_lse else out
+
+
+def vocab_parallel_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    mesh: Mesh,
+    vocab_axis: Hashable = "vocab",
+    data_axis: Hashable | None = None,
+    axis: int = -1,
+    weight: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    smoothing: str = "uniform",
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  r""":func:`xent_jax.cross_entropy` (integer labels) with the classes split over a mesh axis.
+
+  Takes global arrays, placed anywhere; lays the logits out as ``P(data_axis, ..., vocab_axis)``
+  on ``mesh`` (each device holds ``[B/|data|, ..., V/|vocab|]``) and runs
+  :func:`vocab_parallel_cross_entropy_local` under ``jax.shard_map``:
+
+  .. math::
+     \mathrm{lse}_i = m_i + \log \operatorname{psum}_s \sum_{c \in s} e^{x_{ic} - m_i},\quad
+     m_i = \operatorname{pmax}_s \max_{c \in s} x_{ic},\qquad
+     \ell_i = \sum_{c<K} w_c q_{ic}(\mathrm{lse}_i - x_{ic})
+       \;[-\textstyle\sum_c w_c q_{ic}\log q_{ic}]_{\text{t5x}} + z\,\omega_i\,\mathrm{lse}_i^2,
+
+  the smoothing spread over the global class count :math:`K` (unlike Megatron-LM, whose smoothing
+  uses the local partition's size). Values and gradients equal the single-device function.
+
+  Args:
+    logits: ``[..., V, ...]`` float logits, classes on ``axis``.
+    labels: integer class ids, ``logits.shape`` without ``axis``.
+    mesh: a ``jax.sharding.Mesh`` (Explicit axes, as ``jax.make_mesh`` builds, or Auto).
+    vocab_axis: the mesh axis the classes are split over; ``V`` must be divisible by its size.
+    data_axis: the mesh axis the first batch dimension is split over (which must be divisible by
+      its size), or None to replicate the rows.
+    axis: the class axis of ``logits``.
+    weight: ``[V]`` class weights (constants), split like the classes; or None.
+    ignore_index, reduction, label_smoothing, smoothing, z_loss, logit_softcap, where,
+      return_lse: as in :func:`xent_jax.cross_entropy`.
+
+  Returns:
+    The reduced loss (for 'none' of the batch shape, split over ``data_axis``), and with
+    ``return_lse`` the pair ``(loss, lse)``.
+
+  Example::
+
+    mesh = jax.make_mesh((2, 4), ("data", "vocab"))
+    loss = xent_jax.vocab_parallel_cross_entropy(
+        logits_BxV, labels_B, mesh=mesh, data_axis="data", label_smoothing=0.1)
+
+  References:
+    Shoeybi et al., "Megatron-LM", 2019; Szegedy et al., "Rethinking the Inception
+    Architecture", 2016 (label smoothing); Chowdhery et al., "PaLM", 2022 (z-loss).
+  """
+  fn = "vocab_parallel_cross_entropy"
+  _checks.check_floating(fn, "logits", logits)
+  _ce.check_common_options(
+      fn, label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
+      logit_softcap=logit_softcap, reduction=reduction,
+  )
+  logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+  logits = jnp.moveaxis(logits, _checks.canonical_axis(fn, axis, logits.ndim), -1)
+  batch_shape = logits.shape[:-1]
+  _check_labels(fn, labels, batch_shape)
+  if weight is not None:
+    _ce.check_class_weight(fn, "weight", weight, logits.shape[-1])
+  rows = _mesh_specs(fn, mesh, vocab_axis, data_axis, logits.shape[-1], "logits", batch_shape,
+                     "logits")
+  if where is not None:
+    _checks.check_broadcastable(fn, "where", where, batch_shape)
+    where = jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
+  row_spec = PartitionSpec(*rows)
+  args = {"logits": logits, "labels": labels, "weight": weight, "where": where}
+  specs = {"logits": PartitionSpec(*rows, vocab_axis), "labels": row_spec,
+           "weight": PartitionSpec(vocab_axis), "where": row_spec}
+
+  def local(a):
+    return vocab_parallel_cross_entropy_local(
+        a["logits"], a["labels"], vocab_axis=vocab_axis, data_axis=data_axis,
+        weight=a.get("weight"), ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
+        logit_softcap=logit_softcap, where=a.get("where"), return_lse=return_lse,
+    )
+
+  loss_spec = row_spec if reduction == "none" else PartitionSpec()
+  return _shard_map(local, mesh, args, specs, (loss_spec, row_spec) if return_lse else loss_spec)
+
+
+def _linear_local(
+    hidden: jax.typing.ArrayLike,
+    weight: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    vocab_axis: Hashable = "vocab",
+    data_axis: Hashable | None = None,
+    bias: jax.typing.ArrayLike | None = None,
+    weight_layout: str = "vd",
+    class_weight: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    smoothing: str = "uniform",
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    return_lse: bool = False,
+    token_chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """:func:`xent_jax.linear_cross_entropy` on one vocabulary shard of ``weight``.
+
+  Runs inside ``shard_map(check_vma=False)`` (see the note above :func:`_axes`): each shard runs
+  the blocked kernels of :mod:`xent_jax._linear` on its classes, relabelled ``0..V_s-1``, and
+  :func:`complete_row_stats` combines the per-row statistics before the core's per-row formula
+  over the global :math:`K = V_s\,|\text{vocab}|` classes. Arguments are this device's shards
+  (``hidden`` ``[..., D]``, ``weight`` ``[V_s, D]`` or ``[D, V_s]``, ``bias``/``class_weight``
+  ``[V_s]``); options as in :func:`xent_jax.linear_cross_entropy`, chunk sizes per device.
+  """
+  fn = "vocab_parallel_linear_cross_entropy"
+  _checks.check_floating(fn, "hidden", hidden)
+  _checks.check_floating(fn, "weight", weight)
+  _checks.check_choice(fn, "weight_layout", weight_layout, _linear.WEIGHT_LAYOUTS)
+  _ce.check_common_options(
+      fn, label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
+      logit_softcap=logit_softcap, reduction=reduction,
+  )
+  hidden, weight, labels = jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(labels)
+  num_local, features = _linear_shapes(fn, hidden, weight, weight_layout)
+  batch_shape = hidden.shape[:-1]
+  _check_labels(fn, labels, batch_shape)
+  if bias is not None:
+    _checks.check_floating(fn, "bias", bias)
+    _checks.check_shape(fn, "bias", bias, (num_local,))
+    bias = jnp.asarray(bias)
+  dtype = _ce.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
+  if class_weight is not None:
+    _ce.check_class_weight(fn, "class_weight", class_weight, num_local)
+    class_weight = jnp.asarray(class_weight).astype(dtype)
+  n = math.prod(batch_shape)
+  token_chunk = _linear._resolve_chunk(
+      fn, "token_chunk_size", token_chunk_size, n, _linear.default_token_chunk(num_local))
+  vocab_chunk = _linear._resolve_chunk(
+      fn, "vocab_chunk_size", vocab_chunk_size, num_local, num_local)
+
+  hidden_NxD, labels_N = hidden.reshape(n, features), labels.reshape(n)
+  valid_N = _valid_rows(fn, labels, where, ignore_index).reshape(n)
+  num_classes = num_local * jax.lax.axis_size(vocab_axis)
+  target_weight_N, total_weight = _class_weight_stats(
+      class_weight, labels_N, num_local, num_classes, vocab_axis, dtype)
+  example_weight_N = jnp.where(valid_N, target_weight_N, jnp.zeros_like(target_weight_N))
+  in_range_N = (labels_N >= 0) & (labels_N < num_classes)
+  nan_or_one_N = jnp.where(valid_N & ~in_range_N, jnp.nan, 1.0).astype(dtype)
+  # The kernels see this shard's classes as 0..V_s-1: shift the labels rather than pass the
+  # (traced) shard offset through the static BlockConfig.class_offset.
+  shard_labels_N = labels_N - jax.lax.axis_index(vocab_axis) * num_local
+
+  target = _ce.smoothed_target(num_classes, label_smoothing, smoothing)
+  lcfg = _linear._LossConfig(target, float(z_loss))
+  cfg = _linear.BlockConfig(
+      weight_layout, logit_softcap, token_chunk, vocab_chunk, weighted_sum=bool(target.off))
+  if reduction != "none" and not return_lse and vocab_chunk_size is None:
+    # Sum and mean are linear in the per-row losses: d(reduced)/d(loss_i) is known up front.
+    total_weight_1 = jnp.sum(example_weight_N, keepdims=True)
+    if data_axis is not None:
+      total_weight_1 = jax.lax.psum(total_weight_1, data_axis)
+    row_scale = jax.grad(
+        lambda loss_1: _reduction.reduce_loss(loss_1, total_weight_1, reduction, fn=fn)
+    )(jnp.zeros((1,), dtype))
+    row_scale_N = jnp.broadcast_to(row_scale, (n,))
+    rows = (row_scale_N * nan_or_one_N, target_weight_N, valid_N)
+    return _sharded_fused(cfg, lcfg, vocab_axis, data_axis, hidden_NxD, weight, bias,
+                          shard_labels_N, class_weight, rows, total_weight)
+  lse_N, target_N, weighted_sum_N = _sharded_stats(
+      cfg, vocab_axis, data_axis, hidden_NxD, weight, bias, shard_labels_N, class_weight)
+  loss_N = _linear._row_loss(lcfg, total_weight, lse_N, target_N, weighted_sum_N,
+                             (nan_or_one_N, target_weight_N, valid_N))
+  loss = _reduce(loss_N.reshape(batch_shape), example_weight_N.reshape(batch_shape), reduction,
+                 data_axis, fn)
+  return (loss, lse_N.reshape(batch_shape)) if return_lse else loss
+
+
+def _linear_shapes(fn, hidden, weight, weight_layout):
+  """``(classes, features)`` of ``weight``, checked against ``hidden``."""
+  if hidden.ndim < 1:
+    raise ValueError(f"{fn}: `hidden` must have shape [..., D], got a scalar.")
+  if weight.ndim != 2:
+    raise ValueError(
+        f"{fn}: `weight` must have shape [V, D] (weight_layout='vd') or [D, V] ('dv'), got "
+        f"{weight.shape}.")
+  vocab_dim = 0 if weight_layout == "vd" else 1
+  num_classes, features = weight.shape[vocab_dim], weight.shape[1 - vocab_dim]
+  if hidden.shape[-1] != features:
+    raise ValueError(
+        f"{fn}: `hidden`'s last dimension must equal `weight`'s feature dimension ({features} for "
+        f"weight_layout={weight_layout!r}, `weight` {weight.shape}), got `hidden` {hidden.shape}.")
+  return num_classes, features
+
+
+def vocab_parallel_linear_cross_entropy(
+    hidden: jax.typing.ArrayLike,
+    weight: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    mesh: Mesh,
+    vocab_axis: Hashable = "vocab",
+    data_axis: Hashable | None = None,
+    bias: jax.typing.ArrayLike | None = None,
+    weight_layout: str = "vd",
+    class_weight: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    smoothing: str = "uniform",
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    return_lse: bool = False,
+    token_chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  r""":func:`xent_jax.linear_cross_entropy` with ``weight`` split over the classes on a mesh.
+
+  Lays ``weight`` (and ``bias``, ``class_weight``) out split on the vocabulary over
+  ``vocab_axis`` and ``hidden``/``labels`` split on their first batch dimension over
+  ``data_axis`` (a 2-D ``data x vocab`` mesh), then runs
+  the blocked kernels of :func:`xent_jax.linear_cross_entropy` on each shard under
+  ``jax.shard_map``, per-row statistics combined by ``pmax``/``psum`` over ``vocab_axis``. Each device computes
+  ``[token_chunk, vocab_chunk]`` blocks of its own ``[N/|data|, V/|vocab|]`` logits, never the
+  whole ``[N, V]``:
+
+  .. math::
+     x_i = \mathrm{cap}(h_i W^\top + b), \qquad
+     \ell_i = \sum_{c<K} w_c q_{ic}(\mathrm{lse}_i - x_{ic})
+       \;[-\textstyle\sum_c w_c q_{ic}\log q_{ic}]_{\text{t5x}} + z\,\omega_i\,\mathrm{lse}_i^2.
+
+  Values and gradients (``hidden``, ``weight``, ``bias``) equal the single-device function.
+
+  Args:
+    hidden: ``[..., D]`` features; the first batch dimension is split over ``data_axis``.
+    weight: ``[V, D]`` ('vd') or ``[D, V]`` ('dv'); ``V`` must be divisible by the size of
+      ``vocab_axis``.
+    labels: ``[...]`` integer class ids.
+    mesh, vocab_axis, data_axis: as in :func:`vocab_parallel_cross_entropy`.
+    bias, weight_layout, class_weight, ignore_index, reduction, label_smoothing, smoothing,
+      z_loss, logit_softcap, where, return_lse, token_chunk_size, vocab_chunk_size: as in
+      :func:`xent_jax.linear_cross_entropy` (chunk sizes count one device's rows and classes).
+
+  Returns:
+    The reduced loss (for 'none' of the batch shape, split over ``data_axis``), and with
+    ``return_lse`` the pair ``(loss, lse)``.
+
+  Example::
+
+    mesh = jax.make_mesh((2, 4), ("data", "vocab"))
+    loss = xent_jax.vocab_parallel_linear_cross_entropy(
+        hidden_NxD, weight_VxD, labels_N, mesh=mesh, data_axis="data")
+
+  References:
+    Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024; Shoeybi et al.,
+    "Megatron-LM", 2019.
+  """
+  fn = "vocab_parallel_linear_cross_entropy"
+  _checks.check_floating(fn, "hidden", hidden)
+  _checks.check_floating(fn, "weight", weight)
+  _checks.check_choice(fn, "weight_layout", weight_layout, _linear.WEIGHT_LAYOUTS)
+  _ce.check_common_options(
+      fn, label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
+      logit_softcap=logit_softcap, reduction=reduction,
+  )
+  hidden, weight, labels = jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(labels)
+  num_classes, _ = _linear_shapes(fn, hidden, weight, weight_layout)
+  batch_shape = hidden.shape[:-1]
+  _check_labels(fn, labels, batch_shape)
+  rows = _mesh_specs(fn, mesh, vocab_axis, data_axis, num_classes, "weight", batch_shape, "hidden")
+  if where is not None:
+    _checks.check_broadcastable(fn, "where", where, batch_shape)
+    where = jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
+  row_spec = PartitionSpec(*rows)
+  class_spec = PartitionSpec(vocab_axis)
+  args = {"hidden": hidden, "weight": weight, "labels": labels, "bias": bias,
+          "class_weight": class_weight, "where": where}
+  specs = {
+      "hidden": PartitionSpec(*rows, None),
+      "weight": PartitionSpec(vocab_axis, None) if weight_layout == "vd"
+                else PartitionSpec(None, vocab_axis),
+      "labels": row_spec, "bias": class_spec, "class_weight": class_spec, "where": row_spec,
+  }
+  for name in ("bias", "class_weight"):
+    if args[name] is not None:
+      _checks.check_floating(fn, name, args[name])
+      _checks.check_shape(fn, name, args[name], (num_classes,))
+
+  def local(a):
+    return _linear_local(
+        a["hidden"], a["weight"], a["labels"], vocab_axis=vocab_axis, data_axis=data_axis,
+        bias=a.get("bias"), weight_layout=weight_layout, class_weight=a.get("class_weight"),
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        smoothing=smoothing, z_loss=z_loss, logit_softcap=logit_softcap, where=a.get("where"),
+        return_lse=return_lse, token_chunk_size=token_chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+    )
+
+  loss_spec = row_spec if reduction == "none" else PartitionSpec()
+  return _shard_map(local, mesh, args, specs, (loss_spec, row_spec) if return_lse else loss_spec,
+                    check_vma=False)
