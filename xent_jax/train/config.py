@@ -114,7 +114,8 @@ ALLOWED_NAMES = {
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.schedule": ("constant", "cosine", "warmup_cosine", "linear"),
 }
-FUSED_HPARAMS = ("label_smoothing", "z_loss", "logit_softcap")
+FUSED_HPARAMS = ("label_smoothing", "smoothing", "z_loss", "logit_softcap", "token_chunk_size",
+                 "vocab_chunk_size")
 
 
 def _omegaconf_error(err: omegaconf.errors.OmegaConfBaseException, source: str) -> ConfigError:

@@ -88,17 +88,22 @@ def _write_tables(directory: pathlib.Path, table: list[dict]) -> None:
 
 
 def _plot_learning_curves(path: pathlib.Path, groups: dict[str, list[dict]]) -> None:
-  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+  panels = (("train/loss", "training loss (each variant's own)", "log"),
+            ("eval/accuracy", "test accuracy", "linear"),
+            ("eval/nll", "test NLL", "log"))
+  fig, axes = plt.subplots(1, len(panels), figsize=(16, 4.8))
   for group, runs in groups.items():
     steps = [row["step"] for row in runs[0]["rows"]]
-    for ax, key in ((ax_loss, "train/loss"), (ax_acc, "eval/accuracy")):
-      curves = np.array([[row[key] for row in run["rows"]] for run in runs if len(run["rows"]) == len(steps)])
-      ax.plot(steps, curves.mean(0), label=group)
+    complete = [run for run in runs if [row["step"] for row in run["rows"]] == steps]
+    for ax, (key, _, _) in zip(axes, panels):
+      curves = np.array([[row[key] for row in run["rows"]] for run in complete])
+      (line,) = ax.plot(steps, curves.mean(0), label=group)
       if len(curves) > 1:
-        ax.fill_between(steps, curves.min(0), curves.max(0), alpha=0.15)
-  ax_loss.set(xlabel="step", ylabel="training loss (the variant's own)", yscale="log")
-  ax_acc.set(xlabel="step", ylabel="test accuracy (mean, band = min..max over seeds)")
-  ax_acc.legend(fontsize=7)
+        ax.fill_between(steps, curves.min(0), curves.max(0), alpha=0.15, color=line.get_color())
+  for ax, (_, title, scale) in zip(axes, panels):
+    ax.set(xlabel="step", ylabel=title, yscale=scale)
+  axes[0].set_title("mean over seeds; band = min..max", fontsize=8)
+  axes[-1].legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -1,0 +1,84 @@
+"""Models and objectives: shapes, the fused LM loss equals the logits path, bf16 compute."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from xent_jax.train.config import LossConfig, ModelConfig
+from xent_jax.train.models import build_model
+from xent_jax.train.steps import make_objective
+
+
+def _build(config, **kwargs):
+  """build_model under one jit (eager initialisation dispatches one compile per parameter)."""
+  return nnx.jit(lambda: build_model(config, **kwargs))()
+
+
+def _lm(dtype="float32"):
+  config = ModelConfig(name="transformer", model_dim=32, num_layers=1, num_heads=4, mlp_ratio=2,
+                       dtype=dtype)
+  return _build(config, input_shape=(12,), num_classes=40, seed=0)
+
+
+@nnx.jit
+def _apply(model, x):
+  return model(x)
+
+
+@pytest.mark.parametrize("name,input_shape", [("mlp", (64,)), ("cnn", (8, 8, 1))])
+def test_classifier_shapes(name, input_shape):
+  model = _build(ModelConfig(name=name, hidden_dims=[16], channels=[4, 8]), input_shape=input_shape,
+                 num_classes=10, seed=0)
+  assert _apply(model, jnp.zeros((5,) + input_shape)).shape == (5, 10)
+
+
+def test_lm_is_causal():
+  model = _lm()
+  ids_BxL = jax.random.randint(jax.random.key(1), (2, 12), 0, 40)
+  changed_BxL = ids_BxL.at[:, 7].set((ids_BxL[:, 7] + 1) % 40)
+  logits, changed = _apply(model, ids_BxL), _apply(model, changed_BxL)
+  assert logits.shape == (2, 12, 40)
+  np.testing.assert_array_equal(logits[:, :7], changed[:, :7])
+  assert not np.allclose(logits[:, 7:], changed[:, 7:])
+
+
+def test_fused_objective_equals_logits_objective():
+  """linear_cross_entropy on hidden states = cross_entropy on the logits: value and gradients."""
+  hparams = {"label_smoothing": 0.1, "z_loss": 1e-3}
+  model = _lm()
+  ids_BxL = jax.random.randint(jax.random.key(2), (3, 12), 0, 40)
+  labels_BxL = jnp.roll(ids_BxL, -1, axis=1)
+  results = []
+  for fused in (False, True):
+    objective = make_objective(LossConfig(name="cross_entropy", hparams=hparams, fused=fused))
+    loss, grads = nnx.jit(nnx.value_and_grad(objective))(model, ids_BxL, labels_BxL)
+    results.append((loss, nnx.to_pure_dict(grads)))
+  (loss_plain, grads_plain), (loss_fused, grads_fused) = results
+  np.testing.assert_allclose(loss_fused, loss_plain, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_fused, grads_plain)
+
+
+def test_registry_objective_matches_its_loss_on_logits():
+  """The objective is the registry loss, mean-reduced over all positions."""
+  model = _build(ModelConfig(name="mlp", hidden_dims=[8]), input_shape=(6,), num_classes=5, seed=0)
+  x_BxF = jax.random.normal(jax.random.key(0), (7, 6))
+  y_B = jnp.arange(7) % 5
+  objective = make_objective(LossConfig(name="focal", hparams={"gamma": 2.0}))
+  # Independent float64 reference of the focal loss (Lin et al., 2017) on the model's logits.
+  logits = np.asarray(_apply(model, x_BxF), np.float64)
+  log_p = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+  log_p_y = log_p[np.arange(7), np.asarray(y_B)]
+  expected = np.mean(-(1 - np.exp(log_p_y)) ** 2 * log_p_y)
+  np.testing.assert_allclose(nnx.jit(objective)(model, x_BxF, y_B), expected, rtol=1e-5)
+
+
+def test_bf16_compute_keeps_float32_parameters():
+  model = _lm("bfloat16")
+  ids_BxL = jnp.zeros((2, 12), jnp.int32)
+  assert _apply(model, ids_BxL).dtype == jnp.bfloat16
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  for fused in (False, True):
+    loss = nnx.jit(make_objective(LossConfig(fused=fused)))(model, ids_BxL, ids_BxL)
+    assert loss.dtype == jnp.float32 and np.isfinite(loss)
