@@ -228,7 +228,7 @@ _shard_cross_entropy.defvjp(_shard_fwd, _shard_bwd)
 
 
 def complete_row_stats(stats: _linear.RowStats, vocab_axis: Hashable) -> _linear.RowStats:
-  """Combines per-shard :class:`xent_jax._linear.RowStats` into the global ones (``pmax``/``psum``).
+  r"""Combines per-shard :class:`xent_jax._linear.RowStats` into the global ones (``pmax``/``psum``).
 
   .. math::
      m = \operatorname{pmax}_s m_s, \qquad
@@ -520,7 +520,7 @@ def _linear_local(
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-  """:func:`xent_jax.linear_cross_entropy` on one vocabulary shard of ``weight``.
+  r""":func:`xent_jax.linear_cross_entropy` on one vocabulary shard of ``weight``.
 
   Runs inside ``shard_map(check_vma=False)`` (see the note above :func:`_axes`): each shard runs
   the blocked kernels of :mod:`xent_jax._linear` on its classes, relabelled ``0..V_s-1``, and
