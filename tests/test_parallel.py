@@ -264,6 +264,30 @@ class TestVocabParallelLinearCrossEntropy:
     _close(lse, ref.logsumexp(logits), 1e-5)
 
 
+class TestMeshWithAnUnusedAxis:
+
+  def test_both_losses_on_data_x_vocab_x_model(self):
+    # A third mesh axis the losses do not use: everything is replicated over it, and gradients
+    # must not be counted once per copy.
+    rng = np.random.default_rng(10)
+    hidden = rng.standard_normal((N, D)).astype(np.float32)
+    weight = rng.standard_normal((V, D)).astype(np.float32)
+    labels = rng.integers(0, V, N).astype(np.int32)
+    mesh = jax.make_mesh((2, 2, 2), ("data", "vocab", "model"))
+    logits_loss = lambda x: xent_jax.vocab_parallel_cross_entropy(
+        x, labels, mesh=mesh, data_axis="data", label_smoothing=0.1)
+    linear_loss = lambda h, w: xent_jax.vocab_parallel_linear_cross_entropy(
+        h, w, labels, mesh=mesh, data_axis="data", label_smoothing=0.1)
+    logits = hidden @ weight.T
+    with jax.set_mesh(mesh):
+      d_logits = jax.jit(jax.grad(logits_loss))(logits)
+      d_hidden, d_weight = jax.jit(jax.grad(linear_loss, argnums=(0, 1)))(hidden, weight)
+    expected = ref.cross_entropy_grad(logits, labels, label_smoothing=0.1)
+    _close(d_logits, expected, 1e-5)
+    _close(d_hidden, expected @ weight.astype(np.float64), 1e-4)
+    _close(d_weight, expected.T @ hidden.astype(np.float64), 1e-4)
+
+
 class TestBadInput:
 
   @pytest.fixture

@@ -263,21 +263,19 @@ def _as_input_dtypes(grads, hidden, weight, bias):
           None if bias is None else d_bias.astype(bias.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _sharded_stats(cfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight):
-  return _sharded_stats_fwd(
-      cfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _sharded_stats(cfg, vocab_axis, hidden, weight, bias, labels, class_weight):
+  return _sharded_stats_fwd(cfg, vocab_axis, hidden, weight, bias, labels, class_weight)[0]
 
 
-def _sharded_stats_fwd(cfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight):
+def _sharded_stats_fwd(cfg, vocab_axis, hidden, weight, bias, labels, class_weight):
   stats = complete_row_stats(
       _linear.vocab_slice_stats(hidden, weight, bias, labels, class_weight, cfg), vocab_axis)
   lse = _linear.logsumexp_from_stats(stats)
   return (lse, stats.target, stats.weighted_sum), (hidden, weight, bias, labels, class_weight, lse)
 
 
-def _sharded_stats_bwd(cfg, vocab_axis, data_axis, residuals, cotangents):
-  del data_axis
+def _sharded_stats_bwd(cfg, vocab_axis, residuals, cotangents):
   hidden, weight, bias, labels, class_weight, lse = residuals
   cot = _linear.StatCotangents(*(jax.lax.psum(c, vocab_axis) for c in cotangents))
   grads = _linear.vocab_slice_grads(hidden, weight, bias, labels, class_weight, lse, cot, cfg)
@@ -346,7 +344,9 @@ def vocab_parallel_cross_entropy_local(
 
   with :math:`\mathrm{lse}_i`, :math:`x_{iy_i}` and :math:`\sum_c w_c x_{ic}` combined over shards
   by ``pmax``/``psum`` (module docstring) and the smoothing spread over the global :math:`K`.
-  Identical on every shard of ``vocab_axis``. The backward pass is shard-local.
+  Identical on every shard of ``vocab_axis``. The backward pass is shard-local. Call it under
+  ``jax.shard_map`` with its default ``check_vma=True`` (the backward pass relies on JAX's
+  varying-axes types to hand it the per-row cotangent unsplit).
 
   Args:
     logits: ``[..., V_s]`` this shard's logits, classes last.
@@ -584,7 +584,7 @@ def _linear_local(
     return _sharded_fused(cfg, lcfg, vocab_axis, data_axis, hidden_NxD, weight, bias,
                           shard_labels_N, class_weight, rows, total_weight)
   lse_N, target_N, weighted_sum_N = _sharded_stats(
-      cfg, vocab_axis, data_axis, hidden_NxD, weight, bias, shard_labels_N, class_weight)
+      cfg, vocab_axis, hidden_NxD, weight, bias, shard_labels_N, class_weight)
   loss_N = _linear._row_loss(lcfg, total_weight, lse_N, target_N, weighted_sum_N,
                              (nan_or_one_N, target_weight_N, valid_N))
   loss = _reduce(loss_N.reshape(batch_shape), example_weight_N.reshape(batch_shape), reduction,
