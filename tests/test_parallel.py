@@ -264,6 +264,27 @@ class TestVocabParallelLinearCrossEntropy:
     _close(lse, ref.logsumexp(logits), 1e-5)
 
 
+  def test_bfloat16_on_an_auto_mesh(self):
+    # bf16 inputs, a mesh with Auto axes built by hand: equal to the single-device fused loss,
+    # gradients in bf16.
+    rng = np.random.default_rng(11)
+    hidden = jnp.asarray(rng.standard_normal((N, D)), jnp.bfloat16)
+    weight = jnp.asarray(rng.standard_normal((V, D)), jnp.bfloat16)
+    labels = rng.integers(0, V, N).astype(np.int32)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "vocab"))
+    sharded = lambda h, w: xent_jax.vocab_parallel_linear_cross_entropy(
+        h, w, labels, mesh=mesh, data_axis="data", z_loss=1e-3)
+    single = lambda h, w: xent_jax.linear_cross_entropy(h, w, labels, z_loss=1e-3)
+    loss, grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))(hidden, weight)
+    single_loss, single_grads = jax.value_and_grad(single, argnums=(0, 1))(hidden, weight)
+    assert loss.dtype == jnp.float32
+    np.testing.assert_allclose(loss, single_loss, rtol=1e-5)
+    for got, want in zip(grads, single_grads):
+      assert got.dtype == jnp.bfloat16
+      np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                 rtol=2e-2, atol=2e-3)
+
+
 class TestMeshWithAnUnusedAxis:
 
   def test_both_losses_on_data_x_vocab_x_model(self):
