@@ -1,0 +1,392 @@
+"""Tests of ``xent_jax.linear_cross_entropy``: the fused loss equals the unfused one.
+
+Values and gradients (``hidden``, ``weight``, ``bias``) are compared with the float64 NumPy
+reference of ``_reference.py`` applied to the logits ``hidden @ weight.T + bias`` (gradients by the
+chain rule through the reference's analytic logits gradient), for every option, both schedules
+(one pass, two passes), chunk sizes that divide the token count and vocabulary and ones that don't,
+both weight layouts, bfloat16 inputs, leading batch dimensions, jit and vmap.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import _reference as ref
+import xent_jax
+from xent_jax import _linear
+
+N, D, V = 37, 6, 53  # prime token count and vocabulary: no chunk size below them divides them
+IGNORE = -100
+
+OPTION_SETS = {
+    "plain": {},
+    "weight_ignore_where": {"class_weight": True, "ignore": True, "where": True},
+    "smooth_uniform": {"label_smoothing": 0.1},
+    "smooth_t5x_weighted": {"label_smoothing": 0.2, "smoothing": "t5x", "class_weight": True},
+    "zloss_softcap": {"z_loss": 0.05, "logit_softcap": 2.5},
+    "everything": {
+        "class_weight": True, "ignore": True, "where": True, "label_smoothing": 0.15,
+        "z_loss": 0.01, "logit_softcap": 3.0,
+    },
+}
+
+# (token_chunk_size, vocab_chunk_size): one pass unless vocab_chunk_size is given.
+CHUNKS = {
+    "one_pass_uneven": (8, None),
+    "one_pass_single_chunk": (None, None),
+    "two_pass_uneven": (10, 7),
+    "two_pass_one_class": (37, 1),
+}
+
+
+def _problem(seed=0, n=N, d=D, v=V, options=None):
+  """Random inputs plus the keyword options for both the fused call and the reference."""
+  options = dict(options or {})
+  rng = np.random.default_rng(seed)
+  hidden = rng.normal(size=(n, d))
+  weight = rng.normal(size=(v, d)) * 0.7
+  bias = rng.normal(size=(v,)) * 0.3
+  labels = rng.integers(0, v, size=(n,))
+  kwargs = {}
+  if options.pop("class_weight", False):
+    kwargs["class_weight"] = rng.uniform(0.2, 2.0, size=(v,))
+  if options.pop("ignore", False):
+    labels[::5] = IGNORE
+  if options.pop("where", False):
+    kwargs["where"] = rng.uniform(size=(n,)) > 0.25
+  kwargs.update(options)
+  return hidden, weight, bias, labels, kwargs
+
+
+def _reference(hidden, weight, bias, labels, reduction, kwargs):
+  """float64 loss and gradients of the unfused loss (``"none"``: gradients of the summed loss)."""
+  options = dict(kwargs)
+  if "class_weight" in options:
+    options["weight"] = options.pop("class_weight")
+  logits = hidden @ weight.T + (0.0 if bias is None else bias)
+  loss = ref.cross_entropy(logits, labels, reduction=reduction, ignore_index=IGNORE, **options)
+  g = ref.cross_entropy_grad(logits, labels, reduction=reduction, ignore_index=IGNORE, **options)
+  return loss, g @ weight, g.T @ hidden, g.sum(axis=0)
+
+
+def _fused(hidden, weight, bias, labels, reduction, kwargs, **chunks):
+  """Loss and gradients of the fused function (``"none"``: of the summed loss), float32."""
+  kwargs = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+
+  def loss_fn(h, w, b):
+    return xent_jax.linear_cross_entropy(
+        h, w, jnp.asarray(labels), bias=b, reduction=reduction, **kwargs, **chunks
+    )
+
+  def summed(*args):
+    value = loss_fn(*args)
+    return jnp.sum(value), value
+
+  (_, value), grads = jax.jit(jax.value_and_grad(summed, argnums=(0, 1, 2), has_aux=True))(
+      jnp.float32(hidden), jnp.float32(weight), jnp.float32(bias)
+  )
+  return value, *grads
+
+
+def _assert_close(actual, expected, rtol=2e-5, atol=2e-6):
+  for a, e in zip(actual, expected):
+    np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=rtol, atol=atol)
+
+
+class TestMatchesUnfused:
+
+  @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+  @pytest.mark.parametrize("option_set", list(OPTION_SETS))
+  def test_options(self, option_set, reduction):
+    hidden, weight, bias, labels, kwargs = _problem(1, options=OPTION_SETS[option_set])
+    expected = _reference(hidden, weight, bias, labels, reduction, kwargs)
+    for token_chunk, vocab_chunk in [(8, None), (10, 7)]:
+      actual = _fused(
+          hidden, weight, bias, labels, reduction, kwargs,
+          token_chunk_size=token_chunk, vocab_chunk_size=vocab_chunk,
+      )
+      _assert_close(actual, expected)
+
+  @pytest.mark.parametrize("reduction", ["none", "mean"])
+  @pytest.mark.parametrize("chunks", list(CHUNKS))
+  def test_chunk_sizes(self, chunks, reduction):
+    token_chunk, vocab_chunk = CHUNKS[chunks]
+    hidden, weight, bias, labels, kwargs = _problem(2, options=OPTION_SETS["everything"])
+    expected = _reference(hidden, weight, bias, labels, reduction, kwargs)
+    actual = _fused(
+        hidden, weight, bias, labels, reduction, kwargs,
+        token_chunk_size=token_chunk, vocab_chunk_size=vocab_chunk,
+    )
+    _assert_close(actual, expected)
+
+  @pytest.mark.parametrize("vocab_chunk", [None, 12])
+  def test_chunks_that_divide(self, vocab_chunk):
+    hidden, weight, bias, labels, kwargs = _problem(3, n=36, v=48, options=OPTION_SETS["everything"])
+    expected = _reference(hidden, weight, bias, labels, "mean", kwargs)
+    actual = _fused(
+        hidden, weight, bias, labels, "mean", kwargs, token_chunk_size=12,
+        vocab_chunk_size=vocab_chunk,
+    )
+    _assert_close(actual, expected)
+
+  @pytest.mark.parametrize("vocab_chunk", [None, 9])
+  def test_weight_layout_dv(self, vocab_chunk):
+    hidden, weight, bias, labels, kwargs = _problem(4, options=OPTION_SETS["everything"])
+    expected = _reference(hidden, weight, bias, labels, "sum", kwargs)
+    kwargs = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+
+    def loss_fn(h, w_dv, b):
+      return xent_jax.linear_cross_entropy(
+          h, w_dv, jnp.asarray(labels), bias=b, weight_layout="dv", reduction="sum",
+          token_chunk_size=8, vocab_chunk_size=vocab_chunk, **kwargs,
+      )
+
+    args = (jnp.float32(hidden), jnp.float32(weight.T), jnp.float32(bias))
+    value, (dh, dw_dv, db) = jax.value_and_grad(loss_fn, argnums=(0, 1, 2))(*args)
+    assert dw_dv.shape == (D, V)
+    _assert_close((value, dh, dw_dv.T, db), expected)
+
+  def test_without_bias(self):
+    hidden, weight, _, labels, kwargs = _problem(5, options={"label_smoothing": 0.1})
+    loss, dh, dw, _ = _reference(hidden, weight, None, labels, "mean", kwargs)
+    value, (g_h, g_w) = jax.value_and_grad(
+        lambda h, w: xent_jax.linear_cross_entropy(
+            h, w, jnp.asarray(labels), label_smoothing=0.1, token_chunk_size=8
+        ),
+        argnums=(0, 1),
+    )(jnp.float32(hidden), jnp.float32(weight))
+    _assert_close((value, g_h, g_w), (loss, dh, dw))
+
+  def test_equals_unfused_xent_jax(self):
+    """Consistency with the library's own unfused function, the documented equality."""
+    hidden, weight, bias, labels, _ = _problem(6)
+    args = (jnp.float32(hidden), jnp.float32(weight), jnp.float32(bias))
+    options = dict(label_smoothing=0.1, smoothing="t5x", z_loss=1e-3, logit_softcap=4.0)
+    fused = jax.value_and_grad(
+        lambda h, w, b: xent_jax.linear_cross_entropy(
+            h, w, jnp.asarray(labels), bias=b, token_chunk_size=16, **options
+        ),
+        argnums=(0, 1, 2),
+    )(*args)
+    unfused = jax.value_and_grad(
+        lambda h, w, b: xent_jax.cross_entropy(h @ w.T + b[None, :], jnp.asarray(labels), **options),
+        argnums=(0, 1, 2),
+    )(*args)
+    for a, e in zip(jax.tree.leaves(fused), jax.tree.leaves(unfused)):
+      np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-6)
+
+
+class TestFeatures:
+
+  @pytest.mark.parametrize("vocab_chunk", [None, 11])
+  def test_return_lse_and_its_gradient(self, vocab_chunk):
+    hidden, weight, bias, labels, _ = _problem(7)
+    logits = hidden @ weight.T + bias
+    _, expected_lse = ref.cross_entropy(logits, labels, return_lse=True, z_loss=0.1)
+    args = (jnp.float32(hidden), jnp.float32(weight), jnp.float32(bias))
+
+    def fused(h, w, b):
+      return xent_jax.linear_cross_entropy(
+          h, w, jnp.asarray(labels), bias=b, z_loss=0.1, return_lse=True, token_chunk_size=8,
+          vocab_chunk_size=vocab_chunk,
+      )
+
+    loss, lse = fused(*args)
+    np.testing.assert_allclose(lse, expected_lse, rtol=1e-5)
+    # d(loss + sum(lse)): the lse cotangent flows through the fused backward pass. The softmax
+    # is the gradient of lse, so the reference is the loss gradient plus softmax terms.
+    p = np.exp(logits - expected_lse[:, None])
+    _, dh, dw, db = _reference(hidden, weight, bias, labels, "mean", {"z_loss": 0.1})
+    got = jax.grad(lambda *a: fused(*a)[0] + jnp.sum(fused(*a)[1]), argnums=(0, 1, 2))(*args)
+    _assert_close(got, (dh + p @ weight, dw + p.T @ hidden, db + p.sum(0)))
+
+  def test_leading_batch_dims(self):
+    hidden, weight, bias, labels, _ = _problem(8, n=30)
+    where = np.random.default_rng(0).uniform(size=(3, 1, 5)) > 0.3  # broadcast over the middle
+    expected = ref.cross_entropy(
+        hidden @ weight.T + bias, labels,
+        where=np.broadcast_to(where, (3, 2, 5)).reshape(30), reduction="none",
+    ).reshape(3, 2, 5)
+    got = xent_jax.linear_cross_entropy(
+        jnp.float32(hidden.reshape(3, 2, 5, D)), jnp.float32(weight),
+        jnp.asarray(labels.reshape(3, 2, 5)), bias=jnp.float32(bias), where=jnp.asarray(where),
+        reduction="none", token_chunk_size=7,
+    )
+    assert got.shape == (3, 2, 5)
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-6)
+
+  def test_jit_and_vmap(self):
+    batch = [_problem(10 + i, n=12) for i in range(3)]
+    hidden = jnp.float32(np.stack([b[0] for b in batch]))
+    labels = jnp.asarray(np.stack([b[3] for b in batch]))
+    weight, bias = jnp.float32(batch[0][1]), jnp.float32(batch[0][2])
+
+    def loss_fn(h, w, b, y):
+      return xent_jax.linear_cross_entropy(h, w, y, bias=b, label_smoothing=0.1,
+                                           token_chunk_size=5)
+
+    per_problem = jax.jit(jax.vmap(jax.value_and_grad(loss_fn, argnums=(0, 1, 2)),
+                                   in_axes=(0, None, None, 0)))
+    values, (dh, dw, db) = per_problem(hidden, weight, bias, labels)
+    for i in range(3):
+      loss, e_dh, e_dw, e_db = _reference(
+          np.asarray(hidden[i], np.float64), batch[0][1], batch[0][2], np.asarray(labels[i]),
+          "mean", {"label_smoothing": 0.1},
+      )
+      _assert_close((values[i], dh[i], dw[i], db[i]), (loss, e_dh, e_dw, e_db))
+
+  @pytest.mark.parametrize("vocab_chunk", [None, 5])
+  def test_check_grads(self, vocab_chunk):
+    hidden, weight, bias, labels, kwargs = _problem(11, n=9, v=13, options=OPTION_SETS["everything"])
+    with jax.enable_x64(True):
+      kwargs = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+      fn = lambda h, w, b: xent_jax.linear_cross_entropy(
+          h, w, jnp.asarray(labels), bias=b, token_chunk_size=4, vocab_chunk_size=vocab_chunk,
+          **kwargs,
+      )
+      check_grads(fn, (jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(bias)), order=1,
+                  modes=("rev",))
+
+  def test_bfloat16_accumulates_in_float32(self):
+    hidden, weight, bias, labels, _ = _problem(12, n=64, d=32, v=300)
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+    rounded = [np.asarray(bf(x), np.float64) for x in (hidden, weight, bias)]
+    expected = _reference(*rounded, labels, "mean", {"label_smoothing": 0.1})
+    value, grads = jax.value_and_grad(
+        lambda h, w, b: xent_jax.linear_cross_entropy(
+            h, w, jnp.asarray(labels), bias=b, label_smoothing=0.1, token_chunk_size=16
+        ),
+        argnums=(0, 1, 2),
+    )(bf(hidden), bf(weight), bf(bias))
+    assert value.dtype == jnp.float32
+    assert all(g.dtype == jnp.bfloat16 for g in grads)
+    # The loss sees exact float32 logits of the rounded inputs; gradients are bfloat16 outputs.
+    np.testing.assert_allclose(value, expected[0], rtol=1e-5)
+    for g, e in zip(grads, expected[1:]):
+      np.testing.assert_allclose(np.asarray(g, np.float64), e, rtol=2e-2, atol=2e-2 * np.abs(e).max())
+
+  def test_out_of_range_label_gives_nan(self):
+    hidden, weight, bias, labels, _ = _problem(13)
+    labels[3] = V + 2
+    for vocab_chunk in (None, 10):
+      loss = xent_jax.linear_cross_entropy(
+          jnp.float32(hidden), jnp.float32(weight), jnp.asarray(labels), token_chunk_size=8,
+          vocab_chunk_size=vocab_chunk, reduction="none",
+      )
+      assert np.isnan(loss[3]) and np.isfinite(np.delete(np.asarray(loss), 3)).all()
+      mean = xent_jax.linear_cross_entropy(
+          jnp.float32(hidden), jnp.float32(weight), jnp.asarray(labels), token_chunk_size=8,
+          vocab_chunk_size=vocab_chunk,
+      )
+      assert np.isnan(mean)
+
+  def test_all_ignored_mean_is_zero_with_zero_gradient(self):
+    hidden, weight, _, _, _ = _problem(14)
+    labels = jnp.full((N,), IGNORE)
+    value, grads = jax.value_and_grad(
+        lambda h, w: xent_jax.linear_cross_entropy(h, w, labels, token_chunk_size=8),
+        argnums=(0, 1),
+    )(jnp.float32(hidden), jnp.float32(weight))
+    assert float(value) == 0.0
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in grads)
+
+
+class TestSliceKernels:
+  """The kernels a vocabulary-sharded caller combines: two slices equal the whole vocabulary."""
+
+  def test_two_slices_combine_to_the_whole(self):
+    hidden, weight, bias, labels, _ = _problem(15)
+    class_weight = np.random.default_rng(1).uniform(0.5, 1.5, size=V)
+    h, y = jnp.float32(hidden), jnp.asarray(labels)
+    split = 20
+    parts = []
+    for lo, hi in [(0, split), (split, V)]:
+      cfg = _linear.BlockConfig("vd", 3.0, token_chunk=8, vocab_chunk=6, class_offset=lo,
+                                weighted_sum=True)
+      parts.append(_linear.vocab_slice_stats(
+          h, jnp.float32(weight[lo:hi]), jnp.float32(bias[lo:hi]), y,
+          jnp.float32(class_weight[lo:hi]), cfg,
+      ))
+    m = jnp.maximum(parts[0].max, parts[1].max)
+    lse = m + jnp.log(sum(p.sumexp * jnp.exp(p.max - m) for p in parts))
+    x = ref.softcap(hidden @ weight.T + bias, 3.0)
+    np.testing.assert_allclose(lse, ref.logsumexp(x), rtol=1e-5)
+    np.testing.assert_allclose(sum(p.target for p in parts), x[np.arange(N), labels], rtol=1e-5)
+    np.testing.assert_allclose(sum(p.weighted_sum for p in parts), x @ class_weight, rtol=1e-5)
+
+    # Gradients given lse and per-row cotangents: slices hold disjoint parts of d_weight/d_bias
+    # and sum to d_hidden.
+    rng = np.random.default_rng(2)
+    cot = _linear.StatCotangents(*(jnp.float32(rng.normal(size=N)) for _ in range(3)))
+    g = (cot.lse[:, None] * np.exp(x - lse[:, None])
+         + cot.target[:, None] * (np.arange(V)[None, :] == labels[:, None])
+         + cot.weighted_sum[:, None] * class_weight[None, :]) * (1 - (x / 3.0) ** 2)
+    d_hidden = 0
+    for (lo, hi) in [(0, split), (split, V)]:
+      cfg = _linear.BlockConfig("vd", 3.0, token_chunk=8, vocab_chunk=6, class_offset=lo,
+                                weighted_sum=True)
+      dh, dw, db = _linear.vocab_slice_grads(
+          h, jnp.float32(weight[lo:hi]), jnp.float32(bias[lo:hi]), y,
+          jnp.float32(class_weight[lo:hi]), lse, cot, cfg,
+      )
+      np.testing.assert_allclose(dw, g[:, lo:hi].T @ hidden, rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(db, g[:, lo:hi].sum(0), rtol=1e-4, atol=1e-5)
+      d_hidden = d_hidden + dh
+    np.testing.assert_allclose(d_hidden, g @ weight, rtol=1e-4, atol=1e-5)
+
+
+class TestMemory:
+
+  def test_fused_gradient_needs_far_less_temporary_memory(self):
+    n, d, v = 2048, 64, 8192
+    hidden = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    weight = jax.ShapeDtypeStruct((v, d), jnp.float32)
+    labels = jax.ShapeDtypeStruct((n,), jnp.int32)
+
+    def temp_bytes(loss_fn):
+      grad = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
+      return grad.lower(hidden, weight, labels).compile().memory_analysis().temp_size_in_bytes
+
+    unfused = temp_bytes(lambda h, w, y: xent_jax.cross_entropy(h @ w.T, y))
+    fused = temp_bytes(lambda h, w, y: xent_jax.linear_cross_entropy(h, w, y, token_chunk_size=128))
+    low = temp_bytes(lambda h, w, y: xent_jax.linear_cross_entropy(
+        h, w, y, token_chunk_size=128, vocab_chunk_size=1024))
+    logits_bytes = n * v * 4
+    assert unfused >= logits_bytes  # the unfused gradient holds at least the [N, V] logits
+    assert fused < unfused / 4, (fused, unfused)
+    assert low < unfused / 20, (low, unfused)
+
+
+class TestBadInput:
+
+  @pytest.mark.parametrize(
+      "change, name",
+      [
+          (dict(hidden=np.zeros((4, 3), np.int32)), "hidden"),
+          (dict(weight=np.zeros((2, 5, 3), np.float32)), "weight"),
+          (dict(weight=np.zeros((7, 4), np.float32)), "hidden"),  # D mismatch
+          (dict(labels=np.zeros((4,), np.float32)), "labels"),
+          (dict(labels=np.zeros((5,), np.int32)), "labels"),
+          (dict(bias=np.zeros((6,), np.float32)), "bias"),
+          (dict(class_weight=np.ones((3,), np.float32)), "class_weight"),
+          (dict(where=np.ones((3,), bool)), "where"),
+          (dict(token_chunk_size=0), "token_chunk_size"),
+          (dict(vocab_chunk_size=2.5), "vocab_chunk_size"),
+          (dict(weight_layout="nd"), "weight_layout"),
+          (dict(reduction="avg"), "reduction"),
+          (dict(label_smoothing=1.5), "label_smoothing"),
+          (dict(smoothing="gauss"), "smoothing"),
+          (dict(logit_softcap=0.0), "logit_softcap"),
+      ],
+  )
+  def test_error_names_the_argument(self, change, name):
+    args = dict(hidden=np.zeros((4, 3), np.float32), weight=np.zeros((7, 3), np.float32),
+                labels=np.zeros((4,), np.int32))
+    args.update(change)
+    positional = [args.pop(k) for k in ("hidden", "weight", "labels")]
+    with pytest.raises((ValueError, TypeError, AssertionError), match=f"`{name}`"):
+      xent_jax.linear_cross_entropy(*positional, **args)
