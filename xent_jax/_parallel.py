@@ -11,11 +11,12 @@ that axis,
    x_{iy_i} = \operatorname{psum}_s [y_i \in s]\, x_{iy_i},
 
 plus :math:`\operatorname{psum}_s \sum_{c \in s} w_c x_{ic}` when labels are smoothed, after
-which the per-row loss is the core's own formula (:func:`xent_jax._cross_entropy.integer_label_loss`)
-over the **global** class count :math:`K = V_s\,|\text{vocab}|`. Megatron-LM's
-``_VocabParallelCrossEntropy`` spreads the smoothing mass with the vocabulary size of the local
-partition instead, so its smoothed loss changes with the tensor-parallel degree; here the loss is
-the single-device one on any number of shards (tested on 1 to 8).
+which the per-row loss is the core's own formula
+(:func:`xent_jax._cross_entropy.integer_label_loss`) over the **global** class count
+:math:`K = V_s\,|\text{vocab}|`. Megatron-LM's ``_VocabParallelCrossEntropy`` scales its
+smoothing by the vocabulary size of the local partition and averages the log-probabilities over
+that partition only, so its smoothed loss changes with the tensor-parallel degree; here the loss
+is the single-device one on any number of shards (tested on 1, 2, 4 and 8).
 
 Backward passes are shard-local and keep only per-row residuals: the gradient on the shard that
 owns class :math:`c` is :math:`s_i p_{ic} - \mathrm{off}\,w_c - (\mathrm{on}-\mathrm{off})\,w_{y_i}
@@ -120,7 +121,7 @@ def _class_weight_stats(class_weight, labels, num_local, num_classes, vocab_axis
 
 
 def _reduce(loss, example_weight, reduction: str, data_axis, fn: str):
-  """:func:`xent_jax._reduction.reduce_loss` over the global batch (rows split over ``data_axis``)."""
+  """:func:`xent_jax._reduction.reduce_loss` over the global batch (rows split on ``data_axis``)."""
   if reduction == "none" or data_axis is None:
     return _reduction.reduce_loss(loss, example_weight, reduction, fn=fn)
   total = jax.lax.psum(jnp.sum(loss), data_axis)[None]
@@ -228,7 +229,7 @@ _shard_cross_entropy.defvjp(_shard_fwd, _shard_bwd)
 
 
 def complete_row_stats(stats: _linear.RowStats, vocab_axis: Hashable) -> _linear.RowStats:
-  r"""Combines per-shard :class:`xent_jax._linear.RowStats` into the global ones (``pmax``/``psum``).
+  r"""Combines per-shard :class:`xent_jax._linear.RowStats` into global ones (``pmax``/``psum``).
 
   .. math::
      m = \operatorname{pmax}_s m_s, \qquad
@@ -635,11 +636,12 @@ def vocab_parallel_linear_cross_entropy(
 
   Lays ``weight`` (and ``bias``, ``class_weight``) out split on the vocabulary over
   ``vocab_axis`` and ``hidden``/``labels`` split on their first batch dimension over
-  ``data_axis`` (a 2-D ``data x vocab`` mesh), then runs
-  the blocked kernels of :func:`xent_jax.linear_cross_entropy` on each shard under
-  ``jax.shard_map``, per-row statistics combined by ``pmax``/``psum`` over ``vocab_axis``. Each device computes
-  ``[token_chunk, vocab_chunk]`` blocks of its own ``[N/|data|, V/|vocab|]`` logits, never the
-  whole ``[N, V]``:
+  ``data_axis`` (a 2-D ``data x vocab`` mesh), then runs the blocked kernels of
+  :func:`xent_jax.linear_cross_entropy` on each shard under ``jax.shard_map``, the per-row
+  statistics combined by ``pmax``/``psum`` over ``vocab_axis`` (:func:`complete_row_stats`).
+  Each device computes ``[token_chunk, vocab_chunk]`` blocks of its own
+  ``[N/|data|, V/|vocab|]`` logits, never the whole ``[N, V]``; ``d hidden`` is summed over
+  ``vocab_axis`` and ``d weight``/``d bias`` over ``data_axis``:
 
   .. math::
      x_i = \mathrm{cap}(h_i W^\top + b), \qquad
