@@ -19,6 +19,7 @@ import pytest
 from xent_jax.train import NonFiniteLossError, load_config, train_and_evaluate
 from xent_jax.train import logs
 from xent_jax.train.checkpoint import Checkpointer
+from xent_jax.train.trainer import RunDirectoryError
 
 ROOT = pathlib.Path(__file__).parents[1]
 QUICK = str(ROOT / "configs" / "digits_quick.yaml")
@@ -65,6 +66,11 @@ def test_run_writes_config_metrics_summary(reference_run):
   # A finished run is not redone: same summary, no new rows.
   again = train_and_evaluate(_config(), reference_run, progress=False)
   assert again == summary and logs.read_metrics(reference_run) == rows
+
+
+def test_other_config_in_a_used_directory_is_refused(reference_run):
+  with pytest.raises(RunDirectoryError, match="different config"):
+    train_and_evaluate(_config("train.seed=1"), reference_run, progress=False)
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, reference_run):
@@ -155,13 +161,13 @@ def test_eight_devices_equal_one(tmp_path, reference_run):
       np.testing.assert_allclose(row_1[key], row_8[key], rtol=2e-4, atol=2e-5, err_msg=key)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_char_lm_trains(tmp_path, fused):
+def test_char_lm_trains_with_the_fused_loss(tmp_path):
+  """The LM path end to end (the logits path equals it: test_train_steps.py)."""
   config = load_config(str(ROOT / "configs" / "charlm_zloss.yaml"), (
       "model.model_dim=32", "model.num_layers=1", "model.num_heads=2", "data.seq_len=16",
       "data.max_eval_tokens=512", "train.batch_size=16", "train.eval_batch_size=16",
       "train.num_steps=20", "train.eval_every=10", "train.checkpoint_every=0", "optim.warmup_steps=5",
-      f"loss.fused={str(fused).lower()}", "loss.hparams={z_loss: 0.0001}"))
+      "loss.fused=true", "loss.hparams={z_loss: 0.0001}"))
   train_and_evaluate(config, tmp_path, progress=False)
   rows = logs.read_metrics(tmp_path)
   assert rows[-1]["train/loss"] < rows[0]["train/loss"] < 5.0

@@ -55,14 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"xent-jax: error: {err}", file=sys.stderr)
     return 2
   from xent_jax.train.compare import run_comparison  # pylint: disable=import-outside-toplevel
-  from xent_jax.train.trainer import NonFiniteLossError, train_and_evaluate  # pylint: disable=import-outside-toplevel
+  from xent_jax.train.trainer import NonFiniteLossError, RunDirectoryError, train_and_evaluate  # pylint: disable=import-outside-toplevel
 
-  if args.command == "compare":
-    failures = run_comparison(config, progress=not args.no_progress)
-    print(f"wrote {config.workdir}/table.md, table.csv and plots/")
-    return 1 if failures else 0
   try:
+    if args.command == "compare":
+      failures = run_comparison(config, progress=not args.no_progress)
+      print(f"wrote {config.workdir}/table.md, table.csv and plots/")
+      return 1 if failures else 0
     summary = train_and_evaluate(config, config.workdir, progress=not args.no_progress)
+  except RunDirectoryError as err:
+    print(f"xent-jax: error: {err}", file=sys.stderr)
+    return 2
   except NonFiniteLossError as err:
     print(f"xent-jax: error: {err}", file=sys.stderr)
     return 1

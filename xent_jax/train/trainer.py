@@ -6,6 +6,7 @@ import time
 
 import jax
 import numpy as np
+import yaml
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
@@ -24,10 +25,22 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or Inf; the run stopped without checkpointing it."""
 
 
+class RunDirectoryError(ValueError):
+  """The run directory already holds a run of another config."""
+
+
 def _local(array: np.ndarray) -> np.ndarray:
   """This process's rows of a global batch."""
   rows = len(array) // jax.process_count()
   return array[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+
+
+def _same_experiment(yaml_a: str, yaml_b: str) -> bool:
+  """Whether two resolved configs describe the same run (the output directory may differ)."""
+  a, b = yaml.safe_load(yaml_a), yaml.safe_load(yaml_b)
+  a.pop("workdir", None)
+  b.pop("workdir", None)
+  return a == b
 
 
 def evaluate(eval_step, state, data: Dataset, config: Config, mesh) -> tuple[dict, dict]:
@@ -58,15 +71,21 @@ def train_and_evaluate(config: Config, workdir, *, progress: bool = True, device
 
   Raises:
     NonFiniteLossError: the training loss is NaN/Inf; the message names the first bad step.
+    RunDirectoryError: ``workdir`` holds a run of a different config.
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  recorded = workdir / logs.CONFIG_FILE
+  if recorded.exists() and not _same_experiment(recorded.read_text(), to_yaml(config)):
+    raise RunDirectoryError(
+        f"{workdir} holds a run of a different config ({recorded}); resuming it with this one would "
+        "mix two experiments: pass another workdir or delete that directory")
   finished = logs.read_summary(workdir)
   if finished:
     return finished
   is_main = jax.process_index() == 0
   if is_main:
-    (workdir / logs.CONFIG_FILE).write_text(to_yaml(config))
+    recorded.write_text(to_yaml(config))
   train = config.train
   mesh = make_mesh(devices)
   check_batch_size(train.batch_size, "train.batch_size", mesh)
