@@ -22,6 +22,12 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     cmd.add_argument("--workdir", help="output directory (default: the config's workdir)")
     cmd.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cmd.add_argument("--distributed", action="store_true",
+                     help="multi-host: call jax.distributed.initialize() first (auto-detected on "
+                          "Cloud TPU, SLURM, Open MPI; else give the three options below)")
+    cmd.add_argument("--coordinator", help="with --distributed: address HOST:PORT of process 0")
+    cmd.add_argument("--num-processes", type=int, help="with --distributed: number of processes")
+    cmd.add_argument("--process-id", type=int, help="with --distributed: this process's index")
   report = sub.add_parser("report", help="rebuild table.md, table.csv and plots/ from a comparison's files")
   report.add_argument("directory")
   return parser
@@ -48,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.directory}/table.md, table.csv and plots/ for {len(table)} variants")
     return 0
 
+  if args.distributed:
+    import jax  # pylint: disable=import-outside-toplevel
+
+    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
   overrides = list(args.overrides) + extra + ([f"workdir={args.workdir}"] if args.workdir else [])
   try:
     config = config_lib.load_config(args.config, tuple(overrides))
