@@ -122,7 +122,7 @@ def _omegaconf_error(err: omegaconf.errors.OmegaConfBaseException, source: str) 
   """Turns an OmegaConf error into a message naming the key and what it accepts."""
   key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
   message = str(err).splitlines()[0]
-  if isinstance(err, omegaconf.errors.ConfigKeyError):
+  if isinstance(err, (omegaconf.errors.ConfigKeyError, omegaconf.errors.ConfigAttributeError)):
     parent, _, _ = str(key).rpartition(".")
     node = OmegaConf.structured(Config)
     for part in filter(None, parent.split(".")):
@@ -265,8 +265,6 @@ def expand_grid(config: Config) -> list[Config]:
             OmegaConf.update(node, key, value, merge=False)
         except omegaconf.errors.OmegaConfBaseException as err:
           raise _omegaconf_error(err, "compare.grid") from None
-        if any(key not in node for key in [k.split(".")[0] for k in grid_keys]):
-          raise ConfigError(f"compare.grid names an unknown config key: {grid_keys}")
         run = OmegaConf.to_object(node)
         run.loss = copy.deepcopy(variant)
         run.train.seed = seed

@@ -61,7 +61,7 @@ def add_label_noise(y_N: np.ndarray, *, rate: float, noise_type: str, num_classe
   return noisy_N.astype(np.int32), mask_N
 
 
-def _digits(config: DataConfig, image: bool):
+def _digits(image: bool):
   from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
 
   digits = load_digits()
@@ -106,7 +106,7 @@ def load_dataset(config: DataConfig, *, image: bool = False) -> Dataset:
   if config.name == "pydoc_chars":
     return _pydoc_chars(config)
   if config.name == "digits":
-    x_NxF, y_N, num_classes = _digits(config, image)
+    x_NxF, y_N, num_classes = _digits(image)
   else:
     x_NxF, y_N, num_classes = _gaussian_mixture(config)
   rng = np.random.default_rng([config.seed, 0])
