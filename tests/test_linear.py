@@ -133,6 +133,22 @@ class TestMatchesUnfused:
     )
     _assert_close(actual, expected)
 
+  @pytest.mark.parametrize("layout", ["vd", "dv"])
+  def test_weight_gradient_in_uneven_class_slices(self, layout, monkeypatch):
+    """The one-pass weight gradient accumulates in slices of classes: 7 per slice here."""
+    monkeypatch.setattr(_linear, "_WEIGHT_GRAD_ELEMENTS", 7 * D)
+    hidden, weight, bias, labels, kwargs = _problem(9, options=OPTION_SETS["everything"])
+    expected = _reference(hidden, weight, bias, labels, "mean", kwargs)
+    kwargs = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+    w = weight if layout == "vd" else weight.T
+    value, (dh, dw, db) = jax.value_and_grad(
+        lambda h, w, b: xent_jax.linear_cross_entropy(
+            h, w, jnp.asarray(labels), bias=b, weight_layout=layout, token_chunk_size=8, **kwargs
+        ),
+        argnums=(0, 1, 2),
+    )(jnp.float32(hidden), jnp.float32(w), jnp.float32(bias))
+    _assert_close((value, dh, dw if layout == "vd" else dw.T, db), expected)
+
   @pytest.mark.parametrize("vocab_chunk", [None, 9])
   def test_weight_layout_dv(self, vocab_chunk):
     hidden, weight, bias, labels, kwargs = _problem(4, options=OPTION_SETS["everything"])

@@ -58,11 +58,14 @@ from xent_jax import _reduction
 
 WEIGHT_LAYOUTS = ("vd", "dv")
 
-# Default rows per token chunk: the [chunk, V] float32 block stays near 2**23 elements (32 MiB),
+# Default rows per token chunk: the [chunk, V] float32 block stays near 2**24 elements (64 MiB),
 # and never below 128 rows, where re-reading the [V, D] weight gradient for every chunk dominates.
-_BLOCK_ELEMENTS = 2**23
+_BLOCK_ELEMENTS = 2**24
 _MIN_TOKEN_CHUNK = 128
 _MAX_TOKEN_CHUNK = 1024
+# Classes per slice of the one-pass weight-gradient product: a [rows, D] float32 temporary of
+# about 2**21 elements (8 MiB).
+_WEIGHT_GRAD_ELEMENTS = 2**21
 
 
 class RowStats(NamedTuple):
@@ -208,22 +211,45 @@ def _block_dlogits(x_CxT, is_target_CxT, new_C, lse_T, cot: StatCotangents, clas
   return jnp.where(new_C[:, None], g_CxT, jnp.zeros_like(g_CxT))
 
 
-def _block_backprop(g_CxT, hidden_TxD, weight_block, cfg: BlockConfig):
-  """``(d_hidden [T, D], d_weight block)`` of one block, float32 accumulation.
+def _matmul_dtype(hidden, weight):
+  """The dtype of the backward matmuls' operands: the inputs' own (bfloat16 inputs run bfloat16
+  matmuls with float32 accumulation, as their unfused gradient does)."""
+  return jnp.result_type(hidden.dtype, weight.dtype)
 
-  The block gradient is cast to the inputs' dtype first (bfloat16 inputs run bfloat16 matmuls
-  with float32 accumulation, as their unfused gradient does).
-  """
-  acc = g_CxT.dtype
-  g = g_CxT.astype(jnp.result_type(hidden_TxD.dtype, weight_block.dtype))
-  d_hidden = lax.dot_general(
-      g, weight_block, (((0,), (cfg.vocab_axis,)), ((), ())), preferred_element_type=acc
+
+def _block_hidden_grad(g_CxT, weight_block, cfg: BlockConfig):
+  """``d_hidden [T, D]`` of one block (float32 accumulation)."""
+  return lax.dot_general(
+      g_CxT, weight_block, (((0,), (cfg.vocab_axis,)), ((), ())),
+      preferred_element_type=_ce.compute_dtype(g_CxT.dtype),
   )
+
+
+def _block_weight_grad(g_CxT, hidden_TxD, cfg: BlockConfig):
+  """``d_weight`` of one block, ``[C, D]`` or ``[D, C]`` by layout (float32 accumulation)."""
+  acc = _ce.compute_dtype(g_CxT.dtype)
   if cfg.weight_layout == "vd":
-    d_weight = lax.dot_general(g, hidden_TxD, (((1,), (0,)), ((), ())), preferred_element_type=acc)
-  else:
-    d_weight = lax.dot_general(hidden_TxD, g, (((0,), (1,)), ((), ())), preferred_element_type=acc)
-  return d_hidden, d_weight
+    return lax.dot_general(g_CxT, hidden_TxD, (((1,), (0,)), ((), ())), preferred_element_type=acc)
+  return lax.dot_general(hidden_TxD, g_CxT, (((0,), (1,)), ((), ())), preferred_element_type=acc)
+
+
+def _accumulate_weight_grad(d_weight, g_CxT, hidden_TxD, cfg: BlockConfig, rows: int):
+  """``d_weight += g^T hidden`` in slices of ``rows`` classes.
+
+  XLA does not fuse the accumulation into the matmul: one ``[V, D]`` product would be a full-size
+  temporary (and a second pass over it); slices keep that temporary ``[rows, D]``.
+  """
+  v = g_CxT.shape[0]
+  rows = min(rows, v)
+
+  def step(j, acc):
+    c0 = _chunk_start(j, rows, v)
+    g_sub = lax.dynamic_slice_in_dim(g_CxT, c0, rows, 0)
+    if v % rows:
+      g_sub = jnp.where(_new_mask(c0, j, rows)[:, None], g_sub, jnp.zeros_like(g_sub))
+    return _add_at(acc, c0, _block_weight_grad(g_sub, hidden_TxD, cfg), cfg.vocab_axis)
+
+  return lax.fori_loop(0, _num_chunks(v, rows), step, d_weight)
 
 
 def _add_at(total, start, update, axis):
@@ -331,7 +357,8 @@ def vocab_slice_grads(
       x_CxT = _block_logits(hidden_TxD, weight_block, bias_C, cfg)
       is_target = _block_targets(_target_index(labels_T, c0 + cfg.class_offset, new_C), x_CxT.shape)
       g_CxT = _block_dlogits(x_CxT, is_target, new_C, lse_T, cot_T, weight_C, cfg)
-      dh, dw = _block_backprop(g_CxT, hidden_TxD, weight_block, cfg)
+      g = g_CxT.astype(_matmul_dtype(hidden_TxD, weight_block))
+      dh, dw = _block_hidden_grad(g, weight_block, cfg), _block_weight_grad(g, hidden_TxD, cfg)
       if d_bias_V is not None:
         d_bias_V = _add_at(d_bias_V, c0, jnp.sum(g_CxT, axis=1), 0)
       return d_hidden_TxD + dh, _add_at(d_weight, c0, dw, cfg.vocab_axis), d_bias_V
@@ -373,6 +400,7 @@ def fused_vocab_slice(
   cfg = dataclasses.replace(cfg, vocab_chunk=v)
   dtype = _ce.compute_dtype(jnp.result_type(hidden_NxD.dtype, weight.dtype))
   all_C = jnp.ones((v,), bool)
+  weight_rows = max(_WEIGHT_GRAD_ELEMENTS // d, 1)
 
   def token_step(i, carry):
     loss_sum, lse_N, d_hidden_NxD, d_weight, d_bias_V = carry
@@ -389,14 +417,14 @@ def fused_vocab_slice(
     cot = StatCotangents(*pullback(new_T.astype(loss_T.dtype)))
     is_target = _block_targets(index_T, x_CxT.shape)
     g_CxT = _block_dlogits(x_CxT, is_target, all_C, lse_T, cot, class_weight_V, cfg)
-    dh, dw = _block_backprop(g_CxT, hidden_TxD, weight, cfg)
     if d_bias_V is not None:
       d_bias_V = d_bias_V + jnp.sum(g_CxT, axis=1)
+    g = g_CxT.astype(_matmul_dtype(hidden_TxD, weight))
     return (
         loss_sum + jnp.sum(jnp.where(new_T, loss_T, jnp.zeros_like(loss_T))),
         lax.dynamic_update_slice_in_dim(lse_N, lse_T, t0, 0),
-        _add_at(d_hidden_NxD, t0, dh, 0),
-        d_weight + dw,
+        _add_at(d_hidden_NxD, t0, _block_hidden_grad(g, weight, cfg), 0),
+        _accumulate_weight_grad(d_weight, g, hidden_TxD, cfg, weight_rows),
         d_bias_V,
     )
 
@@ -499,7 +527,7 @@ def _resolve_chunk(fn: str, name: str, size, total: int, default: int) -> int:
 
 def default_token_chunk(num_classes: int) -> int:
   """Rows per token chunk when none is given: a power of two with a ``[chunk, V]`` block of about
-  ``2**23`` elements, between 128 and 1024 rows."""
+  ``2**24`` elements, between 128 and 1024 rows."""
   rows = 2 ** int(np.floor(np.log2(max(_BLOCK_ELEMENTS // max(num_classes, 1), 1))))
   return int(np.clip(rows, _MIN_TOKEN_CHUNK, _MAX_TOKEN_CHUNK))
 
@@ -560,7 +588,7 @@ def linear_cross_entropy(
     where: bool mask broadcastable to ``labels``' shape; False rows count for nothing.
     return_lse: also return the per-row ``lse`` ``[...]`` (uses the two-pass schedule).
     token_chunk_size: rows per block; default: a power of two giving a ``[rows, V]`` block of about
-      ``2**23`` elements, within [128, 1024]. Larger than the row count means all rows.
+      ``2**24`` elements, within [128, 1024]. Larger than the row count means all rows.
     vocab_chunk_size: classes per block; default: the whole vocabulary (one-pass schedule for 'sum'
       and 'mean'). Smaller values bound the block to ``[token_chunk_size, vocab_chunk_size]``.
 
