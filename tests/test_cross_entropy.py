@@ -125,11 +125,11 @@ def test_values_match_reference(layout, label_kind, option_name):
 def test_gradients_match_reference_fp32(layout, label_kind, option_name):
     logits, labels, options = _case(layout, label_kind, option_name, seed=3)
     for reduction in ("sum", "mean"):
-        grad = jax.grad(
+        grad = jax.jit(jax.grad(
             lambda x: xent_jax.cross_entropy(
                 x, jnp.asarray(labels), reduction=reduction, **_jnp_options(options)
             )
-        )(jnp.asarray(logits))
+        ))(jnp.asarray(logits))
         want = ref.cross_entropy_grad(logits, labels, reduction=reduction, **options)
         assert grad.dtype == jnp.float32
         _assert_close(grad, want, rtol=1e-4, atol=1e-6)
@@ -152,11 +152,9 @@ def test_reference_gradient_matches_finite_differences():
 
 
 GRAD_CHECK_OPTIONS = [
-    ("int", "plain", "mean"),
     ("int", "everything", "mean"),
     ("int", "everything_t5x", "sum"),
-    ("int", "ignore", "none"),
-    ("dense", "plain", "sum"),
+    ("int", "weight_ignore_where", "none"),
     ("dense", "everything", "mean"),
     ("dense", "everything_t5x", "none"),
 ]
@@ -177,7 +175,7 @@ def test_check_grads_float64(label_kind, option_name, reduction):
 
         x64 = jnp.asarray(logits, jnp.float64)
         assert loss(x64).dtype == jnp.float64
-        check_grads(loss, (x64,), order=1, modes=["rev"])
+        check_grads(jax.jit(loss), (x64,), order=1, modes=["rev"])
         # float64 values match the float64 reference tightly.
         want = ref.cross_entropy(logits, labels, reduction=reduction, **options)
         np.testing.assert_allclose(np.asarray(loss(x64)), want, rtol=1e-10, atol=1e-12)
@@ -208,9 +206,6 @@ def test_jit_and_vmap_agree(label_kind):
     g_eager = jax.grad(lambda x: mean(x, y, where))(x)
     g_jit = jax.jit(jax.grad(lambda x: mean(x, y, where)))(x)
     np.testing.assert_allclose(g_jit, g_eager, rtol=1e-6, atol=1e-7)
-    g_vmap = jax.vmap(jax.grad(mean))(x, y, where)
-    g_loop = np.stack([jax.grad(mean)(x[i], y[i], where[i]) for i in range(x.shape[0])])
-    np.testing.assert_allclose(g_vmap, g_loop, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("label_kind", ["int", "dense"])
@@ -243,7 +238,7 @@ def test_ignore_index_custom_value_and_all_ignored_mean_is_zero():
     # Every target ignored: mean is 0 (PyTorch would give NaN) and the gradient is finite (zero).
     all_ignored = jnp.full(labels.shape, -1, jnp.int32)
     f = lambda x: xent_jax.cross_entropy(x, all_ignored, ignore_index=-1)  # noqa: E731
-    value, grad = jax.value_and_grad(f)(jnp.asarray(logits))
+    value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(logits))
     assert float(value) == 0.0
     np.testing.assert_array_equal(np.asarray(grad), 0.0)
 
@@ -252,7 +247,7 @@ def test_where_all_false_mean_is_zero_with_finite_gradient():
     logits, labels, _ = _case(LAYOUTS[0], "dense", "plain")
     where = jnp.zeros(labels.shape[:-1], bool)
     f = lambda x: xent_jax.cross_entropy(x, jnp.asarray(labels), where=where)  # noqa: E731
-    value, grad = jax.value_and_grad(f)(jnp.asarray(logits))
+    value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(logits))
     assert float(value) == 0.0
     np.testing.assert_array_equal(np.asarray(grad), 0.0)
 
@@ -274,7 +269,7 @@ def test_low_precision_logits_accumulate_in_float32(dtype, options):
     assert loss_low.dtype == jnp.float32
     np.testing.assert_allclose(loss_low, loss_f32, rtol=1e-3)
     np.testing.assert_allclose(loss_low, ref.cross_entropy(rounded, labels, reduction="none", **options), rtol=1e-3)
-    grad = jax.grad(lambda x: xent_jax.cross_entropy(x, jnp.asarray(labels), **options))(low)
+    grad = jax.jit(jax.grad(lambda x: xent_jax.cross_entropy(x, jnp.asarray(labels), **options)))(low)
     assert grad.dtype == dtype
     assert np.all(np.isfinite(np.asarray(grad.astype(jnp.float32))))
     want_grad = ref.cross_entropy_grad(rounded, labels, **options)
@@ -294,7 +289,7 @@ def test_huge_logits_are_finite_and_exact(label_kind, options):
     if options.pop("weight", False):
         options["weight"] = rng.uniform(0.5, 2.0, size=5).astype(np.float32)
     f = lambda x: xent_jax.cross_entropy(x, jnp.asarray(labels), **_jnp_options(options))  # noqa: E731
-    value, grad = jax.value_and_grad(f)(jnp.asarray(logits))
+    value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(logits))
     assert np.isfinite(float(value))
     assert np.all(np.isfinite(np.asarray(grad)))
     _assert_close(value, ref.cross_entropy(logits, labels, **options), rtol=1e-5)
@@ -322,7 +317,7 @@ def test_negative_infinity_on_non_target_classes(label_kind, options):
     if options.pop("weight", False):
         options["weight"] = rng.uniform(0.5, 2.0, size=6).astype(np.float32)
     f = lambda x: xent_jax.cross_entropy(x, jnp.asarray(labels), **_jnp_options(options))  # noqa: E731
-    value, grad = jax.value_and_grad(f)(jnp.asarray(logits))
+    value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(logits))
     assert np.isfinite(float(value))
     assert np.all(np.isfinite(np.asarray(grad)))
     _assert_close(value, ref.cross_entropy(logits, labels, **options))

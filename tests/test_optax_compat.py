@@ -32,10 +32,10 @@ def _close(a, b, rtol=RTOL, atol=ATOL):
 
 
 def _assert_same_value_and_grad(ours, theirs, *args):
-    v1, g1 = jax.value_and_grad(lambda *a: ours(*a).sum())(*args)
-    v2, g2 = jax.value_and_grad(lambda *a: theirs(*a).sum())(*args)
-    _close(ours(*args), theirs(*args))
-    _close(v1, v2)
+    """Per-example values and the gradient of their sum agree (jitted: one compile each)."""
+    _close(jax.jit(ours)(*args), jax.jit(theirs)(*args))
+    g1 = jax.jit(jax.grad(lambda *a: ours(*a).sum()))(*args)
+    g2 = jax.jit(jax.grad(lambda *a: theirs(*a).sum()))(*args)
     _close(g1, g2)
 
 
@@ -46,9 +46,7 @@ INT_AXIS_CASES = [
     ((6, 9), -1),
     ((2, 3, 9), -1),
     ((9, 4), 0),
-    ((2, 9, 3), 1),
     ((2, 3, 4, 5), (2, 3)),
-    ((2, 3, 4, 5), (1, 3)),
     ((2, 3, 4, 5), (3, 1)),
 ]
 
@@ -197,8 +195,8 @@ def test_dense_labels_match_optax(shape, axis):
     theirs = lambda x, y: optax.losses.softmax_cross_entropy(x, y, axis)  # noqa: E731
     _assert_same_value_and_grad(ours, theirs, logits, labels)
     # Gradients w.r.t. the targets too (distillation from a trained teacher).
-    g_ours = jax.grad(lambda y: ours(logits, y).sum())(labels)
-    g_theirs = jax.grad(lambda y: theirs(logits, y).sum())(labels)
+    g_ours = jax.jit(jax.grad(lambda y: ours(logits, y).sum()))(labels)
+    g_theirs = jax.jit(jax.grad(lambda y: theirs(logits, y).sum()))(labels)
     _close(g_ours, g_theirs)
     _close(ours(logits, labels), ref.dense_softmax_cross_entropy(logits, labels, axis=axis))
 
@@ -281,7 +279,7 @@ def test_smooth_labels_traced_alpha_and_grad():
 # ------------------------------------------------------------------- poly_loss_cross_entropy
 
 
-@pytest.mark.parametrize("epsilon", [2.0, -1.0, 0.0])
+@pytest.mark.parametrize("epsilon", [2.0, -1.0])
 @pytest.mark.parametrize("shape,axis", [((5, 6), -1), ((6, 3), 0)])
 def test_poly_loss_matches_optax(epsilon, shape, axis):
     logits = _logits(12, shape)
