@@ -300,6 +300,15 @@ class TestFeatures:
       )
       assert np.isnan(mean)
 
+  @pytest.mark.parametrize("reduction", ["none", "mean"])
+  def test_no_rows(self, reduction):
+    loss = xent_jax.linear_cross_entropy(
+        jnp.ones((0, D)), jnp.ones((V, D)), jnp.zeros((0,), jnp.int32), bias=jnp.ones((V,)),
+        reduction=reduction,
+    )
+    assert loss.shape == ((0,) if reduction == "none" else ())
+    assert reduction == "none" or float(loss) == 0.0
+
   def test_all_ignored_mean_is_zero_with_zero_gradient(self):
     hidden, weight, _, _, _ = _problem(14)
     labels = jnp.full((N,), IGNORE)

@@ -642,6 +642,14 @@ def linear_cross_entropy(
   if where is not None:
     _checks.check_broadcastable(fn, "where", where, batch_shape)
   n = int(np.prod(batch_shape))
+  if n == 0:  # Nothing to chunk: the unfused loss of the empty [..., 0, V] logits.
+    logits = jnp.einsum("...d,vd->...v" if weight_layout == "vd" else "...d,dv->...v", hidden, weight)
+    return _ce.cross_entropy(
+        logits if bias is None else logits + _ce.along_classes(bias, logits.ndim), labels,
+        weight=class_weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        smoothing=smoothing, z_loss=z_loss, logit_softcap=logit_softcap, where=where,
+        return_lse=return_lse,
+    )
   token_chunk = _resolve_chunk(
       fn, "token_chunk_size", token_chunk_size, n, default_token_chunk(num_classes)
   )
