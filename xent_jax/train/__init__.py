@@ -5,16 +5,22 @@ scikit-learn). Entry points: `train_and_evaluate` for one run, `run_comparison` 
 `build_report` to rebuild tables and plots from logged files; the ``xent-jax`` CLI wraps them.
 """
 
+from xent_jax.train.compare import run_comparison
 from xent_jax.train.config import Config
 from xent_jax.train.config import ConfigError
 from xent_jax.train.config import load_config
+from xent_jax.train.report import build_report
 from xent_jax.train.trainer import NonFiniteLossError
+from xent_jax.train.trainer import RunDirectoryError
 from xent_jax.train.trainer import train_and_evaluate
 
 __all__ = [
     "Config",
     "ConfigError",
     "NonFiniteLossError",
+    "RunDirectoryError",
+    "build_report",
     "load_config",
+    "run_comparison",
     "train_and_evaluate",
 ]
