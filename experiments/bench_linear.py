@@ -4,7 +4,7 @@ For each method and shape, one ``jax.jit(jax.value_and_grad(loss, argnums=(0, 1)
 for ``hidden`` and ``weight``) is compiled; the table reports its compiled temporary memory
 (``compiled.memory_analysis().temp_size_in_bytes``: every buffer XLA allocates besides the inputs
 and the outputs) and the median wall-clock and process-CPU time of ``--reps`` calls after one
-warm-up. Methods:
+warm-up, the methods called in turn (round-robin) so that load changes hit them alike. Methods:
 
 * ``naive``: ``optax.softmax_cross_entropy_with_integer_labels(hidden @ weight.T, labels).mean()``;
 * ``xent_jax``: :func:`xent_jax.linear_cross_entropy` with its default chunks (one pass);
@@ -100,63 +100,70 @@ def _inputs(n: int, d: int, v: int, dtype) -> dict[str, jax.Array]:
   return {"hidden": hidden, "vd": weight, "dv": weight.T.copy(), "labels": labels}
 
 
-def _time(fn, args, reps: int) -> tuple[float, float]:
-  jax.block_until_ready(fn(*args))
-  walls, cpus = [], []
-  for _ in range(reps):
-    w0, c0 = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn(*args))
-    walls.append(time.perf_counter() - w0)
-    cpus.append(time.process_time() - c0)
-  return statistics.median(walls), statistics.median(cpus)
-
-
-def measure(name, layout, loss, n, d, v, dtype, *, reps: int, timed: bool, ref_loss=None) -> dict:
+def _compile(
+    name, layout, loss, n, d, v, dtype, *, run: bool
+) -> tuple[dict, Callable | None, tuple]:
+  """Compiles one method's value-and-grad (and with ``run`` calls it once, the warm-up); returns
+  its row (temp memory, loss, or the error), the compiled function and its arguments."""
   row = {"method": name, "N": n, "D": d, "V": v, "dtype": jnp.dtype(dtype).name}
   if isinstance(loss, str):
-    return {**row, "error": loss}
+    return {**row, "error": loss}, None, ()
   data = _inputs(n, d, v, dtype)
   args = (data["hidden"], data[layout], data["labels"])
   try:
-    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    compiled = grad_fn.lower(*args).compile()
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
     row["temp_MiB"] = compiled.memory_analysis().temp_size_in_bytes / MiB
-    if timed:
-      row["wall_s"], row["cpu_s"] = _time(compiled, args, reps)
-      value = float(compiled(*args)[0])
-      row["loss"] = value
-      if ref_loss is not None:
-        row["abs_diff_vs_naive"] = abs(value - ref_loss)
+    if run:
+      row["loss"] = float(compiled(*args)[0])
   except Exception as e:  # noqa: BLE001 - a peer failing at this shape is a result
-    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-  return row
+    return {**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}, None, ()
+  return row, compiled, args
+
+
+def measure_shape(methods, n, d, v, dtype, *, reps: int, timed: bool, table: str) -> list[dict]:
+  """Rows for every method at one shape.
+
+  Timed calls go round-robin over the methods (one call of each per round, ``reps`` rounds), so
+  a change in the machine's load during the run hits every method alike.
+  """
+  compiled = [_compile(name, layout, loss, n, d, v, dtype, run=timed)
+              for name, (layout, loss) in methods.items()]
+  rows = [row for row, _, _ in compiled]
+  if timed:
+    walls = [[] for _ in compiled]
+    cpus = [[] for _ in compiled]
+    for _ in range(reps):
+      for k, (_, fn, args) in enumerate(compiled):
+        if fn is None:
+          continue
+        w0, c0 = time.perf_counter(), time.process_time()
+        jax.block_until_ready(fn(*args))
+        walls[k].append(time.perf_counter() - w0)
+        cpus[k].append(time.process_time() - c0)
+    naive_loss = rows[0].get("loss")
+    for row, wall, cpu in zip(rows, walls, cpus):
+      if wall:
+        row["wall_s"], row["cpu_s"] = statistics.median(wall), statistics.median(cpu)
+      if row is not rows[0] and "loss" in row and naive_loss is not None:
+        row["abs_diff_vs_naive"] = abs(row["loss"] - naive_loss)
+  for row in rows:
+    row["table"] = table
+    print(json.dumps(row), flush=True)
+  return rows
 
 
 def run(args) -> dict:
-  methods = _methods()
-  headline = [(args.n, args.d, args.v, dt) for dt in (jnp.float32, jnp.bfloat16)]
+  methods = _methods()  # "naive" first: the reference of every ratio
   rows = []
-  for n, d, v, dt in headline:
-    naive = None
-    for name, (layout, loss) in methods.items():
-      row = measure(name, layout, loss, n, d, v, dt, reps=args.reps, timed=True,
-                    ref_loss=None if naive is None else naive.get("loss"))
-      row["table"] = "headline"
-      naive = row if name == "naive" else naive
-      rows.append(row)
-      print(json.dumps(row), flush=True)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    rows += measure_shape(methods, args.n, args.d, args.v, dtype, reps=args.reps, timed=True,
+                          table="headline")
   for v in args.vocab_series:
-    for name, (layout, loss) in methods.items():
-      row = measure(name, layout, loss, args.n, args.d, v, jnp.float32, reps=args.reps, timed=False)
-      row["table"] = "vocab_series"
-      rows.append(row)
-      print(json.dumps(row), flush=True)
+    rows += measure_shape(methods, args.n, args.d, v, jnp.float32, reps=args.reps, timed=False,
+                          table="vocab_series")
   for n in args.token_series:
-    for name, (layout, loss) in methods.items():
-      row = measure(name, layout, loss, n, args.d, args.v, jnp.float32, reps=args.reps, timed=False)
-      row["table"] = "token_series"
-      rows.append(row)
-      print(json.dumps(row), flush=True)
+    rows += measure_shape(methods, n, args.d, args.v, jnp.float32, reps=args.reps, timed=False,
+                          table="token_series")
   return {"rows": rows}
 
 

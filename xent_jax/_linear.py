@@ -565,8 +565,10 @@ def linear_cross_entropy(
   computed from the per-row statistics :math:`\mathrm{lse}_i`, :math:`x_{iy_i}` and
   :math:`\sum_c w_c x_{ic}` gathered chunk by chunk (see the module docstring). With 'sum' or
   'mean' and no ``vocab_chunk_size`` the gradients are computed in the forward pass (three matmuls,
-  as the unfused loss); otherwise the backward pass recomputes the logits (four matmuls, blocks of
-  ``[token_chunk_size, vocab_chunk_size]``, the least memory).
+  as the unfused loss) and kept until the backward pass, which scales them (residuals: the size of
+  ``hidden`` and ``weight``); otherwise the backward pass recomputes the logits (four matmuls,
+  blocks of ``[token_chunk_size, vocab_chunk_size]``, residuals: the per-row ``lse``). Called
+  without differentiation, it only computes the loss (one matmul).
 
   Args:
     hidden: ``[..., D]`` float features (bfloat16 is accumulated in float32).
