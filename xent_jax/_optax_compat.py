@@ -91,10 +91,16 @@ def softmax_cross_entropy_with_integer_labels(
   _checks.check_shape(fn, "labels", labels, x.shape[:-1])
   num_classes = x.shape[-1]
   if where is not None and jnp.ndim(where) == jnp.ndim(logits):
-    kept = jnp.sum(class_mask, axis=-1, keepdims=True)
-    onehot = jax.nn.one_hot(labels, num_classes, dtype=ce.compute_dtype(x.dtype))
-    q = (1.0 - label_smoothing) * onehot + label_smoothing / jnp.maximum(kept, 1)
-    return _masked_class_cross_entropy(x, q, class_mask)
+    # As optax: the normalizer runs over the kept classes, the label's logit is read unmasked.
+    dtype = ce.compute_dtype(x.dtype)
+    lse = ce.finite_logsumexp(jnp.where(class_mask, x, -jnp.inf))
+    target_logit = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0].astype(dtype)
+    loss = (1.0 - label_smoothing) * (lse - target_logit)
+    if label_smoothing:
+      kept = jnp.sum(class_mask, axis=-1, keepdims=True)
+      uniform = jnp.full(x.shape, label_smoothing, dtype) / jnp.maximum(kept, 1)
+      loss = loss + _masked_class_cross_entropy(x, uniform, class_mask)
+    return jnp.where(jnp.any(class_mask, axis=-1), loss, 0.0)
   loss, _ = ce.integer_cross_entropy_last_axis(
       x,
       labels,
