@@ -144,6 +144,7 @@ def measure_shape(methods, n, d, v, dtype, *, reps: int, timed: bool, table: str
     for row, wall, cpu in zip(rows, walls, cpus):
       if wall:
         row["wall_s"], row["cpu_s"] = statistics.median(wall), statistics.median(cpu)
+        row["wall_each_s"] = [round(w, 4) for w in wall]
       if row is not rows[0] and "loss" in row and naive_loss is not None:
         row["abs_diff_vs_naive"] = abs(row["loss"] - naive_loss)
   for row in rows:
@@ -224,7 +225,8 @@ def markdown(result: dict) -> str:
       "",
       "## Headline",
       "",
-      "| dtype | method | wall s | CPU s | temp MiB | wall / naive | temp / naive | |loss - naive| |",
+      "| dtype | method | wall s | CPU s | temp MiB | wall / naive | temp / naive "
+      "| \\|loss - naive\\| |",
       "|---|---|---|---|---|---|---|---|",
   ]
   for dtype in ("float32", "bfloat16"):
@@ -270,7 +272,7 @@ def main(argv=None) -> None:
   parser.add_argument("--n", type=int, default=4096)
   parser.add_argument("--d", type=int, default=512)
   parser.add_argument("--v", type=int, default=32768)
-  parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--reps", type=int, default=7)
   parser.add_argument("--vocab-series", type=int, nargs="*",
                       default=[8192, 16384, 32768, 65536, 131072])
   parser.add_argument("--token-series", type=int, nargs="*", default=[1024, 4096, 16384])

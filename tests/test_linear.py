@@ -125,7 +125,8 @@ class TestMatchesUnfused:
 
   @pytest.mark.parametrize("vocab_chunk", [None, 12])
   def test_chunks_that_divide(self, vocab_chunk):
-    hidden, weight, bias, labels, kwargs = _problem(3, n=36, v=48, options=OPTION_SETS["everything"])
+    hidden, weight, bias, labels, kwargs = _problem(
+        3, n=36, v=48, options=OPTION_SETS["everything"])
     expected = _reference(hidden, weight, bias, labels, "mean", kwargs)
     actual = _fused(
         hidden, weight, bias, labels, "mean", kwargs, token_chunk_size=12,
@@ -189,7 +190,8 @@ class TestMatchesUnfused:
         argnums=(0, 1, 2),
     )(*args)
     unfused = jax.value_and_grad(
-        lambda h, w, b: xent_jax.cross_entropy(h @ w.T + b[None, :], jnp.asarray(labels), **options),
+        lambda h, w, b: xent_jax.cross_entropy(
+            h @ w.T + b[None, :], jnp.asarray(labels), **options),
         argnums=(0, 1, 2),
     )(*args)
     for a, e in zip(jax.tree.leaves(fused), jax.tree.leaves(unfused)):
@@ -257,7 +259,8 @@ class TestFeatures:
 
   @pytest.mark.parametrize("vocab_chunk", [None, 5])
   def test_check_grads(self, vocab_chunk):
-    hidden, weight, bias, labels, kwargs = _problem(11, n=9, v=13, options=OPTION_SETS["everything"])
+    hidden, weight, bias, labels, kwargs = _problem(
+        11, n=9, v=13, options=OPTION_SETS["everything"])
     with jax.enable_x64(True):
       kwargs = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
       fn = lambda h, w, b: xent_jax.linear_cross_entropy(
@@ -283,7 +286,8 @@ class TestFeatures:
     # The loss sees exact float32 logits of the rounded inputs; gradients are bfloat16 outputs.
     np.testing.assert_allclose(value, expected[0], rtol=1e-5)
     for g, e in zip(grads, expected[1:]):
-      np.testing.assert_allclose(np.asarray(g, np.float64), e, rtol=2e-2, atol=2e-2 * np.abs(e).max())
+      np.testing.assert_allclose(
+          np.asarray(g, np.float64), e, rtol=2e-2, atol=2e-2 * np.abs(e).max())
 
   def test_out_of_range_label_gives_nan(self):
     hidden, weight, bias, labels, _ = _problem(13)

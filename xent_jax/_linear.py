@@ -1,4 +1,4 @@
-r"""Fused linear cross-entropy: the loss of ``hidden @ weight.T + bias`` without the ``[N, V]`` logits.
+r"""Fused linear cross-entropy: the loss of ``hidden @ weight.T + bias`` without ``[N, V]`` logits.
 
 The per-row loss of :func:`xent_jax.cross_entropy` for integer labels needs only three statistics
 of the (capped) logits row :math:`x_i = \mathrm{cap}(h_i W^\top + b)`:
@@ -645,11 +645,13 @@ def linear_cross_entropy(
     _checks.check_broadcastable(fn, "where", where, batch_shape)
   n = int(np.prod(batch_shape))
   if n == 0:  # Nothing to chunk: the unfused loss of the empty [..., 0, V] logits.
-    logits = jnp.einsum("...d,vd->...v" if weight_layout == "vd" else "...d,dv->...v", hidden, weight)
+    spec = "...d,vd->...v" if weight_layout == "vd" else "...d,dv->...v"
+    logits = jnp.einsum(spec, hidden, weight)
     return _ce.cross_entropy(
         logits if bias is None else logits + _ce.along_classes(bias, logits.ndim), labels,
-        weight=class_weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-        smoothing=smoothing, z_loss=z_loss, logit_softcap=logit_softcap, where=where,
+        weight=class_weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
+        logit_softcap=logit_softcap, where=where,
         return_lse=return_lse,
     )
   token_chunk = _resolve_chunk(
