@@ -194,7 +194,7 @@ def _integer_forward(logits, labels, class_weight, valid, cfg):
   target_logit = softcap(raw_target.astype(dtype), cfg.logit_softcap) - m
   weighted_sum = None
   if cfg.target.off:
-    x = softcap(barrier(logits).astype(dtype), cfg.logit_softcap) - m[..., None]
+    x = softcap(barrier(logits).astype(dtype), cfg.logit_softcap) - barrier(m)[..., None]
     weighted_sum = jnp.sum(x if cfg.unit_weight else x * along_classes(class_weight, x.ndim), axis=-1)
   target_weight = class_weight[safe_labels]
   lse = m + log_sum
@@ -229,8 +229,9 @@ def _integer_bwd(cfg, residuals, cotangents):
   scale = g_loss * integer_label_grad_scale(
       m + log_sum, target_weight, jnp.sum(class_weight), cfg.target, cfg.z_loss
   ) + g_lse
-  # A barrier, as in the forward pass, so this pass shares no float32 copy with it.
-  x = softcap(jax.lax.optimization_barrier(logits).astype(dtype), cfg.logit_softcap)
+  # Barriers, as in the forward pass, so this pass shares no [..., V] float32 value with it.
+  logits, m = jax.lax.optimization_barrier((logits, m))
+  x = softcap(logits.astype(dtype), cfg.logit_softcap)
   probs = jnp.exp((x - m[..., None]) - log_sum[..., None])
   classes = jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
   on_minus_off = (cfg.target.on - cfg.target.off) * g_loss * target_weight
