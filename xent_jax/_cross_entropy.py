@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from xent_jax import _checks
+from xent_jax import _inputs
 from xent_jax import _reduction
+from xent_jax._inputs import compute_dtype
 
 SMOOTHING_CONVENTIONS = ("uniform", "t5x")
 
@@ -58,11 +60,6 @@ def smoothed_target(
   off = eps / (num_classes - 1) if num_classes > 1 else 0.0
   xlogx = lambda v: v * math.log(v) if v > 0 else 0.0
   return SmoothedTarget(on, off, xlogx(on), xlogx(off))
-
-
-def compute_dtype(dtype) -> jnp.dtype:
-  """float32 for half-precision inputs (and float32), float64 for float64."""
-  return jnp.promote_types(dtype, jnp.float32)
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
@@ -401,11 +398,6 @@ def check_common_options(
     _checks.check_reduction(fn, reduction)
 
 
-def check_class_weight(fn: str, name: str, weight, num_classes: int) -> None:
-  _checks.check_floating(fn, name, weight)
-  _checks.check_shape(fn, name, weight, (num_classes,))
-
-
 def cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -471,9 +463,6 @@ def cross_entropy(
     Chowdhery et al., "PaLM", 2022 (z-loss); Gemma Team, "Gemma 2", 2024 (soft-capping).
   """
   fn = "cross_entropy"
-  _checks.check_floating(fn, "logits", logits)
-  logits = jnp.asarray(logits)
-  labels = jnp.asarray(labels)
   check_common_options(
       fn,
       label_smoothing=label_smoothing,
@@ -482,53 +471,36 @@ def cross_entropy(
       logit_softcap=logit_softcap,
       reduction=reduction,
   )
-  axis = _checks.canonical_axis(fn, axis, logits.ndim)
-  num_classes = logits.shape[axis]
-  batch_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
-  if weight is not None:
-    check_class_weight(fn, "weight", weight, num_classes)
-    weight = jnp.asarray(weight)
-  if where is not None:
-    _checks.check_broadcastable(fn, "where", where, batch_shape)
-    valid = jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
-  else:
-    valid = jnp.ones(batch_shape, bool)
-  logits_last = jnp.moveaxis(logits, axis, -1)
-
-  if jnp.issubdtype(labels.dtype, jnp.integer):
-    _checks.check_shape(fn, "labels", labels, batch_shape)
-    if ignore_index is not None:
-      valid = valid & (labels != ignore_index)
+  inputs = _inputs.parse_inputs(
+      fn,
+      logits,
+      labels,
+      axis=axis,
+      weight=weight,
+      ignore_index=ignore_index,
+      where=where,
+      reduction=reduction,
+  )
+  if inputs.integer:
     loss, lse = integer_cross_entropy_last_axis(
-        logits_last,
-        labels,
-        class_weight=weight,
-        valid=valid,
-        target=smoothed_target(num_classes, label_smoothing, smoothing),
+        inputs.logits,
+        inputs.labels,
+        class_weight=inputs.weight,
+        valid=inputs.valid,
+        target=smoothed_target(inputs.num_classes, label_smoothing, smoothing),
         z_loss=z_loss,
         logit_softcap=logit_softcap,
     )
-    in_range = (labels >= 0) & (labels < num_classes)
-    safe_labels = jnp.where(in_range, labels, 0)
-    target_weight = jnp.ones(batch_shape, loss.dtype) if weight is None else weight[safe_labels]
-    example_weight = jnp.where(valid, target_weight.astype(loss.dtype), 0)
-  elif jnp.issubdtype(labels.dtype, jnp.floating):
-    _checks.check_shape(fn, "labels", labels, logits.shape)
+  else:
     loss, lse = dense_cross_entropy_last_axis(
-        logits_last,
-        jnp.moveaxis(labels, axis, -1),
-        class_weight=weight,
-        valid=valid,
+        inputs.logits,
+        inputs.labels,
+        class_weight=inputs.weight,
+        valid=inputs.valid,
         label_smoothing=label_smoothing,
         smoothing=smoothing,
         z_loss=z_loss,
         logit_softcap=logit_softcap,
     )
-    example_weight = valid
-  else:
-    raise TypeError(
-        f"{fn}: `labels` must be integer class ids or float probabilities, got dtype {labels.dtype}."
-    )
-  reduced = _reduction.reduce_loss(loss, example_weight, reduction, fn=fn)
+  reduced = _reduction.reduce_loss(loss, inputs.example_weight, reduction, fn=fn)
   return (reduced, lse) if return_lse else reduced
-

@@ -53,6 +53,7 @@ import numpy as np
 from jax import lax
 
 from xent_jax import _checks
+from xent_jax import _inputs
 from xent_jax import _cross_entropy as _ce
 from xent_jax import _reduction
 
@@ -640,7 +641,7 @@ def linear_cross_entropy(
     _checks.check_shape(fn, "bias", bias, (num_classes,))
     bias = jnp.asarray(bias)
   if class_weight is not None:
-    _ce.check_class_weight(fn, "class_weight", class_weight, num_classes)
+    _inputs.check_class_weight(fn, "class_weight", class_weight, num_classes)
   if where is not None:
     _checks.check_broadcastable(fn, "where", where, batch_shape)
   n = int(np.prod(batch_shape))

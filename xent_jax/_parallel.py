@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xent_jax import _checks
+from xent_jax import _inputs
 from xent_jax import _cross_entropy as _ce
 from xent_jax import _linear
 from xent_jax import _reduction
@@ -393,7 +394,7 @@ def vocab_parallel_cross_entropy_local(
   _check_labels(fn, labels, logits.shape[:-1])
   dtype = _ce.compute_dtype(logits.dtype)
   if weight is not None:
-    _ce.check_class_weight(fn, "weight", weight, logits.shape[-1])
+    _inputs.check_class_weight(fn, "weight", weight, logits.shape[-1])
     weight = jnp.asarray(weight).astype(dtype)
   valid = _valid_rows(fn, labels, where, ignore_index)
   num_classes = logits.shape[-1] * jax.lax.axis_size(vocab_axis)
@@ -477,7 +478,7 @@ def vocab_parallel_cross_entropy(
   batch_shape = logits.shape[:-1]
   _check_labels(fn, labels, batch_shape)
   if weight is not None:
-    _ce.check_class_weight(fn, "weight", weight, logits.shape[-1])
+    _inputs.check_class_weight(fn, "weight", weight, logits.shape[-1])
   rows = _mesh_specs(fn, mesh, vocab_axis, data_axis, logits.shape[-1], "logits", batch_shape,
                      "logits")
   if where is not None:
@@ -548,7 +549,7 @@ def _linear_local(
     bias = jnp.asarray(bias)
   dtype = _ce.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
   if class_weight is not None:
-    _ce.check_class_weight(fn, "class_weight", class_weight, num_local)
+    _inputs.check_class_weight(fn, "class_weight", class_weight, num_local)
     class_weight = jnp.asarray(class_weight).astype(dtype)
   n = math.prod(batch_shape)
   token_chunk = _linear._resolve_chunk(

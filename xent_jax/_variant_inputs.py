@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xent_jax import _checks
 from xent_jax import _cross_entropy as ce
+from xent_jax import _inputs
 from xent_jax import _reduction
 
 
@@ -93,52 +93,31 @@ def prepare(
     reduction: 'none', 'sum' or 'mean' (only checked here).
     where: bool mask broadcastable to the batch shape, or None.
   """
-  _checks.check_floating(fn, "logits", logits)
-  _checks.check_reduction(fn, reduction)
-  logits = jnp.asarray(logits)
-  labels = jnp.asarray(labels)
-  axis = _checks.canonical_axis(fn, axis, logits.ndim)
-  num_classes = logits.shape[axis]
-  batch_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
-  dtype = ce.compute_dtype(logits.dtype)
-  if weight is not None:
-    ce.check_class_weight(fn, "weight", weight, num_classes)
-    weight = jnp.asarray(weight).astype(dtype)
-  if where is None:
-    valid = jnp.ones(batch_shape, bool)
+  inputs = _inputs.parse_inputs(
+      fn,
+      logits,
+      labels,
+      axis=axis,
+      weight=weight,
+      ignore_index=ignore_index,
+      where=where,
+      reduction=reduction,
+  )
+  dtype, valid = inputs.dtype, inputs.valid
+  if inputs.integer:
+    labels = inputs.safe_labels
+    target_mass = inputs.target_weight
   else:
-    _checks.check_broadcastable(fn, "where", where, batch_shape)
-    valid = jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
-
-  if jnp.issubdtype(labels.dtype, jnp.integer):
-    _checks.check_shape(fn, "labels", labels, batch_shape)
-    integer = True
-    if ignore_index is not None:
-      valid = valid & (labels != ignore_index)
-    in_range = (labels >= 0) & (labels < num_classes)
-    bad = valid & ~in_range
-    labels = jnp.where(valid & in_range, labels, 0)
-    target_mass = jnp.ones(batch_shape, dtype) if weight is None else weight[labels]
-    example_weight = jnp.where(valid, target_mass, 0).astype(dtype)
-  elif jnp.issubdtype(labels.dtype, jnp.floating):
-    _checks.check_shape(fn, "labels", labels, logits.shape)
-    integer = False
-    labels = jnp.moveaxis(labels, axis, -1).astype(dtype)
-    labels = jnp.where(valid[..., None], labels, 0)
-    bad = jnp.zeros(batch_shape, bool)
-    if weight is None:
-      target_mass = jnp.ones(batch_shape, dtype)
-    else:
-      target_mass = jnp.sum(labels * jnp.broadcast_to(weight, labels.shape), axis=-1)
-    example_weight = valid.astype(dtype)
-  else:
-    raise TypeError(
-        f"{fn}: `labels` must be integer class ids or float probabilities, got dtype {labels.dtype}."
-    )
+    labels = jnp.where(valid[..., None], inputs.labels.astype(dtype), 0)
+    target_mass = jnp.ones(valid.shape, dtype)
+    if inputs.weight is not None:
+      target_mass = jnp.sum(labels * ce.along_classes(inputs.weight, labels.ndim), axis=-1)
   # Invalid rows become zeros so that nothing in them (say, a row of -inf) reaches the gradient.
-  x = jnp.where(valid[..., None], jnp.moveaxis(logits, axis, -1).astype(dtype), 0)
+  x = jnp.where(valid[..., None], inputs.logits.astype(dtype), 0)
   lse = ce.finite_logsumexp(x)
-  return Prepared(x, lse, labels, integer, weight, target_mass, example_weight, valid, bad)
+  return Prepared(
+      x, lse, labels, inputs.integer, inputs.weight, target_mass, inputs.example_weight, valid, inputs.bad
+  )
 
 
 def expected_target_loss(
