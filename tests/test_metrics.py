@@ -220,7 +220,7 @@ class TestAgainstReference:
     np.testing.assert_allclose(metrics.negative_log_likelihood(logits[0, 0], labels[0, 0]),
                                _ref_nll(logits[0, :1], labels[0, :1], [True]), rtol=1e-6)
 
-  @hypothesis.settings(max_examples=15, deadline=None)
+  @hypothesis.settings(max_examples=10, deadline=None)
   @hypothesis.given(
       seed=st.integers(0, 2**31), batch=st.integers(1, 40), num_classes=st.integers(1, 9),
       num_bins=st.integers(1, 20), scale=st.sampled_from([0.1, 3.0, 30.0]),
