@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xent_jax import _checks
+from xent_jax import _inputs
 
 __all__ = [
     "CalibrationCounts",
@@ -141,7 +142,7 @@ def _rows(fn: str, logits, labels, axis: int, where) -> _Rows:
     if where.dtype != jnp.bool_:
       raise TypeError(f"{fn}: `where` must be a boolean mask, got dtype {where.dtype}.")
     mask = jnp.broadcast_to(where, batch_shape)
-  dtype = jnp.promote_types(logits.dtype, jnp.float32)
+  dtype = _inputs.compute_dtype(logits.dtype)
   num_classes = logits.shape[-1]
   return _Rows(logits.astype(dtype).reshape(-1, num_classes), labels.reshape(-1), mask.reshape(-1))
 
