@@ -11,6 +11,7 @@ import pathlib
 import matplotlib
 import numpy as np
 
+from xent_jax import metrics
 from xent_jax.train import logs
 
 matplotlib.use("Agg")
@@ -115,11 +116,12 @@ def _plot_reliability(path: pathlib.Path, groups: dict[str, list[dict]]) -> None
   fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
   for ax, (group, runs) in zip(axes.flat, groups.items()):
     counts = [run["summary"]["calibration_counts"] for run in runs]
-    count_K = np.sum([c["count"] for c in counts], axis=0)
-    hits_K = np.sum([c["correct_sum"] for c in counts], axis=0)
-    num_bins = len(count_K)
+    summed = metrics.CalibrationCounts(
+        *(np.sum([c[field] for c in counts], axis=0) for field in metrics.CalibrationCounts._fields)
+    )
+    accuracy_K = np.asarray(metrics.reliability_from_counts(summed).accuracy)  # NaN: empty bin
+    num_bins = len(accuracy_K)
     centers_K = (np.arange(num_bins) + 0.5) / num_bins
-    accuracy_K = np.divide(hits_K, count_K, out=np.zeros(num_bins), where=count_K > 0)
     ax.bar(centers_K, accuracy_K, width=1 / num_bins, edgecolor="k", linewidth=0.4)
     ax.plot([0, 1], [0, 1], "r--", linewidth=1)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
