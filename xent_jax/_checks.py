@@ -39,6 +39,7 @@ def check_in_range(
   """
   if isinstance(value, jax.core.Tracer):
     return
+  check_real_scalar(fn, name, value)
   v = float(np.asarray(value))
   below = v <= low if low_open else v < low
   above = v >= high if high_open else v > high
@@ -46,6 +47,42 @@ def check_in_range(
     lo = "(" if low_open else "["
     hi = ")" if high_open else "]"
     raise ValueError(f"{fn}: `{name}` must be in {lo}{low}, {high}{hi}, got {value!r}.")
+
+
+def check_real_scalar(fn: str, name: str, value: Any) -> None:
+  """Raises ``TypeError`` unless ``value`` is one real number (int or float, not a str or bool).
+
+  ``float("0.1")`` would otherwise turn a string option into a number without a word.
+  """
+  if isinstance(value, bool):
+    real = False
+  elif isinstance(value, (int, float)):
+    real = True
+  else:
+    dtype = getattr(value, "dtype", None)
+    real = (
+        dtype is not None
+        and np.ndim(value) == 0
+        and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+    )
+  if not real:
+    raise TypeError(
+        f"{fn}: `{name}` must be a real number (int or float), got {type(value).__name__} "
+        f"{value!r}."
+    )
+
+
+def check_has_classes(fn: str, name: str, shape: Sequence[int], axis: int) -> None:
+  """Raises ``ValueError`` when the class axis ``axis`` of ``name`` (of shape ``shape``) is empty.
+
+  A softmax over zero classes has no value; without this check the size shows up later as a
+  division or modulo by zero.
+  """
+  if shape[axis] == 0:
+    raise ValueError(
+        f"{fn}: `{name}` must have at least one class along axis {axis}, got shape "
+        f"{tuple(shape)}."
+    )
 
 
 def check_choice(fn: str, name: str, value: Any, choices: Sequence[Any]) -> None:

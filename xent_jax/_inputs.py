@@ -7,12 +7,18 @@ a per-example mask ``where``; a ``reduction``. :func:`parse_inputs` checks them 
 derived per-example quantities of PyTorch's rules: the example weight
 :math:`\\omega_i = w_{y_i}\\,\\mathrm{valid}_i` (``valid_i`` for probability labels) and the
 rows whose valid integer label lies outside ``[0, C)``.
+
+Integer labels are compared with ``ignore_index`` and with ``[0, C)`` exactly, whatever their
+dtype (:func:`integer_labels`): a uint8 label never equals ``-100``, an int8 label 127 is in range
+for ``C = 200``. Concrete int64 labels that JAX would wrap to int32 (``jax_enable_x64`` off) are
+refused (:func:`as_label_array`).
 """
 
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from xent_jax import _checks
 
@@ -23,9 +29,151 @@ def compute_dtype(dtype) -> jnp.dtype:
 
 
 def check_class_weight(fn: str, name: str, weight, num_classes: int) -> None:
-  """Checks a ``[C]`` float class-weight vector named ``name``."""
+  """Checks a ``[C]`` float class-weight vector named ``name``: dtype, shape and, when its values
+  are concrete (not traced), that every weight is a non-negative number.
+
+  Raises:
+    TypeError: a non-float ``weight``.
+    AssertionError: (chex) a shape other than ``[C]``.
+    ValueError: a negative or NaN weight, naming the first one.
+  """
   _checks.check_floating(fn, name, weight)
   _checks.check_shape(fn, name, weight, (num_classes,))
+  if isinstance(weight, jax.core.Tracer):
+    return
+  host = np.asarray(jnp.asarray(weight, jnp.float32))
+  bad = np.flatnonzero(~(host >= 0))
+  if bad.size:
+    raise ValueError(
+        f"{fn}: `{name}` must hold non-negative class weights, got {name}[{bad[0]}] = "
+        f"{host[bad[0]]}."
+    )
+
+
+def as_label_array(fn: str, labels: jax.typing.ArrayLike) -> jax.Array:
+  """``jnp.asarray(labels)``, refusing concrete integer labels that the conversion would wrap.
+
+  With ``jax_enable_x64`` off JAX stores int64 as int32 (uint64 as uint32) and wraps what does not
+  fit: label ``2**32 + 1`` would silently become class 1. Concrete labels (NumPy arrays, Python
+  ints or lists) holding such a value raise instead. JAX arrays and traced labels already have a
+  JAX dtype and pass through unchanged (what a ``jit`` boundary wrapped is out of reach here).
+
+  Raises:
+    ValueError: naming the first label outside the range of the dtype JAX would store.
+  """
+  if isinstance(labels, jax.Array):
+    return labels
+  host = np.asarray(labels)
+  if host.dtype.kind in "iu":
+    stored = jax.dtypes.canonicalize_dtype(host.dtype)
+    info = np.iinfo(stored)
+    outside = np.argwhere((host < info.min) | (host > info.max))
+    if outside.size:
+      pos = tuple(int(i) for i in outside[0])
+      raise ValueError(
+          f"{fn}: `labels` must fit in {stored} with jax_enable_x64 off (JAX would wrap them to "
+          f"other classes), got labels[{pos}] = {host[pos]} of dtype {host.dtype}."
+      )
+  return jnp.asarray(host)
+
+
+def label_equals(labels: jax.Array, value: int) -> jax.Array:
+  """``labels == value`` exactly: a value the labels' dtype cannot hold matches no label.
+
+  (``uint8`` labels compared with ``-100`` in their own dtype would match the class 156.)
+  """
+  info = jnp.iinfo(labels.dtype)
+  if not info.min <= value <= info.max:
+    return jnp.zeros(labels.shape, bool)
+  return labels == jnp.asarray(value, labels.dtype)
+
+
+def label_in_range(labels: jax.Array, num_classes: int) -> jax.Array:
+  """``0 <= labels < num_classes`` exactly, in any integer dtype (``int8`` labels against 200
+  classes, ``uint32`` labels beyond the int32 range)."""
+  info = jnp.iinfo(labels.dtype)
+  above_zero = labels >= 0 if info.min < 0 else jnp.ones(labels.shape, bool)
+  if num_classes > info.max:
+    return above_zero
+  return above_zero & (labels < jnp.asarray(num_classes, labels.dtype))
+
+
+def check_ignore_index(fn: str, ignore_index) -> int | None:
+  """Returns ``ignore_index`` as a Python int (or None); ``TypeError`` for anything else."""
+  if ignore_index is None:
+    return None
+  if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+    raise TypeError(f"{fn}: `ignore_index` must be an int or None, got {ignore_index!r}.")
+  return int(ignore_index)
+
+
+class IntegerLabels(NamedTuple):
+  """Integer labels read exactly, whatever their dtype.
+
+  Attributes:
+    labels: ``[...]`` int32: the label where it lies in ``[0, C)``, else -1. Any later
+      comparison with ``0`` and ``C`` is then exact.
+    valid: ``[...]`` bool, rows that count: ``where`` and label ``!= ignore_index``.
+    in_range: ``[...]`` bool, labels inside ``[0, C)``.
+  """
+
+  labels: jax.Array
+  valid: jax.Array
+  in_range: jax.Array
+
+  @property
+  def bad(self) -> jax.Array:
+    """``[...]`` valid rows whose label is outside ``[0, C)``: their loss is NaN."""
+    return self.valid & ~self.in_range
+
+  @property
+  def safe_labels(self) -> jax.Array:
+    """``[...]`` int32 labels, invalid and out-of-range ones replaced by 0 (safe to gather)."""
+    return jnp.where(self.valid & self.in_range, self.labels, 0)
+
+
+def integer_labels(
+    fn: str,
+    labels: jax.typing.ArrayLike,
+    *,
+    num_classes: int,
+    ignore_index: int | None,
+    where: jax.typing.ArrayLike | None,
+) -> IntegerLabels:
+  """Reads integer ``labels`` against ``num_classes``, ``ignore_index`` and a mask ``where``.
+
+  The one place where labels meet ``ignore_index`` and ``[0, C)``: every comparison is exact in
+  the labels' own dtype (:func:`label_equals`, :func:`label_in_range`), and concrete labels that
+  JAX would wrap are refused (:func:`as_label_array`). Shapes are the caller's to check.
+
+  Args:
+    fn: the caller's name, for error messages.
+    labels: ``[...]`` integer class ids, any integer dtype.
+    num_classes: ``C``.
+    ignore_index: label value that counts for nothing; None: none.
+    where: mask broadcastable to ``labels.shape``; None keeps every row.
+
+  Returns:
+    :class:`IntegerLabels` of ``labels.shape``.
+
+  Raises:
+    TypeError: non-integer ``labels`` or a non-int ``ignore_index``.
+    ValueError: concrete labels JAX would wrap, or a ``where`` that does not broadcast.
+  """
+  labels = as_label_array(fn, labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}.")
+  ignore_index = check_ignore_index(fn, ignore_index)
+  if where is None:
+    valid = jnp.ones(labels.shape, bool)
+  else:
+    _checks.check_broadcastable(fn, "where", where, labels.shape)
+    valid = jnp.broadcast_to(jnp.asarray(where, bool), labels.shape)
+  if ignore_index is not None:
+    valid = valid & ~label_equals(labels, ignore_index)
+  in_range = label_in_range(labels, num_classes)
+  wide = jnp.where(in_range, labels.astype(jnp.int32), jnp.asarray(-1, jnp.int32))
+  return IntegerLabels(wide, valid, in_range)
 
 
 class LossInputs(NamedTuple):
@@ -33,7 +181,8 @@ class LossInputs(NamedTuple):
 
   Attributes:
     logits: ``[..., C]`` in the caller's dtype.
-    labels: ``[...]`` integer ids as given, or ``[..., C]`` probabilities as given.
+    labels: ``[...]`` int32 class ids, -1 where the given label lies outside ``[0, C)`` (see
+      :class:`IntegerLabels`), or ``[..., C]`` probabilities as given.
     integer: whether ``labels`` are class ids.
     weight: ``[C]`` class weights in :func:`compute_dtype`, or None.
     valid: ``[...]`` bool, rows that count (``where`` and not ``ignore_index``).
@@ -97,15 +246,19 @@ def parse_inputs(
   """Checks the shared arguments of ``fn`` (naming the bad one) and moves classes last.
 
   Raises:
-    TypeError: non-float ``logits``; ``labels`` neither integer nor float; non-float ``weight``.
-    ValueError: bad ``axis``, ``reduction`` or a ``where`` that does not broadcast.
+    TypeError: non-float ``logits``; ``labels`` neither integer nor float; non-float ``weight``;
+      a non-int ``ignore_index``.
+    ValueError: bad ``axis`` or ``reduction``, no classes, a ``where`` that does not broadcast,
+      negative class weights, concrete labels JAX would wrap.
     AssertionError: (chex, at trace time) ``labels`` or ``weight`` of the wrong shape.
   """
   _checks.check_floating(fn, "logits", logits)
   _checks.check_reduction(fn, reduction)
+  ignore_index = check_ignore_index(fn, ignore_index)
   logits = jnp.asarray(logits)
-  labels = jnp.asarray(labels)
+  labels = as_label_array(fn, labels)
   axis = _checks.canonical_axis(fn, axis, logits.ndim)
+  _checks.check_has_classes(fn, "logits", logits.shape, axis)
   num_classes = logits.shape[axis]
   batch_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
   if weight is not None:
@@ -118,8 +271,10 @@ def parse_inputs(
     valid = jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
   if jnp.issubdtype(labels.dtype, jnp.integer):
     _checks.check_shape(fn, "labels", labels, batch_shape)
-    if ignore_index is not None:
-      valid = valid & (labels != ignore_index)
+    read = integer_labels(
+        fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=None
+    )
+    labels, valid = read.labels, valid & read.valid
     integer = True
   elif jnp.issubdtype(labels.dtype, jnp.floating):
     _checks.check_shape(fn, "labels", labels, logits.shape)

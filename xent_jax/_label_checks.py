@@ -11,6 +11,7 @@ import numpy as np
 from jax.experimental import checkify
 
 from xent_jax import _checks
+from xent_jax import _inputs
 
 
 def check_labels(
@@ -48,22 +49,28 @@ def check_labels(
   labels_dtype = jnp.result_type(labels)
   if not jnp.issubdtype(labels_dtype, jnp.integer):
     raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels_dtype}.")
-  ok = lambda y: ((y >= 0) & (y < num_classes)) | (
-      (y == ignore_index) if ignore_index is not None else False
-  )
+  ignore_index = _inputs.check_ignore_index(fn, ignore_index)
   allowed = f"[0, {num_classes}) or equal ignore_index={ignore_index}"
   if isinstance(labels, jax.core.Tracer):
+    # Exact in the labels' own dtype (a uint8 label never equals -100).
     flat = jnp.ravel(labels)
-    first = jnp.argmin(ok(flat))
+    ok_flat = _inputs.label_in_range(flat, num_classes)
+    if ignore_index is not None:
+      ok_flat = ok_flat | _inputs.label_equals(flat, ignore_index)
+    first = jnp.argmin(ok_flat)
     checkify.check(
-        jnp.all(ok(flat)),
+        jnp.all(ok_flat),
         f"{fn}: `labels` must lie in {allowed}; flat position {{pos}} holds {{value}}.",
         pos=first,
         value=flat[first],
     )
     return
+  # NumPy compares integers of any width with Python ints exactly (and int64 stays int64 here).
   labels = np.asarray(labels)
-  bad = np.argwhere(~ok(labels))
+  ok = (labels >= 0) & (labels < num_classes)
+  if ignore_index is not None:
+    ok = ok | (labels == ignore_index)
+  bad = np.argwhere(~ok)
   if bad.size:
     pos = tuple(int(i) for i in bad[0])
     raise ValueError(f"{fn}: `labels` must lie in {allowed}; labels[{pos}] = {labels[pos]}.")

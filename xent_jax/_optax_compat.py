@@ -3,7 +3,9 @@
 Code written against ``optax.losses`` switches by changing the import. The differences are
 additions: ``label_smoothing`` (keyword-only) without building a one-hot, float32 accumulation for
 half-precision logits, finite results where a ``-inf`` logit meets a zero target, and NaN (not a
-silently wrong number) for integer labels outside ``[0, C)``.
+silently wrong number) for integer labels outside ``[0, C)``, with a per-logit ``where`` too
+(where optax reads label -1 as the last class). Logits without classes raise ``ValueError``; an
+empty batch gives an empty result, as in optax.
 """
 
 import math
@@ -13,6 +15,7 @@ import jax.numpy as jnp
 
 from xent_jax import _checks
 from xent_jax import _cross_entropy as ce
+from xent_jax import _inputs
 
 Axis = int | tuple[int, ...]
 
@@ -27,10 +30,13 @@ def _classes_last(fn: str, logits, axis: Axis, where):
     axes = (_checks.canonical_axis(fn, axis, logits.ndim),)
   else:
     raise TypeError(f"{fn}: `axis` must be an int or a tuple of ints, got {axis!r}.")
+  for a in axes:
+    _checks.check_has_classes(fn, "logits", logits.shape, a)
   batch = tuple(a for a in range(logits.ndim) if a not in axes)
+  num_classes = math.prod(logits.shape[a] for a in axes)
   def flatten(x):
     x = jnp.transpose(x, batch + axes)
-    return x.reshape(x.shape[: len(batch)] + (-1,))
+    return x.reshape(x.shape[: len(batch)] + (num_classes,))
   per_logit = where is not None and jnp.ndim(where) == logits.ndim
   return flatten(logits), (flatten(jnp.asarray(where, bool)) if per_logit else None)
 
@@ -72,7 +78,8 @@ def softmax_cross_entropy_with_integer_labels(
     labels: integer ids of shape ``logits.shape`` without ``axis``.
     axis: class axis or axes.
     where: per-example mask (batch shape) or per-logit mask (``logits.shape``, restricting the
-      softmax and the smoothing to the kept classes); rows with nothing kept give 0.
+      softmax and the smoothing to the kept classes); rows with nothing kept give 0. A label
+      outside ``[0, C)`` gives NaN with either mask (optax reads -1 as the last class).
     label_smoothing: :math:`\epsilon`, uniform over the (kept) classes, without a one-hot.
 
   Returns:
@@ -83,27 +90,31 @@ def softmax_cross_entropy_with_integer_labels(
   """
   fn = "softmax_cross_entropy_with_integer_labels"
   _checks.check_floating(fn, "logits", logits)
-  labels = jnp.asarray(labels)
+  labels = _inputs.as_label_array(fn, labels)
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}.")
   _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
   x, class_mask = _classes_last(fn, jnp.asarray(logits), axis, where)
   _checks.check_shape(fn, "labels", labels, x.shape[:-1])
   num_classes = x.shape[-1]
+  read = _inputs.integer_labels(
+      fn, labels, num_classes=num_classes, ignore_index=None, where=None
+  )
   if where is not None and jnp.ndim(where) == jnp.ndim(logits):
     # As optax: the normalizer runs over the kept classes, the label's logit is read unmasked.
     dtype = ce.compute_dtype(x.dtype)
     lse = ce.finite_logsumexp(jnp.where(class_mask, x, -jnp.inf))
-    target_logit = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0].astype(dtype)
-    loss = (1.0 - label_smoothing) * (lse - target_logit)
+    target_logit = jnp.take_along_axis(x, read.safe_labels[..., None], axis=-1)[..., 0]
+    loss = (1.0 - label_smoothing) * (lse - target_logit.astype(dtype))
     if label_smoothing:
       kept = jnp.sum(class_mask, axis=-1, keepdims=True)
       uniform = jnp.full(x.shape, label_smoothing, dtype) / jnp.maximum(kept, 1)
       loss = loss + _masked_class_cross_entropy(x, uniform, class_mask)
+    loss = jnp.where(read.in_range, loss, jnp.nan)
     return jnp.where(jnp.any(class_mask, axis=-1), loss, 0.0)
   loss, _ = ce.integer_cross_entropy_last_axis(
       x,
-      labels,
+      read.labels,
       class_weight=None,
       valid=_example_mask(fn, where, x.shape[:-1]),
       target=ce.smoothed_target(num_classes, label_smoothing),
@@ -146,7 +157,7 @@ def softmax_cross_entropy(
   """
   fn = "softmax_cross_entropy"
   _checks.check_floating(fn, "logits", logits)
-  labels = jnp.asarray(labels)
+  labels = _inputs.as_label_array(fn, labels)
   if jnp.issubdtype(labels.dtype, jnp.integer):
     return softmax_cross_entropy_with_integer_labels(
         logits, labels, axis, where, label_smoothing=label_smoothing
@@ -207,7 +218,8 @@ def smooth_labels(
   labels = jnp.asarray(labels)
   if where is None:
     axes = range(labels.ndim) if axis is None else (axis if isinstance(axis, tuple) else (axis,))
-    num_categories = math.prod(labels.shape[a] for a in axes)
+    # An empty class axis leaves nothing to smooth (and no division by its size).
+    num_categories = max(math.prod(labels.shape[a] for a in axes), 1)
   else:
     num_categories = jnp.sum(where, axis, keepdims=True)
   return (1.0 - alpha) * labels + alpha / num_categories
