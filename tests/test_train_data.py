@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from xent_jax.train.config import DataConfig
-from xent_jax.train.data import add_label_noise, eval_batches, load_dataset, pydoc_text, train_batch
+from xent_jax.train.data import (DataError, add_label_noise, eval_batches, load_dataset, pydoc_text,
+                                  train_batch)
 
 
 @pytest.mark.parametrize("noise_type", ["symmetric", "asymmetric"])
@@ -32,14 +33,21 @@ def test_noise_touches_only_the_training_labels(name):
   changed_N = clean.y_train_N != noisy.y_train_N
   np.testing.assert_array_equal(changed_N, noisy.noise_mask_N)
   assert changed_N.sum() == round(0.4 * len(changed_N))
+  # The held-out part of the training data is as noisy as the rest of it.
+  np.testing.assert_array_equal(clean.x_holdout_HxF, noisy.x_holdout_HxF)
+  changed_H = clean.y_holdout_H != noisy.y_holdout_H
+  assert changed_H.sum() == round(0.4 * len(changed_H))
 
 
 def test_digits_split_is_disjoint_and_complete():
-  data = load_dataset(DataConfig(name="digits", test_fraction=0.2))
-  assert len(data.y_train_N) + len(data.y_test_M) == 1797
+  data = load_dataset(DataConfig(name="digits", test_fraction=0.2, holdout_fraction=0.1))
+  assert len(data.y_train_N) + len(data.y_holdout_H) + len(data.y_test_M) == 1797
   assert len(data.y_test_M) == round(0.2 * 1797)
-  rows = {row.tobytes() for row in data.x_train_NxF} & {row.tobytes() for row in data.x_test_MxF}
-  assert len(rows) <= 5  # a handful of digits images are exact duplicates in the raw data
+  assert len(data.y_holdout_H) == round(0.1 * (1797 - len(data.y_test_M)))
+  splits = [{row.tobytes() for row in x}
+            for x in (data.x_train_NxF, data.x_holdout_HxF, data.x_test_MxF)]
+  for i, j in ((0, 1), (0, 2), (1, 2)):
+    assert len(splits[i] & splits[j]) <= 5  # a handful of digits images are exact duplicates
   assert load_dataset(DataConfig(name="digits"), image=True).x_train_NxF.shape[1:] == (8, 8, 1)
 
 
@@ -91,3 +99,98 @@ def test_eval_batches_pad_and_mask():
   assert all(len(x) == 128 for x, _, _ in batches)
   assert sum(valid.sum() for _, _, valid in batches) == len(data.y_test_M)
   np.testing.assert_array_equal(np.concatenate([y[v] for _, y, v in batches]), data.y_test_M)
+
+
+def test_holdout_batches_cover_the_holdout_split():
+  data = load_dataset(DataConfig(name="gaussian_mixture", holdout_fraction=0.25))
+  batches = list(eval_batches(data, batch_size=64, split="holdout"))
+  np.testing.assert_array_equal(np.concatenate([y[v] for _, y, v in batches]), data.y_holdout_H)
+  assert len(data.y_holdout_H) == round(0.25 * 0.8 * 2000)
+  assert len(load_dataset(DataConfig(name="gaussian_mixture", holdout_fraction=0.0)).y_holdout_H) == 0
+
+
+def test_char_corpus_holdout_comes_from_the_training_text():
+  data = load_dataset(DataConfig(name="pydoc_chars", seq_len=16, max_eval_tokens=512,
+                                 holdout_fraction=0.1))
+  full = load_dataset(DataConfig(name="pydoc_chars", seq_len=16, max_eval_tokens=512,
+                                 holdout_fraction=0.0))
+  num_train = len(full.x_train_NxF)
+  assert len(data.x_train_NxF) == num_train - round(0.1 * num_train)
+  # The held-out windows start where the (shortened) training text ends, inside the old one.
+  np.testing.assert_array_equal(data.x_holdout_HxF[0], full.x_train_NxF[len(data.x_train_NxF):][:16])
+  np.testing.assert_array_equal(data.x_holdout_HxF[:, 1:], data.y_holdout_H[:, :-1])
+  np.testing.assert_array_equal(data.x_test_MxF, full.x_test_MxF)
+
+
+def test_mnist1d_is_generated_offline_like_the_package():
+  from mnist1d.data import get_dataset_args, make_dataset  # the package itself, as reference
+
+  rng_state = np.random.get_state()[1].copy()
+  data = load_dataset(DataConfig(name="mnist1d", holdout_fraction=0.1))
+  np.testing.assert_array_equal(np.random.get_state()[1], rng_state)  # global NumPy RNG untouched
+  reference = make_dataset(get_dataset_args())
+  assert data.x_train_NxF.shape == (3600, 40) and data.x_holdout_HxF.shape == (400, 40)
+  assert data.x_test_MxF.shape == (1000, 40) and data.num_classes == 10
+  np.testing.assert_allclose(data.x_test_MxF, reference["x_test"], rtol=1e-6)
+  np.testing.assert_array_equal(data.y_test_M, reference["y_test"])
+  ours = np.concatenate([data.x_train_NxF, data.x_holdout_HxF])
+  order_ours, order_ref = np.lexsort(ours.T), np.lexsort(reference["x"].T)
+  np.testing.assert_allclose(ours[order_ours], reference["x"][order_ref], rtol=1e-6)
+  labels = np.concatenate([data.y_train_N, data.y_holdout_H])
+  np.testing.assert_array_equal(labels[order_ours], reference["y"][order_ref])
+
+
+def _arrays(rng, num_features=6, num_classes=3):
+  return {"x_train": rng.normal(size=(50, num_features)).astype(np.float32),
+          "y_train": rng.integers(0, num_classes, 50), "x_test": rng.normal(size=(20, num_features)),
+          "y_test": rng.integers(0, num_classes, 20).astype(np.int32)}
+
+
+@pytest.mark.parametrize("layout", ["npz", "npy_dir"])
+def test_own_arrays_are_read_split_and_noised(tmp_path, layout):
+  arrays = _arrays(np.random.default_rng(0))
+  if layout == "npz":
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+  else:
+    path = tmp_path / "arrays"
+    path.mkdir()
+    for key, value in arrays.items():
+      np.save(path / f"{key}.npy", value)
+  config = DataConfig(name="arrays", path=str(path), num_classes=3, holdout_fraction=0.2,
+                      label_noise=0.4)
+  data = load_dataset(config)
+  np.testing.assert_allclose(data.x_test_MxF, arrays["x_test"].astype(np.float32))
+  np.testing.assert_array_equal(data.y_test_M, arrays["y_test"])
+  assert data.x_train_NxF.dtype == np.float32 and data.y_train_N.dtype == np.int32
+  assert len(data.y_train_N) == 40 and len(data.y_holdout_H) == 10 and data.num_classes == 3
+  # Every training example is one of the file's, with its label replaced where the mask says so.
+  rows = {row.tobytes(): label for row, label in zip(arrays["x_train"], arrays["y_train"])}
+  clean_N = np.array([rows[row.tobytes()] for row in data.x_train_NxF])
+  np.testing.assert_array_equal(clean_N != data.y_train_N, data.noise_mask_N)
+  assert data.noise_mask_N.sum() == round(0.4 * 40)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: a.pop("y_test"), r"missing key\(s\) \['y_test'\]"),
+    (lambda a: a.update(y_train=a["y_train"].astype(np.float32)), r"key 'y_train'.*integer class ids"),
+    (lambda a: a.update(x_test=a["x_test"][:, :4]), r"key 'x_train'.*\(6,\).*key 'x_test'.*\(4,\)"),
+    (lambda a: a.update(y_test=a["y_test"][:5]), r"key 'x_test' has 20 examples.*key 'y_test' has 5"),
+    (lambda a: a["y_train"].__setitem__(7, 3), r"key 'y_train'.*\[0, data.num_classes=3\).*3 at index 7"),
+    (lambda a: a["x_train"].__setitem__((2, 2), np.nan), r"key 'x_train'.*NaN"),
+    (lambda a: a.update(x_train=a["x_train"][:, 0]), r"key 'x_train'.*\[N, features...\]"),
+])
+def test_bad_arrays_name_the_file_and_key(tmp_path, change, message):
+  arrays = _arrays(np.random.default_rng(1))
+  change(arrays)
+  np.savez(tmp_path / "bad.npz", **arrays)
+  with pytest.raises(DataError, match=r"bad\.npz.*" + message):
+    load_dataset(DataConfig(name="arrays", path=str(tmp_path / "bad.npz"), num_classes=3))
+
+
+def test_missing_npy_file_is_named(tmp_path):
+  for key, value in _arrays(np.random.default_rng(2)).items():
+    if key != "x_test":
+      np.save(tmp_path / f"{key}.npy", value)
+  with pytest.raises(DataError, match=r"x_test\.npy"):
+    load_dataset(DataConfig(name="arrays", path=str(tmp_path), num_classes=3))

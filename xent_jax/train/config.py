@@ -9,7 +9,9 @@ and the allowed values.
 
 import copy
 import dataclasses
+import difflib
 import itertools
+import math
 import pathlib
 from typing import Any
 
@@ -24,14 +26,16 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class DataConfig:
-  """Which data set, its split and the label noise applied to the training split."""
-  name: str = "digits"  # digits | gaussian_mixture | pydoc_chars
+  """Which data set, its splits and the label noise applied to the training split."""
+  name: str = "digits"  # digits | gaussian_mixture | pydoc_chars | mnist1d | arrays
+  path: str = ""  # arrays: an .npz file or a directory of .npy files (x_train, y_train, x_test, y_test)
   seed: int = 0  # split, synthetic data and label noise; fixed across training seeds
-  test_fraction: float = 0.2
-  label_noise: float = 0.0  # fraction of training labels replaced
+  test_fraction: float = 0.2  # digits, gaussian_mixture, pydoc_chars (mnist1d, arrays: own split)
+  holdout_fraction: float = 0.1  # of the training split, held out to fit the temperature
+  label_noise: float = 0.0  # fraction of training (and held-out) labels replaced
   noise_type: str = "symmetric"  # symmetric | asymmetric
   num_examples: int = 2000  # gaussian_mixture
-  num_classes: int = 10  # gaussian_mixture
+  num_classes: int = 10  # gaussian_mixture; arrays: labels must lie in [0, num_classes)
   num_features: int = 20  # gaussian_mixture
   class_separation: float = 3.0  # gaussian_mixture: distance scale of the class means
   seq_len: int = 64  # pydoc_chars: tokens per training window
@@ -41,7 +45,7 @@ class DataConfig:
 @dataclasses.dataclass
 class ModelConfig:
   """Which Flax NNX model and its sizes."""
-  name: str = "mlp"  # mlp | cnn | transformer
+  name: str = "mlp"  # mlp | cnn | mnist1d_mlp | mnist1d_cnn | transformer
   hidden_dims: list[int] = dataclasses.field(default_factory=lambda: [128])  # mlp
   channels: list[int] = dataclasses.field(default_factory=lambda: [16, 32])  # cnn
   model_dim: int = 128  # transformer
@@ -54,7 +58,7 @@ class ModelConfig:
 @dataclasses.dataclass
 class LossConfig:
   """A loss from the xent_jax registry, its hyper-parameters, and how the table labels it."""
-  name: str = "cross_entropy"
+  name: str = "cross_entropy"  # a registered name (`xent-jax losses`) or "package.module:function"
   hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
   fused: bool = False  # transformer only: linear_cross_entropy on the final hidden states
   label: str = ""  # name in tables and plots; derived from name and hparams when empty
@@ -107,15 +111,45 @@ class Config:
 
 
 ALLOWED_NAMES = {
-    "data.name": ("digits", "gaussian_mixture", "pydoc_chars"),
+    "data.name": ("digits", "gaussian_mixture", "pydoc_chars", "mnist1d", "arrays"),
     "data.noise_type": ("symmetric", "asymmetric"),
-    "model.name": ("mlp", "cnn", "transformer"),
+    "model.name": ("mlp", "cnn", "mnist1d_mlp", "mnist1d_cnn", "transformer"),
     "model.dtype": ("float32", "bfloat16"),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.schedule": ("constant", "cosine", "warmup_cosine", "linear"),
 }
 FUSED_HPARAMS = ("label_smoothing", "smoothing", "z_loss", "logit_softcap", "token_chunk_size",
                  "vocab_chunk_size")
+
+
+def dotted_keys(node=None, prefix: str = "") -> list[str]:
+  """Every leaf key of the schema, dotted (``"optim.learning_rate"``, ...)."""
+  node = OmegaConf.structured(Config) if node is None else node
+  keys = []
+  for name in node.keys():
+    child = node._get_node(name)  # pylint: disable=protected-access
+    if isinstance(child, omegaconf.DictConfig) and child._metadata.object_type is not dict:  # pylint: disable=protected-access
+      keys += dotted_keys(child, f"{prefix}{name}.")
+    else:
+      keys.append(f"{prefix}{name}")
+  return keys
+
+
+def suggest_keys(key: str) -> list[str]:
+  """Schema keys close to an unknown ``key``: same-looking last part first, then the whole key.
+
+  ``train.lerning_rate`` -> ``["optim.learning_rate"]`` (difflib ratio >= 0.75 on the last part,
+  else >= 0.6 on the dotted key); keys of the same section win; best match first.
+  """
+  keys = dotted_keys()
+  by_leaf: dict[str, list[str]] = {}
+  for k in keys:
+    by_leaf.setdefault(k.rpartition(".")[2], []).append(k)
+  leaves = difflib.get_close_matches(key.rpartition(".")[2], list(by_leaf), n=3, cutoff=0.75)
+  found = [k for leaf in leaves for k in by_leaf[leaf]] or difflib.get_close_matches(key, keys, n=3,
+                                                                                      cutoff=0.6)
+  same_section = [k for k in found if k.rpartition(".")[0] == key.rpartition(".")[0]]
+  return sorted(same_section or found, key=lambda k: -difflib.SequenceMatcher(None, key, k).ratio())[:3]
 
 
 def _omegaconf_error(err: omegaconf.errors.OmegaConfBaseException, source: str) -> ConfigError:
@@ -130,7 +164,9 @@ def _omegaconf_error(err: omegaconf.errors.OmegaConfBaseException, source: str) 
       if node is None:
         break
     allowed = sorted(node.keys()) if isinstance(node, omegaconf.DictConfig) else []
-    return ConfigError(f"{source}: unknown config key '{key}'; allowed keys here: {allowed}")
+    close = suggest_keys(str(key))
+    hint = f"did you mean {' or '.join(repr(k) for k in close)}? " if close else ""
+    return ConfigError(f"{source}: unknown config key '{key}'; {hint}allowed keys here: {allowed}")
   return ConfigError(f"{source}: invalid value for config key '{key}': {message}")
 
 
@@ -178,8 +214,13 @@ def load_config(path: str | None, overrides: tuple[str, ...] = ()) -> Config:
   except omegaconf.errors.OmegaConfBaseException as err:
     raise _omegaconf_error(err, "command-line override" if overrides else source) from None
   validate(config)
+  names = []
   for run_config in expand_grid(config):
     validate(run_config)
+    if run_config.name in names:  # one run directory for two runs: the second would be skipped
+      raise ConfigError(f"config key 'compare.variants' names two runs {run_config.name!r}: give "
+                        "each variant its own 'label'")
+    names.append(run_config.name)
   return config
 
 
@@ -193,24 +234,85 @@ def validate(config: Config) -> None:
   for loss, key in [(config.loss, "loss")] + [
       (v, f"compare.variants[{i}]") for i, v in enumerate(config.compare.variants)]:
     validate_loss(loss, key, config.model.name)
+  validate_numbers(config)
   train = config.train
-  for key in ("num_steps", "batch_size", "eval_every", "eval_batch_size", "num_ece_bins"):
-    if getattr(train, key) <= 0:
-      raise ConfigError(f"config key 'train.{key}' must be positive, got {getattr(train, key)}")
-  if train.checkpoint_every < 0 or (train.checkpoint_every % train.eval_every):
+  if train.checkpoint_every % train.eval_every:
     raise ConfigError(
         f"config key 'train.checkpoint_every' must be 0 or a multiple of train.eval_every "
         f"({train.eval_every}), got {train.checkpoint_every}")
-  if config.optim.warmup_steps < 0 or config.optim.warmup_steps >= train.num_steps:
+  if config.optim.warmup_steps >= train.num_steps:
     raise ConfigError(f"config key 'optim.warmup_steps' must be in [0, train.num_steps="
                       f"{train.num_steps}), got {config.optim.warmup_steps}")
-  if not 0.0 <= config.data.label_noise < 1.0:
-    raise ConfigError(f"config key 'data.label_noise' must be in [0, 1), got {config.data.label_noise}")
+  if config.model.model_dim % config.model.num_heads:
+    raise ConfigError(f"config key 'model.num_heads' ({config.model.num_heads}) must divide "
+                      f"model.model_dim ({config.model.model_dim})")
+  seeds = config.compare.seeds
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ConfigError(f"config key 'compare.seeds' must list distinct seeds, at least one, got {seeds}")
+  for key, values in config.compare.grid.items():
+    if not values:
+      raise ConfigError(f"config key 'compare.grid' lists no values for {key!r}")
+  if config.data.name == "arrays" and not pathlib.Path(config.data.path).exists():
+    raise ConfigError(f"config key 'data.path' must name an .npz file or a directory of .npy files "
+                      f"when data.name is 'arrays', got {config.data.path!r} (not found)")
+  if config.model.name == "cnn" and config.data.name in ("mnist1d", "gaussian_mixture"):
+    raise ConfigError(f"config key 'model.name' is 'cnn' (2-D images) but data.name is "
+                      f"{config.data.name!r}, whose examples are 1-D: use mlp, mnist1d_mlp or mnist1d_cnn")
   is_lm = config.data.name == "pydoc_chars"
   if is_lm != (config.model.name == "transformer"):
     raise ConfigError(
         f"config key 'model.name' is {config.model.name!r} but data.name is {config.data.name!r}: "
         "the transformer pairs with pydoc_chars, mlp and cnn with the classification data sets")
+
+
+POSITIVE = ("> 0", lambda v: v > 0)
+NON_NEGATIVE = (">= 0", lambda v: v >= 0)
+FRACTION = ("in [0, 1)", lambda v: 0 <= v < 1)
+# The range of every numeric schema field (a list field: of each entry). NaN and +-inf are refused
+# for all of them; tests/test_train_config.py checks that no numeric field is missing here.
+NUMERIC_RULES = {
+    "data.seed": NON_NEGATIVE,
+    "data.test_fraction": ("in (0, 1)", lambda v: 0 < v < 1),
+    "data.holdout_fraction": FRACTION,
+    "data.label_noise": FRACTION,
+    "data.num_examples": POSITIVE,
+    "data.num_classes": (">= 2", lambda v: v >= 2),
+    "data.num_features": POSITIVE,
+    "data.class_separation": NON_NEGATIVE,
+    "data.seq_len": POSITIVE,
+    "data.max_eval_tokens": POSITIVE,
+    "model.hidden_dims": POSITIVE,
+    "model.channels": POSITIVE,
+    "model.model_dim": POSITIVE,
+    "model.num_layers": POSITIVE,
+    "model.num_heads": POSITIVE,
+    "model.mlp_ratio": POSITIVE,
+    "optim.learning_rate": POSITIVE,
+    "optim.warmup_steps": NON_NEGATIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.momentum": FRACTION,
+    "optim.grad_clip_norm": (">= 0 (0 disables clipping)", lambda v: v >= 0),
+    "train.seed": NON_NEGATIVE,
+    "train.num_steps": POSITIVE,
+    "train.batch_size": POSITIVE,
+    "train.eval_every": POSITIVE,
+    "train.eval_batch_size": POSITIVE,
+    "train.checkpoint_every": (">= 0 (0 disables checkpoints)", lambda v: v >= 0),
+    "train.max_checkpoints": POSITIVE,
+    "train.num_ece_bins": POSITIVE,
+    "compare.seeds": NON_NEGATIVE,
+}
+
+
+def validate_numbers(config: Config) -> None:
+  """Checks every numeric field against `NUMERIC_RULES` (finite and in range)."""
+  for key, (expected, holds) in NUMERIC_RULES.items():
+    section, field = key.split(".")
+    value = getattr(getattr(config, section), field)
+    for item in value if isinstance(value, list) else [value]:
+      if not (math.isfinite(item) and holds(item)):
+        each = "each entry " if isinstance(value, list) else ""
+        raise ConfigError(f"config key '{key}' must be {each}{expected}, got {value!r}")
 
 
 def validate_loss(loss: LossConfig, key: str, model_name: str) -> None:

@@ -1,12 +1,19 @@
-"""Offline data sets, label noise, and deterministic batch order.
+"""Offline data sets, label noise, a held-out split, and deterministic batch order.
 
 Every data set is built from files that ship with the installed packages (scikit-learn's digits,
-CPython's ``pydoc_data.topics``) or generated from a seed, so runs never download anything. The
-batch for a training step is a pure function of (seed, step): resuming at step ``s`` replays
-exactly the batches an uninterrupted run would have seen.
+CPython's ``pydoc_data.topics``), generated from a seed (Gaussian mixture, MNIST-1D), or read from
+the user's own arrays, so runs never download anything. The batch for a training step is a pure
+function of (seed, step): resuming at step ``s`` replays exactly the batches an uninterrupted run
+would have seen.
+
+Splits: train / held-out / test. The held-out split is a fraction ``data.holdout_fraction`` of the
+TRAINING data (labels as noisy as the training labels), never trained on; temperature scaling is
+fitted on it, so the test split is only ever used for scoring.
 """
 
 import dataclasses
+import functools
+import pathlib
 
 import numpy as np
 
@@ -29,13 +36,16 @@ class Dataset:
   is_lm: bool = False
   seq_len: int = 0
   noise_mask_N: np.ndarray | None = None  # True where a training label was corrupted
+  x_holdout_HxF: np.ndarray | None = None  # held out of the training data, laid out like test
+  y_holdout_H: np.ndarray | None = None
 
 
-def _split(x_NxF, y_N, test_fraction, rng):
+def _split(x_NxF, y_N, fraction, rng):
+  """``(x_rest, y_rest, x_part, y_part)``: a random ``fraction`` of the rows split off."""
   perm_N = rng.permutation(len(y_N))
-  num_test = int(round(test_fraction * len(y_N)))
-  test, train = perm_N[:num_test], perm_N[num_test:]
-  return x_NxF[train], y_N[train], x_NxF[test], y_N[test]
+  num_part = int(round(fraction * len(y_N)))
+  part, rest = perm_N[:num_part], perm_N[num_part:]
+  return x_NxF[rest], y_N[rest], x_NxF[part], y_N[part]
 
 
 def add_label_noise(y_N: np.ndarray, *, rate: float, noise_type: str, num_classes: int,
@@ -80,11 +90,119 @@ def _gaussian_mixture(config: DataConfig):
   return x_NxF.astype(np.float32), y_N, config.num_classes
 
 
+class DataError(ValueError):
+  """Arrays of ``data.name: arrays`` that are missing, mis-shaped, mis-typed or mislabelled."""
+
+
+ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@functools.cache
+def _mnist1d():
+  """MNIST-1D (Greydanus 2020) generated offline with the package's default arguments.
+
+  ``mnist1d.data.make_dataset`` builds the 5000 examples from the 10 templates with its seed (42),
+  4000 train and 1000 test, ``[N, 40]`` signals; ``get_dataset`` is avoided because it downloads.
+  The package seeds NumPy's and Python's global generators, so their states are restored after.
+  """
+  import random  # pylint: disable=import-outside-toplevel
+
+  from mnist1d.data import get_dataset_args, make_dataset  # pylint: disable=import-outside-toplevel
+
+  np_state, py_state = np.random.get_state(), random.getstate()
+  try:
+    data = make_dataset(get_dataset_args())
+  finally:
+    np.random.set_state(np_state)
+    random.setstate(py_state)
+  arrays = (data["x"].astype(np.float32), data["y"].astype(np.int32),
+            data["x_test"].astype(np.float32), data["y_test"].astype(np.int32))
+  for array in arrays:
+    array.flags.writeable = False  # shared by every run of a process
+  return arrays
+
+
+def _read_arrays(path_text: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """The four arrays of an ``.npz`` file or a directory of ``.npy`` files, and where each was."""
+  path = pathlib.Path(path_text)
+  if path.is_dir():
+    files = {key: path / f"{key}.npy" for key in ARRAY_KEYS}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+      raise DataError(f"data.path '{path}' is a directory without {missing}; it needs "
+                      f"{[f'{k}.npy' for k in ARRAY_KEYS]}")
+    arrays, where = {}, {}
+    for key, file in files.items():
+      try:
+        arrays[key] = np.load(file, allow_pickle=False)
+      except ValueError as err:
+        raise DataError(f"{file}: not a plain .npy array ({err})") from None
+      where[key] = str(file)
+    return arrays, where
+  if not path.is_file():
+    raise DataError(f"data.path '{path_text}' is neither an .npz file nor a directory of .npy files")
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      missing = [key for key in ARRAY_KEYS if key not in npz.files]
+      if missing:
+        raise DataError(f"{path}: missing key(s) {missing}; it holds {sorted(npz.files)} and needs "
+                        f"{list(ARRAY_KEYS)}")
+      arrays = {key: npz[key] for key in ARRAY_KEYS}
+  except (ValueError, OSError) as err:
+    if isinstance(err, DataError):
+      raise
+    raise DataError(f"{path}: not a readable .npz file of plain arrays ({err})") from None
+  return arrays, {key: f"{path} key '{key}'" for key in ARRAY_KEYS}
+
+
+def _check_arrays(arrays: dict[str, np.ndarray], where: dict[str, str], num_classes: int) -> None:
+  """Raises `DataError` naming the file and key of the first array that breaks a rule."""
+  for split in ("train", "test"):
+    x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+    x_at, y_at = where[f"x_{split}"], where[f"y_{split}"]
+    if x.dtype.kind not in "fiu":
+      raise DataError(f"{x_at}: expected numeric features (float or integer), got dtype {x.dtype}")
+    if x.ndim < 2:
+      raise DataError(f"{x_at}: expected shape [N, features...], got {x.shape}")
+    if y.dtype.kind not in "iu":
+      raise DataError(f"{y_at}: expected integer class ids, got dtype {y.dtype}")
+    if y.ndim != 1:
+      raise DataError(f"{y_at}: expected shape [N], got {y.shape}")
+    if len(x) != len(y):
+      raise DataError(f"{x_at} has {len(x)} examples but {y_at} has {len(y)}")
+    if not len(y):
+      raise DataError(f"{x_at}: the {split} split is empty")
+    if not np.all(np.isfinite(x)):
+      raise DataError(f"{x_at}: has NaN or infinite values")
+    bad_N = (y < 0) | (y >= num_classes)
+    if bad_N.any():
+      index = int(np.flatnonzero(bad_N)[0])
+      raise DataError(f"{y_at}: labels must lie in [0, data.num_classes={num_classes}); found "
+                      f"{y[index]} at index {index}")
+  if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+    raise DataError(f"{where['x_train']} has examples of shape {arrays['x_train'].shape[1:]} but "
+                    f"{where['x_test']} has {arrays['x_test'].shape[1:]}")
+
+
+def _arrays(config: DataConfig):
+  arrays, where = _read_arrays(config.path)
+  _check_arrays(arrays, where, config.num_classes)
+  return (arrays["x_train"].astype(np.float32), arrays["y_train"].astype(np.int32),
+          arrays["x_test"].astype(np.float32), arrays["y_test"].astype(np.int32))
+
+
 def pydoc_text() -> str:
   """CPython's bundled help text (``pydoc_data.topics``), topics in sorted order."""
   from pydoc_data import topics  # pylint: disable=import-outside-toplevel
 
   return "\n".join(topics.topics[key] for key in sorted(topics.topics))
+
+
+def _windows(ids_T: np.ndarray, seq_len: int, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+  """Consecutive ``[M, L]`` input windows of a token stream and their targets shifted by one."""
+  num_windows = min(max_tokens, len(ids_T) - 1) // seq_len
+  span = num_windows * seq_len
+  return ids_T[:span].reshape(num_windows, seq_len), ids_T[1:span + 1].reshape(num_windows, seq_len)
 
 
 def _pydoc_chars(config: DataConfig) -> Dataset:
@@ -94,29 +212,47 @@ def _pydoc_chars(config: DataConfig) -> Dataset:
   ids_T = np.searchsorted(vocab_V, codes_T).astype(np.int32)
   num_test = int(round(config.test_fraction * len(ids_T)))
   train_T, test_T = ids_T[:-num_test], ids_T[-num_test:]
-  num_windows = min(config.max_eval_tokens, len(test_T) - 1) // config.seq_len
-  span = num_windows * config.seq_len
-  x_test = test_T[:span].reshape(num_windows, config.seq_len)
-  y_test = test_T[1:span + 1].reshape(num_windows, config.seq_len)
-  return Dataset(train_T, np.zeros(0, np.int32), x_test, y_test, len(vocab_V), True, config.seq_len)
+  num_holdout = int(round(config.holdout_fraction * len(train_T)))
+  train_T, holdout_T = train_T[:len(train_T) - num_holdout], train_T[len(train_T) - num_holdout:]
+  x_test, y_test = _windows(test_T, config.seq_len, config.max_eval_tokens)
+  x_holdout, y_holdout = _windows(holdout_T, config.seq_len, config.max_eval_tokens)
+  return Dataset(train_T, np.zeros(0, np.int32), x_test, y_test, len(vocab_V), True, config.seq_len,
+                 x_holdout_HxF=x_holdout, y_holdout_H=y_holdout)
 
 
 def load_dataset(config: DataConfig, *, image: bool = False) -> Dataset:
-  """Builds the data set named by ``config.name`` (split, then noise on the training split)."""
+  """Builds the data set named by ``config.name``: train / held-out / test, noisy training labels.
+
+  ``digits`` and ``gaussian_mixture`` are split with ``config.test_fraction``; ``mnist1d`` and
+  ``arrays`` bring their own test split. A fraction ``config.holdout_fraction`` of the training
+  split is then held out, and ``config.label_noise`` corrupts the labels of the training and the
+  held-out parts alike (the test labels stay clean).
+
+  Args:
+    config: the data section of the experiment config.
+    image: digits as ``[8, 8, 1]`` images (for the 2-D CNN) instead of 64 features.
+
+  Raises:
+    DataError: ``arrays`` whose file, keys, shapes, dtypes or labels are wrong.
+  """
   if config.name == "pydoc_chars":
     return _pydoc_chars(config)
-  if config.name == "digits":
-    x_NxF, y_N, num_classes = _digits(image)
+  if config.name in ("mnist1d", "arrays"):
+    x_train, y_train, x_test, y_test = _mnist1d() if config.name == "mnist1d" else _arrays(config)
+    num_classes = 10 if config.name == "mnist1d" else config.num_classes
   else:
-    x_NxF, y_N, num_classes = _gaussian_mixture(config)
-  rng = np.random.default_rng([config.seed, 0])
-  x_train, y_train, x_test, y_test = _split(x_NxF, y_N, config.test_fraction, rng)
+    x_NxF, y_N, num_classes = _digits(image) if config.name == "digits" else _gaussian_mixture(config)
+    x_train, y_train, x_test, y_test = _split(x_NxF, y_N, config.test_fraction,
+                                              np.random.default_rng([config.seed, 0]))
+  x_train, y_train, x_holdout, y_holdout = _split(x_train, y_train, config.holdout_fraction,
+                                                  np.random.default_rng([config.seed, 3]))
   mask_N = np.zeros(len(y_train), bool)
   if config.label_noise > 0:
-    y_train, mask_N = add_label_noise(
-        y_train, rate=config.label_noise, noise_type=config.noise_type,
-        num_classes=num_classes, rng=np.random.default_rng([config.seed, 2]))
-  return Dataset(x_train, y_train, x_test, y_test, num_classes, noise_mask_N=mask_N)
+    noise = dict(rate=config.label_noise, noise_type=config.noise_type, num_classes=num_classes)
+    y_train, mask_N = add_label_noise(y_train, **noise, rng=np.random.default_rng([config.seed, 2]))
+    y_holdout, _ = add_label_noise(y_holdout, **noise, rng=np.random.default_rng([config.seed, 4]))
+  return Dataset(x_train, y_train, x_test, y_test, num_classes, noise_mask_N=mask_N,
+                 x_holdout_HxF=x_holdout, y_holdout_H=y_holdout)
 
 
 def train_batch(data: Dataset, *, seed: int, step: int, batch_size: int,
@@ -145,11 +281,15 @@ def train_batch(data: Dataset, *, seed: int, step: int, batch_size: int,
   return data.x_train_NxF[idx_B], data.y_train_N[idx_B]
 
 
-def eval_batches(data: Dataset, *, batch_size: int):
-  """Yields ``(x, y, valid)`` batches of the test split, the last one padded (valid False)."""
-  num = len(data.x_test_MxF)
-  for start in range(0, num, batch_size):
-    x, y = data.x_test_MxF[start:start + batch_size], data.y_test_M[start:start + batch_size]
+def eval_batches(data: Dataset, *, batch_size: int, split: str = "test"):
+  """Yields ``(x, y, valid)`` batches of the ``test`` or ``holdout`` split, the last one padded.
+
+  Padding rows are zeros with ``valid`` False.
+  """
+  x_all, y_all = ((data.x_test_MxF, data.y_test_M) if split == "test"
+                  else (data.x_holdout_HxF, data.y_holdout_H))
+  for start in range(0, len(x_all), batch_size):
+    x, y = x_all[start:start + batch_size], y_all[start:start + batch_size]
     valid_B = np.ones(len(x), bool)
     pad = batch_size - len(x)
     if pad:

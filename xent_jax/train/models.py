@@ -1,4 +1,7 @@
-"""Flax NNX models: an MLP, a small CNN for 8x8 images, a small causal Transformer char-LM.
+"""Flax NNX models: MLPs, CNNs for images and 1-D signals, a small causal Transformer char-LM.
+
+``mnist1d_mlp`` and ``mnist1d_cnn`` are the two baselines of MNIST-1D (Greydanus 2020, "Scaling
+down deep learning", the authors' ``MLPBase`` and ``ConvBase``); they take any ``[B, L]`` signal.
 
 Parameters are float32; ``dtype`` sets the compute dtype (bfloat16 for mixed precision). Every
 model maps inputs to logits; the Transformer also exposes its final hidden states and its
@@ -16,33 +19,80 @@ from xent_jax.train.config import ModelConfig
 
 
 class MLP(nnx.Module):
-  """Fully connected ReLU network: ``[B, F] -> [B, C]``."""
+  """Fully connected ReLU network: ``[B, ...] -> [B, C]`` (examples flattened to ``F`` features)."""
 
   def __init__(self, num_features: int, num_classes: int, *, hidden_dims, dtype, rngs: nnx.Rngs):
     dims = [num_features, *hidden_dims]
     self.hidden = nnx.List([nnx.Linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(dims, dims[1:])])
     self.head = nnx.Linear(dims[-1], num_classes, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x_BxF):
-    h_BxH = x_BxF
+  def __call__(self, x_Bx___):
+    h_BxH = x_Bx___.reshape(x_Bx___.shape[0], -1)
     for layer in self.hidden:
       h_BxH = jax.nn.relu(layer(h_BxH))
     return self.head(h_BxH)
 
 
 class CNN(nnx.Module):
-  """3x3 conv + ReLU layers, global average pooling, linear head: ``[B, H, W, 1] -> [B, C]``."""
+  """3x3 conv + ReLU layers, global average pooling, linear head: ``[B, H, W(, C)] -> [B, K]``."""
 
-  def __init__(self, num_classes: int, *, channels, dtype, rngs: nnx.Rngs):
-    dims = [1, *channels]
+  def __init__(self, in_channels: int, num_classes: int, *, channels, dtype, rngs: nnx.Rngs):
+    dims = [in_channels, *channels]
     self.convs = nnx.List([nnx.Conv(a, b, (3, 3), dtype=dtype, rngs=rngs) for a, b in zip(dims, dims[1:])])
     self.head = nnx.Linear(dims[-1], num_classes, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x_BxHxWx1):
-    h_BxHxWxC = x_BxHxWx1
+  def __call__(self, x_BxHxWxC):
+    h_BxHxWxC = x_BxHxWxC if x_BxHxWxC.ndim == 4 else x_BxHxWxC[..., None]
     for conv in self.convs:
       h_BxHxWxC = jax.nn.relu(conv(h_BxHxWxC))
     return self.head(h_BxHxWxC.mean(axis=(1, 2)))
+
+
+class ResidualMLP(nnx.Module):
+  """The MNIST-1D MLP baseline: ``h = relu(W1 x)``, ``h = h + relu(W2 h)``, logits ``W3 h``.
+
+  Shapes: ``[B, ...] -> [B, C]`` (examples flattened), 100 hidden units as in the paper.
+  """
+
+  def __init__(self, num_features: int, num_classes: int, *, hidden: int = 100, dtype,
+               rngs: nnx.Rngs):
+    self.linear1 = nnx.Linear(num_features, hidden, dtype=dtype, rngs=rngs)
+    self.linear2 = nnx.Linear(hidden, hidden, dtype=dtype, rngs=rngs)
+    self.linear3 = nnx.Linear(hidden, num_classes, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x_Bx___):
+    h_BxH = jax.nn.relu(self.linear1(x_Bx___.reshape(x_Bx___.shape[0], -1)))
+    h_BxH = h_BxH + jax.nn.relu(self.linear2(h_BxH))
+    return self.linear3(h_BxH)
+
+
+class CNN1D(nnx.Module):
+  """The MNIST-1D CNN baseline: three strided 1-D convolutions + ReLU, flatten, linear head.
+
+  Kernels 5, 3, 3, stride 2, padding 1 and 25 channels, as the paper's ``ConvBase``; a length-40
+  signal becomes 19, 10 then 5 positions, so the head sees 125 features. Shapes:
+  ``[B, L]`` or ``[B, L, C_in]`` -> ``[B, K]``.
+  """
+
+  def __init__(self, length: int, in_channels: int, num_classes: int, *, channels: int = 25, dtype,
+               rngs: nnx.Rngs):
+    kernels = (5, 3, 3)
+    dims = [in_channels] + [channels] * len(kernels)
+    self.convs = nnx.List([
+        nnx.Conv(a, b, (k,), strides=2, padding=[(1, 1)], dtype=dtype, rngs=rngs)
+        for a, b, k in zip(dims, dims[1:], kernels)])
+    out_length = length
+    for k in kernels:
+      out_length = (out_length + 2 - k) // 2 + 1
+    if out_length < 1:
+      raise ValueError(f"model.name 'mnist1d_cnn' needs signals of length >= 3, got {length}")
+    self.head = nnx.Linear(out_length * channels, num_classes, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x_BxLxC):
+    h_BxLxC = x_BxLxC if x_BxLxC.ndim == 3 else x_BxLxC[..., None]
+    for conv in self.convs:
+      h_BxLxC = jax.nn.relu(conv(h_BxLxC))
+    return self.head(h_BxLxC.reshape(h_BxLxC.shape[0], -1))
 
 
 class Block(nnx.Module):
@@ -98,16 +148,32 @@ def build_model(config: ModelConfig, *, input_shape, num_classes: int, seed: int
 
   Args:
     config: the model section of the experiment config.
-    input_shape: shape of one example (``[F]``, ``[8, 8, 1]`` or ``[L]`` for the LM).
+    input_shape: shape of one example: ``[F]`` or any shape (the MLPs flatten it), ``[H, W]`` or
+      ``[H, W, C]`` (cnn), ``[L]`` or ``[L, C]`` (mnist1d_cnn), ``[L]`` token ids (transformer).
     num_classes: number of classes or vocabulary size.
     seed: initialisation seed.
+
+  Raises:
+    ValueError: ``input_shape`` does not suit the model (the message names both).
   """
   rngs = nnx.Rngs(seed)
   dtype = jnp.dtype(config.dtype)
+  input_shape = tuple(input_shape)
+  ranks = {"cnn": (2, 3), "mnist1d_cnn": (1, 2)}.get(config.name)
+  if ranks and len(input_shape) not in ranks:
+    layout = "[H, W] or [H, W, C]" if config.name == "cnn" else "[L] or [L, C]"
+    raise ValueError(f"model.name {config.name!r} needs examples of shape {layout}; the data has "
+                     f"examples of shape {list(input_shape)}")
   if config.name == "mlp":
     return MLP(math.prod(input_shape), num_classes, hidden_dims=config.hidden_dims,
                dtype=dtype, rngs=rngs)
+  if config.name == "mnist1d_mlp":
+    return ResidualMLP(math.prod(input_shape), num_classes, dtype=dtype, rngs=rngs)
   if config.name == "cnn":
-    return CNN(num_classes, channels=config.channels, dtype=dtype, rngs=rngs)
+    return CNN(input_shape[2] if len(input_shape) == 3 else 1, num_classes,
+               channels=config.channels, dtype=dtype, rngs=rngs)
+  if config.name == "mnist1d_cnn":
+    return CNN1D(input_shape[0], input_shape[1] if len(input_shape) == 2 else 1, num_classes,
+                 dtype=dtype, rngs=rngs)
   return TransformerLM(num_classes, input_shape[0], dim=config.model_dim, num_layers=config.num_layers,
                        num_heads=config.num_heads, mlp_ratio=config.mlp_ratio, dtype=dtype, rngs=rngs)
