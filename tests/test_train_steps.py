@@ -8,7 +8,7 @@ from flax import nnx
 
 from xent_jax.train.config import LossConfig, ModelConfig
 from xent_jax.train.models import build_model
-from xent_jax.train.steps import make_objective
+from xent_jax.train.steps import calibration_row, make_objective
 
 
 def _build(config, **kwargs):
@@ -82,3 +82,79 @@ def test_bf16_compute_keeps_float32_parameters():
   for fused in (False, True):
     loss = nnx.jit(make_objective(LossConfig(fused=fused)))(model, ids_BxL, ids_BxL)
     assert loss.dtype == jnp.float32 and np.isfinite(loss)
+
+
+def _softmax64(logits):
+  z = np.asarray(logits, np.float64)
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _binned_gaps(conf, hit, bins):
+  """(weights |B|/n, |acc - conf|) of the non-empty bins given each example's bin index."""
+  used = np.unique(bins)
+  weights = np.array([np.mean(bins == b) for b in used])
+  gaps = np.array([abs(hit[bins == b].mean() - conf[bins == b].mean()) for b in used])
+  return weights, gaps
+
+
+def _width_bins(conf, num_bins):
+  return np.clip(np.ceil(conf * num_bins).astype(int) - 1, 0, num_bins - 1)  # right-closed
+
+
+def _reference_calibration(logits, labels, num_bins):
+  """Float64 NumPy ECE, adaptive ECE (numpy.array_split bins), classwise ECE and MCE."""
+  p = _softmax64(logits)
+  conf, hit = p.max(-1), (p.argmax(-1) == labels).astype(np.float64)
+  weights, gaps = _binned_gaps(conf, hit, _width_bins(conf, num_bins))
+  order = np.argsort(conf, kind="stable")
+  mass_bins = np.empty(len(conf), int)
+  for b, idx in enumerate(np.array_split(order, num_bins)):
+    mass_bins[idx] = b
+  adaptive = np.sum(np.prod(_binned_gaps(conf, hit, mass_bins), axis=0))
+  classwise = np.mean([np.sum(np.prod(_binned_gaps(p[:, j], (labels == j).astype(float),
+                                                   _width_bins(p[:, j], num_bins)), axis=0))
+                       for j in range(p.shape[1])])
+  return {"ece": np.sum(weights * gaps), "adaptive_ece": adaptive, "classwise_ece": classwise,
+          "mce": gaps.max()}
+
+
+def test_calibration_row_fits_the_temperature_on_the_holdout_only():
+  """T from the held-out logits (float64 grid search of the NLL); test metrics before and after."""
+  rng = np.random.default_rng(0)
+  def sample(n):  # logits 3x too sharp for the labels they generate
+    logits = 3.0 * rng.normal(size=(n, 4)).astype(np.float32)
+    labels = np.array([rng.choice(4, p=q) for q in _softmax64(logits / 3.0)])
+    return logits, labels
+  holdout, test = sample(3000), sample(500)
+  row, counts_ts = calibration_row(*holdout, *test, num_bins=10)
+
+  grid_T = np.exp(np.linspace(np.log(0.5), np.log(10.0), 4001))
+  nll_T = [-np.mean(np.log(_softmax64(holdout[0] / t)[np.arange(3000), holdout[1]])) for t in grid_T]
+  expected_T = grid_T[np.argmin(nll_T)]
+  assert 2.5 < expected_T < 3.5
+  np.testing.assert_allclose(row["eval/temperature"], expected_T, rtol=2e-3)
+
+  before = _reference_calibration(*test, 10)
+  after = _reference_calibration(test[0] / row["eval/temperature"], test[1], 10)
+  for name in ("adaptive_ece", "classwise_ece", "mce"):
+    np.testing.assert_allclose(row[f"eval/{name}"], before[name], rtol=1e-4, atol=1e-6)
+  for name in ("ece", "adaptive_ece", "classwise_ece", "mce"):
+    np.testing.assert_allclose(row[f"eval/{name}_ts"], after[name], rtol=1e-4, atol=1e-6)
+  p_ts = _softmax64(test[0] / row["eval/temperature"])
+  np.testing.assert_allclose(row["eval/nll_ts"], -np.mean(np.log(p_ts[np.arange(500), test[1]])),
+                             rtol=1e-5)
+  assert after["ece"] < before["ece"]  # scaling by the true temperature helps
+  conf_ts = p_ts.max(-1)
+  np.testing.assert_array_equal(counts_ts["count"], np.bincount(_width_bins(conf_ts, 10), minlength=10))
+
+
+def test_calibration_row_without_holdout_has_no_temperature():
+  logits = np.random.default_rng(1).normal(size=(50, 3)).astype(np.float32)
+  labels = np.arange(50) % 3
+  row, counts_ts = calibration_row(np.zeros((0, 3), np.float32), np.zeros(0, int), logits, labels,
+                                   num_bins=5)
+  assert row["eval/temperature"] is None and counts_ts is None
+  assert not any(key.endswith("_ts") for key in row)
+  np.testing.assert_allclose(row["eval/mce"], _reference_calibration(logits, labels, 5)["mce"],
+                             rtol=1e-5)

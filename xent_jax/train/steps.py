@@ -1,9 +1,10 @@
-"""The jitted training step and evaluation, and the loss they optimize.
+"""The jitted training step and evaluation, the loss they optimize, and the final calibration.
 
-The loss comes from the xent_jax registry by name (`xent_jax.get_loss`), so a new loss variant
-never touches this file. With ``loss.fused`` the Transformer's loss is
+The loss comes from the xent_jax registry by name or import path (`xent_jax.get_loss`), so a new
+loss variant never touches this file. With ``loss.fused`` the Transformer's loss is
 `xent_jax.linear_cross_entropy` on its final hidden states and ``[V, D]`` unembedding, which never
-builds the ``[tokens, V]`` logits.
+builds the ``[tokens, V]`` logits. After training, `calibration_row` fits a temperature on the
+held-out part of the training data and scores the test split before and after scaling.
 """
 
 import jax
@@ -80,3 +81,55 @@ def finish_eval(sums: metrics.EvalSums) -> tuple[dict, dict]:
   row = {f"eval/{k}": float(v) for k, v in metrics.metrics_from_sums(sums).items()}
   counts = {k: np.asarray(v).tolist() for k, v in sums.calibration._asdict().items()}
   return row, counts
+
+
+def make_logits_step(graphdef):
+  """``logits_step(state, x) -> logits`` (``[B, C]`` or ``[B, L, V]``), jitted."""
+  def logits_step(state, x_BxF):
+    model, _ = nnx.merge(graphdef, state)
+    return model(x_BxF)
+  return jax.jit(logits_step)
+
+
+def calibration_row(logits_holdout_HxC, y_holdout_H, logits_test_MxC, y_test_M, *,
+                    num_bins: int) -> tuple[dict, dict | None]:
+  r"""Test calibration before and after temperature scaling fitted on held-out training data.
+
+  :math:`T` minimises the NLL of ``softmax(logits_holdout / T)`` (`metrics.fit_temperature`; Guo
+  et al. 2017); the held-out examples come from the training split, so the test split is only
+  scored. Before scaling: adaptive ECE, classwise ECE and MCE (plain ECE, NLL and Brier are in the
+  streamed evaluation row). After scaling, with suffix ``_ts``: NLL, Brier, ECE, adaptive ECE,
+  classwise ECE and MCE (accuracy does not change: ``x / T`` keeps every arg-max).
+
+  Args:
+    logits_holdout_HxC: ``[H, C]`` logits of the held-out examples (``H`` may be 0).
+    y_holdout_H: ``[H]`` their (possibly noisy) labels.
+    logits_test_MxC: ``[M, C]`` test logits.
+    y_test_M: ``[M]`` test labels.
+    num_bins: calibration bins (equal-width; equal-mass for the adaptive ECE).
+
+  Returns:
+    ``(row, counts_ts)``: ``{"eval/temperature": T, "eval/adaptive_ece": ..., ...}`` as floats,
+    and the `metrics.CalibrationCounts` of the scaled test logits as lists (reliability diagrams);
+    without held-out examples ``T`` is None, no ``_ts`` metric is given and ``counts_ts`` is None.
+  """
+  def scores(logits_MxC, suffix):
+    row = {f"eval/{name}{suffix}": float(fn(logits_MxC, y_test_M, num_bins=num_bins)) for name, fn in (
+        ("adaptive_ece", metrics.adaptive_calibration_error),
+        ("classwise_ece", metrics.classwise_calibration_error),
+        ("mce", metrics.maximum_calibration_error))}
+    if suffix:
+      row.update({f"eval/{name}{suffix}": float(fn(logits_MxC, y_test_M)) for name, fn in (
+          ("nll", metrics.negative_log_likelihood), ("brier", metrics.brier_score))})
+      row[f"eval/ece{suffix}"] = float(
+          metrics.expected_calibration_error(logits_MxC, y_test_M, num_bins=num_bins))
+    return row
+
+  row = scores(logits_test_MxC, "")
+  if not len(y_holdout_H):
+    return {"eval/temperature": None, **row}, None
+  temperature = metrics.fit_temperature(logits_holdout_HxC, y_holdout_H)
+  scaled_MxC = metrics.apply_temperature(logits_test_MxC, temperature)
+  row = {"eval/temperature": float(temperature), **row, **scores(scaled_MxC, "_ts")}
+  counts = metrics.calibration_counts(scaled_MxC, y_test_M, num_bins=num_bins)
+  return row, {k: np.asarray(v).tolist() for k, v in counts._asdict().items()}

@@ -18,7 +18,8 @@ from xent_jax.train.data import Dataset, eval_batches, load_dataset, train_batch
 from xent_jax.train.models import build_model
 from xent_jax.train.optim import build_optimizer
 from xent_jax.train.parallel import check_batch_size, make_mesh, replicate, shard_batch
-from xent_jax.train.steps import finish_eval, make_eval_step, make_objective, make_train_step
+from xent_jax.train.steps import (calibration_row, finish_eval, make_eval_step, make_logits_step,
+                                   make_objective, make_train_step)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,6 +53,20 @@ def evaluate(eval_step, state, data: Dataset, config: Config, mesh) -> tuple[dic
     sums = jax.tree.map(lambda a: np.sum(a, axis=0, dtype=np.float64), sums)
     total = sums if total is None else jax.tree.map(np.add, total, sums)
   return finish_eval(total)
+
+
+def split_logits(logits_step, state, data: Dataset, config: Config, mesh,
+                 split: str) -> tuple[np.ndarray, np.ndarray]:
+  """All logits ``[M, C]`` (LM: tokens x vocabulary) and labels ``[M]`` of one split, on the host."""
+  logits, labels = [], []
+  for x, y, valid_B in eval_batches(data, batch_size=config.train.eval_batch_size, split=split):
+    out = logits_step(state, shard_batch(_local(x), mesh))
+    out = np.asarray(multihost_utils.process_allgather(out, tiled=True))[valid_B]
+    logits.append(out.reshape(-1, out.shape[-1]))
+    labels.append(y[valid_B].reshape(-1))
+  if not logits:
+    return np.zeros((0, data.num_classes), np.float32), np.zeros(0, np.int32)
+  return np.concatenate(logits), np.concatenate(labels)
 
 
 def train_and_evaluate(config: Config, workdir, *, progress: bool = True, devices=None) -> dict:
@@ -162,6 +177,11 @@ def train_and_evaluate(config: Config, workdir, *, progress: bool = True, device
   bar.close()
 
   final_row, bins = evaluate(eval_step, state, data, config, mesh)
+  logits_step = make_logits_step(graphdef)
+  calibration, bins_ts = calibration_row(
+      *split_logits(logits_step, state, data, config, mesh, "holdout"),
+      *split_logits(logits_step, state, data, config, mesh, "test"), num_bins=train.num_ece_bins)
+  final_row.update(calibration)
   summary = {
       "completed": True,
       "group": config.name,
@@ -171,6 +191,7 @@ def train_and_evaluate(config: Config, workdir, *, progress: bool = True, device
       "num_devices": mesh.size,
       "final": final_row,
       "calibration_counts": bins,
+      "calibration_counts_ts": bins_ts,  # after temperature scaling; None without held-out data
   }
   if checkpointer:
     checkpointer.close()
