@@ -26,17 +26,25 @@ Conventions shared by every metric (see each docstring for its formula):
   arrays, i.e. pytrees) that add up across evaluation batches with ``jax.tree.map(jnp.add, a, b)``;
   :func:`ece_from_counts`, :func:`reliability_from_counts` and :func:`metrics_from_sums` turn the
   totals into the same numbers the one-shot functions give on the concatenated data.
-* **Compilation.** The public functions are wrapped in ``jax.jit`` (``k``, ``num_bins`` and
-  ``axis`` static), so an eager call compiles once per input shape; they also compose with an
-  outer ``jit``, ``vmap`` or ``grad``.
+* **Compilation.** The public functions are wrapped in ``jax.jit`` (``k``, ``num_bins``,
+  ``axis`` and the other options static), so an eager call compiles once per input shape; they
+  also compose with an outer ``jit``, ``vmap`` or ``grad``. ``logits``, ``labels`` and ``where``
+  may be Python lists, as for ``jnp`` functions. Concrete int64 labels that JAX would wrap to
+  int32 (``jax_enable_x64`` off) raise ``ValueError``.
+* **Calibration beyond ECE.** :func:`maximum_calibration_error` (worst bin),
+  :func:`adaptive_calibration_error` (equal-mass bins), :func:`classwise_calibration_error`
+  (every class's probability), and temperature scaling: :func:`fit_temperature` on held-out
+  logits, :func:`apply_temperature` before any metric.
+
+The public names are exactly ``__all__``; the imports are private aliases (``_jnp``, ``_jax``).
 """
 
-import functools
-from typing import NamedTuple
+import functools as _functools
+from typing import NamedTuple as _NamedTuple
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+import jax as _jax
+import jax.numpy as _jnp
+import numpy as _np
 
 from xent_jax import _checks
 from xent_jax import _inputs
@@ -46,11 +54,17 @@ __all__ = [
     "EvalSums",
     "ReliabilityBins",
     "accuracy",
+    "adaptive_calibration_error",
+    "apply_temperature",
     "brier_score",
     "calibration_counts",
+    "classwise_calibration_error",
     "ece_from_counts",
     "eval_sums",
     "expected_calibration_error",
+    "fit_temperature",
+    "maximum_calibration_error",
+    "mce_from_counts",
     "metrics_from_sums",
     "negative_log_likelihood",
     "reliability_diagram_bins",
@@ -58,7 +72,7 @@ __all__ = [
 ]
 
 
-class CalibrationCounts(NamedTuple):
+class CalibrationCounts(_NamedTuple):
   """Per-bin sums over examples; each field has shape ``[num_bins]``.
 
   Attributes:
@@ -66,12 +80,12 @@ class CalibrationCounts(NamedTuple):
     confidence_sum: sum of their confidences (max softmax probability).
     correct_sum: number of them whose arg-max prediction equals the label.
   """
-  count: jax.Array
-  confidence_sum: jax.Array
-  correct_sum: jax.Array
+  count: _jax.Array
+  confidence_sum: _jax.Array
+  correct_sum: _jax.Array
 
 
-class ReliabilityBins(NamedTuple):
+class ReliabilityBins(_NamedTuple):
   """A reliability diagram; each field has shape ``[num_bins]``.
 
   Attributes:
@@ -79,12 +93,12 @@ class ReliabilityBins(NamedTuple):
     confidence: mean confidence in the bin (``NaN`` for an empty bin).
     accuracy: fraction correct in the bin (``NaN`` for an empty bin).
   """
-  count: jax.Array
-  confidence: jax.Array
-  accuracy: jax.Array
+  count: _jax.Array
+  confidence: _jax.Array
+  accuracy: _jax.Array
 
 
-class EvalSums(NamedTuple):
+class EvalSums(_NamedTuple):
   """Additive sums for every metric of this module; scalars except ``calibration``.
 
   Counts are float32, like the sums (which carry NaN from invalid examples); they are
@@ -97,125 +111,157 @@ class EvalSums(NamedTuple):
     brier_sum: sum of per-example Brier scores.
     calibration: per-bin :class:`CalibrationCounts`.
   """
-  count: jax.Array
-  correct_sum: jax.Array
-  nll_sum: jax.Array
-  brier_sum: jax.Array
+  count: _jax.Array
+  correct_sum: _jax.Array
+  nll_sum: _jax.Array
+  brier_sum: _jax.Array
   calibration: CalibrationCounts
 
 
-class _Rows(NamedTuple):
+class _Rows(_NamedTuple):
   """Inputs flattened to rows: logits ``[N, C]`` in the working dtype, labels ``[N]``, mask ``[N]``."""
-  logits: jax.Array
-  labels: jax.Array
-  mask: jax.Array
+  logits: _jax.Array
+  labels: _jax.Array
+  mask: _jax.Array
 
 
 # ----------------------------------------------------------------------------------------------
 # Validation and shared per-example quantities.
 
 
+def _as_array(x):
+  """A list or tuple as a NumPy array (``jnp`` functions accept them; ``jit`` alone would trace
+  each element as a separate argument); anything else unchanged."""
+  return _np.asarray(x) if isinstance(x, (list, tuple)) else x
+
+
+def _public(*static_argnames: str):
+  """``jax.jit`` with ``static_argnames`` behind a front that takes ``logits``, ``labels`` and
+  ``where`` as lists too and refuses concrete labels that JAX would wrap to int32
+  (:func:`xent_jax._inputs.as_label_array`): past the ``jit`` boundary both are out of reach."""
+
+  def decorate(fn):
+    jitted = _jax.jit(fn, static_argnames=static_argnames)
+
+    @_functools.wraps(fn)
+    def front(logits, labels, **options):
+      if "where" in options:
+        options["where"] = _as_array(options["where"])
+      labels = _inputs.as_label_array(fn.__name__, _as_array(labels))
+      return jitted(_as_array(logits), labels, **options)
+
+    return front
+
+  return decorate
+
+
 def _check_positive_int(fn: str, name: str, value) -> int:
   """Returns ``value`` as an int, or raises ValueError naming ``name`` unless it is an int >= 1."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+  if isinstance(value, bool) or not isinstance(value, (int, _np.integer)) or value < 1:
     raise ValueError(f"{fn}: `{name}` must be an integer >= 1, got {value!r}.")
   return int(value)
 
 
 def _rows(fn: str, logits, labels, axis: int, where) -> _Rows:
-  """Validates shapes and dtypes, moves the class axis last and flattens the batch dimensions."""
+  """Validates shapes and dtypes, moves the class axis last and flattens the batch dimensions.
+
+  Labels come back as int32, with -1 for a label outside ``[0, C)`` in any integer dtype (see
+  :func:`xent_jax._inputs.integer_labels`), so the range tests below are exact.
+  """
   _checks.check_floating(fn, "logits", logits)
-  logits = jnp.asarray(logits)
+  logits = _jnp.asarray(logits)
   if logits.ndim == 0:
     raise ValueError(f"{fn}: `logits` must have a class axis (rank >= 1), got a scalar.")
-  logits = jnp.moveaxis(logits, _checks.canonical_axis(fn, axis, logits.ndim), -1)
+  axis = _checks.canonical_axis(fn, axis, logits.ndim)
+  _checks.check_has_classes(fn, "logits", logits.shape, axis)
+  logits = _jnp.moveaxis(logits, axis, -1)
   batch_shape = logits.shape[:-1]
+  num_classes = logits.shape[-1]
   _checks.check_shape(fn, "labels", labels, batch_shape)
-  labels = jnp.asarray(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}.")
+  labels = _inputs.integer_labels(
+      fn, labels, num_classes=num_classes, ignore_index=None, where=None
+  ).labels
   if where is None:
-    mask = jnp.ones(batch_shape, dtype=bool)
+    mask = _jnp.ones(batch_shape, dtype=bool)
   else:
     _checks.check_broadcastable(fn, "where", where, batch_shape)
-    where = jnp.asarray(where)
-    if where.dtype != jnp.bool_:
+    where = _jnp.asarray(where)
+    if where.dtype != _jnp.bool_:
       raise TypeError(f"{fn}: `where` must be a boolean mask, got dtype {where.dtype}.")
-    mask = jnp.broadcast_to(where, batch_shape)
+    mask = _jnp.broadcast_to(where, batch_shape)
   dtype = _inputs.compute_dtype(logits.dtype)
-  num_classes = logits.shape[-1]
   return _Rows(logits.astype(dtype).reshape(-1, num_classes), labels.reshape(-1), mask.reshape(-1))
 
 
-def _invalid(rows: _Rows) -> jax.Array:
+def _invalid(rows: _Rows) -> _jax.Array:
   """``[N]`` bool: the label is outside ``[0, C)`` or the row's logits contain NaN."""
   num_classes = rows.logits.shape[-1]
   bad_label = (rows.labels < 0) | (rows.labels >= num_classes)
-  return bad_label | jnp.any(jnp.isnan(rows.logits), axis=-1)
+  return bad_label | _jnp.any(_jnp.isnan(rows.logits), axis=-1)
 
 
-def _label_rank(rows: _Rows) -> jax.Array:
+def _label_rank(rows: _Rows) -> _jax.Array:
   """``[N]`` int: how many classes rank above the label (ties broken towards the lower index)."""
   num_classes = rows.logits.shape[-1]
-  labels_N1 = jnp.clip(rows.labels, 0, num_classes - 1)[:, None]
-  target_N1 = jnp.take_along_axis(rows.logits, labels_N1, axis=-1)
-  class_ids_1C = jnp.arange(num_classes)[None, :]
+  labels_N1 = _jnp.clip(rows.labels, 0, num_classes - 1)[:, None]
+  target_N1 = _jnp.take_along_axis(rows.logits, labels_N1, axis=-1)
+  class_ids_1C = _jnp.arange(num_classes)[None, :]
   above_NC = (rows.logits > target_N1) | ((rows.logits == target_N1) & (class_ids_1C < labels_N1))
-  return jnp.sum(above_NC, axis=-1)
+  return _jnp.sum(above_NC, axis=-1)
 
 
-def _nan_if_invalid(values: jax.Array, rows: _Rows) -> jax.Array:
-  return jnp.where(_invalid(rows), jnp.nan, values.astype(rows.logits.dtype))
+def _nan_if_invalid(values: _jax.Array, rows: _Rows) -> _jax.Array:
+  return _jnp.where(_invalid(rows), _jnp.nan, values.astype(rows.logits.dtype))
 
 
-def _correct(rows: _Rows, k: int) -> jax.Array:
+def _correct(rows: _Rows, k: int) -> _jax.Array:
   """``[N]`` float: 1 when the label is in the top-k, else 0; NaN for invalid examples."""
   return _nan_if_invalid(_label_rank(rows) < k, rows)
 
 
-def _nll(rows: _Rows) -> jax.Array:
+def _nll(rows: _Rows) -> _jax.Array:
   """``[N]``: ``logsumexp(x) - x_y``; NaN for invalid examples."""
   num_classes = rows.logits.shape[-1]
-  labels_N1 = jnp.clip(rows.labels, 0, num_classes - 1)[:, None]
-  target_N = jnp.take_along_axis(rows.logits, labels_N1, axis=-1)[:, 0]
-  return _nan_if_invalid(jax.nn.logsumexp(rows.logits, axis=-1) - target_N, rows)
+  labels_N1 = _jnp.clip(rows.labels, 0, num_classes - 1)[:, None]
+  target_N = _jnp.take_along_axis(rows.logits, labels_N1, axis=-1)[:, 0]
+  return _nan_if_invalid(_jax.nn.logsumexp(rows.logits, axis=-1) - target_N, rows)
 
 
-def _brier(rows: _Rows) -> jax.Array:
+def _brier(rows: _Rows) -> _jax.Array:
   """``[N]``: ``sum_{c != y} p_c^2 + (sum_{c != y} p_c)^2``; NaN for invalid examples.
 
   Writing ``1 - p_y`` as ``sum_{c != y} p_c`` avoids cancellation, so near-perfect predictions keep
   their tiny score instead of rounding to zero.
   """
   num_classes = rows.logits.shape[-1]
-  labels_N1 = jnp.clip(rows.labels, 0, num_classes - 1)[:, None]
-  probs_NC = jax.nn.softmax(rows.logits, axis=-1)
-  others_NC = jnp.where(jnp.arange(num_classes)[None, :] == labels_N1, 0.0, probs_NC)
-  per_example = jnp.sum(jnp.square(others_NC), axis=-1) + jnp.square(jnp.sum(others_NC, axis=-1))
+  labels_N1 = _jnp.clip(rows.labels, 0, num_classes - 1)[:, None]
+  probs_NC = _jax.nn.softmax(rows.logits, axis=-1)
+  others_NC = _jnp.where(_jnp.arange(num_classes)[None, :] == labels_N1, 0.0, probs_NC)
+  per_example = _jnp.sum(_jnp.square(others_NC), axis=-1) + _jnp.square(_jnp.sum(others_NC, axis=-1))
   return _nan_if_invalid(per_example, rows)
 
 
-def _confidence(rows: _Rows) -> jax.Array:
+def _confidence(rows: _Rows) -> _jax.Array:
   """``[N]``: the max softmax probability, ``1 / sum_c exp(x_c - max_c x_c)``.
 
   Exact for rows whose other logits are equal to the max or ``-inf`` (e.g. a uniform row gives
   exactly ``1/C`` rounded once), which lets tests place confidences on bin edges.
   """
-  max_N1 = jnp.max(rows.logits, axis=-1, keepdims=True)
-  return 1.0 / jnp.sum(jnp.exp(rows.logits - max_N1), axis=-1)
+  max_N1 = _jnp.max(rows.logits, axis=-1, keepdims=True)
+  return 1.0 / _jnp.sum(_jnp.exp(rows.logits - max_N1), axis=-1)
 
 
-def _masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
-  return jnp.sum(jnp.where(mask, values, 0.0))
+def _masked_sum(values: _jax.Array, mask: _jax.Array) -> _jax.Array:
+  return _jnp.sum(_jnp.where(mask, values, 0.0))
 
 
-def _mean_or_nan(total: jax.Array, count: jax.Array) -> jax.Array:
+def _mean_or_nan(total: _jax.Array, count: _jax.Array) -> _jax.Array:
   """``total / count``, or NaN where ``count == 0`` (with a finite gradient for ``total``)."""
-  return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
+  return _jnp.where(count > 0, total / _jnp.maximum(count, 1), _jnp.nan)
 
 
-def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-  count = jnp.sum(mask, dtype=values.dtype)
+def _masked_mean(values: _jax.Array, mask: _jax.Array) -> _jax.Array:
+  count = _jnp.sum(mask, dtype=values.dtype)
   return _mean_or_nan(_masked_sum(values, mask), count)
 
 
@@ -223,8 +269,8 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
 # One-shot metrics.
 
 
-@functools.partial(jax.jit, static_argnames=("k", "axis"))
-def accuracy(logits, labels, *, k: int = 1, axis: int = -1, where=None) -> jax.Array:
+@_public("k", "axis")
+def accuracy(logits, labels, *, k: int = 1, axis: int = -1, where=None) -> _jax.Array:
   r"""Top-k accuracy: the fraction of examples whose label is among the k highest logits.
 
   .. math::
@@ -267,8 +313,8 @@ def accuracy(logits, labels, *, k: int = 1, axis: int = -1, where=None) -> jax.A
   return _masked_mean(_correct(rows, k), rows.mask)
 
 
-@functools.partial(jax.jit, static_argnames=("axis",))
-def negative_log_likelihood(logits, labels, *, axis: int = -1, where=None) -> jax.Array:
+@_public("axis")
+def negative_log_likelihood(logits, labels, *, axis: int = -1, where=None) -> _jax.Array:
   r"""Mean negative log-likelihood of the labels under the softmax of the logits.
 
   .. math::
@@ -300,8 +346,8 @@ def negative_log_likelihood(logits, labels, *, axis: int = -1, where=None) -> ja
   return _masked_mean(_nll(rows), rows.mask)
 
 
-@functools.partial(jax.jit, static_argnames=("axis",))
-def brier_score(logits, labels, *, axis: int = -1, where=None) -> jax.Array:
+@_public("axis")
+def brier_score(logits, labels, *, axis: int = -1, where=None) -> _jax.Array:
   r"""Multi-class Brier score: mean squared distance between the softmax and the one-hot label.
 
   .. math::
@@ -338,7 +384,7 @@ def brier_score(logits, labels, *, axis: int = -1, where=None) -> jax.Array:
 # Calibration.
 
 
-@functools.partial(jax.jit, static_argnames=("num_bins", "axis"))
+@_public("num_bins", "axis")
 def calibration_counts(logits, labels, *, num_bins: int = 15, axis: int = -1,
                        where=None) -> CalibrationCounts:
   r"""Per-bin counts, confidence sums and correct counts, additive across batches.
@@ -386,21 +432,21 @@ def _calibration_counts(fn: str, logits, labels, num_bins: int, axis: int,
 def _bin_sums(rows: _Rows, num_bins: int) -> CalibrationCounts:
   """Per-bin count, confidence sum and top-1 correct sum of the included rows."""
   confidence = _confidence(rows)
-  inner_edges = jnp.arange(1, num_bins, dtype=confidence.dtype) / num_bins
+  inner_edges = _jnp.arange(1, num_bins, dtype=confidence.dtype) / num_bins
   # side="left" counts the edges strictly below the confidence: right-closed bins (lo, hi].
-  bin_ids = jnp.searchsorted(inner_edges, confidence, side="left")
+  bin_ids = _jnp.searchsorted(inner_edges, confidence, side="left")
 
   def per_bin(values):
-    return jax.ops.segment_sum(jnp.where(rows.mask, values, 0.0), bin_ids, num_segments=num_bins)
+    return _jax.ops.segment_sum(_jnp.where(rows.mask, values, 0.0), bin_ids, num_segments=num_bins)
 
   return CalibrationCounts(
-      count=per_bin(jnp.ones_like(confidence)),
+      count=per_bin(_jnp.ones_like(confidence)),
       confidence_sum=per_bin(confidence),
       correct_sum=per_bin(_correct(rows, 1)))
 
 
-@jax.jit
-def ece_from_counts(counts: CalibrationCounts) -> jax.Array:
+@_jax.jit
+def ece_from_counts(counts: CalibrationCounts) -> _jax.Array:
   r"""Expected calibration error from (summed) :class:`CalibrationCounts`.
 
   .. math::
@@ -417,11 +463,11 @@ def ece_from_counts(counts: CalibrationCounts) -> jax.Array:
     Naeini et al., "Obtaining Well Calibrated Probabilities Using Bayesian Binning", AAAI 2015;
     Guo et al., ICML 2017.
   """
-  gaps = jnp.abs(counts.correct_sum - counts.confidence_sum)
-  return _mean_or_nan(jnp.sum(gaps), jnp.sum(counts.count))
+  gaps = _jnp.abs(counts.correct_sum - counts.confidence_sum)
+  return _mean_or_nan(_jnp.sum(gaps), _jnp.sum(counts.count))
 
 
-@jax.jit
+@_jax.jit
 def reliability_from_counts(counts: CalibrationCounts) -> ReliabilityBins:
   r"""Reliability diagram (per-bin count, mean confidence, accuracy) from :class:`CalibrationCounts`.
 
@@ -442,9 +488,9 @@ def reliability_from_counts(counts: CalibrationCounts) -> ReliabilityBins:
       accuracy=_mean_or_nan(counts.correct_sum, counts.count))
 
 
-@functools.partial(jax.jit, static_argnames=("num_bins", "axis"))
+@_public("num_bins", "axis")
 def expected_calibration_error(logits, labels, *, num_bins: int = 15, axis: int = -1,
-                               where=None) -> jax.Array:
+                               where=None) -> _jax.Array:
   r"""Expected calibration error of the max-probability prediction over equal-width bins.
 
   .. math::
@@ -479,7 +525,7 @@ def expected_calibration_error(logits, labels, *, num_bins: int = 15, axis: int 
       _calibration_counts("expected_calibration_error", logits, labels, num_bins, axis, where))
 
 
-@functools.partial(jax.jit, static_argnames=("num_bins", "axis"))
+@_public("num_bins", "axis")
 def reliability_diagram_bins(logits, labels, *, num_bins: int = 15, axis: int = -1,
                              where=None) -> ReliabilityBins:
   r"""Per-bin count, mean confidence and accuracy for a reliability diagram.
@@ -515,10 +561,329 @@ def reliability_diagram_bins(logits, labels, *, num_bins: int = 15, axis: int = 
 
 
 # ----------------------------------------------------------------------------------------------
+# Calibration beyond equal-width top-label ECE: maximum, adaptive (equal-mass), classwise.
+
+
+@_jax.jit
+def mce_from_counts(counts: CalibrationCounts) -> _jax.Array:
+  r"""Maximum calibration error from (summed) :class:`CalibrationCounts`.
+
+  .. math::
+    \mathrm{MCE} = \max_{b:\ |B_b| > 0} \big|\mathrm{acc}(B_b) - \mathrm{conf}(B_b)\big|
+
+  Args:
+    counts: per-bin sums, each ``[num_bins]``.
+
+  Returns:
+    A scalar in ``[0, 1]``; ``NaN`` when the counts are all zero (or carry a NaN).
+
+  References:
+    Naeini et al., AAAI 2015; Guo et al., "On Calibration of Modern Neural Networks", ICML 2017.
+  """
+  gaps = _jnp.abs(counts.correct_sum - counts.confidence_sum) / _jnp.maximum(counts.count, 1)
+  worst = _jnp.max(_jnp.where(counts.count > 0, gaps, 0.0))
+  return _jnp.where(_jnp.sum(counts.count) > 0, worst, _jnp.nan)
+
+
+@_public("num_bins", "axis")
+def maximum_calibration_error(logits, labels, *, num_bins: int = 15, axis: int = -1,
+                              where=None) -> _jax.Array:
+  r"""Maximum calibration error: the largest accuracy-confidence gap over the non-empty bins.
+
+  .. math::
+    \mathrm{MCE} = \max_{b:\ |B_b| > 0} \big|\mathrm{acc}(B_b) - \mathrm{conf}(B_b)\big|
+
+  with the equal-width, right-closed bins of :func:`expected_calibration_error`. Unlike ECE it
+  does not weight a bin by its size, so one sparsely filled bin can decide it.
+
+  Args:
+    logits: ``[..., C]`` float scores.
+    labels: ``[...]`` integer class ids.
+    num_bins: number ``M`` of equal-width bins (15 as in Guo et al.).
+    axis: the class axis of ``logits``.
+    where: optional ``[...]`` boolean mask; ``False`` excludes an example.
+
+  Returns:
+    A float32 scalar in ``[0, 1]``; ``NaN`` if ``where`` excludes every example or an included
+    example is invalid.
+
+  Example:
+    >>> # 2 rows at confidence 0.5 (1 right), 1 row at 0.8 (wrong): gaps 0 and 0.8.
+    >>> x = jnp.log(jnp.array([[0.5, 0.5], [0.5, 0.5], [0.8, 0.2]]))
+    >>> round(float(maximum_calibration_error(x, jnp.array([0, 1, 1]), num_bins=2)), 4)
+    0.8
+
+  References:
+    Naeini et al., "Obtaining Well Calibrated Probabilities Using Bayesian Binning", AAAI 2015;
+    Guo et al., "On Calibration of Modern Neural Networks", ICML 2017.
+  """
+  return mce_from_counts(
+      _calibration_counts("maximum_calibration_error", logits, labels, num_bins, axis, where))
+
+
+def _equal_mass_bins(confidence: _jax.Array, mask: _jax.Array, num_bins: int) -> _jax.Array:
+  """``[N]`` bin ids: the included rows in increasing confidence (stable: ties keep their input
+  order) split into ``num_bins`` consecutive groups as ``numpy.array_split`` splits ``n`` items:
+  the first ``n mod M`` groups hold ``floor(n/M) + 1`` rows, the others ``floor(n/M)``."""
+  num_rows = confidence.shape[0]
+  order = _jnp.argsort(_jnp.where(mask, confidence, _jnp.inf), stable=True)
+  rank = _jnp.zeros(num_rows, _jnp.int32).at[order].set(_jnp.arange(num_rows, dtype=_jnp.int32))
+  n = _jnp.sum(mask, dtype=_jnp.int32)
+  small = n // num_bins  # size of the later groups
+  big = small + 1  # size of the first n mod M groups
+  num_big = n % num_bins
+  in_big = rank < num_big * big
+  bin_ids = _jnp.where(
+      in_big, rank // big, num_big + (rank - num_big * big) // _jnp.maximum(small, 1))
+  return _jnp.clip(bin_ids, 0, num_bins - 1)  # excluded rows rank last; their sums are masked
+
+
+@_public("num_bins", "axis")
+def adaptive_calibration_error(logits, labels, *, num_bins: int = 15, axis: int = -1,
+                               where=None) -> _jax.Array:
+  r"""Top-label expected calibration error over equal-mass (adaptive) bins.
+
+  .. math::
+    \mathrm{ECE}_{\mathrm{adaptive}} = \sum_{b=1}^{M} \frac{|B_b|}{n}
+      \big|\mathrm{acc}(B_b) - \mathrm{conf}(B_b)\big|
+
+  as :func:`expected_calibration_error`, but the bins are chosen so that each holds the same
+  number of examples: sort the ``n`` included examples by confidence
+  :math:`\hat p_i = \max_c \mathrm{softmax}(x_i)_c` (ties keep their input order) and cut the
+  sorted list as ``numpy.array_split(sorted, M)`` does, the first ``n mod M`` bins holding one
+  example more. Equal-width bins leave most bins nearly empty for a confident model; equal-mass
+  bins spend the resolution where the confidences are.
+
+  Args:
+    logits: ``[..., C]`` float scores.
+    labels: ``[...]`` integer class ids.
+    num_bins: number ``M`` of bins; with ``n < M`` examples, ``M - n`` bins stay empty.
+    axis: the class axis of ``logits``.
+    where: optional ``[...]`` boolean mask; ``False`` excludes an example.
+
+  Returns:
+    A float32 scalar in ``[0, 1]``; ``NaN`` if ``where`` excludes every example or an included
+    example is invalid.
+
+  Example:
+    >>> # Confidences 0.5, 0.5, 0.8, 0.8 (right, wrong, right, right), 2 bins of 2:
+    >>> # |0.5 - 0.5| * 2/4 + |1 - 0.8| * 2/4 = 0.1
+    >>> x = jnp.log(jnp.array([[0.5, 0.5], [0.5, 0.5], [0.8, 0.2], [0.2, 0.8]]))
+    >>> round(float(adaptive_calibration_error(x, jnp.array([0, 1, 0, 1]), num_bins=2)), 4)
+    0.1
+
+  References:
+    Nixon et al., "Measuring Calibration in Deep Learning", CVPR Workshops 2019 (adaptive
+    binning); Mukhoti et al., "Calibrating Deep Neural Networks using Focal Loss", NeurIPS 2020
+    (its top-label form, AdaECE).
+  """
+  fn = "adaptive_calibration_error"
+  num_bins = _check_positive_int(fn, "num_bins", num_bins)
+  rows = _rows(fn, logits, labels, axis, where)
+  confidence = _confidence(rows)
+  bin_ids = _equal_mass_bins(confidence, rows.mask, num_bins)
+
+  def per_bin(values):
+    return _jax.ops.segment_sum(_jnp.where(rows.mask, values, 0.0), bin_ids,
+                                num_segments=num_bins)
+
+  return ece_from_counts(CalibrationCounts(
+      count=per_bin(_jnp.ones_like(confidence)),
+      confidence_sum=per_bin(confidence),
+      correct_sum=per_bin(_correct(rows, 1))))
+
+
+@_public("num_bins", "axis")
+def classwise_calibration_error(logits, labels, *, num_bins: int = 15, axis: int = -1,
+                                where=None) -> _jax.Array:
+  r"""Classwise expected calibration error: the ECE of every class's probability, averaged.
+
+  .. math::
+    \mathrm{cwECE} = \frac{1}{C} \sum_{j=1}^{C} \sum_{b=1}^{M} \frac{|B_{jb}|}{n}
+      \big|\mathrm{freq}_j(B_{jb}) - \mathrm{conf}_j(B_{jb})\big|
+
+  where :math:`B_{jb}` holds the included examples whose probability of class ``j``,
+  :math:`p_{ij} = \mathrm{softmax}(x_i)_j`, lies in bin ``b`` (the equal-width, right-closed bins
+  of :func:`expected_calibration_error`), :math:`\mathrm{freq}_j(B_{jb})` is the fraction of them
+  labelled ``j`` and :math:`\mathrm{conf}_j(B_{jb})` their mean :math:`p_{ij}`. Every class's
+  probability is judged, not only the top one (Nixon et al. call it static calibration error).
+
+  Args:
+    logits: ``[..., C]`` float scores.
+    labels: ``[...]`` integer class ids.
+    num_bins: number ``M`` of equal-width bins per class.
+    axis: the class axis of ``logits``.
+    where: optional ``[...]`` boolean mask; ``False`` excludes an example.
+
+  Returns:
+    A float32 scalar in ``[0, 1]``; ``NaN`` if ``where`` excludes every example or an included
+    example is invalid. Memory: ``[N, C]`` temporaries.
+
+  Example:
+    >>> # Uniform 2-class rows, labels 0 and 1: each class has p = 0.5 and frequency 0.5.
+    >>> float(classwise_calibration_error(jnp.zeros((2, 2)), jnp.array([0, 1])))
+    0.0
+
+  References:
+    Kull et al., "Beyond temperature scaling: Obtaining well-calibrated multi-class probabilities
+    with Dirichlet calibration", NeurIPS 2019 (classwise-ECE); Nixon et al., "Measuring
+    Calibration in Deep Learning", CVPR Workshops 2019 (SCE).
+  """
+  fn = "classwise_calibration_error"
+  num_bins = _check_positive_int(fn, "num_bins", num_bins)
+  rows = _rows(fn, logits, labels, axis, where)
+  num_rows, num_classes = rows.logits.shape
+  probs_NC = _jax.nn.softmax(rows.logits, axis=-1)
+  inner_edges = _jnp.arange(1, num_bins, dtype=probs_NC.dtype) / num_bins
+  bin_NC = _jnp.searchsorted(inner_edges, probs_NC, side="left")  # right-closed, as _bin_sums
+  segment_NC = _jnp.arange(num_classes)[None, :] * num_bins + bin_NC
+  # 1 where j is the label; NaN on the whole row of an invalid example.
+  is_label_NC = _jnp.where(_invalid(rows)[:, None], _jnp.nan,
+                           _jnp.arange(num_classes)[None, :] == rows.labels[:, None])
+  keep_NC = _jnp.broadcast_to(rows.mask[:, None], (num_rows, num_classes))
+
+  def per_class_bin(values_NC):
+    return _jax.ops.segment_sum(_jnp.where(keep_NC, values_NC, 0.0).reshape(-1),
+                                segment_NC.reshape(-1), num_segments=num_classes * num_bins)
+
+  gaps = _jnp.abs(per_class_bin(is_label_NC.astype(probs_NC.dtype)) - per_class_bin(probs_NC))
+  count = _jnp.sum(rows.mask, dtype=probs_NC.dtype)
+  return _mean_or_nan(_jnp.sum(gaps), count) / num_classes
+
+
+# ----------------------------------------------------------------------------------------------
+# Temperature scaling.
+
+
+def _nll_slope_and_curvature(rows: _Rows, target_N: _jax.Array, beta: _jax.Array):
+  r"""Mean over the included rows of :math:`\partial_\beta \mathrm{NLL}` and
+  :math:`\partial^2_\beta \mathrm{NLL}` at inverse temperature :math:`\beta`:
+  :math:`\mathrm{E}_{p}[x] - x_y` and :math:`\mathrm{Var}_{p}[x]` with
+  :math:`p = \mathrm{softmax}(\beta x)`. Classes with :math:`p = 0` (``-inf`` logits) add 0."""
+  probs_NC = _jax.nn.softmax(beta * rows.logits, axis=-1)
+  live_NC = probs_NC > 0
+  x_NC = _jnp.where(live_NC, rows.logits, 0.0)
+  mean_N = _jnp.sum(probs_NC * x_NC, axis=-1)
+  var_N = _jnp.sum(probs_NC * _jnp.where(live_NC, _jnp.square(x_NC - mean_N[:, None]), 0.0),
+                   axis=-1)
+  count = _jnp.maximum(_jnp.sum(rows.mask, dtype=mean_N.dtype), 1)
+  slope = _masked_sum(mean_N - target_N, rows.mask) / count
+  return slope, _masked_sum(var_N, rows.mask) / count
+
+
+@_public("axis", "num_iters", "min_temperature", "max_temperature")
+def fit_temperature(logits, labels, *, axis: int = -1, where=None, num_iters: int = 40,
+                    min_temperature: float = 0.01, max_temperature: float = 100.0) -> _jax.Array:
+  r"""Fits the temperature :math:`T > 0` that minimises the mean NLL of ``softmax(logits / T)``.
+
+  .. math::
+    T^\star = \arg\min_{T \in [T_{\min}, T_{\max}]} \frac{1}{n} \sum_{i:\ \mathrm{where}_i}
+      \Big(\log \sum_c e^{x_{ic}/T} - x_{iy_i}/T\Big)
+
+  The NLL is convex in :math:`\beta = 1/T`, so its slope
+  :math:`g(\beta) = \frac{1}{n}\sum_i (\mathrm{E}_{\mathrm{softmax}(\beta x_i)}[x_i] - x_{iy_i})`
+  increases with :math:`\beta` and vanishes at the optimum. The fit runs ``num_iters`` steps of
+  safeguarded Newton on :math:`g` in :math:`u = \log\beta` (Newton where the step stays inside
+  the bracket that the signs of :math:`g` have narrowed, bisection elsewhere): deterministic,
+  jittable, quadratic near the optimum and never worse than bisection, which halves the bracket
+  :math:`[\log(1/T_{\max}), \log(1/T_{\min})]` per step. When the optimum lies outside
+  :math:`[T_{\min}, T_{\max}]` the nearer bound comes back (a model no better than uniform wants
+  :math:`T \to \infty`; one that is right with a margin on every example wants :math:`T \to 0`).
+
+  Fit it on held-out data (a validation split), never on the test split; apply it with
+  :func:`apply_temperature`. Dividing by ``T`` keeps every arg-max, so accuracy is unchanged.
+
+  Args:
+    logits: ``[..., C]`` float scores of held-out examples.
+    labels: ``[...]`` integer class ids.
+    axis: the class axis of ``logits``.
+    where: optional ``[...]`` boolean mask; ``False`` excludes an example.
+    num_iters: number of Newton/bisection steps (40 reaches float32 precision).
+    min_temperature: :math:`T_{\min} > 0`.
+    max_temperature: :math:`T_{\max} > T_{\min}`.
+
+  Returns:
+    A float32 scalar :math:`T`; ``NaN`` if ``where`` excludes every example or an included
+    example is invalid.
+
+  Example:
+    >>> # Logits ten times too sharp for labels drawn from softmax(logits / 10):
+    >>> key_x, key_y = jax.random.split(jax.random.key(0))
+    >>> x = 10.0 * jax.random.normal(key_x, (4000, 5))
+    >>> y = jax.random.categorical(key_y, x / 10.0)
+    >>> 8.0 < float(fit_temperature(x, y)) < 12.0
+    True
+
+  References:
+    Guo et al., "On Calibration of Modern Neural Networks", ICML 2017 (temperature scaling).
+  """
+  fn = "fit_temperature"
+  num_iters = _check_positive_int(fn, "num_iters", num_iters)
+  _checks.check_in_range(fn, "min_temperature", min_temperature, 0.0, _np.inf, low_open=True,
+                         high_open=True)
+  _checks.check_in_range(fn, "max_temperature", max_temperature, min_temperature, _np.inf,
+                         low_open=True, high_open=True)
+  rows = _rows(fn, logits, labels, axis, where)
+  num_classes = rows.logits.shape[-1]
+  # Excluded rows are zeroed, so that their NaN or inf logits cannot reach the sums.
+  rows = rows._replace(logits=_jnp.where(rows.mask[:, None], rows.logits, 0.0))
+  labels_N1 = _jnp.clip(rows.labels, 0, num_classes - 1)[:, None]
+  target_N = _jnp.take_along_axis(rows.logits, labels_N1, axis=-1)[:, 0]
+  dtype = rows.logits.dtype
+  low = _jnp.asarray(-_np.log(max_temperature), dtype)
+  high = _jnp.asarray(-_np.log(min_temperature), dtype)
+
+  def step(_, state):
+    u, low, high = state
+    slope, curvature = _nll_slope_and_curvature(rows, target_N, _jnp.exp(u))
+    # The optimum lies above u where the slope is negative, below where it is positive.
+    low = _jnp.where(slope <= 0, u, low)
+    high = _jnp.where(slope >= 0, u, high)
+    newton = u - slope / (curvature * _jnp.exp(u))
+    inside = _jnp.isfinite(newton) & (newton >= low) & (newton <= high)
+    return _jnp.where(inside, newton, 0.5 * (low + high)), low, high
+
+  start = _jnp.clip(_jnp.zeros((), dtype), low, high)  # T = 1 when it is allowed
+  u, _, _ = _jax.lax.fori_loop(0, num_iters, step, (start, low, high))
+  broken = _jnp.any(rows.mask & _invalid(rows)) | ~_jnp.any(rows.mask)
+  return _jnp.where(broken, _jnp.nan, _jnp.exp(-u))
+
+
+def apply_temperature(logits, temperature) -> _jax.Array:
+  r"""Temperature-scaled logits :math:`x / T`, whose softmax is the calibrated prediction.
+
+  .. math::
+    \tilde p_i = \mathrm{softmax}(x_i / T)
+
+  Args:
+    logits: ``[..., C]`` float scores (any layout: every entry is divided).
+    temperature: scalar :math:`T > 0`, e.g. from :func:`fit_temperature`.
+
+  Returns:
+    ``logits / temperature`` in the dtype of ``logits`` (float32 for lists), same shape.
+
+  Raises:
+    ValueError: a concrete ``temperature`` that is not a positive number.
+
+  References:
+    Guo et al., "On Calibration of Modern Neural Networks", ICML 2017.
+  """
+  fn = "apply_temperature"
+  logits = _as_array(logits)
+  _checks.check_floating(fn, "logits", logits)
+  logits = _jnp.asarray(logits)
+  if _jnp.ndim(temperature) != 0:
+    raise ValueError(f"{fn}: `temperature` must be a scalar, got shape {_jnp.shape(temperature)}.")
+  _checks.check_in_range(fn, "temperature", temperature, 0.0, _np.inf, low_open=True,
+                         high_open=True)
+  return logits / _jnp.asarray(temperature, logits.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # Streaming evaluation of all metrics at once.
 
 
-@functools.partial(jax.jit, static_argnames=("num_bins", "axis"))
+@_public("num_bins", "axis")
 def eval_sums(logits, labels, *, num_bins: int = 15, axis: int = -1, where=None) -> EvalSums:
   r"""Additive sums from which top-1 accuracy, NLL, Brier score and ECE follow.
 
@@ -551,15 +916,15 @@ def eval_sums(logits, labels, *, num_bins: int = 15, axis: int = -1, where=None)
   num_bins = _check_positive_int(fn, "num_bins", num_bins)
   rows = _rows(fn, logits, labels, axis, where)
   return EvalSums(
-      count=jnp.sum(rows.mask, dtype=rows.logits.dtype),
+      count=_jnp.sum(rows.mask, dtype=rows.logits.dtype),
       correct_sum=_masked_sum(_correct(rows, 1), rows.mask),
       nll_sum=_masked_sum(_nll(rows), rows.mask),
       brier_sum=_masked_sum(_brier(rows), rows.mask),
       calibration=_bin_sums(rows, num_bins))
 
 
-@jax.jit
-def metrics_from_sums(sums: EvalSums) -> dict[str, jax.Array]:
+@_jax.jit
+def metrics_from_sums(sums: EvalSums) -> dict[str, _jax.Array]:
   """Turns (summed) :class:`EvalSums` into ``{"accuracy", "nll", "brier", "ece"}`` scalars.
 
   Each value equals the one-shot function (:func:`accuracy` with ``k=1``,
