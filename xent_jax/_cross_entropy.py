@@ -1,4 +1,4 @@
-"""Softmax cross-entropy on logits: integer or probability labels, every option, one custom VJP.
+"""Softmax cross-entropy on logits: integer or probability labels, every option, one engine.
 
 Every loss here is the same per-example formula. With logits :math:`x` (after the optional soft
 cap :math:`x \\leftarrow c\\tanh(x/c)`), :math:`\\mathrm{lse} = \\log\\sum_c e^{x_c}`, class weights
@@ -10,12 +10,12 @@ cap :math:`x \\leftarrow c\\tanh(x/c)`), :math:`\\mathrm{lse} = \\log\\sum_c e^{
 
 For an integer label :math:`y` the target puts ``on`` on :math:`y` and ``off`` on every other
 class, so the sum needs only :math:`\\mathrm{lse}`, :math:`x_y` and :math:`\\sum_c w_c x_c` per row:
-no one-hot is ever built, and the backward pass recomputes the softmax from the logits and the
-per-row maximum and log-sum-exp (two numbers per row), the only residuals it keeps.
+no one-hot is ever built. Cross-entropy is the head :math:`f = -\\log p` of the row-statistics
+engine (:mod:`xent_jax._engine`, :mod:`xent_jax._heads`): the backward pass recomputes the
+softmax from the logits and per-row statistics, the only residuals it keeps, and forward-mode
+differentiation works too.
 """
 
-import dataclasses
-import functools
 import math
 from typing import NamedTuple
 
@@ -23,8 +23,13 @@ import jax
 import jax.numpy as jnp
 
 from xent_jax import _checks
+from xent_jax import _engine
+from xent_jax import _heads
 from xent_jax import _inputs
 from xent_jax import _reduction
+from xent_jax._engine import logsumexp_parts
+from xent_jax._engine import softcap
+from xent_jax._engine import softcap_grad
 from xent_jax._inputs import compute_dtype
 
 SMOOTHING_CONVENTIONS = ("uniform", "t5x")
@@ -62,36 +67,9 @@ def smoothed_target(
   return SmoothedTarget(on, off, xlogx(on), xlogx(off))
 
 
-def softcap(x: jax.Array, cap: float | None) -> jax.Array:
-  """Gemma 2's logit soft cap :math:`c\\tanh(x/c)`; the identity when ``cap`` is None."""
-  return x if cap is None else cap * jnp.tanh(x / cap)
-
-
-def softcap_grad(capped: jax.Array, cap: float | None) -> jax.Array | float:
-  """:math:`d(c\\tanh(x/c))/dx = 1 - (\\text{capped}/c)^2`, from the capped value."""
-  return 1.0 if cap is None else 1.0 - jnp.square(capped / cap)
-
-
 def along_classes(class_weight: jax.Array, ndim: int) -> jax.Array:
   """Reshapes a ``[V]`` vector to broadcast against ``[..., V]`` of rank ``ndim`` explicitly."""
   return class_weight.reshape((1,) * (ndim - 1) + (-1,))
-
-
-def logsumexp_parts(logits: jax.Array, cap: float | None = None) -> tuple[jax.Array, jax.Array]:
-  """The row maximum :math:`m` and :math:`\\log\\sum_c e^{x_c - m}` of
-  :math:`x = c\\tanh(\\text{logits}/c)` over the last axis.
-
-  Keeping the two apart (rather than their sum, the logsumexp) keeps :math:`x_c - m` exact for
-  logits of large magnitude (at 1e4 a float32 logsumexp is only good to ~1e-3). Accumulates in
-  :func:`compute_dtype`; the maximum is taken on the raw logits (exact in any dtype, and the cap
-  is monotonic), so half-precision logits are never copied to float32 whole. ``-inf`` entries are
-  fine; a row of all ``-inf`` gives :math:`m = 0` and ``-inf``.
-  """
-  dtype = compute_dtype(logits.dtype)
-  m = softcap(jnp.max(logits, axis=-1).astype(dtype), cap)
-  m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
-  x = softcap(logits.astype(dtype), cap)
-  return m, jnp.log(jnp.sum(jnp.exp(x - m[..., None]), axis=-1))
 
 
 def finite_logsumexp(logits: jax.Array, cap: float | None = None) -> jax.Array:
@@ -163,86 +141,30 @@ def integer_label_grad_scale(
   return scale
 
 
-@dataclasses.dataclass(frozen=True)
-class _IntegerConfig:
-  target: SmoothedTarget
-  z_loss: float
-  logit_softcap: float | None
-  unit_weight: bool
+def cross_entropy_head(smoothing: str, z_loss: float) -> _heads.Head:
+  """Cross-entropy as a head: :math:`f = -\\log p`, plus the T5X target entropy and the z-loss.
 
+  The per-row term adds :math:`\\sum_c w_c q_c\\log q_c` for 't5x' smoothing (a constant for
+  integer labels) and :math:`z\\,\\omega\\,\\mathrm{lse}^2` with :math:`\\omega = w_y` (1 for
+  probability labels).
+  """
+  t5x = smoothing == "t5x"
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _integer_cross_entropy(logits, labels, class_weight, valid, cfg):
-  loss, lse, _ = _integer_forward(logits, labels, class_weight, valid, cfg)
-  return loss, lse
+  def row_term(stats: _engine.RowStats, target: _heads.Target) -> jax.Array:
+    extra = jnp.zeros_like(stats.max)
+    if t5x and target.integer and target.off:
+      xlogx = lambda v: v * math.log(v) if v > 0 else 0.0
+      others = target.total_weight - target.target_weight
+      extra = extra + target.target_weight * xlogx(target.on) + others * xlogx(target.off)
+    if t5x and not target.integer:
+      w = 1.0 if target.class_weight is None else along_classes(target.class_weight, target.probs.ndim)
+      extra = extra + jnp.sum(jax.scipy.special.xlogy(target.probs, target.probs) * w, axis=-1)
+    if z_loss:
+      extra = extra + z_loss * target.target_weight * jnp.square(stats.lse)
+    return extra
 
-
-def _integer_forward(logits, labels, class_weight, valid, cfg):
-  dtype = compute_dtype(logits.dtype)
-  num_classes = logits.shape[-1]
-  in_range = (labels >= 0) & (labels < num_classes)
-  safe_labels = jnp.where(in_range, labels, 0)
-  # Each pass over the logits reads them through its own optimization barrier: without it XLA's
-  # CPU backend shares one float32 copy of half-precision logits between the passes, a
-  # [..., V] float32 temporary.
-  barrier = jax.lax.optimization_barrier
-  m, log_sum = logsumexp_parts(logits, cfg.logit_softcap)
-  raw_target = jnp.take_along_axis(barrier(logits), safe_labels[..., None], axis=-1)[..., 0]
-  target_logit = softcap(raw_target.astype(dtype), cfg.logit_softcap) - m
-  weighted_sum = None
-  if cfg.target.off:
-    x = softcap(barrier(logits).astype(dtype), cfg.logit_softcap) - barrier(m)[..., None]
-    weighted_sum = jnp.sum(x if cfg.unit_weight else x * along_classes(class_weight, x.ndim), axis=-1)
-  target_weight = class_weight[safe_labels]
-  lse = m + log_sum
-  loss = integer_label_loss(
-      log_sum,
-      target_logit,
-      weighted_sum,
-      target_weight,
-      jnp.sum(class_weight),
-      cfg.target,
-      cfg.z_loss,
-      z_lse=lse,
-  )
-  loss = jnp.where(valid, loss, jnp.zeros_like(loss))
-  bad = valid & ~in_range
-  loss = jnp.where(bad, jnp.full_like(loss, jnp.nan), loss)
-  return loss, lse, (m, log_sum, bad)
-
-
-def _integer_fwd(logits, labels, class_weight, valid, cfg):
-  loss, lse, (m, log_sum, bad) = _integer_forward(logits, labels, class_weight, valid, cfg)
-  return (loss, lse), (logits, labels, class_weight, valid, m, log_sum, bad)
-
-
-def _integer_bwd(cfg, residuals, cotangents):
-  logits, labels, class_weight, valid, m, log_sum, bad = residuals
-  g_loss, g_lse = cotangents
-  dtype = m.dtype
-  g_loss = jnp.where(valid, g_loss, jnp.zeros_like(g_loss))
-  safe_labels = jnp.where(bad | ~valid, 0, labels)
-  target_weight = class_weight[safe_labels]
-  scale = g_loss * integer_label_grad_scale(
-      m + log_sum, target_weight, jnp.sum(class_weight), cfg.target, cfg.z_loss
-  ) + g_lse
-  # Barriers, as in the forward pass, so this pass shares no [..., V] float32 value with it.
-  logits, m = jax.lax.optimization_barrier((logits, m))
-  x = softcap(logits.astype(dtype), cfg.logit_softcap)
-  probs = jnp.exp((x - m[..., None]) - log_sum[..., None])
-  classes = jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
-  on_minus_off = (cfg.target.on - cfg.target.off) * g_loss * target_weight
-  grad = scale[..., None] * probs - jnp.where(
-      classes == safe_labels[..., None], on_minus_off[..., None], jnp.zeros_like(probs)
-  )
-  if cfg.target.off:
-    grad = grad - cfg.target.off * g_loss[..., None] * along_classes(class_weight, grad.ndim)
-  grad = grad * softcap_grad(x, cfg.logit_softcap)
-  grad = jnp.where(bad[..., None], jnp.full_like(grad, jnp.nan), grad)
-  return grad.astype(logits.dtype), None, None, None
-
-
-_integer_cross_entropy.defvjp(_integer_fwd, _integer_bwd)
+  needs_term = t5x or bool(z_loss)
+  return _heads.Head(_heads.neg_log, row_term if needs_term else None)
 
 
 def integer_cross_entropy_last_axis(
@@ -254,6 +176,7 @@ def integer_cross_entropy_last_axis(
     target: SmoothedTarget,
     z_loss: float,
     logit_softcap: float | None,
+    smoothing: str = "uniform",
 ) -> tuple[jax.Array, jax.Array]:
   """Per-example loss and logsumexp for integer labels, classes on the last axis (no checks).
 
@@ -265,91 +188,41 @@ def integer_cross_entropy_last_axis(
     target: smoothed target values, see :func:`smoothed_target`.
     z_loss: z-loss coefficient.
     logit_softcap: soft cap or None.
+    smoothing: the convention ``target`` was made with ('t5x' adds the target's entropy).
 
   Returns:
     ``(loss, lse)``, each ``[...]`` in float32 (float64 for float64 logits). ``loss`` already
-    carries the class weight of its label; it is 0 on invalid rows and NaN where a valid label is
-    out of range.
+    carries the class weight of its label; it is 0 on invalid rows and NaN (with NaN gradients)
+    where a valid label is out of range.
   """
-  dtype = compute_dtype(logits.dtype)
-  cfg = _IntegerConfig(target, float(z_loss), logit_softcap, class_weight is None)
-  if class_weight is None:
-    class_weight = jnp.ones(logits.shape[-1], dtype)
+  head = cross_entropy_head(smoothing, z_loss)
+  num_classes = logits.shape[-1]
   valid = jnp.broadcast_to(valid, labels.shape)
-  return _integer_cross_entropy(logits, labels, class_weight.astype(dtype), valid, cfg)
+  in_range = (labels >= 0) & (labels < num_classes)
+  safe_labels = jnp.where(valid & in_range, labels, jnp.zeros_like(labels))
+  loss, stats = _heads.integer_loss(
+      head, logits, safe_labels, class_weight=class_weight, on=target.on, off=target.off,
+      logit_softcap=logit_softcap,
+  )
+  return mask_rows(loss, valid, valid & ~in_range), stats.lse
 
 
-@dataclasses.dataclass(frozen=True)
-class _DenseConfig:
-  label_smoothing: float
-  smoothing: str
-  z_loss: float
-  logit_softcap: float | None
+def mask_rows(loss: jax.Array, valid: jax.Array, bad: jax.Array) -> jax.Array:
+  """0 (with a zero gradient) on invalid rows; NaN, with a NaN gradient, on ``bad`` rows."""
+  loss = jnp.where(valid, loss, jnp.zeros_like(loss))
+  return loss * jnp.where(bad, jnp.nan, 1.0).astype(loss.dtype)
 
 
-def _smooth_probabilities(q: jax.Array, cfg: _DenseConfig) -> tuple[jax.Array, float]:
-  """The smoothed target :math:`q' = \\alpha q + \\beta` and :math:`\\alpha = dq'/dq`."""
-  eps, num_classes = cfg.label_smoothing, q.shape[-1]
+def smooth_probabilities(q: jax.Array, label_smoothing: float, smoothing: str) -> jax.Array:
+  """The smoothed target: 'uniform' :math:`(1-\\epsilon)q + \\epsilon/K`; 't5x'
+  :math:`(1-\\epsilon)q + \\epsilon(1-q)/(K-1)`."""
+  eps, num_classes = label_smoothing, q.shape[-1]
   if not eps:
-    return q, 1.0
-  if cfg.smoothing == "uniform":
-    return (1.0 - eps) * q + eps / num_classes, 1.0 - eps
+    return q
+  if smoothing == "uniform":
+    return (1.0 - eps) * q + eps / num_classes
   off = eps / max(num_classes - 1, 1)
-  return (1.0 - eps - off) * q + off, 1.0 - eps - off
-
-
-def _dense_forward(logits, labels, class_weight, valid, cfg):
-  dtype = compute_dtype(logits.dtype)
-  q, _ = _smooth_probabilities(labels.astype(dtype), cfg)
-  w = along_classes(class_weight, q.ndim)
-  b = q * w
-  m, log_sum = logsumexp_parts(logits, cfg.logit_softcap)
-  lse = m + log_sum
-  # Centred on the row maximum: lse - x_c = log_sum - (x_c - m), without cancellation.
-  x = softcap(jax.lax.optimization_barrier(logits).astype(dtype), cfg.logit_softcap) - m[..., None]
-  b_x = jnp.where(b == 0, jnp.zeros_like(x), b * x)
-  loss = log_sum * jnp.sum(b, axis=-1) - jnp.sum(b_x, axis=-1)
-  if cfg.label_smoothing and cfg.smoothing == "t5x":
-    loss = loss + jnp.sum(jax.scipy.special.xlogy(q, q) * w, axis=-1)
-  if cfg.z_loss:
-    loss = loss + cfg.z_loss * jnp.square(lse)
-  return jnp.where(valid, loss, jnp.zeros_like(loss)), lse, (m, log_sum)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _dense_cross_entropy(logits, labels, class_weight, valid, cfg):
-  loss, lse, _ = _dense_forward(logits, labels, class_weight, valid, cfg)
-  return loss, lse
-
-
-def _dense_fwd(logits, labels, class_weight, valid, cfg):
-  loss, lse, (m, log_sum) = _dense_forward(logits, labels, class_weight, valid, cfg)
-  return (loss, lse), (logits, labels, class_weight, valid, m, log_sum)
-
-
-def _dense_bwd(cfg, residuals, cotangents):
-  logits, labels, class_weight, valid, m, log_sum = residuals
-  g_loss, g_lse = cotangents
-  dtype = m.dtype
-  g = jnp.where(valid, g_loss, jnp.zeros_like(g_loss))[..., None]
-  q, alpha = _smooth_probabilities(labels.astype(dtype), cfg)
-  w = along_classes(class_weight, q.ndim)
-  b = q * w
-  x = softcap(jax.lax.optimization_barrier(logits).astype(dtype), cfg.logit_softcap)
-  centred = x - m[..., None]
-  probs = jnp.exp(centred - log_sum[..., None])
-  scale = jnp.sum(b, axis=-1)
-  if cfg.z_loss:
-    scale = scale + 2.0 * cfg.z_loss * (m + log_sum)
-  grad = ((g * scale[..., None] + g_lse[..., None]) * probs - g * b) * softcap_grad(x, cfg.logit_softcap)
-  # d loss / d q'_c = w_c (lse - x_c) [+ w_c (log q'_c + 1) for t5x]; chain rule through q'.
-  dq = g * w * (log_sum[..., None] - centred)
-  if cfg.label_smoothing and cfg.smoothing == "t5x":
-    dq = dq + g * w * (jnp.log(q) + 1.0)
-  return grad.astype(logits.dtype), (alpha * dq).astype(labels.dtype), None, None
-
-
-_dense_cross_entropy.defvjp(_dense_fwd, _dense_bwd)
+  return (1.0 - eps - off) * q + off
 
 
 def dense_cross_entropy_last_axis(
@@ -369,14 +242,16 @@ def dense_cross_entropy_last_axis(
   :math:`q' = (1-\\epsilon)q + \\epsilon(1-q)/(K-1)` plus :math:`\\sum_c w_c q'_c\\log q'_c` (a
   KL divergence), which reduce to :func:`smoothed_target` for one-hot :math:`q`. Terms with
   :math:`q'_c = 0` contribute nothing, even where :math:`x_c = -\\infty`. Differentiable in
-  ``labels`` too; like the integer path, the backward pass keeps two numbers per row.
+  ``labels`` too; like the integer path, the backward pass keeps per-row residuals only.
   """
-  dtype = compute_dtype(logits.dtype)
-  if class_weight is None:
-    class_weight = jnp.ones(logits.shape[-1], dtype)
-  cfg = _DenseConfig(float(label_smoothing), smoothing, float(z_loss), logit_softcap)
+  eps = float(label_smoothing)
+  head = cross_entropy_head(smoothing if eps else "uniform", float(z_loss))
+  loss, stats = _heads.probability_loss(
+      head, logits, labels, smooth=lambda q: smooth_probabilities(q, eps, smoothing),
+      class_weight=class_weight, logit_softcap=logit_softcap,
+  )
   valid = jnp.broadcast_to(valid, labels.shape[:-1])
-  return _dense_cross_entropy(logits, labels, class_weight.astype(dtype), valid, cfg)
+  return jnp.where(valid, loss, jnp.zeros_like(loss)), stats.lse
 
 
 def check_common_options(
@@ -490,6 +365,7 @@ def cross_entropy(
         target=smoothed_target(inputs.num_classes, label_smoothing, smoothing),
         z_loss=z_loss,
         logit_softcap=logit_softcap,
+        smoothing=smoothing,
     )
   else:
     loss, lse = dense_cross_entropy_last_axis(

@@ -1,0 +1,288 @@
+r"""The row-statistics engine: every softmax loss as a per-row function of a few statistics.
+
+Cross-entropy and its variants depend on a logits row :math:`x \in \mathbb{R}^V` (after the
+optional soft cap :math:`x \leftarrow c\tanh(x/c)`) only through a few per-row numbers. With the
+row maximum :math:`m` as a numerical reference point, :math:`p = \mathrm{softmax}(x)` and
+:math:`\log p_c = x_c - \mathrm{lse}`:
+
+.. math::
+   \underbrace{\log\sum_c e^{x_c - m}}_{\texttt{log\_sum}}, \qquad
+   \underbrace{x_y - m}_{\texttt{target}}, \qquad
+   \underbrace{\sum_c \beta^{(k)}_c f_k(\log p_c)}_{\texttt{class\_sums[k]}}, \qquad
+   \underbrace{\sum_c p_c (x_c - m)}_{\texttt{mean\_logit}}
+
+for an integer label :math:`y`, per-class functions :math:`f_k` with weights :math:`\beta^{(k)}`
+(``[V]`` class weights, or a ``[..., V]`` target such as probability labels) and, for the entropy
+:math:`H(p) = \texttt{log\_sum} - \texttt{mean\_logit}`, the mean logit. A loss (a *head*) is any
+JAX function of these statistics, differentiated by ordinary autodiff; :func:`row_stats` is the
+one ``[..., V]`` kernel, with a custom JVP whose tangent is linear in the logits' tangent
+:math:`\dot x`:
+
+.. math::
+   \dot{\texttt{log\_sum}} = \textstyle\sum_c p_c \dot x_c, \quad
+   \dot{\texttt{target}} = \dot x_y, \quad
+   \dot{\texttt{class\_sums}}[k] = \textstyle\sum_c \big(\beta_c f_k'(\log p_c) - p_c B_k\big)\dot x_c
+   + \sum_c f_k(\log p_c)\,\dot\beta_c, \quad
+   \dot{\texttt{mean\_logit}} = \textstyle\sum_c p_c (x_c - m - E + 1)\,\dot x_c
+
+with :math:`B_k = \sum_c \beta_c f_k'(\log p_c)`, :math:`E = \texttt{mean\_logit}` and
+:math:`\dot m = 0` (the reference point moves with no statistic that a head can observe: every
+head depends on the row only through :math:`\mathrm{lse} = m + \texttt{log\_sum}`,
+:math:`x_y = m + \texttt{target}` and shift-free sums). The tangent is computed under
+``jax.checkpoint``, so reverse mode (which transposes it) recomputes :math:`p` from the logits and
+the per-row statistics and keeps no ``[..., V]`` residual; forward mode (``jax.jvp``,
+``jax.jacfwd``, ``jax.linearize``) works as well.
+
+References:
+  Milakov & Gimelshein, "Online normalizer calculation for softmax", 2018 (statistics relative
+  to the maximum); Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024
+  (losses from per-row statistics, gradients recomputed from the logits).
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+from xent_jax._inputs import compute_dtype
+
+ClassFn = Callable[[jax.Array], jax.Array]
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  """Gemma 2's logit soft cap :math:`c\\tanh(x/c)`; the identity when ``cap`` is None."""
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def softcap_grad(capped: jax.Array, cap: float | None) -> jax.Array | float:
+  """:math:`d(c\\tanh(x/c))/dx = 1 - (\\text{capped}/c)^2`, from the capped value."""
+  return 1.0 if cap is None else 1.0 - jnp.square(capped / cap)
+
+
+def logsumexp_parts(logits: jax.Array, cap: float | None = None) -> tuple[jax.Array, jax.Array]:
+  """The row maximum :math:`m` and :math:`\\log\\sum_c e^{x_c - m}` of
+  :math:`x = c\\tanh(\\text{logits}/c)` over the last axis.
+
+  Keeping the two apart (rather than their sum, the logsumexp) keeps :math:`x_c - m` exact for
+  logits of large magnitude (at 1e4 a float32 logsumexp is only good to ~1e-3). Accumulates in
+  :func:`compute_dtype`; the maximum is taken on the raw logits (exact in any dtype, and the cap
+  is monotonic), so half-precision logits are never copied to float32 whole. ``-inf`` entries are
+  fine; a row of all ``-inf`` gives :math:`m = 0` and ``-inf``.
+  """
+  dtype = compute_dtype(logits.dtype)
+  m = softcap(jnp.max(logits, axis=-1).astype(dtype), cap)
+  m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+  x = softcap(logits.astype(dtype), cap)
+  return m, jnp.log(jnp.sum(jnp.exp(x - m[..., None]), axis=-1))
+
+
+class RowStats(NamedTuple):
+  """Per-row statistics of a logits row, relative to the row maximum (see the module docstring).
+
+  Attributes:
+    max: ``[...]`` the reference point :math:`m` (the row maximum; zero tangent).
+    log_sum: ``[...]`` :math:`\\log\\sum_c e^{x_c - m}`.
+    target: ``[...]`` :math:`x_y - m` (0 without integer labels).
+    class_sums: one ``[...]`` array per requested :math:`\\sum_c \\beta_c f(\\log p_c)`.
+    mean_logit: ``[...]`` :math:`\\sum_c p_c (x_c - m)` (0 unless requested).
+  """
+
+  max: jax.Array
+  log_sum: jax.Array
+  target: jax.Array
+  class_sums: tuple[jax.Array, ...]
+  mean_logit: jax.Array
+
+  @property
+  def lse(self) -> jax.Array:
+    """:math:`\\mathrm{lse} = \\log\\sum_c e^{x_c}`."""
+    return self.max + self.log_sum
+
+  @property
+  def log_p_target(self) -> jax.Array:
+    """:math:`\\log p_y = (x_y - m) - \\texttt{log\\_sum}`, without cancellation at large logits."""
+    return self.target - self.log_sum
+
+  @property
+  def entropy(self) -> jax.Array:
+    """:math:`H(p) = -\\sum_c p_c \\log p_c = \\texttt{log\\_sum} - \\texttt{mean\\_logit}`."""
+    return self.log_sum - self.mean_logit
+
+
+class ClassSum(NamedTuple):
+  """One requested statistic :math:`\\sum_c \\beta_c f(\\log p_c)`.
+
+  Attributes:
+    fn: elementwise :math:`f` of :math:`\\log p` (a static Python callable).
+    operands: arrays that ``beta_fn`` makes :math:`\\beta` of (differentiable).
+    beta_fn: static callable, ``beta_fn(*operands)`` is :math:`\\beta`, ``[V]`` or ``[..., V]``.
+      The kernel recomputes it in the backward pass, so a :math:`\\beta` made of a smoothed
+      target or a product of class weights is never kept between the passes.
+  """
+
+  fn: ClassFn
+  operands: tuple[jax.Array, ...]
+  beta_fn: Callable[..., jax.Array] = lambda beta: beta
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  logit_softcap: float | None
+  class_fns: tuple[ClassFn, ...]
+  beta_fns: tuple[Callable[..., jax.Array], ...]
+  entropy: bool
+
+
+def _broadcast_beta(beta: jax.Array, shape) -> jax.Array:
+  return beta.reshape((1,) * (len(shape) - 1) + (-1,)) if beta.ndim == 1 < len(shape) else beta
+
+
+def _class_terms(f: ClassFn, beta: jax.Array, log_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(β f(log p), β f'(log p))`` elementwise, exactly 0 where ``β == 0`` (also where
+  :math:`\\log p = -\\infty`)."""
+  beta = _broadcast_beta(beta, log_p.shape)
+  used = beta != 0
+  safe = jnp.where(used, log_p, jnp.zeros_like(log_p))
+  value, slope = jax.jvp(f, (safe,), (jnp.ones_like(safe),))
+  zero = jnp.zeros_like(log_p)
+  return jnp.where(used, beta * value, zero), jnp.where(used, beta * slope, zero)
+
+
+def _centred(logits, m, cfg: _Config):
+  """The capped logits :math:`x` and :math:`x - m` in the compute dtype."""
+  x = softcap(logits.astype(compute_dtype(logits.dtype)), cfg.logit_softcap)
+  return x, x - m[..., None]
+
+
+def _finite(log_sum):
+  return jnp.where(jnp.isfinite(log_sum), log_sum, jnp.zeros_like(log_sum))
+
+
+def _p_times(p, values):
+  """:math:`p \\cdot v` with :math:`0 \\cdot (-\\infty) = 0`."""
+  return jnp.where(p > 0, p * values, jnp.zeros_like(p))
+
+
+def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
+  """The statistics; with ``slopes``, also :math:`B_k = \\sum_c \\beta_c f_k'(\\log p_c)` per class
+  sum (per-row residuals of the tangent, so that it needs no reduction of its own)."""
+  # Each pass over the logits reads them through its own optimization barrier: without it XLA's
+  # CPU backend shares one float32 copy of half-precision logits between the passes, a
+  # [..., V] float32 temporary.
+  barrier = lax.optimization_barrier
+  m, log_sum = logsumexp_parts(logits, cfg.logit_softcap)
+  dtype = m.dtype
+  target = jnp.zeros_like(m)
+  if labels is not None:
+    raw = jnp.take_along_axis(barrier(logits), labels[..., None], axis=-1)[..., 0]
+    target = softcap(raw.astype(dtype), cfg.logit_softcap) - m
+  sums, totals = [], []
+  for f, beta_fn, operands in zip(cfg.class_fns, cfg.beta_fns, betas):
+    _, c = _centred(barrier(logits), barrier(m), cfg)
+    value, slope = _class_terms(f, beta_fn(*operands).astype(dtype), c - log_sum[..., None])
+    sums.append(jnp.sum(value, axis=-1))
+    if slopes:
+      totals.append(jnp.sum(slope, axis=-1))
+  mean_logit = jnp.zeros_like(m)
+  if cfg.entropy:
+    _, c = _centred(barrier(logits), barrier(m), cfg)
+    p = jnp.exp(c - _finite(log_sum)[..., None])
+    mean_logit = jnp.sum(_p_times(p, c), axis=-1)
+  stats = RowStats(m, log_sum, target, tuple(sums), mean_logit)
+  return (stats, tuple(totals)) if slopes else stats
+
+
+def _tangent(cfg: _Config, logits, labels, betas, stats: RowStats, totals, t_logits, t_betas):
+  """The statistics' tangent, linear in ``(t_logits, t_betas)`` (None: a zero tangent)."""
+  logits, m = lax.optimization_barrier((logits, stats.max))
+  dtype = m.dtype
+  x, c = _centred(logits, m, cfg)
+  log_sum = _finite(stats.log_sum)
+  log_p = c - log_sum[..., None]
+  p = jnp.exp(log_p)
+  zero = jnp.zeros_like(m)
+  d_log_sum, d_target, d_mean = zero, zero, zero
+  d_sums = [zero for _ in cfg.class_fns]
+  if t_logits is not None:
+    dx = t_logits.astype(dtype) * softcap_grad(x, cfg.logit_softcap)
+    d_log_sum = jnp.sum(p * dx, axis=-1)
+    if labels is not None:
+      classes = lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
+      d_target = jnp.sum(jnp.where(classes == labels[..., None], dx, jnp.zeros_like(dx)), axis=-1)
+    for k, (f, beta_fn, operands) in enumerate(zip(cfg.class_fns, cfg.beta_fns, betas)):
+      _, slope = _class_terms(f, beta_fn(*operands).astype(dtype), log_p)
+      d_sums[k] = jnp.sum((slope - totals[k][..., None] * p) * dx, axis=-1)
+    if cfg.entropy:
+      spread = c - stats.mean_logit[..., None] + 1.0
+      d_mean = jnp.sum(_p_times(p, spread) * dx, axis=-1)
+  for k, (f, beta_fn, operands, t_operands) in enumerate(
+      zip(cfg.class_fns, cfg.beta_fns, betas, t_betas)
+  ):
+    if all(t is None for t in t_operands):
+      continue
+    t_operands = tuple(jnp.zeros_like(o) if t is None else t for o, t in zip(operands, t_operands))
+    beta, t_beta = jax.jvp(beta_fn, operands, t_operands)
+    beta, t_beta = (_broadcast_beta(b, log_p.shape) for b in (beta, t_beta))
+    value, _ = _class_terms(f, jnp.ones(log_p.shape, dtype), log_p)
+    used = beta != 0
+    d_sums[k] = d_sums[k] + jnp.sum(
+        jnp.where(used, value * t_beta.astype(dtype), jnp.zeros_like(value)), axis=-1
+    )
+  return RowStats(zero, d_log_sum, d_target, tuple(d_sums), d_mean)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _row_stats(logits, labels, betas, cfg):
+  return _forward(logits, labels, betas, cfg)
+
+
+def _row_stats_jvp(cfg, primals, tangents):
+  logits, labels, betas = primals
+  t_logits, _, t_betas = tangents
+  stats, totals = _forward(logits, labels, betas, cfg, slopes=True)
+  nonzero = lambda t: None if isinstance(t, SymbolicZero) else t
+  tangent_fn = jax.checkpoint(
+      functools.partial(_tangent, cfg), policy=jax.checkpoint_policies.nothing_saveable
+  )
+  t_betas = tuple(tuple(nonzero(t) for t in ts) for ts in t_betas)
+  tangent = tangent_fn(logits, labels, betas, stats, totals, nonzero(t_logits), t_betas)
+  return stats, tangent
+
+
+_row_stats.defjvp(_row_stats_jvp, symbolic_zeros=True)
+
+
+def row_stats(
+    logits: jax.Array,
+    labels: jax.Array | None = None,
+    class_sums: tuple[ClassSum, ...] = (),
+    *,
+    logit_softcap: float | None = None,
+    entropy: bool = False,
+) -> RowStats:
+  """The per-row statistics of ``logits`` over its last axis (no argument checks).
+
+  Args:
+    logits: ``[..., V]`` float logits (half precision is accumulated in float32).
+    labels: ``[...]`` integer class ids inside ``[0, V)`` for ``target``, or None.
+    class_sums: the :class:`ClassSum` statistics to compute. Terms with :math:`\\beta_c = 0`
+      are exactly 0, with a zero gradient, even where :math:`\\log p_c = -\\infty`.
+    logit_softcap: soft cap :math:`c` applied to the logits first, or None.
+    entropy: also compute ``mean_logit`` (for :attr:`RowStats.entropy`).
+
+  Returns:
+    :class:`RowStats` of ``[...]`` arrays in float32 (float64 for float64 logits).
+  """
+  cfg = _Config(
+      logit_softcap,
+      tuple(c.fn for c in class_sums),
+      tuple(c.beta_fn for c in class_sums),
+      bool(entropy),
+  )
+  operands = tuple(tuple(jnp.asarray(o) for o in c.operands) for c in class_sums)
+  return _row_stats(logits, labels, operands, cfg)

@@ -1,0 +1,197 @@
+r"""Loss heads: a softmax loss written once as a function of the engine's per-row statistics.
+
+A head is the expected per-class term of a loss under the target distribution :math:`q`, plus an
+optional per-row term:
+
+.. math::
+   \ell_i = \sum_c w_c\, a_c\, q_{ic}\, f(\log p_{ic}) \;+\; g(\text{statistics}_i, \text{target}_i)
+
+with class weights :math:`w`, an optional per-class factor :math:`a` (focal loss's
+:math:`\alpha`, not part of the 'mean' denominator) and the head's elementwise :math:`f`.
+Cross-entropy is :math:`f(\log p) = -\log p`; a variant that depends on the label's probability
+only, :math:`\ell = \varphi(\log p_y)`, is :math:`f = \varphi`.
+
+For an integer label :math:`y` smoothed to ``on`` on :math:`y` and ``off`` elsewhere, the sum
+splits into :math:`(\text{on}-\text{off})\,w_y a_y f(\log p_y) + \text{off}\sum_c w_c a_c f(\log
+p_c)`: one gathered logit, and a class sum only when smoothing. The gradient of every head is
+:math:`\partial\ell/\partial(\text{statistics})` (autodiff of per-row arrays) pushed through
+:func:`xent_jax._engine.row_stats`'s custom JVP: for :math:`\ell = \varphi(\log p_y)` that is
+cross-entropy's gradient with a per-row scale, :math:`\varphi'(\log p_y)(e_y - p)`.
+
+This module evaluates heads on a ``[..., V]`` logits array (the dense executor); the fused linear
+and vocabulary-parallel executors evaluate the same heads on their own statistics.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from xent_jax import _engine
+from xent_jax._engine import ClassFn
+from xent_jax._engine import ClassSum
+from xent_jax._engine import RowStats
+
+
+class Target(NamedTuple):
+  """What a head's per-row term may use about the target of each row.
+
+  Attributes:
+    integer: whether the labels are class ids (a static Python bool).
+    on: target probability of the label (integer labels; 1 without smoothing).
+    off: target probability of every other class (integer labels; 0 without smoothing).
+    target_weight: ``[...]`` :math:`w_y` (integer labels) or 1.
+    total_weight: :math:`W = \\sum_c w_c` (a scalar).
+    mass: ``[...]`` :math:`\\sum_c w_c q_c`, the weight of the whole target.
+    probs: ``[..., V]`` the (smoothed) target distribution for probability labels, else None.
+    class_weight: ``[V]`` class weights, or None.
+  """
+
+  integer: bool
+  on: float
+  off: float
+  target_weight: jax.Array
+  total_weight: jax.Array
+  mass: jax.Array
+  probs: jax.Array | None
+  class_weight: jax.Array | None
+
+
+RowTerm = Callable[[RowStats, Target], jax.Array]
+ExtraSums = Callable[[Target], tuple[ClassSum, ...]]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Head:
+  """A loss as the engine sees it (see the module docstring).
+
+  Attributes:
+    class_fn: elementwise :math:`f(\\log p)`; a static Python callable.
+    row_term: per-row :math:`g(\\text{stats}, \\text{target})` added to the loss, or None. It
+      reads ``stats.class_sums[1:]`` for the sums ``extra_sums`` asked for.
+    entropy: whether ``row_term`` uses :attr:`RowStats.entropy`.
+    class_factor: ``[V]`` per-class factor :math:`a` of the class term, or None.
+    extra_sums: with probability labels, further :class:`ClassSum` statistics for ``row_term``
+      (given the :class:`Target`), or None.
+  """
+
+  class_fn: ClassFn
+  row_term: RowTerm | None = None
+  entropy: bool = False
+  class_factor: jax.Array | None = None
+  extra_sums: ExtraSums | None = None
+
+
+def neg_log(log_p: jax.Array) -> jax.Array:
+  """Cross-entropy's per-class term :math:`f(\\log p) = -\\log p`."""
+  return -log_p
+
+
+def _along_classes(vector: jax.Array, ndim: int) -> jax.Array:
+  return vector.reshape((1,) * (ndim - 1) + (-1,))
+
+
+def _gather(vector: jax.Array | None, labels: jax.Array, dtype) -> jax.Array | float:
+  return 1.0 if vector is None else vector.astype(dtype)[labels]
+
+
+def _class_beta(class_weight, class_factor, num_classes: int, dtype) -> jax.Array:
+  beta = jnp.ones((num_classes,), dtype) if class_weight is None else class_weight.astype(dtype)
+  return beta if class_factor is None else beta * class_factor.astype(dtype)
+
+
+def integer_loss(
+    head: Head,
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    class_weight: jax.Array | None,
+    on: float,
+    off: float,
+    logit_softcap: float | None,
+) -> tuple[jax.Array, RowStats]:
+  """Per-row loss of ``head`` for integer labels, classes on the last axis (no checks, no mask).
+
+  Args:
+    head: the loss.
+    logits: ``[..., V]`` float logits.
+    labels: ``[...]`` class ids inside ``[0, V)`` (make invalid ones safe before calling).
+    class_weight: ``[V]`` or None.
+    on, off: the smoothed one-hot target's values.
+    logit_softcap: soft cap or None.
+
+  Returns:
+    ``(loss [...], stats)`` in float32 (float64 for float64 logits).
+  """
+  dtype = _engine.compute_dtype(logits.dtype)
+  num_classes = logits.shape[-1]
+  sums = ()
+  if off:
+    beta = _class_beta(class_weight, head.class_factor, num_classes, dtype)
+    sums = (ClassSum(head.class_fn, (beta,)),)
+  stats = _engine.row_stats(
+      logits, labels, sums, logit_softcap=logit_softcap, entropy=head.entropy
+  )
+  target_weight = _gather(class_weight, labels, dtype) * jnp.ones_like(stats.max)
+  total_weight = jnp.asarray(num_classes if class_weight is None else jnp.sum(class_weight), dtype)
+  factor = _gather(head.class_factor, labels, dtype)
+  loss = (on - off) * target_weight * factor * head.class_fn(stats.log_p_target)
+  if off:
+    loss = loss + off * stats.class_sums[0]
+  if head.row_term is not None:
+    mass = (on - off) * target_weight + off * total_weight
+    target = Target(True, on, off, target_weight, total_weight, mass, None, class_weight)
+    loss = loss + head.row_term(stats, target)
+  return loss, stats
+
+
+def probability_loss(
+    head: Head,
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    smooth: Callable[[jax.Array], jax.Array],
+    class_weight: jax.Array | None,
+    logit_softcap: float | None,
+) -> tuple[jax.Array, RowStats]:
+  """Per-row loss of ``head`` for a target distribution (no checks, no mask).
+
+  Args:
+    head: the loss.
+    logits: ``[..., V]`` float logits.
+    labels: ``[..., V]`` the target probabilities as given; differentiable.
+    smooth: static elementwise map from ``labels`` to the target :math:`q` (label smoothing, or
+      the identity). The kernel recomputes :math:`q` in the backward pass instead of keeping it.
+    class_weight: ``[V]`` or None.
+    logit_softcap: soft cap or None.
+
+  Returns:
+    ``(loss [...], stats)``.
+  """
+  dtype = _engine.compute_dtype(logits.dtype)
+  num_classes = logits.shape[-1]
+  labels = labels.astype(dtype)
+  probs = smooth(labels)
+  class_beta = None
+  if class_weight is not None or head.class_factor is not None:
+    class_beta = _class_beta(class_weight, head.class_factor, num_classes, dtype)
+  total_weight = jnp.asarray(num_classes if class_weight is None else jnp.sum(class_weight), dtype)
+  mass = jnp.ones(probs.shape[:-1], dtype)
+  if class_weight is not None:
+    mass = jnp.sum(probs * _along_classes(class_weight.astype(dtype), probs.ndim), axis=-1)
+  target = Target(False, 1.0, 0.0, jnp.ones_like(mass), total_weight, mass, probs, class_weight)
+  if class_beta is None:
+    main = ClassSum(head.class_fn, (labels,), smooth)
+  else:
+    weighted = lambda q, w: smooth(q) * _along_classes(w, q.ndim)
+    main = ClassSum(head.class_fn, (labels, class_beta), weighted)
+  extra = head.extra_sums(target) if head.extra_sums is not None else ()
+  stats = _engine.row_stats(
+      logits, None, (main, *extra), logit_softcap=logit_softcap, entropy=head.entropy
+  )
+  loss = stats.class_sums[0]
+  if head.row_term is not None:
+    loss = loss + head.row_term(stats, target)
+  return loss, stats
