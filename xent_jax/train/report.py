@@ -6,9 +6,12 @@ their group name (all config values but the seed), and writes ``table.md``, ``ta
 """
 
 import csv
+import itertools
 import pathlib
 
 import matplotlib
+import matplotlib.lines
+import matplotlib.patches
 import numpy as np
 
 from xent_jax import metrics
@@ -21,7 +24,13 @@ COLUMNS = [
     ("final_accuracy", "final test acc"),
     ("best_accuracy", "best test acc"),
     ("final_nll", "NLL"),
+    ("final_nll_ts", "NLL after TS"),
     ("final_ece", "ECE"),
+    ("final_ece_ts", "ECE after TS"),
+    ("temperature", "T"),
+    ("final_adaptive_ece", "adaptive ECE"),
+    ("final_classwise_ece", "classwise ECE"),
+    ("final_mce", "MCE"),
     ("final_brier", "Brier"),
     ("examples_per_s", "train examples/s"),
     ("step_time_ms", "step time (ms)"),
@@ -41,15 +50,27 @@ def load_runs(directory: pathlib.Path) -> dict[str, list[dict]]:
   return groups
 
 
+# In table.csv only: the other calibration errors after temperature scaling.
+CSV_ONLY_COLUMNS = [("final_adaptive_ece_ts", "adaptive ECE after TS"),
+                    ("final_classwise_ece_ts", "classwise ECE after TS"),
+                    ("final_mce_ts", "MCE after TS"), ("final_brier_ts", "Brier after TS")]
+CALIBRATION_METRICS = ("nll", "ece", "adaptive_ece", "classwise_ece", "mce", "brier")
+
+
 def run_stats(run: dict) -> dict[str, float]:
-  """The table's numbers for one run, from its files."""
+  """The table's numbers for one run, from its files; NaN for a metric the run did not log.
+
+  Runs logged before temperature scaling existed have no ``_ts`` metrics, no temperature and no
+  adaptive / classwise ECE or MCE: their cells read "—".
+  """
   rows, final = run["rows"], run["summary"]["final"]
+  calibration = {f"final_{name}{suffix}": final.get(f"eval/{name}{suffix}")
+                 for name in CALIBRATION_METRICS for suffix in ("", "_ts")}
+  calibration["temperature"] = final.get("eval/temperature")
   return {
       "final_accuracy": final["eval/accuracy"],
       "best_accuracy": max(row["eval/accuracy"] for row in rows),
-      "final_nll": final["eval/nll"],
-      "final_ece": final["eval/ece"],
-      "final_brier": final["eval/brier"],
+      **{key: np.nan if value is None else value for key, value in calibration.items()},
       "examples_per_s": float(np.median([row["train/examples_per_s"] for row in rows])),
       "step_time_ms": 1e3 * float(np.median([row["train/step_time_s"] for row in rows])),
   }
@@ -61,7 +82,7 @@ def summarize(groups: dict[str, list[dict]]) -> list[dict]:
   for group, runs in groups.items():
     stats = [run_stats(run) for run in runs]
     record = {"group": group, "seeds": len(runs)}
-    for key, _ in COLUMNS:
+    for key, _ in COLUMNS + CSV_ONLY_COLUMNS:
       values = np.array([s[key] for s in stats])
       record[key] = float(values.mean())
       record[key + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
@@ -69,81 +90,228 @@ def summarize(groups: dict[str, list[dict]]) -> list[dict]:
   return table
 
 
-def _write_tables(directory: pathlib.Path, table: list[dict]) -> None:
+TABLE_NOTE = (
+    "Mean ± sample standard deviation over seeds, final step, test split. TS: temperature scaling, "
+    "T fitted by NLL on the held-out part of the training split (never the test split); accuracy "
+    "does not change under it. ECE and MCE: top-label, {bins} equal-width bins; adaptive ECE: "
+    "{bins} equal-mass bins; classwise ECE: every class's probability, {bins} bins, averaged over "
+    "classes. —: not logged by this run.")
+
+
+def _cell(rec: dict, key: str) -> str:
+  if np.isnan(rec[key]):
+    return "—"
+  digits = 0 if key == "examples_per_s" else (2 if key in ("step_time_ms", "temperature") else 4)
+  spread = f" ± {rec[key + '_std']:.{digits}f}" if rec["seeds"] > 1 else ""
+  return f"{rec[key]:.{digits}f}{spread}"
+
+
+def _write_tables(directory: pathlib.Path, table: list[dict], num_bins: int) -> None:
   header = ["variant", "seeds"] + [title for _, title in COLUMNS]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for rec in table:
-    cells = [rec["group"], str(rec["seeds"])]
-    for key, _ in COLUMNS:
-      digits = 0 if key == "examples_per_s" else (2 if key == "step_time_ms" else 4)
-      spread = f" ± {rec[key + '_std']:.{digits}f}" if rec["seeds"] > 1 else ""
-      cells.append(f"{rec[key]:.{digits}f}{spread}")
-    lines.append("| " + " | ".join(cells) + " |")
+    lines.append("| " + " | ".join([rec["group"], str(rec["seeds"])] +
+                                   [_cell(rec, key) for key, _ in COLUMNS]) + " |")
+  lines += ["", TABLE_NOTE.format(bins=num_bins)]
   (directory / "table.md").write_text("\n".join(lines) + "\n")
   with (directory / "table.csv").open("w", newline="") as f:
     writer = csv.writer(f)
-    keys = [k for key, _ in COLUMNS for k in (key, key + "_std")]
+    keys = [k for key, _ in COLUMNS + CSV_ONLY_COLUMNS for k in (key, key + "_std")]
     writer.writerow(["variant", "seeds"] + keys)
     for rec in table:
       writer.writerow([rec["group"], rec["seeds"]] + [f"{rec[k]:.6g}" for k in keys])
 
 
-def _plot_learning_curves(path: pathlib.Path, groups: dict[str, list[dict]]) -> None:
-  panels = (("train/loss", "training loss (each variant's own)", "log"),
+def _setting(summary: dict) -> str:
+  """The grid values a run was made with (``"label_noise=0.4"``), "" when there is no grid."""
+  group, loss = summary["group"], summary["loss"]
+  if group == loss:
+    return ""
+  return group[:-len(loss)].rstrip("_") if group.endswith("__" + loss) else group
+
+
+def _facets(groups: dict[str, list[dict]]):
+  """Settings and losses in order of first appearance, and ``{(setting, loss): runs}``."""
+  cells = {}
+  for runs in groups.values():
+    summary = runs[0]["summary"]
+    cells[(_setting(summary), summary["loss"])] = runs
+  settings = list(dict.fromkeys(setting for setting, _ in cells))
+  losses = list(dict.fromkeys(loss for _, loss in cells))
+  return settings, losses, cells
+
+
+def loss_colours(losses: list[str]) -> dict[str, tuple]:
+  """One colour per loss, the same in every panel: tab10, tab20 beyond 10, evenly spaced beyond 20."""
+  if len(losses) <= 10:
+    colours = plt.get_cmap("tab10").colors
+  elif len(losses) <= 20:
+    colours = plt.get_cmap("tab20").colors
+  else:
+    colours = plt.get_cmap("turbo")(np.linspace(0.05, 0.95, len(losses)))
+  return {loss: tuple(colours[i]) for i, loss in enumerate(losses)}
+
+
+def _figure(title: str, num_rows: int, num_cols: int, panel_size: tuple[float, float]):
+  fig, axes = plt.subplots(num_rows, num_cols, squeeze=False, layout="constrained",
+                           figsize=(panel_size[0] * num_cols + 2.6, panel_size[1] * num_rows + 1.0))
+  fig.suptitle(title, fontsize=12)
+  return fig, axes
+
+
+def _finish(fig, path: pathlib.Path, handles, caption: str) -> None:
+  """Figure legend right of the panels, a caption line under them, saved at 110 dpi."""
+  fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+  fig.supxlabel(caption, fontsize=8, wrap=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _loss_handles(colours: dict[str, tuple]) -> list:
+  return [matplotlib.lines.Line2D([], [], color=c, linewidth=2.5, label=loss)
+          for loss, c in colours.items()]
+
+
+def _setting_title(setting: str) -> str:
+  return setting.replace("__", ", ") or "all runs"
+
+
+def _plot_learning_curves(path: pathlib.Path, groups: dict[str, list[dict]], title: str) -> None:
+  """Rows: training loss, test accuracy, test NLL; columns: grid settings; colour: loss."""
+  panels = (("train/loss", "training loss\n(each loss's own)", "log"),
             ("eval/accuracy", "test accuracy", "linear"),
             ("eval/nll", "test NLL", "log"))
-  fig, axes = plt.subplots(1, len(panels), figsize=(16, 4.8))
-  for group, runs in groups.items():
-    steps = [row["step"] for row in runs[0]["rows"]]
-    complete = [run for run in runs if [row["step"] for row in run["rows"]] == steps]
-    for ax, (key, _, _) in zip(axes, panels):
-      curves = np.array([[row[key] for row in run["rows"]] for run in complete])
-      (line,) = ax.plot(steps, curves.mean(0), label=group)
-      if len(curves) > 1:
-        ax.fill_between(steps, curves.min(0), curves.max(0), alpha=0.15, color=line.get_color())
-  for ax, (_, title, scale) in zip(axes, panels):
-    ax.set(xlabel="step", ylabel=title, yscale=scale)
-  axes[0].set_title("mean over seeds; band = min..max", fontsize=8)
-  axes[-1].legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  settings, losses, cells = _facets(groups)
+  colours = loss_colours(losses)
+  fig, axes = _figure(f"{title}: learning curves", len(panels), len(settings), (4.2, 2.6))
+  num_seeds = set()
+  for col, setting in enumerate(settings):
+    for loss in losses:
+      runs = cells.get((setting, loss))
+      if not runs:
+        continue
+      steps = [row["step"] for row in runs[0]["rows"]]
+      complete = [run for run in runs if [row["step"] for row in run["rows"]] == steps]
+      num_seeds.add(len(complete))
+      for row_index, (key, _, _) in enumerate(panels):
+        ax = axes[row_index, col]
+        curves = np.array([[row[key] for row in run["rows"]] for run in complete])
+        ax.plot(steps, curves.mean(0), color=colours[loss], linewidth=1.4)
+        if len(curves) > 1:
+          ax.fill_between(steps, curves.min(0), curves.max(0), color=colours[loss], alpha=0.15,
+                          linewidth=0)
+    axes[0, col].set_title(_setting_title(setting), fontsize=10)
+    axes[-1, col].set_xlabel("training step")
+  for row_index, (_, label, scale) in enumerate(panels):
+    axes[row_index, 0].set_ylabel(label)
+    for ax in axes[row_index]:
+      ax.set_yscale(scale)
+      ax.grid(alpha=0.3)
+  seeds = "/".join(str(n) for n in sorted(num_seeds))
+  columns = " in every panel; columns: grid settings" if len(settings) > 1 else ""
+  _finish(fig, path, _loss_handles(colours),
+          f"Line: mean over {seeds} seeds; band: min to max over the seeds. One colour per loss"
+          f"{columns}. Test metrics on the clean test split.")
 
 
-def _plot_reliability(path: pathlib.Path, groups: dict[str, list[dict]]) -> None:
-  cols = min(4, len(groups))
-  rows = -(-len(groups) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
-  for ax, (group, runs) in zip(axes.flat, groups.items()):
-    counts = [run["summary"]["calibration_counts"] for run in runs]
-    summed = metrics.CalibrationCounts(
-        *(np.sum([c[field] for c in counts], axis=0) for field in metrics.CalibrationCounts._fields)
-    )
-    accuracy_K = np.asarray(metrics.reliability_from_counts(summed).accuracy)  # NaN: empty bin
+def _summed_counts(runs: list[dict], key: str):
+  counts = [run["summary"].get(key) for run in runs]
+  if any(c is None for c in counts):
+    return None
+  return metrics.CalibrationCounts(
+      *(np.sum([c[field] for c in counts], axis=0) for field in metrics.CalibrationCounts._fields))
+
+
+def _plot_reliability(path: pathlib.Path, groups: dict[str, list[dict]], title: str) -> None:
+  """Rows: grid settings; columns: losses. Bars before temperature scaling, outline after."""
+  settings, losses, cells = _facets(groups)
+  colours = loss_colours(losses)
+  fig, axes = _figure(f"{title}: reliability diagrams (test split, all seeds pooled)",
+                      len(settings), len(losses), (2.3, 2.3))
+  num_bins, any_after = 0, False
+  for (row, setting), (col, loss) in itertools.product(enumerate(settings), enumerate(losses)):
+    ax = axes[row, col]
+    runs = cells.get((setting, loss))
+    ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal")
+    ax.plot([0, 1], [0, 1], color="0.4", linestyle="--", linewidth=0.8)
+    if row == 0:
+      ax.set_title(loss, fontsize=9, color=colours[loss])
+    if col == 0:
+      ax.set_ylabel(f"{_setting_title(setting)}\naccuracy" if setting else "accuracy", fontsize=9)
+    if row == len(settings) - 1:
+      ax.set_xlabel("confidence", fontsize=9)
+    ax.tick_params(labelsize=7)
+    if not runs:
+      continue
+    before = _summed_counts(runs, "calibration_counts")
+    accuracy_K = np.asarray(metrics.reliability_from_counts(before).accuracy)  # NaN: empty bin
     num_bins = len(accuracy_K)
-    centers_K = (np.arange(num_bins) + 0.5) / num_bins
-    ax.bar(centers_K, accuracy_K, width=1 / num_bins, edgecolor="k", linewidth=0.4)
-    ax.plot([0, 1], [0, 1], "r--", linewidth=1)
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
-    ax.set_title(group, fontsize=7)
-  for ax in list(axes.flat)[len(groups):]:
-    ax.axis("off")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+    edges = np.linspace(0, 1, num_bins + 1)
+    ax.bar(edges[:-1], accuracy_K, width=1 / num_bins, align="edge", color=colours[loss],
+           alpha=0.55, edgecolor="white", linewidth=0.3)
+    text = f"ECE {float(metrics.ece_from_counts(before)):.3f}"
+    after = _summed_counts(runs, "calibration_counts_ts")
+    if after is not None:
+      any_after = True
+      after_K = np.asarray(metrics.reliability_from_counts(after).accuracy)
+      ax.stairs(after_K, edges, color="k", linewidth=1.0)
+      text += f"\nafter TS {float(metrics.ece_from_counts(after)):.3f}"
+    ax.text(0.04, 0.96, text, transform=ax.transAxes, fontsize=7, va="top")
+  handles = [matplotlib.patches.Patch(color="0.5", alpha=0.55, label="model's own confidence\n(colour: loss)"),
+             matplotlib.lines.Line2D([], [], color="0.4", linestyle="--", linewidth=0.8,
+                                     label="perfect calibration")]
+  ts_note = ""
+  if any_after:
+    handles.insert(1, matplotlib.lines.Line2D([], [], color="k", linewidth=1.0,
+                                              label="after temperature\nscaling (TS)"))
+    ts_note = " TS: temperature fitted on held-out training data, never the test split."
+  _finish(fig, path, handles,
+          f"Height: accuracy of the test examples whose top-label confidence falls in the bin "
+          f"({num_bins} equal-width bins; empty bins not drawn). Dashed diagonal: accuracy = "
+          f"confidence; bars below it are over-confident.{ts_note}")
 
 
-def _plot_accuracy_vs_ece(path: pathlib.Path, table: list[dict]) -> None:
-  fig, ax = plt.subplots(figsize=(6.5, 5))
-  for rec in table:
-    ax.errorbar(rec["final_ece"], rec["final_accuracy"], xerr=rec["final_ece_std"],
-                yerr=rec["final_accuracy_std"], fmt="o", capsize=3)
-    ax.annotate(rec["group"], (rec["final_ece"], rec["final_accuracy"]), fontsize=6,
-                xytext=(3, 3), textcoords="offset points")
-  ax.set(xlabel="expected calibration error (final)", ylabel="test accuracy (final)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+def _plot_accuracy_vs_ece(path: pathlib.Path, groups: dict[str, list[dict]],
+                          table: list[dict], title: str) -> None:
+  """One panel per grid setting: (ECE, accuracy) per loss, and where temperature scaling moves it."""
+  settings, losses, _ = _facets(groups)
+  colours = loss_colours(losses)
+  records = {(_setting(groups[rec["group"]][0]["summary"]), groups[rec["group"]][0]["summary"]["loss"]): rec
+             for rec in table}
+  fig, axes = _figure(f"{title}: test accuracy against calibration error", 1, len(settings),
+                      (4.4, 4.0))
+  for ax, setting in zip(axes[0], settings):
+    for loss in losses:
+      rec = records.get((setting, loss))
+      if rec is None:
+        continue
+      colour = colours[loss]
+      ax.errorbar(rec["final_ece"], rec["final_accuracy"], xerr=rec["final_ece_std"],
+                  yerr=rec["final_accuracy_std"], fmt="o", color=colour, capsize=3, markersize=6)
+      if not np.isnan(rec["final_ece_ts"]):
+        ax.errorbar(rec["final_ece_ts"], rec["final_accuracy"], xerr=rec["final_ece_ts_std"],
+                    fmt="o", color=colour, markerfacecolor="white", capsize=2, markersize=6)
+        ax.annotate("", (rec["final_ece_ts"], rec["final_accuracy"]),
+                    (rec["final_ece"], rec["final_accuracy"]),
+                    arrowprops={"arrowstyle": "->", "color": colour, "linewidth": 0.8,
+                                "shrinkA": 4, "shrinkB": 4})
+    ax.set_title(_setting_title(setting), fontsize=10)
+    ax.set_xlabel("ECE (top-label, final)")
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+  axes[0, 0].set_ylabel("test accuracy (final)")
+  handles = _loss_handles(colours)
+  ts_note = ""
+  if any(not np.isnan(rec["final_ece_ts"]) for rec in table):
+    handles += [
+        matplotlib.lines.Line2D([], [], marker="o", color="0.3", linestyle="", label="before TS"),
+        matplotlib.lines.Line2D([], [], marker="o", color="0.3", markerfacecolor="white",
+                                linestyle="", label="after TS")]
+    ts_note = (" Arrow: the same models after temperature scaling (TS, T fitted on held-out "
+               "training data), which keeps accuracy.")
+  _finish(fig, path, handles,
+          f"Error bars: ± 1 sample standard deviation over seeds.{ts_note} Up and to the left is "
+          "better.")
 
 
 def build_report(directory) -> list[dict]:
@@ -157,10 +325,12 @@ def build_report(directory) -> list[dict]:
   if not groups:
     return []
   table = summarize(groups)
-  _write_tables(directory, table)
+  first = next(iter(groups.values()))[0]["summary"]
+  _write_tables(directory, table, num_bins=len(first["calibration_counts"]["count"]))
   plots = directory / "plots"
   plots.mkdir(exist_ok=True)
-  _plot_learning_curves(plots / "learning_curves.png", groups)
-  _plot_reliability(plots / "reliability.png", groups)
-  _plot_accuracy_vs_ece(plots / "accuracy_vs_ece.png", table)
+  title = directory.resolve().name
+  _plot_learning_curves(plots / "learning_curves.png", groups, title)
+  _plot_reliability(plots / "reliability.png", groups, title)
+  _plot_accuracy_vs_ece(plots / "accuracy_vs_ece.png", groups, table, title)
   return table
