@@ -196,7 +196,7 @@ def _plot_learning_curves(path: pathlib.Path, groups: dict[str, list[dict]], tit
       for row_index, (key, _, _) in enumerate(panels):
         ax = axes[row_index, col]
         curves = np.array([[row[key] for row in run["rows"]] for run in complete])
-        ax.plot(steps, curves.mean(0), color=colours[loss], linewidth=1.4)
+        ax.plot(steps, curves.mean(0), color=colours[loss], linewidth=1.4, label=loss)
         if len(curves) > 1:
           ax.fill_between(steps, curves.min(0), curves.max(0), color=colours[loss], alpha=0.15,
                           linewidth=0)
