@@ -19,16 +19,26 @@ core's own). Both are computed block by block: the tokens are cut into chunks of
 ``token_chunk_size`` rows and the vocabulary into chunks of ``vocab_chunk_size`` classes; only one
 ``[token_chunk, vocab_chunk]`` block of logits exists at a time.
 
-Two schedules:
+Two schedules, chosen from the shapes by :func:`plan_schedule`:
 
-* **one pass** (``reduction`` 'sum' or 'mean', whole vocabulary per block, the default): each token
-  chunk's logits are computed once, and its loss and the gradients for ``hidden``, ``weight`` and
-  ``bias`` are computed from them right away, during the forward pass (as Liger-Kernel does). The
-  backward pass only scales the stored gradients by the incoming scalar cotangent: three matmuls in
-  all, as many as the unfused loss and its gradient.
-* **two passes** (reduction 'none', ``return_lse``, or vocabulary chunks): the forward pass keeps
-  only the per-row statistics; the backward pass recomputes each block from ``hidden`` and
-  ``weight`` once the per-row cotangents are known: four matmuls, the least memory.
+* **one pass** (``reduction`` 'sum' or 'mean', whole vocabulary per block, and a float32
+  ``[V, D]`` weight-gradient accumulator no larger than 1/8 of the ``[N, V]`` float32 logits,
+  i.e. :math:`8D \le N`): each token chunk's logits are computed once, and its loss and the
+  gradients for ``hidden``, ``weight`` and ``bias`` are computed from them right away, during the
+  forward pass (as Liger-Kernel does). The backward pass only scales the stored gradients by the
+  incoming scalar cotangent: three matmuls in all, as many as the unfused loss and its gradient.
+* **two passes** (otherwise: reduction 'none', ``return_lse``, vocabulary chunks, or a large
+  ``D/N`` as at LLM heads): the forward pass keeps only the per-row statistics; the backward pass
+  recomputes each block from ``hidden`` and ``weight`` once the per-row cotangents are known: four
+  matmuls, the least memory. Its loop order keeps the smaller float32 accumulator:
+  **vocabulary-major** when :math:`V > N` (vocabulary chunks outermost, each seeing every token,
+  so each ``d_weight`` block is finished in float32 and written once in the weight's dtype;
+  ``d_hidden`` accumulates ``[N, D]`` in float32), token-major otherwise (``d_weight``
+  accumulates ``[V, D]`` in float32).
+
+Compiled for a TPU v5e or v6e in bfloat16 (value and gradients of ``hidden`` and ``weight``), the
+Llama-3-8B head (N=8192, D=4096, V=128256) keeps 129/161 MiB of temporaries against 6012 MiB for
+the matmul plus optax's loss, the Gemma-style head (N=8192, D=2304, V=256000) 73 MiB against 12000.
 
 A chunk size that does not divide its axis is handled without padding copies: the last chunk is
 shifted back to end at the axis end and the rows (classes) it shares with the previous chunk are
@@ -64,6 +74,12 @@ WEIGHT_LAYOUTS = ("vd", "dv")
 _BLOCK_ELEMENTS = 2**24
 _MIN_TOKEN_CHUNK = 128
 _MAX_TOKEN_CHUNK = 1024
+# The one-pass schedule's float32 [V, D] weight-gradient accumulator may be at most 1/8 of the
+# [N, V] float32 logits (8 * D <= N), see plan_schedule.
+_ONE_PASS_RATIO = 8
+# Classes per vocabulary chunk of the vocabulary-major backward: a float32 [4096, D] block of the
+# weight gradient, [4096, token_chunk] blocks of logits.
+_VOCAB_MAJOR_CHUNK = 4096
 # Classes per slice of the one-pass weight-gradient product: a [rows, D] float32 temporary of
 # about 2**21 elements (8 MiB).
 _WEIGHT_GRAD_ELEMENTS = 2**21
@@ -96,6 +112,7 @@ class BlockConfig:
     vocab_chunk: classes per block (at most V).
     class_offset: global class index of the slice's first class.
     weighted_sum: whether :math:`\\sum_c w_c x_{ic}` is needed (label smoothing).
+    vocab_major: loop order of :func:`vocab_slice_grads` (vocabulary chunks outermost).
   """
 
   weight_layout: str
@@ -104,6 +121,7 @@ class BlockConfig:
   vocab_chunk: int
   class_offset: int = 0
   weighted_sum: bool = False
+  vocab_major: bool = False
 
   @property
   def vocab_axis(self) -> int:
@@ -324,7 +342,14 @@ def vocab_slice_grads(
 ):
   """Gradients through one vocabulary slice, given the complete per-row ``lse`` and cotangents.
 
-  Recomputes every block of logits (the second pass of the two-pass schedule).
+  Recomputes every block of logits (the second pass of the two-pass schedule), in the loop order
+  ``cfg.vocab_major`` names:
+
+  * token-major (token chunks outermost): ``d_hidden`` of a token chunk is finished in the inner
+    loop; ``d_weight`` is a float32 ``[V, D]`` accumulator that every token chunk adds to;
+  * vocabulary-major (vocabulary chunks outermost, each seeing every token): ``d_weight`` of a
+    vocabulary chunk is finished in float32 in the inner loop and written once in the weight's
+    dtype; ``d_hidden`` is the float32 ``[N, D]`` accumulator.
 
   Args:
     hidden_NxD, weight, bias_V, labels_N, class_weight_V, cfg: as :func:`vocab_slice_stats`.
@@ -332,9 +357,29 @@ def vocab_slice_grads(
     cot: per-row cotangents of ``(lse, target, weighted_sum)``.
 
   Returns:
-    ``(d_hidden [N, D], d_weight (weight's shape), d_bias [V] or None)`` in float32 (float64 for
-    float64 inputs). ``d_hidden`` is this slice's part: sum it over slices.
+    ``(d_hidden [N, D], d_weight (weight's shape), d_bias [V] or None)``: ``d_hidden`` and
+    ``d_bias`` in float32 (float64 for float64 inputs), ``d_weight`` in the weight's dtype (all
+    accumulated in float32). ``d_hidden`` is this slice's part: sum it over slices.
   """
+  grads = _grads_vocab_major if cfg.vocab_major else _grads_token_major
+  return grads(hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse_N, cot, cfg)
+
+
+def _class_block(tree, start, size):
+  """Slices ``size`` classes from ``start`` of each ``[V]`` array in ``tree`` (None stays None)."""
+  return jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, size), tree)
+
+
+def _block_grad_dlogits(hidden_TxD, labels_T, lse_T, cot_T, weight_block, bias_C, weight_C,
+                        class_start, new_C, cfg: BlockConfig):
+  """The float32 ``[C, T]`` logits gradient of one block and its matmul-dtype copy."""
+  x_CxT = _block_logits(hidden_TxD, weight_block, bias_C, cfg)
+  is_target = _block_targets(_target_index(labels_T, class_start, new_C), x_CxT.shape)
+  g_CxT = _block_dlogits(x_CxT, is_target, new_C, lse_T, cot_T, weight_C, cfg)
+  return g_CxT, g_CxT.astype(_matmul_dtype(hidden_TxD, weight_block))
+
+
+def _grads_token_major(hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse_N, cot, cfg):
   n, d = hidden_NxD.shape
   v = weight.shape[cfg.vocab_axis]
   t, c = cfg.token_chunk, cfg.vocab_chunk
@@ -351,14 +396,10 @@ def vocab_slice_grads(
     def vocab_step(j, inner):
       d_hidden_TxD, d_weight, d_bias_V = inner
       c0 = _chunk_start(j, c, v)
-      new_C = _new_mask(c0, j, c)
-      bias_C = None if bias_V is None else lax.dynamic_slice_in_dim(bias_V, c0, c)
-      weight_C = None if class_weight_V is None else lax.dynamic_slice_in_dim(class_weight_V, c0, c)
+      bias_C, weight_C = _class_block((bias_V, class_weight_V), c0, c)
       weight_block = _weight_block(weight, c0, cfg)
-      x_CxT = _block_logits(hidden_TxD, weight_block, bias_C, cfg)
-      is_target = _block_targets(_target_index(labels_T, c0 + cfg.class_offset, new_C), x_CxT.shape)
-      g_CxT = _block_dlogits(x_CxT, is_target, new_C, lse_T, cot_T, weight_C, cfg)
-      g = g_CxT.astype(_matmul_dtype(hidden_TxD, weight_block))
+      g_CxT, g = _block_grad_dlogits(hidden_TxD, labels_T, lse_T, cot_T, weight_block, bias_C,
+                                     weight_C, c0 + cfg.class_offset, _new_mask(c0, j, c), cfg)
       dh, dw = _block_hidden_grad(g, weight_block, cfg), _block_weight_grad(g, hidden_TxD, cfg)
       if d_bias_V is not None:
         d_bias_V = _add_at(d_bias_V, c0, jnp.sum(g_CxT, axis=1), 0)
@@ -373,7 +414,65 @@ def vocab_slice_grads(
       jnp.zeros(weight.shape, dtype),
       None if bias_V is None else jnp.zeros((v,), dtype),
   )
-  return lax.fori_loop(0, _num_chunks(n, t), token_step, init)
+  d_hidden, d_weight, d_bias = lax.fori_loop(0, _num_chunks(n, t), token_step, init)
+  return d_hidden, d_weight.astype(weight.dtype), d_bias
+
+
+def _grads_vocab_major(hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse_N, cot, cfg):
+  n, d = hidden_NxD.shape
+  v = weight.shape[cfg.vocab_axis]
+  t, c = cfg.token_chunk, cfg.vocab_chunk
+  dtype = lse_N.dtype
+
+  def vocab_step(j, carry):
+    d_hidden_NxD, d_weight, d_bias_V = carry
+    c0 = _chunk_start(j, c, v)
+    new_C = _new_mask(c0, j, c)
+    bias_C, weight_C = _class_block((bias_V, class_weight_V), c0, c)
+    weight_block = _weight_block(weight, c0, cfg)
+
+    def token_step(i, inner):
+      d_hidden_NxD, d_weight_block, d_bias_C = inner
+      t0 = _chunk_start(i, t, n)
+      new_T = _new_mask(t0, i, t)
+      hidden_TxD, labels_T, lse_T, cot_T = _token_chunk(
+          (hidden_NxD, labels_N, lse_N, cot), t0, t)
+      # Rows already handled by the previous chunk contribute nothing here.
+      cot_T = jax.tree.map(lambda a: jnp.where(new_T, a, jnp.zeros_like(a)), cot_T)
+      g_CxT, g = _block_grad_dlogits(hidden_TxD, labels_T, lse_T, cot_T, weight_block, bias_C,
+                                     weight_C, c0 + cfg.class_offset, new_C, cfg)
+      d_hidden_NxD = _add_at(d_hidden_NxD, t0, _block_hidden_grad(g, weight_block, cfg), 0)
+      d_weight_block = d_weight_block + _block_weight_grad(g, hidden_TxD, cfg)
+      if d_bias_C is not None:
+        d_bias_C = d_bias_C + jnp.sum(g_CxT, axis=1)
+      return d_hidden_NxD, d_weight_block, d_bias_C
+
+    block_shape = weight_block.shape
+    inner = (d_hidden_NxD, jnp.zeros(block_shape, dtype),
+             None if bias_V is None else jnp.zeros((c,), dtype))
+    d_hidden_NxD, d_weight_block, d_bias_C = lax.fori_loop(
+        0, _num_chunks(n, t), token_step, inner)
+    # Finished: written once, in the weight's dtype. A shifted last chunk keeps the classes it
+    # shares with the previous chunk as they are.
+    d_weight = _set_new_classes(d_weight, c0, d_weight_block.astype(weight.dtype), new_C,
+                                cfg.vocab_axis)
+    if d_bias_V is not None:
+      d_bias_V = _set_new_classes(d_bias_V, c0, d_bias_C, new_C, 0)
+    return d_hidden_NxD, d_weight, d_bias_V
+
+  init = (
+      jnp.zeros((n, d), dtype),
+      jnp.zeros(weight.shape, weight.dtype),
+      None if bias_V is None else jnp.zeros((v,), dtype),
+  )
+  return lax.fori_loop(0, _num_chunks(v, c), vocab_step, init)
+
+
+def _set_new_classes(total, start, block, new_C, axis):
+  """``total[start:start + C] = block`` along ``axis``, on the classes ``new_C`` marks only."""
+  current = lax.dynamic_slice_in_dim(total, start, block.shape[axis], axis=axis)
+  mask = new_C.reshape([-1 if k == axis else 1 for k in range(block.ndim)])
+  return lax.dynamic_update_slice_in_dim(total, jnp.where(mask, block, current), start, axis=axis)
 
 
 RowLoss = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
@@ -533,6 +632,50 @@ def default_token_chunk(num_classes: int) -> int:
   return int(np.clip(rows, _MIN_TOKEN_CHUNK, _MAX_TOKEN_CHUNK))
 
 
+class Schedule(NamedTuple):
+  """How the blocked kernels visit ``[N, V]`` (see :func:`plan_schedule`)."""
+
+  one_pass: bool
+  token_chunk: int
+  vocab_chunk: int
+  vocab_major: bool
+
+  def block_config(self, weight_layout, logit_softcap, weighted_sum) -> BlockConfig:
+    return BlockConfig(weight_layout, logit_softcap, self.token_chunk, self.vocab_chunk,
+                       weighted_sum=weighted_sum, vocab_major=self.vocab_major)
+
+
+def plan_schedule(
+    fn: str, n: int, d: int, v: int, *, linear_reduction: bool, token_chunk_size,
+    vocab_chunk_size,
+) -> Schedule:
+  r"""Chooses the schedule and the loop order from the shapes ``[N, D] x [V, D]``.
+
+  * **One pass** (three matmuls, token-major, a float32 ``[V, D]`` weight-gradient accumulator)
+    when the loss is linear in the per-row losses (``linear_reduction``: 'sum' or 'mean' without
+    ``return_lse``), no ``vocab_chunk_size`` is given, and the accumulator is at most
+    :math:`1/8` of the ``[N, V]`` float32 logits it replaces: :math:`4VD \le 4NV/8`, i.e.
+    :math:`8D \le N`. Beyond that (Llama-3-8B's head: :math:`D = N/2` at ``N = 8192``) the
+    accumulator alone would be a large part of the naive path's memory.
+  * Otherwise **two passes** (four matmuls: statistics, then recomputed blocks). The backward
+    keeps the smaller float32 accumulator: vocabulary-major (``d_hidden`` ``[N, D]``, each
+    ``d_weight`` block finished and written once in the weight's dtype) when :math:`V > N`,
+    token-major (``d_weight`` ``[V, D]``) otherwise. Vocabulary-major blocks default to
+    ``4096`` classes.
+
+  Explicit chunk sizes are kept (clipped to the axis); defaults give blocks of about ``2**24``
+  elements (:func:`default_token_chunk`).
+  """
+  one_pass = linear_reduction and vocab_chunk_size is None and _ONE_PASS_RATIO * d <= n
+  vocab_major = not one_pass and v > n
+  default_vocab = min(v, _VOCAB_MAJOR_CHUNK) if vocab_major else v
+  vocab_chunk = v if one_pass else _resolve_chunk(
+      fn, "vocab_chunk_size", vocab_chunk_size, v, default_vocab)
+  token_chunk = _resolve_chunk(
+      fn, "token_chunk_size", token_chunk_size, n, default_token_chunk(vocab_chunk))
+  return Schedule(one_pass, token_chunk, vocab_chunk, vocab_major)
+
+
 def linear_cross_entropy(
     hidden: jax.typing.ArrayLike,
     weight: jax.typing.ArrayLike,
@@ -565,10 +708,12 @@ def linear_cross_entropy(
 
   computed from the per-row statistics :math:`\mathrm{lse}_i`, :math:`x_{iy_i}` and
   :math:`\sum_c w_c x_{ic}` gathered chunk by chunk (see the module docstring). With 'sum' or
-  'mean' and no ``vocab_chunk_size`` the gradients are computed in the forward pass (three matmuls,
-  as the unfused loss) and kept until the backward pass, which scales them (residuals: the size of
-  ``hidden`` and ``weight``); otherwise the backward pass recomputes the logits (four matmuls,
-  blocks of ``[token_chunk_size, vocab_chunk_size]``, residuals: the per-row ``lse``). Called
+  'mean', no ``vocab_chunk_size`` and :math:`8D \le N` the gradients are computed in the forward
+  pass (three matmuls, as the unfused loss) and kept until the backward pass, which scales them
+  (residuals: the size of ``hidden`` and ``weight``); otherwise the backward pass recomputes the
+  logits (four matmuls, blocks of ``[token_chunk_size, vocab_chunk_size]``, residuals: the per-row
+  ``lse``), vocabulary chunks outermost when :math:`V > N` so that no float32 ``[V, D]`` buffer
+  exists (:func:`xent_jax._linear.plan_schedule`). Called
   without differentiation, it only computes the loss (one matmul).
 
   Args:
@@ -590,10 +735,12 @@ def linear_cross_entropy(
     logit_softcap: :math:`c > 0` applies :math:`c\tanh(x/c)` to the logits (Gemma 2).
     where: bool mask broadcastable to ``labels``' shape; False rows count for nothing.
     return_lse: also return the per-row ``lse`` ``[...]`` (uses the two-pass schedule).
-    token_chunk_size: rows per block; default: a power of two giving a ``[rows, V]`` block of about
-      ``2**24`` elements, within [128, 1024]. Larger than the row count means all rows.
-    vocab_chunk_size: classes per block; default: the whole vocabulary (one-pass schedule for 'sum'
-      and 'mean'). Smaller values bound the block to ``[token_chunk_size, vocab_chunk_size]``.
+    token_chunk_size: rows per block; default: a power of two giving a ``[rows, vocab_chunk]``
+      block of about ``2**24`` elements, within [128, 1024]. Larger than the row count means all
+      rows.
+    vocab_chunk_size: classes per block; default: the whole vocabulary, or 4096 classes for the
+      vocabulary-major backward. Giving it selects the two-pass schedule and bounds the block to
+      ``[token_chunk_size, vocab_chunk_size]``.
 
   Returns:
     The reduced loss (float32; float64 for float64 inputs), and with ``return_lse`` the pair
@@ -655,10 +802,10 @@ def linear_cross_entropy(
         logit_softcap=logit_softcap, where=where,
         return_lse=return_lse,
     )
-  token_chunk = _resolve_chunk(
-      fn, "token_chunk_size", token_chunk_size, n, default_token_chunk(num_classes)
+  schedule = plan_schedule(
+      fn, n, features, num_classes, linear_reduction=reduction != "none" and not return_lse,
+      token_chunk_size=token_chunk_size, vocab_chunk_size=vocab_chunk_size,
   )
-  vocab_chunk = _resolve_chunk(fn, "vocab_chunk_size", vocab_chunk_size, num_classes, num_classes)
 
   dtype = _ce.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
   hidden_NxD = hidden.reshape(n, features)
@@ -683,11 +830,8 @@ def linear_cross_entropy(
 
   target = _ce.smoothed_target(num_classes, label_smoothing, smoothing)
   lcfg = _LossConfig(target, float(z_loss))
-  cfg = BlockConfig(
-      weight_layout, logit_softcap, token_chunk, vocab_chunk, weighted_sum=bool(target.off)
-  )
-  one_pass = reduction != "none" and not return_lse and vocab_chunk_size is None
-  if one_pass:
+  cfg = schedule.block_config(weight_layout, logit_softcap, bool(target.off))
+  if schedule.one_pass:
     # Sum and mean are linear in the per-row losses: d(reduced)/d(loss_i) is known up front.
     row_scale_N = jax.grad(
         lambda loss: _reduction.reduce_loss(loss, example_weight_N, reduction, fn=fn)
