@@ -3,18 +3,48 @@
 Each checkpoint holds the model and optimizer state (a pytree of arrays, saved by
 ``ocp.args.StandardSave``) and a JSON record: the step, the data-order state (seed and step fully
 determine the batch order, see `data.train_batch`) and a fingerprint of the arrays (per-leaf
-float64 sum and sum of squares). Restoring walks the steps from newest to oldest and takes the
-first one that loads and matches its fingerprint, so a partial or corrupt latest checkpoint
-falls back to the previous one. Nothing is pickled.
+float64 sum and sum of squares). Nothing is pickled.
+
+The restore rule: never delete a checkpoint that may be valid. Restoring walks the steps from
+newest to oldest. A step is skipped only on *verified* corruption, and then moved aside to
+``checkpoints/corrupt-<step>/`` (never deleted):
+
+- a part of it is missing (the ``state`` or ``record`` directory, a key of the record);
+- its JSON files do not parse (torn or overwritten);
+- tensorstore reports undecodable or truncated array data (``DATA_LOSS``, ``OUT_OF_RANGE``,
+  "Error decoding", "Data corruption", "Truncated");
+- the arrays load but do not match their saved fingerprint.
+
+Every other failure stops the run with a `CheckpointError` and leaves the files as they were: a
+file that cannot be opened (permission, I/O error; every file is opened before orbax reads any),
+arrays of other shapes, dtypes or names than the current config builds (orbax would restore the
+saved shapes silently, so they are compared first from the saved metadata), and any error not
+listed above, since it does not prove the data bad.
 """
 
+import json
 import logging
+import os
 import pathlib
+import re
 import shutil
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+CORRUPT_PREFIX = "corrupt-"
+# Tensorstore's words for data it read but could not decode (see the module docstring).
+_CORRUPT_DATA = re.compile(r"DATA_LOSS|OUT_OF_RANGE|Error decoding|Data corruption|Truncated")
+_DENIED = re.compile(r"PERMISSION_DENIED|Permission denied")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be restored or saved, and may be valid: the run stops, files stay."""
+
+
+class _Corrupt(Exception):
+  """Verified corruption of one checkpoint (internal: the checkpoint is moved aside)."""
 
 
 def fingerprint(tree) -> list[list[float]]:
@@ -24,48 +54,161 @@ def fingerprint(tree) -> list[list[float]]:
           for x in leaves]
 
 
+def _first_line(err: BaseException) -> str:
+  text = str(err).strip()
+  return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def _chain(err: BaseException):
+  while err is not None:
+    yield err
+    err = err.__cause__ or err.__context__
+
+
+def _is_corruption(err: BaseException) -> bool:
+  """Whether a restore error proves the data bad (as opposed to unreadable or mismatched)."""
+  for link in _chain(err):
+    if isinstance(link, (json.JSONDecodeError, UnicodeDecodeError)):
+      return True
+    if isinstance(link, PermissionError) or _DENIED.search(str(link)):
+      return False
+    if isinstance(link, ValueError) and _CORRUPT_DATA.search(str(link)):
+      return True
+  return False
+
+
+def _classify(step_dir: pathlib.Path, err: Exception) -> Exception:
+  """The error to raise for a failed read: `_Corrupt` on verified corruption, else a stop."""
+  if _is_corruption(err):
+    return _Corrupt(_first_line(err))
+  return CheckpointError(
+      f"could not restore checkpoint {step_dir}: {_first_line(err)}; this does not prove it "
+      "corrupt, so it was left as is")
+
+
+def _leaf_specs(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  """``{"a/b/0": (shape, dtype name)}`` of a pytree of arrays or of orbax array metadata."""
+  def name(path):
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+  return {name(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _describe(spec) -> str:
+  return "absent" if spec is None else f"{spec[1]}{list(spec[0])}"
+
+
+def _check_readable(step_dir: pathlib.Path) -> None:
+  """Opens every file of a checkpoint; an error here (permission, I/O) is not corruption."""
+  try:
+    for root, _, files in os.walk(step_dir, onerror=_raise):
+      for name in files:
+        with open(os.path.join(root, name), "rb") as f:
+          f.read(1)
+  except OSError as err:
+    raise CheckpointError(
+        f"cannot read checkpoint file {err.filename or step_dir}: {err.strerror or err}; the "
+        "checkpoint may be valid, so it was left as is: fix the access and rerun") from err
+
+
+def _raise(err: OSError) -> None:
+  raise err
+
+
 class Checkpointer:
   """Saves and restores ``(state, record)`` pairs under ``directory``."""
 
   def __init__(self, directory: pathlib.Path, *, max_to_keep: int):
+    self.directory = directory.absolute()
+    # cleanup_tmp_directories: a ``<step>.orbax-checkpoint-tmp`` directory is a save that never
+    # committed (killed mid-write), so it is not a checkpoint and is removed.
     self.manager = ocp.CheckpointManager(
-        directory.absolute(),
+        self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False,
-                                             create=True))
+                                             create=True, cleanup_tmp_directories=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "record": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state, record: dict) -> None:
-    """Writes checkpoint ``step`` (synchronously; orbax commits it atomically)."""
+    """Writes checkpoint ``step`` (synchronously; orbax commits it atomically by a rename).
+
+    Raises:
+      CheckpointError: the write failed (full disk, permission); its uncommitted temporary
+        directory is removed, older checkpoints are untouched.
+    """
     record = dict(record, step=step, fingerprint=fingerprint(state))
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)), force=True)
-    self.manager.wait_until_finished()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)), force=True)
+      self.manager.wait_until_finished()
+    except Exception as err:  # pylint: disable=broad-except
+      if jax.process_index() == 0:
+        for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+          shutil.rmtree(tmp, ignore_errors=True)
+      raise CheckpointError(f"could not save checkpoint {self.directory / str(step)}: "
+                            f"{_first_line(err)}") from err
 
   def restore_latest(self, like_state):
-    """The newest readable checkpoint as ``(state, record)``, or None when there is none.
+    """The newest intact checkpoint as ``(state, record)``, or None when there is none.
+
+    Corrupt checkpoints met on the way are moved to ``corrupt-<step>/`` (see the module
+    docstring for what counts as corrupt).
 
     Args:
       like_state: a pytree with the target shapes, dtypes and shardings of the state.
+
+    Raises:
+      CheckpointError: a checkpoint that is not verifiably corrupt could not be restored (the
+        message names it and the reason); nothing was moved or deleted.
     """
     abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
     self.manager.reload()
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()))
-        if restored.record["fingerprint"] != fingerprint(restored.state):
-          raise ValueError("array fingerprint does not match the saved one")
-      except Exception as err:  # pylint: disable=broad-except
-        logging.warning("checkpoint at step %d is unreadable (%s); deleting it, trying an older one",
-                        step, str(err).splitlines()[0] if str(err) else type(err).__name__)
-        self._discard(step)
-        continue
-      return restored.state, restored.record
+        return self._restore(step, abstract_state)
+      except _Corrupt as err:
+        self._move_aside(step, str(err))
     return None
 
-  def _discard(self, step: int) -> None:
-    """Removes an unreadable checkpoint so that the step can be saved again."""
+  def _restore(self, step: int, abstract_state):
+    step_dir = self.directory / str(step)
+    _check_readable(step_dir)
+    for item in ("state", "record"):
+      if not (step_dir / item).is_dir():
+        raise _Corrupt(f"its '{item}' directory is missing")
+    try:
+      saved = _leaf_specs(self.manager.item_metadata(step).state.tree)
+    except Exception as err:  # pylint: disable=broad-except
+      raise _classify(step_dir, err) from err
+    wanted = _leaf_specs(abstract_state)
+    if saved != wanted:
+      name = next(k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k))
+      raise CheckpointError(
+          f"checkpoint {step_dir} holds state of another shape than this config builds "
+          f"({name}: saved {_describe(saved.get(name))}, expected {_describe(wanted.get(name))}); "
+          "was config.yaml edited or the code changed? The checkpoint was left as is")
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()))
+    except Exception as err:  # pylint: disable=broad-except
+      raise _classify(step_dir, err) from err
+    record = restored.record
+    if not isinstance(record, dict) or not {"step", "fingerprint"} <= set(record):
+      raise _Corrupt("its record lacks 'step' or 'fingerprint'")
+    if record["fingerprint"] != fingerprint(restored.state):
+      raise _Corrupt("its arrays do not match their saved fingerprint")
+    return restored.state, record
+
+  def _move_aside(self, step: int, reason: str) -> None:
+    """Renames a corrupt checkpoint to ``corrupt-<step>`` (``-2``, ``-3``... if taken)."""
+    source = self.directory / str(step)
+    target, n = self.directory / f"{CORRUPT_PREFIX}{step}", 1
+    while target.exists():
+      n += 1
+      target = self.directory / f"{CORRUPT_PREFIX}{step}-{n}"
     if jax.process_index() == 0:
-      shutil.rmtree(self.manager.directory / str(step), ignore_errors=True)
+      source.rename(target)
+    logging.warning("checkpoint %s is corrupt (%s); moved to %s, trying an older one",
+                    source, reason, target)
     self.manager.reload()
 
   def close(self) -> None:

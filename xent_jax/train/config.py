@@ -178,7 +178,7 @@ def _read_yaml(path: str) -> dict[str, Any]:
     try:
       data = yaml.safe_load(f)
     except yaml.YAMLError as err:
-      raise ConfigError(f"{path}: not valid YAML: {err}") from None
+      raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
   if data is None:
     return {}
   if not isinstance(data, dict):
@@ -208,19 +208,25 @@ def load_config(path: str | None, overrides: tuple[str, ...] = ()) -> Config:
   for item in overrides:
     if "=" not in item:
       raise ConfigError(f"override '{item}' must look like key.sub=value")
+    try:  # one at a time, so that a YAML error names its override
+      OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as err:
+      reason = " ".join(str(err).split())
+      raise ConfigError(f"override '{item}': its value is not valid YAML ({reason})") from None
   try:
     merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     config = OmegaConf.to_object(merged)
   except omegaconf.errors.OmegaConfBaseException as err:
     raise _omegaconf_error(err, "command-line override" if overrides else source) from None
   validate(config)
-  names = []
+  runs = set()
   for run_config in expand_grid(config):
     validate(run_config)
-    if run_config.name in names:  # one run directory for two runs: the second would be skipped
-      raise ConfigError(f"config key 'compare.variants' names two runs {run_config.name!r}: give "
-                        "each variant its own 'label'")
-    names.append(run_config.name)
+    run = (run_config.name, run_config.train.seed)
+    if run in runs:  # one run directory for two runs: the second would be skipped as finished
+      raise ConfigError(f"config key 'compare.variants' gives two variants the name {run[0]!r}: "
+                        "give each its own 'label'")
+    runs.add(run)
   return config
 
 
@@ -311,8 +317,8 @@ def validate_numbers(config: Config) -> None:
     value = getattr(getattr(config, section), field)
     for item in value if isinstance(value, list) else [value]:
       if not (math.isfinite(item) and holds(item)):
-        each = "each entry " if isinstance(value, list) else ""
-        raise ConfigError(f"config key '{key}' must be {each}{expected}, got {value!r}")
+        each = " in every entry" if isinstance(value, list) else ""
+        raise ConfigError(f"config key '{key}' must be {expected}{each}, got {value!r}")
 
 
 def validate_loss(loss: LossConfig, key: str, model_name: str) -> None:

@@ -7,6 +7,7 @@ their group name (all config values but the seed), and writes ``table.md``, ``ta
 
 import csv
 import itertools
+import logging
 import pathlib
 
 import matplotlib
@@ -38,13 +39,21 @@ COLUMNS = [
 
 
 def load_runs(directory: pathlib.Path) -> dict[str, list[dict]]:
-  """Finished runs under ``directory`` grouped by group name: summary plus metric rows."""
+  """Finished runs under ``directory`` grouped by group name: summary plus metric rows.
+
+  A run without ``summary.json`` (unfinished) or without metric rows is left out with a warning
+  naming it; torn metric lines are skipped by `logs.read_metrics`, keeping the rows after them.
+
+  Raises:
+    LogFileError: a ``summary.json`` is damaged (a table without that run would be wrong).
+  """
   groups: dict[str, list[dict]] = {}
-  for summary_path in sorted(directory.glob(f"*/seed_*/{logs.SUMMARY_FILE}")):
-    run_dir = summary_path.parent
+  for run_dir in sorted(path for path in directory.glob("*/seed_*") if path.is_dir()):
     summary = logs.read_summary(run_dir)
     rows = logs.read_metrics(run_dir)
     if summary is None or not rows:
+      logging.warning("%s: %s; left out of the report", run_dir,
+                      "not finished" if summary is None else f"no rows in {logs.METRICS_FILE}")
       continue
     groups.setdefault(summary["group"], []).append({"summary": summary, "rows": rows})
   return groups

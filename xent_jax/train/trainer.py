@@ -1,33 +1,35 @@
 """`train_and_evaluate(config, workdir)`: one training run, resumable, logged to files."""
 
+import contextlib
 import logging
 import pathlib
 import time
 
 import jax
 import numpy as np
+import omegaconf
 import yaml
 from flax import nnx
 from jax.experimental import multihost_utils
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from xent_jax.train import logs
 from xent_jax.train.checkpoint import Checkpointer
-from xent_jax.train.config import Config, loss_label, to_yaml
+from xent_jax.train.config import Config, ConfigError, loss_label, to_yaml
 from xent_jax.train.data import Dataset, eval_batches, load_dataset, train_batch
+from xent_jax.train.logs import RunDirectoryError
 from xent_jax.train.models import build_model
 from xent_jax.train.optim import build_optimizer
 from xent_jax.train.parallel import check_batch_size, make_mesh, replicate, shard_batch
 from xent_jax.train.steps import (calibration_row, finish_eval, make_eval_step, make_logits_step,
                                    make_objective, make_train_step)
 
+CHECKPOINT_DIR = "checkpoints"
+
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or Inf; the run stopped without checkpointing it."""
-
-
-class RunDirectoryError(ValueError):
-  """The run directory already holds a run of another config."""
 
 
 def _local(array: np.ndarray) -> np.ndarray:
@@ -36,12 +38,95 @@ def _local(array: np.ndarray) -> np.ndarray:
   return array[jax.process_index() * rows:(jax.process_index() + 1) * rows]
 
 
-def _same_experiment(yaml_a: str, yaml_b: str) -> bool:
-  """Whether two resolved configs describe the same run (the output directory may differ)."""
-  a, b = yaml.safe_load(yaml_a), yaml.safe_load(yaml_b)
-  a.pop("workdir", None)
-  b.pop("workdir", None)
-  return a == b
+def _flat(tree, prefix: str = "") -> dict:
+  """``{"optim.learning_rate": 0.001, ...}`` of nested dicts (lists stay values)."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def config_differences(recorded: pathlib.Path, config: Config) -> list[str]:
+  """The keys whose values differ between a recorded ``config.yaml`` and ``config``.
+
+  The recorded file is read onto the current schema, so keys added to the schema since it was
+  written compare at their defaults; ``workdir`` (where the run lives) is ignored.
+
+  Raises:
+    RunDirectoryError: the recorded file is not a config this schema can read.
+  """
+  try:
+    merged = OmegaConf.merge(OmegaConf.structured(Config), yaml.safe_load(recorded.read_text()) or {})
+    old = _flat(OmegaConf.to_container(merged, resolve=True))
+  except (yaml.YAMLError, omegaconf.errors.OmegaConfBaseException, ValueError) as err:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    raise RunDirectoryError(f"{recorded} cannot be read as a config ({reason}), so it is unknown "
+                            "which experiment the directory holds: fix it or pass another workdir") from None
+  new = _flat(OmegaConf.to_container(OmegaConf.structured(config), resolve=True))
+  return [f"{key} (recorded {old.get(key)!r}, now {new.get(key)!r})"
+          for key in sorted(set(old) | set(new)) if key != "workdir" and old.get(key) != new.get(key)]
+
+
+def check_run_directory(config: Config, workdir: pathlib.Path) -> None:
+  """Refuses a directory that holds a run of another config, or run files without a config.
+
+  Raises:
+    RunDirectoryError: naming the directory and the keys that differ (or the files found).
+  """
+  recorded = workdir / logs.CONFIG_FILE
+  if recorded.exists():
+    differences = config_differences(recorded, config)
+    if differences:
+      raise RunDirectoryError(
+          f"{workdir} holds a run of a different config ({recorded}: {'; '.join(differences[:3])}"
+          f"{'; ...' if len(differences) > 3 else ''}); resuming or reusing it would mix two "
+          "experiments: pass another workdir or delete that directory")
+    return
+  checkpoints = workdir / CHECKPOINT_DIR
+  found = [name for name in (logs.METRICS_FILE, logs.SUMMARY_FILE) if (workdir / name).exists()]
+  if checkpoints.is_dir() and any(checkpoints.iterdir()):
+    found.append(CHECKPOINT_DIR + "/")
+  if found:
+    raise RunDirectoryError(
+        f"{workdir} holds {', '.join(found)} but no {logs.CONFIG_FILE}, so the config that made them "
+        f"is unknown and resuming could mix two experiments: put that run's {logs.CONFIG_FILE} back "
+        "or pass another workdir")
+
+
+@contextlib.contextmanager
+def _exclusive(workdir: pathlib.Path):
+  """Holds the directory's lock (process 0) for the run; all processes stop if it is taken."""
+  with contextlib.ExitStack() as stack:
+    error = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(logs.locked(workdir))
+      except RunDirectoryError as err:
+        error = err
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(error is not None)):
+      error = error or RunDirectoryError(f"{workdir} is in use by another process")
+    if error:
+      raise error
+    yield
+
+
+def _check_data_sizes(data: Dataset, config: Config) -> None:
+  """Sizes only known once the data is loaded: a batch must fit the training split, tests exist."""
+  if data.is_lm:
+    if len(data.x_train_NxF) <= data.seq_len + 1:
+      raise ConfigError(f"config key 'data.seq_len' ({data.seq_len}) leaves no training window in "
+                        f"the {len(data.x_train_NxF)} training tokens of data set {config.data.name!r}")
+  elif len(data.y_train_N) < config.train.batch_size:
+    raise ConfigError(
+        f"config key 'train.batch_size' ({config.train.batch_size}) exceeds the {len(data.y_train_N)} "
+        f"training examples of data set {config.data.name!r} (data.test_fraction="
+        f"{config.data.test_fraction})")
+  if len(data.x_test_MxF) == 0:
+    raise ConfigError(f"the test split of data set {config.data.name!r} is empty: raise config key "
+                      "'data.test_fraction' (or 'data.max_eval_tokens' for language modelling)")
 
 
 def evaluate(eval_step, state, data: Dataset, config: Config, mesh) -> tuple[dict, dict]:
@@ -74,9 +159,14 @@ def train_and_evaluate(config: Config, workdir, *, progress: bool = True, device
 
   Writes ``config.yaml``, ``metrics.jsonl`` (every ``train.eval_every`` steps), checkpoints every
   ``train.checkpoint_every`` steps and ``summary.json`` at the end. A finished run (summary with
-  ``completed``) returns its summary at once; an interrupted one resumes from its newest readable
+  ``completed``) returns its summary at once; an interrupted one resumes from its newest intact
   checkpoint and truncates the metric rows logged after it, so the result equals an uninterrupted
-  run.
+  run. One process at a time: the run holds ``run.lock`` in ``workdir`` (see `logs.locked`).
+
+  The logged throughput (``train/examples_per_s``, ``train/step_time_s``) times training steps
+  only: the clock starts after the first step of the process (compilation and warm-up), stops
+  once the last step's state is ready on the devices, and evaluations and checkpoint saves fall
+  outside it.
 
   Args:
     config: the experiment config (see `xent_jax.train.config.Config`).
@@ -86,27 +176,36 @@ def train_and_evaluate(config: Config, workdir, *, progress: bool = True, device
 
   Raises:
     NonFiniteLossError: the training loss is NaN/Inf; the message names the first bad step.
-    RunDirectoryError: ``workdir`` holds a run of a different config.
+    RunDirectoryError: ``workdir`` holds a run of a different config, run files without a
+      ``config.yaml``, or another process is training in it.
+    ConfigError: the batch does not fit the loaded data, or the test split is empty.
+    CheckpointError: a checkpoint that may be valid cannot be restored, or a save failed.
+    LogFileError: ``summary.json`` is damaged.
+    OSError: the directory cannot be created or written (permission, full disk).
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  recorded = workdir / logs.CONFIG_FILE
-  if recorded.exists() and not _same_experiment(recorded.read_text(), to_yaml(config)):
-    raise RunDirectoryError(
-        f"{workdir} holds a run of a different config ({recorded}); resuming it with this one would "
-        "mix two experiments: pass another workdir or delete that directory")
-  finished = logs.read_summary(workdir)
-  if finished:
-    return finished
+  with _exclusive(workdir):
+    check_run_directory(config, workdir)
+    finished = logs.read_summary(workdir)
+    if finished:
+      return finished
+    return _train(config, workdir, progress=progress, devices=devices)
+
+
+def _train(config: Config, workdir: pathlib.Path, *, progress: bool, devices) -> dict:
+  """The body of `train_and_evaluate`, once the directory is locked and checked."""
   is_main = jax.process_index() == 0
-  if is_main:
-    recorded.write_text(to_yaml(config))
   train = config.train
   mesh = make_mesh(devices)
   check_batch_size(train.batch_size, "train.batch_size", mesh)
   check_batch_size(train.eval_batch_size, "train.eval_batch_size", mesh)
 
   data = load_dataset(config.data, image=config.model.name == "cnn")
+  _check_data_sizes(data, config)
+  recorded = workdir / logs.CONFIG_FILE
+  if is_main and not recorded.exists():  # only now: a config refused above leaves no run behind
+    logs.write_atomic(recorded, to_yaml(config))
   input_shape = (data.seq_len,) if data.is_lm else data.x_train_NxF.shape[1:]
 
   @nnx.jit  # one compiled initialisation instead of one eager dispatch per parameter
@@ -121,7 +220,7 @@ def train_and_evaluate(config: Config, workdir, *, progress: bool = True, device
   checkpointer = None
   start_step = 0
   if train.checkpoint_every:
-    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=train.max_checkpoints)
+    checkpointer = Checkpointer(workdir / CHECKPOINT_DIR, max_to_keep=train.max_checkpoints)
     restored = checkpointer.restore_latest(nnx.to_pure_dict(state))
     if restored is not None:
       pure_state, record = restored
@@ -144,16 +243,22 @@ def train_and_evaluate(config: Config, workdir, *, progress: bool = True, device
   bar = tqdm(total=train.num_steps, initial=start_step, disable=not progress, leave=False,
              desc=config.name, unit="step")
   pending = []
-  tic = time.perf_counter()
+  timed_steps, tic = 0, time.perf_counter()
   for step in range(start_step, train.num_steps):
     state, loss, finite = train_step(state, *batch(step))
     pending.append((loss, finite))
     done = step + 1
     bar.update(1)
+    if step == start_step and done % train.eval_every and done != train.num_steps:
+      jax.block_until_ready(state)  # the first step warms up: the clock starts after it
+      tic = time.perf_counter()
+    else:
+      timed_steps += 1
     if done % train.eval_every and done != train.num_steps:
       continue
-    losses, finite = (np.asarray(a) for a in zip(*jax.device_get(pending)))
+    jax.block_until_ready(state)
     elapsed = time.perf_counter() - tic
+    losses, finite = (np.asarray(a) for a in zip(*jax.device_get(pending)))
     bad = np.flatnonzero(~finite)
     if bad.size:
       bar.close()
@@ -164,8 +269,8 @@ def train_and_evaluate(config: Config, workdir, *, progress: bool = True, device
           f"{workdir}; stopped. Checkpoints up to step {kept} are kept.")
     row = {"step": done, "train/loss": float(np.mean(losses, dtype=np.float64))}
     row.update(evaluate(eval_step, state, data, config, mesh)[0])
-    row["train/examples_per_s"] = len(pending) * train.batch_size / elapsed
-    row["train/step_time_s"] = elapsed / len(pending)
+    row["train/examples_per_s"] = timed_steps * train.batch_size / elapsed
+    row["train/step_time_s"] = elapsed / timed_steps
     if is_main:
       logs.append_metrics(workdir, row)
     bar.set_postfix(loss=f"{row['train/loss']:.4f}", acc=f"{row['eval/accuracy']:.3f}")
@@ -173,7 +278,7 @@ def train_and_evaluate(config: Config, workdir, *, progress: bool = True, device
     if checkpointer and (done % train.checkpoint_every == 0 or done == train.num_steps):
       checkpointer.save(done, nnx.to_pure_dict(state),
                         {"data_order": {"seed": train.seed, "next_step": done}})
-    tic = time.perf_counter()
+    timed_steps, tic = 0, time.perf_counter()
   bar.close()
 
   final_row, bins = evaluate(eval_step, state, data, config, mesh)
