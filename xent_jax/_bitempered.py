@@ -9,69 +9,139 @@ With the tempered logarithm and exponential
 the tempered softmax is :math:`p_c = \exp_{t_2}(x_c - \lambda(x))` with the normalization
 :math:`\lambda` chosen so that :math:`\sum_c p_c = 1`. It has no closed form for :math:`t_2 \ne 1`:
 a fixed-point iteration finds it for :math:`t_2 > 1` and a bisection for :math:`t_2 < 1` (where
-:math:`p` has finite support). Autodiff through those iterations is slow and, with a few
-iterations, inexact; the gradient here is the paper's closed form instead (a ``custom_vjp``).
+:math:`p` has finite support).
+
+How it is computed, row by row, so that nothing of size ``[..., V]`` is kept between the passes
+(``V`` the number of classes):
+
+* :math:`\lambda` is found by ``lax.fori_loop`` iterations whose carry is per row: the fixed point
+  :math:`a \leftarrow a_0 Z(a)^{1-t}` of the paper keeps :math:`a = s\,a_0` with
+  :math:`a_0 = x - \max_c x_c`, so it carries the scalar :math:`s`; the bisection carries its two
+  bounds. Each iteration is one pass over the logits.
+* One more pass gives the loss and the per-row numbers its gradient needs,
+  :math:`A = \sum_c (p_c - q_c)\,p_c^{t_2-t_1}` and :math:`B = \sum_c p_c^{t_2}`.
+* The gradient is the paper's closed form (not autodiff through the iterations, which is slow
+  and, with a few iterations, inexact)
+
+  .. math::
+     \frac{\partial\ell}{\partial x_c} = (p_c - q_c)\,p_c^{t_2-t_1} - \frac{p_c^{t_2}}{B}\,A,
+
+  written as a ``jax.custom_jvp`` whose tangent :math:`\sum_c \partial_c\ell\,\dot x_c` is
+  computed under ``jax.checkpoint``: reverse mode transposes it and recomputes :math:`p` from the
+  logits and the per-row :math:`(\max, \lambda, A, B)`, and forward mode (``jax.jvp``,
+  ``jax.jacfwd``, ``jax.linearize``) works too.
+* Integer labels stay integer: the (smoothed) target is :math:`q_c = \text{on}` at the label and
+  :math:`\text{off}` elsewhere, selected per class inside each pass.
+
+References:
+  Amid, Warmuth, Anil, Koren, "Robust Bi-Tempered Logistic Loss Based on Bregman Divergences",
+  NeurIPS 2019; reference code github.com/google/bi-tempered-loss.
 """
 
+import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from xent_jax import _checks
-from xent_jax import _cross_entropy as ce
+from xent_jax import _inputs
+from xent_jax import _reduction
 from xent_jax import _variant_inputs as vi
 
 
-def _log_t(u: jax.Array, t: float) -> jax.Array:
+def _log_t(u, t: float):
   return jnp.log(u) if t == 1.0 else (u ** (1.0 - t) - 1.0) / (1.0 - t)
 
 
-def _exp_t(u: jax.Array, t: float) -> jax.Array:
+def _exp_t(u, t: float):
   return jnp.exp(u) if t == 1.0 else jnp.maximum(1.0 + (1.0 - t) * u, 0.0) ** (1.0 / (1.0 - t))
 
 
-def _normalization_fixed_point(x: jax.Array, t: float, num_iters: int) -> jax.Array:
-  """:math:`\\lambda` for :math:`t > 1` by the paper's fixed-point iteration; ``[..., 1]``."""
-  mu = jnp.max(x, axis=-1, keepdims=True)
-  a0 = x - mu
-
-  def step(_, a):
-    partition = jnp.sum(_exp_t(a, t), axis=-1, keepdims=True)
-    return a0 * partition ** (1.0 - t)
-
-  a = jax.lax.fori_loop(0, num_iters, step, a0)
-  partition = jnp.sum(_exp_t(a, t), axis=-1, keepdims=True)
-  return -_log_t(1.0 / partition, t) + mu
+def _log_t_scalar(u: float, t: float) -> float:
+  return math.log(u) if t == 1.0 else (u ** (1.0 - t) - 1.0) / (1.0 - t)
 
 
-def _normalization_bisection(x: jax.Array, t: float, num_iters: int) -> jax.Array:
-  """:math:`\\lambda` for :math:`t < 1` by bisection on :math:`\\sum_c p_c = 1`; ``[..., 1]``."""
-  mu = jnp.max(x, axis=-1, keepdims=True)
-  a0 = x - mu
-  support = jnp.sum(a0 > -1.0 / (1.0 - t), axis=-1, keepdims=True).astype(x.dtype)
-  lower = jnp.zeros_like(mu)
-  upper = -_log_t(1.0 / support, t)
+class _Normalization(NamedTuple):
+  """:math:`\\lambda = m + d` per row: the row maximum :math:`m` and the shift :math:`d`, kept apart
+  so that :math:`x_c - \\lambda = (x_c - m) - d` is exact for logits of large magnitude."""
+
+  max: jax.Array
+  shift: jax.Array
+
+
+def _row_max(logits: jax.Array) -> jax.Array:
+  """``[...]`` :math:`\\max_c x_c` in the compute dtype; 0 for a row of ``-inf``."""
+  m = jnp.max(logits, axis=-1).astype(_inputs.compute_dtype(logits.dtype))
+  return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+
+
+def _centred(logits: jax.Array, m: jax.Array, *loop_carry: jax.Array) -> jax.Array:
+  """``[..., V]`` :math:`x - m` in the compute dtype.
+
+  Every pass reads the logits through its own optimization barrier, tied to the loop carry
+  inside an iteration: without it XLA shares (and stores) one ``[..., V]`` float32 copy of the
+  logits between the passes, or hoists it out of the iteration loop.
+  """
+  logits, m, _ = lax.optimization_barrier((logits, m, loop_carry))
+  return logits.astype(m.dtype) - m[..., None]
+
+
+def _fixed_point_shift(logits: jax.Array, m: jax.Array, t: float, num_iters: int) -> jax.Array:
+  """:math:`d = -\\log_t(1/Z)` for :math:`t > 1` by the paper's iteration
+  :math:`a \\leftarrow a_0 Z(a)^{1-t}`, :math:`Z(a) = \\sum_c \\exp_t(a_c)`, carried as
+  :math:`a = s\\,a_0`; ``[...]``."""
+
+  def partition(s):
+    return jnp.sum(_exp_t(_centred(logits, m, s) * s[..., None], t), axis=-1)
+
+  s = lax.fori_loop(0, num_iters, lambda _, s: partition(s) ** (1.0 - t), jnp.ones_like(m))
+  return -_log_t(1.0 / partition(s), t)
+
+
+def _bisection_shift(logits: jax.Array, m: jax.Array, t: float, num_iters: int) -> jax.Array:
+  """:math:`d` for :math:`t < 1` by bisection on :math:`\\sum_c \\exp_t(x_c - m - d) = 1`, in
+  :math:`[0, -\\log_t(1/K)]` with :math:`K` the classes within the largest possible support."""
+  support = jnp.sum(_centred(logits, m) > -1.0 / (1.0 - t), axis=-1).astype(m.dtype)
 
   def step(_, bounds):
     lower, upper = bounds
     middle = (lower + upper) / 2.0
-    too_small = jnp.sum(_exp_t(a0 - middle, t), axis=-1, keepdims=True) < 1.0
+    total = jnp.sum(_exp_t(_centred(logits, m, middle) - middle[..., None], t), axis=-1)
+    too_small = total < 1.0
     return jnp.where(too_small, lower, middle), jnp.where(too_small, middle, upper)
 
-  lower, upper = jax.lax.fori_loop(0, num_iters, step, (lower, upper))
-  return (lower + upper) / 2.0 + mu
+  bounds = (jnp.zeros_like(m), -_log_t(1.0 / support, t))
+  lower, upper = lax.fori_loop(0, num_iters, step, bounds)
+  return (lower + upper) / 2.0
 
 
-def _tempered_softmax_last_axis(x: jax.Array, t: float, num_iters: int) -> jax.Array:
+def _normalization(logits: jax.Array, t: float, num_iters: int) -> _Normalization:
+  """:math:`\\lambda` of the tempered softmax over the last axis, as ``(max, shift)``."""
+  m = _row_max(logits)
   if t == 1.0:
-    return jax.nn.softmax(x, axis=-1)
-  if t > 1.0:
-    normalization = _normalization_fixed_point(x, t, num_iters)
+    shift = jnp.log(jnp.sum(jnp.exp(_centred(logits, m)), axis=-1))
+  elif t > 1.0:
+    shift = _fixed_point_shift(logits, m, t, num_iters)
   else:
-    normalization = _normalization_bisection(x, t, num_iters)
-  return _exp_t(x - normalization, t)
+    shift = _bisection_shift(logits, m, t, num_iters)
+  return _Normalization(m, shift)
+
+
+def _log_p(z: jax.Array, t: float) -> jax.Array:
+  """:math:`\\log \\exp_t(z)`: ``-inf`` outside the support (:math:`t < 1`)."""
+  if t == 1.0:
+    return z
+  return jnp.log(jnp.maximum(1.0 + (1.0 - t) * z, 0.0)) / (1.0 - t)
+
+
+def _log_probs(logits: jax.Array, norm: _Normalization, t: float) -> jax.Array:
+  """``[..., V]`` :math:`\\log p_c`, :math:`p_c = \\exp_t((x_c - m) - d)`."""
+  return _log_p(_centred(logits, norm.max) - norm.shift[..., None], t)
 
 
 def tempered_softmax(
@@ -108,8 +178,10 @@ def tempered_softmax(
   _check_num_iters(fn, num_iters)
   logits = jnp.asarray(logits)
   axis = _checks.canonical_axis(fn, axis, logits.ndim)
-  x = jnp.moveaxis(logits, axis, -1).astype(ce.compute_dtype(logits.dtype))
-  return jnp.moveaxis(_tempered_softmax_last_axis(x, float(t), num_iters), -1, axis)
+  x = jnp.moveaxis(logits, axis, -1)
+  t = float(t)
+  p = jnp.exp(_log_probs(x, _normalization(x, t, num_iters), t))
+  return jnp.moveaxis(p, -1, axis)
 
 
 def _check_num_iters(fn: str, num_iters) -> None:
@@ -118,59 +190,197 @@ def _check_num_iters(fn: str, num_iters) -> None:
   _checks.check_in_range(fn, "num_iters", num_iters, 1, math.inf)
 
 
-def _log_t1_probs(x: jax.Array, t1: float, t2: float, num_iters: int):
-  """Returns :math:`p` and :math:`\\log_{t_1} p`, the latter computed from :math:`x - \\lambda`
-  (finite for :math:`t_1 < 1`; :math:`-\\infty` only where :math:`p = 0`)."""
-  if t2 == 1.0:
-    z = x - jax.nn.logsumexp(x, axis=-1, keepdims=True)
-    p = jnp.exp(z)
-    return p, (z if t1 == 1.0 else jnp.expm1((1.0 - t1) * z) / (1.0 - t1))
-  p = _tempered_softmax_last_axis(x, t2, num_iters)
-  if t1 == 1.0:
-    return p, jnp.log(p)
-  # p^(1-t1) taken from p itself: exact, as p = base^(1/(1-t2)) is what the forward pass uses.
-  return p, (p ** (1.0 - t1) - 1.0) / (1.0 - t1)
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """The loss's static settings; ``on``/``off`` are the smoothed target's two values for integer
+  labels, and for probability labels :math:`q \\leftarrow (1 - V\\,\\text{off})\\,q + \\text{off}`."""
+
+  t1: float
+  t2: float
+  num_iters: int
+  on: float
+  off: float
+
+  @property
+  def power(self) -> float:
+    return 2.0 - self.t1
+
+  @property
+  def kl(self) -> bool:
+    """:math:`t_1 = t_2 = 1`: the KL divergence, whose power terms cancel exactly."""
+    return self.t1 == self.t2 == 1.0
 
 
-def _bregman_loss(q, p, log_t1_p, t1):
-  """:math:`\\sum_c q_c(\\log_{t_1} q_c - \\log_{t_1} p_c) - (q_c^{2-t_1} - p_c^{2-t_1})/(2-t_1)`."""
+def _config(t1: float, t2: float, label_smoothing: float, num_iters: int, num_classes: int):
+  off = label_smoothing / (num_classes - 1) if label_smoothing else 0.0
+  return _Config(float(t1), float(t2), int(num_iters), 1.0 - label_smoothing, off)
+
+
+def _target_term(q, cfg: _Config):
+  """:math:`q(\\log_{t_1} q) - q^{2-t_1}/(2-t_1)` elementwise (the power part dropped for the KL
+  divergence), exactly 0 where :math:`q = 0`; for Python floats or arrays."""
+  if isinstance(q, float):
+    if q == 0.0:
+      return 0.0
+    power = 0.0 if cfg.kl else q**cfg.power / cfg.power
+    return q * _log_t_scalar(q, cfg.t1) - power
   used = q > 0
-  safe_q = jnp.where(used, q, 1)
-  cross = jnp.where(used, safe_q * (_log_t(safe_q, t1) - jnp.where(used, log_t1_p, 0)), 0)
-  power = 2.0 - t1
-  return jnp.sum(cross - (q**power - p**power) / power, axis=-1)
+  safe = jnp.where(used, q, jnp.ones_like(q))
+  cross = jnp.where(used, safe * _log_t(safe, cfg.t1), jnp.zeros_like(q))
+  return cross if cfg.kl else cross - q**cfg.power / cfg.power
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _bi_tempered_last_axis(x, q, t1, t2, num_iters):
-  p, log_t1_p = _log_t1_probs(x, t1, t2, num_iters)
-  return _bregman_loss(q, p, log_t1_p, t1)
+def _log_t1(log_p: jax.Array, t1: float) -> jax.Array:
+  """:math:`\\log_{t_1} p` from :math:`\\log p` (finite for :math:`t_1 < 1`, also at ``p = 0``)."""
+  return log_p if t1 == 1.0 else jnp.expm1((1.0 - t1) * log_p) / (1.0 - t1)
 
 
-def _bi_tempered_fwd(x, q, t1, t2, num_iters):
-  p, log_t1_p = _log_t1_probs(x, t1, t2, num_iters)
-  return _bregman_loss(q, p, log_t1_p, t1), (p, q)
+def _target(logits: jax.Array, labels: jax.Array, cfg: _Config) -> jax.Array:
+  """``[..., V]`` the target :math:`q` in the compute dtype: on/off at integer labels (selected
+  per class, never a one-hot array in memory), or the smoothed probability labels."""
+  dtype = _inputs.compute_dtype(logits.dtype)
+  if jnp.issubdtype(labels.dtype, jnp.integer):
+    classes = lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
+    return jnp.where(classes == labels[..., None], jnp.asarray(cfg.on, dtype), cfg.off)
+  q = labels.astype(dtype)
+  return (1.0 - logits.shape[-1] * cfg.off) * q + cfg.off if cfg.off else q
 
 
-def _bi_tempered_bwd(t1, t2, num_iters, residuals, g):
-  """:math:`\\partial\\ell/\\partial x = (p - q)\\,p^{t_2-t_1} - e\\,\\sum_c (p_c-q_c)\\,p_c^{t_2-t_1}`
-  with the escort :math:`e = p^{t_2}/\\sum_c p_c^{t_2}` (Amid et al. 2019, and the reference
-  implementation's backward pass). Where :math:`p_c = 0` the factor :math:`p_c^{t_2-t_1}` is its
-  limit: 1 for :math:`t_1 = t_2 = 1` (softmax underflow), else 0 (outside the support)."""
-  del num_iters
-  p, q = residuals
-  positive = p > 0
-  at_zero = 1.0 if t1 == t2 == 1.0 else 0.0
-  forget = jnp.where(positive, jnp.where(positive, p, 1) ** (t2 - t1), at_zero)
-  delta = (p - q) * forget
-  escort = p**t2
-  escort = escort / jnp.sum(escort, axis=-1, keepdims=True)
-  grad = delta - escort * jnp.sum(delta, axis=-1, keepdims=True)
-  # The labels are constants (stop_gradient before the call), so their cotangent is zero.
-  return g[..., None] * grad, jnp.zeros_like(q)
+def _escort_and_forget(log_p: jax.Array, cfg: _Config) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """:math:`p`, :math:`p^{t_2}` and the forget factor :math:`p^{t_2-t_1}`; where :math:`p = 0`
+  the factor is its limit: 1 for :math:`t_1 = t_2 = 1` (softmax underflow), else 0 (outside
+  the support)."""
+  p = jnp.exp(log_p)
+  escort = jnp.exp(cfg.t2 * log_p)
+  if cfg.kl:
+    forget = jnp.ones_like(p)
+  else:
+    zero = jnp.zeros_like(p)
+    exponent = cfg.t2 - cfg.t1
+    forget = jnp.where(p > 0, jnp.exp(exponent * log_p) if exponent else jnp.ones_like(p), zero)
+  return p, escort, forget
 
 
-_bi_tempered_last_axis.defvjp(_bi_tempered_fwd, _bi_tempered_bwd)
+class _Residuals(NamedTuple):
+  """Per-row values the gradient is computed from (besides the inputs): :math:`\\lambda`,
+  :math:`A = \\sum_c (p_c - q_c) p_c^{t_2-t_1}` and :math:`B = \\sum_c p_c^{t_2}`."""
+
+  norm: _Normalization
+  delta_sum: jax.Array
+  escort_sum: jax.Array
+
+
+def _integer_rows(labels: jax.Array, valid: jax.Array, num_classes: int):
+  """``(safe labels, bad)``: labels made safe to gather, and valid rows whose label lies outside
+  ``[0, V)`` (their loss and gradient are NaN)."""
+  in_range = (labels >= 0) & (labels < num_classes)
+  return jnp.where(valid & in_range, labels, 0), valid & ~in_range
+
+
+def _forward(logits, labels, valid, cfg: _Config) -> tuple[jax.Array, _Residuals]:
+  """``[...]`` loss (0 on invalid rows, NaN on bad ones) and the per-row residuals."""
+  num_classes = logits.shape[-1]
+  integer = jnp.issubdtype(labels.dtype, jnp.integer)
+  if integer:
+    labels, bad = _integer_rows(labels, valid, num_classes)
+  else:
+    bad = jnp.zeros_like(valid)
+  norm = _normalization(logits, cfg.t2, cfg.num_iters)
+  log_p = _log_probs(logits, norm, cfg.t2)
+  p, escort, forget = _escort_and_forget(log_p, cfg)
+  q = _target(logits, labels, cfg)
+  delta_sum = jnp.sum((p - q) * forget, axis=-1)
+  escort_sum = jnp.sum(escort, axis=-1)
+  # loss = sum_c [q_c log_t1 q_c - q_c^(2-t1)/(2-t1)] - sum_c q_c log_t1 p_c + sum_c p_c^(2-t1)/(2-t1)
+  loss = jnp.zeros_like(escort_sum)
+  if not cfg.kl:
+    loss = jnp.sum(jnp.exp(cfg.power * log_p), axis=-1) / cfg.power
+  if integer:
+    raw = jnp.take_along_axis(lax.optimization_barrier(logits), labels[..., None], axis=-1)[..., 0]
+    target_log_p = _log_p((raw.astype(norm.max.dtype) - norm.max) - norm.shift, cfg.t2)
+    cross = (cfg.on - cfg.off) * _log_t1(target_log_p, cfg.t1)
+    if cfg.off:
+      cross = cross + cfg.off * jnp.sum(_log_t1(log_p, cfg.t1), axis=-1)
+    loss = loss + _target_term(cfg.on, cfg) + (num_classes - 1) * _target_term(cfg.off, cfg)
+  else:
+    cross = jnp.sum(jnp.where(q > 0, q * _log_t1(log_p, cfg.t1), 0), axis=-1)
+    loss = loss + jnp.sum(_target_term(q, cfg), axis=-1)
+  loss = jnp.where(valid, loss - cross, jnp.zeros_like(loss))
+  loss = jnp.where(bad, jnp.full_like(loss, jnp.nan), loss)
+  return loss, _Residuals(norm, delta_sum, escort_sum)
+
+
+def _gradient(logits, labels, valid, res: _Residuals, cfg: _Config) -> jax.Array:
+  """``[..., V]`` :math:`\\partial\\ell/\\partial x` from the inputs and the per-row residuals
+  (zero on invalid rows, NaN on bad ones)."""
+  if jnp.issubdtype(labels.dtype, jnp.integer):
+    labels, bad = _integer_rows(labels, valid, logits.shape[-1])
+  else:
+    bad = jnp.zeros_like(valid)
+  p, escort, forget = _escort_and_forget(_log_probs(logits, res.norm, cfg.t2), cfg)
+  q = _target(logits, labels, cfg)
+  scale = jnp.where(valid, res.delta_sum / res.escort_sum, jnp.zeros_like(res.delta_sum))
+  grad = jnp.where(valid[..., None], (p - q) * forget, 0) - escort * scale[..., None]
+  return jnp.where(bad[..., None], jnp.full_like(grad, jnp.nan), grad)
+
+
+def _tangent(logits, labels, valid, res: _Residuals, t_logits, cfg: _Config) -> jax.Array:
+  """:math:`\\dot\\ell = \\sum_c \\partial_c\\ell\\,\\dot x_c`, linear in ``t_logits``."""
+  grad = _gradient(logits, labels, valid, res, cfg)
+  return jnp.sum(grad * t_logits.astype(grad.dtype), axis=-1)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _rows(logits, labels, valid, cfg):
+  return _forward(logits, labels, valid, cfg)[0]
+
+
+def _rows_jvp(cfg, primals, tangents):
+  logits, labels, valid = primals
+  t_logits = tangents[0]  # the labels get no gradient (the closed form treats q as constant)
+  loss, res = _forward(logits, labels, valid, cfg)
+  if isinstance(t_logits, SymbolicZero):
+    return loss, jnp.zeros_like(loss)
+  tangent_fn = jax.checkpoint(
+      functools.partial(_tangent, cfg=cfg), policy=jax.checkpoint_policies.nothing_saveable
+  )
+  return loss, tangent_fn(logits, labels, valid, res, t_logits)
+
+
+_rows.defjvp(_rows_jvp, symbolic_zeros=True)
+
+
+def bi_tempered_rows(
+    logits: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+    *,
+    t1: float,
+    t2: float,
+    label_smoothing: float = 0.0,
+    num_iters: int = 5,
+) -> jax.Array:
+  r"""Per-row bi-tempered loss of a block of logits, unweighted and unreduced (no checks).
+
+  The building block of :func:`bi_tempered_logistic_loss`, for callers that visit the logits in
+  blocks (the fused linear head): differentiable in ``logits`` in both modes, with a per-row
+  residual only.
+
+  Args:
+    logits: ``[T, V]`` (or ``[..., V]``) float logits, classes last; half precision is computed
+      in float32.
+    labels: ``[T]`` integer class ids (an id outside ``[0, V)`` on a valid row gives NaN for the
+      loss and the gradient of that row), or ``[T, V]`` float target probabilities.
+    valid: ``[T]`` bool, rows that count; the others give 0 with a zero gradient.
+    t1, t2, label_smoothing, num_iters: as in :func:`bi_tempered_logistic_loss` (Python numbers,
+      checked by the caller; ``label_smoothing`` needs ``V >= 2``).
+
+  Returns:
+    ``[T]`` loss (float32, float64 for float64 logits), to be multiplied by the row's target
+    weight and reduced by the caller.
+  """
+  cfg = _config(t1, t2, label_smoothing, num_iters, logits.shape[-1])
+  return _rows(logits, lax.stop_gradient(labels), valid, cfg)
 
 
 def bi_tempered_logistic_loss(
@@ -204,7 +414,8 @@ def bi_tempered_logistic_loss(
 
   The gradient is the closed form
   :math:`(p - q) \odot p^{t_2-t_1} - e \sum_c (p_c-q_c)\,p_c^{t_2-t_1}`,
-  :math:`e = p^{t_2}/\sum_c p_c^{t_2}`; ``labels`` get no gradient.
+  :math:`e = p^{t_2}/\sum_c p_c^{t_2}`, in reverse and forward mode; ``labels`` get no gradient.
+  Between the passes only per-row values are kept (see the module docstring).
 
   Args:
     logits: ``[..., C, ...]`` float logits.
@@ -213,7 +424,8 @@ def bi_tempered_logistic_loss(
     t2: temperature :math:`t_2 > 0` of the softmax (default 1.2), a Python float; :math:`t_2 < 1`
       gives a finite-support softmax (found by bisection, so use ``num_iters`` of 20 or more).
     label_smoothing: :math:`\epsilon \in [0, 1)` (default 0).
-    num_iters: iterations of the normalization (default 5, as the reference), a Python int.
+    num_iters: iterations of the normalization (default 5, as the reference), a Python int;
+      each is one pass over the logits.
     axis, weight, ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
 
   Returns:
@@ -236,17 +448,25 @@ def bi_tempered_logistic_loss(
   _checks.check_in_range(fn, "t1", t1, 0.0, 1.0)
   _checks.check_in_range(fn, "t2", t2, 0.0, math.inf, low_open=True, high_open=True)
   _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
-  prep = vi.prepare(
-      fn, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
-      reduction=reduction, where=where,
+  inputs = _inputs.parse_inputs(
+      fn, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index, where=where,
+      reduction=reduction,
   )
-  num_classes = prep.num_classes
-  q = prep.one_hot()
-  if label_smoothing:
-    if num_classes < 2:
-      raise ValueError(f"{fn}: `label_smoothing` needs at least 2 classes, got {num_classes}.")
-    off = label_smoothing / (num_classes - 1)
-    q = (1.0 - num_classes * off) * q + off
-  t1, t2 = float(t1), float(t2)
-  loss = _bi_tempered_last_axis(prep.x, jax.lax.stop_gradient(q), t1, t2, num_iters)
-  return vi.finish(fn, prep, prep.target_mass * loss, reduction)
+  if label_smoothing and inputs.num_classes < 2:
+    raise ValueError(
+        f"{fn}: `label_smoothing` needs at least 2 classes, got {inputs.num_classes}."
+    )
+  loss = bi_tempered_rows(
+      inputs.logits, inputs.labels, inputs.valid, t1=t1, t2=t2, label_smoothing=label_smoothing,
+      num_iters=num_iters,
+  )
+  if inputs.integer:
+    mass = inputs.target_weight
+  elif inputs.weight is not None:
+    q = jnp.where(inputs.valid[..., None], inputs.labels.astype(inputs.dtype), 0)
+    mass = jnp.sum(q * inputs.weight.reshape((1,) * (q.ndim - 1) + (-1,)), axis=-1)
+  else:
+    mass = None
+  if mass is not None:
+    loss = jnp.where(inputs.valid, loss * mass, loss)
+  return _reduction.reduce_loss(loss, inputs.example_weight, reduction, fn=fn)
