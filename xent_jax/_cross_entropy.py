@@ -17,7 +17,6 @@ differentiation works too.
 """
 
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,43 +27,15 @@ from xent_jax import _heads
 from xent_jax import _inputs
 from xent_jax import _reduction
 from xent_jax._engine import logsumexp_parts
+from xent_jax._heads import SmoothedTarget
+from xent_jax._heads import mask_rows
+from xent_jax._heads import smooth_probabilities
+from xent_jax._heads import smoothed_target
 from xent_jax._engine import softcap
 from xent_jax._engine import softcap_grad
 from xent_jax._inputs import compute_dtype
 
 SMOOTHING_CONVENTIONS = ("uniform", "t5x")
-
-
-class SmoothedTarget(NamedTuple):
-  """A smoothed one-hot target: ``on`` on the label, ``off`` on every other class.
-
-  ``xlogx_on`` and ``xlogx_off`` are :math:`q\\log q` of the two values when the convention
-  subtracts the target's entropy (T5X), else 0.
-  """
-
-  on: float
-  off: float
-  xlogx_on: float
-  xlogx_off: float
-
-
-def smoothed_target(
-    num_classes: int, label_smoothing: float, smoothing: str = "uniform"
-) -> SmoothedTarget:
-  """The on/off values of a smoothed one-hot target over ``num_classes`` classes.
-
-  'uniform' (PyTorch, optax; Szegedy et al. 2016): :math:`q = (1-\\epsilon)\\,\\mathrm{onehot} +
-  \\epsilon/K`. 't5x' (T5X's ``compute_weighted_cross_entropy``): :math:`q_y = 1-\\epsilon`,
-  :math:`q_{c\\neq y} = \\epsilon/(K-1)`, and the target's entropy is subtracted so the minimum
-  loss is 0.
-  """
-  eps = float(label_smoothing)
-  if smoothing == "uniform":
-    return SmoothedTarget(1.0 - eps + eps / num_classes, eps / num_classes, 0.0, 0.0)
-  on = 1.0 - eps
-  off = eps / (num_classes - 1) if num_classes > 1 else 0.0
-  xlogx = lambda v: v * math.log(v) if v > 0 else 0.0
-  return SmoothedTarget(on, off, xlogx(on), xlogx(off))
 
 
 def along_classes(class_weight: jax.Array, ndim: int) -> jax.Array:
@@ -207,24 +178,6 @@ def integer_cross_entropy_last_axis(
   return mask_rows(loss, valid, valid & ~in_range), stats.lse
 
 
-def mask_rows(loss: jax.Array, valid: jax.Array, bad: jax.Array) -> jax.Array:
-  """0 (with a zero gradient) on invalid rows; NaN, with a NaN gradient, on ``bad`` rows."""
-  loss = jnp.where(valid, loss, jnp.zeros_like(loss))
-  return loss * jnp.where(bad, jnp.nan, 1.0).astype(loss.dtype)
-
-
-def smooth_probabilities(q: jax.Array, label_smoothing: float, smoothing: str) -> jax.Array:
-  """The smoothed target: 'uniform' :math:`(1-\\epsilon)q + \\epsilon/K`; 't5x'
-  :math:`(1-\\epsilon)q + \\epsilon(1-q)/(K-1)`."""
-  eps, num_classes = label_smoothing, q.shape[-1]
-  if not eps:
-    return q
-  if smoothing == "uniform":
-    return (1.0 - eps) * q + eps / num_classes
-  off = eps / max(num_classes - 1, 1)
-  return (1.0 - eps - off) * q + off
-
-
 def dense_cross_entropy_last_axis(
     logits: jax.Array,
     labels: jax.Array,
@@ -331,7 +284,7 @@ def cross_entropy(
     >>> import jax.numpy as jnp, xent_jax
     >>> logits = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
     >>> float(xent_jax.cross_entropy(logits, jnp.array([0, 2]), label_smoothing=0.1))  # doctest: +ELLIPSIS
-    0.29...
+    0.345...
 
   References:
     Szegedy et al., "Rethinking the Inception Architecture", 2016 (label smoothing);
@@ -346,37 +299,10 @@ def cross_entropy(
       logit_softcap=logit_softcap,
       reduction=reduction,
   )
-  inputs = _inputs.parse_inputs(
-      fn,
-      logits,
-      labels,
-      axis=axis,
-      weight=weight,
-      ignore_index=ignore_index,
-      where=where,
-      reduction=reduction,
+  head = cross_entropy_head(smoothing, float(z_loss))
+  reduced, lse = _heads.dense_loss(
+      fn, head, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
+      reduction=reduction, where=where, label_smoothing=label_smoothing, smoothing=smoothing,
+      logit_softcap=logit_softcap,
   )
-  if inputs.integer:
-    loss, lse = integer_cross_entropy_last_axis(
-        inputs.logits,
-        inputs.labels,
-        class_weight=inputs.weight,
-        valid=inputs.valid,
-        target=smoothed_target(inputs.num_classes, label_smoothing, smoothing),
-        z_loss=z_loss,
-        logit_softcap=logit_softcap,
-        smoothing=smoothing,
-    )
-  else:
-    loss, lse = dense_cross_entropy_last_axis(
-        inputs.logits,
-        inputs.labels,
-        class_weight=inputs.weight,
-        valid=inputs.valid,
-        label_smoothing=label_smoothing,
-        smoothing=smoothing,
-        z_loss=z_loss,
-        logit_softcap=logit_softcap,
-    )
-  reduced = _reduction.reduce_loss(loss, inputs.example_weight, reduction, fn=fn)
   return (reduced, lse) if return_lse else reduced

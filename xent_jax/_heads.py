@@ -23,6 +23,7 @@ and vocabulary-parallel executors evaluate the same heads on their own statistic
 """
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -30,9 +31,61 @@ import jax
 import jax.numpy as jnp
 
 from xent_jax import _engine
+from xent_jax import _inputs
+from xent_jax import _reduction
 from xent_jax._engine import ClassFn
 from xent_jax._engine import ClassSum
 from xent_jax._engine import RowStats
+
+
+class SmoothedTarget(NamedTuple):
+  """A smoothed one-hot target: ``on`` on the label, ``off`` on every other class.
+
+  ``xlogx_on`` and ``xlogx_off`` are :math:`q\\log q` of the two values when the convention
+  subtracts the target's entropy (T5X), else 0.
+  """
+
+  on: float
+  off: float
+  xlogx_on: float
+  xlogx_off: float
+
+
+def smoothed_target(
+    num_classes: int, label_smoothing: float, smoothing: str = "uniform"
+) -> SmoothedTarget:
+  """The on/off values of a smoothed one-hot target over ``num_classes`` classes.
+
+  'uniform' (PyTorch, optax; Szegedy et al. 2016): :math:`q = (1-\\epsilon)\\,\\mathrm{onehot} +
+  \\epsilon/K`. 't5x' (T5X's ``compute_weighted_cross_entropy``): :math:`q_y = 1-\\epsilon`,
+  :math:`q_{c\\neq y} = \\epsilon/(K-1)`, and the target's entropy is subtracted so the minimum
+  loss is 0.
+  """
+  eps = float(label_smoothing)
+  if smoothing == "uniform":
+    return SmoothedTarget(1.0 - eps + eps / num_classes, eps / num_classes, 0.0, 0.0)
+  on = 1.0 - eps
+  off = eps / (num_classes - 1) if num_classes > 1 else 0.0
+  xlogx = lambda v: v * math.log(v) if v > 0 else 0.0
+  return SmoothedTarget(on, off, xlogx(on), xlogx(off))
+
+
+def mask_rows(loss: jax.Array, valid: jax.Array, bad: jax.Array) -> jax.Array:
+  """0 (with a zero gradient) on invalid rows; NaN, with a NaN gradient, on ``bad`` rows."""
+  loss = jnp.where(valid, loss, jnp.zeros_like(loss))
+  return loss * jnp.where(bad, jnp.nan, 1.0).astype(loss.dtype)
+
+
+def smooth_probabilities(q: jax.Array, label_smoothing: float, smoothing: str) -> jax.Array:
+  """The smoothed target: 'uniform' :math:`(1-\\epsilon)q + \\epsilon/K`; 't5x'
+  :math:`(1-\\epsilon)q + \\epsilon(1-q)/(K-1)`."""
+  eps, num_classes = label_smoothing, q.shape[-1]
+  if not eps:
+    return q
+  if smoothing == "uniform":
+    return (1.0 - eps) * q + eps / num_classes
+  off = eps / max(num_classes - 1, 1)
+  return (1.0 - eps - off) * q + off
 
 
 class Target(NamedTuple):
@@ -47,6 +100,10 @@ class Target(NamedTuple):
     mass: ``[...]`` :math:`\\sum_c w_c q_c`, the weight of the whole target.
     probs: ``[..., V]`` the (smoothed) target distribution for probability labels, else None.
     class_weight: ``[V]`` class weights, or None.
+    labels: ``[..., V]`` the probability labels as given, else None.
+    smooth: the static map from ``labels`` to ``probs``, else None. A :class:`ClassSum` whose
+      weights depend on the target should take ``labels`` as its operand and apply ``smooth`` in
+      its ``beta_fn``, so that no ``[..., V]`` array is kept for the backward pass.
   """
 
   integer: bool
@@ -57,6 +114,8 @@ class Target(NamedTuple):
   mass: jax.Array
   probs: jax.Array | None
   class_weight: jax.Array | None
+  labels: jax.Array | None = None
+  smooth: Callable[[jax.Array], jax.Array] | None = None
 
 
 RowTerm = Callable[[RowStats, Target], jax.Array]
@@ -181,7 +240,9 @@ def probability_loss(
   mass = jnp.ones(probs.shape[:-1], dtype)
   if class_weight is not None:
     mass = jnp.sum(probs * _along_classes(class_weight.astype(dtype), probs.ndim), axis=-1)
-  target = Target(False, 1.0, 0.0, jnp.ones_like(mass), total_weight, mass, probs, class_weight)
+  target = Target(
+      False, 1.0, 0.0, jnp.ones_like(mass), total_weight, mass, probs, class_weight, labels, smooth
+  )
   if class_beta is None:
     main = ClassSum(head.class_fn, (labels,), smooth)
   else:
@@ -195,3 +256,58 @@ def probability_loss(
   if head.row_term is not None:
     loss = loss + head.row_term(stats, target)
   return loss, stats
+
+
+def dense_loss(
+    fn: str,
+    head: Head,
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    axis: int,
+    weight: jax.typing.ArrayLike | None,
+    ignore_index: int | None,
+    reduction: str,
+    where: jax.typing.ArrayLike | None,
+    label_smoothing: float = 0.0,
+    smoothing: str = "uniform",
+    logit_softcap: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """A head on a logits array with every shared convention: the dense executor's front end.
+
+  Checks the shared arguments (naming the bad one), evaluates ``head`` with integer labels
+  (smoothed to ``on``/``off`` by :func:`smoothed_target`) or probability labels (smoothed by
+  :func:`smooth_probabilities`), zeroes invalid rows, makes rows with an out-of-range label NaN
+  (value and gradient), and reduces by PyTorch's rule (:func:`xent_jax._reduction.reduce_loss`).
+
+  Args:
+    fn: the public function's name, for error messages.
+    head: the loss.
+    logits, labels, axis, weight, ignore_index, reduction, where: as in
+      :func:`xent_jax.cross_entropy`.
+    label_smoothing, smoothing: the target's smoothing, as in :func:`xent_jax.cross_entropy`.
+    logit_softcap: soft cap or None.
+
+  Returns:
+    ``(reduced loss, lse [...])``.
+  """
+  inputs = _inputs.parse_inputs(
+      fn, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index, where=where,
+      reduction=reduction,
+  )
+  eps = float(label_smoothing)
+  if inputs.integer:
+    target = smoothed_target(inputs.num_classes, eps, smoothing)
+    loss, stats = integer_loss(
+        head, inputs.logits, inputs.safe_labels, class_weight=inputs.weight, on=target.on,
+        off=target.off, logit_softcap=logit_softcap,
+    )
+    loss = mask_rows(loss, inputs.valid, inputs.bad)
+  else:
+    loss, stats = probability_loss(
+        head, inputs.logits, inputs.labels, smooth=lambda q: smooth_probabilities(q, eps, smoothing),
+        class_weight=inputs.weight, logit_softcap=logit_softcap,
+    )
+    loss = jnp.where(inputs.valid, loss, jnp.zeros_like(loss))
+  reduced = _reduction.reduce_loss(loss, inputs.example_weight, reduction, fn=fn)
+  return reduced, stats.lse

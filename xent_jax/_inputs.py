@@ -41,7 +41,7 @@ def check_class_weight(fn: str, name: str, weight, num_classes: int) -> None:
   _checks.check_shape(fn, name, weight, (num_classes,))
   if isinstance(weight, jax.core.Tracer):
     return
-  host = np.asarray(jnp.asarray(weight, jnp.float32))
+  host = np.asarray(weight, np.float32)
   bad = np.flatnonzero(~(host >= 0))
   if bad.size:
     raise ValueError(

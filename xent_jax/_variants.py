@@ -11,7 +11,15 @@ Each variant replaces cross-entropy's per-class term :math:`-\log p_c` by its ow
   ``where`` False give 0; 'mean' is :math:`\sum_i \ell_i / \sum_i \omega_i` (0 if that is 0);
 * half-precision logits are computed in float32; :math:`1-p` is :math:`-\mathrm{expm1}(\log p)`,
   so losses and gradients stay finite at logits of :math:`\pm 100` and with :math:`-\infty` on
-  classes the target does not use.
+  classes the target does not use;
+* ``label_smoothing`` :math:`\epsilon` replaces the target by :math:`(1-\epsilon)q + \epsilon/C`
+  (PyTorch's convention), so an integer label becomes ``on`` on :math:`y` and ``off`` elsewhere.
+
+Each variant is a head of the row-statistics engine (:mod:`xent_jax._heads`): its
+``*_head(...)`` function gives the head, which the public function evaluates on logits and
+:func:`xent_jax.get_loss` also evaluates on a fused linear head or vocabulary shards. With integer
+labels and no smoothing a variant needs only the label's log-probability per row, so it costs what
+cross-entropy costs and keeps only per-row residuals.
 
 The conventions' arguments, in every function below:
 
@@ -21,6 +29,7 @@ The conventions' arguments, in every function below:
     outside ``[0, C)`` give NaN for their example.
   reduction: 'none' (per-example, ``logits.shape`` without ``axis``), 'sum' or 'mean'.
   where: bool mask over examples, broadcastable to ``logits.shape`` without ``axis``.
+  label_smoothing: :math:`\epsilon \in [0, 1]` (default 0).
 """
 
 import math
@@ -30,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from xent_jax import _checks
+from xent_jax import _engine
+from xent_jax import _heads
 from xent_jax import _variant_inputs as vi
 
 
@@ -40,10 +51,97 @@ def _focal_modulator(log_p: jax.Array, gamma) -> jax.Array:
   (1 for :math:`\\gamma = 0`, else 0): :math:`\\gamma (1-p)^{\\gamma-1}` would overflow there, and
   the logit gradient it changes is of order :math:`(1-p)^{1+\\gamma}`.
   """
-  u = vi.one_minus_p(log_p)
+  u = one_minus_p(log_p)
   positive = u >= jnp.finfo(u.dtype).tiny
   safe_u = jnp.where(positive, u, 1)
   return jnp.where(positive, safe_u**gamma, jnp.power(jnp.zeros_like(u), gamma))
+
+
+def _dense(fn, head, logits, labels, label_smoothing, axis, weight, ignore_index, reduction, where):
+  """Checks ``label_smoothing`` and evaluates ``head`` on the logits (the shared front end)."""
+  _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
+  loss, _ = _heads.dense_loss(
+      fn, head, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
+      reduction=reduction, where=where, label_smoothing=label_smoothing,
+  )
+  return loss
+
+
+def one_minus_p(log_p: jax.Array) -> jax.Array:
+  """:math:`1 - p = -\\mathrm{expm1}(\\log p)`, accurate where :math:`p \\to 1`."""
+  return -jnp.expm1(log_p)
+
+
+def focal_head(gamma: float, alpha: jax.Array | None = None) -> _heads.Head:
+  """Focal loss's head: :math:`f = -(1-p)^\\gamma\\log p`, class factor :math:`\\alpha`."""
+  return _heads.Head(lambda log_p: -_focal_modulator(log_p, gamma) * log_p, class_factor=alpha)
+
+
+def poly1_head(epsilon: float) -> _heads.Head:
+  """Poly-1's head: :math:`f = -\\log p + \\epsilon(1-p)`."""
+  return _heads.Head(lambda log_p: epsilon * one_minus_p(log_p) - log_p)
+
+
+def generalized_head(q: float) -> _heads.Head:
+  """:math:`L_q`'s head: :math:`f = -\\mathrm{expm1}(q\\log p)/q`."""
+  return _heads.Head(lambda log_p: -jnp.expm1(q * log_p) / q)
+
+
+def truncated_generalized_head(q: float, k: float) -> _heads.Head:
+  """Truncated :math:`L_q`'s head: :math:`f = L_q(\\max(p, k))`."""
+  log_k = math.log(k) if k > 0 else -math.inf
+  return _heads.Head(lambda log_p: -jnp.expm1(q * jnp.maximum(log_p, log_k)) / q)
+
+
+def taylor_head(order: int) -> _heads.Head:
+  """Taylor cross-entropy's head: :math:`f = \\sum_{n=1}^{t} (1-p)^n/n` (Horner's scheme)."""
+
+  def per_class(log_p):
+    u = one_minus_p(log_p)
+    series = jnp.full_like(u, 1.0 / order)
+    for n in range(order - 1, 0, -1):
+      series = 1.0 / n + u * series
+    return u * series
+
+  return _heads.Head(per_class)
+
+
+def _clip_log(v: float, log_clip: float) -> float:
+  return max(math.log(v), log_clip) if v > 0 else log_clip
+
+
+def symmetric_head(alpha: float, beta: float, log_clip: float) -> _heads.Head:
+  """Symmetric cross-entropy's head: :math:`f = -\\alpha\\log p` plus the reverse term
+  :math:`-\\beta\\,(\\textstyle\\sum_c w_c q_c)\\sum_c p_c\\max(\\log q_c, A)`, a function of
+  :math:`p_y` for a (smoothed) one-hot target and a second class sum for probability labels."""
+
+  def row_term(stats, target):
+    if target.integer:
+      on, off = _clip_log(target.on, log_clip), _clip_log(target.off, log_clip)
+      p_y = jnp.exp(stats.log_p_target)
+      reverse = -(off + p_y * (on - off))
+    else:
+      reverse = -stats.class_sums[1]
+    return beta * target.mass * reverse
+
+  def extra_sums(target):
+    clipped = lambda q: jnp.where(
+        q > math.exp(log_clip), jnp.log(jnp.where(q > 0, q, 1)), log_clip
+    )
+    return (_engine.ClassSum(jnp.exp, (target.labels,), lambda q: clipped(target.smooth(q))),)
+
+  return _heads.Head(lambda log_p: -alpha * log_p, row_term if beta else None,
+                     extra_sums=extra_sums if beta else None)
+
+
+def confidence_penalty_head(beta: float) -> _heads.Head:
+  """The confidence penalty's head: :math:`f = -\\log p`, minus
+  :math:`\\beta\\,(\\textstyle\\sum_c w_c q_c)\\,H(p)` from the entropy statistic."""
+  if not beta:
+    return _heads.Head(_heads.neg_log)
+  return _heads.Head(
+      _heads.neg_log, lambda stats, target: -beta * target.mass * stats.entropy, entropy=True
+  )
 
 
 def focal_loss(
@@ -52,6 +150,7 @@ def focal_loss(
     *,
     gamma: float = 2.0,
     alpha: jax.typing.ArrayLike | None = None,
+    label_smoothing: float = 0.0,
     axis: int = -1,
     weight: jax.typing.ArrayLike | None = None,
     ignore_index: int | None = -100,
@@ -72,7 +171,8 @@ def focal_loss(
       (``logits.shape``).
     gamma: focusing parameter :math:`\gamma \ge 0` (default 2, the paper's choice).
     alpha: per-class balance :math:`\alpha`, ``[C]`` or a scalar, :math:`\ge 0`; None: 1.
-    axis, weight, ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
+    label_smoothing, axis, weight, ignore_index, reduction, where: as in
+      :func:`xent_jax.cross_entropy` (uniform smoothing).
 
   Returns:
     The reduced loss, float32 (float64 for float64 logits); per-example for 'none'.
@@ -89,26 +189,21 @@ def focal_loss(
   fn = "focal_loss"
   _checks.check_in_range(fn, "gamma", gamma, 0.0, math.inf)
   vi.check_nonnegative_array(fn, "alpha", alpha)
-  prep = vi.prepare(
-      fn, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
-      reduction=reduction, where=where,
-  )
-  class_factor = None
   if alpha is not None:
-    if np.shape(alpha) not in ((), (prep.num_classes,)):
-      raise ValueError(f"{fn}: `alpha` must be a scalar or of shape ({prep.num_classes},), "
+    num_classes = np.shape(logits)[_checks.canonical_axis(fn, axis, np.ndim(logits))]
+    if np.shape(alpha) not in ((), (num_classes,)):
+      raise ValueError(f"{fn}: `alpha` must be a scalar or of shape ({num_classes},), "
                        f"got shape {np.shape(alpha)}.")
-    class_factor = jnp.broadcast_to(jnp.asarray(alpha, prep.x.dtype), (prep.num_classes,))
-  per_class = lambda log_p: -_focal_modulator(log_p, gamma) * log_p
-  loss = vi.expected_target_loss(prep, per_class, class_factor=class_factor)
-  return vi.finish(fn, prep, loss, reduction)
-
+    alpha = jnp.broadcast_to(jnp.asarray(alpha, jnp.result_type(float)), (num_classes,))
+  return _dense(fn, focal_head(gamma, alpha), logits, labels, label_smoothing, axis, weight, ignore_index,
+                reduction, where)
 
 def poly1_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
     *,
     epsilon: float = 2.0,
+    label_smoothing: float = 0.0,
     axis: int = -1,
     weight: jax.typing.ArrayLike | None = None,
     ignore_index: int | None = -100,
@@ -129,7 +224,8 @@ def poly1_cross_entropy(
     labels: integer class ids or probabilities, as in :func:`xent_jax.cross_entropy`.
     epsilon: :math:`\epsilon \ge -1` (default 2, as optax; :math:`\epsilon \ge -1` keeps the loss
       decreasing in :math:`p_y`).
-    axis, weight, ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
+    label_smoothing, axis, weight, ignore_index, reduction, where: as in
+      :func:`xent_jax.cross_entropy` (uniform smoothing).
 
   Returns:
     The reduced loss, float32 (float64 for float64 logits); per-example for 'none'.
@@ -146,13 +242,8 @@ def poly1_cross_entropy(
   """
   fn = "poly1_cross_entropy"
   _checks.check_in_range(fn, "epsilon", epsilon, -1.0, math.inf)
-  prep = vi.prepare(
-      fn, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
-      reduction=reduction, where=where,
-  )
-  per_class = lambda log_p: epsilon * vi.one_minus_p(log_p) - log_p
-  return vi.finish(fn, prep, vi.expected_target_loss(prep, per_class), reduction)
-
+  return _dense(fn, poly1_head(epsilon), logits, labels, label_smoothing, axis, weight, ignore_index,
+                reduction, where)
 
 def symmetric_cross_entropy(
     logits: jax.typing.ArrayLike,
@@ -161,6 +252,7 @@ def symmetric_cross_entropy(
     alpha: float = 0.1,
     beta: float = 1.0,
     log_clip: float = -4.0,
+    label_smoothing: float = 0.0,
     axis: int = -1,
     weight: jax.typing.ArrayLike | None = None,
     ignore_index: int | None = -100,
@@ -183,7 +275,8 @@ def symmetric_cross_entropy(
     alpha: weight :math:`\alpha \ge 0` of cross-entropy (default 0.1, the paper's CIFAR-10 value).
     beta: weight :math:`\beta \ge 0` of reverse cross-entropy (default 1.0).
     log_clip: :math:`A < 0`, the value of :math:`\log 0` (default -4, the paper's).
-    axis, weight, ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
+    label_smoothing, axis, weight, ignore_index, reduction, where: as in
+      :func:`xent_jax.cross_entropy` (uniform smoothing).
 
   Returns:
     The reduced loss, float32 (float64 for float64 logits); per-example for 'none'.
@@ -202,27 +295,15 @@ def symmetric_cross_entropy(
   _checks.check_in_range(fn, "alpha", alpha, 0.0, math.inf)
   _checks.check_in_range(fn, "beta", beta, 0.0, math.inf)
   _checks.check_in_range(fn, "log_clip", log_clip, -math.inf, 0.0, low_open=True, high_open=True)
-  prep = vi.prepare(
-      fn, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
-      reduction=reduction, where=where,
-  )
-  if prep.integer:
-    per_class = lambda log_p: -alpha * log_p - beta * log_clip * vi.one_minus_p(log_p)
-    return vi.finish(fn, prep, vi.expected_target_loss(prep, per_class), reduction)
-  q = prep.labels
-  above = q > math.exp(log_clip)
-  clipped_log_q = jnp.where(above, jnp.log(jnp.where(above, q, 1)), log_clip)
-  reverse = -jnp.sum(jnp.exp(prep.log_probs()) * clipped_log_q, axis=-1)
-  loss = alpha * vi.expected_target_loss(prep, lambda log_p: -log_p)
-  loss = loss + beta * prep.target_mass * reverse
-  return vi.finish(fn, prep, loss, reduction)
-
+  return _dense(fn, symmetric_head(alpha, beta, log_clip), logits, labels, label_smoothing, axis, weight, ignore_index,
+                reduction, where)
 
 def generalized_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
     *,
     q: float = 0.7,
+    label_smoothing: float = 0.0,
     axis: int = -1,
     weight: jax.typing.ArrayLike | None = None,
     ignore_index: int | None = -100,
@@ -240,7 +321,8 @@ def generalized_cross_entropy(
     logits: ``[..., C, ...]`` float logits.
     labels: integer class ids or probabilities, as in :func:`xent_jax.cross_entropy`.
     q: :math:`q \in (0, 1]` (default 0.7, the paper's).
-    axis, weight, ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
+    label_smoothing, axis, weight, ignore_index, reduction, where: as in
+      :func:`xent_jax.cross_entropy` (uniform smoothing).
 
   Returns:
     The reduced loss, float32 (float64 for float64 logits); per-example for 'none'.
@@ -257,13 +339,8 @@ def generalized_cross_entropy(
   """
   fn = "generalized_cross_entropy"
   _checks.check_in_range(fn, "q", q, 0.0, 1.0, low_open=True)
-  prep = vi.prepare(
-      fn, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
-      reduction=reduction, where=where,
-  )
-  per_class = lambda log_p: -jnp.expm1(q * log_p) / q
-  return vi.finish(fn, prep, vi.expected_target_loss(prep, per_class), reduction)
-
+  return _dense(fn, generalized_head(q), logits, labels, label_smoothing, axis, weight, ignore_index,
+                reduction, where)
 
 def truncated_generalized_cross_entropy(
     logits: jax.typing.ArrayLike,
@@ -271,6 +348,7 @@ def truncated_generalized_cross_entropy(
     *,
     q: float = 0.7,
     k: float = 0.5,
+    label_smoothing: float = 0.0,
     axis: int = -1,
     weight: jax.typing.ArrayLike | None = None,
     ignore_index: int | None = -100,
@@ -291,7 +369,8 @@ def truncated_generalized_cross_entropy(
     labels: integer class ids or probabilities, as in :func:`xent_jax.cross_entropy`.
     q: :math:`q \in (0, 1]` (default 0.7, the paper's).
     k: truncation threshold :math:`k \in [0, 1)` (default 0.5, the paper's).
-    axis, weight, ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
+    label_smoothing, axis, weight, ignore_index, reduction, where: as in
+      :func:`xent_jax.cross_entropy` (uniform smoothing).
 
   Returns:
     The reduced loss, float32 (float64 for float64 logits); per-example for 'none'.
@@ -309,20 +388,15 @@ def truncated_generalized_cross_entropy(
   fn = "truncated_generalized_cross_entropy"
   _checks.check_in_range(fn, "q", q, 0.0, 1.0, low_open=True)
   _checks.check_in_range(fn, "k", k, 0.0, 1.0, high_open=True)
-  prep = vi.prepare(
-      fn, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
-      reduction=reduction, where=where,
-  )
-  log_k = jnp.log(jnp.asarray(k, prep.x.dtype))
-  per_class = lambda log_p: -jnp.expm1(q * jnp.maximum(log_p, log_k)) / q
-  return vi.finish(fn, prep, vi.expected_target_loss(prep, per_class), reduction)
-
+  return _dense(fn, truncated_generalized_head(q, k), logits, labels, label_smoothing, axis, weight, ignore_index,
+                reduction, where)
 
 def taylor_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
     *,
     order: int = 2,
+    label_smoothing: float = 0.0,
     axis: int = -1,
     weight: jax.typing.ArrayLike | None = None,
     ignore_index: int | None = -100,
@@ -341,7 +415,8 @@ def taylor_cross_entropy(
     logits: ``[..., C, ...]`` float logits.
     labels: integer class ids or probabilities, as in :func:`xent_jax.cross_entropy`.
     order: :math:`t \ge 1`, a Python int (default 2, the paper's choice for CIFAR-10).
-    axis, weight, ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
+    label_smoothing, axis, weight, ignore_index, reduction, where: as in
+      :func:`xent_jax.cross_entropy` (uniform smoothing).
 
   Returns:
     The reduced loss, float32 (float64 for float64 logits); per-example for 'none'.
@@ -359,26 +434,15 @@ def taylor_cross_entropy(
   if not isinstance(order, (int, np.integer)) or isinstance(order, bool):
     raise TypeError(f"{fn}: `order` must be a Python int, got {order!r}.")
   _checks.check_in_range(fn, "order", order, 1, math.inf)
-  prep = vi.prepare(
-      fn, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
-      reduction=reduction, where=where,
-  )
-
-  def per_class(log_p):
-    u = vi.one_minus_p(log_p)
-    series = jnp.full_like(u, 1.0 / order)  # Horner: u (1 + u (1/2 + u (1/3 + ...)))
-    for n in range(order - 1, 0, -1):
-      series = 1.0 / n + u * series
-    return u * series
-
-  return vi.finish(fn, prep, vi.expected_target_loss(prep, per_class), reduction)
-
+  return _dense(fn, taylor_head(int(order)), logits, labels, label_smoothing, axis, weight, ignore_index,
+                reduction, where)
 
 def confidence_penalty_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
     *,
     beta: float = 0.1,
+    label_smoothing: float = 0.0,
     axis: int = -1,
     weight: jax.typing.ArrayLike | None = None,
     ignore_index: int | None = -100,
@@ -398,7 +462,8 @@ def confidence_penalty_cross_entropy(
     logits: ``[..., C, ...]`` float logits.
     labels: integer class ids or probabilities, as in :func:`xent_jax.cross_entropy`.
     beta: penalty strength :math:`\beta \ge 0` (default 0.1).
-    axis, weight, ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
+    label_smoothing, axis, weight, ignore_index, reduction, where: as in
+      :func:`xent_jax.cross_entropy` (uniform smoothing).
 
   Returns:
     The reduced loss, float32 (float64 for float64 logits); per-example for 'none'.
@@ -415,13 +480,5 @@ def confidence_penalty_cross_entropy(
   """
   fn = "confidence_penalty_cross_entropy"
   _checks.check_in_range(fn, "beta", beta, 0.0, math.inf)
-  prep = vi.prepare(
-      fn, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
-      reduction=reduction, where=where,
-  )
-  log_p = prep.log_probs()
-  finite = log_p > -jnp.inf
-  safe_log_p = jnp.where(finite, log_p, 0)
-  entropy = -jnp.sum(jnp.where(finite, jnp.exp(safe_log_p) * safe_log_p, 0), axis=-1)
-  loss = vi.expected_target_loss(prep, lambda lp: -lp) - beta * prep.target_mass * entropy
-  return vi.finish(fn, prep, loss, reduction)
+  return _dense(fn, confidence_penalty_head(beta), logits, labels, label_smoothing, axis, weight, ignore_index,
+                reduction, where)
