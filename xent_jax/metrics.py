@@ -772,7 +772,7 @@ def _nll_slope_and_curvature(rows: _Rows, target_N: _jax.Array, beta: _jax.Array
 
 
 @_public("axis", "num_iters", "min_temperature", "max_temperature")
-def fit_temperature(logits, labels, *, axis: int = -1, where=None, num_iters: int = 40,
+def fit_temperature(logits, labels, *, axis: int = -1, where=None, num_iters: int = 50,
                     min_temperature: float = 0.01, max_temperature: float = 100.0) -> _jax.Array:
   r"""Fits the temperature :math:`T > 0` that minimises the mean NLL of ``softmax(logits / T)``.
 
@@ -783,12 +783,14 @@ def fit_temperature(logits, labels, *, axis: int = -1, where=None, num_iters: in
   The NLL is convex in :math:`\beta = 1/T`, so its slope
   :math:`g(\beta) = \frac{1}{n}\sum_i (\mathrm{E}_{\mathrm{softmax}(\beta x_i)}[x_i] - x_{iy_i})`
   increases with :math:`\beta` and vanishes at the optimum. The fit runs ``num_iters`` steps of
-  safeguarded Newton on :math:`g` in :math:`u = \log\beta` (Newton where the step stays inside
-  the bracket that the signs of :math:`g` have narrowed, bisection elsewhere): deterministic,
-  jittable, quadratic near the optimum and never worse than bisection, which halves the bracket
-  :math:`[\log(1/T_{\max}), \log(1/T_{\min})]` per step. When the optimum lies outside
-  :math:`[T_{\min}, T_{\max}]` the nearer bound comes back (a model no better than uniform wants
-  :math:`T \to \infty`; one that is right with a margin on every example wants :math:`T \to 0`).
+  safeguarded Newton on :math:`g` in :math:`u = \log\beta` (Numerical Recipes' ``rtsafe``:
+  Newton while its step stays inside the bracket that the signs of :math:`g` have narrowed and
+  shrinks fast enough, bisection otherwise): deterministic, jittable, quadratic near the
+  optimum, and at worst halving the bracket :math:`[\log(1/T_{\max}), \log(1/T_{\min})]`
+  every second step. When :math:`g` has one sign on the whole bracket the optimum lies outside
+  :math:`[T_{\min}, T_{\max}]` and the nearer bound comes back exactly (a model no better than
+  uniform wants :math:`T \to \infty`; one right by a margin on every example wants
+  :math:`T \to 0`).
 
   Fit it on held-out data (a validation split), never on the test split; apply it with
   :func:`apply_temperature`. Dividing by ``T`` keeps every arg-max, so accuracy is unchanged.
@@ -798,7 +800,8 @@ def fit_temperature(logits, labels, *, axis: int = -1, where=None, num_iters: in
     labels: ``[...]`` integer class ids.
     axis: the class axis of ``logits``.
     where: optional ``[...]`` boolean mask; ``False`` excludes an example.
-    num_iters: number of Newton/bisection steps (40 reaches float32 precision).
+    num_iters: at most this many Newton/bisection steps, each one pass over the logits; the
+      loop stops earlier once a step falls below float precision (about 10 steps typically).
     min_temperature: :math:`T_{\min} > 0`.
     max_temperature: :math:`T_{\max} > T_{\min}`.
 
@@ -815,7 +818,8 @@ def fit_temperature(logits, labels, *, axis: int = -1, where=None, num_iters: in
     True
 
   References:
-    Guo et al., "On Calibration of Modern Neural Networks", ICML 2017 (temperature scaling).
+    Guo et al., "On Calibration of Modern Neural Networks", ICML 2017 (temperature scaling);
+    Press et al., "Numerical Recipes", 3rd ed., 2007, section 9.4 (``rtsafe``).
   """
   fn = "fit_temperature"
   num_iters = _check_positive_int(fn, "num_iters", num_iters)
@@ -833,18 +837,44 @@ def fit_temperature(logits, labels, *, axis: int = -1, where=None, num_iters: in
   low = _jnp.asarray(-_np.log(max_temperature), dtype)
   high = _jnp.asarray(-_np.log(min_temperature), dtype)
 
-  def step(_, state):
-    u, low, high = state
-    slope, curvature = _nll_slope_and_curvature(rows, target_N, _jnp.exp(u))
+  def slope_and_derivative(u):
+    """The NLL slope in beta and its derivative in u = log beta."""
+    beta = _jnp.exp(u)
+    slope, curvature = _nll_slope_and_curvature(rows, target_N, beta)
+    return slope, curvature * beta
+
+  def step(state):
+    # Numerical Recipes' rtsafe: Newton unless it leaves the bracket or the step fails to halve
+    # the one before last; then bisection. The iterate with the smallest |slope| is kept: near
+    # the optimum rounding noise in the slope could otherwise send a last bisection across a
+    # bracket that Newton never had to narrow.
+    i, u, low, high, step_before_last, last_step, best_u, best_slope = state
+    slope, derivative = slope_and_derivative(u)
+    better = _jnp.abs(slope) < best_slope
+    best_u = _jnp.where(better, u, best_u)
+    best_slope = _jnp.where(better, _jnp.abs(slope), best_slope)
     # The optimum lies above u where the slope is negative, below where it is positive.
     low = _jnp.where(slope <= 0, u, low)
     high = _jnp.where(slope >= 0, u, high)
-    newton = u - slope / (curvature * _jnp.exp(u))
-    inside = _jnp.isfinite(newton) & (newton >= low) & (newton <= high)
-    return _jnp.where(inside, newton, 0.5 * (low + high)), low, high
+    newton_step = slope / derivative
+    newton = u - newton_step
+    use_newton = (_jnp.isfinite(newton) & (newton >= low) & (newton <= high)
+                  & (2 * _jnp.abs(newton_step) <= _jnp.abs(step_before_last)))
+    new_u = _jnp.where(use_newton, newton, 0.5 * (low + high))
+    return i + 1, new_u, low, high, last_step, new_u - u, best_u, best_slope
 
+  def running(state):
+    i, last_step = state[0], state[5]
+    return (i < num_iters) & ~(_jnp.abs(last_step) <= tolerance)  # NaN steps stop too
+
+  width = high - low
+  tolerance = 4 * _jnp.finfo(dtype).eps * _jnp.maximum(1.0, _jnp.maximum(-low, high))
   start = _jnp.clip(_jnp.zeros((), dtype), low, high)  # T = 1 when it is allowed
-  u, _, _ = _jax.lax.fori_loop(0, num_iters, step, (start, low, high))
+  state = (0, start, low, high, width, width, start, _jnp.asarray(_jnp.inf, dtype))
+  *_, u, _ = _jax.lax.while_loop(running, step, state)
+  # An optimum outside the bounds: the slope keeps its sign on the whole bracket.
+  u = _jnp.where(slope_and_derivative(low)[0] >= 0, low, u)
+  u = _jnp.where(slope_and_derivative(high)[0] <= 0, high, u)
   broken = _jnp.any(rows.mask & _invalid(rows)) | ~_jnp.any(rows.mask)
   return _jnp.where(broken, _jnp.nan, _jnp.exp(-u))
 
