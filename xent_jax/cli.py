@@ -1,30 +1,58 @@
-"""The ``xent-jax`` command: ``run``, ``compare`` and ``report``.
+"""xent-jax: train, compare and report cross-entropy loss variants from a YAML config.
 
-Examples::
-
+Examples:
   xent-jax run configs/digits_quick.yaml train.num_steps=100 loss.name=focal
-  xent-jax compare configs/digits_quick.yaml
-  xent-jax report runs/digits_quick
+  xent-jax run configs/digits_quick.yaml loss.name=my_pkg.losses:my_loss
+  xent-jax compare configs/mnist1d_label_noise.yaml
+  xent-jax report runs/mnist1d_label_noise
+  xent-jax losses
+
+Overrides are key.sub=value pairs of the config schema (xent_jax/train/config.py); an unknown key
+is answered with the closest known ones.
 """
 
 import argparse
 import errno
 import logging
+import re
 import sys
 
 
+EXAMPLES = {
+    "run": "examples:\n"
+           "  xent-jax run configs/digits_quick.yaml\n"
+           "  xent-jax run configs/digits_quick.yaml loss.name=focal loss.hparams.gamma=1.0\n"
+           "  xent-jax run configs/digits_quick.yaml loss.name=my_pkg.losses:my_loss --workdir /tmp/a",
+    "compare": "examples:\n"
+               "  xent-jax compare configs/digits_quick.yaml\n"
+               "  xent-jax compare configs/mnist1d_label_noise.yaml 'compare.seeds=[0]'",
+    "report": "example:\n  xent-jax report runs/digits_quick",
+    "losses": "example:\n  xent-jax losses",
+}
+WORKDIR_HELP = {
+    "run": "output directory (default: <config workdir>-run/<loss label>/seed_<seed>, so that "
+           "single runs never mix with a comparison)",
+    "compare": "output directory (default: the config's workdir, e.g. runs/<name>)",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="xent-jax", description=__doc__.splitlines()[0])
+  doc = __doc__.split("\n\n")
+  parser = argparse.ArgumentParser(prog="xent-jax", description=doc[0], epilog="\n\n".join(doc[1:]),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument("--debug", action="store_true",
                       help="on an error, show the Python traceback instead of the one-line message")
   sub = parser.add_subparsers(dest="command", required=True)
-  for name, text in (("run", "train one model with the config's loss"),
+  for name, text in (("run", "train one model with the config's loss (loss.name, cross_entropy "
+                             "when the config names none)"),
                      ("compare", "run the config's grid of loss variants x seeds, then report")):
-    cmd = sub.add_parser(name, help=text, parents=[common])
+    cmd = sub.add_parser(name, help=text, description=text, parents=[common], epilog=EXAMPLES[name],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     cmd.add_argument("config", help="YAML config file (see configs/)")
-    cmd.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    cmd.add_argument("--workdir", help="output directory (default: the config's workdir)")
+    cmd.add_argument("overrides", nargs="*",
+                     help="key.sub=value overrides of the config, e.g. train.num_steps=100")
+    cmd.add_argument("--workdir", help=WORKDIR_HELP[name])
     cmd.add_argument("--no-progress", action="store_true", help="no progress bars")
     cmd.add_argument("--distributed", action="store_true",
                      help="multi-host: call jax.distributed.initialize() first (auto-detected on "
@@ -32,10 +60,37 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--coordinator", help="with --distributed: address HOST:PORT of process 0")
     cmd.add_argument("--num-processes", type=int, help="with --distributed: number of processes")
     cmd.add_argument("--process-id", type=int, help="with --distributed: this process's index")
-  report = sub.add_parser("report", help="rebuild table.md, table.csv and plots/ from a comparison's files",
-                          parents=[common])
-  report.add_argument("directory")
+  text = "rebuild table.md, table.csv and plots/ from a comparison's files"
+  report = sub.add_parser("report", help=text, description=text, parents=[common],
+                          epilog=EXAMPLES["report"], formatter_class=argparse.RawDescriptionHelpFormatter)
+  report.add_argument("directory", help="a comparison's output directory, holding <variant>/seed_<n>/ "
+                                        "run directories (e.g. runs/digits_quick)")
+  text = "list the registered losses with their hyper-parameters and defaults"
+  sub.add_parser("losses", help=text, description=text, parents=[common], epilog=EXAMPLES["losses"],
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
   return parser
+
+
+def _print_losses() -> None:
+  """Every registered loss: name, one-line summary, hyper-parameters with their defaults."""
+  import xent_jax  # pylint: disable=import-outside-toplevel
+
+  infos = xent_jax.list_losses()
+  width = max(map(len, infos))
+  for name, info in infos.items():
+    hparams = ", ".join(f"{key}={value!r}" for key, value in info.hparams.items()) or "none"
+    summary = re.sub(r"(:\w+:)?`+([^`]*)`+", r"\2", info.summary)  # reST roles, quotes, TeX
+    summary = re.sub(r"\\(\w+)", r"\1", summary)
+    print(f"{name:<{width}}  {summary}\n{'':<{width}}  hyper-parameters: {hparams}")
+  print("\nA config names one as loss.name (hyper-parameters under loss.hparams), or any loss "
+        "function by import path: loss.name=my_pkg.losses:my_loss")
+
+
+def run_workdir(config) -> str:
+  """Where ``run`` writes when no workdir is given: ``<workdir>-run/<loss label>/seed_<seed>``."""
+  from xent_jax.train.config import loss_label  # pylint: disable=import-outside-toplevel
+
+  return f"{config.workdir.rstrip('/')}-run/{loss_label(config.loss)}/seed_{config.train.seed}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +141,9 @@ def _main(args: argparse.Namespace, extra: list[str]) -> int:
   from xent_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
   from xent_jax.train.report import build_report  # pylint: disable=import-outside-toplevel
 
+  if args.command == "losses":
+    _print_losses()
+    return 0
   if args.command == "report":
     table = build_report(args.directory)
     if not table:
@@ -101,6 +159,8 @@ def _main(args: argparse.Namespace, extra: list[str]) -> int:
                                process_id=args.process_id)
   overrides = list(args.overrides) + extra + ([f"workdir={args.workdir}"] if args.workdir else [])
   config = config_lib.load_config(args.config, tuple(overrides))
+  if args.command == "run" and not any(item.startswith("workdir=") for item in overrides):
+    config.workdir = run_workdir(config)
   from xent_jax.train.compare import run_comparison  # pylint: disable=import-outside-toplevel
   from xent_jax.train.trainer import train_and_evaluate  # pylint: disable=import-outside-toplevel
 

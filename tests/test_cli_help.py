@@ -1,0 +1,58 @@
+"""The CLI reads as plain text: help with examples, `losses`, did-you-mean, separate output dirs."""
+
+import pathlib
+
+import pytest
+
+import xent_jax
+from xent_jax import cli
+from xent_jax.train import compare, trainer
+
+ROOT = pathlib.Path(__file__).parents[1]
+QUICK = str(ROOT / "configs" / "digits_quick.yaml")
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["compare"], ["report"], ["losses"]])
+def test_help_is_plain_text_with_examples(command, capsys):
+  with pytest.raises(SystemExit):
+    cli.main([*command, "--help"])
+  text = capsys.readouterr().out
+  assert "``" not in text and "::" not in text and ":math:" not in text
+  assert "example" in text.lower() and "xent-jax " + (command[0] if command else "") in text
+
+
+def test_report_directory_argument_has_help(capsys):
+  with pytest.raises(SystemExit):
+    cli.main(["report", "--help"])
+  assert "a comparison's output directory" in capsys.readouterr().out
+
+
+def test_losses_lists_every_registered_loss_with_defaults(capsys):
+  assert cli.main(["losses"]) == 0
+  out = capsys.readouterr().out
+  lines = out.splitlines()
+  for name, info in xent_jax.list_losses().items():
+    line = next(i for i, text in enumerate(lines) if text.split(" ")[0] == name)
+    for key, default in info.hparams.items():
+      assert f"{key}={default!r}" in lines[line + 1], (name, key)
+  assert "`" not in out and "pkg.losses:my_loss" in out
+
+
+def test_unknown_key_gets_a_suggestion(capsys):
+  assert cli.main(["run", QUICK, "train.lerning_rate=0.1"]) == 2
+  assert "did you mean 'optim.learning_rate'?" in capsys.readouterr().err
+
+
+def test_run_and_compare_write_to_different_directories(monkeypatch):
+  """Without --workdir, `run` goes next to, never into, the directory `compare` fills."""
+  seen = {}
+  monkeypatch.setattr(trainer, "train_and_evaluate", lambda config, workdir, **_: seen.update(
+      run=str(workdir)) or {"final": {f"eval/{k}": 0.0 for k in ("accuracy", "nll", "ece", "brier")}})
+  monkeypatch.setattr(compare, "run_comparison",
+                      lambda config, **_: seen.update(compare=config.workdir) or [])
+  assert cli.main(["run", QUICK, "loss.name=focal", "--no-progress"]) == 0
+  assert cli.main(["compare", QUICK, "--no-progress"]) == 0
+  assert seen["compare"] == "runs/digits_quick"
+  assert seen["run"] == "runs/digits_quick-run/focal/seed_0"
+  assert cli.main(["run", QUICK, "--workdir", "/tmp/elsewhere", "--no-progress"]) == 0
+  assert seen["run"] == "/tmp/elsewhere"
