@@ -268,7 +268,7 @@ def validate(config: Config) -> None:
   if is_lm != (config.model.name == "transformer"):
     raise ConfigError(
         f"config key 'model.name' is {config.model.name!r} but data.name is {config.data.name!r}: "
-        "the transformer pairs with pydoc_chars, mlp and cnn with the classification data sets")
+        "the transformer pairs with pydoc_chars, the other models with the classification data sets")
 
 
 POSITIVE = ("> 0", lambda v: v > 0)
