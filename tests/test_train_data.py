@@ -1,9 +1,10 @@
-"""Offline data sets: label noise on the training split only, deterministic batch order."""
+"""Data sets (built-in, MNIST-1D, the user's arrays): splits, label noise, validation, batch order."""
 
 import numpy as np
 import pytest
 
-from xent_jax.train.config import DataConfig
+from xent_jax.train import train_and_evaluate
+from xent_jax.train.config import ConfigError, DataConfig, load_config
 from xent_jax.train.data import (DataError, add_label_noise, eval_batches, load_dataset, pydoc_text,
                                   train_batch)
 
@@ -194,3 +195,31 @@ def test_missing_npy_file_is_named(tmp_path):
       np.save(tmp_path / f"{key}.npy", value)
   with pytest.raises(DataError, match=r"x_test\.npy"):
     load_dataset(DataConfig(name="arrays", path=str(tmp_path), num_classes=3))
+
+
+def test_config_refuses_missing_arrays_and_a_2d_cnn_on_signals(tmp_path):
+  with pytest.raises(ConfigError, match=r"'data.path'.*'arrays'.*nowhere\.npz"):
+    load_config(None, ("data.name=arrays", f"data.path={tmp_path / 'nowhere.npz'}"))
+  with pytest.raises(ConfigError, match=r"'model.name' is 'cnn'.*'mnist1d'.*mnist1d_cnn"):
+    load_config(None, ("data.name=mnist1d", "model.name=cnn"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,shape", [("mnist1d_cnn", (12,)), ("cnn", (6, 6))])
+def test_own_arrays_train_end_to_end_with_noise_and_temperature(tmp_path, model, shape):
+  """A run on the user's arrays: noisy labels, any model, a temperature from held-out data."""
+  rng = np.random.default_rng(3)
+  y_train, y_test = rng.integers(0, 4, 400), rng.integers(0, 4, 100)
+  means = rng.normal(size=(4,) + shape)
+  np.savez(tmp_path / "mine.npz", x_train=means[y_train] + rng.normal(size=(400,) + shape),
+           y_train=y_train, x_test=means[y_test] + rng.normal(size=(100,) + shape), y_test=y_test)
+  config = load_config(None, (
+      "data.name=arrays", f"data.path={tmp_path / 'mine.npz'}", "data.num_classes=4",
+      "data.label_noise=0.2", f"model.name={model}", "model.channels=[4]", "train.num_steps=30",
+      "train.batch_size=32", "train.eval_every=15", "train.eval_batch_size=64",
+      "train.checkpoint_every=0"))
+  summary = train_and_evaluate(config, tmp_path / "run", progress=False)
+  final = summary["final"]
+  assert 0.0 < final["eval/temperature"] < 100.0
+  assert {"eval/ece_ts", "eval/adaptive_ece", "eval/classwise_ece", "eval/mce"} <= set(final)
+  assert sum(summary["calibration_counts_ts"]["count"]) == 100  # the whole test split, once
