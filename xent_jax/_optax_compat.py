@@ -171,7 +171,8 @@ def softmax_cross_entropy(
   q, _ = _classes_last(fn, labels, axis, None)
   if per_logit:
     kept = jnp.sum(class_mask, axis=-1, keepdims=True)
-    q = (1.0 - label_smoothing) * q.astype(ce.compute_dtype(x.dtype)) + label_smoothing / jnp.maximum(kept, 1)
+    q = (1.0 - label_smoothing) * q.astype(ce.compute_dtype(x.dtype))
+    q = q + label_smoothing / jnp.maximum(kept, 1)
     return _masked_class_cross_entropy(x, q, class_mask)
   loss, _ = ce.dense_cross_entropy_last_axis(
       x,

@@ -119,7 +119,8 @@ class EvalSums(_NamedTuple):
 
 
 class _Rows(_NamedTuple):
-  """Inputs flattened to rows: logits ``[N, C]`` in the working dtype, labels ``[N]``, mask ``[N]``."""
+  """Inputs flattened to rows: logits ``[N, C]`` in the working dtype, int32 labels ``[N]`` (-1
+  outside ``[0, C)``), mask ``[N]``."""
   logits: _jax.Array
   labels: _jax.Array
   mask: _jax.Array
@@ -237,7 +238,8 @@ def _brier(rows: _Rows) -> _jax.Array:
   labels_N1 = _jnp.clip(rows.labels, 0, num_classes - 1)[:, None]
   probs_NC = _jax.nn.softmax(rows.logits, axis=-1)
   others_NC = _jnp.where(_jnp.arange(num_classes)[None, :] == labels_N1, 0.0, probs_NC)
-  per_example = _jnp.sum(_jnp.square(others_NC), axis=-1) + _jnp.square(_jnp.sum(others_NC, axis=-1))
+  per_example = (_jnp.sum(_jnp.square(others_NC), axis=-1)
+                 + _jnp.square(_jnp.sum(others_NC, axis=-1)))
   return _nan_if_invalid(per_example, rows)
 
 
@@ -429,12 +431,17 @@ def _calibration_counts(fn: str, logits, labels, num_bins: int, axis: int,
   return _bin_sums(_rows(fn, logits, labels, axis, where), num_bins)
 
 
-def _bin_sums(rows: _Rows, num_bins: int) -> CalibrationCounts:
+def _uniform_bin_ids(values: _jax.Array, num_bins: int) -> _jax.Array:
+  """Equal-width bin of each value in ``[0, 1]``: right-closed ``(lo, hi]``, the first
+  ``[0, 1/num_bins]``."""
+  inner_edges = _jnp.arange(1, num_bins, dtype=values.dtype) / num_bins
+  # side="left" counts the edges strictly below the value: right-closed bins (lo, hi].
+  return _jnp.searchsorted(inner_edges, values, side="left")
+
+
+def _sums_by_bin(rows: _Rows, confidence: _jax.Array, bin_ids: _jax.Array,
+                 num_bins: int) -> CalibrationCounts:
   """Per-bin count, confidence sum and top-1 correct sum of the included rows."""
-  confidence = _confidence(rows)
-  inner_edges = _jnp.arange(1, num_bins, dtype=confidence.dtype) / num_bins
-  # side="left" counts the edges strictly below the confidence: right-closed bins (lo, hi].
-  bin_ids = _jnp.searchsorted(inner_edges, confidence, side="left")
 
   def per_bin(values):
     return _jax.ops.segment_sum(_jnp.where(rows.mask, values, 0.0), bin_ids, num_segments=num_bins)
@@ -443,6 +450,12 @@ def _bin_sums(rows: _Rows, num_bins: int) -> CalibrationCounts:
       count=per_bin(_jnp.ones_like(confidence)),
       confidence_sum=per_bin(confidence),
       correct_sum=per_bin(_correct(rows, 1)))
+
+
+def _bin_sums(rows: _Rows, num_bins: int) -> CalibrationCounts:
+  """:class:`CalibrationCounts` of the included rows over equal-width confidence bins."""
+  confidence = _confidence(rows)
+  return _sums_by_bin(rows, confidence, _uniform_bin_ids(confidence, num_bins), num_bins)
 
 
 @_jax.jit
@@ -682,15 +695,7 @@ def adaptive_calibration_error(logits, labels, *, num_bins: int = 15, axis: int 
   rows = _rows(fn, logits, labels, axis, where)
   confidence = _confidence(rows)
   bin_ids = _equal_mass_bins(confidence, rows.mask, num_bins)
-
-  def per_bin(values):
-    return _jax.ops.segment_sum(_jnp.where(rows.mask, values, 0.0), bin_ids,
-                                num_segments=num_bins)
-
-  return ece_from_counts(CalibrationCounts(
-      count=per_bin(_jnp.ones_like(confidence)),
-      confidence_sum=per_bin(confidence),
-      correct_sum=per_bin(_correct(rows, 1))))
+  return ece_from_counts(_sums_by_bin(rows, confidence, bin_ids, num_bins))
 
 
 @_public("num_bins", "axis")
@@ -734,12 +739,11 @@ def classwise_calibration_error(logits, labels, *, num_bins: int = 15, axis: int
   rows = _rows(fn, logits, labels, axis, where)
   num_rows, num_classes = rows.logits.shape
   probs_NC = _jax.nn.softmax(rows.logits, axis=-1)
-  inner_edges = _jnp.arange(1, num_bins, dtype=probs_NC.dtype) / num_bins
-  bin_NC = _jnp.searchsorted(inner_edges, probs_NC, side="left")  # right-closed, as _bin_sums
-  segment_NC = _jnp.arange(num_classes)[None, :] * num_bins + bin_NC
+  class_ids_1C = _jnp.arange(num_classes)[None, :]
+  segment_NC = class_ids_1C * num_bins + _uniform_bin_ids(probs_NC, num_bins)
   # 1 where j is the label; NaN on the whole row of an invalid example.
   is_label_NC = _jnp.where(_invalid(rows)[:, None], _jnp.nan,
-                           _jnp.arange(num_classes)[None, :] == rows.labels[:, None])
+                           class_ids_1C == rows.labels[:, None])
   keep_NC = _jnp.broadcast_to(rows.mask[:, None], (num_rows, num_classes))
 
   def per_class_bin(values_NC):
