@@ -142,15 +142,28 @@ def _broadcast_beta(beta: jax.Array, shape) -> jax.Array:
   return beta.reshape((1,) * (len(shape) - 1) + (-1,)) if beta.ndim == 1 < len(shape) else beta
 
 
+@jax.custom_jvp
+def floor_log_p(log_p: jax.Array) -> jax.Array:
+  """:math:`\\max(\\log p, \\text{finfo.min}/4)` with the identity as its derivative.
+
+  Keeps :math:`f(\\log p)` finite where :math:`p = 0`, so that a zero weight gives an exact 0
+  without a ``select``: XLA's CPU backend does not fuse a data-dependent ``select`` (or compare)
+  into a reduction and would materialise a ``[..., V]`` temporary for it.
+  """
+  return jnp.maximum(log_p, jnp.finfo(log_p.dtype).min / 4)
+
+
+floor_log_p.defjvp(lambda primals, tangents: (floor_log_p(primals[0]), tangents[0]))
+
+
 def _class_terms(f: ClassFn, beta: jax.Array, log_p: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(β f(log p), β f'(log p))`` elementwise, exactly 0 where ``β == 0`` (also where
-  :math:`\\log p = -\\infty`)."""
+  """``(β f(log p), β f'(log p))`` elementwise: exactly 0 where ``β == 0``, also where
+  :math:`\\log p = -\\infty` (``f`` is evaluated at :func:`floor_log_p` there, and must be finite
+  at that value)."""
   beta = _broadcast_beta(beta, log_p.shape)
-  used = beta != 0
-  safe = jnp.where(used, log_p, jnp.zeros_like(log_p))
+  safe = floor_log_p(log_p)
   value, slope = jax.jvp(f, (safe,), (jnp.ones_like(safe),))
-  zero = jnp.zeros_like(log_p)
-  return jnp.where(used, beta * value, zero), jnp.where(used, beta * slope, zero)
+  return beta * value, beta * slope
 
 
 def _centred(logits, m, cfg: _Config):
@@ -164,8 +177,9 @@ def _finite(log_sum):
 
 
 def _p_times(p, values):
-  """:math:`p \\cdot v` with :math:`0 \\cdot (-\\infty) = 0`."""
-  return jnp.where(p > 0, p * values, jnp.zeros_like(p))
+  """:math:`p \\cdot v` with :math:`0 \\cdot (-\\infty) = 0` (no ``select``, see
+  :func:`floor_log_p`)."""
+  return p * jnp.maximum(values, jnp.finfo(values.dtype).min)
 
 
 def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
@@ -181,18 +195,22 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
   if labels is not None:
     raw = jnp.take_along_axis(barrier(logits), labels[..., None], axis=-1)[..., 0]
     target = softcap(raw.astype(dtype), cfg.logit_softcap) - m
+  def log_probs():
+    # A fresh read of the logits and of the row statistics for every reduction below.
+    x, m_, log_sum_ = barrier((logits, m, log_sum))
+    _, c = _centred(x, m_, cfg)
+    return c, c - _finite(log_sum_)[..., None]
+
   sums, totals = [], []
   for f, beta_fn, operands in zip(cfg.class_fns, cfg.beta_fns, betas):
-    _, c = _centred(barrier(logits), barrier(m), cfg)
-    value, slope = _class_terms(f, beta_fn(*operands).astype(dtype), c - log_sum[..., None])
-    sums.append(jnp.sum(value, axis=-1))
+    beta = beta_fn(*operands).astype(dtype)
+    sums.append(jnp.sum(_class_terms(f, beta, log_probs()[1])[0], axis=-1))
     if slopes:
-      totals.append(jnp.sum(slope, axis=-1))
+      totals.append(jnp.sum(_class_terms(f, beta, log_probs()[1])[1], axis=-1))
   mean_logit = jnp.zeros_like(m)
   if cfg.entropy:
-    _, c = _centred(barrier(logits), barrier(m), cfg)
-    p = jnp.exp(c - _finite(log_sum)[..., None])
-    mean_logit = jnp.sum(_p_times(p, c), axis=-1)
+    c, log_p = log_probs()
+    mean_logit = jnp.sum(_p_times(jnp.exp(log_p), c), axis=-1)
   stats = RowStats(m, log_sum, target, tuple(sums), mean_logit)
   return (stats, tuple(totals)) if slopes else stats
 
@@ -229,10 +247,7 @@ def _tangent(cfg: _Config, logits, labels, betas, stats: RowStats, totals, t_log
     beta, t_beta = jax.jvp(beta_fn, operands, t_operands)
     beta, t_beta = (_broadcast_beta(b, log_p.shape) for b in (beta, t_beta))
     value, _ = _class_terms(f, jnp.ones(log_p.shape, dtype), log_p)
-    used = beta != 0
-    d_sums[k] = d_sums[k] + jnp.sum(
-        jnp.where(used, value * t_beta.astype(dtype), jnp.zeros_like(value)), axis=-1
-    )
+    d_sums[k] = d_sums[k] + jnp.sum(value * t_beta.astype(dtype), axis=-1)
   return RowStats(zero, d_log_sum, d_target, tuple(d_sums), d_mean)
 
 
