@@ -54,7 +54,7 @@ References:
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 import jax
@@ -113,6 +113,10 @@ class BlockConfig:
     class_offset: global class index of the slice's first class.
     weighted_sum: whether :math:`\\sum_c w_c x_{ic}` is needed (label smoothing).
     vocab_major: loop order of :func:`vocab_slice_grads` (vocabulary chunks outermost).
+    varying_axes: inside ``shard_map(check_vma=True)``, the mesh axes ``hidden`` or ``weight``
+      vary over: the type of every accumulator of blocks (partial statistics, gradients).
+    row_axes: the mesh axes ``hidden`` varies over: the type of the complete per-row values
+      (after ``complete_stats``) that :func:`fused_vocab_slice` accumulates.
   """
 
   weight_layout: str
@@ -122,6 +126,8 @@ class BlockConfig:
   class_offset: int = 0
   weighted_sum: bool = False
   vocab_major: bool = False
+  varying_axes: tuple[Hashable, ...] = ()
+  row_axes: tuple[Hashable, ...] = ()
 
   @property
   def vocab_axis(self) -> int:
@@ -129,6 +135,16 @@ class BlockConfig:
 
 
 # --------------------------------------------------------------------------- blocks
+
+
+def _zeros(shape, dtype, axes: tuple[Hashable, ...], fill=0.0):
+  """A loop accumulator filled with ``fill``, typed as varying over the mesh ``axes``.
+
+  Inside ``shard_map(check_vma=True)`` a loop carry must keep the varying-axes type of what is
+  added to it; a fresh constant varies over none (``jax.lax.pcast(..., to='varying')`` fixes it).
+  """
+  x = jnp.full(shape, fill, dtype)
+  return lax.pcast(x, axes, to="varying") if axes else x
 
 
 def _chunk_start(index, size: int, total: int):
@@ -324,15 +340,14 @@ def vocab_slice_stats(hidden_NxD, weight, bias_V, labels_N, class_weight_V, cfg:
       index_T = _target_index(labels_T, c0 + cfg.class_offset, new_C)
       return _merge_stats(acc, _block_stats(x_CxT, index_T, new_C, weight_C, cfg))
 
-    empty = RowStats(
-        jnp.full((t,), -jnp.inf, dtype), jnp.zeros((t,), dtype), jnp.zeros((t,), dtype),
-        jnp.zeros((t,), dtype),
-    )
+    axes = cfg.varying_axes
+    empty = RowStats(_zeros((t,), dtype, axes, -jnp.inf),
+                     *(_zeros((t,), dtype, axes) for _ in range(3)))
     chunk = lax.fori_loop(0, _num_chunks(v, c), vocab_step, empty)
     # Rows a shifted last chunk shares with the previous one get identical values: overwrite.
     return jax.tree.map(lambda a, b: lax.dynamic_update_slice_in_dim(a, b, t0, 0), stats_N, chunk)
 
-  init = RowStats(*(jnp.zeros((n,), dtype) for _ in range(4)))
+  init = RowStats(*(_zeros((n,), dtype, cfg.varying_axes) for _ in range(4)))
   return lax.fori_loop(0, _num_chunks(n, t), token_step, init)
 
 
@@ -405,14 +420,15 @@ def _grads_token_major(hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse
         d_bias_V = _add_at(d_bias_V, c0, jnp.sum(g_CxT, axis=1), 0)
       return d_hidden_TxD + dh, _add_at(d_weight, c0, dw, cfg.vocab_axis), d_bias_V
 
-    inner = (jnp.zeros((t, d), dtype), d_weight, d_bias_V)
+    inner = (_zeros((t, d), dtype, cfg.varying_axes), d_weight, d_bias_V)
     d_hidden_TxD, d_weight, d_bias_V = lax.fori_loop(0, _num_chunks(v, c), vocab_step, inner)
     return _add_at(d_hidden_NxD, t0, d_hidden_TxD, 0), d_weight, d_bias_V
 
+  axes = cfg.varying_axes
   init = (
-      jnp.zeros((n, d), dtype),
-      jnp.zeros(weight.shape, dtype),
-      None if bias_V is None else jnp.zeros((v,), dtype),
+      _zeros((n, d), dtype, axes),
+      _zeros(weight.shape, dtype, axes),
+      None if bias_V is None else _zeros((v,), dtype, axes),
   )
   d_hidden, d_weight, d_bias = lax.fori_loop(0, _num_chunks(n, t), token_step, init)
   return d_hidden, d_weight.astype(weight.dtype), d_bias
@@ -448,8 +464,8 @@ def _grads_vocab_major(hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse
       return d_hidden_NxD, d_weight_block, d_bias_C
 
     block_shape = weight_block.shape
-    inner = (d_hidden_NxD, jnp.zeros(block_shape, dtype),
-             None if bias_V is None else jnp.zeros((c,), dtype))
+    inner = (d_hidden_NxD, _zeros(block_shape, dtype, cfg.varying_axes),
+             None if bias_V is None else _zeros((c,), dtype, cfg.varying_axes))
     d_hidden_NxD, d_weight_block, d_bias_C = lax.fori_loop(
         0, _num_chunks(n, t), token_step, inner)
     # Finished: written once, in the weight's dtype. A shifted last chunk keeps the classes it
@@ -460,10 +476,11 @@ def _grads_vocab_major(hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse
       d_bias_V = _set_new_classes(d_bias_V, c0, d_bias_C, new_C, 0)
     return d_hidden_NxD, d_weight, d_bias_V
 
+  axes = cfg.varying_axes
   init = (
-      jnp.zeros((n, d), dtype),
-      jnp.zeros(weight.shape, weight.dtype),
-      None if bias_V is None else jnp.zeros((v,), dtype),
+      _zeros((n, d), dtype, axes),
+      _zeros(weight.shape, weight.dtype, axes),
+      None if bias_V is None else _zeros((v,), dtype, axes),
   )
   return lax.fori_loop(0, _num_chunks(v, c), vocab_step, init)
 
@@ -528,12 +545,13 @@ def fused_vocab_slice(
         d_bias_V,
     )
 
+  axes = cfg.varying_axes
   init = (
-      jnp.zeros((), dtype),
-      jnp.zeros((n,), dtype),
-      jnp.zeros((n, d), dtype),
-      jnp.zeros(weight.shape, dtype),
-      None if bias_V is None else jnp.zeros((v,), dtype),
+      _zeros((), dtype, cfg.row_axes),
+      _zeros((n,), dtype, cfg.row_axes),
+      _zeros((n, d), dtype, axes),
+      _zeros(weight.shape, dtype, axes),
+      None if bias_V is None else _zeros((v,), dtype, axes),
   )
   return lax.fori_loop(0, _num_chunks(n, t), token_step, init)
 
@@ -640,9 +658,11 @@ class Schedule(NamedTuple):
   vocab_chunk: int
   vocab_major: bool
 
-  def block_config(self, weight_layout, logit_softcap, weighted_sum) -> BlockConfig:
+  def block_config(self, weight_layout, logit_softcap, weighted_sum, *, varying_axes=(),
+                   row_axes=()) -> BlockConfig:
     return BlockConfig(weight_layout, logit_softcap, self.token_chunk, self.vocab_chunk,
-                       weighted_sum=weighted_sum, vocab_major=self.vocab_major)
+                       weighted_sum=weighted_sum, vocab_major=self.vocab_major,
+                       varying_axes=tuple(varying_axes), row_axes=tuple(row_axes))
 
 
 def plan_schedule(

@@ -53,6 +53,14 @@ def _axis_size(fn: str, mesh: Mesh, name: str, axis_name: Hashable) -> int:
   return mesh.shape[axis_name]
 
 
+def data_axes(data_axis) -> tuple[Hashable, ...]:
+  """``data_axis`` as a tuple of mesh axis names: None gives ``()``, a tuple stays as it is (the
+  rows split over several axes, major first, as in a ``PartitionSpec`` entry), a name ``(name,)``."""
+  if data_axis is None:
+    return ()
+  return tuple(data_axis) if isinstance(data_axis, tuple) else (data_axis,)
+
+
 def _mesh_specs(fn, mesh, vocab_axis, data_axis, num_classes, class_name, batch_shape, batch_name):
   """Checks the mesh against the problem and returns the batch part of the partition specs."""
   if not isinstance(mesh, Mesh):
@@ -63,17 +71,34 @@ def _mesh_specs(fn, mesh, vocab_axis, data_axis, num_classes, class_name, batch_
         f"{fn}: the class count of `{class_name}` ({num_classes}) must be divisible by the size "
         f"of `vocab_axis`={vocab_axis!r} ({vocab_size})."
     )
-  if data_axis is None:
+  axes = data_axes(data_axis)
+  if not axes:
     return (None,) * len(batch_shape)
-  data_size = _axis_size(fn, mesh, "data_axis", data_axis)
-  if data_axis == vocab_axis:
-    raise ValueError(f"{fn}: `data_axis` and `vocab_axis` must differ, both are {data_axis!r}.")
+  data_size = math.prod(_axis_size(fn, mesh, "data_axis", a) for a in axes)
+  if vocab_axis in axes:
+    raise ValueError(f"{fn}: `data_axis` and `vocab_axis` must differ, both are {vocab_axis!r}.")
+  if len(set(axes)) != len(axes):
+    raise ValueError(f"{fn}: `data_axis` names a mesh axis twice: {data_axis!r}.")
   if not batch_shape or batch_shape[0] % data_size:
     raise ValueError(
         f"{fn}: the first batch dimension of `{batch_name}` (batch shape {tuple(batch_shape)}) "
         f"must be divisible by the size of `data_axis`={data_axis!r} ({data_size})."
     )
-  return (data_axis,) + (None,) * (len(batch_shape) - 1)
+  return (axes if len(axes) > 1 else axes[0],) + (None,) * (len(batch_shape) - 1)
+
+
+def _auto_twin(mesh: Mesh) -> Mesh | None:
+  """The mesh with Auto axes, when ``mesh`` has Explicit axes and no mesh context is set.
+
+  Outside ``jax.set_mesh`` an Explicit mesh's sharding in the loss's type makes a later eager
+  ``jax.grad`` fail to build its seed cotangent ("Please enter your `jit` into a mesh context via
+  `jax.set_mesh`"); the same devices with Auto axes carry no sharding in the types.
+  """
+  explicit = any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+  if not explicit or not jax.sharding.get_abstract_mesh().empty:
+    return None
+  return Mesh(mesh.devices, mesh.axis_names,
+              axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
 
 
 def _place(x: jax.Array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
@@ -83,18 +108,30 @@ def _place(x: jax.Array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
   ``jax.make_mesh`` builds) it requires them to carry ``spec`` already.
   """
   types = dict(zip(mesh.axis_names, mesh.axis_types))
-  used = [a for a in spec if a is not None]
+  used = [a for entry in spec if entry is not None
+          for a in (entry if isinstance(entry, tuple) else (entry,))]
   if used and all(types[a] == jax.sharding.AxisType.Explicit for a in used):
     return jax.reshard(x, NamedSharding(mesh, spec))
   return x
 
 
-def _shard_map(local, mesh, args, specs, out_specs, *, check_vma=True):
-  """Runs ``local(args)`` under ``jax.shard_map`` with every input laid out as its spec."""
-  placed = {k: _place(v, mesh, specs[k]) for k, v in args.items() if v is not None}
+def _shard_map(local, mesh, args, specs, out_specs):
+  """Runs ``local(args)`` under ``jax.shard_map`` (``check_vma=True``) with every input laid out
+  as its spec.
+
+  Within ``jax.set_mesh`` (or on a mesh with Auto axes) it runs on ``mesh`` as given; an Explicit
+  mesh outside any mesh context runs on its Auto twin (:func:`_auto_twin`), so the loss also works
+  eagerly, under ``jax.grad`` without ``jit``.
+  """
+  twin = _auto_twin(mesh)
+  if twin is not None:
+    placed = {k: jax.device_put(v, NamedSharding(twin, specs[k]))
+              for k, v in args.items() if v is not None}
+    mesh = twin
+  else:
+    placed = {k: _place(v, mesh, specs[k]) for k, v in args.items() if v is not None}
   in_specs = {k: specs[k] for k in placed}
-  return jax.shard_map(local, mesh=mesh, in_specs=(in_specs,), out_specs=out_specs,
-                       check_vma=check_vma)(placed)
+  return jax.shard_map(local, mesh=mesh, in_specs=(in_specs,), out_specs=out_specs)(placed)
 
 
 # --------------------------------------------------------------------------- shared shard pieces
@@ -123,7 +160,7 @@ def _class_weight_stats(class_weight, labels, num_local, num_classes, vocab_axis
 
 def _reduce(loss, example_weight, reduction: str, data_axis, fn: str):
   """:func:`xent_jax._reduction.reduce_loss` over the global batch (rows split on ``data_axis``)."""
-  if reduction == "none" or data_axis is None:
+  if reduction == "none" or not data_axes(data_axis):
     return _reduction.reduce_loss(loss, example_weight, reduction, fn=fn)
   total = jax.lax.psum(jnp.sum(loss), data_axis)[None]
   weight = jax.lax.psum(jnp.sum(example_weight.astype(loss.dtype)), data_axis)[None]
@@ -246,17 +283,11 @@ def complete_row_stats(stats: _linear.RowStats, vocab_axis: Hashable) -> _linear
   )
 
 
-# The blocked kernels loop over chunks with zero-initialised accumulators, which
-# ``shard_map(check_vma=True)`` rejects (a loop carry must keep its varying-axes type), so the
-# linear version runs under ``check_vma=False``. There ``shard_map`` sums the cotangents of
-# replicated inputs over the axes they are replicated on (``hidden`` over the vocabulary axis,
-# the weight shard over the data axis) and hands each copy of a replicated output an equal share
-# of its cotangent; a backward pass therefore sums the incoming cotangent over the axes its
-# forward pass reduced over (the transpose of those ``psum``) and returns per-shard partials.
-
-
-def _axes(*names):
-  return tuple(a for a in names if a is not None)
+# The linear version runs under ``shard_map(check_vma=True)``: the kernels type their loop
+# accumulators as varying over the mesh axes of ``hidden`` and ``weight`` (BlockConfig's
+# varying_axes and row_axes), cotangents of values replicated over an axis arrive whole, and each
+# backward pass returns cotangents with its primal's type: ``d hidden`` summed over the
+# vocabulary axis, ``d weight``/``d bias`` over the data axes.
 
 
 def _as_input_dtypes(grads, hidden, weight, bias):
@@ -265,22 +296,36 @@ def _as_input_dtypes(grads, hidden, weight, bias):
           None if bias is None else d_bias.astype(bias.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _sharded_stats(cfg, vocab_axis, hidden, weight, bias, labels, class_weight):
-  return _sharded_stats_fwd(cfg, vocab_axis, hidden, weight, bias, labels, class_weight)[0]
+def _sum_partial_grads(grads, vocab_axis, data_axis):
+  """Per-shard gradients to their inputs' types: ``d hidden`` over ``vocab_axis``, the weight
+  shard's over the data axes."""
+  d_hidden, d_weight, d_bias = grads
+  d_hidden = jax.lax.psum(d_hidden, vocab_axis)
+  rows = data_axes(data_axis)
+  if rows:
+    d_weight = jax.lax.psum(d_weight, rows)
+    d_bias = None if d_bias is None else jax.lax.psum(d_bias, rows)
+  return d_hidden, d_weight, d_bias
 
 
-def _sharded_stats_fwd(cfg, vocab_axis, hidden, weight, bias, labels, class_weight):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _sharded_stats(cfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight):
+  return _sharded_stats_fwd(cfg, vocab_axis, data_axis, hidden, weight, bias, labels,
+                            class_weight)[0]
+
+
+def _sharded_stats_fwd(cfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight):
   stats = complete_row_stats(
       _linear.vocab_slice_stats(hidden, weight, bias, labels, class_weight, cfg), vocab_axis)
   lse = _linear.logsumexp_from_stats(stats)
   return (lse, stats.target, stats.weighted_sum), (hidden, weight, bias, labels, class_weight, lse)
 
 
-def _sharded_stats_bwd(cfg, vocab_axis, residuals, cotangents):
+def _sharded_stats_bwd(cfg, vocab_axis, data_axis, residuals, cotangents):
   hidden, weight, bias, labels, class_weight, lse = residuals
-  cot = _linear.StatCotangents(*(jax.lax.psum(c, vocab_axis) for c in cotangents))
+  cot = _linear.StatCotangents(*cotangents)
   grads = _linear.vocab_slice_grads(hidden, weight, bias, labels, class_weight, lse, cot, cfg)
+  grads = _sum_partial_grads(grads, vocab_axis, data_axis)
   return (*_as_input_dtypes(grads, hidden, weight, bias), None, None)
 
 
@@ -301,13 +346,13 @@ def _sharded_fused_fwd(cfg, lcfg, vocab_axis, data_axis, hidden, weight, bias, l
       functools.partial(_linear._row_loss, lcfg, total_weight), rows, cfg,
       functools.partial(complete_row_stats, vocab_axis=vocab_axis),
   )
-  if data_axis is not None:
-    loss = jax.lax.psum(loss, data_axis)
+  if data_axes(data_axis):
+    loss = jax.lax.psum(loss, data_axes(data_axis))
+  grads = _sum_partial_grads(grads, vocab_axis, data_axis)
   return loss, _as_input_dtypes(grads, hidden, weight, bias)
 
 
 def _sharded_fused_bwd(cfg, lcfg, vocab_axis, data_axis, grads, g_loss):
-  g_loss = jax.lax.psum(g_loss, _axes(vocab_axis, data_axis))
   scaled = jax.tree.map(lambda g: (g_loss * g).astype(g.dtype), grads)
   return (*scaled, None, None, None, None)
 
@@ -524,8 +569,9 @@ def _linear_local(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r""":func:`xent_jax.linear_cross_entropy` on one vocabulary shard of ``weight``.
 
-  Runs inside ``shard_map(check_vma=False)`` (see the note above :func:`_axes`): each shard runs
-  the blocked kernels of :mod:`xent_jax._linear` on its classes, relabelled ``0..V_s-1``, and
+  Runs inside ``shard_map(check_vma=True)`` (see the note above :func:`_as_input_dtypes`): each
+  shard runs the blocked kernels of :mod:`xent_jax._linear` on its classes, relabelled
+  ``0..V_s-1``, and
   :func:`complete_row_stats` combines the per-row statistics before the core's per-row formula
   over the global :math:`K = V_s\,|\text{vocab}|` classes. Arguments are this device's shards
   (``hidden`` ``[..., D]``, ``weight`` ``[V_s, D]`` or ``[D, V_s]``, ``bias``/``class_weight``
@@ -552,10 +598,9 @@ def _linear_local(
     _inputs.check_class_weight(fn, "class_weight", class_weight, num_local)
     class_weight = jnp.asarray(class_weight).astype(dtype)
   n = math.prod(batch_shape)
-  token_chunk = _linear._resolve_chunk(
-      fn, "token_chunk_size", token_chunk_size, n, _linear.default_token_chunk(num_local))
-  vocab_chunk = _linear._resolve_chunk(
-      fn, "vocab_chunk_size", vocab_chunk_size, num_local, num_local)
+  schedule = _linear.plan_schedule(
+      fn, n, features, num_local, linear_reduction=reduction != "none" and not return_lse,
+      token_chunk_size=token_chunk_size, vocab_chunk_size=vocab_chunk_size)
 
   hidden_NxD, labels_N = hidden.reshape(n, features), labels.reshape(n)
   valid_N = _valid_rows(fn, labels, where, ignore_index).reshape(n)
@@ -571,13 +616,14 @@ def _linear_local(
 
   target = _ce.smoothed_target(num_classes, label_smoothing, smoothing)
   lcfg = _linear._LossConfig(target, float(z_loss))
-  cfg = _linear.BlockConfig(
-      weight_layout, logit_softcap, token_chunk, vocab_chunk, weighted_sum=bool(target.off))
-  if reduction != "none" and not return_lse and vocab_chunk_size is None:
+  rows_axes = data_axes(data_axis)
+  cfg = schedule.block_config(weight_layout, logit_softcap, bool(target.off),
+                              varying_axes=(*rows_axes, vocab_axis), row_axes=rows_axes)
+  if schedule.one_pass:
     # Sum and mean are linear in the per-row losses: d(reduced)/d(loss_i) is known up front.
     total_weight_1 = jnp.sum(example_weight_N, keepdims=True)
-    if data_axis is not None:
-      total_weight_1 = jax.lax.psum(total_weight_1, data_axis)
+    if rows_axes:
+      total_weight_1 = jax.lax.psum(total_weight_1, rows_axes)
     row_scale = jax.grad(
         lambda loss_1: _reduction.reduce_loss(loss_1, total_weight_1, reduction, fn=fn)
     )(jnp.zeros((1,), dtype))
@@ -586,7 +632,7 @@ def _linear_local(
     return _sharded_fused(cfg, lcfg, vocab_axis, data_axis, hidden_NxD, weight, bias,
                           shard_labels_N, class_weight, rows, total_weight)
   lse_N, target_N, weighted_sum_N = _sharded_stats(
-      cfg, vocab_axis, hidden_NxD, weight, bias, shard_labels_N, class_weight)
+      cfg, vocab_axis, data_axis, hidden_NxD, weight, bias, shard_labels_N, class_weight)
   loss_N = _linear._row_loss(lcfg, total_weight, lse_N, target_N, weighted_sum_N,
                              (nan_or_one_N, target_weight_N, valid_N))
   loss = _reduce(loss_N.reshape(batch_shape), example_weight_N.reshape(batch_shape), reduction,
@@ -717,5 +763,4 @@ def vocab_parallel_linear_cross_entropy(
     )
 
   loss_spec = row_spec if reduction == "none" else PartitionSpec()
-  return _shard_map(local, mesh, args, specs, (loss_spec, row_spec) if return_lse else loss_spec,
-                    check_vma=False)
+  return _shard_map(local, mesh, args, specs, (loss_spec, row_spec) if return_lse else loss_spec)
