@@ -6,6 +6,7 @@ edge that an exact edge value falls on ([lo, hi) there, (lo, hi] here), so it is
 continuous random confidences, where no value lies on an edge.
 """
 
+import doctest
 import functools
 
 import jax
@@ -384,3 +385,8 @@ def test_public_names_are_exactly_all():
     assert not hasattr(metrics, leaked), leaked
   for name in metrics.__all__:
     assert getattr(metrics, name).__doc__, name
+
+
+def test_docstring_examples_run():
+  result = doctest.testmod(metrics, optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 20 and result.failed == 0, result

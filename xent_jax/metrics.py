@@ -297,6 +297,7 @@ def accuracy(logits, labels, *, k: int = 1, axis: int = -1, where=None) -> _jax.
     ValueError: ``k`` is not an integer in ``[1, C]``, or a shape does not match.
 
   Example:
+    >>> import jax, jax.numpy as jnp
     >>> logits = jnp.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]])
     >>> float(accuracy(logits, jnp.array([1, 2])))
     0.5
@@ -337,6 +338,7 @@ def negative_log_likelihood(logits, labels, *, axis: int = -1, where=None) -> _j
     is invalid.
 
   Example:
+    >>> import jax, jax.numpy as jnp
     >>> round(float(negative_log_likelihood(jnp.zeros((2, 4)), jnp.array([0, 3]))), 4)  # log 4
     1.3863
 
@@ -371,6 +373,7 @@ def brier_score(logits, labels, *, axis: int = -1, where=None) -> _jax.Array:
     example is invalid.
 
   Example:
+    >>> import jax, jax.numpy as jnp
     >>> float(brier_score(jnp.zeros((1, 2)), jnp.array([0])))  # (0.5-1)^2 + 0.5^2
     0.5
 
@@ -415,6 +418,7 @@ def calibration_counts(logits, labels, *, num_bins: int = 15, axis: int = -1,
     make ``confidence_sum`` or ``correct_sum`` NaN in their bin.
 
   Example:
+    >>> import jax, jax.numpy as jnp
     >>> c = calibration_counts(jnp.zeros((3, 2)), jnp.array([0, 1, 0]), num_bins=2)
     >>> c.count.tolist(), c.confidence_sum.tolist(), c.correct_sum.tolist()
     ([3.0, 0.0], [1.5, 0.0], [2.0, 0.0])
@@ -527,6 +531,7 @@ def expected_calibration_error(logits, labels, *, num_bins: int = 15, axis: int 
     example is invalid.
 
   Example:
+    >>> import jax, jax.numpy as jnp
     >>> # Two uniform 2-class rows (confidence 0.5), one right: |0.5 - 0.5| = 0.
     >>> float(expected_calibration_error(jnp.zeros((2, 2)), jnp.array([0, 1])))
     0.0
@@ -562,6 +567,7 @@ def reliability_diagram_bins(logits, labels, *, num_bins: int = 15, axis: int = 
     ``accuracy``); empty bins have ``NaN`` confidence and accuracy.
 
   Example:
+    >>> import jax, jax.numpy as jnp
     >>> r = reliability_diagram_bins(jnp.zeros((2, 2)), jnp.array([0, 1]), num_bins=2)
     >>> r.count.tolist(), r.accuracy.tolist()
     ([2.0, 0.0], [0.5, nan])
@@ -621,6 +627,7 @@ def maximum_calibration_error(logits, labels, *, num_bins: int = 15, axis: int =
     example is invalid.
 
   Example:
+    >>> import jax, jax.numpy as jnp
     >>> # 2 rows at confidence 0.5 (1 right), 1 row at 0.8 (wrong): gaps 0 and 0.8.
     >>> x = jnp.log(jnp.array([[0.5, 0.5], [0.5, 0.5], [0.8, 0.2]]))
     >>> round(float(maximum_calibration_error(x, jnp.array([0, 1, 1]), num_bins=2)), 4)
@@ -679,6 +686,7 @@ def adaptive_calibration_error(logits, labels, *, num_bins: int = 15, axis: int 
     example is invalid.
 
   Example:
+    >>> import jax, jax.numpy as jnp
     >>> # Confidences 0.5, 0.5, 0.8, 0.8 (right, wrong, right, right), 2 bins of 2:
     >>> # |0.5 - 0.5| * 2/4 + |1 - 0.8| * 2/4 = 0.1
     >>> x = jnp.log(jnp.array([[0.5, 0.5], [0.5, 0.5], [0.8, 0.2], [0.2, 0.8]]))
@@ -725,6 +733,7 @@ def classwise_calibration_error(logits, labels, *, num_bins: int = 15, axis: int
     example is invalid. Memory: ``[N, C]`` temporaries.
 
   Example:
+    >>> import jax, jax.numpy as jnp
     >>> # Uniform 2-class rows, labels 0 and 1: each class has p = 0.5 and frequency 0.5.
     >>> float(classwise_calibration_error(jnp.zeros((2, 2)), jnp.array([0, 1])))
     0.0
@@ -814,6 +823,7 @@ def fit_temperature(logits, labels, *, axis: int = -1, where=None, num_iters: in
     example is invalid.
 
   Example:
+    >>> import jax, jax.numpy as jnp
     >>> # Logits ten times too sharp for labels drawn from softmax(logits / 10):
     >>> key_x, key_y = jax.random.split(jax.random.key(0))
     >>> x = 10.0 * jax.random.normal(key_x, (4000, 5))
@@ -941,6 +951,7 @@ def eval_sums(logits, labels, *, num_bins: int = 15, axis: int = -1, where=None)
     :class:`EvalSums` (float32 scalars and ``[num_bins]`` arrays).
 
   Example:
+    >>> import jax, jax.numpy as jnp
     >>> batches = [(jnp.zeros((2, 3)), jnp.array([0, 1])), (jnp.ones((1, 3)), jnp.array([2]))]
     >>> total = jax.tree.map(jnp.add, *[eval_sums(x, y) for x, y in batches])
     >>> round(float(metrics_from_sums(total)["accuracy"]), 4)
