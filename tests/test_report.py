@@ -92,20 +92,24 @@ def test_figures_have_title_legend_caption_and_one_colour_per_loss(tmp_path, fig
   report.build_report(directory)
   assert sorted(path.rsplit("/", 1)[1] for path, _ in figures) == [
       "accuracy_vs_ece.png", "learning_curves.png", "reliability.png"]
+  footers = {}
   for path, fig in figures:
     assert "my_comparison" in fig._suptitle.get_text(), path  # pylint: disable=protected-access
-    caption = fig._supxlabel.get_text()  # pylint: disable=protected-access
+    footer = next(ax for ax in fig.axes if ax.get_label() == "caption")
+    caption = footer.texts[0].get_text()
     assert "seed" in caption or "diagonal" in caption.lower(), path
-    assert fig.legends, f"{path}: no legend"
-    legend_labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    legend_labels = [t.get_text() for t in footer.get_legend().get_texts()]
     if not path.endswith("reliability.png"):
       assert set(losses) <= set(legend_labels), path
+    footers[path.rsplit("/", 1)[1]] = footer
   # Learning curves: every loss drawn in the same colour in every panel, losses all different.
   curves = dict(figures)[str(directory / "plots" / "learning_curves.png")]
-  legend = {t.get_text(): tuple(h.get_color()) for t, h in
-            zip(curves.legends[0].get_texts(), curves.legends[0].legend_handles)}
+  legend = footers["learning_curves.png"].get_legend()
+  legend = {t.get_text(): tuple(h.get_color()) for t, h in zip(legend.get_texts(), legend.legend_handles)}
   assert len(set(legend.values())) == len(losses)
   for ax in curves.axes:
+    if ax.get_label() == "caption":
+      continue
     drawn = {line.get_label(): matplotlib.colors.to_rgba(line.get_color()) for line in ax.get_lines()}
     assert drawn == {loss: matplotlib.colors.to_rgba(colour) for loss, colour in legend.items()}
   # Noise levels are facets: one column per setting, titled with it.

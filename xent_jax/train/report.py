@@ -161,17 +161,32 @@ def loss_colours(losses: list[str]) -> dict[str, tuple]:
   return {loss: tuple(colours[i]) for i, loss in enumerate(losses)}
 
 
-def _figure(title: str, num_rows: int, num_cols: int, panel_size: tuple[float, float]):
-  fig, axes = plt.subplots(num_rows, num_cols, squeeze=False, layout="constrained",
-                           figsize=(panel_size[0] * num_cols + 2.6, panel_size[1] * num_rows + 1.0))
+LEGEND_COLUMNS = 5
+
+
+def _figure(title: str, num_rows: int, num_cols: int, panel_size: tuple[float, float],
+            num_legend_entries: int):
+  """A titled figure: a grid of panels and, under them, a footer row for the legend and caption."""
+  footer_height = 0.25 * -(-num_legend_entries // LEGEND_COLUMNS) + 0.6
+  width = max(panel_size[0] * num_cols + 0.8, 7.5)
+  fig = plt.figure(layout="constrained",
+                   figsize=(width, panel_size[1] * num_rows + footer_height + 0.5))
+  grid = fig.add_gridspec(num_rows + 1, num_cols,
+                          height_ratios=[panel_size[1]] * num_rows + [footer_height])
+  axes = np.array([[fig.add_subplot(grid[r, c]) for c in range(num_cols)] for r in range(num_rows)])
+  footer = fig.add_subplot(grid[num_rows, :], label="caption")
+  footer.axis("off")
   fig.suptitle(title, fontsize=12)
   return fig, axes
 
 
 def _finish(fig, path: pathlib.Path, handles, caption: str) -> None:
-  """Figure legend right of the panels, a caption line under them, saved at 110 dpi."""
-  fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
-  fig.supxlabel(caption, fontsize=8, wrap=True)
+  """Legend and caption in the footer row under the panels; saved at 110 dpi."""
+  footer = next(ax for ax in fig.axes if ax.get_label() == "caption")
+  footer.legend(handles=handles, loc="upper center", ncols=min(len(handles), LEGEND_COLUMNS),
+                fontsize=8, frameon=False, borderaxespad=0)
+  footer.text(0.5, 0.0, caption, transform=footer.transAxes, ha="center", va="bottom",
+              fontsize=8, wrap=True)
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
@@ -192,7 +207,8 @@ def _plot_learning_curves(path: pathlib.Path, groups: dict[str, list[dict]], tit
             ("eval/nll", "test NLL", "log"))
   settings, losses, cells = _facets(groups)
   colours = loss_colours(losses)
-  fig, axes = _figure(f"{title}: learning curves", len(panels), len(settings), (4.2, 2.6))
+  fig, axes = _figure(f"{title}: learning curves", len(panels), len(settings), (4.2, 2.6),
+                      len(losses))
   num_seeds = set()
   for col, setting in enumerate(settings):
     for loss in losses:
@@ -220,7 +236,7 @@ def _plot_learning_curves(path: pathlib.Path, groups: dict[str, list[dict]], tit
   columns = " in every panel; columns: grid settings" if len(settings) > 1 else ""
   _finish(fig, path, _loss_handles(colours),
           f"Line: mean over {seeds} seeds; band: min to max over the seeds. One colour per loss"
-          f"{columns}. Test metrics on the clean test split.")
+          f"{columns}; curves that coincide hide one another. Test metrics on the clean test split.")
 
 
 def _summed_counts(runs: list[dict], key: str):
@@ -236,7 +252,7 @@ def _plot_reliability(path: pathlib.Path, groups: dict[str, list[dict]], title: 
   settings, losses, cells = _facets(groups)
   colours = loss_colours(losses)
   fig, axes = _figure(f"{title}: reliability diagrams (test split, all seeds pooled)",
-                      len(settings), len(losses), (2.3, 2.3))
+                      len(settings), len(losses), (2.3, 2.3), 3)
   num_bins, any_after = 0, False
   for (row, setting), (col, loss) in itertools.product(enumerate(settings), enumerate(losses)):
     ax = axes[row, col]
@@ -288,7 +304,7 @@ def _plot_accuracy_vs_ece(path: pathlib.Path, groups: dict[str, list[dict]],
   records = {(_setting(groups[rec["group"]][0]["summary"]), groups[rec["group"]][0]["summary"]["loss"]): rec
              for rec in table}
   fig, axes = _figure(f"{title}: test accuracy against calibration error", 1, len(settings),
-                      (4.4, 4.0))
+                      (4.4, 4.0), len(losses) + 2)
   for ax, setting in zip(axes[0], settings):
     for loss in losses:
       rec = records.get((setting, loss))
@@ -319,8 +335,8 @@ def _plot_accuracy_vs_ece(path: pathlib.Path, groups: dict[str, list[dict]],
     ts_note = (" Arrow: the same models after temperature scaling (TS, T fitted on held-out "
                "training data), which keeps accuracy.")
   _finish(fig, path, handles,
-          f"Error bars: ± 1 sample standard deviation over seeds.{ts_note} Up and to the left is "
-          "better.")
+          f"Error bars: ± 1 sample standard deviation over seeds; points that coincide hide one "
+          f"another.{ts_note} Up and to the left is better.")
 
 
 def build_report(directory) -> list[dict]:
