@@ -352,7 +352,14 @@ class TestBadInput:
     with pytest.raises(TypeError, match="`mesh`"):
       xent_jax.vocab_parallel_cross_entropy(logits, labels, mesh=jax.devices())
     with pytest.raises(TypeError, match="`labels`"):
+      xent_jax.vocab_parallel_cross_entropy(logits, labels.astype(bool), mesh=mesh)
+    # Float labels are probabilities: they need the logits' shape.
+    with pytest.raises(AssertionError, match="`labels`"):
       xent_jax.vocab_parallel_cross_entropy(logits, labels.astype(np.float32), mesh=mesh)
+    with pytest.raises(TypeError, match="`labels`"):
+      xent_jax.vocab_parallel_linear_cross_entropy(
+          np.zeros((N, D), np.float32), np.zeros((V, D), np.float32), labels.astype(np.float32),
+          mesh=mesh)
 
   def test_linear_shapes_are_named(self, mesh):
     hidden, labels = np.zeros((N, D), np.float32), np.zeros(N, np.int32)

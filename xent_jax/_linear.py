@@ -784,7 +784,8 @@ def linear_cross_entropy(
       fn, label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
       logit_softcap=logit_softcap, reduction=reduction,
   )
-  hidden, weight, labels = jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(labels)
+  hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
+  labels = _inputs.as_label_array(fn, labels)
   if hidden.ndim < 1:
     raise ValueError(f"{fn}: `hidden` must have shape [..., D], got a scalar.")
   if weight.ndim != 2:
@@ -829,14 +830,11 @@ def linear_cross_entropy(
 
   dtype = _ce.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
   hidden_NxD = hidden.reshape(n, features)
-  labels_N = labels.reshape(n)
-  valid_N = jnp.ones((n,), bool)
-  if where is not None:
-    valid_N = jnp.broadcast_to(jnp.asarray(where, bool), batch_shape).reshape(n)
-  if ignore_index is not None:
-    valid_N = valid_N & (labels_N != ignore_index)
-  in_range_N = (labels_N >= 0) & (labels_N < num_classes)
-  safe_labels_N = jnp.where(in_range_N, labels_N, jnp.zeros_like(labels_N))
+  read = _inputs.integer_labels(
+      fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=where)
+  # int32 labels, -1 outside [0, V): such a row matches no class of any block.
+  labels_N, valid_N, in_range_N = (a.reshape(n) for a in read)
+  safe_labels_N = read.safe_labels.reshape(n)
   if class_weight is None:
     total_weight = jnp.asarray(num_classes, dtype)
     target_weight_N = jnp.ones((n,), dtype)

@@ -167,20 +167,31 @@ def _reduce(loss, example_weight, reduction: str, data_axis, fn: str):
   return _reduction.reduce_loss(total, weight, reduction, fn=fn)
 
 
-def _valid_rows(fn, labels, where, ignore_index):
-  valid = jnp.ones(labels.shape, bool)
-  if where is not None:
-    _checks.check_broadcastable(fn, "where", where, labels.shape)
-    valid = jnp.broadcast_to(jnp.asarray(where, bool), labels.shape)
-  if ignore_index is not None:
-    valid = valid & (labels != ignore_index)
-  return valid
+def _where_rows(fn, where, batch_shape):
+  """``[...]`` bool rows that count for probability labels (``where``; True without it)."""
+  if where is None:
+    return jnp.ones(batch_shape, bool)
+  _checks.check_broadcastable(fn, "where", where, batch_shape)
+  return jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
 
 
 def _check_labels(fn, labels, batch_shape):
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}.")
   _checks.check_shape(fn, "labels", labels, batch_shape)
+
+
+def _logits_labels_kind(fn, labels, logits_shape) -> bool:
+  """Whether ``labels`` are integer class ids (``logits_shape`` without the classes) rather than
+  probabilities (``logits_shape``); checks the shape either way."""
+  if jnp.issubdtype(labels.dtype, jnp.integer):
+    _checks.check_shape(fn, "labels", labels, logits_shape[:-1])
+    return True
+  if jnp.issubdtype(labels.dtype, jnp.floating):
+    _checks.check_shape(fn, "labels", labels, logits_shape)
+    return False
+  raise TypeError(
+      f"{fn}: `labels` must be integer class ids or float probabilities, got dtype {labels.dtype}.")
 
 
 # --------------------------------------------------------------------------- logits kernel
@@ -261,6 +272,90 @@ def _shard_bwd(cfg: _ShardConfig, residuals, cotangents):
 
 
 _shard_cross_entropy.defvjp(_shard_fwd, _shard_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DenseShardConfig:
+  vocab_axis: Hashable
+  label_smoothing: float
+  smoothing: str
+  z_loss: float
+  logit_softcap: float | None
+
+
+def _smooth_shard(labels, num_classes: int, cfg: _DenseShardConfig):
+  r"""The smoothed target on one shard and :math:`dq/d\text{labels}` (a constant):
+  'uniform' :math:`(1-\epsilon)q + \epsilon/K`, 't5x' :math:`(1-\epsilon-o)q + o` with
+  :math:`o = \epsilon/(K-1)`, over the global class count :math:`K`."""
+  eps = cfg.label_smoothing
+  if not eps:
+    return labels, 1.0
+  if cfg.smoothing == "uniform":
+    return (1.0 - eps) * labels + eps / num_classes, 1.0 - eps
+  off = eps / max(num_classes - 1, 1)
+  return (1.0 - eps - off) * labels + off, 1.0 - eps - off
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _shard_dense_cross_entropy(logits, labels, class_weight, valid, cfg):
+  return _shard_dense_fwd(logits, labels, class_weight, valid, cfg)[0]
+
+
+def _shard_dense_parts(logits, labels, class_weight, cfg: _DenseShardConfig):
+  """Capped logits, smoothed weighted target :math:`w_c q_c` and the smoothing slope."""
+  dtype = _ce.compute_dtype(logits.dtype)
+  x = _ce.softcap(logits.astype(dtype), cfg.logit_softcap)
+  num_classes = logits.shape[-1] * jax.lax.axis_size(cfg.vocab_axis)
+  q, slope = _smooth_shard(labels.astype(dtype), num_classes, cfg)
+  w = None if class_weight is None else _ce.along_classes(class_weight, x.ndim)
+  return x, q, (q if w is None else q * w), w, slope
+
+
+def _shard_dense_fwd(logits, labels, class_weight, valid, cfg: _DenseShardConfig):
+  r"""Per-row :math:`\ell = A\,\mathrm{lse} - \sum_c w_c q_c x_c
+  [+ \sum_c w_c q_c \log q_c]_{\text{t5x}} + z\,\mathrm{lse}^2` with
+  :math:`A = \sum_c w_c q_c`, every class sum a ``psum`` of shard sums."""
+  axis = cfg.vocab_axis
+  x, q, wq, w, _ = _shard_dense_parts(logits, labels, class_weight, cfg)
+  m = jax.lax.pmax(jnp.max(x, axis=-1), axis)
+  m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+  log_sum = jnp.log(jax.lax.psum(jnp.sum(jnp.exp(x - m[..., None]), axis=-1), axis))
+  lse = m + log_sum
+  mass = jax.lax.psum(jnp.sum(wq, axis=-1), axis)
+  # 0 * (-inf) = 0: classes without target mass add nothing, even at a -inf logit.
+  wqx = jax.lax.psum(jnp.sum(jnp.where(wq != 0, wq * x, jnp.zeros_like(x)), axis=-1), axis)
+  loss = mass * lse - wqx
+  if cfg.smoothing == "t5x":
+    xlogx = jax.scipy.special.xlogy(q, q)
+    loss = loss + jax.lax.psum(jnp.sum(xlogx if w is None else xlogx * w, axis=-1), axis)
+  if cfg.z_loss:
+    loss = loss + cfg.z_loss * jnp.square(lse)
+  loss = jnp.where(valid, loss, jnp.zeros_like(loss))
+  return (loss, lse), (logits, labels, class_weight, valid, m, log_sum, mass)
+
+
+def _shard_dense_bwd(cfg: _DenseShardConfig, residuals, cotangents):
+  r"""Shard-local: :math:`\partial\ell/\partial x_c = (A + 2z\,\mathrm{lse})\,p_c - w_c q_c`
+  and :math:`\partial\ell/\partial \text{labels}_c = s\,w_c(\mathrm{lse} - x_c
+  [+ \log q_c + 1]_{\text{t5x}})`, :math:`s` the smoothing slope."""
+  logits, labels, class_weight, valid, m, log_sum, mass = residuals
+  g_loss, g_lse = cotangents
+  g_loss = jnp.where(valid, g_loss, jnp.zeros_like(g_loss))
+  x, q, wq, w, slope = _shard_dense_parts(logits, labels, class_weight, cfg)
+  lse = m + log_sum
+  scale = g_loss * (mass + 2.0 * cfg.z_loss * lse) + g_lse
+  probs = jnp.exp(x - lse[..., None])
+  d_logits = (scale[..., None] * probs - g_loss[..., None] * wq)
+  d_logits = d_logits * _ce.softcap_grad(x, cfg.logit_softcap)
+  d_q = lse[..., None] - x
+  if cfg.smoothing == "t5x":
+    d_q = d_q + jnp.log(q) + 1.0
+  d_q = d_q if w is None else d_q * w
+  d_labels = (slope * g_loss)[..., None] * d_q
+  return d_logits.astype(logits.dtype), d_labels.astype(labels.dtype), None, None
+
+
+_shard_dense_cross_entropy.defvjp(_shard_dense_fwd, _shard_dense_bwd)
 
 
 # --------------------------------------------------------------------------- linear kernel glue
@@ -433,22 +528,30 @@ def vocab_parallel_cross_entropy_local(
       fn, label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
       logit_softcap=logit_softcap, reduction=reduction,
   )
-  logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+  logits, labels = jnp.asarray(logits), _inputs.as_label_array(fn, labels)
   if logits.ndim < 1:
     raise ValueError(f"{fn}: `logits` must have shape [..., V_shard], got a scalar.")
-  _check_labels(fn, labels, logits.shape[:-1])
+  integer = _logits_labels_kind(fn, labels, logits.shape)
   dtype = _ce.compute_dtype(logits.dtype)
   if weight is not None:
     _inputs.check_class_weight(fn, "weight", weight, logits.shape[-1])
     weight = jnp.asarray(weight).astype(dtype)
-  valid = _valid_rows(fn, labels, where, ignore_index)
   num_classes = logits.shape[-1] * jax.lax.axis_size(vocab_axis)
-  cfg = _ShardConfig(
-      vocab_axis, _ce.smoothed_target(num_classes, label_smoothing, smoothing), float(z_loss),
-      logit_softcap,
-  )
-  loss, lse, target_weight = _shard_cross_entropy(logits, labels, weight, valid, cfg)
-  example_weight = jnp.where(valid, target_weight, jnp.zeros_like(target_weight))
+  if integer:
+    read = _inputs.integer_labels(
+        fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=where)
+    cfg = _ShardConfig(
+        vocab_axis, _ce.smoothed_target(num_classes, label_smoothing, smoothing), float(z_loss),
+        logit_softcap,
+    )
+    loss, lse, target_weight = _shard_cross_entropy(logits, read.labels, weight, read.valid, cfg)
+    example_weight = jnp.where(read.valid, target_weight, jnp.zeros_like(target_weight))
+  else:
+    valid = _where_rows(fn, where, logits.shape[:-1])
+    cfg = _DenseShardConfig(vocab_axis, float(label_smoothing), smoothing, float(z_loss),
+                            logit_softcap)
+    loss, lse = _shard_dense_cross_entropy(logits, labels, weight, valid, cfg)
+    example_weight = valid.astype(loss.dtype)
   out = _reduce(loss, example_weight, reduction, data_axis, fn)
   return (out, lse) if return_lse else out
 
@@ -518,10 +621,14 @@ def vocab_parallel_cross_entropy(
       fn, label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
       logit_softcap=logit_softcap, reduction=reduction,
   )
-  logits, labels = jnp.asarray(logits), jnp.asarray(labels)
-  logits = jnp.moveaxis(logits, _checks.canonical_axis(fn, axis, logits.ndim), -1)
+  logits, labels = jnp.asarray(logits), _inputs.as_label_array(fn, labels)
+  class_axis = _checks.canonical_axis(fn, axis, logits.ndim)
+  if jnp.issubdtype(labels.dtype, jnp.floating):  # probabilities: classes on `axis` too
+    _checks.check_shape(fn, "labels", labels, logits.shape)
+    labels = jnp.moveaxis(labels, class_axis, -1)
+  logits = jnp.moveaxis(logits, class_axis, -1)
+  integer = _logits_labels_kind(fn, labels, logits.shape)
   batch_shape = logits.shape[:-1]
-  _check_labels(fn, labels, batch_shape)
   if weight is not None:
     _inputs.check_class_weight(fn, "weight", weight, logits.shape[-1])
   rows = _mesh_specs(fn, mesh, vocab_axis, data_axis, logits.shape[-1], "logits", batch_shape,
@@ -531,7 +638,8 @@ def vocab_parallel_cross_entropy(
     where = jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
   row_spec = PartitionSpec(*rows)
   args = {"logits": logits, "labels": labels, "weight": weight, "where": where}
-  specs = {"logits": PartitionSpec(*rows, vocab_axis), "labels": row_spec,
+  specs = {"logits": PartitionSpec(*rows, vocab_axis),
+           "labels": row_spec if integer else PartitionSpec(*rows, vocab_axis),
            "weight": PartitionSpec(vocab_axis), "where": row_spec}
 
   def local(a):
@@ -585,7 +693,8 @@ def _linear_local(
       fn, label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
       logit_softcap=logit_softcap, reduction=reduction,
   )
-  hidden, weight, labels = jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(labels)
+  hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
+  labels = _inputs.as_label_array(fn, labels)
   num_local, features = _linear_shapes(fn, hidden, weight, weight_layout)
   batch_shape = hidden.shape[:-1]
   _check_labels(fn, labels, batch_shape)
@@ -602,13 +711,15 @@ def _linear_local(
       fn, n, features, num_local, linear_reduction=reduction != "none" and not return_lse,
       token_chunk_size=token_chunk_size, vocab_chunk_size=vocab_chunk_size)
 
-  hidden_NxD, labels_N = hidden.reshape(n, features), labels.reshape(n)
-  valid_N = _valid_rows(fn, labels, where, ignore_index).reshape(n)
   num_classes = num_local * jax.lax.axis_size(vocab_axis)
+  read = _inputs.integer_labels(
+      fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=where)
+  # int32 labels, -1 outside [0, K): such a row matches no class of any shard.
+  hidden_NxD = hidden.reshape(n, features)
+  labels_N, valid_N, in_range_N = (a.reshape(n) for a in read)
   target_weight_N, total_weight = _class_weight_stats(
       class_weight, labels_N, num_local, num_classes, vocab_axis, dtype)
   example_weight_N = jnp.where(valid_N, target_weight_N, jnp.zeros_like(target_weight_N))
-  in_range_N = (labels_N >= 0) & (labels_N < num_classes)
   nan_or_one_N = jnp.where(valid_N & ~in_range_N, jnp.nan, 1.0).astype(dtype)
   # The kernels see this shard's classes as 0..V_s-1: shift the labels rather than pass the
   # (traced) shard offset through the static BlockConfig.class_offset.
@@ -729,7 +840,8 @@ def vocab_parallel_linear_cross_entropy(
       fn, label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
       logit_softcap=logit_softcap, reduction=reduction,
   )
-  hidden, weight, labels = jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(labels)
+  hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
+  labels = _inputs.as_label_array(fn, labels)
   num_classes, _ = _linear_shapes(fn, hidden, weight, weight_layout)
   batch_shape = hidden.shape[:-1]
   _check_labels(fn, labels, batch_shape)
