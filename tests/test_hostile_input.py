@@ -78,6 +78,19 @@ def test_variants_read_narrow_labels_exactly(case):
     np.testing.assert_allclose(got, same, rtol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["uint8", "int8"])
+def test_linear_cross_entropy_reads_narrow_labels_exactly(case):
+  dtype, values = NARROW_CASES[case]
+  rng = np.random.default_rng(3)
+  hidden = rng.standard_normal((len(values), 3)).astype(np.float32)
+  weight = rng.standard_normal((NUM_CLASSES, 3)).astype(np.float32)
+  labels = np.array(values, dtype)
+  want = ref.cross_entropy(hidden.astype(np.float64) @ weight.T.astype(np.float64),
+                           labels.astype(np.int64), reduction="none")
+  got = xent_jax.linear_cross_entropy(hidden, weight, jnp.asarray(labels), reduction="none")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_uint32_labels_beyond_int32_are_out_of_range():
   x = _logits(2)
   labels = jnp.array([2**31 + 5, 7], jnp.uint32)  # would wrap to a negative int32
@@ -94,6 +107,8 @@ INT64_FUNCTIONS = {
     "softmax_cross_entropy_with_integer_labels":
         lambda x, y: xent_jax.softmax_cross_entropy_with_integer_labels(x, y),
     "softmax_cross_entropy": lambda x, y: xent_jax.softmax_cross_entropy(x, y),
+    "linear_cross_entropy": lambda x, y: xent_jax.linear_cross_entropy(
+        x, jnp.ones((5, 5)), y),
     "accuracy": lambda x, y: metrics.accuracy(x, y),
     "expected_calibration_error": lambda x, y: metrics.expected_calibration_error(x, y),
     "fit_temperature": lambda x, y: metrics.fit_temperature(x, y),
