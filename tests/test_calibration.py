@@ -348,11 +348,17 @@ class TestBadInput:
       metrics.fit_temperature(_HAND_LOGITS, _HAND_LABELS, **kwargs)
 
   @pytest.mark.parametrize("temperature,error", [
-      (0.0, ValueError), (-2.0, ValueError), (np.nan, ValueError), ("2", TypeError),
+      (0.0, ValueError), (-2.0, ValueError), (np.inf, ValueError), ("2", TypeError),
       (jnp.ones(2), ValueError)])
   def test_apply_temperature_rejects_bad_temperature(self, temperature, error):
     with pytest.raises(error, match="`temperature`"):
       metrics.apply_temperature(_HAND_LOGITS, temperature)
+
+  def test_apply_temperature_passes_a_nan_temperature_on(self):
+    # fit_temperature on an empty split gives NaN; the scaled metrics are then NaN, not a crash.
+    temperature = metrics.fit_temperature(_HAND_LOGITS, _HAND_LABELS, where=np.zeros(4, bool))
+    scaled = metrics.apply_temperature(_HAND_LOGITS, temperature)
+    assert np.isnan(metrics.expected_calibration_error(scaled, _HAND_LABELS))
 
   def test_apply_temperature_rejects_integer_logits(self):
     with pytest.raises(TypeError, match="`logits` must be a floating"):

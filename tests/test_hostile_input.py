@@ -271,6 +271,9 @@ STRING_OPTION_CALLS = {
             _logits(2, 5), jnp.array([0, 1]), label_smoothing=v)),
     "softmax_cross_entropy": ("label_smoothing", lambda v: xent_jax.softmax_cross_entropy(
         _logits(2, 5), jnp.full((2, 5), 0.2), label_smoothing=v)),
+    "smooth_labels": ("alpha", lambda v: xent_jax.smooth_labels(jnp.full((2, 5), 0.2), v)),
+    "poly_loss_cross_entropy": ("epsilon", lambda v: xent_jax.poly_loss_cross_entropy(
+        _logits(2, 5), jnp.full((2, 5), 0.2), epsilon=v)),
 }
 
 

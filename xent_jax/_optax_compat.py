@@ -255,6 +255,7 @@ def poly_loss_cross_entropy(
   """
   fn = "poly_loss_cross_entropy"
   _checks.check_floating(fn, "logits", logits)
+  _checks.check_real_scalar(fn, "epsilon", epsilon)
   _checks.check_floating(fn, "labels", labels)
   logits = jnp.asarray(logits)
   labels = jnp.asarray(labels)

@@ -901,13 +901,16 @@ def apply_temperature(logits, temperature) -> _jax.Array:
 
   Args:
     logits: ``[..., C]`` float scores (any layout: every entry is divided).
-    temperature: scalar :math:`T > 0`, e.g. from :func:`fit_temperature`.
+    temperature: scalar :math:`T > 0`, e.g. from :func:`fit_temperature`. A NaN temperature
+      (what :func:`fit_temperature` returns for an empty or invalid split) passes through, so
+      every metric of the scaled logits is NaN as well.
 
   Returns:
     ``logits / temperature`` in the dtype of ``logits`` (float32 for lists), same shape.
 
   Raises:
-    ValueError: a concrete ``temperature`` that is not a positive number.
+    TypeError: a ``temperature`` that is not a number.
+    ValueError: a concrete ``temperature`` that is zero, negative or infinite, or not a scalar.
 
   References:
     Guo et al., "On Calibration of Modern Neural Networks", ICML 2017.
@@ -918,8 +921,10 @@ def apply_temperature(logits, temperature) -> _jax.Array:
   logits = _jnp.asarray(logits)
   if _jnp.ndim(temperature) != 0:
     raise ValueError(f"{fn}: `temperature` must be a scalar, got shape {_jnp.shape(temperature)}.")
-  _checks.check_in_range(fn, "temperature", temperature, 0.0, _np.inf, low_open=True,
-                         high_open=True)
+  _checks.check_real_scalar(fn, "temperature", temperature)
+  if isinstance(temperature, _jax.core.Tracer) or not _np.isnan(_np.asarray(temperature)):
+    _checks.check_in_range(fn, "temperature", temperature, 0.0, _np.inf, low_open=True,
+                           high_open=True)
   return logits / _jnp.asarray(temperature, logits.dtype)
 
 
