@@ -1,0 +1,267 @@
+"""Ahead-of-time TPU memory of the public losses, measured on a host without a TPU.
+
+With libtpu installed (the ``tpu`` extra), JAX describes TPU chips by topology name
+(`jax.experimental.topologies.get_topology_desc`), even under ``JAX_PLATFORMS=cpu``. A function
+jitted for abstract inputs placed on those chips compiles with the TPU compiler, and
+``Compiled.memory_analysis().temp_size_in_bytes`` is the scratch memory XLA allocates on each chip
+beyond arguments and outputs: the number the memory claims of the library are about.
+
+This module holds the problems the project measures, so that the bounds of
+``tests/test_tpu_compile.py`` and the table of ``experiments/aot_memory.py`` read the same numbers:
+
+* the logits path: every loss of `xent_jax.list_losses` and the optax drop-ins, value and gradient
+  at ``[8192, 32768]`` bfloat16 logits on one chip;
+* the head ``loss(h W^T)``, value and gradients for ``h`` and ``W`` in bfloat16, fused
+  (`xent_jax.linear_cross_entropy`) and naive (matmul, then
+  ``optax.softmax_cross_entropy_with_integer_labels``) at three LLM sizes (`HEADS`);
+* the vocabulary-parallel losses on a ``data x vocab`` mesh of the slice's four chips;
+* the training harness's Transformer train step, logits and fused, data-parallel over four chips.
+
+Every measurement is cached, so the naive baselines compile once per process.
+
+Example:
+  >>> from xent_jax import aot
+  >>> aot.head_temp_bytes("fused", "n32k_d2k_v32k", "v5e:2x2") / aot.MIB  # doctest: +SKIP
+  506.0
+
+Not imported by ``import xent_jax``; it needs optax and flax (the ``experiments`` extra) and
+libtpu (the ``tpu`` extra).
+
+References:
+  JAX ahead-of-time lowering and compilation:
+  https://docs.jax.dev/en/latest/aot.html
+"""
+
+import functools
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import topologies
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, Sharding, SingleDeviceSharding
+
+import xent_jax
+
+MIB = 2**20
+
+# Two-by-two slices of the TPU generations the library targets. libtpu's default host holds 2x2
+# chips, so these are the smallest valid names ("v5e:1x4" is refused: not a multiple of 2x2); a
+# 1x4 mesh is laid over the same four chips instead (`MESHES`).
+TOPOLOGIES = ("v5e:2x2", "v6e:2x2")
+
+# The logits path: [N, V] bfloat16 logits.
+LOGITS_SHAPE = (8192, 32768)
+
+# Heads (N tokens, D hidden, V vocabulary) of issue 9: Llama-3-8B, a Gemma-2-style vocabulary,
+# and many tokens over a small vocabulary.
+HEADS = {
+    "llama3_8b": (8192, 4096, 128256),
+    "gemma": (8192, 2304, 256000),
+    "n32k_d2k_v32k": (32768, 2048, 32000),
+}
+
+# ``data x vocab`` meshes over the four chips of a slice.
+MESHES = {"2x2": (2, 2), "1x4": (1, 4)}
+
+# The vocabulary-parallel linear loss is measured on this head.
+PARALLEL_HEAD = "llama3_8b"
+
+# The Transformer of the train-step check: a global batch of B sequences of L tokens, vocabulary V,
+# width D (2 layers, 4 heads, bfloat16 compute), data-parallel over the four chips.
+TRAIN_STEP = {"batch": 32, "seq_len": 256, "vocab": 32768, "dim": 128}
+
+
+def _tpu_chips_attached() -> bool:
+  """Whether this host has TPU chips on its PCI bus (the check JAX's own TPU set-up makes)."""
+  from jax._src import hardware_utils  # pylint: disable=import-outside-toplevel
+  return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+
+
+def quiet_libtpu() -> None:
+  """Lets libtpu load on a TPU-less host without warnings and alongside other processes.
+
+  Once installed, libtpu loads whenever JAX initialises its backends. With no TPU attached it
+  cannot learn the accelerator type or the worker hosts (it asks the cloud metadata service) and
+  prints "could not determine TPU accelerator type", "unexpected worker hostname" and
+  "Logging before InitGoogle()" to stderr; it also locks ``/tmp/libtpu_lockfile``, so a second
+  process (another pytest-xdist worker) cannot load it. On such a host this names a placeholder
+  type and host and allows concurrent loads; compiles use the topology they are given, not these
+  variables. Only unset variables are filled, and nothing is set where chips are attached. Call
+  it before JAX initialises its backends (before the first ``jax.devices()``).
+  """
+  if _tpu_chips_attached():
+    return
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+@functools.cache
+def topology(name: str):
+  """The TPU slice called ``name`` (e.g. ``"v5e:2x2"``); its ``.devices`` are its chips."""
+  quiet_libtpu()
+  return topologies.get_topology_desc(platform="tpu", topology_name=name)
+
+
+def mesh(topology_name: str, shape: tuple[int, int]) -> Mesh:
+  """A ``("data", "vocab")`` mesh of ``shape`` over the chips of a slice."""
+  devices = np.array(topology(topology_name).devices).reshape(shape)
+  return Mesh(devices, ("data", "vocab"))
+
+
+def spec(shape, dtype, where) -> jax.ShapeDtypeStruct:
+  """An abstract array on one device (``where`` a device) or laid out by ``where`` (a sharding)."""
+  sharding = where if isinstance(where, Sharding) else SingleDeviceSharding(where)
+  return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+
+def temp_bytes(fn, *args) -> int:
+  """Scratch memory in bytes per chip of ``jax.jit(fn)`` compiled for the devices of ``args``."""
+  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+# --------------------------------------------------------------------------- the logits path
+
+
+class LogitsLoss(NamedTuple):
+  """One problem of the logits path: ``loss(logits, labels) -> scalar`` and where it comes from."""
+
+  loss: Callable[[jax.Array, jax.Array], jax.Array]
+  public: Callable[..., jax.Array]  # the public function it calls
+  dense_labels: bool  # labels are [N, V] probabilities rather than [N] class ids
+
+
+def logits_losses() -> dict[str, LogitsLoss]:
+  """One problem per public logits loss.
+
+  Every registered name with its default hyper-parameters (mean reduction), cross-entropy with
+  probability labels, and the optax drop-ins (their per-example results summed).
+  """
+  losses = {name: LogitsLoss(functools.partial(info.fn, **info.hparams), info.fn, False)
+            for name, info in xent_jax.list_losses().items()}
+  losses["cross_entropy[probabilities]"] = LogitsLoss(xent_jax.cross_entropy,
+                                                      xent_jax.cross_entropy, True)
+  for fn, dense in ((xent_jax.softmax_cross_entropy_with_integer_labels, False),
+                    (xent_jax.softmax_cross_entropy, True),
+                    (xent_jax.poly_loss_cross_entropy, True)):
+    losses[fn.__name__] = LogitsLoss(lambda x, y, fn=fn: fn(x, y).sum(), fn, dense)
+  return losses
+
+
+def logits_nxv_f32_bytes() -> int:
+  """Size of one ``[N, V]`` float32 array at `LOGITS_SHAPE`: what a non-fused temporary costs."""
+  return int(np.prod(LOGITS_SHAPE)) * 4
+
+
+@functools.cache
+def logits_temp_bytes(loss: str, topology_name: str) -> int:
+  """Temp bytes of value and logits-gradient of `logits_losses` ``[loss]`` on one chip."""
+  fn, _, dense = logits_losses()[loss]
+  chip = topology(topology_name).devices[0]
+  logits = spec(LOGITS_SHAPE, jnp.bfloat16, chip)
+  labels = (spec(LOGITS_SHAPE, jnp.bfloat16, chip) if dense
+            else spec(LOGITS_SHAPE[:1], jnp.int32, chip))
+  return temp_bytes(jax.value_and_grad(fn), logits, labels)
+
+
+# --------------------------------------------------------------------------- heads
+
+
+def naive_head(hidden_NxD, weight_VxD, labels_N):
+  """Mean cross-entropy of ``hidden @ weight.T`` through optax: the ``[N, V]`` baseline."""
+  logits_NxV = hidden_NxD @ weight_VxD.T
+  return optax.softmax_cross_entropy_with_integer_labels(logits_NxV, labels_N).mean()
+
+
+def fused_head(hidden_NxD, weight_VxD, labels_N):
+  """Mean cross-entropy of ``hidden @ weight.T`` through `xent_jax.linear_cross_entropy`."""
+  return xent_jax.linear_cross_entropy(hidden_NxD, weight_VxD, labels_N)
+
+
+HEAD_FNS = {"naive": naive_head, "fused": fused_head}
+
+
+@functools.cache
+def head_temp_bytes(kind: str, head: str, topology_name: str) -> int:
+  """Temp bytes of value and ``(dh, dW)`` of ``HEAD_FNS[kind]`` at ``HEADS[head]``, one chip."""
+  n, d, v = HEADS[head]
+  chip = topology(topology_name).devices[0]
+  args = (spec((n, d), jnp.bfloat16, chip), spec((v, d), jnp.bfloat16, chip),
+          spec((n,), jnp.int32, chip))
+  return temp_bytes(jax.value_and_grad(HEAD_FNS[kind], argnums=(0, 1)), *args)
+
+
+# --------------------------------------------------------------------------- vocabulary-parallel
+
+PARALLEL_KINDS = ("vocab_parallel_cross_entropy", "vocab_parallel_cross_entropy_local",
+                  "vocab_parallel_linear_cross_entropy")
+
+
+def _parallel_problem(kind: str, m: Mesh):
+  """``(loss, args)`` of one vocabulary-parallel loss; logits and weight split over ``vocab``."""
+  on = lambda *axes: NamedSharding(m, P(*axes))  # pylint: disable=unnecessary-lambda-assignment
+  if kind == "vocab_parallel_linear_cross_entropy":
+    n, d, v = HEADS[PARALLEL_HEAD]
+    args = (spec((n, d), jnp.bfloat16, on("data")), spec((v, d), jnp.bfloat16, on("vocab")),
+            spec((n,), jnp.int32, on("data")))
+    loss = functools.partial(xent_jax.vocab_parallel_linear_cross_entropy, mesh=m,
+                             data_axis="data")
+    return jax.value_and_grad(loss, argnums=(0, 1)), args
+  args = (spec(LOGITS_SHAPE, jnp.bfloat16, on("data", "vocab")),
+          spec(LOGITS_SHAPE[:1], jnp.int32, on("data")))
+  if kind == "vocab_parallel_cross_entropy":
+    loss = functools.partial(xent_jax.vocab_parallel_cross_entropy, mesh=m, data_axis="data")
+  else:
+    loss = jax.shard_map(functools.partial(xent_jax.vocab_parallel_cross_entropy_local,
+                                           data_axis="data"),
+                         mesh=m, in_specs=(P("data", "vocab"), P("data")), out_specs=P())
+  return jax.value_and_grad(loss), args
+
+
+@functools.cache
+def parallel_temp_bytes(kind: str, mesh_name: str, topology_name: str) -> int:
+  """Temp bytes per chip of value and gradients of one of `PARALLEL_KINDS` on ``MESHES[mesh_name]``."""
+  fn, args = _parallel_problem(kind, mesh(topology_name, MESHES[mesh_name]))
+  return temp_bytes(fn, *args)
+
+
+# --------------------------------------------------------------------------- train step
+
+
+@functools.cache
+def train_step_temp_bytes(fused: bool, topology_name: str) -> int:
+  """Temp bytes per chip of the harness's jitted Transformer train step (`TRAIN_STEP` sizes).
+
+  The step is `xent_jax.train.steps.make_train_step` itself (forward, loss, backward, AdamW
+  update), with the state replicated and the batch split over the slice's four chips, as the
+  trainer lays them out.
+  """
+  # The training harness is imported here: the loss measurements above do not need flax.
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from xent_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  from xent_jax.train import models, optim, steps  # pylint: disable=import-outside-toplevel
+
+  size = TRAIN_STEP
+  model_config = config_lib.ModelConfig(name="transformer", model_dim=size["dim"], num_layers=2,
+                                        num_heads=4, dtype="bfloat16")
+
+  def initialize():
+    model = models.build_model(model_config, input_shape=(size["seq_len"],),
+                               num_classes=size["vocab"], seed=0)
+    tx = optim.build_optimizer(config_lib.OptimConfig(), num_steps=100)
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  graphdef, state = nnx.split(nnx.eval_shape(initialize))
+  data_mesh = Mesh(np.array(topology(topology_name).devices), ("data",))
+  replicated, split = NamedSharding(data_mesh, P()), NamedSharding(data_mesh, P("data"))
+  state = jax.tree.map(lambda s: spec(s.shape, s.dtype, replicated), state)
+  ids_BxL = spec((size["batch"], size["seq_len"]), jnp.int32, split)
+  train_step = steps.make_train_step(graphdef, steps.make_objective(
+      config_lib.LossConfig(fused=fused)))
+  compiled = train_step.lower(state, ids_BxL, ids_BxL).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
