@@ -736,6 +736,11 @@ def linear_cross_entropy(
   exists (:func:`xent_jax._linear.plan_schedule`). Called
   without differentiation, it only computes the loss (one matmul).
 
+  Gradients come back in the inputs' dtypes, accumulated in float32 (float64 for float64 inputs).
+  With bfloat16 inputs the loss equals the float64 loss of the (rounded) inputs to 1e-5 relative,
+  and each gradient lies within 1e-2 of its largest entry of the float64 gradient (bfloat16
+  matmul operands and outputs; tested in every schedule).
+
   Args:
     hidden: ``[..., D]`` float features (bfloat16 is accumulated in float32).
     weight: ``[V, D]`` projection (``weight_layout='vd'``, the ``nn.Linear`` / embedding layout)
