@@ -105,19 +105,63 @@ def main(argv: list[str] | None = None) -> int:
   args, extra = parser.parse_known_args(argv)
   if extra and (args.command == "report" or any(a.startswith("-") for a in extra)):
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  debug = getattr(args, "debug", False)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  # Orbax logs the errors of its writer threads with tracebacks (absl), then raises them to us;
+  # they are reported once, as one line, unless --debug.
+  logging.getLogger("absl").setLevel(logging.WARNING if debug else logging.CRITICAL)
+  stderr = sys.stderr
+  if not debug:
+    sys.stderr = _WithoutTracebacks(stderr)
   try:
-    return _main(args, extra)
+    status = _main(args, extra)
   except KeyboardInterrupt:
     print("xent-jax: interrupted", file=sys.stderr)
     return 130
   except Exception as err:  # pylint: disable=broad-except
-    if getattr(args, "debug", False):
+    if debug:
       raise
     message, status = _describe(err)
     print(f"xent-jax: error: {' '.join(message.split())}", file=sys.stderr)
-    return status
+    return status  # stderr stays filtered: orbax's threads may still print while the process exits
+  sys.stderr = stderr
+  return status
+
+
+class _WithoutTracebacks:
+  """``sys.stderr`` minus Python tracebacks (``--debug`` keeps them).
+
+  When a checkpoint write fails, tensorstore's callbacks in orbax's threads meet a closed event
+  loop and print tracebacks of their own, several threads at once; the error itself reaches
+  `main` and is reported there, once. A traceback is a write starting with "Traceback (most
+  recent call last):" up to its exception line (the first line neither indented nor blank);
+  interleaved ones nest. Everything else passes at once.
+  """
+
+  HEADER = "Traceback (most recent call last):"
+
+  def __init__(self, stream):
+    self.stream, self.open_tracebacks, self.buffer = stream, 0, ""
+
+  def write(self, text: str) -> int:
+    if not self.open_tracebacks and not text.startswith(self.HEADER):
+      return self.stream.write(text)
+    self.buffer += text
+    while self.open_tracebacks or self.buffer.startswith(self.HEADER):
+      line, newline, rest = self.buffer.partition("\n")
+      if not newline:
+        return len(text)
+      self.buffer = rest
+      if line.startswith(self.HEADER):
+        self.open_tracebacks += 1
+      elif line and not line[0].isspace():
+        self.open_tracebacks -= 1  # an exception line closes one traceback
+    rest, self.buffer = self.buffer, ""
+    self.stream.write(rest)
+    return len(text)
+
+  def __getattr__(self, name):
+    return getattr(self.stream, name)
 
 
 def _describe(err: Exception) -> tuple[str, int]:

@@ -22,12 +22,15 @@ saved shapes silently, so they are compared first from the saved metadata), and 
 listed above, since it does not prove the data bad.
 """
 
+import contextlib
 import json
 import logging
 import os
 import pathlib
 import re
 import shutil
+import threading
+import time
 
 import jax
 import numpy as np
@@ -136,11 +139,20 @@ class Checkpointer:
         directory is removed, older checkpoints are untouched.
     """
     record = dict(record, step=step, fingerprint=fingerprint(state))
+    threads = set(threading.enumerate())
     try:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)), force=True)
       self.manager.wait_until_finished()
     except Exception as err:  # pylint: disable=broad-except
+      # Orbax raises the first failed write while its other writer threads go on: let them end
+      # (30 s at most), or they recreate the temporary directory after it is removed.
+      deadline = time.monotonic() + 30
+      for thread in set(threading.enumerate()) - threads:
+        with contextlib.suppress(Exception):  # orbax's threads re-raise their own error here
+          thread.join(max(0.0, deadline - time.monotonic()))
+      with contextlib.suppress(Exception):
+        self.manager.close()
       if jax.process_index() == 0:
         for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
           shutil.rmtree(tmp, ignore_errors=True)
