@@ -309,6 +309,116 @@ class TestMeshWithAnUnusedAxis:
     _close(d_weight, expected.T @ hidden.astype(np.float64), 1e-4)
 
 
+class TestProbabilityLabels:
+
+  @pytest.mark.parametrize("mesh_shape", [(2, 4), (1, 8)])
+  @pytest.mark.parametrize("options", [
+      {},
+      {"label_smoothing": 0.1, "z_loss": 1e-2, "weight": True, "where": True},
+      {"label_smoothing": 0.2, "smoothing": "t5x", "logit_softcap": 4.0, "weight": True},
+  ], ids=["plain", "uniform_zloss_weight_where", "t5x_softcap_weight"])
+  def test_matches_reference_and_single_device(self, mesh_shape, options):
+    # Targets split over the classes like the logits; gradients for logits and targets.
+    logits, _, options = _inputs(12, **options)
+    rng = np.random.default_rng(13)
+    probs = rng.dirichlet(np.ones(V), size=N).astype(np.float32)
+    probs[1, :5] = 0.0  # classes without target mass
+    probs[1] /= probs[1].sum()
+    mesh = _mesh(mesh_shape)
+    sharded = lambda x, q, r: xent_jax.vocab_parallel_cross_entropy(
+        x, q, mesh=mesh, data_axis="data", reduction=r, **options)
+    with jax.set_mesh(mesh):
+      per_example = jax.jit(sharded, static_argnums=2)(logits, probs, "none")
+      mean, (d_logits, d_probs) = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)),
+                                          static_argnums=2)(logits, probs, "mean")
+    _close(per_example, ref.cross_entropy(logits, probs, reduction="none", **options))
+    _close(mean, ref.cross_entropy(logits, probs, **options))
+    _close(d_logits, ref.cross_entropy_grad(logits, probs, **options), 1e-5)
+    single = lambda x, q: xent_jax.cross_entropy(x, q, **options)
+    np.testing.assert_allclose(d_probs, jax.grad(single, argnums=1)(logits, probs),
+                               rtol=1e-5, atol=1e-6)
+
+  def test_class_axis_and_local_function(self):
+    # [B, V, T] logits and targets (axis=1); the local function inside a user's shard_map.
+    logits, _, _ = _inputs(14, batch=(4, 3))
+    probs = np.random.default_rng(15).dirichlet(np.ones(V), size=(4, 3)).astype(np.float32)
+    mesh = _mesh((2, 4))
+    x_BxVxT, q_BxVxT = np.moveaxis(logits, -1, 1), np.moveaxis(probs, -1, 1)
+    with jax.set_mesh(mesh):
+      loss = jax.jit(lambda x, q: xent_jax.vocab_parallel_cross_entropy(
+          x, q, mesh=mesh, data_axis="data", axis=1, label_smoothing=0.1))(x_BxVxT, q_BxVxT)
+      local = jax.shard_map(
+          lambda x, q: xent_jax.vocab_parallel_cross_entropy_local(
+              x, q, vocab_axis="vocab", data_axis="data", reduction="sum"),
+          mesh=mesh, in_specs=(P("data", None, "vocab"),) * 2, out_specs=P())
+      spec = jax.sharding.NamedSharding(mesh, P("data", None, "vocab"))
+      total = jax.jit(local)(*(jax.device_put(a, spec) for a in (logits, probs)))
+    _close(loss, ref.cross_entropy(x_BxVxT, q_BxVxT, axis=1, label_smoothing=0.1))
+    _close(total, ref.cross_entropy(logits, probs, reduction="sum"))
+
+
+class TestMeshUse:
+
+  def test_tuple_data_axis(self):
+    # Rows split over two mesh axes (data x fsdp), classes over the third.
+    rng = np.random.default_rng(16)
+    hidden = rng.standard_normal((N, D)).astype(np.float32)
+    weight = rng.standard_normal((V, D)).astype(np.float32)
+    labels = rng.integers(0, V, N).astype(np.int32)
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "vocab"))
+    rows = ("data", "fsdp")
+    logits = hidden @ weight.T
+    with jax.set_mesh(mesh):
+      d_logits = jax.jit(jax.grad(lambda x: xent_jax.vocab_parallel_cross_entropy(
+          x, labels, mesh=mesh, data_axis=rows, z_loss=1e-2)))(logits)
+      per_row = jax.jit(lambda x: xent_jax.vocab_parallel_cross_entropy(
+          x, labels, mesh=mesh, data_axis=rows, reduction="none"))(logits)
+      loss, (d_hidden, d_weight) = jax.jit(jax.value_and_grad(
+          lambda h, w: xent_jax.vocab_parallel_linear_cross_entropy(
+              h, w, labels, mesh=mesh, data_axis=rows, z_loss=1e-2), argnums=(0, 1)))(
+                  hidden, weight)
+    assert per_row.sharding.spec[0] == rows
+    expected = ref.cross_entropy_grad(logits, labels, z_loss=1e-2)
+    _close(d_logits, expected, 1e-5)
+    _close(per_row, ref.cross_entropy(logits, labels, reduction="none"))
+    _close(loss, ref.cross_entropy(logits, labels, z_loss=1e-2), 1e-5)
+    _close(d_hidden, expected @ weight.astype(np.float64), 1e-4)
+    _close(d_weight, expected.T @ hidden.astype(np.float64), 1e-4)
+
+  def test_eager_value_and_grad_outside_a_mesh_context(self):
+    # jax.make_mesh builds Explicit axes; no jit, no jax.set_mesh.
+    rng = np.random.default_rng(17)
+    hidden = rng.standard_normal((N, D)).astype(np.float32)
+    weight = rng.standard_normal((V, D)).astype(np.float32)
+    labels = rng.integers(0, V, N).astype(np.int32)
+    mesh = _mesh((2, 4))
+    logits = hidden @ weight.T
+    loss, d_logits = jax.value_and_grad(lambda x: xent_jax.vocab_parallel_cross_entropy(
+        x, labels, mesh=mesh, data_axis="data"))(logits)
+    linear_loss, (d_hidden, d_weight) = jax.value_and_grad(
+        lambda h, w: xent_jax.vocab_parallel_linear_cross_entropy(
+            h, w, labels, mesh=mesh, data_axis="data"), argnums=(0, 1))(hidden, weight)
+    expected = ref.cross_entropy_grad(logits, labels)
+    _close(loss, ref.cross_entropy(logits, labels))
+    _close(d_logits, expected, 1e-5)
+    _close(linear_loss, ref.cross_entropy(logits, labels), 1e-5)
+    _close(d_hidden, expected @ weight.astype(np.float64), 1e-4)
+    _close(d_weight, expected.T @ hidden.astype(np.float64), 1e-4)
+
+  def test_linear_path_checks_varying_axes(self):
+    # The sharded linear loss runs under shard_map(check_vma=True), in both schedules.
+    hidden, weight = np.ones((N, D), np.float32), np.ones((V, D), np.float32)
+    labels = np.zeros(N, np.int32)
+    mesh = _mesh((2, 4))
+    for reduction in ("mean", "none"):
+      jaxpr = jax.make_jaxpr(jax.grad(lambda h, w: jnp.sum(
+          xent_jax.vocab_parallel_linear_cross_entropy(
+              h, w, labels, mesh=mesh, data_axis="data", reduction=reduction)),
+          argnums=(0, 1)))(hidden, weight)
+      flags = [e.params["check_vma"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "shard_map"]
+      assert flags and all(flags), flags
+
+
 class TestBadInput:
 
   @pytest.fixture

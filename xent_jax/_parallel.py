@@ -492,10 +492,13 @@ def vocab_parallel_cross_entropy_local(
 
   Args:
     logits: ``[..., V_s]`` this shard's logits, classes last.
-    labels: ``[...]`` global integer class ids (the same on every vocabulary shard).
+    labels: ``[...]`` global integer class ids (the same on every vocabulary shard), or
+      ``[..., V_s]`` this shard's slice of float target probabilities (smoothed over the global
+      :math:`K`; their rows count with weight 1, and they get gradients).
     vocab_axis: the mesh axis the classes are split over.
-    data_axis: the mesh axis the rows are split over, or None. 'sum' and 'mean' then reduce over
-      the global batch (a ``psum``); with None they reduce over this shard's rows.
+    data_axis: the mesh axis (or tuple of axes) the rows are split over, or None. 'sum' and
+      'mean' then reduce over the global batch (a ``psum``); with None they reduce over this
+      shard's rows.
     weight: ``[V_s]`` this shard's slice of the class weights (constants), or None.
     ignore_index: labels equal to it count for nothing; None: none ignored. Other labels outside
       ``[0, K)`` give a NaN loss.
@@ -574,7 +577,7 @@ def vocab_parallel_cross_entropy(
     where: jax.typing.ArrayLike | None = None,
     return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-  r""":func:`xent_jax.cross_entropy` (integer labels) with the classes split over a mesh axis.
+  r""":func:`xent_jax.cross_entropy` with the classes split over a mesh axis.
 
   Takes global arrays, placed anywhere; lays the logits out as ``P(data_axis, ..., vocab_axis)``
   on ``mesh`` (each device holds ``[B/|data|, ..., V/|vocab|]``) and runs
@@ -591,11 +594,15 @@ def vocab_parallel_cross_entropy(
 
   Args:
     logits: ``[..., V, ...]`` float logits, classes on ``axis``.
-    labels: integer class ids, ``logits.shape`` without ``axis``.
-    mesh: a ``jax.sharding.Mesh`` (Explicit axes, as ``jax.make_mesh`` builds, or Auto).
+    labels: integer class ids, ``logits.shape`` without ``axis``; or float target
+      probabilities of ``logits.shape``, split over the classes like the logits.
+    mesh: a ``jax.sharding.Mesh`` (Explicit axes, as ``jax.make_mesh`` builds, or Auto). Inside
+      ``jax.set_mesh(mesh)`` the inputs are resharded on it; outside any mesh context an Explicit
+      mesh is used through its Auto twin, so the loss and ``jax.grad`` of it also run eagerly.
     vocab_axis: the mesh axis the classes are split over; ``V`` must be divisible by its size.
-    data_axis: the mesh axis the first batch dimension is split over (which must be divisible by
-      its size), or None to replicate the rows.
+    data_axis: the mesh axis the first batch dimension is split over, or a tuple of axes (split
+      over all of them, major first, as in a ``PartitionSpec`` entry); the dimension must be
+      divisible by their total size. None replicates the rows.
     axis: the class axis of ``logits``.
     weight: ``[V]`` class weights (constants), split like the classes; or None.
     ignore_index, reduction, label_smoothing, smoothing, z_loss, logit_softcap, where,
