@@ -22,8 +22,10 @@ from xent_jax._parallel import vocab_parallel_linear_cross_entropy
 # Loss variants and the registry (xent_jax/_variants.py, xent_jax/_registry.py).
 from xent_jax._bitempered import bi_tempered_logistic_loss
 from xent_jax._bitempered import tempered_softmax
+from xent_jax._registry import define_loss
 from xent_jax._registry import get_loss
 from xent_jax._registry import list_losses
+from xent_jax._registry import register_loss
 from xent_jax._variants import confidence_penalty_cross_entropy
 from xent_jax._variants import focal_loss
 from xent_jax._variants import generalized_cross_entropy
@@ -42,6 +44,7 @@ __all__ = [
     "check_labels",
     "confidence_penalty_cross_entropy",
     "cross_entropy",
+    "define_loss",
     "focal_loss",
     "generalized_cross_entropy",
     "get_loss",
@@ -50,6 +53,7 @@ __all__ = [
     "metrics",
     "poly1_cross_entropy",
     "poly_loss_cross_entropy",
+    "register_loss",
     "smooth_labels",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",

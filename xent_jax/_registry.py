@@ -1,7 +1,9 @@
 """Losses by name: a config names a loss and its hyper-parameters, the trainer gets a callable.
 
 Each registered name is a loss function plus, optionally, different defaults for some of its
-hyper-parameters. A loss's hyper-parameters are read off its signature — every keyword-only
+hyper-parameters. A name may also be an import path ``"package.module:function"`` of a loss with
+the same conventions, and :func:`register_loss` turns a per-class function
+:math:`f(\\log p)` into a full loss (lean on logits, fused with a linear layer, registered by name). A loss's hyper-parameters are read off its signature — every keyword-only
 argument except the shared conventions (``axis``, ``weight``, ``ignore_index``, ``reduction``,
 ``where``) — so the registry never keeps a second copy of names or defaults.
 
@@ -14,7 +16,9 @@ Example:
 """
 
 import dataclasses
+import importlib
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -23,7 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from xent_jax import _bitempered
+from xent_jax import _checks
+from xent_jax import _chunked
 from xent_jax import _cross_entropy
+from xent_jax import _engine
+from xent_jax import _heads
+from xent_jax import _inputs
+from xent_jax import _linear
+from xent_jax import _reduction
 from xent_jax import _variants
 
 CONVENTIONS = ("axis", "weight", "ignore_index", "reduction", "where")
@@ -122,12 +133,18 @@ def _validate(fn: Callable[..., jax.Array], hparams: Mapping[str, Any]) -> None:
   )
 
 
+def _is_cross_entropy(fn: Callable[..., jax.Array]) -> bool:
+  return fn is _cross_entropy.cross_entropy
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ConfiguredLoss:
   """A registered loss with its hyper-parameters bound; call it like the loss itself.
 
   ``loss_fn(logits, labels, **conventions)`` accepts the shared conventions (``axis``,
   ``weight``, ``ignore_index``, ``reduction``, ``where``) and nothing else.
+  :meth:`linear` is the same loss fused with a linear layer and :meth:`vocab_parallel` the same
+  loss over vocabulary shards.
   """
 
   name: str
@@ -145,9 +162,158 @@ class ConfiguredLoss:
       )
     return self.fn(logits, labels, **self.hparams, **conventions)
 
+  def linear(
+      self,
+      hidden: jax.typing.ArrayLike,
+      weight: jax.typing.ArrayLike,
+      labels: jax.typing.ArrayLike,
+      *,
+      bias: jax.typing.ArrayLike | None = None,
+      weight_layout: str = "vd",
+      class_weight: jax.typing.ArrayLike | None = None,
+      ignore_index: int | None = -100,
+      reduction: str = "mean",
+      where: jax.typing.ArrayLike | None = None,
+      token_chunk_size: int | None = None,
+      return_stats: bool = False,
+  ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    r"""This loss on ``hidden @ weight.T + bias`` without building the ``[N, V]`` logits.
+
+    Cross-entropy entries run :func:`xent_jax.linear_cross_entropy`'s kernels; every other loss
+    runs token chunk by token chunk with the chunk's logits rematerialised in the backward pass
+    (:mod:`xent_jax._chunked`). Values and gradients equal the loss on the full logits.
+
+    Args:
+      hidden: ``[..., D]`` float features.
+      weight: ``[V, D]`` (``weight_layout='vd'``) or ``[D, V]`` ('dv').
+      labels: integer ids ``[...]`` or probabilities ``[..., V]``.
+      bias: ``[V]`` or None.
+      weight_layout: 'vd' or 'dv'.
+      class_weight: ``[V]`` class weights (the loss's ``weight``).
+      ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
+      token_chunk_size: rows per chunk (default: a ``[chunk, V]`` block of about ``2**24``
+        elements).
+      return_stats: also return per-token ``{"log_prob": log p_y (integer labels), "entropy":
+        H(p), "lse": logsumexp}`` of the (capped) logits, each ``[...]`` (0 on rows that do not
+        count), computed in the same pass; they carry gradients like the loss.
+
+    Returns:
+      The reduced loss, and with ``return_stats`` the pair ``(loss, stats)``.
+    """
+    fn = f"get_loss({self.name!r}).linear"
+    if _is_cross_entropy(self.fn) and not return_stats:
+      return _linear.linear_cross_entropy(
+          hidden, weight, labels, bias=bias, weight_layout=weight_layout,
+          class_weight=class_weight, ignore_index=ignore_index, reduction=reduction, where=where,
+          token_chunk_size=token_chunk_size, **self.hparams,
+      )
+    num_classes = _chunked.check_linear_shapes(fn, hidden, weight, labels, weight_layout, bias)
+    _checks.check_reduction(fn, reduction)
+    hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
+    labels = _inputs.as_label_array(fn, labels)
+    batch_shape = hidden.shape[:-1]
+    n = math.prod(batch_shape)
+    integer = jnp.issubdtype(labels.dtype, jnp.integer)
+    _checks.check_shape(fn, "labels", labels, batch_shape if integer else batch_shape + (num_classes,))
+    if class_weight is not None:
+      _inputs.check_class_weight(fn, "class_weight", class_weight, num_classes)
+      class_weight = jnp.asarray(class_weight)
+    valid_N = jnp.ones((n,), bool)
+    if where is not None:
+      _checks.check_broadcastable(fn, "where", where, batch_shape)
+      valid_N = jnp.broadcast_to(jnp.asarray(where, bool), batch_shape).reshape(n)
+    dtype = _inputs.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
+    labels_N = labels.reshape((n,) + labels.shape[len(batch_shape):])
+    if integer:
+      read = _inputs.integer_labels(
+          fn, labels_N, num_classes=num_classes, ignore_index=ignore_index, where=valid_N
+      )
+      target_weight = 1.0 if class_weight is None else class_weight.astype(dtype)[read.safe_labels]
+      example_weight_N = jnp.where(read.valid, target_weight, 0.0).astype(dtype)
+    else:
+      example_weight_N = valid_N.astype(dtype)
+    cap = self.hparams.get("logit_softcap")
+
+    def row_loss(logits_TxV, labels_T, valid_T):
+      loss = self.fn(logits_TxV, labels_T, **self.hparams, weight=class_weight,
+                     ignore_index=ignore_index, where=valid_T, reduction="none")
+      extras = {}
+      if return_stats:
+        safe = None
+        if integer:
+          safe = jnp.clip(labels_T, 0, num_classes - 1).astype(jnp.int32)
+        stats = _engine.row_stats(logits_TxV, safe, logit_softcap=cap, entropy=True)
+        counts = loss * 0 == 0  # rows whose loss is defined (NaN for an out-of-range label)
+        keep = lambda a: jnp.where(valid_T & counts, a, jnp.zeros_like(a))
+        extras = {"entropy": keep(stats.entropy), "lse": keep(stats.lse)}
+        if integer:
+          extras["log_prob"] = keep(stats.log_p_target)
+      return loss, extras
+
+    mask_N = valid_N if not integer else read.valid
+    loss_N, extras = _chunked.chunked_linear_loss(
+        fn, row_loss, hidden.reshape(n, -1), weight, labels_N, mask_N if integer else valid_N,
+        bias=None if bias is None else jnp.asarray(bias), weight_layout=weight_layout,
+        token_chunk_size=token_chunk_size,
+    )
+    loss = _reduction.reduce_loss(
+        loss_N.reshape(batch_shape), example_weight_N.reshape(batch_shape), reduction, fn=fn
+    )
+    if not return_stats:
+      return loss
+    return loss, {k: v.reshape(batch_shape) for k, v in extras.items()}
+
+  def vocab_parallel(
+      self, logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike, **options: Any
+  ) -> jax.Array:
+    """This loss with the classes split over a mesh axis (see
+    :func:`xent_jax.vocab_parallel_cross_entropy` for ``mesh``, ``vocab_axis``, ``data_axis``
+    and the conventions). Cross-entropy entries only, so far; other losses raise
+    ``NotImplementedError`` naming the loss."""
+    if not _is_cross_entropy(self.fn):
+      raise NotImplementedError(
+          f"get_loss({self.name!r}).vocab_parallel: only the cross-entropy entries have a "
+          "vocabulary-parallel form so far; use .linear (fused) or the loss on gathered logits."
+      )
+    from xent_jax import _parallel  # pylint: disable=import-outside-toplevel
+
+    return _parallel.vocab_parallel_cross_entropy(logits, labels, **self.hparams, **options)
+
   def __repr__(self) -> str:
     args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
     return f"get_loss({self.name!r}, {args})" if args else f"get_loss({self.name!r})"
+
+
+def _import_loss(path: str) -> _Entry:
+  """The loss named by an import path ``"package.module:function"``."""
+  module_name, _, attr = path.partition(":")
+  try:
+    obj = importlib.import_module(module_name)
+    for part in attr.split("."):
+      obj = getattr(obj, part)
+  except (ImportError, AttributeError) as err:
+    raise ValueError(f"get_loss: cannot import loss {path!r} ({type(err).__name__}: {err}).") from None
+  if not callable(obj):
+    raise ValueError(f"get_loss: {path!r} is not callable, got {type(obj).__name__}.")
+  params = inspect.signature(obj).parameters
+  missing = [c for c in CONVENTIONS if c not in params]
+  if missing:
+    raise ValueError(
+        f"get_loss: {path!r} must take the loss conventions as keyword arguments; it lacks "
+        f"{missing} (see xent_jax.register_loss to build a loss from f(log p))."
+    )
+  return _Entry(obj)
+
+
+def _entry(name: str) -> _Entry:
+  if name in _LOSSES:
+    return _LOSSES[name]
+  if ":" in name:
+    return _import_loss(name)
+  raise ValueError(
+      f"get_loss: unknown loss {name!r}; registered losses: {sorted(_LOSSES)} "
+      "(or an import path 'package.module:function')."
+  )
 
 
 def get_loss(name: str, **hparams: Any) -> ConfiguredLoss:
@@ -157,12 +323,14 @@ def get_loss(name: str, **hparams: Any) -> ConfiguredLoss:
   at call time.
 
   Args:
-    name: a key of :func:`list_losses`.
+    name: a key of :func:`list_losses`, or an import path ``"package.module:function"`` of a loss
+      taking ``(logits, labels, *, <hyper-parameters>, axis, weight, ignore_index, reduction,
+      where)``.
     **hparams: hyper-parameters of that loss; see ``list_losses()[name].hparams``.
 
   Returns:
     ``loss_fn(logits, labels, *, axis=-1, weight=None, ignore_index=-100, reduction="mean",
-    where=None)``.
+    where=None)``, with ``loss_fn.linear(hidden, weight, labels, ...)`` its fused form.
 
   Raises:
     ValueError: for an unknown ``name`` or hyper-parameter (listing the valid ones) or an
@@ -173,9 +341,7 @@ def get_loss(name: str, **hparams: Any) -> ConfiguredLoss:
     >>> xent_jax.get_loss("label_smoothing")
     get_loss('label_smoothing', label_smoothing=0.1, smoothing='uniform', z_loss=0.0, logit_softcap=None)
   """
-  if name not in _LOSSES:
-    raise ValueError(f"get_loss: unknown loss {name!r}; registered losses: {sorted(_LOSSES)}.")
-  entry = _LOSSES[name]
+  entry = _entry(name)
   defaults = _hparam_defaults(entry)
   unknown = sorted(set(hparams) - set(defaults))
   if unknown:
@@ -186,3 +352,110 @@ def get_loss(name: str, **hparams: Any) -> ConfiguredLoss:
   bound = defaults | hparams
   _validate(entry.fn, bound)
   return ConfiguredLoss(name, bound, entry.fn)
+
+
+def define_loss(class_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  r"""A full loss from its per-class function :math:`f(\log p)` and hyper-parameters.
+
+  The loss is :math:`\ell_i = \sum_c w_c q_{ic} f(\log p_{ic})` (for an integer label
+  :math:`\ell_i = w_{y_i} f(\log p_{i y_i})`), with every convention of
+  :func:`xent_jax.cross_entropy` (``label_smoothing``, ``axis``, ``weight``, ``ignore_index``,
+  ``reduction``, ``where``, probability labels). It runs on the row-statistics engine: with
+  integer labels it costs what cross-entropy costs, keeps only per-row residuals, and works in
+  forward and reverse mode. ``f`` must be elementwise, differentiable, and finite at
+  ``finfo.min / 4`` (where :math:`p = 0`).
+
+  Args:
+    class_fn: ``f(log_p, *, hparam=default, ...)``; its keyword-only arguments are the loss's
+      hyper-parameters (Python numbers).
+
+  Returns:
+    ``loss(logits, labels, *, <hyper-parameters>, label_smoothing=0.0, axis=-1, weight=None,
+    ignore_index=-100, reduction="mean", where=None)``.
+
+  Example:
+    >>> import jax.numpy as jnp, xent_jax
+    >>> def mae(log_p, *, scale=1.0):
+    ...   return scale * -jnp.expm1(log_p)
+    >>> loss = xent_jax.define_loss(mae)
+    >>> round(float(loss(jnp.array([[2.0, 0.5, -1.0]]), jnp.array([0]), scale=2.0)), 4)
+    0.4291
+  """
+  params = inspect.signature(class_fn).parameters.values()
+  hparams = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+  clash = sorted(set(hparams) & (set(CONVENTIONS) | {"label_smoothing"}))
+  if clash:
+    raise ValueError(f"define_loss: hyper-parameter names {clash} are reserved for the conventions.")
+  name = getattr(class_fn, "__name__", "loss")
+
+  def loss(logits, labels, *, label_smoothing=0.0, axis=-1, weight=None, ignore_index=-100,
+           reduction="mean", where=None, **values):
+    unknown = sorted(set(values) - set(hparams))
+    if unknown:
+      raise TypeError(f"{name}: unknown hyper-parameter(s) {unknown}; valid ones: {list(hparams)}.")
+    bound = hparams | values
+    _checks.check_in_range(name, "label_smoothing", label_smoothing, 0.0, 1.0)
+    head = _heads.Head(lambda log_p: class_fn(log_p, **bound))
+    reduced, _ = _heads.dense_loss(
+        name, head, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
+        reduction=reduction, where=where, label_smoothing=label_smoothing,
+    )
+    return reduced
+
+  # The signature the registry reads hyper-parameters from: f's keyword-only arguments.
+  kw = inspect.Parameter.KEYWORD_ONLY
+  loss.__signature__ = inspect.Signature(
+      [inspect.Parameter("logits", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+       inspect.Parameter("labels", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+      + [inspect.Parameter(k, kw, default=v) for k, v in hparams.items()]
+      + [inspect.Parameter("label_smoothing", kw, default=0.0),
+         inspect.Parameter("axis", kw, default=-1), inspect.Parameter("weight", kw, default=None),
+         inspect.Parameter("ignore_index", kw, default=-100),
+         inspect.Parameter("reduction", kw, default="mean"),
+         inspect.Parameter("where", kw, default=None)]
+  )
+  loss.__name__ = name
+  loss.__doc__ = (inspect.getdoc(class_fn) or f"The loss with per-class term {name}(log p).")
+  return loss
+
+
+def register_loss(
+    name: str, *, summary: str | None = None
+) -> Callable[[Callable[..., jax.Array]], Callable[..., jax.Array]]:
+  """Decorator: :func:`define_loss` of a per-class function, registered as ``name``.
+
+  Afterwards ``get_loss(name, **hparams)`` (and so a config's ``loss.name``) returns it, with its
+  fused form ``.linear``; :func:`list_losses` lists it.
+
+  Args:
+    name: the registry name; must not be taken.
+    summary: one line for :func:`list_losses` (default: the first line of the docstring).
+
+  Returns:
+    A decorator returning the full loss function.
+
+  Example:
+    >>> import jax.numpy as jnp, xent_jax
+    >>> @xent_jax.register_loss("docs_mae")
+    ... def mae(log_p, *, scale=1.0):
+    ...   \"\"\"Mean absolute error between the one-hot target and p, times scale.\"\"\"
+    ...   return scale * -jnp.expm1(log_p)
+    >>> xent_jax.list_losses()["docs_mae"].hparams
+    {'scale': 1.0, 'label_smoothing': 0.0}
+  """
+  if not isinstance(name, str) or not name or ":" in name:
+    raise ValueError(f"register_loss: `name` must be a non-empty string without ':', got {name!r}.")
+  if name in _LOSSES:
+    raise ValueError(f"register_loss: a loss named {name!r} is registered already.")
+
+  def decorate(class_fn):
+    loss = define_loss(class_fn)
+    _LOSSES[name] = _Entry(loss, summary=summary or _first_line(class_fn, name))
+    return loss
+
+  return decorate
+
+
+def _first_line(fn, name: str) -> str:
+  doc = inspect.getdoc(fn)
+  return doc.splitlines()[0] if doc else f"User loss {name!r}."

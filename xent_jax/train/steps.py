@@ -1,9 +1,9 @@
 """The jitted training step and evaluation, the loss they optimize, and the final calibration.
 
 The loss comes from the xent_jax registry by name or import path (`xent_jax.get_loss`), so a new
-loss variant never touches this file. With ``loss.fused`` the Transformer's loss is
-`xent_jax.linear_cross_entropy` on its final hidden states and ``[V, D]`` unembedding, which never
-builds the ``[tokens, V]`` logits. After training, `calibration_row` fits a temperature on the
+loss variant never touches this file. With ``loss.fused`` the Transformer's loss is the loss's
+fused form (``get_loss(...).linear``: `xent_jax.linear_cross_entropy` for cross-entropy) on its
+final hidden states and ``[V, D]`` unembedding, which never builds the ``[tokens, V]`` logits. After training, `calibration_row` fits a temperature on the
 held-out part of the training data and scores the test split before and after scaling.
 """
 
@@ -19,16 +19,14 @@ from xent_jax.train.config import LossConfig
 
 def make_objective(loss: LossConfig):
   """``objective(model, x, y) -> scalar`` mean training loss of one batch."""
+  loss_fn = xent_jax.get_loss(loss.name, **loss.hparams)
   if loss.fused:
     def fused_objective(model, ids_BxL, labels_BxL):
       h_BxLxD = model.hidden(ids_BxL)
       h_NxD = h_BxLxD.reshape(-1, h_BxLxD.shape[-1])
       w_VxD = model.unembed_VxD[...].astype(h_NxD.dtype)
-      return xent_jax.linear_cross_entropy(h_NxD, w_VxD, labels_BxL.reshape(-1), reduction="mean",
-                                           **loss.hparams)
+      return loss_fn.linear(h_NxD, w_VxD, labels_BxL.reshape(-1), reduction="mean")
     return fused_objective
-
-  loss_fn = xent_jax.get_loss(loss.name, **loss.hparams)
 
   def objective(model, x_BxF, labels_B):
     logits_BxC = model(x_BxF)

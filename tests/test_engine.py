@@ -1,0 +1,215 @@
+"""The row-statistics engine through the public API: forward mode, per-row residuals, every loss's
+fused form, and losses defined by users."""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import xent_jax
+from xent_jax.train.config import LossConfig
+from xent_jax.train.steps import make_objective
+
+RNG = np.random.default_rng(7)
+LOGITS = jnp.asarray(RNG.normal(size=(6, 9)) * 2, jnp.float32)
+LABELS = jnp.asarray([0, 3, 8, -100, 5, 1])
+PROBS = jnp.asarray(RNG.dirichlet(np.ones(9), size=6), jnp.float32)
+WEIGHT = jnp.asarray(RNG.uniform(0.5, 2.0, size=9), jnp.float32)
+
+PUBLIC_LOSSES = [
+    (xent_jax.cross_entropy, dict(label_smoothing=0.1, z_loss=1e-2)),
+    (xent_jax.cross_entropy, dict(logit_softcap=3.0, smoothing="t5x", label_smoothing=0.2)),
+    (xent_jax.focal_loss, dict(gamma=2.0, alpha=np.linspace(0.1, 0.9, 9))),
+    (xent_jax.poly1_cross_entropy, dict(epsilon=1.0)),
+    (xent_jax.generalized_cross_entropy, dict(q=0.7)),
+    (xent_jax.truncated_generalized_cross_entropy, dict(q=0.7, k=0.05)),
+    (xent_jax.taylor_cross_entropy, dict(order=3)),
+    (xent_jax.symmetric_cross_entropy, dict(alpha=0.5, beta=1.0)),
+    (xent_jax.confidence_penalty_cross_entropy, dict(beta=0.3)),
+    (xent_jax.bi_tempered_logistic_loss, dict(t1=0.8, t2=1.2)),
+]
+IDS = [f"{fn.__name__}-{i}" for i, (fn, _) in enumerate(PUBLIC_LOSSES)]
+
+
+@pytest.mark.parametrize("fn,hparams", PUBLIC_LOSSES, ids=IDS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_forward_mode_agrees_with_reverse_mode(fn, hparams, smoothing):
+  """jax.jvp / jacfwd / linearize work on every loss and match reverse mode (check_grads)."""
+  hparams = dict(hparams)
+  if smoothing and "label_smoothing" not in hparams:
+    hparams["label_smoothing"] = smoothing
+  loss = lambda x: fn(x, LABELS, weight=WEIGHT, **hparams)  # noqa: E731
+  with jax.enable_x64(True):
+    check_grads(jax.jit(loss), (jnp.asarray(LOGITS, jnp.float64),), order=1, modes=("fwd", "rev"))
+  np.testing.assert_allclose(jax.jacfwd(loss)(LOGITS), jax.grad(loss)(LOGITS), rtol=1e-5, atol=1e-7)
+  value, linear = jax.linearize(loss, LOGITS)
+  tangent = jnp.asarray(RNG.normal(size=LOGITS.shape), jnp.float32)
+  np.testing.assert_allclose(linear(tangent), jnp.vdot(jax.grad(loss)(LOGITS), tangent), rtol=1e-4)
+  np.testing.assert_allclose(value, loss(LOGITS), rtol=1e-6)
+
+
+@pytest.mark.parametrize("fn,hparams", PUBLIC_LOSSES, ids=IDS)
+def test_forward_mode_with_probability_labels(fn, hparams):
+  with jax.enable_x64(True):
+    loss = lambda x: fn(x, jnp.asarray(PROBS, jnp.float64), **hparams)  # noqa: E731
+    check_grads(jax.jit(loss), (jnp.asarray(LOGITS, jnp.float64),), order=1, modes=("fwd", "rev"))
+
+
+def _vocab_sized_residuals(fn, logits, inputs):
+  """Float residuals of ``jax.vjp(fn, logits)`` with >= half the logits' size, not an input."""
+  _, vjp_fn = jax.vjp(fn, logits)
+  leaves = [leaf for leaf in jax.tree_util.tree_leaves(vjp_fn)
+            if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
+            and 2 * leaf.size >= logits.size]
+  return [leaf for leaf in leaves
+          if not any(leaf.shape == i.shape and bool(jnp.array_equal(leaf, i)) for i in inputs)]
+
+
+def test_residual_check_can_fail():
+  naive = lambda x: -jnp.mean(jax.nn.log_softmax(x)[jnp.arange(6), 0])  # noqa: E731
+  assert _vocab_sized_residuals(naive, LOGITS, [LOGITS])
+
+
+@pytest.mark.parametrize("fn,hparams", PUBLIC_LOSSES, ids=IDS)
+@pytest.mark.parametrize("label_kind", ["integer", "probabilities"])
+def test_no_vocab_sized_residual(fn, hparams, label_kind):
+  labels = LABELS if label_kind == "integer" else PROBS
+  extra = _vocab_sized_residuals(lambda x: fn(x, labels, **hparams), LOGITS, [LOGITS, labels])
+  assert not extra, [(leaf.shape, leaf.dtype) for leaf in extra]
+
+
+def _naive_user_loss(logits, labels, scale):
+  """Float64 NumPy-free reference through plain autodiff: scale * (1 - p_y)^2 * -log p_y."""
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float64) if jax.config.x64_enabled else logits)
+  safe = jnp.where(labels >= 0, labels, 0)
+  picked = jnp.take_along_axis(log_p, safe[:, None], axis=-1)[:, 0]
+  per_row = scale * (1 - jnp.exp(picked)) ** 2 * -picked
+  valid = labels != -100
+  return jnp.sum(jnp.where(valid, per_row, 0)) / jnp.sum(valid)
+
+
+def test_user_defined_loss_matches_autodiff_of_a_naive_implementation():
+  def squared_focal(log_p, *, scale=1.0):
+    return scale * (-jnp.expm1(log_p)) ** 2 * -log_p
+
+  loss = xent_jax.define_loss(squared_focal)
+  got, grad = jax.value_and_grad(lambda x: loss(x, LABELS, scale=1.5))(LOGITS)
+  want, want_grad = jax.value_and_grad(lambda x: _naive_user_loss(x, LABELS, 1.5))(LOGITS)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-7)
+  with jax.enable_x64(True):
+    check_grads(jax.jit(lambda x: loss(x, LABELS)), (jnp.asarray(LOGITS, jnp.float64),), order=1,
+                modes=("fwd", "rev"))
+  with pytest.raises(TypeError, match="gamma"):
+    loss(LOGITS, LABELS, gamma=1.0)
+
+
+def test_register_loss_reaches_get_loss_list_losses_and_the_fused_form():
+  name = "test_engine_squared_focal"
+
+  @xent_jax.register_loss(name)
+  def squared_focal(log_p, *, scale=1.0):
+    """Focal loss with gamma 2, times scale."""
+    return scale * (-jnp.expm1(log_p)) ** 2 * -log_p
+
+  info = xent_jax.list_losses()[name]
+  assert info.hparams == {"scale": 1.0, "label_smoothing": 0.0}
+  assert info.summary == "Focal loss with gamma 2, times scale."
+  configured = xent_jax.get_loss(name, scale=2.0)
+  np.testing.assert_allclose(configured(LOGITS, LABELS), _naive_user_loss(LOGITS, LABELS, 2.0),
+                             rtol=1e-5)
+  hidden = jnp.asarray(RNG.normal(size=(6, 4)), jnp.float32)
+  weight = jnp.asarray(RNG.normal(size=(9, 4)), jnp.float32)
+  np.testing.assert_allclose(configured.linear(hidden, weight, LABELS, token_chunk_size=4),
+                             _naive_user_loss(hidden @ weight.T, LABELS, 2.0), rtol=1e-5)
+  with pytest.raises(ValueError, match="registered already"):
+    xent_jax.register_loss(name)(squared_focal)
+  with pytest.raises(ValueError, match="reserved"):
+    xent_jax.define_loss(lambda log_p, *, weight=1.0: log_p)
+
+
+def test_import_path_names_a_loss(tmp_path, monkeypatch):
+  (tmp_path / "my_losses_mod.py").write_text(
+      "import xent_jax\n"
+      "def scaled_ce(logits, labels, *, scale=1.0, axis=-1, weight=None, ignore_index=-100,\n"
+      "              reduction='mean', where=None):\n"
+      "  return scale * xent_jax.cross_entropy(logits, labels, axis=axis, weight=weight,\n"
+      "      ignore_index=ignore_index, reduction=reduction, where=where)\n"
+  )
+  monkeypatch.syspath_prepend(str(tmp_path))
+  loss = xent_jax.get_loss("my_losses_mod:scaled_ce", scale=3.0)
+  np.testing.assert_allclose(loss(LOGITS, LABELS), 3.0 * xent_jax.cross_entropy(LOGITS, LABELS),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="cannot import"):
+    xent_jax.get_loss("my_losses_mod:missing")
+  with pytest.raises(ValueError, match="lacks"):
+    xent_jax.get_loss("numpy:sum")
+  sys.modules.pop("my_losses_mod", None)
+
+
+def _fused_cases():
+  """Every registered loss with integer labels; with probabilities too, except cross-entropy,
+  whose fused kernels take integer labels (tested in test_linear.py)."""
+  names = sorted(n for n in xent_jax.list_losses() if not n.startswith("test_engine"))
+  return [(n, kind) for n in names for kind in ("integer", "probabilities")
+          if kind == "integer" or xent_jax.get_loss(n).fn is not xent_jax.cross_entropy]
+
+
+@pytest.mark.parametrize("name,label_kind", _fused_cases())
+def test_every_registered_loss_has_a_fused_form(name, label_kind):
+  """``get_loss(name).linear`` equals the loss on the full logits, value and gradients."""
+  hidden = jnp.asarray(RNG.normal(size=(2, 7, 5)), jnp.float32)
+  weight = jnp.asarray(RNG.normal(size=(9, 5)), jnp.float32)
+  bias = jnp.asarray(RNG.normal(size=(9,)), jnp.float32)
+  labels = jnp.asarray(RNG.integers(0, 9, size=(2, 7))).at[0, 2].set(-100)
+  if label_kind == "probabilities":
+    labels = jnp.asarray(RNG.dirichlet(np.ones(9), size=(2, 7)), jnp.float32)
+  loss = xent_jax.get_loss(name)
+  full = lambda h, w, b: loss(jnp.einsum("btd,vd->btv", h, w) + b[None, None], labels,  # noqa: E731
+                              reduction="sum")
+  fused = lambda h, w, b: loss.linear(h, w, labels, bias=b, reduction="sum",  # noqa: E731
+                                      token_chunk_size=4)
+  want, want_grads = jax.value_and_grad(full, argnums=(0, 1, 2))(hidden, weight, bias)
+  got, got_grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(hidden, weight, bias)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_form_returns_label_log_prob_and_entropy():
+  hidden = jnp.asarray(RNG.normal(size=(6, 4)), jnp.float32)
+  weight = jnp.asarray(RNG.normal(size=(9, 4)), jnp.float32)
+  loss, stats = xent_jax.get_loss("cross_entropy").linear(hidden, weight, LABELS, return_stats=True,
+                                                          token_chunk_size=4)
+  log_p = np.asarray(jax.nn.log_softmax(np.asarray(hidden, np.float64) @ np.asarray(weight).T))
+  valid = np.asarray(LABELS) != -100
+  want_log_prob = np.where(valid, log_p[np.arange(6), np.where(valid, LABELS, 0)], 0)
+  want_entropy = np.where(valid, -np.sum(np.exp(log_p) * log_p, axis=-1), 0)
+  np.testing.assert_allclose(stats["log_prob"], want_log_prob, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats["entropy"], want_entropy, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loss, -np.sum(want_log_prob) / valid.sum(), rtol=1e-5)
+
+
+def test_vocab_parallel_form_names_what_it_lacks():
+  with pytest.raises(NotImplementedError, match="'focal'"):
+    xent_jax.get_loss("focal").vocab_parallel(LOGITS, LABELS, mesh=None)
+
+
+@pytest.mark.parametrize("name", ["focal", "confidence_penalty", "bi_tempered"])
+def test_trainer_fused_objective_works_for_variants(name):
+  """The trainer's ``fused: true`` for a loss other than cross-entropy equals its logits path."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from xent_jax.train.models import TransformerLM  # pylint: disable=import-outside-toplevel
+
+  model = TransformerLM(11, 6, dim=8, num_layers=1, num_heads=2, mlp_ratio=2, dtype=jnp.float32,
+                        rngs=nnx.Rngs(0))
+  ids = jnp.asarray(RNG.integers(0, 11, size=(2, 6)))
+  results = [nnx.value_and_grad(make_objective(LossConfig(name=name, fused=fused)))(model, ids, ids)
+             for fused in (False, True)]
+  np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               results[1][1], results[0][1])

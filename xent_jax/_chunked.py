@@ -1,0 +1,119 @@
+r"""Any loss on a linear layer's logits, token chunk by token chunk, never holding ``[N, V]``.
+
+For a loss :math:`L(x, y)` on logits :math:`x = \mathrm{cap}(h W^\top + b)`, the tokens are cut
+into chunks of :math:`T` rows; each chunk's ``[T, V]`` logits are built, the loss (any dense loss:
+a head of the row-statistics engine, the bi-tempered loss, a user's function) is evaluated on
+them, and the chunk is rematerialised in the backward pass (``jax.checkpoint`` inside
+``lax.scan``), so at most one ``[T, V]`` block of logits exists at a time and nothing of size
+``[N, V]`` is kept between the passes. Four matmuls in all (the forward product, its recomputation,
+and the two gradient products) against three for the unfused loss.
+
+:func:`xent_jax.linear_cross_entropy` has specialised kernels for cross-entropy (one pass with
+gradients in the forward, or a vocabulary-major backward at large :math:`V \cdot D`); this module
+gives every other loss its fused form.
+
+References:
+  Chen, Xu, Zhang, Guestrin, "Training Deep Nets with Sublinear Memory Cost", 2016
+  (rematerialisation); Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from xent_jax import _checks
+
+# Rows per token chunk by default: a [rows, V] float32 block of about 2**24 elements (64 MiB).
+_BLOCK_ELEMENTS = 2**24
+
+
+def default_chunk(num_classes: int, rows: int) -> int:
+  """A power of two giving a ``[chunk, V]`` block of about ``2**24`` elements, at most ``rows``."""
+  chunk = 2 ** int(np.floor(np.log2(max(_BLOCK_ELEMENTS // max(num_classes, 1), 1))))
+  return max(1, min(chunk, rows))
+
+
+def chunked_linear_loss(
+    fn: str,
+    row_loss: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]],
+    hidden: jax.Array,
+    weight: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+    *,
+    bias: jax.Array | None,
+    weight_layout: str,
+    token_chunk_size: int | None,
+) -> tuple[jax.Array, dict]:
+  """Per-row losses of ``row_loss`` on ``hidden @ weight.T + bias``, chunk by chunk.
+
+  Args:
+    fn: the public name, for error messages.
+    row_loss: ``row_loss(logits [T, V], labels [T, ...], valid [T]) -> (loss [T], extras)``,
+      ``extras`` a dict of ``[T]`` per-row arrays (e.g. the label's log-probability).
+    hidden: ``[N, D]``.
+    weight: ``[V, D]`` ('vd') or ``[D, V]`` ('dv').
+    labels: ``[N, ...]`` (integer ids ``[N]``, or probabilities ``[N, V]``).
+    valid: ``[N]`` bool.
+    bias: ``[V]`` or None.
+    weight_layout: 'vd' or 'dv'.
+    token_chunk_size: rows per chunk, or None for :func:`default_chunk`.
+
+  Returns:
+    ``(loss [N], extras)`` with each extra ``[N]``.
+  """
+  n = hidden.shape[0]
+  num_classes = weight.shape[0 if weight_layout == "vd" else 1]
+  if token_chunk_size is None:
+    chunk = default_chunk(num_classes, n)
+  elif isinstance(token_chunk_size, bool) or not isinstance(token_chunk_size, (int, np.integer)) \
+      or token_chunk_size < 1:
+    raise ValueError(f"{fn}: `token_chunk_size` must be a positive int or None, got "
+                     f"{token_chunk_size!r}.")
+  else:
+    chunk = min(int(token_chunk_size), n)
+  num_chunks = -(-n // chunk)
+  pad = num_chunks * chunk - n
+  padded = lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(
+      (num_chunks, chunk) + a.shape[1:]
+  )
+  spec = "td,vd->tv" if weight_layout == "vd" else "td,dv->tv"
+
+  @jax.checkpoint
+  def chunk_loss(hidden_TxD, labels_T, valid_T):
+    logits_TxV = jnp.einsum(spec, hidden_TxD, weight, preferred_element_type=jnp.result_type(
+        hidden.dtype, weight.dtype))
+    if bias is not None:
+      logits_TxV = logits_TxV + bias.reshape(1, -1).astype(logits_TxV.dtype)
+    return row_loss(logits_TxV, labels_T, valid_T)
+
+  _, (loss, extras) = lax.scan(
+      lambda carry, xs: (carry, chunk_loss(*xs)), None,
+      (padded(hidden), padded(labels), padded(valid)),
+  )
+  unpad = lambda a: a.reshape((num_chunks * chunk,) + a.shape[2:])[:n]
+  return unpad(loss), jax.tree.map(unpad, extras)
+
+
+def check_linear_shapes(fn: str, hidden, weight, labels, weight_layout: str, bias) -> int:
+  """Checks ``hidden [..., D]``, ``weight`` in its layout, ``labels`` and ``bias``; returns V."""
+  _checks.check_floating(fn, "hidden", hidden)
+  _checks.check_floating(fn, "weight", weight)
+  _checks.check_choice(fn, "weight_layout", weight_layout, ("vd", "dv"))
+  if np.ndim(weight) != 2:
+    raise ValueError(f"{fn}: `weight` must have shape [V, D] (weight_layout='vd') or [D, V] "
+                     f"('dv'), got {np.shape(weight)}.")
+  vocab_axis = 0 if weight_layout == "vd" else 1
+  num_classes, features = np.shape(weight)[vocab_axis], np.shape(weight)[1 - vocab_axis]
+  if np.ndim(hidden) < 1 or np.shape(hidden)[-1] != features:
+    raise ValueError(
+        f"{fn}: `hidden`'s last dimension must equal `weight`'s feature dimension ({features} for "
+        f"weight_layout={weight_layout!r}, `weight` {np.shape(weight)}), got `hidden` "
+        f"{np.shape(hidden)}.")
+  if bias is not None:
+    _checks.check_floating(fn, "bias", bias)
+    _checks.check_shape(fn, "bias", bias, (num_classes,))
+  return num_classes
