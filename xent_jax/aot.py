@@ -48,6 +48,15 @@ import xent_jax
 
 MIB = 2**20
 
+# The bounds the tests hold (tests/test_tpu_compile.py) and the table reports:
+# O(N) for the logits path: lean kernels keep a few per-row float32 vectors ([N]: 32 KiB at
+# `LOGITS_SHAPE`), far below 1/64 of one [N, V] float32 array (16 MiB); that leaves room for
+# blocked schedules visiting the vocabulary in 64 or more chunks, and fails as soon as any [N, V]
+# temporary is kept, even a bfloat16 one (1/2) or a float32 quarter ([N, V/4]).
+LOGITS_TEMP_FRACTION = 1 / 64
+# The fused head against the naive head compiled the same way (issue 9's target).
+FUSED_TEMP_FRACTION = 1 / 10
+
 # Two-by-two slices of the TPU generations the library targets. libtpu's default host holds 2x2
 # chips, so these are the smallest valid names ("v5e:1x4" is refused: not a multiple of 2x2); a
 # 1x4 mesh is laid over the same four chips instead (`MESHES`).
@@ -71,7 +80,10 @@ MESHES = {"2x2": (2, 2), "1x4": (1, 4)}
 PARALLEL_HEAD = "llama3_8b"
 
 # The Transformer of the train-step check: a global batch of B sequences of L tokens, vocabulary V,
-# width D (2 layers, 4 heads, bfloat16 compute), data-parallel over the four chips.
+# width D (2 layers, 4 heads, bfloat16 compute), data-parallel over the four chips. 2048 tokens
+# per chip make the [tokens, V] logits (128 MiB in bf16) outweigh the [V, D] unembedding (8 MiB),
+# as in language-model training. With 512 tokens per chip (B=8, D=256) the logits step compiled
+# to 10 MiB temp on v5e, less than its own 32 MiB of bf16 logits, and the fused step to 62 MiB.
 TRAIN_STEP = {"batch": 32, "seq_len": 256, "vocab": 32768, "dim": 128}
 
 
