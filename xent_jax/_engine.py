@@ -41,7 +41,7 @@ References:
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import NamedTuple
 
 import jax
@@ -64,7 +64,9 @@ def softcap_grad(capped: jax.Array, cap: float | None) -> jax.Array | float:
   return 1.0 if cap is None else 1.0 - jnp.square(capped / cap)
 
 
-def logsumexp_parts(logits: jax.Array, cap: float | None = None) -> tuple[jax.Array, jax.Array]:
+def logsumexp_parts(
+    logits: jax.Array, cap: float | None = None, vocab_axis: Hashable | None = None
+) -> tuple[jax.Array, jax.Array]:
   """The row maximum :math:`m` and :math:`\\log\\sum_c e^{x_c - m}` of
   :math:`x = c\\tanh(\\text{logits}/c)` over the last axis.
 
@@ -72,13 +74,31 @@ def logsumexp_parts(logits: jax.Array, cap: float | None = None) -> tuple[jax.Ar
   logits of large magnitude (at 1e4 a float32 logsumexp is only good to ~1e-3). Accumulates in
   :func:`compute_dtype`; the maximum is taken on the raw logits (exact in any dtype, and the cap
   is monotonic), so half-precision logits are never copied to float32 whole. ``-inf`` entries are
-  fine; a row of all ``-inf`` gives :math:`m = 0` and ``-inf``.
+  fine; a row of all ``-inf`` gives :math:`m = 0` and ``-inf``. With ``vocab_axis`` (inside
+  ``shard_map``) the last axis is one shard of the classes and both are over all shards
+  (``pmax`` and ``psum``).
   """
   dtype = compute_dtype(logits.dtype)
   m = softcap(jnp.max(logits, axis=-1).astype(dtype), cap)
+  if vocab_axis is not None:
+    m = lax.pmax(m, vocab_axis)
   m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
   x = softcap(logits.astype(dtype), cap)
-  return m, jnp.log(jnp.sum(jnp.exp(x - m[..., None]), axis=-1))
+  return m, jnp.log(_class_sum(jnp.exp(x - m[..., None]), vocab_axis))
+
+
+def _class_sum(values: jax.Array, vocab_axis: Hashable | None) -> jax.Array:
+  """Sum over the classes: the last axis, and the vocabulary shards when ``vocab_axis`` is set."""
+  total = jnp.sum(values, axis=-1)
+  return total if vocab_axis is None else lax.psum(total, vocab_axis)
+
+
+def _local_labels(labels: jax.Array, num_local: int, vocab_axis: Hashable | None) -> jax.Array:
+  """Global class ids as indices into this shard's classes (outside ``[0, V_local)`` when
+  another shard owns them)."""
+  if vocab_axis is None:
+    return labels
+  return labels - (lax.axis_index(vocab_axis) * num_local).astype(labels.dtype)
 
 
 class RowStats(NamedTuple):
@@ -136,6 +156,7 @@ class _Config:
   class_fns: tuple[ClassFn, ...]
   beta_fns: tuple[Callable[..., jax.Array], ...]
   entropy: bool
+  vocab_axis: Hashable | None = None
 
 
 def _broadcast_beta(beta: jax.Array, shape) -> jax.Array:
@@ -189,12 +210,19 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
   # CPU backend shares one float32 copy of half-precision logits between the passes, a
   # [..., V] float32 temporary.
   barrier = lax.optimization_barrier
-  m, log_sum = logsumexp_parts(logits, cfg.logit_softcap)
+  axis = cfg.vocab_axis
+  m, log_sum = logsumexp_parts(logits, cfg.logit_softcap, axis)
   dtype = m.dtype
   target = jnp.zeros_like(m)
   if labels is not None:
-    raw = jnp.take_along_axis(barrier(logits), labels[..., None], axis=-1)[..., 0]
+    num_local = logits.shape[-1]
+    local = _local_labels(labels, num_local, axis)
+    owned = (local >= 0) & (local < num_local)
+    raw = jnp.take_along_axis(barrier(logits), jnp.clip(local, 0, num_local - 1)[..., None],
+                              axis=-1)[..., 0]
     target = softcap(raw.astype(dtype), cfg.logit_softcap) - m
+    if axis is not None:
+      target = lax.psum(jnp.where(owned, target, jnp.zeros_like(target)), axis)
   def log_probs():
     # A fresh read of the logits and of the row statistics for every reduction below.
     x, m_, log_sum_ = barrier((logits, m, log_sum))
@@ -204,13 +232,13 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
   sums, totals = [], []
   for f, beta_fn, operands in zip(cfg.class_fns, cfg.beta_fns, betas):
     beta = beta_fn(*operands).astype(dtype)
-    sums.append(jnp.sum(_class_terms(f, beta, log_probs()[1])[0], axis=-1))
+    sums.append(_class_sum(_class_terms(f, beta, log_probs()[1])[0], axis))
     if slopes:
-      totals.append(jnp.sum(_class_terms(f, beta, log_probs()[1])[1], axis=-1))
+      totals.append(_class_sum(_class_terms(f, beta, log_probs()[1])[1], axis))
   mean_logit = jnp.zeros_like(m)
   if cfg.entropy:
     c, log_p = log_probs()
-    mean_logit = jnp.sum(_p_times(jnp.exp(log_p), c), axis=-1)
+    mean_logit = _class_sum(_p_times(jnp.exp(log_p), c), axis)
   stats = RowStats(m, log_sum, target, tuple(sums), mean_logit)
   return (stats, tuple(totals)) if slopes else stats
 
@@ -223,21 +251,23 @@ def _tangent(cfg: _Config, logits, labels, betas, stats: RowStats, totals, t_log
   log_sum = _finite(stats.log_sum)
   log_p = c - log_sum[..., None]
   p = jnp.exp(log_p)
-  zero = jnp.zeros_like(m)
+  zero = jnp.zeros_like(stats.max)
   d_log_sum, d_target, d_mean = zero, zero, zero
   d_sums = [zero for _ in cfg.class_fns]
+  axis = cfg.vocab_axis
   if t_logits is not None:
     dx = t_logits.astype(dtype) * softcap_grad(x, cfg.logit_softcap)
-    d_log_sum = jnp.sum(p * dx, axis=-1)
+    d_log_sum = _class_sum(p * dx, axis)
     if labels is not None:
-      classes = lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
-      d_target = jnp.sum(jnp.where(classes == labels[..., None], dx, jnp.zeros_like(dx)), axis=-1)
+      local = _local_labels(labels, logits.shape[-1], axis)
+      classes = lax.broadcasted_iota(local.dtype, logits.shape, logits.ndim - 1)
+      d_target = _class_sum(jnp.where(classes == local[..., None], dx, jnp.zeros_like(dx)), axis)
     for k, (f, beta_fn, operands) in enumerate(zip(cfg.class_fns, cfg.beta_fns, betas)):
       _, slope = _class_terms(f, beta_fn(*operands).astype(dtype), log_p)
-      d_sums[k] = jnp.sum((slope - totals[k][..., None] * p) * dx, axis=-1)
+      d_sums[k] = _class_sum((slope - totals[k][..., None] * p) * dx, axis)
     if cfg.entropy:
       spread = c - stats.mean_logit[..., None] + 1.0
-      d_mean = jnp.sum(_p_times(p, spread) * dx, axis=-1)
+      d_mean = _class_sum(_p_times(p, spread) * dx, axis)
   for k, (f, beta_fn, operands, t_operands) in enumerate(
       zip(cfg.class_fns, cfg.beta_fns, betas, t_betas)
   ):
@@ -247,7 +277,7 @@ def _tangent(cfg: _Config, logits, labels, betas, stats: RowStats, totals, t_log
     beta, t_beta = jax.jvp(beta_fn, operands, t_operands)
     beta, t_beta = (_broadcast_beta(b, log_p.shape) for b in (beta, t_beta))
     value, _ = _class_terms(f, jnp.ones(log_p.shape, dtype), log_p)
-    d_sums[k] = d_sums[k] + jnp.sum(value * t_beta.astype(dtype), axis=-1)
+    d_sums[k] = d_sums[k] + _class_sum(value * t_beta.astype(dtype), axis)
   return RowStats(zero, d_log_sum, d_target, tuple(d_sums), d_mean)
 
 
@@ -279,6 +309,7 @@ def row_stats(
     *,
     logit_softcap: float | None = None,
     entropy: bool = False,
+    vocab_axis: Hashable | None = None,
 ) -> RowStats:
   """The per-row statistics of ``logits`` over its last axis (no argument checks).
 
@@ -289,6 +320,11 @@ def row_stats(
       are exactly 0, with a zero gradient, even where :math:`\\log p_c = -\\infty`.
     logit_softcap: soft cap :math:`c` applied to the logits first, or None.
     entropy: also compute ``mean_logit`` (for :attr:`RowStats.entropy`).
+    vocab_axis: inside ``shard_map``, the mesh axis the classes are split over: ``logits`` is
+      this shard's ``[..., V / shards]`` slice (shard :math:`s` holds classes
+      :math:`[sV_s, (s+1)V_s)`), ``labels`` are global ids, a ``[V]`` weight is this shard's
+      slice; every class sum is completed with ``psum`` (and the maximum with ``pmax``), forward
+      and backward. None: one device.
 
   Returns:
     :class:`RowStats` of ``[...]`` arrays in float32 (float64 for float64 logits).
@@ -298,6 +334,7 @@ def row_stats(
       tuple(c.fn for c in class_sums),
       tuple(c.beta_fn for c in class_sums),
       bool(entropy),
+      vocab_axis,
   )
   operands = tuple(tuple(jnp.asarray(o) for o in c.operands) for c in class_sums)
   return _row_stats(logits, labels, operands, cfg)

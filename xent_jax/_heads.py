@@ -24,11 +24,12 @@ and vocabulary-parallel executors evaluate the same heads on their own statistic
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from xent_jax import _engine
 from xent_jax import _inputs
@@ -76,10 +77,13 @@ def mask_rows(loss: jax.Array, valid: jax.Array, bad: jax.Array) -> jax.Array:
   return loss * jnp.where(bad, jnp.nan, 1.0).astype(loss.dtype)
 
 
-def smooth_probabilities(q: jax.Array, label_smoothing: float, smoothing: str) -> jax.Array:
+def smooth_probabilities(
+    q: jax.Array, label_smoothing: float, smoothing: str, num_classes: int | None = None
+) -> jax.Array:
   """The smoothed target: 'uniform' :math:`(1-\\epsilon)q + \\epsilon/K`; 't5x'
   :math:`(1-\\epsilon)q + \\epsilon(1-q)/(K-1)`."""
-  eps, num_classes = label_smoothing, q.shape[-1]
+  eps = label_smoothing
+  num_classes = q.shape[-1] if num_classes is None else num_classes
   if not eps:
     return q
   if smoothing == "uniform":
@@ -170,6 +174,7 @@ def integer_loss(
     on: float,
     off: float,
     logit_softcap: float | None,
+    vocab_axis: Hashable | None = None,
 ) -> tuple[jax.Array, RowStats]:
   """Per-row loss of ``head`` for integer labels, classes on the last axis (no checks, no mask).
 
@@ -180,18 +185,25 @@ def integer_loss(
     class_weight: ``[V]`` or None.
     on, off: the smoothed one-hot target's values.
     logit_softcap: soft cap or None.
+    vocab_axis: inside ``shard_map``, the mesh axis the classes of ``logits`` are split over
+      (see :func:`xent_jax._engine.row_stats`); ``labels``, ``class_weight`` and the head's
+      class factor stay global.
 
   Returns:
     ``(loss [...], stats)`` in float32 (float64 for float64 logits).
   """
   dtype = _engine.compute_dtype(logits.dtype)
-  num_classes = logits.shape[-1]
+  num_local = logits.shape[-1]
+  num_classes = num_local if vocab_axis is None else num_local * lax.axis_size(vocab_axis)
   sums = ()
   if off:
     beta = _class_beta(class_weight, head.class_factor, num_classes, dtype)
+    if vocab_axis is not None:
+      beta = lax.dynamic_slice_in_dim(beta, lax.axis_index(vocab_axis) * num_local, num_local)
     sums = (ClassSum(head.class_fn, (beta,)),)
   stats = _engine.row_stats(
-      logits, labels, sums, logit_softcap=logit_softcap, entropy=head.entropy
+      logits, labels, sums, logit_softcap=logit_softcap, entropy=head.entropy,
+      vocab_axis=vocab_axis,
   )
   target_weight = _gather(class_weight, labels, dtype) * jnp.ones_like(stats.max)
   total_weight = jnp.asarray(num_classes if class_weight is None else jnp.sum(class_weight), dtype)
