@@ -5,7 +5,8 @@ scratch memory on the chip stays within the library's promise.
 ``memory_analysis().temp_size_in_bytes``; these tests hold the bounds (justified there):
 
 * logits path, O(N): at most 1/64 of one ``[N, V]`` float32 array;
-* fused head: at most 1/10 of the naive head (matmul + optax) compiled the same way (issue 9);
+* fused head: at most 1/10 of the naive head (matmul + optax) compiled the same way (issue 9),
+  for `xent_jax.linear_cross_entropy` at three sizes and every registered loss's ``.linear``;
 * vocabulary-parallel: the same two bounds per chip, on a 2x2 and a 1x4 ``data x vocab`` mesh;
 * the Transformer train step compiles; its fused version needs no more than the logits one.
 
@@ -25,8 +26,9 @@ pytest.importorskip("libtpu", reason="the TPU compile checks need libtpu: pip in
 import xent_jax  # noqa: E402
 from xent_jax import aot  # noqa: E402
 
-# Public callables that are not losses.
-_NOT_LOSSES = {"check_labels", "get_loss", "list_losses", "smooth_labels", "tempered_softmax"}
+# Public callables that are not losses (register_loss registers what define_loss builds).
+_NOT_LOSSES = {"check_labels", "get_loss", "list_losses", "register_loss", "smooth_labels",
+               "tempered_softmax"}
 # Compiles of a minute or more on 2 cores.
 _SLOW_LOGITS = {"bi_tempered"}
 
@@ -77,6 +79,17 @@ def test_fused_head_temp_is_a_tenth_of_naive(head, topology):
   assert fused <= aot.FUSED_TEMP_FRACTION * naive, (
       f"{head} {aot.HEADS[head]} on {topology}: fused {fused / aot.MIB:.0f} MiB temp, naive "
       f"{naive / aot.MIB:.0f} MiB (ratio {fused / naive:.3f})")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", aot.TOPOLOGIES)
+@pytest.mark.parametrize("loss", list(xent_jax.list_losses()))
+def test_fused_form_of_every_loss_temp_is_a_tenth_of_naive(loss, topology):
+  fused = aot.fused_form_temp_bytes(loss, topology)
+  naive = aot.head_temp_bytes("naive", aot.FUSED_FORMS_HEAD, topology)
+  assert fused <= aot.FUSED_TEMP_FRACTION * naive, (
+      f"get_loss({loss!r}).linear at {aot.HEADS[aot.FUSED_FORMS_HEAD]} on {topology}: "
+      f"{fused / aot.MIB:.0f} MiB temp, naive {naive / aot.MIB:.0f} MiB")
 
 
 @pytest.mark.parametrize("topology", aot.TOPOLOGIES)

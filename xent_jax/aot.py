@@ -13,7 +13,8 @@ This module holds the problems the project measures, so that the bounds of
   at ``[8192, 32768]`` bfloat16 logits on one chip;
 * the head ``loss(h W^T)``, value and gradients for ``h`` and ``W`` in bfloat16, fused
   (`xent_jax.linear_cross_entropy`) and naive (matmul, then
-  ``optax.softmax_cross_entropy_with_integer_labels``) at three LLM sizes (`HEADS`);
+  ``optax.softmax_cross_entropy_with_integer_labels``) at three LLM sizes (`HEADS`), and the fused
+  form ``get_loss(name).linear`` of every registered loss at the Llama-3-8B head;
 * the vocabulary-parallel losses on a ``data x vocab`` mesh of the slice's four chips;
 * the training harness's Transformer train step, logits and fused, data-parallel over four chips.
 
@@ -76,8 +77,10 @@ HEADS = {
 # ``data x vocab`` meshes over the four chips of a slice.
 MESHES = {"2x2": (2, 2), "1x4": (1, 4)}
 
-# The vocabulary-parallel linear loss is measured on this head.
+# The vocabulary-parallel linear loss, and the fused forms of the registered losses, are measured on
+# this head.
 PARALLEL_HEAD = "llama3_8b"
+FUSED_FORMS_HEAD = "llama3_8b"
 
 # The Transformer of the train-step check: a global batch of B sequences of L tokens, vocabulary V,
 # width D (2 layers, 4 heads, bfloat16 compute), data-parallel over the four chips. 2048 tokens
@@ -149,10 +152,11 @@ class LogitsLoss(NamedTuple):
 
 
 def logits_losses() -> dict[str, LogitsLoss]:
-  """One problem per public logits loss.
+  r"""One problem per public logits loss.
 
   Every registered name with its default hyper-parameters (mean reduction), cross-entropy with
-  probability labels, and the optax drop-ins (their per-example results summed).
+  probability labels, the optax drop-ins (their per-example results summed), and a loss built by
+  `xent_jax.define_loss` (mean absolute error, :math:`f(\log p) = 1 - p`).
   """
   losses = {name: LogitsLoss(functools.partial(info.fn, **info.hparams), info.fn, False)
             for name, info in xent_jax.list_losses().items()}
@@ -162,7 +166,13 @@ def logits_losses() -> dict[str, LogitsLoss]:
                     (xent_jax.softmax_cross_entropy, True),
                     (xent_jax.poly_loss_cross_entropy, True)):
     losses[fn.__name__] = LogitsLoss(lambda x, y, fn=fn: fn(x, y).sum(), fn, dense)
+  losses["define_loss[mae]"] = LogitsLoss(xent_jax.define_loss(_mae), xent_jax.define_loss, False)
   return losses
+
+
+def _mae(log_p):
+  """Per-class mean absolute error between the one-hot target and p: ``1 - p``."""
+  return -jnp.expm1(log_p)
 
 
 def logits_nxv_f32_bytes() -> int:
@@ -201,11 +211,23 @@ HEAD_FNS = {"naive": naive_head, "fused": fused_head}
 @functools.cache
 def head_temp_bytes(kind: str, head: str, topology_name: str) -> int:
   """Temp bytes of value and ``(dh, dW)`` of ``HEAD_FNS[kind]`` at ``HEADS[head]``, one chip."""
+  loss_and_grads = jax.value_and_grad(HEAD_FNS[kind], argnums=(0, 1))
+  return temp_bytes(loss_and_grads, *_head_args(head, topology_name))
+
+
+def _head_args(head: str, topology_name: str) -> tuple:
+  """Abstract ``(hidden [N, D], weight [V, D], labels [N])`` of ``HEADS[head]`` on one chip."""
   n, d, v = HEADS[head]
   chip = topology(topology_name).devices[0]
-  args = (spec((n, d), jnp.bfloat16, chip), spec((v, d), jnp.bfloat16, chip),
+  return (spec((n, d), jnp.bfloat16, chip), spec((v, d), jnp.bfloat16, chip),
           spec((n,), jnp.int32, chip))
-  return temp_bytes(jax.value_and_grad(HEAD_FNS[kind], argnums=(0, 1)), *args)
+
+
+@functools.cache
+def fused_form_temp_bytes(loss: str, topology_name: str) -> int:
+  """Temp bytes of value and ``(dh, dW)`` of ``get_loss(loss).linear`` at `FUSED_FORMS_HEAD`."""
+  loss_and_grads = jax.value_and_grad(xent_jax.get_loss(loss).linear, argnums=(0, 1))
+  return temp_bytes(loss_and_grads, *_head_args(FUSED_FORMS_HEAD, topology_name))
 
 
 # --------------------------------------------------------------------------- vocabulary-parallel
