@@ -9,7 +9,8 @@ holds:
 * logits path, ``[8192, 32768]`` bf16, one chip: reference one ``[N, V]`` float32 array, bound
   1/64 (O(N)); optax's own ``softmax_cross_entropy_with_integer_labels`` is listed for comparison;
 * heads ``loss(h W^T)`` in bf16, one chip: fused (`xent_jax.linear_cross_entropy`) against naive
-  (matmul + optax), bound 1/10;
+  (matmul + optax), bound 1/10; and ``get_loss(name).linear`` of every registered loss at the
+  Llama-3-8B head;
 * vocabulary-parallel losses on 2x2 and 1x4 ``data x vocab`` meshes: the same references per chip;
 * the harness's Transformer train step over four chips: fused head against logits, bound 1.
 
@@ -31,9 +32,14 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import optax
+
+import xent_jax
 from xent_jax import aot
 
-SECTIONS = ("logits", "heads", "vocab_parallel", "train_step")
+SECTIONS = ("logits", "heads", "fused_forms", "vocab_parallel", "train_step")
 
 
 def _measure(fn, *args):
@@ -42,7 +48,8 @@ def _measure(fn, *args):
   try:
     return fn(*args) / aot.MIB, time.perf_counter() - tic, None
   except Exception as err:  # pylint: disable=broad-except
-    return None, time.perf_counter() - tic, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    message = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    return None, time.perf_counter() - tic, message
 
 
 def _row(section, problem, size, topology, measured, reference, reference_mib, bound):
@@ -62,18 +69,19 @@ def _logits_rows(topology):
                "[N,V] f32", reference_mib, aot.LOGITS_TEMP_FRACTION)
 
 
-def _optax_row(topology):
-  """optax's integer-label cross-entropy, compiled the same way: what XLA alone achieves."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
+def _optax_loss(logits, labels):
+  """optax's own integer-label cross-entropy: what XLA alone makes of the same problem."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
+
+def _optax_row(topology):
   chip = aot.topology(topology).devices[0]
-  args = (aot.spec(aot.LOGITS_SHAPE, jnp.bfloat16, chip), aot.spec(aot.LOGITS_SHAPE[:1], jnp.int32, chip))
-  loss = lambda x, y: optax.softmax_cross_entropy_with_integer_labels(x, y).mean()  # pylint: disable=unnecessary-lambda-assignment
+  args = (aot.spec(aot.LOGITS_SHAPE, jnp.bfloat16, chip),
+          aot.spec(aot.LOGITS_SHAPE[:1], jnp.int32, chip))
   n, v = aot.LOGITS_SHAPE
   return _row("logits", "optax.softmax_cross_entropy_with_integer_labels (not xent_jax)",
-              f"N={n} V={v} bf16", topology, _measure(aot.temp_bytes, jax.value_and_grad(loss), *args),
+              f"N={n} V={v} bf16", topology,
+              _measure(aot.temp_bytes, jax.value_and_grad(_optax_loss), *args),
               "[N,V] f32", aot.logits_nxv_f32_bytes() / aot.MIB, aot.LOGITS_TEMP_FRACTION)
 
 
@@ -84,6 +92,16 @@ def _head_rows(topology):
     yield _row("heads", "naive (matmul + optax)", size, topology, naive, "naive", naive[0], 1.0)
     yield _row("heads", "linear_cross_entropy", size, topology,
                _measure(aot.head_temp_bytes, "fused", head, topology), "naive", naive[0],
+               aot.FUSED_TEMP_FRACTION)
+
+
+def _fused_form_rows(topology):
+  n, d, v = aot.HEADS[aot.FUSED_FORMS_HEAD]
+  size = f"{aot.FUSED_FORMS_HEAD}: N={n} D={d} V={v} bf16"
+  naive = _measure(aot.head_temp_bytes, "naive", aot.FUSED_FORMS_HEAD, topology)[0]
+  for loss in xent_jax.list_losses():
+    yield _row("fused_forms", f"get_loss({loss!r}).linear", size, topology,
+               _measure(aot.fused_form_temp_bytes, loss, topology), "naive", naive,
                aot.FUSED_TEMP_FRACTION)
 
 
@@ -100,8 +118,8 @@ def _parallel_rows(topology):
                    f"mesh {mesh_name}", topology, measured, "naive / chips",
                    None if naive is None else naive / chips, aot.FUSED_TEMP_FRACTION)
       else:
-        yield _row("vocab_parallel", kind, f"N={n} V={v} bf16, mesh {mesh_name}", topology, measured,
-                   "[N,V] f32 / chips", aot.logits_nxv_f32_bytes() / aot.MIB / chips,
+        yield _row("vocab_parallel", kind, f"N={n} V={v} bf16, mesh {mesh_name}", topology,
+                   measured, "[N,V] f32 / chips", aot.logits_nxv_f32_bytes() / aot.MIB / chips,
                    aot.LOGITS_TEMP_FRACTION)
 
 
@@ -122,8 +140,9 @@ def run(sections, topologies) -> list[dict]:
       if section == "logits":
         new = [*_logits_rows(topology), _optax_row(topology)]
       else:
-        new = list({"heads": _head_rows, "vocab_parallel": _parallel_rows,
-                    "train_step": _train_step_rows}[section](topology))
+        rows_of = {"heads": _head_rows, "fused_forms": _fused_form_rows,
+                   "vocab_parallel": _parallel_rows, "train_step": _train_step_rows}[section]
+        new = list(rows_of(topology))
       for row in new:
         print(f"{row['section']} {row['problem']} {row['topology']} {row['size']}: "
               f"{row['temp_MiB'] if row['error'] is None else row['error']} ({row['compile_s']} s)",
@@ -151,6 +170,7 @@ def markdown(result: dict) -> str:
       "(the bound `tests/test_tpu_compile.py` asserts).",
   ]
   titles = {"logits": "Logits path (one chip)", "heads": "Heads loss(h W^T), one chip",
+            "fused_forms": "Fused form of every registered loss, one chip",
             "vocab_parallel": "Vocabulary-parallel (per chip)",
             "train_step": "Transformer train step (data-parallel)"}
   for section in SECTIONS:
@@ -185,7 +205,8 @@ def _commit() -> str:
                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
   try:
     dirty = git("status", "--porcelain", "--", "../xent_jax")
-    return git("rev-parse", "--short", "HEAD") + (" with uncommitted changes in xent_jax/" if dirty else "")
+    commit = git("rev-parse", "--short", "HEAD")
+    return commit + (" with uncommitted changes in xent_jax/" if dirty else "")
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
 

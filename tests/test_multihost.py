@@ -72,7 +72,8 @@ def _finish(processes: list[subprocess.Popen]) -> None:
 def _results(workdir: pathlib.Path) -> tuple[dict, list[dict]]:
   summary = logs.read_summary(workdir)
   assert summary is not None, f"no {logs.SUMMARY_FILE} in {workdir}"
-  rows = [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in logs.read_metrics(workdir)]
+  rows = [{k: v for k, v in row.items() if k not in TIMING_KEYS}
+          for row in logs.read_metrics(workdir)]
   return summary["final"], rows
 
 

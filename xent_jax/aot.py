@@ -259,7 +259,7 @@ def _parallel_problem(kind: str, m: Mesh):
 
 @functools.cache
 def parallel_temp_bytes(kind: str, mesh_name: str, topology_name: str) -> int:
-  """Temp bytes per chip of value and gradients of one of `PARALLEL_KINDS` on ``MESHES[mesh_name]``."""
+  """Temp bytes per chip of value and gradients of a `PARALLEL_KINDS` loss on a `MESHES` mesh."""
   fn, args = _parallel_problem(kind, mesh(topology_name, MESHES[mesh_name]))
   return temp_bytes(fn, *args)
 
