@@ -19,8 +19,7 @@ import _reference as ref
 import xent_jax
 from xent_jax import _linear
 
-N, D, V = 61, 6, 53  # prime token count and vocabulary: no chunk size below them divides them;
-# 8 D <= N, so 'sum' and 'mean' without vocabulary chunks take the one-pass schedule
+N, D, V = 61, 6, 53  # prime token count and vocabulary: no chunk size below them divides them
 IGNORE = -100
 
 OPTION_SETS = {
@@ -271,19 +270,20 @@ class TestFeatures:
       check_grads(fn, (jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(bias)), order=1,
                   modes=("rev",))
 
-  @pytest.mark.parametrize("n, d, v, token_chunk", [
-      (256, 16, 300, 64),  # one pass (8 D <= N)
-      (64, 32, 300, 16),   # two passes, vocabulary-major (V > N)
-      (300, 64, 256, 64),  # two passes, token-major
+  @pytest.mark.parametrize("n, d, v, token_chunk, vocab_chunk", [
+      (256, 16, 300, 64, None),  # one pass
+      (64, 32, 300, 16, 64),     # two passes, vocabulary-major (V > N)
+      (300, 64, 256, 64, 100),   # two passes, token-major
   ])
-  def test_bfloat16_accumulates_in_float32(self, n, d, v, token_chunk):
+  def test_bfloat16_accumulates_in_float32(self, n, d, v, token_chunk, vocab_chunk):
     hidden, weight, bias, labels, _ = _problem(12, n=n, d=d, v=v)
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)
     rounded = [np.asarray(bf(x), np.float64) for x in (hidden, weight, bias)]
     expected = _reference(*rounded, labels, "mean", {"label_smoothing": 0.1})
     value, grads = jax.value_and_grad(
         lambda h, w, b: xent_jax.linear_cross_entropy(
-            h, w, jnp.asarray(labels), bias=b, label_smoothing=0.1, token_chunk_size=token_chunk
+            h, w, jnp.asarray(labels), bias=b, label_smoothing=0.1, token_chunk_size=token_chunk,
+            vocab_chunk_size=vocab_chunk,
         ),
         argnums=(0, 1, 2),
     )(bf(hidden), bf(weight), bf(bias))
@@ -341,6 +341,8 @@ class TestSchedules:
       (8192, 2304, 256000, "sum", None, (False, True)),    # Gemma-style head
       (4096, 512, 32768, "none", None, (False, True)),     # per-row losses: two passes, V > N
       (65536, 512, 32768, "mean", 4096, (False, False)),   # vocabulary chunks, V <= N
+      (256, 1024, 16384, "mean", None, (True, False)),     # a [V, D] no larger than one block
+      (256, 1024, 32768, "mean", None, (False, True)),
   ])
   def test_plan(self, n, d, v, reduction, vocab_chunk, expected):
     plan = _linear.plan_schedule("f", n, d, v, linear_reduction=reduction != "none",
@@ -350,18 +352,18 @@ class TestSchedules:
       assert plan.vocab_chunk <= 4096 and plan.token_chunk <= 1024
 
   @pytest.mark.parametrize("layout", ["vd", "dv"])
-  @pytest.mark.parametrize("n, v, reduction, one_pass, vocab_major", [
-      (61, 53, "mean", True, False),
-      (61, 53, "none", False, False),
-      (37, 53, "mean", False, True),
-      (37, 53, "none", False, True),
+  @pytest.mark.parametrize("n, v, reduction, vocab_chunk, one_pass, vocab_major", [
+      (61, 53, "mean", None, True, False),
+      (61, 53, "none", 7, False, False),
+      (37, 53, "mean", 7, False, True),
+      (37, 53, "none", 7, False, True),
   ])
-  def test_every_schedule_matches_the_reference(self, layout, n, v, reduction, one_pass,
-                                                vocab_major):
-    # Uneven chunks on both axes (7 classes, 10 rows) except for the one-pass schedule, which
+  def test_every_schedule_matches_the_reference(self, layout, n, v, reduction, vocab_chunk,
+                                                one_pass, vocab_major):
+    # Uneven chunks on both axes (10 rows, 7 classes) except for the one-pass schedule, which
     # takes whole-vocabulary blocks.
     plan = _linear.plan_schedule("f", n, D, v, linear_reduction=reduction != "none",
-                                 token_chunk_size=10, vocab_chunk_size=None)
+                                 token_chunk_size=10, vocab_chunk_size=vocab_chunk)
     assert (plan.one_pass, plan.vocab_major) == (one_pass, vocab_major)
     hidden, weight, bias, labels, kwargs = _problem(21, n=n, v=v,
                                                     options=OPTION_SETS["everything"])
@@ -371,7 +373,7 @@ class TestSchedules:
     def summed(h, w, b):
       loss = xent_jax.linear_cross_entropy(
           h, w, jnp.asarray(labels), bias=b, weight_layout=layout, reduction=reduction,
-          token_chunk_size=10, vocab_chunk_size=None if one_pass else 7, **kwargs)
+          token_chunk_size=10, vocab_chunk_size=vocab_chunk, **kwargs)
       return jnp.sum(loss), loss
 
     w = weight if layout == "vd" else weight.T
@@ -381,9 +383,9 @@ class TestSchedules:
     _assert_close((value, grads[0], d_weight, grads[2]), expected)
 
   def test_vocabulary_major_keeps_no_float32_vocab_by_features_buffer(self):
-    # N=256, D=512, V=32768: one pass would keep a float32 [V, D] accumulator (64 MiB) next to
+    # N=256, D=1024, V=32768: one pass would keep a float32 [V, D] accumulator (128 MiB) next to
     # [N, V] logits of only 32 MiB; the vocabulary-major backward keeps [4096, D] blocks.
-    n, d, v = 256, 512, 32768
+    n, d, v = 256, 1024, 32768
     args = (jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((v, d), jnp.float32),
             jax.ShapeDtypeStruct((n,), jnp.int32))
     grad = jax.jit(jax.value_and_grad(

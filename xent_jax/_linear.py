@@ -23,7 +23,7 @@ Two schedules, chosen from the shapes by :func:`plan_schedule`:
 
 * **one pass** (``reduction`` 'sum' or 'mean', whole vocabulary per block, and a float32
   ``[V, D]`` weight-gradient accumulator no larger than 1/8 of the ``[N, V]`` float32 logits,
-  i.e. :math:`8D \le N`): each token chunk's logits are computed once, and its loss and the
+  :math:`8D \le N`, or than one block, :math:`VD \le 2^{24}`): each token chunk's logits are computed once, and its loss and the
   gradients for ``hidden``, ``weight`` and ``bias`` are computed from them right away, during the
   forward pass (as Liger-Kernel does). The backward pass only scales the stored gradients by the
   incoming scalar cotangent: three matmuls in all, as many as the unfused loss and its gradient.
@@ -75,7 +75,7 @@ _BLOCK_ELEMENTS = 2**24
 _MIN_TOKEN_CHUNK = 128
 _MAX_TOKEN_CHUNK = 1024
 # The one-pass schedule's float32 [V, D] weight-gradient accumulator may be at most 1/8 of the
-# [N, V] float32 logits (8 * D <= N), see plan_schedule.
+# [N, V] float32 logits (8 * D <= N) or one block (V * D <= _BLOCK_ELEMENTS), see plan_schedule.
 _ONE_PASS_RATIO = 8
 # Classes per vocabulary chunk of the vocabulary-major backward: a float32 [4096, D] block of the
 # weight gradient, [4096, token_chunk] blocks of logits.
@@ -674,9 +674,10 @@ def plan_schedule(
   * **One pass** (three matmuls, token-major, a float32 ``[V, D]`` weight-gradient accumulator)
     when the loss is linear in the per-row losses (``linear_reduction``: 'sum' or 'mean' without
     ``return_lse``), no ``vocab_chunk_size`` is given, and the accumulator is at most
-    :math:`1/8` of the ``[N, V]`` float32 logits it replaces: :math:`4VD \le 4NV/8`, i.e.
-    :math:`8D \le N`. Beyond that (Llama-3-8B's head: :math:`D = N/2` at ``N = 8192``) the
-    accumulator alone would be a large part of the naive path's memory.
+    :math:`1/8` of the ``[N, V]`` float32 logits it replaces (:math:`4VD \le 4NV/8`, i.e.
+    :math:`8D \le N`) or no larger than one default block (:math:`VD \le 2^{24}`). Beyond that
+    (Llama-3-8B's head: :math:`D = N/2` at ``N = 8192``) the accumulator alone would be a large
+    part of the naive path's memory.
   * Otherwise **two passes** (four matmuls: statistics, then recomputed blocks). The backward
     keeps the smaller float32 accumulator: vocabulary-major (``d_hidden`` ``[N, D]``, each
     ``d_weight`` block finished and written once in the weight's dtype) when :math:`V > N`,
@@ -686,7 +687,8 @@ def plan_schedule(
   Explicit chunk sizes are kept (clipped to the axis); defaults give blocks of about ``2**24``
   elements (:func:`default_token_chunk`).
   """
-  one_pass = linear_reduction and vocab_chunk_size is None and _ONE_PASS_RATIO * d <= n
+  small = _ONE_PASS_RATIO * d <= n or v * d <= _BLOCK_ELEMENTS
+  one_pass = linear_reduction and vocab_chunk_size is None and small
   vocab_major = not one_pass and v > n
   default_vocab = min(v, _VOCAB_MAJOR_CHUNK) if vocab_major else v
   vocab_chunk = v if one_pass else _resolve_chunk(
@@ -728,7 +730,7 @@ def linear_cross_entropy(
 
   computed from the per-row statistics :math:`\mathrm{lse}_i`, :math:`x_{iy_i}` and
   :math:`\sum_c w_c x_{ic}` gathered chunk by chunk (see the module docstring). With 'sum' or
-  'mean', no ``vocab_chunk_size`` and :math:`8D \le N` the gradients are computed in the forward
+  'mean', no ``vocab_chunk_size`` and :math:`8D \le N` (or :math:`VD \le 2^{24}`) the gradients are computed in the forward
   pass (three matmuls, as the unfused loss) and kept until the backward pass, which scales them
   (residuals: the size of ``hidden`` and ``weight``); otherwise the backward pass recomputes the
   logits (four matmuls, blocks of ``[token_chunk_size, vocab_chunk_size]``, residuals: the per-row
