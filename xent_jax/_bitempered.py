@@ -55,15 +55,25 @@ from xent_jax import _variant_inputs as vi
 
 
 def _log_t(u, t: float):
-  return jnp.log(u) if t == 1.0 else (u ** (1.0 - t) - 1.0) / (1.0 - t)
+  """:math:`\\log_t u` of a per-row array (or a Python float)."""
+  if t == 1.0:
+    return math.log(u) if isinstance(u, float) else jnp.log(u)
+  return (u ** (1.0 - t) - 1.0) / (1.0 - t)
 
 
-def _exp_t(u, t: float):
-  return jnp.exp(u) if t == 1.0 else jnp.maximum(1.0 + (1.0 - t) * u, 0.0) ** (1.0 / (1.0 - t))
+def _log_exp_t(u: jax.Array, t: float) -> jax.Array:
+  """:math:`\\log \\exp_t u`, ``-inf`` outside the support (:math:`t < 1`).
+
+  Powers of ``[..., V]`` arrays are taken as ``exp(k * log(.))`` throughout: XLA:CPU's ``pow``
+  is about five times slower than an ``exp`` and a ``log``.
+  """
+  if t == 1.0:
+    return u
+  return jnp.log(jnp.maximum(1.0 + (1.0 - t) * u, 0.0)) / (1.0 - t)
 
 
-def _log_t_scalar(u: float, t: float) -> float:
-  return math.log(u) if t == 1.0 else (u ** (1.0 - t) - 1.0) / (1.0 - t)
+def _exp_t(u: jax.Array, t: float) -> jax.Array:
+  return jnp.exp(_log_exp_t(u, t))
 
 
 class _Normalization(NamedTuple):
@@ -80,33 +90,42 @@ def _row_max(logits: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
 
 
-def _centred(logits: jax.Array, m: jax.Array, *loop_carry: jax.Array) -> jax.Array:
+def _centred(logits: jax.Array, m: jax.Array, *tie: jax.Array) -> jax.Array:
   """``[..., V]`` :math:`x - m` in the compute dtype.
 
-  Every pass reads the logits through its own optimization barrier, tied to the loop carry
-  inside an iteration: without it XLA shares (and stores) one ``[..., V]`` float32 copy of the
-  logits between the passes, or hoists it out of the iteration loop.
+  Every pass reads the logits through its own optimization barrier, tied to a per-row value
+  that only this pass uses (``tie``: the loop carry inside an iteration): without it XLA shares
+  (and stores) one ``[..., V]`` float32 copy of the logits between the passes, or hoists it out
+  of the iteration loop; identical barriers would be merged.
   """
-  logits, m, _ = lax.optimization_barrier((logits, m, loop_carry))
+  logits, m, _ = lax.optimization_barrier((logits, m, tie))
   return logits.astype(m.dtype) - m[..., None]
 
 
 def _fixed_point_shift(logits: jax.Array, m: jax.Array, t: float, num_iters: int) -> jax.Array:
   """:math:`d = -\\log_t(1/Z)` for :math:`t > 1` by the paper's iteration
   :math:`a \\leftarrow a_0 Z(a)^{1-t}`, :math:`Z(a) = \\sum_c \\exp_t(a_c)`, carried as
-  :math:`a = s\\,a_0`; ``[...]``."""
+  :math:`a = s\\,a_0`; ``[...]``. The loop runs once more than ``num_iters`` to give the final
+  :math:`Z` (every pass over the logits inside the loop)."""
 
-  def partition(s):
-    return jnp.sum(_exp_t(_centred(logits, m, s) * s[..., None], t), axis=-1)
+  def step(_, carry):
+    s, _ = carry
+    partition = jnp.sum(_exp_t(_centred(logits, m, s) * s[..., None], t), axis=-1)
+    return partition ** (1.0 - t), partition
 
-  s = lax.fori_loop(0, num_iters, lambda _, s: partition(s) ** (1.0 - t), jnp.ones_like(m))
-  return -_log_t(1.0 / partition(s), t)
+  ones = jnp.ones_like(m)
+  _, partition = lax.fori_loop(0, num_iters + 1, step, (ones, ones))
+  return -_log_t(1.0 / partition, t)
 
 
 def _bisection_shift(logits: jax.Array, m: jax.Array, t: float, num_iters: int) -> jax.Array:
   """:math:`d` for :math:`t < 1` by bisection on :math:`\\sum_c \\exp_t(x_c - m - d) = 1`, in
   :math:`[0, -\\log_t(1/K)]` with :math:`K` the classes within the largest possible support."""
-  support = jnp.sum(_centred(logits, m) > -1.0 / (1.0 - t), axis=-1).astype(m.dtype)
+  # The count of c = x - (m - 1/(1-t)) > 0 as sum_c (sign c + |sign c|) / 2, free of constants,
+  # compares and selects: XLA:CPU then fuses the whole count into one reduction (any of those
+  # feeding its YNNPACK reductions is stored as a [..., V] array first).
+  sign = jnp.sign(_centred(logits, m - 1.0 / (1.0 - t)))
+  support = jnp.sum(sign + jnp.abs(sign), axis=-1) / 2.0
 
   def step(_, bounds):
     lower, upper = bounds
@@ -132,16 +151,10 @@ def _normalization(logits: jax.Array, t: float, num_iters: int) -> _Normalizatio
   return _Normalization(m, shift)
 
 
-def _log_p(z: jax.Array, t: float) -> jax.Array:
-  """:math:`\\log \\exp_t(z)`: ``-inf`` outside the support (:math:`t < 1`)."""
-  if t == 1.0:
-    return z
-  return jnp.log(jnp.maximum(1.0 + (1.0 - t) * z, 0.0)) / (1.0 - t)
-
-
-def _log_probs(logits: jax.Array, norm: _Normalization, t: float) -> jax.Array:
-  """``[..., V]`` :math:`\\log p_c`, :math:`p_c = \\exp_t((x_c - m) - d)`."""
-  return _log_p(_centred(logits, norm.max) - norm.shift[..., None], t)
+def _log_probs(logits: jax.Array, norm: _Normalization, t: float, *tie: jax.Array) -> jax.Array:
+  """``[..., V]`` :math:`\\log p_c`, :math:`p_c = \\exp_t((x_c - m) - d)` (``tie``: see
+  :func:`_centred`)."""
+  return _log_exp_t(_centred(logits, norm.max, norm.shift, *tie) - norm.shift[..., None], t)
 
 
 def tempered_softmax(
@@ -217,17 +230,18 @@ def _config(t1: float, t2: float, label_smoothing: float, num_iters: int, num_cl
 
 
 def _target_term(q, cfg: _Config):
-  """:math:`q(\\log_{t_1} q) - q^{2-t_1}/(2-t_1)` elementwise (the power part dropped for the KL
-  divergence), exactly 0 where :math:`q = 0`; for Python floats or arrays."""
+  """:math:`q\\log_{t_1} q - q^{2-t_1}/(2-t_1)` elementwise (the power part dropped for the KL
+  divergence), exactly 0 where :math:`q = 0`; of a Python float or a ``[..., V]`` array (written
+  without a select, see :func:`_forward`)."""
   if isinstance(q, float):
     if q == 0.0:
       return 0.0
-    power = 0.0 if cfg.kl else q**cfg.power / cfg.power
-    return q * _log_t_scalar(q, cfg.t1) - power
-  used = q > 0
-  safe = jnp.where(used, q, jnp.ones_like(q))
-  cross = jnp.where(used, safe * _log_t(safe, cfg.t1), jnp.zeros_like(q))
-  return cross if cfg.kl else cross - q**cfg.power / cfg.power
+    return q * _log_t(q, cfg.t1) - (0.0 if cfg.kl else q**cfg.power / cfg.power)
+  log_q = jnp.log(jnp.maximum(q, jnp.finfo(q.dtype).tiny))
+  q_to_1_minus_t1 = jnp.exp((1.0 - cfg.t1) * log_q)  # q^(2 - t1) = q * q^(1 - t1) is 0 at q = 0
+  log_t1_q = log_q if cfg.t1 == 1.0 else (q_to_1_minus_t1 - 1.0) / (1.0 - cfg.t1)
+  term = q * log_t1_q
+  return term if cfg.kl else term - q * q_to_1_minus_t1 / cfg.power
 
 
 def _log_t1(log_p: jax.Array, t1: float) -> jax.Array:
@@ -235,30 +249,32 @@ def _log_t1(log_p: jax.Array, t1: float) -> jax.Array:
   return log_p if t1 == 1.0 else jnp.expm1((1.0 - t1) * log_p) / (1.0 - t1)
 
 
-def _target(logits: jax.Array, labels: jax.Array, cfg: _Config) -> jax.Array:
-  """``[..., V]`` the target :math:`q` in the compute dtype: on/off at integer labels (selected
-  per class, never a one-hot array in memory), or the smoothed probability labels."""
-  dtype = _inputs.compute_dtype(logits.dtype)
-  if jnp.issubdtype(labels.dtype, jnp.integer):
-    classes = lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
-    return jnp.where(classes == labels[..., None], jnp.asarray(cfg.on, dtype), cfg.off)
-  q = labels.astype(dtype)
-  return (1.0 - logits.shape[-1] * cfg.off) * q + cfg.off if cfg.off else q
-
-
-def _escort_and_forget(log_p: jax.Array, cfg: _Config) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """:math:`p`, :math:`p^{t_2}` and the forget factor :math:`p^{t_2-t_1}`; where :math:`p = 0`
-  the factor is its limit: 1 for :math:`t_1 = t_2 = 1` (softmax underflow), else 0 (outside
-  the support)."""
-  p = jnp.exp(log_p)
-  escort = jnp.exp(cfg.t2 * log_p)
+def _forget(log_p: jax.Array, cfg: _Config) -> jax.Array:
+  """The forget factor :math:`p^{t_2-t_1}`; where :math:`p = 0` its limit: 1 for
+  :math:`t_1 = t_2 = 1` (softmax underflow), else 0 (outside the support). Without a select:
+  for :math:`t_2 < t_1` it is :math:`\\mathrm{sign}(p) \\min(p^{t_2-t_1}, \\text{float max})`."""
+  exponent = cfg.t2 - cfg.t1
   if cfg.kl:
-    forget = jnp.ones_like(p)
-  else:
-    zero = jnp.zeros_like(p)
-    exponent = cfg.t2 - cfg.t1
-    forget = jnp.where(p > 0, jnp.exp(exponent * log_p) if exponent else jnp.ones_like(p), zero)
-  return p, escort, forget
+    return jnp.ones_like(log_p)
+  if exponent > 0:
+    return jnp.exp(exponent * log_p)
+  positive = jnp.sign(jnp.exp(log_p))
+  if exponent == 0:
+    return positive
+  return positive * jnp.minimum(jnp.exp(exponent * log_p), jnp.finfo(log_p.dtype).max)
+
+
+def _integer_target(logits: jax.Array, labels: jax.Array, cfg: _Config) -> jax.Array:
+  """``[..., V]`` the smoothed one-hot target, selected per class (never stored)."""
+  classes = lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
+  on = jnp.asarray(cfg.on, _inputs.compute_dtype(logits.dtype))
+  return jnp.where(classes == labels[..., None], on, cfg.off)
+
+
+def _smoothed(labels: jax.Array, cfg: _Config, dtype) -> jax.Array:
+  """Probability labels smoothed: :math:`(1 - V\\,\\text{off})\\,q + \\text{off}`."""
+  q = labels.astype(dtype)
+  return (1.0 - q.shape[-1] * cfg.off) * q + cfg.off if cfg.off else q
 
 
 class _Residuals(NamedTuple):
@@ -277,35 +293,99 @@ def _integer_rows(labels: jax.Array, valid: jax.Array, num_classes: int):
   return jnp.where(valid & in_range, labels, 0), valid & ~in_range
 
 
+def _row_sums(logits: jax.Array, norm: _Normalization, t: float, summands) -> list[jax.Array]:
+  """``[...]`` :math:`\\sum_c f(\\log p_c)` for each elementwise function f in ``summands``.
+
+  Each sum is one pass over the logits that recomputes :math:`\\log p`, run as one branch of a
+  ``lax.switch`` in a loop over the sums. Kept apart like this, XLA:CPU fuses each pass into one
+  reduction; written as separate sums of one computation, it merges their common constants and
+  intermediate values into ``[..., V]`` arrays that its YNNPACK reductions then read from memory,
+  and a variadic reduction (all sums in one pass) runs about five times slower.
+  """
+  dtype = norm.max.dtype
+  if len(summands) == 1:
+    return [jnp.sum(summands[0](_log_probs(logits, norm, t)), axis=-1)]
+
+  def body(i, sums):
+    branches = [
+        functools.partial(lambda f: jnp.sum(f(_log_probs(logits, norm, t, i)), axis=-1), f)
+        for f in summands
+    ]
+    return sums.at[i].set(lax.switch(i, branches))
+
+  sums = lax.fori_loop(0, len(summands), body, jnp.zeros((len(summands),) + norm.max.shape, dtype))
+  return list(sums)
+
+
+class _Sums:
+  """The per-row sums :func:`_forward` asks for, named and deduplicated, computed together."""
+
+  def __init__(self):
+    self.summands = {}
+
+  def add(self, key, summand):
+    self.summands.setdefault(key, summand)
+    return key
+
+  def power(self, exponent: float):
+    """:math:`\\sum_c p_c^k` for :math:`k > 0` (0 where :math:`p_c = 0`)."""
+    return self.add(("power", exponent), lambda log_p: jnp.exp(exponent * log_p))
+
+  def compute(self, logits, norm, t) -> dict:
+    return dict(zip(self.summands, _row_sums(logits, norm, t, list(self.summands.values()))))
+
+
 def _forward(logits, labels, valid, cfg: _Config) -> tuple[jax.Array, _Residuals]:
-  """``[...]`` loss (0 on invalid rows, NaN on bad ones) and the per-row residuals."""
+  """``[...]`` loss (0 on invalid rows, NaN on bad ones) and the per-row residuals.
+
+  .. math::
+     \\ell = \\sum_c \\big[q_c\\log_{t_1} q_c - \\tfrac{q_c^{2-t_1}}{2-t_1}\\big]
+       - \\sum_c q_c \\log_{t_1} p_c + \\tfrac{1}{2-t_1}\\sum_c p_c^{2-t_1}, \\qquad
+     A = \\sum_c p_c^{1+t_2-t_1} - \\sum_c q_c\\,p_c^{t_2-t_1}
+
+  (for :math:`t_1 = t_2 = 1` the two power terms, which cancel for a normalized :math:`p`, are
+  left out). Integer labels: :math:`\\sum_c q_c f_c = \\text{off}\\sum_c f_c +
+  (\\text{on}-\\text{off})\\,f_y`, with :math:`f_y` from the label's logit. The summands have no
+  selects (see :func:`_row_sums`).
+  """
   num_classes = logits.shape[-1]
+  dtype = _inputs.compute_dtype(logits.dtype)
   integer = jnp.issubdtype(labels.dtype, jnp.integer)
+  norm = _normalization(logits, cfg.t2, cfg.num_iters)
+  sums = _Sums()
+  escort_key = sums.power(cfg.t2)
+  p_forget_key = sums.power(1.0 + cfg.t2 - cfg.t1)
+  power_key = None if cfg.kl else sums.power(cfg.power)
+  if integer and cfg.off:
+    log_t1_key = sums.add("log_t1", lambda log_p: _log_t1(log_p, cfg.t1))
+    forget_key = None if cfg.kl else sums.add("forget", lambda log_p: _forget(log_p, cfg))
+  if not integer:
+    # The smoothed labels are computed inside each pass (a [..., V] array if computed before).
+    q = lambda: _smoothed(labels, cfg, dtype)
+    # At t1 = 1, log p = -inf (p = 0) is clipped to the lowest float so that q = 0 gives 0.
+    floor = jnp.finfo(dtype).min
+    log_t1_p = (lambda lp: jnp.maximum(lp, floor)) if cfg.t1 == 1.0 else (
+        lambda lp: _log_t1(lp, cfg.t1))
+    q_forget_key = sums.add("q_forget", lambda log_p: q() * _forget(log_p, cfg))
+    target_key = sums.add("target", lambda log_p: _target_term(q(), cfg) - q() * log_t1_p(log_p))
+  row = sums.compute(logits, norm, cfg.t2)
+  escort_sum, delta_sum = row[escort_key], row[p_forget_key]
+  loss = jnp.zeros_like(escort_sum) if cfg.kl else row[power_key] / cfg.power
   if integer:
     labels, bad = _integer_rows(labels, valid, num_classes)
+    raw = jnp.take_along_axis(lax.optimization_barrier(logits), labels[..., None], axis=-1)[..., 0]
+    target_log_p = _log_exp_t((raw.astype(dtype) - norm.max) - norm.shift, cfg.t2)
+    cross = (cfg.on - cfg.off) * _log_t1(target_log_p, cfg.t1)
+    delta_sum = delta_sum - (cfg.on - cfg.off) * _forget(target_log_p, cfg)
+    if cfg.off:
+      cross = cross + cfg.off * row[log_t1_key]
+      delta_sum = delta_sum - cfg.off * (num_classes if cfg.kl else row[forget_key])
+    loss = loss + _target_term(cfg.on, cfg) + (num_classes - 1) * _target_term(cfg.off, cfg) - cross
   else:
     bad = jnp.zeros_like(valid)
-  norm = _normalization(logits, cfg.t2, cfg.num_iters)
-  log_p = _log_probs(logits, norm, cfg.t2)
-  p, escort, forget = _escort_and_forget(log_p, cfg)
-  q = _target(logits, labels, cfg)
-  delta_sum = jnp.sum((p - q) * forget, axis=-1)
-  escort_sum = jnp.sum(escort, axis=-1)
-  # loss = sum_c [q_c log_t1 q_c - q_c^(2-t1)/(2-t1)] - sum_c q_c log_t1 p_c + sum_c p_c^(2-t1)/(2-t1)
-  loss = jnp.zeros_like(escort_sum)
-  if not cfg.kl:
-    loss = jnp.sum(jnp.exp(cfg.power * log_p), axis=-1) / cfg.power
-  if integer:
-    raw = jnp.take_along_axis(lax.optimization_barrier(logits), labels[..., None], axis=-1)[..., 0]
-    target_log_p = _log_p((raw.astype(norm.max.dtype) - norm.max) - norm.shift, cfg.t2)
-    cross = (cfg.on - cfg.off) * _log_t1(target_log_p, cfg.t1)
-    if cfg.off:
-      cross = cross + cfg.off * jnp.sum(_log_t1(log_p, cfg.t1), axis=-1)
-    loss = loss + _target_term(cfg.on, cfg) + (num_classes - 1) * _target_term(cfg.off, cfg)
-  else:
-    cross = jnp.sum(jnp.where(q > 0, q * _log_t1(log_p, cfg.t1), 0), axis=-1)
-    loss = loss + jnp.sum(_target_term(q, cfg), axis=-1)
-  loss = jnp.where(valid, loss - cross, jnp.zeros_like(loss))
+    delta_sum = delta_sum - row[q_forget_key]
+    loss = loss + row[target_key]
+  loss = jnp.where(valid, loss, jnp.zeros_like(loss))
   loss = jnp.where(bad, jnp.full_like(loss, jnp.nan), loss)
   return loss, _Residuals(norm, delta_sum, escort_sum)
 
@@ -313,14 +393,16 @@ def _forward(logits, labels, valid, cfg: _Config) -> tuple[jax.Array, _Residuals
 def _gradient(logits, labels, valid, res: _Residuals, cfg: _Config) -> jax.Array:
   """``[..., V]`` :math:`\\partial\\ell/\\partial x` from the inputs and the per-row residuals
   (zero on invalid rows, NaN on bad ones)."""
+  log_p = _log_probs(logits, res.norm, cfg.t2)
   if jnp.issubdtype(labels.dtype, jnp.integer):
     labels, bad = _integer_rows(labels, valid, logits.shape[-1])
+    q = _integer_target(logits, labels, cfg)
   else:
     bad = jnp.zeros_like(valid)
-  p, escort, forget = _escort_and_forget(_log_probs(logits, res.norm, cfg.t2), cfg)
-  q = _target(logits, labels, cfg)
+    q = _smoothed(labels, cfg, log_p.dtype)
   scale = jnp.where(valid, res.delta_sum / res.escort_sum, jnp.zeros_like(res.delta_sum))
-  grad = jnp.where(valid[..., None], (p - q) * forget, 0) - escort * scale[..., None]
+  delta = (jnp.exp(log_p) - q) * _forget(log_p, cfg)
+  grad = jnp.where(valid[..., None], delta, 0) - jnp.exp(cfg.t2 * log_p) * scale[..., None]
   return jnp.where(bad[..., None], jnp.full_like(grad, jnp.nan), grad)
 
 
