@@ -279,9 +279,10 @@ def _plot_reliability(path: pathlib.Path, groups: dict[str, list[dict]], title: 
     if after is not None:
       any_after = True
       after_K = np.asarray(metrics.reliability_from_counts(after).accuracy)
-      ax.stairs(after_K, edges, color="k", linewidth=1.0)
+      ax.stairs(after_K, edges, baseline=None, color="k", linewidth=1.0)
       text += f"\nafter TS {float(metrics.ece_from_counts(after)):.3f}"
-    ax.text(0.04, 0.96, text, transform=ax.transAxes, fontsize=7, va="top")
+    ax.text(0.04, 0.96, text, transform=ax.transAxes, fontsize=7, va="top",
+            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1})
   handles = [matplotlib.patches.Patch(color="0.5", alpha=0.55, label="model's own confidence\n(colour: loss)"),
              matplotlib.lines.Line2D([], [], color="0.4", linestyle="--", linewidth=0.8,
                                      label="perfect calibration")]
@@ -292,8 +293,9 @@ def _plot_reliability(path: pathlib.Path, groups: dict[str, list[dict]], title: 
     ts_note = " TS: temperature fitted on held-out training data, never the test split."
   _finish(fig, path, handles,
           f"Height: accuracy of the test examples whose top-label confidence falls in the bin "
-          f"({num_bins} equal-width bins; empty bins not drawn). Dashed diagonal: accuracy = "
-          f"confidence; bars below it are over-confident.{ts_note}")
+          f"({num_bins} equal-width bins; empty bins not drawn), all seeds pooled, as is the ECE "
+          f"printed in each panel. Dashed diagonal: accuracy = confidence; bars below it are "
+          f"over-confident.{ts_note}")
 
 
 def _plot_accuracy_vs_ece(path: pathlib.Path, groups: dict[str, list[dict]],
