@@ -1,14 +1,13 @@
 """The ``xent-jax`` entry point: run, compare (skipping finished runs), report, bad configs."""
 
 import csv
-import io
 import json
 import pathlib
 
 import numpy as np
 import pytest
 
-from xent_jax.cli import _WithoutTracebacks, main
+from xent_jax.cli import main
 
 ROOT = pathlib.Path(__file__).parents[1]
 QUICK = str(ROOT / "configs" / "digits_quick.yaml")
@@ -99,17 +98,6 @@ def test_missing_config_file(tmp_path, capsys):
 def test_report_of_empty_directory_fails(tmp_path, capsys):
   assert main(["report", str(tmp_path)]) == 1
   assert "no finished runs" in capsys.readouterr().err
-
-
-def test_stderr_filter_drops_interleaved_tracebacks_only():
-  """Without --debug, tracebacks that orbax's threads print are dropped; other text passes."""
-  out = io.StringIO()
-  stderr = _WithoutTracebacks(out)
-  for piece in ["progress\r", "WARNING: kept\n", "Traceback (most recent call last):\n", "  File a\n",
-                "Traceback (most recent call last):\n", "    raise\n", "RuntimeError", ": loop\n",
-                "  File b\n", "ValueError: v\n", "xent-jax: error: one line\n"]:
-    stderr.write(piece)
-  assert out.getvalue() == "progress\rWARNING: kept\nxent-jax: error: one line\n"
 
 
 def test_yaml_error_in_an_override_is_one_line(tmp_path, capsys):

@@ -1,10 +1,11 @@
 """Config schema: overrides, shipped configs, grid expansion, and errors that name the key."""
 
+import dataclasses
 import pathlib
 
 import pytest
 
-from xent_jax.train.config import ConfigError, expand_grid, load_config
+from xent_jax.train.config import NUMERIC_RULES, Config, ConfigError, expand_grid, load_config
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -101,3 +102,41 @@ def test_missing_file_names_the_path(tmp_path):
   with pytest.raises(ConfigError, match="not found") as info:
     load_config(missing)
   assert missing in str(info.value)
+
+
+def test_every_numeric_field_has_a_range_rule():
+  """A numeric field added to the schema must get its range in NUMERIC_RULES (checked at load)."""
+  numeric = set()
+  for section in dataclasses.fields(Config):
+    if dataclasses.is_dataclass(section.type):
+      numeric |= {f"{section.name}.{field.name}" for field in dataclasses.fields(section.type)
+                  if field.type in (int, float, list[int], list[float])}
+  assert numeric == set(NUMERIC_RULES)
+
+
+@pytest.mark.parametrize("override,words", [
+    ("optim.learning_rate=-0.001", ["optim.learning_rate", "> 0"]),
+    ("optim.learning_rate=inf", ["optim.learning_rate"]),
+    ("data.test_fraction=-0.2", ["data.test_fraction", "(0, 1)"]),
+    ("data.test_fraction=0", ["data.test_fraction"]),
+    ("model.hidden_dims=[32,0]", ["model.hidden_dims", "every entry"]),
+    ("data.num_classes=0", ["data.num_classes", ">= 2"]),
+    ("optim.weight_decay=-0.1", ["optim.weight_decay", ">= 0"]),
+    ("optim.grad_clip_norm=-1", ["optim.grad_clip_norm"]),
+    ("model.num_heads=3", ["model.num_heads", "model.model_dim"]),
+    ("compare.seeds=[1,1]", ["compare.seeds", "distinct"]),
+    ("compare.seeds=[]", ["compare.seeds"]),
+    ("compare.grid={data.label_noise: []}", ["compare.grid", "data.label_noise"]),
+    ("compare.variants=[{name: focal}, {name: focal, hparams: {gamma: 1.0}, label: focal}]",
+     ["compare.variants", "focal", "label"]),
+])
+def test_out_of_range_values_name_the_key(override, words):
+  with pytest.raises(ConfigError) as info:
+    load_config(None, (override,))
+  for word in words:
+    assert word in str(info.value)
+
+
+def test_grid_values_are_range_checked_too():
+  with pytest.raises(ConfigError, match="optim.learning_rate"):
+    load_config(None, ("compare.grid={optim.learning_rate: [0.01, 0.0]}",))

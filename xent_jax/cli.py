@@ -107,14 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
   debug = getattr(args, "debug", False)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-  # Orbax logs the errors of its writer threads with tracebacks (absl), then raises them to us;
-  # they are reported once, as one line, unless --debug.
-  logging.getLogger("absl").setLevel(logging.WARNING if debug else logging.CRITICAL)
-  stderr = sys.stderr
   if not debug:
-    sys.stderr = _WithoutTracebacks(stderr)
+    # When a checkpoint write fails, orbax's writer threads log it with tracebacks (absl), asyncio
+    # logs the futures they abandon, and tensorstore's callbacks meet a closed event loop (an
+    # unraisable exception each): the error itself reaches `main` and is reported once, below.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
   try:
-    status = _main(args, extra)
+    return _main(args, extra)
   except KeyboardInterrupt:
     print("xent-jax: interrupted", file=sys.stderr)
     return 130
@@ -123,45 +124,7 @@ def main(argv: list[str] | None = None) -> int:
       raise
     message, status = _describe(err)
     print(f"xent-jax: error: {' '.join(message.split())}", file=sys.stderr)
-    return status  # stderr stays filtered: orbax's threads may still print while the process exits
-  sys.stderr = stderr
-  return status
-
-
-class _WithoutTracebacks:
-  """``sys.stderr`` minus Python tracebacks (``--debug`` keeps them).
-
-  When a checkpoint write fails, tensorstore's callbacks in orbax's threads meet a closed event
-  loop and print tracebacks of their own, several threads at once; the error itself reaches
-  `main` and is reported there, once. A traceback is a write starting with "Traceback (most
-  recent call last):" up to its exception line (the first line neither indented nor blank);
-  interleaved ones nest. Everything else passes at once.
-  """
-
-  HEADER = "Traceback (most recent call last):"
-
-  def __init__(self, stream):
-    self.stream, self.open_tracebacks, self.buffer = stream, 0, ""
-
-  def write(self, text: str) -> int:
-    if not self.open_tracebacks and not text.startswith(self.HEADER):
-      return self.stream.write(text)
-    self.buffer += text
-    while self.open_tracebacks or self.buffer.startswith(self.HEADER):
-      line, newline, rest = self.buffer.partition("\n")
-      if not newline:
-        return len(text)
-      self.buffer = rest
-      if line.startswith(self.HEADER):
-        self.open_tracebacks += 1
-      elif line and not line[0].isspace():
-        self.open_tracebacks -= 1  # an exception line closes one traceback
-    rest, self.buffer = self.buffer, ""
-    self.stream.write(rest)
-    return len(text)
-
-  def __getattr__(self, name):
-    return getattr(self.stream, name)
+    return status
 
 
 def _describe(err: Exception) -> tuple[str, int]:

@@ -9,17 +9,17 @@ The restore rule: never delete a checkpoint that may be valid. Restoring walks t
 newest to oldest. A step is skipped only on *verified* corruption, and then moved aside to
 ``checkpoints/corrupt-<step>/`` (never deleted):
 
-- a part of it is missing (the ``state`` or ``record`` directory, a key of the record);
-- its JSON files do not parse (torn or overwritten);
+- its JSON files do not parse (torn or overwritten), or the record lacks its step or fingerprint;
 - tensorstore reports undecodable or truncated array data (``DATA_LOSS``, ``OUT_OF_RANGE``,
   "Error decoding", "Data corruption", "Truncated");
 - the arrays load but do not match their saved fingerprint.
 
 Every other failure stops the run with a `CheckpointError` and leaves the files as they were: a
 file that cannot be opened (permission, I/O error; every file is opened before orbax reads any),
-arrays of other shapes, dtypes or names than the current config builds (orbax would restore the
-saved shapes silently, so they are compared first from the saved metadata), and any error not
-listed above, since it does not prove the data bad.
+a missing file (deleted, or another orbax version's layout: not proof of bad data), arrays of
+other shapes, dtypes or names than the current config builds (orbax would restore the saved
+shapes silently, so they are compared first from the saved metadata), and any error not listed
+above. The message says how to fall back by hand: move the checkpoint aside.
 """
 
 import contextlib
@@ -37,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 CORRUPT_PREFIX = "corrupt-"
+REQUIRED_FILES = ("state/_METADATA", "record/metadata")  # what every committed checkpoint has
 # Tensorstore's words for data it read but could not decode (see the module docstring).
 _CORRUPT_DATA = re.compile(r"DATA_LOSS|OUT_OF_RANGE|Error decoding|Data corruption|Truncated")
 _DENIED = re.compile(r"PERMISSION_DENIED|Permission denied")
@@ -86,7 +87,8 @@ def _classify(step_dir: pathlib.Path, err: Exception) -> Exception:
     return _Corrupt(_first_line(err))
   return CheckpointError(
       f"could not restore checkpoint {step_dir}: {_first_line(err)}; this does not prove it "
-      "corrupt, so it was left as is")
+      f"corrupt, so it was left as is (move it aside, e.g. to {CORRUPT_PREFIX}{step_dir.name}, to "
+      "resume from an older checkpoint)")
 
 
 def _leaf_specs(tree) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -151,8 +153,6 @@ class Checkpointer:
       for thread in set(threading.enumerate()) - threads:
         with contextlib.suppress(Exception):  # orbax's threads re-raise their own error here
           thread.join(max(0.0, deadline - time.monotonic()))
-      with contextlib.suppress(Exception):
-        self.manager.close()
       if jax.process_index() == 0:
         for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
           shutil.rmtree(tmp, ignore_errors=True)
@@ -184,9 +184,12 @@ class Checkpointer:
   def _restore(self, step: int, abstract_state):
     step_dir = self.directory / str(step)
     _check_readable(step_dir)
-    for item in ("state", "record"):
-      if not (step_dir / item).is_dir():
-        raise _Corrupt(f"its '{item}' directory is missing")
+    for part in REQUIRED_FILES:
+      if not (step_dir / part).is_file():
+        raise CheckpointError(
+            f"checkpoint {step_dir} lacks {part} (deleted, or written by another orbax version); "
+            f"it was left as is: move it aside, e.g. to {self._aside(step)}, to resume from an "
+            "older checkpoint")
     try:
       saved = _leaf_specs(self.manager.item_metadata(step).state.tree)
     except Exception as err:  # pylint: disable=broad-except
@@ -210,13 +213,17 @@ class Checkpointer:
       raise _Corrupt("its arrays do not match their saved fingerprint")
     return restored.state, record
 
-  def _move_aside(self, step: int, reason: str) -> None:
-    """Renames a corrupt checkpoint to ``corrupt-<step>`` (``-2``, ``-3``... if taken)."""
-    source = self.directory / str(step)
+  def _aside(self, step: int) -> pathlib.Path:
+    """``corrupt-<step>`` (``-2``, ``-3``... if taken): where a bad checkpoint goes."""
     target, n = self.directory / f"{CORRUPT_PREFIX}{step}", 1
     while target.exists():
       n += 1
       target = self.directory / f"{CORRUPT_PREFIX}{step}-{n}"
+    return target
+
+  def _move_aside(self, step: int, reason: str) -> None:
+    """Renames a corrupt checkpoint to `_aside`'s name, keeping every byte of it."""
+    source, target = self.directory / str(step), self._aside(step)
     if jax.process_index() == 0:
       source.rename(target)
     logging.warning("checkpoint %s is corrupt (%s); moved to %s, trying an older one",

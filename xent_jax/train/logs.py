@@ -85,8 +85,9 @@ def read_summary(run_dir: pathlib.Path) -> dict | None:
   try:
     summary = json.loads(path.read_bytes())
   except ValueError as err:
-    raise LogFileError(f"{path} is not valid JSON ({err}); it was written atomically, so it was "
-                       "damaged afterwards: restore it, or delete it to rerun the run's last part") from None
+    raise LogFileError(
+        f"{path} is not valid JSON ({err}); it was written atomically, so it was damaged "
+        "afterwards: restore it, or delete it to redo the run's end from its last checkpoint") from None
   if not isinstance(summary, dict):
     raise LogFileError(f"{path} holds a JSON {type(summary).__name__}, expected an object")
   return summary if summary.get("completed") else None
@@ -97,7 +98,7 @@ def write_summary(run_dir: pathlib.Path, summary: dict) -> None:
 
 
 def write_atomic(path: pathlib.Path, text: str) -> None:
-  """Replaces ``path`` by ``text`` all at once; on failure ``path`` is unchanged and no ``.tmp`` stays."""
+  """Replaces ``path`` by ``text`` at once; on failure ``path`` is unchanged, no ``.tmp`` stays."""
   tmp = path.with_suffix(path.suffix + ".tmp")
   try:
     with tmp.open("w") as f:

@@ -63,8 +63,9 @@ def config_differences(recorded: pathlib.Path, config: Config) -> list[str]:
     old = _flat(OmegaConf.to_container(merged, resolve=True))
   except (yaml.YAMLError, omegaconf.errors.OmegaConfBaseException, ValueError) as err:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    raise RunDirectoryError(f"{recorded} cannot be read as a config ({reason}), so it is unknown "
-                            "which experiment the directory holds: fix it or pass another workdir") from None
+    raise RunDirectoryError(
+        f"{recorded} cannot be read as a config ({reason}), so it is unknown which experiment "
+        "the directory holds: fix it or pass another workdir") from None
   new = _flat(OmegaConf.to_container(OmegaConf.structured(config), resolve=True))
   return [f"{key} (recorded {old.get(key)!r}, now {new.get(key)!r})"
           for key in sorted(set(old) | set(new)) if key != "workdir" and old.get(key) != new.get(key)]
@@ -198,8 +199,12 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, devices) ->
   is_main = jax.process_index() == 0
   train = config.train
   mesh = make_mesh(devices)
-  check_batch_size(train.batch_size, "train.batch_size", mesh)
-  check_batch_size(train.eval_batch_size, "train.eval_batch_size", mesh)
+  for key, size in (("train.batch_size", train.batch_size),
+                    ("train.eval_batch_size", train.eval_batch_size)):
+    try:
+      check_batch_size(size, key, mesh)
+    except ValueError as err:
+      raise ConfigError(f"config key '{key}': {err}") from None
 
   data = load_dataset(config.data, image=config.model.name == "cnn")
   _check_data_sizes(data, config)
