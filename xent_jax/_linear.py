@@ -531,7 +531,10 @@ def fused_vocab_slice(
     loss_T, pullback = jax.vjp(
         lambda l, tg, s: row_loss(l, tg, s, rows_T), lse_T, stats.target, stats.weighted_sum
     )
-    cot = StatCotangents(*pullback(new_T.astype(loss_T.dtype)))
+    # d(loss_sum)/d(loss_T): 1 on the chunk's new rows, typed like the per-row values.
+    seed_T = jnp.where(new_T, _zeros((t,), loss_T.dtype, cfg.row_axes, 1.0),
+                       _zeros((t,), loss_T.dtype, cfg.row_axes))
+    cot = StatCotangents(*pullback(seed_T))
     is_target = _block_targets(index_T, x_CxT.shape)
     g_CxT = _block_dlogits(x_CxT, is_target, all_C, lse_T, cot, class_weight_V, cfg)
     if d_bias_V is not None:
