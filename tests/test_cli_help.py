@@ -7,6 +7,7 @@ import pytest
 import xent_jax
 from xent_jax import cli
 from xent_jax.train import compare, trainer
+from xent_jax.train.config import ConfigError, load_config
 
 ROOT = pathlib.Path(__file__).parents[1]
 QUICK = str(ROOT / "configs" / "digits_quick.yaml")
@@ -56,3 +57,15 @@ def test_run_and_compare_write_to_different_directories(monkeypatch):
   assert seen["run"] == "runs/digits_quick-run/focal/seed_0"
   assert cli.main(["run", QUICK, "--workdir", "/tmp/elsewhere", "--no-progress"]) == 0
   assert seen["run"] == "/tmp/elsewhere"
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("model.hiden_dims=[8]", "did you mean 'model.hidden_dims'?"),
+    ("lerning_rate=0.1", "did you mean 'optim.learning_rate'?"),
+    ("compare.variants=[{nmae: focal}]", "unknown key 'nmae' in a LossConfig entry (such as "
+                                         "compare.variants); did you mean 'name'?"),
+])
+def test_suggestions_for_keys_at_every_level(override, expected):
+  with pytest.raises(ConfigError) as err:
+    load_config(QUICK, (override,))
+  assert expected in str(err.value)

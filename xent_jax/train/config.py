@@ -153,6 +153,14 @@ def _omegaconf_error(err: omegaconf.errors.OmegaConfBaseException, source: str) 
   key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
   message = str(err).splitlines()[0]
   if isinstance(err, (omegaconf.errors.ConfigKeyError, omegaconf.errors.ConfigAttributeError)):
+    schema = getattr(err, "object_type", None)
+    if dataclasses.is_dataclass(schema) and schema is not Config and "." not in str(key):
+      # A key inside a list entry (compare.variants): OmegaConf names only the key itself.
+      allowed = [field.name for field in dataclasses.fields(schema)]
+      close = difflib.get_close_matches(str(key), allowed, n=3, cutoff=0.6)
+      hint = f"did you mean {' or '.join(repr(k) for k in close)}? " if close else ""
+      return ConfigError(f"{source}: unknown key '{key}' in a {schema.__name__} entry (such as "
+                         f"compare.variants); {hint}allowed keys there: {allowed}")
     parent, _, _ = str(key).rpartition(".")
     node = OmegaConf.structured(Config)
     for part in filter(None, parent.split(".")):
