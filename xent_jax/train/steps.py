@@ -3,8 +3,9 @@
 The loss comes from the xent_jax registry by name or import path (`xent_jax.get_loss`), so a new
 loss variant never touches this file. With ``loss.fused`` the Transformer's loss is the loss's
 fused form (``get_loss(...).linear``: `xent_jax.linear_cross_entropy` for cross-entropy) on its
-final hidden states and ``[V, D]`` unembedding, which never builds the ``[tokens, V]`` logits. After training, `calibration_row` fits a temperature on the
-held-out part of the training data and scores the test split before and after scaling.
+final hidden states and ``[V, D]`` unembedding, which never builds the ``[tokens, V]`` logits.
+After training, `calibration_row` fits a temperature on the held-out part of the training data and
+scores the test split before and after scaling.
 """
 
 import jax
