@@ -52,21 +52,41 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start_pair(workdir: pathlib.Path, tmp_path: pathlib.Path) -> list[subprocess.Popen]:
-  """Both processes of a 2 x 2-device run, coordinated on a free local port."""
-  coordinator = f"127.0.0.1:{_free_port()}"
-  env = _env(tmp_path, 2)
-  return [subprocess.Popen(
-      _command(workdir, "--distributed", "--coordinator", coordinator, "--num-processes", "2",
-               "--process-id", str(rank)),
-      env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-          for rank in range(2)]
+def _log(tmp_path: pathlib.Path, rank: int) -> pathlib.Path:
+  return tmp_path / f"process_{rank}.log"
 
 
-def _finish(processes: list[subprocess.Popen]) -> None:
+@pytest.fixture
+def start_pair(tmp_path):
+  """``start_pair(workdir)`` starts both processes of a 2 x 2-device run, coordinated on a free
+  local port, stderr to files; processes still running at the end of the test are killed."""
+  started = []
+
+  def start(workdir: pathlib.Path) -> list[subprocess.Popen]:
+    coordinator = f"127.0.0.1:{_free_port()}"
+    env = _env(tmp_path, 2)
+    pair = []
+    for rank in range(2):
+      with _log(tmp_path, rank).open("a") as log:  # the child keeps its own descriptor
+        pair.append(subprocess.Popen(
+            _command(workdir, "--distributed", "--coordinator", coordinator, "--num-processes",
+                     "2", "--process-id", str(rank)),
+            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log))
+    started.extend(pair)
+    return pair
+
+  yield start
+  for process in started:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+
+
+def _finish(processes: list[subprocess.Popen], tmp_path: pathlib.Path) -> None:
   for rank, process in enumerate(processes):
-    _, stderr = process.communicate(timeout=TIMEOUT_S)
-    assert process.returncode == 0, f"process {rank} exited with {process.returncode}:\n{stderr}"
+    process.wait(timeout=TIMEOUT_S)
+    assert process.returncode == 0, (f"process {rank} exited with {process.returncode}:\n"
+                                     f"{_log(tmp_path, rank).read_text()}")
 
 
 def _results(workdir: pathlib.Path) -> tuple[dict, list[dict]]:
@@ -103,32 +123,31 @@ def one_process_of_four_devices(tmp_path_factory) -> pathlib.Path:
   return workdir
 
 
-def test_two_processes_equal_one_process(tmp_path, one_process_of_four_devices):
+def test_two_processes_equal_one_process(tmp_path, start_pair, one_process_of_four_devices):
   workdir = tmp_path / "run"
-  _finish(_start_pair(workdir, tmp_path))
+  _finish(start_pair(workdir), tmp_path)
   _assert_same_run(workdir, one_process_of_four_devices)
 
 
-def test_killed_process_resumes_to_the_same_result(tmp_path, one_process_of_four_devices):
+def test_killed_process_resumes_to_the_same_result(tmp_path, start_pair,
+                                                   one_process_of_four_devices):
   """SIGKILL of process 1 after the first checkpoint; the other is stopped; both rerun."""
   workdir = tmp_path / "run"
-  processes = _start_pair(workdir, tmp_path)
+  processes = start_pair(workdir)
   deadline = time.time() + TIMEOUT_S
   while not (workdir / "checkpoints" / "40").is_dir():
     for rank, process in enumerate(processes):
-      assert process.poll() is None, f"process {rank} ended early:\n{process.stderr.read()}"
+      assert process.poll() is None, (f"process {rank} ended early:\n"
+                                      f"{_log(tmp_path, rank).read_text()}")
     assert time.time() < deadline, "no checkpoint appeared"
     time.sleep(0.01)
   processes[1].send_signal(signal.SIGKILL)
   processes[1].wait()
-  # Process 0 waits on collectives with the dead peer (jax.distributed only notices after its
-  # heartbeat timeout): a job scheduler would stop it; so does the test.
+  # Process 0 is left with a dead peer: a job scheduler would stop it, and so does the test.
   processes[0].send_signal(signal.SIGKILL)
   processes[0].wait()
-  for process in processes:
-    process.stderr.close()
   assert logs.read_summary(workdir) is None, "the run finished before it could be killed"
   assert max(row["step"] for row in logs.read_metrics(workdir)) < 240
 
-  _finish(_start_pair(workdir, tmp_path))
+  _finish(start_pair(workdir), tmp_path)
   _assert_same_run(workdir, one_process_of_four_devices)
