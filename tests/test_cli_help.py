@@ -1,6 +1,7 @@
 """The CLI reads as plain text: help with examples, `losses`, did-you-mean, separate output dirs."""
 
 import pathlib
+import sys
 
 import pytest
 
@@ -69,3 +70,19 @@ def test_suggestions_for_keys_at_every_level(override, expected):
   with pytest.raises(ConfigError) as err:
     load_config(QUICK, (override,))
   assert expected in str(err.value)
+
+
+def test_a_loss_module_in_the_working_directory_is_found(tmp_path, monkeypatch):
+  """`xent-jax run ... loss.name=my_losses:my_loss` works from the directory holding my_losses.py."""
+  (tmp_path / "h5_cwd_losses.py").write_text(
+      "import xent_jax\n\n\ndef my_loss(logits, labels, *, axis=-1, weight=None, ignore_index=-100,\n"
+      "            reduction='mean', where=None):\n"
+      "  return xent_jax.cross_entropy(logits, labels, axis=axis, weight=weight,\n"
+      "                                ignore_index=ignore_index, reduction=reduction, where=where)\n")
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+  seen = {}
+  monkeypatch.setattr(trainer, "train_and_evaluate", lambda config, workdir, **_: seen.update(
+      loss=config.loss.name) or {"final": {f"eval/{k}": 0.0 for k in ("accuracy", "nll", "ece", "brier")}})
+  assert cli.main(["run", QUICK, "loss.name=h5_cwd_losses:my_loss", "--no-progress"]) == 0
+  assert seen["loss"] == "h5_cwd_losses:my_loss"

@@ -14,6 +14,7 @@ is answered with the closest known ones.
 import argparse
 import errno
 import logging
+import os
 import re
 import sys
 
@@ -165,6 +166,10 @@ def _main(args: argparse.Namespace, extra: list[str]) -> int:
     jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                process_id=args.process_id)
   overrides = list(args.overrides) + extra + ([f"workdir={args.workdir}"] if args.workdir else [])
+  # Like `python -m`, look for a loss named by import path (loss.name=my_losses:my_loss) in the
+  # working directory first; a console script's sys.path starts at its own bin/ directory.
+  if os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())
   config = config_lib.load_config(args.config, tuple(overrides))
   if args.command == "run" and not any(item.startswith("workdir=") for item in overrides):
     config.workdir = run_workdir(config)
