@@ -1,4 +1,4 @@
-"""Models and objectives: shapes, the fused LM loss equals the logits path, bf16 compute."""
+"""Models and objectives (shapes, fused LM loss = logits path, bf16), and the final calibration row."""
 
 import jax
 import jax.numpy as jnp
