@@ -400,9 +400,10 @@ def _gradient(logits, labels, valid, res: _Residuals, cfg: _Config) -> jax.Array
   else:
     bad = jnp.zeros_like(valid)
     q = _smoothed(labels, cfg, log_p.dtype)
-  scale = jnp.where(valid, res.delta_sum / res.escort_sum, jnp.zeros_like(res.delta_sum))
-  delta = (jnp.exp(log_p) - q) * _forget(log_p, cfg)
-  grad = jnp.where(valid[..., None], delta, 0) - jnp.exp(cfg.t2 * log_p) * scale[..., None]
+  scale = res.delta_sum / res.escort_sum
+  grad = (jnp.exp(log_p) - q) * _forget(log_p, cfg) - jnp.exp(cfg.t2 * log_p) * scale[..., None]
+  # Rows that don't count may hold anything (a row of -inf gives NaN above): select, not scale.
+  grad = jnp.where(valid[..., None], grad, jnp.zeros_like(grad))
   return jnp.where(bad[..., None], jnp.full_like(grad, jnp.nan), grad)
 
 
