@@ -8,10 +8,9 @@ warm-up, the methods called in turn (round-robin) so that load changes hit them 
 
 * ``naive``: ``optax.softmax_cross_entropy_with_integer_labels(hidden @ weight.T, labels).mean()``;
 * ``xent_jax``: :func:`xent_jax.linear_cross_entropy` with its default schedule, chosen from the
-  shapes (``xent_jax._linear.plan_schedule``): one pass where :math:`8D \le N` (the headline
-  shape), else two passes, vocabulary-major when :math:`V > N` (the N=1024 row of the token series);
-* ``xent_jax low-mem``: ``token_chunk_size=1024, vocab_chunk_size=4096`` (two passes,
-  vocabulary-major at the headline shape);
+  shapes and dtypes (``xent_jax._linear.plan_schedule``): one pass at every shape measured here;
+* ``xent_jax low-mem``: ``token_chunk_size=1024, vocab_chunk_size=4096`` (two passes: token-major
+  in float32, vocabulary-major in bfloat16);
 * ``jax-cce``: ``jax_cce.linear_cross_entropy`` (default ``chunk_size=4096``);
 * ``tokamax``: ``tokamax.linear_softmax_cross_entropy_loss(..., implementation="xla")``, given its
   native ``[D, V]`` weight.

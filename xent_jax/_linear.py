@@ -30,11 +30,12 @@ Two schedules, chosen from the shapes by :func:`plan_schedule`:
 * **two passes** (otherwise: reduction 'none', ``return_lse``, vocabulary chunks, or a large
   ``D/N`` as at LLM heads): the forward pass keeps only the per-row statistics; the backward pass
   recomputes each block from ``hidden`` and ``weight`` once the per-row cotangents are known: four
-  matmuls, the least memory. Its loop order keeps the smaller float32 accumulator:
-  **vocabulary-major** when :math:`V > N` (vocabulary chunks outermost, each seeing every token,
-  so each ``d_weight`` block is finished in float32 and written once in the weight's dtype;
-  ``d_hidden`` accumulates ``[N, D]`` in float32), token-major otherwise (``d_weight``
-  accumulates ``[V, D]`` in float32).
+  matmuls, the least memory. Its loop order keeps the fewer float32 elements besides the
+  gradients: **vocabulary-major** (vocabulary chunks outermost, each seeing every token, so each
+  ``d_weight`` block is finished in float32 and written once in the weight's dtype; ``d_hidden``
+  accumulates ``[N, D]`` in float32) for bfloat16 heads with :math:`V > N + 4096`, token-major
+  otherwise (``d_weight`` accumulates ``[V, D]`` in float32: for a float32 weight, the gradient
+  itself).
 
 Compiled for a TPU v5e or v6e in bfloat16 (value and gradients of ``hidden`` and ``weight``), the
 Llama-3-8B head (N=8192, D=4096, V=128256) keeps 129/161 MiB of temporaries against 6012 MiB for
@@ -670,9 +671,9 @@ class Schedule(NamedTuple):
 
 def plan_schedule(
     fn: str, n: int, d: int, v: int, *, linear_reduction: bool, token_chunk_size,
-    vocab_chunk_size,
+    vocab_chunk_size, hidden_dtype=jnp.float32, weight_dtype=jnp.float32,
 ) -> Schedule:
-  r"""Chooses the schedule and the loop order from the shapes ``[N, D] x [V, D]``.
+  r"""Chooses the schedule and the loop order from the shapes ``[N, D] x [V, D]`` and dtypes.
 
   * **One pass** (three matmuls, token-major, a float32 ``[V, D]`` weight-gradient accumulator)
     when the loss is linear in the per-row losses (``linear_reduction``: 'sum' or 'mean' without
@@ -681,21 +682,30 @@ def plan_schedule(
     :math:`8D \le N`) or no larger than one default block (:math:`VD \le 2^{24}`). Beyond that
     (Llama-3-8B's head: :math:`D = N/2` at ``N = 8192``) the accumulator alone would be a large
     part of the naive path's memory.
-  * Otherwise **two passes** (four matmuls: statistics, then recomputed blocks). The backward
-    keeps the smaller float32 accumulator: vocabulary-major (``d_hidden`` ``[N, D]``, each
-    ``d_weight`` block finished and written once in the weight's dtype) when :math:`V > N`,
-    token-major (``d_weight`` ``[V, D]``) otherwise. Vocabulary-major blocks default to
-    ``4096`` classes.
+  * Otherwise **two passes** (four matmuls: statistics, then recomputed blocks), whose backward
+    keeps the fewer float32 elements besides the gradients themselves. Token-major keeps a
+    ``[V, D]`` accumulator, extra when the weight is narrower than float32; vocabulary-major keeps
+    a ``[C, D]`` block and an ``[N, D]`` accumulator, extra when ``hidden`` is narrower. So
+    bfloat16 heads with :math:`V > N + C` go vocabulary-major (each ``d_weight`` block finished in
+    float32 and written once in the weight's dtype), float32 ones token-major (the accumulator is
+    the gradient). Vocabulary-major blocks default to :math:`C = 4096` classes.
 
   Explicit chunk sizes are kept (clipped to the axis); defaults give blocks of about ``2**24``
   elements (:func:`default_token_chunk`).
   """
   small = _ONE_PASS_RATIO * d <= n or v * d <= _BLOCK_ELEMENTS
   one_pass = linear_reduction and vocab_chunk_size is None and small
-  vocab_major = not one_pass and v > n
-  default_vocab = min(v, _VOCAB_MAJOR_CHUNK) if vocab_major else v
-  vocab_chunk = v if one_pass else _resolve_chunk(
-      fn, "vocab_chunk_size", vocab_chunk_size, v, default_vocab)
+  if one_pass:
+    vocab_chunk, vocab_major = v, False
+  else:
+    block = _resolve_chunk(fn, "vocab_chunk_size", vocab_chunk_size, v, _VOCAB_MAJOR_CHUNK)
+    acc = jnp.promote_types(jnp.promote_types(hidden_dtype, weight_dtype), jnp.float32)
+    narrower = lambda dtype: jnp.dtype(dtype).itemsize < jnp.dtype(acc).itemsize
+    token_extra = v * d if narrower(weight_dtype) else 0
+    vocab_extra = block * d + (n * d if narrower(hidden_dtype) else 0)
+    vocab_major = token_extra > vocab_extra
+    vocab_chunk = block if vocab_major else _resolve_chunk(
+        fn, "vocab_chunk_size", vocab_chunk_size, v, v)
   token_chunk = _resolve_chunk(
       fn, "token_chunk_size", token_chunk_size, n, default_token_chunk(vocab_chunk))
   return Schedule(one_pass, token_chunk, vocab_chunk, vocab_major)
@@ -737,8 +747,9 @@ def linear_cross_entropy(
   pass (three matmuls, as the unfused loss) and kept until the backward pass, which scales them
   (residuals: the size of ``hidden`` and ``weight``); otherwise the backward pass recomputes the
   logits (four matmuls, blocks of ``[token_chunk_size, vocab_chunk_size]``, residuals: the per-row
-  ``lse``), vocabulary chunks outermost when :math:`V > N` so that no float32 ``[V, D]`` buffer
-  exists (:func:`xent_jax._linear.plan_schedule`). Called
+  ``lse``), vocabulary chunks outermost for bfloat16 heads with :math:`V > N + 4096`, so that no
+  float32 ``[V, D]`` buffer exists besides a float32 gradient
+  (:func:`xent_jax._linear.plan_schedule`). Called
   without differentiation, it only computes the loss (one matmul).
 
   Gradients come back in the inputs' dtypes, accumulated in float32 (float64 for float64 inputs).
@@ -836,6 +847,7 @@ def linear_cross_entropy(
   schedule = plan_schedule(
       fn, n, features, num_classes, linear_reduction=reduction != "none" and not return_lse,
       token_chunk_size=token_chunk_size, vocab_chunk_size=vocab_chunk_size,
+      hidden_dtype=hidden.dtype, weight_dtype=weight.dtype,
   )
 
   dtype = _ce.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))

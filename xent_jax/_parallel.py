@@ -716,7 +716,8 @@ def _linear_local(
   n = math.prod(batch_shape)
   schedule = _linear.plan_schedule(
       fn, n, features, num_local, linear_reduction=reduction != "none" and not return_lse,
-      token_chunk_size=token_chunk_size, vocab_chunk_size=vocab_chunk_size)
+      token_chunk_size=token_chunk_size, vocab_chunk_size=vocab_chunk_size,
+      hidden_dtype=hidden.dtype, weight_dtype=weight.dtype)
 
   num_classes = num_local * jax.lax.axis_size(vocab_axis)
   read = _inputs.integer_labels(
