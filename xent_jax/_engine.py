@@ -163,18 +163,13 @@ def _broadcast_beta(beta: jax.Array, shape) -> jax.Array:
   return beta.reshape((1,) * (len(shape) - 1) + (-1,)) if beta.ndim == 1 < len(shape) else beta
 
 
-@jax.custom_jvp
 def floor_log_p(log_p: jax.Array) -> jax.Array:
-  """:math:`\\max(\\log p, \\text{finfo.min}/4)` with the identity as its derivative.
-
-  Keeps :math:`f(\\log p)` finite where :math:`p = 0`, so that a zero weight gives an exact 0
-  without a ``select``: XLA's CPU backend does not fuse a data-dependent ``select`` (or compare)
-  into a reduction and would materialise a ``[..., V]`` temporary for it.
+  """:math:`\\max(\\log p, \\text{finfo.min}/4)`: keeps :math:`f(\\log p)` finite where
+  :math:`p = 0`, so that a zero weight gives an exact 0 without a ``select`` (XLA's CPU backend
+  does not fuse a data-dependent ``select`` into a reduction and would materialise a ``[..., V]``
+  temporary for it). Never differentiated: the kernel's own JVP defines the derivatives.
   """
   return jnp.maximum(log_p, jnp.finfo(log_p.dtype).min / 4)
-
-
-floor_log_p.defjvp(lambda primals, tangents: (floor_log_p(primals[0]), tangents[0]))
 
 
 def _class_terms(f: ClassFn, beta: jax.Array, log_p: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -223,11 +218,14 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
     target = softcap(raw.astype(dtype), cfg.logit_softcap) - m
     if axis is not None:
       target = lax.psum(jnp.where(owned, target, jnp.zeros_like(target)), axis)
+  # Made finite before the barrier: a select inside a reduction's input is not fused on XLA:CPU.
+  finite_log_sum = _finite(log_sum)
+
   def log_probs():
     # A fresh read of the logits and of the row statistics for every reduction below.
-    x, m_, log_sum_ = barrier((logits, m, log_sum))
+    x, m_, log_sum_ = barrier((logits, m, finite_log_sum))
     _, c = _centred(x, m_, cfg)
-    return c, c - _finite(log_sum_)[..., None]
+    return c, c - log_sum_[..., None]
 
   sums, totals = [], []
   for f, beta_fn, operands in zip(cfg.class_fns, cfg.beta_fns, betas):
@@ -245,10 +243,9 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
 
 def _tangent(cfg: _Config, logits, labels, betas, stats: RowStats, totals, t_logits, t_betas):
   """The statistics' tangent, linear in ``(t_logits, t_betas)`` (None: a zero tangent)."""
-  logits, m = lax.optimization_barrier((logits, stats.max))
+  logits, m, log_sum = lax.optimization_barrier((logits, stats.max, _finite(stats.log_sum)))
   dtype = m.dtype
   x, c = _centred(logits, m, cfg)
-  log_sum = _finite(stats.log_sum)
   log_p = c - log_sum[..., None]
   p = jnp.exp(log_p)
   zero = jnp.zeros_like(stats.max)
