@@ -18,6 +18,7 @@ from jax.test_util import check_grads
 
 import _reference as ref
 import xent_jax
+from xent_jax import _linear
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8,
@@ -249,6 +250,31 @@ class TestVocabParallelLinearCrossEntropy:
     d_weight_VxD = d_logits.T @ hidden.astype(np.float64)
     _close(grads[1], d_weight_VxD if layout == "vd" else d_weight_VxD.T, 1e-4)
     _close(grads[2], d_logits.sum(0), 1e-4)
+
+  @pytest.mark.parametrize("order", ["token", "vocab"])
+  def test_two_pass_loop_orders(self, order, monkeypatch):
+    # Both backward loop orders on every shard (float32 shards this small would go token-major).
+    plan = _linear.plan_schedule
+    monkeypatch.setattr(_linear, "plan_schedule", lambda *a, **k: plan(*a, **k)._replace(
+        vocab_major=order == "vocab"))
+    rng = np.random.default_rng(18)
+    hidden = rng.standard_normal((12, D)).astype(np.float32)
+    weight = (0.7 * rng.standard_normal((V, D))).astype(np.float32)
+    bias = rng.standard_normal(V).astype(np.float32)
+    labels = rng.integers(0, V, 12).astype(np.int32)
+    mesh = _mesh((2, 4))
+    options = dict(label_smoothing=0.1, z_loss=1e-3, bias=bias)
+    with jax.set_mesh(mesh):
+      loss, grads = jax.jit(jax.value_and_grad(
+          lambda h, w: jnp.sum(xent_jax.vocab_parallel_linear_cross_entropy(
+              h, w, labels, mesh=mesh, data_axis="data", reduction="none", token_chunk_size=4,
+              vocab_chunk_size=3, **options)), argnums=(0, 1)))(hidden, weight)
+    logits = hidden.astype(np.float64) @ weight.T.astype(np.float64) + bias
+    ref_options = dict(label_smoothing=0.1, z_loss=1e-3)
+    d_logits = ref.cross_entropy_grad(logits, labels, reduction="sum", **ref_options)
+    _close(loss, ref.cross_entropy(logits, labels, reduction="sum", **ref_options), 1e-5)
+    _close(grads[0], d_logits @ weight.astype(np.float64), 1e-4)
+    _close(grads[1], d_logits.T @ hidden.astype(np.float64), 1e-4)
 
   def test_return_lse_and_batch_dims(self):
     rng = np.random.default_rng(9)
