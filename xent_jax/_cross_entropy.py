@@ -97,21 +97,6 @@ def integer_label_loss(
   return loss
 
 
-def integer_label_grad_scale(
-    lse: jax.Array,
-    target_weight: jax.Array,
-    total_weight: jax.Array | float,
-    target: SmoothedTarget,
-    z_loss: float,
-) -> jax.Array:
-  """:math:`\\partial\\ell/\\partial\\mathrm{lse}`: the softmax's coefficient in
-  :math:`\\partial\\ell/\\partial x_c = s\\,p_c - \\text{off}\\,w_c - (\\text{on}-\\text{off})\\,w_y[c=y]`."""
-  scale = target.off * total_weight + (target.on - target.off) * target_weight
-  if z_loss:
-    scale = scale + 2.0 * z_loss * target_weight * lse
-  return scale
-
-
 def cross_entropy_head(smoothing: str, z_loss: float) -> _heads.Head:
   """Cross-entropy as a head: :math:`f = -\\log p`, plus the T5X target entropy and the z-loss.
 

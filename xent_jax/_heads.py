@@ -165,6 +165,28 @@ def _class_beta(class_weight, class_factor, num_classes: int, dtype) -> jax.Arra
   return beta if class_factor is None else beta * class_factor.astype(dtype)
 
 
+def target_weights(
+    class_weight: jax.Array | None, labels: jax.Array, num_local: int, dtype,
+    vocab_axis: Hashable | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """``(w_y [...], W)``: each row's target weight and the total class weight.
+
+  With ``vocab_axis`` (inside ``shard_map``) ``class_weight`` is this shard's ``[V_s]`` slice and
+  ``labels`` are global: the shard owning each label contributes its weight (a ``psum``).
+  """
+  num_classes = num_local if vocab_axis is None else num_local * lax.axis_size(vocab_axis)
+  if class_weight is None:
+    return jnp.ones(labels.shape, dtype), jnp.asarray(num_classes, dtype)
+  class_weight = class_weight.astype(dtype)
+  if vocab_axis is None:
+    return class_weight[labels], jnp.sum(class_weight)
+  local = labels - (lax.axis_index(vocab_axis) * num_local).astype(labels.dtype)
+  owned = (local >= 0) & (local < num_local)
+  picked = class_weight[jnp.clip(local, 0, num_local - 1)]
+  target_weight = lax.psum(jnp.where(owned, picked, jnp.zeros_like(picked)), vocab_axis)
+  return target_weight, lax.psum(jnp.sum(class_weight), vocab_axis)
+
+
 def integer_loss(
     head: Head,
     logits: jax.Array,
@@ -186,27 +208,28 @@ def integer_loss(
     on, off: the smoothed one-hot target's values.
     logit_softcap: soft cap or None.
     vocab_axis: inside ``shard_map``, the mesh axis the classes of ``logits`` are split over
-      (see :func:`xent_jax._engine.row_stats`); ``labels``, ``class_weight`` and the head's
-      class factor stay global.
+      (see :func:`xent_jax._engine.row_stats`): ``class_weight`` is then this shard's ``[V_s]``
+      slice, while ``labels`` and the head's class factor stay global.
 
   Returns:
     ``(loss [...], stats)`` in float32 (float64 for float64 logits).
   """
   dtype = _engine.compute_dtype(logits.dtype)
   num_local = logits.shape[-1]
-  num_classes = num_local if vocab_axis is None else num_local * lax.axis_size(vocab_axis)
+  num_classes, start = num_local, 0
+  if vocab_axis is not None:
+    num_classes, start = num_local * lax.axis_size(vocab_axis), lax.axis_index(vocab_axis) * num_local
+  local_factor = head.class_factor
+  if local_factor is not None and vocab_axis is not None:
+    local_factor = lax.dynamic_slice_in_dim(local_factor, start, num_local)
   sums = ()
   if off:
-    beta = _class_beta(class_weight, head.class_factor, num_classes, dtype)
-    if vocab_axis is not None:
-      beta = lax.dynamic_slice_in_dim(beta, lax.axis_index(vocab_axis) * num_local, num_local)
-    sums = (ClassSum(head.class_fn, (beta,)),)
+    sums = (ClassSum(head.class_fn, (_class_beta(class_weight, local_factor, num_local, dtype),)),)
   stats = _engine.row_stats(
       logits, labels, sums, logit_softcap=logit_softcap, entropy=head.entropy,
       vocab_axis=vocab_axis,
   )
-  target_weight = _gather(class_weight, labels, dtype) * jnp.ones_like(stats.max)
-  total_weight = jnp.asarray(num_classes if class_weight is None else jnp.sum(class_weight), dtype)
+  target_weight, total_weight = target_weights(class_weight, labels, num_local, dtype, vocab_axis)
   factor = _gather(head.class_factor, labels, dtype)
   loss = (on - off) * target_weight * factor * head.class_fn(stats.log_p_target)
   if off:

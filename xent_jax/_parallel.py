@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xent_jax import _checks
+from xent_jax import _heads
 from xent_jax import _inputs
 from xent_jax import _cross_entropy as _ce
 from xent_jax import _linear
@@ -137,27 +138,6 @@ def _shard_map(local, mesh, args, specs, out_specs):
 # --------------------------------------------------------------------------- shared shard pieces
 
 
-def _owned_labels(labels, num_local: int, vocab_axis):
-  """This shard's column of each label (0 where it does not own it) and whether it owns it."""
-  local = labels - jax.lax.axis_index(vocab_axis) * num_local
-  owned = (local >= 0) & (local < num_local)
-  return jnp.where(owned, local, jnp.zeros_like(local)), owned
-
-
-def _psum_owned(values, owned, vocab_axis):
-  """Each row's value from the shard that owns its label (0 if none does)."""
-  return jax.lax.psum(jnp.where(owned, values, jnp.zeros_like(values)), vocab_axis)
-
-
-def _class_weight_stats(class_weight, labels, num_local, num_classes, vocab_axis, dtype):
-  """``(w_y, W)``: each row's target weight and the total class weight, both global."""
-  if class_weight is None:
-    return jnp.ones(labels.shape, dtype), jnp.asarray(num_classes, dtype)
-  local, owned = _owned_labels(labels, num_local, vocab_axis)
-  target_weight = _psum_owned(class_weight[local], owned, vocab_axis)
-  return target_weight, jax.lax.psum(jnp.sum(class_weight), vocab_axis)
-
-
 def _reduce(loss, example_weight, reduction: str, data_axis, fn: str):
   """:func:`xent_jax._reduction.reduce_loss` over the global batch (rows split on ``data_axis``)."""
   if reduction == "none" or not data_axes(data_axis):
@@ -195,83 +175,6 @@ def _logits_labels_kind(fn, labels, logits_shape) -> bool:
 
 
 # --------------------------------------------------------------------------- logits kernel
-
-
-@dataclasses.dataclass(frozen=True)
-class _ShardConfig:
-  vocab_axis: Hashable
-  target: _ce.SmoothedTarget
-  z_loss: float
-  logit_softcap: float | None
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _shard_cross_entropy(logits, labels, class_weight, valid, cfg):
-  loss, lse, target_weight, _ = _shard_forward(logits, labels, class_weight, valid, cfg)
-  return loss, lse, target_weight
-
-
-def _shard_forward(logits, labels, class_weight, valid, cfg: _ShardConfig):
-  """Per-row loss, lse and target weight of one vocabulary shard ``[..., V_s]`` of the logits."""
-  dtype = _ce.compute_dtype(logits.dtype)
-  axis, cap = cfg.vocab_axis, cfg.logit_softcap
-  num_local = logits.shape[-1]
-  num_classes = num_local * jax.lax.axis_size(axis)
-  # Centred on the global row maximum, as the core does, so large logits lose no precision.
-  m = jax.lax.pmax(_ce.softcap(jnp.max(logits, axis=-1).astype(dtype), cap), axis)
-  m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
-  x = _ce.softcap(logits.astype(dtype), cap) - m[..., None]
-  log_sum = jnp.log(jax.lax.psum(jnp.sum(jnp.exp(x), axis=-1), axis))
-  local, owned = _owned_labels(labels, num_local, axis)
-  target_logit = _psum_owned(jnp.take_along_axis(x, local[..., None], axis=-1)[..., 0], owned, axis)
-  target_weight, total_weight = _class_weight_stats(
-      class_weight, labels, num_local, num_classes, axis, dtype)
-  weighted_sum = None
-  if cfg.target.off:
-    wx = x if class_weight is None else x * _ce.along_classes(class_weight, x.ndim)
-    weighted_sum = jax.lax.psum(jnp.sum(wx, axis=-1), axis)
-  lse = m + log_sum
-  loss = _ce.integer_label_loss(
-      log_sum, target_logit, weighted_sum, target_weight, total_weight, cfg.target, cfg.z_loss,
-      z_lse=lse,
-  )
-  loss = jnp.where(valid, loss, jnp.zeros_like(loss))
-  bad = valid & ((labels < 0) | (labels >= num_classes))
-  loss = jnp.where(bad, jnp.full_like(loss, jnp.nan), loss)
-  return loss, lse, target_weight, (m, log_sum, total_weight, bad)
-
-
-def _shard_fwd(logits, labels, class_weight, valid, cfg):
-  loss, lse, target_weight, (m, log_sum, total_weight, bad) = _shard_forward(
-      logits, labels, class_weight, valid, cfg)
-  residuals = (logits, labels, class_weight, valid, m, log_sum, target_weight, total_weight, bad)
-  return (loss, lse, target_weight), residuals
-
-
-def _shard_bwd(cfg: _ShardConfig, residuals, cotangents):
-  """Shard-local: no collective, two numbers per row (``m``, ``log_sum``) besides the inputs."""
-  logits, labels, class_weight, valid, m, log_sum, target_weight, total_weight, bad = residuals
-  g_loss, g_lse, _ = cotangents  # The target weight is a constant.
-  g_loss = jnp.where(valid, g_loss, jnp.zeros_like(g_loss))
-  scale = g_loss * _ce.integer_label_grad_scale(
-      m + log_sum, target_weight, total_weight, cfg.target, cfg.z_loss) + g_lse
-  x = _ce.softcap(logits.astype(m.dtype), cfg.logit_softcap)
-  probs = jnp.exp((x - m[..., None]) - log_sum[..., None])
-  local, owned = _owned_labels(labels, logits.shape[-1], cfg.vocab_axis)
-  is_target = owned[..., None] & (
-      jax.lax.broadcasted_iota(local.dtype, logits.shape, logits.ndim - 1) == local[..., None])
-  on_minus_off = (cfg.target.on - cfg.target.off) * g_loss * target_weight
-  grad = scale[..., None] * probs - jnp.where(
-      is_target, on_minus_off[..., None], jnp.zeros_like(probs))
-  if cfg.target.off:
-    w = 1.0 if class_weight is None else _ce.along_classes(class_weight, grad.ndim)
-    grad = grad - cfg.target.off * g_loss[..., None] * w
-  grad = grad * _ce.softcap_grad(x, cfg.logit_softcap)
-  grad = jnp.where(bad[..., None], jnp.full_like(grad, jnp.nan), grad)
-  return grad.astype(logits.dtype), None, None, None
-
-
-_shard_cross_entropy.defvjp(_shard_fwd, _shard_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -526,11 +429,25 @@ def vocab_parallel_cross_entropy_local(
     Parallelism", 2019 (vocabulary-parallel cross-entropy).
   """
   fn = "vocab_parallel_cross_entropy_local"
-  _checks.check_floating(fn, "logits", logits)
   _ce.check_common_options(
       fn, label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
       logit_softcap=logit_softcap, reduction=reduction,
   )
+  return _local_loss(
+      fn, _ce.cross_entropy_head(smoothing, float(z_loss)), logits, labels,
+      vocab_axis=vocab_axis, data_axis=data_axis, weight=weight, ignore_index=ignore_index,
+      reduction=reduction, label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
+      logit_softcap=logit_softcap, where=where, return_lse=return_lse,
+  )
+
+
+def _local_loss(
+    fn, head, logits, labels, *, vocab_axis, data_axis, weight, ignore_index, reduction,
+    label_smoothing, smoothing, z_loss, logit_softcap, where, return_lse,
+):
+  """One vocabulary shard's loss of ``head`` (the row-statistics engine over ``vocab_axis``) for
+  integer labels; cross-entropy's own kernel for probability labels."""
+  _checks.check_floating(fn, "logits", logits)
   logits, labels = jnp.asarray(logits), _inputs.as_label_array(fn, labels)
   if logits.ndim < 1:
     raise ValueError(f"{fn}: `logits` must have shape [..., V_shard], got a scalar.")
@@ -539,17 +456,25 @@ def vocab_parallel_cross_entropy_local(
   if weight is not None:
     _inputs.check_class_weight(fn, "weight", weight, logits.shape[-1])
     weight = jnp.asarray(weight).astype(dtype)
-  num_classes = logits.shape[-1] * jax.lax.axis_size(vocab_axis)
+  num_local = logits.shape[-1]
+  num_classes = num_local * jax.lax.axis_size(vocab_axis)
   if integer:
     read = _inputs.integer_labels(
         fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=where)
-    cfg = _ShardConfig(
-        vocab_axis, _ce.smoothed_target(num_classes, label_smoothing, smoothing), float(z_loss),
-        logit_softcap,
+    target = _ce.smoothed_target(num_classes, label_smoothing, smoothing)
+    loss, stats = _heads.integer_loss(
+        head, logits, read.safe_labels, class_weight=weight, on=target.on, off=target.off,
+        logit_softcap=logit_softcap, vocab_axis=vocab_axis,
     )
-    loss, lse, target_weight = _shard_cross_entropy(logits, read.labels, weight, read.valid, cfg)
+    loss, lse = _ce.mask_rows(loss, read.valid, read.bad), stats.lse
+    target_weight, _ = _heads.target_weights(
+        weight, read.safe_labels, num_local, dtype, vocab_axis)
     example_weight = jnp.where(read.valid, target_weight, jnp.zeros_like(target_weight))
   else:
+    if head.class_fn is not _heads.neg_log or head.extra_sums is not None:
+      raise NotImplementedError(
+          f"{fn}: over vocabulary shards, probability `labels` are supported for cross-entropy "
+          "only; pass integer labels.")
     valid = _where_rows(fn, where, logits.shape[:-1])
     cfg = _DenseShardConfig(vocab_axis, float(label_smoothing), smoothing, float(z_loss),
                             logit_softcap)
@@ -623,11 +548,43 @@ def vocab_parallel_cross_entropy(
     Architecture", 2016 (label smoothing); Chowdhery et al., "PaLM", 2022 (z-loss).
   """
   fn = "vocab_parallel_cross_entropy"
-  _checks.check_floating(fn, "logits", logits)
   _ce.check_common_options(
       fn, label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
       logit_softcap=logit_softcap, reduction=reduction,
   )
+  return _global_loss(
+      fn, _ce.cross_entropy_head(smoothing, float(z_loss)), logits, labels, mesh=mesh,
+      vocab_axis=vocab_axis, data_axis=data_axis, axis=axis, weight=weight,
+      ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+      smoothing=smoothing, z_loss=z_loss, logit_softcap=logit_softcap, where=where,
+      return_lse=return_lse,
+  )
+
+
+def vocab_parallel_head_loss(
+    fn: str, head: _heads.Head, logits, labels, *, mesh: Mesh, vocab_axis: Hashable = "vocab",
+    data_axis: Hashable | None = None, axis: int = -1, weight=None, ignore_index=-100,
+    reduction: str = "mean", label_smoothing: float = 0.0, where=None, return_lse: bool = False,
+):
+  """Any engine head (see :mod:`xent_jax._heads`) with the classes split over ``vocab_axis``:
+  :func:`vocab_parallel_cross_entropy`'s arguments and rules, integer labels, uniform smoothing.
+  ``get_loss(name).vocab_parallel`` calls it."""
+  _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
+  _checks.check_reduction(fn, reduction)
+  return _global_loss(
+      fn, head, logits, labels, mesh=mesh, vocab_axis=vocab_axis, data_axis=data_axis, axis=axis,
+      weight=weight, ignore_index=ignore_index, reduction=reduction,
+      label_smoothing=label_smoothing, smoothing="uniform", z_loss=0.0, logit_softcap=None,
+      where=where, return_lse=return_lse,
+  )
+
+
+def _global_loss(
+    fn, head, logits, labels, *, mesh, vocab_axis, data_axis, axis, weight, ignore_index,
+    reduction, label_smoothing, smoothing, z_loss, logit_softcap, where, return_lse,
+):
+  """Places the global arrays on ``mesh`` and runs :func:`_local_loss` in ``shard_map``."""
+  _checks.check_floating(fn, "logits", logits)
   logits, labels = jnp.asarray(logits), _inputs.as_label_array(fn, labels)
   class_axis = _checks.canonical_axis(fn, axis, logits.ndim)
   if jnp.issubdtype(labels.dtype, jnp.floating):  # probabilities: classes on `axis` too
@@ -650,8 +607,8 @@ def vocab_parallel_cross_entropy(
            "weight": PartitionSpec(vocab_axis), "where": row_spec}
 
   def local(a):
-    return vocab_parallel_cross_entropy_local(
-        a["logits"], a["labels"], vocab_axis=vocab_axis, data_axis=data_axis,
+    return _local_loss(
+        fn, head, a["logits"], a["labels"], vocab_axis=vocab_axis, data_axis=data_axis,
         weight=a.get("weight"), ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
         logit_softcap=logit_softcap, where=a.get("where"), return_lse=return_lse,
@@ -725,8 +682,8 @@ def _linear_local(
   # int32 labels, -1 outside [0, K): such a row matches no class of any shard.
   hidden_NxD = hidden.reshape(n, features)
   labels_N, valid_N, in_range_N = (a.reshape(n) for a in read)
-  target_weight_N, total_weight = _class_weight_stats(
-      class_weight, labels_N, num_local, num_classes, vocab_axis, dtype)
+  target_weight_N, total_weight = _heads.target_weights(
+      class_weight, labels_N, num_local, dtype, vocab_axis)
   example_weight_N = jnp.where(valid_N, target_weight_N, jnp.zeros_like(target_weight_N))
   nan_or_one_N = jnp.where(valid_N & ~in_range_N, jnp.nan, 1.0).astype(dtype)
   # The kernels see this shard's classes as 0..V_s-1: shift the labels rather than pass the

@@ -266,22 +266,42 @@ class ConfiguredLoss:
   def vocab_parallel(
       self, logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike, **options: Any
   ) -> jax.Array:
-    """This loss with the classes split over a mesh axis (see
-    :func:`xent_jax.vocab_parallel_cross_entropy` for ``mesh``, ``vocab_axis``, ``data_axis``
-    and the conventions). Cross-entropy entries only, so far; other losses raise
-    ``NotImplementedError`` naming the loss."""
-    if not _is_cross_entropy(self.fn):
-      raise NotImplementedError(
-          f"get_loss({self.name!r}).vocab_parallel: only the cross-entropy entries have a "
-          "vocabulary-parallel form so far; use .linear (fused) or the loss on gathered logits."
-      )
+    """This loss with the classes split over a mesh axis: ``mesh``, ``vocab_axis``,
+    ``data_axis``, ``axis``, ``weight``, ``ignore_index``, ``reduction``, ``where`` and
+    ``return_lse`` as in :func:`xent_jax.vocab_parallel_cross_entropy`.
+
+    Cross-entropy entries run that function; every other head of the engine (the variants, losses
+    from :func:`register_loss`) completes its per-row statistics with ``pmax``/``psum`` over the
+    vocabulary axis, integer labels. The bi-tempered loss and losses named by import path have no
+    vocabulary-parallel form (``NotImplementedError``, naming the loss).
+    """
     from xent_jax import _parallel  # pylint: disable=import-outside-toplevel
 
-    return _parallel.vocab_parallel_cross_entropy(logits, labels, **self.hparams, **options)
+    fn = f"get_loss({self.name!r}).vocab_parallel"
+    if _is_cross_entropy(self.fn):
+      return _parallel.vocab_parallel_cross_entropy(logits, labels, **self.hparams, **options)
+    factory = _variants.HEAD_FACTORIES.get(self.fn) or _USER_HEADS.get(self.fn)
+    if factory is None:
+      raise NotImplementedError(
+          f"{fn}: this loss is not a head of the row-statistics engine, so it has no "
+          "vocabulary-parallel form; use .linear (fused) or the loss on gathered logits."
+      )
+    hparams = dict(self.hparams)
+    label_smoothing = hparams.pop("label_smoothing", 0.0)
+    axis = options.get("axis", -1)
+    num_classes = np.shape(logits)[axis]
+    return _parallel.vocab_parallel_head_loss(
+        fn, factory(num_classes, **hparams), logits, labels, label_smoothing=label_smoothing,
+        **options,
+    )
 
   def __repr__(self) -> str:
     args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
     return f"get_loss({self.name!r}, {args})" if args else f"get_loss({self.name!r})"
+
+
+# Heads of losses built by define_loss, by loss function, for their vocabulary-parallel form.
+_USER_HEADS: dict[Callable[..., jax.Array], Callable[..., _heads.Head]] = {}
 
 
 def _import_loss(path: str) -> _Entry:
@@ -416,6 +436,8 @@ def define_loss(class_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
   )
   loss.__name__ = name
   loss.__doc__ = (inspect.getdoc(class_fn) or f"The loss with per-class term {name}(log p).")
+  _USER_HEADS[loss] = lambda num_classes, **values: _heads.Head(
+      lambda log_p: class_fn(log_p, **(hparams | values)))
   return loss
 
 

@@ -504,3 +504,22 @@ def confidence_penalty_cross_entropy(
   _checks.check_in_range(fn, "beta", beta, 0.0, math.inf)
   return _dense(fn, confidence_penalty_head(beta), logits, labels, label_smoothing, axis, weight, ignore_index,
                 reduction, where)
+
+def _alpha_vector(alpha, num_classes: int):
+  return None if alpha is None else jnp.broadcast_to(
+      jnp.asarray(alpha, jnp.result_type(float)), (num_classes,))
+
+
+# Each variant's head from its hyper-parameters (label smoothing aside) and the class count, for
+# the executors that take a head rather than logits (vocabulary shards).
+HEAD_FACTORIES = {
+    focal_loss: lambda num_classes, gamma, alpha: focal_head(
+        gamma, _alpha_vector(alpha, num_classes)),
+    poly1_cross_entropy: lambda num_classes, epsilon: poly1_head(epsilon),
+    symmetric_cross_entropy: lambda num_classes, alpha, beta, log_clip: symmetric_head(
+        alpha, beta, log_clip),
+    generalized_cross_entropy: lambda num_classes, q: generalized_head(q),
+    truncated_generalized_cross_entropy: lambda num_classes, q, k: truncated_generalized_head(q, k),
+    taylor_cross_entropy: lambda num_classes, order: taylor_head(int(order)),
+    confidence_penalty_cross_entropy: lambda num_classes, beta: confidence_penalty_head(beta),
+}
