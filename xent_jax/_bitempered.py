@@ -61,19 +61,55 @@ def _log_t(u, t: float):
   return (u ** (1.0 - t) - 1.0) / (1.0 - t)
 
 
-def _log_exp_t(u: jax.Array, t: float) -> jax.Array:
-  """:math:`\\log \\exp_t u`, ``-inf`` outside the support (:math:`t < 1`).
+class _TemperedExp:
+  """:math:`e = \\exp_t(u)` of a ``[..., V]`` array and the powers of it the loss needs.
 
-  Powers of ``[..., V]`` arrays are taken as ``exp(k * log(.))`` throughout: XLA:CPU's ``pow``
-  is about five times slower than an ``exp`` and a ``log``.
+  With the base :math:`b = [1 + (1-t)u]_+`, :math:`e^k = b^{k/(1-t)}`. When :math:`k/(1-t)` is a
+  small integer (the defaults :math:`t_1 = 0.8`, :math:`t_2 = 1.2` make every power used here one:
+  :math:`e = b^{-5}`, :math:`e^{t_2} = b^{-6}`, ...) it is a few multiplications (by
+  :math:`1/b`, one division, for negative powers); otherwise :math:`\\exp(k \\log e)`. XLA:CPU's
+  ``pow`` would be about five times slower than an ``exp`` and a ``log``, and those about twice
+  slower than the multiplications.
   """
-  if t == 1.0:
-    return u
-  return jnp.log(jnp.maximum(1.0 + (1.0 - t) * u, 0.0)) / (1.0 - t)
+
+  _MAX_INTEGER_POWER = 12
+
+  def __init__(self, u: jax.Array, t: float):
+    self.u, self.t = u, t
+    if t != 1.0:
+      self.base = jnp.maximum(1.0 + (1.0 - t) * u, 0.0)
+      self.reciprocal = 1.0 / self.base  # unused (and removed by XLA) unless a power is negative
+
+  def _integer_exponent(self, k: float) -> int | None:
+    """:math:`k/(1-t)` when it is a small nonzero integer, else None."""
+    n = k / (1.0 - self.t)
+    whole = round(n)
+    return whole if abs(n - whole) < 1e-9 and 0 < abs(whole) <= self._MAX_INTEGER_POWER else None
+
+  def log(self) -> jax.Array:
+    """:math:`\\log e`, ``-inf`` outside the support (:math:`t < 1`)."""
+    return self.u if self.t == 1.0 else jnp.log(self.base) / (1.0 - self.t)
+
+  def power(self, k: float) -> jax.Array:
+    """:math:`e^k` for :math:`k \\ne 0` (0 where :math:`e = 0` and :math:`k > 0`)."""
+    if self.t == 1.0:
+      return jnp.exp(k * self.u)
+    whole = self._integer_exponent(k)
+    if whole is not None:
+      return lax.integer_pow(self.base if whole > 0 else self.reciprocal, abs(whole))
+    return jnp.exp(k * self.log())
+
+  def power_minus_one(self, k: float) -> jax.Array:
+    """:math:`e^k - 1`, with ``expm1`` unless the power is a few multiplications."""
+    if self.t == 1.0:
+      return jnp.expm1(k * self.u)
+    if self._integer_exponent(k) is not None:
+      return self.power(k) - 1.0
+    return jnp.expm1(k * self.log())
 
 
 def _exp_t(u: jax.Array, t: float) -> jax.Array:
-  return jnp.exp(_log_exp_t(u, t))
+  return _TemperedExp(u, t).power(1.0)
 
 
 class _Normalization(NamedTuple):
@@ -151,10 +187,9 @@ def _normalization(logits: jax.Array, t: float, num_iters: int) -> _Normalizatio
   return _Normalization(m, shift)
 
 
-def _log_probs(logits: jax.Array, norm: _Normalization, t: float, *tie: jax.Array) -> jax.Array:
-  """``[..., V]`` :math:`\\log p_c`, :math:`p_c = \\exp_t((x_c - m) - d)` (``tie``: see
-  :func:`_centred`)."""
-  return _log_exp_t(_centred(logits, norm.max, norm.shift, *tie) - norm.shift[..., None], t)
+def _probs(logits: jax.Array, norm: _Normalization, t: float, *tie: jax.Array) -> _TemperedExp:
+  """``[..., V]`` :math:`p_c = \\exp_t((x_c - m) - d)` (``tie``: see :func:`_centred`)."""
+  return _TemperedExp(_centred(logits, norm.max, norm.shift, *tie) - norm.shift[..., None], t)
 
 
 def tempered_softmax(
@@ -193,7 +228,7 @@ def tempered_softmax(
   axis = _checks.canonical_axis(fn, axis, logits.ndim)
   x = jnp.moveaxis(logits, axis, -1)
   t = float(t)
-  p = jnp.exp(_log_probs(x, _normalization(x, t, num_iters), t))
+  p = _probs(x, _normalization(x, t, num_iters), t).power(1.0)
   return jnp.moveaxis(p, -1, axis)
 
 
@@ -244,24 +279,24 @@ def _target_term(q, cfg: _Config):
   return term if cfg.kl else term - q * q_to_1_minus_t1 / cfg.power
 
 
-def _log_t1(log_p: jax.Array, t1: float) -> jax.Array:
-  """:math:`\\log_{t_1} p` from :math:`\\log p` (finite for :math:`t_1 < 1`, also at ``p = 0``)."""
-  return log_p if t1 == 1.0 else jnp.expm1((1.0 - t1) * log_p) / (1.0 - t1)
+def _log_t1(p: _TemperedExp, t1: float) -> jax.Array:
+  """:math:`\\log_{t_1} p` (finite for :math:`t_1 < 1`, also at ``p = 0``)."""
+  return p.log() if t1 == 1.0 else p.power_minus_one(1.0 - t1) / (1.0 - t1)
 
 
-def _forget(log_p: jax.Array, cfg: _Config) -> jax.Array:
+def _forget(p: _TemperedExp, cfg: _Config) -> jax.Array:
   """The forget factor :math:`p^{t_2-t_1}`; where :math:`p = 0` its limit: 1 for
   :math:`t_1 = t_2 = 1` (softmax underflow), else 0 (outside the support). Without a select:
   for :math:`t_2 < t_1` it is :math:`\\mathrm{sign}(p) \\min(p^{t_2-t_1}, \\text{float max})`."""
   exponent = cfg.t2 - cfg.t1
   if cfg.kl:
-    return jnp.ones_like(log_p)
+    return jnp.ones_like(p.u)
   if exponent > 0:
-    return jnp.exp(exponent * log_p)
-  positive = jnp.sign(jnp.exp(log_p))
+    return p.power(exponent)
+  positive = jnp.sign(p.power(1.0))
   if exponent == 0:
     return positive
-  return positive * jnp.minimum(jnp.exp(exponent * log_p), jnp.finfo(log_p.dtype).max)
+  return positive * jnp.minimum(p.power(exponent), jnp.finfo(p.u.dtype).max)
 
 
 def _integer_target(logits: jax.Array, labels: jax.Array, cfg: _Config) -> jax.Array:
@@ -294,9 +329,9 @@ def _integer_rows(labels: jax.Array, valid: jax.Array, num_classes: int):
 
 
 def _row_sums(logits: jax.Array, norm: _Normalization, t: float, summands) -> list[jax.Array]:
-  """``[...]`` :math:`\\sum_c f(\\log p_c)` for each elementwise function f in ``summands``.
+  """``[...]`` :math:`\\sum_c f(p_c)` for each ``summands`` function f of a `_TemperedExp` ``p``.
 
-  Each sum is one pass over the logits that recomputes :math:`\\log p`, run as one branch of a
+  Each sum is one pass over the logits that recomputes :math:`p`, run as one branch of a
   ``lax.switch`` in a loop over the sums. Kept apart like this, XLA:CPU fuses each pass into one
   reduction; written as separate sums of one computation, it merges their common constants and
   intermediate values into ``[..., V]`` arrays that its YNNPACK reductions then read from memory,
@@ -304,11 +339,11 @@ def _row_sums(logits: jax.Array, norm: _Normalization, t: float, summands) -> li
   """
   dtype = norm.max.dtype
   if len(summands) == 1:
-    return [jnp.sum(summands[0](_log_probs(logits, norm, t)), axis=-1)]
+    return [jnp.sum(summands[0](_probs(logits, norm, t)), axis=-1)]
 
   def body(i, sums):
     branches = [
-        functools.partial(lambda f: jnp.sum(f(_log_probs(logits, norm, t, i)), axis=-1), f)
+        functools.partial(lambda f: jnp.sum(f(_probs(logits, norm, t, i)), axis=-1), f)
         for f in summands
     ]
     return sums.at[i].set(lax.switch(i, branches))
@@ -329,7 +364,7 @@ class _Sums:
 
   def power(self, exponent: float):
     """:math:`\\sum_c p_c^k` for :math:`k > 0` (0 where :math:`p_c = 0`)."""
-    return self.add(("power", exponent), lambda log_p: jnp.exp(exponent * log_p))
+    return self.add(("power", exponent), lambda p: p.power(exponent))
 
   def compute(self, logits, norm, t) -> dict:
     return dict(zip(self.summands, _row_sums(logits, norm, t, list(self.summands.values()))))
@@ -357,26 +392,26 @@ def _forward(logits, labels, valid, cfg: _Config) -> tuple[jax.Array, _Residuals
   p_forget_key = sums.power(1.0 + cfg.t2 - cfg.t1)
   power_key = None if cfg.kl else sums.power(cfg.power)
   if integer and cfg.off:
-    log_t1_key = sums.add("log_t1", lambda log_p: _log_t1(log_p, cfg.t1))
-    forget_key = None if cfg.kl else sums.add("forget", lambda log_p: _forget(log_p, cfg))
+    log_t1_key = sums.add("log_t1", lambda p: _log_t1(p, cfg.t1))
+    forget_key = None if cfg.kl else sums.add("forget", lambda p: _forget(p, cfg))
   if not integer:
     # The smoothed labels are computed inside each pass (a [..., V] array if computed before).
     q = lambda: _smoothed(labels, cfg, dtype)
     # At t1 = 1, log p = -inf (p = 0) is clipped to the lowest float so that q = 0 gives 0.
     floor = jnp.finfo(dtype).min
-    log_t1_p = (lambda lp: jnp.maximum(lp, floor)) if cfg.t1 == 1.0 else (
-        lambda lp: _log_t1(lp, cfg.t1))
-    q_forget_key = sums.add("q_forget", lambda log_p: q() * _forget(log_p, cfg))
-    target_key = sums.add("target", lambda log_p: _target_term(q(), cfg) - q() * log_t1_p(log_p))
+    log_t1_p = (lambda p: jnp.maximum(p.log(), floor)) if cfg.t1 == 1.0 else (
+        lambda p: _log_t1(p, cfg.t1))
+    q_forget_key = sums.add("q_forget", lambda p: q() * _forget(p, cfg))
+    target_key = sums.add("target", lambda p: _target_term(q(), cfg) - q() * log_t1_p(p))
   row = sums.compute(logits, norm, cfg.t2)
   escort_sum, delta_sum = row[escort_key], row[p_forget_key]
   loss = jnp.zeros_like(escort_sum) if cfg.kl else row[power_key] / cfg.power
   if integer:
     labels, bad = _integer_rows(labels, valid, num_classes)
     raw = jnp.take_along_axis(lax.optimization_barrier(logits), labels[..., None], axis=-1)[..., 0]
-    target_log_p = _log_exp_t((raw.astype(dtype) - norm.max) - norm.shift, cfg.t2)
-    cross = (cfg.on - cfg.off) * _log_t1(target_log_p, cfg.t1)
-    delta_sum = delta_sum - (cfg.on - cfg.off) * _forget(target_log_p, cfg)
+    target_p = _TemperedExp((raw.astype(dtype) - norm.max) - norm.shift, cfg.t2)
+    cross = (cfg.on - cfg.off) * _log_t1(target_p, cfg.t1)
+    delta_sum = delta_sum - (cfg.on - cfg.off) * _forget(target_p, cfg)
     if cfg.off:
       cross = cross + cfg.off * row[log_t1_key]
       delta_sum = delta_sum - cfg.off * (num_classes if cfg.kl else row[forget_key])
@@ -393,15 +428,15 @@ def _forward(logits, labels, valid, cfg: _Config) -> tuple[jax.Array, _Residuals
 def _gradient(logits, labels, valid, res: _Residuals, cfg: _Config) -> jax.Array:
   """``[..., V]`` :math:`\\partial\\ell/\\partial x` from the inputs and the per-row residuals
   (zero on invalid rows, NaN on bad ones)."""
-  log_p = _log_probs(logits, res.norm, cfg.t2)
+  p = _probs(logits, res.norm, cfg.t2)
   if jnp.issubdtype(labels.dtype, jnp.integer):
     labels, bad = _integer_rows(labels, valid, logits.shape[-1])
     q = _integer_target(logits, labels, cfg)
   else:
     bad = jnp.zeros_like(valid)
-    q = _smoothed(labels, cfg, log_p.dtype)
+    q = _smoothed(labels, cfg, p.u.dtype)
   scale = res.delta_sum / res.escort_sum
-  grad = (jnp.exp(log_p) - q) * _forget(log_p, cfg) - jnp.exp(cfg.t2 * log_p) * scale[..., None]
+  grad = (p.power(1.0) - q) * _forget(p, cfg) - p.power(cfg.t2) * scale[..., None]
   # Rows that don't count may hold anything (a row of -inf gives NaN above): select, not scale.
   grad = jnp.where(valid[..., None], grad, jnp.zeros_like(grad))
   return jnp.where(bad[..., None], jnp.full_like(grad, jnp.nan), grad)
