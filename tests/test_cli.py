@@ -104,3 +104,13 @@ def test_yaml_error_in_an_override_is_one_line(tmp_path, capsys):
   assert main(["run", QUICK, "loss.hparams={gamma: 2", "--workdir", str(tmp_path / "never")]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "override 'loss.hparams={gamma: 2'" in err and "YAML" in err
+
+
+def test_bad_user_arrays_exit_2_naming_the_file(tmp_path, capsys):
+  bad = tmp_path / "bad.npz"
+  np.savez(bad, x_train=np.ones((8, 3)), y_train=np.arange(8), x_test=np.ones((4, 3)))
+  status = main(["run", QUICK, "data.name=arrays", f"data.path={bad}", "data.num_classes=8",
+                 *SMALL, "--workdir", str(tmp_path / "run")])
+  err = capsys.readouterr().err
+  assert status == 2
+  assert err.count("\n") == 1 and "bad.npz" in err and "y_test" in err and "Traceback" not in err

@@ -131,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
 def _describe(err: Exception) -> tuple[str, int]:
   """The one-line message and exit status of an error."""
   # Imported here so that `xent-jax --help` answers without loading JAX.
-  from xent_jax.train import checkpoint, config, logs, trainer  # pylint: disable=import-outside-toplevel
+  from xent_jax.train import checkpoint, config, data, logs, trainer  # pylint: disable=import-outside-toplevel
 
-  if isinstance(err, (config.ConfigError, logs.RunDirectoryError)):
+  if isinstance(err, (config.ConfigError, data.DataError, logs.RunDirectoryError)):
     return str(err), 2
   if isinstance(err, (trainer.NonFiniteLossError, checkpoint.CheckpointError, logs.LogFileError)):
     return str(err), 1
