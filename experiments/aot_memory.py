@@ -12,20 +12,23 @@ holds:
   (matmul + optax), bound 1/10; and ``get_loss(name).linear`` of every registered loss at the
   Llama-3-8B head;
 * vocabulary-parallel losses on 2x2 and 1x4 ``data x vocab`` meshes: the same references per chip;
+  and ``get_loss(name).vocab_parallel`` of every registered loss that has one, on the 2x2 mesh;
 * the harness's Transformer train step over four chips: fused head against logits, bound 1.
 
 Run (needs the ``tpu`` and ``experiments`` extras; about 10-30 minutes on 2 cores)::
 
-    JAX_PLATFORMS=cpu python experiments/aot_memory.py --out experiments/results/aot_memory
+    JAX_PLATFORMS=cpu python experiments/aot_memory.py --jobs 2 --out experiments/results/aot_memory
 
 which writes ``<out>.json`` and ``<out>.md`` and prints the markdown. ``--section`` and
 ``--topology`` pick a subset.
 """
 
 import argparse
+import concurrent.futures
 import datetime
 import importlib.metadata
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -39,7 +42,8 @@ import optax
 import xent_jax
 from xent_jax import aot
 
-SECTIONS = ("logits", "heads", "fused_forms", "vocab_parallel", "train_step")
+SECTIONS = ("logits", "heads", "fused_forms", "vocab_parallel", "vocab_parallel_forms",
+            "train_step")
 
 
 def _measure(fn, *args):
@@ -123,6 +127,17 @@ def _parallel_rows(topology):
                    aot.LOGITS_TEMP_FRACTION)
 
 
+def _parallel_form_rows(topology):
+  n, v = aot.LOGITS_SHAPE
+  rows, cols = aot.MESHES[aot.FORMS_MESH]
+  for loss in xent_jax.list_losses():
+    if loss not in aot.NO_VOCAB_PARALLEL_FORM:
+      yield _row("vocab_parallel_forms", f"get_loss({loss!r}).vocab_parallel",
+                 f"N={n} V={v} bf16, mesh {aot.FORMS_MESH}", topology,
+                 _measure(aot.parallel_form_temp_bytes, loss, topology), "[N,V] f32 / chips",
+                 aot.logits_nxv_f32_bytes() / aot.MIB / (rows * cols), aot.LOGITS_TEMP_FRACTION)
+
+
 def _train_step_rows(topology):
   s = aot.TRAIN_STEP
   size = f"B={s['batch']} L={s['seq_len']} V={s['vocab']} D={s['dim']} bf16, 4 chips"
@@ -133,22 +148,32 @@ def _train_step_rows(topology):
              _measure(aot.train_step_temp_bytes, True, topology), "logits step", logits[0], 1.0)
 
 
-def run(sections, topologies) -> list[dict]:
+def _topology_rows(topology, sections) -> list[dict]:
+  """Every row of ``sections`` on one topology (one process: the naive baselines are shared)."""
+  aot.quiet_libtpu()
+  rows_of = {"logits": lambda t: [*_logits_rows(t), _optax_row(t)], "heads": _head_rows,
+             "fused_forms": _fused_form_rows, "vocab_parallel": _parallel_rows,
+             "vocab_parallel_forms": _parallel_form_rows, "train_step": _train_step_rows}
   rows = []
   for section in sections:
-    for topology in topologies:
-      if section == "logits":
-        new = [*_logits_rows(topology), _optax_row(topology)]
-      else:
-        rows_of = {"heads": _head_rows, "fused_forms": _fused_form_rows,
-                   "vocab_parallel": _parallel_rows, "train_step": _train_step_rows}[section]
-        new = list(rows_of(topology))
-      for row in new:
-        print(f"{row['section']} {row['problem']} {row['topology']} {row['size']}: "
-              f"{row['temp_MiB'] if row['error'] is None else row['error']} ({row['compile_s']} s)",
-              file=sys.stderr, flush=True)
-      rows += new
+    for row in rows_of[section](topology):
+      print(f"{row['section']} {row['problem']} {row['topology']} {row['size']}: "
+            f"{row['temp_MiB'] if row['error'] is None else row['error']} ({row['compile_s']} s)",
+            file=sys.stderr, flush=True)
+      rows.append(row)
   return rows
+
+
+def run(sections, topologies, jobs: int) -> list[dict]:
+  """The rows of every section and topology; ``jobs`` topologies are compiled in parallel."""
+  if jobs <= 1:
+    per_topology = [_topology_rows(t, sections) for t in topologies]
+  else:
+    context = multiprocessing.get_context("spawn")  # no JAX state forked into the workers
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+      per_topology = list(pool.map(_topology_rows, topologies, [sections] * len(topologies)))
+  return [row for section in sections for rows in per_topology for row in rows
+          if row["section"] == section]
 
 
 def _fmt(x, spec="{:.1f}"):
@@ -172,6 +197,7 @@ def markdown(result: dict) -> str:
   titles = {"logits": "Logits path (one chip)", "heads": "Heads loss(h W^T), one chip",
             "fused_forms": "Fused form of every registered loss, one chip",
             "vocab_parallel": "Vocabulary-parallel (per chip)",
+            "vocab_parallel_forms": "Vocabulary-parallel form of every registered loss (per chip)",
             "train_step": "Transformer train step (data-parallel)"}
   for section in SECTIONS:
     rows = [r for r in result["rows"] if r["section"] == section]
@@ -219,10 +245,11 @@ def main(argv=None) -> None:
                       help="a section to run (repeatable; default: all)")
   parser.add_argument("--topology", choices=aot.TOPOLOGIES, action="append",
                       help="a TPU topology (repeatable; default: all)")
+  parser.add_argument("--jobs", type=int, default=1,
+                      help="topologies compiled at once, in separate processes")
   args = parser.parse_args(argv)
-  aot.quiet_libtpu()
   load_before = os.getloadavg()
-  rows = run(args.section or SECTIONS, args.topology or aot.TOPOLOGIES)
+  rows = run(args.section or SECTIONS, args.topology or aot.TOPOLOGIES, args.jobs)
   result = {
       "meta": {
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -7,7 +7,8 @@ scratch memory on the chip stays within the library's promise.
 * logits path, O(N): at most 1/64 of one ``[N, V]`` float32 array;
 * fused head: at most 1/10 of the naive head (matmul + optax) compiled the same way (issue 9),
   for `xent_jax.linear_cross_entropy` at three sizes and every registered loss's ``.linear``;
-* vocabulary-parallel: the same two bounds per chip, on a 2x2 and a 1x4 ``data x vocab`` mesh;
+* vocabulary-parallel: the same two bounds per chip, on a 2x2 and a 1x4 ``data x vocab`` mesh,
+  and every registered loss's ``.vocab_parallel`` on the 2x2 one;
 * the Transformer train step compiles; its fused version needs no more than the logits one.
 
 Compiling is the cost (seconds to a minute each on 2 cores): each problem compiles once per
@@ -29,7 +30,7 @@ from xent_jax import aot  # noqa: E402
 # Public callables that are not losses (register_loss registers what define_loss builds).
 _NOT_LOSSES = {"check_labels", "get_loss", "list_losses", "register_loss", "smooth_labels",
                "tempered_softmax"}
-# Compiles of a minute or more on 2 cores.
+# The slowest compile of the logits path (its normalisation iterates): 15 to 80 s on 2 busy cores.
 _SLOW_LOGITS = {"bi_tempered"}
 
 
@@ -102,6 +103,18 @@ def test_vocab_parallel_logits_temp_is_o_of_n(kind, mesh_name, topology):
   bound = aot.LOGITS_TEMP_FRACTION * aot.logits_nxv_f32_bytes() / chips
   assert temp <= bound, (f"{kind} on {mesh_name} of {topology}: {temp / aot.MIB:.1f} MiB temp "
                          f"per chip, bound {bound / aot.MIB:.1f} MiB")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", aot.TOPOLOGIES)
+@pytest.mark.parametrize("loss", [name for name in xent_jax.list_losses()
+                                  if name not in aot.NO_VOCAB_PARALLEL_FORM])
+def test_vocab_parallel_form_of_every_loss_temp_is_o_of_n(loss, topology):
+  temp = aot.parallel_form_temp_bytes(loss, topology)
+  chips = aot.MESHES[aot.FORMS_MESH][0] * aot.MESHES[aot.FORMS_MESH][1]
+  bound = aot.LOGITS_TEMP_FRACTION * aot.logits_nxv_f32_bytes() / chips
+  assert temp <= bound, (f"get_loss({loss!r}).vocab_parallel on {aot.FORMS_MESH} of {topology}: "
+                         f"{temp / aot.MIB:.1f} MiB temp per chip, bound {bound / aot.MIB:.1f} MiB")
 
 
 @pytest.mark.slow

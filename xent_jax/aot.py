@@ -15,7 +15,8 @@ This module holds the problems the project measures, so that the bounds of
   (`xent_jax.linear_cross_entropy`) and naive (matmul, then
   ``optax.softmax_cross_entropy_with_integer_labels``) at three LLM sizes (`HEADS`), and the fused
   form ``get_loss(name).linear`` of every registered loss at the Llama-3-8B head;
-* the vocabulary-parallel losses on a ``data x vocab`` mesh of the slice's four chips;
+* the vocabulary-parallel losses on a ``data x vocab`` mesh of the slice's four chips, and the
+  form ``get_loss(name).vocab_parallel`` of every registered loss that has one;
 * the training harness's Transformer train step, logits and fused, data-parallel over four chips.
 
 Every measurement is cached, so the naive baselines compile once per process.
@@ -255,6 +256,23 @@ def _parallel_problem(kind: str, m: Mesh):
                                            data_axis="data"),
                          mesh=m, in_specs=(P("data", "vocab"), P("data")), out_specs=P())
   return jax.value_and_grad(loss), args
+
+
+# The vocabulary-parallel forms ``get_loss(name).vocab_parallel`` are measured on this mesh; the
+# bi-tempered loss has none (its normalisation iterates over whole rows).
+FORMS_MESH = "2x2"
+NO_VOCAB_PARALLEL_FORM = ("bi_tempered",)
+
+
+@functools.cache
+def parallel_form_temp_bytes(loss: str, topology_name: str) -> int:
+  """Temp bytes per chip of value and gradient of ``get_loss(loss).vocab_parallel`` on the
+  `FORMS_MESH` mesh, logits at `LOGITS_SHAPE` split over ``data x vocab``."""
+  m = mesh(topology_name, MESHES[FORMS_MESH])
+  args = (spec(LOGITS_SHAPE, jnp.bfloat16, NamedSharding(m, P("data", "vocab"))),
+          spec(LOGITS_SHAPE[:1], jnp.int32, NamedSharding(m, P("data"))))
+  loss_fn = functools.partial(xent_jax.get_loss(loss).vocab_parallel, mesh=m, data_axis="data")
+  return temp_bytes(jax.value_and_grad(loss_fn), *args)
 
 
 @functools.cache
