@@ -288,3 +288,26 @@ def test_engine_over_vocabulary_shards_equals_one_device(head_name, smoothing):
   got, got_grad = jax.jit(jax.value_and_grad(sharded))(x, w)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(got_grad), want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_form_names_a_bad_chunk_size():
+  hidden = jnp.ones((6, 4)); weight = jnp.ones((9, 4))
+  for bad in (0, 2.5, True):
+    with pytest.raises(ValueError, match="token_chunk_size"):
+      xent_jax.get_loss("focal").linear(hidden, weight, LABELS, token_chunk_size=bad)
+  with pytest.raises(ValueError, match="weight"):
+    xent_jax.get_loss("focal").linear(hidden, jnp.ones((9, 5)), LABELS)
+
+
+def test_fused_form_per_row_losses_match_the_logits_path():
+  """reduction='none' (the rematerialising schedule, which also takes forward mode)."""
+  hidden = jnp.asarray(RNG.normal(size=(6, 4)), jnp.float32)
+  weight = jnp.asarray(RNG.normal(size=(9, 4)), jnp.float32)
+  loss = xent_jax.get_loss("generalized_ce")
+  got = loss.linear(hidden, weight, LABELS, reduction="none", token_chunk_size=4)
+  np.testing.assert_allclose(got, loss(hidden @ weight.T, LABELS, reduction="none"), rtol=1e-5)
+  tangent = jnp.ones_like(hidden)
+  _, jvp_out = jax.jvp(lambda h: loss.linear(h, weight, LABELS, reduction="none"), (hidden,),
+                       (tangent,))
+  _, want = jax.jvp(lambda h: loss(h @ weight.T, LABELS, reduction="none"), (hidden,), (tangent,))
+  np.testing.assert_allclose(jvp_out, want, rtol=1e-4, atol=1e-6)

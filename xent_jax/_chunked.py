@@ -6,7 +6,10 @@ a head of the row-statistics engine, the bi-tempered loss, a user's function) is
 them, and the chunk is rematerialised in the backward pass (``jax.checkpoint`` inside
 ``lax.scan``), so at most one ``[T, V]`` block of logits exists at a time and nothing of size
 ``[N, V]`` is kept between the passes. Four matmuls in all (the forward product, its recomputation,
-and the two gradient products) against three for the unfused loss.
+and the two gradient products) against three for the unfused loss; this schedule
+(:func:`chunked_linear_loss`) serves ``reduction='none'`` and the per-token statistics, and works
+in forward mode. For 'sum' and 'mean', :func:`one_pass_linear_sum` computes the gradients in the
+forward pass instead (three matmuls; reverse mode only).
 
 :func:`xent_jax.linear_cross_entropy` has specialised kernels for cross-entropy (one pass with
 gradients in the forward, or a vocabulary-major backward at large :math:`V \cdot D`); this module
@@ -34,6 +37,14 @@ def default_chunk(num_classes: int, rows: int) -> int:
   """A power of two giving a ``[chunk, V]`` block of about ``2**24`` elements, at most ``rows``."""
   chunk = 2 ** int(np.floor(np.log2(max(_BLOCK_ELEMENTS // max(num_classes, 1), 1))))
   return max(1, min(chunk, rows))
+
+
+def check_chunk(fn: str, token_chunk_size) -> None:
+  """Raises ``ValueError`` naming ``token_chunk_size`` unless it is a positive int."""
+  if isinstance(token_chunk_size, bool) or not isinstance(token_chunk_size, (int, np.integer)) \
+      or token_chunk_size < 1:
+    raise ValueError(f"{fn}: `token_chunk_size` must be a positive int or None, got "
+                     f"{token_chunk_size!r}.")
 
 
 def chunked_linear_loss(
@@ -69,11 +80,8 @@ def chunked_linear_loss(
   num_classes = weight.shape[0 if weight_layout == "vd" else 1]
   if token_chunk_size is None:
     chunk = default_chunk(num_classes, n)
-  elif isinstance(token_chunk_size, bool) or not isinstance(token_chunk_size, (int, np.integer)) \
-      or token_chunk_size < 1:
-    raise ValueError(f"{fn}: `token_chunk_size` must be a positive int or None, got "
-                     f"{token_chunk_size!r}.")
   else:
+    check_chunk(fn, token_chunk_size)
     chunk = min(int(token_chunk_size), n)
   num_chunks = -(-n // chunk)
   pad = num_chunks * chunk - n
@@ -117,3 +125,82 @@ def check_linear_shapes(fn: str, hidden, weight, labels, weight_layout: str, bia
     _checks.check_floating(fn, "bias", bias)
     _checks.check_shape(fn, "bias", bias, (num_classes,))
   return num_classes
+
+
+def one_pass_linear_sum(
+    row_loss: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]],
+    hidden: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None,
+    labels: jax.Array,
+    valid: jax.Array,
+    scale: jax.Array,
+    *,
+    weight_layout: str,
+    chunk: int,
+) -> jax.Array:
+  r""":math:`\sum_i s_i \ell_i` with its gradients computed in the forward pass: three matmuls.
+
+  For a reduction that is linear in the per-row losses ('sum', 'mean') the scales
+  :math:`s_i = \partial L/\partial \ell_i` are known before the loss is, so each chunk's logits
+  are built once and differentiated right away (Liger-Kernel's schedule): the chunk's
+  :math:`\partial L/\partial x` gives ``d_hidden`` for its rows and adds to ``d_weight`` and
+  ``d_bias`` (float32 accumulators). The backward pass only scales the stored gradients.
+
+  Args:
+    row_loss: as in :func:`chunked_linear_loss`.
+    hidden: ``[N, D]``; weight: ``[V, D]`` or ``[D, V]``; bias: ``[V]`` or None.
+    labels: ``[N, ...]``; valid: ``[N]`` bool; scale: ``[N]`` the :math:`s_i`.
+    weight_layout: 'vd' or 'dv'.
+    chunk: rows per chunk.
+
+  Returns:
+    The scalar :math:`\sum_i s_i \ell_i`.
+  """
+  n = hidden.shape[0]
+  num_chunks = -(-n // chunk)
+  pad = num_chunks * chunk - n
+  padded = lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(
+      (num_chunks, chunk) + a.shape[1:])
+  acc = jnp.promote_types(jnp.result_type(hidden.dtype, weight.dtype), jnp.float32)
+  spec = "td,vd->tv" if weight_layout == "vd" else "td,dv->tv"
+  bias_V = jnp.zeros((weight.shape[0 if weight_layout == "vd" else 1],), acc) if bias is None \
+      else bias
+
+  def forward(hidden, weight, bias_V, labels, valid, scale):
+    def step(carry, xs):
+      d_weight, d_bias = carry
+      hidden_TxD, labels_T, valid_T, scale_T = xs
+      logits_TxV = jnp.einsum(spec, hidden_TxD, weight,
+                              preferred_element_type=jnp.result_type(hidden.dtype, weight.dtype))
+      logits_TxV = logits_TxV + bias_V.reshape(1, -1).astype(logits_TxV.dtype)
+      total_T, pullback = jax.vjp(
+          lambda x: jnp.sum(scale_T * row_loss(x, labels_T, valid_T)[0]), logits_TxV)
+      (g_TxV,) = pullback(jnp.ones_like(total_T))
+      g = g_TxV.astype(jnp.result_type(hidden.dtype, weight.dtype))
+      d_hidden_TxD = jnp.einsum("tv,vd->td" if weight_layout == "vd" else "tv,dv->td", g, weight,
+                                preferred_element_type=acc)
+      grad_weight = jnp.einsum("tv,td->vd" if weight_layout == "vd" else "tv,td->dv", g,
+                               hidden_TxD, preferred_element_type=acc)
+      return (d_weight + grad_weight, d_bias + jnp.sum(g_TxV, axis=0).astype(acc)), (
+          total_T, d_hidden_TxD)
+
+    init = (jnp.zeros(weight.shape, acc), jnp.zeros(bias_V.shape, acc))
+    (d_weight, d_bias), (totals, d_hidden) = lax.scan(
+        step, init, (padded(hidden), padded(labels), padded(valid), padded(scale)))
+    d_hidden = d_hidden.reshape((num_chunks * chunk,) + d_hidden.shape[2:])[:n]
+    return jnp.sum(totals), (d_hidden.astype(hidden.dtype), d_weight.astype(weight.dtype),
+                             d_bias.astype(bias_V.dtype))
+
+  @jax.custom_vjp
+  def summed(hidden, weight, bias_V, labels, valid, scale):
+    return forward(hidden, weight, bias_V, labels, valid, scale)[0]
+
+  def fwd(hidden, weight, bias_V, labels, valid, scale):
+    return forward(hidden, weight, bias_V, labels, valid, scale)
+
+  def bwd(grads, g):
+    return (*(jax.tree.map(lambda a: (g * a).astype(a.dtype), grads)), None, None, None)
+
+  summed.defvjp(fwd, bwd)
+  return summed(hidden, weight, bias_V, labels, valid, scale)

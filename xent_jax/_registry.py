@@ -251,6 +251,18 @@ class ConfiguredLoss:
       return loss, extras
 
     mask_N = valid_N if not integer else read.valid
+    if reduction != "none" and not return_stats:
+      # 'sum' and 'mean' are linear in the per-row losses: one pass, gradients in the forward.
+      scale_N = jax.grad(lambda loss: _reduction.reduce_loss(
+          loss, example_weight_N, reduction, fn=fn))(jnp.zeros((n,), dtype))
+      chunk = _chunked.default_chunk(num_classes, n) if token_chunk_size is None else None
+      if chunk is None:
+        _chunked.check_chunk(fn, token_chunk_size)
+        chunk = min(int(token_chunk_size), n)
+      return _chunked.one_pass_linear_sum(
+          row_loss, hidden.reshape(n, -1), weight, None if bias is None else jnp.asarray(bias),
+          labels_N, mask_N, scale_N, weight_layout=weight_layout, chunk=chunk,
+      )
     loss_N, extras = _chunked.chunked_linear_loss(
         fn, row_loss, hidden.reshape(n, -1), weight, labels_N, mask_N if integer else valid_N,
         bias=None if bias is None else jnp.asarray(bias), weight_layout=weight_layout,
