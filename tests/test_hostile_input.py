@@ -256,6 +256,17 @@ def test_logits_without_classes_raise_value_error(name):
     NO_CLASS_CALLS[name](jnp.zeros((3, 0)), jnp.zeros((3,), jnp.int32))
 
 
+@pytest.mark.parametrize("fused", [
+    lambda h, w, y: xent_jax.linear_cross_entropy(h, w, y),
+    lambda h, w, y: xent_jax.get_loss("focal").linear(h, w, y),
+], ids=["linear_cross_entropy", "focal.linear"])
+def test_fused_head_without_classes_raises_value_error(fused):
+  """V = 0 names `weight` (it ended in a ZeroDivisionError while planning chunks)."""
+  with pytest.raises(ValueError, match=r"`weight` must have at least one class along axis 0, "
+                                       r"got shape \(0, 4\)"):
+    fused(jnp.ones((3, 4)), jnp.ones((0, 4)), jnp.zeros((3,), jnp.int32))
+
+
 # ----------------------------------------------------------------------------------------------
 # Options: strings and negative class weights are refused by name.
 

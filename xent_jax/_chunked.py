@@ -115,6 +115,7 @@ def check_linear_shapes(fn: str, hidden, weight, labels, weight_layout: str, bia
     raise ValueError(f"{fn}: `weight` must have shape [V, D] (weight_layout='vd') or [D, V] "
                      f"('dv'), got {np.shape(weight)}.")
   vocab_axis = 0 if weight_layout == "vd" else 1
+  _checks.check_has_classes(fn, "weight", np.shape(weight), vocab_axis)
   num_classes, features = np.shape(weight)[vocab_axis], np.shape(weight)[1 - vocab_axis]
   if np.ndim(hidden) < 1 or np.shape(hidden)[-1] != features:
     raise ValueError(

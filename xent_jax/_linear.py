@@ -815,6 +815,7 @@ def linear_cross_entropy(
         f"{weight.shape}."
     )
   vocab_axis = 0 if weight_layout == "vd" else 1
+  _checks.check_has_classes(fn, "weight", np.shape(weight), vocab_axis)
   num_classes, features = weight.shape[vocab_axis], weight.shape[1 - vocab_axis]
   if hidden.shape[-1] != features:
     raise ValueError(
