@@ -95,17 +95,20 @@ class _TemperedExp:
     if self.t == 1.0:
       return jnp.exp(k * self.u)
     whole = self._integer_exponent(k)
-    if whole is not None:
-      return lax.integer_pow(self.base if whole > 0 else self.reciprocal, abs(whole))
-    return jnp.exp(k * self.log())
+    generic = lambda: jnp.exp(k * self.log())  # noqa: E731
+    if whole is None:
+      return generic()
+    multiplied = lambda: lax.integer_pow(self.base if whole > 0 else self.reciprocal, abs(whole))  # noqa: E731
+    return lax.platform_dependent(cpu=multiplied, default=generic)
 
   def power_minus_one(self, k: float) -> jax.Array:
     """:math:`e^k - 1`, with ``expm1`` unless the power is a few multiplications."""
     if self.t == 1.0:
       return jnp.expm1(k * self.u)
-    if self._integer_exponent(k) is not None:
-      return self.power(k) - 1.0
-    return jnp.expm1(k * self.log())
+    generic = lambda: jnp.expm1(k * self.log())  # noqa: E731
+    if self._integer_exponent(k) is None:
+      return generic()
+    return lax.platform_dependent(cpu=lambda: self.power(k) - 1.0, default=generic)
 
 
 def _exp_t(u: jax.Array, t: float) -> jax.Array:
