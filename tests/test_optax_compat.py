@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.test_util import check_grads
 import optax
 import pytest
 
@@ -308,3 +309,20 @@ def test_poly_loss_epsilon_zero_is_cross_entropy():
         xent_jax.poly_loss_cross_entropy(logits, labels, epsilon=0.0),
         xent_jax.softmax_cross_entropy(logits, labels),
     )
+
+
+def test_drop_ins_pass_optax_style_gradient_checks_in_both_modes():
+  """optax's test_gradient runs check_grads(order=1) in forward and reverse mode."""
+  rng = np.random.default_rng(21)
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.normal(size=(4, 5)))
+    y = jnp.asarray([0, 1, 4, 2])
+    q = jax.nn.softmax(jnp.asarray(rng.normal(size=(4, 5))))
+    calls = [
+        lambda a: xent_jax.softmax_cross_entropy_with_integer_labels(a, y),
+        lambda a: xent_jax.softmax_cross_entropy_with_integer_labels(a, y, label_smoothing=0.1),
+        lambda a: xent_jax.softmax_cross_entropy(a, q),
+        lambda a: xent_jax.poly_loss_cross_entropy(a, q, epsilon=2.0),
+    ]
+    for call in calls:
+      check_grads(call, (x,), order=1, modes=("fwd", "rev"))
