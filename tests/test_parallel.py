@@ -263,14 +263,14 @@ class TestVocabParallelLinearCrossEntropy:
     bias = rng.standard_normal(V).astype(np.float32)
     labels = rng.integers(0, V, 12).astype(np.int32)
     mesh = _mesh((2, 4))
-    options = dict(label_smoothing=0.1, z_loss=1e-3, bias=bias)
+    options = {"label_smoothing": 0.1, "z_loss": 1e-3, "bias": bias}
     with jax.set_mesh(mesh):
       loss, grads = jax.jit(jax.value_and_grad(
           lambda h, w: jnp.sum(xent_jax.vocab_parallel_linear_cross_entropy(
               h, w, labels, mesh=mesh, data_axis="data", reduction="none", token_chunk_size=4,
               vocab_chunk_size=3, **options)), argnums=(0, 1)))(hidden, weight)
     logits = hidden.astype(np.float64) @ weight.T.astype(np.float64) + bias
-    ref_options = dict(label_smoothing=0.1, z_loss=1e-3)
+    ref_options = {"label_smoothing": 0.1, "z_loss": 1e-3}
     d_logits = ref.cross_entropy_grad(logits, labels, reduction="sum", **ref_options)
     _close(loss, ref.cross_entropy(logits, labels, reduction="sum", **ref_options), 1e-5)
     _close(grads[0], d_logits @ weight.astype(np.float64), 1e-4)
@@ -431,18 +431,18 @@ class TestMeshUse:
     _close(d_hidden, expected @ weight.astype(np.float64), 1e-4)
     _close(d_weight, expected.T @ hidden.astype(np.float64), 1e-4)
 
-  def test_linear_path_checks_varying_axes(self):
-    # The sharded linear loss runs under shard_map(check_vma=True), in both schedules.
+  @pytest.mark.parametrize("reduction", ["mean", "none"])  # one pass, two passes
+  def test_linear_path_checks_varying_axes(self, reduction):
+    # The sharded linear loss runs under shard_map(check_vma=True).
     hidden, weight = np.ones((N, D), np.float32), np.ones((V, D), np.float32)
     labels = np.zeros(N, np.int32)
     mesh = _mesh((2, 4))
-    for reduction in ("mean", "none"):
-      jaxpr = jax.make_jaxpr(jax.grad(lambda h, w: jnp.sum(
-          xent_jax.vocab_parallel_linear_cross_entropy(
-              h, w, labels, mesh=mesh, data_axis="data", reduction=reduction)),
-          argnums=(0, 1)))(hidden, weight)
-      flags = [e.params["check_vma"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "shard_map"]
-      assert flags and all(flags), flags
+    jaxpr = jax.make_jaxpr(jax.grad(lambda h, w: jnp.sum(
+        xent_jax.vocab_parallel_linear_cross_entropy(
+            h, w, labels, mesh=mesh, data_axis="data", reduction=reduction)),
+        argnums=(0, 1)))(hidden, weight)
+    flags = [e.params["check_vma"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "shard_map"]
+    assert flags and all(flags), flags
 
 
 class TestBadInput:

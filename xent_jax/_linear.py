@@ -23,9 +23,9 @@ Two schedules, chosen from the shapes by :func:`plan_schedule`:
 
 * **one pass** (``reduction`` 'sum' or 'mean', whole vocabulary per block, and a float32
   ``[V, D]`` weight-gradient accumulator no larger than 1/8 of the ``[N, V]`` float32 logits,
-  :math:`8D \le N`, or than one block, :math:`VD \le 2^{24}`): each token chunk's logits are computed once, and its loss and the
-  gradients for ``hidden``, ``weight`` and ``bias`` are computed from them right away, during the
-  forward pass (as Liger-Kernel does). The backward pass only scales the stored gradients by the
+  :math:`8D \le N`, or than one block, :math:`VD \le 2^{24}`): each token chunk's logits are
+  computed once, and its loss and the gradients for ``hidden``, ``weight`` and ``bias`` are
+  computed from them right away, during the forward pass (as Liger-Kernel does). The backward pass only scales the stored gradients by the
   incoming scalar cotangent: three matmuls in all, as many as the unfused loss and its gradient.
 * **two passes** (otherwise: reduction 'none', ``return_lse``, vocabulary chunks, or a large
   ``D/N`` as at LLM heads): the forward pass keeps only the per-row statistics; the backward pass
@@ -743,9 +743,9 @@ def linear_cross_entropy(
 
   computed from the per-row statistics :math:`\mathrm{lse}_i`, :math:`x_{iy_i}` and
   :math:`\sum_c w_c x_{ic}` gathered chunk by chunk (see the module docstring). With 'sum' or
-  'mean', no ``vocab_chunk_size`` and :math:`8D \le N` (or :math:`VD \le 2^{24}`) the gradients are computed in the forward
-  pass (three matmuls, as the unfused loss) and kept until the backward pass, which scales them
-  (residuals: the size of ``hidden`` and ``weight``); otherwise the backward pass recomputes the
+  'mean', no ``vocab_chunk_size`` and :math:`8D \le N` (or :math:`VD \le 2^{24}`) the gradients
+  are computed in the forward pass (three matmuls, as the unfused loss) and kept until the
+  backward pass, which scales them (residuals: the size of ``hidden`` and ``weight``); otherwise the backward pass recomputes the
   logits (four matmuls, blocks of ``[token_chunk_size, vocab_chunk_size]``, residuals: the per-row
   ``lse``), vocabulary chunks outermost for bfloat16 heads with :math:`V > N + 4096`, so that no
   float32 ``[V, D]`` buffer exists besides a float32 gradient

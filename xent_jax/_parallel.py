@@ -56,7 +56,8 @@ def _axis_size(fn: str, mesh: Mesh, name: str, axis_name: Hashable) -> int:
 
 def data_axes(data_axis) -> tuple[Hashable, ...]:
   """``data_axis`` as a tuple of mesh axis names: None gives ``()``, a tuple stays as it is (the
-  rows split over several axes, major first, as in a ``PartitionSpec`` entry), a name ``(name,)``."""
+  rows split over several axes, major first, as in a ``PartitionSpec`` entry), a name
+  ``(name,)``."""
   if data_axis is None:
     return ()
   return tuple(data_axis) if isinstance(data_axis, tuple) else (data_axis,)
