@@ -136,7 +136,8 @@ def main():
     )
     if args.tpu:
       t = r["tpu"]
-      line += (f" {t['compile_seconds']['bi_tempered']:.2f} ({t['compile_seconds']['cross_entropy']:.2f}),"
+      seconds = t["compile_seconds"]
+      line += (f" {seconds['bi_tempered']:.2f} ({seconds['cross_entropy']:.2f}),"
                f" {t['temp_mib']['bi_tempered']:.2f} |")
     lines.append(line)
   table = header + "\n" + "\n".join(lines) + "\n"

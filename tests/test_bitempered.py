@@ -149,7 +149,7 @@ def test_replica_matches_the_converged_reference():
     np.testing.assert_allclose(loss, want, rtol=1e-9, atol=1e-12)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _per_row_and_derivatives(setting, integer):
   """Jitted ``(x, cotangent, tangent) -> (loss per row, VJP, JVP)``."""
   labels = INT_LABELS if integer else PROBS
@@ -194,7 +194,7 @@ def test_reductions_and_class_axis(reduction, label_kind):
   to_axis1 = lambda a: np.moveaxis(a.reshape(2, 3, *a.shape[1:]), 2, 1) if a.ndim == 2 else (
       a.reshape(2, 3))
   labels_3d = to_axis1(labels)
-  fn = lambda x: xent_jax.bi_tempered_logistic_loss(  # noqa: E731
+  fn = lambda x: xent_jax.bi_tempered_logistic_loss(
       x, labels_3d, axis=1, weight=WEIGHT, where=to_axis1(WHERE), reduction=reduction, **setting)
   value, got_grad = jax.jit(jax.value_and_grad(fn))(jnp.asarray(to_axis1(LOGITS)))
   np.testing.assert_allclose(value, scale * np.sum(loss), rtol=1e-5)
@@ -229,14 +229,15 @@ def test_check_grads_both_modes_float64(hparams, label_kind):
   and check it against finite differences, forward and reverse."""
   with jax.enable_x64(True):
     labels = INT_LABELS[:4] if label_kind == "integer" else PROBS[:4].astype(np.float64)
-    loss = lambda x: xent_jax.bi_tempered_logistic_loss(  # noqa: E731
+    loss = lambda x: xent_jax.bi_tempered_logistic_loss(
         x, labels, num_iters=60, weight=WEIGHT.astype(np.float64), **hparams)
     check_grads(jax.jit(loss), (jnp.asarray(LOGITS[:4], jnp.float64),), order=1,
                 modes=("fwd", "rev"))
 
 
 def test_linearize_and_jacfwd_agree_with_grad():
-  loss = lambda x: xent_jax.bi_tempered_logistic_loss(x, INT_LABELS, label_smoothing=0.1)  # noqa: E731
+  loss = functools.partial(xent_jax.bi_tempered_logistic_loss, labels=INT_LABELS,
+                           label_smoothing=0.1)
 
   @jax.jit
   def run(x, tangent):
@@ -262,7 +263,7 @@ def test_out_of_range_label_gives_nan_row_and_ignored_row_zero(hparams):
   logits = LOGITS[:4].copy()
   logits[2] = -np.inf
   where = np.array([True, True, True, True])
-  fn = lambda x: xent_jax.bi_tempered_logistic_loss(  # noqa: E731
+  fn = lambda x: xent_jax.bi_tempered_logistic_loss(
       x, labels, where=where, reduction="none", **hparams)
   value, grad, jacobian = map(np.asarray, jax.jit(
       lambda x: (fn(x), jax.grad(lambda x: jnp.sum(fn(x)))(x), jax.jacfwd(fn)(x)))(logits))
@@ -271,7 +272,8 @@ def test_out_of_range_label_gives_nan_row_and_ignored_row_zero(hparams):
   np.testing.assert_array_equal(grad[2], np.zeros(K))
   np.testing.assert_array_equal(jacobian[2], np.zeros((4, K)))
   assert np.all(np.isfinite(value[[0, 3]])) and np.all(np.isfinite(grad[[0, 3]]))
-  all_ignored = lambda x: xent_jax.bi_tempered_logistic_loss(x, np.full(4, -100, np.int32))  # noqa: E731
+  all_ignored = functools.partial(xent_jax.bi_tempered_logistic_loss,
+                                  labels=np.full(4, -100, np.int32))
   value, grad = jax.jit(jax.value_and_grad(all_ignored))(logits)
   assert float(value) == 0.0
   np.testing.assert_array_equal(grad, np.zeros((4, K)))
@@ -329,10 +331,11 @@ def test_iterations_are_a_loop_not_unrolled():
   sizes = []
   for num_iters in (5, 50):
     for t2 in (1.2, 0.8):
-      fn = lambda x, t2=t2, num_iters=num_iters: xent_jax.bi_tempered_logistic_loss(  # noqa: E731
+      fn = lambda x, t2=t2, num_iters=num_iters: xent_jax.bi_tempered_logistic_loss(
           x, INT_LABELS, t2=t2, num_iters=num_iters)
       sizes.append(len(str(jax.make_jaxpr(jax.value_and_grad(fn))(LOGITS))))
-  assert sizes[0] == pytest.approx(sizes[2], rel=0.01) and sizes[1] == pytest.approx(sizes[3], rel=0.01)
+  assert sizes[0] == pytest.approx(sizes[2], rel=0.01)
+  assert sizes[1] == pytest.approx(sizes[3], rel=0.01)
 
 
 # --------------------------------------------------------------------------------- bf16, blocks
@@ -344,7 +347,7 @@ def test_bf16_logits_are_computed_in_float32(label_kind):
   comes back in bf16."""
   labels = INT_LABELS if label_kind == "integer" else PROBS
   logits_bf16 = jnp.asarray(LOGITS, jnp.bfloat16)
-  fn = lambda x: xent_jax.bi_tempered_logistic_loss(  # noqa: E731
+  fn = lambda x: xent_jax.bi_tempered_logistic_loss(
       x, labels, label_smoothing=0.1, weight=WEIGHT, reduction="sum")
   value, grad = jax.jit(jax.value_and_grad(fn))(logits_bf16)
   want, want_grad = jax.jit(jax.value_and_grad(fn))(logits_bf16.astype(jnp.float32))
@@ -361,7 +364,7 @@ def test_block_function_on_blocks_equals_the_whole():
   labels = np.array([0, 3, -100, 6, 1, K], np.int32)
   valid = labels != -100
   hparams = dict(t1=0.6, t2=1.4, label_smoothing=0.1, num_iters=6)
-  rows = lambda x, y, v: _bitempered.bi_tempered_rows(x, y, v, **hparams)  # noqa: E731
+  rows = lambda x, y, v: _bitempered.bi_tempered_rows(x, y, v, **hparams)
   scale = np.arange(6.0, dtype=np.float32)
   weighted_sum = jax.jit(jax.value_and_grad(
       lambda x, y, v, s: jnp.sum(jnp.where(v & (y < K), rows(x, y, v) * s, 0))))
