@@ -21,7 +21,9 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
 
 import jax
@@ -81,6 +83,7 @@ def main():
   if args.tpu:
     aot.quiet_libtpu()  # before JAX starts its backends
 
+  load_at_start = os.getloadavg()
   shape = (args.tokens, args.vocab)
   nxv_f32_mib = args.tokens * args.vocab * 4 / 2**20
   key_x, key_y = jax.random.split(jax.random.PRNGKey(0))
@@ -112,12 +115,15 @@ def main():
     del logits, compiled
 
   load = os.getloadavg()
+  command = shlex.join(["python", *sys.argv])
   header = (
+      f"Command: `{command}`\n\n"
       f"fwd+bwd under jit, N={args.tokens}, V={args.vocab}, integer labels, bi_tempered defaults "
       f"(t1=0.8, t2=1.2, num_iters=5); median of {args.repeats} round-robin calls; "
       f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
-      f"{platform.processor() or platform.machine()}; load average at the end "
-      f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.\n"
+      f"{platform.processor() or platform.machine()}; 1/5/15-minute load averages at the start "
+      f"{load_at_start[0]:.1f} / {load_at_start[1]:.1f} / {load_at_start[2]:.1f}, at the end "
+      f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (a machine shared with other jobs).\n"
       f"One [N, V] float32 array = {nxv_f32_mib:.0f} MiB; targets: time <= 4x, temp <= 1/8 of it "
       f"({nxv_f32_mib / 8:.0f} MiB), compile <= 5 s.\n"
   )
@@ -146,7 +152,8 @@ def main():
   with open(args.out + ".md", "w") as f:
     f.write(table)
   with open(args.out + ".json", "w") as f:
-    json.dump({"args": vars(args), "load_average": load, "results": results}, f, indent=1)
+    json.dump({"command": command, "args": vars(args), "load_average_start": load_at_start,
+               "load_average_end": load, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
