@@ -277,7 +277,7 @@ def _config(t1: float, t2: float, label_smoothing: float, num_iters: int, num_cl
 def _target_term(q, cfg: _Config):
   """:math:`q\\log_{t_1} q - q^{2-t_1}/(2-t_1)` elementwise (the power part dropped for the KL
   divergence), exactly 0 where :math:`q = 0`; of a Python float or a ``[..., V]`` array (written
-  without a select, see :func:`_forward`)."""
+  without a select, see :func:`_row_sums`)."""
   if isinstance(q, float):
     if q == 0.0:
       return 0.0
