@@ -341,25 +341,32 @@ def _integer_rows(labels: jax.Array, valid: jax.Array, num_classes: int):
 def _row_sums(logits: jax.Array, norm: _Normalization, t: float, summands) -> list[jax.Array]:
   """``[...]`` :math:`\\sum_c f(p_c)` for each ``summands`` function f of a `_TemperedExp` ``p``.
 
-  Each sum is one pass over the logits that recomputes :math:`p`, run as one branch of a
+  On CPU each sum is one pass over the logits that recomputes :math:`p`, run as one branch of a
   ``lax.switch`` in a loop over the sums. Kept apart like this, XLA:CPU fuses each pass into one
   reduction; written as separate sums of one computation, it merges their common constants and
   intermediate values into ``[..., V]`` arrays that its YNNPACK reductions then read from memory,
-  and a variadic reduction (all sums in one pass) runs about five times slower.
+  and a variadic reduction (all sums in one pass) runs about five times slower. Other backends
+  fuse sibling sums of one :math:`p` without help (and compile that faster for TPU).
   """
-  dtype = norm.max.dtype
   if len(summands) == 1:
     return [jnp.sum(summands[0](_probs(logits, norm, t)), axis=-1)]
 
-  def body(i, sums):
-    branches = [
-        functools.partial(lambda f: jnp.sum(f(_probs(logits, norm, t, i)), axis=-1), f)
-        for f in summands
-    ]
-    return sums.at[i].set(lax.switch(i, branches))
+  def one_pass_each():
+    def body(i, sums):
+      branches = [
+          functools.partial(lambda f: jnp.sum(f(_probs(logits, norm, t, i)), axis=-1), f)
+          for f in summands
+      ]
+      return sums.at[i].set(lax.switch(i, branches))
 
-  sums = lax.fori_loop(0, len(summands), body, jnp.zeros((len(summands),) + norm.max.shape, dtype))
-  return list(sums)
+    zeros = jnp.zeros((len(summands),) + norm.max.shape, norm.max.dtype)
+    return list(lax.fori_loop(0, len(summands), body, zeros))
+
+  def shared():
+    p = _probs(logits, norm, t)
+    return [jnp.sum(f(p), axis=-1) for f in summands]
+
+  return lax.platform_dependent(cpu=one_pass_each, default=shared)
 
 
 class _Sums:
