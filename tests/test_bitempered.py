@@ -376,3 +376,19 @@ def test_block_function_on_blocks_equals_the_whole():
   got = jax.jit(rows)(LOGITS, labels, valid)
   want, _, _ = _reference(LOGITS, labels, **hparams)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # NaN in the last row of both
+
+
+@pytest.mark.parametrize("setting", [SETTINGS[0], SETTINGS[1], SETTINGS[5]],
+                         ids=[SETTING_IDS[0], SETTING_IDS[1], SETTING_IDS[5]])
+def test_branch_for_other_backends_matches_float64_replica(setting, monkeypatch):
+  """The code lowered for TPU/GPU (one shared p for the row sums, exp/log powers) gives the same
+  values and gradients; forced here on CPU by taking every platform_dependent's default."""
+  monkeypatch.setattr(jax.lax, "platform_dependent", lambda *, default, **_: default())
+  for labels in (INT_LABELS, PROBS):
+    fn = functools.partial(xent_jax.bi_tempered_logistic_loss, labels=labels, weight=WEIGHT,
+                           where=WHERE, reduction="sum", **_hparams(setting))
+    value, grad = jax.jit(jax.value_and_grad(fn))(LOGITS)
+    want, _, want_grad = _reference(LOGITS, labels, weight=WEIGHT, where=WHERE,
+                                    **_hparams(setting))
+    np.testing.assert_allclose(value, np.sum(want), rtol=1e-5)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
