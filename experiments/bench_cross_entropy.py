@@ -30,25 +30,25 @@ def _mean(loss_fn):
 
 
 CASES = {
-    "fp32, integer labels": dict(
-        dtype=jnp.float32,
-        xent=lambda x, y: xent_jax.cross_entropy(x, y),
-        optax=_mean(optax.softmax_cross_entropy_with_integer_labels),
+  "fp32, integer labels": dict(
+    dtype=jnp.float32,
+    xent=lambda x, y: xent_jax.cross_entropy(x, y),
+    optax=_mean(optax.softmax_cross_entropy_with_integer_labels),
+  ),
+  "fp32, label smoothing 0.1": dict(
+    dtype=jnp.float32,
+    xent=lambda x, y: xent_jax.cross_entropy(x, y, label_smoothing=0.1),
+    optax=_mean(
+      lambda x, y: optax.softmax_cross_entropy(
+        x, optax.smooth_labels(jax.nn.one_hot(y, x.shape[-1], dtype=x.dtype), 0.1)
+      )
     ),
-    "fp32, label smoothing 0.1": dict(
-        dtype=jnp.float32,
-        xent=lambda x, y: xent_jax.cross_entropy(x, y, label_smoothing=0.1),
-        optax=_mean(
-            lambda x, y: optax.softmax_cross_entropy(
-                x, optax.smooth_labels(jax.nn.one_hot(y, x.shape[-1], dtype=x.dtype), 0.1)
-            )
-        ),
-    ),
-    "bf16 logits, integer labels": dict(
-        dtype=jnp.bfloat16,
-        xent=lambda x, y: xent_jax.cross_entropy(x, y),
-        optax=_mean(optax.softmax_cross_entropy_with_integer_labels),
-    ),
+  ),
+  "bf16 logits, integer labels": dict(
+    dtype=jnp.bfloat16,
+    xent=lambda x, y: xent_jax.cross_entropy(x, y),
+    optax=_mean(optax.softmax_cross_entropy_with_integer_labels),
+  ),
 }
 
 
@@ -87,7 +87,9 @@ def main():
   logits32 = 3.0 * jax.random.normal(key_x, (args.tokens, args.vocab), jnp.float32)
   labels = jax.random.randint(key_y, (args.tokens,), 0, args.vocab)
   # bf16 case: the fp32 reference loss is computed on the same (bf16-rounded) values.
-  reference_fp32 = float(xent_jax.cross_entropy(logits32.astype(jnp.bfloat16).astype(jnp.float32), labels))
+  reference_fp32 = float(
+    xent_jax.cross_entropy(logits32.astype(jnp.bfloat16).astype(jnp.float32), labels)
+  )
 
   machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind}"
   rows = []
@@ -97,15 +99,15 @@ def main():
     f_o, m_o, loss_o = _compile(case["optax"], logits, labels)
     t_x, t_o = _time_round_robin((f_x, f_o), logits, labels, args.repeats)
     row = dict(
-        case=name,
-        xent_ms=1e3 * t_x,
-        optax_ms=1e3 * t_o,
-        speedup=t_o / t_x,
-        xent_temp_mib=m_x / 2**20,
-        optax_temp_mib=m_o / 2**20,
-        memory_ratio=m_x / m_o if m_o else float("nan"),
-        xent_loss=loss_x,
-        optax_loss=loss_o,
+      case=name,
+      xent_ms=1e3 * t_x,
+      optax_ms=1e3 * t_o,
+      speedup=t_o / t_x,
+      xent_temp_mib=m_x / 2**20,
+      optax_temp_mib=m_o / 2**20,
+      memory_ratio=m_x / m_o if m_o else float("nan"),
+      xent_loss=loss_x,
+      optax_loss=loss_o,
     )
     if case["dtype"] == jnp.bfloat16:
       row["xent_rel_err_vs_fp32"] = abs(loss_x - reference_fp32) / reference_fp32
@@ -114,24 +116,24 @@ def main():
     print(f"done: {name}", flush=True)
 
   header = (
-      f"logits {args.tokens}x{args.vocab}, forward+backward of the mean loss, median of "
-      f"{args.repeats}; {machine}; jax {jax.__version__}, optax {optax.__version__}"
+    f"logits {args.tokens}x{args.vocab}, forward+backward of the mean loss, median of "
+    f"{args.repeats}; {machine}; jax {jax.__version__}, optax {optax.__version__}"
   )
   lines = [
-      header,
-      "",
-      "| case | xent_jax ms | optax ms | speed-up | xent_jax temp MiB | optax temp MiB | memory ratio | loss rel. err vs fp32 (xent_jax / optax) |",
-      "|---|---:|---:|---:|---:|---:|---:|---|",
+    header,
+    "",
+    "| case | xent_jax ms | optax ms | speed-up | xent_jax temp MiB | optax temp MiB | memory ratio | loss rel. err vs fp32 (xent_jax / optax) |",
+    "|---|---:|---:|---:|---:|---:|---:|---|",
   ]
   for r in rows:
     err = (
-        f"{r['xent_rel_err_vs_fp32']:.1e} / {r['optax_rel_err_vs_fp32']:.1e}"
-        if "xent_rel_err_vs_fp32" in r
-        else "-"
+      f"{r['xent_rel_err_vs_fp32']:.1e} / {r['optax_rel_err_vs_fp32']:.1e}"
+      if "xent_rel_err_vs_fp32" in r
+      else "-"
     )
     lines.append(
-        f"| {r['case']} | {r['xent_ms']:.0f} | {r['optax_ms']:.0f} | {r['speedup']:.2f}x | "
-        f"{r['xent_temp_mib']:.1f} | {r['optax_temp_mib']:.1f} | {r['memory_ratio']:.4f} | {err} |"
+      f"| {r['case']} | {r['xent_ms']:.0f} | {r['optax_ms']:.0f} | {r['speedup']:.2f}x | "
+      f"{r['xent_temp_mib']:.1f} | {r['optax_temp_mib']:.1f} | {r['memory_ratio']:.4f} | {err} |"
     )
   table = "\n".join(lines)
   print(table)

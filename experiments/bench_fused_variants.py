@@ -31,22 +31,22 @@ def _picked(log_p, labels):
 
 def _naive_losses():
   """The published per-example formulas on full logits, for autodiff (integer labels)."""
+
   def on_log_p(f):
     return lambda logits, labels: jnp.mean(f(jax.nn.log_softmax(logits), labels))
 
   p_y = lambda lp, y: jnp.exp(_picked(lp, y))  # noqa: E731
   return {
-      "cross_entropy": on_log_p(lambda lp, y: -_picked(lp, y)),
-      "focal": on_log_p(lambda lp, y: -(1 - p_y(lp, y)) ** 2.0 * _picked(lp, y)),
-      "poly1": on_log_p(lambda lp, y: -_picked(lp, y) + 2.0 * (1 - p_y(lp, y))),
-      "generalized_ce": on_log_p(lambda lp, y: (1 - p_y(lp, y) ** 0.7) / 0.7),
-      "truncated_gce": on_log_p(
-          lambda lp, y: (1 - jnp.maximum(p_y(lp, y), 0.5) ** 0.7) / 0.7),
-      "taylor_ce": on_log_p(lambda lp, y: (1 - p_y(lp, y)) + (1 - p_y(lp, y)) ** 2 / 2),
-      "symmetric_ce": on_log_p(
-          lambda lp, y: -0.1 * _picked(lp, y) + 1.0 * 4.0 * (1 - p_y(lp, y))),
-      "confidence_penalty": on_log_p(
-          lambda lp, y: -_picked(lp, y) - 0.1 * -jnp.sum(jnp.exp(lp) * lp, axis=-1)),
+    "cross_entropy": on_log_p(lambda lp, y: -_picked(lp, y)),
+    "focal": on_log_p(lambda lp, y: -((1 - p_y(lp, y)) ** 2.0) * _picked(lp, y)),
+    "poly1": on_log_p(lambda lp, y: -_picked(lp, y) + 2.0 * (1 - p_y(lp, y))),
+    "generalized_ce": on_log_p(lambda lp, y: (1 - p_y(lp, y) ** 0.7) / 0.7),
+    "truncated_gce": on_log_p(lambda lp, y: (1 - jnp.maximum(p_y(lp, y), 0.5) ** 0.7) / 0.7),
+    "taylor_ce": on_log_p(lambda lp, y: (1 - p_y(lp, y)) + (1 - p_y(lp, y)) ** 2 / 2),
+    "symmetric_ce": on_log_p(lambda lp, y: -0.1 * _picked(lp, y) + 1.0 * 4.0 * (1 - p_y(lp, y))),
+    "confidence_penalty": on_log_p(
+      lambda lp, y: -_picked(lp, y) - 0.1 * -jnp.sum(jnp.exp(lp) * lp, axis=-1)
+    ),
   }
 
 
@@ -83,25 +83,40 @@ def main():
     for _ in range(args.reps):
       naive_s.append(_time(naive, hidden, weight))
       fused_s.append(_time(fused, hidden, weight))
-    row = {"loss": name, "naive_s": statistics.median(naive_s),
-           "fused_s": statistics.median(fused_s), "naive_mib": naive_mib, "fused_mib": fused_mib}
+    row = {
+      "loss": name,
+      "naive_s": statistics.median(naive_s),
+      "fused_s": statistics.median(fused_s),
+      "naive_mib": naive_mib,
+      "fused_mib": fused_mib,
+    }
     row["time_ratio"] = row["fused_s"] / row["naive_s"]
     row["temp_ratio"] = fused_mib / naive_mib
     rows.append(row)
-    print(f"{name:20s} naive {row['naive_s']:6.2f} s {naive_mib:8.1f} MiB | fused "
-          f"{row['fused_s']:6.2f} s {fused_mib:8.1f} MiB | time x{row['time_ratio']:.2f} "
-          f"temp x{row['temp_ratio']:.3f}", flush=True)
-  header = (f"# Fused forms vs naive heads, fwd+bwd, N={args.n}, D={args.d}, V={args.v}, fp32\n\n"
-            f"Machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
-            f"({jax.default_backend()}). Command: `python experiments/bench_fused_variants.py "
-            f"--n {args.n} --d {args.d} --v {args.v} --reps {args.reps}`. Medians of "
-            f"{args.reps} round-robin calls.\n\n")
-  table = ["| loss | naive s | fused s | time fused/naive | naive temp MiB | fused temp MiB | "
-           "temp fused/naive |", "|---|---|---|---|---|---|---|"]
+    print(
+      f"{name:20s} naive {row['naive_s']:6.2f} s {naive_mib:8.1f} MiB | fused "
+      f"{row['fused_s']:6.2f} s {fused_mib:8.1f} MiB | time x{row['time_ratio']:.2f} "
+      f"temp x{row['temp_ratio']:.3f}",
+      flush=True,
+    )
+  header = (
+    f"# Fused forms vs naive heads, fwd+bwd, N={args.n}, D={args.d}, V={args.v}, fp32\n\n"
+    f"Machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
+    f"({jax.default_backend()}). Command: `python experiments/bench_fused_variants.py "
+    f"--n {args.n} --d {args.d} --v {args.v} --reps {args.reps}`. Medians of "
+    f"{args.reps} round-robin calls.\n\n"
+  )
+  table = [
+    "| loss | naive s | fused s | time fused/naive | naive temp MiB | fused temp MiB | "
+    "temp fused/naive |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
-    table.append(f"| {r['loss']} | {r['naive_s']:.2f} | {r['fused_s']:.2f} | "
-                 f"{r['time_ratio']:.2f} | {r['naive_mib']:.0f} | {r['fused_mib']:.1f} | "
-                 f"{r['temp_ratio']:.3f} |")
+    table.append(
+      f"| {r['loss']} | {r['naive_s']:.2f} | {r['fused_s']:.2f} | "
+      f"{r['time_ratio']:.2f} | {r['naive_mib']:.0f} | {r['fused_mib']:.1f} | "
+      f"{r['temp_ratio']:.3f} |"
+    )
   text = header + "\n".join(table) + "\n"
   print(text)
   if args.out:

@@ -57,17 +57,17 @@ def _version(package: str) -> str | None:
 def _methods() -> dict[str, tuple[str, Callable | str]]:
   """name -> (weight layout the method takes, loss(hidden, weight, labels)) or an error string."""
   methods: dict[str, tuple[str, Callable | str]] = {
-      "naive": (
-          "vd",
-          lambda h, w, y: optax.softmax_cross_entropy_with_integer_labels(h @ w.T, y).mean(),
+    "naive": (
+      "vd",
+      lambda h, w, y: optax.softmax_cross_entropy_with_integer_labels(h @ w.T, y).mean(),
+    ),
+    "xent_jax": ("vd", lambda h, w, y: xent_jax.linear_cross_entropy(h, w, y)),
+    "xent_jax low-mem": (
+      "vd",
+      lambda h, w, y: xent_jax.linear_cross_entropy(
+        h, w, y, token_chunk_size=1024, vocab_chunk_size=4096
       ),
-      "xent_jax": ("vd", lambda h, w, y: xent_jax.linear_cross_entropy(h, w, y)),
-      "xent_jax low-mem": (
-          "vd",
-          lambda h, w, y: xent_jax.linear_cross_entropy(
-              h, w, y, token_chunk_size=1024, vocab_chunk_size=4096
-          ),
-      ),
+    ),
   }
   try:
     import jax_cce
@@ -83,10 +83,10 @@ def _methods() -> dict[str, tuple[str, Callable | str]]:
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     methods["tokamax"] = (
-        "dv",
-        lambda h, w, y: tokamax.linear_softmax_cross_entropy_loss(
-            h, y, w, reduction="mean", implementation="xla"
-        ),
+      "dv",
+      lambda h, w, y: tokamax.linear_softmax_cross_entropy_loss(
+        h, y, w, reduction="mean", implementation="xla"
+      ),
     )
   except Exception as e:  # noqa: BLE001
     methods["tokamax"] = ("dv", f"import failed: {type(e).__name__}: {e}")
@@ -103,7 +103,7 @@ def _inputs(n: int, d: int, v: int, dtype) -> dict[str, jax.Array]:
 
 
 def _compile(
-    name, layout, loss, n, d, v, dtype, *, run: bool
+  name, layout, loss, n, d, v, dtype, *, run: bool
 ) -> tuple[dict, Callable | None, tuple]:
   """Compiles one method's value-and-grad (and with ``run`` calls it once, the warm-up); returns
   its row (temp memory, loss, or the error), the compiled function and its arguments."""
@@ -128,8 +128,10 @@ def measure_shape(methods, n, d, v, dtype, *, reps: int, timed: bool, table: str
   Timed calls go round-robin over the methods (one call of each per round, ``reps`` rounds), so
   a change in the machine's load during the run hits every method alike.
   """
-  compiled = [_compile(name, layout, loss, n, d, v, dtype, run=timed)
-              for name, (layout, loss) in methods.items()]
+  compiled = [
+    _compile(name, layout, loss, n, d, v, dtype, run=timed)
+    for name, (layout, loss) in methods.items()
+  ]
   rows = [row for row, _, _ in compiled]
   if timed:
     walls = [[] for _ in compiled]
@@ -159,14 +161,17 @@ def run(args) -> dict:
   methods = _methods()  # "naive" first: the reference of every ratio
   rows = []
   for dtype in (jnp.float32, jnp.bfloat16):
-    rows += measure_shape(methods, args.n, args.d, args.v, dtype, reps=args.reps, timed=True,
-                          table="headline")
+    rows += measure_shape(
+      methods, args.n, args.d, args.v, dtype, reps=args.reps, timed=True, table="headline"
+    )
   for v in args.vocab_series:
-    rows += measure_shape(methods, args.n, args.d, v, jnp.float32, reps=args.reps, timed=False,
-                          table="vocab_series")
+    rows += measure_shape(
+      methods, args.n, args.d, v, jnp.float32, reps=args.reps, timed=False, table="vocab_series"
+    )
   for n in args.token_series:
-    rows += measure_shape(methods, n, args.d, args.v, jnp.float32, reps=args.reps, timed=False,
-                          table="token_series")
+    rows += measure_shape(
+      methods, n, args.d, args.v, jnp.float32, reps=args.reps, timed=False, table="token_series"
+    )
   return {"rows": rows}
 
 
@@ -176,8 +181,11 @@ def _ratio(a, b):
 
 def targets(rows: list[dict], n: int, d: int, v: int) -> list[dict]:
   """The issue's CPU targets, checked on the fp32 headline rows of this run."""
-  get = {r["method"]: r for r in rows
-         if r["table"] == "headline" and r["dtype"] == "float32" and "error" not in r}
+  get = {
+    r["method"]: r
+    for r in rows
+    if r["table"] == "headline" and r["dtype"] == "float32" and "error" not in r
+  }
   xj, naive, cce, low = (get.get(k) for k in ("xent_jax", "naive", "jax-cce", "xent_jax low-mem"))
   out = []
 
@@ -195,18 +203,27 @@ def targets(rows: list[dict], n: int, d: int, v: int) -> list[dict]:
     add("temp memory / jax-cce temp memory", _ratio(xj["temp_MiB"], cce["temp_MiB"]), 2.0)
   if low and cce:
     add("low-mem temp memory / jax-cce temp memory", _ratio(low["temp_MiB"], cce["temp_MiB"]), 1.0)
-  series = sorted((r["V"], r["temp_MiB"]) for r in rows
-                  if r["table"] == "vocab_series" and r["method"] == "xent_jax" and "temp_MiB" in r)
+  series = sorted(
+    (r["V"], r["temp_MiB"])
+    for r in rows
+    if r["table"] == "vocab_series" and r["method"] == "xent_jax" and "temp_MiB" in r
+  )
   if len(series) >= 2:
     (v0, m0), (v1, m1) = series[0], series[-1]
     add(f"temp memory growth V={v0}->{v1} / V growth", (m1 / m0) / (v1 / v0), 1.0)
-  tokens = sorted((r["N"], r["temp_MiB"]) for r in rows
-                  if r["table"] == "token_series" and r["method"] == "xent_jax" and "temp_MiB" in r)
+  tokens = sorted(
+    (r["N"], r["temp_MiB"])
+    for r in rows
+    if r["table"] == "token_series" and r["method"] == "xent_jax" and "temp_MiB" in r
+  )
   if len(tokens) >= 2:
     (n0, m0), (n1, m1) = tokens[0], tokens[-1]
     # What may grow with N: the [N, D] hidden-gradient accumulator (the size of an output).
-    add(f"temp memory growth N={n0}->{n1} beyond the [N, D] gradient (MiB)",
-        (m1 - m0) - (n1 - n0) * d * 4 / MiB, 1.0)
+    add(
+      f"temp memory growth N={n0}->{n1} beyond the [N, D] gradient (MiB)",
+      (m1 - m0) - (n1 - n0) * d * 4 / MiB,
+      1.0,
+    )
   return out
 
 
@@ -217,19 +234,19 @@ def _fmt(x, spec="{:.2f}"):
 def markdown(result: dict) -> str:
   meta, rows = result["meta"], result["rows"]
   lines = [
-      f"# Fused linear cross-entropy benchmark ({meta['backend']}, {meta['date']})",
-      "",
-      f"jax {meta['versions']['jax']}, optax {meta['versions']['optax']}, jax-cce "
-      f"{meta['versions']['jax-cce']}, tokamax {meta['versions']['tokamax']}; "
-      f"{meta['cpu_count']} CPUs, load average before/after: {meta['load_before']} / "
-      f"{meta['load_after']}. Forward + backward (grads of hidden and weight), median of "
-      f"{meta['reps']} calls; temp = compiled temporary memory.",
-      "",
-      "## Headline",
-      "",
-      "| dtype | method | wall s | CPU s | temp MiB | wall / naive | temp / naive "
-      "| \\|loss - naive\\| |",
-      "|---|---|---|---|---|---|---|---|",
+    f"# Fused linear cross-entropy benchmark ({meta['backend']}, {meta['date']})",
+    "",
+    f"jax {meta['versions']['jax']}, optax {meta['versions']['optax']}, jax-cce "
+    f"{meta['versions']['jax-cce']}, tokamax {meta['versions']['tokamax']}; "
+    f"{meta['cpu_count']} CPUs, load average before/after: {meta['load_before']} / "
+    f"{meta['load_after']}. Forward + backward (grads of hidden and weight), median of "
+    f"{meta['reps']} calls; temp = compiled temporary memory.",
+    "",
+    "## Headline",
+    "",
+    "| dtype | method | wall s | CPU s | temp MiB | wall / naive | temp / naive "
+    "| \\|loss - naive\\| |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for dtype in ("float32", "bfloat16"):
     head = [r for r in rows if r["table"] == "headline" and r["dtype"] == dtype]
@@ -239,11 +256,11 @@ def markdown(result: dict) -> str:
         lines.append(f"| {dtype} | {r['method']} | failed: {r['error']} | | | | | |")
         continue
       lines.append(
-          f"| {dtype} | {r['method']} | {_fmt(r['wall_s'])} | {_fmt(r['cpu_s'])} | "
-          f"{_fmt(r['temp_MiB'], '{:.1f}')} | "
-          f"{_fmt(_ratio(r['wall_s'], naive and naive['wall_s']))} | "
-          f"{_fmt(_ratio(r['temp_MiB'], naive and naive['temp_MiB']), '{:.3f}')} | "
-          f"{_fmt(r.get('abs_diff_vs_naive'), '{:.1e}')} |"
+        f"| {dtype} | {r['method']} | {_fmt(r['wall_s'])} | {_fmt(r['cpu_s'])} | "
+        f"{_fmt(r['temp_MiB'], '{:.1f}')} | "
+        f"{_fmt(_ratio(r['wall_s'], naive and naive['wall_s']))} | "
+        f"{_fmt(_ratio(r['temp_MiB'], naive and naive['temp_MiB']), '{:.3f}')} | "
+        f"{_fmt(r.get('abs_diff_vs_naive'), '{:.1e}')} |"
       )
   for table, key in (("vocab_series", "V"), ("token_series", "N")):
     sub = [r for r in rows if r["table"] == table]
@@ -252,16 +269,26 @@ def markdown(result: dict) -> str:
     names = list(dict.fromkeys(r["method"] for r in sub))
     values = sorted({r[key] for r in sub})
     fixed = "N=%d" % sub[0]["N"] if key == "V" else "V=%d" % sub[0]["V"]
-    lines += ["", f"## Temporary memory (MiB) vs {key} (fp32, D={sub[0]['D']}, {fixed})", "",
-              f"| {key} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [
+      "",
+      f"## Temporary memory (MiB) vs {key} (fp32, D={sub[0]['D']}, {fixed})",
+      "",
+      f"| {key} | " + " | ".join(names) + " |",
+      "|---" * (len(names) + 1) + "|",
+    ]
     for x in values:
       cells = []
       for name in names:
         r = next(r for r in sub if r["method"] == name and r[key] == x)
         cells.append("failed" if "error" in r else _fmt(r["temp_MiB"], "{:.1f}"))
       lines.append(f"| {x} | " + " | ".join(cells) + " |")
-  lines += ["", "## Targets (fp32 headline, this run)", "", "| target | value | limit | met |",
-            "|---|---|---|---|"]
+  lines += [
+    "",
+    "## Targets (fp32 headline, this run)",
+    "",
+    "| target | value | limit | met |",
+    "|---|---|---|---|",
+  ]
   for t in result["targets"]:
     lines.append(f"| {t['target']} | {_fmt(t['value'], '{:.3f}')} | {t['limit']} | {t['met']} |")
   return "\n".join(lines) + "\n"
@@ -269,14 +296,18 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default="experiments/results/bench_linear",
-                      help="output path prefix: writes <out>.json and <out>.md")
+  parser.add_argument(
+    "--out",
+    default="experiments/results/bench_linear",
+    help="output path prefix: writes <out>.json and <out>.md",
+  )
   parser.add_argument("--n", type=int, default=4096)
   parser.add_argument("--d", type=int, default=512)
   parser.add_argument("--v", type=int, default=32768)
   parser.add_argument("--reps", type=int, default=7)
-  parser.add_argument("--vocab-series", type=int, nargs="*",
-                      default=[8192, 16384, 32768, 65536, 131072])
+  parser.add_argument(
+    "--vocab-series", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072]
+  )
   parser.add_argument("--token-series", type=int, nargs="*", default=[1024, 4096, 16384])
   parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test")
   args = parser.parse_args(argv)
@@ -286,15 +317,15 @@ def main(argv=None) -> None:
   load_before = os.getloadavg()
   result = run(args)
   result["meta"] = {
-      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      "backend": f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
-      "platform": platform.platform(),
-      "cpu_count": os.cpu_count(),
-      "load_before": [round(x, 2) for x in load_before],
-      "load_after": [round(x, 2) for x in os.getloadavg()],
-      "reps": args.reps,
-      "shape": {"N": args.n, "D": args.d, "V": args.v},
-      "versions": {p: _version(p) for p in ("jax", "jaxlib", "optax", "jax-cce", "tokamax")},
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    "backend": f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
+    "platform": platform.platform(),
+    "cpu_count": os.cpu_count(),
+    "load_before": [round(x, 2) for x in load_before],
+    "load_after": [round(x, 2) for x in os.getloadavg()],
+    "reps": args.reps,
+    "shape": {"N": args.n, "D": args.d, "V": args.v},
+    "versions": {p: _version(p) for p in ("jax", "jaxlib", "optax", "jax-cce", "tokamax")},
   }
   result["targets"] = targets(result["rows"], args.n, args.d, args.v)
   text = markdown(result)

@@ -26,8 +26,16 @@ import jax.numpy as jnp  # noqa: E402
 
 import xent_jax  # noqa: E402
 
-LOSSES = ["focal", "poly1", "generalized_ce", "truncated_gce", "taylor_ce", "symmetric_ce",
-          "confidence_penalty", "bi_tempered"]
+LOSSES = [
+  "focal",
+  "poly1",
+  "generalized_ce",
+  "truncated_gce",
+  "taylor_ce",
+  "symmetric_ce",
+  "confidence_penalty",
+  "bi_tempered",
+]
 
 
 def _compiled(name, smoothing, logits, labels):
@@ -73,27 +81,41 @@ def main():
           theirs.append(_time(base, logits, labels))
           ours.append(_time(compiled, logits, labels))
         row = {
-            "loss": name, "dtype": jnp.dtype(dtype).name, "label_smoothing": smoothing,
-            "ms": 1e3 * statistics.median(ours), "ce_ms": 1e3 * statistics.median(theirs),
-            "temp_mib": mib, "ce_temp_mib": base_mib, "compile_s": compile_s,
+          "loss": name,
+          "dtype": jnp.dtype(dtype).name,
+          "label_smoothing": smoothing,
+          "ms": 1e3 * statistics.median(ours),
+          "ce_ms": 1e3 * statistics.median(theirs),
+          "temp_mib": mib,
+          "ce_temp_mib": base_mib,
+          "compile_s": compile_s,
         }
         row["ratio"] = row["ms"] / row["ce_ms"]
         rows.append(row)
-        print(f"{name:20s} {row['dtype']:8s} ls={smoothing:<4} {row['ms']:8.1f} ms "
-              f"(ce {row['ce_ms']:7.1f}) x{row['ratio']:.2f}  temp {mib:9.2f} MiB  "
-              f"compile {compile_s:5.1f} s", flush=True)
-  header = (f"# Variants vs cross_entropy, fwd+bwd, N={args.n}, V={args.v}, integer labels\n\n"
-            f"Machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
-            f"({jax.default_backend()}). Command: `python experiments/bench_variants.py "
-            f"--n {args.n} --v {args.v} --reps {args.reps} --dtypes {args.dtypes} --smoothing "
-            f"{args.smoothing}`. Median of {args.reps} round-robin "
-            "calls each.\n\n")
-  table = ["| loss | dtype | smoothing | ms | cross_entropy ms | ratio | temp MiB | compile s |",
-           "|---|---|---|---|---|---|---|---|"]
+        print(
+          f"{name:20s} {row['dtype']:8s} ls={smoothing:<4} {row['ms']:8.1f} ms "
+          f"(ce {row['ce_ms']:7.1f}) x{row['ratio']:.2f}  temp {mib:9.2f} MiB  "
+          f"compile {compile_s:5.1f} s",
+          flush=True,
+        )
+  header = (
+    f"# Variants vs cross_entropy, fwd+bwd, N={args.n}, V={args.v}, integer labels\n\n"
+    f"Machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
+    f"({jax.default_backend()}). Command: `python experiments/bench_variants.py "
+    f"--n {args.n} --v {args.v} --reps {args.reps} --dtypes {args.dtypes} --smoothing "
+    f"{args.smoothing}`. Median of {args.reps} round-robin "
+    "calls each.\n\n"
+  )
+  table = [
+    "| loss | dtype | smoothing | ms | cross_entropy ms | ratio | temp MiB | compile s |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
-    table.append(f"| {r['loss']} | {r['dtype']} | {r['label_smoothing']} | {r['ms']:.1f} | "
-                 f"{r['ce_ms']:.1f} | {r['ratio']:.2f} | {r['temp_mib']:.2f} | "
-                 f"{r['compile_s']:.1f} |")
+    table.append(
+      f"| {r['loss']} | {r['dtype']} | {r['label_smoothing']} | {r['ms']:.1f} | "
+      f"{r['ce_ms']:.1f} | {r['ratio']:.2f} | {r['temp_mib']:.2f} | "
+      f"{r['compile_s']:.1f} |"
+    )
   text = header + "\n".join(table) + "\n"
   print(text)
   if args.out:

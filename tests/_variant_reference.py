@@ -35,6 +35,7 @@ def _expected(f):
     a = np.ones_like(p) if a is None else a
     used = q * w * a != 0
     return float(np.sum((q * w * a)[used] * f(p[used])))
+
   return row
 
 
@@ -92,6 +93,7 @@ def tempered_softmax(x: np.ndarray, t: float) -> np.ndarray:
   x = np.asarray(x, np.float64)
   if t == 1.0:
     return softmax(x)
+
   def total(lam):
     with np.errstate(divide="ignore"):  # 0 ** negative = inf for t > 1: a too-small lambda
       return np.sum(exp_t(x - lam, t))
@@ -122,17 +124,17 @@ def bi_tempered(x, q, w, *, t1, t2, label_smoothing, weighted):
 
 
 def variant_loss(
-    row_loss,
-    logits,
-    labels,
-    *,
-    axis=-1,
-    weight=None,
-    ignore_index=-100,
-    reduction="mean",
-    where=None,
-    on_logits=False,
-    **hparams,
+  row_loss,
+  logits,
+  labels,
+  *,
+  axis=-1,
+  weight=None,
+  ignore_index=-100,
+  reduction="mean",
+  where=None,
+  on_logits=False,
+  **hparams,
 ):
   """Applies ``row_loss(p, q, w, **hparams)`` (or ``row_loss(x, q, w, ...)`` with
   ``on_logits``) row by row with the shared conventions; returns float64."""

@@ -79,8 +79,9 @@ def _ref_classwise_ece(logits, labels, num_bins, mask=None):
   total = 0.0
   for j in range(num_classes):
     is_j = (y == j).astype(np.float64)
-    total += sum(n * g for n, g in _gaps(p[:, j], is_j, _uniform_bin(p[:, j], num_bins),
-                                         num_bins)) / len(y)
+    total += sum(
+      n * g for n, g in _gaps(p[:, j], is_j, _uniform_bin(p[:, j], num_bins), num_bins)
+    ) / len(y)
   return total / num_classes
 
 
@@ -95,8 +96,11 @@ def _ref_nll(logits, labels, temperature, mask=None):
 def _ref_temperature(logits, labels, mask=None, bounds=(0.01, 100.0)):
   """SciPy's bounded scalar minimiser of the float64 NLL over log T."""
   result = optimize.minimize_scalar(
-      lambda log_t: _ref_nll(logits, labels, np.exp(log_t), mask),
-      bounds=np.log(bounds), method="bounded", options={"xatol": 1e-10})
+    lambda log_t: _ref_nll(logits, labels, np.exp(log_t), mask),
+    bounds=np.log(bounds),
+    method="bounded",
+    options={"xatol": 1e-10},
+  )
   return float(np.exp(result.x))
 
 
@@ -126,21 +130,20 @@ _HAND_LABELS = np.array([0, 1, 0, 1])
 
 
 class TestHandComputed:
-
   def test_mce(self):
     np.testing.assert_allclose(
-        metrics.maximum_calibration_error(_HAND_LOGITS, _HAND_LABELS, num_bins=2), 0.2,
-        rtol=1e-5)
+      metrics.maximum_calibration_error(_HAND_LOGITS, _HAND_LABELS, num_bins=2), 0.2, rtol=1e-5
+    )
 
   def test_adaptive(self):
     np.testing.assert_allclose(
-        metrics.adaptive_calibration_error(_HAND_LOGITS, _HAND_LABELS, num_bins=2), 0.1,
-        rtol=1e-5)
+      metrics.adaptive_calibration_error(_HAND_LOGITS, _HAND_LABELS, num_bins=2), 0.1, rtol=1e-5
+    )
 
   def test_classwise(self):
     np.testing.assert_allclose(
-        metrics.classwise_calibration_error(_HAND_LOGITS, _HAND_LABELS, num_bins=2), 0.1,
-        rtol=1e-5)
+      metrics.classwise_calibration_error(_HAND_LOGITS, _HAND_LABELS, num_bins=2), 0.1, rtol=1e-5
+    )
 
   def test_adaptive_splits_like_array_split(self):
     # 5 rows, 2 bins: the first bin takes 3 rows (array_split), the lowest confidences.
@@ -153,79 +156,106 @@ class TestHandComputed:
 
 
 class TestAgainstReference:
-
   @pytest.mark.parametrize("num_bins", [1, 4, 15])
   def test_mce(self, num_bins):
     logits, labels, mask = _case(0)
     np.testing.assert_allclose(
-        metrics.maximum_calibration_error(logits, labels, num_bins=num_bins, where=mask),
-        _ref_mce(logits, labels, num_bins, mask), rtol=1e-5, atol=1e-6)
+      metrics.maximum_calibration_error(logits, labels, num_bins=num_bins, where=mask),
+      _ref_mce(logits, labels, num_bins, mask),
+      rtol=1e-5,
+      atol=1e-6,
+    )
 
   @pytest.mark.parametrize("num_bins,num_rows", [(1, 50), (7, 300), (15, 301), (20, 9)])
   def test_adaptive(self, num_bins, num_rows):
     logits, labels, mask = _case(1, num_rows=num_rows)
     np.testing.assert_allclose(
-        metrics.adaptive_calibration_error(logits, labels, num_bins=num_bins, where=mask),
-        _ref_adaptive_ece(logits, labels, num_bins, mask), rtol=1e-5, atol=1e-6)
+      metrics.adaptive_calibration_error(logits, labels, num_bins=num_bins, where=mask),
+      _ref_adaptive_ece(logits, labels, num_bins, mask),
+      rtol=1e-5,
+      atol=1e-6,
+    )
 
   def test_adaptive_with_tied_confidences(self):
     logits, labels, mask = _case(2, num_rows=200)
     logits = np.round(logits / 3.0).astype(np.float32)  # many rows share a confidence
     np.testing.assert_allclose(
-        metrics.adaptive_calibration_error(logits, labels, num_bins=6, where=mask),
-        _ref_adaptive_ece(logits, labels, 6, mask), rtol=1e-5, atol=1e-6)
+      metrics.adaptive_calibration_error(logits, labels, num_bins=6, where=mask),
+      _ref_adaptive_ece(logits, labels, 6, mask),
+      rtol=1e-5,
+      atol=1e-6,
+    )
 
   @pytest.mark.parametrize("num_bins,num_classes", [(1, 3), (10, 4), (15, 7)])
   def test_classwise(self, num_bins, num_classes):
     logits, labels, mask = _case(3, num_classes=num_classes)
     np.testing.assert_allclose(
-        metrics.classwise_calibration_error(logits, labels, num_bins=num_bins, where=mask),
-        _ref_classwise_ece(logits, labels, num_bins, mask), rtol=1e-5, atol=1e-6)
+      metrics.classwise_calibration_error(logits, labels, num_bins=num_bins, where=mask),
+      _ref_classwise_ece(logits, labels, num_bins, mask),
+      rtol=1e-5,
+      atol=1e-6,
+    )
 
   def test_batch_dims_and_axis(self):
     logits, labels, mask = _case(4, num_rows=24)
     logits_BxCxT = np.moveaxis(logits.reshape(4, 6, 5), -1, 1)
     labels_BxT, mask_BxT = labels.reshape(4, 6), mask.reshape(4, 6)
-    for fn, ref in [(metrics.maximum_calibration_error, _ref_mce),
-                    (metrics.adaptive_calibration_error, _ref_adaptive_ece),
-                    (metrics.classwise_calibration_error, _ref_classwise_ece)]:
-      np.testing.assert_allclose(fn(logits_BxCxT, labels_BxT, num_bins=5, axis=1, where=mask_BxT),
-                                 ref(logits, labels, 5, mask), rtol=1e-5, err_msg=fn.__name__)
+    for fn, ref in [
+      (metrics.maximum_calibration_error, _ref_mce),
+      (metrics.adaptive_calibration_error, _ref_adaptive_ece),
+      (metrics.classwise_calibration_error, _ref_classwise_ece),
+    ]:
+      np.testing.assert_allclose(
+        fn(logits_BxCxT, labels_BxT, num_bins=5, axis=1, where=mask_BxT),
+        ref(logits, labels, 5, mask),
+        rtol=1e-5,
+        err_msg=fn.__name__,
+      )
 
   def test_mce_streams_from_summed_counts(self):
     logits, labels, mask = _case(5)
-    parts = [metrics.calibration_counts(logits[s], labels[s], num_bins=10, where=mask[s])
-             for s in (slice(0, 120), slice(120, 300))]
+    parts = [
+      metrics.calibration_counts(logits[s], labels[s], num_bins=10, where=mask[s])
+      for s in (slice(0, 120), slice(120, 300))
+    ]
     total = jax.tree.map(jnp.add, *parts)
-    np.testing.assert_allclose(metrics.mce_from_counts(total), _ref_mce(logits, labels, 10, mask),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      metrics.mce_from_counts(total), _ref_mce(logits, labels, 10, mask), rtol=1e-5
+    )
 
 
 class TestAgainstTorchmetrics:
-
   @pytest.mark.parametrize("num_bins", [5, 15])
-  @pytest.mark.parametrize("norm,fn", [("max", metrics.maximum_calibration_error),
-                                       ("l1", metrics.expected_calibration_error)])
+  @pytest.mark.parametrize(
+    "norm,fn",
+    [("max", metrics.maximum_calibration_error), ("l1", metrics.expected_calibration_error)],
+  )
   def test_top_label_calibration_error(self, num_bins, norm, fn):
     logits, labels, _ = _case(6, num_rows=500, num_classes=6)
     want = multiclass_calibration_error(
-        torch.tensor(_probs(logits)), torch.tensor(labels), num_classes=6, n_bins=num_bins,
-        norm=norm)
+      torch.tensor(_probs(logits)), torch.tensor(labels), num_classes=6, n_bins=num_bins, norm=norm
+    )
     np.testing.assert_allclose(fn(logits, labels, num_bins=num_bins), want.item(), rtol=1e-5)
 
 
 class TestConventions:
-
-  @pytest.mark.parametrize("fn", [metrics.maximum_calibration_error,
-                                  metrics.adaptive_calibration_error,
-                                  metrics.classwise_calibration_error, metrics.fit_temperature])
+  @pytest.mark.parametrize(
+    "fn",
+    [
+      metrics.maximum_calibration_error,
+      metrics.adaptive_calibration_error,
+      metrics.classwise_calibration_error,
+      metrics.fit_temperature,
+    ],
+  )
   def test_nan_when_empty_or_invalid_included(self, fn):
     logits, labels, mask = _case(7, num_rows=20)
     assert np.isnan(fn(logits, labels, where=np.zeros(20, bool)))
     bad = labels.copy()
     bad[~mask] = 99  # out of range, but excluded
-    np.testing.assert_allclose(fn(logits, bad, where=mask), fn(logits, labels, where=mask),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      fn(logits, bad, where=mask), fn(logits, labels, where=mask), rtol=1e-6
+    )
     assert np.isnan(fn(logits, bad))
     nan_logits = logits.copy()
     nan_logits[np.argmax(mask), 0] = np.nan
@@ -233,24 +263,33 @@ class TestConventions:
 
   def test_ranges(self):
     logits, labels, mask = _case(8, scale=8.0)
-    for fn in (metrics.maximum_calibration_error, metrics.adaptive_calibration_error,
-               metrics.classwise_calibration_error):
+    for fn in (
+      metrics.maximum_calibration_error,
+      metrics.adaptive_calibration_error,
+      metrics.classwise_calibration_error,
+    ):
       assert 0.0 <= float(fn(logits, labels, where=mask)) <= 1.0
     # MCE bounds ECE from above: a weighted mean of gaps is at most their max.
-    assert float(metrics.expected_calibration_error(logits, labels, where=mask)) <= float(
-        metrics.maximum_calibration_error(logits, labels, where=mask)) + 1e-7
+    assert (
+      float(metrics.expected_calibration_error(logits, labels, where=mask))
+      <= float(metrics.maximum_calibration_error(logits, labels, where=mask)) + 1e-7
+    )
 
   def test_adaptive_with_one_bin_equals_ece_with_one_bin(self):
     logits, labels, mask = _case(9)
     np.testing.assert_allclose(
-        metrics.adaptive_calibration_error(logits, labels, num_bins=1, where=mask),
-        metrics.expected_calibration_error(logits, labels, num_bins=1, where=mask), rtol=1e-6)
+      metrics.adaptive_calibration_error(logits, labels, num_bins=1, where=mask),
+      metrics.expected_calibration_error(logits, labels, num_bins=1, where=mask),
+      rtol=1e-6,
+    )
 
   def test_jit_and_vmap(self):
     logits, labels, mask = _case(10, num_rows=60)
     logits, labels, mask = logits.reshape(3, 20, 5), labels.reshape(3, 20), mask.reshape(3, 20)
-    for fn, ref in [(metrics.adaptive_calibration_error, _ref_adaptive_ece),
-                    (metrics.classwise_calibration_error, _ref_classwise_ece)]:
+    for fn, ref in [
+      (metrics.adaptive_calibration_error, _ref_adaptive_ece),
+      (metrics.classwise_calibration_error, _ref_classwise_ece),
+    ]:
       got = jax.vmap(jax.jit(functools.partial(fn, num_bins=4)))(logits, labels, where=mask)
       want = [ref(logits[i], labels[i], 4, mask[i]) for i in range(3)]
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=fn.__name__)
@@ -269,11 +308,9 @@ class TestConventions:
 
 
 class TestTemperature:
-
   @pytest.mark.parametrize("true_temperature,scale", [(0.5, 1.0), (1.0, 3.0), (4.0, 6.0)])
   def test_matches_scipy_minimiser(self, true_temperature, scale):
-    logits, labels, mask = _case(20, num_rows=1000, scale=scale,
-                                 true_temperature=true_temperature)
+    logits, labels, mask = _case(20, num_rows=1000, scale=scale, true_temperature=true_temperature)
     want = _ref_temperature(logits, labels, mask)
     got = float(metrics.fit_temperature(logits, labels, where=mask))
     np.testing.assert_allclose(got, want, rtol=1e-4)
@@ -290,13 +327,14 @@ class TestTemperature:
     logits = np.array([[4.0, 0.0, 1.0], [0.0, 3.0, -1.0]], np.float32)
     labels = np.array([0, 1])
     np.testing.assert_allclose(metrics.fit_temperature(logits, labels), 0.01, rtol=1e-5)
-    np.testing.assert_allclose(metrics.fit_temperature(logits, labels, min_temperature=0.5),
-                               0.5, rtol=1e-5)
-    # Every label has the smallest logit: uniform (T -> inf) is best.
-    np.testing.assert_allclose(metrics.fit_temperature(logits, np.array([1, 2])), 100.0,
-                               rtol=1e-5)
     np.testing.assert_allclose(
-        metrics.fit_temperature(logits, np.array([1, 2]), max_temperature=7.0), 7.0, rtol=1e-5)
+      metrics.fit_temperature(logits, labels, min_temperature=0.5), 0.5, rtol=1e-5
+    )
+    # Every label has the smallest logit: uniform (T -> inf) is best.
+    np.testing.assert_allclose(metrics.fit_temperature(logits, np.array([1, 2])), 100.0, rtol=1e-5)
+    np.testing.assert_allclose(
+      metrics.fit_temperature(logits, np.array([1, 2]), max_temperature=7.0), 7.0, rtol=1e-5
+    )
 
   def test_minus_inf_logits_and_masked_garbage(self):
     logits, labels, mask = _case(22, num_rows=200, true_temperature=2.0)
@@ -317,13 +355,16 @@ class TestTemperature:
     assert float(metrics.accuracy(scaled, labels)) == float(metrics.accuracy(logits, labels))
     assert _ref_nll(logits, labels, float(first)) < _ref_nll(logits, labels, 1.0)
     assert float(metrics.expected_calibration_error(scaled, labels)) < float(
-        metrics.expected_calibration_error(logits, labels))
+      metrics.expected_calibration_error(logits, labels)
+    )
 
   def test_vmap_over_splits(self):
     logits, labels, _ = _case(24, num_rows=600, true_temperature=2.0)
     got = jax.vmap(metrics.fit_temperature)(logits.reshape(3, 200, 5), labels.reshape(3, 200))
-    want = [_ref_temperature(logits[i * 200:(i + 1) * 200], labels[i * 200:(i + 1) * 200])
-            for i in range(3)]
+    want = [
+      _ref_temperature(logits[i * 200 : (i + 1) * 200], labels[i * 200 : (i + 1) * 200])
+      for i in range(3)
+    ]
     np.testing.assert_allclose(got, want, rtol=1e-4)
 
   def test_float64_under_x64(self):
@@ -335,21 +376,31 @@ class TestTemperature:
 
 
 class TestBadInput:
-
-  @pytest.mark.parametrize("kwargs,name", [
-      ({"num_iters": 0}, "num_iters"), ({"num_iters": 2.5}, "num_iters"),
+  @pytest.mark.parametrize(
+    "kwargs,name",
+    [
+      ({"num_iters": 0}, "num_iters"),
+      ({"num_iters": 2.5}, "num_iters"),
       ({"min_temperature": 0.0}, "min_temperature"),
       ({"min_temperature": -1.0}, "min_temperature"),
       ({"min_temperature": 2.0, "max_temperature": 1.0}, "max_temperature"),
       ({"max_temperature": np.inf}, "max_temperature"),
-  ])
+    ],
+  )
   def test_fit_temperature_options(self, kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
       metrics.fit_temperature(_HAND_LOGITS, _HAND_LABELS, **kwargs)
 
-  @pytest.mark.parametrize("temperature,error", [
-      (0.0, ValueError), (-2.0, ValueError), (np.inf, ValueError), ("2", TypeError),
-      (jnp.ones(2), ValueError)])
+  @pytest.mark.parametrize(
+    "temperature,error",
+    [
+      (0.0, ValueError),
+      (-2.0, ValueError),
+      (np.inf, ValueError),
+      ("2", TypeError),
+      (jnp.ones(2), ValueError),
+    ],
+  )
   def test_apply_temperature_rejects_bad_temperature(self, temperature, error):
     with pytest.raises(error, match="`temperature`"):
       metrics.apply_temperature(_HAND_LOGITS, temperature)
@@ -364,17 +415,28 @@ class TestBadInput:
     with pytest.raises(TypeError, match="`logits` must be a floating"):
       metrics.apply_temperature(np.ones((2, 3), np.int32), 2.0)
 
-  @pytest.mark.parametrize("fn", [metrics.maximum_calibration_error,
-                                  metrics.adaptive_calibration_error,
-                                  metrics.classwise_calibration_error])
+  @pytest.mark.parametrize(
+    "fn",
+    [
+      metrics.maximum_calibration_error,
+      metrics.adaptive_calibration_error,
+      metrics.classwise_calibration_error,
+    ],
+  )
   @pytest.mark.parametrize("num_bins", [0, 2.0, None])
   def test_bad_num_bins(self, fn, num_bins):
     with pytest.raises(ValueError, match="`num_bins`"):
       fn(_HAND_LOGITS, _HAND_LABELS, num_bins=num_bins)
 
-  @pytest.mark.parametrize("fn", [metrics.maximum_calibration_error,
-                                  metrics.adaptive_calibration_error,
-                                  metrics.classwise_calibration_error, metrics.fit_temperature])
+  @pytest.mark.parametrize(
+    "fn",
+    [
+      metrics.maximum_calibration_error,
+      metrics.adaptive_calibration_error,
+      metrics.classwise_calibration_error,
+      metrics.fit_temperature,
+    ],
+  )
   def test_shape_and_dtype_errors_name_the_argument(self, fn):
     with pytest.raises(AssertionError, match=r"`labels` must have shape \(4,\), got \(3,\)"):
       fn(_HAND_LOGITS, _HAND_LABELS[:3])

@@ -11,8 +11,15 @@ from xent_jax.cli import main
 
 ROOT = pathlib.Path(__file__).parents[1]
 QUICK = str(ROOT / "configs" / "digits_quick.yaml")
-SMALL = ["model.hidden_dims=[16]", "train.batch_size=32", "train.eval_batch_size=128",
-         "train.num_steps=20", "train.eval_every=10", "train.checkpoint_every=0", "--no-progress"]
+SMALL = [
+  "model.hidden_dims=[16]",
+  "train.batch_size=32",
+  "train.eval_batch_size=128",
+  "train.num_steps=20",
+  "train.eval_every=10",
+  "train.checkpoint_every=0",
+  "--no-progress",
+]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -29,7 +36,9 @@ def test_run_prints_status_and_writes_files(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("compare")
-  variants = "compare.variants=[{name: cross_entropy}, {name: focal, hparams: {gamma: 2.0}, label: focal2}]"
+  variants = (
+    "compare.variants=[{name: cross_entropy}, {name: focal, hparams: {gamma: 2.0}, label: focal2}]"
+  )
   args = ["compare", QUICK, *SMALL, "compare.seeds=[0,1]", variants, "--workdir", str(workdir)]
   assert main(args) == 0
   return workdir, args
@@ -38,8 +47,12 @@ def comparison(tmp_path_factory):
 @pytest.mark.slow
 def test_compare_writes_one_run_per_variant_and_seed(comparison):
   workdir, _ = comparison
-  runs = sorted(p.parent.relative_to(workdir).as_posix() for p in workdir.glob("*/seed_*/summary.json"))
-  assert runs == [f"{group}/seed_{seed}" for group in ("cross_entropy", "focal2") for seed in (0, 1)]
+  runs = sorted(
+    p.parent.relative_to(workdir).as_posix() for p in workdir.glob("*/seed_*/summary.json")
+  )
+  assert runs == [
+    f"{group}/seed_{seed}" for group in ("cross_entropy", "focal2") for seed in (0, 1)
+  ]
 
 
 @pytest.mark.slow
@@ -71,18 +84,23 @@ def test_report_is_rebuilt_from_the_logged_files(comparison):
       bests.append(max(line["eval/accuracy"] for line in lines))
     assert int(row["seeds"]) == 2
     np.testing.assert_allclose(float(row["final_accuracy"]), np.mean(finals), rtol=1e-5)
-    np.testing.assert_allclose(float(row["final_accuracy_std"]), np.std(finals, ddof=1), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+      float(row["final_accuracy_std"]), np.std(finals, ddof=1), rtol=1e-4, atol=1e-7
+    )
     np.testing.assert_allclose(float(row["best_accuracy"]), np.mean(bests), rtol=1e-5)
   assert "| cross_entropy | 2 |" in (workdir / "table.md").read_text()
   for name in ("learning_curves", "reliability", "accuracy_vs_ece"):
     assert (workdir / "plots" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
 
 
-@pytest.mark.parametrize("override,key", [
+@pytest.mark.parametrize(
+  "override,key",
+  [
     ("train.batch_sise=3", "train.batch_sise"),
     ("model.name=resnet", "model.name"),
     ("loss.name=hinge", "loss"),
-])
+  ],
+)
 def test_bad_config_exits_2_naming_the_key(tmp_path, capsys, override, key):
   assert main(["run", QUICK, override, "--workdir", str(tmp_path / "never")]) == 2
   err = capsys.readouterr().err
@@ -109,8 +127,18 @@ def test_yaml_error_in_an_override_is_one_line(tmp_path, capsys):
 def test_bad_user_arrays_exit_2_naming_the_file(tmp_path, capsys):
   bad = tmp_path / "bad.npz"
   np.savez(bad, x_train=np.ones((8, 3)), y_train=np.arange(8), x_test=np.ones((4, 3)))
-  status = main(["run", QUICK, "data.name=arrays", f"data.path={bad}", "data.num_classes=8",
-                 *SMALL, "--workdir", str(tmp_path / "run")])
+  status = main(
+    [
+      "run",
+      QUICK,
+      "data.name=arrays",
+      f"data.path={bad}",
+      "data.num_classes=8",
+      *SMALL,
+      "--workdir",
+      str(tmp_path / "run"),
+    ]
+  )
   err = capsys.readouterr().err
   assert status == 2
   assert err.count("\n") == 1 and "bad.npz" in err and "y_test" in err and "Traceback" not in err

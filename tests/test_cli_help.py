@@ -48,10 +48,17 @@ def test_unknown_key_gets_a_suggestion(capsys):
 def test_run_and_compare_write_to_different_directories(monkeypatch):
   """Without --workdir, `run` goes next to, never into, the directory `compare` fills."""
   seen = {}
-  monkeypatch.setattr(trainer, "train_and_evaluate", lambda config, workdir, **_: seen.update(
-      run=str(workdir)) or {"final": {f"eval/{k}": 0.0 for k in ("accuracy", "nll", "ece", "brier")}})
-  monkeypatch.setattr(compare, "run_comparison",
-                      lambda config, **_: seen.update(compare=config.workdir) or [])
+  monkeypatch.setattr(
+    trainer,
+    "train_and_evaluate",
+    lambda config, workdir, **_: (
+      seen.update(run=str(workdir))
+      or {"final": {f"eval/{k}": 0.0 for k in ("accuracy", "nll", "ece", "brier")}}
+    ),
+  )
+  monkeypatch.setattr(
+    compare, "run_comparison", lambda config, **_: seen.update(compare=config.workdir) or []
+  )
   assert cli.main(["run", QUICK, "loss.name=focal", "--no-progress"]) == 0
   assert cli.main(["compare", QUICK, "--no-progress"]) == 0
   assert seen["compare"] == "runs/digits_quick"
@@ -60,12 +67,17 @@ def test_run_and_compare_write_to_different_directories(monkeypatch):
   assert seen["run"] == "/tmp/elsewhere"
 
 
-@pytest.mark.parametrize("override,expected", [
+@pytest.mark.parametrize(
+  "override,expected",
+  [
     ("model.hiden_dims=[8]", "did you mean 'model.hidden_dims'?"),
     ("lerning_rate=0.1", "did you mean 'optim.learning_rate'?"),
-    ("compare.variants=[{nmae: focal}]", "unknown key 'nmae' in a LossConfig entry (such as "
-                                         "compare.variants); did you mean 'name'?"),
-])
+    (
+      "compare.variants=[{nmae: focal}]",
+      "unknown key 'nmae' in a LossConfig entry (such as compare.variants); did you mean 'name'?",
+    ),
+  ],
+)
 def test_suggestions_for_keys_at_every_level(override, expected):
   with pytest.raises(ConfigError) as err:
     load_config(QUICK, (override,))
@@ -75,14 +87,21 @@ def test_suggestions_for_keys_at_every_level(override, expected):
 def test_a_loss_module_in_the_working_directory_is_found(tmp_path, monkeypatch):
   """`xent-jax run ... loss.name=my_losses:my_loss` works from the directory holding my_losses.py."""
   (tmp_path / "h5_cwd_losses.py").write_text(
-      "import xent_jax\n\n\ndef my_loss(logits, labels, *, axis=-1, weight=None, ignore_index=-100,\n"
-      "            reduction='mean', where=None):\n"
-      "  return xent_jax.cross_entropy(logits, labels, axis=axis, weight=weight,\n"
-      "                                ignore_index=ignore_index, reduction=reduction, where=where)\n")
+    "import xent_jax\n\n\ndef my_loss(logits, labels, *, axis=-1, weight=None, ignore_index=-100,\n"
+    "            reduction='mean', where=None):\n"
+    "  return xent_jax.cross_entropy(logits, labels, axis=axis, weight=weight,\n"
+    "                                ignore_index=ignore_index, reduction=reduction, where=where)\n"
+  )
   monkeypatch.chdir(tmp_path)
   monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
   seen = {}
-  monkeypatch.setattr(trainer, "train_and_evaluate", lambda config, workdir, **_: seen.update(
-      loss=config.loss.name) or {"final": {f"eval/{k}": 0.0 for k in ("accuracy", "nll", "ece", "brier")}})
+  monkeypatch.setattr(
+    trainer,
+    "train_and_evaluate",
+    lambda config, workdir, **_: (
+      seen.update(loss=config.loss.name)
+      or {"final": {f"eval/{k}": 0.0 for k in ("accuracy", "nll", "ece", "brier")}}
+    ),
+  )
   assert cli.main(["run", QUICK, "loss.name=h5_cwd_losses:my_loss", "--no-progress"]) == 0
   assert seen["loss"] == "h5_cwd_losses:my_loss"

@@ -20,16 +20,16 @@ PROBS = jnp.asarray(RNG.dirichlet(np.ones(9), size=6), jnp.float32)
 WEIGHT = jnp.asarray(RNG.uniform(0.5, 2.0, size=9), jnp.float32)
 
 PUBLIC_LOSSES = [
-    (xent_jax.cross_entropy, dict(label_smoothing=0.1, z_loss=1e-2)),
-    (xent_jax.cross_entropy, dict(logit_softcap=3.0, smoothing="t5x", label_smoothing=0.2)),
-    (xent_jax.focal_loss, dict(gamma=2.0, alpha=np.linspace(0.1, 0.9, 9))),
-    (xent_jax.poly1_cross_entropy, dict(epsilon=1.0)),
-    (xent_jax.generalized_cross_entropy, dict(q=0.7)),
-    (xent_jax.truncated_generalized_cross_entropy, dict(q=0.7, k=0.05)),
-    (xent_jax.taylor_cross_entropy, dict(order=3)),
-    (xent_jax.symmetric_cross_entropy, dict(alpha=0.5, beta=1.0)),
-    (xent_jax.confidence_penalty_cross_entropy, dict(beta=0.3)),
-    (xent_jax.bi_tempered_logistic_loss, dict(t1=0.8, t2=1.2)),
+  (xent_jax.cross_entropy, dict(label_smoothing=0.1, z_loss=1e-2)),
+  (xent_jax.cross_entropy, dict(logit_softcap=3.0, smoothing="t5x", label_smoothing=0.2)),
+  (xent_jax.focal_loss, dict(gamma=2.0, alpha=np.linspace(0.1, 0.9, 9))),
+  (xent_jax.poly1_cross_entropy, dict(epsilon=1.0)),
+  (xent_jax.generalized_cross_entropy, dict(q=0.7)),
+  (xent_jax.truncated_generalized_cross_entropy, dict(q=0.7, k=0.05)),
+  (xent_jax.taylor_cross_entropy, dict(order=3)),
+  (xent_jax.symmetric_cross_entropy, dict(alpha=0.5, beta=1.0)),
+  (xent_jax.confidence_penalty_cross_entropy, dict(beta=0.3)),
+  (xent_jax.bi_tempered_logistic_loss, dict(t1=0.8, t2=1.2)),
 ]
 IDS = [f"{fn.__name__}-{i}" for i, (fn, _) in enumerate(PUBLIC_LOSSES)]
 
@@ -61,11 +61,18 @@ def test_forward_mode_with_probability_labels(fn, hparams):
 def _vocab_sized_residuals(fn, logits, inputs):
   """Float residuals of ``jax.vjp(fn, logits)`` with >= half the logits' size, not an input."""
   _, vjp_fn = jax.vjp(fn, logits)
-  leaves = [leaf for leaf in jax.tree_util.tree_leaves(vjp_fn)
-            if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
-            and 2 * leaf.size >= logits.size]
-  return [leaf for leaf in leaves
-          if not any(leaf.shape == i.shape and bool(jnp.array_equal(leaf, i)) for i in inputs)]
+  leaves = [
+    leaf
+    for leaf in jax.tree_util.tree_leaves(vjp_fn)
+    if hasattr(leaf, "dtype")
+    and jnp.issubdtype(leaf.dtype, jnp.floating)
+    and 2 * leaf.size >= logits.size
+  ]
+  return [
+    leaf
+    for leaf in leaves
+    if not any(leaf.shape == i.shape and bool(jnp.array_equal(leaf, i)) for i in inputs)
+  ]
 
 
 def test_residual_check_can_fail():
@@ -101,8 +108,12 @@ def test_user_defined_loss_matches_autodiff_of_a_naive_implementation():
   np.testing.assert_allclose(got, want, rtol=1e-5)
   np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-7)
   with jax.enable_x64(True):
-    check_grads(jax.jit(lambda x: loss(x, LABELS)), (jnp.asarray(LOGITS, jnp.float64),), order=1,
-                modes=("fwd", "rev"))
+    check_grads(
+      jax.jit(lambda x: loss(x, LABELS)),
+      (jnp.asarray(LOGITS, jnp.float64),),
+      order=1,
+      modes=("fwd", "rev"),
+    )
   with pytest.raises(TypeError, match="gamma"):
     loss(LOGITS, LABELS, gamma=1.0)
 
@@ -119,12 +130,16 @@ def test_register_loss_reaches_get_loss_list_losses_and_the_fused_form():
   assert info.hparams == {"scale": 1.0, "label_smoothing": 0.0}
   assert info.summary == "Focal loss with gamma 2, times scale."
   configured = xent_jax.get_loss(name, scale=2.0)
-  np.testing.assert_allclose(configured(LOGITS, LABELS), _naive_user_loss(LOGITS, LABELS, 2.0),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    configured(LOGITS, LABELS), _naive_user_loss(LOGITS, LABELS, 2.0), rtol=1e-5
+  )
   hidden = jnp.asarray(RNG.normal(size=(6, 4)), jnp.float32)
   weight = jnp.asarray(RNG.normal(size=(9, 4)), jnp.float32)
-  np.testing.assert_allclose(configured.linear(hidden, weight, LABELS, token_chunk_size=4),
-                             _naive_user_loss(hidden @ weight.T, LABELS, 2.0), rtol=1e-5)
+  np.testing.assert_allclose(
+    configured.linear(hidden, weight, LABELS, token_chunk_size=4),
+    _naive_user_loss(hidden @ weight.T, LABELS, 2.0),
+    rtol=1e-5,
+  )
   with pytest.raises(ValueError, match="registered already"):
     xent_jax.register_loss(name)(squared_focal)
   with pytest.raises(ValueError, match="reserved"):
@@ -133,16 +148,17 @@ def test_register_loss_reaches_get_loss_list_losses_and_the_fused_form():
 
 def test_import_path_names_a_loss(tmp_path, monkeypatch):
   (tmp_path / "my_losses_mod.py").write_text(
-      "import xent_jax\n"
-      "def scaled_ce(logits, labels, *, scale=1.0, axis=-1, weight=None, ignore_index=-100,\n"
-      "              reduction='mean', where=None):\n"
-      "  return scale * xent_jax.cross_entropy(logits, labels, axis=axis, weight=weight,\n"
-      "      ignore_index=ignore_index, reduction=reduction, where=where)\n"
+    "import xent_jax\n"
+    "def scaled_ce(logits, labels, *, scale=1.0, axis=-1, weight=None, ignore_index=-100,\n"
+    "              reduction='mean', where=None):\n"
+    "  return scale * xent_jax.cross_entropy(logits, labels, axis=axis, weight=weight,\n"
+    "      ignore_index=ignore_index, reduction=reduction, where=where)\n"
   )
   monkeypatch.syspath_prepend(str(tmp_path))
   loss = xent_jax.get_loss("my_losses_mod:scaled_ce", scale=3.0)
-  np.testing.assert_allclose(loss(LOGITS, LABELS), 3.0 * xent_jax.cross_entropy(LOGITS, LABELS),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    loss(LOGITS, LABELS), 3.0 * xent_jax.cross_entropy(LOGITS, LABELS), rtol=1e-6
+  )
   with pytest.raises(ValueError, match="cannot import"):
     xent_jax.get_loss("my_losses_mod:missing")
   with pytest.raises(ValueError, match="lacks"):
@@ -154,8 +170,12 @@ def _fused_cases():
   """Every registered loss with integer labels; with probabilities too, except cross-entropy,
   whose fused kernels take integer labels (tested in test_linear.py)."""
   names = sorted(n for n in xent_jax.list_losses() if not n.startswith("test_engine"))
-  return [(n, kind) for n in names for kind in ("integer", "probabilities")
-          if kind == "integer" or xent_jax.get_loss(n).fn is not xent_jax.cross_entropy]
+  return [
+    (n, kind)
+    for n in names
+    for kind in ("integer", "probabilities")
+    if kind == "integer" or xent_jax.get_loss(n).fn is not xent_jax.cross_entropy
+  ]
 
 
 @pytest.mark.parametrize("name,label_kind", _fused_cases())
@@ -168,10 +188,19 @@ def test_every_registered_loss_has_a_fused_form(name, label_kind):
   if label_kind == "probabilities":
     labels = jnp.asarray(RNG.dirichlet(np.ones(9), size=(2, 7)), jnp.float32)
   loss = xent_jax.get_loss(name)
-  full = lambda h, w, b: loss(jnp.einsum("btd,vd->btv", h, w) + b[None, None], labels,  # noqa: E731
-                              reduction="sum")
-  fused = lambda h, w, b: loss.linear(h, w, labels, bias=b, reduction="sum",  # noqa: E731
-                                      token_chunk_size=4)
+  full = lambda h, w, b: loss(
+    jnp.einsum("btd,vd->btv", h, w) + b[None, None],
+    labels,  # noqa: E731
+    reduction="sum",
+  )
+  fused = lambda h, w, b: loss.linear(
+    h,
+    w,
+    labels,
+    bias=b,
+    reduction="sum",  # noqa: E731
+    token_chunk_size=4,
+  )
   want, want_grads = jax.value_and_grad(full, argnums=(0, 1, 2))(hidden, weight, bias)
   got, got_grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(hidden, weight, bias)
   np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -182,8 +211,9 @@ def test_every_registered_loss_has_a_fused_form(name, label_kind):
 def test_fused_form_returns_label_log_prob_and_entropy():
   hidden = jnp.asarray(RNG.normal(size=(6, 4)), jnp.float32)
   weight = jnp.asarray(RNG.normal(size=(9, 4)), jnp.float32)
-  loss, stats = xent_jax.get_loss("cross_entropy").linear(hidden, weight, LABELS, return_stats=True,
-                                                          token_chunk_size=4)
+  loss, stats = xent_jax.get_loss("cross_entropy").linear(
+    hidden, weight, LABELS, return_stats=True, token_chunk_size=4
+  )
   log_p = np.asarray(jax.nn.log_softmax(np.asarray(hidden, np.float64) @ np.asarray(weight).T))
   valid = np.asarray(LABELS) != -100
   want_log_prob = np.where(valid, log_p[np.arange(6), np.where(valid, LABELS, 0)], 0)
@@ -194,10 +224,15 @@ def test_fused_form_returns_label_log_prob_and_entropy():
 
 
 def _vocab_parallel_cases():
-  names = sorted(n for n in xent_jax.list_losses()
-                 if n != "bi_tempered" and not n.startswith("test_engine"))
-  return [(n, ls) for n in names for ls in (0.0, 0.1)
-          if not (ls and xent_jax.get_loss(n).fn is xent_jax.cross_entropy)]
+  names = sorted(
+    n for n in xent_jax.list_losses() if n != "bi_tempered" and not n.startswith("test_engine")
+  )
+  return [
+    (n, ls)
+    for n in names
+    for ls in (0.0, 0.1)
+    if not (ls and xent_jax.get_loss(n).fn is xent_jax.cross_entropy)
+  ]
 
 
 @pytest.mark.parametrize("name,label_smoothing", _vocab_parallel_cases())
@@ -212,8 +247,14 @@ def test_every_engine_loss_has_a_vocab_parallel_form(name, label_smoothing):
   where = jnp.asarray([True, True, True, False])
   mesh = jax.make_mesh((2, 4), ("data", "vocab"), devices=jax.devices()[:8])
   full = lambda x: loss(x, labels, weight=weight, where=where)  # noqa: E731
-  sharded = lambda x: loss.vocab_parallel(x, labels, mesh=mesh, data_axis="data",  # noqa: E731
-                                          weight=weight, where=where)
+  sharded = lambda x: loss.vocab_parallel(
+    x,
+    labels,
+    mesh=mesh,
+    data_axis="data",  # noqa: E731
+    weight=weight,
+    where=where,
+  )
   want, want_grad = jax.value_and_grad(full)(logits)
   got, got_grad = jax.jit(jax.value_and_grad(sharded))(logits)
   np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -232,22 +273,28 @@ def test_trainer_fused_objective_works_for_variants(name):
 
   from xent_jax.train.models import TransformerLM  # pylint: disable=import-outside-toplevel
 
-  model = TransformerLM(11, 6, dim=8, num_layers=1, num_heads=2, mlp_ratio=2, dtype=jnp.float32,
-                        rngs=nnx.Rngs(0))
+  model = TransformerLM(
+    11, 6, dim=8, num_layers=1, num_heads=2, mlp_ratio=2, dtype=jnp.float32, rngs=nnx.Rngs(0)
+  )
   ids = jnp.asarray(RNG.integers(0, 11, size=(2, 6)))
-  results = [nnx.value_and_grad(make_objective(LossConfig(name=name, fused=fused)))(model, ids, ids)
-             for fused in (False, True)]
+  results = [
+    nnx.value_and_grad(make_objective(LossConfig(name=name, fused=fused)))(model, ids, ids)
+    for fused in (False, True)
+  ]
   np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               results[1][1], results[0][1])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    results[1][1],
+    results[0][1],
+  )
 
 
 HEADS = {
-    "cross_entropy": lambda: xent_jax._cross_entropy.cross_entropy_head("uniform", 1e-2),
-    "focal": lambda: xent_jax._variants.focal_head(2.0, jnp.linspace(0.5, 1.5, 16)),
-    "taylor": lambda: xent_jax._variants.taylor_head(3),
-    "symmetric": lambda: xent_jax._variants.symmetric_head(0.5, 1.0, -4.0),
-    "confidence_penalty": lambda: xent_jax._variants.confidence_penalty_head(0.3),
+  "cross_entropy": lambda: xent_jax._cross_entropy.cross_entropy_head("uniform", 1e-2),
+  "focal": lambda: xent_jax._variants.focal_head(2.0, jnp.linspace(0.5, 1.5, 16)),
+  "taylor": lambda: xent_jax._variants.taylor_head(3),
+  "symmetric": lambda: xent_jax._variants.symmetric_head(0.5, 1.0, -4.0),
+  "confidence_penalty": lambda: xent_jax._variants.confidence_penalty_head(0.3),
 }
 
 
@@ -268,20 +315,29 @@ def test_engine_over_vocabulary_shards_equals_one_device(head_name, smoothing):
   target = _heads.smoothed_target(16, smoothing)
 
   def dense(x):
-    loss, _ = _heads.integer_loss(head, x, labels, class_weight=weight, on=target.on,
-                                  off=target.off, logit_softcap=None)
+    loss, _ = _heads.integer_loss(
+      head, x, labels, class_weight=weight, on=target.on, off=target.off, logit_softcap=None
+    )
     return jnp.sum(loss)
 
-  mesh = jax.make_mesh((4,), ("vocab",), axis_types=(jax.sharding.AxisType.Explicit,),
-                       devices=jax.devices()[:4])
+  mesh = jax.make_mesh(
+    (4,), ("vocab",), axis_types=(jax.sharding.AxisType.Explicit,), devices=jax.devices()[:4]
+  )
 
   def local(x, weight_shard):
-    loss, _ = _heads.integer_loss(head, x, labels, class_weight=weight_shard, on=target.on,
-                                  off=target.off, logit_softcap=None, vocab_axis="vocab")
+    loss, _ = _heads.integer_loss(
+      head,
+      x,
+      labels,
+      class_weight=weight_shard,
+      on=target.on,
+      off=target.off,
+      logit_softcap=None,
+      vocab_axis="vocab",
+    )
     return jnp.sum(loss)
 
-  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(None, "vocab"), P("vocab")),
-                          out_specs=P())
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(None, "vocab"), P("vocab")), out_specs=P())
   x = jax.device_put(logits, NamedSharding(mesh, P(None, "vocab")))
   w = jax.device_put(weight, NamedSharding(mesh, P("vocab")))
   want, want_grad = jax.value_and_grad(dense)(logits)
@@ -291,7 +347,8 @@ def test_engine_over_vocabulary_shards_equals_one_device(head_name, smoothing):
 
 
 def test_fused_form_names_a_bad_chunk_size():
-  hidden = jnp.ones((6, 4)); weight = jnp.ones((9, 4))
+  hidden = jnp.ones((6, 4))
+  weight = jnp.ones((9, 4))
   for bad in (0, 2.5, True):
     with pytest.raises(ValueError, match="token_chunk_size"):
       xent_jax.get_loss("focal").linear(hidden, weight, LABELS, token_chunk_size=bad)
@@ -307,7 +364,8 @@ def test_fused_form_per_row_losses_match_the_logits_path():
   got = loss.linear(hidden, weight, LABELS, reduction="none", token_chunk_size=4)
   np.testing.assert_allclose(got, loss(hidden @ weight.T, LABELS, reduction="none"), rtol=1e-5)
   tangent = jnp.ones_like(hidden)
-  _, jvp_out = jax.jvp(lambda h: loss.linear(h, weight, LABELS, reduction="none"), (hidden,),
-                       (tangent,))
+  _, jvp_out = jax.jvp(
+    lambda h: loss.linear(h, weight, LABELS, reduction="none"), (hidden,), (tangent,)
+  )
   _, want = jax.jvp(lambda h: loss(h @ weight.T, LABELS, reduction="none"), (hidden,), (tangent,))
   np.testing.assert_allclose(jvp_out, want, rtol=1e-4, atol=1e-6)

@@ -49,8 +49,14 @@ from xent_jax.train.report import load_runs
 
 ROOT = pathlib.Path(__file__).parents[1]
 QUICK = str(ROOT / "configs" / "digits_quick.yaml")
-TINY = ("model.hidden_dims=[16]", "train.batch_size=32", "train.eval_batch_size=128",
-        "train.num_steps=40", "train.eval_every=10", "train.checkpoint_every=20")
+TINY = (
+  "model.hidden_dims=[16]",
+  "train.batch_size=32",
+  "train.eval_batch_size=128",
+  "train.num_steps=40",
+  "train.eval_every=10",
+  "train.checkpoint_every=20",
+)
 TIMING_KEYS = ("train/examples_per_s", "train/step_time_s")
 NOBODY = 65534
 
@@ -117,8 +123,18 @@ def _env(cache: pathlib.Path | None, **extra) -> dict:
 
 
 def _command(workdir: pathlib.Path, *overrides) -> list[str]:
-  return [sys.executable, "-c", DRIVER, "run", QUICK, *TINY, *overrides, "--workdir", str(workdir),
-          "--no-progress"]
+  return [
+    sys.executable,
+    "-c",
+    DRIVER,
+    "run",
+    QUICK,
+    *TINY,
+    *overrides,
+    "--workdir",
+    str(workdir),
+    "--no-progress",
+  ]
 
 
 def _run(workdir, *overrides, fault="", cache=None, user=None, timeout=300, **env):
@@ -127,8 +143,14 @@ def _run(workdir, *overrides, fault="", cache=None, user=None, timeout=300, **en
   ``user``: a uid to run as (from root), taken after the imports (see `DRIVER`).
   """
   env = _env(cache, XENT_FAULT=fault, XENT_USER="" if user is None else str(user), **env)
-  return subprocess.run(_command(workdir, *overrides), env=env, cwd=workdir.parent,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    _command(workdir, *overrides),
+    env=env,
+    cwd=workdir.parent,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def _assert_one_line_error(result, *words, status=1):
@@ -158,10 +180,13 @@ def _assert_same_results(run: pathlib.Path, reference: pathlib.Path) -> None:
   """
   summary, expected = logs.read_summary(run), logs.read_summary(reference)
   for a, b in ((summary, expected), (summary["final"], expected["final"])):
-    assert {k: v for k, v in a.items() if not _fitted(k) and k != "final"} == \
-        {k: v for k, v in b.items() if not _fitted(k) and k != "final"}
+    assert {k: v for k, v in a.items() if not _fitted(k) and k != "final"} == {
+      k: v for k, v in b.items() if not _fitted(k) and k != "final"
+    }
     for key in filter(_fitted, b):
-      np.testing.assert_allclose(_numbers(a[key]), _numbers(b[key]), rtol=1e-5, atol=1e-6, err_msg=key)
+      np.testing.assert_allclose(
+        _numbers(a[key]), _numbers(b[key]), rtol=1e-5, atol=1e-6, err_msg=key
+      )
   rows = logs.read_metrics(run)
   assert [row["step"] for row in rows] == [10, 20, 30, 40]
   assert _without_timing(rows) == _without_timing(logs.read_metrics(reference))
@@ -178,8 +203,11 @@ def _numbers(value) -> list[float]:
 
 def _snapshot(directory: pathlib.Path) -> dict[str, bytes]:
   """Every file's bytes (the lock file aside: its content is the holder's pid)."""
-  return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
-          if p.is_file() and p.name != logs.LOCK_FILE}
+  return {
+    str(p.relative_to(directory)): p.read_bytes()
+    for p in sorted(directory.rglob("*"))
+    if p.is_file() and p.name != logs.LOCK_FILE
+  }
 
 
 def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
@@ -223,6 +251,7 @@ def _interrupted_copy(reference: pathlib.Path, target: pathlib.Path) -> pathlib.
 
 # --- SIGKILL -------------------------------------------------------------------------------------
 
+
 def test_sigkill_at_a_random_step_then_resume(tmp_path, reference, cache):
   step = random.SystemRandom().randrange(1, 40)
   workdir = tmp_path / "run"
@@ -242,8 +271,9 @@ def test_sigkill_during_a_checkpoint_save_then_resume(tmp_path, reference, cache
   killed = _run(workdir, fault="kill_in_save=40", cache=cache)
   assert killed.returncode == -signal.SIGKILL, killed.stderr
   assert _checkpoint_steps(workdir) == [20]
-  assert [p.name for p in (workdir / "checkpoints").glob("40.orbax-checkpoint-tmp*")], \
-      "the kill did not land inside the save"
+  assert [p.name for p in (workdir / "checkpoints").glob("40.orbax-checkpoint-tmp*")], (
+    "the kill did not land inside the save"
+  )
   _resume(workdir)
   _assert_same_results(workdir, reference)
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["20", "40"]  # tmp cleaned
@@ -251,13 +281,14 @@ def test_sigkill_during_a_checkpoint_save_then_resume(tmp_path, reference, cache
 
 # --- checkpoints that cannot be restored --------------------------------------------------------
 
+
 def test_corrupt_latest_checkpoint_is_moved_aside_not_deleted(tmp_path, reference, cache):
   workdir = _interrupted_copy(reference, tmp_path / "run")
   damaged = {}
   for path in sorted((workdir / "checkpoints" / "40").rglob("*")):
     if path.is_file() and path.stat().st_size > 64:
       data = bytearray(path.read_bytes())
-      data[len(data) // 2:] = bytes(len(data) - len(data) // 2)
+      data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)
       path.write_bytes(bytes(data))
       damaged[path.relative_to(workdir / "checkpoints" / "40")] = bytes(data)
   resumed = _run(workdir, cache=cache)
@@ -311,8 +342,11 @@ def test_unreadable_checkpoint_stops_and_touches_nothing(public_dir, reference, 
 
 def _snapshot_metadata(directory: pathlib.Path) -> dict[str, tuple]:
   """Names, sizes and modification times (a snapshot that needs no read permission)."""
-  return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
-          for p in sorted(directory.rglob("*")) if p.name != logs.LOCK_FILE}
+  return {
+    str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+    for p in sorted(directory.rglob("*"))
+    if p.name != logs.LOCK_FILE
+  }
 
 
 def test_checkpoints_without_config_yaml_are_refused(tmp_path, reference, capsys):
@@ -327,19 +361,27 @@ def test_checkpoints_without_config_yaml_are_refused(tmp_path, reference, capsys
 
 # --- two processes -------------------------------------------------------------------------------
 
+
 def test_second_process_is_refused_while_the_first_runs(tmp_path, reference, cache):
   workdir, go = tmp_path / "run", tmp_path / "go"
   env = _env(cache, XENT_FAULT="wait_at_step=15", XENT_GO=str(go))
-  first = subprocess.Popen(_command(workdir), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+  first = subprocess.Popen(
+    _command(workdir),
+    env=env,
+    cwd=tmp_path,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     deadline = time.time() + 240
     while not (workdir / "metrics.jsonl").exists():  # the first run holds the lock and trains
       assert first.poll() is None and time.time() < deadline, first.stderr and first.stderr.read()
       time.sleep(0.05)
     second = _run(workdir, cache=cache)
-    _assert_one_line_error(second, str(workdir), "in use by another process", f"pid {first.pid}",
-                           status=2)
+    _assert_one_line_error(
+      second, str(workdir), "in use by another process", f"pid {first.pid}", status=2
+    )
   finally:
     go.touch()
     _, err = first.communicate(timeout=300)
@@ -348,6 +390,7 @@ def test_second_process_is_refused_while_the_first_runs(tmp_path, reference, cac
 
 
 # --- full disk -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["metrics.jsonl", "summary.json.tmp"])
 def test_full_disk_while_logging_then_resume(tmp_path, reference, cache, name):
@@ -364,17 +407,24 @@ def test_full_disk_during_a_checkpoint_save_then_resume(tmp_path, reference, cac
   """A real full disk (a 1 MiB tmpfs), met by orbax's own writer; needs permission to mount."""
   mount = tmp_path / "small"
   mount.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                    capture_output=True, check=False).returncode:
-    pytest.skip("cannot mount a small tmpfs here (needs root); simulated ENOSPC tests cover the rest")
+  if subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, check=False
+  ).returncode:
+    pytest.skip(
+      "cannot mount a small tmpfs here (needs root); simulated ENOSPC tests cover the rest"
+    )
   try:
     workdir = mount / "run"
     filler = mount / "filler"
     with filler.open("wb") as f:  # leave four pages: config.yaml, metrics.jsonl, run.lock, one more
       f.write(bytes(shutil.disk_usage(mount).free - 4 * 4096))
     full = _run(workdir, cache=cache)
-    _assert_one_line_error(full, "could not save checkpoint", str(workdir / "checkpoints" / "20"),
-                           "No space left on device")
+    _assert_one_line_error(
+      full,
+      "could not save checkpoint",
+      str(workdir / "checkpoints" / "20"),
+      "No space left on device",
+    )
     assert [r["step"] for r in logs.read_metrics(workdir)] == [10, 20]
     assert not list(workdir.rglob("*orbax-checkpoint-tmp*")) and not list(workdir.rglob("*.tmp"))
     filler.unlink()
@@ -385,6 +435,7 @@ def test_full_disk_during_a_checkpoint_save_then_resume(tmp_path, reference, cac
 
 
 # --- the run directory itself -------------------------------------------------------------------
+
 
 def test_run_directory_under_a_file(tmp_path, capsys):
   (tmp_path / "a_file").write_text("")
@@ -406,12 +457,15 @@ def test_run_directory_without_write_permission(public_dir):
 
 # --- logs ---------------------------------------------------------------------------------------
 
+
 def test_report_keeps_rows_after_a_torn_line_and_names_it(tmp_path, reference, caplog):
   workdir = tmp_path / "cmp"
   run = workdir / "cross_entropy" / "seed_0"
   shutil.copytree(reference, run)
   lines = (run / logs.METRICS_FILE).read_text().splitlines(keepends=True)
-  (run / logs.METRICS_FILE).write_text("".join(lines[:2]) + lines[2][:25] + "\n" + "".join(lines[2:]))
+  (run / logs.METRICS_FILE).write_text(
+    "".join(lines[:2]) + lines[2][:25] + "\n" + "".join(lines[2:])
+  )
   assert main(["report", str(workdir)]) == 0
   assert f"{run / logs.METRICS_FILE} line 3 is not a metric row" in caplog.text
   ((loaded,),) = load_runs(workdir).values()
@@ -422,7 +476,9 @@ def test_resume_keeps_rows_after_a_torn_line(tmp_path, reference, cache):
   """The resume rewrites metrics.jsonl: a torn line in the middle must not cut the rows after it."""
   workdir = _interrupted_copy(reference, tmp_path / "run")
   lines = (workdir / logs.METRICS_FILE).read_text().splitlines(keepends=True)
-  (workdir / logs.METRICS_FILE).write_text(lines[0] + '{"step": 20, "train/lo\n' + "".join(lines[1:]))
+  (workdir / logs.METRICS_FILE).write_text(
+    lines[0] + '{"step": 20, "train/lo\n' + "".join(lines[1:])
+  )
   resumed = _run(workdir, cache=cache)
   assert resumed.returncode == 0, resumed.stderr
   assert f"{workdir / logs.METRICS_FILE} line 2 is not a metric row" in resumed.stderr
@@ -446,8 +502,13 @@ def test_truncated_summary_is_one_line_error(tmp_path, reference, capsys):
 
 LIST_KEYS = ("model.hidden_dims", "model.channels", "compare.seeds")
 BAD_VALUES = {  # one out-of-range value per rule; NaN is refused by every rule
-    "> 0": "0", ">= 0": "-1", "in (0, 1)": "1.0", "in [0, 1)": "-0.1", ">= 2": "1",
-    ">= 0 (0 disables clipping)": "-0.5", ">= 0 (0 disables checkpoints)": "-10",
+  "> 0": "0",
+  ">= 0": "-1",
+  "in (0, 1)": "1.0",
+  "in [0, 1)": "-0.1",
+  ">= 2": "1",
+  ">= 0 (0 disables clipping)": "-0.5",
+  ">= 0 (0 disables checkpoints)": "-10",
 }
 
 
@@ -460,19 +521,26 @@ def _bad_override(key: str, rule: str) -> str:
 def test_every_numeric_key_is_checked_at_load(tmp_path, capsys, key):
   section, field = key.split(".")
   is_float = isinstance(getattr(getattr(Config(), section), field), float)
-  for override in [_bad_override(key, NUMERIC_RULES[key][0])] + ([f"{key}=nan"] if is_float else []):
-    assert main(["run", QUICK, *TINY, override, "--workdir", str(tmp_path / "never")]) == 2, override
+  for override in [_bad_override(key, NUMERIC_RULES[key][0])] + (
+    [f"{key}=nan"] if is_float else []
+  ):
+    assert main(["run", QUICK, *TINY, override, "--workdir", str(tmp_path / "never")]) == 2, (
+      override
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"config key '{key}'" in err, (override, err)
     assert not (tmp_path / "never").exists()
 
 
-@pytest.mark.parametrize("override,words", [
+@pytest.mark.parametrize(
+  "override,words",
+  [
     ("loss.hparams={label_smoothing: 0.1", ["loss.hparams={label_smoothing: 0.1", "YAML"]),
     ("model.hidden_dims=[16,", ["model.hidden_dims=[16,", "YAML"]),
     ("optim.warmup_steps=40", ["optim.warmup_steps"]),
     ("train.batch_size=5000", ["train.batch_size", "training examples"]),
-])
+  ],
+)
 def test_other_bad_values_are_one_line_errors(tmp_path, capsys, override, words):
   assert main(["run", QUICK, *TINY, override, "--workdir", str(tmp_path / "run")]) == 2
   err = capsys.readouterr().err
@@ -489,8 +557,16 @@ def test_bad_config_in_a_real_process_exits_2_without_traceback(tmp_path):
 
 def test_compare_refuses_a_finished_run_of_another_config(tmp_path, capsys):
   workdir = tmp_path / "cmp"
-  args = ["compare", QUICK, *TINY, "compare.seeds=[0]", "compare.variants=[{name: cross_entropy}]",
-          "--workdir", str(workdir), "--no-progress"]
+  args = [
+    "compare",
+    QUICK,
+    *TINY,
+    "compare.seeds=[0]",
+    "compare.variants=[{name: cross_entropy}]",
+    "--workdir",
+    str(workdir),
+    "--no-progress",
+  ]
   assert main(args) == 0
   run = workdir / "cross_entropy" / "seed_0"
   before = _snapshot(run)
@@ -504,6 +580,7 @@ def test_compare_refuses_a_finished_run_of_another_config(tmp_path, capsys):
 
 
 # --- the restore rule, case by case (in-process, small arrays) -----------------------------------
+
 
 def _two_checkpoints(directory: pathlib.Path):
   state = {"w": np.arange(12.0, dtype=np.float32).reshape(3, 4), "b": np.ones(4, np.float32)}
@@ -520,14 +597,18 @@ def _tear_json(path: pathlib.Path) -> None:
 
 def _truncate_data(path: pathlib.Path) -> None:
   for data in (path / "state").rglob("d/*"):
-    data.write_bytes(data.read_bytes()[:len(data.read_bytes()) // 2])
+    data.write_bytes(data.read_bytes()[: len(data.read_bytes()) // 2])
 
 
-@pytest.mark.parametrize("damage", [
+@pytest.mark.parametrize(
+  "damage",
+  [
     lambda step: _tear_json(step / "record" / "metadata"),
     lambda step: _tear_json(step / "state" / "_METADATA"),
     _truncate_data,
-], ids=["torn record", "torn array metadata", "truncated array data"])
+  ],
+  ids=["torn record", "torn array metadata", "truncated array data"],
+)
 def test_verified_corruption_is_moved_aside_and_an_older_one_restored(tmp_path, damage):
   state = _two_checkpoints(tmp_path)
   damage(tmp_path / "2")
@@ -539,12 +620,18 @@ def test_verified_corruption_is_moved_aside_and_an_older_one_restored(tmp_path, 
   assert _snapshot(tmp_path / "corrupt-2") == damaged
 
 
-@pytest.mark.parametrize("fault,words", [
+@pytest.mark.parametrize(
+  "fault,words",
+  [
     ("shape", ["holds state of another shape", "w: saved float32[3, 4], expected float32[3, 5]"]),
     ("missing file", ["lacks record/metadata", "move it aside"]),
     ("permission", ["cannot read checkpoint file", "Permission denied"]),
-    ("other error", ["could not restore checkpoint", "disk controller on fire", "does not prove it"]),
-])
+    (
+      "other error",
+      ["could not restore checkpoint", "disk controller on fire", "does not prove it"],
+    ),
+  ],
+)
 def test_other_restore_errors_stop_and_touch_nothing(tmp_path, monkeypatch, fault, words):
   state = _two_checkpoints(tmp_path)
   like = state
@@ -553,13 +640,17 @@ def test_other_restore_errors_stop_and_touch_nothing(tmp_path, monkeypatch, faul
   elif fault == "missing file":
     (tmp_path / "2" / "record" / "metadata").unlink()
   elif fault == "permission":  # what root cannot get from a file mode: the error of open()
+
     def denied(path, *args, **kwargs):
       raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
     monkeypatch.setattr(checkpoint, "open", denied, raising=False)
   checkpointer = Checkpointer(tmp_path, max_to_keep=3)
   if fault == "other error":
+
     def broken(*args, **kwargs):
       raise RuntimeError("disk controller on fire")
+
     monkeypatch.setattr(checkpointer.manager, "restore", broken)
   before = _snapshot(tmp_path)
   with pytest.raises(checkpoint.CheckpointError) as info:

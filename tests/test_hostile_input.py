@@ -36,13 +36,13 @@ def _eager_and_jit(fn):
 
 # (dtype, label values, which rows the float64 reference sees as ignored / out of range)
 NARROW_CASES = {
-    # uint8: 156 is a real class (it used to equal -100 after a cast); 255 is out of range.
-    "uint8": (np.uint8, [156, 3, 255, 0]),
-    # int8: -100 is ignored; 127 is a class of 200; -1 is out of range.
-    "int8": (np.int8, [-100, 127, -1, 5]),
-    # int16 and uint16 with the same kind of values.
-    "int16": (np.int16, [-100, 199, 200, 150]),
-    "uint16": (np.uint16, [65436, 199, 200, 150]),  # 65436 == -100 mod 2**16: a bad label
+  # uint8: 156 is a real class (it used to equal -100 after a cast); 255 is out of range.
+  "uint8": (np.uint8, [156, 3, 255, 0]),
+  # int8: -100 is ignored; 127 is a class of 200; -1 is out of range.
+  "int8": (np.int8, [-100, 127, -1, 5]),
+  # int16 and uint16 with the same kind of values.
+  "int16": (np.int16, [-100, 199, 200, 150]),
+  "uint16": (np.uint16, [65436, 199, 200, 150]),  # 65436 == -100 mod 2**16: a bad label
 }
 
 
@@ -85,8 +85,11 @@ def test_linear_cross_entropy_reads_narrow_labels_exactly(case):
   hidden = rng.standard_normal((len(values), 3)).astype(np.float32)
   weight = rng.standard_normal((NUM_CLASSES, 3)).astype(np.float32)
   labels = np.array(values, dtype)
-  want = ref.cross_entropy(hidden.astype(np.float64) @ weight.T.astype(np.float64),
-                           labels.astype(np.int64), reduction="none")
+  want = ref.cross_entropy(
+    hidden.astype(np.float64) @ weight.T.astype(np.float64),
+    labels.astype(np.int64),
+    reduction="none",
+  )
   got = xent_jax.linear_cross_entropy(hidden, weight, jnp.asarray(labels), reduction="none")
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -102,16 +105,16 @@ def test_uint32_labels_beyond_int32_are_out_of_range():
 
 
 INT64_FUNCTIONS = {
-    "cross_entropy": lambda x, y: xent_jax.cross_entropy(x, y),
-    "focal_loss": lambda x, y: xent_jax.focal_loss(x, y),
-    "softmax_cross_entropy_with_integer_labels":
-        lambda x, y: xent_jax.softmax_cross_entropy_with_integer_labels(x, y),
-    "softmax_cross_entropy": lambda x, y: xent_jax.softmax_cross_entropy(x, y),
-    "linear_cross_entropy": lambda x, y: xent_jax.linear_cross_entropy(
-        x, jnp.ones((5, 5)), y),
-    "accuracy": lambda x, y: metrics.accuracy(x, y),
-    "expected_calibration_error": lambda x, y: metrics.expected_calibration_error(x, y),
-    "fit_temperature": lambda x, y: metrics.fit_temperature(x, y),
+  "cross_entropy": lambda x, y: xent_jax.cross_entropy(x, y),
+  "focal_loss": lambda x, y: xent_jax.focal_loss(x, y),
+  "softmax_cross_entropy_with_integer_labels": lambda x, y: (
+    xent_jax.softmax_cross_entropy_with_integer_labels(x, y)
+  ),
+  "softmax_cross_entropy": lambda x, y: xent_jax.softmax_cross_entropy(x, y),
+  "linear_cross_entropy": lambda x, y: xent_jax.linear_cross_entropy(x, jnp.ones((5, 5)), y),
+  "accuracy": lambda x, y: metrics.accuracy(x, y),
+  "expected_calibration_error": lambda x, y: metrics.expected_calibration_error(x, y),
+  "fit_temperature": lambda x, y: metrics.fit_temperature(x, y),
 }
 
 
@@ -127,8 +130,9 @@ def test_int64_labels_that_would_wrap_raise(name, as_list):
 def test_int64_labels_in_int32_range_are_fine():
   x = _logits(3, 5)
   labels = np.array([0, 4, 2], np.int64)
-  np.testing.assert_allclose(xent_jax.cross_entropy(x, labels), ref.cross_entropy(x, labels),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    xent_jax.cross_entropy(x, labels), ref.cross_entropy(x, labels), rtol=1e-5
+  )
 
 
 def test_int64_labels_under_x64_are_out_of_range_not_wrapped():
@@ -138,8 +142,9 @@ def test_int64_labels_under_x64_are_out_of_range_not_wrapped():
     for fn in _eager_and_jit(lambda x, y: xent_jax.cross_entropy(x, y, reduction="none")):
       loss = fn(x, labels)
       assert np.isnan(loss[0])
-      np.testing.assert_allclose(loss[1], ref.cross_entropy(x[1:], np.array([3]),
-                                                            reduction="none")[0], rtol=1e-12)
+      np.testing.assert_allclose(
+        loss[1], ref.cross_entropy(x[1:], np.array([3]), reduction="none")[0], rtol=1e-12
+      )
 
 
 @pytest.mark.parametrize("bad", [1.0, "-100", True, jnp.array([-100])])
@@ -151,8 +156,9 @@ def test_ignore_index_must_be_an_int(bad):
 def test_ignore_index_as_numpy_int_works():
   x = _logits(2, 5)
   got = xent_jax.cross_entropy(x, jnp.array([0, 3]), ignore_index=np.int64(3), reduction="none")
-  np.testing.assert_allclose(got, ref.cross_entropy(x, np.array([0, 3]), ignore_index=3,
-                                                    reduction="none"), rtol=1e-5)
+  np.testing.assert_allclose(
+    got, ref.cross_entropy(x, np.array([0, 3]), ignore_index=3, reduction="none"), rtol=1e-5
+  )
 
 
 def test_check_labels_reads_narrow_labels_exactly():
@@ -185,8 +191,11 @@ def test_drop_in_per_logit_where_gives_nan_for_out_of_range_labels(eps):
   mask = np.random.default_rng(1).random((4, 5)) < 0.7
   mask[:, 0] = True
   labels = np.array([-1, 5, 2, 0])
-  for fn in _eager_and_jit(lambda x, y, m: xent_jax.softmax_cross_entropy_with_integer_labels(
-      x, y, where=m, label_smoothing=eps)):
+  for fn in _eager_and_jit(
+    lambda x, y, m: xent_jax.softmax_cross_entropy_with_integer_labels(
+      x, y, where=m, label_smoothing=eps
+    )
+  ):
     loss = fn(x, labels, mask)
     assert np.isnan(loss[0]) and np.isnan(loss[1]), loss  # optax reads -1 as class 4
     want = ref.optax_integer_cross_entropy(x[2:], labels[2:], where=mask[2:], label_smoothing=eps)
@@ -199,8 +208,11 @@ def test_drop_in_per_logit_where_row_without_classes_stays_zero():
   mask[0] = False
   loss = xent_jax.softmax_cross_entropy_with_integer_labels(x, np.array([-1, 2]), where=mask)
   assert float(loss[0]) == 0.0
-  np.testing.assert_allclose(loss[1], optax.losses.softmax_cross_entropy_with_integer_labels(
-      x, np.array([-1, 2]), where=mask)[1], rtol=1e-6)
+  np.testing.assert_allclose(
+    loss[1],
+    optax.losses.softmax_cross_entropy_with_integer_labels(x, np.array([-1, 2]), where=mask)[1],
+    rtol=1e-6,
+  )
 
 
 def test_drop_in_narrow_labels_equal_int32_labels():
@@ -228,42 +240,53 @@ def test_drop_in_empty_batch_matches_optax(shape, axis):
 def test_drop_in_empty_batch_with_a_tuple_axis():
   # optax itself fails here (a reshape to (0, -1)); the drop-in returns the empty batch shape.
   got = xent_jax.softmax_cross_entropy_with_integer_labels(
-      jnp.zeros((0, 3, 4)), jnp.zeros((0,), jnp.int32), axis=(1, 2))
+    jnp.zeros((0, 3, 4)), jnp.zeros((0,), jnp.int32), axis=(1, 2)
+  )
   assert got.shape == (0,)
 
 
 NO_CLASS_CALLS = {
-    "cross_entropy": lambda x, y: xent_jax.cross_entropy(x, y),
-    "cross_entropy smoothed": lambda x, y: xent_jax.cross_entropy(x, y, label_smoothing=0.1),
-    "focal_loss": lambda x, y: xent_jax.focal_loss(x, y),
-    "softmax_cross_entropy_with_integer_labels":
-        lambda x, y: xent_jax.softmax_cross_entropy_with_integer_labels(x, y),
-    "softmax_cross_entropy": lambda x, y: xent_jax.softmax_cross_entropy(x, jnp.zeros(x.shape)),
-    "poly_loss_cross_entropy":
-        lambda x, y: xent_jax.poly_loss_cross_entropy(x, jnp.zeros(x.shape)),
-    "accuracy": lambda x, y: metrics.accuracy(x, y),
-    "negative_log_likelihood": lambda x, y: metrics.negative_log_likelihood(x, y),
-    "expected_calibration_error": lambda x, y: metrics.expected_calibration_error(x, y),
-    "classwise_calibration_error": lambda x, y: metrics.classwise_calibration_error(x, y),
-    "fit_temperature": lambda x, y: metrics.fit_temperature(x, y),
+  "cross_entropy": lambda x, y: xent_jax.cross_entropy(x, y),
+  "cross_entropy smoothed": lambda x, y: xent_jax.cross_entropy(x, y, label_smoothing=0.1),
+  "focal_loss": lambda x, y: xent_jax.focal_loss(x, y),
+  "softmax_cross_entropy_with_integer_labels": lambda x, y: (
+    xent_jax.softmax_cross_entropy_with_integer_labels(x, y)
+  ),
+  "softmax_cross_entropy": lambda x, y: xent_jax.softmax_cross_entropy(x, jnp.zeros(x.shape)),
+  "poly_loss_cross_entropy": lambda x, y: xent_jax.poly_loss_cross_entropy(x, jnp.zeros(x.shape)),
+  "accuracy": lambda x, y: metrics.accuracy(x, y),
+  "negative_log_likelihood": lambda x, y: metrics.negative_log_likelihood(x, y),
+  "expected_calibration_error": lambda x, y: metrics.expected_calibration_error(x, y),
+  "classwise_calibration_error": lambda x, y: metrics.classwise_calibration_error(x, y),
+  "fit_temperature": lambda x, y: metrics.fit_temperature(x, y),
 }
 
 
 @pytest.mark.parametrize("name", list(NO_CLASS_CALLS))
 def test_logits_without_classes_raise_value_error(name):
-  with pytest.raises(ValueError, match=r"`logits` must have at least one class along axis 1, "
-                                       r"got shape \(3, 0\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"`logits` must have at least one class along axis 1, "
+    r"got shape \(3, 0\)",
+  ):
     NO_CLASS_CALLS[name](jnp.zeros((3, 0)), jnp.zeros((3,), jnp.int32))
 
 
-@pytest.mark.parametrize("fused", [
+@pytest.mark.parametrize(
+  "fused",
+  [
     lambda h, w, y: xent_jax.linear_cross_entropy(h, w, y),
     lambda h, w, y: xent_jax.get_loss("focal").linear(h, w, y),
-], ids=["linear_cross_entropy", "focal.linear"])
+  ],
+  ids=["linear_cross_entropy", "focal.linear"],
+)
 def test_fused_head_without_classes_raises_value_error(fused):
   """V = 0 names `weight` (it ended in a ZeroDivisionError while planning chunks)."""
-  with pytest.raises(ValueError, match=r"`weight` must have at least one class along axis 0, "
-                                       r"got shape \(0, 4\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"`weight` must have at least one class along axis 0, "
+    r"got shape \(0, 4\)",
+  ):
     fused(jnp.ones((3, 4)), jnp.ones((0, 4)), jnp.zeros((3,), jnp.int32))
 
 
@@ -271,20 +294,34 @@ def test_fused_head_without_classes_raises_value_error(fused):
 # Options: strings and negative class weights are refused by name.
 
 STRING_OPTION_CALLS = {
-    "cross_entropy": ("label_smoothing", lambda v: xent_jax.cross_entropy(
-        _logits(2, 5), jnp.array([0, 1]), label_smoothing=v)),
-    "linear_cross_entropy": ("label_smoothing", lambda v: xent_jax.linear_cross_entropy(
-        jnp.ones((2, 3)), jnp.ones((4, 3)), jnp.array([0, 1]), label_smoothing=v)),
-    "focal_loss": ("gamma", lambda v: xent_jax.focal_loss(
-        _logits(2, 5), jnp.array([0, 1]), gamma=v)),
-    "softmax_cross_entropy_with_integer_labels": (
-        "label_smoothing", lambda v: xent_jax.softmax_cross_entropy_with_integer_labels(
-            _logits(2, 5), jnp.array([0, 1]), label_smoothing=v)),
-    "softmax_cross_entropy": ("label_smoothing", lambda v: xent_jax.softmax_cross_entropy(
-        _logits(2, 5), jnp.full((2, 5), 0.2), label_smoothing=v)),
-    "smooth_labels": ("alpha", lambda v: xent_jax.smooth_labels(jnp.full((2, 5), 0.2), v)),
-    "poly_loss_cross_entropy": ("epsilon", lambda v: xent_jax.poly_loss_cross_entropy(
-        _logits(2, 5), jnp.full((2, 5), 0.2), epsilon=v)),
+  "cross_entropy": (
+    "label_smoothing",
+    lambda v: xent_jax.cross_entropy(_logits(2, 5), jnp.array([0, 1]), label_smoothing=v),
+  ),
+  "linear_cross_entropy": (
+    "label_smoothing",
+    lambda v: xent_jax.linear_cross_entropy(
+      jnp.ones((2, 3)), jnp.ones((4, 3)), jnp.array([0, 1]), label_smoothing=v
+    ),
+  ),
+  "focal_loss": ("gamma", lambda v: xent_jax.focal_loss(_logits(2, 5), jnp.array([0, 1]), gamma=v)),
+  "softmax_cross_entropy_with_integer_labels": (
+    "label_smoothing",
+    lambda v: xent_jax.softmax_cross_entropy_with_integer_labels(
+      _logits(2, 5), jnp.array([0, 1]), label_smoothing=v
+    ),
+  ),
+  "softmax_cross_entropy": (
+    "label_smoothing",
+    lambda v: xent_jax.softmax_cross_entropy(
+      _logits(2, 5), jnp.full((2, 5), 0.2), label_smoothing=v
+    ),
+  ),
+  "smooth_labels": ("alpha", lambda v: xent_jax.smooth_labels(jnp.full((2, 5), 0.2), v)),
+  "poly_loss_cross_entropy": (
+    "epsilon",
+    lambda v: xent_jax.poly_loss_cross_entropy(_logits(2, 5), jnp.full((2, 5), 0.2), epsilon=v),
+  ),
 }
 
 
@@ -299,17 +336,28 @@ def test_non_numeric_options_raise_type_error_naming_them(name, value):
 @pytest.mark.parametrize("value", [0.1, np.float32(0.1), jnp.float32(0.1), 0])
 def test_numeric_label_smoothing_types_are_accepted(value):
   x, y = _logits(2, 5), np.array([0, 1])
-  np.testing.assert_allclose(xent_jax.cross_entropy(x, y, label_smoothing=value),
-                             ref.cross_entropy(x, y, label_smoothing=float(value)), rtol=1e-5)
+  np.testing.assert_allclose(
+    xent_jax.cross_entropy(x, y, label_smoothing=value),
+    ref.cross_entropy(x, y, label_smoothing=float(value)),
+    rtol=1e-5,
+  )
 
 
 NEGATIVE_WEIGHT_CALLS = {
-    "cross_entropy": ("weight", lambda w: xent_jax.cross_entropy(
-        _logits(2, 4), jnp.array([0, 1]), weight=w)),
-    "focal_loss": ("weight", lambda w: xent_jax.focal_loss(
-        _logits(2, 4), jnp.array([0, 1]), weight=w)),
-    "linear_cross_entropy": ("class_weight", lambda w: xent_jax.linear_cross_entropy(
-        jnp.ones((2, 3)), jnp.ones((4, 3)), jnp.array([0, 1]), class_weight=w)),
+  "cross_entropy": (
+    "weight",
+    lambda w: xent_jax.cross_entropy(_logits(2, 4), jnp.array([0, 1]), weight=w),
+  ),
+  "focal_loss": (
+    "weight",
+    lambda w: xent_jax.focal_loss(_logits(2, 4), jnp.array([0, 1]), weight=w),
+  ),
+  "linear_cross_entropy": (
+    "class_weight",
+    lambda w: xent_jax.linear_cross_entropy(
+      jnp.ones((2, 3)), jnp.ones((4, 3)), jnp.array([0, 1]), class_weight=w
+    ),
+  ),
 }
 
 
@@ -318,16 +366,22 @@ NEGATIVE_WEIGHT_CALLS = {
 def test_negative_or_nan_class_weights_raise(name, bad):
   argument, call = NEGATIVE_WEIGHT_CALLS[name]
   w = jnp.array([1.0, 0.5, bad, 2.0])
-  with pytest.raises(ValueError, match=rf"`{argument}` must hold non-negative class weights, "
-                                       rf"got {argument}\[2\] = {bad}"):
+  with pytest.raises(
+    ValueError,
+    match=rf"`{argument}` must hold non-negative class weights, "
+    rf"got {argument}\[2\] = {bad}",
+  ):
     call(w)
 
 
 def test_zero_class_weights_are_fine():
   x, y = _logits(2, 4), np.array([0, 1])
   w = np.array([0.0, 1.0, 2.0, 0.0])
-  np.testing.assert_allclose(xent_jax.cross_entropy(x, y, weight=w, reduction="sum"),
-                             ref.cross_entropy(x, y, weight=w, reduction="sum"), rtol=1e-5)
+  np.testing.assert_allclose(
+    xent_jax.cross_entropy(x, y, weight=w, reduction="sum"),
+    ref.cross_entropy(x, y, weight=w, reduction="sum"),
+    rtol=1e-5,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,12 +393,19 @@ def test_metrics_accept_python_lists():
   y = [1, 2, 2]
   where = [True, True, False]
   x_arr, y_arr, where_arr = np.array(x, np.float32), np.array(y), np.array(where)
-  for fn in (metrics.accuracy, metrics.negative_log_likelihood, metrics.brier_score,
-             metrics.expected_calibration_error, metrics.maximum_calibration_error,
-             metrics.adaptive_calibration_error, metrics.classwise_calibration_error,
-             metrics.fit_temperature):
-    np.testing.assert_allclose(fn(x, y, where=where), fn(x_arr, y_arr, where=where_arr),
-                               rtol=1e-6, err_msg=fn.__name__)
+  for fn in (
+    metrics.accuracy,
+    metrics.negative_log_likelihood,
+    metrics.brier_score,
+    metrics.expected_calibration_error,
+    metrics.maximum_calibration_error,
+    metrics.adaptive_calibration_error,
+    metrics.classwise_calibration_error,
+    metrics.fit_temperature,
+  ):
+    np.testing.assert_allclose(
+      fn(x, y, where=where), fn(x_arr, y_arr, where=where_arr), rtol=1e-6, err_msg=fn.__name__
+    )
   assert float(metrics.accuracy(x, y)) == pytest.approx(2 / 3)
   sums = metrics.eval_sums(x, y)
   assert float(sums.count) == 3.0

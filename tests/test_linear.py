@@ -23,23 +23,27 @@ N, D, V = 61, 6, 53  # prime token count and vocabulary: no chunk size below the
 IGNORE = -100
 
 OPTION_SETS = {
-    "plain": {},
-    "weight_ignore_where": {"class_weight": True, "ignore": True, "where": True},
-    "smooth_uniform": {"label_smoothing": 0.1},
-    "smooth_t5x_weighted": {"label_smoothing": 0.2, "smoothing": "t5x", "class_weight": True},
-    "zloss_softcap": {"z_loss": 0.05, "logit_softcap": 2.5},
-    "everything": {
-        "class_weight": True, "ignore": True, "where": True, "label_smoothing": 0.15,
-        "z_loss": 0.01, "logit_softcap": 3.0,
-    },
+  "plain": {},
+  "weight_ignore_where": {"class_weight": True, "ignore": True, "where": True},
+  "smooth_uniform": {"label_smoothing": 0.1},
+  "smooth_t5x_weighted": {"label_smoothing": 0.2, "smoothing": "t5x", "class_weight": True},
+  "zloss_softcap": {"z_loss": 0.05, "logit_softcap": 2.5},
+  "everything": {
+    "class_weight": True,
+    "ignore": True,
+    "where": True,
+    "label_smoothing": 0.15,
+    "z_loss": 0.01,
+    "logit_softcap": 3.0,
+  },
 }
 
 # (token_chunk_size, vocab_chunk_size): one pass unless vocab_chunk_size is given.
 CHUNKS = {
-    "one_pass_uneven": (8, None),
-    "one_pass_single_chunk": (None, None),
-    "two_pass_uneven": (10, 7),
-    "two_pass_one_class": (61, 1),
+  "one_pass_uneven": (8, None),
+  "one_pass_single_chunk": (None, None),
+  "two_pass_uneven": (10, 7),
+  "two_pass_one_class": (61, 1),
 }
 
 
@@ -79,7 +83,7 @@ def _fused(hidden, weight, bias, labels, reduction, kwargs, **chunks):
 
   def loss_fn(h, w, b):
     return xent_jax.linear_cross_entropy(
-        h, w, jnp.asarray(labels), bias=b, reduction=reduction, **kwargs, **chunks
+      h, w, jnp.asarray(labels), bias=b, reduction=reduction, **kwargs, **chunks
     )
 
   def summed(*args):
@@ -87,7 +91,7 @@ def _fused(hidden, weight, bias, labels, reduction, kwargs, **chunks):
     return jnp.sum(value), value
 
   (_, value), grads = jax.jit(jax.value_and_grad(summed, argnums=(0, 1, 2), has_aux=True))(
-      jnp.float32(hidden), jnp.float32(weight), jnp.float32(bias)
+    jnp.float32(hidden), jnp.float32(weight), jnp.float32(bias)
   )
   return value, *grads
 
@@ -98,7 +102,6 @@ def _assert_close(actual, expected, rtol=2e-5, atol=2e-6):
 
 
 class TestMatchesUnfused:
-
   @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
   @pytest.mark.parametrize("option_set", list(OPTION_SETS))
   def test_options(self, option_set, reduction):
@@ -106,8 +109,14 @@ class TestMatchesUnfused:
     expected = _reference(hidden, weight, bias, labels, reduction, kwargs)
     for token_chunk, vocab_chunk in [(8, None), (10, 7)]:
       actual = _fused(
-          hidden, weight, bias, labels, reduction, kwargs,
-          token_chunk_size=token_chunk, vocab_chunk_size=vocab_chunk,
+        hidden,
+        weight,
+        bias,
+        labels,
+        reduction,
+        kwargs,
+        token_chunk_size=token_chunk,
+        vocab_chunk_size=vocab_chunk,
       )
       _assert_close(actual, expected)
 
@@ -118,19 +127,32 @@ class TestMatchesUnfused:
     hidden, weight, bias, labels, kwargs = _problem(2, options=OPTION_SETS["everything"])
     expected = _reference(hidden, weight, bias, labels, reduction, kwargs)
     actual = _fused(
-        hidden, weight, bias, labels, reduction, kwargs,
-        token_chunk_size=token_chunk, vocab_chunk_size=vocab_chunk,
+      hidden,
+      weight,
+      bias,
+      labels,
+      reduction,
+      kwargs,
+      token_chunk_size=token_chunk,
+      vocab_chunk_size=vocab_chunk,
     )
     _assert_close(actual, expected)
 
   @pytest.mark.parametrize("vocab_chunk", [None, 12])
   def test_chunks_that_divide(self, vocab_chunk):
     hidden, weight, bias, labels, kwargs = _problem(
-        3, n=36, v=48, options=OPTION_SETS["everything"])
+      3, n=36, v=48, options=OPTION_SETS["everything"]
+    )
     expected = _reference(hidden, weight, bias, labels, "mean", kwargs)
     actual = _fused(
-        hidden, weight, bias, labels, "mean", kwargs, token_chunk_size=12,
-        vocab_chunk_size=vocab_chunk,
+      hidden,
+      weight,
+      bias,
+      labels,
+      "mean",
+      kwargs,
+      token_chunk_size=12,
+      vocab_chunk_size=vocab_chunk,
     )
     _assert_close(actual, expected)
 
@@ -143,10 +165,10 @@ class TestMatchesUnfused:
     kwargs = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
     w = weight if layout == "vd" else weight.T
     value, (dh, dw, db) = jax.value_and_grad(
-        lambda h, w, b: xent_jax.linear_cross_entropy(
-            h, w, jnp.asarray(labels), bias=b, weight_layout=layout, token_chunk_size=8, **kwargs
-        ),
-        argnums=(0, 1, 2),
+      lambda h, w, b: xent_jax.linear_cross_entropy(
+        h, w, jnp.asarray(labels), bias=b, weight_layout=layout, token_chunk_size=8, **kwargs
+      ),
+      argnums=(0, 1, 2),
     )(jnp.float32(hidden), jnp.float32(w), jnp.float32(bias))
     _assert_close((value, dh, dw if layout == "vd" else dw.T, db), expected)
 
@@ -158,8 +180,15 @@ class TestMatchesUnfused:
 
     def loss_fn(h, w_dv, b):
       return xent_jax.linear_cross_entropy(
-          h, w_dv, jnp.asarray(labels), bias=b, weight_layout="dv", reduction="sum",
-          token_chunk_size=8, vocab_chunk_size=vocab_chunk, **kwargs,
+        h,
+        w_dv,
+        jnp.asarray(labels),
+        bias=b,
+        weight_layout="dv",
+        reduction="sum",
+        token_chunk_size=8,
+        vocab_chunk_size=vocab_chunk,
+        **kwargs,
       )
 
     args = (jnp.float32(hidden), jnp.float32(weight.T), jnp.float32(bias))
@@ -171,10 +200,10 @@ class TestMatchesUnfused:
     hidden, weight, _, labels, kwargs = _problem(5, options={"label_smoothing": 0.1})
     loss, dh, dw, _ = _reference(hidden, weight, None, labels, "mean", kwargs)
     value, (g_h, g_w) = jax.value_and_grad(
-        lambda h, w: xent_jax.linear_cross_entropy(
-            h, w, jnp.asarray(labels), label_smoothing=0.1, token_chunk_size=8
-        ),
-        argnums=(0, 1),
+      lambda h, w: xent_jax.linear_cross_entropy(
+        h, w, jnp.asarray(labels), label_smoothing=0.1, token_chunk_size=8
+      ),
+      argnums=(0, 1),
     )(jnp.float32(hidden), jnp.float32(weight))
     _assert_close((value, g_h, g_w), (loss, dh, dw))
 
@@ -184,22 +213,20 @@ class TestMatchesUnfused:
     args = (jnp.float32(hidden), jnp.float32(weight), jnp.float32(bias))
     options = dict(label_smoothing=0.1, smoothing="t5x", z_loss=1e-3, logit_softcap=4.0)
     fused = jax.value_and_grad(
-        lambda h, w, b: xent_jax.linear_cross_entropy(
-            h, w, jnp.asarray(labels), bias=b, token_chunk_size=16, **options
-        ),
-        argnums=(0, 1, 2),
+      lambda h, w, b: xent_jax.linear_cross_entropy(
+        h, w, jnp.asarray(labels), bias=b, token_chunk_size=16, **options
+      ),
+      argnums=(0, 1, 2),
     )(*args)
     unfused = jax.value_and_grad(
-        lambda h, w, b: xent_jax.cross_entropy(
-            h @ w.T + b[None, :], jnp.asarray(labels), **options),
-        argnums=(0, 1, 2),
+      lambda h, w, b: xent_jax.cross_entropy(h @ w.T + b[None, :], jnp.asarray(labels), **options),
+      argnums=(0, 1, 2),
     )(*args)
     for a, e in zip(jax.tree.leaves(fused), jax.tree.leaves(unfused)):
       np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-6)
 
 
 class TestFeatures:
-
   @pytest.mark.parametrize("vocab_chunk", [None, 11])
   def test_return_lse_and_its_gradient(self, vocab_chunk):
     hidden, weight, bias, labels, _ = _problem(7)
@@ -209,8 +236,14 @@ class TestFeatures:
 
     def fused(h, w, b):
       return xent_jax.linear_cross_entropy(
-          h, w, jnp.asarray(labels), bias=b, z_loss=0.1, return_lse=True, token_chunk_size=8,
-          vocab_chunk_size=vocab_chunk,
+        h,
+        w,
+        jnp.asarray(labels),
+        bias=b,
+        z_loss=0.1,
+        return_lse=True,
+        token_chunk_size=8,
+        vocab_chunk_size=vocab_chunk,
       )
 
     loss, lse = fused(*args)
@@ -226,13 +259,19 @@ class TestFeatures:
     hidden, weight, bias, labels, _ = _problem(8, n=30)
     where = np.random.default_rng(0).uniform(size=(3, 1, 5)) > 0.3  # broadcast over the middle
     expected = ref.cross_entropy(
-        hidden @ weight.T + bias, labels,
-        where=np.broadcast_to(where, (3, 2, 5)).reshape(30), reduction="none",
+      hidden @ weight.T + bias,
+      labels,
+      where=np.broadcast_to(where, (3, 2, 5)).reshape(30),
+      reduction="none",
     ).reshape(3, 2, 5)
     got = xent_jax.linear_cross_entropy(
-        jnp.float32(hidden.reshape(3, 2, 5, D)), jnp.float32(weight),
-        jnp.asarray(labels.reshape(3, 2, 5)), bias=jnp.float32(bias), where=jnp.asarray(where),
-        reduction="none", token_chunk_size=7,
+      jnp.float32(hidden.reshape(3, 2, 5, D)),
+      jnp.float32(weight),
+      jnp.asarray(labels.reshape(3, 2, 5)),
+      bias=jnp.float32(bias),
+      where=jnp.asarray(where),
+      reduction="none",
+      token_chunk_size=7,
     )
     assert got.shape == (3, 2, 5)
     np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-6)
@@ -244,41 +283,63 @@ class TestFeatures:
     weight, bias = jnp.float32(batch[0][1]), jnp.float32(batch[0][2])
 
     def loss_fn(h, w, b, y):
-      return xent_jax.linear_cross_entropy(h, w, y, bias=b, label_smoothing=0.1,
-                                           token_chunk_size=5)
+      return xent_jax.linear_cross_entropy(h, w, y, bias=b, label_smoothing=0.1, token_chunk_size=5)
 
-    per_problem = jax.jit(jax.vmap(jax.value_and_grad(loss_fn, argnums=(0, 1, 2)),
-                                   in_axes=(0, None, None, 0)))
+    per_problem = jax.jit(
+      jax.vmap(jax.value_and_grad(loss_fn, argnums=(0, 1, 2)), in_axes=(0, None, None, 0))
+    )
     values, (dh, dw, db) = per_problem(hidden, weight, bias, labels)
     for i in range(3):
       loss, e_dh, e_dw, e_db = _reference(
-          np.asarray(hidden[i], np.float64), batch[0][1], batch[0][2], np.asarray(labels[i]),
-          "mean", {"label_smoothing": 0.1},
+        np.asarray(hidden[i], np.float64),
+        batch[0][1],
+        batch[0][2],
+        np.asarray(labels[i]),
+        "mean",
+        {"label_smoothing": 0.1},
       )
       _assert_close((values[i], dh[i], dw[i], db[i]), (loss, e_dh, e_dw, e_db))
 
   @pytest.mark.parametrize("vocab_chunk", [None, 5])
   def test_check_grads(self, vocab_chunk):
     hidden, weight, bias, labels, kwargs = _problem(
-        11, n=9, v=13, options=OPTION_SETS["everything"])
+      11, n=9, v=13, options=OPTION_SETS["everything"]
+    )
     with jax.enable_x64(True):
       kwargs = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
       fn = lambda h, w, b: xent_jax.linear_cross_entropy(
-          h, w, jnp.asarray(labels), bias=b, token_chunk_size=4, vocab_chunk_size=vocab_chunk,
-          **kwargs,
+        h,
+        w,
+        jnp.asarray(labels),
+        bias=b,
+        token_chunk_size=4,
+        vocab_chunk_size=vocab_chunk,
+        **kwargs,
       )
-      check_grads(fn, (jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(bias)), order=1,
-                  modes=("rev",))
+      check_grads(
+        fn, (jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(bias)), order=1, modes=("rev",)
+      )
 
-  @pytest.mark.parametrize("n, d, v, token_chunk, vocab_chunk", [
+  @pytest.mark.parametrize(
+    "n, d, v, token_chunk, vocab_chunk",
+    [
       (256, 16, 300, 64, None),  # one pass
-      (64, 32, 300, 16, 64),     # two passes, vocabulary-major (V > N + C)
-      (300, 64, 256, 64, 100),   # two passes, token-major
-  ])
+      (64, 32, 300, 16, 64),  # two passes, vocabulary-major (V > N + C)
+      (300, 64, 256, 64, 100),  # two passes, token-major
+    ],
+  )
   def test_bfloat16_accumulates_in_float32(self, n, d, v, token_chunk, vocab_chunk):
-    plan = _linear.plan_schedule("f", n, d, v, linear_reduction=True, token_chunk_size=token_chunk,
-                                 vocab_chunk_size=vocab_chunk, hidden_dtype=jnp.bfloat16,
-                                 weight_dtype=jnp.bfloat16)
+    plan = _linear.plan_schedule(
+      "f",
+      n,
+      d,
+      v,
+      linear_reduction=True,
+      token_chunk_size=token_chunk,
+      vocab_chunk_size=vocab_chunk,
+      hidden_dtype=jnp.bfloat16,
+      weight_dtype=jnp.bfloat16,
+    )
     two_pass = vocab_chunk is not None
     assert (plan.one_pass, plan.vocab_major) == (not two_pass, two_pass and v > n + vocab_chunk)
     hidden, weight, bias, labels, _ = _problem(12, n=n, d=d, v=v)
@@ -286,11 +347,16 @@ class TestFeatures:
     rounded = [np.asarray(bf(x), np.float64) for x in (hidden, weight, bias)]
     expected = _reference(*rounded, labels, "mean", {"label_smoothing": 0.1})
     value, grads = jax.value_and_grad(
-        lambda h, w, b: xent_jax.linear_cross_entropy(
-            h, w, jnp.asarray(labels), bias=b, label_smoothing=0.1, token_chunk_size=token_chunk,
-            vocab_chunk_size=vocab_chunk,
-        ),
-        argnums=(0, 1, 2),
+      lambda h, w, b: xent_jax.linear_cross_entropy(
+        h,
+        w,
+        jnp.asarray(labels),
+        bias=b,
+        label_smoothing=0.1,
+        token_chunk_size=token_chunk,
+        vocab_chunk_size=vocab_chunk,
+      ),
+      argnums=(0, 1, 2),
     )(bf(hidden), bf(weight), bf(bias))
     assert value.dtype == jnp.float32
     assert all(g.dtype == jnp.bfloat16 for g in grads)
@@ -306,21 +372,31 @@ class TestFeatures:
     labels[3] = V + 2
     for vocab_chunk in (None, 10):
       loss = xent_jax.linear_cross_entropy(
-          jnp.float32(hidden), jnp.float32(weight), jnp.asarray(labels), token_chunk_size=8,
-          vocab_chunk_size=vocab_chunk, reduction="none",
+        jnp.float32(hidden),
+        jnp.float32(weight),
+        jnp.asarray(labels),
+        token_chunk_size=8,
+        vocab_chunk_size=vocab_chunk,
+        reduction="none",
       )
       assert np.isnan(loss[3]) and np.isfinite(np.delete(np.asarray(loss), 3)).all()
       mean = xent_jax.linear_cross_entropy(
-          jnp.float32(hidden), jnp.float32(weight), jnp.asarray(labels), token_chunk_size=8,
-          vocab_chunk_size=vocab_chunk,
+        jnp.float32(hidden),
+        jnp.float32(weight),
+        jnp.asarray(labels),
+        token_chunk_size=8,
+        vocab_chunk_size=vocab_chunk,
       )
       assert np.isnan(mean)
 
   @pytest.mark.parametrize("reduction", ["none", "mean"])
   def test_no_rows(self, reduction):
     loss = xent_jax.linear_cross_entropy(
-        jnp.ones((0, D)), jnp.ones((V, D)), jnp.zeros((0,), jnp.int32), bias=jnp.ones((V,)),
-        reduction=reduction,
+      jnp.ones((0, D)),
+      jnp.ones((V, D)),
+      jnp.zeros((0,), jnp.int32),
+      bias=jnp.ones((V,)),
+      reduction=reduction,
     )
     assert loss.shape == ((0,) if reduction == "none" else ())
     assert reduction == "none" or float(loss) == 0.0
@@ -329,8 +405,8 @@ class TestFeatures:
     hidden, weight, _, _, _ = _problem(14)
     labels = jnp.full((N,), IGNORE)
     value, grads = jax.value_and_grad(
-        lambda h, w: xent_jax.linear_cross_entropy(h, w, labels, token_chunk_size=8),
-        argnums=(0, 1),
+      lambda h, w: xent_jax.linear_cross_entropy(h, w, labels, token_chunk_size=8),
+      argnums=(0, 1),
     )(jnp.float32(hidden), jnp.float32(weight))
     assert float(value) == 0.0
     assert all(float(jnp.abs(g).max()) == 0.0 for g in grads)
@@ -339,37 +415,52 @@ class TestFeatures:
 class TestSchedules:
   """The schedule and loop order chosen from the shapes (``_linear.plan_schedule``)."""
 
-  @pytest.mark.parametrize("n, d, v, reduction, vocab_chunk, dtype, expected", [
+  @pytest.mark.parametrize(
+    "n, d, v, reduction, vocab_chunk, dtype, expected",
+    [
       (4096, 512, 32768, "mean", None, "float32", (True, False)),  # CPU benchmark: one pass
       (32768, 2048, 32000, "mean", None, "bfloat16", (True, False)),
       (8192, 4096, 128256, "mean", None, "bfloat16", (False, True)),  # Llama-3-8B: vocab-major
-      (8192, 2304, 256000, "sum", None, "bfloat16", (False, True)),   # Gemma-style head
+      (8192, 2304, 256000, "sum", None, "bfloat16", (False, True)),  # Gemma-style head
       # float32: the token-major [V, D] accumulator is the weight gradient itself.
       (8192, 4096, 128256, "mean", None, "float32", (False, False)),
-      (4096, 512, 32768, "none", None, "bfloat16", (False, True)),   # per-row losses
+      (4096, 512, 32768, "none", None, "bfloat16", (False, True)),  # per-row losses
       (4096, 512, 32768, "none", 4096, "float32", (False, False)),
       (65536, 512, 32768, "mean", 4096, "bfloat16", (False, False)),  # V < N: token-major
       (256, 1024, 16384, "mean", None, "float32", (True, False)),  # [V, D] within one block
       (256, 1024, 32768, "mean", None, "float32", (False, False)),
-  ])
+    ],
+  )
   def test_plan(self, n, d, v, reduction, vocab_chunk, dtype, expected):
-    plan = _linear.plan_schedule("f", n, d, v, linear_reduction=reduction != "none",
-                                 token_chunk_size=None, vocab_chunk_size=vocab_chunk,
-                                 hidden_dtype=dtype, weight_dtype=dtype)
+    plan = _linear.plan_schedule(
+      "f",
+      n,
+      d,
+      v,
+      linear_reduction=reduction != "none",
+      token_chunk_size=None,
+      vocab_chunk_size=vocab_chunk,
+      hidden_dtype=dtype,
+      weight_dtype=dtype,
+    )
     assert (plan.one_pass, plan.vocab_major) == expected
     if plan.vocab_major:  # the float32 [C, D] block of d_weight stays small
       assert plan.vocab_chunk <= 4096 and plan.token_chunk <= 1024
 
   @pytest.mark.parametrize("layout", ["vd", "dv"])
-  @pytest.mark.parametrize("n, reduction, vocab_chunk, order", [
+  @pytest.mark.parametrize(
+    "n, reduction, vocab_chunk, order",
+    [
       (61, "mean", None, "one_pass"),
       (61, "none", 7, "token"),
       (37, "mean", 7, "vocab"),
       (37, "none", 7, "vocab"),
       (37, "sum", 7, "token"),
-  ])
-  def test_every_schedule_matches_the_reference(self, layout, n, reduction, vocab_chunk, order,
-                                                monkeypatch):
+    ],
+  )
+  def test_every_schedule_matches_the_reference(
+    self, layout, n, reduction, vocab_chunk, order, monkeypatch
+  ):
     # Uneven chunks on both axes (10 rows, 7 classes) except for the one-pass schedule, which
     # takes whole-vocabulary blocks. float32 heads this small would take the token-major order:
     # the plan is forced to test both.
@@ -386,13 +477,22 @@ class TestSchedules:
 
     def summed(h, w, b):
       loss = xent_jax.linear_cross_entropy(
-          h, w, jnp.asarray(labels), bias=b, weight_layout=layout, reduction=reduction,
-          token_chunk_size=10, vocab_chunk_size=vocab_chunk, **kwargs)
+        h,
+        w,
+        jnp.asarray(labels),
+        bias=b,
+        weight_layout=layout,
+        reduction=reduction,
+        token_chunk_size=10,
+        vocab_chunk_size=vocab_chunk,
+        **kwargs,
+      )
       return jnp.sum(loss), loss
 
     w = weight if layout == "vd" else weight.T
     (_, value), grads = jax.jit(jax.value_and_grad(summed, argnums=(0, 1, 2), has_aux=True))(
-        jnp.float32(hidden), jnp.float32(w), jnp.float32(bias))
+      jnp.float32(hidden), jnp.float32(w), jnp.float32(bias)
+    )
     assert [p.one_pass for p in plans] == [order == "one_pass"]
     d_weight = grads[1] if layout == "vd" else grads[1].T
     _assert_close((value, grads[0], d_weight, grads[2]), expected)
@@ -401,10 +501,14 @@ class TestSchedules:
     # N=256, D=1024, V=32768: one pass would keep a float32 [V, D] accumulator (128 MiB) next to
     # [N, V] logits of only 32 MiB; two passes accumulate into the float32 gradient itself.
     n, d, v = 256, 1024, 32768
-    args = (jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((v, d), jnp.float32),
-            jax.ShapeDtypeStruct((n,), jnp.int32))
-    grad = jax.jit(jax.value_and_grad(
-        lambda h, w, y: xent_jax.linear_cross_entropy(h, w, y), argnums=(0, 1)))
+    args = (
+      jax.ShapeDtypeStruct((n, d), jnp.float32),
+      jax.ShapeDtypeStruct((v, d), jnp.float32),
+      jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    grad = jax.jit(
+      jax.value_and_grad(lambda h, w, y: xent_jax.linear_cross_entropy(h, w, y), argnums=(0, 1))
+    )
     temp = grad.lower(*args).compile().memory_analysis().temp_size_in_bytes
     assert temp < v * d * 4 / 2, temp / 2**20
 
@@ -420,12 +524,19 @@ class TestSliceKernels:
     split = 20
     parts = []
     for lo, hi in [(0, split), (split, V)]:
-      cfg = _linear.BlockConfig("vd", 3.0, token_chunk=8, vocab_chunk=6, class_offset=lo,
-                                weighted_sum=True)
-      parts.append(_linear.vocab_slice_stats(
-          h, jnp.float32(weight[lo:hi]), jnp.float32(bias[lo:hi]), y,
-          jnp.float32(class_weight[lo:hi]), cfg,
-      ))
+      cfg = _linear.BlockConfig(
+        "vd", 3.0, token_chunk=8, vocab_chunk=6, class_offset=lo, weighted_sum=True
+      )
+      parts.append(
+        _linear.vocab_slice_stats(
+          h,
+          jnp.float32(weight[lo:hi]),
+          jnp.float32(bias[lo:hi]),
+          y,
+          jnp.float32(class_weight[lo:hi]),
+          cfg,
+        )
+      )
     m = jnp.maximum(parts[0].max, parts[1].max)
     lse = m + jnp.log(sum(p.sumexp * jnp.exp(p.max - m) for p in parts))
     x = ref.softcap(hidden @ weight.T + bias, 3.0)
@@ -437,16 +548,31 @@ class TestSliceKernels:
     # and sum to d_hidden.
     rng = np.random.default_rng(2)
     cot = _linear.StatCotangents(*(jnp.float32(rng.normal(size=N)) for _ in range(3)))
-    g = (cot.lse[:, None] * np.exp(x - lse[:, None])
-         + cot.target[:, None] * (np.arange(V)[None, :] == labels[:, None])
-         + cot.weighted_sum[:, None] * class_weight[None, :]) * (1 - (x / 3.0) ** 2)
+    g = (
+      cot.lse[:, None] * np.exp(x - lse[:, None])
+      + cot.target[:, None] * (np.arange(V)[None, :] == labels[:, None])
+      + cot.weighted_sum[:, None] * class_weight[None, :]
+    ) * (1 - (x / 3.0) ** 2)
     d_hidden = 0
-    for (lo, hi) in [(0, split), (split, V)]:
-      cfg = _linear.BlockConfig("vd", 3.0, token_chunk=8, vocab_chunk=6, class_offset=lo,
-                                weighted_sum=True, vocab_major=vocab_major)
+    for lo, hi in [(0, split), (split, V)]:
+      cfg = _linear.BlockConfig(
+        "vd",
+        3.0,
+        token_chunk=8,
+        vocab_chunk=6,
+        class_offset=lo,
+        weighted_sum=True,
+        vocab_major=vocab_major,
+      )
       dh, dw, db = _linear.vocab_slice_grads(
-          h, jnp.float32(weight[lo:hi]), jnp.float32(bias[lo:hi]), y,
-          jnp.float32(class_weight[lo:hi]), lse, cot, cfg,
+        h,
+        jnp.float32(weight[lo:hi]),
+        jnp.float32(bias[lo:hi]),
+        y,
+        jnp.float32(class_weight[lo:hi]),
+        lse,
+        cot,
+        cfg,
       )
       np.testing.assert_allclose(dw, g[:, lo:hi].T @ hidden, rtol=1e-4, atol=1e-5)
       np.testing.assert_allclose(db, g[:, lo:hi].sum(0), rtol=1e-4, atol=1e-5)
@@ -455,7 +581,6 @@ class TestSliceKernels:
 
 
 class TestMemory:
-
   def test_fused_gradient_needs_far_less_temporary_memory(self):
     n, d, v = 2048, 64, 8192
     hidden = jax.ShapeDtypeStruct((n, d), jnp.float32)
@@ -468,8 +593,11 @@ class TestMemory:
 
     unfused = temp_bytes(lambda h, w, y: xent_jax.cross_entropy(h @ w.T, y))
     fused = temp_bytes(lambda h, w, y: xent_jax.linear_cross_entropy(h, w, y, token_chunk_size=128))
-    low = temp_bytes(lambda h, w, y: xent_jax.linear_cross_entropy(
-        h, w, y, token_chunk_size=128, vocab_chunk_size=1024))
+    low = temp_bytes(
+      lambda h, w, y: xent_jax.linear_cross_entropy(
+        h, w, y, token_chunk_size=128, vocab_chunk_size=1024
+      )
+    )
     logits_bytes = n * v * 4
     assert unfused >= logits_bytes  # the unfused gradient holds at least the [N, V] logits
     assert fused < unfused / 4, (fused, unfused)
@@ -477,30 +605,32 @@ class TestMemory:
 
 
 class TestBadInput:
-
   @pytest.mark.parametrize(
-      "change, name",
-      [
-          (dict(hidden=np.zeros((4, 3), np.int32)), "hidden"),
-          (dict(weight=np.zeros((2, 5, 3), np.float32)), "weight"),
-          (dict(weight=np.zeros((7, 4), np.float32)), "hidden"),  # D mismatch
-          (dict(labels=np.zeros((4,), np.float32)), "labels"),
-          (dict(labels=np.zeros((5,), np.int32)), "labels"),
-          (dict(bias=np.zeros((6,), np.float32)), "bias"),
-          (dict(class_weight=np.ones((3,), np.float32)), "class_weight"),
-          (dict(where=np.ones((3,), bool)), "where"),
-          (dict(token_chunk_size=0), "token_chunk_size"),
-          (dict(vocab_chunk_size=2.5), "vocab_chunk_size"),
-          (dict(weight_layout="nd"), "weight_layout"),
-          (dict(reduction="avg"), "reduction"),
-          (dict(label_smoothing=1.5), "label_smoothing"),
-          (dict(smoothing="gauss"), "smoothing"),
-          (dict(logit_softcap=0.0), "logit_softcap"),
-      ],
+    "change, name",
+    [
+      (dict(hidden=np.zeros((4, 3), np.int32)), "hidden"),
+      (dict(weight=np.zeros((2, 5, 3), np.float32)), "weight"),
+      (dict(weight=np.zeros((7, 4), np.float32)), "hidden"),  # D mismatch
+      (dict(labels=np.zeros((4,), np.float32)), "labels"),
+      (dict(labels=np.zeros((5,), np.int32)), "labels"),
+      (dict(bias=np.zeros((6,), np.float32)), "bias"),
+      (dict(class_weight=np.ones((3,), np.float32)), "class_weight"),
+      (dict(where=np.ones((3,), bool)), "where"),
+      (dict(token_chunk_size=0), "token_chunk_size"),
+      (dict(vocab_chunk_size=2.5), "vocab_chunk_size"),
+      (dict(weight_layout="nd"), "weight_layout"),
+      (dict(reduction="avg"), "reduction"),
+      (dict(label_smoothing=1.5), "label_smoothing"),
+      (dict(smoothing="gauss"), "smoothing"),
+      (dict(logit_softcap=0.0), "logit_softcap"),
+    ],
   )
   def test_error_names_the_argument(self, change, name):
-    args = dict(hidden=np.zeros((4, 3), np.float32), weight=np.zeros((7, 3), np.float32),
-                labels=np.zeros((4,), np.int32))
+    args = dict(
+      hidden=np.zeros((4, 3), np.float32),
+      weight=np.zeros((7, 3), np.float32),
+      labels=np.zeros((4,), np.int32),
+    )
     args.update(change)
     positional = [args.pop(k) for k in ("hidden", "weight", "labels")]
     with pytest.raises((ValueError, TypeError, AssertionError), match=f"`{name}`"):

@@ -116,13 +116,13 @@ _HAND_WHERE = np.array([True, True, False, True])
 
 
 class TestHandComputed:
-
   def test_accuracy(self):
     assert float(metrics.accuracy(_HAND_LOGITS, _HAND_LABELS)) == 0.5
     assert float(metrics.accuracy(_HAND_LOGITS, _HAND_LABELS, k=2)) == 0.75
     assert float(metrics.accuracy(_HAND_LOGITS, _HAND_LABELS, k=3)) == 1.0
     np.testing.assert_allclose(
-        metrics.accuracy(_HAND_LOGITS, _HAND_LABELS, where=_HAND_WHERE), 1 / 3, rtol=1e-6)
+      metrics.accuracy(_HAND_LOGITS, _HAND_LABELS, where=_HAND_WHERE), 1 / 3, rtol=1e-6
+    )
     # Row by row (a one-row mask): top-2 hits are [1, 0, 1, 1]; rows 1 and 3 are decided by ties.
     for row, hit in enumerate([1.0, 0.0, 1.0, 1.0]):
       only_row = np.arange(4) == row
@@ -130,19 +130,21 @@ class TestHandComputed:
 
   def test_nll(self):
     np.testing.assert_allclose(
-        metrics.negative_log_likelihood(_HAND_LOGITS, _HAND_LABELS), np.log(100) / 4, rtol=1e-6)
+      metrics.negative_log_likelihood(_HAND_LOGITS, _HAND_LABELS), np.log(100) / 4, rtol=1e-6
+    )
 
   def test_brier(self):
-    np.testing.assert_allclose(metrics.brier_score(_HAND_LOGITS, _HAND_LABELS), 2.77 / 4,
-                               rtol=1e-6)
+    np.testing.assert_allclose(metrics.brier_score(_HAND_LOGITS, _HAND_LABELS), 2.77 / 4, rtol=1e-6)
 
   def test_ece_and_reliability(self):
     np.testing.assert_allclose(
-        metrics.expected_calibration_error(_HAND_LOGITS, _HAND_LABELS, num_bins=3), 0.15,
-        rtol=1e-5)
+      metrics.expected_calibration_error(_HAND_LOGITS, _HAND_LABELS, num_bins=3), 0.15, rtol=1e-5
+    )
     np.testing.assert_allclose(
-        metrics.expected_calibration_error(_HAND_LOGITS, _HAND_LABELS, num_bins=3,
-                                           where=_HAND_WHERE), 0.8 / 3, rtol=1e-5)
+      metrics.expected_calibration_error(_HAND_LOGITS, _HAND_LABELS, num_bins=3, where=_HAND_WHERE),
+      0.8 / 3,
+      rtol=1e-5,
+    )
     bins = metrics.reliability_diagram_bins(_HAND_LOGITS, _HAND_LABELS, num_bins=3)
     np.testing.assert_array_equal(bins.count, [0, 2, 2])
     np.testing.assert_allclose(bins.confidence, [np.nan, 0.5, 0.8], rtol=1e-6)
@@ -154,32 +156,38 @@ class TestHandComputed:
 
 
 class TestAgainstReference:
-
   @pytest.mark.parametrize("k", [1, 2, 5])
   def test_accuracy(self, k):
     logits, labels, mask = _random_case(0)
     np.testing.assert_allclose(
-        metrics.accuracy(logits, labels, k=k, where=mask), _ref_accuracy(logits, labels, k, mask),
-        rtol=1e-6)
+      metrics.accuracy(logits, labels, k=k, where=mask),
+      _ref_accuracy(logits, labels, k, mask),
+      rtol=1e-6,
+    )
 
   def test_nll(self):
     logits, labels, mask = _random_case(1)
     np.testing.assert_allclose(
-        metrics.negative_log_likelihood(logits, labels, where=mask),
-        _ref_nll(logits, labels, mask), rtol=1e-6)
+      metrics.negative_log_likelihood(logits, labels, where=mask),
+      _ref_nll(logits, labels, mask),
+      rtol=1e-6,
+    )
 
   def test_brier(self):
     logits, labels, mask = _random_case(2)
     np.testing.assert_allclose(
-        metrics.brier_score(logits, labels, where=mask), _ref_brier(logits, labels, mask),
-        rtol=1e-6)
+      metrics.brier_score(logits, labels, where=mask), _ref_brier(logits, labels, mask), rtol=1e-6
+    )
 
   @pytest.mark.parametrize("num_bins", [1, 10, 15])
   def test_ece_and_bins(self, num_bins):
     logits, labels, mask = _random_case(3, shape=(200,))
     np.testing.assert_allclose(
-        metrics.expected_calibration_error(logits, labels, num_bins=num_bins, where=mask),
-        _ref_ece(logits, labels, num_bins, mask), rtol=1e-5, atol=1e-7)
+      metrics.expected_calibration_error(logits, labels, num_bins=num_bins, where=mask),
+      _ref_ece(logits, labels, num_bins, mask),
+      rtol=1e-5,
+      atol=1e-7,
+    )
     got = metrics.reliability_diagram_bins(logits, labels, num_bins=num_bins, where=mask)
     want = _ref_bins(logits, labels, num_bins, mask)
     assert got.count.shape == got.confidence.shape == got.accuracy.shape == (num_bins,)
@@ -195,50 +203,80 @@ class TestAgainstReference:
   def test_nll_equals_core_cross_entropy_mean(self):
     logits, labels, mask = _random_case(7, shape=(8, 5))
     want = xent_jax.cross_entropy(logits, labels, reduction="mean", where=mask)
-    np.testing.assert_allclose(metrics.negative_log_likelihood(logits, labels, where=mask), want,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      metrics.negative_log_likelihood(logits, labels, where=mask), want, rtol=1e-6
+    )
 
   def test_batch_dims_and_axis(self):
     logits, labels, mask = _random_case(5, shape=(4, 6), num_classes=7)
     logits_BxCxT = np.moveaxis(logits, -1, 1)
     for fn, ref in [(metrics.negative_log_likelihood, _ref_nll), (metrics.brier_score, _ref_brier)]:
-      np.testing.assert_allclose(fn(logits_BxCxT, labels, axis=1, where=mask),
-                                 ref(logits, labels, mask), rtol=1e-6)
+      np.testing.assert_allclose(
+        fn(logits_BxCxT, labels, axis=1, where=mask), ref(logits, labels, mask), rtol=1e-6
+      )
     np.testing.assert_allclose(
-        metrics.accuracy(logits_BxCxT, labels, k=3, axis=1, where=mask),
-        _ref_accuracy(logits, labels, 3, mask), rtol=1e-6)
+      metrics.accuracy(logits_BxCxT, labels, k=3, axis=1, where=mask),
+      _ref_accuracy(logits, labels, 3, mask),
+      rtol=1e-6,
+    )
     np.testing.assert_allclose(
-        metrics.expected_calibration_error(logits_BxCxT, labels, axis=1, where=mask),
-        _ref_ece(logits, labels, 15, mask), rtol=1e-5)
+      metrics.expected_calibration_error(logits_BxCxT, labels, axis=1, where=mask),
+      _ref_ece(logits, labels, 15, mask),
+      rtol=1e-5,
+    )
 
   def test_single_example_and_broadcast_mask(self):
     logits, labels, _ = _random_case(6, shape=(3, 5))
     row_mask = np.array([True, False, True, True, False])  # broadcasts over the first dim
     full_mask = np.broadcast_to(row_mask, (3, 5))
-    np.testing.assert_allclose(metrics.brier_score(logits, labels, where=row_mask),
-                               _ref_brier(logits, labels, full_mask), rtol=1e-6)
-    np.testing.assert_allclose(metrics.negative_log_likelihood(logits[0, 0], labels[0, 0]),
-                               _ref_nll(logits[0, :1], labels[0, :1], [True]), rtol=1e-6)
+    np.testing.assert_allclose(
+      metrics.brier_score(logits, labels, where=row_mask),
+      _ref_brier(logits, labels, full_mask),
+      rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+      metrics.negative_log_likelihood(logits[0, 0], labels[0, 0]),
+      _ref_nll(logits[0, :1], labels[0, :1], [True]),
+      rtol=1e-6,
+    )
 
   @hypothesis.settings(max_examples=10, deadline=None)
   @hypothesis.given(
-      seed=st.integers(0, 2**31), batch=st.integers(1, 40), num_classes=st.integers(1, 9),
-      num_bins=st.integers(1, 20), scale=st.sampled_from([0.1, 3.0, 30.0]),
-      round_logits=st.booleans())
+    seed=st.integers(0, 2**31),
+    batch=st.integers(1, 40),
+    num_classes=st.integers(1, 9),
+    num_bins=st.integers(1, 20),
+    scale=st.sampled_from([0.1, 3.0, 30.0]),
+    round_logits=st.booleans(),
+  )
   def test_property_all_metrics(self, seed, batch, num_classes, num_bins, scale, round_logits):
     logits, labels, mask = _random_case(seed, (batch,), num_classes, scale)
     if round_logits:  # many exact ties
       logits = np.round(logits / scale).astype(np.float32)
     k = 1 + seed % num_classes
-    np.testing.assert_allclose(metrics.accuracy(logits, labels, k=k, where=mask),
-                               _ref_accuracy(logits, labels, k, mask), rtol=1e-6)
-    np.testing.assert_allclose(metrics.negative_log_likelihood(logits, labels, where=mask),
-                               _ref_nll(logits, labels, mask), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(metrics.brier_score(logits, labels, where=mask),
-                               _ref_brier(logits, labels, mask), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
-        metrics.expected_calibration_error(logits, labels, num_bins=num_bins, where=mask),
-        _ref_ece(logits, labels, num_bins, mask), rtol=1e-5, atol=1e-6)
+      metrics.accuracy(logits, labels, k=k, where=mask),
+      _ref_accuracy(logits, labels, k, mask),
+      rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+      metrics.negative_log_likelihood(logits, labels, where=mask),
+      _ref_nll(logits, labels, mask),
+      rtol=1e-5,
+      atol=1e-6,
+    )
+    np.testing.assert_allclose(
+      metrics.brier_score(logits, labels, where=mask),
+      _ref_brier(logits, labels, mask),
+      rtol=1e-5,
+      atol=1e-6,
+    )
+    np.testing.assert_allclose(
+      metrics.expected_calibration_error(logits, labels, num_bins=num_bins, where=mask),
+      _ref_ece(logits, labels, num_bins, mask),
+      rtol=1e-5,
+      atol=1e-6,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +284,6 @@ class TestAgainstReference:
 
 
 class TestAgainstSklearn:
-
   @pytest.mark.parametrize("k", [1, 2, 4])
   def test_top_k_accuracy(self, k):
     logits, labels, _ = _random_case(10, shape=(100,), num_classes=6)  # continuous: no ties
@@ -282,7 +319,8 @@ class TestAgainstSklearn:
     p = _ref_probs(logits)
     correct = (p.argmax(-1) == labels).astype(int)
     prob_true, prob_pred = sk_calibration.calibration_curve(
-        correct, p.max(-1), n_bins=num_bins, strategy="uniform")
+      correct, p.max(-1), n_bins=num_bins, strategy="uniform"
+    )
     got = metrics.reliability_diagram_bins(logits, labels, num_bins=num_bins)
     nonempty = np.asarray(got.count) > 0
     np.testing.assert_allclose(np.asarray(got.accuracy)[nonempty], prob_true, rtol=1e-6)
@@ -294,14 +332,12 @@ class TestAgainstSklearn:
 
 
 class TestConventions:
-
   @pytest.mark.parametrize("num_classes", [1, 3, 6])
   def test_all_equal_logits_correct_iff_label_below_k(self, num_classes):
     labels = np.arange(num_classes)
     logits = np.zeros((num_classes, num_classes), np.float32)
     for k in range(1, num_classes + 1):
-      np.testing.assert_allclose(metrics.accuracy(logits, labels, k=k), k / num_classes,
-                                 rtol=1e-6)
+      np.testing.assert_allclose(metrics.accuracy(logits, labels, k=k), k / num_classes, rtol=1e-6)
 
   def test_top1_equals_argmax(self):
     logits, labels, _ = _random_case(20, shape=(100,))
@@ -327,10 +363,10 @@ class TestConventions:
   def test_all_masked_is_nan(self):
     none = np.zeros(4, bool)
     for value in [
-        metrics.accuracy(_HAND_LOGITS, _HAND_LABELS, where=none),
-        metrics.negative_log_likelihood(_HAND_LOGITS, _HAND_LABELS, where=none),
-        metrics.brier_score(_HAND_LOGITS, _HAND_LABELS, where=none),
-        metrics.expected_calibration_error(_HAND_LOGITS, _HAND_LABELS, where=none),
+      metrics.accuracy(_HAND_LOGITS, _HAND_LABELS, where=none),
+      metrics.negative_log_likelihood(_HAND_LOGITS, _HAND_LABELS, where=none),
+      metrics.brier_score(_HAND_LOGITS, _HAND_LABELS, where=none),
+      metrics.expected_calibration_error(_HAND_LOGITS, _HAND_LABELS, where=none),
     ]:
       assert np.isnan(value)
     counts = metrics.calibration_counts(_HAND_LOGITS, _HAND_LABELS, num_bins=4, where=none)
@@ -339,25 +375,37 @@ class TestConventions:
 
   def test_all_masked_nll_has_zero_gradient(self):
     grad = jax.grad(metrics.negative_log_likelihood)(
-        jnp.asarray(_HAND_LOGITS), _HAND_LABELS, where=np.zeros(4, bool))
+      jnp.asarray(_HAND_LOGITS), _HAND_LABELS, where=np.zeros(4, bool)
+    )
     np.testing.assert_array_equal(grad, np.zeros_like(_HAND_LOGITS))
 
   @pytest.mark.parametrize("bad", [-1, 3])
   def test_out_of_range_label_is_nan_unless_masked(self, bad):
     labels = _HAND_LABELS.copy()
     labels[2] = bad
-    fns = [metrics.accuracy, metrics.negative_log_likelihood, metrics.brier_score,
-           metrics.expected_calibration_error]
+    fns = [
+      metrics.accuracy,
+      metrics.negative_log_likelihood,
+      metrics.brier_score,
+      metrics.expected_calibration_error,
+    ]
     for fn in fns:
       assert np.isnan(fn(_HAND_LOGITS, labels)), fn.__name__
-      np.testing.assert_allclose(fn(_HAND_LOGITS, labels, where=_HAND_WHERE),
-                                 fn(_HAND_LOGITS, _HAND_LABELS, where=_HAND_WHERE), rtol=1e-6)
+      np.testing.assert_allclose(
+        fn(_HAND_LOGITS, labels, where=_HAND_WHERE),
+        fn(_HAND_LOGITS, _HAND_LABELS, where=_HAND_WHERE),
+        rtol=1e-6,
+      )
 
   def test_nan_logits_are_nan_unless_masked(self):
     logits = _HAND_LOGITS.copy()
     logits[2, 1] = np.nan
-    for fn in [metrics.accuracy, metrics.negative_log_likelihood, metrics.brier_score,
-               metrics.expected_calibration_error]:
+    for fn in [
+      metrics.accuracy,
+      metrics.negative_log_likelihood,
+      metrics.brier_score,
+      metrics.expected_calibration_error,
+    ]:
       assert np.isnan(fn(logits, _HAND_LABELS)), fn.__name__
       assert np.isfinite(fn(logits, _HAND_LABELS, where=_HAND_WHERE)), fn.__name__
 
@@ -365,10 +413,12 @@ class TestConventions:
     logits = np.array([[0.0, -np.inf, 1.0], [2.0, -np.inf, 0.0]], np.float32)
     labels = np.array([2, 0])
     mask = np.ones(2, bool)
-    np.testing.assert_allclose(metrics.negative_log_likelihood(logits, labels),
-                               _ref_nll(logits, labels, mask), rtol=1e-6)
-    np.testing.assert_allclose(metrics.brier_score(logits, labels),
-                               _ref_brier(logits, labels, mask), rtol=1e-6)
+    np.testing.assert_allclose(
+      metrics.negative_log_likelihood(logits, labels), _ref_nll(logits, labels, mask), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+      metrics.brier_score(logits, labels), _ref_brier(logits, labels, mask), rtol=1e-6
+    )
     assert np.isposinf(metrics.negative_log_likelihood(logits, np.array([1, 0])))
 
   def test_brier_near_perfect_keeps_small_value(self):
@@ -389,7 +439,6 @@ class TestConventions:
 
 
 class TestStreaming:
-
   def test_summed_batches_equal_one_shot(self):
     logits, labels, mask = _random_case(30, shape=(90,))
     pieces = [slice(0, 7), slice(7, 50), slice(50, 90)]
@@ -401,10 +450,19 @@ class TestStreaming:
     np.testing.assert_allclose(got["brier"], _ref_brier(logits, labels, mask), rtol=1e-5)
     np.testing.assert_allclose(got["ece"], _ref_ece(logits, labels, 10, mask), rtol=1e-5)
     counts = jax.tree.map(
-        jnp.add, *[metrics.calibration_counts(logits[s], labels[s], num_bins=10, where=mask[s])
-                   for s in pieces[:2]])
-    counts = jax.tree.map(jnp.add, counts, metrics.calibration_counts(
-        logits[pieces[2]], labels[pieces[2]], num_bins=10, where=mask[pieces[2]]))
+      jnp.add,
+      *[
+        metrics.calibration_counts(logits[s], labels[s], num_bins=10, where=mask[s])
+        for s in pieces[:2]
+      ],
+    )
+    counts = jax.tree.map(
+      jnp.add,
+      counts,
+      metrics.calibration_counts(
+        logits[pieces[2]], labels[pieces[2]], num_bins=10, where=mask[pieces[2]]
+      ),
+    )
     np.testing.assert_allclose(metrics.ece_from_counts(counts), got["ece"], rtol=1e-6)
     diagram = metrics.reliability_from_counts(counts)
     want = _ref_bins(logits, labels, 10, mask)
@@ -421,21 +479,24 @@ class TestStreaming:
 
 
 class TestTransforms:
-
   def test_jit(self):
     logits, labels, mask = _random_case(40)
     for name, fn, ref in [
-        ("accuracy", functools.partial(metrics.accuracy, k=2),
-         lambda: _ref_accuracy(logits, labels, 2, mask)),
-        ("nll", metrics.negative_log_likelihood, lambda: _ref_nll(logits, labels, mask)),
-        ("brier", metrics.brier_score, lambda: _ref_brier(logits, labels, mask)),
-        ("ece", metrics.expected_calibration_error, lambda: _ref_ece(logits, labels, 15, mask)),
+      (
+        "accuracy",
+        functools.partial(metrics.accuracy, k=2),
+        lambda: _ref_accuracy(logits, labels, 2, mask),
+      ),
+      ("nll", metrics.negative_log_likelihood, lambda: _ref_nll(logits, labels, mask)),
+      ("brier", metrics.brier_score, lambda: _ref_brier(logits, labels, mask)),
+      ("ece", metrics.expected_calibration_error, lambda: _ref_ece(logits, labels, 15, mask)),
     ]:
       got = jax.jit(lambda x, y, m, fn=fn: fn(x, y, where=m))(logits, labels, mask)
       np.testing.assert_allclose(got, ref(), rtol=1e-5, err_msg=name)
     sums = jax.jit(metrics.eval_sums)(logits, labels, where=mask)
-    np.testing.assert_allclose(metrics.metrics_from_sums(sums)["ece"],
-                               _ref_ece(logits, labels, 15, mask), rtol=1e-5)
+    np.testing.assert_allclose(
+      metrics.metrics_from_sums(sums)["ece"], _ref_ece(logits, labels, 15, mask), rtol=1e-5
+    )
 
   def test_bf16_accumulates_in_float32(self):
     logits, labels, mask = _random_case(41, shape=(500,), num_classes=11, scale=5.0)
@@ -449,13 +510,17 @@ class TestTransforms:
     got = metrics.expected_calibration_error(logits_bf16, labels, where=mask)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, _ref_ece(exact, labels, 15, mask), rtol=1e-5)
-    np.testing.assert_allclose(metrics.accuracy(logits_bf16, labels, k=3, where=mask),
-                               _ref_accuracy(exact, labels, 3, mask), rtol=1e-6)
+    np.testing.assert_allclose(
+      metrics.accuracy(logits_bf16, labels, k=3, where=mask),
+      _ref_accuracy(exact, labels, 3, mask),
+      rtol=1e-6,
+    )
 
   def test_vmap_over_batches(self):
     logits, labels, mask = _random_case(43, shape=(3, 10))
     got = jax.vmap(lambda x, y, m: metrics.expected_calibration_error(x, y, num_bins=4, where=m))(
-        logits, labels, mask)
+      logits, labels, mask
+    )
     want = [_ref_ece(logits[i], labels[i], 4, mask[i]) for i in range(3)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
@@ -470,8 +535,9 @@ class TestTransforms:
   def test_gradients(self, fn):
     logits, labels, mask = _random_case(42, shape=(6,), num_classes=4, scale=1.0)
     f = lambda x: fn(x, labels, where=mask)
-    jax.test_util.check_grads(f, (jnp.asarray(logits),), order=1, modes=["rev"], atol=1e-2,
-                              rtol=1e-2, eps=1e-2)
+    jax.test_util.check_grads(
+      f, (jnp.asarray(logits),), order=1, modes=["rev"], atol=1e-2, rtol=1e-2, eps=1e-2
+    )
     grad = jax.grad(f)(jnp.asarray(logits))
     np.testing.assert_array_equal(np.asarray(grad)[~mask], 0.0)  # masked rows get no gradient
 
@@ -481,7 +547,6 @@ class TestTransforms:
 
 
 class TestBadInput:
-
   @pytest.mark.parametrize("k", [0, -1, 1.5, True, "2"])
   def test_bad_k(self, k):
     with pytest.raises(ValueError, match="`k`"):
@@ -491,17 +556,31 @@ class TestBadInput:
     with pytest.raises(ValueError, match=r"`k` must be <= the number of classes 3, got k=4"):
       metrics.accuracy(_HAND_LOGITS, _HAND_LABELS, k=4)
 
-  @pytest.mark.parametrize("fn", [metrics.expected_calibration_error,
-                                  metrics.reliability_diagram_bins, metrics.calibration_counts,
-                                  metrics.eval_sums])
+  @pytest.mark.parametrize(
+    "fn",
+    [
+      metrics.expected_calibration_error,
+      metrics.reliability_diagram_bins,
+      metrics.calibration_counts,
+      metrics.eval_sums,
+    ],
+  )
   @pytest.mark.parametrize("num_bins", [0, 2.0, None])
   def test_bad_num_bins(self, fn, num_bins):
     with pytest.raises(ValueError, match="`num_bins`"):
       fn(_HAND_LOGITS, _HAND_LABELS, num_bins=num_bins)
 
-  @pytest.mark.parametrize("fn", [metrics.accuracy, metrics.negative_log_likelihood,
-                                  metrics.brier_score, metrics.expected_calibration_error,
-                                  metrics.reliability_diagram_bins, metrics.eval_sums])
+  @pytest.mark.parametrize(
+    "fn",
+    [
+      metrics.accuracy,
+      metrics.negative_log_likelihood,
+      metrics.brier_score,
+      metrics.expected_calibration_error,
+      metrics.reliability_diagram_bins,
+      metrics.eval_sums,
+    ],
+  )
   def test_shape_and_dtype_errors_name_the_argument(self, fn):
     with pytest.raises(AssertionError, match=r"`labels` must have shape \(4,\), got \(3,\)"):
       fn(_HAND_LOGITS, _HAND_LABELS[:3])

@@ -43,11 +43,14 @@ def test_config_takes_a_loss_by_import_path(module):
   assert config.loss.name == f"{module}:my_loss" and config.loss.hparams == {"scale": 2.0}
 
 
-@pytest.mark.parametrize("name,hparams,words", [
+@pytest.mark.parametrize(
+  "name,hparams,words",
+  [
     ("{module}:not_there", "", ["not_there"]),
     ("no_such_package_h5.losses:my_loss", "", ["no_such_package_h5"]),
     ("{module}:my_loss", "loss.hparams.sacle=2.0", ["sacle"]),
-])
+  ],
+)
 def test_bad_import_paths_fail_at_load_naming_the_problem(module, name, hparams, words):
   overrides = (f"loss.name={name.format(module=module)}",) + ((hparams,) if hparams else ())
   with pytest.raises(ConfigError, match="config key 'loss'") as err:
@@ -58,8 +61,11 @@ def test_bad_import_paths_fail_at_load_naming_the_problem(module, name, hparams,
 
 def test_objective_is_the_users_loss(module):
   """The training objective is the user's function: 2 x mean cross-entropy (float64 NumPy)."""
-  model = nnx.jit(lambda: build_model(ModelConfig(name="mlp", hidden_dims=[8]), input_shape=(5,),
-                                      num_classes=4, seed=0))()
+  model = nnx.jit(
+    lambda: build_model(
+      ModelConfig(name="mlp", hidden_dims=[8]), input_shape=(5,), num_classes=4, seed=0
+    )
+  )()
   x_BxF = jnp.asarray(np.random.default_rng(0).normal(size=(6, 5)), jnp.float32)
   y_B = jnp.arange(6) % 4
   objective = make_objective(LossConfig(name=f"{module}:my_loss", hparams={"scale": 2.0}))
@@ -72,11 +78,25 @@ def test_objective_is_the_users_loss(module):
 
 @pytest.mark.slow
 def test_own_loss_compares_against_a_registered_one(module, tmp_path):
-  variants = (f"compare.variants=[{{name: cross_entropy}}, "
-              f"{{name: '{module}:my_loss', hparams: {{scale: 0.5}}, label: mine}}]")
-  args = ["compare", QUICK, "model.hidden_dims=[16]", "train.batch_size=32", "train.num_steps=20",
-          "train.eval_every=10", "train.eval_batch_size=128", "train.checkpoint_every=0",
-          "compare.seeds=[0]", variants, "--workdir", str(tmp_path / "cmp"), "--no-progress"]
+  variants = (
+    f"compare.variants=[{{name: cross_entropy}}, "
+    f"{{name: '{module}:my_loss', hparams: {{scale: 0.5}}, label: mine}}]"
+  )
+  args = [
+    "compare",
+    QUICK,
+    "model.hidden_dims=[16]",
+    "train.batch_size=32",
+    "train.num_steps=20",
+    "train.eval_every=10",
+    "train.eval_batch_size=128",
+    "train.checkpoint_every=0",
+    "compare.seeds=[0]",
+    variants,
+    "--workdir",
+    str(tmp_path / "cmp"),
+    "--no-progress",
+  ]
   assert main(args) == 0
   with (tmp_path / "cmp" / "table.csv").open() as f:
     assert {row["variant"] for row in csv.DictReader(f)} == {"cross_entropy", "mine"}

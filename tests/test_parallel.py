@@ -21,9 +21,9 @@ import xent_jax
 from xent_jax import _linear
 
 pytestmark = pytest.mark.skipif(
-    jax.device_count() < 8,
-    reason=f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8 before jax "
-    f"starts, as tests/conftest.py does), found {jax.device_count()}",
+  jax.device_count() < 8,
+  reason=f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8 before jax "
+  f"starts, as tests/conftest.py does), found {jax.device_count()}",
 )
 
 MESH_SHAPES = [(1, 8), (2, 4), (4, 2)]
@@ -31,14 +31,20 @@ N, V, D = 8, 32, 6
 
 # Option sets, all for integer labels; "weight"/"where"/"ignore" are materialised by _inputs.
 OPTIONS = {
-    "plain": {},
-    "weight_ignore_uniform_zloss": {
-        "weight": True, "ignore": True, "label_smoothing": 0.1, "z_loss": 1e-2,
-    },
-    "t5x_softcap_where": {
-        "label_smoothing": 0.2, "smoothing": "t5x", "logit_softcap": 4.0, "where": True,
-        "weight": True,
-    },
+  "plain": {},
+  "weight_ignore_uniform_zloss": {
+    "weight": True,
+    "ignore": True,
+    "label_smoothing": 0.1,
+    "z_loss": 1e-2,
+  },
+  "t5x_softcap_where": {
+    "label_smoothing": 0.2,
+    "smoothing": "t5x",
+    "logit_softcap": 4.0,
+    "where": True,
+    "weight": True,
+  },
 }
 
 
@@ -66,14 +72,14 @@ def _close(actual, expected, tol=2e-5):
 
 
 class TestVocabParallelCrossEntropy:
-
   @pytest.mark.parametrize("mesh_shape", MESH_SHAPES)
   @pytest.mark.parametrize("name", list(OPTIONS))
   def test_matches_single_device_and_reference(self, mesh_shape, name):
     logits, labels, options = _inputs(0, **OPTIONS[name])
     mesh = _mesh(mesh_shape)
     sharded = functools.partial(
-        xent_jax.vocab_parallel_cross_entropy, mesh=mesh, data_axis="data", **options)
+      xent_jax.vocab_parallel_cross_entropy, mesh=mesh, data_axis="data", **options
+    )
 
     @jax.jit
     def run(x):
@@ -103,13 +109,16 @@ class TestVocabParallelCrossEntropy:
     for vocab in (1, 2, 4, 8):
       mesh = _mesh((8 // vocab, vocab))
       with jax.set_mesh(mesh):
-        got = jax.jit(functools.partial(
-            xent_jax.vocab_parallel_cross_entropy, mesh=mesh, data_axis="data", **options)
+        got = jax.jit(
+          functools.partial(
+            xent_jax.vocab_parallel_cross_entropy, mesh=mesh, data_axis="data", **options
+          )
         )(logits, labels)
       _close(got, expected)
       if vocab > 1:
         megatron_change = _megatron_smoothed_loss(logits, labels, 0.3, vocab) - (
-            _megatron_smoothed_loss(logits, labels, 0.3, 1))
+          _megatron_smoothed_loss(logits, labels, 0.3, 1)
+        )
         assert np.max(np.abs(megatron_change)) > 1e-2
 
   def test_axis_and_two_batch_dims(self):
@@ -118,12 +127,17 @@ class TestVocabParallelCrossEntropy:
     logits_BxVxT = np.moveaxis(logits, -1, 1)
     mesh = _mesh((2, 4))
     with jax.set_mesh(mesh):
-      loss, grad = jax.jit(jax.value_and_grad(lambda x: xent_jax.vocab_parallel_cross_entropy(
-          x, labels, mesh=mesh, data_axis="data", axis=1, reduction="sum", **options)))(
-              logits_BxVxT)
+      loss, grad = jax.jit(
+        jax.value_and_grad(
+          lambda x: xent_jax.vocab_parallel_cross_entropy(
+            x, labels, mesh=mesh, data_axis="data", axis=1, reduction="sum", **options
+          )
+        )
+      )(logits_BxVxT)
     _close(loss, ref.cross_entropy(logits_BxVxT, labels, axis=1, reduction="sum", **options))
-    _close(grad, ref.cross_entropy_grad(
-        logits_BxVxT, labels, axis=1, reduction="sum", **options), 1e-5)
+    _close(
+      grad, ref.cross_entropy_grad(logits_BxVxT, labels, axis=1, reduction="sum", **options), 1e-5
+    )
 
   def test_return_lse_and_its_gradient(self):
     logits, labels, _ = _inputs(3)
@@ -131,21 +145,26 @@ class TestVocabParallelCrossEntropy:
 
     def total(x):
       loss, lse = xent_jax.vocab_parallel_cross_entropy(
-          x, labels, mesh=mesh, data_axis="data", z_loss=0.1, return_lse=True)
+        x, labels, mesh=mesh, data_axis="data", z_loss=0.1, return_lse=True
+      )
       return loss + jnp.sum(lse**2), lse
 
     with jax.set_mesh(mesh):
       (_, lse), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(logits)
-    single = lambda x: (lambda l, s: l + jnp.sum(s**2))(*xent_jax.cross_entropy(
-        x, labels, z_loss=0.1, return_lse=True))
+    single = lambda x: (lambda l, s: l + jnp.sum(s**2))(
+      *xent_jax.cross_entropy(x, labels, z_loss=0.1, return_lse=True)
+    )
     _close(lse, ref.logsumexp(logits))
     np.testing.assert_allclose(grad, jax.grad(single)(logits), rtol=1e-5, atol=1e-6)
 
   def test_check_grads(self):
     logits, labels, options = _inputs(4, **OPTIONS["t5x_softcap_where"])
     mesh = _mesh((2, 4))
-    loss = jax.jit(lambda x: xent_jax.vocab_parallel_cross_entropy(
-        x, labels, mesh=mesh, data_axis="data", z_loss=1e-2, **options))
+    loss = jax.jit(
+      lambda x: xent_jax.vocab_parallel_cross_entropy(
+        x, labels, mesh=mesh, data_axis="data", z_loss=1e-2, **options
+      )
+    )
     with jax.set_mesh(mesh):
       check_grads(loss, (jnp.asarray(logits),), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
 
@@ -159,9 +178,12 @@ class TestVocabParallelCrossEntropy:
     single = lambda x: xent_jax.cross_entropy(x, labels, **options)
     np.testing.assert_allclose(loss, single(logits_bf16), rtol=1e-5)
     assert grad.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(grad, np.float32),
-                               np.asarray(jax.grad(single)(logits_bf16), np.float32),
-                               rtol=1e-2, atol=1e-4)
+    np.testing.assert_allclose(
+      np.asarray(grad, np.float32),
+      np.asarray(jax.grad(single)(logits_bf16), np.float32),
+      rtol=1e-2,
+      atol=1e-4,
+    )
 
   def test_local_function_inside_user_shard_map(self):
     logits, labels, options = _inputs(6, **OPTIONS["weight_ignore_uniform_zloss"])
@@ -170,13 +192,17 @@ class TestVocabParallelCrossEntropy:
 
     def local(x, y, w):
       return xent_jax.vocab_parallel_cross_entropy_local(
-          x, y, vocab_axis="vocab", data_axis="data", weight=w, **options)
+        x, y, vocab_axis="vocab", data_axis="data", weight=w, **options
+      )
 
-    mapped = jax.shard_map(local, mesh=mesh, in_specs=(P("data", "vocab"), P("data"), P("vocab")),
-                           out_specs=P())
+    mapped = jax.shard_map(
+      local, mesh=mesh, in_specs=(P("data", "vocab"), P("data"), P("vocab")), out_specs=P()
+    )
     with jax.set_mesh(mesh):
-      args = [jax.device_put(a, jax.sharding.NamedSharding(mesh, s)) for a, s in
-              ((logits, P("data", "vocab")), (labels, P("data")), (weight, P("vocab")))]
+      args = [
+        jax.device_put(a, jax.sharding.NamedSharding(mesh, s))
+        for a, s in ((logits, P("data", "vocab")), (labels, P("data")), (weight, P("vocab")))
+      ]
       loss, grad = jax.jit(jax.value_and_grad(mapped))(*args)
     _close(loss, ref.cross_entropy(logits, labels, weight=weight, **options))
     _close(grad, ref.cross_entropy_grad(logits, labels, weight=weight, **options), 1e-5)
@@ -188,8 +214,12 @@ class TestVocabParallelCrossEntropy:
     bad[3] = V  # one past the last global class: no shard owns it.
     ignored = np.full_like(labels, -100)
     with jax.set_mesh(mesh):
-      run = jax.jit(lambda x, y, r: xent_jax.vocab_parallel_cross_entropy(
-          x, y, mesh=mesh, data_axis="data", reduction=r), static_argnums=2)
+      run = jax.jit(
+        lambda x, y, r: xent_jax.vocab_parallel_cross_entropy(
+          x, y, mesh=mesh, data_axis="data", reduction=r
+        ),
+        static_argnums=2,
+      )
       per_example = run(logits, bad, "none")
       mean, grad = jax.value_and_grad(run)(logits, ignored, "mean")
     per_example = np.asarray(per_example)
@@ -198,14 +228,14 @@ class TestVocabParallelCrossEntropy:
 
 
 class TestVocabParallelLinearCrossEntropy:
-
   @pytest.mark.parametrize("mesh_shape", MESH_SHAPES)
   @pytest.mark.parametrize(
-      "reduction, layout, token_chunk, vocab_chunk",
-      [("mean", "vd", None, None), ("sum", "dv", 3, None), ("none", "vd", 5, 3)],
+    "reduction, layout, token_chunk, vocab_chunk",
+    [("mean", "vd", None, None), ("sum", "dv", 3, None), ("none", "vd", 5, 3)],
   )
   def test_matches_single_device_and_reference(
-      self, mesh_shape, reduction, layout, token_chunk, vocab_chunk):
+    self, mesh_shape, reduction, layout, token_chunk, vocab_chunk
+  ):
     # 'mean'/'sum' without vocab chunks take the one-pass schedule (gradients in the forward
     # pass); 'none' and vocab chunks the two-pass one. Chunks need not divide the shard sizes.
     rng = np.random.default_rng(8)
@@ -217,26 +247,41 @@ class TestVocabParallelLinearCrossEntropy:
     labels[2] = -100
     where = np.arange(n) != 7
     options = dict(
-        class_weight=rng.uniform(0.5, 2.0, V).astype(np.float32), label_smoothing=0.1,
-        smoothing="t5x" if reduction == "sum" else "uniform", z_loss=1e-3, logit_softcap=5.0,
-        where=where, reduction=reduction,
+      class_weight=rng.uniform(0.5, 2.0, V).astype(np.float32),
+      label_smoothing=0.1,
+      smoothing="t5x" if reduction == "sum" else "uniform",
+      z_loss=1e-3,
+      logit_softcap=5.0,
+      where=where,
+      reduction=reduction,
     )
     weight = weight_VxD if layout == "vd" else weight_VxD.T
     mesh = _mesh(mesh_shape)
 
     def sharded(h, w, b):
-      return jnp.sum(xent_jax.vocab_parallel_linear_cross_entropy(
-          h, w, labels, mesh=mesh, data_axis="data", bias=b, weight_layout=layout,
-          token_chunk_size=token_chunk, vocab_chunk_size=vocab_chunk, **options))
+      return jnp.sum(
+        xent_jax.vocab_parallel_linear_cross_entropy(
+          h,
+          w,
+          labels,
+          mesh=mesh,
+          data_axis="data",
+          bias=b,
+          weight_layout=layout,
+          token_chunk_size=token_chunk,
+          vocab_chunk_size=vocab_chunk,
+          **options,
+        )
+      )
 
     def single(h, w, b):
-      return jnp.sum(xent_jax.linear_cross_entropy(
-          h, w, labels, bias=b, weight_layout=layout, **options))
+      return jnp.sum(
+        xent_jax.linear_cross_entropy(h, w, labels, bias=b, weight_layout=layout, **options)
+      )
 
     with jax.set_mesh(mesh):
       loss, grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2)))(hidden, weight, bias)
-    single_loss, single_grads = jax.value_and_grad(single, argnums=(0, 1, 2))(
-        hidden, weight, bias)
+    single_loss, single_grads = jax.value_and_grad(single, argnums=(0, 1, 2))(hidden, weight, bias)
     np.testing.assert_allclose(loss, single_loss, rtol=1e-5)
     for got, want in zip(grads, single_grads):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -255,8 +300,9 @@ class TestVocabParallelLinearCrossEntropy:
   def test_two_pass_loop_orders(self, order, monkeypatch):
     # Both backward loop orders on every shard (float32 shards this small would go token-major).
     plan = _linear.plan_schedule
-    monkeypatch.setattr(_linear, "plan_schedule", lambda *a, **k: plan(*a, **k)._replace(
-        vocab_major=order == "vocab"))
+    monkeypatch.setattr(
+      _linear, "plan_schedule", lambda *a, **k: plan(*a, **k)._replace(vocab_major=order == "vocab")
+    )
     rng = np.random.default_rng(18)
     hidden = rng.standard_normal((12, D)).astype(np.float32)
     weight = (0.7 * rng.standard_normal((V, D))).astype(np.float32)
@@ -265,10 +311,24 @@ class TestVocabParallelLinearCrossEntropy:
     mesh = _mesh((2, 4))
     options = {"label_smoothing": 0.1, "z_loss": 1e-3, "bias": bias}
     with jax.set_mesh(mesh):
-      loss, grads = jax.jit(jax.value_and_grad(
-          lambda h, w: jnp.sum(xent_jax.vocab_parallel_linear_cross_entropy(
-              h, w, labels, mesh=mesh, data_axis="data", reduction="none", token_chunk_size=4,
-              vocab_chunk_size=3, **options)), argnums=(0, 1)))(hidden, weight)
+      loss, grads = jax.jit(
+        jax.value_and_grad(
+          lambda h, w: jnp.sum(
+            xent_jax.vocab_parallel_linear_cross_entropy(
+              h,
+              w,
+              labels,
+              mesh=mesh,
+              data_axis="data",
+              reduction="none",
+              token_chunk_size=4,
+              vocab_chunk_size=3,
+              **options,
+            )
+          ),
+          argnums=(0, 1),
+        )
+      )(hidden, weight)
     logits = hidden.astype(np.float64) @ weight.T.astype(np.float64) + bias
     ref_options = {"label_smoothing": 0.1, "z_loss": 1e-3}
     d_logits = ref.cross_entropy_grad(logits, labels, reduction="sum", **ref_options)
@@ -283,12 +343,14 @@ class TestVocabParallelLinearCrossEntropy:
     labels = rng.integers(0, V, (4, 3)).astype(np.int32)
     mesh = _mesh((2, 4))
     with jax.set_mesh(mesh):
-      loss, lse = jax.jit(lambda h, w: xent_jax.vocab_parallel_linear_cross_entropy(
-          h, w, labels, mesh=mesh, data_axis="data", return_lse=True))(hidden, weight)
+      loss, lse = jax.jit(
+        lambda h, w: xent_jax.vocab_parallel_linear_cross_entropy(
+          h, w, labels, mesh=mesh, data_axis="data", return_lse=True
+        )
+      )(hidden, weight)
     logits = hidden.astype(np.float64) @ weight.T.astype(np.float64)
     _close(loss, ref.cross_entropy(logits, labels), 1e-5)
     _close(lse, ref.logsumexp(logits), 1e-5)
-
 
   def test_bfloat16_on_an_auto_mesh(self):
     # bf16 inputs, a mesh with Auto axes built by hand: equal to the single-device fused loss,
@@ -299,7 +361,8 @@ class TestVocabParallelLinearCrossEntropy:
     labels = rng.integers(0, V, N).astype(np.int32)
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "vocab"))
     sharded = lambda h, w: xent_jax.vocab_parallel_linear_cross_entropy(
-        h, w, labels, mesh=mesh, data_axis="data", z_loss=1e-3)
+      h, w, labels, mesh=mesh, data_axis="data", z_loss=1e-3
+    )
     single = lambda h, w: xent_jax.linear_cross_entropy(h, w, labels, z_loss=1e-3)
     loss, grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))(hidden, weight)
     single_loss, single_grads = jax.value_and_grad(single, argnums=(0, 1))(hidden, weight)
@@ -307,12 +370,12 @@ class TestVocabParallelLinearCrossEntropy:
     np.testing.assert_allclose(loss, single_loss, rtol=1e-5)
     for got, want in zip(grads, single_grads):
       assert got.dtype == jnp.bfloat16
-      np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                                 rtol=2e-2, atol=2e-3)
+      np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-3
+      )
 
 
 class TestMeshWithAnUnusedAxis:
-
   def test_both_losses_on_data_x_vocab_x_model(self):
     # A third mesh axis the losses do not use: everything is replicated over it, and gradients
     # must not be counted once per copy.
@@ -322,9 +385,11 @@ class TestMeshWithAnUnusedAxis:
     labels = rng.integers(0, V, N).astype(np.int32)
     mesh = jax.make_mesh((2, 2, 2), ("data", "vocab", "model"))
     logits_loss = lambda x: xent_jax.vocab_parallel_cross_entropy(
-        x, labels, mesh=mesh, data_axis="data", label_smoothing=0.1)
+      x, labels, mesh=mesh, data_axis="data", label_smoothing=0.1
+    )
     linear_loss = lambda h, w: xent_jax.vocab_parallel_linear_cross_entropy(
-        h, w, labels, mesh=mesh, data_axis="data", label_smoothing=0.1)
+      h, w, labels, mesh=mesh, data_axis="data", label_smoothing=0.1
+    )
     logits = hidden @ weight.T
     with jax.set_mesh(mesh):
       d_logits = jax.jit(jax.grad(logits_loss))(logits)
@@ -336,13 +401,16 @@ class TestMeshWithAnUnusedAxis:
 
 
 class TestProbabilityLabels:
-
   @pytest.mark.parametrize("mesh_shape", [(2, 4), (1, 8)])
-  @pytest.mark.parametrize("options", [
+  @pytest.mark.parametrize(
+    "options",
+    [
       {},
       {"label_smoothing": 0.1, "z_loss": 1e-2, "weight": True, "where": True},
       {"label_smoothing": 0.2, "smoothing": "t5x", "logit_softcap": 4.0, "weight": True},
-  ], ids=["plain", "uniform_zloss_weight_where", "t5x_softcap_weight"])
+    ],
+    ids=["plain", "uniform_zloss_weight_where", "t5x_softcap_weight"],
+  )
   def test_matches_reference_and_single_device(self, mesh_shape, options):
     # Targets split over the classes like the logits; gradients for logits and targets.
     logits, _, options = _inputs(12, **options)
@@ -352,17 +420,20 @@ class TestProbabilityLabels:
     probs[1] /= probs[1].sum()
     mesh = _mesh(mesh_shape)
     sharded = lambda x, q, r: xent_jax.vocab_parallel_cross_entropy(
-        x, q, mesh=mesh, data_axis="data", reduction=r, **options)
+      x, q, mesh=mesh, data_axis="data", reduction=r, **options
+    )
     with jax.set_mesh(mesh):
       per_example = jax.jit(sharded, static_argnums=2)(logits, probs, "none")
-      mean, (d_logits, d_probs) = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)),
-                                          static_argnums=2)(logits, probs, "mean")
+      mean, (d_logits, d_probs) = jax.jit(
+        jax.value_and_grad(sharded, argnums=(0, 1)), static_argnums=2
+      )(logits, probs, "mean")
     _close(per_example, ref.cross_entropy(logits, probs, reduction="none", **options))
     _close(mean, ref.cross_entropy(logits, probs, **options))
     _close(d_logits, ref.cross_entropy_grad(logits, probs, **options), 1e-5)
     single = lambda x, q: xent_jax.cross_entropy(x, q, **options)
-    np.testing.assert_allclose(d_probs, jax.grad(single, argnums=1)(logits, probs),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      d_probs, jax.grad(single, argnums=1)(logits, probs), rtol=1e-5, atol=1e-6
+    )
 
   def test_class_axis_and_local_function(self):
     # [B, V, T] logits and targets (axis=1); the local function inside a user's shard_map.
@@ -371,12 +442,19 @@ class TestProbabilityLabels:
     mesh = _mesh((2, 4))
     x_BxVxT, q_BxVxT = np.moveaxis(logits, -1, 1), np.moveaxis(probs, -1, 1)
     with jax.set_mesh(mesh):
-      loss = jax.jit(lambda x, q: xent_jax.vocab_parallel_cross_entropy(
-          x, q, mesh=mesh, data_axis="data", axis=1, label_smoothing=0.1))(x_BxVxT, q_BxVxT)
+      loss = jax.jit(
+        lambda x, q: xent_jax.vocab_parallel_cross_entropy(
+          x, q, mesh=mesh, data_axis="data", axis=1, label_smoothing=0.1
+        )
+      )(x_BxVxT, q_BxVxT)
       local = jax.shard_map(
-          lambda x, q: xent_jax.vocab_parallel_cross_entropy_local(
-              x, q, vocab_axis="vocab", data_axis="data", reduction="sum"),
-          mesh=mesh, in_specs=(P("data", None, "vocab"),) * 2, out_specs=P())
+        lambda x, q: xent_jax.vocab_parallel_cross_entropy_local(
+          x, q, vocab_axis="vocab", data_axis="data", reduction="sum"
+        ),
+        mesh=mesh,
+        in_specs=(P("data", None, "vocab"),) * 2,
+        out_specs=P(),
+      )
       spec = jax.sharding.NamedSharding(mesh, P("data", None, "vocab"))
       total = jax.jit(local)(*(jax.device_put(a, spec) for a in (logits, probs)))
     _close(loss, ref.cross_entropy(x_BxVxT, q_BxVxT, axis=1, label_smoothing=0.1))
@@ -384,7 +462,6 @@ class TestProbabilityLabels:
 
 
 class TestMeshUse:
-
   def test_tuple_data_axis(self):
     # Rows split over two mesh axes (data x fsdp), classes over the third.
     rng = np.random.default_rng(16)
@@ -395,14 +472,26 @@ class TestMeshUse:
     rows = ("data", "fsdp")
     logits = hidden @ weight.T
     with jax.set_mesh(mesh):
-      d_logits = jax.jit(jax.grad(lambda x: xent_jax.vocab_parallel_cross_entropy(
-          x, labels, mesh=mesh, data_axis=rows, z_loss=1e-2)))(logits)
-      per_row = jax.jit(lambda x: xent_jax.vocab_parallel_cross_entropy(
-          x, labels, mesh=mesh, data_axis=rows, reduction="none"))(logits)
-      loss, (d_hidden, d_weight) = jax.jit(jax.value_and_grad(
+      d_logits = jax.jit(
+        jax.grad(
+          lambda x: xent_jax.vocab_parallel_cross_entropy(
+            x, labels, mesh=mesh, data_axis=rows, z_loss=1e-2
+          )
+        )
+      )(logits)
+      per_row = jax.jit(
+        lambda x: xent_jax.vocab_parallel_cross_entropy(
+          x, labels, mesh=mesh, data_axis=rows, reduction="none"
+        )
+      )(logits)
+      loss, (d_hidden, d_weight) = jax.jit(
+        jax.value_and_grad(
           lambda h, w: xent_jax.vocab_parallel_linear_cross_entropy(
-              h, w, labels, mesh=mesh, data_axis=rows, z_loss=1e-2), argnums=(0, 1)))(
-                  hidden, weight)
+            h, w, labels, mesh=mesh, data_axis=rows, z_loss=1e-2
+          ),
+          argnums=(0, 1),
+        )
+      )(hidden, weight)
     assert per_row.sharding.spec[0] == rows
     expected = ref.cross_entropy_grad(logits, labels, z_loss=1e-2)
     _close(d_logits, expected, 1e-5)
@@ -419,11 +508,15 @@ class TestMeshUse:
     labels = rng.integers(0, V, N).astype(np.int32)
     mesh = _mesh((2, 4))
     logits = hidden @ weight.T
-    loss, d_logits = jax.value_and_grad(lambda x: xent_jax.vocab_parallel_cross_entropy(
-        x, labels, mesh=mesh, data_axis="data"))(logits)
+    loss, d_logits = jax.value_and_grad(
+      lambda x: xent_jax.vocab_parallel_cross_entropy(x, labels, mesh=mesh, data_axis="data")
+    )(logits)
     linear_loss, (d_hidden, d_weight) = jax.value_and_grad(
-        lambda h, w: xent_jax.vocab_parallel_linear_cross_entropy(
-            h, w, labels, mesh=mesh, data_axis="data"), argnums=(0, 1))(hidden, weight)
+      lambda h, w: xent_jax.vocab_parallel_linear_cross_entropy(
+        h, w, labels, mesh=mesh, data_axis="data"
+      ),
+      argnums=(0, 1),
+    )(hidden, weight)
     expected = ref.cross_entropy_grad(logits, labels)
     _close(loss, ref.cross_entropy(logits, labels))
     _close(d_logits, expected, 1e-5)
@@ -437,30 +530,35 @@ class TestMeshUse:
     hidden, weight = np.ones((N, D), np.float32), np.ones((V, D), np.float32)
     labels = np.zeros(N, np.int32)
     mesh = _mesh((2, 4))
-    jaxpr = jax.make_jaxpr(jax.grad(lambda h, w: jnp.sum(
-        xent_jax.vocab_parallel_linear_cross_entropy(
-            h, w, labels, mesh=mesh, data_axis="data", reduction=reduction)),
-        argnums=(0, 1)))(hidden, weight)
+    jaxpr = jax.make_jaxpr(
+      jax.grad(
+        lambda h, w: jnp.sum(
+          xent_jax.vocab_parallel_linear_cross_entropy(
+            h, w, labels, mesh=mesh, data_axis="data", reduction=reduction
+          )
+        ),
+        argnums=(0, 1),
+      )
+    )(hidden, weight)
     flags = [e.params["check_vma"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "shard_map"]
     assert flags and all(flags), flags
 
 
 class TestBadInput:
-
   @pytest.fixture
   def mesh(self):
     return _mesh((2, 4))
 
   @pytest.mark.parametrize(
-      "kwargs, error, names",
-      [
-          ({"vocab_axis": "model"}, ValueError, ["`vocab_axis`", "'model'"]),
-          ({"data_axis": "batch"}, ValueError, ["`data_axis`", "'batch'"]),
-          ({"data_axis": "vocab"}, ValueError, ["`data_axis`", "`vocab_axis`"]),
-          ({"label_smoothing": 1.5}, ValueError, ["`label_smoothing`"]),
-          ({"reduction": "avg"}, ValueError, ["`reduction`"]),
-          ({"weight": np.ones(V - 1, np.float32)}, AssertionError, ["`weight`"]),
-      ],
+    "kwargs, error, names",
+    [
+      ({"vocab_axis": "model"}, ValueError, ["`vocab_axis`", "'model'"]),
+      ({"data_axis": "batch"}, ValueError, ["`data_axis`", "'batch'"]),
+      ({"data_axis": "vocab"}, ValueError, ["`data_axis`", "`vocab_axis`"]),
+      ({"label_smoothing": 1.5}, ValueError, ["`label_smoothing`"]),
+      ({"reduction": "avg"}, ValueError, ["`reduction`"]),
+      ({"weight": np.ones(V - 1, np.float32)}, AssertionError, ["`weight`"]),
+    ],
   )
   def test_options_are_named(self, mesh, kwargs, error, names):
     logits, labels, _ = _inputs(0)
@@ -475,13 +573,17 @@ class TestBadInput:
       xent_jax.vocab_parallel_cross_entropy(logits, np.zeros(N, np.int32), mesh=mesh)
     with pytest.raises(ValueError, match=r"`weight` \(30\).*`vocab_axis`='vocab' \(4\)"):
       xent_jax.vocab_parallel_linear_cross_entropy(
-          np.zeros((N, D), np.float32), np.zeros((30, D), np.float32), np.zeros(N, np.int32),
-          mesh=mesh)
+        np.zeros((N, D), np.float32),
+        np.zeros((30, D), np.float32),
+        np.zeros(N, np.int32),
+        mesh=mesh,
+      )
 
   def test_batch_not_divisible(self, mesh):
     with pytest.raises(ValueError, match=r"`logits`.*\(3,\).*`data_axis`='data' \(2\)"):
       xent_jax.vocab_parallel_cross_entropy(
-          np.zeros((3, V), np.float32), np.zeros(3, np.int32), mesh=mesh, data_axis="data")
+        np.zeros((3, V), np.float32), np.zeros(3, np.int32), mesh=mesh, data_axis="data"
+      )
 
   def test_mesh_and_labels_types(self, mesh):
     logits, labels, _ = _inputs(0)
@@ -494,21 +596,30 @@ class TestBadInput:
       xent_jax.vocab_parallel_cross_entropy(logits, labels.astype(np.float32), mesh=mesh)
     with pytest.raises(TypeError, match="`labels`"):
       xent_jax.vocab_parallel_linear_cross_entropy(
-          np.zeros((N, D), np.float32), np.zeros((V, D), np.float32), labels.astype(np.float32),
-          mesh=mesh)
+        np.zeros((N, D), np.float32),
+        np.zeros((V, D), np.float32),
+        labels.astype(np.float32),
+        mesh=mesh,
+      )
 
   def test_linear_shapes_are_named(self, mesh):
     hidden, labels = np.zeros((N, D), np.float32), np.zeros(N, np.int32)
     with pytest.raises(ValueError, match="`hidden`.*`weight`"):
       xent_jax.vocab_parallel_linear_cross_entropy(
-          hidden, np.zeros((V, D + 1), np.float32), labels, mesh=mesh)
+        hidden, np.zeros((V, D + 1), np.float32), labels, mesh=mesh
+      )
     with pytest.raises(AssertionError, match="`class_weight`"):
       xent_jax.vocab_parallel_linear_cross_entropy(
-          hidden, np.zeros((V, D), np.float32), labels, mesh=mesh,
-          class_weight=np.ones(V + 1, np.float32))
+        hidden,
+        np.zeros((V, D), np.float32),
+        labels,
+        mesh=mesh,
+        class_weight=np.ones(V + 1, np.float32),
+      )
     with pytest.raises(ValueError, match="`weight_layout`"):
       xent_jax.vocab_parallel_linear_cross_entropy(
-          hidden, np.zeros((V, D), np.float32), labels, mesh=mesh, weight_layout="vx")
+        hidden, np.zeros((V, D), np.float32), labels, mesh=mesh, weight_layout="vx"
+      )
 
 
 def _megatron_smoothed_loss(logits, labels, eps, shards):

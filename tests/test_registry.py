@@ -15,17 +15,17 @@ LABELS = np.array([0, 2, -100, 1], np.int32)
 CONVENTIONS = {"axis", "weight", "ignore_index", "reduction", "where"}
 
 EXPECTED = {
-    "cross_entropy": (xent_jax.cross_entropy, {}),
-    "label_smoothing": (xent_jax.cross_entropy, {"label_smoothing": 0.1}),
-    "z_loss": (xent_jax.cross_entropy, {"z_loss": 1e-4}),
-    "focal": (xent_jax.focal_loss, {}),
-    "poly1": (xent_jax.poly1_cross_entropy, {}),
-    "bi_tempered": (xent_jax.bi_tempered_logistic_loss, {}),
-    "symmetric_ce": (xent_jax.symmetric_cross_entropy, {}),
-    "generalized_ce": (xent_jax.generalized_cross_entropy, {}),
-    "truncated_gce": (xent_jax.truncated_generalized_cross_entropy, {}),
-    "taylor_ce": (xent_jax.taylor_cross_entropy, {}),
-    "confidence_penalty": (xent_jax.confidence_penalty_cross_entropy, {}),
+  "cross_entropy": (xent_jax.cross_entropy, {}),
+  "label_smoothing": (xent_jax.cross_entropy, {"label_smoothing": 0.1}),
+  "z_loss": (xent_jax.cross_entropy, {"z_loss": 1e-4}),
+  "focal": (xent_jax.focal_loss, {}),
+  "poly1": (xent_jax.poly1_cross_entropy, {}),
+  "bi_tempered": (xent_jax.bi_tempered_logistic_loss, {}),
+  "symmetric_ce": (xent_jax.symmetric_cross_entropy, {}),
+  "generalized_ce": (xent_jax.generalized_cross_entropy, {}),
+  "truncated_gce": (xent_jax.truncated_generalized_cross_entropy, {}),
+  "taylor_ce": (xent_jax.taylor_cross_entropy, {}),
+  "confidence_penalty": (xent_jax.confidence_penalty_cross_entropy, {}),
 }
 
 
@@ -38,20 +38,27 @@ def test_names_and_functions():
 
 
 DOCUMENTED_HPARAMS = {
-    "cross_entropy": {"label_smoothing": 0.0, "smoothing": "uniform", "z_loss": 0.0,
-                      "logit_softcap": None},
-    "label_smoothing": {"label_smoothing": 0.1, "smoothing": "uniform", "z_loss": 0.0,
-                        "logit_softcap": None},
-    "z_loss": {"label_smoothing": 0.0, "smoothing": "uniform", "z_loss": 1e-4,
-               "logit_softcap": None},
-    "focal": {"gamma": 2.0, "alpha": None, "label_smoothing": 0.0},
-    "poly1": {"epsilon": 2.0, "label_smoothing": 0.0},
-    "bi_tempered": {"t1": 0.8, "t2": 1.2, "label_smoothing": 0.0, "num_iters": 5},
-    "symmetric_ce": {"alpha": 0.1, "beta": 1.0, "log_clip": -4.0, "label_smoothing": 0.0},
-    "generalized_ce": {"q": 0.7, "label_smoothing": 0.0},
-    "truncated_gce": {"q": 0.7, "k": 0.5, "label_smoothing": 0.0},
-    "taylor_ce": {"order": 2, "label_smoothing": 0.0},
-    "confidence_penalty": {"beta": 0.1, "label_smoothing": 0.0},
+  "cross_entropy": {
+    "label_smoothing": 0.0,
+    "smoothing": "uniform",
+    "z_loss": 0.0,
+    "logit_softcap": None,
+  },
+  "label_smoothing": {
+    "label_smoothing": 0.1,
+    "smoothing": "uniform",
+    "z_loss": 0.0,
+    "logit_softcap": None,
+  },
+  "z_loss": {"label_smoothing": 0.0, "smoothing": "uniform", "z_loss": 1e-4, "logit_softcap": None},
+  "focal": {"gamma": 2.0, "alpha": None, "label_smoothing": 0.0},
+  "poly1": {"epsilon": 2.0, "label_smoothing": 0.0},
+  "bi_tempered": {"t1": 0.8, "t2": 1.2, "label_smoothing": 0.0, "num_iters": 5},
+  "symmetric_ce": {"alpha": 0.1, "beta": 1.0, "log_clip": -4.0, "label_smoothing": 0.0},
+  "generalized_ce": {"q": 0.7, "label_smoothing": 0.0},
+  "truncated_gce": {"q": 0.7, "k": 0.5, "label_smoothing": 0.0},
+  "taylor_ce": {"order": 2, "label_smoothing": 0.0},
+  "confidence_penalty": {"beta": 0.1, "label_smoothing": 0.0},
 }
 
 
@@ -67,19 +74,33 @@ def test_get_loss_defaults_equal_direct_call(name, reduction):
   fn, overrides = EXPECTED[name]
   loss_fn = xent_jax.get_loss(name)
   got = loss_fn(LOGITS, LABELS, reduction=reduction, weight=np.array([1.0, 2.0, 0.5], np.float32))
-  want = fn(LOGITS, LABELS, **overrides, reduction=reduction,
-            weight=np.array([1.0, 2.0, 0.5], np.float32))
+  want = fn(
+    LOGITS, LABELS, **overrides, reduction=reduction, weight=np.array([1.0, 2.0, 0.5], np.float32)
+  )
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_bound_hparams_and_conventions_reach_the_loss():
   loss_fn = xent_jax.get_loss("focal", gamma=0.5, alpha=[0.2, 0.3, 0.5])
   logits_ckl = np.moveaxis(LOGITS.reshape(2, 2, 3), -1, 1)
-  got = jax.jit(lambda x: loss_fn(x, LABELS.reshape(2, 2), axis=1, reduction="sum",
-                                  where=np.array([[True, False], [True, True]])))(logits_ckl)
-  want = xent_jax.focal_loss(logits_ckl, LABELS.reshape(2, 2), gamma=0.5,
-                             alpha=[0.2, 0.3, 0.5], axis=1, reduction="sum",
-                             where=np.array([[True, False], [True, True]]))
+  got = jax.jit(
+    lambda x: loss_fn(
+      x,
+      LABELS.reshape(2, 2),
+      axis=1,
+      reduction="sum",
+      where=np.array([[True, False], [True, True]]),
+    )
+  )(logits_ckl)
+  want = xent_jax.focal_loss(
+    logits_ckl,
+    LABELS.reshape(2, 2),
+    gamma=0.5,
+    alpha=[0.2, 0.3, 0.5],
+    axis=1,
+    reduction="sum",
+    where=np.array([[True, False], [True, True]]),
+  )
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
   assert loss_fn.hparams == {"gamma": 0.5, "alpha": [0.2, 0.3, 0.5], "label_smoothing": 0.0}
 
@@ -102,33 +123,35 @@ def test_unknown_name_lists_the_registered_ones():
 
 
 def test_unknown_hparam_lists_the_valid_ones():
-  with pytest.raises(ValueError, match=r"\['gammma'\].*valid ones: \['gamma', 'alpha', 'label_smoothing'\]"):
+  with pytest.raises(
+    ValueError, match=r"\['gammma'\].*valid ones: \['gamma', 'alpha', 'label_smoothing'\]"
+  ):
     xent_jax.get_loss("focal", gammma=1.0)
   with pytest.raises(ValueError, match="'reduction'"):  # a convention is not a hyper-parameter
     xent_jax.get_loss("poly1", reduction="sum")
 
 
 @pytest.mark.parametrize(
-    "name,hparams,bad",
-    [
-        ("focal", dict(gamma=-0.5), "gamma"),
-        ("focal", dict(alpha=[1.0, -1.0]), "alpha"),
-        ("poly1", dict(epsilon=-3.0), "epsilon"),
-        ("generalized_ce", dict(q=0.0), "q"),
-        ("generalized_ce", dict(q=1.01), "q"),
-        ("truncated_gce", dict(k=1.0), "k"),
-        ("taylor_ce", dict(order=0), "order"),
-        ("bi_tempered", dict(t1=1.2), "t1"),
-        ("bi_tempered", dict(t2=-1.0), "t2"),
-        ("bi_tempered", dict(label_smoothing=1.0), "label_smoothing"),
-        ("symmetric_ce", dict(log_clip=1.0), "log_clip"),
-        ("confidence_penalty", dict(beta=-0.1), "beta"),
-        ("label_smoothing", dict(label_smoothing=1.5), "label_smoothing"),
-        ("cross_entropy", dict(smoothing="gaussian"), "smoothing"),
-        ("z_loss", dict(z_loss=-1.0), "z_loss"),
-        ("cross_entropy", dict(logit_softcap=0.0), "logit_softcap"),
-        ("focal", dict(gamma=math.nan), "gamma"),
-    ],
+  "name,hparams,bad",
+  [
+    ("focal", dict(gamma=-0.5), "gamma"),
+    ("focal", dict(alpha=[1.0, -1.0]), "alpha"),
+    ("poly1", dict(epsilon=-3.0), "epsilon"),
+    ("generalized_ce", dict(q=0.0), "q"),
+    ("generalized_ce", dict(q=1.01), "q"),
+    ("truncated_gce", dict(k=1.0), "k"),
+    ("taylor_ce", dict(order=0), "order"),
+    ("bi_tempered", dict(t1=1.2), "t1"),
+    ("bi_tempered", dict(t2=-1.0), "t2"),
+    ("bi_tempered", dict(label_smoothing=1.0), "label_smoothing"),
+    ("symmetric_ce", dict(log_clip=1.0), "log_clip"),
+    ("confidence_penalty", dict(beta=-0.1), "beta"),
+    ("label_smoothing", dict(label_smoothing=1.5), "label_smoothing"),
+    ("cross_entropy", dict(smoothing="gaussian"), "smoothing"),
+    ("z_loss", dict(z_loss=-1.0), "z_loss"),
+    ("cross_entropy", dict(logit_softcap=0.0), "logit_softcap"),
+    ("focal", dict(gamma=math.nan), "gamma"),
+  ],
 )
 def test_out_of_range_hparams_fail_in_get_loss(name, hparams, bad):
   with pytest.raises(ValueError, match=f"`{bad}`"):

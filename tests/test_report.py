@@ -11,30 +11,68 @@ import pytest
 from xent_jax.train import report
 
 NUM_BINS = 5
-FINAL_KEYS = ("accuracy", "nll", "ece", "brier", "adaptive_ece", "classwise_ece", "mce", "nll_ts",
-              "ece_ts", "brier_ts", "adaptive_ece_ts", "classwise_ece_ts", "mce_ts", "temperature")
+FINAL_KEYS = (
+  "accuracy",
+  "nll",
+  "ece",
+  "brier",
+  "adaptive_ece",
+  "classwise_ece",
+  "mce",
+  "nll_ts",
+  "ece_ts",
+  "brier_ts",
+  "adaptive_ece_ts",
+  "classwise_ece_ts",
+  "mce_ts",
+  "temperature",
+)
 
 
 def _counts(rng):
   count = rng.integers(0, 20, NUM_BINS).astype(float)
-  return {"count": count.tolist(), "confidence_sum": (count * 0.5).tolist(),
-          "correct_sum": np.floor(count * 0.4).tolist()}
+  return {
+    "count": count.tolist(),
+    "confidence_sum": (count * 0.5).tolist(),
+    "correct_sum": np.floor(count * 0.4).tolist(),
+  }
 
 
 def _write_run(directory, setting, loss, seed, rng, *, with_ts=True):
   group = f"{setting}__{loss}" if setting else loss
   run_dir = directory / group / f"seed_{seed}"
   run_dir.mkdir(parents=True)
-  final = {f"eval/{key}": float(rng.uniform(0.01, 0.9)) for key in FINAL_KEYS
-           if with_ts or not (key.endswith("_ts") or key in ("temperature", "adaptive_ece",
-                                                               "classwise_ece", "mce"))}
-  summary = {"completed": True, "group": group, "loss": loss, "seed": seed, "num_steps": 20,
-             "num_devices": 1, "final": final, "calibration_counts": _counts(rng),
-             "calibration_counts_ts": _counts(rng) if with_ts else None}
+  final = {
+    f"eval/{key}": float(rng.uniform(0.01, 0.9))
+    for key in FINAL_KEYS
+    if with_ts
+    or not (key.endswith("_ts") or key in ("temperature", "adaptive_ece", "classwise_ece", "mce"))
+  }
+  summary = {
+    "completed": True,
+    "group": group,
+    "loss": loss,
+    "seed": seed,
+    "num_steps": 20,
+    "num_devices": 1,
+    "final": final,
+    "calibration_counts": _counts(rng),
+    "calibration_counts_ts": _counts(rng) if with_ts else None,
+  }
   (run_dir / "summary.json").write_text(json.dumps(summary))
-  rows = [{"step": step, "train/loss": float(rng.uniform(0.1, 2)), "eval/accuracy": float(rng.uniform()),
-           "eval/nll": float(rng.uniform(0.1, 2)), "eval/ece": 0.1, "eval/brier": 0.2,
-           "train/examples_per_s": 1000.0, "train/step_time_s": 0.001} for step in (10, 20)]
+  rows = [
+    {
+      "step": step,
+      "train/loss": float(rng.uniform(0.1, 2)),
+      "eval/accuracy": float(rng.uniform()),
+      "eval/nll": float(rng.uniform(0.1, 2)),
+      "eval/ece": 0.1,
+      "eval/brier": 0.2,
+      "train/examples_per_s": 1000.0,
+      "train/step_time_s": 0.001,
+    }
+    for step in (10, 20)
+  ]
   (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
   return final
 
@@ -48,6 +86,7 @@ def _figures(monkeypatch):
   def keep(fig, path, **kwargs):
     saved.append((str(path), fig))
     original(fig, path, **kwargs)
+
   monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
   return saved
 
@@ -60,9 +99,15 @@ def test_table_has_calibration_before_and_after_temperature_scaling(tmp_path):
   with (tmp_path / "table.csv").open() as f:
     rows = {row["variant"]: row for row in csv.DictReader(f)}
   focal = rows["label_noise=0.2__focal"]
-  for column, key in (("final_ece_ts", "ece_ts"), ("temperature", "temperature"),
-                      ("final_adaptive_ece", "adaptive_ece"), ("final_classwise_ece", "classwise_ece"),
-                      ("final_mce", "mce"), ("final_mce_ts", "mce_ts"), ("final_nll_ts", "nll_ts")):
+  for column, key in (
+    ("final_ece_ts", "ece_ts"),
+    ("temperature", "temperature"),
+    ("final_adaptive_ece", "adaptive_ece"),
+    ("final_classwise_ece", "classwise_ece"),
+    ("final_mce", "mce"),
+    ("final_mce_ts", "mce_ts"),
+    ("final_nll_ts", "nll_ts"),
+  ):
     values = np.array([final[f"eval/{key}"] for final in finals], np.float64)
     np.testing.assert_allclose(float(focal[column]), values.mean(), rtol=1e-5)
     np.testing.assert_allclose(float(focal[column + "_std"]), values.std(ddof=1), rtol=1e-5)
@@ -70,7 +115,9 @@ def test_table_has_calibration_before_and_after_temperature_scaling(tmp_path):
   header = markdown.splitlines()[0]
   for title in ("ECE", "ECE after TS", "T", "adaptive ECE", "classwise ECE", "MCE"):
     assert f"| {title} |" in header
-  old = next(line for line in markdown.splitlines() if line.startswith("| label_noise=0.2__old_run "))
+  old = next(
+    line for line in markdown.splitlines() if line.startswith("| label_noise=0.2__old_run ")
+  )
   assert old.count("—") == 6  # NLL/ECE after TS, T, adaptive, classwise, MCE: not logged
   assert "never the test split" in markdown and f"{NUM_BINS} equal-mass bins" in markdown
 
@@ -91,7 +138,10 @@ def test_figures_have_title_legend_caption_and_one_colour_per_loss(tmp_path, fig
         _write_run(directory, setting, loss, seed, rng)
   report.build_report(directory)
   assert sorted(path.rsplit("/", 1)[1] for path, _ in figures) == [
-      "accuracy_vs_ece.png", "learning_curves.png", "reliability.png"]
+    "accuracy_vs_ece.png",
+    "learning_curves.png",
+    "reliability.png",
+  ]
   footers = {}
   for path, fig in figures:
     assert "my_comparison" in fig._suptitle.get_text(), path  # pylint: disable=protected-access
@@ -105,12 +155,16 @@ def test_figures_have_title_legend_caption_and_one_colour_per_loss(tmp_path, fig
   # Learning curves: every loss drawn in the same colour in every panel, losses all different.
   curves = dict(figures)[str(directory / "plots" / "learning_curves.png")]
   legend = footers["learning_curves.png"].get_legend()
-  legend = {t.get_text(): tuple(h.get_color()) for t, h in zip(legend.get_texts(), legend.legend_handles)}
+  legend = {
+    t.get_text(): tuple(h.get_color()) for t, h in zip(legend.get_texts(), legend.legend_handles)
+  }
   assert len(set(legend.values())) == len(losses)
   for ax in curves.axes:
     if ax.get_label() == "caption":
       continue
-    drawn = {line.get_label(): matplotlib.colors.to_rgba(line.get_color()) for line in ax.get_lines()}
+    drawn = {
+      line.get_label(): matplotlib.colors.to_rgba(line.get_color()) for line in ax.get_lines()
+    }
     assert drawn == {loss: matplotlib.colors.to_rgba(colour) for loss, colour in legend.items()}
   # Noise levels are facets: one column per setting, titled with it.
   titles = {ax.get_title() for ax in curves.axes}

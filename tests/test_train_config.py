@@ -11,8 +11,15 @@ CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
 def test_overrides_are_typed_and_applied():
-  config = load_config(None, ("train.num_steps=7", "optim.learning_rate=0.5", "model.hidden_dims=[4,5]",
-                              "loss.hparams={label_smoothing: 0.2}"))
+  config = load_config(
+    None,
+    (
+      "train.num_steps=7",
+      "optim.learning_rate=0.5",
+      "model.hidden_dims=[4,5]",
+      "loss.hparams={label_smoothing: 0.2}",
+    ),
+  )
   assert config.train.num_steps == 7
   assert config.optim.learning_rate == 0.5
   assert config.model.hidden_dims == [4, 5]
@@ -36,35 +43,38 @@ def test_shipped_configs_validate(path):
 def test_grid_is_variants_times_seeds_times_values(tmp_path):
   path = tmp_path / "c.yaml"
   path.write_text(
-      "compare:\n  seeds: [0, 1, 2]\n  grid: {data.label_noise: [0.0, 0.4]}\n"
-      "  variants:\n    - {name: cross_entropy}\n"
-      "    - {name: cross_entropy, hparams: {label_smoothing: 0.1}, label: ls}\n")
+    "compare:\n  seeds: [0, 1, 2]\n  grid: {data.label_noise: [0.0, 0.4]}\n"
+    "  variants:\n    - {name: cross_entropy}\n"
+    "    - {name: cross_entropy, hparams: {label_smoothing: 0.1}, label: ls}\n"
+  )
   runs = expand_grid(load_config(str(path)))
   assert len(runs) == 2 * 2 * 3
   groups = {(r.name, r.train.seed) for r in runs}
   assert len(groups) == len(runs)
   assert {r.data.label_noise for r in runs} == {0.0, 0.4}
   assert all(r.name.startswith(f"label_noise={r.data.label_noise}__") for r in runs)
-  assert {r.loss.hparams.get("label_smoothing", 0.0) for r in runs if r.name.endswith("__ls")} == {0.1}
+  assert {r.loss.hparams.get("label_smoothing", 0.0) for r in runs if r.name.endswith("__ls")} == {
+    0.1
+  }
 
 
 BAD_OVERRIDES = [
-    # (override, words the message must contain)
-    ("train.nums_steps=5", ["train.nums_steps", "num_steps"]),
-    ("train.num_steps=many", ["train.num_steps"]),
-    ("model.name=resnet", ["model.name", "mlp", "cnn", "transformer"]),
-    ("data.name=mnist", ["data.name", "digits", "pydoc_chars"]),
-    ("optim.name=rmsprop", ["optim.name", "adamw", "sgd"]),
-    ("optim.schedule=step", ["optim.schedule", "cosine"]),
-    ("data.noise_type=pairflip", ["data.noise_type", "asymmetric"]),
-    ("loss.name=no_such_loss", ["loss", "no_such_loss", "cross_entropy"]),
-    ("loss.hparams={not_an_option: 1}", ["loss", "not_an_option"]),
-    ("train.checkpoint_every=15", ["train.checkpoint_every", "eval_every"]),
-    ("data.label_noise=1.5", ["data.label_noise"]),
-    ("optim.warmup_steps=100000", ["optim.warmup_steps", "num_steps"]),
-    ("loss.fused=true", ["loss.fused", "transformer"]),
-    ("model.name=transformer", ["model.name", "pydoc_chars"]),
-    ("nonsense", ["nonsense", "key.sub=value"]),
+  # (override, words the message must contain)
+  ("train.nums_steps=5", ["train.nums_steps", "num_steps"]),
+  ("train.num_steps=many", ["train.num_steps"]),
+  ("model.name=resnet", ["model.name", "mlp", "cnn", "transformer"]),
+  ("data.name=mnist", ["data.name", "digits", "pydoc_chars"]),
+  ("optim.name=rmsprop", ["optim.name", "adamw", "sgd"]),
+  ("optim.schedule=step", ["optim.schedule", "cosine"]),
+  ("data.noise_type=pairflip", ["data.noise_type", "asymmetric"]),
+  ("loss.name=no_such_loss", ["loss", "no_such_loss", "cross_entropy"]),
+  ("loss.hparams={not_an_option: 1}", ["loss", "not_an_option"]),
+  ("train.checkpoint_every=15", ["train.checkpoint_every", "eval_every"]),
+  ("data.label_noise=1.5", ["data.label_noise"]),
+  ("optim.warmup_steps=100000", ["optim.warmup_steps", "num_steps"]),
+  ("loss.fused=true", ["loss.fused", "transformer"]),
+  ("model.name=transformer", ["model.name", "pydoc_chars"]),
+  ("nonsense", ["nonsense", "key.sub=value"]),
 ]
 
 
@@ -77,13 +87,16 @@ def test_bad_override_names_the_key(override, words):
 
 
 BAD_FILES = [
-    ("model:\n  hiden_dims: [3]\n", ["model.hiden_dims", "hidden_dims"]),
-    ("train:\n  batch_size: [1]\n", ["train.batch_size"]),
-    ("compare:\n  grid: {data.noise: [0.1]}\n", ["data.noise"]),
-    ("compare:\n  variants:\n    - {name: cross_entropy}\n    - {name: nope}\n", ["compare.variants[1]", "nope"]),
-    ("- just\n- a list\n", ["top level", "mapping"]),
-    ("train: {num_steps: 3\n", ["YAML"]),
-    ("!!python/object:os.system {}\n", ["YAML"]),  # safe loading refuses Python tags
+  ("model:\n  hiden_dims: [3]\n", ["model.hiden_dims", "hidden_dims"]),
+  ("train:\n  batch_size: [1]\n", ["train.batch_size"]),
+  ("compare:\n  grid: {data.noise: [0.1]}\n", ["data.noise"]),
+  (
+    "compare:\n  variants:\n    - {name: cross_entropy}\n    - {name: nope}\n",
+    ["compare.variants[1]", "nope"],
+  ),
+  ("- just\n- a list\n", ["top level", "mapping"]),
+  ("train: {num_steps: 3\n", ["YAML"]),
+  ("!!python/object:os.system {}\n", ["YAML"]),  # safe loading refuses Python tags
 ]
 
 
@@ -109,12 +122,17 @@ def test_every_numeric_field_has_a_range_rule():
   numeric = set()
   for section in dataclasses.fields(Config):
     if dataclasses.is_dataclass(section.type):
-      numeric |= {f"{section.name}.{field.name}" for field in dataclasses.fields(section.type)
-                  if field.type in (int, float, list[int], list[float])}
+      numeric |= {
+        f"{section.name}.{field.name}"
+        for field in dataclasses.fields(section.type)
+        if field.type in (int, float, list[int], list[float])
+      }
   assert numeric == set(NUMERIC_RULES)
 
 
-@pytest.mark.parametrize("override,words", [
+@pytest.mark.parametrize(
+  "override,words",
+  [
     ("optim.learning_rate=-0.001", ["optim.learning_rate", "> 0"]),
     ("optim.learning_rate=inf", ["optim.learning_rate"]),
     ("data.test_fraction=-0.2", ["data.test_fraction", "(0, 1)"]),
@@ -127,9 +145,12 @@ def test_every_numeric_field_has_a_range_rule():
     ("compare.seeds=[1,1]", ["compare.seeds", "distinct"]),
     ("compare.seeds=[]", ["compare.seeds"]),
     ("compare.grid={data.label_noise: []}", ["compare.grid", "data.label_noise"]),
-    ("compare.variants=[{name: focal}, {name: focal, hparams: {gamma: 1.0}, label: focal}]",
-     ["compare.variants", "focal", "label"]),
-])
+    (
+      "compare.variants=[{name: focal}, {name: focal, hparams: {gamma: 1.0}, label: focal}]",
+      ["compare.variants", "focal", "label"],
+    ),
+  ],
+)
 def test_out_of_range_values_name_the_key(override, words):
   with pytest.raises(ConfigError) as info:
     load_config(None, (override,))

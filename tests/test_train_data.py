@@ -5,15 +5,22 @@ import pytest
 
 from xent_jax.train import train_and_evaluate
 from xent_jax.train.config import ConfigError, DataConfig, load_config
-from xent_jax.train.data import (DataError, add_label_noise, eval_batches, load_dataset, pydoc_text,
-                                  train_batch)
+from xent_jax.train.data import (
+  DataError,
+  add_label_noise,
+  eval_batches,
+  load_dataset,
+  pydoc_text,
+  train_batch,
+)
 
 
 @pytest.mark.parametrize("noise_type", ["symmetric", "asymmetric"])
 def test_label_noise_rate_and_kind(noise_type):
   y_N = np.random.default_rng(0).integers(0, 10, size=1000).astype(np.int32)
-  noisy_N, mask_N = add_label_noise(y_N, rate=0.4, noise_type=noise_type, num_classes=10,
-                                    rng=np.random.default_rng(1))
+  noisy_N, mask_N = add_label_noise(
+    y_N, rate=0.4, noise_type=noise_type, num_classes=10, rng=np.random.default_rng(1)
+  )
   assert mask_N.sum() == 400
   np.testing.assert_array_equal(noisy_N[~mask_N], y_N[~mask_N])
   assert np.all(noisy_N[mask_N] != y_N[mask_N])
@@ -45,8 +52,9 @@ def test_digits_split_is_disjoint_and_complete():
   assert len(data.y_train_N) + len(data.y_holdout_H) + len(data.y_test_M) == 1797
   assert len(data.y_test_M) == round(0.2 * 1797)
   assert len(data.y_holdout_H) == round(0.1 * (1797 - len(data.y_test_M)))
-  splits = [{row.tobytes() for row in x}
-            for x in (data.x_train_NxF, data.x_holdout_HxF, data.x_test_MxF)]
+  splits = [
+    {row.tobytes() for row in x} for x in (data.x_train_NxF, data.x_holdout_HxF, data.x_test_MxF)
+  ]
   for i, j in ((0, 1), (0, 2), (1, 2)):
     assert len(splits[i] & splits[j]) <= 5  # a handful of digits images are exact duplicates
   assert load_dataset(DataConfig(name="digits"), image=True).x_train_NxF.shape[1:] == (8, 8, 1)
@@ -63,16 +71,22 @@ def test_batch_order_depends_only_on_seed_and_step():
   assert not np.array_equal(first[0], other)
   # One epoch visits distinct examples (Gaussian-mixture rows are all different).
   mixture = load_dataset(DataConfig(name="gaussian_mixture"))
-  x_epoch = np.concatenate([train_batch(mixture, seed=3, step=s, batch_size=32)[0]
-                            for s in range(len(mixture.y_train_N) // 32)])
+  x_epoch = np.concatenate(
+    [
+      train_batch(mixture, seed=3, step=s, batch_size=32)[0]
+      for s in range(len(mixture.y_train_N) // 32)
+    ]
+  )
   assert len(np.unique(x_epoch, axis=0)) == len(x_epoch) == (len(mixture.y_train_N) // 32) * 32
 
 
 def test_process_shares_make_the_global_batch():
   data = load_dataset(DataConfig(name="gaussian_mixture"))
   x_full, y_full = train_batch(data, seed=0, step=5, batch_size=32)
-  parts = [train_batch(data, seed=0, step=5, batch_size=32, process_index=i, process_count=4)
-           for i in range(4)]
+  parts = [
+    train_batch(data, seed=0, step=5, batch_size=32, process_index=i, process_count=4)
+    for i in range(4)
+  ]
   np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), x_full)
   np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), y_full)
 
@@ -107,18 +121,24 @@ def test_holdout_batches_cover_the_holdout_split():
   batches = list(eval_batches(data, batch_size=64, split="holdout"))
   np.testing.assert_array_equal(np.concatenate([y[v] for _, y, v in batches]), data.y_holdout_H)
   assert len(data.y_holdout_H) == round(0.25 * 0.8 * 2000)
-  assert len(load_dataset(DataConfig(name="gaussian_mixture", holdout_fraction=0.0)).y_holdout_H) == 0
+  assert (
+    len(load_dataset(DataConfig(name="gaussian_mixture", holdout_fraction=0.0)).y_holdout_H) == 0
+  )
 
 
 def test_char_corpus_holdout_comes_from_the_training_text():
-  data = load_dataset(DataConfig(name="pydoc_chars", seq_len=16, max_eval_tokens=512,
-                                 holdout_fraction=0.1))
-  full = load_dataset(DataConfig(name="pydoc_chars", seq_len=16, max_eval_tokens=512,
-                                 holdout_fraction=0.0))
+  data = load_dataset(
+    DataConfig(name="pydoc_chars", seq_len=16, max_eval_tokens=512, holdout_fraction=0.1)
+  )
+  full = load_dataset(
+    DataConfig(name="pydoc_chars", seq_len=16, max_eval_tokens=512, holdout_fraction=0.0)
+  )
   num_train = len(full.x_train_NxF)
   assert len(data.x_train_NxF) == num_train - round(0.1 * num_train)
   # The held-out windows start where the (shortened) training text ends, inside the old one.
-  np.testing.assert_array_equal(data.x_holdout_HxF[0], full.x_train_NxF[len(data.x_train_NxF):][:16])
+  np.testing.assert_array_equal(
+    data.x_holdout_HxF[0], full.x_train_NxF[len(data.x_train_NxF) :][:16]
+  )
   np.testing.assert_array_equal(data.x_holdout_HxF[:, 1:], data.y_holdout_H[:, :-1])
   np.testing.assert_array_equal(data.x_test_MxF, full.x_test_MxF)
 
@@ -142,9 +162,12 @@ def test_mnist1d_is_generated_offline_like_the_package():
 
 
 def _arrays(rng, num_features=6, num_classes=3):
-  return {"x_train": rng.normal(size=(50, num_features)).astype(np.float32),
-          "y_train": rng.integers(0, num_classes, 50), "x_test": rng.normal(size=(20, num_features)),
-          "y_test": rng.integers(0, num_classes, 20).astype(np.int32)}
+  return {
+    "x_train": rng.normal(size=(50, num_features)).astype(np.float32),
+    "y_train": rng.integers(0, num_classes, 50),
+    "x_test": rng.normal(size=(20, num_features)),
+    "y_test": rng.integers(0, num_classes, 20).astype(np.int32),
+  }
 
 
 @pytest.mark.parametrize("layout", ["npz", "npy_dir"])
@@ -158,8 +181,9 @@ def test_own_arrays_are_read_split_and_noised(tmp_path, layout):
     path.mkdir()
     for key, value in arrays.items():
       np.save(path / f"{key}.npy", value)
-  config = DataConfig(name="arrays", path=str(path), num_classes=3, holdout_fraction=0.2,
-                      label_noise=0.4)
+  config = DataConfig(
+    name="arrays", path=str(path), num_classes=3, holdout_fraction=0.2, label_noise=0.4
+  )
   data = load_dataset(config)
   np.testing.assert_allclose(data.x_test_MxF, arrays["x_test"].astype(np.float32))
   np.testing.assert_array_equal(data.y_test_M, arrays["y_test"])
@@ -172,15 +196,27 @@ def test_own_arrays_are_read_split_and_noised(tmp_path, layout):
   assert data.noise_mask_N.sum() == round(0.4 * 40)
 
 
-@pytest.mark.parametrize("change,message", [
+@pytest.mark.parametrize(
+  "change,message",
+  [
     (lambda a: a.pop("y_test"), r"missing key\(s\) \['y_test'\]"),
-    (lambda a: a.update(y_train=a["y_train"].astype(np.float32)), r"key 'y_train'.*integer class ids"),
+    (
+      lambda a: a.update(y_train=a["y_train"].astype(np.float32)),
+      r"key 'y_train'.*integer class ids",
+    ),
     (lambda a: a.update(x_test=a["x_test"][:, :4]), r"key 'x_train'.*\(6,\).*key 'x_test'.*\(4,\)"),
-    (lambda a: a.update(y_test=a["y_test"][:5]), r"key 'x_test' has 20 examples.*key 'y_test' has 5"),
-    (lambda a: a["y_train"].__setitem__(7, 3), r"key 'y_train'.*\[0, data.num_classes=3\).*3 at index 7"),
+    (
+      lambda a: a.update(y_test=a["y_test"][:5]),
+      r"key 'x_test' has 20 examples.*key 'y_test' has 5",
+    ),
+    (
+      lambda a: a["y_train"].__setitem__(7, 3),
+      r"key 'y_train'.*\[0, data.num_classes=3\).*3 at index 7",
+    ),
     (lambda a: a["x_train"].__setitem__((2, 2), np.nan), r"key 'x_train'.*NaN"),
     (lambda a: a.update(x_train=a["x_train"][:, 0]), r"key 'x_train'.*\[N, features...\]"),
-])
+  ],
+)
 def test_bad_arrays_name_the_file_and_key(tmp_path, change, message):
   arrays = _arrays(np.random.default_rng(1))
   change(arrays)
@@ -211,13 +247,29 @@ def test_own_arrays_train_end_to_end_with_noise_and_temperature(tmp_path, model,
   rng = np.random.default_rng(3)
   y_train, y_test = rng.integers(0, 4, 400), rng.integers(0, 4, 100)
   means = rng.normal(size=(4,) + shape)
-  np.savez(tmp_path / "mine.npz", x_train=means[y_train] + rng.normal(size=(400,) + shape),
-           y_train=y_train, x_test=means[y_test] + rng.normal(size=(100,) + shape), y_test=y_test)
-  config = load_config(None, (
-      "data.name=arrays", f"data.path={tmp_path / 'mine.npz'}", "data.num_classes=4",
-      "data.label_noise=0.2", f"model.name={model}", "model.channels=[4]", "train.num_steps=30",
-      "train.batch_size=32", "train.eval_every=15", "train.eval_batch_size=64",
-      "train.checkpoint_every=0"))
+  np.savez(
+    tmp_path / "mine.npz",
+    x_train=means[y_train] + rng.normal(size=(400,) + shape),
+    y_train=y_train,
+    x_test=means[y_test] + rng.normal(size=(100,) + shape),
+    y_test=y_test,
+  )
+  config = load_config(
+    None,
+    (
+      "data.name=arrays",
+      f"data.path={tmp_path / 'mine.npz'}",
+      "data.num_classes=4",
+      "data.label_noise=0.2",
+      f"model.name={model}",
+      "model.channels=[4]",
+      "train.num_steps=30",
+      "train.batch_size=32",
+      "train.eval_every=15",
+      "train.eval_batch_size=64",
+      "train.checkpoint_every=0",
+    ),
+  )
   summary = train_and_evaluate(config, tmp_path / "run", progress=False)
   final = summary["final"]
   assert 0.0 < final["eval/temperature"] < 100.0

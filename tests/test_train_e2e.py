@@ -23,8 +23,14 @@ from xent_jax.train.trainer import RunDirectoryError
 
 ROOT = pathlib.Path(__file__).parents[1]
 QUICK = str(ROOT / "configs" / "digits_quick.yaml")
-TINY = ("model.hidden_dims=[32]", "train.batch_size=32", "train.eval_batch_size=128",
-        "train.num_steps=40", "train.eval_every=10", "train.checkpoint_every=20")
+TINY = (
+  "model.hidden_dims=[32]",
+  "train.batch_size=32",
+  "train.eval_batch_size=128",
+  "train.num_steps=40",
+  "train.eval_every=10",
+  "train.checkpoint_every=20",
+)
 TIMING_KEYS = ("train/examples_per_s", "train/step_time_s")
 
 pytestmark = pytest.mark.slow
@@ -55,8 +61,15 @@ def test_run_writes_config_metrics_summary(reference_run):
   rows = logs.read_metrics(reference_run)
   assert [row["step"] for row in rows] == [10, 20, 30, 40]
   for row in rows:
-    assert set(row) == {"step", "train/loss", "eval/accuracy", "eval/nll", "eval/ece", "eval/brier",
-                        *TIMING_KEYS}
+    assert set(row) == {
+      "step",
+      "train/loss",
+      "eval/accuracy",
+      "eval/nll",
+      "eval/ece",
+      "eval/brier",
+      *TIMING_KEYS,
+    }
     assert all(np.isfinite(v) for v in row.values())
   assert rows[-1]["eval/accuracy"] > 0.5  # 10 classes: well above chance after 40 steps
   summary = logs.read_summary(reference_run)
@@ -77,14 +90,31 @@ def test_other_config_in_a_used_directory_is_refused(reference_run):
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, reference_run):
   """Kills the real CLI mid-run with SIGKILL, reruns the same command, compares to the reference."""
   workdir = tmp_path / "killed"
-  overrides = list(TINY) + ["train.num_steps=240", "train.eval_every=20", "train.checkpoint_every=40"]
-  command = [sys.executable, "-m", "xent_jax.cli", "run", QUICK, *overrides, "--workdir", str(workdir),
-             "--no-progress"]
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)])),
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),  # the rerun skips recompiling
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
+  overrides = list(TINY) + [
+    "train.num_steps=240",
+    "train.eval_every=20",
+    "train.checkpoint_every=40",
+  ]
+  command = [
+    sys.executable,
+    "-m",
+    "xent_jax.cli",
+    "run",
+    QUICK,
+    *overrides,
+    "--workdir",
+    str(workdir),
+    "--no-progress",
+  ]
+  env = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)])),
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),  # the rerun skips recompiling
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
+  process = subprocess.Popen(
+    command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+  )
   deadline = time.time() + 240
   while not (workdir / "checkpoints" / "40").is_dir():
     assert process.poll() is None, process.stderr.read().decode()
@@ -96,7 +126,9 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, reference_run):
   killed_at = max(row["step"] for row in logs.read_metrics(workdir))
   assert killed_at < 240
 
-  finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  finished = subprocess.run(
+    command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+  )
   assert finished.returncode == 0, finished.stderr
 
   uninterrupted = tmp_path / "uninterrupted"
@@ -110,11 +142,13 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, reference_run):
   train_and_evaluate(_config(), workdir, progress=False)
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [20, 40]
   (workdir / logs.SUMMARY_FILE).unlink()  # pretend the run died after its last checkpoint
-  damaged = [p for p in (workdir / "checkpoints" / "40").rglob("*") if p.is_file() and p.stat().st_size > 64]
+  damaged = [
+    p for p in (workdir / "checkpoints" / "40").rglob("*") if p.is_file() and p.stat().st_size > 64
+  ]
   assert damaged
   for path in damaged:
     data = bytearray(path.read_bytes())
-    data[len(data) // 2:] = bytes(len(data) - len(data) // 2)
+    data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)
     path.write_bytes(bytes(data))
   train_and_evaluate(_config(), workdir, progress=False)
   _same_results(workdir, reference_run)
@@ -136,8 +170,13 @@ def test_fingerprint_mismatch_is_detected(tmp_path):
 
 def test_nan_loss_stops_naming_the_step(tmp_path):
   workdir = tmp_path / "nan"
-  config = _config("optim.name=sgd", "optim.learning_rate=1e30", "optim.schedule=constant",
-                   "train.eval_every=1", "train.checkpoint_every=1")
+  config = _config(
+    "optim.name=sgd",
+    "optim.learning_rate=1e30",
+    "optim.schedule=constant",
+    "train.eval_every=1",
+    "train.checkpoint_every=1",
+  )
   with pytest.raises(NonFiniteLossError, match=r"at step \d+") as info:
     train_and_evaluate(config, workdir, progress=False)
   bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
@@ -164,11 +203,24 @@ def test_eight_devices_equal_one(tmp_path, reference_run):
 
 def test_char_lm_trains_with_the_fused_loss(tmp_path):
   """The LM path end to end (the logits path equals it: test_train_steps.py)."""
-  config = load_config(str(ROOT / "configs" / "charlm_zloss.yaml"), (
-      "model.model_dim=32", "model.num_layers=1", "model.num_heads=2", "data.seq_len=16",
-      "data.max_eval_tokens=512", "train.batch_size=16", "train.eval_batch_size=16",
-      "train.num_steps=20", "train.eval_every=10", "train.checkpoint_every=0", "optim.warmup_steps=5",
-      "loss.fused=true", "loss.hparams={z_loss: 0.0001}"))
+  config = load_config(
+    str(ROOT / "configs" / "charlm_zloss.yaml"),
+    (
+      "model.model_dim=32",
+      "model.num_layers=1",
+      "model.num_heads=2",
+      "data.seq_len=16",
+      "data.max_eval_tokens=512",
+      "train.batch_size=16",
+      "train.eval_batch_size=16",
+      "train.num_steps=20",
+      "train.eval_every=10",
+      "train.checkpoint_every=0",
+      "optim.warmup_steps=5",
+      "loss.fused=true",
+      "loss.hparams={z_loss: 0.0001}",
+    ),
+  )
   train_and_evaluate(config, tmp_path, progress=False)
   rows = logs.read_metrics(tmp_path)
   assert rows[-1]["train/loss"] < rows[0]["train/loss"] < 5.0
@@ -189,8 +241,11 @@ def test_throughput_times_training_steps_only(tmp_path, monkeypatch):
 
   monkeypatch.setattr(trainer, "evaluate", slow_evaluate)
   monkeypatch.setattr(Checkpointer, "save", slow_save)
-  train_and_evaluate(_config("train.num_steps=15", "train.eval_every=5", "train.checkpoint_every=5"),
-                     tmp_path, progress=False)
+  train_and_evaluate(
+    _config("train.num_steps=15", "train.eval_every=5", "train.checkpoint_every=5"),
+    tmp_path,
+    progress=False,
+  )
   rows = logs.read_metrics(tmp_path)
   assert [row["step"] for row in rows] == [5, 10, 15]
   for row in rows:  # 5 steps (4 in the first window, after the warm-up step) well under 2 s

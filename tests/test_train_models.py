@@ -13,14 +13,19 @@ from xent_jax.train.models import build_model
 
 def _build(name, input_shape, num_classes=10, **kwargs):
   config = ModelConfig(name=name, **kwargs)
-  return nnx.jit(lambda: build_model(config, input_shape=input_shape, num_classes=num_classes,
-                                     seed=0))()
+  return nnx.jit(
+    lambda: build_model(config, input_shape=input_shape, num_classes=num_classes, seed=0)
+  )()
 
 
 def _params(model):
-  return {"/".join(map(str, path)): np.asarray(leaf, np.float64)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-          for path in [[p.key for p in path]]}
+  return {
+    "/".join(map(str, path)): np.asarray(leaf, np.float64)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(
+      nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    )
+    for path in [[p.key for p in path]]
+  }
 
 
 class _TorchConvBase(torch.nn.Module):
@@ -28,9 +33,13 @@ class _TorchConvBase(torch.nn.Module):
 
   def __init__(self):
     super().__init__()
-    self.convs = torch.nn.ModuleList([torch.nn.Conv1d(1, 25, 5, stride=2, padding=1),
-                                      torch.nn.Conv1d(25, 25, 3, stride=2, padding=1),
-                                      torch.nn.Conv1d(25, 25, 3, stride=2, padding=1)])
+    self.convs = torch.nn.ModuleList(
+      [
+        torch.nn.Conv1d(1, 25, 5, stride=2, padding=1),
+        torch.nn.Conv1d(25, 25, 3, stride=2, padding=1),
+        torch.nn.Conv1d(25, 25, 3, stride=2, padding=1),
+      ]
+    )
     self.linear = torch.nn.Linear(125, 10)
 
   def forward(self, x_BxL):
@@ -64,7 +73,9 @@ def test_mnist1d_cnn_equals_the_authors_conv_base():
   twin = _TorchConvBase().double()
   with torch.no_grad():
     for i, conv in enumerate(twin.convs):
-      conv.weight.copy_(_t(params[f"convs/{i}/kernel"].transpose(2, 1, 0)))  # [k, in, out] -> [out, in, k]
+      conv.weight.copy_(
+        _t(params[f"convs/{i}/kernel"].transpose(2, 1, 0))
+      )  # [k, in, out] -> [out, in, k]
       conv.bias.copy_(_t(params[f"convs/{i}/bias"]))
     # Ours flattens [L=5, C=25] position-major, PyTorch [C, L] channel-major.
     kernel = params["head/kernel"].reshape(5, 25, 10).transpose(1, 0, 2).reshape(125, 10)
@@ -91,17 +102,27 @@ def test_mnist1d_mlp_equals_the_authors_mlp_base():
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,input_shape", [
-    ("mlp", (4, 5)), ("mnist1d_mlp", (4, 5)), ("cnn", (6, 6)), ("cnn", (6, 6, 3)),
-    ("mnist1d_cnn", (17,)), ("mnist1d_cnn", (17, 2))])
+@pytest.mark.parametrize(
+  "name,input_shape",
+  [
+    ("mlp", (4, 5)),
+    ("mnist1d_mlp", (4, 5)),
+    ("cnn", (6, 6)),
+    ("cnn", (6, 6, 3)),
+    ("mnist1d_cnn", (17,)),
+    ("mnist1d_cnn", (17, 2)),
+  ],
+)
 def test_models_take_every_example_layout(name, input_shape):
   model = _build(name, input_shape, num_classes=3, hidden_dims=[8], channels=[4])
   logits = nnx.jit(lambda m, x: m(x))(model, jnp.ones((2,) + input_shape))
   assert logits.shape == (2, 3)
 
 
-@pytest.mark.parametrize("name,input_shape,layout", [
-    ("cnn", (40,), r"\[H, W\] or \[H, W, C\]"), ("mnist1d_cnn", (8, 8, 1), r"\[L\] or \[L, C\]")])
+@pytest.mark.parametrize(
+  "name,input_shape,layout",
+  [("cnn", (40,), r"\[H, W\] or \[H, W, C\]"), ("mnist1d_cnn", (8, 8, 1), r"\[L\] or \[L, C\]")],
+)
 def test_model_refuses_examples_of_the_wrong_rank(name, input_shape, layout):
   with pytest.raises(ValueError, match=rf"model.name '{name}' needs examples of shape {layout}"):
     build_model(ModelConfig(name=name), input_shape=input_shape, num_classes=3, seed=0)

@@ -17,8 +17,9 @@ def _build(config, **kwargs):
 
 
 def _lm(dtype="float32"):
-  config = ModelConfig(name="transformer", model_dim=32, num_layers=1, num_heads=4, mlp_ratio=2,
-                       dtype=dtype)
+  config = ModelConfig(
+    name="transformer", model_dim=32, num_layers=1, num_heads=4, mlp_ratio=2, dtype=dtype
+  )
   return _build(config, input_shape=(12,), num_classes=40, seed=0)
 
 
@@ -29,8 +30,12 @@ def _apply(model, x):
 
 @pytest.mark.parametrize("name,input_shape", [("mlp", (64,)), ("cnn", (8, 8, 1))])
 def test_classifier_shapes(name, input_shape):
-  model = _build(ModelConfig(name=name, hidden_dims=[16], channels=[4, 8]), input_shape=input_shape,
-                 num_classes=10, seed=0)
+  model = _build(
+    ModelConfig(name=name, hidden_dims=[16], channels=[4, 8]),
+    input_shape=input_shape,
+    num_classes=10,
+    seed=0,
+  )
   assert _apply(model, jnp.zeros((5,) + input_shape)).shape == (5, 10)
 
 
@@ -57,7 +62,9 @@ def test_fused_objective_equals_logits_objective():
     results.append((loss, nnx.to_pure_dict(grads)))
   (loss_plain, grads_plain), (loss_fused, grads_fused) = results
   np.testing.assert_allclose(loss_fused, loss_plain, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_fused, grads_plain)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_fused, grads_plain
+  )
 
 
 def test_registry_objective_matches_its_loss_on_logits():
@@ -68,9 +75,13 @@ def test_registry_objective_matches_its_loss_on_logits():
   objective = make_objective(LossConfig(name="focal", hparams={"gamma": 2.0}))
   # Independent float64 reference of the focal loss (Lin et al., 2017) on the model's logits.
   logits = np.asarray(_apply(model, x_BxF), np.float64)
-  log_p = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+  log_p = (
+    logits
+    - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
+    - logits.max(1, keepdims=True)
+  )
   log_p_y = log_p[np.arange(7), np.asarray(y_B)]
-  expected = np.mean(-(1 - np.exp(log_p_y)) ** 2 * log_p_y)
+  expected = np.mean(-((1 - np.exp(log_p_y)) ** 2) * log_p_y)
   np.testing.assert_allclose(nnx.jit(objective)(model, x_BxF, y_B), expected, rtol=1e-5)
 
 
@@ -112,25 +123,40 @@ def _reference_calibration(logits, labels, num_bins):
   for b, idx in enumerate(np.array_split(order, num_bins)):
     mass_bins[idx] = b
   adaptive = np.sum(np.prod(_binned_gaps(conf, hit, mass_bins), axis=0))
-  classwise = np.mean([np.sum(np.prod(_binned_gaps(p[:, j], (labels == j).astype(float),
-                                                   _width_bins(p[:, j], num_bins)), axis=0))
-                       for j in range(p.shape[1])])
-  return {"ece": np.sum(weights * gaps), "adaptive_ece": adaptive, "classwise_ece": classwise,
-          "mce": gaps.max()}
+  classwise = np.mean(
+    [
+      np.sum(
+        np.prod(
+          _binned_gaps(p[:, j], (labels == j).astype(float), _width_bins(p[:, j], num_bins)), axis=0
+        )
+      )
+      for j in range(p.shape[1])
+    ]
+  )
+  return {
+    "ece": np.sum(weights * gaps),
+    "adaptive_ece": adaptive,
+    "classwise_ece": classwise,
+    "mce": gaps.max(),
+  }
 
 
 def test_calibration_row_fits_the_temperature_on_the_holdout_only():
   """T from the held-out logits (float64 grid search of the NLL); test metrics before and after."""
   rng = np.random.default_rng(0)
+
   def sample(n):  # logits 3x too sharp for the labels they generate
     logits = 3.0 * rng.normal(size=(n, 4)).astype(np.float32)
     labels = np.array([rng.choice(4, p=q) for q in _softmax64(logits / 3.0)])
     return logits, labels
+
   holdout, test = sample(3000), sample(500)
   row, counts_ts = calibration_row(*holdout, *test, num_bins=10)
 
   grid_T = np.exp(np.linspace(np.log(0.5), np.log(10.0), 4001))
-  nll_T = [-np.mean(np.log(_softmax64(holdout[0] / t)[np.arange(3000), holdout[1]])) for t in grid_T]
+  nll_T = [
+    -np.mean(np.log(_softmax64(holdout[0] / t)[np.arange(3000), holdout[1]])) for t in grid_T
+  ]
   expected_T = grid_T[np.argmin(nll_T)]
   assert 2.5 < expected_T < 3.5
   np.testing.assert_allclose(row["eval/temperature"], expected_T, rtol=2e-3)
@@ -142,19 +168,24 @@ def test_calibration_row_fits_the_temperature_on_the_holdout_only():
   for name in ("ece", "adaptive_ece", "classwise_ece", "mce"):
     np.testing.assert_allclose(row[f"eval/{name}_ts"], after[name], rtol=1e-4, atol=1e-6)
   p_ts = _softmax64(test[0] / row["eval/temperature"])
-  np.testing.assert_allclose(row["eval/nll_ts"], -np.mean(np.log(p_ts[np.arange(500), test[1]])),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    row["eval/nll_ts"], -np.mean(np.log(p_ts[np.arange(500), test[1]])), rtol=1e-5
+  )
   assert after["ece"] < before["ece"]  # scaling by the true temperature helps
   conf_ts = p_ts.max(-1)
-  np.testing.assert_array_equal(counts_ts["count"], np.bincount(_width_bins(conf_ts, 10), minlength=10))
+  np.testing.assert_array_equal(
+    counts_ts["count"], np.bincount(_width_bins(conf_ts, 10), minlength=10)
+  )
 
 
 def test_calibration_row_without_holdout_has_no_temperature():
   logits = np.random.default_rng(1).normal(size=(50, 3)).astype(np.float32)
   labels = np.arange(50) % 3
-  row, counts_ts = calibration_row(np.zeros((0, 3), np.float32), np.zeros(0, int), logits, labels,
-                                   num_bins=5)
+  row, counts_ts = calibration_row(
+    np.zeros((0, 3), np.float32), np.zeros(0, int), logits, labels, num_bins=5
+  )
   assert row["eval/temperature"] is None and counts_ts is None
   assert not any(key.endswith("_ts") for key in row)
-  np.testing.assert_allclose(row["eval/mce"], _reference_calibration(logits, labels, 5)["mce"],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    row["eval/mce"], _reference_calibration(logits, labels, 5)["mce"], rtol=1e-5
+  )

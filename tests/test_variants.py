@@ -25,33 +25,74 @@ ALPHA = np.array([0.25, 1.0, 0.5, 2.0, 1.0], np.float32)
 
 def _case(name, fn, row, hparams, ref_hparams, *, on_logits=False, weighted=False, rtol=1e-5):
   return pytest.param(
-      dict(fn=fn, row=row, hparams=hparams, ref_hparams=ref_hparams, on_logits=on_logits,
-           weighted=weighted, rtol=rtol),
-      id=name,
+    dict(
+      fn=fn,
+      row=row,
+      hparams=hparams,
+      ref_hparams=ref_hparams,
+      on_logits=on_logits,
+      weighted=weighted,
+      rtol=rtol,
+    ),
+    id=name,
   )
 
 
 CASES = [
-    _case("focal", xent_jax.focal_loss, ref.focal, dict(gamma=2.0), dict(gamma=2.0)),
-    _case("focal_alpha", xent_jax.focal_loss, ref.focal, dict(gamma=0.5, alpha=ALPHA),
-          dict(gamma=0.5, alpha=ALPHA)),
-    _case("poly1", xent_jax.poly1_cross_entropy, ref.poly1, dict(epsilon=1.0), dict(epsilon=1.0)),
-    _case("symmetric", xent_jax.symmetric_cross_entropy, ref.symmetric,
-          dict(alpha=0.3, beta=0.7, log_clip=-4.0),
-          dict(alpha=0.3, beta=0.7, log_clip=-4.0), weighted=True),
-    _case("gce", xent_jax.generalized_cross_entropy, ref.generalized, dict(q=0.7),
-          dict(q_exp=0.7)),
-    _case("truncated_gce", xent_jax.truncated_generalized_cross_entropy, ref.truncated,
-          dict(q=0.7, k=0.3), dict(q_exp=0.7, k=0.3)),
-    _case("taylor", xent_jax.taylor_cross_entropy, ref.taylor, dict(order=3), dict(order=3)),
-    _case("confidence", xent_jax.confidence_penalty_cross_entropy, ref.confidence,
-          dict(beta=0.3), dict(beta=0.3), weighted=True),
-    _case("bi_tempered_heavy_tail", xent_jax.bi_tempered_logistic_loss, ref.bi_tempered,
-          dict(t1=0.8, t2=1.2, label_smoothing=0.1, num_iters=30),
-          dict(t1=0.8, t2=1.2, label_smoothing=0.1), on_logits=True, weighted=True, rtol=1e-4),
-    _case("bi_tempered_finite_support", xent_jax.bi_tempered_logistic_loss, ref.bi_tempered,
-          dict(t1=0.5, t2=0.8, num_iters=40),
-          dict(t1=0.5, t2=0.8, label_smoothing=0.0), on_logits=True, weighted=True, rtol=1e-4),
+  _case("focal", xent_jax.focal_loss, ref.focal, dict(gamma=2.0), dict(gamma=2.0)),
+  _case(
+    "focal_alpha",
+    xent_jax.focal_loss,
+    ref.focal,
+    dict(gamma=0.5, alpha=ALPHA),
+    dict(gamma=0.5, alpha=ALPHA),
+  ),
+  _case("poly1", xent_jax.poly1_cross_entropy, ref.poly1, dict(epsilon=1.0), dict(epsilon=1.0)),
+  _case(
+    "symmetric",
+    xent_jax.symmetric_cross_entropy,
+    ref.symmetric,
+    dict(alpha=0.3, beta=0.7, log_clip=-4.0),
+    dict(alpha=0.3, beta=0.7, log_clip=-4.0),
+    weighted=True,
+  ),
+  _case("gce", xent_jax.generalized_cross_entropy, ref.generalized, dict(q=0.7), dict(q_exp=0.7)),
+  _case(
+    "truncated_gce",
+    xent_jax.truncated_generalized_cross_entropy,
+    ref.truncated,
+    dict(q=0.7, k=0.3),
+    dict(q_exp=0.7, k=0.3),
+  ),
+  _case("taylor", xent_jax.taylor_cross_entropy, ref.taylor, dict(order=3), dict(order=3)),
+  _case(
+    "confidence",
+    xent_jax.confidence_penalty_cross_entropy,
+    ref.confidence,
+    dict(beta=0.3),
+    dict(beta=0.3),
+    weighted=True,
+  ),
+  _case(
+    "bi_tempered_heavy_tail",
+    xent_jax.bi_tempered_logistic_loss,
+    ref.bi_tempered,
+    dict(t1=0.8, t2=1.2, label_smoothing=0.1, num_iters=30),
+    dict(t1=0.8, t2=1.2, label_smoothing=0.1),
+    on_logits=True,
+    weighted=True,
+    rtol=1e-4,
+  ),
+  _case(
+    "bi_tempered_finite_support",
+    xent_jax.bi_tempered_logistic_loss,
+    ref.bi_tempered,
+    dict(t1=0.5, t2=0.8, num_iters=40),
+    dict(t1=0.5, t2=0.8, label_smoothing=0.0),
+    on_logits=True,
+    weighted=True,
+    rtol=1e-4,
+  ),
 ]
 
 
@@ -60,7 +101,7 @@ def _reference(case, labels, **conventions):
   if case["weighted"]:
     ref_hparams["weighted"] = conventions.get("weight") is not None
   return ref.variant_loss(
-      case["row"], LOGITS, labels, on_logits=case["on_logits"], **conventions, **ref_hparams
+    case["row"], LOGITS, labels, on_logits=case["on_logits"], **conventions, **ref_hparams
   )
 
 
@@ -79,8 +120,9 @@ def test_matches_float64_reference(case, label_kind, reduction):
 @pytest.mark.parametrize("case", CASES)
 def test_unweighted_defaults_match_reference(case):
   loss = case["fn"](LOGITS, INT_LABELS, **case["hparams"], reduction="none")
-  np.testing.assert_allclose(np.asarray(loss), _reference(case, INT_LABELS, reduction="none"),
-                             rtol=case["rtol"], atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(loss), _reference(case, INT_LABELS, reduction="none"), rtol=case["rtol"], atol=1e-6
+  )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -94,16 +136,19 @@ def test_one_hot_labels_equal_integer_labels(case):
 
 
 NEUTRAL = [
-    pytest.param(xent_jax.focal_loss, dict(gamma=0.0), 1e-6, id="focal_gamma0"),
-    pytest.param(xent_jax.poly1_cross_entropy, dict(epsilon=0.0), 1e-6, id="poly1_eps0"),
-    pytest.param(xent_jax.bi_tempered_logistic_loss, dict(t1=1.0, t2=1.0), 1e-6,
-                 id="bi_tempered_t1_t2_1"),
-    pytest.param(xent_jax.generalized_cross_entropy, dict(q=1e-4), 1e-3, id="gce_q_to_0"),
-    pytest.param(xent_jax.taylor_cross_entropy, dict(order=200), 1e-4, id="taylor_high_order"),
-    pytest.param(xent_jax.confidence_penalty_cross_entropy, dict(beta=0.0), 1e-6,
-                 id="confidence_beta0"),
-    pytest.param(xent_jax.symmetric_cross_entropy, dict(alpha=1.0, beta=0.0), 1e-6,
-                 id="symmetric_alpha1_beta0"),
+  pytest.param(xent_jax.focal_loss, dict(gamma=0.0), 1e-6, id="focal_gamma0"),
+  pytest.param(xent_jax.poly1_cross_entropy, dict(epsilon=0.0), 1e-6, id="poly1_eps0"),
+  pytest.param(
+    xent_jax.bi_tempered_logistic_loss, dict(t1=1.0, t2=1.0), 1e-6, id="bi_tempered_t1_t2_1"
+  ),
+  pytest.param(xent_jax.generalized_cross_entropy, dict(q=1e-4), 1e-3, id="gce_q_to_0"),
+  pytest.param(xent_jax.taylor_cross_entropy, dict(order=200), 1e-4, id="taylor_high_order"),
+  pytest.param(
+    xent_jax.confidence_penalty_cross_entropy, dict(beta=0.0), 1e-6, id="confidence_beta0"
+  ),
+  pytest.param(
+    xent_jax.symmetric_cross_entropy, dict(alpha=1.0, beta=0.0), 1e-6, id="symmetric_alpha1_beta0"
+  ),
 ]
 
 
@@ -121,8 +166,10 @@ def test_neutral_setting_is_cross_entropy(fn, hparams, rtol, label_kind, reducti
     entropy = -np.sum(PROBS * np.log(np.where(PROBS > 0, PROBS, 1)), axis=-1)
     want = xent_jax.cross_entropy(logits, labels, reduction="none") - entropy
     want = base_ref.reduce_loss(
-        np.where(WHERE, np.asarray(want) * np.sum(PROBS * WEIGHT[None, :], axis=-1), 0),
-        np.asarray(WHERE, np.float64), reduction)
+      np.where(WHERE, np.asarray(want) * np.sum(PROBS * WEIGHT[None, :], axis=-1), 0),
+      np.asarray(WHERE, np.float64),
+      reduction,
+    )
   got = fn(logits, labels, **hparams, **conventions)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=rtol, atol=1e-6)
 
@@ -135,37 +182,49 @@ def test_truncated_gce_with_k0_is_gce():
 
 def test_truncated_gce_has_no_gradient_below_k():
   logits = jnp.array([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
-  grad = jax.grad(lambda x: xent_jax.truncated_generalized_cross_entropy(
-      x, jnp.array([0, 0]), k=0.5, reduction="sum"))(logits)
+  grad = jax.grad(
+    lambda x: xent_jax.truncated_generalized_cross_entropy(
+      x, jnp.array([0, 0]), k=0.5, reduction="sum"
+    )
+  )(logits)
   assert np.all(np.asarray(grad[1]) == 0) and np.any(np.asarray(grad[0]) != 0)
 
 
 # Extreme inputs: +-100 logits (p_y rounds to exactly 1 or 0 in float32) and -inf on classes the
 # target does not use.
 EXTREME_LOGITS = np.array(
-    [[100.0, -100.0, -100.0, 0.0],
-     [-100.0, 100.0, -np.inf, -np.inf],
-     [-np.inf, 3.0, -np.inf, -100.0],
-     [100.0, -100.0, 50.0, -np.inf]], np.float32)
+  [
+    [100.0, -100.0, -100.0, 0.0],
+    [-100.0, 100.0, -np.inf, -np.inf],
+    [-np.inf, 3.0, -np.inf, -100.0],
+    [100.0, -100.0, 50.0, -np.inf],
+  ],
+  np.float32,
+)
 EXTREME_LABELS = np.array([0, 0, 1, 2], np.int32)
 EXTREME_PROBS = np.array(
-    [[0.7, 0.2, 0.1, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.3, 0.3, 0.4, 0.0]],
-    np.float32)
+  [[0.7, 0.2, 0.1, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.3, 0.3, 0.4, 0.0]],
+  np.float32,
+)
 
 ALL_VARIANTS = [
-    pytest.param(xent_jax.focal_loss, dict(gamma=2.0), id="focal"),
-    pytest.param(xent_jax.focal_loss, dict(gamma=0.3, alpha=0.5), id="focal_gamma_below_1"),
-    pytest.param(xent_jax.poly1_cross_entropy, dict(epsilon=2.0), id="poly1"),
-    pytest.param(xent_jax.symmetric_cross_entropy, {}, id="symmetric"),
-    pytest.param(xent_jax.generalized_cross_entropy, dict(q=0.5), id="gce"),
-    pytest.param(xent_jax.truncated_generalized_cross_entropy, {}, id="truncated_gce"),
-    pytest.param(xent_jax.taylor_cross_entropy, dict(order=4), id="taylor"),
-    pytest.param(xent_jax.confidence_penalty_cross_entropy, dict(beta=0.2), id="confidence"),
-    pytest.param(xent_jax.bi_tempered_logistic_loss, dict(t1=0.5, t2=2.0), id="bi_tempered_t2>1"),
-    pytest.param(xent_jax.bi_tempered_logistic_loss, dict(t1=0.5, t2=0.7, num_iters=30),
-                 id="bi_tempered_t2<1"),
-    pytest.param(xent_jax.bi_tempered_logistic_loss, dict(t1=1.0, t2=1.0, label_smoothing=0.1),
-                 id="bi_tempered_ce"),
+  pytest.param(xent_jax.focal_loss, dict(gamma=2.0), id="focal"),
+  pytest.param(xent_jax.focal_loss, dict(gamma=0.3, alpha=0.5), id="focal_gamma_below_1"),
+  pytest.param(xent_jax.poly1_cross_entropy, dict(epsilon=2.0), id="poly1"),
+  pytest.param(xent_jax.symmetric_cross_entropy, {}, id="symmetric"),
+  pytest.param(xent_jax.generalized_cross_entropy, dict(q=0.5), id="gce"),
+  pytest.param(xent_jax.truncated_generalized_cross_entropy, {}, id="truncated_gce"),
+  pytest.param(xent_jax.taylor_cross_entropy, dict(order=4), id="taylor"),
+  pytest.param(xent_jax.confidence_penalty_cross_entropy, dict(beta=0.2), id="confidence"),
+  pytest.param(xent_jax.bi_tempered_logistic_loss, dict(t1=0.5, t2=2.0), id="bi_tempered_t2>1"),
+  pytest.param(
+    xent_jax.bi_tempered_logistic_loss, dict(t1=0.5, t2=0.7, num_iters=30), id="bi_tempered_t2<1"
+  ),
+  pytest.param(
+    xent_jax.bi_tempered_logistic_loss,
+    dict(t1=1.0, t2=1.0, label_smoothing=0.1),
+    id="bi_tempered_ce",
+  ),
 ]
 
 
@@ -205,21 +264,24 @@ def test_focal_gradient_at_certain_prediction_is_zero_for_gamma_below_one():
 
 
 GRAD_CASES = [
-    pytest.param(xent_jax.focal_loss, dict(gamma=2.0, alpha=ALPHA), id="focal"),
-    pytest.param(xent_jax.focal_loss, dict(gamma=0.5), id="focal_gamma_below_1"),
-    pytest.param(xent_jax.poly1_cross_entropy, dict(epsilon=1.0), id="poly1"),
-    pytest.param(xent_jax.symmetric_cross_entropy, {}, id="symmetric"),
-    pytest.param(xent_jax.generalized_cross_entropy, dict(q=0.7), id="gce"),
-    pytest.param(xent_jax.truncated_generalized_cross_entropy, dict(k=0.05), id="truncated_gce"),
-    pytest.param(xent_jax.taylor_cross_entropy, dict(order=3), id="taylor"),
-    pytest.param(xent_jax.confidence_penalty_cross_entropy, dict(beta=0.3), id="confidence"),
-    # The custom gradient is the derivative of the exactly normalized loss: converge the
-    # normalization so the forward pass is that loss too.
-    pytest.param(xent_jax.bi_tempered_logistic_loss, dict(t1=0.7, t2=1.5, num_iters=60),
-                 id="bi_tempered_t2>1"),
-    pytest.param(xent_jax.bi_tempered_logistic_loss,
-                 dict(t1=0.5, t2=0.8, label_smoothing=0.1, num_iters=60),
-                 id="bi_tempered_t2<1"),
+  pytest.param(xent_jax.focal_loss, dict(gamma=2.0, alpha=ALPHA), id="focal"),
+  pytest.param(xent_jax.focal_loss, dict(gamma=0.5), id="focal_gamma_below_1"),
+  pytest.param(xent_jax.poly1_cross_entropy, dict(epsilon=1.0), id="poly1"),
+  pytest.param(xent_jax.symmetric_cross_entropy, {}, id="symmetric"),
+  pytest.param(xent_jax.generalized_cross_entropy, dict(q=0.7), id="gce"),
+  pytest.param(xent_jax.truncated_generalized_cross_entropy, dict(k=0.05), id="truncated_gce"),
+  pytest.param(xent_jax.taylor_cross_entropy, dict(order=3), id="taylor"),
+  pytest.param(xent_jax.confidence_penalty_cross_entropy, dict(beta=0.3), id="confidence"),
+  # The custom gradient is the derivative of the exactly normalized loss: converge the
+  # normalization so the forward pass is that loss too.
+  pytest.param(
+    xent_jax.bi_tempered_logistic_loss, dict(t1=0.7, t2=1.5, num_iters=60), id="bi_tempered_t2>1"
+  ),
+  pytest.param(
+    xent_jax.bi_tempered_logistic_loss,
+    dict(t1=0.5, t2=0.8, label_smoothing=0.1, num_iters=60),
+    id="bi_tempered_t2<1",
+  ),
 ]
 
 
@@ -248,13 +310,13 @@ def test_class_axis_one_matches_last_axis(fn, hparams):
   logits_nkl = RNG.normal(size=(2, K, 3)).astype(np.float32)
   labels_nl = np.array([[0, 4, 2], [1, -100, 3]], np.int32)
   got = fn(logits_nkl, labels_nl, **hparams, axis=1, weight=WEIGHT, reduction="none")
-  want = fn(np.moveaxis(logits_nkl, 1, -1), labels_nl, **hparams, weight=WEIGHT,
-            reduction="none")
+  want = fn(np.moveaxis(logits_nkl, 1, -1), labels_nl, **hparams, weight=WEIGHT, reduction="none")
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
   probs_nkl = np.moveaxis(RNG.dirichlet(np.ones(K), size=(2, 3)), -1, 1).astype(np.float32)
   got = fn(logits_nkl, probs_nkl, **hparams, axis=1, reduction="none")
-  want = fn(np.moveaxis(logits_nkl, 1, -1), np.moveaxis(probs_nkl, 1, -1), **hparams,
-            reduction="none")
+  want = fn(
+    np.moveaxis(logits_nkl, 1, -1), np.moveaxis(probs_nkl, 1, -1), **hparams, reduction="none"
+  )
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
 
 
@@ -270,35 +332,35 @@ def test_masked_rows_like_cross_entropy(fn, hparams):
   kept = np.array([0, 4, 5])
   mean = fn(LOGITS[kept], labels[kept], **hparams, weight=WEIGHT)
   np.testing.assert_allclose(
-      np.asarray(mean), np.sum(np.asarray(loss)[kept]) / np.sum(WEIGHT[labels[kept]]), rtol=1e-6)
+    np.asarray(mean), np.sum(np.asarray(loss)[kept]) / np.sum(WEIGHT[labels[kept]]), rtol=1e-6
+  )
   none_kept = lambda x: fn(x, np.full(6, -100, np.int32), **hparams)
   assert float(none_kept(LOGITS)) == 0.0
   np.testing.assert_array_equal(np.asarray(jax.grad(none_kept)(LOGITS)), np.zeros_like(LOGITS))
 
 
 @pytest.mark.parametrize(
-    "call,name",
-    [
-        (lambda x, y: xent_jax.focal_loss(x, y, gamma=-1.0), "gamma"),
-        (lambda x, y: xent_jax.focal_loss(x, y, alpha=[1.0, -1.0, 1.0, 1.0, 1.0]), "alpha"),
-        (lambda x, y: xent_jax.focal_loss(x, y, alpha=np.ones(3)), "alpha"),
-        (lambda x, y: xent_jax.poly1_cross_entropy(x, y, epsilon=-2.0), "epsilon"),
-        (lambda x, y: xent_jax.symmetric_cross_entropy(x, y, beta=-0.1), "beta"),
-        (lambda x, y: xent_jax.symmetric_cross_entropy(x, y, log_clip=0.0), "log_clip"),
-        (lambda x, y: xent_jax.generalized_cross_entropy(x, y, q=0.0), "q"),
-        (lambda x, y: xent_jax.generalized_cross_entropy(x, y, q=1.5), "q"),
-        (lambda x, y: xent_jax.truncated_generalized_cross_entropy(x, y, k=1.0), "k"),
-        (lambda x, y: xent_jax.taylor_cross_entropy(x, y, order=0), "order"),
-        (lambda x, y: xent_jax.confidence_penalty_cross_entropy(x, y, beta=-1.0), "beta"),
-        (lambda x, y: xent_jax.bi_tempered_logistic_loss(x, y, t1=1.5), "t1"),
-        (lambda x, y: xent_jax.bi_tempered_logistic_loss(x, y, t2=0.0), "t2"),
-        (lambda x, y: xent_jax.bi_tempered_logistic_loss(x, y, label_smoothing=1.0),
-         "label_smoothing"),
-        (lambda x, y: xent_jax.bi_tempered_logistic_loss(x, y, num_iters=0), "num_iters"),
-        (lambda x, y: xent_jax.focal_loss(x, y, reduction="avg"), "reduction"),
-        (lambda x, y: xent_jax.poly1_cross_entropy(x, y, where=np.ones(4, bool)), "where"),
-        (lambda x, y: xent_jax.taylor_cross_entropy(x, y, axis=2), "axis"),
-    ],
+  "call,name",
+  [
+    (lambda x, y: xent_jax.focal_loss(x, y, gamma=-1.0), "gamma"),
+    (lambda x, y: xent_jax.focal_loss(x, y, alpha=[1.0, -1.0, 1.0, 1.0, 1.0]), "alpha"),
+    (lambda x, y: xent_jax.focal_loss(x, y, alpha=np.ones(3)), "alpha"),
+    (lambda x, y: xent_jax.poly1_cross_entropy(x, y, epsilon=-2.0), "epsilon"),
+    (lambda x, y: xent_jax.symmetric_cross_entropy(x, y, beta=-0.1), "beta"),
+    (lambda x, y: xent_jax.symmetric_cross_entropy(x, y, log_clip=0.0), "log_clip"),
+    (lambda x, y: xent_jax.generalized_cross_entropy(x, y, q=0.0), "q"),
+    (lambda x, y: xent_jax.generalized_cross_entropy(x, y, q=1.5), "q"),
+    (lambda x, y: xent_jax.truncated_generalized_cross_entropy(x, y, k=1.0), "k"),
+    (lambda x, y: xent_jax.taylor_cross_entropy(x, y, order=0), "order"),
+    (lambda x, y: xent_jax.confidence_penalty_cross_entropy(x, y, beta=-1.0), "beta"),
+    (lambda x, y: xent_jax.bi_tempered_logistic_loss(x, y, t1=1.5), "t1"),
+    (lambda x, y: xent_jax.bi_tempered_logistic_loss(x, y, t2=0.0), "t2"),
+    (lambda x, y: xent_jax.bi_tempered_logistic_loss(x, y, label_smoothing=1.0), "label_smoothing"),
+    (lambda x, y: xent_jax.bi_tempered_logistic_loss(x, y, num_iters=0), "num_iters"),
+    (lambda x, y: xent_jax.focal_loss(x, y, reduction="avg"), "reduction"),
+    (lambda x, y: xent_jax.poly1_cross_entropy(x, y, where=np.ones(4, bool)), "where"),
+    (lambda x, y: xent_jax.taylor_cross_entropy(x, y, axis=2), "axis"),
+  ],
 )
 def test_bad_options_raise_value_error_naming_them(call, name):
   with pytest.raises(ValueError, match=f"`{name}`"):
@@ -306,16 +368,17 @@ def test_bad_options_raise_value_error_naming_them(call, name):
 
 
 @pytest.mark.parametrize(
-    "call,name",
-    [
-        (lambda: xent_jax.taylor_cross_entropy(LOGITS, INT_LABELS, order=2.0), "order"),
-        (lambda: xent_jax.bi_tempered_logistic_loss(LOGITS, INT_LABELS, num_iters=5.0),
-         "num_iters"),
-        (lambda: jax.jit(lambda t: xent_jax.bi_tempered_logistic_loss(LOGITS, INT_LABELS, t2=t))(
-            1.5), "t2"),
-        (lambda: xent_jax.focal_loss(LOGITS.astype(np.int32), INT_LABELS), "logits"),
-        (lambda: xent_jax.focal_loss(LOGITS, INT_LABELS.astype(bool)), "labels"),
-    ],
+  "call,name",
+  [
+    (lambda: xent_jax.taylor_cross_entropy(LOGITS, INT_LABELS, order=2.0), "order"),
+    (lambda: xent_jax.bi_tempered_logistic_loss(LOGITS, INT_LABELS, num_iters=5.0), "num_iters"),
+    (
+      lambda: jax.jit(lambda t: xent_jax.bi_tempered_logistic_loss(LOGITS, INT_LABELS, t2=t))(1.5),
+      "t2",
+    ),
+    (lambda: xent_jax.focal_loss(LOGITS.astype(np.int32), INT_LABELS), "logits"),
+    (lambda: xent_jax.focal_loss(LOGITS, INT_LABELS.astype(bool)), "labels"),
+  ],
 )
 def test_bad_types_raise_type_error_naming_them(call, name):
   with pytest.raises(TypeError, match=f"`{name}`"):
@@ -334,16 +397,22 @@ def test_hparams_may_be_traced_except_static_ones():
   assert np.isfinite(float(grad_gamma))
   jitted = jax.jit(lambda x, q: xent_jax.generalized_cross_entropy(x, INT_LABELS, q=q))
   np.testing.assert_allclose(
-      float(jitted(LOGITS, 0.3)),
-      float(xent_jax.generalized_cross_entropy(LOGITS, INT_LABELS, q=0.3)), rtol=1e-6)
+    float(jitted(LOGITS, 0.3)),
+    float(xent_jax.generalized_cross_entropy(LOGITS, INT_LABELS, q=0.3)),
+    rtol=1e-6,
+  )
 
 
 class TestBiTemperedAgainstPublishedImplementation:
   """Known values: the paper authors' JAX code, ``jax-bitempered-loss`` on PyPI (optional)."""
 
   SETTINGS = [
-      (0.8, 1.2, 0.0, 5), (0.5, 4.0, 0.1, 5), (1.0, 1.0, 0.0, 5), (0.2, 0.8, 0.0, 20),
-      (1.0, 1.5, 0.2, 5), (0.7, 1.0, 0.0, 5),
+    (0.8, 1.2, 0.0, 5),
+    (0.5, 4.0, 0.1, 5),
+    (1.0, 1.0, 0.0, 5),
+    (0.2, 0.8, 0.0, 20),
+    (1.0, 1.5, 0.2, 5),
+    (0.7, 1.0, 0.0, 5),
   ]
 
   @pytest.mark.parametrize("t1,t2,smoothing,num_iters", SETTINGS)
@@ -352,16 +421,19 @@ class TestBiTemperedAgainstPublishedImplementation:
     published = pytest.importorskip("jax_bitempered_loss.loss")
     labels = np.array([0, 3, 2, 4, 1, 2], np.int32) if label_kind == "integer" else PROBS
     targets = np.eye(K, dtype=np.float32)[labels] if label_kind == "integer" else PROBS
-    theirs = lambda x: published.bi_tempered_logistic_loss(x, targets, t1, t2, smoothing,
-                                                          num_iters)
+    theirs = lambda x: published.bi_tempered_logistic_loss(x, targets, t1, t2, smoothing, num_iters)
     ours = lambda x: xent_jax.bi_tempered_logistic_loss(
-        x, labels, t1=t1, t2=t2, label_smoothing=smoothing, num_iters=num_iters,
-        reduction="none")
-    np.testing.assert_allclose(np.asarray(ours(LOGITS)), np.asarray(theirs(LOGITS)),
-                               rtol=1e-5, atol=1e-6)
+      x, labels, t1=t1, t2=t2, label_smoothing=smoothing, num_iters=num_iters, reduction="none"
+    )
     np.testing.assert_allclose(
-        np.asarray(jax.grad(lambda x: jnp.sum(ours(x)))(LOGITS)),
-        np.asarray(jax.grad(lambda x: jnp.sum(theirs(x)))(LOGITS)), rtol=1e-5, atol=1e-6)
+      np.asarray(ours(LOGITS)), np.asarray(theirs(LOGITS)), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+      np.asarray(jax.grad(lambda x: jnp.sum(ours(x)))(LOGITS)),
+      np.asarray(jax.grad(lambda x: jnp.sum(theirs(x)))(LOGITS)),
+      rtol=1e-5,
+      atol=1e-6,
+    )
 
 
 def test_tempered_softmax_sums_to_one():

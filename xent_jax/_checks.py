@@ -24,14 +24,14 @@ def check_floating(fn: str, name: str, x: jax.typing.ArrayLike) -> None:
 
 
 def check_in_range(
-    fn: str,
-    name: str,
-    value: Any,
-    low: float,
-    high: float,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
+  fn: str,
+  name: str,
+  value: Any,
+  low: float,
+  high: float,
+  *,
+  low_open: bool = False,
+  high_open: bool = False,
 ) -> None:
   """Raises ``ValueError`` unless the Python scalar ``value`` lies in the given interval.
 
@@ -61,14 +61,13 @@ def check_real_scalar(fn: str, name: str, value: Any) -> None:
   else:
     dtype = getattr(value, "dtype", None)
     real = (
-        dtype is not None
-        and np.ndim(value) == 0
-        and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+      dtype is not None
+      and np.ndim(value) == 0
+      and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
     )
   if not real:
     raise TypeError(
-        f"{fn}: `{name}` must be a real number (int or float), got {type(value).__name__} "
-        f"{value!r}."
+      f"{fn}: `{name}` must be a real number (int or float), got {type(value).__name__} {value!r}."
     )
 
 
@@ -80,8 +79,7 @@ def check_has_classes(fn: str, name: str, shape: Sequence[int], axis: int) -> No
   """
   if shape[axis] == 0:
     raise ValueError(
-        f"{fn}: `{name}` must have at least one class along axis {axis}, got shape "
-        f"{tuple(shape)}."
+      f"{fn}: `{name}` must have at least one class along axis {axis}, got shape {tuple(shape)}."
     )
 
 
@@ -107,23 +105,21 @@ def canonical_axis(fn: str, axis: Any, ndim: int) -> int:
 def check_shape(fn: str, name: str, x: jax.typing.ArrayLike, expected: Sequence[int]) -> None:
   """Asserts (chex, trace time) that ``x`` has shape ``expected``; the message names ``name``."""
   chex.assert_shape(
-      x,
-      tuple(expected),
-      custom_message=f"{fn}: `{name}` must have shape {tuple(expected)}, got {jnp.shape(x)}.",
+    x,
+    tuple(expected),
+    custom_message=f"{fn}: `{name}` must have shape {tuple(expected)}, got {jnp.shape(x)}.",
   )
 
 
-def check_broadcastable(
-    fn: str, name: str, x: jax.typing.ArrayLike, target: Sequence[int]
-) -> None:
+def check_broadcastable(fn: str, name: str, x: jax.typing.ArrayLike, target: Sequence[int]) -> None:
   """Raises ``ValueError`` unless ``x`` broadcasts to ``target`` (used for masks)."""
   try:
     np.broadcast_shapes(np.shape(x), tuple(target))
   except ValueError:
     raise ValueError(
-        f"{fn}: `{name}` must be broadcastable to shape {tuple(target)}, got {np.shape(x)}."
+      f"{fn}: `{name}` must be broadcastable to shape {tuple(target)}, got {np.shape(x)}."
     ) from None
   if len(np.shape(x)) > len(target):
     raise ValueError(
-        f"{fn}: `{name}` must be broadcastable to shape {tuple(target)}, got {np.shape(x)}."
+      f"{fn}: `{name}` must be broadcastable to shape {tuple(target)}, got {np.shape(x)}."
     )

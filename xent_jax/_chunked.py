@@ -41,23 +41,27 @@ def default_chunk(num_classes: int, rows: int) -> int:
 
 def check_chunk(fn: str, token_chunk_size) -> None:
   """Raises ``ValueError`` naming ``token_chunk_size`` unless it is a positive int."""
-  if isinstance(token_chunk_size, bool) or not isinstance(token_chunk_size, (int, np.integer)) \
-      or token_chunk_size < 1:
-    raise ValueError(f"{fn}: `token_chunk_size` must be a positive int or None, got "
-                     f"{token_chunk_size!r}.")
+  if (
+    isinstance(token_chunk_size, bool)
+    or not isinstance(token_chunk_size, (int, np.integer))
+    or token_chunk_size < 1
+  ):
+    raise ValueError(
+      f"{fn}: `token_chunk_size` must be a positive int or None, got {token_chunk_size!r}."
+    )
 
 
 def chunked_linear_loss(
-    fn: str,
-    row_loss: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]],
-    hidden: jax.Array,
-    weight: jax.Array,
-    labels: jax.Array,
-    valid: jax.Array,
-    *,
-    bias: jax.Array | None,
-    weight_layout: str,
-    token_chunk_size: int | None,
+  fn: str,
+  row_loss: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]],
+  hidden: jax.Array,
+  weight: jax.Array,
+  labels: jax.Array,
+  valid: jax.Array,
+  *,
+  bias: jax.Array | None,
+  weight_layout: str,
+  token_chunk_size: int | None,
 ) -> tuple[jax.Array, dict]:
   """Per-row losses of ``row_loss`` on ``hidden @ weight.T + bias``, chunk by chunk.
 
@@ -86,21 +90,23 @@ def chunked_linear_loss(
   num_chunks = -(-n // chunk)
   pad = num_chunks * chunk - n
   padded = lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(
-      (num_chunks, chunk) + a.shape[1:]
+    (num_chunks, chunk) + a.shape[1:]
   )
   spec = "td,vd->tv" if weight_layout == "vd" else "td,dv->tv"
 
   @jax.checkpoint
   def chunk_loss(hidden_TxD, labels_T, valid_T):
-    logits_TxV = jnp.einsum(spec, hidden_TxD, weight, preferred_element_type=jnp.result_type(
-        hidden.dtype, weight.dtype))
+    logits_TxV = jnp.einsum(
+      spec, hidden_TxD, weight, preferred_element_type=jnp.result_type(hidden.dtype, weight.dtype)
+    )
     if bias is not None:
       logits_TxV = logits_TxV + bias.reshape(1, -1).astype(logits_TxV.dtype)
     return row_loss(logits_TxV, labels_T, valid_T)
 
   _, (loss, extras) = lax.scan(
-      lambda carry, xs: (carry, chunk_loss(*xs)), None,
-      (padded(hidden), padded(labels), padded(valid)),
+    lambda carry, xs: (carry, chunk_loss(*xs)),
+    None,
+    (padded(hidden), padded(labels), padded(valid)),
   )
   unpad = lambda a: a.reshape((num_chunks * chunk,) + a.shape[2:])[:n]
   return unpad(loss), jax.tree.map(unpad, extras)
@@ -112,16 +118,19 @@ def check_linear_shapes(fn: str, hidden, weight, labels, weight_layout: str, bia
   _checks.check_floating(fn, "weight", weight)
   _checks.check_choice(fn, "weight_layout", weight_layout, ("vd", "dv"))
   if np.ndim(weight) != 2:
-    raise ValueError(f"{fn}: `weight` must have shape [V, D] (weight_layout='vd') or [D, V] "
-                     f"('dv'), got {np.shape(weight)}.")
+    raise ValueError(
+      f"{fn}: `weight` must have shape [V, D] (weight_layout='vd') or [D, V] "
+      f"('dv'), got {np.shape(weight)}."
+    )
   vocab_axis = 0 if weight_layout == "vd" else 1
   _checks.check_has_classes(fn, "weight", np.shape(weight), vocab_axis)
   num_classes, features = np.shape(weight)[vocab_axis], np.shape(weight)[1 - vocab_axis]
   if np.ndim(hidden) < 1 or np.shape(hidden)[-1] != features:
     raise ValueError(
-        f"{fn}: `hidden`'s last dimension must equal `weight`'s feature dimension ({features} for "
-        f"weight_layout={weight_layout!r}, `weight` {np.shape(weight)}), got `hidden` "
-        f"{np.shape(hidden)}.")
+      f"{fn}: `hidden`'s last dimension must equal `weight`'s feature dimension ({features} for "
+      f"weight_layout={weight_layout!r}, `weight` {np.shape(weight)}), got `hidden` "
+      f"{np.shape(hidden)}."
+    )
   if bias is not None:
     _checks.check_floating(fn, "bias", bias)
     _checks.check_shape(fn, "bias", bias, (num_classes,))
@@ -129,16 +138,16 @@ def check_linear_shapes(fn: str, hidden, weight, labels, weight_layout: str, bia
 
 
 def one_pass_linear_sum(
-    row_loss: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]],
-    hidden: jax.Array,
-    weight: jax.Array,
-    bias: jax.Array | None,
-    labels: jax.Array,
-    valid: jax.Array,
-    scale: jax.Array,
-    *,
-    weight_layout: str,
-    chunk: int,
+  row_loss: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]],
+  hidden: jax.Array,
+  weight: jax.Array,
+  bias: jax.Array | None,
+  labels: jax.Array,
+  valid: jax.Array,
+  scale: jax.Array,
+  *,
+  weight_layout: str,
+  chunk: int,
 ) -> jax.Array:
   r""":math:`\sum_i s_i \ell_i` with its gradients computed in the forward pass: three matmuls.
 
@@ -162,36 +171,51 @@ def one_pass_linear_sum(
   num_chunks = -(-n // chunk)
   pad = num_chunks * chunk - n
   padded = lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(
-      (num_chunks, chunk) + a.shape[1:])
+    (num_chunks, chunk) + a.shape[1:]
+  )
   acc = jnp.promote_types(jnp.result_type(hidden.dtype, weight.dtype), jnp.float32)
   spec = "td,vd->tv" if weight_layout == "vd" else "td,dv->tv"
-  bias_V = jnp.zeros((weight.shape[0 if weight_layout == "vd" else 1],), acc) if bias is None \
-      else bias
+  bias_V = (
+    jnp.zeros((weight.shape[0 if weight_layout == "vd" else 1],), acc) if bias is None else bias
+  )
 
   def forward(hidden, weight, bias_V, labels, valid, scale):
     def step(carry, xs):
       d_weight, d_bias = carry
       hidden_TxD, labels_T, valid_T, scale_T = xs
-      logits_TxV = jnp.einsum(spec, hidden_TxD, weight,
-                              preferred_element_type=jnp.result_type(hidden.dtype, weight.dtype))
+      logits_TxV = jnp.einsum(
+        spec, hidden_TxD, weight, preferred_element_type=jnp.result_type(hidden.dtype, weight.dtype)
+      )
       logits_TxV = logits_TxV + bias_V.reshape(1, -1).astype(logits_TxV.dtype)
       total_T, pullback = jax.vjp(
-          lambda x: jnp.sum(scale_T * row_loss(x, labels_T, valid_T)[0]), logits_TxV)
+        lambda x: jnp.sum(scale_T * row_loss(x, labels_T, valid_T)[0]), logits_TxV
+      )
       (g_TxV,) = pullback(jnp.ones_like(total_T))
       g = g_TxV.astype(jnp.result_type(hidden.dtype, weight.dtype))
-      d_hidden_TxD = jnp.einsum("tv,vd->td" if weight_layout == "vd" else "tv,dv->td", g, weight,
-                                preferred_element_type=acc)
-      grad_weight = jnp.einsum("tv,td->vd" if weight_layout == "vd" else "tv,td->dv", g,
-                               hidden_TxD, preferred_element_type=acc)
+      d_hidden_TxD = jnp.einsum(
+        "tv,vd->td" if weight_layout == "vd" else "tv,dv->td", g, weight, preferred_element_type=acc
+      )
+      grad_weight = jnp.einsum(
+        "tv,td->vd" if weight_layout == "vd" else "tv,td->dv",
+        g,
+        hidden_TxD,
+        preferred_element_type=acc,
+      )
       return (d_weight + grad_weight, d_bias + jnp.sum(g_TxV, axis=0).astype(acc)), (
-          total_T, d_hidden_TxD)
+        total_T,
+        d_hidden_TxD,
+      )
 
     init = (jnp.zeros(weight.shape, acc), jnp.zeros(bias_V.shape, acc))
     (d_weight, d_bias), (totals, d_hidden) = lax.scan(
-        step, init, (padded(hidden), padded(labels), padded(valid), padded(scale)))
+      step, init, (padded(hidden), padded(labels), padded(valid), padded(scale))
+    )
     d_hidden = d_hidden.reshape((num_chunks * chunk,) + d_hidden.shape[2:])[:n]
-    return jnp.sum(totals), (d_hidden.astype(hidden.dtype), d_weight.astype(weight.dtype),
-                             d_bias.astype(bias_V.dtype))
+    return jnp.sum(totals), (
+      d_hidden.astype(hidden.dtype),
+      d_weight.astype(weight.dtype),
+      d_bias.astype(bias_V.dtype),
+    )
 
   @jax.custom_vjp
   def summed(hidden, weight, bias_V, labels, valid, scale):

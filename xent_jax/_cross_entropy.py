@@ -51,15 +51,15 @@ def finite_logsumexp(logits: jax.Array, cap: float | None = None) -> jax.Array:
 
 
 def integer_label_loss(
-    lse: jax.Array,
-    target_logit: jax.Array,
-    sum_weighted_logits: jax.Array | None,
-    target_weight: jax.Array,
-    total_weight: jax.Array | float,
-    target: SmoothedTarget,
-    z_loss: float,
-    *,
-    z_lse: jax.Array | None = None,
+  lse: jax.Array,
+  target_logit: jax.Array,
+  sum_weighted_logits: jax.Array | None,
+  target_weight: jax.Array,
+  total_weight: jax.Array | float,
+  target: SmoothedTarget,
+  z_loss: float,
+  *,
+  z_lse: jax.Array | None = None,
 ) -> jax.Array:
   """Per-row loss from per-row statistics (the formula in the module docstring).
 
@@ -91,7 +91,9 @@ def integer_label_loss(
   if target.off:
     loss = loss - target.off * sum_weighted_logits
   if target.xlogx_on or target.xlogx_off:
-    loss = loss + (target_weight * target.xlogx_on + (total_weight - target_weight) * target.xlogx_off)
+    loss = loss + (
+      target_weight * target.xlogx_on + (total_weight - target_weight) * target.xlogx_off
+    )
   if z_loss:
     loss = loss + z_loss * target_weight * jnp.square(lse if z_lse is None else z_lse)
   return loss
@@ -113,7 +115,11 @@ def cross_entropy_head(smoothing: str, z_loss: float) -> _heads.Head:
       others = target.total_weight - target.target_weight
       extra = extra + target.target_weight * xlogx(target.on) + others * xlogx(target.off)
     if t5x and not target.integer:
-      w = 1.0 if target.class_weight is None else along_classes(target.class_weight, target.probs.ndim)
+      w = (
+        1.0
+        if target.class_weight is None
+        else along_classes(target.class_weight, target.probs.ndim)
+      )
       extra = extra + jnp.sum(jax.scipy.special.xlogy(target.probs, target.probs) * w, axis=-1)
     if z_loss:
       extra = extra + z_loss * target.target_weight * jnp.square(stats.lse)
@@ -124,15 +130,15 @@ def cross_entropy_head(smoothing: str, z_loss: float) -> _heads.Head:
 
 
 def integer_cross_entropy_last_axis(
-    logits: jax.Array,
-    labels: jax.Array,
-    *,
-    class_weight: jax.Array | None,
-    valid: jax.Array,
-    target: SmoothedTarget,
-    z_loss: float,
-    logit_softcap: float | None,
-    smoothing: str = "uniform",
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  class_weight: jax.Array | None,
+  valid: jax.Array,
+  target: SmoothedTarget,
+  z_loss: float,
+  logit_softcap: float | None,
+  smoothing: str = "uniform",
 ) -> tuple[jax.Array, jax.Array]:
   """Per-example loss and logsumexp for integer labels, classes on the last axis (no checks).
 
@@ -157,22 +163,27 @@ def integer_cross_entropy_last_axis(
   in_range = (labels >= 0) & (labels < num_classes)
   safe_labels = jnp.where(valid & in_range, labels, jnp.zeros_like(labels))
   loss, stats = _heads.integer_loss(
-      head, logits, safe_labels, class_weight=class_weight, on=target.on, off=target.off,
-      logit_softcap=logit_softcap,
+    head,
+    logits,
+    safe_labels,
+    class_weight=class_weight,
+    on=target.on,
+    off=target.off,
+    logit_softcap=logit_softcap,
   )
   return mask_rows(loss, valid, valid & ~in_range), stats.lse
 
 
 def dense_cross_entropy_last_axis(
-    logits: jax.Array,
-    labels: jax.Array,
-    *,
-    class_weight: jax.Array | None,
-    valid: jax.Array,
-    label_smoothing: float,
-    smoothing: str,
-    z_loss: float,
-    logit_softcap: float | None,
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  class_weight: jax.Array | None,
+  valid: jax.Array,
+  label_smoothing: float,
+  smoothing: str,
+  z_loss: float,
+  logit_softcap: float | None,
 ) -> tuple[jax.Array, jax.Array]:
   """Per-example loss and logsumexp for probability labels, classes on the last axis (no checks).
 
@@ -185,21 +196,25 @@ def dense_cross_entropy_last_axis(
   eps = float(label_smoothing)
   head = cross_entropy_head(smoothing if eps else "uniform", float(z_loss))
   loss, stats = _heads.probability_loss(
-      head, logits, labels, smooth=lambda q: smooth_probabilities(q, eps, smoothing),
-      class_weight=class_weight, logit_softcap=logit_softcap,
+    head,
+    logits,
+    labels,
+    smooth=lambda q: smooth_probabilities(q, eps, smoothing),
+    class_weight=class_weight,
+    logit_softcap=logit_softcap,
   )
   valid = jnp.broadcast_to(valid, labels.shape[:-1])
   return jnp.where(valid, loss, jnp.zeros_like(loss)), stats.lse
 
 
 def check_common_options(
-    fn: str,
-    *,
-    label_smoothing: float,
-    smoothing: str,
-    z_loss: float,
-    logit_softcap: float | None,
-    reduction: str | None = None,
+  fn: str,
+  *,
+  label_smoothing: float,
+  smoothing: str,
+  z_loss: float,
+  logit_softcap: float | None,
+  reduction: str | None = None,
 ) -> None:
   """Validates the options every cross-entropy entry point shares, naming the bad one."""
   _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
@@ -212,19 +227,19 @@ def check_common_options(
 
 
 def cross_entropy(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    axis: int = -1,
-    weight: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    smoothing: str = "uniform",
-    z_loss: float = 0.0,
-    logit_softcap: float | None = None,
-    where: jax.typing.ArrayLike | None = None,
-    return_lse: bool = False,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  axis: int = -1,
+  weight: jax.typing.ArrayLike | None = None,
+  ignore_index: int | None = -100,
+  reduction: str = "mean",
+  label_smoothing: float = 0.0,
+  smoothing: str = "uniform",
+  z_loss: float = 0.0,
+  logit_softcap: float | None = None,
+  where: jax.typing.ArrayLike | None = None,
+  return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r"""Softmax cross-entropy with every option, following PyTorch's rules.
 
@@ -277,17 +292,26 @@ def cross_entropy(
   """
   fn = "cross_entropy"
   check_common_options(
-      fn,
-      label_smoothing=label_smoothing,
-      smoothing=smoothing,
-      z_loss=z_loss,
-      logit_softcap=logit_softcap,
-      reduction=reduction,
+    fn,
+    label_smoothing=label_smoothing,
+    smoothing=smoothing,
+    z_loss=z_loss,
+    logit_softcap=logit_softcap,
+    reduction=reduction,
   )
   head = cross_entropy_head(smoothing, float(z_loss))
   reduced, lse = _heads.dense_loss(
-      fn, head, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
-      reduction=reduction, where=where, label_smoothing=label_smoothing, smoothing=smoothing,
-      logit_softcap=logit_softcap,
+    fn,
+    head,
+    logits,
+    labels,
+    axis=axis,
+    weight=weight,
+    ignore_index=ignore_index,
+    reduction=reduction,
+    where=where,
+    label_smoothing=label_smoothing,
+    smoothing=smoothing,
+    logit_softcap=logit_softcap,
   )
   return (reduced, lse) if return_lse else reduced

@@ -65,7 +65,7 @@ def softcap_grad(capped: jax.Array, cap: float | None) -> jax.Array | float:
 
 
 def logsumexp_parts(
-    logits: jax.Array, cap: float | None = None, vocab_axis: Hashable | None = None
+  logits: jax.Array, cap: float | None = None, vocab_axis: Hashable | None = None
 ) -> tuple[jax.Array, jax.Array]:
   """The row maximum :math:`m` and :math:`\\log\\sum_c e^{x_c - m}` of
   :math:`x = c\\tanh(\\text{logits}/c)` over the last axis.
@@ -213,8 +213,9 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
     num_local = logits.shape[-1]
     local = _local_labels(labels, num_local, axis)
     owned = (local >= 0) & (local < num_local)
-    raw = jnp.take_along_axis(barrier(logits), jnp.clip(local, 0, num_local - 1)[..., None],
-                              axis=-1)[..., 0]
+    raw = jnp.take_along_axis(
+      barrier(logits), jnp.clip(local, 0, num_local - 1)[..., None], axis=-1
+    )[..., 0]
     target = softcap(raw.astype(dtype), cfg.logit_softcap) - m
     if axis is not None:
       target = lax.psum(jnp.where(owned, target, jnp.zeros_like(target)), axis)
@@ -266,7 +267,7 @@ def _tangent(cfg: _Config, logits, labels, betas, stats: RowStats, totals, t_log
       spread = c - stats.mean_logit[..., None] + 1.0
       d_mean = _class_sum(_p_times(p, spread) * dx, axis)
   for k, (f, beta_fn, operands, t_operands) in enumerate(
-      zip(cfg.class_fns, cfg.beta_fns, betas, t_betas)
+    zip(cfg.class_fns, cfg.beta_fns, betas, t_betas)
   ):
     if all(t is None for t in t_operands):
       continue
@@ -289,7 +290,7 @@ def _row_stats_jvp(cfg, primals, tangents):
   stats, totals = _forward(logits, labels, betas, cfg, slopes=True)
   nonzero = lambda t: None if isinstance(t, SymbolicZero) else t
   tangent_fn = jax.checkpoint(
-      functools.partial(_tangent, cfg), policy=jax.checkpoint_policies.nothing_saveable
+    functools.partial(_tangent, cfg), policy=jax.checkpoint_policies.nothing_saveable
   )
   t_betas = tuple(tuple(nonzero(t) for t in ts) for ts in t_betas)
   tangent = tangent_fn(logits, labels, betas, stats, totals, nonzero(t_logits), t_betas)
@@ -300,13 +301,13 @@ _row_stats.defjvp(_row_stats_jvp, symbolic_zeros=True)
 
 
 def row_stats(
-    logits: jax.Array,
-    labels: jax.Array | None = None,
-    class_sums: tuple[ClassSum, ...] = (),
-    *,
-    logit_softcap: float | None = None,
-    entropy: bool = False,
-    vocab_axis: Hashable | None = None,
+  logits: jax.Array,
+  labels: jax.Array | None = None,
+  class_sums: tuple[ClassSum, ...] = (),
+  *,
+  logit_softcap: float | None = None,
+  entropy: bool = False,
+  vocab_axis: Hashable | None = None,
 ) -> RowStats:
   """The per-row statistics of ``logits`` over its last axis (no argument checks).
 
@@ -327,11 +328,11 @@ def row_stats(
     :class:`RowStats` of ``[...]`` arrays in float32 (float64 for float64 logits).
   """
   cfg = _Config(
-      logit_softcap,
-      tuple(c.fn for c in class_sums),
-      tuple(c.beta_fn for c in class_sums),
-      bool(entropy),
-      vocab_axis,
+    logit_softcap,
+    tuple(c.fn for c in class_sums),
+    tuple(c.beta_fn for c in class_sums),
+    bool(entropy),
+    vocab_axis,
   )
   operands = tuple(tuple(jnp.asarray(o) for o in c.operands) for c in class_sums)
   return _row_stats(logits, labels, operands, cfg)

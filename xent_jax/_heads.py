@@ -53,7 +53,7 @@ class SmoothedTarget(NamedTuple):
 
 
 def smoothed_target(
-    num_classes: int, label_smoothing: float, smoothing: str = "uniform"
+  num_classes: int, label_smoothing: float, smoothing: str = "uniform"
 ) -> SmoothedTarget:
   """The on/off values of a smoothed one-hot target over ``num_classes`` classes.
 
@@ -78,7 +78,7 @@ def mask_rows(loss: jax.Array, valid: jax.Array, bad: jax.Array) -> jax.Array:
 
 
 def smooth_probabilities(
-    q: jax.Array, label_smoothing: float, smoothing: str, num_classes: int | None = None
+  q: jax.Array, label_smoothing: float, smoothing: str, num_classes: int | None = None
 ) -> jax.Array:
   """The smoothed target: 'uniform' :math:`(1-\\epsilon)q + \\epsilon/K`; 't5x'
   :math:`(1-\\epsilon)q + \\epsilon(1-q)/(K-1)`."""
@@ -166,8 +166,11 @@ def _class_beta(class_weight, class_factor, num_classes: int, dtype) -> jax.Arra
 
 
 def target_weights(
-    class_weight: jax.Array | None, labels: jax.Array, num_local: int, dtype,
-    vocab_axis: Hashable | None = None,
+  class_weight: jax.Array | None,
+  labels: jax.Array,
+  num_local: int,
+  dtype,
+  vocab_axis: Hashable | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """``(w_y [...], W)``: each row's target weight and the total class weight.
 
@@ -188,15 +191,15 @@ def target_weights(
 
 
 def integer_loss(
-    head: Head,
-    logits: jax.Array,
-    labels: jax.Array,
-    *,
-    class_weight: jax.Array | None,
-    on: float,
-    off: float,
-    logit_softcap: float | None,
-    vocab_axis: Hashable | None = None,
+  head: Head,
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  class_weight: jax.Array | None,
+  on: float,
+  off: float,
+  logit_softcap: float | None,
+  vocab_axis: Hashable | None = None,
 ) -> tuple[jax.Array, RowStats]:
   """Per-row loss of ``head`` for integer labels, classes on the last axis (no checks, no mask).
 
@@ -218,7 +221,10 @@ def integer_loss(
   num_local = logits.shape[-1]
   num_classes, start = num_local, 0
   if vocab_axis is not None:
-    num_classes, start = num_local * lax.axis_size(vocab_axis), lax.axis_index(vocab_axis) * num_local
+    num_classes, start = (
+      num_local * lax.axis_size(vocab_axis),
+      lax.axis_index(vocab_axis) * num_local,
+    )
   local_factor = head.class_factor
   if local_factor is not None and vocab_axis is not None:
     local_factor = lax.dynamic_slice_in_dim(local_factor, start, num_local)
@@ -226,8 +232,12 @@ def integer_loss(
   if off:
     sums = (ClassSum(head.class_fn, (_class_beta(class_weight, local_factor, num_local, dtype),)),)
   stats = _engine.row_stats(
-      logits, labels, sums, logit_softcap=logit_softcap, entropy=head.entropy,
-      vocab_axis=vocab_axis,
+    logits,
+    labels,
+    sums,
+    logit_softcap=logit_softcap,
+    entropy=head.entropy,
+    vocab_axis=vocab_axis,
   )
   target_weight, total_weight = target_weights(class_weight, labels, num_local, dtype, vocab_axis)
   factor = _gather(head.class_factor, labels, dtype)
@@ -242,13 +252,13 @@ def integer_loss(
 
 
 def probability_loss(
-    head: Head,
-    logits: jax.Array,
-    labels: jax.Array,
-    *,
-    smooth: Callable[[jax.Array], jax.Array],
-    class_weight: jax.Array | None,
-    logit_softcap: float | None,
+  head: Head,
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  smooth: Callable[[jax.Array], jax.Array],
+  class_weight: jax.Array | None,
+  logit_softcap: float | None,
 ) -> tuple[jax.Array, RowStats]:
   """Per-row loss of ``head`` for a target distribution (no checks, no mask).
 
@@ -276,7 +286,7 @@ def probability_loss(
   if class_weight is not None:
     mass = jnp.sum(probs * _along_classes(class_weight.astype(dtype), probs.ndim), axis=-1)
   target = Target(
-      False, 1.0, 0.0, jnp.ones_like(mass), total_weight, mass, probs, class_weight, labels, smooth
+    False, 1.0, 0.0, jnp.ones_like(mass), total_weight, mass, probs, class_weight, labels, smooth
   )
   if class_beta is None:
     main = ClassSum(head.class_fn, (labels,), smooth)
@@ -285,7 +295,7 @@ def probability_loss(
     main = ClassSum(head.class_fn, (labels, class_beta), weighted)
   extra = head.extra_sums(target) if head.extra_sums is not None else ()
   stats = _engine.row_stats(
-      logits, None, (main, *extra), logit_softcap=logit_softcap, entropy=head.entropy
+    logits, None, (main, *extra), logit_softcap=logit_softcap, entropy=head.entropy
   )
   loss = stats.class_sums[0]
   if head.row_term is not None:
@@ -294,19 +304,19 @@ def probability_loss(
 
 
 def dense_loss(
-    fn: str,
-    head: Head,
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    axis: int,
-    weight: jax.typing.ArrayLike | None,
-    ignore_index: int | None,
-    reduction: str,
-    where: jax.typing.ArrayLike | None,
-    label_smoothing: float = 0.0,
-    smoothing: str = "uniform",
-    logit_softcap: float | None = None,
+  fn: str,
+  head: Head,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  axis: int,
+  weight: jax.typing.ArrayLike | None,
+  ignore_index: int | None,
+  reduction: str,
+  where: jax.typing.ArrayLike | None,
+  label_smoothing: float = 0.0,
+  smoothing: str = "uniform",
+  logit_softcap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """A head on a logits array with every shared convention: the dense executor's front end.
 
@@ -327,21 +337,36 @@ def dense_loss(
     ``(reduced loss, lse [...])``.
   """
   inputs = _inputs.parse_inputs(
-      fn, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index, where=where,
-      reduction=reduction,
+    fn,
+    logits,
+    labels,
+    axis=axis,
+    weight=weight,
+    ignore_index=ignore_index,
+    where=where,
+    reduction=reduction,
   )
   eps = float(label_smoothing)
   if inputs.integer:
     target = smoothed_target(inputs.num_classes, eps, smoothing)
     loss, stats = integer_loss(
-        head, inputs.logits, inputs.safe_labels, class_weight=inputs.weight, on=target.on,
-        off=target.off, logit_softcap=logit_softcap,
+      head,
+      inputs.logits,
+      inputs.safe_labels,
+      class_weight=inputs.weight,
+      on=target.on,
+      off=target.off,
+      logit_softcap=logit_softcap,
     )
     loss = mask_rows(loss, inputs.valid, inputs.bad)
   else:
     loss, stats = probability_loss(
-        head, inputs.logits, inputs.labels, smooth=lambda q: smooth_probabilities(q, eps, smoothing),
-        class_weight=inputs.weight, logit_softcap=logit_softcap,
+      head,
+      inputs.logits,
+      inputs.labels,
+      smooth=lambda q: smooth_probabilities(q, eps, smoothing),
+      class_weight=inputs.weight,
+      logit_softcap=logit_softcap,
     )
     loss = jnp.where(inputs.valid, loss, jnp.zeros_like(loss))
   reduced = _reduction.reduce_loss(loss, inputs.example_weight, reduction, fn=fn)

@@ -45,8 +45,7 @@ def check_class_weight(fn: str, name: str, weight, num_classes: int) -> None:
   bad = np.flatnonzero(~(host >= 0))
   if bad.size:
     raise ValueError(
-        f"{fn}: `{name}` must hold non-negative class weights, got {name}[{bad[0]}] = "
-        f"{host[bad[0]]}."
+      f"{fn}: `{name}` must hold non-negative class weights, got {name}[{bad[0]}] = {host[bad[0]]}."
     )
 
 
@@ -71,8 +70,8 @@ def as_label_array(fn: str, labels: jax.typing.ArrayLike) -> jax.Array:
     if outside.size:
       pos = tuple(int(i) for i in outside[0])
       raise ValueError(
-          f"{fn}: `labels` must fit in {stored} with jax_enable_x64 off (JAX would wrap them to "
-          f"other classes), got labels[{pos}] = {host[pos]} of dtype {host.dtype}."
+        f"{fn}: `labels` must fit in {stored} with jax_enable_x64 off (JAX would wrap them to "
+        f"other classes), got labels[{pos}] = {host[pos]} of dtype {host.dtype}."
       )
   return jnp.asarray(host)
 
@@ -133,12 +132,12 @@ class IntegerLabels(NamedTuple):
 
 
 def integer_labels(
-    fn: str,
-    labels: jax.typing.ArrayLike,
-    *,
-    num_classes: int,
-    ignore_index: int | None,
-    where: jax.typing.ArrayLike | None,
+  fn: str,
+  labels: jax.typing.ArrayLike,
+  *,
+  num_classes: int,
+  ignore_index: int | None,
+  where: jax.typing.ArrayLike | None,
 ) -> IntegerLabels:
   """Reads integer ``labels`` against ``num_classes``, ``ignore_index`` and a mask ``where``.
 
@@ -233,15 +232,15 @@ class LossInputs(NamedTuple):
 
 
 def parse_inputs(
-    fn: str,
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    axis: int,
-    weight: jax.typing.ArrayLike | None,
-    ignore_index: int | None,
-    where: jax.typing.ArrayLike | None,
-    reduction: str,
+  fn: str,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  axis: int,
+  weight: jax.typing.ArrayLike | None,
+  ignore_index: int | None,
+  where: jax.typing.ArrayLike | None,
+  reduction: str,
 ) -> LossInputs:
   """Checks the shared arguments of ``fn`` (naming the bad one) and moves classes last.
 
@@ -272,7 +271,7 @@ def parse_inputs(
   if jnp.issubdtype(labels.dtype, jnp.integer):
     _checks.check_shape(fn, "labels", labels, batch_shape)
     read = integer_labels(
-        fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=None
+      fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=None
     )
     labels, valid = read.labels, valid & read.valid
     integer = True
@@ -282,6 +281,6 @@ def parse_inputs(
     integer = False
   else:
     raise TypeError(
-        f"{fn}: `labels` must be integer class ids or float probabilities, got dtype {labels.dtype}."
+      f"{fn}: `labels` must be integer class ids or float probabilities, got dtype {labels.dtype}."
     )
   return LossInputs(jnp.moveaxis(logits, axis, -1), labels, integer, weight, valid)

@@ -15,11 +15,11 @@ from xent_jax import _inputs
 
 
 def check_labels(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    axis: int = -1,
-    ignore_index: int | None = -100,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  axis: int = -1,
+  ignore_index: int | None = -100,
 ) -> None:
   """Checks that every integer label is a class of ``logits`` or ``ignore_index``.
 
@@ -59,10 +59,10 @@ def check_labels(
       ok_flat = ok_flat | _inputs.label_equals(flat, ignore_index)
     first = jnp.argmin(ok_flat)
     checkify.check(
-        jnp.all(ok_flat),
-        f"{fn}: `labels` must lie in {allowed}; flat position {{pos}} holds {{value}}.",
-        pos=first,
-        value=flat[first],
+      jnp.all(ok_flat),
+      f"{fn}: `labels` must lie in {allowed}; flat position {{pos}} holds {{value}}.",
+      pos=first,
+      value=flat[first],
     )
     return
   # NumPy compares integers of any width with Python ints exactly (and int64 stays int64 here).

@@ -171,7 +171,7 @@ def _block_logits(hidden_TxD, weight_block, bias_C, cfg: BlockConfig):
   dtype = _ce.compute_dtype(jnp.result_type(hidden_TxD.dtype, weight_block.dtype))
   features = 1 - cfg.vocab_axis
   x_CxT = lax.dot_general(
-      weight_block, hidden_TxD, (((features,), (1,)), ((), ())), preferred_element_type=dtype
+    weight_block, hidden_TxD, (((features,), (1,)), ((), ())), preferred_element_type=dtype
   )
   if bias_C is not None:
     x_CxT = x_CxT + bias_C.astype(dtype)[:, None]
@@ -256,8 +256,10 @@ def _matmul_dtype(hidden, weight):
 def _block_hidden_grad(g_CxT, weight_block, cfg: BlockConfig):
   """``d_hidden [T, D]`` of one block (float32 accumulation)."""
   return lax.dot_general(
-      g_CxT, weight_block, (((0,), (cfg.vocab_axis,)), ((), ())),
-      preferred_element_type=_ce.compute_dtype(g_CxT.dtype),
+    g_CxT,
+    weight_block,
+    (((0,), (cfg.vocab_axis,)), ((), ())),
+    preferred_element_type=_ce.compute_dtype(g_CxT.dtype),
   )
 
 
@@ -342,8 +344,9 @@ def vocab_slice_stats(hidden_NxD, weight, bias_V, labels_N, class_weight_V, cfg:
       return _merge_stats(acc, _block_stats(x_CxT, index_T, new_C, weight_C, cfg))
 
     axes = cfg.varying_axes
-    empty = RowStats(_zeros((t,), dtype, axes, -jnp.inf),
-                     *(_zeros((t,), dtype, axes) for _ in range(3)))
+    empty = RowStats(
+      _zeros((t,), dtype, axes, -jnp.inf), *(_zeros((t,), dtype, axes) for _ in range(3))
+    )
     chunk = lax.fori_loop(0, _num_chunks(v, c), vocab_step, empty)
     # Rows a shifted last chunk shares with the previous one get identical values: overwrite.
     return jax.tree.map(lambda a, b: lax.dynamic_update_slice_in_dim(a, b, t0, 0), stats_N, chunk)
@@ -353,8 +356,14 @@ def vocab_slice_stats(hidden_NxD, weight, bias_V, labels_N, class_weight_V, cfg:
 
 
 def vocab_slice_grads(
-    hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse_N, cot: StatCotangents,
-    cfg: BlockConfig,
+  hidden_NxD,
+  weight,
+  bias_V,
+  labels_N,
+  class_weight_V,
+  lse_N,
+  cot: StatCotangents,
+  cfg: BlockConfig,
 ):
   """Gradients through one vocabulary slice, given the complete per-row ``lse`` and cotangents.
 
@@ -386,8 +395,18 @@ def _class_block(tree, start, size):
   return jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, size), tree)
 
 
-def _block_grad_dlogits(hidden_TxD, labels_T, lse_T, cot_T, weight_block, bias_C, weight_C,
-                        class_start, new_C, cfg: BlockConfig):
+def _block_grad_dlogits(
+  hidden_TxD,
+  labels_T,
+  lse_T,
+  cot_T,
+  weight_block,
+  bias_C,
+  weight_C,
+  class_start,
+  new_C,
+  cfg: BlockConfig,
+):
   """The float32 ``[C, T]`` logits gradient of one block and its matmul-dtype copy."""
   x_CxT = _block_logits(hidden_TxD, weight_block, bias_C, cfg)
   is_target = _block_targets(_target_index(labels_T, class_start, new_C), x_CxT.shape)
@@ -414,8 +433,18 @@ def _grads_token_major(hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse
       c0 = _chunk_start(j, c, v)
       bias_C, weight_C = _class_block((bias_V, class_weight_V), c0, c)
       weight_block = _weight_block(weight, c0, cfg)
-      g_CxT, g = _block_grad_dlogits(hidden_TxD, labels_T, lse_T, cot_T, weight_block, bias_C,
-                                     weight_C, c0 + cfg.class_offset, _new_mask(c0, j, c), cfg)
+      g_CxT, g = _block_grad_dlogits(
+        hidden_TxD,
+        labels_T,
+        lse_T,
+        cot_T,
+        weight_block,
+        bias_C,
+        weight_C,
+        c0 + cfg.class_offset,
+        _new_mask(c0, j, c),
+        cfg,
+      )
       dh, dw = _block_hidden_grad(g, weight_block, cfg), _block_weight_grad(g, hidden_TxD, cfg)
       if d_bias_V is not None:
         d_bias_V = _add_at(d_bias_V, c0, jnp.sum(g_CxT, axis=1), 0)
@@ -427,9 +456,9 @@ def _grads_token_major(hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse
 
   axes = cfg.varying_axes
   init = (
-      _zeros((n, d), dtype, axes),
-      _zeros(weight.shape, dtype, axes),
-      None if bias_V is None else _zeros((v,), dtype, axes),
+    _zeros((n, d), dtype, axes),
+    _zeros(weight.shape, dtype, axes),
+    None if bias_V is None else _zeros((v,), dtype, axes),
   )
   d_hidden, d_weight, d_bias = lax.fori_loop(0, _num_chunks(n, t), token_step, init)
   return d_hidden, d_weight.astype(weight.dtype), d_bias
@@ -452,12 +481,21 @@ def _grads_vocab_major(hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse
       d_hidden_NxD, d_weight_block, d_bias_C = inner
       t0 = _chunk_start(i, t, n)
       new_T = _new_mask(t0, i, t)
-      hidden_TxD, labels_T, lse_T, cot_T = _token_chunk(
-          (hidden_NxD, labels_N, lse_N, cot), t0, t)
+      hidden_TxD, labels_T, lse_T, cot_T = _token_chunk((hidden_NxD, labels_N, lse_N, cot), t0, t)
       # Rows already handled by the previous chunk contribute nothing here.
       cot_T = jax.tree.map(lambda a: jnp.where(new_T, a, jnp.zeros_like(a)), cot_T)
-      g_CxT, g = _block_grad_dlogits(hidden_TxD, labels_T, lse_T, cot_T, weight_block, bias_C,
-                                     weight_C, c0 + cfg.class_offset, new_C, cfg)
+      g_CxT, g = _block_grad_dlogits(
+        hidden_TxD,
+        labels_T,
+        lse_T,
+        cot_T,
+        weight_block,
+        bias_C,
+        weight_C,
+        c0 + cfg.class_offset,
+        new_C,
+        cfg,
+      )
       d_hidden_NxD = _add_at(d_hidden_NxD, t0, _block_hidden_grad(g, weight_block, cfg), 0)
       d_weight_block = d_weight_block + _block_weight_grad(g, hidden_TxD, cfg)
       if d_bias_C is not None:
@@ -465,23 +503,26 @@ def _grads_vocab_major(hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse
       return d_hidden_NxD, d_weight_block, d_bias_C
 
     block_shape = weight_block.shape
-    inner = (d_hidden_NxD, _zeros(block_shape, dtype, cfg.varying_axes),
-             None if bias_V is None else _zeros((c,), dtype, cfg.varying_axes))
-    d_hidden_NxD, d_weight_block, d_bias_C = lax.fori_loop(
-        0, _num_chunks(n, t), token_step, inner)
+    inner = (
+      d_hidden_NxD,
+      _zeros(block_shape, dtype, cfg.varying_axes),
+      None if bias_V is None else _zeros((c,), dtype, cfg.varying_axes),
+    )
+    d_hidden_NxD, d_weight_block, d_bias_C = lax.fori_loop(0, _num_chunks(n, t), token_step, inner)
     # Finished: written once, in the weight's dtype. A shifted last chunk keeps the classes it
     # shares with the previous chunk as they are.
-    d_weight = _set_new_classes(d_weight, c0, d_weight_block.astype(weight.dtype), new_C,
-                                cfg.vocab_axis)
+    d_weight = _set_new_classes(
+      d_weight, c0, d_weight_block.astype(weight.dtype), new_C, cfg.vocab_axis
+    )
     if d_bias_V is not None:
       d_bias_V = _set_new_classes(d_bias_V, c0, d_bias_C, new_C, 0)
     return d_hidden_NxD, d_weight, d_bias_V
 
   axes = cfg.varying_axes
   init = (
-      _zeros((n, d), dtype, axes),
-      _zeros(weight.shape, weight.dtype, axes),
-      None if bias_V is None else _zeros((v,), dtype, axes),
+    _zeros((n, d), dtype, axes),
+    _zeros(weight.shape, weight.dtype, axes),
+    None if bias_V is None else _zeros((v,), dtype, axes),
   )
   return lax.fori_loop(0, _num_chunks(v, c), vocab_step, init)
 
@@ -497,8 +538,15 @@ RowLoss = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
 
 
 def fused_vocab_slice(
-    hidden_NxD, weight, bias_V, labels_N, class_weight_V, row_loss: RowLoss, rows: Any,
-    cfg: BlockConfig, complete_stats: Callable[[RowStats], RowStats] = lambda s: s,
+  hidden_NxD,
+  weight,
+  bias_V,
+  labels_N,
+  class_weight_V,
+  row_loss: RowLoss,
+  rows: Any,
+  cfg: BlockConfig,
+  complete_stats: Callable[[RowStats], RowStats] = lambda s: s,
 ):
   """One pass: the summed loss and its gradients, each token chunk's logits computed once.
 
@@ -530,11 +578,12 @@ def fused_vocab_slice(
     stats = complete_stats(_block_stats(x_CxT, index_T, all_C, class_weight_V, cfg))
     lse_T = logsumexp_from_stats(stats)
     loss_T, pullback = jax.vjp(
-        lambda l, tg, s: row_loss(l, tg, s, rows_T), lse_T, stats.target, stats.weighted_sum
+      lambda l, tg, s: row_loss(l, tg, s, rows_T), lse_T, stats.target, stats.weighted_sum
     )
     # d(loss_sum)/d(loss_T): 1 on the chunk's new rows, typed like the per-row values.
-    seed_T = jnp.where(new_T, _zeros((t,), loss_T.dtype, cfg.row_axes, 1.0),
-                       _zeros((t,), loss_T.dtype, cfg.row_axes))
+    seed_T = jnp.where(
+      new_T, _zeros((t,), loss_T.dtype, cfg.row_axes, 1.0), _zeros((t,), loss_T.dtype, cfg.row_axes)
+    )
     cot = StatCotangents(*pullback(seed_T))
     is_target = _block_targets(index_T, x_CxT.shape)
     g_CxT = _block_dlogits(x_CxT, is_target, all_C, lse_T, cot, class_weight_V, cfg)
@@ -542,20 +591,20 @@ def fused_vocab_slice(
       d_bias_V = d_bias_V + jnp.sum(g_CxT, axis=1)
     g = g_CxT.astype(_matmul_dtype(hidden_TxD, weight))
     return (
-        loss_sum + jnp.sum(jnp.where(new_T, loss_T, jnp.zeros_like(loss_T))),
-        lax.dynamic_update_slice_in_dim(lse_N, lse_T, t0, 0),
-        _add_at(d_hidden_NxD, t0, _block_hidden_grad(g, weight, cfg), 0),
-        _accumulate_weight_grad(d_weight, g, hidden_TxD, cfg, weight_rows),
-        d_bias_V,
+      loss_sum + jnp.sum(jnp.where(new_T, loss_T, jnp.zeros_like(loss_T))),
+      lax.dynamic_update_slice_in_dim(lse_N, lse_T, t0, 0),
+      _add_at(d_hidden_NxD, t0, _block_hidden_grad(g, weight, cfg), 0),
+      _accumulate_weight_grad(d_weight, g, hidden_TxD, cfg, weight_rows),
+      d_bias_V,
     )
 
   axes = cfg.varying_axes
   init = (
-      _zeros((), dtype, cfg.row_axes),
-      _zeros((n,), dtype, cfg.row_axes),
-      _zeros((n, d), dtype, axes),
-      _zeros(weight.shape, dtype, axes),
-      None if bias_V is None else _zeros((v,), dtype, axes),
+    _zeros((), dtype, cfg.row_axes),
+    _zeros((n,), dtype, cfg.row_axes),
+    _zeros((n, d), dtype, axes),
+    _zeros(weight.shape, dtype, axes),
+    None if bias_V is None else _zeros((v,), dtype, axes),
   )
   return lax.fori_loop(0, _num_chunks(n, t), token_step, init)
 
@@ -573,8 +622,13 @@ def _row_loss(lcfg: _LossConfig, total_weight, lse, target_logit, weighted_sum, 
   """Each row's loss (the core's per-row formula) times its scale, 0 on invalid rows."""
   scale, target_weight, valid = rows
   loss = _ce.integer_label_loss(
-      lse, target_logit, weighted_sum if lcfg.target.off else None, target_weight, total_weight,
-      lcfg.target, lcfg.z_loss,
+    lse,
+    target_logit,
+    weighted_sum if lcfg.target.off else None,
+    target_weight,
+    total_weight,
+    lcfg.target,
+    lcfg.z_loss,
   )
   return jnp.where(valid, scale * loss, jnp.zeros_like(loss))
 
@@ -593,14 +647,14 @@ def _stats_fwd(cfg, hidden, weight, bias, labels, class_weight):
 def _stats_bwd(cfg, residuals, cotangents):
   hidden, weight, bias, labels, class_weight, lse = residuals
   d_hidden, d_weight, d_bias = vocab_slice_grads(
-      hidden, weight, bias, labels, class_weight, lse, StatCotangents(*cotangents), cfg
+    hidden, weight, bias, labels, class_weight, lse, StatCotangents(*cotangents), cfg
   )
   return (
-      d_hidden.astype(hidden.dtype),
-      d_weight.astype(weight.dtype),
-      None if bias is None else d_bias.astype(bias.dtype),
-      None,
-      None,
+    d_hidden.astype(hidden.dtype),
+    d_weight.astype(weight.dtype),
+    None if bias is None else d_bias.astype(bias.dtype),
+    None,
+    None,
   )
 
 
@@ -617,13 +671,13 @@ def _fused_op(cfg, lcfg, hidden, weight, bias, labels, class_weight, rows, total
 def _fused_fwd(cfg, lcfg, hidden, weight, bias, labels, class_weight, rows, total_weight):
   row_loss = functools.partial(_row_loss, lcfg, total_weight)
   loss, _, d_hidden, d_weight, d_bias = fused_vocab_slice(
-      hidden, weight, bias, labels, class_weight, row_loss, rows, cfg
+    hidden, weight, bias, labels, class_weight, row_loss, rows, cfg
   )
   # Stored in the inputs' dtypes: the backward pass only scales them.
   grads = (
-      d_hidden.astype(hidden.dtype),
-      d_weight.astype(weight.dtype),
-      None if bias is None else d_bias.astype(bias.dtype),
+    d_hidden.astype(hidden.dtype),
+    d_weight.astype(weight.dtype),
+    None if bias is None else d_bias.astype(bias.dtype),
   )
   return loss, grads
 
@@ -662,16 +716,32 @@ class Schedule(NamedTuple):
   vocab_chunk: int
   vocab_major: bool
 
-  def block_config(self, weight_layout, logit_softcap, weighted_sum, *, varying_axes=(),
-                   row_axes=()) -> BlockConfig:
-    return BlockConfig(weight_layout, logit_softcap, self.token_chunk, self.vocab_chunk,
-                       weighted_sum=weighted_sum, vocab_major=self.vocab_major,
-                       varying_axes=tuple(varying_axes), row_axes=tuple(row_axes))
+  def block_config(
+    self, weight_layout, logit_softcap, weighted_sum, *, varying_axes=(), row_axes=()
+  ) -> BlockConfig:
+    return BlockConfig(
+      weight_layout,
+      logit_softcap,
+      self.token_chunk,
+      self.vocab_chunk,
+      weighted_sum=weighted_sum,
+      vocab_major=self.vocab_major,
+      varying_axes=tuple(varying_axes),
+      row_axes=tuple(row_axes),
+    )
 
 
 def plan_schedule(
-    fn: str, n: int, d: int, v: int, *, linear_reduction: bool, token_chunk_size,
-    vocab_chunk_size, hidden_dtype=jnp.float32, weight_dtype=jnp.float32,
+  fn: str,
+  n: int,
+  d: int,
+  v: int,
+  *,
+  linear_reduction: bool,
+  token_chunk_size,
+  vocab_chunk_size,
+  hidden_dtype=jnp.float32,
+  weight_dtype=jnp.float32,
 ) -> Schedule:
   r"""Chooses the schedule and the loop order from the shapes ``[N, D] x [V, D]`` and dtypes.
 
@@ -704,31 +774,33 @@ def plan_schedule(
     token_extra = v * d if narrower(weight_dtype) else 0
     vocab_extra = block * d + (n * d if narrower(hidden_dtype) else 0)
     vocab_major = token_extra > vocab_extra
-    vocab_chunk = block if vocab_major else _resolve_chunk(
-        fn, "vocab_chunk_size", vocab_chunk_size, v, v)
+    vocab_chunk = (
+      block if vocab_major else _resolve_chunk(fn, "vocab_chunk_size", vocab_chunk_size, v, v)
+    )
   token_chunk = _resolve_chunk(
-      fn, "token_chunk_size", token_chunk_size, n, default_token_chunk(vocab_chunk))
+    fn, "token_chunk_size", token_chunk_size, n, default_token_chunk(vocab_chunk)
+  )
   return Schedule(one_pass, token_chunk, vocab_chunk, vocab_major)
 
 
 def linear_cross_entropy(
-    hidden: jax.typing.ArrayLike,
-    weight: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    bias: jax.typing.ArrayLike | None = None,
-    weight_layout: str = "vd",
-    class_weight: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    smoothing: str = "uniform",
-    z_loss: float = 0.0,
-    logit_softcap: float | None = None,
-    where: jax.typing.ArrayLike | None = None,
-    return_lse: bool = False,
-    token_chunk_size: int | None = None,
-    vocab_chunk_size: int | None = None,
+  hidden: jax.typing.ArrayLike,
+  weight: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  bias: jax.typing.ArrayLike | None = None,
+  weight_layout: str = "vd",
+  class_weight: jax.typing.ArrayLike | None = None,
+  ignore_index: int | None = -100,
+  reduction: str = "mean",
+  label_smoothing: float = 0.0,
+  smoothing: str = "uniform",
+  z_loss: float = 0.0,
+  logit_softcap: float | None = None,
+  where: jax.typing.ArrayLike | None = None,
+  return_lse: bool = False,
+  token_chunk_size: int | None = None,
+  vocab_chunk_size: int | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r"""Cross-entropy of a linear layer's logits, computed in blocks, never holding ``[N, V]``.
 
@@ -802,8 +874,12 @@ def linear_cross_entropy(
   _checks.check_floating(fn, "weight", weight)
   _checks.check_choice(fn, "weight_layout", weight_layout, WEIGHT_LAYOUTS)
   _ce.check_common_options(
-      fn, label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
-      logit_softcap=logit_softcap, reduction=reduction,
+    fn,
+    label_smoothing=label_smoothing,
+    smoothing=smoothing,
+    z_loss=z_loss,
+    logit_softcap=logit_softcap,
+    reduction=reduction,
   )
   hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
   labels = _inputs.as_label_array(fn, labels)
@@ -811,16 +887,16 @@ def linear_cross_entropy(
     raise ValueError(f"{fn}: `hidden` must have shape [..., D], got a scalar.")
   if weight.ndim != 2:
     raise ValueError(
-        f"{fn}: `weight` must have shape [V, D] (weight_layout='vd') or [D, V] ('dv'), got "
-        f"{weight.shape}."
+      f"{fn}: `weight` must have shape [V, D] (weight_layout='vd') or [D, V] ('dv'), got "
+      f"{weight.shape}."
     )
   vocab_axis = 0 if weight_layout == "vd" else 1
   _checks.check_has_classes(fn, "weight", np.shape(weight), vocab_axis)
   num_classes, features = weight.shape[vocab_axis], weight.shape[1 - vocab_axis]
   if hidden.shape[-1] != features:
     raise ValueError(
-        f"{fn}: `hidden`'s last dimension must equal `weight`'s feature dimension ({features} for "
-        f"weight_layout={weight_layout!r}, `weight` {weight.shape}), got `hidden` {hidden.shape}."
+      f"{fn}: `hidden`'s last dimension must equal `weight`'s feature dimension ({features} for "
+      f"weight_layout={weight_layout!r}, `weight` {weight.shape}), got `hidden` {hidden.shape}."
     )
   batch_shape = hidden.shape[:-1]
   if not jnp.issubdtype(labels.dtype, jnp.integer):
@@ -839,22 +915,35 @@ def linear_cross_entropy(
     spec = "...d,vd->...v" if weight_layout == "vd" else "...d,dv->...v"
     logits = jnp.einsum(spec, hidden, weight)
     return _ce.cross_entropy(
-        logits if bias is None else logits + _ce.along_classes(bias, logits.ndim), labels,
-        weight=class_weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
-        logit_softcap=logit_softcap, where=where,
-        return_lse=return_lse,
+      logits if bias is None else logits + _ce.along_classes(bias, logits.ndim),
+      labels,
+      weight=class_weight,
+      ignore_index=ignore_index,
+      reduction=reduction,
+      label_smoothing=label_smoothing,
+      smoothing=smoothing,
+      z_loss=z_loss,
+      logit_softcap=logit_softcap,
+      where=where,
+      return_lse=return_lse,
     )
   schedule = plan_schedule(
-      fn, n, features, num_classes, linear_reduction=reduction != "none" and not return_lse,
-      token_chunk_size=token_chunk_size, vocab_chunk_size=vocab_chunk_size,
-      hidden_dtype=hidden.dtype, weight_dtype=weight.dtype,
+    fn,
+    n,
+    features,
+    num_classes,
+    linear_reduction=reduction != "none" and not return_lse,
+    token_chunk_size=token_chunk_size,
+    vocab_chunk_size=vocab_chunk_size,
+    hidden_dtype=hidden.dtype,
+    weight_dtype=weight.dtype,
   )
 
   dtype = _ce.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
   hidden_NxD = hidden.reshape(n, features)
   read = _inputs.integer_labels(
-      fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=where)
+    fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=where
+  )
   # int32 labels, -1 outside [0, V): such a row matches no class of any block.
   labels_N, valid_N, in_range_N = (a.reshape(n) for a in read)
   safe_labels_N = read.safe_labels.reshape(n)
@@ -875,17 +964,16 @@ def linear_cross_entropy(
   if schedule.one_pass:
     # Sum and mean are linear in the per-row losses: d(reduced)/d(loss_i) is known up front.
     row_scale_N = jax.grad(
-        lambda loss: _reduction.reduce_loss(loss, example_weight_N, reduction, fn=fn)
+      lambda loss: _reduction.reduce_loss(loss, example_weight_N, reduction, fn=fn)
     )(jnp.zeros((n,), dtype))
     rows = (row_scale_N * nan_or_one_N, target_weight_N, valid_N)
     return _fused_op(
-        cfg, lcfg, hidden_NxD, weight, bias, labels_N, class_weight, rows, total_weight
+      cfg, lcfg, hidden_NxD, weight, bias, labels_N, class_weight, rows, total_weight
     )
-  lse_N, target_N, weighted_sum_N = _stats_op(
-      cfg, hidden_NxD, weight, bias, labels_N, class_weight
-  )
+  lse_N, target_N, weighted_sum_N = _stats_op(cfg, hidden_NxD, weight, bias, labels_N, class_weight)
   rows = (nan_or_one_N, target_weight_N, valid_N)
   loss_N = _row_loss(lcfg, total_weight, lse_N, target_N, weighted_sum_N, rows)
-  loss = _reduction.reduce_loss(loss_N.reshape(batch_shape), example_weight_N.reshape(batch_shape),
-                                reduction, fn=fn)
+  loss = _reduction.reduce_loss(
+    loss_N.reshape(batch_shape), example_weight_N.reshape(batch_shape), reduction, fn=fn
+  )
   return (loss, lse_N.reshape(batch_shape)) if return_lse else loss

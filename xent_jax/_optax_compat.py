@@ -34,9 +34,11 @@ def _classes_last(fn: str, logits, axis: Axis, where):
     _checks.check_has_classes(fn, "logits", logits.shape, a)
   batch = tuple(a for a in range(logits.ndim) if a not in axes)
   num_classes = math.prod(logits.shape[a] for a in axes)
+
   def flatten(x):
     x = jnp.transpose(x, batch + axes)
     return x.reshape(x.shape[: len(batch)] + (num_classes,))
+
   per_logit = where is not None and jnp.ndim(where) == logits.ndim
   return flatten(logits), (flatten(jnp.asarray(where, bool)) if per_logit else None)
 
@@ -60,12 +62,12 @@ def _masked_class_cross_entropy(logits, q, class_mask):
 
 
 def softmax_cross_entropy_with_integer_labels(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    axis: Axis = -1,
-    where: jax.typing.ArrayLike | None = None,
-    *,
-    label_smoothing: float = 0.0,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  axis: Axis = -1,
+  where: jax.typing.ArrayLike | None = None,
+  *,
+  label_smoothing: float = 0.0,
 ) -> jax.Array:
   r"""Per-example softmax cross-entropy with integer labels; a drop-in for optax's.
 
@@ -97,9 +99,7 @@ def softmax_cross_entropy_with_integer_labels(
   x, class_mask = _classes_last(fn, jnp.asarray(logits), axis, where)
   _checks.check_shape(fn, "labels", labels, x.shape[:-1])
   num_classes = x.shape[-1]
-  read = _inputs.integer_labels(
-      fn, labels, num_classes=num_classes, ignore_index=None, where=None
-  )
+  read = _inputs.integer_labels(fn, labels, num_classes=num_classes, ignore_index=None, where=None)
   if where is not None and jnp.ndim(where) == jnp.ndim(logits):
     # As optax: the normalizer runs over the kept classes, the label's logit is read unmasked.
     dtype = ce.compute_dtype(x.dtype)
@@ -113,24 +113,24 @@ def softmax_cross_entropy_with_integer_labels(
     loss = jnp.where(read.in_range, loss, jnp.nan)
     return jnp.where(jnp.any(class_mask, axis=-1), loss, 0.0)
   loss, _ = ce.integer_cross_entropy_last_axis(
-      x,
-      read.labels,
-      class_weight=None,
-      valid=_example_mask(fn, where, x.shape[:-1]),
-      target=ce.smoothed_target(num_classes, label_smoothing),
-      z_loss=0.0,
-      logit_softcap=None,
+    x,
+    read.labels,
+    class_weight=None,
+    valid=_example_mask(fn, where, x.shape[:-1]),
+    target=ce.smoothed_target(num_classes, label_smoothing),
+    z_loss=0.0,
+    logit_softcap=None,
   )
   return loss
 
 
 def softmax_cross_entropy(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    axis: Axis = -1,
-    where: jax.typing.ArrayLike | None = None,
-    *,
-    label_smoothing: float = 0.0,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  axis: Axis = -1,
+  where: jax.typing.ArrayLike | None = None,
+  *,
+  label_smoothing: float = 0.0,
 ) -> jax.Array:
   r"""Per-example softmax cross-entropy with integer or probability labels; a drop-in for optax's.
 
@@ -160,7 +160,7 @@ def softmax_cross_entropy(
   labels = _inputs.as_label_array(fn, labels)
   if jnp.issubdtype(labels.dtype, jnp.integer):
     return softmax_cross_entropy_with_integer_labels(
-        logits, labels, axis, where, label_smoothing=label_smoothing
+      logits, labels, axis, where, label_smoothing=label_smoothing
     )
   _checks.check_floating(fn, "labels", labels)
   _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
@@ -175,24 +175,24 @@ def softmax_cross_entropy(
     q = q + label_smoothing / jnp.maximum(kept, 1)
     return _masked_class_cross_entropy(x, q, class_mask)
   loss, _ = ce.dense_cross_entropy_last_axis(
-      x,
-      q,
-      class_weight=None,
-      valid=_example_mask(fn, where, x.shape[:-1]),
-      label_smoothing=label_smoothing,
-      smoothing="uniform",
-      z_loss=0.0,
-      logit_softcap=None,
+    x,
+    q,
+    class_weight=None,
+    valid=_example_mask(fn, where, x.shape[:-1]),
+    label_smoothing=label_smoothing,
+    smoothing="uniform",
+    z_loss=0.0,
+    logit_softcap=None,
   )
   return loss
 
 
 def smooth_labels(
-    labels: jax.typing.ArrayLike,
-    alpha: jax.typing.ArrayLike,
-    *,
-    axis: Axis | None = -1,
-    where: jax.typing.ArrayLike | None = None,
+  labels: jax.typing.ArrayLike,
+  alpha: jax.typing.ArrayLike,
+  *,
+  axis: Axis | None = -1,
+  where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Label smoothing of one-hot (or probability) labels, as ``optax.smooth_labels``.
 
@@ -227,12 +227,12 @@ def smooth_labels(
 
 
 def poly_loss_cross_entropy(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    epsilon: float = 2.0,
-    axis: Axis = -1,
-    where: jax.typing.ArrayLike | None = None,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  epsilon: float = 2.0,
+  axis: Axis = -1,
+  where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Poly-1 loss on probability labels, as ``optax.poly_loss_cross_entropy``.
 

@@ -49,7 +49,7 @@ def _axis_size(fn: str, mesh: Mesh, name: str, axis_name: Hashable) -> int:
   """The size of mesh axis ``axis_name``; the error names the argument ``name``."""
   if axis_name not in mesh.axis_names:
     raise ValueError(
-        f"{fn}: `{name}`={axis_name!r} is not an axis of `mesh`, whose axes are {mesh.axis_names}."
+      f"{fn}: `{name}`={axis_name!r} is not an axis of `mesh`, whose axes are {mesh.axis_names}."
     )
   return mesh.shape[axis_name]
 
@@ -70,8 +70,8 @@ def _mesh_specs(fn, mesh, vocab_axis, data_axis, num_classes, class_name, batch_
   vocab_size = _axis_size(fn, mesh, "vocab_axis", vocab_axis)
   if num_classes % vocab_size:
     raise ValueError(
-        f"{fn}: the class count of `{class_name}` ({num_classes}) must be divisible by the size "
-        f"of `vocab_axis`={vocab_axis!r} ({vocab_size})."
+      f"{fn}: the class count of `{class_name}` ({num_classes}) must be divisible by the size "
+      f"of `vocab_axis`={vocab_axis!r} ({vocab_size})."
     )
   axes = data_axes(data_axis)
   if not axes:
@@ -83,8 +83,8 @@ def _mesh_specs(fn, mesh, vocab_axis, data_axis, num_classes, class_name, batch_
     raise ValueError(f"{fn}: `data_axis` names a mesh axis twice: {data_axis!r}.")
   if not batch_shape or batch_shape[0] % data_size:
     raise ValueError(
-        f"{fn}: the first batch dimension of `{batch_name}` (batch shape {tuple(batch_shape)}) "
-        f"must be divisible by the size of `data_axis`={data_axis!r} ({data_size})."
+      f"{fn}: the first batch dimension of `{batch_name}` (batch shape {tuple(batch_shape)}) "
+      f"must be divisible by the size of `data_axis`={data_axis!r} ({data_size})."
     )
   return (axes if len(axes) > 1 else axes[0],) + (None,) * (len(batch_shape) - 1)
 
@@ -99,8 +99,9 @@ def _auto_twin(mesh: Mesh) -> Mesh | None:
   explicit = any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
   if not explicit or not jax.sharding.get_abstract_mesh().empty:
     return None
-  return Mesh(mesh.devices, mesh.axis_names,
-              axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+  return Mesh(
+    mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+  )
 
 
 def _place(x: jax.Array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
@@ -110,8 +111,12 @@ def _place(x: jax.Array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
   ``jax.make_mesh`` builds) it requires them to carry ``spec`` already.
   """
   types = dict(zip(mesh.axis_names, mesh.axis_types))
-  used = [a for entry in spec if entry is not None
-          for a in (entry if isinstance(entry, tuple) else (entry,))]
+  used = [
+    a
+    for entry in spec
+    if entry is not None
+    for a in (entry if isinstance(entry, tuple) else (entry,))
+  ]
   if used and all(types[a] == jax.sharding.AxisType.Explicit for a in used):
     return jax.reshard(x, NamedSharding(mesh, spec))
   return x
@@ -127,8 +132,9 @@ def _shard_map(local, mesh, args, specs, out_specs):
   """
   twin = _auto_twin(mesh)
   if twin is not None:
-    placed = {k: jax.device_put(v, NamedSharding(twin, specs[k]))
-              for k, v in args.items() if v is not None}
+    placed = {
+      k: jax.device_put(v, NamedSharding(twin, specs[k])) for k, v in args.items() if v is not None
+    }
     mesh = twin
   else:
     placed = {k: _place(v, mesh, specs[k]) for k, v in args.items() if v is not None}
@@ -172,7 +178,8 @@ def _logits_labels_kind(fn, labels, logits_shape) -> bool:
     _checks.check_shape(fn, "labels", labels, logits_shape)
     return False
   raise TypeError(
-      f"{fn}: `labels` must be integer class ids or float probabilities, got dtype {labels.dtype}.")
+    f"{fn}: `labels` must be integer class ids or float probabilities, got dtype {labels.dtype}."
+  )
 
 
 # --------------------------------------------------------------------------- logits kernel
@@ -249,7 +256,7 @@ def _shard_dense_bwd(cfg: _DenseShardConfig, residuals, cotangents):
   lse = m + log_sum
   scale = g_loss * (mass + 2.0 * cfg.z_loss * lse) + g_lse
   probs = jnp.exp(x - lse[..., None])
-  d_logits = (scale[..., None] * probs - g_loss[..., None] * wq)
+  d_logits = scale[..., None] * probs - g_loss[..., None] * wq
   d_logits = d_logits * _ce.softcap_grad(x, cfg.logit_softcap)
   d_q = lse[..., None] - x
   if cfg.smoothing == "t5x":
@@ -277,8 +284,10 @@ def complete_row_stats(stats: _linear.RowStats, vocab_axis: Hashable) -> _linear
   safe_m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
   sumexp = jax.lax.psum(stats.sumexp * jnp.exp(stats.max - safe_m), vocab_axis)
   return _linear.RowStats(
-      m, sumexp, jax.lax.psum(stats.target, vocab_axis),
-      jax.lax.psum(stats.weighted_sum, vocab_axis),
+    m,
+    sumexp,
+    jax.lax.psum(stats.target, vocab_axis),
+    jax.lax.psum(stats.weighted_sum, vocab_axis),
   )
 
 
@@ -291,8 +300,11 @@ def complete_row_stats(stats: _linear.RowStats, vocab_axis: Hashable) -> _linear
 
 def _as_input_dtypes(grads, hidden, weight, bias):
   d_hidden, d_weight, d_bias = grads
-  return (d_hidden.astype(hidden.dtype), d_weight.astype(weight.dtype),
-          None if bias is None else d_bias.astype(bias.dtype))
+  return (
+    d_hidden.astype(hidden.dtype),
+    d_weight.astype(weight.dtype),
+    None if bias is None else d_bias.astype(bias.dtype),
+  )
 
 
 def _sum_partial_grads(grads, vocab_axis, data_axis):
@@ -309,13 +321,15 @@ def _sum_partial_grads(grads, vocab_axis, data_axis):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _sharded_stats(cfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight):
-  return _sharded_stats_fwd(cfg, vocab_axis, data_axis, hidden, weight, bias, labels,
-                            class_weight)[0]
+  return _sharded_stats_fwd(cfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight)[
+    0
+  ]
 
 
 def _sharded_stats_fwd(cfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight):
   stats = complete_row_stats(
-      _linear.vocab_slice_stats(hidden, weight, bias, labels, class_weight, cfg), vocab_axis)
+    _linear.vocab_slice_stats(hidden, weight, bias, labels, class_weight, cfg), vocab_axis
+  )
   lse = _linear.logsumexp_from_stats(stats)
   return (lse, stats.target, stats.weighted_sum), (hidden, weight, bias, labels, class_weight, lse)
 
@@ -332,18 +346,27 @@ _sharded_stats.defvjp(_sharded_stats_fwd, _sharded_stats_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _sharded_fused(cfg, lcfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight,
-                   rows, total_weight):
-  return _sharded_fused_fwd(cfg, lcfg, vocab_axis, data_axis, hidden, weight, bias, labels,
-                            class_weight, rows, total_weight)[0]
+def _sharded_fused(
+  cfg, lcfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight, rows, total_weight
+):
+  return _sharded_fused_fwd(
+    cfg, lcfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight, rows, total_weight
+  )[0]
 
 
-def _sharded_fused_fwd(cfg, lcfg, vocab_axis, data_axis, hidden, weight, bias, labels,
-                       class_weight, rows, total_weight):
+def _sharded_fused_fwd(
+  cfg, lcfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight, rows, total_weight
+):
   loss, _, *grads = _linear.fused_vocab_slice(
-      hidden, weight, bias, labels, class_weight,
-      functools.partial(_linear._row_loss, lcfg, total_weight), rows, cfg,
-      functools.partial(complete_row_stats, vocab_axis=vocab_axis),
+    hidden,
+    weight,
+    bias,
+    labels,
+    class_weight,
+    functools.partial(_linear._row_loss, lcfg, total_weight),
+    rows,
+    cfg,
+    functools.partial(complete_row_stats, vocab_axis=vocab_axis),
   )
   if data_axes(data_axis):
     loss = jax.lax.psum(loss, data_axes(data_axis))
@@ -363,20 +386,20 @@ _sharded_fused.defvjp(_sharded_fused_fwd, _sharded_fused_bwd)
 
 
 def vocab_parallel_cross_entropy_local(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    vocab_axis: Hashable = "vocab",
-    data_axis: Hashable | None = None,
-    weight: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    smoothing: str = "uniform",
-    z_loss: float = 0.0,
-    logit_softcap: float | None = None,
-    where: jax.typing.ArrayLike | None = None,
-    return_lse: bool = False,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  vocab_axis: Hashable = "vocab",
+  data_axis: Hashable | None = None,
+  weight: jax.typing.ArrayLike | None = None,
+  ignore_index: int | None = -100,
+  reduction: str = "mean",
+  label_smoothing: float = 0.0,
+  smoothing: str = "uniform",
+  z_loss: float = 0.0,
+  logit_softcap: float | None = None,
+  where: jax.typing.ArrayLike | None = None,
+  return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r"""Cross-entropy of one vocabulary shard of the logits, to call inside your own ``shard_map``.
 
@@ -431,20 +454,49 @@ def vocab_parallel_cross_entropy_local(
   """
   fn = "vocab_parallel_cross_entropy_local"
   _ce.check_common_options(
-      fn, label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
-      logit_softcap=logit_softcap, reduction=reduction,
+    fn,
+    label_smoothing=label_smoothing,
+    smoothing=smoothing,
+    z_loss=z_loss,
+    logit_softcap=logit_softcap,
+    reduction=reduction,
   )
   return _local_loss(
-      fn, _ce.cross_entropy_head(smoothing, float(z_loss)), logits, labels,
-      vocab_axis=vocab_axis, data_axis=data_axis, weight=weight, ignore_index=ignore_index,
-      reduction=reduction, label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
-      logit_softcap=logit_softcap, where=where, return_lse=return_lse,
+    fn,
+    _ce.cross_entropy_head(smoothing, float(z_loss)),
+    logits,
+    labels,
+    vocab_axis=vocab_axis,
+    data_axis=data_axis,
+    weight=weight,
+    ignore_index=ignore_index,
+    reduction=reduction,
+    label_smoothing=label_smoothing,
+    smoothing=smoothing,
+    z_loss=z_loss,
+    logit_softcap=logit_softcap,
+    where=where,
+    return_lse=return_lse,
   )
 
 
 def _local_loss(
-    fn, head, logits, labels, *, vocab_axis, data_axis, weight, ignore_index, reduction,
-    label_smoothing, smoothing, z_loss, logit_softcap, where, return_lse,
+  fn,
+  head,
+  logits,
+  labels,
+  *,
+  vocab_axis,
+  data_axis,
+  weight,
+  ignore_index,
+  reduction,
+  label_smoothing,
+  smoothing,
+  z_loss,
+  logit_softcap,
+  where,
+  return_lse,
 ):
   """One vocabulary shard's loss of ``head`` (the row-statistics engine over ``vocab_axis``) for
   integer labels; cross-entropy's own kernel for probability labels."""
@@ -461,24 +513,32 @@ def _local_loss(
   num_classes = num_local * jax.lax.axis_size(vocab_axis)
   if integer:
     read = _inputs.integer_labels(
-        fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=where)
+      fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=where
+    )
     target = _ce.smoothed_target(num_classes, label_smoothing, smoothing)
     loss, stats = _heads.integer_loss(
-        head, logits, read.safe_labels, class_weight=weight, on=target.on, off=target.off,
-        logit_softcap=logit_softcap, vocab_axis=vocab_axis,
+      head,
+      logits,
+      read.safe_labels,
+      class_weight=weight,
+      on=target.on,
+      off=target.off,
+      logit_softcap=logit_softcap,
+      vocab_axis=vocab_axis,
     )
     loss, lse = _ce.mask_rows(loss, read.valid, read.bad), stats.lse
-    target_weight, _ = _heads.target_weights(
-        weight, read.safe_labels, num_local, dtype, vocab_axis)
+    target_weight, _ = _heads.target_weights(weight, read.safe_labels, num_local, dtype, vocab_axis)
     example_weight = jnp.where(read.valid, target_weight, jnp.zeros_like(target_weight))
   else:
     if head.class_fn is not _heads.neg_log or head.extra_sums is not None:
       raise NotImplementedError(
-          f"{fn}: over vocabulary shards, probability `labels` are supported for cross-entropy "
-          "only; pass integer labels.")
+        f"{fn}: over vocabulary shards, probability `labels` are supported for cross-entropy "
+        "only; pass integer labels."
+      )
     valid = _where_rows(fn, where, logits.shape[:-1])
-    cfg = _DenseShardConfig(vocab_axis, float(label_smoothing), smoothing, float(z_loss),
-                            logit_softcap)
+    cfg = _DenseShardConfig(
+      vocab_axis, float(label_smoothing), smoothing, float(z_loss), logit_softcap
+    )
     loss, lse = _shard_dense_cross_entropy(logits, labels, weight, valid, cfg)
     example_weight = valid.astype(loss.dtype)
   out = _reduce(loss, example_weight, reduction, data_axis, fn)
@@ -486,22 +546,22 @@ def _local_loss(
 
 
 def vocab_parallel_cross_entropy(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    mesh: Mesh,
-    vocab_axis: Hashable = "vocab",
-    data_axis: Hashable | None = None,
-    axis: int = -1,
-    weight: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    smoothing: str = "uniform",
-    z_loss: float = 0.0,
-    logit_softcap: float | None = None,
-    where: jax.typing.ArrayLike | None = None,
-    return_lse: bool = False,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  mesh: Mesh,
+  vocab_axis: Hashable = "vocab",
+  data_axis: Hashable | None = None,
+  axis: int = -1,
+  weight: jax.typing.ArrayLike | None = None,
+  ignore_index: int | None = -100,
+  reduction: str = "mean",
+  label_smoothing: float = 0.0,
+  smoothing: str = "uniform",
+  z_loss: float = 0.0,
+  logit_softcap: float | None = None,
+  where: jax.typing.ArrayLike | None = None,
+  return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r""":func:`xent_jax.cross_entropy` with the classes split over a mesh axis.
 
@@ -550,22 +610,50 @@ def vocab_parallel_cross_entropy(
   """
   fn = "vocab_parallel_cross_entropy"
   _ce.check_common_options(
-      fn, label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
-      logit_softcap=logit_softcap, reduction=reduction,
+    fn,
+    label_smoothing=label_smoothing,
+    smoothing=smoothing,
+    z_loss=z_loss,
+    logit_softcap=logit_softcap,
+    reduction=reduction,
   )
   return _global_loss(
-      fn, _ce.cross_entropy_head(smoothing, float(z_loss)), logits, labels, mesh=mesh,
-      vocab_axis=vocab_axis, data_axis=data_axis, axis=axis, weight=weight,
-      ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-      smoothing=smoothing, z_loss=z_loss, logit_softcap=logit_softcap, where=where,
-      return_lse=return_lse,
+    fn,
+    _ce.cross_entropy_head(smoothing, float(z_loss)),
+    logits,
+    labels,
+    mesh=mesh,
+    vocab_axis=vocab_axis,
+    data_axis=data_axis,
+    axis=axis,
+    weight=weight,
+    ignore_index=ignore_index,
+    reduction=reduction,
+    label_smoothing=label_smoothing,
+    smoothing=smoothing,
+    z_loss=z_loss,
+    logit_softcap=logit_softcap,
+    where=where,
+    return_lse=return_lse,
   )
 
 
 def vocab_parallel_head_loss(
-    fn: str, head: _heads.Head, logits, labels, *, mesh: Mesh, vocab_axis: Hashable = "vocab",
-    data_axis: Hashable | None = None, axis: int = -1, weight=None, ignore_index=-100,
-    reduction: str = "mean", label_smoothing: float = 0.0, where=None, return_lse: bool = False,
+  fn: str,
+  head: _heads.Head,
+  logits,
+  labels,
+  *,
+  mesh: Mesh,
+  vocab_axis: Hashable = "vocab",
+  data_axis: Hashable | None = None,
+  axis: int = -1,
+  weight=None,
+  ignore_index=-100,
+  reduction: str = "mean",
+  label_smoothing: float = 0.0,
+  where=None,
+  return_lse: bool = False,
 ):
   """Any engine head (see :mod:`xent_jax._heads`) with the classes split over ``vocab_axis``:
   :func:`vocab_parallel_cross_entropy`'s arguments and rules, integer labels, uniform smoothing.
@@ -573,16 +661,45 @@ def vocab_parallel_head_loss(
   _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
   _checks.check_reduction(fn, reduction)
   return _global_loss(
-      fn, head, logits, labels, mesh=mesh, vocab_axis=vocab_axis, data_axis=data_axis, axis=axis,
-      weight=weight, ignore_index=ignore_index, reduction=reduction,
-      label_smoothing=label_smoothing, smoothing="uniform", z_loss=0.0, logit_softcap=None,
-      where=where, return_lse=return_lse,
+    fn,
+    head,
+    logits,
+    labels,
+    mesh=mesh,
+    vocab_axis=vocab_axis,
+    data_axis=data_axis,
+    axis=axis,
+    weight=weight,
+    ignore_index=ignore_index,
+    reduction=reduction,
+    label_smoothing=label_smoothing,
+    smoothing="uniform",
+    z_loss=0.0,
+    logit_softcap=None,
+    where=where,
+    return_lse=return_lse,
   )
 
 
 def _global_loss(
-    fn, head, logits, labels, *, mesh, vocab_axis, data_axis, axis, weight, ignore_index,
-    reduction, label_smoothing, smoothing, z_loss, logit_softcap, where, return_lse,
+  fn,
+  head,
+  logits,
+  labels,
+  *,
+  mesh,
+  vocab_axis,
+  data_axis,
+  axis,
+  weight,
+  ignore_index,
+  reduction,
+  label_smoothing,
+  smoothing,
+  z_loss,
+  logit_softcap,
+  where,
+  return_lse,
 ):
   """Places the global arrays on ``mesh`` and runs :func:`_local_loss` in ``shard_map``."""
   _checks.check_floating(fn, "logits", logits)
@@ -596,23 +713,38 @@ def _global_loss(
   batch_shape = logits.shape[:-1]
   if weight is not None:
     _inputs.check_class_weight(fn, "weight", weight, logits.shape[-1])
-  rows = _mesh_specs(fn, mesh, vocab_axis, data_axis, logits.shape[-1], "logits", batch_shape,
-                     "logits")
+  rows = _mesh_specs(
+    fn, mesh, vocab_axis, data_axis, logits.shape[-1], "logits", batch_shape, "logits"
+  )
   if where is not None:
     _checks.check_broadcastable(fn, "where", where, batch_shape)
     where = jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
   row_spec = PartitionSpec(*rows)
   args = {"logits": logits, "labels": labels, "weight": weight, "where": where}
-  specs = {"logits": PartitionSpec(*rows, vocab_axis),
-           "labels": row_spec if integer else PartitionSpec(*rows, vocab_axis),
-           "weight": PartitionSpec(vocab_axis), "where": row_spec}
+  specs = {
+    "logits": PartitionSpec(*rows, vocab_axis),
+    "labels": row_spec if integer else PartitionSpec(*rows, vocab_axis),
+    "weight": PartitionSpec(vocab_axis),
+    "where": row_spec,
+  }
 
   def local(a):
     return _local_loss(
-        fn, head, a["logits"], a["labels"], vocab_axis=vocab_axis, data_axis=data_axis,
-        weight=a.get("weight"), ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
-        logit_softcap=logit_softcap, where=a.get("where"), return_lse=return_lse,
+      fn,
+      head,
+      a["logits"],
+      a["labels"],
+      vocab_axis=vocab_axis,
+      data_axis=data_axis,
+      weight=a.get("weight"),
+      ignore_index=ignore_index,
+      reduction=reduction,
+      label_smoothing=label_smoothing,
+      smoothing=smoothing,
+      z_loss=z_loss,
+      logit_softcap=logit_softcap,
+      where=a.get("where"),
+      return_lse=return_lse,
     )
 
   loss_spec = row_spec if reduction == "none" else PartitionSpec()
@@ -620,25 +752,25 @@ def _global_loss(
 
 
 def _linear_local(
-    hidden: jax.typing.ArrayLike,
-    weight: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    vocab_axis: Hashable = "vocab",
-    data_axis: Hashable | None = None,
-    bias: jax.typing.ArrayLike | None = None,
-    weight_layout: str = "vd",
-    class_weight: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    smoothing: str = "uniform",
-    z_loss: float = 0.0,
-    logit_softcap: float | None = None,
-    where: jax.typing.ArrayLike | None = None,
-    return_lse: bool = False,
-    token_chunk_size: int | None = None,
-    vocab_chunk_size: int | None = None,
+  hidden: jax.typing.ArrayLike,
+  weight: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  vocab_axis: Hashable = "vocab",
+  data_axis: Hashable | None = None,
+  bias: jax.typing.ArrayLike | None = None,
+  weight_layout: str = "vd",
+  class_weight: jax.typing.ArrayLike | None = None,
+  ignore_index: int | None = -100,
+  reduction: str = "mean",
+  label_smoothing: float = 0.0,
+  smoothing: str = "uniform",
+  z_loss: float = 0.0,
+  logit_softcap: float | None = None,
+  where: jax.typing.ArrayLike | None = None,
+  return_lse: bool = False,
+  token_chunk_size: int | None = None,
+  vocab_chunk_size: int | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r""":func:`xent_jax.linear_cross_entropy` on one vocabulary shard of ``weight``.
 
@@ -655,8 +787,12 @@ def _linear_local(
   _checks.check_floating(fn, "weight", weight)
   _checks.check_choice(fn, "weight_layout", weight_layout, _linear.WEIGHT_LAYOUTS)
   _ce.check_common_options(
-      fn, label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
-      logit_softcap=logit_softcap, reduction=reduction,
+    fn,
+    label_smoothing=label_smoothing,
+    smoothing=smoothing,
+    z_loss=z_loss,
+    logit_softcap=logit_softcap,
+    reduction=reduction,
   )
   hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
   labels = _inputs.as_label_array(fn, labels)
@@ -673,18 +809,27 @@ def _linear_local(
     class_weight = jnp.asarray(class_weight).astype(dtype)
   n = math.prod(batch_shape)
   schedule = _linear.plan_schedule(
-      fn, n, features, num_local, linear_reduction=reduction != "none" and not return_lse,
-      token_chunk_size=token_chunk_size, vocab_chunk_size=vocab_chunk_size,
-      hidden_dtype=hidden.dtype, weight_dtype=weight.dtype)
+    fn,
+    n,
+    features,
+    num_local,
+    linear_reduction=reduction != "none" and not return_lse,
+    token_chunk_size=token_chunk_size,
+    vocab_chunk_size=vocab_chunk_size,
+    hidden_dtype=hidden.dtype,
+    weight_dtype=weight.dtype,
+  )
 
   num_classes = num_local * jax.lax.axis_size(vocab_axis)
   read = _inputs.integer_labels(
-      fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=where)
+    fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=where
+  )
   # int32 labels, -1 outside [0, K): such a row matches no class of any shard.
   hidden_NxD = hidden.reshape(n, features)
   labels_N, valid_N, in_range_N = (a.reshape(n) for a in read)
   target_weight_N, total_weight = _heads.target_weights(
-      class_weight, labels_N, num_local, dtype, vocab_axis)
+    class_weight, labels_N, num_local, dtype, vocab_axis
+  )
   example_weight_N = jnp.where(valid_N, target_weight_N, jnp.zeros_like(target_weight_N))
   nan_or_one_N = jnp.where(valid_N & ~in_range_N, jnp.nan, 1.0).astype(dtype)
   # The kernels see this shard's classes as 0..V_s-1: shift the labels rather than pass the
@@ -694,26 +839,45 @@ def _linear_local(
   target = _ce.smoothed_target(num_classes, label_smoothing, smoothing)
   lcfg = _linear._LossConfig(target, float(z_loss))
   rows_axes = data_axes(data_axis)
-  cfg = schedule.block_config(weight_layout, logit_softcap, bool(target.off),
-                              varying_axes=(*rows_axes, vocab_axis), row_axes=rows_axes)
+  cfg = schedule.block_config(
+    weight_layout,
+    logit_softcap,
+    bool(target.off),
+    varying_axes=(*rows_axes, vocab_axis),
+    row_axes=rows_axes,
+  )
   if schedule.one_pass:
     # Sum and mean are linear in the per-row losses: d(reduced)/d(loss_i) is known up front.
     total_weight_1 = jnp.sum(example_weight_N, keepdims=True)
     if rows_axes:
       total_weight_1 = jax.lax.psum(total_weight_1, rows_axes)
     row_scale = jax.grad(
-        lambda loss_1: _reduction.reduce_loss(loss_1, total_weight_1, reduction, fn=fn)
+      lambda loss_1: _reduction.reduce_loss(loss_1, total_weight_1, reduction, fn=fn)
     )(jnp.zeros((1,), dtype))
     row_scale_N = jnp.broadcast_to(row_scale, (n,))
     rows = (row_scale_N * nan_or_one_N, target_weight_N, valid_N)
-    return _sharded_fused(cfg, lcfg, vocab_axis, data_axis, hidden_NxD, weight, bias,
-                          shard_labels_N, class_weight, rows, total_weight)
+    return _sharded_fused(
+      cfg,
+      lcfg,
+      vocab_axis,
+      data_axis,
+      hidden_NxD,
+      weight,
+      bias,
+      shard_labels_N,
+      class_weight,
+      rows,
+      total_weight,
+    )
   lse_N, target_N, weighted_sum_N = _sharded_stats(
-      cfg, vocab_axis, data_axis, hidden_NxD, weight, bias, shard_labels_N, class_weight)
-  loss_N = _linear._row_loss(lcfg, total_weight, lse_N, target_N, weighted_sum_N,
-                             (nan_or_one_N, target_weight_N, valid_N))
-  loss = _reduce(loss_N.reshape(batch_shape), example_weight_N.reshape(batch_shape), reduction,
-                 data_axis, fn)
+    cfg, vocab_axis, data_axis, hidden_NxD, weight, bias, shard_labels_N, class_weight
+  )
+  loss_N = _linear._row_loss(
+    lcfg, total_weight, lse_N, target_N, weighted_sum_N, (nan_or_one_N, target_weight_N, valid_N)
+  )
+  loss = _reduce(
+    loss_N.reshape(batch_shape), example_weight_N.reshape(batch_shape), reduction, data_axis, fn
+  )
   return (loss, lse_N.reshape(batch_shape)) if return_lse else loss
 
 
@@ -723,38 +887,40 @@ def _linear_shapes(fn, hidden, weight, weight_layout):
     raise ValueError(f"{fn}: `hidden` must have shape [..., D], got a scalar.")
   if weight.ndim != 2:
     raise ValueError(
-        f"{fn}: `weight` must have shape [V, D] (weight_layout='vd') or [D, V] ('dv'), got "
-        f"{weight.shape}.")
+      f"{fn}: `weight` must have shape [V, D] (weight_layout='vd') or [D, V] ('dv'), got "
+      f"{weight.shape}."
+    )
   vocab_dim = 0 if weight_layout == "vd" else 1
   num_classes, features = weight.shape[vocab_dim], weight.shape[1 - vocab_dim]
   if hidden.shape[-1] != features:
     raise ValueError(
-        f"{fn}: `hidden`'s last dimension must equal `weight`'s feature dimension ({features} for "
-        f"weight_layout={weight_layout!r}, `weight` {weight.shape}), got `hidden` {hidden.shape}.")
+      f"{fn}: `hidden`'s last dimension must equal `weight`'s feature dimension ({features} for "
+      f"weight_layout={weight_layout!r}, `weight` {weight.shape}), got `hidden` {hidden.shape}."
+    )
   return num_classes, features
 
 
 def vocab_parallel_linear_cross_entropy(
-    hidden: jax.typing.ArrayLike,
-    weight: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    mesh: Mesh,
-    vocab_axis: Hashable = "vocab",
-    data_axis: Hashable | None = None,
-    bias: jax.typing.ArrayLike | None = None,
-    weight_layout: str = "vd",
-    class_weight: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    smoothing: str = "uniform",
-    z_loss: float = 0.0,
-    logit_softcap: float | None = None,
-    where: jax.typing.ArrayLike | None = None,
-    return_lse: bool = False,
-    token_chunk_size: int | None = None,
-    vocab_chunk_size: int | None = None,
+  hidden: jax.typing.ArrayLike,
+  weight: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  mesh: Mesh,
+  vocab_axis: Hashable = "vocab",
+  data_axis: Hashable | None = None,
+  bias: jax.typing.ArrayLike | None = None,
+  weight_layout: str = "vd",
+  class_weight: jax.typing.ArrayLike | None = None,
+  ignore_index: int | None = -100,
+  reduction: str = "mean",
+  label_smoothing: float = 0.0,
+  smoothing: str = "uniform",
+  z_loss: float = 0.0,
+  logit_softcap: float | None = None,
+  where: jax.typing.ArrayLike | None = None,
+  return_lse: bool = False,
+  token_chunk_size: int | None = None,
+  vocab_chunk_size: int | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r""":func:`xent_jax.linear_cross_entropy` with ``weight`` split over the classes on a mesh.
 
@@ -803,8 +969,12 @@ def vocab_parallel_linear_cross_entropy(
   _checks.check_floating(fn, "weight", weight)
   _checks.check_choice(fn, "weight_layout", weight_layout, _linear.WEIGHT_LAYOUTS)
   _ce.check_common_options(
-      fn, label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
-      logit_softcap=logit_softcap, reduction=reduction,
+    fn,
+    label_smoothing=label_smoothing,
+    smoothing=smoothing,
+    z_loss=z_loss,
+    logit_softcap=logit_softcap,
+    reduction=reduction,
   )
   hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
   labels = _inputs.as_label_array(fn, labels)
@@ -817,13 +987,23 @@ def vocab_parallel_linear_cross_entropy(
     where = jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
   row_spec = PartitionSpec(*rows)
   class_spec = PartitionSpec(vocab_axis)
-  args = {"hidden": hidden, "weight": weight, "labels": labels, "bias": bias,
-          "class_weight": class_weight, "where": where}
+  args = {
+    "hidden": hidden,
+    "weight": weight,
+    "labels": labels,
+    "bias": bias,
+    "class_weight": class_weight,
+    "where": where,
+  }
   specs = {
-      "hidden": PartitionSpec(*rows, None),
-      "weight": PartitionSpec(vocab_axis, None) if weight_layout == "vd"
-                else PartitionSpec(None, vocab_axis),
-      "labels": row_spec, "bias": class_spec, "class_weight": class_spec, "where": row_spec,
+    "hidden": PartitionSpec(*rows, None),
+    "weight": PartitionSpec(vocab_axis, None)
+    if weight_layout == "vd"
+    else PartitionSpec(None, vocab_axis),
+    "labels": row_spec,
+    "bias": class_spec,
+    "class_weight": class_spec,
+    "where": row_spec,
   }
   for name in ("bias", "class_weight"):
     if args[name] is not None:
@@ -832,12 +1012,24 @@ def vocab_parallel_linear_cross_entropy(
 
   def local(a):
     return _linear_local(
-        a["hidden"], a["weight"], a["labels"], vocab_axis=vocab_axis, data_axis=data_axis,
-        bias=a.get("bias"), weight_layout=weight_layout, class_weight=a.get("class_weight"),
-        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-        smoothing=smoothing, z_loss=z_loss, logit_softcap=logit_softcap, where=a.get("where"),
-        return_lse=return_lse, token_chunk_size=token_chunk_size,
-        vocab_chunk_size=vocab_chunk_size,
+      a["hidden"],
+      a["weight"],
+      a["labels"],
+      vocab_axis=vocab_axis,
+      data_axis=data_axis,
+      bias=a.get("bias"),
+      weight_layout=weight_layout,
+      class_weight=a.get("class_weight"),
+      ignore_index=ignore_index,
+      reduction=reduction,
+      label_smoothing=label_smoothing,
+      smoothing=smoothing,
+      z_loss=z_loss,
+      logit_softcap=logit_softcap,
+      where=a.get("where"),
+      return_lse=return_lse,
+      token_chunk_size=token_chunk_size,
+      vocab_chunk_size=vocab_chunk_size,
     )
 
   loss_spec = row_spec if reduction == "none" else PartitionSpec()

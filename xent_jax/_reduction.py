@@ -17,7 +17,7 @@ from xent_jax import _checks
 
 
 def reduce_loss(
-    loss: jax.Array, example_weight: jax.Array, reduction: str, *, fn: str = "reduce_loss"
+  loss: jax.Array, example_weight: jax.Array, reduction: str, *, fn: str = "reduce_loss"
 ) -> jax.Array:
   """Reduces a per-example loss.
 

@@ -51,25 +51,25 @@ class _Entry:
 
 
 _LOSSES: dict[str, _Entry] = {
-    "cross_entropy": _Entry(_cross_entropy.cross_entropy),
-    "label_smoothing": _Entry(
-        _cross_entropy.cross_entropy,
-        {"label_smoothing": 0.1},
-        "Cross-entropy with label smoothing (Szegedy et al. 2016), epsilon 0.1 by default.",
-    ),
-    "z_loss": _Entry(
-        _cross_entropy.cross_entropy,
-        {"z_loss": 1e-4},
-        "Cross-entropy plus z * logsumexp^2 (PaLM, Chowdhery et al. 2022), z 1e-4 by default.",
-    ),
-    "focal": _Entry(_variants.focal_loss),
-    "poly1": _Entry(_variants.poly1_cross_entropy),
-    "bi_tempered": _Entry(_bitempered.bi_tempered_logistic_loss),
-    "symmetric_ce": _Entry(_variants.symmetric_cross_entropy),
-    "generalized_ce": _Entry(_variants.generalized_cross_entropy),
-    "truncated_gce": _Entry(_variants.truncated_generalized_cross_entropy),
-    "taylor_ce": _Entry(_variants.taylor_cross_entropy),
-    "confidence_penalty": _Entry(_variants.confidence_penalty_cross_entropy),
+  "cross_entropy": _Entry(_cross_entropy.cross_entropy),
+  "label_smoothing": _Entry(
+    _cross_entropy.cross_entropy,
+    {"label_smoothing": 0.1},
+    "Cross-entropy with label smoothing (Szegedy et al. 2016), epsilon 0.1 by default.",
+  ),
+  "z_loss": _Entry(
+    _cross_entropy.cross_entropy,
+    {"z_loss": 1e-4},
+    "Cross-entropy plus z * logsumexp^2 (PaLM, Chowdhery et al. 2022), z 1e-4 by default.",
+  ),
+  "focal": _Entry(_variants.focal_loss),
+  "poly1": _Entry(_variants.poly1_cross_entropy),
+  "bi_tempered": _Entry(_bitempered.bi_tempered_logistic_loss),
+  "symmetric_ce": _Entry(_variants.symmetric_cross_entropy),
+  "generalized_ce": _Entry(_variants.generalized_cross_entropy),
+  "truncated_gce": _Entry(_variants.truncated_generalized_cross_entropy),
+  "taylor_ce": _Entry(_variants.taylor_cross_entropy),
+  "confidence_penalty": _Entry(_variants.confidence_penalty_cross_entropy),
 }
 
 
@@ -90,10 +90,9 @@ class LossInfo(NamedTuple):
 def _hparam_defaults(entry: _Entry) -> dict[str, Any]:
   params = inspect.signature(entry.fn).parameters.values()
   defaults = {
-      p.name: p.default
-      for p in params
-      if p.kind is inspect.Parameter.KEYWORD_ONLY
-      and p.name not in CONVENTIONS + _OUTPUT_OPTIONS
+    p.name: p.default
+    for p in params
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in CONVENTIONS + _OUTPUT_OPTIONS
   }
   return defaults | dict(entry.defaults)
 
@@ -115,8 +114,8 @@ def list_losses() -> dict[str, LossInfo]:
     {'gamma': 2.0, 'alpha': None}
   """
   return {
-      name: LossInfo(_hparam_defaults(entry), _summary(entry), entry.fn)
-      for name, entry in _LOSSES.items()
+    name: LossInfo(_hparam_defaults(entry), _summary(entry), entry.fn)
+    for name, entry in _LOSSES.items()
   }
 
 
@@ -127,9 +126,9 @@ def _validate(fn: Callable[..., jax.Array], hparams: Mapping[str, Any]) -> None:
     if value is not None and not isinstance(value, str) and np.ndim(value) == 1:
       num_classes = max(num_classes, np.shape(value)[0])
   jax.eval_shape(
-      lambda logits, labels: fn(logits, labels, **hparams),
-      jax.ShapeDtypeStruct((1, num_classes), jnp.float32),
-      jax.ShapeDtypeStruct((1,), jnp.int32),
+    lambda logits, labels: fn(logits, labels, **hparams),
+    jax.ShapeDtypeStruct((1, num_classes), jnp.float32),
+    jax.ShapeDtypeStruct((1,), jnp.int32),
   )
 
 
@@ -152,30 +151,30 @@ class ConfiguredLoss:
   fn: Callable[..., jax.Array]
 
   def __call__(
-      self, logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike, **conventions: Any
+    self, logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike, **conventions: Any
   ) -> jax.Array:
     unknown = sorted(set(conventions) - set(CONVENTIONS))
     if unknown:
       raise ValueError(
-          f"loss {self.name!r}: unknown keyword argument(s) {unknown}; a configured loss takes "
-          f"only the conventions {list(CONVENTIONS)} (hyper-parameters are bound by get_loss)."
+        f"loss {self.name!r}: unknown keyword argument(s) {unknown}; a configured loss takes "
+        f"only the conventions {list(CONVENTIONS)} (hyper-parameters are bound by get_loss)."
       )
     return self.fn(logits, labels, **self.hparams, **conventions)
 
   def linear(
-      self,
-      hidden: jax.typing.ArrayLike,
-      weight: jax.typing.ArrayLike,
-      labels: jax.typing.ArrayLike,
-      *,
-      bias: jax.typing.ArrayLike | None = None,
-      weight_layout: str = "vd",
-      class_weight: jax.typing.ArrayLike | None = None,
-      ignore_index: int | None = -100,
-      reduction: str = "mean",
-      where: jax.typing.ArrayLike | None = None,
-      token_chunk_size: int | None = None,
-      return_stats: bool = False,
+    self,
+    hidden: jax.typing.ArrayLike,
+    weight: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    bias: jax.typing.ArrayLike | None = None,
+    weight_layout: str = "vd",
+    class_weight: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    where: jax.typing.ArrayLike | None = None,
+    token_chunk_size: int | None = None,
+    return_stats: bool = False,
   ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     r"""This loss on ``hidden @ weight.T + bias`` without building the ``[N, V]`` logits.
 
@@ -203,9 +202,17 @@ class ConfiguredLoss:
     fn = f"get_loss({self.name!r}).linear"
     if _is_cross_entropy(self.fn) and not return_stats:
       return _linear.linear_cross_entropy(
-          hidden, weight, labels, bias=bias, weight_layout=weight_layout,
-          class_weight=class_weight, ignore_index=ignore_index, reduction=reduction, where=where,
-          token_chunk_size=token_chunk_size, **self.hparams,
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        weight_layout=weight_layout,
+        class_weight=class_weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        where=where,
+        token_chunk_size=token_chunk_size,
+        **self.hparams,
       )
     num_classes = _chunked.check_linear_shapes(fn, hidden, weight, labels, weight_layout, bias)
     _checks.check_reduction(fn, reduction)
@@ -214,7 +221,9 @@ class ConfiguredLoss:
     batch_shape = hidden.shape[:-1]
     n = math.prod(batch_shape)
     integer = jnp.issubdtype(labels.dtype, jnp.integer)
-    _checks.check_shape(fn, "labels", labels, batch_shape if integer else batch_shape + (num_classes,))
+    _checks.check_shape(
+      fn, "labels", labels, batch_shape if integer else batch_shape + (num_classes,)
+    )
     if class_weight is not None:
       _inputs.check_class_weight(fn, "class_weight", class_weight, num_classes)
       class_weight = jnp.asarray(class_weight)
@@ -223,10 +232,10 @@ class ConfiguredLoss:
       _checks.check_broadcastable(fn, "where", where, batch_shape)
       valid_N = jnp.broadcast_to(jnp.asarray(where, bool), batch_shape).reshape(n)
     dtype = _inputs.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
-    labels_N = labels.reshape((n,) + labels.shape[len(batch_shape):])
+    labels_N = labels.reshape((n,) + labels.shape[len(batch_shape) :])
     if integer:
       read = _inputs.integer_labels(
-          fn, labels_N, num_classes=num_classes, ignore_index=ignore_index, where=valid_N
+        fn, labels_N, num_classes=num_classes, ignore_index=ignore_index, where=valid_N
       )
       target_weight = 1.0 if class_weight is None else class_weight.astype(dtype)[read.safe_labels]
       example_weight_N = jnp.where(read.valid, target_weight, 0.0).astype(dtype)
@@ -235,8 +244,15 @@ class ConfiguredLoss:
     cap = self.hparams.get("logit_softcap")
 
     def row_loss(logits_TxV, labels_T, valid_T):
-      loss = self.fn(logits_TxV, labels_T, **self.hparams, weight=class_weight,
-                     ignore_index=ignore_index, where=valid_T, reduction="none")
+      loss = self.fn(
+        logits_TxV,
+        labels_T,
+        **self.hparams,
+        weight=class_weight,
+        ignore_index=ignore_index,
+        where=valid_T,
+        reduction="none",
+      )
       extras = {}
       if return_stats:
         safe = None
@@ -253,30 +269,44 @@ class ConfiguredLoss:
     mask_N = valid_N if not integer else read.valid
     if reduction != "none" and not return_stats:
       # 'sum' and 'mean' are linear in the per-row losses: one pass, gradients in the forward.
-      scale_N = jax.grad(lambda loss: _reduction.reduce_loss(
-          loss, example_weight_N, reduction, fn=fn))(jnp.zeros((n,), dtype))
+      scale_N = jax.grad(
+        lambda loss: _reduction.reduce_loss(loss, example_weight_N, reduction, fn=fn)
+      )(jnp.zeros((n,), dtype))
       chunk = _chunked.default_chunk(num_classes, n) if token_chunk_size is None else None
       if chunk is None:
         _chunked.check_chunk(fn, token_chunk_size)
         chunk = min(int(token_chunk_size), n)
       return _chunked.one_pass_linear_sum(
-          row_loss, hidden.reshape(n, -1), weight, None if bias is None else jnp.asarray(bias),
-          labels_N, mask_N, scale_N, weight_layout=weight_layout, chunk=chunk,
+        row_loss,
+        hidden.reshape(n, -1),
+        weight,
+        None if bias is None else jnp.asarray(bias),
+        labels_N,
+        mask_N,
+        scale_N,
+        weight_layout=weight_layout,
+        chunk=chunk,
       )
     loss_N, extras = _chunked.chunked_linear_loss(
-        fn, row_loss, hidden.reshape(n, -1), weight, labels_N, mask_N if integer else valid_N,
-        bias=None if bias is None else jnp.asarray(bias), weight_layout=weight_layout,
-        token_chunk_size=token_chunk_size,
+      fn,
+      row_loss,
+      hidden.reshape(n, -1),
+      weight,
+      labels_N,
+      mask_N if integer else valid_N,
+      bias=None if bias is None else jnp.asarray(bias),
+      weight_layout=weight_layout,
+      token_chunk_size=token_chunk_size,
     )
     loss = _reduction.reduce_loss(
-        loss_N.reshape(batch_shape), example_weight_N.reshape(batch_shape), reduction, fn=fn
+      loss_N.reshape(batch_shape), example_weight_N.reshape(batch_shape), reduction, fn=fn
     )
     if not return_stats:
       return loss
     return loss, {k: v.reshape(batch_shape) for k, v in extras.items()}
 
   def vocab_parallel(
-      self, logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike, **options: Any
+    self, logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike, **options: Any
   ) -> jax.Array:
     """This loss with the classes split over a mesh axis: ``mesh``, ``vocab_axis``,
     ``data_axis``, ``axis``, ``weight``, ``ignore_index``, ``reduction``, ``where`` and
@@ -295,16 +325,20 @@ class ConfiguredLoss:
     factory = _variants.HEAD_FACTORIES.get(self.fn) or _USER_HEADS.get(self.fn)
     if factory is None:
       raise NotImplementedError(
-          f"{fn}: this loss is not a head of the row-statistics engine, so it has no "
-          "vocabulary-parallel form; use .linear (fused) or the loss on gathered logits."
+        f"{fn}: this loss is not a head of the row-statistics engine, so it has no "
+        "vocabulary-parallel form; use .linear (fused) or the loss on gathered logits."
       )
     hparams = dict(self.hparams)
     label_smoothing = hparams.pop("label_smoothing", 0.0)
     axis = options.get("axis", -1)
     num_classes = np.shape(logits)[axis]
     return _parallel.vocab_parallel_head_loss(
-        fn, factory(num_classes, **hparams), logits, labels, label_smoothing=label_smoothing,
-        **options,
+      fn,
+      factory(num_classes, **hparams),
+      logits,
+      labels,
+      label_smoothing=label_smoothing,
+      **options,
     )
 
   def __repr__(self) -> str:
@@ -324,15 +358,17 @@ def _import_loss(path: str) -> _Entry:
     for part in attr.split("."):
       obj = getattr(obj, part)
   except (ImportError, AttributeError) as err:
-    raise ValueError(f"get_loss: cannot import loss {path!r} ({type(err).__name__}: {err}).") from None
+    raise ValueError(
+      f"get_loss: cannot import loss {path!r} ({type(err).__name__}: {err})."
+    ) from None
   if not callable(obj):
     raise ValueError(f"get_loss: {path!r} is not callable, got {type(obj).__name__}.")
   params = inspect.signature(obj).parameters
   missing = [c for c in CONVENTIONS if c not in params]
   if missing:
     raise ValueError(
-        f"get_loss: {path!r} must take the loss conventions as keyword arguments; it lacks "
-        f"{missing} (see xent_jax.register_loss to build a loss from f(log p))."
+      f"get_loss: {path!r} must take the loss conventions as keyword arguments; it lacks "
+      f"{missing} (see xent_jax.register_loss to build a loss from f(log p))."
     )
   return _Entry(obj)
 
@@ -343,8 +379,8 @@ def _entry(name: str) -> _Entry:
   if ":" in name:
     return _import_loss(name)
   raise ValueError(
-      f"get_loss: unknown loss {name!r}; registered losses: {sorted(_LOSSES)} "
-      "(or an import path 'package.module:function')."
+    f"get_loss: unknown loss {name!r}; registered losses: {sorted(_LOSSES)} "
+    "(or an import path 'package.module:function')."
   )
 
 
@@ -378,8 +414,7 @@ def get_loss(name: str, **hparams: Any) -> ConfiguredLoss:
   unknown = sorted(set(hparams) - set(defaults))
   if unknown:
     raise ValueError(
-        f"get_loss: loss {name!r} has no hyper-parameter(s) {unknown}; "
-        f"valid ones: {list(defaults)}."
+      f"get_loss: loss {name!r} has no hyper-parameter(s) {unknown}; valid ones: {list(defaults)}."
     )
   bound = defaults | hparams
   _validate(entry.fn, bound)
@@ -417,11 +452,23 @@ def define_loss(class_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
   hparams = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
   clash = sorted(set(hparams) & (set(CONVENTIONS) | {"label_smoothing"}))
   if clash:
-    raise ValueError(f"define_loss: hyper-parameter names {clash} are reserved for the conventions.")
+    raise ValueError(
+      f"define_loss: hyper-parameter names {clash} are reserved for the conventions."
+    )
   name = getattr(class_fn, "__name__", "loss")
 
-  def loss(logits, labels, *, label_smoothing=0.0, axis=-1, weight=None, ignore_index=-100,
-           reduction="mean", where=None, **values):
+  def loss(
+    logits,
+    labels,
+    *,
+    label_smoothing=0.0,
+    axis=-1,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    where=None,
+    **values,
+  ):
     unknown = sorted(set(values) - set(hparams))
     if unknown:
       raise TypeError(f"{name}: unknown hyper-parameter(s) {unknown}; valid ones: {list(hparams)}.")
@@ -429,32 +476,46 @@ def define_loss(class_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     _checks.check_in_range(name, "label_smoothing", label_smoothing, 0.0, 1.0)
     head = _heads.Head(lambda log_p: class_fn(log_p, **bound))
     reduced, _ = _heads.dense_loss(
-        name, head, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
-        reduction=reduction, where=where, label_smoothing=label_smoothing,
+      name,
+      head,
+      logits,
+      labels,
+      axis=axis,
+      weight=weight,
+      ignore_index=ignore_index,
+      reduction=reduction,
+      where=where,
+      label_smoothing=label_smoothing,
     )
     return reduced
 
   # The signature the registry reads hyper-parameters from: f's keyword-only arguments.
   kw = inspect.Parameter.KEYWORD_ONLY
   loss.__signature__ = inspect.Signature(
-      [inspect.Parameter("logits", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-       inspect.Parameter("labels", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-      + [inspect.Parameter(k, kw, default=v) for k, v in hparams.items()]
-      + [inspect.Parameter("label_smoothing", kw, default=0.0),
-         inspect.Parameter("axis", kw, default=-1), inspect.Parameter("weight", kw, default=None),
-         inspect.Parameter("ignore_index", kw, default=-100),
-         inspect.Parameter("reduction", kw, default="mean"),
-         inspect.Parameter("where", kw, default=None)]
+    [
+      inspect.Parameter("logits", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+      inspect.Parameter("labels", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    ]
+    + [inspect.Parameter(k, kw, default=v) for k, v in hparams.items()]
+    + [
+      inspect.Parameter("label_smoothing", kw, default=0.0),
+      inspect.Parameter("axis", kw, default=-1),
+      inspect.Parameter("weight", kw, default=None),
+      inspect.Parameter("ignore_index", kw, default=-100),
+      inspect.Parameter("reduction", kw, default="mean"),
+      inspect.Parameter("where", kw, default=None),
+    ]
   )
   loss.__name__ = name
-  loss.__doc__ = (inspect.getdoc(class_fn) or f"The loss with per-class term {name}(log p).")
+  loss.__doc__ = inspect.getdoc(class_fn) or f"The loss with per-class term {name}(log p)."
   _USER_HEADS[loss] = lambda num_classes, **values: _heads.Head(
-      lambda log_p: class_fn(log_p, **(hparams | values)))
+    lambda log_p: class_fn(log_p, **(hparams | values))
+  )
   return loss
 
 
 def register_loss(
-    name: str, *, summary: str | None = None
+  name: str, *, summary: str | None = None
 ) -> Callable[[Callable[..., jax.Array]], Callable[..., jax.Array]]:
   """Decorator: :func:`define_loss` of a per-class function, registered as ``name``.
 

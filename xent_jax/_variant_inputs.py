@@ -70,15 +70,15 @@ class Prepared(NamedTuple):
 
 
 def prepare(
-    fn: str,
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    axis: int,
-    weight: jax.typing.ArrayLike | None,
-    ignore_index: int | None,
-    reduction: str,
-    where: jax.typing.ArrayLike | None,
+  fn: str,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  axis: int,
+  weight: jax.typing.ArrayLike | None,
+  ignore_index: int | None,
+  reduction: str,
+  where: jax.typing.ArrayLike | None,
 ) -> Prepared:
   """Checks the shared arguments (naming the bad one) and returns the :class:`Prepared` inputs.
 
@@ -94,14 +94,14 @@ def prepare(
     where: bool mask broadcastable to the batch shape, or None.
   """
   inputs = _inputs.parse_inputs(
-      fn,
-      logits,
-      labels,
-      axis=axis,
-      weight=weight,
-      ignore_index=ignore_index,
-      where=where,
-      reduction=reduction,
+    fn,
+    logits,
+    labels,
+    axis=axis,
+    weight=weight,
+    ignore_index=ignore_index,
+    where=where,
+    reduction=reduction,
   )
   dtype, valid = inputs.dtype, inputs.valid
   if inputs.integer:
@@ -116,15 +116,23 @@ def prepare(
   x = jnp.where(valid[..., None], inputs.logits.astype(dtype), 0)
   lse = ce.finite_logsumexp(x)
   return Prepared(
-      x, lse, labels, inputs.integer, inputs.weight, target_mass, inputs.example_weight, valid, inputs.bad
+    x,
+    lse,
+    labels,
+    inputs.integer,
+    inputs.weight,
+    target_mass,
+    inputs.example_weight,
+    valid,
+    inputs.bad,
   )
 
 
 def expected_target_loss(
-    prep: Prepared,
-    per_class: Callable[[jax.Array], jax.Array],
-    *,
-    class_factor: jax.Array | None = None,
+  prep: Prepared,
+  per_class: Callable[[jax.Array], jax.Array],
+  *,
+  class_factor: jax.Array | None = None,
 ) -> jax.Array:
   """:math:`w_y a_y f(\\log p_y)` for integer labels, :math:`\\sum_c w_c a_c q_c f(\\log p_c)` else.
 

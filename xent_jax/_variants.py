@@ -52,9 +52,10 @@ def _above(x: jax.Array, low) -> jax.Array:
 
 
 _above.defjvp(
-    lambda primals, tangents: (
-        _above(*primals), tangents[0] * 0.5 * (1.0 + jnp.sign(primals[0] - primals[1]))
-    )
+  lambda primals, tangents: (
+    _above(*primals),
+    tangents[0] * 0.5 * (1.0 + jnp.sign(primals[0] - primals[1])),
+  )
 )
 
 
@@ -83,8 +84,16 @@ def _dense(fn, head, logits, labels, label_smoothing, axis, weight, ignore_index
   """Checks ``label_smoothing`` and evaluates ``head`` on the logits (the shared front end)."""
   _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
   loss, _ = _heads.dense_loss(
-      fn, head, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
-      reduction=reduction, where=where, label_smoothing=label_smoothing,
+    fn,
+    head,
+    logits,
+    labels,
+    axis=axis,
+    weight=weight,
+    ignore_index=ignore_index,
+    reduction=reduction,
+    where=where,
+    label_smoothing=label_smoothing,
   )
   return loss
 
@@ -147,13 +156,14 @@ def symmetric_head(alpha: float, beta: float, log_clip: float) -> _heads.Head:
     return beta * target.mass * reverse
 
   def extra_sums(target):
-    clipped = lambda q: jnp.where(
-        q > math.exp(log_clip), jnp.log(jnp.where(q > 0, q, 1)), log_clip
-    )
+    clipped = lambda q: jnp.where(q > math.exp(log_clip), jnp.log(jnp.where(q > 0, q, 1)), log_clip)
     return (_engine.ClassSum(jnp.exp, (target.labels,), lambda q: clipped(target.smooth(q))),)
 
-  return _heads.Head(lambda log_p: -alpha * log_p, row_term if beta else None,
-                     extra_sums=extra_sums if beta else None)
+  return _heads.Head(
+    lambda log_p: -alpha * log_p,
+    row_term if beta else None,
+    extra_sums=extra_sums if beta else None,
+  )
 
 
 def confidence_penalty_head(beta: float) -> _heads.Head:
@@ -162,22 +172,22 @@ def confidence_penalty_head(beta: float) -> _heads.Head:
   if not beta:
     return _heads.Head(_heads.neg_log)
   return _heads.Head(
-      _heads.neg_log, lambda stats, target: -beta * target.mass * stats.entropy, entropy=True
+    _heads.neg_log, lambda stats, target: -beta * target.mass * stats.entropy, entropy=True
   )
 
 
 def focal_loss(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    gamma: float = 2.0,
-    alpha: jax.typing.ArrayLike | None = None,
-    label_smoothing: float = 0.0,
-    axis: int = -1,
-    weight: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = -100,
-    reduction: str = "mean",
-    where: jax.typing.ArrayLike | None = None,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  gamma: float = 2.0,
+  alpha: jax.typing.ArrayLike | None = None,
+  label_smoothing: float = 0.0,
+  axis: int = -1,
+  weight: jax.typing.ArrayLike | None = None,
+  ignore_index: int | None = -100,
+  reduction: str = "mean",
+  where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Softmax focal loss: cross-entropy down-weighted on well-classified examples.
 
@@ -214,23 +224,35 @@ def focal_loss(
   if alpha is not None:
     num_classes = np.shape(logits)[_checks.canonical_axis(fn, axis, np.ndim(logits))]
     if np.shape(alpha) not in ((), (num_classes,)):
-      raise ValueError(f"{fn}: `alpha` must be a scalar or of shape ({num_classes},), "
-                       f"got shape {np.shape(alpha)}.")
+      raise ValueError(
+        f"{fn}: `alpha` must be a scalar or of shape ({num_classes},), got shape {np.shape(alpha)}."
+      )
     alpha = jnp.broadcast_to(jnp.asarray(alpha, jnp.result_type(float)), (num_classes,))
-  return _dense(fn, focal_head(gamma, alpha), logits, labels, label_smoothing, axis, weight, ignore_index,
-                reduction, where)
+  return _dense(
+    fn,
+    focal_head(gamma, alpha),
+    logits,
+    labels,
+    label_smoothing,
+    axis,
+    weight,
+    ignore_index,
+    reduction,
+    where,
+  )
+
 
 def poly1_cross_entropy(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    epsilon: float = 2.0,
-    label_smoothing: float = 0.0,
-    axis: int = -1,
-    weight: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = -100,
-    reduction: str = "mean",
-    where: jax.typing.ArrayLike | None = None,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  epsilon: float = 2.0,
+  label_smoothing: float = 0.0,
+  axis: int = -1,
+  weight: jax.typing.ArrayLike | None = None,
+  ignore_index: int | None = -100,
+  reduction: str = "mean",
+  where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Poly-1 loss: cross-entropy plus :math:`\epsilon` times the first polynomial term.
 
@@ -264,22 +286,33 @@ def poly1_cross_entropy(
   """
   fn = "poly1_cross_entropy"
   _checks.check_in_range(fn, "epsilon", epsilon, -1.0, math.inf)
-  return _dense(fn, poly1_head(epsilon), logits, labels, label_smoothing, axis, weight, ignore_index,
-                reduction, where)
+  return _dense(
+    fn,
+    poly1_head(epsilon),
+    logits,
+    labels,
+    label_smoothing,
+    axis,
+    weight,
+    ignore_index,
+    reduction,
+    where,
+  )
+
 
 def symmetric_cross_entropy(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    alpha: float = 0.1,
-    beta: float = 1.0,
-    log_clip: float = -4.0,
-    label_smoothing: float = 0.0,
-    axis: int = -1,
-    weight: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = -100,
-    reduction: str = "mean",
-    where: jax.typing.ArrayLike | None = None,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  alpha: float = 0.1,
+  beta: float = 1.0,
+  log_clip: float = -4.0,
+  label_smoothing: float = 0.0,
+  axis: int = -1,
+  weight: jax.typing.ArrayLike | None = None,
+  ignore_index: int | None = -100,
+  reduction: str = "mean",
+  where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Symmetric cross-entropy: cross-entropy plus reverse cross-entropy with a clipped log.
 
@@ -317,20 +350,31 @@ def symmetric_cross_entropy(
   _checks.check_in_range(fn, "alpha", alpha, 0.0, math.inf)
   _checks.check_in_range(fn, "beta", beta, 0.0, math.inf)
   _checks.check_in_range(fn, "log_clip", log_clip, -math.inf, 0.0, low_open=True, high_open=True)
-  return _dense(fn, symmetric_head(alpha, beta, log_clip), logits, labels, label_smoothing, axis, weight, ignore_index,
-                reduction, where)
+  return _dense(
+    fn,
+    symmetric_head(alpha, beta, log_clip),
+    logits,
+    labels,
+    label_smoothing,
+    axis,
+    weight,
+    ignore_index,
+    reduction,
+    where,
+  )
+
 
 def generalized_cross_entropy(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    q: float = 0.7,
-    label_smoothing: float = 0.0,
-    axis: int = -1,
-    weight: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = -100,
-    reduction: str = "mean",
-    where: jax.typing.ArrayLike | None = None,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  q: float = 0.7,
+  label_smoothing: float = 0.0,
+  axis: int = -1,
+  weight: jax.typing.ArrayLike | None = None,
+  ignore_index: int | None = -100,
+  reduction: str = "mean",
+  where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Generalized cross-entropy :math:`L_q`: between cross-entropy and mean absolute error.
 
@@ -361,21 +405,32 @@ def generalized_cross_entropy(
   """
   fn = "generalized_cross_entropy"
   _checks.check_in_range(fn, "q", q, 0.0, 1.0, low_open=True)
-  return _dense(fn, generalized_head(q), logits, labels, label_smoothing, axis, weight, ignore_index,
-                reduction, where)
+  return _dense(
+    fn,
+    generalized_head(q),
+    logits,
+    labels,
+    label_smoothing,
+    axis,
+    weight,
+    ignore_index,
+    reduction,
+    where,
+  )
+
 
 def truncated_generalized_cross_entropy(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    q: float = 0.7,
-    k: float = 0.5,
-    label_smoothing: float = 0.0,
-    axis: int = -1,
-    weight: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = -100,
-    reduction: str = "mean",
-    where: jax.typing.ArrayLike | None = None,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  q: float = 0.7,
+  k: float = 0.5,
+  label_smoothing: float = 0.0,
+  axis: int = -1,
+  weight: jax.typing.ArrayLike | None = None,
+  ignore_index: int | None = -100,
+  reduction: str = "mean",
+  where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Truncated :math:`L_q` loss: constant (no gradient) once :math:`p_y \le k`.
 
@@ -410,20 +465,31 @@ def truncated_generalized_cross_entropy(
   fn = "truncated_generalized_cross_entropy"
   _checks.check_in_range(fn, "q", q, 0.0, 1.0, low_open=True)
   _checks.check_in_range(fn, "k", k, 0.0, 1.0, high_open=True)
-  return _dense(fn, truncated_generalized_head(q, k), logits, labels, label_smoothing, axis, weight, ignore_index,
-                reduction, where)
+  return _dense(
+    fn,
+    truncated_generalized_head(q, k),
+    logits,
+    labels,
+    label_smoothing,
+    axis,
+    weight,
+    ignore_index,
+    reduction,
+    where,
+  )
+
 
 def taylor_cross_entropy(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    order: int = 2,
-    label_smoothing: float = 0.0,
-    axis: int = -1,
-    weight: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = -100,
-    reduction: str = "mean",
-    where: jax.typing.ArrayLike | None = None,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  order: int = 2,
+  label_smoothing: float = 0.0,
+  axis: int = -1,
+  weight: jax.typing.ArrayLike | None = None,
+  ignore_index: int | None = -100,
+  reduction: str = "mean",
+  where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Taylor cross-entropy: the order-:math:`t` Taylor series of :math:`-\log p_y` around 1.
 
@@ -456,20 +522,31 @@ def taylor_cross_entropy(
   if not isinstance(order, (int, np.integer)) or isinstance(order, bool):
     raise TypeError(f"{fn}: `order` must be a Python int, got {order!r}.")
   _checks.check_in_range(fn, "order", order, 1, math.inf)
-  return _dense(fn, taylor_head(int(order)), logits, labels, label_smoothing, axis, weight, ignore_index,
-                reduction, where)
+  return _dense(
+    fn,
+    taylor_head(int(order)),
+    logits,
+    labels,
+    label_smoothing,
+    axis,
+    weight,
+    ignore_index,
+    reduction,
+    where,
+  )
+
 
 def confidence_penalty_cross_entropy(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    axis: int = -1,
-    weight: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = -100,
-    reduction: str = "mean",
-    where: jax.typing.ArrayLike | None = None,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  beta: float = 0.1,
+  label_smoothing: float = 0.0,
+  axis: int = -1,
+  weight: jax.typing.ArrayLike | None = None,
+  ignore_index: int | None = -100,
+  reduction: str = "mean",
+  where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Cross-entropy with a confidence penalty: rewards high-entropy predictions.
 
@@ -502,24 +579,40 @@ def confidence_penalty_cross_entropy(
   """
   fn = "confidence_penalty_cross_entropy"
   _checks.check_in_range(fn, "beta", beta, 0.0, math.inf)
-  return _dense(fn, confidence_penalty_head(beta), logits, labels, label_smoothing, axis, weight, ignore_index,
-                reduction, where)
+  return _dense(
+    fn,
+    confidence_penalty_head(beta),
+    logits,
+    labels,
+    label_smoothing,
+    axis,
+    weight,
+    ignore_index,
+    reduction,
+    where,
+  )
+
 
 def _alpha_vector(alpha, num_classes: int):
-  return None if alpha is None else jnp.broadcast_to(
-      jnp.asarray(alpha, jnp.result_type(float)), (num_classes,))
+  return (
+    None
+    if alpha is None
+    else jnp.broadcast_to(jnp.asarray(alpha, jnp.result_type(float)), (num_classes,))
+  )
 
 
 # Each variant's head from its hyper-parameters (label smoothing aside) and the class count, for
 # the executors that take a head rather than logits (vocabulary shards).
 HEAD_FACTORIES = {
-    focal_loss: lambda num_classes, gamma, alpha: focal_head(
-        gamma, _alpha_vector(alpha, num_classes)),
-    poly1_cross_entropy: lambda num_classes, epsilon: poly1_head(epsilon),
-    symmetric_cross_entropy: lambda num_classes, alpha, beta, log_clip: symmetric_head(
-        alpha, beta, log_clip),
-    generalized_cross_entropy: lambda num_classes, q: generalized_head(q),
-    truncated_generalized_cross_entropy: lambda num_classes, q, k: truncated_generalized_head(q, k),
-    taylor_cross_entropy: lambda num_classes, order: taylor_head(int(order)),
-    confidence_penalty_cross_entropy: lambda num_classes, beta: confidence_penalty_head(beta),
+  focal_loss: lambda num_classes, gamma, alpha: focal_head(
+    gamma, _alpha_vector(alpha, num_classes)
+  ),
+  poly1_cross_entropy: lambda num_classes, epsilon: poly1_head(epsilon),
+  symmetric_cross_entropy: lambda num_classes, alpha, beta, log_clip: symmetric_head(
+    alpha, beta, log_clip
+  ),
+  generalized_cross_entropy: lambda num_classes, q: generalized_head(q),
+  truncated_generalized_cross_entropy: lambda num_classes, q, k: truncated_generalized_head(q, k),
+  taylor_cross_entropy: lambda num_classes, order: taylor_head(int(order)),
+  confidence_penalty_cross_entropy: lambda num_classes, beta: confidence_penalty_head(beta),
 }

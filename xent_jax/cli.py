@@ -20,55 +20,92 @@ import sys
 
 
 EXAMPLES = {
-    "run": "examples:\n"
-           "  xent-jax run configs/digits_quick.yaml\n"
-           "  xent-jax run configs/digits_quick.yaml loss.name=focal loss.hparams.gamma=1.0\n"
-           "  xent-jax run configs/digits_quick.yaml loss.name=my_pkg.losses:my_loss --workdir /tmp/a",
-    "compare": "examples:\n"
-               "  xent-jax compare configs/digits_quick.yaml\n"
-               "  xent-jax compare configs/mnist1d_label_noise.yaml 'compare.seeds=[0]'",
-    "report": "example:\n  xent-jax report runs/digits_quick",
-    "losses": "example:\n  xent-jax losses",
+  "run": "examples:\n"
+  "  xent-jax run configs/digits_quick.yaml\n"
+  "  xent-jax run configs/digits_quick.yaml loss.name=focal loss.hparams.gamma=1.0\n"
+  "  xent-jax run configs/digits_quick.yaml loss.name=my_pkg.losses:my_loss --workdir /tmp/a",
+  "compare": "examples:\n"
+  "  xent-jax compare configs/digits_quick.yaml\n"
+  "  xent-jax compare configs/mnist1d_label_noise.yaml 'compare.seeds=[0]'",
+  "report": "example:\n  xent-jax report runs/digits_quick",
+  "losses": "example:\n  xent-jax losses",
 }
 WORKDIR_HELP = {
-    "run": "output directory (default: <config workdir>-run/<loss label>/seed_<seed>, so that "
-           "single runs never mix with a comparison)",
-    "compare": "output directory (default: the config's workdir, e.g. runs/<name>)",
+  "run": "output directory (default: <config workdir>-run/<loss label>/seed_<seed>, so that "
+  "single runs never mix with a comparison)",
+  "compare": "output directory (default: the config's workdir, e.g. runs/<name>)",
 }
 
 
 def _parser() -> argparse.ArgumentParser:
   doc = __doc__.split("\n\n")
-  parser = argparse.ArgumentParser(prog="xent-jax", description=doc[0], epilog="\n\n".join(doc[1:]),
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="xent-jax",
+    description=doc[0],
+    epilog="\n\n".join(doc[1:]),
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   common = argparse.ArgumentParser(add_help=False)
-  common.add_argument("--debug", action="store_true",
-                      help="on an error, show the Python traceback instead of the one-line message")
+  common.add_argument(
+    "--debug",
+    action="store_true",
+    help="on an error, show the Python traceback instead of the one-line message",
+  )
   sub = parser.add_subparsers(dest="command", required=True)
-  for name, text in (("run", "train one model with the config's loss (loss.name, cross_entropy "
-                             "when the config names none)"),
-                     ("compare", "run the config's grid of loss variants x seeds, then report")):
-    cmd = sub.add_parser(name, help=text, description=text, parents=[common], epilog=EXAMPLES[name],
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+  for name, text in (
+    (
+      "run",
+      "train one model with the config's loss (loss.name, cross_entropy "
+      "when the config names none)",
+    ),
+    ("compare", "run the config's grid of loss variants x seeds, then report"),
+  ):
+    cmd = sub.add_parser(
+      name,
+      help=text,
+      description=text,
+      parents=[common],
+      epilog=EXAMPLES[name],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     cmd.add_argument("config", help="YAML config file (see configs/)")
-    cmd.add_argument("overrides", nargs="*",
-                     help="key.sub=value overrides of the config, e.g. train.num_steps=100")
+    cmd.add_argument(
+      "overrides", nargs="*", help="key.sub=value overrides of the config, e.g. train.num_steps=100"
+    )
     cmd.add_argument("--workdir", help=WORKDIR_HELP[name])
     cmd.add_argument("--no-progress", action="store_true", help="no progress bars")
-    cmd.add_argument("--distributed", action="store_true",
-                     help="multi-host: call jax.distributed.initialize() first (auto-detected on "
-                          "Cloud TPU, SLURM, Open MPI; else give the three options below)")
+    cmd.add_argument(
+      "--distributed",
+      action="store_true",
+      help="multi-host: call jax.distributed.initialize() first (auto-detected on "
+      "Cloud TPU, SLURM, Open MPI; else give the three options below)",
+    )
     cmd.add_argument("--coordinator", help="with --distributed: address HOST:PORT of process 0")
     cmd.add_argument("--num-processes", type=int, help="with --distributed: number of processes")
     cmd.add_argument("--process-id", type=int, help="with --distributed: this process's index")
   text = "rebuild table.md, table.csv and plots/ from a comparison's files"
-  report = sub.add_parser("report", help=text, description=text, parents=[common],
-                          epilog=EXAMPLES["report"], formatter_class=argparse.RawDescriptionHelpFormatter)
-  report.add_argument("directory", help="a comparison's output directory, holding <variant>/seed_<n>/ "
-                                        "run directories (e.g. runs/digits_quick)")
+  report = sub.add_parser(
+    "report",
+    help=text,
+    description=text,
+    parents=[common],
+    epilog=EXAMPLES["report"],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  report.add_argument(
+    "directory",
+    help="a comparison's output directory, holding <variant>/seed_<n>/ "
+    "run directories (e.g. runs/digits_quick)",
+  )
   text = "list the registered losses with their hyper-parameters and defaults"
-  sub.add_parser("losses", help=text, description=text, parents=[common], epilog=EXAMPLES["losses"],
-                 formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub.add_parser(
+    "losses",
+    help=text,
+    description=text,
+    parents=[common],
+    epilog=EXAMPLES["losses"],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   return parser
 
 
@@ -83,8 +120,10 @@ def _print_losses() -> None:
     summary = re.sub(r"(:\w+:)?`+([^`]*)`+", r"\2", info.summary)  # reST roles, quotes, TeX
     summary = re.sub(r"\\(\w+)", r"\1", summary)
     print(f"{name:<{width}}  {summary}\n{'':<{width}}  hyper-parameters: {hparams}")
-  print("\nA config names one as loss.name (hyper-parameters under loss.hparams), or any loss "
-        "function by import path: loss.name=my_pkg.losses:my_loss")
+  print(
+    "\nA config names one as loss.name (hyper-parameters under loss.hparams), or any loss "
+    "function by import path: loss.name=my_pkg.losses:my_loss"
+  )
 
 
 def run_workdir(config) -> str:
@@ -163,8 +202,11 @@ def _main(args: argparse.Namespace, extra: list[str]) -> int:
   if args.distributed:
     import jax  # pylint: disable=import-outside-toplevel
 
-    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                               process_id=args.process_id)
+    jax.distributed.initialize(
+      coordinator_address=args.coordinator,
+      num_processes=args.num_processes,
+      process_id=args.process_id,
+    )
   overrides = list(args.overrides) + extra + ([f"workdir={args.workdir}"] if args.workdir else [])
   # Like `python -m`, look for a loss named by import path (loss.name=my_losses:my_loss) in the
   # working directory first; a console script's sys.path starts at its own bin/ directory.
@@ -182,9 +224,11 @@ def _main(args: argparse.Namespace, extra: list[str]) -> int:
     return 1 if failures else 0
   summary = train_and_evaluate(config, config.workdir, progress=not args.no_progress)
   final = summary["final"]
-  print(f"{config.name} seed={config.train.seed}: accuracy={final['eval/accuracy']:.4f} "
-        f"nll={final['eval/nll']:.4f} ece={final['eval/ece']:.4f} brier={final['eval/brier']:.4f} "
-        f"-> {config.workdir}")
+  print(
+    f"{config.name} seed={config.train.seed}: accuracy={final['eval/accuracy']:.4f} "
+    f"nll={final['eval/nll']:.4f} ece={final['eval/ece']:.4f} brier={final['eval/brier']:.4f} "
+    f"-> {config.workdir}"
+  )
   return 0
 
 

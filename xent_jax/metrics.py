@@ -50,25 +50,25 @@ from xent_jax import _checks
 from xent_jax import _inputs
 
 __all__ = [
-    "CalibrationCounts",
-    "EvalSums",
-    "ReliabilityBins",
-    "accuracy",
-    "adaptive_calibration_error",
-    "apply_temperature",
-    "brier_score",
-    "calibration_counts",
-    "classwise_calibration_error",
-    "ece_from_counts",
-    "eval_sums",
-    "expected_calibration_error",
-    "fit_temperature",
-    "maximum_calibration_error",
-    "mce_from_counts",
-    "metrics_from_sums",
-    "negative_log_likelihood",
-    "reliability_diagram_bins",
-    "reliability_from_counts",
+  "CalibrationCounts",
+  "EvalSums",
+  "ReliabilityBins",
+  "accuracy",
+  "adaptive_calibration_error",
+  "apply_temperature",
+  "brier_score",
+  "calibration_counts",
+  "classwise_calibration_error",
+  "ece_from_counts",
+  "eval_sums",
+  "expected_calibration_error",
+  "fit_temperature",
+  "maximum_calibration_error",
+  "mce_from_counts",
+  "metrics_from_sums",
+  "negative_log_likelihood",
+  "reliability_diagram_bins",
+  "reliability_from_counts",
 ]
 
 
@@ -80,6 +80,7 @@ class CalibrationCounts(_NamedTuple):
     confidence_sum: sum of their confidences (max softmax probability).
     correct_sum: number of them whose arg-max prediction equals the label.
   """
+
   count: _jax.Array
   confidence_sum: _jax.Array
   correct_sum: _jax.Array
@@ -93,6 +94,7 @@ class ReliabilityBins(_NamedTuple):
     confidence: mean confidence in the bin (``NaN`` for an empty bin).
     accuracy: fraction correct in the bin (``NaN`` for an empty bin).
   """
+
   count: _jax.Array
   confidence: _jax.Array
   accuracy: _jax.Array
@@ -111,6 +113,7 @@ class EvalSums(_NamedTuple):
     brier_sum: sum of per-example Brier scores.
     calibration: per-bin :class:`CalibrationCounts`.
   """
+
   count: _jax.Array
   correct_sum: _jax.Array
   nll_sum: _jax.Array
@@ -121,6 +124,7 @@ class EvalSums(_NamedTuple):
 class _Rows(_NamedTuple):
   """Inputs flattened to rows: logits ``[N, C]`` in the working dtype, int32 labels ``[N]`` (-1
   outside ``[0, C)``), mask ``[N]``."""
+
   logits: _jax.Array
   labels: _jax.Array
   mask: _jax.Array
@@ -180,7 +184,7 @@ def _rows(fn: str, logits, labels, axis: int, where) -> _Rows:
   num_classes = logits.shape[-1]
   _checks.check_shape(fn, "labels", labels, batch_shape)
   labels = _inputs.integer_labels(
-      fn, labels, num_classes=num_classes, ignore_index=None, where=None
+    fn, labels, num_classes=num_classes, ignore_index=None, where=None
   ).labels
   if where is None:
     mask = _jnp.ones(batch_shape, dtype=bool)
@@ -238,8 +242,9 @@ def _brier(rows: _Rows) -> _jax.Array:
   labels_N1 = _jnp.clip(rows.labels, 0, num_classes - 1)[:, None]
   probs_NC = _jax.nn.softmax(rows.logits, axis=-1)
   others_NC = _jnp.where(_jnp.arange(num_classes)[None, :] == labels_N1, 0.0, probs_NC)
-  per_example = (_jnp.sum(_jnp.square(others_NC), axis=-1)
-                 + _jnp.square(_jnp.sum(others_NC, axis=-1)))
+  per_example = _jnp.sum(_jnp.square(others_NC), axis=-1) + _jnp.square(
+    _jnp.sum(others_NC, axis=-1)
+  )
   return _nan_if_invalid(per_example, rows)
 
 
@@ -390,8 +395,9 @@ def brier_score(logits, labels, *, axis: int = -1, where=None) -> _jax.Array:
 
 
 @_public("num_bins", "axis")
-def calibration_counts(logits, labels, *, num_bins: int = 15, axis: int = -1,
-                       where=None) -> CalibrationCounts:
+def calibration_counts(
+  logits, labels, *, num_bins: int = 15, axis: int = -1, where=None
+) -> CalibrationCounts:
   r"""Per-bin counts, confidence sums and correct counts, additive across batches.
 
   With confidence :math:`\hat p_i = \max_c \mathrm{softmax}(x_i)_c`, prediction
@@ -429,8 +435,9 @@ def calibration_counts(logits, labels, *, num_bins: int = 15, axis: int = -1,
   return _calibration_counts("calibration_counts", logits, labels, num_bins, axis, where)
 
 
-def _calibration_counts(fn: str, logits, labels, num_bins: int, axis: int,
-                        where) -> CalibrationCounts:
+def _calibration_counts(
+  fn: str, logits, labels, num_bins: int, axis: int, where
+) -> CalibrationCounts:
   num_bins = _check_positive_int(fn, "num_bins", num_bins)
   return _bin_sums(_rows(fn, logits, labels, axis, where), num_bins)
 
@@ -443,17 +450,19 @@ def _uniform_bin_ids(values: _jax.Array, num_bins: int) -> _jax.Array:
   return _jnp.searchsorted(inner_edges, values, side="left")
 
 
-def _sums_by_bin(rows: _Rows, confidence: _jax.Array, bin_ids: _jax.Array,
-                 num_bins: int) -> CalibrationCounts:
+def _sums_by_bin(
+  rows: _Rows, confidence: _jax.Array, bin_ids: _jax.Array, num_bins: int
+) -> CalibrationCounts:
   """Per-bin count, confidence sum and top-1 correct sum of the included rows."""
 
   def per_bin(values):
     return _jax.ops.segment_sum(_jnp.where(rows.mask, values, 0.0), bin_ids, num_segments=num_bins)
 
   return CalibrationCounts(
-      count=per_bin(_jnp.ones_like(confidence)),
-      confidence_sum=per_bin(confidence),
-      correct_sum=per_bin(_correct(rows, 1)))
+    count=per_bin(_jnp.ones_like(confidence)),
+    confidence_sum=per_bin(confidence),
+    correct_sum=per_bin(_correct(rows, 1)),
+  )
 
 
 def _bin_sums(rows: _Rows, num_bins: int) -> CalibrationCounts:
@@ -500,14 +509,16 @@ def reliability_from_counts(counts: CalibrationCounts) -> ReliabilityBins:
     accuracy (matplotlib leaves them out of a plot).
   """
   return ReliabilityBins(
-      count=counts.count,
-      confidence=_mean_or_nan(counts.confidence_sum, counts.count),
-      accuracy=_mean_or_nan(counts.correct_sum, counts.count))
+    count=counts.count,
+    confidence=_mean_or_nan(counts.confidence_sum, counts.count),
+    accuracy=_mean_or_nan(counts.correct_sum, counts.count),
+  )
 
 
 @_public("num_bins", "axis")
-def expected_calibration_error(logits, labels, *, num_bins: int = 15, axis: int = -1,
-                               where=None) -> _jax.Array:
+def expected_calibration_error(
+  logits, labels, *, num_bins: int = 15, axis: int = -1, where=None
+) -> _jax.Array:
   r"""Expected calibration error of the max-probability prediction over equal-width bins.
 
   .. math::
@@ -540,12 +551,14 @@ def expected_calibration_error(logits, labels, *, num_bins: int = 15, axis: int 
     Guo et al., "On Calibration of Modern Neural Networks", ICML 2017.
   """
   return ece_from_counts(
-      _calibration_counts("expected_calibration_error", logits, labels, num_bins, axis, where))
+    _calibration_counts("expected_calibration_error", logits, labels, num_bins, axis, where)
+  )
 
 
 @_public("num_bins", "axis")
-def reliability_diagram_bins(logits, labels, *, num_bins: int = 15, axis: int = -1,
-                             where=None) -> ReliabilityBins:
+def reliability_diagram_bins(
+  logits, labels, *, num_bins: int = 15, axis: int = -1, where=None
+) -> ReliabilityBins:
   r"""Per-bin count, mean confidence and accuracy for a reliability diagram.
 
   Same bins as :func:`expected_calibration_error`:
@@ -576,7 +589,8 @@ def reliability_diagram_bins(logits, labels, *, num_bins: int = 15, axis: int = 
     DeGroot & Fienberg, "The Comparison and Evaluation of Forecasters", 1983; Guo et al., 2017.
   """
   return reliability_from_counts(
-      _calibration_counts("reliability_diagram_bins", logits, labels, num_bins, axis, where))
+    _calibration_counts("reliability_diagram_bins", logits, labels, num_bins, axis, where)
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,8 +619,9 @@ def mce_from_counts(counts: CalibrationCounts) -> _jax.Array:
 
 
 @_public("num_bins", "axis")
-def maximum_calibration_error(logits, labels, *, num_bins: int = 15, axis: int = -1,
-                              where=None) -> _jax.Array:
+def maximum_calibration_error(
+  logits, labels, *, num_bins: int = 15, axis: int = -1, where=None
+) -> _jax.Array:
   r"""Maximum calibration error: the largest accuracy-confidence gap over the non-empty bins.
 
   .. math::
@@ -638,7 +653,8 @@ def maximum_calibration_error(logits, labels, *, num_bins: int = 15, axis: int =
     Guo et al., "On Calibration of Modern Neural Networks", ICML 2017.
   """
   return mce_from_counts(
-      _calibration_counts("maximum_calibration_error", logits, labels, num_bins, axis, where))
+    _calibration_counts("maximum_calibration_error", logits, labels, num_bins, axis, where)
+  )
 
 
 def _equal_mass_bins(confidence: _jax.Array, mask: _jax.Array, num_bins: int) -> _jax.Array:
@@ -654,13 +670,15 @@ def _equal_mass_bins(confidence: _jax.Array, mask: _jax.Array, num_bins: int) ->
   num_big = n % num_bins
   in_big = rank < num_big * big
   bin_ids = _jnp.where(
-      in_big, rank // big, num_big + (rank - num_big * big) // _jnp.maximum(small, 1))
+    in_big, rank // big, num_big + (rank - num_big * big) // _jnp.maximum(small, 1)
+  )
   return _jnp.clip(bin_ids, 0, num_bins - 1)  # excluded rows rank last; their sums are masked
 
 
 @_public("num_bins", "axis")
-def adaptive_calibration_error(logits, labels, *, num_bins: int = 15, axis: int = -1,
-                               where=None) -> _jax.Array:
+def adaptive_calibration_error(
+  logits, labels, *, num_bins: int = 15, axis: int = -1, where=None
+) -> _jax.Array:
   r"""Top-label expected calibration error over equal-mass (adaptive) bins.
 
   .. math::
@@ -707,8 +725,9 @@ def adaptive_calibration_error(logits, labels, *, num_bins: int = 15, axis: int 
 
 
 @_public("num_bins", "axis")
-def classwise_calibration_error(logits, labels, *, num_bins: int = 15, axis: int = -1,
-                                where=None) -> _jax.Array:
+def classwise_calibration_error(
+  logits, labels, *, num_bins: int = 15, axis: int = -1, where=None
+) -> _jax.Array:
   r"""Classwise expected calibration error: the ECE of every class's probability, averaged.
 
   .. math::
@@ -751,13 +770,15 @@ def classwise_calibration_error(logits, labels, *, num_bins: int = 15, axis: int
   class_ids_1C = _jnp.arange(num_classes)[None, :]
   segment_NC = class_ids_1C * num_bins + _uniform_bin_ids(probs_NC, num_bins)
   # 1 where j is the label; NaN on the whole row of an invalid example.
-  is_label_NC = _jnp.where(_invalid(rows)[:, None], _jnp.nan,
-                           class_ids_1C == rows.labels[:, None])
+  is_label_NC = _jnp.where(_invalid(rows)[:, None], _jnp.nan, class_ids_1C == rows.labels[:, None])
   keep_NC = _jnp.broadcast_to(rows.mask[:, None], (num_rows, num_classes))
 
   def per_class_bin(values_NC):
-    return _jax.ops.segment_sum(_jnp.where(keep_NC, values_NC, 0.0).reshape(-1),
-                                segment_NC.reshape(-1), num_segments=num_classes * num_bins)
+    return _jax.ops.segment_sum(
+      _jnp.where(keep_NC, values_NC, 0.0).reshape(-1),
+      segment_NC.reshape(-1),
+      num_segments=num_classes * num_bins,
+    )
 
   gaps = _jnp.abs(per_class_bin(is_label_NC.astype(probs_NC.dtype)) - per_class_bin(probs_NC))
   count = _jnp.sum(rows.mask, dtype=probs_NC.dtype)
@@ -777,16 +798,25 @@ def _nll_slope_and_curvature(rows: _Rows, target_N: _jax.Array, beta: _jax.Array
   live_NC = probs_NC > 0
   x_NC = _jnp.where(live_NC, rows.logits, 0.0)
   mean_N = _jnp.sum(probs_NC * x_NC, axis=-1)
-  var_N = _jnp.sum(probs_NC * _jnp.where(live_NC, _jnp.square(x_NC - mean_N[:, None]), 0.0),
-                   axis=-1)
+  var_N = _jnp.sum(
+    probs_NC * _jnp.where(live_NC, _jnp.square(x_NC - mean_N[:, None]), 0.0), axis=-1
+  )
   count = _jnp.maximum(_jnp.sum(rows.mask, dtype=mean_N.dtype), 1)
   slope = _masked_sum(mean_N - target_N, rows.mask) / count
   return slope, _masked_sum(var_N, rows.mask) / count
 
 
 @_public("axis", "num_iters", "min_temperature", "max_temperature")
-def fit_temperature(logits, labels, *, axis: int = -1, where=None, num_iters: int = 50,
-                    min_temperature: float = 0.01, max_temperature: float = 100.0) -> _jax.Array:
+def fit_temperature(
+  logits,
+  labels,
+  *,
+  axis: int = -1,
+  where=None,
+  num_iters: int = 50,
+  min_temperature: float = 0.01,
+  max_temperature: float = 100.0,
+) -> _jax.Array:
   r"""Fits the temperature :math:`T > 0` that minimises the mean NLL of ``softmax(logits / T)``.
 
   .. math::
@@ -837,10 +867,12 @@ def fit_temperature(logits, labels, *, axis: int = -1, where=None, num_iters: in
   """
   fn = "fit_temperature"
   num_iters = _check_positive_int(fn, "num_iters", num_iters)
-  _checks.check_in_range(fn, "min_temperature", min_temperature, 0.0, _np.inf, low_open=True,
-                         high_open=True)
-  _checks.check_in_range(fn, "max_temperature", max_temperature, min_temperature, _np.inf,
-                         low_open=True, high_open=True)
+  _checks.check_in_range(
+    fn, "min_temperature", min_temperature, 0.0, _np.inf, low_open=True, high_open=True
+  )
+  _checks.check_in_range(
+    fn, "max_temperature", max_temperature, min_temperature, _np.inf, low_open=True, high_open=True
+  )
   rows = _rows(fn, logits, labels, axis, where)
   num_classes = rows.logits.shape[-1]
   # Excluded rows are zeroed, so that their NaN or inf logits cannot reach the sums.
@@ -872,8 +904,12 @@ def fit_temperature(logits, labels, *, axis: int = -1, where=None, num_iters: in
     high = _jnp.where(slope >= 0, u, high)
     newton_step = slope / derivative
     newton = u - newton_step
-    use_newton = (_jnp.isfinite(newton) & (newton >= low) & (newton <= high)
-                  & (2 * _jnp.abs(newton_step) <= _jnp.abs(step_before_last)))
+    use_newton = (
+      _jnp.isfinite(newton)
+      & (newton >= low)
+      & (newton <= high)
+      & (2 * _jnp.abs(newton_step) <= _jnp.abs(step_before_last))
+    )
     new_u = _jnp.where(use_newton, newton, 0.5 * (low + high))
     return i + 1, new_u, low, high, last_step, new_u - u, best_u, best_slope
 
@@ -923,8 +959,9 @@ def apply_temperature(logits, temperature) -> _jax.Array:
     raise ValueError(f"{fn}: `temperature` must be a scalar, got shape {_jnp.shape(temperature)}.")
   _checks.check_real_scalar(fn, "temperature", temperature)
   if isinstance(temperature, _jax.core.Tracer) or not _np.isnan(_np.asarray(temperature)):
-    _checks.check_in_range(fn, "temperature", temperature, 0.0, _np.inf, low_open=True,
-                           high_open=True)
+    _checks.check_in_range(
+      fn, "temperature", temperature, 0.0, _np.inf, low_open=True, high_open=True
+    )
   return logits / _jnp.asarray(temperature, logits.dtype)
 
 
@@ -966,11 +1003,12 @@ def eval_sums(logits, labels, *, num_bins: int = 15, axis: int = -1, where=None)
   num_bins = _check_positive_int(fn, "num_bins", num_bins)
   rows = _rows(fn, logits, labels, axis, where)
   return EvalSums(
-      count=_jnp.sum(rows.mask, dtype=rows.logits.dtype),
-      correct_sum=_masked_sum(_correct(rows, 1), rows.mask),
-      nll_sum=_masked_sum(_nll(rows), rows.mask),
-      brier_sum=_masked_sum(_brier(rows), rows.mask),
-      calibration=_bin_sums(rows, num_bins))
+    count=_jnp.sum(rows.mask, dtype=rows.logits.dtype),
+    correct_sum=_masked_sum(_correct(rows, 1), rows.mask),
+    nll_sum=_masked_sum(_nll(rows), rows.mask),
+    brier_sum=_masked_sum(_brier(rows), rows.mask),
+    calibration=_bin_sums(rows, num_bins),
+  )
 
 
 @_jax.jit
@@ -988,8 +1026,8 @@ def metrics_from_sums(sums: EvalSums) -> dict[str, _jax.Array]:
     A dict of four scalars (apply ``float`` to each for JSON logging).
   """
   return {
-      "accuracy": _mean_or_nan(sums.correct_sum, sums.count),
-      "nll": _mean_or_nan(sums.nll_sum, sums.count),
-      "brier": _mean_or_nan(sums.brier_sum, sums.count),
-      "ece": ece_from_counts(sums.calibration),
+    "accuracy": _mean_or_nan(sums.correct_sum, sums.count),
+    "nll": _mean_or_nan(sums.nll_sum, sums.count),
+    "brier": _mean_or_nan(sums.brier_sum, sums.count),
+    "ece": ece_from_counts(sums.calibration),
   }

@@ -15,12 +15,12 @@ from xent_jax.train.trainer import RunDirectoryError
 from xent_jax.train.trainer import train_and_evaluate
 
 __all__ = [
-    "Config",
-    "ConfigError",
-    "NonFiniteLossError",
-    "RunDirectoryError",
-    "build_report",
-    "load_config",
-    "run_comparison",
-    "train_and_evaluate",
+  "Config",
+  "ConfigError",
+  "NonFiniteLossError",
+  "RunDirectoryError",
+  "build_report",
+  "load_config",
+  "run_comparison",
+  "train_and_evaluate",
 ]

@@ -54,8 +54,10 @@ class _Corrupt(Exception):
 def fingerprint(tree) -> list[list[float]]:
   """Per-leaf ``[sum, sum of squares]`` in float64, in tree order."""
   leaves = jax.tree.leaves(jax.device_get(tree))
-  return [[float(np.sum(np.asarray(x, np.float64))), float(np.sum(np.square(np.asarray(x, np.float64))))]
-          for x in leaves]
+  return [
+    [float(np.sum(np.asarray(x, np.float64))), float(np.sum(np.square(np.asarray(x, np.float64))))]
+    for x in leaves
+  ]
 
 
 def _first_line(err: BaseException) -> str:
@@ -86,17 +88,22 @@ def _classify(step_dir: pathlib.Path, err: Exception) -> Exception:
   if _is_corruption(err):
     return _Corrupt(_first_line(err))
   return CheckpointError(
-      f"could not restore checkpoint {step_dir}: {_first_line(err)}; this does not prove it "
-      f"corrupt, so it was left as is (move it aside, e.g. to {CORRUPT_PREFIX}{step_dir.name}, to "
-      "resume from an older checkpoint)")
+    f"could not restore checkpoint {step_dir}: {_first_line(err)}; this does not prove it "
+    f"corrupt, so it was left as is (move it aside, e.g. to {CORRUPT_PREFIX}{step_dir.name}, to "
+    "resume from an older checkpoint)"
+  )
 
 
 def _leaf_specs(tree) -> dict[str, tuple[tuple[int, ...], str]]:
   """``{"a/b/0": (shape, dtype name)}`` of a pytree of arrays or of orbax array metadata."""
+
   def name(path):
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-  return {name(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  return {
+    name(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _describe(spec) -> str:
@@ -112,8 +119,9 @@ def _check_readable(step_dir: pathlib.Path) -> None:
           f.read(1)
   except OSError as err:
     raise CheckpointError(
-        f"cannot read checkpoint file {err.filename or step_dir}: {err.strerror or err}; the "
-        "checkpoint may be valid, so it was left as is: fix the access and rerun") from err
+      f"cannot read checkpoint file {err.filename or step_dir}: {err.strerror or err}; the "
+      "checkpoint may be valid, so it was left as is: fix the access and rerun"
+    ) from err
 
 
 def _raise(err: OSError) -> None:
@@ -128,10 +136,18 @@ class Checkpointer:
     # cleanup_tmp_directories: a ``<step>.orbax-checkpoint-tmp`` directory is a save that never
     # committed (killed mid-write), so it is not a checkpoint and is removed.
     self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False,
-                                             create=True, cleanup_tmp_directories=True),
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "record": ocp.JsonCheckpointHandler()})
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=False,
+        create=True,
+        cleanup_tmp_directories=True,
+      ),
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "record": ocp.JsonCheckpointHandler(),
+      },
+    )
 
   def save(self, step: int, state, record: dict) -> None:
     """Writes checkpoint ``step`` (synchronously; orbax commits it atomically by a rename).
@@ -143,8 +159,13 @@ class Checkpointer:
     record = dict(record, step=step, fingerprint=fingerprint(state))
     threads = set(threading.enumerate())
     try:
-      self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)), force=True)
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
+        ),
+        force=True,
+      )
       self.manager.wait_until_finished()
     except Exception as err:  # pylint: disable=broad-except
       # Orbax raises the first failed write while its other writer threads go on: let them end
@@ -156,8 +177,9 @@ class Checkpointer:
       if jax.process_index() == 0:
         for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
           shutil.rmtree(tmp, ignore_errors=True)
-      raise CheckpointError(f"could not save checkpoint {self.directory / str(step)}: "
-                            f"{_first_line(err)}") from err
+      raise CheckpointError(
+        f"could not save checkpoint {self.directory / str(step)}: {_first_line(err)}"
+      ) from err
 
   def restore_latest(self, like_state):
     """The newest intact checkpoint as ``(state, record)``, or None when there is none.
@@ -187,9 +209,10 @@ class Checkpointer:
     for part in REQUIRED_FILES:
       if not (step_dir / part).is_file():
         raise CheckpointError(
-            f"checkpoint {step_dir} lacks {part} (deleted, or written by another orbax version); "
-            f"it was left as is: move it aside, e.g. to {self._aside(step)}, to resume from an "
-            "older checkpoint")
+          f"checkpoint {step_dir} lacks {part} (deleted, or written by another orbax version); "
+          f"it was left as is: move it aside, e.g. to {self._aside(step)}, to resume from an "
+          "older checkpoint"
+        )
     try:
       saved = _leaf_specs(self.manager.item_metadata(step).state.tree)
     except Exception as err:  # pylint: disable=broad-except
@@ -198,12 +221,17 @@ class Checkpointer:
     if saved != wanted:
       name = next(k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k))
       raise CheckpointError(
-          f"checkpoint {step_dir} holds state of another shape than this config builds "
-          f"({name}: saved {_describe(saved.get(name))}, expected {_describe(wanted.get(name))}); "
-          "was config.yaml edited or the code changed? The checkpoint was left as is")
+        f"checkpoint {step_dir} holds state of another shape than this config builds "
+        f"({name}: saved {_describe(saved.get(name))}, expected {_describe(wanted.get(name))}); "
+        "was config.yaml edited or the code changed? The checkpoint was left as is"
+      )
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()))
+      restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()
+        ),
+      )
     except Exception as err:  # pylint: disable=broad-except
       raise _classify(step_dir, err) from err
     record = restored.record
@@ -226,8 +254,9 @@ class Checkpointer:
     source, target = self.directory / str(step), self._aside(step)
     if jax.process_index() == 0:
       source.rename(target)
-    logging.warning("checkpoint %s is corrupt (%s); moved to %s, trying an older one",
-                    source, reason, target)
+    logging.warning(
+      "checkpoint %s is corrupt (%s); moved to %s, trying an older one", source, reason, target
+    )
     self.manager.reload()
 
   def close(self) -> None:

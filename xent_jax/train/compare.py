@@ -54,8 +54,10 @@ def run_comparison(config: Config, *, progress: bool = True) -> list[str]:
       tqdm.write(f"{head}: FAILED: {err}")
       continue
     final = summary["final"]
-    tqdm.write(f"{head}: accuracy={final['eval/accuracy']:.4f} nll={final['eval/nll']:.4f} "
-               f"ece={final['eval/ece']:.4f} brier={final['eval/brier']:.4f} "
-               f"({time.perf_counter() - tic:.1f}s)")
+    tqdm.write(
+      f"{head}: accuracy={final['eval/accuracy']:.4f} nll={final['eval/nll']:.4f} "
+      f"ece={final['eval/ece']:.4f} brier={final['eval/brier']:.4f} "
+      f"({time.perf_counter() - tic:.1f}s)"
+    )
   build_report(workdir)
   return failures

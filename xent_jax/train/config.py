@@ -27,8 +27,11 @@ class ConfigError(ValueError):
 @dataclasses.dataclass
 class DataConfig:
   """Which data set, its splits and the label noise applied to the training split."""
+
   name: str = "digits"  # digits | gaussian_mixture | pydoc_chars | mnist1d | arrays
-  path: str = ""  # arrays: an .npz file or a directory of .npy files (x_train, y_train, x_test, y_test)
+  path: str = (
+    ""  # arrays: an .npz file or a directory of .npy files (x_train, y_train, x_test, y_test)
+  )
   seed: int = 0  # split, synthetic data and label noise; fixed across training seeds
   test_fraction: float = 0.2  # digits, gaussian_mixture, pydoc_chars (mnist1d, arrays: own split)
   holdout_fraction: float = 0.1  # of the training split, held out to fit the temperature
@@ -45,6 +48,7 @@ class DataConfig:
 @dataclasses.dataclass
 class ModelConfig:
   """Which Flax NNX model and its sizes."""
+
   name: str = "mlp"  # mlp | cnn | mnist1d_mlp | mnist1d_cnn | transformer
   hidden_dims: list[int] = dataclasses.field(default_factory=lambda: [128])  # mlp
   channels: list[int] = dataclasses.field(default_factory=lambda: [16, 32])  # cnn
@@ -58,6 +62,7 @@ class ModelConfig:
 @dataclasses.dataclass
 class LossConfig:
   """A loss from the xent_jax registry, its hyper-parameters, and how the table labels it."""
+
   name: str = "cross_entropy"  # a registered name (`xent-jax losses`) or "package.module:function"
   hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
   fused: bool = False  # transformer only: linear_cross_entropy on the final hidden states
@@ -67,6 +72,7 @@ class LossConfig:
 @dataclasses.dataclass
 class OptimConfig:
   """An Optax optimizer and learning-rate schedule."""
+
   name: str = "adamw"  # adam | adamw | sgd
   learning_rate: float = 1e-3
   schedule: str = "cosine"  # constant | cosine | warmup_cosine | linear
@@ -79,6 +85,7 @@ class OptimConfig:
 @dataclasses.dataclass
 class TrainConfig:
   """Length of training, batch sizes and logging / checkpoint intervals (in steps)."""
+
   seed: int = 0
   num_steps: int = 500
   batch_size: int = 64  # global batch, split over all devices
@@ -92,14 +99,18 @@ class TrainConfig:
 @dataclasses.dataclass
 class CompareConfig:
   """The grid that `compare` runs: loss variants x seeds x listed values of other keys."""
+
   variants: list[LossConfig] = dataclasses.field(default_factory=list)
   seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
-  grid: dict[str, list[Any]] = dataclasses.field(default_factory=dict)  # "data.label_noise": [0, 0.4]
+  grid: dict[str, list[Any]] = dataclasses.field(
+    default_factory=dict
+  )  # "data.label_noise": [0, 0.4]
 
 
 @dataclasses.dataclass
 class Config:
   """One experiment."""
+
   name: str = "experiment"
   workdir: str = "runs/${name}"
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -111,12 +122,12 @@ class Config:
 
 
 ALLOWED_NAMES = {
-    "data.name": ("digits", "gaussian_mixture", "pydoc_chars", "mnist1d", "arrays"),
-    "data.noise_type": ("symmetric", "asymmetric"),
-    "model.name": ("mlp", "cnn", "mnist1d_mlp", "mnist1d_cnn", "transformer"),
-    "model.dtype": ("float32", "bfloat16"),
-    "optim.name": ("adam", "adamw", "sgd"),
-    "optim.schedule": ("constant", "cosine", "warmup_cosine", "linear"),
+  "data.name": ("digits", "gaussian_mixture", "pydoc_chars", "mnist1d", "arrays"),
+  "data.noise_type": ("symmetric", "asymmetric"),
+  "model.name": ("mlp", "cnn", "mnist1d_mlp", "mnist1d_cnn", "transformer"),
+  "model.dtype": ("float32", "bfloat16"),
+  "optim.name": ("adam", "adamw", "sgd"),
+  "optim.schedule": ("constant", "cosine", "warmup_cosine", "linear"),
 }
 
 
@@ -142,10 +153,13 @@ def suggest_keys(key: str) -> list[str]:
   for k in keys:
     by_leaf.setdefault(k.rpartition(".")[2], []).append(k)
   leaves = difflib.get_close_matches(key.rpartition(".")[2], list(by_leaf), n=3, cutoff=0.75)
-  found = [k for leaf in leaves for k in by_leaf[leaf]] or difflib.get_close_matches(key, keys, n=3,
-                                                                                      cutoff=0.6)
+  found = [k for leaf in leaves for k in by_leaf[leaf]] or difflib.get_close_matches(
+    key, keys, n=3, cutoff=0.6
+  )
   same_section = [k for k in found if k.rpartition(".")[0] == key.rpartition(".")[0]]
-  return sorted(same_section or found, key=lambda k: -difflib.SequenceMatcher(None, key, k).ratio())[:3]
+  return sorted(
+    same_section or found, key=lambda k: -difflib.SequenceMatcher(None, key, k).ratio()
+  )[:3]
 
 
 def _omegaconf_error(err: omegaconf.errors.OmegaConfBaseException, source: str) -> ConfigError:
@@ -159,8 +173,10 @@ def _omegaconf_error(err: omegaconf.errors.OmegaConfBaseException, source: str) 
       allowed = [field.name for field in dataclasses.fields(schema)]
       close = difflib.get_close_matches(str(key), allowed, n=3, cutoff=0.6)
       hint = f"did you mean {' or '.join(repr(k) for k in close)}? " if close else ""
-      return ConfigError(f"{source}: unknown key '{key}' in a {schema.__name__} entry (such as "
-                         f"compare.variants); {hint}allowed keys there: {allowed}")
+      return ConfigError(
+        f"{source}: unknown key '{key}' in a {schema.__name__} entry (such as "
+        f"compare.variants); {hint}allowed keys there: {allowed}"
+      )
     parent, _, _ = str(key).rpartition(".")
     node = OmegaConf.structured(Config)
     for part in filter(None, parent.split(".")):
@@ -228,8 +244,10 @@ def load_config(path: str | None, overrides: tuple[str, ...] = ()) -> Config:
     validate(run_config)
     run = (run_config.name, run_config.train.seed)
     if run in runs:  # one run directory for two runs: the second would be skipped as finished
-      raise ConfigError(f"config key 'compare.variants' gives two variants the name {run[0]!r}: "
-                        "give each its own 'label'")
+      raise ConfigError(
+        f"config key 'compare.variants' gives two variants the name {run[0]!r}: "
+        "give each its own 'label'"
+      )
     runs.add(run)
   return config
 
@@ -242,37 +260,50 @@ def validate(config: Config) -> None:
     if value not in allowed:
       raise ConfigError(f"config key '{key}' is {value!r}; allowed values: {list(allowed)}")
   for loss, key in [(config.loss, "loss")] + [
-      (v, f"compare.variants[{i}]") for i, v in enumerate(config.compare.variants)]:
+    (v, f"compare.variants[{i}]") for i, v in enumerate(config.compare.variants)
+  ]:
     validate_loss(loss, key, config.model.name)
   validate_numbers(config)
   train = config.train
   if train.checkpoint_every % train.eval_every:
     raise ConfigError(
-        f"config key 'train.checkpoint_every' must be 0 or a multiple of train.eval_every "
-        f"({train.eval_every}), got {train.checkpoint_every}")
+      f"config key 'train.checkpoint_every' must be 0 or a multiple of train.eval_every "
+      f"({train.eval_every}), got {train.checkpoint_every}"
+    )
   if config.optim.warmup_steps >= train.num_steps:
-    raise ConfigError(f"config key 'optim.warmup_steps' must be in [0, train.num_steps="
-                      f"{train.num_steps}), got {config.optim.warmup_steps}")
+    raise ConfigError(
+      f"config key 'optim.warmup_steps' must be in [0, train.num_steps="
+      f"{train.num_steps}), got {config.optim.warmup_steps}"
+    )
   if config.model.model_dim % config.model.num_heads:
-    raise ConfigError(f"config key 'model.num_heads' ({config.model.num_heads}) must divide "
-                      f"model.model_dim ({config.model.model_dim})")
+    raise ConfigError(
+      f"config key 'model.num_heads' ({config.model.num_heads}) must divide "
+      f"model.model_dim ({config.model.model_dim})"
+    )
   seeds = config.compare.seeds
   if not seeds or len(set(seeds)) != len(seeds):
-    raise ConfigError(f"config key 'compare.seeds' must list distinct seeds, at least one, got {seeds}")
+    raise ConfigError(
+      f"config key 'compare.seeds' must list distinct seeds, at least one, got {seeds}"
+    )
   for key, values in config.compare.grid.items():
     if not values:
       raise ConfigError(f"config key 'compare.grid' lists no values for {key!r}")
   if config.data.name == "arrays" and not pathlib.Path(config.data.path).exists():
-    raise ConfigError(f"config key 'data.path' must name an .npz file or a directory of .npy files "
-                      f"when data.name is 'arrays', got {config.data.path!r} (not found)")
+    raise ConfigError(
+      f"config key 'data.path' must name an .npz file or a directory of .npy files "
+      f"when data.name is 'arrays', got {config.data.path!r} (not found)"
+    )
   if config.model.name == "cnn" and config.data.name in ("mnist1d", "gaussian_mixture"):
-    raise ConfigError(f"config key 'model.name' is 'cnn' (2-D images) but data.name is "
-                      f"{config.data.name!r}, whose examples are 1-D: use mlp, mnist1d_mlp or mnist1d_cnn")
+    raise ConfigError(
+      f"config key 'model.name' is 'cnn' (2-D images) but data.name is "
+      f"{config.data.name!r}, whose examples are 1-D: use mlp, mnist1d_mlp or mnist1d_cnn"
+    )
   is_lm = config.data.name == "pydoc_chars"
   if is_lm != (config.model.name == "transformer"):
     raise ConfigError(
-        f"config key 'model.name' is {config.model.name!r} but data.name is {config.data.name!r}: "
-        "the transformer pairs with pydoc_chars, the other models with the classification data sets")
+      f"config key 'model.name' is {config.model.name!r} but data.name is {config.data.name!r}: "
+      "the transformer pairs with pydoc_chars, the other models with the classification data sets"
+    )
 
 
 POSITIVE = ("> 0", lambda v: v > 0)
@@ -281,36 +312,36 @@ FRACTION = ("in [0, 1)", lambda v: 0 <= v < 1)
 # The range of every numeric schema field (a list field: of each entry). NaN and +-inf are refused
 # for all of them; tests/test_train_config.py checks that no numeric field is missing here.
 NUMERIC_RULES = {
-    "data.seed": NON_NEGATIVE,
-    "data.test_fraction": ("in (0, 1)", lambda v: 0 < v < 1),
-    "data.holdout_fraction": FRACTION,
-    "data.label_noise": FRACTION,
-    "data.num_examples": POSITIVE,
-    "data.num_classes": (">= 2", lambda v: v >= 2),
-    "data.num_features": POSITIVE,
-    "data.class_separation": NON_NEGATIVE,
-    "data.seq_len": POSITIVE,
-    "data.max_eval_tokens": POSITIVE,
-    "model.hidden_dims": POSITIVE,
-    "model.channels": POSITIVE,
-    "model.model_dim": POSITIVE,
-    "model.num_layers": POSITIVE,
-    "model.num_heads": POSITIVE,
-    "model.mlp_ratio": POSITIVE,
-    "optim.learning_rate": POSITIVE,
-    "optim.warmup_steps": NON_NEGATIVE,
-    "optim.weight_decay": NON_NEGATIVE,
-    "optim.momentum": FRACTION,
-    "optim.grad_clip_norm": (">= 0 (0 disables clipping)", lambda v: v >= 0),
-    "train.seed": NON_NEGATIVE,
-    "train.num_steps": POSITIVE,
-    "train.batch_size": POSITIVE,
-    "train.eval_every": POSITIVE,
-    "train.eval_batch_size": POSITIVE,
-    "train.checkpoint_every": (">= 0 (0 disables checkpoints)", lambda v: v >= 0),
-    "train.max_checkpoints": POSITIVE,
-    "train.num_ece_bins": POSITIVE,
-    "compare.seeds": NON_NEGATIVE,
+  "data.seed": NON_NEGATIVE,
+  "data.test_fraction": ("in (0, 1)", lambda v: 0 < v < 1),
+  "data.holdout_fraction": FRACTION,
+  "data.label_noise": FRACTION,
+  "data.num_examples": POSITIVE,
+  "data.num_classes": (">= 2", lambda v: v >= 2),
+  "data.num_features": POSITIVE,
+  "data.class_separation": NON_NEGATIVE,
+  "data.seq_len": POSITIVE,
+  "data.max_eval_tokens": POSITIVE,
+  "model.hidden_dims": POSITIVE,
+  "model.channels": POSITIVE,
+  "model.model_dim": POSITIVE,
+  "model.num_layers": POSITIVE,
+  "model.num_heads": POSITIVE,
+  "model.mlp_ratio": POSITIVE,
+  "optim.learning_rate": POSITIVE,
+  "optim.warmup_steps": NON_NEGATIVE,
+  "optim.weight_decay": NON_NEGATIVE,
+  "optim.momentum": FRACTION,
+  "optim.grad_clip_norm": (">= 0 (0 disables clipping)", lambda v: v >= 0),
+  "train.seed": NON_NEGATIVE,
+  "train.num_steps": POSITIVE,
+  "train.batch_size": POSITIVE,
+  "train.eval_every": POSITIVE,
+  "train.eval_batch_size": POSITIVE,
+  "train.checkpoint_every": (">= 0 (0 disables checkpoints)", lambda v: v >= 0),
+  "train.max_checkpoints": POSITIVE,
+  "train.num_ece_bins": POSITIVE,
+  "compare.seeds": NON_NEGATIVE,
 }
 
 
@@ -330,11 +361,15 @@ def validate_loss(loss: LossConfig, key: str, model_name: str) -> None:
   import xent_jax  # pylint: disable=import-outside-toplevel
 
   if loss.fused and model_name != "transformer":
-    raise ConfigError(f"config key '{key}.fused' needs model.name 'transformer', got {model_name!r}")
+    raise ConfigError(
+      f"config key '{key}.fused' needs model.name 'transformer', got {model_name!r}"
+    )
   try:
     xent_jax.get_loss(loss.name, **loss.hparams)
   except (ValueError, TypeError) as err:
-    raise ConfigError(f"config key '{key}' (name={loss.name!r}, hparams={dict(loss.hparams)}): {err}") from None
+    raise ConfigError(
+      f"config key '{key}' (name={loss.name!r}, hparams={dict(loss.hparams)}): {err}"
+    ) from None
 
 
 def loss_label(loss: LossConfig) -> str:

@@ -28,6 +28,7 @@ class Dataset:
   ids. For character language modelling, ``x_train_NxF`` is the training text as token ids
   ``[T]`` and the ``y`` arrays are unused; batches are random windows of it.
   """
+
   x_train_NxF: np.ndarray
   y_train_N: np.ndarray
   x_test_MxF: np.ndarray
@@ -48,8 +49,9 @@ def _split(x_NxF, y_N, fraction, rng):
   return x_NxF[rest], y_N[rest], x_NxF[part], y_N[part]
 
 
-def add_label_noise(y_N: np.ndarray, *, rate: float, noise_type: str, num_classes: int,
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def add_label_noise(
+  y_N: np.ndarray, *, rate: float, noise_type: str, num_classes: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
   """Corrupts a fraction ``rate`` of labels.
 
   ``symmetric``: each chosen label is replaced by one of the other ``K - 1`` classes uniformly.
@@ -115,8 +117,12 @@ def _mnist1d():
   finally:
     np.random.set_state(np_state)
     random.setstate(py_state)
-  arrays = (data["x"].astype(np.float32), data["y"].astype(np.int32),
-            data["x_test"].astype(np.float32), data["y_test"].astype(np.int32))
+  arrays = (
+    data["x"].astype(np.float32),
+    data["y"].astype(np.int32),
+    data["x_test"].astype(np.float32),
+    data["y_test"].astype(np.int32),
+  )
   for array in arrays:
     array.flags.writeable = False  # shared by every run of a process
   return arrays
@@ -129,8 +135,10 @@ def _read_arrays(path_text: str) -> tuple[dict[str, np.ndarray], dict[str, str]]
     files = {key: path / f"{key}.npy" for key in ARRAY_KEYS}
     missing = [str(f) for f in files.values() if not f.is_file()]
     if missing:
-      raise DataError(f"data.path '{path}' is a directory without {missing}; it needs "
-                      f"{[f'{k}.npy' for k in ARRAY_KEYS]}")
+      raise DataError(
+        f"data.path '{path}' is a directory without {missing}; it needs "
+        f"{[f'{k}.npy' for k in ARRAY_KEYS]}"
+      )
     arrays, where = {}, {}
     for key, file in files.items():
       try:
@@ -140,13 +148,17 @@ def _read_arrays(path_text: str) -> tuple[dict[str, np.ndarray], dict[str, str]]
       where[key] = str(file)
     return arrays, where
   if not path.is_file():
-    raise DataError(f"data.path '{path_text}' is neither an .npz file nor a directory of .npy files")
+    raise DataError(
+      f"data.path '{path_text}' is neither an .npz file nor a directory of .npy files"
+    )
   try:
     with np.load(path, allow_pickle=False) as npz:
       missing = [key for key in ARRAY_KEYS if key not in npz.files]
       if missing:
-        raise DataError(f"{path}: missing key(s) {missing}; it holds {sorted(npz.files)} and needs "
-                        f"{list(ARRAY_KEYS)}")
+        raise DataError(
+          f"{path}: missing key(s) {missing}; it holds {sorted(npz.files)} and needs "
+          f"{list(ARRAY_KEYS)}"
+        )
       arrays = {key: npz[key] for key in ARRAY_KEYS}
   except (ValueError, OSError) as err:
     if isinstance(err, DataError):
@@ -177,18 +189,26 @@ def _check_arrays(arrays: dict[str, np.ndarray], where: dict[str, str], num_clas
     bad_N = (y < 0) | (y >= num_classes)
     if bad_N.any():
       index = int(np.flatnonzero(bad_N)[0])
-      raise DataError(f"{y_at}: labels must lie in [0, data.num_classes={num_classes}); found "
-                      f"{y[index]} at index {index}")
+      raise DataError(
+        f"{y_at}: labels must lie in [0, data.num_classes={num_classes}); found "
+        f"{y[index]} at index {index}"
+      )
   if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
-    raise DataError(f"{where['x_train']} has examples of shape {arrays['x_train'].shape[1:]} but "
-                    f"{where['x_test']} has {arrays['x_test'].shape[1:]}")
+    raise DataError(
+      f"{where['x_train']} has examples of shape {arrays['x_train'].shape[1:]} but "
+      f"{where['x_test']} has {arrays['x_test'].shape[1:]}"
+    )
 
 
 def _arrays(config: DataConfig):
   arrays, where = _read_arrays(config.path)
   _check_arrays(arrays, where, config.num_classes)
-  return (arrays["x_train"].astype(np.float32), arrays["y_train"].astype(np.int32),
-          arrays["x_test"].astype(np.float32), arrays["y_test"].astype(np.int32))
+  return (
+    arrays["x_train"].astype(np.float32),
+    arrays["y_train"].astype(np.int32),
+    arrays["x_test"].astype(np.float32),
+    arrays["y_test"].astype(np.int32),
+  )
 
 
 def pydoc_text() -> str:
@@ -202,7 +222,9 @@ def _windows(ids_T: np.ndarray, seq_len: int, max_tokens: int) -> tuple[np.ndarr
   """Consecutive ``[M, L]`` input windows of a token stream and their targets shifted by one."""
   num_windows = min(max_tokens, len(ids_T) - 1) // seq_len
   span = num_windows * seq_len
-  return ids_T[:span].reshape(num_windows, seq_len), ids_T[1:span + 1].reshape(num_windows, seq_len)
+  return ids_T[:span].reshape(num_windows, seq_len), ids_T[1 : span + 1].reshape(
+    num_windows, seq_len
+  )
 
 
 def _pydoc_chars(config: DataConfig) -> Dataset:
@@ -213,11 +235,20 @@ def _pydoc_chars(config: DataConfig) -> Dataset:
   num_test = int(round(config.test_fraction * len(ids_T)))
   train_T, test_T = ids_T[:-num_test], ids_T[-num_test:]
   num_holdout = int(round(config.holdout_fraction * len(train_T)))
-  train_T, holdout_T = train_T[:len(train_T) - num_holdout], train_T[len(train_T) - num_holdout:]
+  train_T, holdout_T = train_T[: len(train_T) - num_holdout], train_T[len(train_T) - num_holdout :]
   x_test, y_test = _windows(test_T, config.seq_len, config.max_eval_tokens)
   x_holdout, y_holdout = _windows(holdout_T, config.seq_len, config.max_eval_tokens)
-  return Dataset(train_T, np.zeros(0, np.int32), x_test, y_test, len(vocab_V), True, config.seq_len,
-                 x_holdout_HxF=x_holdout, y_holdout_H=y_holdout)
+  return Dataset(
+    train_T,
+    np.zeros(0, np.int32),
+    x_test,
+    y_test,
+    len(vocab_V),
+    True,
+    config.seq_len,
+    x_holdout_HxF=x_holdout,
+    y_holdout_H=y_holdout,
+  )
 
 
 def load_dataset(config: DataConfig, *, image: bool = False) -> Dataset:
@@ -241,22 +272,41 @@ def load_dataset(config: DataConfig, *, image: bool = False) -> Dataset:
     x_train, y_train, x_test, y_test = _mnist1d() if config.name == "mnist1d" else _arrays(config)
     num_classes = 10 if config.name == "mnist1d" else config.num_classes
   else:
-    x_NxF, y_N, num_classes = _digits(image) if config.name == "digits" else _gaussian_mixture(config)
-    x_train, y_train, x_test, y_test = _split(x_NxF, y_N, config.test_fraction,
-                                              np.random.default_rng([config.seed, 0]))
-  x_train, y_train, x_holdout, y_holdout = _split(x_train, y_train, config.holdout_fraction,
-                                                  np.random.default_rng([config.seed, 3]))
+    x_NxF, y_N, num_classes = (
+      _digits(image) if config.name == "digits" else _gaussian_mixture(config)
+    )
+    x_train, y_train, x_test, y_test = _split(
+      x_NxF, y_N, config.test_fraction, np.random.default_rng([config.seed, 0])
+    )
+  x_train, y_train, x_holdout, y_holdout = _split(
+    x_train, y_train, config.holdout_fraction, np.random.default_rng([config.seed, 3])
+  )
   mask_N = np.zeros(len(y_train), bool)
   if config.label_noise > 0:
     noise = dict(rate=config.label_noise, noise_type=config.noise_type, num_classes=num_classes)
     y_train, mask_N = add_label_noise(y_train, **noise, rng=np.random.default_rng([config.seed, 2]))
     y_holdout, _ = add_label_noise(y_holdout, **noise, rng=np.random.default_rng([config.seed, 4]))
-  return Dataset(x_train, y_train, x_test, y_test, num_classes, noise_mask_N=mask_N,
-                 x_holdout_HxF=x_holdout, y_holdout_H=y_holdout)
+  return Dataset(
+    x_train,
+    y_train,
+    x_test,
+    y_test,
+    num_classes,
+    noise_mask_N=mask_N,
+    x_holdout_HxF=x_holdout,
+    y_holdout_H=y_holdout,
+  )
 
 
-def train_batch(data: Dataset, *, seed: int, step: int, batch_size: int,
-                process_index: int = 0, process_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def train_batch(
+  data: Dataset,
+  *,
+  seed: int,
+  step: int,
+  batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
   """This process's share of the global training batch of ``step``.
 
   Classification: each epoch is a fresh permutation drawn from ``default_rng([seed, epoch])``;
@@ -277,7 +327,7 @@ def train_batch(data: Dataset, *, seed: int, step: int, batch_size: int,
   steps_per_epoch = len(data.y_train_N) // batch_size
   epoch, index = divmod(step, steps_per_epoch)
   perm_N = np.random.default_rng([seed, epoch]).permutation(len(data.y_train_N))
-  idx_B = perm_N[index * batch_size:(index + 1) * batch_size][lo:hi]
+  idx_B = perm_N[index * batch_size : (index + 1) * batch_size][lo:hi]
   return data.x_train_NxF[idx_B], data.y_train_N[idx_B]
 
 
@@ -286,10 +336,11 @@ def eval_batches(data: Dataset, *, batch_size: int, split: str = "test"):
 
   Padding rows are zeros with ``valid`` False.
   """
-  x_all, y_all = ((data.x_test_MxF, data.y_test_M) if split == "test"
-                  else (data.x_holdout_HxF, data.y_holdout_H))
+  x_all, y_all = (
+    (data.x_test_MxF, data.y_test_M) if split == "test" else (data.x_holdout_HxF, data.y_holdout_H)
+  )
   for start in range(0, len(x_all), batch_size):
-    x, y = x_all[start:start + batch_size], y_all[start:start + batch_size]
+    x, y = x_all[start : start + batch_size], y_all[start : start + batch_size]
     valid_B = np.ones(len(x), bool)
     pad = batch_size - len(x)
     if pad:

@@ -52,8 +52,9 @@ def read_metrics(run_dir: pathlib.Path) -> list[dict]:
       if isinstance(row, dict) and isinstance(row.get("step"), int):
         rows.append(row)
       elif line.strip():
-        logging.warning("%s line %d is not a metric row (torn write?); skipped it, kept the rest",
-                        path, number)
+        logging.warning(
+          "%s line %d is not a metric row (torn write?); skipped it, kept the rest", path, number
+        )
   return rows
 
 
@@ -86,8 +87,9 @@ def read_summary(run_dir: pathlib.Path) -> dict | None:
     summary = json.loads(path.read_bytes())
   except ValueError as err:
     raise LogFileError(
-        f"{path} is not valid JSON ({err}); it was written atomically, so it was damaged "
-        "afterwards: restore it, or delete it to redo the run's end from its last checkpoint") from None
+      f"{path} is not valid JSON ({err}); it was written atomically, so it was damaged "
+      "afterwards: restore it, or delete it to redo the run's end from its last checkpoint"
+    ) from None
   if not isinstance(summary, dict):
     raise LogFileError(f"{path} holds a JSON {type(summary).__name__}, expected an object")
   return summary if summary.get("completed") else None
@@ -131,8 +133,9 @@ def locked(run_dir: pathlib.Path):
         raise
       holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
       raise RunDirectoryError(
-          f"{run_dir} is in use by another process (pid {holder} holds {path}); two processes "
-          "would interleave their metrics and checkpoints: wait for it, or stop it first") from None
+        f"{run_dir} is in use by another process (pid {holder} holds {path}); two processes "
+        "would interleave their metrics and checkpoints: wait for it, or stop it first"
+      ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     yield

@@ -23,7 +23,9 @@ class MLP(nnx.Module):
 
   def __init__(self, num_features: int, num_classes: int, *, hidden_dims, dtype, rngs: nnx.Rngs):
     dims = [num_features, *hidden_dims]
-    self.hidden = nnx.List([nnx.Linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(dims, dims[1:])])
+    self.hidden = nnx.List(
+      [nnx.Linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(dims, dims[1:])]
+    )
     self.head = nnx.Linear(dims[-1], num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x_Bx___):
@@ -38,7 +40,9 @@ class CNN(nnx.Module):
 
   def __init__(self, in_channels: int, num_classes: int, *, channels, dtype, rngs: nnx.Rngs):
     dims = [in_channels, *channels]
-    self.convs = nnx.List([nnx.Conv(a, b, (3, 3), dtype=dtype, rngs=rngs) for a, b in zip(dims, dims[1:])])
+    self.convs = nnx.List(
+      [nnx.Conv(a, b, (3, 3), dtype=dtype, rngs=rngs) for a, b in zip(dims, dims[1:])]
+    )
     self.head = nnx.Linear(dims[-1], num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x_BxHxWxC):
@@ -54,8 +58,9 @@ class ResidualMLP(nnx.Module):
   Shapes: ``[B, ...] -> [B, C]`` (examples flattened), 100 hidden units as in the paper.
   """
 
-  def __init__(self, num_features: int, num_classes: int, *, hidden: int = 100, dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, num_features: int, num_classes: int, *, hidden: int = 100, dtype, rngs: nnx.Rngs
+  ):
     self.linear1 = nnx.Linear(num_features, hidden, dtype=dtype, rngs=rngs)
     self.linear2 = nnx.Linear(hidden, hidden, dtype=dtype, rngs=rngs)
     self.linear3 = nnx.Linear(hidden, num_classes, dtype=dtype, rngs=rngs)
@@ -74,13 +79,24 @@ class CNN1D(nnx.Module):
   ``[B, L]`` or ``[B, L, C_in]`` -> ``[B, K]``.
   """
 
-  def __init__(self, length: int, in_channels: int, num_classes: int, *, channels: int = 25, dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    length: int,
+    in_channels: int,
+    num_classes: int,
+    *,
+    channels: int = 25,
+    dtype,
+    rngs: nnx.Rngs,
+  ):
     kernels = (5, 3, 3)
     dims = [in_channels] + [channels] * len(kernels)
-    self.convs = nnx.List([
+    self.convs = nnx.List(
+      [
         nnx.Conv(a, b, (k,), strides=2, padding=[(1, 1)], dtype=dtype, rngs=rngs)
-        for a, b, k in zip(dims, dims[1:], kernels)])
+        for a, b, k in zip(dims, dims[1:], kernels)
+      ]
+    )
     out_length = length
     for k in kernels:
       out_length = (out_length + 2 - k) // 2 + 1
@@ -111,7 +127,8 @@ class Block(nnx.Module):
     b, l, d = x_BxLxD.shape
     qkv_BxLx3D = self.qkv(self.norm1(x_BxLxD))
     q_BxLxNxH, k_BxLxNxH, v_BxLxNxH = jnp.split(
-        qkv_BxLx3D.reshape(b, l, 3 * self.num_heads, d // self.num_heads), 3, axis=2)
+      qkv_BxLx3D.reshape(b, l, 3 * self.num_heads, d // self.num_heads), 3, axis=2
+    )
     att_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, is_causal=True)
     x_BxLxD = x_BxLxD + self.proj(att_BxLxNxH.reshape(b, l, d))
     return x_BxLxD + self.down(jax.nn.gelu(self.up(self.norm2(x_BxLxD))))
@@ -120,15 +137,26 @@ class Block(nnx.Module):
 class TransformerLM(nnx.Module):
   """Causal character language model: token ids ``[B, L]`` -> next-token logits ``[B, L, V]``."""
 
-  def __init__(self, vocab_size: int, seq_len: int, *, dim, num_layers, num_heads, mlp_ratio,
-               dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    vocab_size: int,
+    seq_len: int,
+    *,
+    dim,
+    num_layers,
+    num_heads,
+    mlp_ratio,
+    dtype,
+    rngs: nnx.Rngs,
+  ):
     if dim % num_heads:
       raise ValueError(f"model_dim ({dim}) must be divisible by num_heads ({num_heads})")
     self.dtype = dtype
     self.embed = nnx.Embed(vocab_size, dim, dtype=dtype, rngs=rngs)
     self.pos_LxD = nnx.Param(0.02 * jax.random.normal(rngs.params(), (seq_len, dim)))
-    self.blocks = nnx.List([Block(dim, num_heads, mlp_ratio, dtype=dtype, rngs=rngs)
-                            for _ in range(num_layers)])
+    self.blocks = nnx.List(
+      [Block(dim, num_heads, mlp_ratio, dtype=dtype, rngs=rngs) for _ in range(num_layers)]
+    )
     self.norm = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
     self.unembed_VxD = nnx.Param(jax.random.normal(rngs.params(), (vocab_size, dim)) / dim**0.5)
 
@@ -162,18 +190,39 @@ def build_model(config: ModelConfig, *, input_shape, num_classes: int, seed: int
   ranks = {"cnn": (2, 3), "mnist1d_cnn": (1, 2)}.get(config.name)
   if ranks and len(input_shape) not in ranks:
     layout = "[H, W] or [H, W, C]" if config.name == "cnn" else "[L] or [L, C]"
-    raise ValueError(f"model.name {config.name!r} needs examples of shape {layout}; the data has "
-                     f"examples of shape {list(input_shape)}")
+    raise ValueError(
+      f"model.name {config.name!r} needs examples of shape {layout}; the data has "
+      f"examples of shape {list(input_shape)}"
+    )
   if config.name == "mlp":
-    return MLP(math.prod(input_shape), num_classes, hidden_dims=config.hidden_dims,
-               dtype=dtype, rngs=rngs)
+    return MLP(
+      math.prod(input_shape), num_classes, hidden_dims=config.hidden_dims, dtype=dtype, rngs=rngs
+    )
   if config.name == "mnist1d_mlp":
     return ResidualMLP(math.prod(input_shape), num_classes, dtype=dtype, rngs=rngs)
   if config.name == "cnn":
-    return CNN(input_shape[2] if len(input_shape) == 3 else 1, num_classes,
-               channels=config.channels, dtype=dtype, rngs=rngs)
+    return CNN(
+      input_shape[2] if len(input_shape) == 3 else 1,
+      num_classes,
+      channels=config.channels,
+      dtype=dtype,
+      rngs=rngs,
+    )
   if config.name == "mnist1d_cnn":
-    return CNN1D(input_shape[0], input_shape[1] if len(input_shape) == 2 else 1, num_classes,
-                 dtype=dtype, rngs=rngs)
-  return TransformerLM(num_classes, input_shape[0], dim=config.model_dim, num_layers=config.num_layers,
-                       num_heads=config.num_heads, mlp_ratio=config.mlp_ratio, dtype=dtype, rngs=rngs)
+    return CNN1D(
+      input_shape[0],
+      input_shape[1] if len(input_shape) == 2 else 1,
+      num_classes,
+      dtype=dtype,
+      rngs=rngs,
+    )
+  return TransformerLM(
+    num_classes,
+    input_shape[0],
+    dim=config.model_dim,
+    num_layers=config.num_layers,
+    num_heads=config.num_heads,
+    mlp_ratio=config.mlp_ratio,
+    dtype=dtype,
+    rngs=rngs,
+  )

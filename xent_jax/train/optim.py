@@ -14,7 +14,8 @@ def build_schedule(config: OptimConfig, num_steps: int) -> optax.Schedule:
     return optax.cosine_decay_schedule(lr, decay_steps=num_steps)
   if config.schedule == "warmup_cosine":
     return optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup_steps=config.warmup_steps, decay_steps=num_steps)
+      0.0, lr, warmup_steps=config.warmup_steps, decay_steps=num_steps
+    )
   return optax.linear_schedule(lr, 0.0, transition_steps=num_steps)
 
 

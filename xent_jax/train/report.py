@@ -22,19 +22,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
 COLUMNS = [
-    ("final_accuracy", "final test acc"),
-    ("best_accuracy", "best test acc"),
-    ("final_nll", "NLL"),
-    ("final_nll_ts", "NLL after TS"),
-    ("final_ece", "ECE"),
-    ("final_ece_ts", "ECE after TS"),
-    ("temperature", "T"),
-    ("final_adaptive_ece", "adaptive ECE"),
-    ("final_classwise_ece", "classwise ECE"),
-    ("final_mce", "MCE"),
-    ("final_brier", "Brier"),
-    ("examples_per_s", "train examples/s"),
-    ("step_time_ms", "step time (ms)"),
+  ("final_accuracy", "final test acc"),
+  ("best_accuracy", "best test acc"),
+  ("final_nll", "NLL"),
+  ("final_nll_ts", "NLL after TS"),
+  ("final_ece", "ECE"),
+  ("final_ece_ts", "ECE after TS"),
+  ("temperature", "T"),
+  ("final_adaptive_ece", "adaptive ECE"),
+  ("final_classwise_ece", "classwise ECE"),
+  ("final_mce", "MCE"),
+  ("final_brier", "Brier"),
+  ("examples_per_s", "train examples/s"),
+  ("step_time_ms", "step time (ms)"),
 ]
 
 
@@ -52,17 +52,23 @@ def load_runs(directory: pathlib.Path) -> dict[str, list[dict]]:
     summary = logs.read_summary(run_dir)
     rows = logs.read_metrics(run_dir)
     if summary is None or not rows:
-      logging.warning("%s: %s; left out of the report", run_dir,
-                      "not finished" if summary is None else f"no rows in {logs.METRICS_FILE}")
+      logging.warning(
+        "%s: %s; left out of the report",
+        run_dir,
+        "not finished" if summary is None else f"no rows in {logs.METRICS_FILE}",
+      )
       continue
     groups.setdefault(summary["group"], []).append({"summary": summary, "rows": rows})
   return groups
 
 
 # In table.csv only: the other calibration errors after temperature scaling.
-CSV_ONLY_COLUMNS = [("final_adaptive_ece_ts", "adaptive ECE after TS"),
-                    ("final_classwise_ece_ts", "classwise ECE after TS"),
-                    ("final_mce_ts", "MCE after TS"), ("final_brier_ts", "Brier after TS")]
+CSV_ONLY_COLUMNS = [
+  ("final_adaptive_ece_ts", "adaptive ECE after TS"),
+  ("final_classwise_ece_ts", "classwise ECE after TS"),
+  ("final_mce_ts", "MCE after TS"),
+  ("final_brier_ts", "Brier after TS"),
+]
 CALIBRATION_METRICS = ("nll", "ece", "adaptive_ece", "classwise_ece", "mce", "brier")
 
 
@@ -73,15 +79,18 @@ def run_stats(run: dict) -> dict[str, float]:
   adaptive / classwise ECE or MCE: their cells read "—".
   """
   rows, final = run["rows"], run["summary"]["final"]
-  calibration = {f"final_{name}{suffix}": final.get(f"eval/{name}{suffix}")
-                 for name in CALIBRATION_METRICS for suffix in ("", "_ts")}
+  calibration = {
+    f"final_{name}{suffix}": final.get(f"eval/{name}{suffix}")
+    for name in CALIBRATION_METRICS
+    for suffix in ("", "_ts")
+  }
   calibration["temperature"] = final.get("eval/temperature")
   return {
-      "final_accuracy": final["eval/accuracy"],
-      "best_accuracy": max(row["eval/accuracy"] for row in rows),
-      **{key: np.nan if value is None else value for key, value in calibration.items()},
-      "examples_per_s": float(np.median([row["train/examples_per_s"] for row in rows])),
-      "step_time_ms": 1e3 * float(np.median([row["train/step_time_s"] for row in rows])),
+    "final_accuracy": final["eval/accuracy"],
+    "best_accuracy": max(row["eval/accuracy"] for row in rows),
+    **{key: np.nan if value is None else value for key, value in calibration.items()},
+    "examples_per_s": float(np.median([row["train/examples_per_s"] for row in rows])),
+    "step_time_ms": 1e3 * float(np.median([row["train/step_time_s"] for row in rows])),
   }
 
 
@@ -100,11 +109,12 @@ def summarize(groups: dict[str, list[dict]]) -> list[dict]:
 
 
 TABLE_NOTE = (
-    "Mean ± sample standard deviation over seeds, final step, test split. TS: temperature scaling, "
-    "T fitted by NLL on the held-out part of the training split (never the test split); accuracy "
-    "does not change under it. ECE and MCE: top-label, {bins} equal-width bins; adaptive ECE: "
-    "{bins} equal-mass bins; classwise ECE: every class's probability, {bins} bins, averaged over "
-    "classes. —: not logged by this run.")
+  "Mean ± sample standard deviation over seeds, final step, test split. TS: temperature scaling, "
+  "T fitted by NLL on the held-out part of the training split (never the test split); accuracy "
+  "does not change under it. ECE and MCE: top-label, {bins} equal-width bins; adaptive ECE: "
+  "{bins} equal-mass bins; classwise ECE: every class's probability, {bins} bins, averaged over "
+  "classes. —: not logged by this run."
+)
 
 
 def _cell(rec: dict, key: str) -> str:
@@ -119,8 +129,11 @@ def _write_tables(directory: pathlib.Path, table: list[dict], num_bins: int) -> 
   header = ["variant", "seeds"] + [title for _, title in COLUMNS]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for rec in table:
-    lines.append("| " + " | ".join([rec["group"], str(rec["seeds"])] +
-                                   [_cell(rec, key) for key, _ in COLUMNS]) + " |")
+    lines.append(
+      "| "
+      + " | ".join([rec["group"], str(rec["seeds"])] + [_cell(rec, key) for key, _ in COLUMNS])
+      + " |"
+    )
   lines += ["", TABLE_NOTE.format(bins=num_bins)]
   (directory / "table.md").write_text("\n".join(lines) + "\n")
   with (directory / "table.csv").open("w", newline="") as f:
@@ -136,7 +149,7 @@ def _setting(summary: dict) -> str:
   group, loss = summary["group"], summary["loss"]
   if group == loss:
     return ""
-  return group[:-len(loss)].rstrip("_") if group.endswith("__" + loss) else group
+  return group[: -len(loss)].rstrip("_") if group.endswith("__" + loss) else group
 
 
 def _facets(groups: dict[str, list[dict]]):
@@ -164,15 +177,18 @@ def loss_colours(losses: list[str]) -> dict[str, tuple]:
 LEGEND_COLUMNS = 5
 
 
-def _figure(title: str, num_rows: int, num_cols: int, panel_size: tuple[float, float],
-            num_legend_entries: int):
+def _figure(
+  title: str, num_rows: int, num_cols: int, panel_size: tuple[float, float], num_legend_entries: int
+):
   """A titled figure: a grid of panels and, under them, a footer row for the legend and caption."""
   footer_height = 0.25 * -(-num_legend_entries // LEGEND_COLUMNS) + 0.6
   width = max(panel_size[0] * num_cols + 0.8, 7.5)
-  fig = plt.figure(layout="constrained",
-                   figsize=(width, panel_size[1] * num_rows + footer_height + 0.5))
-  grid = fig.add_gridspec(num_rows + 1, num_cols,
-                          height_ratios=[panel_size[1]] * num_rows + [footer_height])
+  fig = plt.figure(
+    layout="constrained", figsize=(width, panel_size[1] * num_rows + footer_height + 0.5)
+  )
+  grid = fig.add_gridspec(
+    num_rows + 1, num_cols, height_ratios=[panel_size[1]] * num_rows + [footer_height]
+  )
   axes = np.array([[fig.add_subplot(grid[r, c]) for c in range(num_cols)] for r in range(num_rows)])
   footer = fig.add_subplot(grid[num_rows, :], label="caption")
   footer.axis("off")
@@ -183,17 +199,26 @@ def _figure(title: str, num_rows: int, num_cols: int, panel_size: tuple[float, f
 def _finish(fig, path: pathlib.Path, handles, caption: str) -> None:
   """Legend and caption in the footer row under the panels; saved at 110 dpi."""
   footer = next(ax for ax in fig.axes if ax.get_label() == "caption")
-  footer.legend(handles=handles, loc="upper center", ncols=min(len(handles), LEGEND_COLUMNS),
-                fontsize=8, frameon=False, borderaxespad=0)
-  footer.text(0.5, 0.0, caption, transform=footer.transAxes, ha="center", va="bottom",
-              fontsize=8, wrap=True)
+  footer.legend(
+    handles=handles,
+    loc="upper center",
+    ncols=min(len(handles), LEGEND_COLUMNS),
+    fontsize=8,
+    frameon=False,
+    borderaxespad=0,
+  )
+  footer.text(
+    0.5, 0.0, caption, transform=footer.transAxes, ha="center", va="bottom", fontsize=8, wrap=True
+  )
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
 def _loss_handles(colours: dict[str, tuple]) -> list:
-  return [matplotlib.lines.Line2D([], [], color=c, linewidth=2.5, label=loss)
-          for loss, c in colours.items()]
+  return [
+    matplotlib.lines.Line2D([], [], color=c, linewidth=2.5, label=loss)
+    for loss, c in colours.items()
+  ]
 
 
 def _setting_title(setting: str) -> str:
@@ -202,13 +227,16 @@ def _setting_title(setting: str) -> str:
 
 def _plot_learning_curves(path: pathlib.Path, groups: dict[str, list[dict]], title: str) -> None:
   """Rows: training loss, test accuracy, test NLL; columns: grid settings; colour: loss."""
-  panels = (("train/loss", "training loss\n(each loss's own)", "log"),
-            ("eval/accuracy", "test accuracy", "linear"),
-            ("eval/nll", "test NLL", "log"))
+  panels = (
+    ("train/loss", "training loss\n(each loss's own)", "log"),
+    ("eval/accuracy", "test accuracy", "linear"),
+    ("eval/nll", "test NLL", "log"),
+  )
   settings, losses, cells = _facets(groups)
   colours = loss_colours(losses)
-  fig, axes = _figure(f"{title}: learning curves", len(panels), len(settings), (4.2, 2.6),
-                      len(losses))
+  fig, axes = _figure(
+    f"{title}: learning curves", len(panels), len(settings), (4.2, 2.6), len(losses)
+  )
   num_seeds = set()
   for col, setting in enumerate(settings):
     for loss in losses:
@@ -223,8 +251,9 @@ def _plot_learning_curves(path: pathlib.Path, groups: dict[str, list[dict]], tit
         curves = np.array([[row[key] for row in run["rows"]] for run in complete])
         ax.plot(steps, curves.mean(0), color=colours[loss], linewidth=1.4, label=loss)
         if len(curves) > 1:
-          ax.fill_between(steps, curves.min(0), curves.max(0), color=colours[loss], alpha=0.15,
-                          linewidth=0)
+          ax.fill_between(
+            steps, curves.min(0), curves.max(0), color=colours[loss], alpha=0.15, linewidth=0
+          )
     axes[0, col].set_title(_setting_title(setting), fontsize=10)
     axes[-1, col].set_xlabel("training step")
   for row_index, (_, label, scale) in enumerate(panels):
@@ -234,9 +263,13 @@ def _plot_learning_curves(path: pathlib.Path, groups: dict[str, list[dict]], tit
       ax.grid(alpha=0.3)
   seeds = "/".join(str(n) for n in sorted(num_seeds))
   columns = " in every panel; columns: grid settings" if len(settings) > 1 else ""
-  _finish(fig, path, _loss_handles(colours),
-          f"Line: mean over {seeds} seeds; band: min to max over the seeds. One colour per loss"
-          f"{columns}; curves that coincide hide one another. Test metrics on the clean test split.")
+  _finish(
+    fig,
+    path,
+    _loss_handles(colours),
+    f"Line: mean over {seeds} seeds; band: min to max over the seeds. One colour per loss"
+    f"{columns}; curves that coincide hide one another. Test metrics on the clean test split.",
+  )
 
 
 def _summed_counts(runs: list[dict], key: str):
@@ -244,15 +277,21 @@ def _summed_counts(runs: list[dict], key: str):
   if any(c is None for c in counts):
     return None
   return metrics.CalibrationCounts(
-      *(np.sum([c[field] for c in counts], axis=0) for field in metrics.CalibrationCounts._fields))
+    *(np.sum([c[field] for c in counts], axis=0) for field in metrics.CalibrationCounts._fields)
+  )
 
 
 def _plot_reliability(path: pathlib.Path, groups: dict[str, list[dict]], title: str) -> None:
   """Rows: grid settings; columns: losses. Bars before temperature scaling, outline after."""
   settings, losses, cells = _facets(groups)
   colours = loss_colours(losses)
-  fig, axes = _figure(f"{title}: reliability diagrams (test split, all seeds pooled)",
-                      len(settings), len(losses), (2.3, 2.3), 3)
+  fig, axes = _figure(
+    f"{title}: reliability diagrams (test split, all seeds pooled)",
+    len(settings),
+    len(losses),
+    (2.3, 2.3),
+    3,
+  )
   num_bins, any_after = 0, False
   for (row, setting), (col, loss) in itertools.product(enumerate(settings), enumerate(losses)):
     ax = axes[row, col]
@@ -272,8 +311,16 @@ def _plot_reliability(path: pathlib.Path, groups: dict[str, list[dict]], title: 
     accuracy_K = np.asarray(metrics.reliability_from_counts(before).accuracy)  # NaN: empty bin
     num_bins = len(accuracy_K)
     edges = np.linspace(0, 1, num_bins + 1)
-    ax.bar(edges[:-1], accuracy_K, width=1 / num_bins, align="edge", color=colours[loss],
-           alpha=0.55, edgecolor="white", linewidth=0.3)
+    ax.bar(
+      edges[:-1],
+      accuracy_K,
+      width=1 / num_bins,
+      align="edge",
+      color=colours[loss],
+      alpha=0.55,
+      edgecolor="white",
+      linewidth=0.3,
+    )
     text = f"ECE {float(metrics.ece_from_counts(before)):.3f}"
     after = _summed_counts(runs, "calibration_counts_ts")
     if after is not None:
@@ -281,47 +328,99 @@ def _plot_reliability(path: pathlib.Path, groups: dict[str, list[dict]], title: 
       after_K = np.asarray(metrics.reliability_from_counts(after).accuracy)
       ax.stairs(after_K, edges, baseline=None, color="k", linewidth=1.0)
       text += f"\nafter TS {float(metrics.ece_from_counts(after)):.3f}"
-    ax.text(0.04, 0.96, text, transform=ax.transAxes, fontsize=7, va="top",
-            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1})
-  handles = [matplotlib.patches.Patch(color="0.5", alpha=0.55, label="model's own confidence\n(colour: loss)"),
-             matplotlib.lines.Line2D([], [], color="0.4", linestyle="--", linewidth=0.8,
-                                     label="perfect calibration")]
+    ax.text(
+      0.04,
+      0.96,
+      text,
+      transform=ax.transAxes,
+      fontsize=7,
+      va="top",
+      bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1},
+    )
+  handles = [
+    matplotlib.patches.Patch(
+      color="0.5", alpha=0.55, label="model's own confidence\n(colour: loss)"
+    ),
+    matplotlib.lines.Line2D(
+      [], [], color="0.4", linestyle="--", linewidth=0.8, label="perfect calibration"
+    ),
+  ]
   ts_note = ""
   if any_after:
-    handles.insert(1, matplotlib.lines.Line2D([], [], color="k", linewidth=1.0,
-                                              label="after temperature\nscaling (TS)"))
+    handles.insert(
+      1,
+      matplotlib.lines.Line2D(
+        [], [], color="k", linewidth=1.0, label="after temperature\nscaling (TS)"
+      ),
+    )
     ts_note = " TS: temperature fitted on held-out training data, never the test split."
-  _finish(fig, path, handles,
-          f"Height: accuracy of the test examples whose top-label confidence falls in the bin "
-          f"({num_bins} equal-width bins; empty bins not drawn), all seeds pooled, as is the ECE "
-          f"printed in each panel. Dashed diagonal: accuracy = confidence; bars below it are "
-          f"over-confident.{ts_note}")
+  _finish(
+    fig,
+    path,
+    handles,
+    f"Height: accuracy of the test examples whose top-label confidence falls in the bin "
+    f"({num_bins} equal-width bins; empty bins not drawn), all seeds pooled, as is the ECE "
+    f"printed in each panel. Dashed diagonal: accuracy = confidence; bars below it are "
+    f"over-confident.{ts_note}",
+  )
 
 
-def _plot_accuracy_vs_ece(path: pathlib.Path, groups: dict[str, list[dict]],
-                          table: list[dict], title: str) -> None:
+def _plot_accuracy_vs_ece(
+  path: pathlib.Path, groups: dict[str, list[dict]], table: list[dict], title: str
+) -> None:
   """One panel per grid setting: (ECE, accuracy) per loss, and where temperature scaling moves it."""
   settings, losses, _ = _facets(groups)
   colours = loss_colours(losses)
-  records = {(_setting(groups[rec["group"]][0]["summary"]), groups[rec["group"]][0]["summary"]["loss"]): rec
-             for rec in table}
-  fig, axes = _figure(f"{title}: test accuracy against calibration error", 1, len(settings),
-                      (4.4, 4.0), len(losses) + 2)
+  records = {
+    (_setting(groups[rec["group"]][0]["summary"]), groups[rec["group"]][0]["summary"]["loss"]): rec
+    for rec in table
+  }
+  fig, axes = _figure(
+    f"{title}: test accuracy against calibration error",
+    1,
+    len(settings),
+    (4.4, 4.0),
+    len(losses) + 2,
+  )
   for ax, setting in zip(axes[0], settings):
     for loss in losses:
       rec = records.get((setting, loss))
       if rec is None:
         continue
       colour = colours[loss]
-      ax.errorbar(rec["final_ece"], rec["final_accuracy"], xerr=rec["final_ece_std"],
-                  yerr=rec["final_accuracy_std"], fmt="o", color=colour, capsize=3, markersize=6)
+      ax.errorbar(
+        rec["final_ece"],
+        rec["final_accuracy"],
+        xerr=rec["final_ece_std"],
+        yerr=rec["final_accuracy_std"],
+        fmt="o",
+        color=colour,
+        capsize=3,
+        markersize=6,
+      )
       if not np.isnan(rec["final_ece_ts"]):
-        ax.errorbar(rec["final_ece_ts"], rec["final_accuracy"], xerr=rec["final_ece_ts_std"],
-                    fmt="o", color=colour, markerfacecolor="white", capsize=2, markersize=6)
-        ax.annotate("", (rec["final_ece_ts"], rec["final_accuracy"]),
-                    (rec["final_ece"], rec["final_accuracy"]),
-                    arrowprops={"arrowstyle": "->", "color": colour, "linewidth": 0.8,
-                                "shrinkA": 4, "shrinkB": 4})
+        ax.errorbar(
+          rec["final_ece_ts"],
+          rec["final_accuracy"],
+          xerr=rec["final_ece_ts_std"],
+          fmt="o",
+          color=colour,
+          markerfacecolor="white",
+          capsize=2,
+          markersize=6,
+        )
+        ax.annotate(
+          "",
+          (rec["final_ece_ts"], rec["final_accuracy"]),
+          (rec["final_ece"], rec["final_accuracy"]),
+          arrowprops={
+            "arrowstyle": "->",
+            "color": colour,
+            "linewidth": 0.8,
+            "shrinkA": 4,
+            "shrinkB": 4,
+          },
+        )
     ax.set_title(_setting_title(setting), fontsize=10)
     ax.set_xlabel("ECE (top-label, final)")
     ax.set_xlim(left=0)
@@ -331,14 +430,22 @@ def _plot_accuracy_vs_ece(path: pathlib.Path, groups: dict[str, list[dict]],
   ts_note = ""
   if any(not np.isnan(rec["final_ece_ts"]) for rec in table):
     handles += [
-        matplotlib.lines.Line2D([], [], marker="o", color="0.3", linestyle="", label="before TS"),
-        matplotlib.lines.Line2D([], [], marker="o", color="0.3", markerfacecolor="white",
-                                linestyle="", label="after TS")]
-    ts_note = (" Arrow: the same models after temperature scaling (TS, T fitted on held-out "
-               "training data), which keeps accuracy.")
-  _finish(fig, path, handles,
-          f"Error bars: ± 1 sample standard deviation over seeds; points that coincide hide one "
-          f"another.{ts_note} Up and to the left is better.")
+      matplotlib.lines.Line2D([], [], marker="o", color="0.3", linestyle="", label="before TS"),
+      matplotlib.lines.Line2D(
+        [], [], marker="o", color="0.3", markerfacecolor="white", linestyle="", label="after TS"
+      ),
+    ]
+    ts_note = (
+      " Arrow: the same models after temperature scaling (TS, T fitted on held-out "
+      "training data), which keeps accuracy."
+    )
+  _finish(
+    fig,
+    path,
+    handles,
+    f"Error bars: ± 1 sample standard deviation over seeds; points that coincide hide one "
+    f"another.{ts_note} Up and to the left is better.",
+  )
 
 
 def build_report(directory) -> list[dict]:

@@ -22,17 +22,21 @@ def make_objective(loss: LossConfig):
   """``objective(model, x, y) -> scalar`` mean training loss of one batch."""
   loss_fn = xent_jax.get_loss(loss.name, **loss.hparams)
   if loss.fused:
+
     def fused_objective(model, ids_BxL, labels_BxL):
       h_BxLxD = model.hidden(ids_BxL)
       h_NxD = h_BxLxD.reshape(-1, h_BxLxD.shape[-1])
       w_VxD = model.unembed_VxD[...].astype(h_NxD.dtype)
       return loss_fn.linear(h_NxD, w_VxD, labels_BxL.reshape(-1), reduction="mean")
+
     return fused_objective
 
   def objective(model, x_BxF, labels_B):
     logits_BxC = model(x_BxF)
-    return loss_fn(logits_BxC.reshape(-1, logits_BxC.shape[-1]), labels_B.reshape(-1),
-                   reduction="mean")
+    return loss_fn(
+      logits_BxC.reshape(-1, logits_BxC.shape[-1]), labels_B.reshape(-1), reduction="mean"
+    )
+
   return objective
 
 
@@ -42,13 +46,17 @@ def make_train_step(graphdef, objective):
   ``finite`` is True when the loss and every updated parameter are finite, so a step that
   blows up the weights is caught even while its own loss was still finite.
   """
+
   def train_step(state, x_BxF, y_B):
     model, optimizer = nnx.merge(graphdef, state)
     loss, grads = nnx.value_and_grad(objective)(model, x_BxF, y_B)
     optimizer.update(model, grads)
     params = nnx.state(model, nnx.Param)
-    finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+    finite = jnp.isfinite(loss) & jnp.all(
+      jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
+    )
     return nnx.state((model, optimizer)), loss, finite
+
   return jax.jit(train_step, donate_argnums=0)
 
 
@@ -59,6 +67,7 @@ def make_eval_step(graphdef, *, num_bins: int, num_shards: int):
   on CPU); the caller adds the shards on the host in a fixed order, so evaluation is bitwise
   reproducible. The sums add up across batches, so logits never leave the devices.
   """
+
   def shard_sums(logits_SxC, y_S, where_S):
     return metrics.eval_sums(logits_SxC, y_S, num_bins=num_bins, where=where_S)
 
@@ -68,6 +77,7 @@ def make_eval_step(graphdef, *, num_bins: int, num_shards: int):
     where_B = jnp.broadcast_to(valid_B.reshape(valid_B.shape + (1,) * (y_B.ndim - 1)), y_B.shape)
     split = lambda a: a.reshape((num_shards, -1) + a.shape[1:])  # pylint: disable=unnecessary-lambda-assignment
     return jax.vmap(shard_sums)(split(logits_BxC), split(y_B), split(where_B))
+
   return jax.jit(eval_step)
 
 
@@ -84,14 +94,17 @@ def finish_eval(sums: metrics.EvalSums) -> tuple[dict, dict]:
 
 def make_logits_step(graphdef):
   """``logits_step(state, x) -> logits`` (``[B, C]`` or ``[B, L, V]``), jitted."""
+
   def logits_step(state, x_BxF):
     model, _ = nnx.merge(graphdef, state)
     return model(x_BxF)
+
   return jax.jit(logits_step)
 
 
-def calibration_row(logits_holdout_HxC, y_holdout_H, logits_test_MxC, y_test_M, *,
-                    num_bins: int) -> tuple[dict, dict | None]:
+def calibration_row(
+  logits_holdout_HxC, y_holdout_H, logits_test_MxC, y_test_M, *, num_bins: int
+) -> tuple[dict, dict | None]:
   r"""Test calibration before and after temperature scaling fitted on held-out training data.
 
   :math:`T` minimises the NLL of ``softmax(logits_holdout / T)`` (`metrics.fit_temperature`; Guo
@@ -112,16 +125,26 @@ def calibration_row(logits_holdout_HxC, y_holdout_H, logits_test_MxC, y_test_M, 
     and the `metrics.CalibrationCounts` of the scaled test logits as lists (reliability diagrams);
     without held-out examples ``T`` is None, no ``_ts`` metric is given and ``counts_ts`` is None.
   """
+
   def scores(logits_MxC, suffix):
-    row = {f"eval/{name}{suffix}": float(fn(logits_MxC, y_test_M, num_bins=num_bins)) for name, fn in (
+    row = {
+      f"eval/{name}{suffix}": float(fn(logits_MxC, y_test_M, num_bins=num_bins))
+      for name, fn in (
         ("adaptive_ece", metrics.adaptive_calibration_error),
         ("classwise_ece", metrics.classwise_calibration_error),
-        ("mce", metrics.maximum_calibration_error))}
+        ("mce", metrics.maximum_calibration_error),
+      )
+    }
     if suffix:
-      row.update({f"eval/{name}{suffix}": float(fn(logits_MxC, y_test_M)) for name, fn in (
-          ("nll", metrics.negative_log_likelihood), ("brier", metrics.brier_score))})
+      row.update(
+        {
+          f"eval/{name}{suffix}": float(fn(logits_MxC, y_test_M))
+          for name, fn in (("nll", metrics.negative_log_likelihood), ("brier", metrics.brier_score))
+        }
+      )
       row[f"eval/ece{suffix}"] = float(
-          metrics.expected_calibration_error(logits_MxC, y_test_M, num_bins=num_bins))
+        metrics.expected_calibration_error(logits_MxC, y_test_M, num_bins=num_bins)
+      )
     return row
 
   row = scores(logits_test_MxC, "")

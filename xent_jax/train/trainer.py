@@ -22,8 +22,14 @@ from xent_jax.train.logs import RunDirectoryError
 from xent_jax.train.models import build_model
 from xent_jax.train.optim import build_optimizer
 from xent_jax.train.parallel import check_batch_size, make_mesh, replicate, shard_batch
-from xent_jax.train.steps import (calibration_row, finish_eval, make_eval_step, make_logits_step,
-                                   make_objective, make_train_step)
+from xent_jax.train.steps import (
+  calibration_row,
+  finish_eval,
+  make_eval_step,
+  make_logits_step,
+  make_objective,
+  make_train_step,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -35,7 +41,7 @@ class NonFiniteLossError(FloatingPointError):
 def _local(array: np.ndarray) -> np.ndarray:
   """This process's rows of a global batch."""
   rows = len(array) // jax.process_count()
-  return array[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+  return array[jax.process_index() * rows : (jax.process_index() + 1) * rows]
 
 
 def _flat(tree, prefix: str = "") -> dict:
@@ -59,16 +65,22 @@ def config_differences(recorded: pathlib.Path, config: Config) -> list[str]:
     RunDirectoryError: the recorded file is not a config this schema can read.
   """
   try:
-    merged = OmegaConf.merge(OmegaConf.structured(Config), yaml.safe_load(recorded.read_text()) or {})
+    merged = OmegaConf.merge(
+      OmegaConf.structured(Config), yaml.safe_load(recorded.read_text()) or {}
+    )
     old = _flat(OmegaConf.to_container(merged, resolve=True))
   except (yaml.YAMLError, omegaconf.errors.OmegaConfBaseException, ValueError) as err:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     raise RunDirectoryError(
-        f"{recorded} cannot be read as a config ({reason}), so it is unknown which experiment "
-        "the directory holds: fix it or pass another workdir") from None
+      f"{recorded} cannot be read as a config ({reason}), so it is unknown which experiment "
+      "the directory holds: fix it or pass another workdir"
+    ) from None
   new = _flat(OmegaConf.to_container(OmegaConf.structured(config), resolve=True))
-  return [f"{key} (recorded {old.get(key)!r}, now {new.get(key)!r})"
-          for key in sorted(set(old) | set(new)) if key != "workdir" and old.get(key) != new.get(key)]
+  return [
+    f"{key} (recorded {old.get(key)!r}, now {new.get(key)!r})"
+    for key in sorted(set(old) | set(new))
+    if key != "workdir" and old.get(key) != new.get(key)
+  ]
 
 
 def check_run_directory(config: Config, workdir: pathlib.Path) -> None:
@@ -82,9 +94,10 @@ def check_run_directory(config: Config, workdir: pathlib.Path) -> None:
     differences = config_differences(recorded, config)
     if differences:
       raise RunDirectoryError(
-          f"{workdir} holds a run of a different config ({recorded}: {'; '.join(differences[:3])}"
-          f"{'; ...' if len(differences) > 3 else ''}); resuming or reusing it would mix two "
-          "experiments: pass another workdir or delete that directory")
+        f"{workdir} holds a run of a different config ({recorded}: {'; '.join(differences[:3])}"
+        f"{'; ...' if len(differences) > 3 else ''}); resuming or reusing it would mix two "
+        "experiments: pass another workdir or delete that directory"
+      )
     return
   checkpoints = workdir / CHECKPOINT_DIR
   found = [name for name in (logs.METRICS_FILE, logs.SUMMARY_FILE) if (workdir / name).exists()]
@@ -92,9 +105,10 @@ def check_run_directory(config: Config, workdir: pathlib.Path) -> None:
     found.append(CHECKPOINT_DIR + "/")
   if found:
     raise RunDirectoryError(
-        f"{workdir} holds {', '.join(found)} but no {logs.CONFIG_FILE}, so the config that made them "
-        f"is unknown and resuming could mix two experiments: put that run's {logs.CONFIG_FILE} back "
-        "or pass another workdir")
+      f"{workdir} holds {', '.join(found)} but no {logs.CONFIG_FILE}, so the config that made them "
+      f"is unknown and resuming could mix two experiments: put that run's {logs.CONFIG_FILE} back "
+      "or pass another workdir"
+    )
 
 
 @contextlib.contextmanager
@@ -107,7 +121,9 @@ def _exclusive(workdir: pathlib.Path):
         stack.enter_context(logs.locked(workdir))
       except RunDirectoryError as err:
         error = err
-    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(error is not None)):
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(
+      np.int32(error is not None)
+    ):
       error = error or RunDirectoryError(f"{workdir} is in use by another process")
     if error:
       raise error
@@ -118,16 +134,21 @@ def _check_data_sizes(data: Dataset, config: Config) -> None:
   """Sizes only known once the data is loaded: a batch must fit the training split, tests exist."""
   if data.is_lm:
     if len(data.x_train_NxF) <= data.seq_len + 1:
-      raise ConfigError(f"config key 'data.seq_len' ({data.seq_len}) leaves no training window in "
-                        f"the {len(data.x_train_NxF)} training tokens of data set {config.data.name!r}")
+      raise ConfigError(
+        f"config key 'data.seq_len' ({data.seq_len}) leaves no training window in "
+        f"the {len(data.x_train_NxF)} training tokens of data set {config.data.name!r}"
+      )
   elif len(data.y_train_N) < config.train.batch_size:
     raise ConfigError(
-        f"config key 'train.batch_size' ({config.train.batch_size}) exceeds the {len(data.y_train_N)} "
-        f"training examples of data set {config.data.name!r} (data.test_fraction="
-        f"{config.data.test_fraction})")
+      f"config key 'train.batch_size' ({config.train.batch_size}) exceeds the {len(data.y_train_N)} "
+      f"training examples of data set {config.data.name!r} (data.test_fraction="
+      f"{config.data.test_fraction})"
+    )
   if len(data.x_test_MxF) == 0:
-    raise ConfigError(f"the test split of data set {config.data.name!r} is empty: raise config key "
-                      "'data.test_fraction' (or 'data.max_eval_tokens' for language modelling)")
+    raise ConfigError(
+      f"the test split of data set {config.data.name!r} is empty: raise config key "
+      "'data.test_fraction' (or 'data.max_eval_tokens' for language modelling)"
+    )
 
 
 def evaluate(eval_step, state, data: Dataset, config: Config, mesh) -> tuple[dict, dict]:
@@ -141,8 +162,9 @@ def evaluate(eval_step, state, data: Dataset, config: Config, mesh) -> tuple[dic
   return finish_eval(total)
 
 
-def split_logits(logits_step, state, data: Dataset, config: Config, mesh,
-                 split: str) -> tuple[np.ndarray, np.ndarray]:
+def split_logits(
+  logits_step, state, data: Dataset, config: Config, mesh, split: str
+) -> tuple[np.ndarray, np.ndarray]:
   """All logits ``[M, C]`` (LM: tokens x vocabulary) and labels ``[M]`` of one split, on the host."""
   logits, labels = [], []
   for x, y, valid_B in eval_batches(data, batch_size=config.train.eval_batch_size, split=split):
@@ -199,8 +221,10 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, devices) ->
   is_main = jax.process_index() == 0
   train = config.train
   mesh = make_mesh(devices)
-  for key, size in (("train.batch_size", train.batch_size),
-                    ("train.eval_batch_size", train.eval_batch_size)):
+  for key, size in (
+    ("train.batch_size", train.batch_size),
+    ("train.eval_batch_size", train.eval_batch_size),
+  ):
     try:
       check_batch_size(size, key, mesh)
     except ValueError as err:
@@ -215,9 +239,12 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, devices) ->
 
   @nnx.jit  # one compiled initialisation instead of one eager dispatch per parameter
   def initialize():
-    model = build_model(config.model, input_shape=input_shape, num_classes=data.num_classes,
-                        seed=train.seed)
-    return model, nnx.Optimizer(model, build_optimizer(config.optim, train.num_steps), wrt=nnx.Param)
+    model = build_model(
+      config.model, input_shape=input_shape, num_classes=data.num_classes, seed=train.seed
+    )
+    return model, nnx.Optimizer(
+      model, build_optimizer(config.optim, train.num_steps), wrt=nnx.Param
+    )
 
   graphdef, state = nnx.split(initialize())
   state = replicate(state, mesh)
@@ -236,8 +263,14 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, devices) ->
     logs.truncate_metrics(workdir, last_step=start_step)
 
   def batch(step):
-    x, y = train_batch(data, seed=train.seed, step=step, batch_size=train.batch_size,
-                       process_index=jax.process_index(), process_count=jax.process_count())
+    x, y = train_batch(
+      data,
+      seed=train.seed,
+      step=step,
+      batch_size=train.batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
     return shard_batch((x, y), mesh)
 
   train_step = make_train_step(graphdef, make_objective(config.loss))
@@ -245,8 +278,14 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, devices) ->
   if start_step < train.num_steps:
     train_step = train_step.lower(state, *batch(start_step)).compile()
 
-  bar = tqdm(total=train.num_steps, initial=start_step, disable=not progress, leave=False,
-             desc=config.name, unit="step")
+  bar = tqdm(
+    total=train.num_steps,
+    initial=start_step,
+    disable=not progress,
+    leave=False,
+    desc=config.name,
+    unit="step",
+  )
   pending = []
   timed_steps, tic = 0, time.perf_counter()
   for step in range(start_step, train.num_steps):
@@ -270,8 +309,9 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, devices) ->
       kept = done - len(pending)
       what = "training loss" if not np.isfinite(losses[bad[0]]) else "parameters after the update"
       raise NonFiniteLossError(
-          f"{what} became non-finite at step {kept + bad[0] + 1} (loss {losses[bad[0]]}) of run "
-          f"{workdir}; stopped. Checkpoints up to step {kept} are kept.")
+        f"{what} became non-finite at step {kept + bad[0] + 1} (loss {losses[bad[0]]}) of run "
+        f"{workdir}; stopped. Checkpoints up to step {kept} are kept."
+      )
     row = {"step": done, "train/loss": float(np.mean(losses, dtype=np.float64))}
     row.update(evaluate(eval_step, state, data, config, mesh)[0])
     row["train/examples_per_s"] = timed_steps * train.batch_size / elapsed
@@ -281,27 +321,30 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, devices) ->
     bar.set_postfix(loss=f"{row['train/loss']:.4f}", acc=f"{row['eval/accuracy']:.3f}")
     pending = []
     if checkpointer and (done % train.checkpoint_every == 0 or done == train.num_steps):
-      checkpointer.save(done, nnx.to_pure_dict(state),
-                        {"data_order": {"seed": train.seed, "next_step": done}})
+      checkpointer.save(
+        done, nnx.to_pure_dict(state), {"data_order": {"seed": train.seed, "next_step": done}}
+      )
     timed_steps, tic = 0, time.perf_counter()
   bar.close()
 
   final_row, bins = evaluate(eval_step, state, data, config, mesh)
   logits_step = make_logits_step(graphdef)
   calibration, bins_ts = calibration_row(
-      *split_logits(logits_step, state, data, config, mesh, "holdout"),
-      *split_logits(logits_step, state, data, config, mesh, "test"), num_bins=train.num_ece_bins)
+    *split_logits(logits_step, state, data, config, mesh, "holdout"),
+    *split_logits(logits_step, state, data, config, mesh, "test"),
+    num_bins=train.num_ece_bins,
+  )
   final_row.update(calibration)
   summary = {
-      "completed": True,
-      "group": config.name,
-      "loss": loss_label(config.loss),
-      "seed": train.seed,
-      "num_steps": train.num_steps,
-      "num_devices": mesh.size,
-      "final": final_row,
-      "calibration_counts": bins,
-      "calibration_counts_ts": bins_ts,  # after temperature scaling; None without held-out data
+    "completed": True,
+    "group": config.name,
+    "loss": loss_label(config.loss),
+    "seed": train.seed,
+    "num_steps": train.num_steps,
+    "num_devices": mesh.size,
+    "final": final_row,
+    "calibration_counts": bins,
+    "calibration_counts_ts": bins_ts,  # after temperature scaling; None without held-out data
   }
   if checkpointer:
     checkpointer.close()
