@@ -33,8 +33,8 @@ import xent_jax
 from xent_jax import aot
 
 LOSSES = {
-    "cross_entropy": lambda x, y: xent_jax.cross_entropy(x, y),
-    "bi_tempered": lambda x, y: xent_jax.bi_tempered_logistic_loss(x, y),
+  "cross_entropy": lambda x, y: xent_jax.cross_entropy(x, y),
+  "bi_tempered": lambda x, y: xent_jax.bi_tempered_logistic_loss(x, y),
 }
 CASES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -96,55 +96,59 @@ def main():
     times = _time_round_robin([c for c, _, _ in compiled.values()], logits, labels, args.repeats)
     medians = dict(zip(LOSSES, (statistics.median(t) for t in times)))
     row = {
-        "case": case,
-        "shape": list(shape),
-        "seconds": medians,
-        "per_call_seconds": dict(zip(LOSSES, times)),
-        "time_ratio": medians["bi_tempered"] / medians["cross_entropy"],
-        "temp_mib": {name: temp / 2**20 for name, (_, temp, _) in compiled.items()},
-        "temp_fraction_of_nxv_f32": compiled["bi_tempered"][1] / 2**20 / nxv_f32_mib,
-        "compile_seconds_cpu": {name: s for name, (_, _, s) in compiled.items()},
-        "loss": values,
+      "case": case,
+      "shape": list(shape),
+      "seconds": medians,
+      "per_call_seconds": dict(zip(LOSSES, times)),
+      "time_ratio": medians["bi_tempered"] / medians["cross_entropy"],
+      "temp_mib": {name: temp / 2**20 for name, (_, temp, _) in compiled.items()},
+      "temp_fraction_of_nxv_f32": compiled["bi_tempered"][1] / 2**20 / nxv_f32_mib,
+      "compile_seconds_cpu": {name: s for name, (_, _, s) in compiled.items()},
+      "loss": values,
     }
     if args.tpu:
       tpu = _tpu_compile(args.tpu, shape, dtype)
-      row["tpu"] = {"topology": args.tpu,
-                    "compile_seconds": {name: s for name, (s, _) in tpu.items()},
-                    "temp_mib": {name: b / 2**20 for name, (_, b) in tpu.items()}}
+      row["tpu"] = {
+        "topology": args.tpu,
+        "compile_seconds": {name: s for name, (s, _) in tpu.items()},
+        "temp_mib": {name: b / 2**20 for name, (_, b) in tpu.items()},
+      }
     results.append(row)
     del logits, compiled
 
   load = os.getloadavg()
   command = shlex.join(["python", *sys.argv])
   header = (
-      f"Command: `{command}`\n\n"
-      f"fwd+bwd under jit, N={args.tokens}, V={args.vocab}, integer labels, bi_tempered defaults "
-      f"(t1=0.8, t2=1.2, num_iters=5); median of {args.repeats} round-robin calls; "
-      f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
-      f"{platform.processor() or platform.machine()}; 1/5/15-minute load averages at the start "
-      f"{load_at_start[0]:.1f} / {load_at_start[1]:.1f} / {load_at_start[2]:.1f}, at the end "
-      f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (a machine shared with other jobs).\n"
-      f"One [N, V] float32 array = {nxv_f32_mib:.0f} MiB; targets: time <= 4x, temp <= 1/8 of it "
-      f"({nxv_f32_mib / 8:.0f} MiB), compile <= 5 s.\n"
+    f"Command: `{command}`\n\n"
+    f"fwd+bwd under jit, N={args.tokens}, V={args.vocab}, integer labels, bi_tempered defaults "
+    f"(t1=0.8, t2=1.2, num_iters=5); median of {args.repeats} round-robin calls; "
+    f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
+    f"{platform.processor() or platform.machine()}; 1/5/15-minute load averages at the start "
+    f"{load_at_start[0]:.1f} / {load_at_start[1]:.1f} / {load_at_start[2]:.1f}, at the end "
+    f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (a machine shared with other jobs).\n"
+    f"One [N, V] float32 array = {nxv_f32_mib:.0f} MiB; targets: time <= 4x, temp <= 1/8 of it "
+    f"({nxv_f32_mib / 8:.0f} MiB), compile <= 5 s.\n"
   )
   lines = [
-      "| logits | cross_entropy s | bi_tempered s | time ratio | bi_tempered temp MiB "
-      "(cross_entropy) | compile s CPU: bi_tempered (cross_entropy) |"
-      + (f" compile s {args.tpu}: bi_tempered (cross_entropy), temp MiB |" if args.tpu else ""),
-      "|---|---|---|---|---|---|" + ("---|" if args.tpu else ""),
+    "| logits | cross_entropy s | bi_tempered s | time ratio | bi_tempered temp MiB "
+    "(cross_entropy) | compile s CPU: bi_tempered (cross_entropy) |"
+    + (f" compile s {args.tpu}: bi_tempered (cross_entropy), temp MiB |" if args.tpu else ""),
+    "|---|---|---|---|---|---|" + ("---|" if args.tpu else ""),
   ]
   for r in results:
     line = (
-        f"| {r['case']} | {r['seconds']['cross_entropy']:.3f} | {r['seconds']['bi_tempered']:.3f} "
-        f"| {r['time_ratio']:.2f}x | {r['temp_mib']['bi_tempered']:.2f} "
-        f"({r['temp_mib']['cross_entropy']:.2f}) | {r['compile_seconds_cpu']['bi_tempered']:.2f} "
-        f"({r['compile_seconds_cpu']['cross_entropy']:.2f}) |"
+      f"| {r['case']} | {r['seconds']['cross_entropy']:.3f} | {r['seconds']['bi_tempered']:.3f} "
+      f"| {r['time_ratio']:.2f}x | {r['temp_mib']['bi_tempered']:.2f} "
+      f"({r['temp_mib']['cross_entropy']:.2f}) | {r['compile_seconds_cpu']['bi_tempered']:.2f} "
+      f"({r['compile_seconds_cpu']['cross_entropy']:.2f}) |"
     )
     if args.tpu:
       t = r["tpu"]
       seconds = t["compile_seconds"]
-      line += (f" {seconds['bi_tempered']:.2f} ({seconds['cross_entropy']:.2f}),"
-               f" {t['temp_mib']['bi_tempered']:.2f} |")
+      line += (
+        f" {seconds['bi_tempered']:.2f} ({seconds['cross_entropy']:.2f}),"
+        f" {t['temp_mib']['bi_tempered']:.2f} |"
+      )
     lines.append(line)
   table = header + "\n" + "\n".join(lines) + "\n"
   print(table)
@@ -152,8 +156,17 @@ def main():
   with open(args.out + ".md", "w") as f:
     f.write(table)
   with open(args.out + ".json", "w") as f:
-    json.dump({"command": command, "args": vars(args), "load_average_start": load_at_start,
-               "load_average_end": load, "results": results}, f, indent=1)
+    json.dump(
+      {
+        "command": command,
+        "args": vars(args),
+        "load_average_start": load_at_start,
+        "load_average_end": load,
+        "results": results,
+      },
+      f,
+      indent=1,
+    )
 
 
 if __name__ == "__main__":

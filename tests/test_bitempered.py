@@ -35,14 +35,14 @@ WHERE = np.array([True, True, True, False, True, True])
 # (t1, t2, label_smoothing, num_iters): t2 on both sides of 1 (and 1), t1 below and at 1,
 # t2 - t1 positive, zero and negative, few iterations (unconverged) and many.
 SETTINGS = [
-    (0.8, 1.2, 0.0, 5),
-    (0.5, 2.0, 0.1, 5),
-    (1.0, 1.5, 0.2, 3),
-    (0.7, 1.0, 0.1, 5),
-    (1.0, 1.0, 0.1, 5),
-    (0.5, 0.8, 0.1, 20),
-    (0.6, 0.6, 0.0, 25),
-    (0.9, 0.5, 0.1, 25),
+  (0.8, 1.2, 0.0, 5),
+  (0.5, 2.0, 0.1, 5),
+  (1.0, 1.5, 0.2, 3),
+  (0.7, 1.0, 0.1, 5),
+  (1.0, 1.0, 0.1, 5),
+  (0.5, 0.8, 0.1, 20),
+  (0.6, 0.6, 0.0, 25),
+  (0.9, 0.5, 0.1, 25),
 ]
 SETTING_IDS = [f"t1={a}-t2={b}-ls={c}-it={d}" for a, b, c, d in SETTINGS]
 # t2 < t1 with smoothing: the factor p^(t2-t1) has a negative exponent and a target q > 0 on
@@ -102,8 +102,9 @@ def _row(x, q, t1, t2, num_iters):
   return loss, delta - escort * np.sum(delta)
 
 
-def _reference(logits, labels, *, t1, t2, label_smoothing, num_iters, weight=None,
-               ignore_index=-100, where=None):
+def _reference(
+  logits, labels, *, t1, t2, label_smoothing, num_iters, weight=None, ignore_index=-100, where=None
+):
   """Per-row loss :math:`\\ell_i` (weighted, 0 when not counted, NaN for an out-of-range label),
   the 'mean' denominator :math:`\\omega_i` and :math:`\\partial\\ell_i/\\partial x_i`, float64."""
   x = np.asarray(logits, np.float64)
@@ -141,11 +142,21 @@ def test_replica_matches_the_converged_reference():
   """The replica above is a faithful bi-tempered loss: converged, it equals the reference in
   `_variant_reference.py` (bisection to float64 precision)."""
   for t1, t2, smoothing in ((0.8, 1.2, 0.1), (0.5, 0.8, 0.0), (1.0, 1.0, 0.2)):
-    loss, _, _ = _reference(LOGITS, PROBS, t1=t1, t2=t2, label_smoothing=smoothing,
-                            num_iters=200, weight=WEIGHT)
-    want = variant_ref.variant_loss(variant_ref.bi_tempered, LOGITS, PROBS, on_logits=True,
-                                    weight=WEIGHT, reduction="none", t1=t1, t2=t2,
-                                    label_smoothing=smoothing, weighted=True)
+    loss, _, _ = _reference(
+      LOGITS, PROBS, t1=t1, t2=t2, label_smoothing=smoothing, num_iters=200, weight=WEIGHT
+    )
+    want = variant_ref.variant_loss(
+      variant_ref.bi_tempered,
+      LOGITS,
+      PROBS,
+      on_logits=True,
+      weight=WEIGHT,
+      reduction="none",
+      t1=t1,
+      t2=t2,
+      label_smoothing=smoothing,
+      weighted=True,
+    )
     np.testing.assert_allclose(loss, want, rtol=1e-9, atol=1e-12)
 
 
@@ -153,8 +164,14 @@ def test_replica_matches_the_converged_reference():
 def _per_row_and_derivatives(setting, integer):
   """Jitted ``(x, cotangent, tangent) -> (loss per row, VJP, JVP)``."""
   labels = INT_LABELS if integer else PROBS
-  loss = functools.partial(xent_jax.bi_tempered_logistic_loss, labels=labels, weight=WEIGHT,
-                           where=WHERE, reduction="none", **_hparams(setting))
+  loss = functools.partial(
+    xent_jax.bi_tempered_logistic_loss,
+    labels=labels,
+    weight=WEIGHT,
+    where=WHERE,
+    reduction="none",
+    **_hparams(setting),
+  )
 
   def run(x, cotangent, tangent):
     value, vjp = jax.vjp(loss, x)
@@ -173,7 +190,8 @@ def test_values_and_both_autodiff_modes_match_float64_replica(setting, label_kin
   cotangent = RNG.normal(size=6).astype(np.float32)
   tangent = RNG.normal(size=LOGITS.shape).astype(np.float32)
   value, vjp, jvp = _per_row_and_derivatives(setting, label_kind == "integer")(
-      jnp.asarray(LOGITS), cotangent, tangent)
+    jnp.asarray(LOGITS), cotangent, tangent
+  )
   assert value.dtype == jnp.float32
   np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6)
   rtol = GRAD_RTOL.get(setting, 1e-5)
@@ -191,11 +209,13 @@ def test_reductions_and_class_axis(reduction, label_kind):
   loss, omega, grad = _reference(LOGITS, labels, weight=WEIGHT, where=WHERE, **setting)
   scale = 1.0 if reduction == "sum" else 1.0 / np.sum(omega)
   # [6, K] rows -> [2, K, 3]: classes on axis 1.
-  to_axis1 = lambda a: np.moveaxis(a.reshape(2, 3, *a.shape[1:]), 2, 1) if a.ndim == 2 else (
-      a.reshape(2, 3))
+  to_axis1 = lambda a: (
+    np.moveaxis(a.reshape(2, 3, *a.shape[1:]), 2, 1) if a.ndim == 2 else (a.reshape(2, 3))
+  )
   labels_3d = to_axis1(labels)
   fn = lambda x: xent_jax.bi_tempered_logistic_loss(
-      x, labels_3d, axis=1, weight=WEIGHT, where=to_axis1(WHERE), reduction=reduction, **setting)
+    x, labels_3d, axis=1, weight=WEIGHT, where=to_axis1(WHERE), reduction=reduction, **setting
+  )
   value, got_grad = jax.jit(jax.value_and_grad(fn))(jnp.asarray(to_axis1(LOGITS)))
   np.testing.assert_allclose(value, scale * np.sum(loss), rtol=1e-5)
   np.testing.assert_allclose(got_grad, to_axis1(scale * grad), rtol=1e-5, atol=1e-6)
@@ -206,12 +226,31 @@ def test_converged_values_match_the_variant_reference():
   iterations: both sides of t2 = 1, both label kinds, weights, mask."""
   for t1, t2, num_iters in ((0.8, 1.2, 40), (0.5, 0.8, 40)):
     for labels in (INT_LABELS, PROBS):
-      got = jax.jit(functools.partial(
-          xent_jax.bi_tempered_logistic_loss, t1=t1, t2=t2, label_smoothing=0.1,
-          num_iters=num_iters, weight=WEIGHT, where=WHERE, reduction="none"))(LOGITS, labels)
+      got = jax.jit(
+        functools.partial(
+          xent_jax.bi_tempered_logistic_loss,
+          t1=t1,
+          t2=t2,
+          label_smoothing=0.1,
+          num_iters=num_iters,
+          weight=WEIGHT,
+          where=WHERE,
+          reduction="none",
+        )
+      )(LOGITS, labels)
       want = variant_ref.variant_loss(
-          variant_ref.bi_tempered, LOGITS, labels, on_logits=True, weight=WEIGHT, where=WHERE,
-          reduction="none", t1=t1, t2=t2, label_smoothing=0.1, weighted=True)
+        variant_ref.bi_tempered,
+        LOGITS,
+        labels,
+        on_logits=True,
+        weight=WEIGHT,
+        where=WHERE,
+        reduction="none",
+        t1=t1,
+        t2=t2,
+        label_smoothing=0.1,
+        weighted=True,
+      )
       np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
@@ -219,9 +258,9 @@ def test_converged_values_match_the_variant_reference():
 
 
 @pytest.mark.parametrize(
-    "hparams",
-    [dict(t1=0.7, t2=1.5), dict(t1=0.5, t2=0.8, label_smoothing=0.1), dict(t1=0.6, t2=1.0)],
-    ids=["t2>1", "t2<1-smoothing", "t2=1"],
+  "hparams",
+  [dict(t1=0.7, t2=1.5), dict(t1=0.5, t2=0.8, label_smoothing=0.1), dict(t1=0.6, t2=1.0)],
+  ids=["t2>1", "t2<1-smoothing", "t2=1"],
 )
 @pytest.mark.parametrize("label_kind", ["integer", "probabilities"])
 def test_check_grads_both_modes_float64(hparams, label_kind):
@@ -230,14 +269,17 @@ def test_check_grads_both_modes_float64(hparams, label_kind):
   with jax.enable_x64(True):
     labels = INT_LABELS[:4] if label_kind == "integer" else PROBS[:4].astype(np.float64)
     loss = lambda x: xent_jax.bi_tempered_logistic_loss(
-        x, labels, num_iters=60, weight=WEIGHT.astype(np.float64), **hparams)
-    check_grads(jax.jit(loss), (jnp.asarray(LOGITS[:4], jnp.float64),), order=1,
-                modes=("fwd", "rev"))
+      x, labels, num_iters=60, weight=WEIGHT.astype(np.float64), **hparams
+    )
+    check_grads(
+      jax.jit(loss), (jnp.asarray(LOGITS[:4], jnp.float64),), order=1, modes=("fwd", "rev")
+    )
 
 
 def test_linearize_and_jacfwd_agree_with_grad():
-  loss = functools.partial(xent_jax.bi_tempered_logistic_loss, labels=INT_LABELS,
-                           label_smoothing=0.1)
+  loss = functools.partial(
+    xent_jax.bi_tempered_logistic_loss, labels=INT_LABELS, label_smoothing=0.1
+  )
 
   @jax.jit
   def run(x, tangent):
@@ -254,8 +296,9 @@ def test_linearize_and_jacfwd_agree_with_grad():
 # ------------------------------------------------------------------------ rows that don't count
 
 
-@pytest.mark.parametrize("hparams", [dict(), dict(t1=0.5, t2=0.7, num_iters=20)],
-                         ids=["t2>1", "t2<1"])
+@pytest.mark.parametrize(
+  "hparams", [dict(), dict(t1=0.5, t2=0.7, num_iters=20)], ids=["t2>1", "t2<1"]
+)
 def test_out_of_range_label_gives_nan_row_and_ignored_row_zero(hparams):
   """cross_entropy's rule: NaN loss and gradient for a kept label outside [0, K) (that row only);
   an ignored or masked row (even of -inf logits) gives 0 with a zero gradient, in both modes."""
@@ -264,16 +307,20 @@ def test_out_of_range_label_gives_nan_row_and_ignored_row_zero(hparams):
   logits[2] = -np.inf
   where = np.array([True, True, True, True])
   fn = lambda x: xent_jax.bi_tempered_logistic_loss(
-      x, labels, where=where, reduction="none", **hparams)
-  value, grad, jacobian = map(np.asarray, jax.jit(
-      lambda x: (fn(x), jax.grad(lambda x: jnp.sum(fn(x)))(x), jax.jacfwd(fn)(x)))(logits))
+    x, labels, where=where, reduction="none", **hparams
+  )
+  value, grad, jacobian = map(
+    np.asarray,
+    jax.jit(lambda x: (fn(x), jax.grad(lambda x: jnp.sum(fn(x)))(x), jax.jacfwd(fn)(x)))(logits),
+  )
   assert np.isnan(value[1]) and np.all(np.isnan(grad[1])) and np.all(np.isnan(jacobian[1, 1]))
   assert value[2] == 0.0
   np.testing.assert_array_equal(grad[2], np.zeros(K))
   np.testing.assert_array_equal(jacobian[2], np.zeros((4, K)))
   assert np.all(np.isfinite(value[[0, 3]])) and np.all(np.isfinite(grad[[0, 3]]))
-  all_ignored = functools.partial(xent_jax.bi_tempered_logistic_loss,
-                                  labels=np.full(4, -100, np.int32))
+  all_ignored = functools.partial(
+    xent_jax.bi_tempered_logistic_loss, labels=np.full(4, -100, np.int32)
+  )
   value, grad = jax.jit(jax.value_and_grad(all_ignored))(logits)
   assert float(value) == 0.0
   np.testing.assert_array_equal(grad, np.zeros((4, K)))
@@ -283,16 +330,16 @@ def test_out_of_range_label_gives_nan_row_and_ignored_row_zero(hparams):
 
 
 @pytest.mark.parametrize(
-    "label_kind,hparams,dtype",
-    [
-        ("integer", dict(), jnp.float32),
-        ("integer", dict(), jnp.bfloat16),
-        ("integer", dict(label_smoothing=0.1), jnp.float32),
-        ("integer", dict(t1=0.5, t2=0.7, num_iters=20, label_smoothing=0.1), jnp.bfloat16),
-        ("integer", dict(t1=1.0, t2=1.0), jnp.float32),
-        ("probabilities", dict(), jnp.float32),
-        ("probabilities", dict(label_smoothing=0.1, t1=0.5, t2=0.7), jnp.bfloat16),
-    ],
+  "label_kind,hparams,dtype",
+  [
+    ("integer", dict(), jnp.float32),
+    ("integer", dict(), jnp.bfloat16),
+    ("integer", dict(label_smoothing=0.1), jnp.float32),
+    ("integer", dict(t1=0.5, t2=0.7, num_iters=20, label_smoothing=0.1), jnp.bfloat16),
+    ("integer", dict(t1=1.0, t2=1.0), jnp.float32),
+    ("probabilities", dict(), jnp.float32),
+    ("probabilities", dict(label_smoothing=0.1, t1=0.5, t2=0.7), jnp.bfloat16),
+  ],
 )
 def test_vjp_keeps_no_vocab_sized_residual(label_kind, hparams, dtype):
   """Between the passes only per-row values (and the inputs) are kept: no p, no q, no float32
@@ -309,9 +356,9 @@ def test_vjp_keeps_no_vocab_sized_residual(label_kind, hparams, dtype):
 
 
 @pytest.mark.parametrize(
-    "hparams",
-    [dict(), dict(label_smoothing=0.1), dict(t1=0.5, t2=0.8, num_iters=20), dict(t1=1.0, t2=1.0)],
-    ids=["default", "smoothing", "t2<1", "t1=t2=1"],
+  "hparams",
+  [dict(), dict(label_smoothing=0.1), dict(t1=0.5, t2=0.8, num_iters=20), dict(t1=1.0, t2=1.0)],
+  ids=["default", "smoothing", "t2<1", "t1=t2=1"],
 )
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_compiled_temp_memory_is_per_row(hparams, dtype):
@@ -320,8 +367,7 @@ def test_compiled_temp_memory_is_per_row(hparams, dtype):
   n, v = 64, 4096
   x = jax.ShapeDtypeStruct((n, v), dtype)
   y = jax.ShapeDtypeStruct((n,), jnp.int32)
-  step = jax.value_and_grad(
-      lambda x, y: xent_jax.bi_tempered_logistic_loss(x, y, **hparams))
+  step = jax.value_and_grad(lambda x, y: xent_jax.bi_tempered_logistic_loss(x, y, **hparams))
   temp = jax.jit(step).lower(x, y).compile().memory_analysis().temp_size_in_bytes
   assert temp <= n * v * 4 / 8, f"{temp} bytes of temp memory, bound {n * v * 4 // 8}"
 
@@ -332,7 +378,8 @@ def test_iterations_are_a_loop_not_unrolled():
   for num_iters in (5, 50):
     for t2 in (1.2, 0.8):
       fn = lambda x, t2=t2, num_iters=num_iters: xent_jax.bi_tempered_logistic_loss(
-          x, INT_LABELS, t2=t2, num_iters=num_iters)
+        x, INT_LABELS, t2=t2, num_iters=num_iters
+      )
       sizes.append(len(str(jax.make_jaxpr(jax.value_and_grad(fn))(LOGITS))))
   assert sizes[0] == pytest.approx(sizes[2], rel=0.01)
   assert sizes[1] == pytest.approx(sizes[3], rel=0.01)
@@ -348,14 +395,18 @@ def test_bf16_logits_are_computed_in_float32(label_kind):
   labels = INT_LABELS if label_kind == "integer" else PROBS
   logits_bf16 = jnp.asarray(LOGITS, jnp.bfloat16)
   fn = lambda x: xent_jax.bi_tempered_logistic_loss(
-      x, labels, label_smoothing=0.1, weight=WEIGHT, reduction="sum")
+    x, labels, label_smoothing=0.1, weight=WEIGHT, reduction="sum"
+  )
   value, grad = jax.jit(jax.value_and_grad(fn))(logits_bf16)
   want, want_grad = jax.jit(jax.value_and_grad(fn))(logits_bf16.astype(jnp.float32))
   assert value.dtype == jnp.float32 and grad.dtype == jnp.bfloat16
   np.testing.assert_allclose(value, want, rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(grad, np.float32),
-                             np.asarray(want_grad.astype(jnp.bfloat16), np.float32), rtol=1e-2,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(grad, np.float32),
+    np.asarray(want_grad.astype(jnp.bfloat16), np.float32),
+    rtol=1e-2,
+    atol=1e-6,
+  )
 
 
 def test_block_function_on_blocks_equals_the_whole():
@@ -366,11 +417,13 @@ def test_block_function_on_blocks_equals_the_whole():
   hparams = dict(t1=0.6, t2=1.4, label_smoothing=0.1, num_iters=6)
   rows = lambda x, y, v: _bitempered.bi_tempered_rows(x, y, v, **hparams)
   scale = np.arange(6.0, dtype=np.float32)
-  weighted_sum = jax.jit(jax.value_and_grad(
-      lambda x, y, v, s: jnp.sum(jnp.where(v & (y < K), rows(x, y, v) * s, 0))))
+  weighted_sum = jax.jit(
+    jax.value_and_grad(lambda x, y, v, s: jnp.sum(jnp.where(v & (y < K), rows(x, y, v) * s, 0)))
+  )
   loss, grad = weighted_sum(LOGITS, labels, valid, scale)
-  blocks = [weighted_sum(LOGITS[s], labels[s], valid[s], scale[s])
-            for s in (slice(0, 4), slice(4, 6))]
+  blocks = [
+    weighted_sum(LOGITS[s], labels[s], valid[s], scale[s]) for s in (slice(0, 4), slice(4, 6))
+  ]
   np.testing.assert_allclose(loss, sum(value for value, _ in blocks), rtol=1e-6)
   np.testing.assert_allclose(grad, np.concatenate([g for _, g in blocks]), rtol=1e-6)
   got = jax.jit(rows)(LOGITS, labels, valid)
@@ -378,17 +431,25 @@ def test_block_function_on_blocks_equals_the_whole():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # NaN in the last row of both
 
 
-@pytest.mark.parametrize("setting", [SETTINGS[0], SETTINGS[1], SETTINGS[5]],
-                         ids=[SETTING_IDS[0], SETTING_IDS[1], SETTING_IDS[5]])
+@pytest.mark.parametrize(
+  "setting",
+  [SETTINGS[0], SETTINGS[1], SETTINGS[5]],
+  ids=[SETTING_IDS[0], SETTING_IDS[1], SETTING_IDS[5]],
+)
 def test_branch_for_other_backends_matches_float64_replica(setting, monkeypatch):
   """The code lowered for TPU/GPU (one shared p for the row sums, exp/log powers) gives the same
   values and gradients; forced here on CPU by taking every platform_dependent's default."""
   monkeypatch.setattr(jax.lax, "platform_dependent", lambda *, default, **_: default())
   for labels in (INT_LABELS, PROBS):
-    fn = functools.partial(xent_jax.bi_tempered_logistic_loss, labels=labels, weight=WEIGHT,
-                           where=WHERE, reduction="sum", **_hparams(setting))
+    fn = functools.partial(
+      xent_jax.bi_tempered_logistic_loss,
+      labels=labels,
+      weight=WEIGHT,
+      where=WHERE,
+      reduction="sum",
+      **_hparams(setting),
+    )
     value, grad = jax.jit(jax.value_and_grad(fn))(LOGITS)
-    want, _, want_grad = _reference(LOGITS, labels, weight=WEIGHT, where=WHERE,
-                                    **_hparams(setting))
+    want, _, want_grad = _reference(LOGITS, labels, weight=WEIGHT, where=WHERE, **_hparams(setting))
     np.testing.assert_allclose(value, np.sum(want), rtol=1e-5)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)

@@ -202,7 +202,7 @@ def _probs(logits: jax.Array, norm: _Normalization, t: float, *tie: jax.Array) -
 
 
 def tempered_softmax(
-    logits: jax.typing.ArrayLike, t: float, *, axis: int = -1, num_iters: int = 5
+  logits: jax.typing.ArrayLike, t: float, *, axis: int = -1, num_iters: int = 5
 ) -> jax.Array:
   r"""Tempered softmax :math:`p_c = \exp_t(x_c - \lambda(x))`, :math:`\sum_c p_c = 1`.
 
@@ -354,8 +354,8 @@ def _row_sums(logits: jax.Array, norm: _Normalization, t: float, summands) -> li
   def one_pass_each():
     def body(i, sums):
       branches = [
-          functools.partial(lambda f: jnp.sum(f(_probs(logits, norm, t, i)), axis=-1), f)
-          for f in summands
+        functools.partial(lambda f: jnp.sum(f(_probs(logits, norm, t, i)), axis=-1), f)
+        for f in summands
       ]
       return sums.at[i].set(lax.switch(i, branches))
 
@@ -416,8 +416,9 @@ def _forward(logits, labels, valid, cfg: _Config) -> tuple[jax.Array, _Residuals
     q = lambda: _smoothed(labels, cfg, dtype)
     # At t1 = 1, log p = -inf (p = 0) is clipped to the lowest float so that q = 0 gives 0.
     floor = jnp.finfo(dtype).min
-    log_t1_p = (lambda p: jnp.maximum(p.log(), floor)) if cfg.t1 == 1.0 else (
-        lambda p: _log_t1(p, cfg.t1))
+    log_t1_p = (
+      (lambda p: jnp.maximum(p.log(), floor)) if cfg.t1 == 1.0 else (lambda p: _log_t1(p, cfg.t1))
+    )
     q_forget_key = sums.add("q_forget", lambda p: q() * _forget(p, cfg))
     target_key = sums.add("target", lambda p: _target_term(q(), cfg) - q() * log_t1_p(p))
   row = sums.compute(logits, norm, cfg.t2)
@@ -477,7 +478,7 @@ def _rows_jvp(cfg, primals, tangents):
   if isinstance(t_logits, SymbolicZero):
     return loss, jnp.zeros_like(loss)
   tangent_fn = jax.checkpoint(
-      functools.partial(_tangent, cfg=cfg), policy=jax.checkpoint_policies.nothing_saveable
+    functools.partial(_tangent, cfg=cfg), policy=jax.checkpoint_policies.nothing_saveable
   )
   return loss, tangent_fn(logits, labels, valid, res, t_logits)
 
@@ -486,14 +487,14 @@ _rows.defjvp(_rows_jvp, symbolic_zeros=True)
 
 
 def bi_tempered_rows(
-    logits: jax.Array,
-    labels: jax.Array,
-    valid: jax.Array,
-    *,
-    t1: float,
-    t2: float,
-    label_smoothing: float = 0.0,
-    num_iters: int = 5,
+  logits: jax.Array,
+  labels: jax.Array,
+  valid: jax.Array,
+  *,
+  t1: float,
+  t2: float,
+  label_smoothing: float = 0.0,
+  num_iters: int = 5,
 ) -> jax.Array:
   r"""Per-row bi-tempered loss of a block of logits, unweighted and unreduced (no checks).
 
@@ -519,18 +520,18 @@ def bi_tempered_rows(
 
 
 def bi_tempered_logistic_loss(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    t1: float = 0.8,
-    t2: float = 1.2,
-    label_smoothing: float = 0.0,
-    num_iters: int = 5,
-    axis: int = -1,
-    weight: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = -100,
-    reduction: str = "mean",
-    where: jax.typing.ArrayLike | None = None,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  t1: float = 0.8,
+  t2: float = 1.2,
+  label_smoothing: float = 0.0,
+  num_iters: int = 5,
+  axis: int = -1,
+  weight: jax.typing.ArrayLike | None = None,
+  ignore_index: int | None = -100,
+  reduction: str = "mean",
+  where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Bi-tempered logistic loss: a Bregman divergence with a tempered log and softmax.
 
@@ -584,16 +585,25 @@ def bi_tempered_logistic_loss(
   _checks.check_in_range(fn, "t2", t2, 0.0, math.inf, low_open=True, high_open=True)
   _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
   inputs = _inputs.parse_inputs(
-      fn, logits, labels, axis=axis, weight=weight, ignore_index=ignore_index, where=where,
-      reduction=reduction,
+    fn,
+    logits,
+    labels,
+    axis=axis,
+    weight=weight,
+    ignore_index=ignore_index,
+    where=where,
+    reduction=reduction,
   )
   if label_smoothing and inputs.num_classes < 2:
-    raise ValueError(
-        f"{fn}: `label_smoothing` needs at least 2 classes, got {inputs.num_classes}."
-    )
+    raise ValueError(f"{fn}: `label_smoothing` needs at least 2 classes, got {inputs.num_classes}.")
   loss = bi_tempered_rows(
-      inputs.logits, inputs.labels, inputs.valid, t1=t1, t2=t2, label_smoothing=label_smoothing,
-      num_iters=num_iters,
+    inputs.logits,
+    inputs.labels,
+    inputs.valid,
+    t1=t1,
+    t2=t2,
+    label_smoothing=label_smoothing,
+    num_iters=num_iters,
   )
   if inputs.integer:
     mass = inputs.target_weight
