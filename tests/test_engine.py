@@ -369,3 +369,14 @@ def test_fused_form_per_row_losses_match_the_logits_path():
   )
   _, want = jax.jvp(lambda h: loss(h @ weight.T, LABELS, reduction="none"), (hidden,), (tangent,))
   np.testing.assert_allclose(jvp_out, want, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_form_plans_its_schedule_from_the_shapes():
+  """One pass (a float32 [V, D] accumulator) only while that is at most 1/8 of the [N, V] logits
+  or one block; at the Llama-3-8B head the rematerialising schedule (no such accumulator)."""
+  from xent_jax import _chunked  # pylint: disable=import-outside-toplevel
+
+  assert _chunked.one_pass_fits(4096, 512, 32768)
+  assert _chunked.one_pass_fits(14, 5, 9)
+  assert not _chunked.one_pass_fits(8192, 4096, 128256)
+  assert not _chunked.one_pass_fits(8192, 2304, 256000)

@@ -9,7 +9,8 @@ them, and the chunk is rematerialised in the backward pass (``jax.checkpoint`` i
 and the two gradient products) against three for the unfused loss; this schedule
 (:func:`chunked_linear_loss`) serves ``reduction='none'`` and the per-token statistics, and works
 in forward mode. For 'sum' and 'mean', :func:`one_pass_linear_sum` computes the gradients in the
-forward pass instead (three matmuls; reverse mode only).
+forward pass instead (three matmuls; reverse mode only) when its float32 ``[V, D]`` accumulator
+is small (:func:`one_pass_fits`).
 
 :func:`xent_jax.linear_cross_entropy` has specialised kernels for cross-entropy (one pass with
 gradients in the forward, or a vocabulary-major backward at large :math:`V \cdot D`); this module
@@ -37,6 +38,14 @@ def default_chunk(num_classes: int, rows: int) -> int:
   """A power of two giving a ``[chunk, V]`` block of about ``2**24`` elements, at most ``rows``."""
   chunk = 2 ** int(np.floor(np.log2(max(_BLOCK_ELEMENTS // max(num_classes, 1), 1))))
   return max(1, min(chunk, rows))
+
+
+def one_pass_fits(rows: int, features: int, num_classes: int) -> bool:
+  """Whether :func:`one_pass_linear_sum`'s float32 ``[V, D]`` weight-gradient accumulator is
+  small: at most 1/8 of the ``[N, V]`` logits (:math:`8D \\le N`) or one default block. At
+  language-model heads (Llama-3-8B: 2 GiB) the rematerialising schedule is used instead, whose
+  weight gradient is accumulated by autodiff in the weight's own buffer."""
+  return 8 * features <= rows or num_classes * features <= _BLOCK_ELEMENTS
 
 
 def check_chunk(fn: str, token_chunk_size) -> None:

@@ -267,7 +267,10 @@ class ConfiguredLoss:
       return loss, extras
 
     mask_N = valid_N if not integer else read.valid
-    if reduction != "none" and not return_stats:
+    features = hidden.shape[-1]
+    if (
+      reduction != "none" and not return_stats and _chunked.one_pass_fits(n, features, num_classes)
+    ):
       # 'sum' and 'mean' are linear in the per-row losses: one pass, gradients in the forward.
       scale_N = jax.grad(
         lambda loss: _reduction.reduce_loss(loss, example_weight_N, reduction, fn=fn)
