@@ -118,7 +118,9 @@ def test_user_defined_loss_matches_autodiff_of_a_naive_implementation():
     loss(LOGITS, LABELS, gamma=1.0)
 
 
-def test_register_loss_reaches_get_loss_list_losses_and_the_fused_form():
+def test_register_loss_reaches_get_loss_list_losses_and_the_fused_form(monkeypatch):
+  # A copy of the registry for this test, so the loss does not leak into other tests.
+  monkeypatch.setattr(xent_jax._registry, "_LOSSES", dict(xent_jax._registry._LOSSES))
   name = "test_engine_squared_focal"
 
   @xent_jax.register_loss(name)

@@ -43,6 +43,10 @@ def test_the_readme_has_python_snippets_with_outputs():
 def test_readme_snippets_run_in_order_and_print_what_they_say(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   monkeypatch.syspath_prepend(str(tmp_path))
+  # The README registers a loss: on a copy of the registry, so it does not leak into other tests.
+  import xent_jax  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.setattr(xent_jax._registry, "_LOSSES", dict(xent_jax._registry._LOSSES))
   namespace: dict = {"__name__": "readme"}
   for line, code, expected in readme_snippets():
     out = io.StringIO()
