@@ -55,6 +55,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from xent_jax import _checks
+from xent_jax import _engine
 from xent_jax import _inputs
 from xent_jax import _reduction
 from xent_jax import _variant_inputs as vi
@@ -339,34 +340,11 @@ def _integer_rows(labels: jax.Array, valid: jax.Array, num_classes: int):
 
 
 def _row_sums(logits: jax.Array, norm: _Normalization, t: float, summands) -> list[jax.Array]:
-  """``[...]`` :math:`\\sum_c f(p_c)` for each ``summands`` function f of a `_TemperedExp` ``p``.
-
-  On CPU each sum is one pass over the logits that recomputes :math:`p`, run as one branch of a
-  ``lax.switch`` in a loop over the sums. Kept apart like this, XLA:CPU fuses each pass into one
-  reduction; written as separate sums of one computation, it merges their common constants and
-  intermediate values into ``[..., V]`` arrays that its YNNPACK reductions then read from memory,
-  and a variadic reduction (all sums in one pass) runs about five times slower. Other backends
-  fuse sibling sums of one :math:`p` without help (and compile that faster for TPU).
-  """
-  if len(summands) == 1:
-    return [jnp.sum(summands[0](_probs(logits, norm, t)), axis=-1)]
-
-  def one_pass_each():
-    def body(i, sums):
-      branches = [
-        functools.partial(lambda f: jnp.sum(f(_probs(logits, norm, t, i)), axis=-1), f)
-        for f in summands
-      ]
-      return sums.at[i].set(lax.switch(i, branches))
-
-    zeros = jnp.zeros((len(summands),) + norm.max.shape, norm.max.dtype)
-    return list(lax.fori_loop(0, len(summands), body, zeros))
-
-  def shared():
-    p = _probs(logits, norm, t)
-    return [jnp.sum(f(p), axis=-1) for f in summands]
-
-  return lax.platform_dependent(cpu=one_pass_each, default=shared)
+  """``[...]`` :math:`\\sum_c f(p_c)` for each ``summands`` function f of a `_TemperedExp` ``p``,
+  each its own pass over the logits that recomputes :math:`p` (see
+  :func:`xent_jax._engine.separate_sums`: on CPU this keeps every pass one fused reduction)."""
+  sum_of = lambda f: lambda: jnp.sum(f(_probs(logits, norm, t)), axis=-1)
+  return _engine.separate_sums([sum_of(f) for f in summands], like=norm.max)
 
 
 class _Sums:

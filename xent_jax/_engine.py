@@ -198,13 +198,40 @@ def _p_times(p, values):
   return p * jnp.maximum(values, jnp.finfo(values.dtype).min)
 
 
+def separate_sums(summands: list[Callable[[], jax.Array]], like: jax.Array) -> list[jax.Array]:
+  """Evaluates ``summands`` (closures, each giving one ``[...]`` per-row sum over a ``[..., V]``
+  array, of the type of ``like``: shape, dtype and, inside ``shard_map``, varying axes) as
+  separate passes over the data.
+
+  On CPU each one runs as a branch of a ``lax.switch`` in a loop over the sums. XLA:CPU fuses
+  one elementwise computation into one YNNPACK reduction, but between sibling reductions it
+  merges every common intermediate, down to the broadcasts of shared constants, and stores it as
+  a ``[..., V]`` array for both to read; optimisation barriers do not stop this (they are removed
+  before the merge), and a variadic reduction (all sums in one pass) runs about ten times slower
+  than separate ones. A loop branch is a computation of its own, which nothing is merged across
+  (a lone sum gets an empty second branch: XLA inlines a loop of one iteration). Other backends fuse sibling reductions without help, so there the sums are written together.
+  """
+  if not summands:
+    return []
+
+  def one_pass_each():
+    zeros = jnp.zeros_like(like)
+    branches = summands + [lambda: zeros] * (len(summands) == 1)
+    body = lambda i, sums: sums.at[i].set(lax.switch(i, branches))
+    sums = lax.fori_loop(
+      0, len(branches), body, jnp.broadcast_to(zeros, (len(branches),) + zeros.shape)
+    )
+    return [sums[i] for i in range(len(summands))]
+
+  return lax.platform_dependent(cpu=one_pass_each, default=lambda: [s() for s in summands])
+
+
 def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
   """The statistics; with ``slopes``, also :math:`B_k = \\sum_c \\beta_c f_k'(\\log p_c)` per class
   sum (per-row residuals of the tangent, so that it needs no reduction of its own)."""
-  # Each pass over the logits reads them through its own optimization barrier: without it XLA's
-  # CPU backend shares one float32 copy of half-precision logits between the passes, a
-  # [..., V] float32 temporary.
-  barrier = lax.optimization_barrier
+  # The target's gather reads the logits through an optimization barrier: without it XLA's CPU
+  # backend shares one float32 copy of half-precision logits with the log-sum-exp pass, a
+  # [..., V] float32 temporary. The class sums are kept apart by separate_sums.
   axis = cfg.vocab_axis
   m, log_sum = logsumexp_parts(logits, cfg.logit_softcap, axis)
   dtype = m.dtype
@@ -214,32 +241,38 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
     local = _local_labels(labels, num_local, axis)
     owned = (local >= 0) & (local < num_local)
     raw = jnp.take_along_axis(
-      barrier(logits), jnp.clip(local, 0, num_local - 1)[..., None], axis=-1
+      lax.optimization_barrier(logits), jnp.clip(local, 0, num_local - 1)[..., None], axis=-1
     )[..., 0]
     target = softcap(raw.astype(dtype), cfg.logit_softcap) - m
     if axis is not None:
       target = lax.psum(jnp.where(owned, target, jnp.zeros_like(target)), axis)
-  # Made finite before the barrier: a select inside a reduction's input is not fused on XLA:CPU.
+  # Made finite outside the passes: a select inside a reduction's input is not fused on XLA:CPU.
   finite_log_sum = _finite(log_sum)
 
   def log_probs():
-    # A fresh read of the logits and of the row statistics for every reduction below.
-    x, m_, log_sum_ = barrier((logits, m, finite_log_sum))
-    _, c = _centred(x, m_, cfg)
-    return c, c - log_sum_[..., None]
+    c = _centred(logits, m, cfg)[1]
+    return c, c - finite_log_sum[..., None]
 
-  sums, totals = [], []
+  def class_sum(f, beta_fn, operands, part):
+    return lambda: jnp.sum(
+      _class_terms(f, beta_fn(*operands).astype(dtype), log_probs()[1])[part], -1
+    )
+
+  summands = []
   for f, beta_fn, operands in zip(cfg.class_fns, cfg.beta_fns, betas):
-    beta = beta_fn(*operands).astype(dtype)
-    sums.append(_class_sum(_class_terms(f, beta, log_probs()[1])[0], axis))
+    summands.append(class_sum(f, beta_fn, operands, 0))
     if slopes:
-      totals.append(_class_sum(_class_terms(f, beta, log_probs()[1])[1], axis))
-  mean_logit = jnp.zeros_like(m)
+      summands.append(class_sum(f, beta_fn, operands, 1))
   if cfg.entropy:
-    c, log_p = log_probs()
-    mean_logit = _class_sum(_p_times(jnp.exp(log_p), c), axis)
-  stats = RowStats(m, log_sum, target, tuple(sums), mean_logit)
-  return (stats, tuple(totals)) if slopes else stats
+    summands.append(lambda: jnp.sum(_p_times(jnp.exp(log_probs()[1]), log_probs()[0]), -1))
+  local_sums = separate_sums(summands, like=jnp.zeros_like(logits[..., 0], dtype))
+  if axis is not None:
+    local_sums = [lax.psum(s, axis) for s in local_sums]
+  mean_logit = local_sums.pop() if cfg.entropy else jnp.zeros_like(m)
+  step = 2 if slopes else 1
+  sums, totals = tuple(local_sums[::step]), tuple(local_sums[1::step])
+  stats = RowStats(m, log_sum, target, sums, mean_logit)
+  return (stats, totals) if slopes else stats
 
 
 def _tangent(cfg: _Config, logits, labels, betas, stats: RowStats, totals, t_logits, t_betas):
