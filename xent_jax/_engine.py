@@ -139,15 +139,26 @@ class ClassSum(NamedTuple):
 
   Attributes:
     fn: elementwise :math:`f` of :math:`\\log p` (a static Python callable).
-    operands: arrays that ``beta_fn`` makes :math:`\\beta` of (differentiable).
-    beta_fn: static callable, ``beta_fn(*operands)`` is :math:`\\beta`, ``[V]`` or ``[..., V]``.
-      The kernel recomputes it in the backward pass, so a :math:`\\beta` made of a smoothed
+    operands: arrays that ``beta_fn`` makes :math:`\\beta` of (differentiable); none for
+      :math:`\\beta = 1`.
+    beta_fn: static callable, ``beta_fn(*operands)`` is :math:`\\beta`, ``[V]`` or ``[..., V]``
+      (without operands: every weight is 1). The kernel recomputes it in the backward pass, so a :math:`\\beta` made of a smoothed
       target or a product of class weights is never kept between the passes.
   """
 
   fn: ClassFn
-  operands: tuple[jax.Array, ...]
+  operands: tuple[jax.Array, ...] = ()
   beta_fn: Callable[..., jax.Array] = lambda beta: beta
+
+
+def _over_rows(beta: jax.Array, shape) -> jax.Array:
+  """``beta`` (``[V]`` or ``[..., V]``) broadcast to ``shape`` along its trailing axes."""
+  return lax.broadcast_in_dim(beta, shape, tuple(range(len(shape) - beta.ndim, len(shape))))
+
+
+def _beta(beta_fn, operands, dtype) -> jax.Array | None:
+  """:math:`\\beta` of a :class:`ClassSum` in ``dtype``; None (all ones) without operands."""
+  return beta_fn(*operands).astype(dtype) if operands else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,10 +170,6 @@ class _Config:
   vocab_axis: Hashable | None = None
 
 
-def _broadcast_beta(beta: jax.Array, shape) -> jax.Array:
-  return beta.reshape((1,) * (len(shape) - 1) + (-1,)) if beta.ndim == 1 < len(shape) else beta
-
-
 def floor_log_p(log_p: jax.Array) -> jax.Array:
   """:math:`\\max(\\log p, \\text{finfo.min}/4)`: keeps :math:`f(\\log p)` finite where
   :math:`p = 0`, so that a zero weight gives an exact 0 without a ``select`` (XLA's CPU backend
@@ -172,14 +179,17 @@ def floor_log_p(log_p: jax.Array) -> jax.Array:
   return jnp.maximum(log_p, jnp.finfo(log_p.dtype).min / 4)
 
 
-def _class_terms(f: ClassFn, beta: jax.Array, log_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _class_terms(f: ClassFn, beta: jax.Array | None, log_p) -> tuple[jax.Array, jax.Array]:
   """``(β f(log p), β f'(log p))`` elementwise: exactly 0 where ``β == 0``, also where
   :math:`\\log p = -\\infty` (``f`` is evaluated at :func:`floor_log_p` there, and must be finite
-  at that value)."""
-  beta = _broadcast_beta(beta, log_p.shape)
+  at that value). ``β`` None means all ones and multiplies nothing: on XLA:CPU a ``[V]`` weight
+  broadcast over the rows makes the fused pass several times slower."""
   safe = floor_log_p(log_p)
   value, slope = jax.jvp(f, (safe,), (jnp.ones_like(safe),))
-  return beta * value, beta * slope
+  if beta is None:
+    return value, slope
+  beta = _over_rows(beta, log_p.shape)
+  return value * beta, slope * beta
 
 
 def _centred(logits, m, cfg: _Config):
@@ -255,7 +265,7 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
 
   def class_sum(f, beta_fn, operands, part):
     return lambda: jnp.sum(
-      _class_terms(f, beta_fn(*operands).astype(dtype), log_probs()[1])[part], -1
+      _class_terms(f, _beta(beta_fn, operands, dtype), log_probs()[1])[part], -1
     )
 
   summands = []
@@ -294,7 +304,7 @@ def _tangent(cfg: _Config, logits, labels, betas, stats: RowStats, totals, t_log
       classes = lax.broadcasted_iota(local.dtype, logits.shape, logits.ndim - 1)
       d_target = _class_sum(jnp.where(classes == local[..., None], dx, jnp.zeros_like(dx)), axis)
     for k, (f, beta_fn, operands) in enumerate(zip(cfg.class_fns, cfg.beta_fns, betas)):
-      _, slope = _class_terms(f, beta_fn(*operands).astype(dtype), log_p)
+      _, slope = _class_terms(f, _beta(beta_fn, operands, dtype), log_p)
       d_sums[k] = _class_sum((slope - totals[k][..., None] * p) * dx, axis)
     if cfg.entropy:
       spread = c - stats.mean_logit[..., None] + 1.0
@@ -306,9 +316,8 @@ def _tangent(cfg: _Config, logits, labels, betas, stats: RowStats, totals, t_log
       continue
     t_operands = tuple(jnp.zeros_like(o) if t is None else t for o, t in zip(operands, t_operands))
     beta, t_beta = jax.jvp(beta_fn, operands, t_operands)
-    beta, t_beta = (_broadcast_beta(b, log_p.shape) for b in (beta, t_beta))
-    value, _ = _class_terms(f, jnp.ones(log_p.shape, dtype), log_p)
-    d_sums[k] = d_sums[k] + _class_sum(value * t_beta.astype(dtype), axis)
+    value, _ = _class_terms(f, None, log_p)
+    d_sums[k] = d_sums[k] + _class_sum(value * _over_rows(t_beta.astype(dtype), value.shape), axis)
   return RowStats(zero, d_log_sum, d_target, tuple(d_sums), d_mean)
 
 

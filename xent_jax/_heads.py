@@ -229,7 +229,9 @@ def integer_loss(
   if local_factor is not None and vocab_axis is not None:
     local_factor = lax.dynamic_slice_in_dim(local_factor, start, num_local)
   sums = ()
-  if off:
+  if off and class_weight is None and local_factor is None:
+    sums = (ClassSum(head.class_fn),)
+  elif off:
     sums = (ClassSum(head.class_fn, (_class_beta(class_weight, local_factor, num_local, dtype),)),)
   stats = _engine.row_stats(
     logits,

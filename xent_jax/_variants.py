@@ -37,6 +37,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from xent_jax import _checks
 from xent_jax import _engine
@@ -67,8 +68,12 @@ def _focal_modulator(log_p: jax.Array, gamma) -> jax.Array:
   passes the gradient through unchanged: :math:`\\gamma (1-p)^{\\gamma-1}` stays finite, and the
   logit gradient it changes is of order :math:`(1-p)^{1+\\gamma}`.
   """
-  u = one_minus_p(log_p)
-  return _floor_tiny(u) ** gamma
+  u = _floor_tiny(one_minus_p(log_p))
+  # A constant integral gamma (2 in the paper) is a few multiplications, exact, and so is its
+  # derivative; the general power is exp(gamma log u), two transcendentals, its derivative two
+  # more. A traced gamma (differentiated, say) takes the general power.
+  integral = isinstance(gamma, (int, float, np.number)) and float(gamma).is_integer()
+  return lax.integer_pow(u, int(gamma)) if integral else u**gamma
 
 
 @jax.custom_jvp
