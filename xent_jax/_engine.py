@@ -142,13 +142,18 @@ class ClassSum(NamedTuple):
     operands: arrays that ``beta_fn`` makes :math:`\\beta` of (differentiable); none for
       :math:`\\beta = 1`.
     beta_fn: static callable, ``beta_fn(*operands)`` is :math:`\\beta`, ``[V]`` or ``[..., V]``
-      (without operands: every weight is 1). The kernel recomputes it in the backward pass, so a :math:`\\beta` made of a smoothed
-      target or a product of class weights is never kept between the passes.
+      (without operands: every weight is 1). The kernel recomputes it in the backward pass, so
+      a :math:`\\beta` made of a smoothed target or a product of class weights is never kept
+      between the passes.
+    slope: the constant :math:`f'` when :math:`f` is affine in :math:`\\log p` (cross-entropy's
+      :math:`-\\log p`: -1), else None. The kernel then takes :math:`B = f'\\sum_c \\beta_c`
+      from the weights instead of a pass over the logits.
   """
 
   fn: ClassFn
   operands: tuple[jax.Array, ...] = ()
   beta_fn: Callable[..., jax.Array] = lambda beta: beta
+  slope: float | None = None
 
 
 def _over_rows(beta: jax.Array, shape) -> jax.Array:
@@ -166,6 +171,7 @@ class _Config:
   logit_softcap: float | None
   class_fns: tuple[ClassFn, ...]
   beta_fns: tuple[Callable[..., jax.Array], ...]
+  slopes: tuple[float | None, ...]
   entropy: bool
   vocab_axis: Hashable | None = None
 
@@ -268,21 +274,38 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
       _class_terms(f, _beta(beta_fn, operands, dtype), log_probs()[1])[part], -1
     )
 
+  def weight_sum(beta_fn, operands):
+    if not operands:
+      return jnp.full(m.shape, logits.shape[-1], dtype)
+    beta = _beta(beta_fn, operands, dtype)
+    return jnp.broadcast_to(jnp.sum(beta, axis=-1), m.shape)
+
+  def complete(total):
+    return total if axis is None else lax.psum(total, axis)
+
   summands = []
-  for f, beta_fn, operands in zip(cfg.class_fns, cfg.beta_fns, betas):
-    summands.append(class_sum(f, beta_fn, operands, 0))
-    if slopes:
-      summands.append(class_sum(f, beta_fn, operands, 1))
+
+  def pass_over_logits(fn) -> int:
+    summands.append(fn)
+    return len(summands) - 1
+
+  # Indices into the passes below, or (an affine f's slope total) the total itself.
+  value_at, totals = [], []
+  for f, beta_fn, operands, slope in zip(cfg.class_fns, cfg.beta_fns, betas, cfg.slopes):
+    value_at.append(pass_over_logits(class_sum(f, beta_fn, operands, 0)))
+    if slopes and slope is None:
+      totals.append(pass_over_logits(class_sum(f, beta_fn, operands, 1)))
+    elif slopes:
+      totals.append(complete(slope * weight_sum(beta_fn, operands)))
   if cfg.entropy:
-    summands.append(lambda: jnp.sum(_p_times(jnp.exp(log_probs()[1]), log_probs()[0]), -1))
-  local_sums = separate_sums(summands, like=jnp.zeros_like(logits[..., 0], dtype))
-  if axis is not None:
-    local_sums = [lax.psum(s, axis) for s in local_sums]
-  mean_logit = local_sums.pop() if cfg.entropy else jnp.zeros_like(m)
-  step = 2 if slopes else 1
-  sums, totals = tuple(local_sums[::step]), tuple(local_sums[1::step])
-  stats = RowStats(m, log_sum, target, sums, mean_logit)
-  return (stats, totals) if slopes else stats
+    mean_at = pass_over_logits(
+      lambda: jnp.sum(_p_times(jnp.exp(log_probs()[1]), log_probs()[0]), -1)
+    )
+  sums = [complete(s) for s in separate_sums(summands, like=jnp.zeros_like(logits[..., 0], dtype))]
+  mean_logit = sums[mean_at] if cfg.entropy else jnp.zeros_like(m)
+  totals = [sums[t] if isinstance(t, int) else t for t in totals]
+  stats = RowStats(m, log_sum, target, tuple(sums[k] for k in value_at), mean_logit)
+  return (stats, tuple(totals)) if slopes else stats
 
 
 def _tangent(cfg: _Config, logits, labels, betas, stats: RowStats, totals, t_logits, t_betas):
@@ -373,6 +396,7 @@ def row_stats(
     logit_softcap,
     tuple(c.fn for c in class_sums),
     tuple(c.beta_fn for c in class_sums),
+    tuple(c.slope for c in class_sums),
     bool(entropy),
     vocab_axis,
   )

@@ -138,6 +138,8 @@ class Head:
     class_factor: ``[V]`` per-class factor :math:`a` of the class term, or None.
     extra_sums: with probability labels, further :class:`ClassSum` statistics for ``row_term``
       (given the :class:`Target`), or None.
+    class_slope: the constant derivative of ``class_fn`` when it is affine in :math:`\\log p`
+      (cross-entropy: -1), else None; saves the kernel a pass (see :class:`ClassSum`).
   """
 
   class_fn: ClassFn
@@ -145,6 +147,7 @@ class Head:
   entropy: bool = False
   class_factor: jax.Array | None = None
   extra_sums: ExtraSums | None = None
+  class_slope: float | None = None
 
 
 def neg_log(log_p: jax.Array) -> jax.Array:
@@ -230,9 +233,10 @@ def integer_loss(
     local_factor = lax.dynamic_slice_in_dim(local_factor, start, num_local)
   sums = ()
   if off and class_weight is None and local_factor is None:
-    sums = (ClassSum(head.class_fn),)
+    sums = (ClassSum(head.class_fn, slope=head.class_slope),)
   elif off:
-    sums = (ClassSum(head.class_fn, (_class_beta(class_weight, local_factor, num_local, dtype),)),)
+    beta = _class_beta(class_weight, local_factor, num_local, dtype)
+    sums = (ClassSum(head.class_fn, (beta,), slope=head.class_slope),)
   stats = _engine.row_stats(
     logits,
     labels,
@@ -291,10 +295,10 @@ def probability_loss(
     False, 1.0, 0.0, jnp.ones_like(mass), total_weight, mass, probs, class_weight, labels, smooth
   )
   if class_beta is None:
-    main = ClassSum(head.class_fn, (labels,), smooth)
+    main = ClassSum(head.class_fn, (labels,), smooth, head.class_slope)
   else:
     weighted = lambda q, w: smooth(q) * _along_classes(w, q.ndim)
-    main = ClassSum(head.class_fn, (labels, class_beta), weighted)
+    main = ClassSum(head.class_fn, (labels, class_beta), weighted, head.class_slope)
   extra = head.extra_sums(target) if head.extra_sums is not None else ()
   stats = _engine.row_stats(
     logits, None, (main, *extra), logit_softcap=logit_softcap, entropy=head.entropy

@@ -168,6 +168,7 @@ def symmetric_head(alpha: float, beta: float, log_clip: float) -> _heads.Head:
     lambda log_p: -alpha * log_p,
     row_term if beta else None,
     extra_sums=extra_sums if beta else None,
+    class_slope=-float(alpha) if isinstance(alpha, (int, float, np.number)) else None,
   )
 
 
@@ -175,9 +176,12 @@ def confidence_penalty_head(beta: float) -> _heads.Head:
   """The confidence penalty's head: :math:`f = -\\log p`, minus
   :math:`\\beta\\,(\\textstyle\\sum_c w_c q_c)\\,H(p)` from the entropy statistic."""
   if not beta:
-    return _heads.Head(_heads.neg_log)
+    return _heads.Head(_heads.neg_log, class_slope=-1.0)
   return _heads.Head(
-    _heads.neg_log, lambda stats, target: -beta * target.mass * stats.entropy, entropy=True
+    _heads.neg_log,
+    lambda stats, target: -beta * target.mass * stats.entropy,
+    entropy=True,
+    class_slope=-1.0,
   )
 
 
