@@ -397,3 +397,29 @@ def test_compiled_temp_memory_is_per_row_on_cpu(name, label_smoothing, dtype):
   args = (jax.ShapeDtypeStruct((n, v), dtype), jax.ShapeDtypeStruct((n,), jnp.int32))
   temp = step.lower(*args).compile().memory_analysis().temp_size_in_bytes
   assert temp <= n * v * 4 / 32, f"{name}: {temp / 2**20:.2f} MiB temp, one [N, V] f32 is 4 MiB"
+
+
+# Losses whose fused form is not linear_cross_entropy (whose kernels are reverse-mode only).
+_ENGINE_FUSED = [
+  name for name, info in xent_jax.list_losses().items() if info.fn is not xent_jax.cross_entropy
+]
+
+
+@pytest.mark.parametrize("name", _ENGINE_FUSED)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_form_works_in_forward_mode(name, reduction):
+  """``.linear`` in forward mode equals the logits path's, for both schedules: 'mean' here takes
+  the one-pass schedule (gradients in the forward pass), 'none' the rematerialising one."""
+  with jax.enable_x64(True):
+    hidden = jnp.asarray(RNG.normal(size=(14, 5)))
+    weight = jnp.asarray(RNG.normal(size=(9, 5)) * 0.5)
+    labels = jnp.asarray(RNG.integers(0, 9, size=14)).at[3].set(-100)
+    loss = xent_jax.get_loss(name, label_smoothing=0.1)
+    fused = lambda h, w: loss.linear(h, w, labels, reduction=reduction)  # noqa: E731
+    full = lambda h, w: loss(h @ w.T, labels, reduction=reduction)  # noqa: E731
+    tangents = (jnp.asarray(RNG.normal(size=(14, 5))), jnp.asarray(RNG.normal(size=(9, 5))))
+    got = jax.jvp(fused, (hidden, weight), tangents)
+    want = jax.jvp(full, (hidden, weight), tangents)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+    check_grads(fused, (hidden, weight), order=1, modes=("fwd", "rev"))
