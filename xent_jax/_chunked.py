@@ -9,9 +9,8 @@ them, and the chunk is rematerialised in the backward pass (``jax.checkpoint`` i
 and the two gradient products) against three for the unfused loss; this schedule
 (:func:`chunked_linear_loss`) serves ``reduction='none'`` and the per-token statistics, and works
 in forward mode. For 'sum' and 'mean', :func:`one_pass_linear_sum` computes the gradients in the
-forward pass instead (three matmuls; its tangent is their inner product with the inputs'
-tangents, so it works in forward mode too) when its float32 ``[V, D]`` accumulator is small
-(:func:`one_pass_fits`).
+forward pass instead (three matmuls; reverse mode only) when its float32 ``[V, D]`` accumulator
+is small (:func:`one_pass_fits`).
 
 :func:`xent_jax.linear_cross_entropy` has specialised kernels for cross-entropy (one pass with
 gradients in the forward, or a vocabulary-major backward at large :math:`V \cdot D`); this module
@@ -165,8 +164,7 @@ def one_pass_linear_sum(
   :math:`s_i = \partial L/\partial \ell_i` are known before the loss is, so each chunk's logits
   are built once and differentiated right away (Liger-Kernel's schedule): the chunk's
   :math:`\partial L/\partial x` gives ``d_hidden`` for its rows and adds to ``d_weight`` and
-  ``d_bias`` (float32 accumulators). The backward pass only scales the stored gradients; the
-  same gradients give the forward-mode tangent.
+  ``d_bias`` (float32 accumulators). The backward pass only scales the stored gradients.
 
   Args:
     row_loss: as in :func:`chunked_linear_loss`.
@@ -228,20 +226,15 @@ def one_pass_linear_sum(
       d_bias.astype(bias_V.dtype),
     )
 
-  # The gradients are the derivative: the tangent is their inner product with the tangents of
-  # hidden, weight and bias (labels, mask and scales are held constant, as the reverse pass always
-  # held them). Reverse mode transposes it into the stored gradients times the cotangent, which
-  # is the schedule above; forward mode (jax.jvp, jacfwd, linearize) works as well.
-  @jax.custom_jvp
+  @jax.custom_vjp
   def summed(hidden, weight, bias_V, labels, valid, scale):
     return forward(hidden, weight, bias_V, labels, valid, scale)[0]
 
-  @summed.defjvp
-  def summed_jvp(primals, tangents):
-    total, grads = forward(*primals)
-    t_total = sum(
-      jnp.sum(g * t.astype(g.dtype), dtype=total.dtype) for g, t in zip(grads, tangents[:3])
-    )
-    return total, t_total
+  def fwd(hidden, weight, bias_V, labels, valid, scale):
+    return forward(hidden, weight, bias_V, labels, valid, scale)
 
+  def bwd(grads, g):
+    return (*(jax.tree.map(lambda a: (g * a).astype(a.dtype), grads)), None, None, None)
+
+  summed.defvjp(fwd, bwd)
   return summed(hidden, weight, bias_V, labels, valid, scale)
