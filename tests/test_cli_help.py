@@ -105,3 +105,26 @@ def test_a_loss_module_in_the_working_directory_is_found(tmp_path, monkeypatch):
   )
   assert cli.main(["run", QUICK, "loss.name=h5_cwd_losses:my_loss", "--no-progress"]) == 0
   assert seen["loss"] == "h5_cwd_losses:my_loss"
+
+
+def test_cli_prints_nothing_but_its_own_lines_on_a_host_without_tpu(tmp_path):
+  """With the `tpu` extra installed, a fresh `xent-jax` process starting JAX on a CPU host prints
+  no libtpu warnings (they used to come before every command's output)."""
+  import os  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+
+  pytest.importorskip("libtpu")
+  shutil.copytree(ROOT / "experiments" / "results" / "digits_quick", tmp_path / "quick")
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "JAX_PLATFORMS"))}
+  env.pop("ALLOW_MULTIPLE_LIBTPU_LOAD", None)
+  done = subprocess.run(
+    [sys.executable, "-m", "xent_jax.cli", "report", str(tmp_path / "quick")],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode == 0, done.stderr
+  assert done.stderr == ""
+  assert done.stdout.startswith("wrote ")

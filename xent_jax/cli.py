@@ -147,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
   debug = getattr(args, "debug", False)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+  # With the `tpu` extra installed on a host without TPU chips, libtpu prints three lines of
+  # warnings when JAX starts; this names a placeholder host for it (nothing where chips are).
+  from xent_jax.aot import quiet_libtpu  # pylint: disable=import-outside-toplevel
+
+  quiet_libtpu()
   if not debug:
     # When a checkpoint write fails, orbax's writer threads log it with tracebacks (absl), asyncio
     # logs the futures they abandon, and tensorstore's callbacks meet a closed event loop (an

@@ -177,12 +177,25 @@ def loss_colours(losses: list[str]) -> dict[str, tuple]:
 LEGEND_COLUMNS = 5
 
 
+def _legend_columns(labels: list[str], width: float) -> int:
+  """Legend columns that fit ``width`` inches at 8 pt (about 0.07 in a character, 0.6 in for the
+  handle and gaps), at most `LEGEND_COLUMNS`."""
+  longest = max((len(line) for label in labels for line in label.split("\n")), default=1)
+  fits = int(width // (0.07 * longest + 0.6))
+  return max(1, min(len(labels), LEGEND_COLUMNS, fits))
+
+
 def _figure(
-  title: str, num_rows: int, num_cols: int, panel_size: tuple[float, float], num_legend_entries: int
+  title: str,
+  num_rows: int,
+  num_cols: int,
+  panel_size: tuple[float, float],
+  legend_labels: list[str],
 ):
   """A titled figure: a grid of panels and, under them, a footer row for the legend and caption."""
-  footer_height = 0.25 * -(-num_legend_entries // LEGEND_COLUMNS) + 0.6
   width = max(panel_size[0] * num_cols + 0.8, 7.5)
+  legend_rows = -(-len(legend_labels) // _legend_columns(legend_labels, width))
+  footer_height = 0.25 * legend_rows + 0.6
   fig = plt.figure(
     layout="constrained", figsize=(width, panel_size[1] * num_rows + footer_height + 0.5)
   )
@@ -202,7 +215,7 @@ def _finish(fig, path: pathlib.Path, handles, caption: str) -> None:
   footer.legend(
     handles=handles,
     loc="upper center",
-    ncols=min(len(handles), LEGEND_COLUMNS),
+    ncols=_legend_columns([h.get_label() for h in handles], fig.get_figwidth()),
     fontsize=8,
     frameon=False,
     borderaxespad=0,
@@ -234,9 +247,7 @@ def _plot_learning_curves(path: pathlib.Path, groups: dict[str, list[dict]], tit
   )
   settings, losses, cells = _facets(groups)
   colours = loss_colours(losses)
-  fig, axes = _figure(
-    f"{title}: learning curves", len(panels), len(settings), (4.2, 2.6), len(losses)
-  )
+  fig, axes = _figure(f"{title}: learning curves", len(panels), len(settings), (4.2, 2.6), losses)
   num_seeds = set()
   for col, setting in enumerate(settings):
     for loss in losses:
@@ -290,7 +301,7 @@ def _plot_reliability(path: pathlib.Path, groups: dict[str, list[dict]], title: 
     len(settings),
     len(losses),
     (2.3, 2.3),
-    3,
+    ["model's own confidence", "after temperature", "perfect calibration"],
   )
   num_bins, any_after = 0, False
   for (row, setting), (col, loss) in itertools.product(enumerate(settings), enumerate(losses)):
@@ -380,7 +391,7 @@ def _plot_accuracy_vs_ece(
     1,
     len(settings),
     (4.4, 4.0),
-    len(losses) + 2,
+    [*losses, "before TS", "after TS"],
   )
   for ax, setting in zip(axes[0], settings):
     for loss in losses:
