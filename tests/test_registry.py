@@ -1,6 +1,5 @@
 """Tests of the loss registry: names, hyper-parameters read off signatures, eager validation."""
 
-import inspect
 import math
 
 import jax

@@ -222,14 +222,9 @@ def integer_loss(
   """
   dtype = _engine.compute_dtype(logits.dtype)
   num_local = logits.shape[-1]
-  num_classes, start = num_local, 0
-  if vocab_axis is not None:
-    num_classes, start = (
-      num_local * lax.axis_size(vocab_axis),
-      lax.axis_index(vocab_axis) * num_local,
-    )
   local_factor = head.class_factor
   if local_factor is not None and vocab_axis is not None:
+    start = lax.axis_index(vocab_axis) * num_local
     local_factor = lax.dynamic_slice_in_dim(local_factor, start, num_local)
   sums = ()
   if off and class_weight is None and local_factor is None:
