@@ -120,7 +120,7 @@ def cross_entropy_head(smoothing: str, z_loss: float) -> _heads.Head:
         if target.class_weight is None
         else along_classes(target.class_weight, target.probs.ndim)
       )
-      extra = extra + jnp.sum(jax.scipy.special.xlogy(target.probs, target.probs) * w, axis=-1)
+      extra = extra + target.sum_classes(jax.scipy.special.xlogy(target.probs, target.probs) * w)
     if z_loss:
       extra = extra + z_loss * target.target_weight * jnp.square(stats.lse)
     return extra

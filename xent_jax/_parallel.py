@@ -26,7 +26,6 @@ replicated inputs need a collective: ``psum`` over the vocabulary axis for ``hid
 data axis for the weight shard.
 """
 
-import dataclasses
 import functools
 import math
 from collections.abc import Hashable
@@ -154,14 +153,6 @@ def _reduce(loss, example_weight, reduction: str, data_axis, fn: str):
   return _reduction.reduce_loss(total, weight, reduction, fn=fn)
 
 
-def _where_rows(fn, where, batch_shape):
-  """``[...]`` bool rows that count for probability labels (``where``; True without it)."""
-  if where is None:
-    return jnp.ones(batch_shape, bool)
-  _checks.check_broadcastable(fn, "where", where, batch_shape)
-  return jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
-
-
 def _check_labels(fn, labels, batch_shape):
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}.")
@@ -180,93 +171,6 @@ def _logits_labels_kind(fn, labels, logits_shape) -> bool:
   raise TypeError(
     f"{fn}: `labels` must be integer class ids or float probabilities, got dtype {labels.dtype}."
   )
-
-
-# --------------------------------------------------------------------------- logits kernel
-
-
-@dataclasses.dataclass(frozen=True)
-class _DenseShardConfig:
-  vocab_axis: Hashable
-  label_smoothing: float
-  smoothing: str
-  z_loss: float
-  logit_softcap: float | None
-
-
-def _smooth_shard(labels, num_classes: int, cfg: _DenseShardConfig):
-  r"""The smoothed target on one shard and :math:`dq/d\text{labels}` (a constant):
-  'uniform' :math:`(1-\epsilon)q + \epsilon/K`, 't5x' :math:`(1-\epsilon-o)q + o` with
-  :math:`o = \epsilon/(K-1)`, over the global class count :math:`K`."""
-  eps = cfg.label_smoothing
-  if not eps:
-    return labels, 1.0
-  if cfg.smoothing == "uniform":
-    return (1.0 - eps) * labels + eps / num_classes, 1.0 - eps
-  off = eps / max(num_classes - 1, 1)
-  return (1.0 - eps - off) * labels + off, 1.0 - eps - off
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _shard_dense_cross_entropy(logits, labels, class_weight, valid, cfg):
-  return _shard_dense_fwd(logits, labels, class_weight, valid, cfg)[0]
-
-
-def _shard_dense_parts(logits, labels, class_weight, cfg: _DenseShardConfig):
-  """Capped logits, smoothed weighted target :math:`w_c q_c` and the smoothing slope."""
-  dtype = _ce.compute_dtype(logits.dtype)
-  x = _ce.softcap(logits.astype(dtype), cfg.logit_softcap)
-  num_classes = logits.shape[-1] * jax.lax.axis_size(cfg.vocab_axis)
-  q, slope = _smooth_shard(labels.astype(dtype), num_classes, cfg)
-  w = None if class_weight is None else _ce.along_classes(class_weight, x.ndim)
-  return x, q, (q if w is None else q * w), w, slope
-
-
-def _shard_dense_fwd(logits, labels, class_weight, valid, cfg: _DenseShardConfig):
-  r"""Per-row :math:`\ell = A\,\mathrm{lse} - \sum_c w_c q_c x_c
-  [+ \sum_c w_c q_c \log q_c]_{\text{t5x}} + z\,\mathrm{lse}^2` with
-  :math:`A = \sum_c w_c q_c`, every class sum a ``psum`` of shard sums."""
-  axis = cfg.vocab_axis
-  x, q, wq, w, _ = _shard_dense_parts(logits, labels, class_weight, cfg)
-  m = jax.lax.pmax(jnp.max(x, axis=-1), axis)
-  m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
-  log_sum = jnp.log(jax.lax.psum(jnp.sum(jnp.exp(x - m[..., None]), axis=-1), axis))
-  lse = m + log_sum
-  mass = jax.lax.psum(jnp.sum(wq, axis=-1), axis)
-  # 0 * (-inf) = 0: classes without target mass add nothing, even at a -inf logit.
-  wqx = jax.lax.psum(jnp.sum(jnp.where(wq != 0, wq * x, jnp.zeros_like(x)), axis=-1), axis)
-  loss = mass * lse - wqx
-  if cfg.smoothing == "t5x":
-    xlogx = jax.scipy.special.xlogy(q, q)
-    loss = loss + jax.lax.psum(jnp.sum(xlogx if w is None else xlogx * w, axis=-1), axis)
-  if cfg.z_loss:
-    loss = loss + cfg.z_loss * jnp.square(lse)
-  loss = jnp.where(valid, loss, jnp.zeros_like(loss))
-  return (loss, lse), (logits, labels, class_weight, valid, m, log_sum, mass)
-
-
-def _shard_dense_bwd(cfg: _DenseShardConfig, residuals, cotangents):
-  r"""Shard-local: :math:`\partial\ell/\partial x_c = (A + 2z\,\mathrm{lse})\,p_c - w_c q_c`
-  and :math:`\partial\ell/\partial \text{labels}_c = s\,w_c(\mathrm{lse} - x_c
-  [+ \log q_c + 1]_{\text{t5x}})`, :math:`s` the smoothing slope."""
-  logits, labels, class_weight, valid, m, log_sum, mass = residuals
-  g_loss, g_lse = cotangents
-  g_loss = jnp.where(valid, g_loss, jnp.zeros_like(g_loss))
-  x, q, wq, w, slope = _shard_dense_parts(logits, labels, class_weight, cfg)
-  lse = m + log_sum
-  scale = g_loss * (mass + 2.0 * cfg.z_loss * lse) + g_lse
-  probs = jnp.exp(x - lse[..., None])
-  d_logits = scale[..., None] * probs - g_loss[..., None] * wq
-  d_logits = d_logits * _ce.softcap_grad(x, cfg.logit_softcap)
-  d_q = lse[..., None] - x
-  if cfg.smoothing == "t5x":
-    d_q = d_q + jnp.log(q) + 1.0
-  d_q = d_q if w is None else d_q * w
-  d_labels = (slope * g_loss)[..., None] * d_q
-  return d_logits.astype(logits.dtype), d_labels.astype(labels.dtype), None, None
-
-
-_shard_dense_cross_entropy.defvjp(_shard_dense_fwd, _shard_dense_bwd)
 
 
 # --------------------------------------------------------------------------- linear kernel glue
@@ -498,8 +402,8 @@ def _local_loss(
   where,
   return_lse,
 ):
-  """One vocabulary shard's loss of ``head`` (the row-statistics engine over ``vocab_axis``) for
-  integer labels; cross-entropy's own kernel for probability labels."""
+  """One vocabulary shard's loss of ``head`` on the row-statistics engine over ``vocab_axis``,
+  integer or (cross-entropy only) probability labels."""
   _checks.check_floating(fn, "logits", logits)
   logits, labels = jnp.asarray(logits), _inputs.as_label_array(fn, labels)
   if logits.ndim < 1:
@@ -535,11 +439,18 @@ def _local_loss(
         f"{fn}: over vocabulary shards, probability `labels` are supported for cross-entropy "
         "only; pass integer labels."
       )
-    valid = _where_rows(fn, where, logits.shape[:-1])
-    cfg = _DenseShardConfig(
-      vocab_axis, float(label_smoothing), smoothing, float(z_loss), logit_softcap
+    valid = _inputs.row_mask(fn, where, logits.shape[:-1])
+    eps = float(label_smoothing)
+    loss, stats = _heads.probability_loss(
+      head,
+      logits,
+      labels,
+      smooth=lambda q: _heads.smooth_probabilities(q, eps, smoothing, num_classes),
+      class_weight=weight,
+      logit_softcap=logit_softcap,
+      vocab_axis=vocab_axis,
     )
-    loss, lse = _shard_dense_cross_entropy(logits, labels, weight, valid, cfg)
+    loss, lse = jnp.where(valid, loss, jnp.zeros_like(loss)), stats.lse
     example_weight = valid.astype(loss.dtype)
   out = _reduce(loss, example_weight, reduction, data_axis, fn)
   return (out, lse) if return_lse else out
