@@ -267,7 +267,7 @@ def _sharded_fused_fwd(
     bias,
     labels,
     class_weight,
-    functools.partial(_linear._row_loss, lcfg, total_weight),
+    functools.partial(_linear.row_loss, lcfg, total_weight),
     rows,
     cfg,
     functools.partial(complete_row_stats, vocab_axis=vocab_axis),
@@ -685,130 +685,70 @@ def _linear_local(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r""":func:`xent_jax.linear_cross_entropy` on one vocabulary shard of ``weight``.
 
-  Runs inside ``shard_map(check_vma=True)`` (see the note above :func:`_as_input_dtypes`): each
-  shard runs the blocked kernels of :mod:`xent_jax._linear` on its classes, relabelled
-  ``0..V_s-1``, and
+  Runs inside ``shard_map(check_vma=True)`` (see the note above :func:`_as_input_dtypes`): the
+  single-device front end (:func:`xent_jax._linear.prepare_rows`) reads the arguments against the
+  global :math:`K = V_s\,|\text{vocab}|` classes, each shard runs the blocked kernels of
+  :mod:`xent_jax._linear` on its classes, relabelled ``0..V_s-1``, and
   :func:`complete_row_stats` combines the per-row statistics before the core's per-row formula
-  over the global :math:`K = V_s\,|\text{vocab}|` classes. Arguments are this device's shards
+  (:func:`xent_jax._linear.row_loss`). Arguments are this device's shards
   (``hidden`` ``[..., D]``, ``weight`` ``[V_s, D]`` or ``[D, V_s]``, ``bias``/``class_weight``
   ``[V_s]``); options as in :func:`xent_jax.linear_cross_entropy`, chunk sizes per device.
   """
   fn = "vocab_parallel_linear_cross_entropy"
-  _checks.check_floating(fn, "hidden", hidden)
-  _checks.check_floating(fn, "weight", weight)
-  _checks.check_choice(fn, "weight_layout", weight_layout, _linear.WEIGHT_LAYOUTS)
-  _ce.check_common_options(
+  rows_axes = data_axes(data_axis)
+  rows = _linear.prepare_rows(
     fn,
+    hidden,
+    weight,
+    labels,
+    bias=bias,
+    weight_layout=weight_layout,
+    class_weight=class_weight,
+    ignore_index=ignore_index,
+    reduction=reduction,
     label_smoothing=label_smoothing,
     smoothing=smoothing,
     z_loss=z_loss,
     logit_softcap=logit_softcap,
-    reduction=reduction,
-  )
-  hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
-  labels = _inputs.as_label_array(fn, labels)
-  num_local, features = _linear_shapes(fn, hidden, weight, weight_layout)
-  batch_shape = hidden.shape[:-1]
-  _check_labels(fn, labels, batch_shape)
-  if bias is not None:
-    _checks.check_floating(fn, "bias", bias)
-    _checks.check_shape(fn, "bias", bias, (num_local,))
-    bias = jnp.asarray(bias)
-  dtype = _ce.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
-  if class_weight is not None:
-    _inputs.check_class_weight(fn, "class_weight", class_weight, num_local)
-    class_weight = jnp.asarray(class_weight).astype(dtype)
-  n = math.prod(batch_shape)
-  schedule = _linear.plan_schedule(
-    fn,
-    n,
-    features,
-    num_local,
-    linear_reduction=reduction != "none" and not return_lse,
+    where=where,
+    return_lse=return_lse,
     token_chunk_size=token_chunk_size,
     vocab_chunk_size=vocab_chunk_size,
-    hidden_dtype=hidden.dtype,
-    weight_dtype=weight.dtype,
-  )
-
-  num_classes = num_local * jax.lax.axis_size(vocab_axis)
-  read = _inputs.integer_labels(
-    fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=where
-  )
-  # int32 labels, -1 outside [0, K): such a row matches no class of any shard.
-  hidden_NxD = hidden.reshape(n, features)
-  labels_N, valid_N, in_range_N = (a.reshape(n) for a in read)
-  target_weight_N, total_weight = _heads.target_weights(
-    class_weight, labels_N, num_local, dtype, vocab_axis
-  )
-  example_weight_N = jnp.where(valid_N, target_weight_N, jnp.zeros_like(target_weight_N))
-  nan_or_one_N = jnp.where(valid_N & ~in_range_N, jnp.nan, 1.0).astype(dtype)
-  # The kernels see this shard's classes as 0..V_s-1: shift the labels rather than pass the
-  # (traced) shard offset through the static BlockConfig.class_offset.
-  shard_labels_N = labels_N - jax.lax.axis_index(vocab_axis) * num_local
-
-  target = _ce.smoothed_target(num_classes, label_smoothing, smoothing)
-  lcfg = _linear._LossConfig(target, float(z_loss))
-  rows_axes = data_axes(data_axis)
-  cfg = schedule.block_config(
-    weight_layout,
-    logit_softcap,
-    bool(target.off),
-    varying_axes=(*rows_axes, vocab_axis),
+    vocab_axis=vocab_axis,
     row_axes=rows_axes,
   )
-  if schedule.one_pass:
+  args = (rows.hidden_NxD, rows.weight, rows.bias, rows.labels_N, rows.class_weight)
+  if rows.schedule.one_pass:
     # Sum and mean are linear in the per-row losses: d(reduced)/d(loss_i) is known up front.
-    total_weight_1 = jnp.sum(example_weight_N, keepdims=True)
+    total_weight_1 = jnp.sum(rows.example_weight_N, keepdims=True)
     if rows_axes:
       total_weight_1 = jax.lax.psum(total_weight_1, rows_axes)
     row_scale = jax.grad(
       lambda loss_1: _reduction.reduce_loss(loss_1, total_weight_1, reduction, fn=fn)
-    )(jnp.zeros((1,), dtype))
-    row_scale_N = jnp.broadcast_to(row_scale, (n,))
-    rows = (row_scale_N * nan_or_one_N, target_weight_N, valid_N)
+    )(jnp.zeros((1,), rows.total_weight.dtype))
+    row_scale_N = jnp.broadcast_to(row_scale, rows.valid_N.shape)
     return _sharded_fused(
-      cfg,
-      lcfg,
+      rows.block,
+      rows.loss,
       vocab_axis,
       data_axis,
-      hidden_NxD,
-      weight,
-      bias,
-      shard_labels_N,
-      class_weight,
-      rows,
-      total_weight,
+      *args,
+      rows.kernel_rows(row_scale_N),
+      rows.total_weight,
     )
-  lse_N, target_N, weighted_sum_N = _sharded_stats(
-    cfg, vocab_axis, data_axis, hidden_NxD, weight, bias, shard_labels_N, class_weight
+  lse_N, target_N, weighted_sum_N = _sharded_stats(rows.block, vocab_axis, data_axis, *args)
+  loss_N = _linear.row_loss(
+    rows.loss, rows.total_weight, lse_N, target_N, weighted_sum_N, rows.kernel_rows()
   )
-  loss_N = _linear._row_loss(
-    lcfg, total_weight, lse_N, target_N, weighted_sum_N, (nan_or_one_N, target_weight_N, valid_N)
-  )
+  batch_shape = rows.batch_shape
   loss = _reduce(
-    loss_N.reshape(batch_shape), example_weight_N.reshape(batch_shape), reduction, data_axis, fn
+    loss_N.reshape(batch_shape),
+    rows.example_weight_N.reshape(batch_shape),
+    reduction,
+    data_axis,
+    fn,
   )
   return (loss, lse_N.reshape(batch_shape)) if return_lse else loss
-
-
-def _linear_shapes(fn, hidden, weight, weight_layout):
-  """``(classes, features)`` of ``weight``, checked against ``hidden``."""
-  if hidden.ndim < 1:
-    raise ValueError(f"{fn}: `hidden` must have shape [..., D], got a scalar.")
-  if weight.ndim != 2:
-    raise ValueError(
-      f"{fn}: `weight` must have shape [V, D] (weight_layout='vd') or [D, V] ('dv'), got "
-      f"{weight.shape}."
-    )
-  vocab_dim = 0 if weight_layout == "vd" else 1
-  num_classes, features = weight.shape[vocab_dim], weight.shape[1 - vocab_dim]
-  if hidden.shape[-1] != features:
-    raise ValueError(
-      f"{fn}: `hidden`'s last dimension must equal `weight`'s feature dimension ({features} for "
-      f"weight_layout={weight_layout!r}, `weight` {weight.shape}), got `hidden` {hidden.shape}."
-    )
-  return num_classes, features
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -889,13 +829,12 @@ def vocab_parallel_linear_cross_entropy(
   )
   hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
   labels = _inputs.as_label_array(fn, labels)
-  num_classes, _ = _linear_shapes(fn, hidden, weight, weight_layout)
+  num_classes, _ = _linear.linear_shapes(fn, hidden, weight, weight_layout)
   batch_shape = hidden.shape[:-1]
   _check_labels(fn, labels, batch_shape)
   rows = _mesh_specs(fn, mesh, vocab_axis, data_axis, num_classes, "weight", batch_shape, "hidden")
   if where is not None:
-    _checks.check_broadcastable(fn, "where", where, batch_shape)
-    where = jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
+    where = _inputs.row_mask(fn, where, batch_shape)
   row_spec = PartitionSpec(*rows)
   class_spec = PartitionSpec(vocab_axis)
   args = {
