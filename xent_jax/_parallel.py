@@ -628,8 +628,7 @@ def _global_loss(
     fn, mesh, vocab_axis, data_axis, logits.shape[-1], "logits", batch_shape, "logits"
   )
   if where is not None:
-    _checks.check_broadcastable(fn, "where", where, batch_shape)
-    where = jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
+    where = _inputs.row_mask(fn, where, batch_shape)
   row_spec = PartitionSpec(*rows)
   args = {"logits": logits, "labels": labels, "weight": weight, "where": where}
   specs = {
