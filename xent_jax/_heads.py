@@ -262,15 +262,58 @@ def integer_loss(
     vocab_axis=vocab_axis,
   )
   target_weight, total_weight = target_weights(class_weight, labels, num_local, dtype, vocab_axis)
-  factor = _gather(head.class_factor, labels, dtype)
-  loss = (on - off) * target_weight * factor * head.class_fn(stats.log_p_target)
+  loss = integer_stats_loss(
+    head,
+    stats,
+    target_weight=target_weight,
+    total_weight=total_weight,
+    on=on,
+    off=off,
+    class_weight=class_weight,
+    target_factor=_gather(head.class_factor, labels, dtype),
+  )
+  return loss, stats
+
+
+def integer_stats_loss(
+  head: Head,
+  stats: RowStats,
+  *,
+  target_weight: jax.Array,
+  total_weight: jax.Array,
+  on: float,
+  off: float,
+  class_weight: jax.Array | None = None,
+  target_factor: jax.Array | float = 1.0,
+) -> jax.Array:
+  """Per-row loss of ``head`` for smoothed integer labels, from statistics already computed.
+
+  :math:`(\\text{on}-\\text{off})\\,w_y a_y f(\\log p_y) + \\text{off}\\cdot
+  \\texttt{class\\_sums[0]} + g`, with ``stats.class_sums[0]`` the class sum
+  :math:`\\sum_c w_c a_c f(\\log p_c)` (read only when ``off``). :func:`integer_loss` takes the
+  statistics from the engine; the fused linear kernels (:func:`xent_jax._linear.row_loss`) from
+  their blocks of ``hidden @ weight.T``.
+
+  Args:
+    head: the loss.
+    stats: ``[...]`` per-row statistics.
+    target_weight: ``[...]`` :math:`w_y`.
+    total_weight: :math:`W = \\sum_c w_c`.
+    on, off: the smoothed one-hot target's values.
+    class_weight: ``[V]`` or None, for the head's row term.
+    target_factor: ``[...]`` the head's class factor of the label, :math:`a_y`, or 1.
+
+  Returns:
+    ``[...]`` per-row loss (not masked).
+  """
+  loss = (on - off) * target_weight * target_factor * head.class_fn(stats.log_p_target)
   if off:
     loss = loss + off * stats.class_sums[0]
   if head.row_term is not None:
     mass = (on - off) * target_weight + off * total_weight
     target = Target(True, on, off, target_weight, total_weight, mass, None, class_weight)
     loss = loss + head.row_term(stats, target)
-  return loss, stats
+  return loss
 
 
 def probability_loss(

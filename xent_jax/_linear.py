@@ -72,6 +72,7 @@ import numpy as np
 from jax import lax
 
 from xent_jax import _checks
+from xent_jax import _engine
 from xent_jax import _heads
 from xent_jax import _inputs
 from xent_jax import _cross_entropy as _ce
@@ -631,30 +632,38 @@ def fused_vocab_slice(
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """The static per-row loss options of the kernels: the smoothed target and the z-loss.
+  """The static per-row loss options of the kernels: the smoothed target, its convention and the
+  z-loss coefficient.
 
   Part of the interface for :mod:`xent_jax._parallel` (made by :func:`prepare_rows`).
   """
 
   target: _ce.SmoothedTarget
+  smoothing: str
   z_loss: float
 
 
 def row_loss(lcfg: LossConfig, total_weight, lse, target_logit, weighted_sum, rows):
-  """Each row's loss (the core's per-row formula) times its scale, 0 on invalid rows.
+  """Each row's loss times its scale, 0 on invalid rows: cross-entropy's head
+  (:func:`xent_jax._cross_entropy.cross_entropy_head`) on the kernels' statistics.
 
-  ``rows`` is ``(scale, target_weight, valid)``, each ``[N]``. For :mod:`xent_jax._parallel` too,
-  which evaluates it on statistics completed over the vocabulary shards.
+  The head reads :math:`\\log p_y = x_y - \\mathrm{lse}` and, when smoothing, the class sum
+  :math:`\\sum_c w_c(\\mathrm{lse} - x_c) = W\\,\\mathrm{lse} - \\sum_c w_c x_c`. ``rows`` is
+  ``(scale, target_weight, valid)``, each ``[N]``. For :mod:`xent_jax._parallel` too, which
+  evaluates it on statistics completed over the vocabulary shards.
   """
   scale, target_weight, valid = rows
-  loss = _ce.integer_label_loss(
-    lse,
-    target_logit,
-    weighted_sum if lcfg.target.off else None,
-    target_weight,
-    total_weight,
-    lcfg.target,
-    lcfg.z_loss,
+  target = lcfg.target
+  zeros = jnp.zeros_like(lse)
+  class_sums = (total_weight * lse - weighted_sum,) if target.off else ()
+  stats = _engine.RowStats(lse, zeros, target_logit - lse, class_sums, zeros)
+  loss = _heads.integer_stats_loss(
+    _ce.cross_entropy_head(lcfg.smoothing, lcfg.z_loss),
+    stats,
+    target_weight=target_weight,
+    total_weight=total_weight,
+    on=target.on,
+    off=target.off,
   )
   return jnp.where(valid, scale * loss, jnp.zeros_like(loss))
 
@@ -1004,7 +1013,7 @@ def prepare_rows(
     batch_shape,
     schedule,
     block,
-    LossConfig(target, float(z_loss)),
+    LossConfig(target, smoothing, float(z_loss)),
   )
 
 

@@ -11,8 +11,8 @@ that axis,
    x_{iy_i} = \operatorname{psum}_s [y_i \in s]\, x_{iy_i},
 
 plus :math:`\operatorname{psum}_s \sum_{c \in s} w_c x_{ic}` when labels are smoothed, after
-which the per-row loss is the core's own formula
-(:func:`xent_jax._cross_entropy.integer_label_loss`) over the **global** class count
+which the per-row loss is the core's own head
+(:func:`xent_jax._cross_entropy.cross_entropy_head`) over the **global** class count
 :math:`K = V_s\,|\text{vocab}|`. Megatron-LM's ``_VocabParallelCrossEntropy`` scales its
 smoothing by the vocabulary size of the local partition and averages the log-probabilities over
 that partition only, so its smoothed loss changes with the tensor-parallel degree; here the loss
