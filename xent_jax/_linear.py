@@ -824,29 +824,31 @@ def plan_schedule(
   return Schedule(one_pass, token_chunk, vocab_chunk, vocab_major)
 
 
-def linear_shapes(fn: str, hidden: jax.Array, weight: jax.Array, weight_layout: str):
+def linear_shapes(fn: str, hidden, weight, weight_layout: str) -> tuple[int, int]:
   """``(classes, features)`` of ``weight`` in its layout, checked against ``hidden [..., D]``.
 
-  Shared with :mod:`xent_jax._parallel`, which checks the global arrays with it.
+  Shared with :mod:`xent_jax._parallel` (which checks the global arrays with it) and
+  :mod:`xent_jax._chunked` (every other loss's fused form). Any array-likes.
 
   Raises:
     ValueError: a scalar ``hidden``, a ``weight`` that is not 2-D or has no classes, or a
       feature dimension that differs.
   """
-  if hidden.ndim < 1:
+  hidden_shape, weight_shape = np.shape(hidden), np.shape(weight)
+  if not hidden_shape:
     raise ValueError(f"{fn}: `hidden` must have shape [..., D], got a scalar.")
-  if weight.ndim != 2:
+  if len(weight_shape) != 2:
     raise ValueError(
       f"{fn}: `weight` must have shape [V, D] (weight_layout='vd') or [D, V] ('dv'), got "
-      f"{weight.shape}."
+      f"{weight_shape}."
     )
   vocab_axis = 0 if weight_layout == "vd" else 1
-  _checks.check_has_classes(fn, "weight", weight.shape, vocab_axis)
-  num_classes, features = weight.shape[vocab_axis], weight.shape[1 - vocab_axis]
-  if hidden.shape[-1] != features:
+  _checks.check_has_classes(fn, "weight", weight_shape, vocab_axis)
+  num_classes, features = weight_shape[vocab_axis], weight_shape[1 - vocab_axis]
+  if hidden_shape[-1] != features:
     raise ValueError(
       f"{fn}: `hidden`'s last dimension must equal `weight`'s feature dimension ({features} for "
-      f"weight_layout={weight_layout!r}, `weight` {weight.shape}), got `hidden` {hidden.shape}."
+      f"weight_layout={weight_layout!r}, `weight` {weight_shape}), got `hidden` {hidden_shape}."
     )
   return num_classes, features
 
