@@ -29,6 +29,7 @@ import numpy as np
 from jax import lax
 
 from xent_jax import _checks
+from xent_jax import _linear
 
 # Rows per token chunk by default: a [rows, V] float32 block of about 2**24 elements (64 MiB).
 _BLOCK_ELEMENTS = 2**24
@@ -122,24 +123,13 @@ def chunked_linear_loss(
 
 
 def check_linear_shapes(fn: str, hidden, weight, labels, weight_layout: str, bias) -> int:
-  """Checks ``hidden [..., D]``, ``weight`` in its layout, ``labels`` and ``bias``; returns V."""
+  """Checks ``hidden [..., D]``, ``weight`` in its layout and ``bias`` as
+  :func:`xent_jax.linear_cross_entropy` does (:func:`xent_jax._linear.linear_shapes`); returns V.
+  ``labels`` are the caller's to check (they may be probabilities here)."""
   _checks.check_floating(fn, "hidden", hidden)
   _checks.check_floating(fn, "weight", weight)
-  _checks.check_choice(fn, "weight_layout", weight_layout, ("vd", "dv"))
-  if np.ndim(weight) != 2:
-    raise ValueError(
-      f"{fn}: `weight` must have shape [V, D] (weight_layout='vd') or [D, V] "
-      f"('dv'), got {np.shape(weight)}."
-    )
-  vocab_axis = 0 if weight_layout == "vd" else 1
-  _checks.check_has_classes(fn, "weight", np.shape(weight), vocab_axis)
-  num_classes, features = np.shape(weight)[vocab_axis], np.shape(weight)[1 - vocab_axis]
-  if np.ndim(hidden) < 1 or np.shape(hidden)[-1] != features:
-    raise ValueError(
-      f"{fn}: `hidden`'s last dimension must equal `weight`'s feature dimension ({features} for "
-      f"weight_layout={weight_layout!r}, `weight` {np.shape(weight)}), got `hidden` "
-      f"{np.shape(hidden)}."
-    )
+  _checks.check_choice(fn, "weight_layout", weight_layout, _linear.WEIGHT_LAYOUTS)
+  num_classes, _ = _linear.linear_shapes(fn, hidden, weight, weight_layout)
   if bias is not None:
     _checks.check_floating(fn, "bias", bias)
     _checks.check_shape(fn, "bias", bias, (num_classes,))

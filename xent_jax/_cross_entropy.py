@@ -50,55 +50,6 @@ def finite_logsumexp(logits: jax.Array, cap: float | None = None) -> jax.Array:
   return m + log_sum
 
 
-def integer_label_loss(
-  lse: jax.Array,
-  target_logit: jax.Array,
-  sum_weighted_logits: jax.Array | None,
-  target_weight: jax.Array,
-  total_weight: jax.Array | float,
-  target: SmoothedTarget,
-  z_loss: float,
-  *,
-  z_lse: jax.Array | None = None,
-) -> jax.Array:
-  """Per-row loss from per-row statistics (the formula in the module docstring).
-
-  .. math::
-     \\ell = \\mathrm{lse}\\,[\\text{off}\\,W + (\\text{on}-\\text{off})\\,w_y]
-     - \\text{off}\\sum_c w_c x_c - (\\text{on}-\\text{off})\\,w_y x_y
-     + w_y\\,\\text{on}\\log\\text{on} + (W - w_y)\\,\\text{off}\\log\\text{off}
-     + z\\,w_y\\,\\mathrm{lse}^2
-
-  Args:
-    lse: ``[...]`` logsumexp of the (capped) logits.
-    target_logit: ``[...]`` the (capped) logit of the label, :math:`x_y`.
-    sum_weighted_logits: ``[...]`` :math:`\\sum_c w_c x_c`; unused (may be None) when ``off == 0``.
-    target_weight: ``[...]`` :math:`w_y`.
-    total_weight: :math:`W = \\sum_c w_c`.
-    target: the smoothed target.
-    z_loss: coefficient :math:`z`.
-    z_lse: the logsumexp for the z-loss term; defaults to ``lse``. Apart from that term the loss
-      is unchanged when ``lse``, ``target_logit`` and every :math:`x_c` are shifted by the same
-      :math:`s` (``sum_weighted_logits`` by :math:`W s`): pass statistics relative to the row
-      maximum, and the unshifted logsumexp here, to avoid cancellation at large logits.
-
-  Returns:
-    ``[...]`` per-row loss (not masked).
-  """
-  on_minus_off = target.on - target.off
-  loss = lse * (target.off * total_weight + on_minus_off * target_weight)
-  loss = loss - on_minus_off * target_weight * target_logit
-  if target.off:
-    loss = loss - target.off * sum_weighted_logits
-  if target.xlogx_on or target.xlogx_off:
-    loss = loss + (
-      target_weight * target.xlogx_on + (total_weight - target_weight) * target.xlogx_off
-    )
-  if z_loss:
-    loss = loss + z_loss * target_weight * jnp.square(lse if z_lse is None else z_lse)
-  return loss
-
-
 def cross_entropy_head(smoothing: str, z_loss: float) -> _heads.Head:
   """Cross-entropy as a head: :math:`f = -\\log p`, plus the T5X target entropy and the z-loss.
 
@@ -120,7 +71,7 @@ def cross_entropy_head(smoothing: str, z_loss: float) -> _heads.Head:
         if target.class_weight is None
         else along_classes(target.class_weight, target.probs.ndim)
       )
-      extra = extra + jnp.sum(jax.scipy.special.xlogy(target.probs, target.probs) * w, axis=-1)
+      extra = extra + target.sum_classes(jax.scipy.special.xlogy(target.probs, target.probs) * w)
     if z_loss:
       extra = extra + z_loss * target.target_weight * jnp.square(stats.lse)
     return extra

@@ -108,6 +108,9 @@ class Target(NamedTuple):
     smooth: the static map from ``labels`` to ``probs``, else None. A :class:`ClassSum` whose
       weights depend on the target should take ``labels`` as its operand and apply ``smooth`` in
       its ``beta_fn``, so that no ``[..., V]`` array is kept for the backward pass.
+    vocab_axis: inside ``shard_map``, the mesh axis the classes are split over (``probs``,
+      ``labels`` and ``class_weight`` are then this shard's slices), else None. A row term that
+      sums over the classes itself does so with :meth:`sum_classes`.
   """
 
   integer: bool
@@ -120,6 +123,13 @@ class Target(NamedTuple):
   class_weight: jax.Array | None
   labels: jax.Array | None = None
   smooth: Callable[[jax.Array], jax.Array] | None = None
+  vocab_axis: Hashable | None = None
+
+  def sum_classes(self, values: jax.Array) -> jax.Array:
+    """``[...]`` sum of ``[..., V]`` ``values`` over all classes (a ``psum`` over the shards of
+    :attr:`vocab_axis` when the classes are split)."""
+    total = jnp.sum(values, axis=-1)
+    return total if self.vocab_axis is None else lax.psum(total, self.vocab_axis)
 
 
 RowTerm = Callable[[RowStats, Target], jax.Array]
@@ -180,17 +190,29 @@ def target_weights(
   With ``vocab_axis`` (inside ``shard_map``) ``class_weight`` is this shard's ``[V_s]`` slice and
   ``labels`` are global: the shard owning each label contributes its weight (a ``psum``).
   """
-  num_classes = num_local if vocab_axis is None else num_local * lax.axis_size(vocab_axis)
+  total_weight = _total_weight(class_weight, num_local, dtype, vocab_axis)
   if class_weight is None:
-    return jnp.ones(labels.shape, dtype), jnp.asarray(num_classes, dtype)
+    return jnp.ones(labels.shape, dtype), total_weight
   class_weight = class_weight.astype(dtype)
   if vocab_axis is None:
-    return class_weight[labels], jnp.sum(class_weight)
+    return class_weight[labels], total_weight
   local = labels - (lax.axis_index(vocab_axis) * num_local).astype(labels.dtype)
   owned = (local >= 0) & (local < num_local)
   picked = class_weight[jnp.clip(local, 0, num_local - 1)]
   target_weight = lax.psum(jnp.where(owned, picked, jnp.zeros_like(picked)), vocab_axis)
-  return target_weight, lax.psum(jnp.sum(class_weight), vocab_axis)
+  return target_weight, total_weight
+
+
+def _total_weight(
+  class_weight: jax.Array | None, num_local: int, dtype, vocab_axis: Hashable | None
+) -> jax.Array:
+  """:math:`W = \\sum_c w_c` over all classes (the class count without weights); with
+  ``vocab_axis``, ``class_weight`` is this shard's slice and the sum a ``psum``."""
+  if class_weight is None:
+    shards = 1 if vocab_axis is None else lax.axis_size(vocab_axis)
+    return jnp.asarray(num_local * shards, dtype)
+  total = jnp.sum(class_weight.astype(dtype))
+  return total if vocab_axis is None else lax.psum(total, vocab_axis)
 
 
 def integer_loss(
@@ -241,15 +263,58 @@ def integer_loss(
     vocab_axis=vocab_axis,
   )
   target_weight, total_weight = target_weights(class_weight, labels, num_local, dtype, vocab_axis)
-  factor = _gather(head.class_factor, labels, dtype)
-  loss = (on - off) * target_weight * factor * head.class_fn(stats.log_p_target)
+  loss = integer_stats_loss(
+    head,
+    stats,
+    target_weight=target_weight,
+    total_weight=total_weight,
+    on=on,
+    off=off,
+    class_weight=class_weight,
+    target_factor=_gather(head.class_factor, labels, dtype),
+  )
+  return loss, stats
+
+
+def integer_stats_loss(
+  head: Head,
+  stats: RowStats,
+  *,
+  target_weight: jax.Array,
+  total_weight: jax.Array,
+  on: float,
+  off: float,
+  class_weight: jax.Array | None = None,
+  target_factor: jax.Array | float = 1.0,
+) -> jax.Array:
+  """Per-row loss of ``head`` for smoothed integer labels, from statistics already computed.
+
+  :math:`(\\text{on}-\\text{off})\\,w_y a_y f(\\log p_y) + \\text{off}\\cdot
+  \\texttt{class\\_sums[0]} + g`, with ``stats.class_sums[0]`` the class sum
+  :math:`\\sum_c w_c a_c f(\\log p_c)` (read only when ``off``). :func:`integer_loss` takes the
+  statistics from the engine; the fused linear kernels (:func:`xent_jax._linear.row_loss`) from
+  their blocks of ``hidden @ weight.T``.
+
+  Args:
+    head: the loss.
+    stats: ``[...]`` per-row statistics.
+    target_weight: ``[...]`` :math:`w_y`.
+    total_weight: :math:`W = \\sum_c w_c`.
+    on, off: the smoothed one-hot target's values.
+    class_weight: ``[V]`` or None, for the head's row term.
+    target_factor: ``[...]`` the head's class factor of the label, :math:`a_y`, or 1.
+
+  Returns:
+    ``[...]`` per-row loss (not masked).
+  """
+  loss = (on - off) * target_weight * target_factor * head.class_fn(stats.log_p_target)
   if off:
     loss = loss + off * stats.class_sums[0]
   if head.row_term is not None:
     mass = (on - off) * target_weight + off * total_weight
     target = Target(True, on, off, target_weight, total_weight, mass, None, class_weight)
     loss = loss + head.row_term(stats, target)
-  return loss, stats
+  return loss
 
 
 def probability_loss(
@@ -260,6 +325,7 @@ def probability_loss(
   smooth: Callable[[jax.Array], jax.Array],
   class_weight: jax.Array | None,
   logit_softcap: float | None,
+  vocab_axis: Hashable | None = None,
 ) -> tuple[jax.Array, RowStats]:
   """Per-row loss of ``head`` for a target distribution (no checks, no mask).
 
@@ -271,24 +337,41 @@ def probability_loss(
       the identity). The kernel recomputes :math:`q` in the backward pass instead of keeping it.
     class_weight: ``[V]`` or None.
     logit_softcap: soft cap or None.
+    vocab_axis: inside ``shard_map``, the mesh axis the classes of ``logits`` are split over (see
+      :func:`xent_jax._engine.row_stats`): ``labels`` and ``class_weight`` are then this shard's
+      ``[..., V_s]`` and ``[V_s]`` slices, the head's class factor stays global, and ``smooth``
+      must use the global class count.
 
   Returns:
     ``(loss [...], stats)``.
   """
   dtype = _engine.compute_dtype(logits.dtype)
-  num_classes = logits.shape[-1]
+  num_local = logits.shape[-1]
+  class_factor = head.class_factor
+  if class_factor is not None and vocab_axis is not None:
+    start = lax.axis_index(vocab_axis) * num_local
+    class_factor = lax.dynamic_slice_in_dim(class_factor, start, num_local)
   labels = labels.astype(dtype)
   probs = smooth(labels)
   class_beta = None
-  if class_weight is not None or head.class_factor is not None:
-    class_beta = _class_beta(class_weight, head.class_factor, num_classes, dtype)
-  total_weight = jnp.asarray(num_classes if class_weight is None else jnp.sum(class_weight), dtype)
-  mass = jnp.ones(probs.shape[:-1], dtype)
-  if class_weight is not None:
-    mass = jnp.sum(probs * _along_classes(class_weight.astype(dtype), probs.ndim), axis=-1)
+  if class_weight is not None or class_factor is not None:
+    class_beta = _class_beta(class_weight, class_factor, num_local, dtype)
   target = Target(
-    False, 1.0, 0.0, jnp.ones_like(mass), total_weight, mass, probs, class_weight, labels, smooth
+    False,
+    1.0,
+    0.0,
+    jnp.ones(probs.shape[:-1], dtype),
+    _total_weight(class_weight, num_local, dtype, vocab_axis),
+    jnp.ones(probs.shape[:-1], dtype),
+    probs,
+    class_weight,
+    labels,
+    smooth,
+    vocab_axis,
   )
+  if class_weight is not None:
+    w = _along_classes(class_weight.astype(dtype), probs.ndim)
+    target = target._replace(mass=target.sum_classes(probs * w))
   if class_beta is None:
     main = ClassSum(head.class_fn, (labels,), smooth, head.class_slope)
   else:
@@ -296,7 +379,12 @@ def probability_loss(
     main = ClassSum(head.class_fn, (labels, class_beta), weighted, head.class_slope)
   extra = head.extra_sums(target) if head.extra_sums is not None else ()
   stats = _engine.row_stats(
-    logits, None, (main, *extra), logit_softcap=logit_softcap, entropy=head.entropy
+    logits,
+    None,
+    (main, *extra),
+    logit_softcap=logit_softcap,
+    entropy=head.entropy,
+    vocab_axis=vocab_axis,
   )
   loss = stats.class_sums[0]
   if head.row_term is not None:

@@ -106,6 +106,21 @@ def check_ignore_index(fn: str, ignore_index) -> int | None:
   return int(ignore_index)
 
 
+def row_mask(fn: str, where: jax.typing.ArrayLike | None, batch_shape) -> jax.Array:
+  """The rows that count: ``where`` (a mask broadcastable to ``batch_shape``) as a ``[...]`` bool
+  array of ``batch_shape``, all True without it.
+
+  The one reading of ``where`` as a per-row mask; :func:`integer_labels` adds ``ignore_index``.
+
+  Raises:
+    ValueError: a ``where`` that does not broadcast to ``batch_shape``.
+  """
+  if where is None:
+    return jnp.ones(batch_shape, bool)
+  _checks.check_broadcastable(fn, "where", where, batch_shape)
+  return jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
+
+
 class IntegerLabels(NamedTuple):
   """Integer labels read exactly, whatever their dtype.
 
@@ -163,11 +178,7 @@ def integer_labels(
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}.")
   ignore_index = check_ignore_index(fn, ignore_index)
-  if where is None:
-    valid = jnp.ones(labels.shape, bool)
-  else:
-    _checks.check_broadcastable(fn, "where", where, labels.shape)
-    valid = jnp.broadcast_to(jnp.asarray(where, bool), labels.shape)
+  valid = row_mask(fn, where, labels.shape)
   if ignore_index is not None:
     valid = valid & ~label_equals(labels, ignore_index)
   in_range = label_in_range(labels, num_classes)
@@ -263,11 +274,7 @@ def parse_inputs(
   if weight is not None:
     check_class_weight(fn, "weight", weight, num_classes)
     weight = jnp.asarray(weight).astype(compute_dtype(logits.dtype))
-  if where is None:
-    valid = jnp.ones(batch_shape, bool)
-  else:
-    _checks.check_broadcastable(fn, "where", where, batch_shape)
-    valid = jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
+  valid = row_mask(fn, where, batch_shape)
   if jnp.issubdtype(labels.dtype, jnp.integer):
     _checks.check_shape(fn, "labels", labels, batch_shape)
     read = integer_labels(

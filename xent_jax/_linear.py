@@ -47,6 +47,14 @@ masked out. The kernels below work on a *slice* of the vocabulary whose first cl
 index ``class_offset``, so a vocabulary-sharded caller can combine their per-row partial statistics
 across devices.
 
+The vocabulary-parallel form (:mod:`xent_jax._parallel`) runs the same kernels on each shard of
+the vocabulary. It uses only this internal interface, whose names carry no underscore: the front
+end :func:`prepare_rows` (with :class:`PreparedRows`, :func:`linear_shapes`, ``WEIGHT_LAYOUTS``),
+the slice kernels :func:`vocab_slice_stats`, :func:`vocab_slice_grads` and
+:func:`fused_vocab_slice` with their per-row types :class:`RowStats` and :class:`StatCotangents`,
+:func:`logsumexp_from_stats`, and the per-row formula :func:`row_loss` with its
+:class:`LossConfig`.
+
 References:
   Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024 (blockwise CE);
   Hsu et al., "Liger Kernel: Efficient Triton Kernels for LLM Training", 2024 (gradients in the
@@ -64,10 +72,13 @@ import numpy as np
 from jax import lax
 
 from xent_jax import _checks
+from xent_jax import _engine
+from xent_jax import _heads
 from xent_jax import _inputs
 from xent_jax import _cross_entropy as _ce
 from xent_jax import _reduction
 
+# The weight layouts the kernels take ('vd': [V, D], 'dv': [D, V]); _parallel checks against it.
 WEIGHT_LAYOUTS = ("vd", "dv")
 
 # Default rows per token chunk: the [chunk, V] float32 block stays near 2**24 elements (64 MiB),
@@ -94,6 +105,8 @@ class RowStats(NamedTuple):
     sumexp: ``[N]`` :math:`\\sum_c e^{x_{ic} - m_i}`.
     target: ``[N]`` :math:`x_{iy_i}` where the label lies in the slice, else 0.
     weighted_sum: ``[N]`` :math:`\\sum_c w_c x_{ic}` (zeros unless requested).
+
+  Part of the interface for :mod:`xent_jax._parallel`, which combines the shards' statistics.
   """
 
   max: jax.Array
@@ -222,12 +235,14 @@ def _merge_stats(a: RowStats, b: RowStats) -> RowStats:
 
 
 def logsumexp_from_stats(stats: RowStats) -> jax.Array:
-  """:math:`\\mathrm{lse}_i = m_i + \\log\\sum_c e^{x_{ic} - m_i}` from complete statistics."""
+  """:math:`\\mathrm{lse}_i = m_i + \\log\\sum_c e^{x_{ic} - m_i}` from complete statistics
+  (also those :mod:`xent_jax._parallel` completes over the shards)."""
   return stats.max + jnp.log(stats.sumexp)
 
 
 class StatCotangents(NamedTuple):
-  """Per-row cotangents :math:`(\\bar{\\mathrm{lse}}, \\bar t, \\bar s)` of the statistics."""
+  """Per-row cotangents :math:`(\\bar{\\mathrm{lse}}, \\bar t, \\bar s)` of the statistics
+  (for :func:`vocab_slice_grads`; part of the interface for :mod:`xent_jax._parallel`)."""
 
   lse: jax.Array
   target: jax.Array
@@ -312,6 +327,7 @@ def vocab_slice_stats(hidden_NxD, weight, bias_V, labels_N, class_weight_V, cfg:
   """Per-row partial statistics of ``cap(hidden @ weight_slice.T + bias_slice)`` over one slice.
 
   Loops over token chunks, and inside each over vocabulary chunks with the online-softmax merge.
+  The first pass of the two-pass schedule, here and on each shard in :mod:`xent_jax._parallel`.
 
   Args:
     hidden_NxD: ``[N, D]``.
@@ -384,7 +400,8 @@ def vocab_slice_grads(
   Returns:
     ``(d_hidden [N, D], d_weight (weight's shape), d_bias [V] or None)``: ``d_hidden`` and
     ``d_bias`` in float32 (float64 for float64 inputs), ``d_weight`` in the weight's dtype (all
-    accumulated in float32). ``d_hidden`` is this slice's part: sum it over slices.
+    accumulated in float32). ``d_hidden`` is this slice's part: sum it over slices (as
+    :mod:`xent_jax._parallel` does over the vocabulary shards).
   """
   grads = _grads_vocab_major if cfg.vocab_major else _grads_token_major
   return grads(hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse_N, cot, cfg)
@@ -554,7 +571,8 @@ def fused_vocab_slice(
   ``complete_stats`` turns the slice's statistics into complete ones (identity on one device; a
   vocabulary-sharded caller passes its collectives), and ``row_loss(lse_T, target_T,
   weighted_sum_T, rows_T)`` gives each row's contribution to the summed loss, ``rows`` being a
-  pytree of ``[N, ...]`` per-row data sliced alongside.
+  pytree of ``[N, ...]`` per-row data sliced alongside. The one-pass schedule, here and on each
+  shard in :mod:`xent_jax._parallel`.
 
   Returns:
     ``(loss_sum, lse [N], d_hidden [N, D], d_weight, d_bias [V] or None)``: the gradients of
@@ -613,22 +631,39 @@ def fused_vocab_slice(
 
 
 @dataclasses.dataclass(frozen=True)
-class _LossConfig:
+class LossConfig:
+  """The static per-row loss options of the kernels: the smoothed target, its convention and the
+  z-loss coefficient.
+
+  Part of the interface for :mod:`xent_jax._parallel` (made by :func:`prepare_rows`).
+  """
+
   target: _ce.SmoothedTarget
+  smoothing: str
   z_loss: float
 
 
-def _row_loss(lcfg: _LossConfig, total_weight, lse, target_logit, weighted_sum, rows):
-  """Each row's loss (the core's per-row formula) times its scale, 0 on invalid rows."""
+def row_loss(lcfg: LossConfig, total_weight, lse, target_logit, weighted_sum, rows):
+  """Each row's loss times its scale, 0 on invalid rows: cross-entropy's head
+  (:func:`xent_jax._cross_entropy.cross_entropy_head`) on the kernels' statistics.
+
+  The head reads :math:`\\log p_y = x_y - \\mathrm{lse}` and, when smoothing, the class sum
+  :math:`\\sum_c w_c(\\mathrm{lse} - x_c) = W\\,\\mathrm{lse} - \\sum_c w_c x_c`. ``rows`` is
+  ``(scale, target_weight, valid)``, each ``[N]``. For :mod:`xent_jax._parallel` too, which
+  evaluates it on statistics completed over the vocabulary shards.
+  """
   scale, target_weight, valid = rows
-  loss = _ce.integer_label_loss(
-    lse,
-    target_logit,
-    weighted_sum if lcfg.target.off else None,
-    target_weight,
-    total_weight,
-    lcfg.target,
-    lcfg.z_loss,
+  target = lcfg.target
+  zeros = jnp.zeros_like(lse)
+  class_sums = (total_weight * lse - weighted_sum,) if target.off else ()
+  stats = _engine.RowStats(lse, zeros, target_logit - lse, class_sums, zeros)
+  loss = _heads.integer_stats_loss(
+    _ce.cross_entropy_head(lcfg.smoothing, lcfg.z_loss),
+    stats,
+    target_weight=target_weight,
+    total_weight=total_weight,
+    on=target.on,
+    off=target.off,
   )
   return jnp.where(valid, scale * loss, jnp.zeros_like(loss))
 
@@ -665,13 +700,19 @@ _stats_op.defvjp(_stats_fwd, _stats_bwd)
 def _fused_op(cfg, lcfg, hidden, weight, bias, labels, class_weight, rows, total_weight):
   # Not differentiated: statistics only, one matmul.
   lse, target_logit, weighted_sum = _stats_op(cfg, hidden, weight, bias, labels, class_weight)
-  return jnp.sum(_row_loss(lcfg, total_weight, lse, target_logit, weighted_sum, rows))
+  return jnp.sum(row_loss(lcfg, total_weight, lse, target_logit, weighted_sum, rows))
 
 
 def _fused_fwd(cfg, lcfg, hidden, weight, bias, labels, class_weight, rows, total_weight):
-  row_loss = functools.partial(_row_loss, lcfg, total_weight)
   loss, _, d_hidden, d_weight, d_bias = fused_vocab_slice(
-    hidden, weight, bias, labels, class_weight, row_loss, rows, cfg
+    hidden,
+    weight,
+    bias,
+    labels,
+    class_weight,
+    functools.partial(row_loss, lcfg, total_weight),
+    rows,
+    cfg,
   )
   # Stored in the inputs' dtypes: the backward pass only scales them.
   grads = (
@@ -783,6 +824,201 @@ def plan_schedule(
   return Schedule(one_pass, token_chunk, vocab_chunk, vocab_major)
 
 
+def linear_shapes(fn: str, hidden, weight, weight_layout: str) -> tuple[int, int]:
+  """``(classes, features)`` of ``weight`` in its layout, checked against ``hidden [..., D]``.
+
+  Shared with :mod:`xent_jax._parallel` (which checks the global arrays with it) and
+  :mod:`xent_jax._chunked` (every other loss's fused form). Any array-likes.
+
+  Raises:
+    ValueError: a scalar ``hidden``, a ``weight`` that is not 2-D or has no classes, or a
+      feature dimension that differs.
+  """
+  hidden_shape, weight_shape = np.shape(hidden), np.shape(weight)
+  if not hidden_shape:
+    raise ValueError(f"{fn}: `hidden` must have shape [..., D], got a scalar.")
+  if len(weight_shape) != 2:
+    raise ValueError(
+      f"{fn}: `weight` must have shape [V, D] (weight_layout='vd') or [D, V] ('dv'), got "
+      f"{weight_shape}."
+    )
+  vocab_axis = 0 if weight_layout == "vd" else 1
+  _checks.check_has_classes(fn, "weight", weight_shape, vocab_axis)
+  num_classes, features = weight_shape[vocab_axis], weight_shape[1 - vocab_axis]
+  if hidden_shape[-1] != features:
+    raise ValueError(
+      f"{fn}: `hidden`'s last dimension must equal `weight`'s feature dimension ({features} for "
+      f"weight_layout={weight_layout!r}, `weight` {weight_shape}), got `hidden` {hidden_shape}."
+    )
+  return num_classes, features
+
+
+class PreparedRows(NamedTuple):
+  """The checked inputs of the kernels, one row per token (made by :func:`prepare_rows`).
+
+  Attributes:
+    hidden_NxD: ``[N, D]`` features.
+    weight: ``[V, D]`` or ``[D, V]`` (this shard's classes under ``vocab_axis``).
+    bias: ``[V]`` or None.
+    class_weight: ``[V]`` in the compute dtype, or None.
+    labels_N: ``[N]`` int32 labels as class indices into ``weight`` (shifted by the shard's first
+      class under ``vocab_axis``); they match no class of it where the label lies outside
+      ``[0, K)``, is ignored, or (sharded) belongs to another shard.
+    valid_N: ``[N]`` bool, rows that count (``where`` and not ``ignore_index``).
+    nan_or_one_N: ``[N]`` NaN on valid rows whose label is outside ``[0, K)``, else 1.
+    target_weight_N: ``[N]`` :math:`w_{y_i}`, over all shards.
+    total_weight: :math:`W = \\sum_c w_c` over all ``K`` classes.
+    example_weight_N: ``[N]`` :math:`\\omega_i`, the 'mean' denominator's terms.
+    batch_shape: ``hidden``'s shape without ``D``.
+    schedule: the :class:`Schedule`; None for an empty batch (no kernel runs).
+    block: the :class:`BlockConfig` of ``schedule``, or None.
+    loss: the :class:`LossConfig` for :func:`row_loss`.
+  """
+
+  hidden_NxD: jax.Array
+  weight: jax.Array
+  bias: jax.Array | None
+  class_weight: jax.Array | None
+  labels_N: jax.Array
+  valid_N: jax.Array
+  nan_or_one_N: jax.Array
+  target_weight_N: jax.Array
+  total_weight: jax.Array
+  example_weight_N: jax.Array
+  batch_shape: tuple[int, ...]
+  schedule: Schedule | None
+  block: BlockConfig | None
+  loss: LossConfig
+
+  def kernel_rows(self, row_scale_N: jax.Array | None = None):
+    """The ``rows`` argument of :func:`row_loss`: each row's scale (times NaN on rows with an
+    out-of-range label), target weight and validity."""
+    scale_N = self.nan_or_one_N if row_scale_N is None else row_scale_N * self.nan_or_one_N
+    return (scale_N, self.target_weight_N, self.valid_N)
+
+
+def prepare_rows(
+  fn: str,
+  hidden: jax.typing.ArrayLike,
+  weight: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  bias: jax.typing.ArrayLike | None,
+  weight_layout: str,
+  class_weight: jax.typing.ArrayLike | None,
+  ignore_index: int | None,
+  reduction: str,
+  label_smoothing: float,
+  smoothing: str,
+  z_loss: float,
+  logit_softcap: float | None,
+  where: jax.typing.ArrayLike | None,
+  return_lse: bool,
+  token_chunk_size: int | None,
+  vocab_chunk_size: int | None,
+  vocab_axis: Hashable | None = None,
+  row_axes: tuple[Hashable, ...] = (),
+) -> PreparedRows:
+  """Checks :func:`linear_cross_entropy`'s arguments and prepares the kernels' per-row inputs.
+
+  The one front end of the kernels: :func:`linear_cross_entropy` calls it on whole arrays, and
+  :mod:`xent_jax._parallel` on one vocabulary shard inside ``shard_map`` (``vocab_axis``: the mesh
+  axis the classes of ``weight``, ``bias`` and ``class_weight`` are split over, whose global class
+  count :math:`K` the labels and the smoothing refer to; ``row_axes``: the mesh axes the rows are
+  split over, for the kernels' varying-axes types). Labels are read by
+  :func:`xent_jax._inputs.integer_labels`, ``where`` by :func:`xent_jax._inputs.row_mask`, the
+  schedule planned by :func:`plan_schedule` (none for an empty batch).
+
+  Raises:
+    TypeError, ValueError, AssertionError: naming the bad argument of ``fn``.
+  """
+  _checks.check_floating(fn, "hidden", hidden)
+  _checks.check_floating(fn, "weight", weight)
+  _checks.check_choice(fn, "weight_layout", weight_layout, WEIGHT_LAYOUTS)
+  _ce.check_common_options(
+    fn,
+    label_smoothing=label_smoothing,
+    smoothing=smoothing,
+    z_loss=z_loss,
+    logit_softcap=logit_softcap,
+    reduction=reduction,
+  )
+  hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
+  labels = _inputs.as_label_array(fn, labels)
+  num_local, features = linear_shapes(fn, hidden, weight, weight_layout)
+  batch_shape = hidden.shape[:-1]
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}.")
+  _checks.check_shape(fn, "labels", labels, batch_shape)
+  if bias is not None:
+    _checks.check_floating(fn, "bias", bias)
+    _checks.check_shape(fn, "bias", bias, (num_local,))
+    bias = jnp.asarray(bias)
+  dtype = _ce.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
+  if class_weight is not None:
+    _inputs.check_class_weight(fn, "class_weight", class_weight, num_local)
+    class_weight = jnp.asarray(class_weight).astype(dtype)
+  valid = _inputs.row_mask(fn, where, batch_shape)
+  n = int(np.prod(batch_shape))
+  schedule = None
+  if n:
+    schedule = plan_schedule(
+      fn,
+      n,
+      features,
+      num_local,
+      linear_reduction=reduction != "none" and not return_lse,
+      token_chunk_size=token_chunk_size,
+      vocab_chunk_size=vocab_chunk_size,
+      hidden_dtype=hidden.dtype,
+      weight_dtype=weight.dtype,
+    )
+  num_classes = num_local if vocab_axis is None else num_local * lax.axis_size(vocab_axis)
+  read = _inputs.integer_labels(
+    fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=valid
+  )
+  # int32 labels, -1 outside [0, K): such a row matches no class of any block or shard.
+  labels_N, valid_N, in_range_N = (a.reshape(n) for a in read)
+  target_weight_N, total_weight = _heads.target_weights(
+    class_weight, read.safe_labels.reshape(n), num_local, dtype, vocab_axis
+  )
+  example_weight_N = jnp.where(valid_N, target_weight_N, jnp.zeros_like(target_weight_N))
+  # A valid label outside [0, K) makes its row's loss (and gradients) NaN, as in cross_entropy.
+  nan_or_one_N = jnp.where(valid_N & ~in_range_N, jnp.nan, 1.0).astype(dtype)
+  varying_axes = ()
+  if vocab_axis is not None:
+    # The kernels see this shard's classes as 0..V_s-1: shift the labels rather than pass the
+    # (traced) shard offset through the static BlockConfig.class_offset.
+    labels_N = labels_N - lax.axis_index(vocab_axis) * num_local
+    varying_axes = (*row_axes, vocab_axis)
+  target = _ce.smoothed_target(num_classes, label_smoothing, smoothing)
+  block = None
+  if schedule is not None:
+    block = schedule.block_config(
+      weight_layout,
+      logit_softcap,
+      bool(target.off),
+      varying_axes=varying_axes,
+      row_axes=row_axes,
+    )
+  return PreparedRows(
+    hidden.reshape(n, features),
+    weight,
+    bias,
+    class_weight,
+    labels_N,
+    valid_N,
+    nan_or_one_N,
+    target_weight_N,
+    total_weight,
+    example_weight_N,
+    batch_shape,
+    schedule,
+    block,
+    LossConfig(target, smoothing, float(z_loss)),
+  )
+
+
 def linear_cross_entropy(
   hidden: jax.typing.ArrayLike,
   weight: jax.typing.ArrayLike,
@@ -870,52 +1106,30 @@ def linear_cross_entropy(
     Hsu et al., "Liger Kernel: Efficient Triton Kernels for LLM Training", 2024.
   """
   fn = "linear_cross_entropy"
-  _checks.check_floating(fn, "hidden", hidden)
-  _checks.check_floating(fn, "weight", weight)
-  _checks.check_choice(fn, "weight_layout", weight_layout, WEIGHT_LAYOUTS)
-  _ce.check_common_options(
+  rows = prepare_rows(
     fn,
+    hidden,
+    weight,
+    labels,
+    bias=bias,
+    weight_layout=weight_layout,
+    class_weight=class_weight,
+    ignore_index=ignore_index,
+    reduction=reduction,
     label_smoothing=label_smoothing,
     smoothing=smoothing,
     z_loss=z_loss,
     logit_softcap=logit_softcap,
-    reduction=reduction,
+    where=where,
+    return_lse=return_lse,
+    token_chunk_size=token_chunk_size,
+    vocab_chunk_size=vocab_chunk_size,
   )
-  hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
-  labels = _inputs.as_label_array(fn, labels)
-  if hidden.ndim < 1:
-    raise ValueError(f"{fn}: `hidden` must have shape [..., D], got a scalar.")
-  if weight.ndim != 2:
-    raise ValueError(
-      f"{fn}: `weight` must have shape [V, D] (weight_layout='vd') or [D, V] ('dv'), got "
-      f"{weight.shape}."
-    )
-  vocab_axis = 0 if weight_layout == "vd" else 1
-  _checks.check_has_classes(fn, "weight", np.shape(weight), vocab_axis)
-  num_classes, features = weight.shape[vocab_axis], weight.shape[1 - vocab_axis]
-  if hidden.shape[-1] != features:
-    raise ValueError(
-      f"{fn}: `hidden`'s last dimension must equal `weight`'s feature dimension ({features} for "
-      f"weight_layout={weight_layout!r}, `weight` {weight.shape}), got `hidden` {hidden.shape}."
-    )
-  batch_shape = hidden.shape[:-1]
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}.")
-  _checks.check_shape(fn, "labels", labels, batch_shape)
-  if bias is not None:
-    _checks.check_floating(fn, "bias", bias)
-    _checks.check_shape(fn, "bias", bias, (num_classes,))
-    bias = jnp.asarray(bias)
-  if class_weight is not None:
-    _inputs.check_class_weight(fn, "class_weight", class_weight, num_classes)
-  if where is not None:
-    _checks.check_broadcastable(fn, "where", where, batch_shape)
-  n = int(np.prod(batch_shape))
-  if n == 0:  # Nothing to chunk: the unfused loss of the empty [..., 0, V] logits.
+  if rows.schedule is None:  # Nothing to chunk: the unfused loss of the empty [..., 0, V] logits.
     spec = "...d,vd->...v" if weight_layout == "vd" else "...d,dv->...v"
-    logits = jnp.einsum(spec, hidden, weight)
+    logits = jnp.einsum(spec, jnp.asarray(hidden), jnp.asarray(weight))
     return _ce.cross_entropy(
-      logits if bias is None else logits + _ce.along_classes(bias, logits.ndim),
+      logits if bias is None else logits + _ce.along_classes(jnp.asarray(bias), logits.ndim),
       labels,
       weight=class_weight,
       ignore_index=ignore_index,
@@ -927,53 +1141,21 @@ def linear_cross_entropy(
       where=where,
       return_lse=return_lse,
     )
-  schedule = plan_schedule(
-    fn,
-    n,
-    features,
-    num_classes,
-    linear_reduction=reduction != "none" and not return_lse,
-    token_chunk_size=token_chunk_size,
-    vocab_chunk_size=vocab_chunk_size,
-    hidden_dtype=hidden.dtype,
-    weight_dtype=weight.dtype,
-  )
-
-  dtype = _ce.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
-  hidden_NxD = hidden.reshape(n, features)
-  read = _inputs.integer_labels(
-    fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=where
-  )
-  # int32 labels, -1 outside [0, V): such a row matches no class of any block.
-  labels_N, valid_N, in_range_N = (a.reshape(n) for a in read)
-  safe_labels_N = read.safe_labels.reshape(n)
-  if class_weight is None:
-    total_weight = jnp.asarray(num_classes, dtype)
-    target_weight_N = jnp.ones((n,), dtype)
-  else:
-    class_weight = jnp.asarray(class_weight).astype(dtype)
-    total_weight = jnp.sum(class_weight)
-    target_weight_N = class_weight[safe_labels_N]
-  example_weight_N = jnp.where(valid_N, target_weight_N, jnp.zeros_like(target_weight_N))
-  # A valid label outside [0, V) makes its row's loss (and gradients) NaN, as in cross_entropy.
-  nan_or_one_N = jnp.where(valid_N & ~in_range_N, jnp.nan, 1.0).astype(dtype)
-
-  target = _ce.smoothed_target(num_classes, label_smoothing, smoothing)
-  lcfg = _LossConfig(target, float(z_loss))
-  cfg = schedule.block_config(weight_layout, logit_softcap, bool(target.off))
-  if schedule.one_pass:
+  args = (rows.hidden_NxD, rows.weight, rows.bias, rows.labels_N, rows.class_weight)
+  if rows.schedule.one_pass:
     # Sum and mean are linear in the per-row losses: d(reduced)/d(loss_i) is known up front.
     row_scale_N = jax.grad(
-      lambda loss: _reduction.reduce_loss(loss, example_weight_N, reduction, fn=fn)
-    )(jnp.zeros((n,), dtype))
-    rows = (row_scale_N * nan_or_one_N, target_weight_N, valid_N)
-    return _fused_op(
-      cfg, lcfg, hidden_NxD, weight, bias, labels_N, class_weight, rows, total_weight
-    )
-  lse_N, target_N, weighted_sum_N = _stats_op(cfg, hidden_NxD, weight, bias, labels_N, class_weight)
-  rows = (nan_or_one_N, target_weight_N, valid_N)
-  loss_N = _row_loss(lcfg, total_weight, lse_N, target_N, weighted_sum_N, rows)
-  loss = _reduction.reduce_loss(
-    loss_N.reshape(batch_shape), example_weight_N.reshape(batch_shape), reduction, fn=fn
+      lambda loss: _reduction.reduce_loss(loss, rows.example_weight_N, reduction, fn=fn)
+    )(jnp.zeros_like(rows.example_weight_N))
+    return _fused_op(rows.block, rows.loss, *args, rows.kernel_rows(row_scale_N), rows.total_weight)
+  lse_N, target_N, weighted_sum_N = _stats_op(rows.block, *args)
+  loss_N = row_loss(
+    rows.loss, rows.total_weight, lse_N, target_N, weighted_sum_N, rows.kernel_rows()
   )
-  return (loss, lse_N.reshape(batch_shape)) if return_lse else loss
+  loss = _reduction.reduce_loss(
+    loss_N.reshape(rows.batch_shape),
+    rows.example_weight_N.reshape(rows.batch_shape),
+    reduction,
+    fn=fn,
+  )
+  return (loss, lse_N.reshape(rows.batch_shape)) if return_lse else loss

@@ -43,13 +43,6 @@ def _classes_last(fn: str, logits, axis: Axis, where):
   return flatten(logits), (flatten(jnp.asarray(where, bool)) if per_logit else None)
 
 
-def _example_mask(fn: str, where, batch_shape) -> jax.Array:
-  if where is None:
-    return jnp.ones(batch_shape, bool)
-  _checks.check_broadcastable(fn, "where", where, batch_shape)
-  return jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
-
-
 def _masked_class_cross_entropy(logits, q, class_mask):
   """:math:`\\sum_{c\\in M} q_c(\\mathrm{lse}_M - x_c)` over the classes ``class_mask`` keeps
   (optax's per-logit ``where``); 0 for rows that keep no class."""
@@ -116,7 +109,7 @@ def softmax_cross_entropy_with_integer_labels(
     x,
     read.labels,
     class_weight=None,
-    valid=_example_mask(fn, where, x.shape[:-1]),
+    valid=_inputs.row_mask(fn, where, x.shape[:-1]),
     target=ce.smoothed_target(num_classes, label_smoothing),
     z_loss=0.0,
     logit_softcap=None,
@@ -178,7 +171,7 @@ def softmax_cross_entropy(
     x,
     q,
     class_weight=None,
-    valid=_example_mask(fn, where, x.shape[:-1]),
+    valid=_inputs.row_mask(fn, where, x.shape[:-1]),
     label_smoothing=label_smoothing,
     smoothing="uniform",
     z_loss=0.0,
@@ -270,5 +263,5 @@ def poly_loss_cross_entropy(
   probs = jax.nn.softmax(x.astype(q.dtype), axis=-1)
   one_minus_pt = jnp.sum(q * (1.0 - probs), axis=-1)
   if where is not None and jnp.ndim(where) != jnp.ndim(logits):
-    one_minus_pt = jnp.where(_example_mask(fn, where, x.shape[:-1]), one_minus_pt, 0.0)
+    one_minus_pt = jnp.where(_inputs.row_mask(fn, where, x.shape[:-1]), one_minus_pt, 0.0)
   return xent + epsilon * one_minus_pt

@@ -11,8 +11,8 @@ that axis,
    x_{iy_i} = \operatorname{psum}_s [y_i \in s]\, x_{iy_i},
 
 plus :math:`\operatorname{psum}_s \sum_{c \in s} w_c x_{ic}` when labels are smoothed, after
-which the per-row loss is the core's own formula
-(:func:`xent_jax._cross_entropy.integer_label_loss`) over the **global** class count
+which the per-row loss is the core's own head
+(:func:`xent_jax._cross_entropy.cross_entropy_head`) over the **global** class count
 :math:`K = V_s\,|\text{vocab}|`. Megatron-LM's ``_VocabParallelCrossEntropy`` scales its
 smoothing by the vocabulary size of the local partition and averages the log-probabilities over
 that partition only, so its smoothed loss changes with the tensor-parallel degree; here the loss
@@ -26,7 +26,6 @@ replicated inputs need a collective: ``psum`` over the vocabulary axis for ``hid
 data axis for the weight shard.
 """
 
-import dataclasses
 import functools
 import math
 from collections.abc import Hashable
@@ -154,14 +153,6 @@ def _reduce(loss, example_weight, reduction: str, data_axis, fn: str):
   return _reduction.reduce_loss(total, weight, reduction, fn=fn)
 
 
-def _where_rows(fn, where, batch_shape):
-  """``[...]`` bool rows that count for probability labels (``where``; True without it)."""
-  if where is None:
-    return jnp.ones(batch_shape, bool)
-  _checks.check_broadcastable(fn, "where", where, batch_shape)
-  return jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
-
-
 def _check_labels(fn, labels, batch_shape):
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}.")
@@ -180,93 +171,6 @@ def _logits_labels_kind(fn, labels, logits_shape) -> bool:
   raise TypeError(
     f"{fn}: `labels` must be integer class ids or float probabilities, got dtype {labels.dtype}."
   )
-
-
-# --------------------------------------------------------------------------- logits kernel
-
-
-@dataclasses.dataclass(frozen=True)
-class _DenseShardConfig:
-  vocab_axis: Hashable
-  label_smoothing: float
-  smoothing: str
-  z_loss: float
-  logit_softcap: float | None
-
-
-def _smooth_shard(labels, num_classes: int, cfg: _DenseShardConfig):
-  r"""The smoothed target on one shard and :math:`dq/d\text{labels}` (a constant):
-  'uniform' :math:`(1-\epsilon)q + \epsilon/K`, 't5x' :math:`(1-\epsilon-o)q + o` with
-  :math:`o = \epsilon/(K-1)`, over the global class count :math:`K`."""
-  eps = cfg.label_smoothing
-  if not eps:
-    return labels, 1.0
-  if cfg.smoothing == "uniform":
-    return (1.0 - eps) * labels + eps / num_classes, 1.0 - eps
-  off = eps / max(num_classes - 1, 1)
-  return (1.0 - eps - off) * labels + off, 1.0 - eps - off
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _shard_dense_cross_entropy(logits, labels, class_weight, valid, cfg):
-  return _shard_dense_fwd(logits, labels, class_weight, valid, cfg)[0]
-
-
-def _shard_dense_parts(logits, labels, class_weight, cfg: _DenseShardConfig):
-  """Capped logits, smoothed weighted target :math:`w_c q_c` and the smoothing slope."""
-  dtype = _ce.compute_dtype(logits.dtype)
-  x = _ce.softcap(logits.astype(dtype), cfg.logit_softcap)
-  num_classes = logits.shape[-1] * jax.lax.axis_size(cfg.vocab_axis)
-  q, slope = _smooth_shard(labels.astype(dtype), num_classes, cfg)
-  w = None if class_weight is None else _ce.along_classes(class_weight, x.ndim)
-  return x, q, (q if w is None else q * w), w, slope
-
-
-def _shard_dense_fwd(logits, labels, class_weight, valid, cfg: _DenseShardConfig):
-  r"""Per-row :math:`\ell = A\,\mathrm{lse} - \sum_c w_c q_c x_c
-  [+ \sum_c w_c q_c \log q_c]_{\text{t5x}} + z\,\mathrm{lse}^2` with
-  :math:`A = \sum_c w_c q_c`, every class sum a ``psum`` of shard sums."""
-  axis = cfg.vocab_axis
-  x, q, wq, w, _ = _shard_dense_parts(logits, labels, class_weight, cfg)
-  m = jax.lax.pmax(jnp.max(x, axis=-1), axis)
-  m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
-  log_sum = jnp.log(jax.lax.psum(jnp.sum(jnp.exp(x - m[..., None]), axis=-1), axis))
-  lse = m + log_sum
-  mass = jax.lax.psum(jnp.sum(wq, axis=-1), axis)
-  # 0 * (-inf) = 0: classes without target mass add nothing, even at a -inf logit.
-  wqx = jax.lax.psum(jnp.sum(jnp.where(wq != 0, wq * x, jnp.zeros_like(x)), axis=-1), axis)
-  loss = mass * lse - wqx
-  if cfg.smoothing == "t5x":
-    xlogx = jax.scipy.special.xlogy(q, q)
-    loss = loss + jax.lax.psum(jnp.sum(xlogx if w is None else xlogx * w, axis=-1), axis)
-  if cfg.z_loss:
-    loss = loss + cfg.z_loss * jnp.square(lse)
-  loss = jnp.where(valid, loss, jnp.zeros_like(loss))
-  return (loss, lse), (logits, labels, class_weight, valid, m, log_sum, mass)
-
-
-def _shard_dense_bwd(cfg: _DenseShardConfig, residuals, cotangents):
-  r"""Shard-local: :math:`\partial\ell/\partial x_c = (A + 2z\,\mathrm{lse})\,p_c - w_c q_c`
-  and :math:`\partial\ell/\partial \text{labels}_c = s\,w_c(\mathrm{lse} - x_c
-  [+ \log q_c + 1]_{\text{t5x}})`, :math:`s` the smoothing slope."""
-  logits, labels, class_weight, valid, m, log_sum, mass = residuals
-  g_loss, g_lse = cotangents
-  g_loss = jnp.where(valid, g_loss, jnp.zeros_like(g_loss))
-  x, q, wq, w, slope = _shard_dense_parts(logits, labels, class_weight, cfg)
-  lse = m + log_sum
-  scale = g_loss * (mass + 2.0 * cfg.z_loss * lse) + g_lse
-  probs = jnp.exp(x - lse[..., None])
-  d_logits = scale[..., None] * probs - g_loss[..., None] * wq
-  d_logits = d_logits * _ce.softcap_grad(x, cfg.logit_softcap)
-  d_q = lse[..., None] - x
-  if cfg.smoothing == "t5x":
-    d_q = d_q + jnp.log(q) + 1.0
-  d_q = d_q if w is None else d_q * w
-  d_labels = (slope * g_loss)[..., None] * d_q
-  return d_logits.astype(logits.dtype), d_labels.astype(labels.dtype), None, None
-
-
-_shard_dense_cross_entropy.defvjp(_shard_dense_fwd, _shard_dense_bwd)
 
 
 # --------------------------------------------------------------------------- linear kernel glue
@@ -363,7 +267,7 @@ def _sharded_fused_fwd(
     bias,
     labels,
     class_weight,
-    functools.partial(_linear._row_loss, lcfg, total_weight),
+    functools.partial(_linear.row_loss, lcfg, total_weight),
     rows,
     cfg,
     functools.partial(complete_row_stats, vocab_axis=vocab_axis),
@@ -498,8 +402,8 @@ def _local_loss(
   where,
   return_lse,
 ):
-  """One vocabulary shard's loss of ``head`` (the row-statistics engine over ``vocab_axis``) for
-  integer labels; cross-entropy's own kernel for probability labels."""
+  """One vocabulary shard's loss of ``head`` on the row-statistics engine over ``vocab_axis``,
+  integer or (cross-entropy only) probability labels."""
   _checks.check_floating(fn, "logits", logits)
   logits, labels = jnp.asarray(logits), _inputs.as_label_array(fn, labels)
   if logits.ndim < 1:
@@ -535,11 +439,18 @@ def _local_loss(
         f"{fn}: over vocabulary shards, probability `labels` are supported for cross-entropy "
         "only; pass integer labels."
       )
-    valid = _where_rows(fn, where, logits.shape[:-1])
-    cfg = _DenseShardConfig(
-      vocab_axis, float(label_smoothing), smoothing, float(z_loss), logit_softcap
+    valid = _inputs.row_mask(fn, where, logits.shape[:-1])
+    eps = float(label_smoothing)
+    loss, stats = _heads.probability_loss(
+      head,
+      logits,
+      labels,
+      smooth=lambda q: _heads.smooth_probabilities(q, eps, smoothing, num_classes),
+      class_weight=weight,
+      logit_softcap=logit_softcap,
+      vocab_axis=vocab_axis,
     )
-    loss, lse = _shard_dense_cross_entropy(logits, labels, weight, valid, cfg)
+    loss, lse = jnp.where(valid, loss, jnp.zeros_like(loss)), stats.lse
     example_weight = valid.astype(loss.dtype)
   out = _reduce(loss, example_weight, reduction, data_axis, fn)
   return (out, lse) if return_lse else out
@@ -717,8 +628,7 @@ def _global_loss(
     fn, mesh, vocab_axis, data_axis, logits.shape[-1], "logits", batch_shape, "logits"
   )
   if where is not None:
-    _checks.check_broadcastable(fn, "where", where, batch_shape)
-    where = jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
+    where = _inputs.row_mask(fn, where, batch_shape)
   row_spec = PartitionSpec(*rows)
   args = {"logits": logits, "labels": labels, "weight": weight, "where": where}
   specs = {
@@ -774,130 +684,70 @@ def _linear_local(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r""":func:`xent_jax.linear_cross_entropy` on one vocabulary shard of ``weight``.
 
-  Runs inside ``shard_map(check_vma=True)`` (see the note above :func:`_as_input_dtypes`): each
-  shard runs the blocked kernels of :mod:`xent_jax._linear` on its classes, relabelled
-  ``0..V_s-1``, and
+  Runs inside ``shard_map(check_vma=True)`` (see the note above :func:`_as_input_dtypes`): the
+  single-device front end (:func:`xent_jax._linear.prepare_rows`) reads the arguments against the
+  global :math:`K = V_s\,|\text{vocab}|` classes, each shard runs the blocked kernels of
+  :mod:`xent_jax._linear` on its classes, relabelled ``0..V_s-1``, and
   :func:`complete_row_stats` combines the per-row statistics before the core's per-row formula
-  over the global :math:`K = V_s\,|\text{vocab}|` classes. Arguments are this device's shards
+  (:func:`xent_jax._linear.row_loss`). Arguments are this device's shards
   (``hidden`` ``[..., D]``, ``weight`` ``[V_s, D]`` or ``[D, V_s]``, ``bias``/``class_weight``
   ``[V_s]``); options as in :func:`xent_jax.linear_cross_entropy`, chunk sizes per device.
   """
   fn = "vocab_parallel_linear_cross_entropy"
-  _checks.check_floating(fn, "hidden", hidden)
-  _checks.check_floating(fn, "weight", weight)
-  _checks.check_choice(fn, "weight_layout", weight_layout, _linear.WEIGHT_LAYOUTS)
-  _ce.check_common_options(
+  rows_axes = data_axes(data_axis)
+  rows = _linear.prepare_rows(
     fn,
+    hidden,
+    weight,
+    labels,
+    bias=bias,
+    weight_layout=weight_layout,
+    class_weight=class_weight,
+    ignore_index=ignore_index,
+    reduction=reduction,
     label_smoothing=label_smoothing,
     smoothing=smoothing,
     z_loss=z_loss,
     logit_softcap=logit_softcap,
-    reduction=reduction,
-  )
-  hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
-  labels = _inputs.as_label_array(fn, labels)
-  num_local, features = _linear_shapes(fn, hidden, weight, weight_layout)
-  batch_shape = hidden.shape[:-1]
-  _check_labels(fn, labels, batch_shape)
-  if bias is not None:
-    _checks.check_floating(fn, "bias", bias)
-    _checks.check_shape(fn, "bias", bias, (num_local,))
-    bias = jnp.asarray(bias)
-  dtype = _ce.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
-  if class_weight is not None:
-    _inputs.check_class_weight(fn, "class_weight", class_weight, num_local)
-    class_weight = jnp.asarray(class_weight).astype(dtype)
-  n = math.prod(batch_shape)
-  schedule = _linear.plan_schedule(
-    fn,
-    n,
-    features,
-    num_local,
-    linear_reduction=reduction != "none" and not return_lse,
+    where=where,
+    return_lse=return_lse,
     token_chunk_size=token_chunk_size,
     vocab_chunk_size=vocab_chunk_size,
-    hidden_dtype=hidden.dtype,
-    weight_dtype=weight.dtype,
-  )
-
-  num_classes = num_local * jax.lax.axis_size(vocab_axis)
-  read = _inputs.integer_labels(
-    fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=where
-  )
-  # int32 labels, -1 outside [0, K): such a row matches no class of any shard.
-  hidden_NxD = hidden.reshape(n, features)
-  labels_N, valid_N, in_range_N = (a.reshape(n) for a in read)
-  target_weight_N, total_weight = _heads.target_weights(
-    class_weight, labels_N, num_local, dtype, vocab_axis
-  )
-  example_weight_N = jnp.where(valid_N, target_weight_N, jnp.zeros_like(target_weight_N))
-  nan_or_one_N = jnp.where(valid_N & ~in_range_N, jnp.nan, 1.0).astype(dtype)
-  # The kernels see this shard's classes as 0..V_s-1: shift the labels rather than pass the
-  # (traced) shard offset through the static BlockConfig.class_offset.
-  shard_labels_N = labels_N - jax.lax.axis_index(vocab_axis) * num_local
-
-  target = _ce.smoothed_target(num_classes, label_smoothing, smoothing)
-  lcfg = _linear._LossConfig(target, float(z_loss))
-  rows_axes = data_axes(data_axis)
-  cfg = schedule.block_config(
-    weight_layout,
-    logit_softcap,
-    bool(target.off),
-    varying_axes=(*rows_axes, vocab_axis),
+    vocab_axis=vocab_axis,
     row_axes=rows_axes,
   )
-  if schedule.one_pass:
+  args = (rows.hidden_NxD, rows.weight, rows.bias, rows.labels_N, rows.class_weight)
+  if rows.schedule.one_pass:
     # Sum and mean are linear in the per-row losses: d(reduced)/d(loss_i) is known up front.
-    total_weight_1 = jnp.sum(example_weight_N, keepdims=True)
+    total_weight_1 = jnp.sum(rows.example_weight_N, keepdims=True)
     if rows_axes:
       total_weight_1 = jax.lax.psum(total_weight_1, rows_axes)
     row_scale = jax.grad(
       lambda loss_1: _reduction.reduce_loss(loss_1, total_weight_1, reduction, fn=fn)
-    )(jnp.zeros((1,), dtype))
-    row_scale_N = jnp.broadcast_to(row_scale, (n,))
-    rows = (row_scale_N * nan_or_one_N, target_weight_N, valid_N)
+    )(jnp.zeros((1,), rows.total_weight.dtype))
+    row_scale_N = jnp.broadcast_to(row_scale, rows.valid_N.shape)
     return _sharded_fused(
-      cfg,
-      lcfg,
+      rows.block,
+      rows.loss,
       vocab_axis,
       data_axis,
-      hidden_NxD,
-      weight,
-      bias,
-      shard_labels_N,
-      class_weight,
-      rows,
-      total_weight,
+      *args,
+      rows.kernel_rows(row_scale_N),
+      rows.total_weight,
     )
-  lse_N, target_N, weighted_sum_N = _sharded_stats(
-    cfg, vocab_axis, data_axis, hidden_NxD, weight, bias, shard_labels_N, class_weight
+  lse_N, target_N, weighted_sum_N = _sharded_stats(rows.block, vocab_axis, data_axis, *args)
+  loss_N = _linear.row_loss(
+    rows.loss, rows.total_weight, lse_N, target_N, weighted_sum_N, rows.kernel_rows()
   )
-  loss_N = _linear._row_loss(
-    lcfg, total_weight, lse_N, target_N, weighted_sum_N, (nan_or_one_N, target_weight_N, valid_N)
-  )
+  batch_shape = rows.batch_shape
   loss = _reduce(
-    loss_N.reshape(batch_shape), example_weight_N.reshape(batch_shape), reduction, data_axis, fn
+    loss_N.reshape(batch_shape),
+    rows.example_weight_N.reshape(batch_shape),
+    reduction,
+    data_axis,
+    fn,
   )
   return (loss, lse_N.reshape(batch_shape)) if return_lse else loss
-
-
-def _linear_shapes(fn, hidden, weight, weight_layout):
-  """``(classes, features)`` of ``weight``, checked against ``hidden``."""
-  if hidden.ndim < 1:
-    raise ValueError(f"{fn}: `hidden` must have shape [..., D], got a scalar.")
-  if weight.ndim != 2:
-    raise ValueError(
-      f"{fn}: `weight` must have shape [V, D] (weight_layout='vd') or [D, V] ('dv'), got "
-      f"{weight.shape}."
-    )
-  vocab_dim = 0 if weight_layout == "vd" else 1
-  num_classes, features = weight.shape[vocab_dim], weight.shape[1 - vocab_dim]
-  if hidden.shape[-1] != features:
-    raise ValueError(
-      f"{fn}: `hidden`'s last dimension must equal `weight`'s feature dimension ({features} for "
-      f"weight_layout={weight_layout!r}, `weight` {weight.shape}), got `hidden` {hidden.shape}."
-    )
-  return num_classes, features
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -978,13 +828,12 @@ def vocab_parallel_linear_cross_entropy(
   )
   hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
   labels = _inputs.as_label_array(fn, labels)
-  num_classes, _ = _linear_shapes(fn, hidden, weight, weight_layout)
+  num_classes, _ = _linear.linear_shapes(fn, hidden, weight, weight_layout)
   batch_shape = hidden.shape[:-1]
   _check_labels(fn, labels, batch_shape)
   rows = _mesh_specs(fn, mesh, vocab_axis, data_axis, num_classes, "weight", batch_shape, "hidden")
   if where is not None:
-    _checks.check_broadcastable(fn, "where", where, batch_shape)
-    where = jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
+    where = _inputs.row_mask(fn, where, batch_shape)
   row_spec = PartitionSpec(*rows)
   class_spec = PartitionSpec(vocab_axis)
   args = {

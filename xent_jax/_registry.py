@@ -227,10 +227,7 @@ class ConfiguredLoss:
     if class_weight is not None:
       _inputs.check_class_weight(fn, "class_weight", class_weight, num_classes)
       class_weight = jnp.asarray(class_weight)
-    valid_N = jnp.ones((n,), bool)
-    if where is not None:
-      _checks.check_broadcastable(fn, "where", where, batch_shape)
-      valid_N = jnp.broadcast_to(jnp.asarray(where, bool), batch_shape).reshape(n)
+    valid_N = _inputs.row_mask(fn, where, batch_shape).reshape(n)
     dtype = _inputs.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
     labels_N = labels.reshape((n,) + labels.shape[len(batch_shape) :])
     if integer:
