@@ -24,16 +24,10 @@ import jax.numpy as jnp
 from xent_jax import _checks
 from xent_jax import _engine
 from xent_jax import _heads
-from xent_jax import _inputs
-from xent_jax import _reduction
 from xent_jax._engine import logsumexp_parts
 from xent_jax._heads import SmoothedTarget
 from xent_jax._heads import mask_rows
 from xent_jax._heads import smooth_probabilities
-from xent_jax._heads import smoothed_target
-from xent_jax._engine import softcap
-from xent_jax._engine import softcap_grad
-from xent_jax._inputs import compute_dtype
 
 SMOOTHING_CONVENTIONS = ("uniform", "t5x")
 

@@ -181,14 +181,14 @@ def _block_logits(hidden_TxD, weight_block, bias_C, cfg: BlockConfig):
   Classes-major blocks make the weight-gradient product ``g @ hidden`` a plain (non-transposed)
   matmul, the layout XLA's CPU backend runs fastest.
   """
-  dtype = _ce.compute_dtype(jnp.result_type(hidden_TxD.dtype, weight_block.dtype))
+  dtype = _inputs.compute_dtype(jnp.result_type(hidden_TxD.dtype, weight_block.dtype))
   features = 1 - cfg.vocab_axis
   x_CxT = lax.dot_general(
     weight_block, hidden_TxD, (((features,), (1,)), ((), ())), preferred_element_type=dtype
   )
   if bias_C is not None:
     x_CxT = x_CxT + bias_C.astype(dtype)[:, None]
-  return _ce.softcap(x_CxT, cfg.logit_softcap)
+  return _engine.softcap(x_CxT, cfg.logit_softcap)
 
 
 def _block_targets(target_index_T, shape):
@@ -258,7 +258,7 @@ def _block_dlogits(x_CxT, is_target_CxT, new_C, lse_T, cot: StatCotangents, clas
   if cfg.weighted_sum:
     w_C = jnp.ones_like(new_C, x_CxT.dtype) if class_weight_C is None else class_weight_C
     g_CxT = g_CxT + w_C[:, None] * cot.weighted_sum[None, :]
-  g_CxT = g_CxT * _ce.softcap_grad(x_CxT, cfg.logit_softcap)
+  g_CxT = g_CxT * _engine.softcap_grad(x_CxT, cfg.logit_softcap)
   return jnp.where(new_C[:, None], g_CxT, jnp.zeros_like(g_CxT))
 
 
@@ -274,13 +274,13 @@ def _block_hidden_grad(g_CxT, weight_block, cfg: BlockConfig):
     g_CxT,
     weight_block,
     (((0,), (cfg.vocab_axis,)), ((), ())),
-    preferred_element_type=_ce.compute_dtype(g_CxT.dtype),
+    preferred_element_type=_inputs.compute_dtype(g_CxT.dtype),
   )
 
 
 def _block_weight_grad(g_CxT, hidden_TxD, cfg: BlockConfig):
   """``d_weight`` of one block, ``[C, D]`` or ``[D, C]`` by layout (float32 accumulation)."""
-  acc = _ce.compute_dtype(g_CxT.dtype)
+  acc = _inputs.compute_dtype(g_CxT.dtype)
   if cfg.weight_layout == "vd":
     return lax.dot_general(g_CxT, hidden_TxD, (((1,), (0,)), ((), ())), preferred_element_type=acc)
   return lax.dot_general(hidden_TxD, g_CxT, (((0,), (1,)), ((), ())), preferred_element_type=acc)
@@ -344,7 +344,7 @@ def vocab_slice_stats(hidden_NxD, weight, bias_V, labels_N, class_weight_V, cfg:
   n = hidden_NxD.shape[0]
   v = weight.shape[cfg.vocab_axis]
   t, c = cfg.token_chunk, cfg.vocab_chunk
-  dtype = _ce.compute_dtype(jnp.result_type(hidden_NxD.dtype, weight.dtype))
+  dtype = _inputs.compute_dtype(jnp.result_type(hidden_NxD.dtype, weight.dtype))
 
   def token_step(i, stats_N):
     t0 = _chunk_start(i, t, n)
@@ -582,7 +582,7 @@ def fused_vocab_slice(
   v = weight.shape[cfg.vocab_axis]
   t = cfg.token_chunk
   cfg = dataclasses.replace(cfg, vocab_chunk=v)
-  dtype = _ce.compute_dtype(jnp.result_type(hidden_NxD.dtype, weight.dtype))
+  dtype = _inputs.compute_dtype(jnp.result_type(hidden_NxD.dtype, weight.dtype))
   all_C = jnp.ones((v,), bool)
   weight_rows = max(_WEIGHT_GRAD_ELEMENTS // d, 1)
 
@@ -638,7 +638,7 @@ class LossConfig:
   Part of the interface for :mod:`xent_jax._parallel` (made by :func:`prepare_rows`).
   """
 
-  target: _ce.SmoothedTarget
+  target: _heads.SmoothedTarget
   smoothing: str
   z_loss: float
 
@@ -954,7 +954,7 @@ def prepare_rows(
     _checks.check_floating(fn, "bias", bias)
     _checks.check_shape(fn, "bias", bias, (num_local,))
     bias = jnp.asarray(bias)
-  dtype = _ce.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
+  dtype = _inputs.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
   if class_weight is not None:
     _inputs.check_class_weight(fn, "class_weight", class_weight, num_local)
     class_weight = jnp.asarray(class_weight).astype(dtype)
@@ -991,7 +991,7 @@ def prepare_rows(
     # (traced) shard offset through the static BlockConfig.class_offset.
     labels_N = labels_N - lax.axis_index(vocab_axis) * num_local
     varying_axes = (*row_axes, vocab_axis)
-  target = _ce.smoothed_target(num_classes, label_smoothing, smoothing)
+  target = _heads.smoothed_target(num_classes, label_smoothing, smoothing)
   block = None
   if schedule is not None:
     block = schedule.block_config(

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from xent_jax import _checks
 from xent_jax import _cross_entropy as ce
+from xent_jax import _heads
 from xent_jax import _inputs
 
 Axis = int | tuple[int, ...]
@@ -46,7 +47,7 @@ def _classes_last(fn: str, logits, axis: Axis, where):
 def _masked_class_cross_entropy(logits, q, class_mask):
   """:math:`\\sum_{c\\in M} q_c(\\mathrm{lse}_M - x_c)` over the classes ``class_mask`` keeps
   (optax's per-logit ``where``); 0 for rows that keep no class."""
-  dtype = ce.compute_dtype(logits.dtype)
+  dtype = _inputs.compute_dtype(logits.dtype)
   x = jnp.where(class_mask, logits.astype(dtype), -jnp.inf)
   lse = ce.finite_logsumexp(x)
   keep = class_mask & (q != 0)
@@ -95,7 +96,7 @@ def softmax_cross_entropy_with_integer_labels(
   read = _inputs.integer_labels(fn, labels, num_classes=num_classes, ignore_index=None, where=None)
   if where is not None and jnp.ndim(where) == jnp.ndim(logits):
     # As optax: the normalizer runs over the kept classes, the label's logit is read unmasked.
-    dtype = ce.compute_dtype(x.dtype)
+    dtype = _inputs.compute_dtype(x.dtype)
     lse = ce.finite_logsumexp(jnp.where(class_mask, x, -jnp.inf))
     target_logit = jnp.take_along_axis(x, read.safe_labels[..., None], axis=-1)[..., 0]
     loss = (1.0 - label_smoothing) * (lse - target_logit.astype(dtype))
@@ -110,7 +111,7 @@ def softmax_cross_entropy_with_integer_labels(
     read.labels,
     class_weight=None,
     valid=_inputs.row_mask(fn, where, x.shape[:-1]),
-    target=ce.smoothed_target(num_classes, label_smoothing),
+    target=_heads.smoothed_target(num_classes, label_smoothing),
     z_loss=0.0,
     logit_softcap=None,
   )
@@ -164,7 +165,7 @@ def softmax_cross_entropy(
   q, _ = _classes_last(fn, labels, axis, None)
   if per_logit:
     kept = jnp.sum(class_mask, axis=-1, keepdims=True)
-    q = (1.0 - label_smoothing) * q.astype(ce.compute_dtype(x.dtype))
+    q = (1.0 - label_smoothing) * q.astype(_inputs.compute_dtype(x.dtype))
     q = q + label_smoothing / jnp.maximum(kept, 1)
     return _masked_class_cross_entropy(x, q, class_mask)
   loss, _ = ce.dense_cross_entropy_last_axis(
@@ -255,7 +256,7 @@ def poly_loss_cross_entropy(
   _checks.check_shape(fn, "labels", labels, logits.shape)
   x, class_mask = _classes_last(fn, logits, axis, where)
   q, _ = _classes_last(fn, labels, axis, None)
-  q = q.astype(ce.compute_dtype(x.dtype))
+  q = q.astype(_inputs.compute_dtype(x.dtype))
   xent = softmax_cross_entropy(logits, labels, axis, where)
   if where is not None and jnp.ndim(where) == jnp.ndim(logits):
     x = jnp.where(class_mask, x, -jnp.inf)

@@ -409,7 +409,7 @@ def _local_loss(
   if logits.ndim < 1:
     raise ValueError(f"{fn}: `logits` must have shape [..., V_shard], got a scalar.")
   integer = _logits_labels_kind(fn, labels, logits.shape)
-  dtype = _ce.compute_dtype(logits.dtype)
+  dtype = _inputs.compute_dtype(logits.dtype)
   if weight is not None:
     _inputs.check_class_weight(fn, "weight", weight, logits.shape[-1])
     weight = jnp.asarray(weight).astype(dtype)
@@ -419,7 +419,7 @@ def _local_loss(
     read = _inputs.integer_labels(
       fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=where
     )
-    target = _ce.smoothed_target(num_classes, label_smoothing, smoothing)
+    target = _heads.smoothed_target(num_classes, label_smoothing, smoothing)
     loss, stats = _heads.integer_loss(
       head,
       logits,
@@ -430,7 +430,7 @@ def _local_loss(
       logit_softcap=logit_softcap,
       vocab_axis=vocab_axis,
     )
-    loss, lse = _ce.mask_rows(loss, read.valid, read.bad), stats.lse
+    loss, lse = _heads.mask_rows(loss, read.valid, read.bad), stats.lse
     target_weight, _ = _heads.target_weights(weight, read.safe_labels, num_local, dtype, vocab_axis)
     example_weight = jnp.where(read.valid, target_weight, jnp.zeros_like(target_weight))
   else:
