@@ -263,6 +263,34 @@ def test_every_engine_loss_has_a_vocab_parallel_form(name, label_smoothing):
   np.testing.assert_allclose(np.asarray(got_grad), want_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+  "name",
+  [
+    n
+    for n, info in xent_jax.list_losses().items()
+    if info.fn not in (xent_jax.cross_entropy, xent_jax.bi_tempered_logistic_loss)
+  ],
+)
+def test_every_engine_loss_has_a_vocab_parallel_form_with_probability_labels(name):
+  """The same with probability labels (smoothed, class weights, a mask): every class sum, the
+  target's mass and the entropy are completed over the vocabulary shards."""
+  loss = xent_jax.get_loss(name, label_smoothing=0.1)
+  logits = jnp.asarray(RNG.normal(size=(4, 16)) * 3, jnp.float32)
+  probs = jnp.asarray(RNG.dirichlet(np.ones(16) * 0.3, size=4), jnp.float32)
+  weight = jnp.asarray(RNG.uniform(0.5, 2.0, size=16), jnp.float32)
+  where = jnp.asarray([True, True, True, False])
+  mesh = jax.make_mesh((2, 4), ("data", "vocab"), devices=jax.devices()[:8])
+  full = lambda x, q: loss(x, q, weight=weight, where=where)  # noqa: E731
+  sharded = lambda x, q: loss.vocab_parallel(  # noqa: E731
+    x, q, mesh=mesh, data_axis="data", weight=weight, where=where
+  )
+  want, want_grads = jax.value_and_grad(full, argnums=(0, 1))(logits, probs)
+  got, got_grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))(logits, probs)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-6)
+
+
 def test_vocab_parallel_form_names_what_it_lacks():
   with pytest.raises(NotImplementedError, match="'bi_tempered'"):
     xent_jax.get_loss("bi_tempered").vocab_parallel(LOGITS, LABELS, mesh=None)

@@ -403,7 +403,8 @@ def _local_loss(
   return_lse,
 ):
   """One vocabulary shard's loss of ``head`` on the row-statistics engine over ``vocab_axis``,
-  integer or (cross-entropy only) probability labels."""
+  integer or probability labels (every class sum, the target's mass and the entropy are
+  completed over the shards; a head's row term sees only those)."""
   _checks.check_floating(fn, "logits", logits)
   logits, labels = jnp.asarray(logits), _inputs.as_label_array(fn, labels)
   if logits.ndim < 1:
@@ -434,11 +435,6 @@ def _local_loss(
     target_weight, _ = _heads.target_weights(weight, read.safe_labels, num_local, dtype, vocab_axis)
     example_weight = jnp.where(read.valid, target_weight, jnp.zeros_like(target_weight))
   else:
-    if head.class_fn is not _heads.neg_log or head.extra_sums is not None:
-      raise NotImplementedError(
-        f"{fn}: over vocabulary shards, probability `labels` are supported for cross-entropy "
-        "only; pass integer labels."
-      )
     valid = _inputs.row_mask(fn, where, logits.shape[:-1])
     eps = float(label_smoothing)
     loss, stats = _heads.probability_loss(

@@ -314,7 +314,7 @@ class ConfiguredLoss:
 
     Cross-entropy entries run that function; every other head of the engine (the variants, losses
     from :func:`register_loss`) completes its per-row statistics with ``pmax``/``psum`` over the
-    vocabulary axis, integer labels. The bi-tempered loss and losses named by import path have no
+    vocabulary axis, integer or probability labels. The bi-tempered loss and losses named by import path have no
     vocabulary-parallel form (``NotImplementedError``, naming the loss).
     """
     from xent_jax import _parallel  # pylint: disable=import-outside-toplevel
