@@ -434,20 +434,35 @@ _ENGINE_FUSED = [
 
 
 @pytest.mark.parametrize("name", _ENGINE_FUSED)
-def test_fused_form_per_token_works_in_forward_mode(name):
-  """``.linear(reduction='none')`` (the rematerialising schedule) in forward mode equals the
-  logits path's. The one-pass schedule of 'sum' and 'mean' is reverse-mode only: as a custom JVP
-  (its gradients as the tangent) it kept one more float32 ``[V, D]`` array in reverse mode."""
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_form_works_in_forward_mode(name, reduction):
+  """``.linear`` in forward mode equals the logits path's, in both schedules: 'mean' takes the
+  one-pass schedule here (gradients in the forward pass, their inner product with the tangents as
+  its JVP), 'none' the rematerialising one."""
   with jax.enable_x64(True):
     hidden = jnp.asarray(RNG.normal(size=(14, 5)))
     weight = jnp.asarray(RNG.normal(size=(9, 5)) * 0.5)
     labels = jnp.asarray(RNG.integers(0, 9, size=14)).at[3].set(-100)
     loss = xent_jax.get_loss(name, label_smoothing=0.1)
-    fused = lambda h, w: loss.linear(h, w, labels, reduction="none")  # noqa: E731
-    full = lambda h, w: loss(h @ w.T, labels, reduction="none")  # noqa: E731
+    fused = lambda h, w: loss.linear(h, w, labels, reduction=reduction)  # noqa: E731
+    full = lambda h, w: loss(h @ w.T, labels, reduction=reduction)  # noqa: E731
     tangents = (jnp.asarray(RNG.normal(size=(14, 5))), jnp.asarray(RNG.normal(size=(9, 5))))
     got = jax.jvp(fused, (hidden, weight), tangents)
     want = jax.jvp(full, (hidden, weight), tangents)
     for g, w in zip(got, want):
       np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
     check_grads(lambda h, w: jnp.sum(fused(h, w)), (hidden, weight), order=1, modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize("name", ["focal", "confidence_penalty"])
+def test_fused_one_pass_second_derivative(name):
+  """Reverse over reverse through the one-pass schedule equals the logits path's Hessian."""
+  with jax.enable_x64(True):
+    hidden = jnp.asarray(RNG.normal(size=(14, 5)))
+    weight = jnp.asarray(RNG.normal(size=(9, 5)) * 0.5)
+    labels = jnp.asarray(RNG.integers(0, 9, size=14))
+    loss = xent_jax.get_loss(name, label_smoothing=0.1)
+    fused = lambda w: loss.linear(hidden, w, labels)  # noqa: E731
+    full = lambda w: loss(hidden @ w.T, labels)  # noqa: E731
+    got = jax.jacrev(jax.grad(fused))(weight)
+    np.testing.assert_allclose(got, jax.jacrev(jax.grad(full))(weight), rtol=1e-8, atol=1e-12)
