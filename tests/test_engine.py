@@ -291,6 +291,24 @@ def test_every_engine_loss_has_a_vocab_parallel_form_with_probability_labels(nam
     np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["focal", "symmetric_ce", "confidence_penalty", "taylor_ce"])
+@pytest.mark.parametrize("label_kind", ["integer", "probabilities"])
+def test_vocab_parallel_form_works_in_forward_mode(name, label_kind):
+  """``jax.jvp`` of ``.vocab_parallel`` on a 2 x 4 mesh equals the one-device loss's."""
+  loss = xent_jax.get_loss(name, label_smoothing=0.1)
+  logits = jnp.asarray(RNG.normal(size=(4, 16)) * 3, jnp.float32)
+  tangent = jnp.asarray(RNG.normal(size=(4, 16)), jnp.float32)
+  labels = jnp.asarray([0, 7, 3, 9])
+  if label_kind == "probabilities":
+    labels = jnp.asarray(RNG.dirichlet(np.ones(16), size=4), jnp.float32)
+  mesh = jax.make_mesh((2, 4), ("data", "vocab"), devices=jax.devices()[:8])
+  sharded = lambda x: loss.vocab_parallel(x, labels, mesh=mesh, data_axis="data")  # noqa: E731
+  got = jax.jvp(sharded, (logits,), (tangent,))
+  want = jax.jvp(lambda x: loss(x, labels), (logits,), (tangent,))
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_vocab_parallel_form_names_what_it_lacks():
   with pytest.raises(NotImplementedError, match="'bi_tempered'"):
     xent_jax.get_loss("bi_tempered").vocab_parallel(LOGITS, LABELS, mesh=None)
