@@ -377,7 +377,6 @@ def vocab_parallel_cross_entropy_local(
     reduction=reduction,
     label_smoothing=label_smoothing,
     smoothing=smoothing,
-    z_loss=z_loss,
     logit_softcap=logit_softcap,
     where=where,
     return_lse=return_lse,
@@ -397,7 +396,6 @@ def _local_loss(
   reduction,
   label_smoothing,
   smoothing,
-  z_loss,
   logit_softcap,
   where,
   return_lse,
@@ -538,7 +536,6 @@ def vocab_parallel_cross_entropy(
     reduction=reduction,
     label_smoothing=label_smoothing,
     smoothing=smoothing,
-    z_loss=z_loss,
     logit_softcap=logit_softcap,
     where=where,
     return_lse=return_lse,
@@ -563,7 +560,8 @@ def vocab_parallel_head_loss(
   return_lse: bool = False,
 ):
   """Any engine head (see :mod:`xent_jax._heads`) with the classes split over ``vocab_axis``:
-  :func:`vocab_parallel_cross_entropy`'s arguments and rules, integer labels, uniform smoothing.
+  :func:`vocab_parallel_cross_entropy`'s arguments and rules, integer or probability labels,
+  uniform smoothing.
   ``get_loss(name).vocab_parallel`` calls it."""
   _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
   _checks.check_reduction(fn, reduction)
@@ -581,7 +579,6 @@ def vocab_parallel_head_loss(
     reduction=reduction,
     label_smoothing=label_smoothing,
     smoothing="uniform",
-    z_loss=0.0,
     logit_softcap=None,
     where=where,
     return_lse=return_lse,
@@ -603,7 +600,6 @@ def _global_loss(
   reduction,
   label_smoothing,
   smoothing,
-  z_loss,
   logit_softcap,
   where,
   return_lse,
@@ -647,7 +643,6 @@ def _global_loss(
       reduction=reduction,
       label_smoothing=label_smoothing,
       smoothing=smoothing,
-      z_loss=z_loss,
       logit_softcap=logit_softcap,
       where=a.get("where"),
       return_lse=return_lse,
