@@ -32,11 +32,6 @@ from xent_jax._heads import smooth_probabilities
 SMOOTHING_CONVENTIONS = ("uniform", "t5x")
 
 
-def along_classes(class_weight: jax.Array, ndim: int) -> jax.Array:
-  """Reshapes a ``[V]`` vector to broadcast against ``[..., V]`` of rank ``ndim`` explicitly."""
-  return class_weight.reshape((1,) * (ndim - 1) + (-1,))
-
-
 def finite_logsumexp(logits: jax.Array, cap: float | None = None) -> jax.Array:
   """:math:`\\log\\sum_c e^{x_c}` over the last axis of :math:`x = c\\tanh(\\text{logits}/c)`,
   from :func:`logsumexp_parts`."""
@@ -63,7 +58,7 @@ def cross_entropy_head(smoothing: str, z_loss: float) -> _heads.Head:
       w = (
         1.0
         if target.class_weight is None
-        else along_classes(target.class_weight, target.probs.ndim)
+        else _heads.along_classes(target.class_weight, target.probs.ndim)
       )
       extra = extra + target.sum_classes(jax.scipy.special.xlogy(target.probs, target.probs) * w)
     if z_loss:

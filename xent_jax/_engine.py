@@ -84,10 +84,10 @@ def logsumexp_parts(
     m = lax.pmax(m, vocab_axis)
   m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
   x = softcap(logits.astype(dtype), cap)
-  return m, jnp.log(_class_sum(jnp.exp(x - m[..., None]), vocab_axis))
+  return m, jnp.log(class_sum(jnp.exp(x - m[..., None]), vocab_axis))
 
 
-def _class_sum(values: jax.Array, vocab_axis: Hashable | None) -> jax.Array:
+def class_sum(values: jax.Array, vocab_axis: Hashable | None) -> jax.Array:
   """Sum over the classes: the last axis, and the vocabulary shards when ``vocab_axis`` is set."""
   total = jnp.sum(values, axis=-1)
   return total if vocab_axis is None else lax.psum(total, vocab_axis)
@@ -269,7 +269,7 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
     c = _centred(logits, m, cfg)[1]
     return c, c - finite_log_sum[..., None]
 
-  def class_sum(f, beta_fn, operands, part):
+  def class_sum_pass(f, beta_fn, operands, part):
     return lambda: jnp.sum(
       _class_terms(f, _beta(beta_fn, operands, dtype), log_probs()[1])[part], -1
     )
@@ -292,9 +292,9 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
   # Indices into the passes below, or (an affine f's slope total) the total itself.
   value_at, totals = [], []
   for f, beta_fn, operands, slope in zip(cfg.class_fns, cfg.beta_fns, betas, cfg.slopes):
-    value_at.append(pass_over_logits(class_sum(f, beta_fn, operands, 0)))
+    value_at.append(pass_over_logits(class_sum_pass(f, beta_fn, operands, 0)))
     if slopes and slope is None:
-      totals.append(pass_over_logits(class_sum(f, beta_fn, operands, 1)))
+      totals.append(pass_over_logits(class_sum_pass(f, beta_fn, operands, 1)))
     elif slopes:
       totals.append(complete(slope * weight_sum(beta_fn, operands)))
   if cfg.entropy:
@@ -321,17 +321,17 @@ def _tangent(cfg: _Config, logits, labels, betas, stats: RowStats, totals, t_log
   axis = cfg.vocab_axis
   if t_logits is not None:
     dx = t_logits.astype(dtype) * softcap_grad(x, cfg.logit_softcap)
-    d_log_sum = _class_sum(p * dx, axis)
+    d_log_sum = class_sum(p * dx, axis)
     if labels is not None:
       local = _local_labels(labels, logits.shape[-1], axis)
       classes = lax.broadcasted_iota(local.dtype, logits.shape, logits.ndim - 1)
-      d_target = _class_sum(jnp.where(classes == local[..., None], dx, jnp.zeros_like(dx)), axis)
+      d_target = class_sum(jnp.where(classes == local[..., None], dx, jnp.zeros_like(dx)), axis)
     for k, (f, beta_fn, operands) in enumerate(zip(cfg.class_fns, cfg.beta_fns, betas)):
       _, slope = _class_terms(f, _beta(beta_fn, operands, dtype), log_p)
-      d_sums[k] = _class_sum((slope - totals[k][..., None] * p) * dx, axis)
+      d_sums[k] = class_sum((slope - totals[k][..., None] * p) * dx, axis)
     if cfg.entropy:
       spread = c - stats.mean_logit[..., None] + 1.0
-      d_mean = _class_sum(_p_times(p, spread) * dx, axis)
+      d_mean = class_sum(_p_times(p, spread) * dx, axis)
   for k, (f, beta_fn, operands, t_operands) in enumerate(
     zip(cfg.class_fns, cfg.beta_fns, betas, t_betas)
   ):
@@ -340,7 +340,7 @@ def _tangent(cfg: _Config, logits, labels, betas, stats: RowStats, totals, t_log
     t_operands = tuple(jnp.zeros_like(o) if t is None else t for o, t in zip(operands, t_operands))
     beta, t_beta = jax.jvp(beta_fn, operands, t_operands)
     value, _ = _class_terms(f, None, log_p)
-    d_sums[k] = d_sums[k] + _class_sum(value * _over_rows(t_beta.astype(dtype), value.shape), axis)
+    d_sums[k] = d_sums[k] + class_sum(value * _over_rows(t_beta.astype(dtype), value.shape), axis)
   return RowStats(zero, d_log_sum, d_target, tuple(d_sums), d_mean)
 
 

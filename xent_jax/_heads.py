@@ -128,8 +128,7 @@ class Target(NamedTuple):
   def sum_classes(self, values: jax.Array) -> jax.Array:
     """``[...]`` sum of ``[..., V]`` ``values`` over all classes (a ``psum`` over the shards of
     :attr:`vocab_axis` when the classes are split)."""
-    total = jnp.sum(values, axis=-1)
-    return total if self.vocab_axis is None else lax.psum(total, self.vocab_axis)
+    return _engine.class_sum(values, self.vocab_axis)
 
 
 RowTerm = Callable[[RowStats, Target], jax.Array]
@@ -165,7 +164,8 @@ def neg_log(log_p: jax.Array) -> jax.Array:
   return -log_p
 
 
-def _along_classes(vector: jax.Array, ndim: int) -> jax.Array:
+def along_classes(vector: jax.Array, ndim: int) -> jax.Array:
+  """Reshapes a ``[V]`` vector to broadcast against ``[..., V]`` of rank ``ndim`` explicitly."""
   return vector.reshape((1,) * (ndim - 1) + (-1,))
 
 
@@ -211,8 +211,7 @@ def _total_weight(
   if class_weight is None:
     shards = 1 if vocab_axis is None else lax.axis_size(vocab_axis)
     return jnp.asarray(num_local * shards, dtype)
-  total = jnp.sum(class_weight.astype(dtype))
-  return total if vocab_axis is None else lax.psum(total, vocab_axis)
+  return _engine.class_sum(class_weight.astype(dtype), vocab_axis)
 
 
 def integer_loss(
@@ -249,11 +248,10 @@ def integer_loss(
     start = lax.axis_index(vocab_axis) * num_local
     local_factor = lax.dynamic_slice_in_dim(local_factor, start, num_local)
   sums = ()
-  if off and class_weight is None and local_factor is None:
-    sums = (ClassSum(head.class_fn, slope=head.class_slope),)
-  elif off:
-    beta = _class_beta(class_weight, local_factor, num_local, dtype)
-    sums = (ClassSum(head.class_fn, (beta,), slope=head.class_slope),)
+  if off:
+    weighted = class_weight is not None or local_factor is not None
+    betas = (_class_beta(class_weight, local_factor, num_local, dtype),) if weighted else ()
+    sums = (ClassSum(head.class_fn, betas, slope=head.class_slope),)
   stats = _engine.row_stats(
     logits,
     labels,
@@ -370,12 +368,12 @@ def probability_loss(
     vocab_axis,
   )
   if class_weight is not None:
-    w = _along_classes(class_weight.astype(dtype), probs.ndim)
+    w = along_classes(class_weight.astype(dtype), probs.ndim)
     target = target._replace(mass=target.sum_classes(probs * w))
   if class_beta is None:
     main = ClassSum(head.class_fn, (labels,), smooth, head.class_slope)
   else:
-    weighted = lambda q, w: smooth(q) * _along_classes(w, q.ndim)
+    weighted = lambda q, w: smooth(q) * along_classes(w, q.ndim)
     main = ClassSum(head.class_fn, (labels, class_beta), weighted, head.class_slope)
   extra = head.extra_sums(target) if head.extra_sums is not None else ()
   stats = _engine.row_stats(

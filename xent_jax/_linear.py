@@ -1129,7 +1129,7 @@ def linear_cross_entropy(
     spec = "...d,vd->...v" if weight_layout == "vd" else "...d,dv->...v"
     logits = jnp.einsum(spec, jnp.asarray(hidden), jnp.asarray(weight))
     return _ce.cross_entropy(
-      logits if bias is None else logits + _ce.along_classes(jnp.asarray(bias), logits.ndim),
+      logits if bias is None else logits + _heads.along_classes(jnp.asarray(bias), logits.ndim),
       labels,
       weight=class_weight,
       ignore_index=ignore_index,
