@@ -8,6 +8,8 @@ round-robin calls (naive, fused, naive, ...), so load changes on a shared machin
 Usage:
   python experiments/bench_fused_variants.py [--n 4096] [--d 512] [--v 32768] [--reps 3] \
       [--out experiments/results/bench_fused_variants]
+
+It runs on the CPU unless ``JAX_PLATFORMS`` is set (``JAX_PLATFORMS=cuda`` for a GPU).
 """
 
 import argparse
@@ -18,6 +20,13 @@ import statistics
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _platform_prefix() -> str:
+  """``JAX_PLATFORMS=...`` for the recorded command, unless the default CPU."""
+  platforms = os.environ["JAX_PLATFORMS"]
+  return "" if platforms == "cpu" else f"JAX_PLATFORMS={platforms} "
+
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -102,7 +111,7 @@ def main():
   header = (
     f"# Fused forms vs naive heads, fwd+bwd, N={args.n}, D={args.d}, V={args.v}, fp32\n\n"
     f"Machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
-    f"({jax.default_backend()}). Command: `python experiments/bench_fused_variants.py "
+    f"({jax.default_backend()}). Command: `{_platform_prefix()}python experiments/bench_fused_variants.py "
     f"--n {args.n} --d {args.d} --v {args.v} --reps {args.reps}`. Medians of "
     f"{args.reps} round-robin calls.\n\n"
   )

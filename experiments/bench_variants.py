@@ -10,6 +10,8 @@ the wall time of that compile.
 Usage:
   python experiments/bench_variants.py [--n 8192] [--v 32768] [--reps 5] \
       [--out experiments/results/bench_variants]
+
+It runs on the CPU unless ``JAX_PLATFORMS`` is set (``JAX_PLATFORMS=cuda`` for a GPU).
 """
 
 import argparse
@@ -20,6 +22,13 @@ import statistics
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _platform_prefix() -> str:
+  """``JAX_PLATFORMS=...`` for the recorded command, unless the default CPU."""
+  platforms = os.environ["JAX_PLATFORMS"]
+  return "" if platforms == "cpu" else f"JAX_PLATFORMS={platforms} "
+
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -101,7 +110,7 @@ def main():
   header = (
     f"# Variants vs cross_entropy, fwd+bwd, N={args.n}, V={args.v}, integer labels\n\n"
     f"Machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
-    f"({jax.default_backend()}). Command: `python experiments/bench_variants.py "
+    f"({jax.default_backend()}). Command: `{_platform_prefix()}python experiments/bench_variants.py "
     f"--n {args.n} --v {args.v} --reps {args.reps} --dtypes {args.dtypes} --smoothing "
     f"{args.smoothing}`. Median of {args.reps} round-robin "
     "calls each.\n\n"

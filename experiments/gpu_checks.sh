@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The accelerator checks, in one run on a machine with a GPU and this repository's dependencies:
+# the single-device numerics tests on the GPU, then the benchmarks at their GPU shapes (the
+# fused head at Llama-3-8B's 8192 x 4096 x 128256). Usage: experiments/gpu_checks.sh OUT_DIR
+# (SMALL=1 shrinks every shape, to try the script on a CPU). Each step has its own time limit,
+# so one that overruns costs only its own results; OUT_DIR/gpu_checks.tgz holds every step's log,
+# JSON and markdown, repacked after each step.
+set -uo pipefail
+out=${1:?usage: experiments/gpu_checks.sh OUT_DIR}
+res=$(mktemp -d)
+mkdir -p "$out"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+small=${SMALL:-0}
+pack() { tar czf "$out/gpu_checks.tgz" -C "$res" .; }
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log it, keep going on failure
+  local name=$1 limit=$2; shift 2
+  case " ${ONLY:-$name} " in *" $name "*) ;; *) return ;; esac  # ONLY="tests bench_variants"
+  echo "=== $name ($(date -u +%T), limit ${limit}s)"
+  timeout "$limit" "$@" >"$res/$name.log" 2>&1
+  echo "=== $name: exit $? ($(date -u +%T))"; tail -n 25 "$res/$name.log"; pack
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+python3 -c "import jax, sys; print(sys.version.split()[0], 'jax', jax.__version__, jax.devices())"
+
+# float32 products at full precision: the tests compare with float64 at rtol 1e-5, and
+# XLA:GPU's default precision rounds float32 operands to TF32.
+step tests "${TEST_LIMIT:-150}" env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -v \
+  -n "${WORKERS:-8}" -p no:cacheprovider --durations=8 --tb=line -rf \
+  tests/test_cross_entropy.py tests/test_linear.py tests/test_variants.py tests/test_engine.py \
+  tests/test_bitempered.py tests/test_optax_compat.py tests/test_torch_parity.py \
+  tests/test_own_losses.py -k "not vocab_parallel_form and not over_vocabulary_shards"
+
+if [ "$small" = 1 ]; then
+  n=256 d=64 v=2048 vn=256 vv=2048
+else
+  n=8192 d=4096 v=128256 vn=8192 vv=32768
+fi
+step bench_linear 140 python3 experiments/bench_linear.py --n $n --d $d --v $v --reps 10 \
+  --vocab-series --token-series --out "$res/bench_linear"
+step bench_cross_entropy 45 python3 experiments/bench_cross_entropy.py --tokens $vn \
+  --vocab $vv --out "$res/bench_cross_entropy"
+step bench_variants 100 env JAX_PLATFORMS=cuda python3 experiments/bench_variants.py --n $vn --v $vv --reps 10 \
+  --out "$res/bench_variants"
+step bench_fused_variants 50 env JAX_PLATFORMS=cuda python3 experiments/bench_fused_variants.py --n $((vn / 2)) \
+  --d $((d / 8)) --v $vv --reps 10 --out "$res/bench_fused_variants"
