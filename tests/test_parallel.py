@@ -538,6 +538,44 @@ class TestForwardMode:
     np.testing.assert_allclose(jac, grad, rtol=1e-5, atol=1e-7)
     _close(grad, ref.cross_entropy_grad(logits, labels, **options), 1e-5)
 
+  @pytest.mark.parametrize("mesh_shape, reduction", [((2, 4), "mean"), ((1, 8), "sum")])
+  def test_linear_one_pass_jvp_jacfwd_equal_one_device(self, mesh_shape, reduction):
+    # 'sum'/'mean' without vocabulary chunks: the one-pass schedule, whose tangent adds the
+    # shards' inner products of their gradients with the tangents.
+    rng = np.random.default_rng(24)
+    n = 12
+    hidden = rng.standard_normal((n, D)).astype(np.float32)
+    weight = (0.7 * rng.standard_normal((V, D))).astype(np.float32)
+    bias = rng.standard_normal(V).astype(np.float32)
+    labels = rng.integers(0, V, n).astype(np.int32)
+    labels[2] = -100
+    options = dict(
+      class_weight=rng.uniform(0.5, 2.0, V).astype(np.float32),
+      label_smoothing=0.1,
+      z_loss=1e-3,
+      logit_softcap=5.0,
+      where=np.arange(n) != 7,
+      reduction=reduction,
+    )
+    tangents = tuple(rng.standard_normal(a.shape).astype(np.float32) for a in (hidden, weight, bias))
+    mesh = _mesh(mesh_shape)
+    sharded = lambda h, w, b: xent_jax.vocab_parallel_linear_cross_entropy(
+      h, w, labels, mesh=mesh, data_axis="data", bias=b, **options
+    )
+    single = lambda h, w, b: xent_jax.linear_cross_entropy(h, w, labels, bias=b, **options)
+    with jax.set_mesh(mesh):
+      value, tangent = jax.jit(lambda p, t: jax.jvp(sharded, p, t))((hidden, weight, bias), tangents)
+      jac = jax.jit(jax.jacfwd(sharded, argnums=(0, 1, 2)))(hidden, weight, bias)
+      grads = jax.jit(jax.grad(sharded, argnums=(0, 1, 2)))(hidden, weight, bias)
+    want_value, want_tangent = jax.jvp(single, (hidden, weight, bias), tangents)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    np.testing.assert_allclose(tangent, want_tangent, rtol=1e-4, atol=1e-5)
+    for got_jac, grad, want in zip(
+      jac, grads, jax.grad(single, argnums=(0, 1, 2))(hidden, weight, bias)
+    ):
+      np.testing.assert_allclose(got_jac, grad, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+
   @pytest.mark.parametrize("smoothing", ["uniform", "t5x"])
   @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
   def test_probability_labels_keep_no_logits_sized_residual(self, label_smoothing, smoothing):

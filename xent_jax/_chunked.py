@@ -30,6 +30,7 @@ import numpy as np
 from jax import lax
 
 from xent_jax import _checks
+from xent_jax import _forward_grads
 from xent_jax import _linear
 
 # Rows per token chunk by default: a [rows, V] float32 block of about 2**24 elements (64 MiB).
@@ -155,10 +156,9 @@ def one_pass_linear_sum(
   :math:`s_i = \partial L/\partial \ell_i` are known before the loss is, so each chunk's logits
   are built once and differentiated right away (Liger-Kernel's schedule): the chunk's
   :math:`\partial L/\partial x` gives ``d_hidden`` for its rows and adds to ``d_weight`` and
-  ``d_bias`` (float32 accumulators). The backward pass only scales the stored gradients: the
-  function is a ``custom_jvp`` whose tangent is their inner product with the tangents of
-  ``hidden``, ``weight`` and ``bias`` (labels, mask and scales held constant), which reverse mode
-  transposes into exactly that, and which forward mode evaluates.
+  ``d_bias`` (float32 accumulators). The backward pass only scales the stored gradients
+  (:func:`xent_jax._forward_grads.sum_with_gradients`; labels, mask and scales held constant),
+  and forward mode works.
 
   Args:
     row_loss: as in :func:`chunked_linear_loss`.
@@ -220,23 +220,6 @@ def one_pass_linear_sum(
       d_bias.astype(bias_V.dtype),
     )
 
-  # `forward` behind a custom_vjp boundary that differentiates it as autodiff would (only second
-  # derivatives reach it): opaque to partial evaluation, so linearising the JVP below does not
-  # hoist the scan body's loop-invariant [chunk, V] constants out of the loop (two more
-  # [chunk, V] arrays, 128 MiB at 4096 x 512 x 32768).
-  opaque = jax.custom_vjp(forward)
-  opaque.defvjp(lambda *args: (forward(*args), args), lambda args, g: jax.vjp(forward, *args)[1](g))
-
-  @jax.custom_jvp
-  def summed(hidden, weight, bias_V, labels, valid, scale):
-    return forward(hidden, weight, bias_V, labels, valid, scale)[0]
-
-  @summed.defjvp
-  def summed_jvp(primals, tangents):
-    total, grads = opaque(*primals)
-    t_total = sum(
-      jnp.sum(g * t.astype(g.dtype), dtype=total.dtype) for g, t in zip(grads, tangents[:3])
-    )
-    return total, t_total
-
-  return summed(hidden, weight, bias_V, labels, valid, scale)
+  return _forward_grads.sum_with_gradients(
+    forward, hidden, weight, bias_V, labels, valid, scale, num_differentiable=3
+  )

@@ -175,8 +175,7 @@ def integer_labels(
     ValueError: concrete labels JAX would wrap, or a ``where`` that does not broadcast.
   """
   labels = as_label_array(fn, labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}.")
+  check_integer_labels(fn, labels)
   ignore_index = check_ignore_index(fn, ignore_index)
   valid = row_mask(fn, where, labels.shape)
   if ignore_index is not None:
@@ -275,19 +274,43 @@ def parse_inputs(
     check_class_weight(fn, "weight", weight, num_classes)
     weight = jnp.asarray(weight).astype(compute_dtype(logits.dtype))
   valid = row_mask(fn, where, batch_shape)
-  if jnp.issubdtype(labels.dtype, jnp.integer):
-    _checks.check_shape(fn, "labels", labels, batch_shape)
+  integer = is_integer_labels(fn, labels, logits.shape, axis)
+  if integer:
     read = integer_labels(
       fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=None
     )
     labels, valid = read.labels, valid & read.valid
-    integer = True
-  elif jnp.issubdtype(labels.dtype, jnp.floating):
-    _checks.check_shape(fn, "labels", labels, logits.shape)
-    labels = jnp.moveaxis(labels, axis, -1)
-    integer = False
   else:
-    raise TypeError(
-      f"{fn}: `labels` must be integer class ids or float probabilities, got dtype {labels.dtype}."
-    )
+    labels = jnp.moveaxis(labels, axis, -1)
   return LossInputs(jnp.moveaxis(logits, axis, -1), labels, integer, weight, valid)
+
+
+def check_integer_labels(
+  fn: str, labels: jax.Array, batch_shape: tuple[int, ...] | None = None
+) -> None:
+  """Raises ``TypeError`` unless ``labels`` are integer class ids, and (chex) unless their shape is
+  ``batch_shape`` (when given): for the functions that take no probabilities."""
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}.")
+  if batch_shape is not None:
+    _checks.check_shape(fn, "labels", labels, batch_shape)
+
+
+def is_integer_labels(fn: str, labels: jax.Array, logits_shape: tuple[int, ...], axis: int) -> bool:
+  """Whether ``labels`` are integer class ids (shape: ``logits_shape`` without ``axis``) rather
+  than float probabilities (shape: ``logits_shape``); checks the dtype and the shape either way.
+
+  Raises:
+    TypeError: ``labels`` neither integer nor float.
+    AssertionError: (chex) the wrong shape for their kind.
+  """
+  if jnp.issubdtype(labels.dtype, jnp.integer):
+    axis = axis % len(logits_shape)
+    _checks.check_shape(fn, "labels", labels, logits_shape[:axis] + logits_shape[axis + 1 :])
+    return True
+  if jnp.issubdtype(labels.dtype, jnp.floating):
+    _checks.check_shape(fn, "labels", labels, logits_shape)
+    return False
+  raise TypeError(
+    f"{fn}: `labels` must be integer class ids or float probabilities, got dtype {labels.dtype}."
+  )

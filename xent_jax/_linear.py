@@ -73,6 +73,7 @@ from jax import lax
 
 from xent_jax import _checks
 from xent_jax import _engine
+from xent_jax import _forward_grads
 from xent_jax import _heads
 from xent_jax import _inputs
 from xent_jax import _cross_entropy as _ce
@@ -696,39 +697,46 @@ def _stats_bwd(cfg, residuals, cotangents):
 _stats_op.defvjp(_stats_fwd, _stats_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _fused_op(cfg, lcfg, hidden, weight, bias, labels, class_weight, rows, total_weight):
-  # Not differentiated: statistics only, one matmul.
-  lse, target_logit, weighted_sum = _stats_op(cfg, hidden, weight, bias, labels, class_weight)
-  return jnp.sum(row_loss(lcfg, total_weight, lse, target_logit, weighted_sum, rows))
+  """The summed row losses, with gradients for ``hidden``, ``weight`` and ``bias`` computed in
+  the forward pass (:func:`xent_jax._forward_grads.sum_with_gradients`); undifferentiated, only
+  the statistics (one matmul)."""
 
+  def value(hidden, weight, bias, labels, class_weight, rows, total_weight):
+    stats = vocab_slice_stats(hidden, weight, bias, labels, class_weight, cfg)
+    lse = logsumexp_from_stats(stats)
+    return jnp.sum(row_loss(lcfg, total_weight, lse, stats.target, stats.weighted_sum, rows))
 
-def _fused_fwd(cfg, lcfg, hidden, weight, bias, labels, class_weight, rows, total_weight):
-  loss, _, d_hidden, d_weight, d_bias = fused_vocab_slice(
+  def forward(hidden, weight, bias, labels, class_weight, rows, total_weight):
+    loss, _, d_hidden, d_weight, d_bias = fused_vocab_slice(
+      hidden,
+      weight,
+      bias,
+      labels,
+      class_weight,
+      functools.partial(row_loss, lcfg, total_weight),
+      rows,
+      cfg,
+    )
+    # Stored in the inputs' dtypes: the backward pass only scales them.
+    return loss, (
+      d_hidden.astype(hidden.dtype),
+      d_weight.astype(weight.dtype),
+      None if bias is None else d_bias.astype(bias.dtype),
+    )
+
+  return _forward_grads.sum_with_gradients(
+    forward,
     hidden,
     weight,
     bias,
     labels,
     class_weight,
-    functools.partial(row_loss, lcfg, total_weight),
     rows,
-    cfg,
+    total_weight,
+    num_differentiable=3,
+    value=value,
   )
-  # Stored in the inputs' dtypes: the backward pass only scales them.
-  grads = (
-    d_hidden.astype(hidden.dtype),
-    d_weight.astype(weight.dtype),
-    None if bias is None else d_bias.astype(bias.dtype),
-  )
-  return loss, grads
-
-
-def _fused_bwd(cfg, lcfg, grads, g_loss):
-  scaled = jax.tree.map(lambda g: (g_loss * g).astype(g.dtype), grads)
-  return (*scaled, None, None, None, None)
-
-
-_fused_op.defvjp(_fused_fwd, _fused_bwd)
 
 
 # --------------------------------------------------------------------------- public function
@@ -947,9 +955,7 @@ def prepare_rows(
   labels = _inputs.as_label_array(fn, labels)
   num_local, features = linear_shapes(fn, hidden, weight, weight_layout)
   batch_shape = hidden.shape[:-1]
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}.")
-  _checks.check_shape(fn, "labels", labels, batch_shape)
+  _inputs.check_integer_labels(fn, labels, batch_shape)
   if bias is not None:
     _checks.check_floating(fn, "bias", bias)
     _checks.check_shape(fn, "bias", bias, (num_local,))

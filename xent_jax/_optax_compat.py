@@ -87,8 +87,7 @@ def softmax_cross_entropy_with_integer_labels(
   fn = "softmax_cross_entropy_with_integer_labels"
   _checks.check_floating(fn, "logits", logits)
   labels = _inputs.as_label_array(fn, labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}.")
+  _inputs.check_integer_labels(fn, labels)
   _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
   x, class_mask = _classes_last(fn, jnp.asarray(logits), axis, where)
   _checks.check_shape(fn, "labels", labels, x.shape[:-1])

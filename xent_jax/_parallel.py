@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xent_jax import _checks
+from xent_jax import _forward_grads
 from xent_jax import _heads
 from xent_jax import _inputs
 from xent_jax import _cross_entropy as _ce
@@ -153,26 +154,6 @@ def _reduce(loss, example_weight, reduction: str, data_axis, fn: str):
   return _reduction.reduce_loss(total, weight, reduction, fn=fn)
 
 
-def _check_labels(fn, labels, batch_shape):
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}.")
-  _checks.check_shape(fn, "labels", labels, batch_shape)
-
-
-def _logits_labels_kind(fn, labels, logits_shape) -> bool:
-  """Whether ``labels`` are integer class ids (``logits_shape`` without the classes) rather than
-  probabilities (``logits_shape``); checks the shape either way."""
-  if jnp.issubdtype(labels.dtype, jnp.integer):
-    _checks.check_shape(fn, "labels", labels, logits_shape[:-1])
-    return True
-  if jnp.issubdtype(labels.dtype, jnp.floating):
-    _checks.check_shape(fn, "labels", labels, logits_shape)
-    return False
-  raise TypeError(
-    f"{fn}: `labels` must be integer class ids or float probabilities, got dtype {labels.dtype}."
-  )
-
-
 # --------------------------------------------------------------------------- linear kernel glue
 
 
@@ -249,41 +230,52 @@ def _sharded_stats_bwd(cfg, vocab_axis, data_axis, residuals, cotangents):
 _sharded_stats.defvjp(_sharded_stats_fwd, _sharded_stats_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _sharded_fused(
   cfg, lcfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight, rows, total_weight
 ):
-  return _sharded_fused_fwd(
-    cfg, lcfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight, rows, total_weight
-  )[0]
+  """The summed row losses over all shards, with the gradients of ``hidden``, ``weight`` and
+  ``bias`` computed in the forward pass (:func:`xent_jax._forward_grads.sum_with_gradients`;
+  undifferentiated, only the statistics)."""
+  rows_of = data_axes(data_axis)
 
+  def summed(loss):
+    return jax.lax.psum(loss, rows_of) if rows_of else loss
 
-def _sharded_fused_fwd(
-  cfg, lcfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight, rows, total_weight
-):
-  loss, _, *grads = _linear.fused_vocab_slice(
+  def value(hidden, weight, bias, labels, class_weight, rows, total_weight):
+    (lse, target, weighted_sum), _ = _sharded_stats_fwd(
+      cfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight
+    )
+    return summed(jnp.sum(_linear.row_loss(lcfg, total_weight, lse, target, weighted_sum, rows)))
+
+  def forward(hidden, weight, bias, labels, class_weight, rows, total_weight):
+    loss, _, *grads = _linear.fused_vocab_slice(
+      hidden,
+      weight,
+      bias,
+      labels,
+      class_weight,
+      functools.partial(_linear.row_loss, lcfg, total_weight),
+      rows,
+      cfg,
+      functools.partial(complete_row_stats, vocab_axis=vocab_axis),
+    )
+    grads = _sum_partial_grads(grads, vocab_axis, data_axis)
+    return summed(loss), _as_input_dtypes(grads, hidden, weight, bias)
+
+  return _forward_grads.sum_with_gradients(
+    forward,
     hidden,
     weight,
     bias,
     labels,
     class_weight,
-    functools.partial(_linear.row_loss, lcfg, total_weight),
     rows,
-    cfg,
-    functools.partial(complete_row_stats, vocab_axis=vocab_axis),
+    total_weight,
+    num_differentiable=3,
+    value=value,
+    # <d_hidden, hidden'> sums this shard's rows, <d_weight, weight'> its classes.
+    tangent_axes=(rows_of, (vocab_axis,), (vocab_axis,)),
   )
-  if data_axes(data_axis):
-    loss = jax.lax.psum(loss, data_axes(data_axis))
-  grads = _sum_partial_grads(grads, vocab_axis, data_axis)
-  return loss, _as_input_dtypes(grads, hidden, weight, bias)
-
-
-def _sharded_fused_bwd(cfg, lcfg, vocab_axis, data_axis, grads, g_loss):
-  scaled = jax.tree.map(lambda g: (g_loss * g).astype(g.dtype), grads)
-  return (*scaled, None, None, None, None)
-
-
-_sharded_fused.defvjp(_sharded_fused_fwd, _sharded_fused_bwd)
 
 
 # --------------------------------------------------------------------------- public API
@@ -407,7 +399,7 @@ def _local_loss(
   logits, labels = jnp.asarray(logits), _inputs.as_label_array(fn, labels)
   if logits.ndim < 1:
     raise ValueError(f"{fn}: `logits` must have shape [..., V_shard], got a scalar.")
-  integer = _logits_labels_kind(fn, labels, logits.shape)
+  integer = _inputs.is_integer_labels(fn, labels, logits.shape, -1)
   dtype = _inputs.compute_dtype(logits.dtype)
   if weight is not None:
     _inputs.check_class_weight(fn, "weight", weight, logits.shape[-1])
@@ -608,11 +600,10 @@ def _global_loss(
   _checks.check_floating(fn, "logits", logits)
   logits, labels = jnp.asarray(logits), _inputs.as_label_array(fn, labels)
   class_axis = _checks.canonical_axis(fn, axis, logits.ndim)
-  if jnp.issubdtype(labels.dtype, jnp.floating):  # probabilities: classes on `axis` too
-    _checks.check_shape(fn, "labels", labels, logits.shape)
+  integer = _inputs.is_integer_labels(fn, labels, logits.shape, class_axis)
+  if not integer:  # probabilities: classes on `axis` too
     labels = jnp.moveaxis(labels, class_axis, -1)
   logits = jnp.moveaxis(logits, class_axis, -1)
-  integer = _logits_labels_kind(fn, labels, logits.shape)
   batch_shape = logits.shape[:-1]
   if weight is not None:
     _inputs.check_class_weight(fn, "weight", weight, logits.shape[-1])
@@ -821,7 +812,7 @@ def vocab_parallel_linear_cross_entropy(
   labels = _inputs.as_label_array(fn, labels)
   num_classes, _ = _linear.linear_shapes(fn, hidden, weight, weight_layout)
   batch_shape = hidden.shape[:-1]
-  _check_labels(fn, labels, batch_shape)
+  _inputs.check_integer_labels(fn, labels, batch_shape)
   rows = _mesh_specs(fn, mesh, vocab_axis, data_axis, num_classes, "weight", batch_shape, "hidden")
   if where is not None:
     where = _inputs.row_mask(fn, where, batch_shape)
