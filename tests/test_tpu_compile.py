@@ -4,8 +4,7 @@ scratch memory on the chip stays within the library's promise.
 `xent_jax.aot` compiles through libtpu's topology descriptions (the ``tpu`` extra) and reads
 ``memory_analysis().temp_size_in_bytes``; these tests hold the bounds (justified there):
 
-* logits path, O(N): at most 1/64 of one ``[N, V]`` float32 array (probability labels, which are
-  ``[N, V]`` themselves: one such array, see `_PROBABILITY_PATHS`);
+* logits path, O(N): at most 1/64 of one ``[N, V]`` float32 array, integer or probability labels;
 * fused head: at most 1/10 of the naive head (matmul + optax) compiled the same way (issue 9),
   for `xent_jax.linear_cross_entropy` at the Llama-3-8B and Gemma-style heads and for every
   registered loss's ``.linear`` at the Llama-3-8B head (1/3 at the 32k-token head, see
@@ -95,21 +94,10 @@ def _logits_cases() -> list:
   ]
 
 
-# Probability labels are themselves [N, V]; on TPU these paths keep one float32 [N, V] array
-# besides them (1 GiB at 8192 x 32768), held here to that one array plus the O(N) allowance until
-# the smoothed target is recomputed there too (open).
-_PROBABILITY_PATHS = {
-  "cross_entropy[probabilities]",
-  "softmax_cross_entropy",
-  "poly_loss_cross_entropy",
-}
-
-
 @pytest.mark.parametrize("loss, topology", _logits_cases())
 def test_logits_path_temp_is_o_of_n(loss, topology):
   temp = aot.logits_temp_bytes(loss, topology)
-  fraction = aot.LOGITS_TEMP_FRACTION + (1.0 if loss in _PROBABILITY_PATHS else 0.0)
-  bound = fraction * aot.logits_nxv_f32_bytes()
+  bound = aot.LOGITS_TEMP_FRACTION * aot.logits_nxv_f32_bytes()
   assert temp <= bound, (
     f"{loss} on {topology}: {temp / aot.MIB:.1f} MiB temp at "
     f"{aot.LOGITS_SHAPE} bf16, bound {bound / aot.MIB:.1f} MiB"

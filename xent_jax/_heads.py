@@ -349,7 +349,11 @@ def probability_loss(
   if class_factor is not None and vocab_axis is not None:
     start = lax.axis_index(vocab_axis) * num_local
     class_factor = lax.dynamic_slice_in_dim(class_factor, start, num_local)
-  labels = labels.astype(dtype)
+  # The labels stay in their own dtype and every pass converts them where it reads them: a
+  # converted copy, read by the forward and the backward pass, is what XLA:TPU would keep as a
+  # float32 [..., V] temporary.
+  given = smooth
+  smooth = lambda q: given(q.astype(dtype))  # noqa: E731
   probs = smooth(labels)
   class_beta = None
   if class_weight is not None or class_factor is not None:
