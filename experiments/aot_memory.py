@@ -131,11 +131,10 @@ def _parallel_form_rows(topology):
   n, v = aot.LOGITS_SHAPE
   rows, cols = aot.MESHES[aot.FORMS_MESH]
   for loss in xent_jax.list_losses():
-    if loss not in aot.NO_VOCAB_PARALLEL_FORM:
-      yield _row("vocab_parallel_forms", f"get_loss({loss!r}).vocab_parallel",
-                 f"N={n} V={v} bf16, mesh {aot.FORMS_MESH}", topology,
-                 _measure(aot.parallel_form_temp_bytes, loss, topology), "[N,V] f32 / chips",
-                 aot.logits_nxv_f32_bytes() / aot.MIB / (rows * cols), aot.LOGITS_TEMP_FRACTION)
+    yield _row("vocab_parallel_forms", f"get_loss({loss!r}).vocab_parallel",
+               f"N={n} V={v} bf16, mesh {aot.FORMS_MESH}", topology,
+               _measure(aot.parallel_form_temp_bytes, loss, topology), "[N,V] f32 / chips",
+               aot.logits_nxv_f32_bytes() / aot.MIB / (rows * cols), aot.LOGITS_TEMP_FRACTION)
 
 
 def _train_step_rows(topology):

@@ -164,9 +164,7 @@ def test_vocab_parallel_logits_temp_is_o_of_n(kind, mesh_name, topology):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("topology", _HEAVY_TOPOLOGIES)
-@pytest.mark.parametrize(
-  "loss", [name for name in xent_jax.list_losses() if name not in aot.NO_VOCAB_PARALLEL_FORM]
-)
+@pytest.mark.parametrize("loss", list(xent_jax.list_losses()))
 def test_vocab_parallel_form_of_every_loss_temp_is_o_of_n(loss, topology):
   temp = aot.parallel_form_temp_bytes(loss, topology)
   chips = aot.MESHES[aot.FORMS_MESH][0] * aot.MESHES[aot.FORMS_MESH][1]

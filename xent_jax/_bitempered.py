@@ -35,6 +35,12 @@ How it is computed, row by row, so that nothing of size ``[..., V]`` is kept bet
   :math:`\text{off}` elsewhere; sums against it are :math:`\text{off}\sum_c f_c +
   (\text{on}-\text{off}) f_y` with :math:`f_y` from the label's logit, and the backward pass
   selects it per class.
+* With the classes split over a mesh axis (:func:`vocab_parallel_bi_tempered_loss`, which
+  ``get_loss("bi_tempered").vocab_parallel`` runs) each shard makes the same passes over its
+  ``[..., V_s]`` logits: the max is completed by a ``pmax`` and every class sum (the iterations',
+  the loss's, :math:`A`, :math:`B`, the tangent's) by a ``psum`` over the vocabulary axis, and
+  the label's logit comes from the shard that holds it. Every per-row value is then the same on
+  all shards, and the gradient of each shard's logits is the closed form on its classes.
 * XLA:CPU specifics (why the row sums are laid out as they are, and the integer powers) are in
   :func:`_row_sums` and :class:`_TemperedExp`. At the defaults, fwd+bwd costs about 3x
   ``cross_entropy`` on CPU (``experiments/bench_bitempered.py``).
@@ -47,6 +53,7 @@ References:
 import dataclasses
 import functools
 import math
+from collections.abc import Hashable
 from typing import NamedTuple
 
 import jax
@@ -56,7 +63,9 @@ from jax.custom_derivatives import SymbolicZero
 
 from xent_jax import _checks
 from xent_jax import _engine
+from xent_jax import _heads
 from xent_jax import _inputs
+from xent_jax import _parallel
 from xent_jax import _reduction
 from xent_jax import _variant_inputs as vi
 
@@ -130,9 +139,12 @@ class _Normalization(NamedTuple):
   shift: jax.Array
 
 
-def _row_max(logits: jax.Array) -> jax.Array:
-  """``[...]`` :math:`\\max_c x_c` in the compute dtype; 0 for a row of ``-inf``."""
+def _row_max(logits: jax.Array, vocab_axis: Hashable | None) -> jax.Array:
+  """``[...]`` :math:`\\max_c x_c` in the compute dtype (``pmax`` over ``vocab_axis``); 0 for a
+  row of ``-inf``."""
   m = jnp.max(logits, axis=-1).astype(_inputs.compute_dtype(logits.dtype))
+  if vocab_axis is not None:
+    m = lax.pmax(m, vocab_axis)
   return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
 
 
@@ -148,7 +160,7 @@ def _centred(logits: jax.Array, m: jax.Array, *tie: jax.Array) -> jax.Array:
   return logits.astype(m.dtype) - m[..., None]
 
 
-def _fixed_point_shift(logits: jax.Array, m: jax.Array, t: float, num_iters: int) -> jax.Array:
+def _fixed_point_shift(logits, m, t: float, num_iters: int, vocab_axis) -> jax.Array:
   """:math:`d = -\\log_t(1/Z)` for :math:`t > 1` by the paper's iteration
   :math:`a \\leftarrow a_0 Z(a)^{1-t}`, :math:`Z(a) = \\sum_c \\exp_t(a_c)`, carried as
   :math:`a = s\\,a_0`; ``[...]``. The loop runs once more than ``num_iters`` to give the final
@@ -156,7 +168,7 @@ def _fixed_point_shift(logits: jax.Array, m: jax.Array, t: float, num_iters: int
 
   def step(_, carry):
     s, _ = carry
-    partition = jnp.sum(_exp_t(_centred(logits, m, s) * s[..., None], t), axis=-1)
+    partition = _engine.class_sum(_exp_t(_centred(logits, m, s) * s[..., None], t), vocab_axis)
     return partition ** (1.0 - t), partition
 
   ones = jnp.ones_like(m)
@@ -164,19 +176,21 @@ def _fixed_point_shift(logits: jax.Array, m: jax.Array, t: float, num_iters: int
   return -_log_t(1.0 / partition, t)
 
 
-def _bisection_shift(logits: jax.Array, m: jax.Array, t: float, num_iters: int) -> jax.Array:
+def _bisection_shift(logits, m, t: float, num_iters: int, vocab_axis) -> jax.Array:
   """:math:`d` for :math:`t < 1` by bisection on :math:`\\sum_c \\exp_t(x_c - m - d) = 1`, in
   :math:`[0, -\\log_t(1/K)]` with :math:`K` the classes within the largest possible support."""
   # The count of c = x - (m - 1/(1-t)) > 0 as sum_c (sign c + |sign c|) / 2, free of constants,
   # compares and selects: XLA:CPU then fuses the whole count into one reduction (any of those
   # feeding its YNNPACK reductions is stored as a [..., V] array first).
   sign = jnp.sign(_centred(logits, m - 1.0 / (1.0 - t)))
-  support = jnp.sum(sign + jnp.abs(sign), axis=-1) / 2.0
+  support = _engine.class_sum(sign + jnp.abs(sign), vocab_axis) / 2.0
 
   def step(_, bounds):
     lower, upper = bounds
     middle = (lower + upper) / 2.0
-    total = jnp.sum(_exp_t(_centred(logits, m, middle) - middle[..., None], t), axis=-1)
+    total = _engine.class_sum(
+      _exp_t(_centred(logits, m, middle) - middle[..., None], t), vocab_axis
+    )
     too_small = total < 1.0
     return jnp.where(too_small, lower, middle), jnp.where(too_small, middle, upper)
 
@@ -185,15 +199,19 @@ def _bisection_shift(logits: jax.Array, m: jax.Array, t: float, num_iters: int) 
   return (lower + upper) / 2.0
 
 
-def _normalization(logits: jax.Array, t: float, num_iters: int) -> _Normalization:
-  """:math:`\\lambda` of the tempered softmax over the last axis, as ``(max, shift)``."""
-  m = _row_max(logits)
+def _normalization(
+  logits: jax.Array, t: float, num_iters: int, vocab_axis: Hashable | None = None
+) -> _Normalization:
+  """:math:`\\lambda` of the tempered softmax over the last axis, as ``(max, shift)``; with
+  ``vocab_axis`` (inside ``shard_map``) the last axis is one shard of the classes, and the max and
+  every class sum are completed over the shards (``pmax``/``psum``)."""
+  m = _row_max(logits, vocab_axis)
   if t == 1.0:
-    shift = jnp.log(jnp.sum(jnp.exp(_centred(logits, m)), axis=-1))
+    shift = jnp.log(_engine.class_sum(jnp.exp(_centred(logits, m)), vocab_axis))
   elif t > 1.0:
-    shift = _fixed_point_shift(logits, m, t, num_iters)
+    shift = _fixed_point_shift(logits, m, t, num_iters, vocab_axis)
   else:
-    shift = _bisection_shift(logits, m, t, num_iters)
+    shift = _bisection_shift(logits, m, t, num_iters, vocab_axis)
   return _Normalization(m, shift)
 
 
@@ -252,13 +270,17 @@ def _check_num_iters(fn: str, num_iters) -> None:
 class _Config:
   """The loss's static settings; ``on``/``off`` are the smoothed target's two values for integer
   labels, and for probability labels
-  :math:`q \\leftarrow (1 - V\\,\\text{off})\\,q + \\text{off}`."""
+  :math:`q \\leftarrow (1 - V\\,\\text{off})\\,q + \\text{off}`. ``num_classes`` is the
+  global :math:`V`; with ``vocab_axis`` (inside ``shard_map``) each shard holds ``[..., V_s]``
+  logits of classes :math:`[sV_s, (s+1)V_s)` and every sum over the classes is a ``psum``."""
 
   t1: float
   t2: float
   num_iters: int
   on: float
   off: float
+  num_classes: int
+  vocab_axis: Hashable | None = None
 
   @property
   def power(self) -> float:
@@ -270,9 +292,11 @@ class _Config:
     return self.t1 == self.t2 == 1.0
 
 
-def _config(t1: float, t2: float, label_smoothing: float, num_iters: int, num_classes: int):
+def _config(t1, t2, label_smoothing, num_iters, num_classes: int, vocab_axis=None) -> _Config:
   off = label_smoothing / (num_classes - 1) if label_smoothing else 0.0
-  return _Config(float(t1), float(t2), int(num_iters), 1.0 - label_smoothing, off)
+  return _Config(
+    float(t1), float(t2), int(num_iters), 1.0 - label_smoothing, off, num_classes, vocab_axis
+  )
 
 
 def _target_term(q, cfg: _Config):
@@ -311,16 +335,32 @@ def _forget(p: _TemperedExp, cfg: _Config) -> jax.Array:
 
 
 def _integer_target(logits: jax.Array, labels: jax.Array, cfg: _Config) -> jax.Array:
-  """``[..., V]`` the smoothed one-hot target, selected per class (never stored)."""
-  classes = lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
+  """``[..., V_s]`` the smoothed one-hot target of global ``labels`` on this shard's classes,
+  selected per class (never stored)."""
+  local = _engine.local_labels(labels, logits.shape[-1], cfg.vocab_axis)
+  classes = lax.broadcasted_iota(local.dtype, logits.shape, logits.ndim - 1)
   on = jnp.asarray(cfg.on, _inputs.compute_dtype(logits.dtype))
-  return jnp.where(classes == labels[..., None], on, cfg.off)
+  return jnp.where(classes == local[..., None], on, cfg.off)
+
+
+def _label_logit(logits: jax.Array, labels: jax.Array, vocab_axis: Hashable | None) -> jax.Array:
+  """``[...]`` :math:`x_y` of global ``labels`` in ``[0, V)``, in the compute dtype: gathered on
+  the shard that holds class :math:`y`, 0 on the others, summed over ``vocab_axis``."""
+  num_local = logits.shape[-1]
+  local = _engine.local_labels(labels, num_local, vocab_axis)
+  index = jnp.clip(local, 0, num_local - 1)[..., None]
+  raw = jnp.take_along_axis(lax.optimization_barrier(logits), index, axis=-1)[..., 0]
+  raw = raw.astype(_inputs.compute_dtype(logits.dtype))
+  if vocab_axis is None:
+    return raw
+  owned = (local >= 0) & (local < num_local)
+  return lax.psum(jnp.where(owned, raw, jnp.zeros_like(raw)), vocab_axis)
 
 
 def _smoothed(labels: jax.Array, cfg: _Config, dtype) -> jax.Array:
   """Probability labels smoothed: :math:`(1 - V\\,\\text{off})\\,q + \\text{off}`."""
   q = labels.astype(dtype)
-  return (1.0 - q.shape[-1] * cfg.off) * q + cfg.off if cfg.off else q
+  return (1.0 - cfg.num_classes * cfg.off) * q + cfg.off if cfg.off else q
 
 
 class _Residuals(NamedTuple):
@@ -339,12 +379,17 @@ def _integer_rows(labels: jax.Array, valid: jax.Array, num_classes: int):
   return jnp.where(valid & in_range, labels, 0), valid & ~in_range
 
 
-def _row_sums(logits: jax.Array, norm: _Normalization, t: float, summands) -> list[jax.Array]:
+def _row_sums(logits, norm: _Normalization, t: float, summands, vocab_axis) -> list[jax.Array]:
   """``[...]`` :math:`\\sum_c f(p_c)` for each ``summands`` function f of a `_TemperedExp` ``p``,
   each its own pass over the logits that recomputes :math:`p` (see
-  :func:`xent_jax._engine.separate_sums`: on CPU this keeps every pass one fused reduction)."""
+  :func:`xent_jax._engine.separate_sums`: on CPU this keeps every pass one fused reduction),
+  then one ``psum`` of them all over ``vocab_axis``."""
   sum_of = lambda f: lambda: jnp.sum(f(_probs(logits, norm, t)), axis=-1)
-  return _engine.separate_sums([sum_of(f) for f in summands], like=norm.max)
+  # `like` is typed like a shard's partial sums (varying over the vocabulary axis), not like the
+  # completed per-row values such as norm.max.
+  like = jnp.zeros_like(logits[..., 0], norm.max.dtype)
+  sums = _engine.separate_sums([sum_of(f) for f in summands], like=like)
+  return sums if vocab_axis is None else lax.psum(sums, vocab_axis)
 
 
 class _Sums:
@@ -361,8 +406,9 @@ class _Sums:
     """:math:`\\sum_c p_c^k` for :math:`k > 0` (0 where :math:`p_c = 0`)."""
     return self.add(("power", exponent), lambda p: p.power(exponent))
 
-  def compute(self, logits, norm, t) -> dict:
-    return dict(zip(self.summands, _row_sums(logits, norm, t, list(self.summands.values()))))
+  def compute(self, logits, norm, cfg: _Config) -> dict:
+    summands = list(self.summands.values())
+    return dict(zip(self.summands, _row_sums(logits, norm, cfg.t2, summands, cfg.vocab_axis)))
 
 
 def _forward(logits, labels, valid, cfg: _Config) -> tuple[jax.Array, _Residuals]:
@@ -378,10 +424,10 @@ def _forward(logits, labels, valid, cfg: _Config) -> tuple[jax.Array, _Residuals
   (\\text{on}-\\text{off})\\,f_y`, with :math:`f_y` from the label's logit. The summands have no
   selects (see :func:`_row_sums`).
   """
-  num_classes = logits.shape[-1]
+  num_classes = cfg.num_classes
   dtype = _inputs.compute_dtype(logits.dtype)
   integer = jnp.issubdtype(labels.dtype, jnp.integer)
-  norm = _normalization(logits, cfg.t2, cfg.num_iters)
+  norm = _normalization(logits, cfg.t2, cfg.num_iters, cfg.vocab_axis)
   sums = _Sums()
   escort_key = sums.power(cfg.t2)
   p_forget_key = sums.power(1.0 + cfg.t2 - cfg.t1)
@@ -399,13 +445,13 @@ def _forward(logits, labels, valid, cfg: _Config) -> tuple[jax.Array, _Residuals
     )
     q_forget_key = sums.add("q_forget", lambda p: q() * _forget(p, cfg))
     target_key = sums.add("target", lambda p: _target_term(q(), cfg) - q() * log_t1_p(p))
-  row = sums.compute(logits, norm, cfg.t2)
+  row = sums.compute(logits, norm, cfg)
   escort_sum, delta_sum = row[escort_key], row[p_forget_key]
   loss = jnp.zeros_like(escort_sum) if cfg.kl else row[power_key] / cfg.power
   if integer:
     labels, bad = _integer_rows(labels, valid, num_classes)
-    raw = jnp.take_along_axis(lax.optimization_barrier(logits), labels[..., None], axis=-1)[..., 0]
-    target_p = _TemperedExp((raw.astype(dtype) - norm.max) - norm.shift, cfg.t2)
+    raw = _label_logit(logits, labels, cfg.vocab_axis)
+    target_p = _TemperedExp((raw - norm.max) - norm.shift, cfg.t2)
     cross = (cfg.on - cfg.off) * _log_t1(target_p, cfg.t1)
     delta_sum = delta_sum - (cfg.on - cfg.off) * _forget(target_p, cfg)
     if cfg.off:
@@ -426,7 +472,7 @@ def _gradient(logits, labels, valid, res: _Residuals, cfg: _Config) -> jax.Array
   (zero on invalid rows, NaN on bad ones)."""
   p = _probs(logits, res.norm, cfg.t2)
   if jnp.issubdtype(labels.dtype, jnp.integer):
-    labels, bad = _integer_rows(labels, valid, logits.shape[-1])
+    labels, bad = _integer_rows(labels, valid, cfg.num_classes)
     q = _integer_target(logits, labels, cfg)
   else:
     bad = jnp.zeros_like(valid)
@@ -441,7 +487,7 @@ def _gradient(logits, labels, valid, res: _Residuals, cfg: _Config) -> jax.Array
 def _tangent(logits, labels, valid, res: _Residuals, t_logits, cfg: _Config) -> jax.Array:
   """:math:`\\dot\\ell = \\sum_c \\partial_c\\ell\\,\\dot x_c`, linear in ``t_logits``."""
   grad = _gradient(logits, labels, valid, res, cfg)
-  return jnp.sum(grad * t_logits.astype(grad.dtype), axis=-1)
+  return _engine.class_sum(grad * t_logits.astype(grad.dtype), cfg.vocab_axis)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
@@ -495,6 +541,43 @@ def bi_tempered_rows(
   """
   cfg = _config(t1, t2, label_smoothing, num_iters, logits.shape[-1])
   return _rows(logits, lax.stop_gradient(labels), valid, cfg)
+
+
+def _weighted_rows(logits, labels, valid, weight, cfg: _Config) -> tuple[jax.Array, jax.Array]:
+  """``([...] loss, [...] example weight)``: the per-row loss times the target's class weight
+  (:math:`w_y`, or :math:`\\sum_c w_c q_c` for probability labels, through which alone they get
+  gradients) and each row's weight in a 'mean' (:math:`w_y`, or 1, on valid rows).
+
+  ``weight`` is ``[V_s]`` (this shard's slice with ``cfg.vocab_axis``) or None; integer
+  ``labels`` are global class ids."""
+  loss = _rows(logits, lax.stop_gradient(labels), valid, cfg)
+  dtype = loss.dtype
+  if jnp.issubdtype(labels.dtype, jnp.integer):
+    safe, _ = _integer_rows(labels, valid, cfg.num_classes)
+    mass, _ = _heads.target_weights(weight, safe, logits.shape[-1], dtype, cfg.vocab_axis)
+    example_weight = jnp.where(valid, mass, jnp.zeros_like(mass))
+  else:
+    example_weight = valid.astype(dtype)
+    if weight is None:
+      return loss, example_weight
+    q = jnp.where(valid[..., None], labels.astype(dtype), 0)
+    w = _heads.along_classes(jnp.asarray(weight).astype(dtype), q.ndim)
+    mass = _engine.class_sum(q * w, cfg.vocab_axis)
+  return jnp.where(valid, loss * mass, loss), example_weight
+
+
+def _check_hparams(fn: str, t1, t2, label_smoothing, num_iters) -> None:
+  for name, value in (("t1", t1), ("t2", t2), ("label_smoothing", label_smoothing)):
+    vi.check_static_number(fn, name, value)
+  _check_num_iters(fn, num_iters)
+  _checks.check_in_range(fn, "t1", t1, 0.0, 1.0)
+  _checks.check_in_range(fn, "t2", t2, 0.0, math.inf, low_open=True, high_open=True)
+  _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
+
+
+def _check_smoothable(fn: str, label_smoothing, num_classes: int) -> None:
+  if label_smoothing and num_classes < 2:
+    raise ValueError(f"{fn}: `label_smoothing` needs at least 2 classes, got {num_classes}.")
 
 
 def bi_tempered_logistic_loss(
@@ -556,12 +639,7 @@ def bi_tempered_logistic_loss(
     NeurIPS 2019; reference code github.com/google/bi-tempered-loss.
   """
   fn = "bi_tempered_logistic_loss"
-  for name, value in (("t1", t1), ("t2", t2), ("label_smoothing", label_smoothing)):
-    vi.check_static_number(fn, name, value)
-  _check_num_iters(fn, num_iters)
-  _checks.check_in_range(fn, "t1", t1, 0.0, 1.0)
-  _checks.check_in_range(fn, "t2", t2, 0.0, math.inf, low_open=True, high_open=True)
-  _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
+  _check_hparams(fn, t1, t2, label_smoothing, num_iters)
   inputs = _inputs.parse_inputs(
     fn,
     logits,
@@ -572,24 +650,106 @@ def bi_tempered_logistic_loss(
     where=where,
     reduction=reduction,
   )
-  if label_smoothing and inputs.num_classes < 2:
-    raise ValueError(f"{fn}: `label_smoothing` needs at least 2 classes, got {inputs.num_classes}.")
-  loss = bi_tempered_rows(
-    inputs.logits,
-    inputs.labels,
-    inputs.valid,
-    t1=t1,
-    t2=t2,
-    label_smoothing=label_smoothing,
-    num_iters=num_iters,
+  _check_smoothable(fn, label_smoothing, inputs.num_classes)
+  cfg = _config(t1, t2, label_smoothing, num_iters, inputs.num_classes)
+  loss, example_weight = _weighted_rows(
+    inputs.logits, inputs.labels, inputs.valid, inputs.weight, cfg
   )
-  if inputs.integer:
-    mass = inputs.target_weight
-  elif inputs.weight is not None:
-    q = jnp.where(inputs.valid[..., None], inputs.labels.astype(inputs.dtype), 0)
-    mass = jnp.sum(q * inputs.weight.reshape((1,) * (q.ndim - 1) + (-1,)), axis=-1)
-  else:
-    mass = None
-  if mass is not None:
-    loss = jnp.where(inputs.valid, loss * mass, loss)
-  return _reduction.reduce_loss(loss, inputs.example_weight, reduction, fn=fn)
+  return _reduction.reduce_loss(loss, example_weight, reduction, fn=fn)
+
+
+def vocab_parallel_bi_tempered_loss(
+  fn: str,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  mesh: jax.sharding.Mesh,
+  vocab_axis: Hashable = "vocab",
+  data_axis: Hashable | None = None,
+  axis: int = -1,
+  weight: jax.typing.ArrayLike | None = None,
+  ignore_index: int | None = -100,
+  reduction: str = "mean",
+  where: jax.typing.ArrayLike | None = None,
+  return_lse: bool = False,
+  t1: float = 0.8,
+  t2: float = 1.2,
+  label_smoothing: float = 0.0,
+  num_iters: int = 5,
+) -> jax.Array:
+  r""":func:`bi_tempered_logistic_loss` with the classes split over a mesh axis.
+
+  Shard :math:`s` of ``vocab_axis`` holds the logits ``[..., V_s]`` of classes
+  :math:`[s V_s, (s+1) V_s)`; the per-row numbers of the loss are completed over the shards,
+
+  .. math::
+     m = \operatorname{pmax}_s \max_{c \in s} x_c, \qquad
+     \textstyle\sum_c f(p_c) = \operatorname{psum}_s \sum_{c \in s} f(p_c), \qquad
+     x_y = \operatorname{psum}_s [y \in s]\, x_y,
+
+  for every sum of the normalization's iterations (fixed point or bisection), of the loss and of
+  :math:`A`, :math:`B` and the tangent (module docstring), so values and gradients (of the logits,
+  and of probability labels through class weights) equal the one-device loss; the smoothing is
+  spread over the global :math:`V = V_s\,|\text{vocab}|`. Only per-row values are kept between
+  the passes; forward mode works. Runs :func:`xent_jax._parallel.sharded_loss`, which lays the
+  global arrays out on ``mesh`` as :func:`xent_jax.vocab_parallel_cross_entropy` does.
+
+  Args:
+    fn: the caller's name, for error messages.
+    logits: ``[..., V, ...]`` float logits, classes on ``axis``.
+    labels: integer class ids (``logits.shape`` without ``axis``) or float probabilities
+      (``logits.shape``, split over the classes like the logits).
+    mesh, vocab_axis, data_axis, axis, weight, ignore_index, reduction, where: as in
+      :func:`xent_jax.vocab_parallel_cross_entropy` (``weight`` ``[V]``, split like the classes).
+    return_lse: must be False: the loss normalizes by :math:`\lambda`, it has no logsumexp.
+    t1, t2, label_smoothing, num_iters: as in :func:`bi_tempered_logistic_loss`.
+
+  Returns:
+    The reduced loss (for 'none' of the batch shape, split over ``data_axis``).
+
+  Example::
+
+    mesh = jax.make_mesh((2, 4), ("data", "vocab"))
+    loss = xent_jax.get_loss("bi_tempered", t1=0.8, t2=1.2).vocab_parallel(
+        logits_BxV, labels_B, mesh=mesh, data_axis="data")
+
+  References:
+    Amid, Warmuth, Anil, Koren, "Robust Bi-Tempered Logistic Loss Based on Bregman Divergences",
+    NeurIPS 2019; Shoeybi et al., "Megatron-LM", 2019 (vocabulary-parallel losses).
+  """
+  _check_hparams(fn, t1, t2, label_smoothing, num_iters)
+  _checks.check_reduction(fn, reduction)
+  ignore_index = _inputs.check_ignore_index(fn, ignore_index)
+  if return_lse:
+    raise ValueError(
+      f"{fn}: `return_lse` must be False: the bi-tempered loss normalizes its tempered softmax "
+      "by lambda and has no logsumexp."
+    )
+
+  def shard_loss(logits, labels, *, weight, where):
+    num_classes = logits.shape[-1] * lax.axis_size(vocab_axis)
+    _check_smoothable(fn, label_smoothing, num_classes)
+    cfg = _config(t1, t2, label_smoothing, num_iters, num_classes, vocab_axis)
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+      read = _inputs.integer_labels(
+        fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=where
+      )
+      labels, valid = read.labels, read.valid
+    else:
+      valid = _inputs.row_mask(fn, where, logits.shape[:-1])
+    loss, example_weight = _weighted_rows(logits, labels, valid, weight, cfg)
+    return _parallel.reduce_rows(loss, example_weight, reduction, data_axis, fn)
+
+  return _parallel.sharded_loss(
+    fn,
+    shard_loss,
+    logits,
+    labels,
+    mesh=mesh,
+    vocab_axis=vocab_axis,
+    data_axis=data_axis,
+    axis=axis,
+    weight=weight,
+    reduction=reduction,
+    where=where,
+  )

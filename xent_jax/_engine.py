@@ -93,7 +93,7 @@ def class_sum(values: jax.Array, vocab_axis: Hashable | None) -> jax.Array:
   return total if vocab_axis is None else lax.psum(total, vocab_axis)
 
 
-def _local_labels(labels: jax.Array, num_local: int, vocab_axis: Hashable | None) -> jax.Array:
+def local_labels(labels: jax.Array, num_local: int, vocab_axis: Hashable | None) -> jax.Array:
   """Global class ids as indices into this shard's classes (outside ``[0, V_local)`` when
   another shard owns them)."""
   if vocab_axis is None:
@@ -254,7 +254,7 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
   target = jnp.zeros_like(m)
   if labels is not None:
     num_local = logits.shape[-1]
-    local = _local_labels(labels, num_local, axis)
+    local = local_labels(labels, num_local, axis)
     owned = (local >= 0) & (local < num_local)
     raw = jnp.take_along_axis(
       lax.optimization_barrier(logits), jnp.clip(local, 0, num_local - 1)[..., None], axis=-1
@@ -323,7 +323,7 @@ def _tangent(cfg: _Config, logits, labels, betas, stats: RowStats, totals, t_log
     dx = t_logits.astype(dtype) * softcap_grad(x, cfg.logit_softcap)
     d_log_sum = class_sum(p * dx, axis)
     if labels is not None:
-      local = _local_labels(labels, logits.shape[-1], axis)
+      local = local_labels(labels, logits.shape[-1], axis)
       classes = lax.broadcasted_iota(local.dtype, logits.shape, logits.ndim - 1)
       d_target = class_sum(jnp.where(classes == local[..., None], dx, jnp.zeros_like(dx)), axis)
     for k, (f, beta_fn, operands) in enumerate(zip(cfg.class_fns, cfg.beta_fns, betas)):

@@ -145,7 +145,7 @@ def _shard_map(local, mesh, args, specs, out_specs):
 # --------------------------------------------------------------------------- shared shard pieces
 
 
-def _reduce(loss, example_weight, reduction: str, data_axis, fn: str):
+def reduce_rows(loss, example_weight, reduction: str, data_axis, fn: str):
   """:func:`xent_jax._reduction.reduce_loss` over the global batch (rows split on ``data_axis``)."""
   if reduction == "none" or not data_axes(data_axis):
     return _reduction.reduce_loss(loss, example_weight, reduction, fn=fn)
@@ -438,7 +438,7 @@ def _local_loss(
     )
     loss, lse = jnp.where(valid, loss, jnp.zeros_like(loss)), stats.lse
     example_weight = valid.astype(loss.dtype)
-  out = _reduce(loss, example_weight, reduction, data_axis, fn)
+  out = reduce_rows(loss, example_weight, reduction, data_axis, fn)
   return (out, lse) if return_lse else out
 
 
@@ -596,7 +596,60 @@ def _global_loss(
   where,
   return_lse,
 ):
-  """Places the global arrays on ``mesh`` and runs :func:`_local_loss` in ``shard_map``."""
+  """Runs :func:`_local_loss` of ``head`` on ``mesh`` (:func:`sharded_loss`)."""
+  local = functools.partial(
+    _local_loss,
+    fn,
+    head,
+    vocab_axis=vocab_axis,
+    data_axis=data_axis,
+    ignore_index=ignore_index,
+    reduction=reduction,
+    label_smoothing=label_smoothing,
+    smoothing=smoothing,
+    logit_softcap=logit_softcap,
+    return_lse=return_lse,
+  )
+  return sharded_loss(
+    fn,
+    local,
+    logits,
+    labels,
+    mesh=mesh,
+    vocab_axis=vocab_axis,
+    data_axis=data_axis,
+    axis=axis,
+    weight=weight,
+    reduction=reduction,
+    where=where,
+    return_lse=return_lse,
+  )
+
+
+def sharded_loss(
+  fn,
+  shard_loss,
+  logits,
+  labels,
+  *,
+  mesh,
+  vocab_axis,
+  data_axis,
+  axis,
+  weight,
+  reduction,
+  where,
+  return_lse=False,
+):
+  """Checks the global arrays against ``mesh``, lays them out and runs ``shard_loss`` in
+  ``shard_map``.
+
+  ``logits`` go as ``P(data_axis, ..., vocab_axis)`` (classes moved last), integer ``labels`` and
+  ``where`` as ``P(data_axis, ...)``, probability ``labels`` like the logits, ``weight`` as
+  ``P(vocab_axis)``. ``shard_loss(logits, labels, weight=..., where=...)`` gets one device's
+  arrays (``weight``/``where`` None when not given) and returns the loss reduced over the global
+  batch (``[...]`` rows for 'none'), with ``return_lse`` the pair ``(loss, lse [...])``.
+  """
   _checks.check_floating(fn, "logits", logits)
   logits, labels = jnp.asarray(logits), _inputs.as_label_array(fn, labels)
   class_axis = _checks.canonical_axis(fn, axis, logits.ndim)
@@ -622,22 +675,7 @@ def _global_loss(
   }
 
   def local(a):
-    return _local_loss(
-      fn,
-      head,
-      a["logits"],
-      a["labels"],
-      vocab_axis=vocab_axis,
-      data_axis=data_axis,
-      weight=a.get("weight"),
-      ignore_index=ignore_index,
-      reduction=reduction,
-      label_smoothing=label_smoothing,
-      smoothing=smoothing,
-      logit_softcap=logit_softcap,
-      where=a.get("where"),
-      return_lse=return_lse,
-    )
+    return shard_loss(a["logits"], a["labels"], weight=a.get("weight"), where=a.get("where"))
 
   loss_spec = row_spec if reduction == "none" else PartitionSpec()
   return _shard_map(local, mesh, args, specs, (loss_spec, row_spec) if return_lse else loss_spec)
@@ -722,7 +760,7 @@ def _linear_local(
     rows.loss, rows.total_weight, lse_N, target_N, weighted_sum_N, rows.kernel_rows()
   )
   batch_shape = rows.batch_shape
-  loss = _reduce(
+  loss = reduce_rows(
     loss_N.reshape(batch_shape),
     rows.example_weight_N.reshape(batch_shape),
     reduction,

@@ -314,14 +314,21 @@ class ConfiguredLoss:
 
     Cross-entropy entries run that function; every other head of the engine (the variants, losses
     from :func:`register_loss`) completes its per-row statistics with ``pmax``/``psum`` over the
-    vocabulary axis, integer or probability labels. The bi-tempered loss and losses named by import path have no
-    vocabulary-parallel form (``NotImplementedError``, naming the loss).
+    vocabulary axis, integer or probability labels. The bi-tempered loss runs
+    :func:`xent_jax._bitempered.vocab_parallel_bi_tempered_loss`, which completes its max and
+    every class sum (those of its iterative normalization included) the same way; it has no
+    ``return_lse``. Losses named by import path have no vocabulary-parallel form
+    (``NotImplementedError``, naming the loss).
     """
     from xent_jax import _parallel  # pylint: disable=import-outside-toplevel
 
     fn = f"get_loss({self.name!r}).vocab_parallel"
     if _is_cross_entropy(self.fn):
       return _parallel.vocab_parallel_cross_entropy(logits, labels, **self.hparams, **options)
+    if self.fn is _bitempered.bi_tempered_logistic_loss:
+      return _bitempered.vocab_parallel_bi_tempered_loss(
+        fn, logits, labels, **self.hparams, **options
+      )
     factory = _variants.HEAD_FACTORIES.get(self.fn) or _USER_HEADS.get(self.fn)
     if factory is None:
       raise NotImplementedError(

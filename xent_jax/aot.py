@@ -258,10 +258,8 @@ def _parallel_problem(kind: str, m: Mesh):
   return jax.value_and_grad(loss), args
 
 
-# The vocabulary-parallel forms ``get_loss(name).vocab_parallel`` are measured on this mesh; the
-# bi-tempered loss has none (its normalisation iterates over whole rows).
+# The vocabulary-parallel forms ``get_loss(name).vocab_parallel`` are measured on this mesh.
 FORMS_MESH = "2x2"
-NO_VOCAB_PARALLEL_FORM = ("bi_tempered",)
 
 
 @functools.cache
