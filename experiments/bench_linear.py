@@ -11,6 +11,9 @@ warm-up, the methods called in turn (round-robin) so that load changes hit them 
   shapes and dtypes (``xent_jax._linear.plan_schedule``): one pass at every shape measured here;
 * ``xent_jax low-mem``: ``token_chunk_size=1024, vocab_chunk_size=4096`` (two passes: token-major
   in float32, vocabulary-major in bfloat16);
+* ``xent_jax T=...``: with ``--token-chunks``, the default schedule at each of these token chunk
+  sizes (the default block, about ``2**24`` elements, was sized on a CPU: on a GPU larger blocks
+  may fill the device better);
 * ``jax-cce``: ``jax_cce.linear_cross_entropy`` (default ``chunk_size=4096``);
 * ``tokamax``: ``tokamax.linear_softmax_cross_entropy_loss(..., implementation="xla")``, given its
   native ``[D, V]`` weight.
@@ -54,8 +57,9 @@ def _version(package: str) -> str | None:
     return None
 
 
-def _methods() -> dict[str, tuple[str, Callable | str]]:
-  """name -> (weight layout the method takes, loss(hidden, weight, labels)) or an error string."""
+def _methods(token_chunks=()) -> dict[str, tuple[str, Callable | str]]:
+  """name -> (weight layout the method takes, loss(hidden, weight, labels)) or an error string;
+  ``token_chunks`` adds ``xent_jax`` with each of these ``token_chunk_size`` values."""
   methods: dict[str, tuple[str, Callable | str]] = {
     "naive": (
       "vd",
@@ -69,6 +73,11 @@ def _methods() -> dict[str, tuple[str, Callable | str]]:
       ),
     ),
   }
+  for chunk in token_chunks:
+    methods[f"xent_jax T={chunk}"] = (
+      "vd",
+      lambda h, w, y, chunk=chunk: xent_jax.linear_cross_entropy(h, w, y, token_chunk_size=chunk),
+    )
   try:
     import jax_cce
 
@@ -158,7 +167,7 @@ def measure_shape(methods, n, d, v, dtype, *, reps: int, timed: bool, table: str
 
 
 def run(args) -> dict:
-  methods = _methods()  # "naive" first: the reference of every ratio
+  methods = _methods(args.token_chunks)  # "naive" first: the reference of every ratio
   rows = []
   for dtype in (jnp.float32, jnp.bfloat16):
     rows += measure_shape(
@@ -309,6 +318,13 @@ def main(argv=None) -> None:
     "--vocab-series", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072]
   )
   parser.add_argument("--token-series", type=int, nargs="*", default=[1024, 4096, 16384])
+  parser.add_argument(
+    "--token-chunks",
+    type=int,
+    nargs="*",
+    default=[],
+    help="also time xent_jax with each of these token_chunk_size values (block-size sweep)",
+  )
   parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test")
   args = parser.parse_args(argv)
   if args.quick:

@@ -36,7 +36,7 @@ else
   n=8192 d=4096 v=128256 vn=8192 vv=32768
 fi
 step bench_linear 140 python3 experiments/bench_linear.py --n $n --d $d --v $v --reps 10 \
-  --vocab-series --token-series --out "$res/bench_linear"
+  --vocab-series --token-series --token-chunks $((n / 8)) $((n / 2)) --out "$res/bench_linear"
 step bench_cross_entropy 45 python3 experiments/bench_cross_entropy.py --tokens $vn \
   --vocab $vv --out "$res/bench_cross_entropy"
 step bench_variants 100 env JAX_PLATFORMS=cuda python3 experiments/bench_variants.py --n $vn --v $vv --reps 10 \
