@@ -249,6 +249,7 @@ def main(argv=None) -> None:
                       help="topologies compiled at once, in separate processes")
   args = parser.parse_args(argv)
   load_before = os.getloadavg()
+  commit = _commit()  # the code the compiles read: git's state when they start
   rows = run(args.section or SECTIONS, args.topology or aot.TOPOLOGIES, args.jobs)
   result = {
       "meta": {
@@ -256,7 +257,7 @@ def main(argv=None) -> None:
           "command": _command(argv),
           "platform": platform.platform(),
           "cpu_count": os.cpu_count(),
-          "commit": _commit(),
+          "commit": commit,
           "load_before": [round(x, 2) for x in load_before],
           "load_after": [round(x, 2) for x in os.getloadavg()],
           "versions": {p: importlib.metadata.version(p) for p in ("jax", "jaxlib", "libtpu")},
