@@ -128,6 +128,23 @@ def _raise(err: OSError) -> None:
   raise err
 
 
+def _remove_uncommitted(directory: pathlib.Path, step: int, deadline: float, quiet=1.0) -> None:
+  """Removes the temporary directories of the failed save of ``step`` until none has come back
+  for ``quiet`` seconds, or until ``deadline`` (``time.monotonic()``): a writer of orbax's that
+  started before the save (a pooled thread, not joined) can still recreate one after a removal."""
+  last_seen = time.monotonic()
+  while True:
+    found = list(directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+    for tmp in found:
+      shutil.rmtree(tmp, ignore_errors=True)
+    now = time.monotonic()
+    if found:
+      last_seen = now
+    if now - last_seen >= quiet or now >= deadline:
+      return
+    time.sleep(0.05)
+
+
 class Checkpointer:
   """Saves and restores ``(state, record)`` pairs under ``directory``."""
 
@@ -175,8 +192,7 @@ class Checkpointer:
         with contextlib.suppress(Exception):  # orbax's threads re-raise their own error here
           thread.join(max(0.0, deadline - time.monotonic()))
       if jax.process_index() == 0:
-        for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-          shutil.rmtree(tmp, ignore_errors=True)
+        _remove_uncommitted(self.directory, step, deadline)
       raise CheckpointError(
         f"could not save checkpoint {self.directory / str(step)}: {_first_line(err)}"
       ) from err
