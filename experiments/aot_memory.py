@@ -191,8 +191,8 @@ def markdown(result: dict) -> str:
       "",
       "temp = `memory_analysis().temp_size_in_bytes` per chip (scratch besides arguments and "
       "outputs) of value and gradients; ratio = temp / reference; met = ratio <= bound "
-      "(issue 9's target; `tests/test_tpu_compile.py` holds the 32k-token head to 1/3 and the "
-      "fused forms of losses other than cross-entropy to 1.0 until they get a lean schedule).",
+      "(issue 9's target; `tests/test_tpu_compile.py` holds the 32k-token head and "
+      "vocab_parallel_linear_cross_entropy to 1/3 until they get a leaner schedule).",
   ]
   titles = {"logits": "Logits path (one chip)", "heads": "Heads loss(h W^T), one chip",
             "fused_forms": "Fused form of every registered loss, one chip",

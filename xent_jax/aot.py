@@ -155,14 +155,20 @@ class LogitsLoss(NamedTuple):
 def logits_losses() -> dict[str, LogitsLoss]:
   r"""One problem per public logits loss.
 
-  Every registered name with its default hyper-parameters (mean reduction), cross-entropy with
-  probability labels, the optax drop-ins (their per-example results summed), and a loss built by
-  `xent_jax.define_loss` (mean absolute error, :math:`f(\log p) = 1 - p`).
+  Every registered name with its default hyper-parameters (mean reduction), cross-entropy, focal
+  and the confidence penalty with probability labels, the optax drop-ins (their per-example
+  results summed), and a loss built by `xent_jax.define_loss` (mean absolute error,
+  :math:`f(\log p) = 1 - p`).
   """
   losses = {name: LogitsLoss(functools.partial(info.fn, **info.hparams), info.fn, False)
             for name, info in xent_jax.list_losses().items()}
   losses["cross_entropy[probabilities]"] = LogitsLoss(xent_jax.cross_entropy,
                                                       xent_jax.cross_entropy, True)
+  # Two variants with probability labels: a phi(log p) head and one with the entropy.
+  for name in ("focal", "confidence_penalty"):
+    info = xent_jax.list_losses()[name]
+    losses[f"{name}[probabilities]"] = LogitsLoss(functools.partial(info.fn, **info.hparams),
+                                                  info.fn, True)
   for fn, dense in ((xent_jax.softmax_cross_entropy_with_integer_labels, False),
                     (xent_jax.softmax_cross_entropy, True),
                     (xent_jax.poly_loss_cross_entropy, True)):
