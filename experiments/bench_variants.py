@@ -72,7 +72,16 @@ def main():
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--smoothing", default="0.0,0.1")
   parser.add_argument("--out", default=None)
+  parser.add_argument(
+    "--cpu-branches",
+    action="store_true",
+    help="take the CPU branch of every jax.lax.platform_dependent (the engine's separate class-sum "
+    "passes, bi-tempered's integer powers) on any backend: does XLA:CPU's pass structure also "
+    "cure an accelerator's [N, V] temporaries, and at what cost?",
+  )
   args = parser.parse_args()
+  if args.cpu_branches:
+    jax.lax.platform_dependent = lambda *a, cpu=None, default=None, **k: (cpu or default)(*a)
   rows = []
   for dtype in (jnp.dtype(d) for d in args.dtypes.split(",")):
     logits = (3 * jax.random.normal(jax.random.key(0), (args.n, args.v))).astype(dtype)
@@ -112,7 +121,7 @@ def main():
     f"Machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
     f"({jax.default_backend()}). Command: `{_platform_prefix()}python experiments/bench_variants.py "
     f"--n {args.n} --v {args.v} --reps {args.reps} --dtypes {args.dtypes} --smoothing "
-    f"{args.smoothing}`. Median of {args.reps} round-robin "
+    f"{args.smoothing}{' --cpu-branches' if args.cpu_branches else ''}`. Median of {args.reps} round-robin "
     "calls each.\n\n"
   )
   table = [

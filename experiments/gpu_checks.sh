@@ -41,5 +41,8 @@ step bench_cross_entropy 45 python3 experiments/bench_cross_entropy.py --tokens 
   --vocab $vv --out "$res/bench_cross_entropy"
 step bench_variants 100 env JAX_PLATFORMS=cuda python3 experiments/bench_variants.py --n $vn --v $vv --reps 10 \
   --out "$res/bench_variants"
+step bench_variants_cpu_branches 60 env JAX_PLATFORMS=cuda python3 experiments/bench_variants.py \
+  --n $vn --v $vv --reps 10 --dtypes bfloat16 --smoothing 0.1 --cpu-branches \
+  --out "$res/bench_variants_cpu_branches"
 step bench_fused_variants 50 env JAX_PLATFORMS=cuda python3 experiments/bench_fused_variants.py --n $((vn / 2)) \
   --d $((d / 8)) --v $vv --reps 10 --out "$res/bench_fused_variants"

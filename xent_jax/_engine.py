@@ -225,7 +225,11 @@ def separate_sums(summands: list[Callable[[], jax.Array]], like: jax.Array) -> l
   a ``[..., V]`` array for both to read; optimisation barriers do not stop this (they are removed
   before the merge), and a variadic reduction (all sums in one pass) runs about ten times slower
   than separate ones. A loop branch is a computation of its own, which nothing is merged across
-  (a lone sum gets an empty second branch: XLA inlines a loop of one iteration). Other backends fuse sibling reductions without help, so there the sums are written together.
+  (a lone sum gets an empty second branch: XLA inlines a loop of one iteration). Other backends
+  get the sums written together: on TPU they keep no ``[..., V]`` array
+  (``experiments/results/aot_memory.md``), while on an H100 bfloat16 logits with label smoothing
+  keep one float32 ``[N, V]`` for four variants (``experiments/results/gpu_h100``);
+  ``experiments/bench_variants.py --cpu-branches`` measures whether this structure helps there.
   """
   if not summands:
     return []
