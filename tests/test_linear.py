@@ -586,8 +586,10 @@ class TestForwardMode:
   is the inner product of the gradients it computes with the inputs' tangents: jax.jvp, jacfwd
   and linearize equal the unfused loss's, and reverse mode over it is unchanged."""
 
-  @pytest.mark.parametrize("name", ["plain", "smooth_t5x_weighted", "everything"])
-  @pytest.mark.parametrize("reduction, layout", [("mean", "vd"), ("sum", "dv")])
+  @pytest.mark.parametrize(
+    "name, reduction, layout",
+    [("plain", "mean", "vd"), ("smooth_t5x_weighted", "mean", "dv"), ("everything", "sum", "dv")],
+  )
   def test_jvp_jacfwd_linearize_equal_the_unfused_loss(self, name, reduction, layout):
     hidden, weight, bias, labels, kwargs = _problem(11, options=OPTION_SETS[name])
     rng = np.random.default_rng(12)
