@@ -24,8 +24,8 @@ python3 -c "import jax, sys; print(sys.version.split()[0], 'jax', jax.__version_
 
 # float32 products at full precision: the tests compare with float64 at rtol 1e-5, and
 # XLA:GPU's default precision rounds float32 operands to TF32.
-step tests "${TEST_LIMIT:-150}" env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -v \
-  -n "${WORKERS:-8}" -p no:cacheprovider --durations=8 --tb=line -rf \
+step tests "${TEST_LIMIT:-170}" env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -v \
+  -n "${WORKERS:-14}" -p no:cacheprovider --durations=8 --tb=line -rf \
   tests/test_cross_entropy.py tests/test_linear.py tests/test_variants.py tests/test_engine.py \
   tests/test_bitempered.py tests/test_optax_compat.py tests/test_torch_parity.py \
   tests/test_own_losses.py -k "not vocab_parallel_form and not over_vocabulary_shards"
