@@ -4,7 +4,10 @@
 # fused head at Llama-3-8B's 8192 x 4096 x 128256). Usage: experiments/gpu_checks.sh OUT_DIR
 # (SMALL=1 shrinks every shape, to try the script on a CPU). Each step has its own time limit,
 # so one that overruns costs only its own results; OUT_DIR/gpu_checks.tgz holds every step's log,
-# JSON and markdown, repacked after each step.
+# JSON and markdown, repacked after each step. On this workplace's lent GPUs (jax, flax, optax,
+# chex, torch already there) the rest travels as wheels: omegaconf antlr4-python3-runtime
+# jax-bitempered-loss jax-cce tokamax qwix einshape immutabledict tensorboardx typeguard pydantic
+# pydantic-core annotated-types typing-inspection (installed with --target, on PYTHONPATH).
 set -uo pipefail
 out=${1:?usage: experiments/gpu_checks.sh OUT_DIR}
 res=$(mktemp -d)
