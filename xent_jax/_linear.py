@@ -51,7 +51,7 @@ The vocabulary-parallel form (:mod:`xent_jax._parallel`) runs the same kernels o
 the vocabulary. It uses only this internal interface, whose names carry no underscore: the front
 end :func:`prepare_rows` (with :class:`PreparedRows`, :func:`linear_shapes`, ``WEIGHT_LAYOUTS``),
 the slice kernels :func:`vocab_slice_stats`, :func:`vocab_slice_grads` and
-:func:`fused_vocab_slice` with their per-row types :class:`RowStats` and :class:`StatCotangents`,
+:func:`fused_vocab_slice` (with the one-pass op :func:`fused_op`) with their per-row types :class:`RowStats` and :class:`StatCotangents`,
 :func:`logsumexp_from_stats`, and the per-row formula :func:`row_loss` with its
 :class:`LossConfig`.
 
@@ -697,18 +697,40 @@ def _stats_bwd(cfg, residuals, cotangents):
 _stats_op.defvjp(_stats_fwd, _stats_bwd)
 
 
-def _fused_op(cfg, lcfg, hidden, weight, bias, labels, class_weight, rows, total_weight):
+def fused_op(
+  cfg,
+  lcfg,
+  hidden,
+  weight,
+  bias,
+  labels,
+  class_weight,
+  rows,
+  total_weight,
+  *,
+  complete_stats: Callable[[RowStats], RowStats] = lambda s: s,
+  sum_loss: Callable[[jax.Array], jax.Array] = lambda loss: loss,
+  sum_grads: Callable[[tuple], tuple] = lambda grads: grads,
+  tangent_axes=None,
+):
   """The summed row losses, with gradients for ``hidden``, ``weight`` and ``bias`` computed in
   the forward pass (:func:`xent_jax._forward_grads.sum_with_gradients`); undifferentiated, only
-  the statistics (one matmul)."""
+  the statistics (one matmul).
+
+  On one device the defaults apply. On a vocabulary shard (:mod:`xent_jax._parallel`)
+  ``complete_stats`` completes each row's statistics over the shards, ``sum_loss`` and
+  ``sum_grads`` sum the shards' parts of the loss and of ``(d_hidden, d_weight, d_bias)`` to
+  their inputs' types, and ``tangent_axes`` is :func:`~xent_jax._forward_grads.sum_with_gradients`'s.
+  """
 
   def value(hidden, weight, bias, labels, class_weight, rows, total_weight):
-    stats = vocab_slice_stats(hidden, weight, bias, labels, class_weight, cfg)
+    stats = complete_stats(vocab_slice_stats(hidden, weight, bias, labels, class_weight, cfg))
     lse = logsumexp_from_stats(stats)
-    return jnp.sum(row_loss(lcfg, total_weight, lse, stats.target, stats.weighted_sum, rows))
+    loss = row_loss(lcfg, total_weight, lse, stats.target, stats.weighted_sum, rows)
+    return sum_loss(jnp.sum(loss))
 
   def forward(hidden, weight, bias, labels, class_weight, rows, total_weight):
-    loss, _, d_hidden, d_weight, d_bias = fused_vocab_slice(
+    loss, _, *grads = fused_vocab_slice(
       hidden,
       weight,
       bias,
@@ -717,9 +739,11 @@ def _fused_op(cfg, lcfg, hidden, weight, bias, labels, class_weight, rows, total
       functools.partial(row_loss, lcfg, total_weight),
       rows,
       cfg,
+      complete_stats,
     )
+    d_hidden, d_weight, d_bias = sum_grads(tuple(grads))
     # Stored in the inputs' dtypes: the backward pass only scales them.
-    return loss, (
+    return sum_loss(loss), (
       d_hidden.astype(hidden.dtype),
       d_weight.astype(weight.dtype),
       None if bias is None else d_bias.astype(bias.dtype),
@@ -736,6 +760,7 @@ def _fused_op(cfg, lcfg, hidden, weight, bias, labels, class_weight, rows, total
     total_weight,
     num_differentiable=3,
     value=value,
+    tangent_axes=tangent_axes,
   )
 
 
@@ -1153,7 +1178,7 @@ def linear_cross_entropy(
     row_scale_N = jax.grad(
       lambda loss: _reduction.reduce_loss(loss, rows.example_weight_N, reduction, fn=fn)
     )(jnp.zeros_like(rows.example_weight_N))
-    return _fused_op(rows.block, rows.loss, *args, rows.kernel_rows(row_scale_N), rows.total_weight)
+    return fused_op(rows.block, rows.loss, *args, rows.kernel_rows(row_scale_N), rows.total_weight)
   lse_N, target_N, weighted_sum_N = _stats_op(rows.block, *args)
   loss_N = row_loss(
     rows.loss, rows.total_weight, lse_N, target_N, weighted_sum_N, rows.kernel_rows()

@@ -35,7 +35,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xent_jax import _checks
-from xent_jax import _forward_grads
 from xent_jax import _heads
 from xent_jax import _inputs
 from xent_jax import _cross_entropy as _ce
@@ -228,54 +227,6 @@ def _sharded_stats_bwd(cfg, vocab_axis, data_axis, residuals, cotangents):
 
 
 _sharded_stats.defvjp(_sharded_stats_fwd, _sharded_stats_bwd)
-
-
-def _sharded_fused(
-  cfg, lcfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight, rows, total_weight
-):
-  """The summed row losses over all shards, with the gradients of ``hidden``, ``weight`` and
-  ``bias`` computed in the forward pass (:func:`xent_jax._forward_grads.sum_with_gradients`;
-  undifferentiated, only the statistics)."""
-  rows_of = data_axes(data_axis)
-
-  def summed(loss):
-    return jax.lax.psum(loss, rows_of) if rows_of else loss
-
-  def value(hidden, weight, bias, labels, class_weight, rows, total_weight):
-    (lse, target, weighted_sum), _ = _sharded_stats_fwd(
-      cfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight
-    )
-    return summed(jnp.sum(_linear.row_loss(lcfg, total_weight, lse, target, weighted_sum, rows)))
-
-  def forward(hidden, weight, bias, labels, class_weight, rows, total_weight):
-    loss, _, *grads = _linear.fused_vocab_slice(
-      hidden,
-      weight,
-      bias,
-      labels,
-      class_weight,
-      functools.partial(_linear.row_loss, lcfg, total_weight),
-      rows,
-      cfg,
-      functools.partial(complete_row_stats, vocab_axis=vocab_axis),
-    )
-    grads = _sum_partial_grads(grads, vocab_axis, data_axis)
-    return summed(loss), _as_input_dtypes(grads, hidden, weight, bias)
-
-  return _forward_grads.sum_with_gradients(
-    forward,
-    hidden,
-    weight,
-    bias,
-    labels,
-    class_weight,
-    rows,
-    total_weight,
-    num_differentiable=3,
-    value=value,
-    # <d_hidden, hidden'> sums this shard's rows, <d_weight, weight'> its classes.
-    tangent_axes=(rows_of, (vocab_axis,), (vocab_axis,)),
-  )
 
 
 # --------------------------------------------------------------------------- public API
@@ -746,14 +697,18 @@ def _linear_local(
       lambda loss_1: _reduction.reduce_loss(loss_1, total_weight_1, reduction, fn=fn)
     )(jnp.zeros((1,), rows.total_weight.dtype))
     row_scale_N = jnp.broadcast_to(row_scale, rows.valid_N.shape)
-    return _sharded_fused(
+    rows_of = data_axes(data_axis)
+    return _linear.fused_op(
       rows.block,
       rows.loss,
-      vocab_axis,
-      data_axis,
       *args,
       rows.kernel_rows(row_scale_N),
       rows.total_weight,
+      complete_stats=functools.partial(complete_row_stats, vocab_axis=vocab_axis),
+      sum_loss=lambda loss: jax.lax.psum(loss, rows_of) if rows_of else loss,
+      sum_grads=lambda grads: _sum_partial_grads(grads, vocab_axis, data_axis),
+      # <d_hidden, hidden'> sums this shard's rows, <d_weight, weight'> its classes.
+      tangent_axes=(rows_of, (vocab_axis,), (vocab_axis,)),
     )
   lse_N, target_N, weighted_sum_N = _sharded_stats(rows.block, vocab_axis, data_axis, *args)
   loss_N = _linear.row_loss(
