@@ -71,6 +71,25 @@ def _close(actual, expected, tol=2e-5):
   np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=tol, atol=tol)
 
 
+def _linear_problem(rng, n=12):
+  """A head for the linear losses: ``hidden [n, D]``, ``weight [V, D]``, ``bias [V]``, labels with
+  an ignored row (2), ``options`` with class weights, smoothing 0.1, z-loss, a soft cap and a
+  masked row (7)."""
+  hidden = rng.standard_normal((n, D)).astype(np.float32)
+  weight_VxD = (0.7 * rng.standard_normal((V, D))).astype(np.float32)
+  bias = rng.standard_normal(V).astype(np.float32)
+  labels = rng.integers(0, V, n).astype(np.int32)
+  labels[2] = -100
+  options = dict(
+    class_weight=rng.uniform(0.5, 2.0, V).astype(np.float32),
+    label_smoothing=0.1,
+    z_loss=1e-3,
+    logit_softcap=5.0,
+    where=np.arange(n) != 7,
+  )
+  return hidden, weight_VxD, bias, labels, options
+
+
 class TestVocabParallelCrossEntropy:
   @pytest.mark.parametrize("mesh_shape", MESH_SHAPES)
   @pytest.mark.parametrize("name", list(OPTIONS))
@@ -238,23 +257,8 @@ class TestVocabParallelLinearCrossEntropy:
   ):
     # 'mean'/'sum' without vocab chunks take the one-pass schedule (gradients in the forward
     # pass); 'none' and vocab chunks the two-pass one. Chunks need not divide the shard sizes.
-    rng = np.random.default_rng(8)
-    n = 12
-    hidden = rng.standard_normal((n, D)).astype(np.float32)
-    weight_VxD = (0.7 * rng.standard_normal((V, D))).astype(np.float32)
-    bias = rng.standard_normal(V).astype(np.float32)
-    labels = rng.integers(0, V, n).astype(np.int32)
-    labels[2] = -100
-    where = np.arange(n) != 7
-    options = dict(
-      class_weight=rng.uniform(0.5, 2.0, V).astype(np.float32),
-      label_smoothing=0.1,
-      smoothing="t5x" if reduction == "sum" else "uniform",
-      z_loss=1e-3,
-      logit_softcap=5.0,
-      where=where,
-      reduction=reduction,
-    )
+    hidden, weight_VxD, bias, labels, options = _linear_problem(np.random.default_rng(8))
+    options.update(smoothing="t5x" if reduction == "sum" else "uniform", reduction=reduction)
     weight = weight_VxD if layout == "vd" else weight_VxD.T
     mesh = _mesh(mesh_shape)
 
@@ -543,20 +547,8 @@ class TestForwardMode:
     # 'sum'/'mean' without vocabulary chunks: the one-pass schedule, whose tangent adds the
     # shards' inner products of their gradients with the tangents.
     rng = np.random.default_rng(24)
-    n = 12
-    hidden = rng.standard_normal((n, D)).astype(np.float32)
-    weight = (0.7 * rng.standard_normal((V, D))).astype(np.float32)
-    bias = rng.standard_normal(V).astype(np.float32)
-    labels = rng.integers(0, V, n).astype(np.int32)
-    labels[2] = -100
-    options = dict(
-      class_weight=rng.uniform(0.5, 2.0, V).astype(np.float32),
-      label_smoothing=0.1,
-      z_loss=1e-3,
-      logit_softcap=5.0,
-      where=np.arange(n) != 7,
-      reduction=reduction,
-    )
+    hidden, weight, bias, labels, options = _linear_problem(rng)
+    options.update(reduction=reduction)
     tangents = tuple(rng.standard_normal(a.shape).astype(np.float32) for a in (hidden, weight, bias))
     mesh = _mesh(mesh_shape)
     sharded = lambda h, w, b: xent_jax.vocab_parallel_linear_cross_entropy(
