@@ -51,7 +51,8 @@ The vocabulary-parallel form (:mod:`xent_jax._parallel`) runs the same kernels o
 the vocabulary. It uses only this internal interface, whose names carry no underscore: the front
 end :func:`prepare_rows` (with :class:`PreparedRows`, :func:`linear_shapes`, ``WEIGHT_LAYOUTS``),
 the slice kernels :func:`vocab_slice_stats`, :func:`vocab_slice_grads` and
-:func:`fused_vocab_slice` (with the one-pass op :func:`fused_op`) with their per-row types :class:`RowStats` and :class:`StatCotangents`,
+:func:`fused_vocab_slice` (with the two-pass and one-pass ops :func:`stats_op` and
+:func:`fused_op`) with their per-row types :class:`RowStats` and :class:`StatCotangents`,
 :func:`logsumexp_from_stats`, and the per-row formula :func:`row_loss` with its
 :class:`LossConfig`.
 
@@ -669,22 +670,33 @@ def row_loss(lcfg: LossConfig, total_weight, lse, target_logit, weighted_sum, ro
   return jnp.where(valid, scale * loss, jnp.zeros_like(loss))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _stats_op(cfg, hidden, weight, bias, labels, class_weight):
-  stats = vocab_slice_stats(hidden, weight, bias, labels, class_weight, cfg)
-  return logsumexp_from_stats(stats), stats.target, stats.weighted_sum
+def _unchanged(x):
+  return x
 
 
-def _stats_fwd(cfg, hidden, weight, bias, labels, class_weight):
-  out = _stats_op(cfg, hidden, weight, bias, labels, class_weight)
-  return out, (hidden, weight, bias, labels, class_weight, out[0])
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def stats_op(cfg, complete_stats, sum_grads, hidden, weight, bias, labels, class_weight):
+  """Per-row ``(lse, target logit, weighted sum)`` of the two-pass schedule; the backward pass
+  recomputes the blocks (:func:`vocab_slice_grads`) from the saved ``lse``.
+
+  On one device ``complete_stats`` and ``sum_grads`` are :func:`_unchanged`; on a vocabulary
+  shard they are :func:`fused_op`'s hooks of the same names."""
+  return _stats_fwd(cfg, complete_stats, sum_grads, hidden, weight, bias, labels, class_weight)[0]
 
 
-def _stats_bwd(cfg, residuals, cotangents):
+def _stats_fwd(cfg, complete_stats, sum_grads, hidden, weight, bias, labels, class_weight):
+  stats = complete_stats(vocab_slice_stats(hidden, weight, bias, labels, class_weight, cfg))
+  lse = logsumexp_from_stats(stats)
+  return (lse, stats.target, stats.weighted_sum), (hidden, weight, bias, labels, class_weight, lse)
+
+
+def _stats_bwd(cfg, complete_stats, sum_grads, residuals, cotangents):
+  del complete_stats
   hidden, weight, bias, labels, class_weight, lse = residuals
-  d_hidden, d_weight, d_bias = vocab_slice_grads(
+  grads = vocab_slice_grads(
     hidden, weight, bias, labels, class_weight, lse, StatCotangents(*cotangents), cfg
   )
+  d_hidden, d_weight, d_bias = sum_grads(grads)
   return (
     d_hidden.astype(hidden.dtype),
     d_weight.astype(weight.dtype),
@@ -694,7 +706,7 @@ def _stats_bwd(cfg, residuals, cotangents):
   )
 
 
-_stats_op.defvjp(_stats_fwd, _stats_bwd)
+stats_op.defvjp(_stats_fwd, _stats_bwd)
 
 
 def fused_op(
@@ -708,9 +720,9 @@ def fused_op(
   rows,
   total_weight,
   *,
-  complete_stats: Callable[[RowStats], RowStats] = lambda s: s,
-  sum_loss: Callable[[jax.Array], jax.Array] = lambda loss: loss,
-  sum_grads: Callable[[tuple], tuple] = lambda grads: grads,
+  complete_stats: Callable[[RowStats], RowStats] = _unchanged,
+  sum_loss: Callable[[jax.Array], jax.Array] = _unchanged,
+  sum_grads: Callable[[tuple], tuple] = _unchanged,
   tangent_axes=None,
 ):
   """The summed row losses, with gradients for ``hidden``, ``weight`` and ``bias`` computed in
@@ -1179,7 +1191,7 @@ def linear_cross_entropy(
       lambda loss: _reduction.reduce_loss(loss, rows.example_weight_N, reduction, fn=fn)
     )(jnp.zeros_like(rows.example_weight_N))
     return fused_op(rows.block, rows.loss, *args, rows.kernel_rows(row_scale_N), rows.total_weight)
-  lse_N, target_N, weighted_sum_N = _stats_op(rows.block, *args)
+  lse_N, target_N, weighted_sum_N = stats_op(rows.block, _unchanged, _unchanged, *args)
   loss_N = row_loss(
     rows.loss, rows.total_weight, lse_N, target_N, weighted_sum_N, rows.kernel_rows()
   )

@@ -182,15 +182,6 @@ def complete_row_stats(stats: _linear.RowStats, vocab_axis: Hashable) -> _linear
 # vocabulary axis, ``d weight``/``d bias`` over the data axes.
 
 
-def _as_input_dtypes(grads, hidden, weight, bias):
-  d_hidden, d_weight, d_bias = grads
-  return (
-    d_hidden.astype(hidden.dtype),
-    d_weight.astype(weight.dtype),
-    None if bias is None else d_bias.astype(bias.dtype),
-  )
-
-
 def _sum_partial_grads(grads, vocab_axis, data_axis):
   """Per-shard gradients to their inputs' types: ``d hidden`` over ``vocab_axis``, the weight
   shard's over the data axes."""
@@ -203,30 +194,6 @@ def _sum_partial_grads(grads, vocab_axis, data_axis):
   return d_hidden, d_weight, d_bias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _sharded_stats(cfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight):
-  return _sharded_stats_fwd(cfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight)[
-    0
-  ]
-
-
-def _sharded_stats_fwd(cfg, vocab_axis, data_axis, hidden, weight, bias, labels, class_weight):
-  stats = complete_row_stats(
-    _linear.vocab_slice_stats(hidden, weight, bias, labels, class_weight, cfg), vocab_axis
-  )
-  lse = _linear.logsumexp_from_stats(stats)
-  return (lse, stats.target, stats.weighted_sum), (hidden, weight, bias, labels, class_weight, lse)
-
-
-def _sharded_stats_bwd(cfg, vocab_axis, data_axis, residuals, cotangents):
-  hidden, weight, bias, labels, class_weight, lse = residuals
-  cot = _linear.StatCotangents(*cotangents)
-  grads = _linear.vocab_slice_grads(hidden, weight, bias, labels, class_weight, lse, cot, cfg)
-  grads = _sum_partial_grads(grads, vocab_axis, data_axis)
-  return (*_as_input_dtypes(grads, hidden, weight, bias), None, None)
-
-
-_sharded_stats.defvjp(_sharded_stats_fwd, _sharded_stats_bwd)
 
 
 # --------------------------------------------------------------------------- public API
@@ -655,7 +622,7 @@ def _linear_local(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r""":func:`xent_jax.linear_cross_entropy` on one vocabulary shard of ``weight``.
 
-  Runs inside ``shard_map(check_vma=True)`` (see the note above :func:`_as_input_dtypes`): the
+  Runs inside ``shard_map(check_vma=True)`` (see the note above :func:`_sum_partial_grads`): the
   single-device front end (:func:`xent_jax._linear.prepare_rows`) reads the arguments against the
   global :math:`K = V_s\,|\text{vocab}|` classes, each shard runs the blocked kernels of
   :mod:`xent_jax._linear` on its classes, relabelled ``0..V_s-1``, and
@@ -688,6 +655,8 @@ def _linear_local(
     row_axes=rows_axes,
   )
   args = (rows.hidden_NxD, rows.weight, rows.bias, rows.labels_N, rows.class_weight)
+  complete_stats = functools.partial(complete_row_stats, vocab_axis=vocab_axis)
+  sum_grads = functools.partial(_sum_partial_grads, vocab_axis=vocab_axis, data_axis=data_axis)
   if rows.schedule.one_pass:
     # Sum and mean are linear in the per-row losses: d(reduced)/d(loss_i) is known up front.
     total_weight_1 = jnp.sum(rows.example_weight_N, keepdims=True)
@@ -704,13 +673,15 @@ def _linear_local(
       *args,
       rows.kernel_rows(row_scale_N),
       rows.total_weight,
-      complete_stats=functools.partial(complete_row_stats, vocab_axis=vocab_axis),
+      complete_stats=complete_stats,
       sum_loss=lambda loss: jax.lax.psum(loss, rows_of) if rows_of else loss,
-      sum_grads=lambda grads: _sum_partial_grads(grads, vocab_axis, data_axis),
+      sum_grads=sum_grads,
       # <d_hidden, hidden'> sums this shard's rows, <d_weight, weight'> its classes.
       tangent_axes=(rows_of, (vocab_axis,), (vocab_axis,)),
     )
-  lse_N, target_N, weighted_sum_N = _sharded_stats(rows.block, vocab_axis, data_axis, *args)
+  lse_N, target_N, weighted_sum_N = _linear.stats_op(
+    rows.block, complete_stats, sum_grads, *args
+  )
   loss_N = _linear.row_loss(
     rows.loss, rows.total_weight, lse_N, target_N, weighted_sum_N, rows.kernel_rows()
   )
