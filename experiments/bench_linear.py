@@ -11,9 +11,10 @@ warm-up, the methods called in turn (round-robin) so that load changes hit them 
   shapes and dtypes (``xent_jax._linear.plan_schedule``): one pass at every shape measured here;
 * ``xent_jax low-mem``: ``token_chunk_size=1024, vocab_chunk_size=4096`` (two passes: token-major
   in float32, vocabulary-major in bfloat16);
-* ``xent_jax T=...``: with ``--token-chunks``, the default schedule at each of these token chunk
-  sizes (the default block, about ``2**24`` elements, was sized on a CPU: on a GPU larger blocks
-  may fill the device better);
+* ``xent_jax T=... C=...``: with ``--blocks T:C ...``, the default schedule with these
+  ``token_chunk_size`` and ``vocab_chunk_size`` (``-`` keeps a default; a given ``C`` means two
+  passes). The default block, about ``2**24`` elements, was sized on a CPU: on a GPU larger
+  blocks may fill the device better;
 * ``jax-cce``: ``jax_cce.linear_cross_entropy`` (default ``chunk_size=4096``);
 * ``tokamax``: ``tokamax.linear_softmax_cross_entropy_loss(..., implementation="xla")``, given its
   native ``[D, V]`` weight.
@@ -57,9 +58,10 @@ def _version(package: str) -> str | None:
     return None
 
 
-def _methods(token_chunks=()) -> dict[str, tuple[str, Callable | str]]:
+def _methods(blocks=()) -> dict[str, tuple[str, Callable | str]]:
   """name -> (weight layout the method takes, loss(hidden, weight, labels)) or an error string;
-  ``token_chunks`` adds ``xent_jax`` with each of these ``token_chunk_size`` values."""
+  ``blocks`` adds ``xent_jax`` at each ``(token_chunk_size, vocab_chunk_size)`` (``None``: the
+  default)."""
   methods: dict[str, tuple[str, Callable | str]] = {
     "naive": (
       "vd",
@@ -73,10 +75,12 @@ def _methods(token_chunks=()) -> dict[str, tuple[str, Callable | str]]:
       ),
     ),
   }
-  for chunk in token_chunks:
-    methods[f"xent_jax T={chunk}"] = (
+  for t, c in blocks:
+    methods[f"xent_jax T={t or '-'} C={c or '-'}"] = (
       "vd",
-      lambda h, w, y, chunk=chunk: xent_jax.linear_cross_entropy(h, w, y, token_chunk_size=chunk),
+      lambda h, w, y, t=t, c=c: xent_jax.linear_cross_entropy(
+        h, w, y, token_chunk_size=t, vocab_chunk_size=c
+      ),
     )
   try:
     import jax_cce
@@ -167,7 +171,7 @@ def measure_shape(methods, n, d, v, dtype, *, reps: int, timed: bool, table: str
 
 
 def run(args) -> dict:
-  methods = _methods(args.token_chunks)  # "naive" first: the reference of every ratio
+  methods = _methods(args.blocks)  # "naive" first: the reference of every ratio
   rows = []
   for dtype in (jnp.float32, jnp.bfloat16):
     rows += measure_shape(
@@ -303,6 +307,14 @@ def markdown(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _block(text: str) -> tuple[int | None, int | None]:
+  """``"T:C"`` -> ``(T, C)``, ``-`` for a default (``None``)."""
+  parts = text.split(":")
+  if len(parts) != 2 or not all(p == "-" or p.isdigit() and int(p) > 0 for p in parts):
+    raise argparse.ArgumentTypeError(f"expected T:C, each a positive integer or '-'; got {text!r}")
+  return tuple(None if p == "-" else int(p) for p in parts)
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument(
@@ -319,11 +331,13 @@ def main(argv=None) -> None:
   )
   parser.add_argument("--token-series", type=int, nargs="*", default=[1024, 4096, 16384])
   parser.add_argument(
-    "--token-chunks",
-    type=int,
+    "--blocks",
+    type=_block,
     nargs="*",
     default=[],
-    help="also time xent_jax with each of these token_chunk_size values (block-size sweep)",
+    metavar="T:C",
+    help="also time xent_jax at each token_chunk_size:vocab_chunk_size ('-': the default), "
+    "e.g. 1024:- 4096:16384 (block-size sweep)",
   )
   parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test")
   args = parser.parse_args(argv)

@@ -29,21 +29,27 @@ python3 -c "import jax, sys; print(sys.version.split()[0], 'jax', jax.__version_
 # XLA:GPU's default precision rounds float32 operands to TF32.
 step tests "${TEST_LIMIT:-170}" env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -v \
   -n "${WORKERS:-14}" -p no:cacheprovider --durations=8 --tb=line -rf \
-  tests/test_cross_entropy.py tests/test_linear.py tests/test_variants.py tests/test_engine.py \
-  tests/test_bitempered.py tests/test_optax_compat.py tests/test_torch_parity.py \
-  tests/test_own_losses.py -k "not vocab_parallel_form and not over_vocabulary_shards"
+  ${TESTS:-tests/test_cross_entropy.py tests/test_linear.py tests/test_variants.py \
+  tests/test_engine.py tests/test_bitempered.py tests/test_optax_compat.py \
+  tests/test_torch_parity.py tests/test_own_losses.py} -k "not vocab_parallel_form and not over_vocabulary_shards"
 
 if [ "$small" = 1 ]; then
   n=256 d=64 v=2048 vn=256 vv=2048
 else
   n=8192 d=4096 v=128256 vn=8192 vv=32768
 fi
-step bench_linear 140 python3 experiments/bench_linear.py --n $n --d $d --v $v --reps 10 \
-  --vocab-series --token-series --token-chunks $((n / 8)) $((n / 2)) --out "$res/bench_linear"
+# The headline shape with a block-size sweep; no shape series (the flags without values).
+step bench_linear 200 python3 experiments/bench_linear.py --n $n --d $d --v $v --reps 7 \
+  --vocab-series --token-series --blocks $((n / 8)):- $((n / 2)):- $((n / 2)):$((v / 8)) \
+  $n:$((v / 32)) --out "$res/bench_linear"
 step bench_cross_entropy 45 python3 experiments/bench_cross_entropy.py --tokens $vn \
   --vocab $vv --out "$res/bench_cross_entropy"
 step bench_variants 100 env JAX_PLATFORMS=cuda python3 experiments/bench_variants.py --n $vn --v $vv --reps 10 \
   --out "$res/bench_variants"
+# bench_variants_smoothing and bench_variants_cpu_branches differ only in --cpu-branches: run both
+# in one call to compare them.
+step bench_variants_smoothing 60 env JAX_PLATFORMS=cuda python3 experiments/bench_variants.py \
+  --n $vn --v $vv --reps 10 --dtypes bfloat16 --smoothing 0.1 --out "$res/bench_variants_smoothing"
 step bench_variants_cpu_branches 60 env JAX_PLATFORMS=cuda python3 experiments/bench_variants.py \
   --n $vn --v $vv --reps 10 --dtypes bfloat16 --smoothing 0.1 --cpu-branches \
   --out "$res/bench_variants_cpu_branches"
