@@ -76,8 +76,8 @@ def main():
     "--cpu-branches",
     action="store_true",
     help="take the CPU branch of every jax.lax.platform_dependent (the engine's separate class-sum "
-    "passes, bi-tempered's integer powers) on any backend: does XLA:CPU's pass structure also "
-    "cure an accelerator's [N, V] temporaries, and at what cost?",
+    "passes, also TPU's; bi-tempered's integer powers) on any backend: does XLA:CPU's structure "
+    "also cure an accelerator's [N, V] temporaries, and at what cost?",
   )
   args = parser.parse_args()
   if args.cpu_branches:

@@ -38,10 +38,15 @@ if [ "$small" = 1 ]; then
 else
   n=8192 d=4096 v=128256 vn=8192 vv=32768
 fi
-# The headline shape with a block-size sweep; no shape series (the flags without values).
+# The headline shape (two passes) with a block-size sweep, by default the CPU's blocks
+# ([128, V] float32 rows, [1024, 4096] vocabulary-major) and others; no shape series (the flags
+# without values). Then the one-pass shape of bench_fused_variants with a token-chunk sweep.
 step bench_linear 200 python3 experiments/bench_linear.py --n $n --d $d --v $v --reps 7 \
-  --vocab-series --token-series --blocks $((n / 8)):- $((n / 2)):- $((n / 2)):$((v / 8)) \
-  $n:$((v / 32)) --out "$res/bench_linear"
+  --vocab-series --token-series --blocks ${BLOCKS:-128:$v 1024:4096 $((n / 2)):- $n:$((v / 32))} \
+  --out "$res/bench_linear"
+step bench_linear_one_pass 90 python3 experiments/bench_linear.py --n $((vn / 2)) --d $((d / 8)) \
+  --v $vv --reps 10 --vocab-series --token-series --blocks 512:- 2048:- 4096:- \
+  --out "$res/bench_linear_one_pass"
 step bench_cross_entropy 45 python3 experiments/bench_cross_entropy.py --tokens $vn \
   --vocab $vv --out "$res/bench_cross_entropy"
 step bench_variants 100 env JAX_PLATFORMS=cuda python3 experiments/bench_variants.py --n $vn --v $vv --reps 10 \
@@ -53,5 +58,8 @@ step bench_variants_smoothing 60 env JAX_PLATFORMS=cuda python3 experiments/benc
 step bench_variants_cpu_branches 60 env JAX_PLATFORMS=cuda python3 experiments/bench_variants.py \
   --n $vn --v $vv --reps 10 --dtypes bfloat16 --smoothing 0.1 --cpu-branches \
   --out "$res/bench_variants_cpu_branches"
+step bench_variants_bi_tempered 40 env JAX_PLATFORMS=cuda python3 experiments/bench_variants.py \
+  --n $vn --v $vv --reps 10 --losses bi_tempered --smoothing 0.0 \
+  --out "$res/bench_variants_bi_tempered"
 step bench_fused_variants 50 env JAX_PLATFORMS=cuda python3 experiments/bench_fused_variants.py --n $((vn / 2)) \
   --d $((d / 8)) --v $vv --reps 10 --out "$res/bench_fused_variants"

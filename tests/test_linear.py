@@ -443,10 +443,29 @@ class TestSchedules:
       vocab_chunk_size=vocab_chunk,
       hidden_dtype=dtype,
       weight_dtype=dtype,
+      platform="cpu",
     )
     assert (plan.one_pass, plan.vocab_major) == expected
     if plan.vocab_major:  # the float32 [C, D] block of d_weight stays small
       assert plan.vocab_chunk <= 4096 and plan.token_chunk <= 1024
+
+  @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+  @pytest.mark.parametrize("platform", ["cpu", "gpu", "tpu"])
+  def test_default_blocks_by_platform(self, platform, dtype):
+    """At Llama-3-8B's head a GPU gets [8192, 4096] blocks in both loop orders; the CPU (and TPU,
+    unmeasured) [T, V] rows in float32 and [1024, 4096] vocabulary-major blocks in bfloat16."""
+    n, d, v = 8192, 4096, 128256
+    common = dict(linear_reduction=True, hidden_dtype=dtype, weight_dtype=dtype, platform=platform)
+    plan = _linear.plan_schedule(
+      "f", n, d, v, token_chunk_size=None, vocab_chunk_size=None, **common
+    )
+    assert not plan.one_pass and plan.vocab_major == (dtype == "bfloat16")
+    expected = {"gpu": (8192, 4096)}.get(platform, (1024, 4096) if plan.vocab_major else (128, v))
+    assert (plan.token_chunk, plan.vocab_chunk) == expected
+    explicit = _linear.plan_schedule(
+      "f", n, d, v, token_chunk_size=300, vocab_chunk_size=5000, **common
+    )
+    assert (explicit.token_chunk, explicit.vocab_chunk) == (300, 5000)
 
   @pytest.mark.parametrize("layout", ["vd", "dv"])
   @pytest.mark.parametrize(
@@ -598,14 +617,27 @@ class TestForwardMode:
       w_layout = (lambda w: w) if layout == "vd" else (lambda w: w.T)
       options = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
       assert _linear.plan_schedule(
-        "t", N, D, V, linear_reduction=True, token_chunk_size=8, vocab_chunk_size=None,
-        hidden_dtype=jnp.float64, weight_dtype=jnp.float64,
+        "t",
+        N,
+        D,
+        V,
+        linear_reduction=True,
+        token_chunk_size=8,
+        vocab_chunk_size=None,
+        hidden_dtype=jnp.float64,
+        weight_dtype=jnp.float64,
       ).one_pass
 
       def fused(h, w, b):
         return xent_jax.linear_cross_entropy(
-          h, w_layout(w), jnp.asarray(labels), bias=b, weight_layout=layout,
-          reduction=reduction, token_chunk_size=8, **options,
+          h,
+          w_layout(w),
+          jnp.asarray(labels),
+          bias=b,
+          weight_layout=layout,
+          reduction=reduction,
+          token_chunk_size=8,
+          **options,
         )
 
       def unfused(h, w, b):

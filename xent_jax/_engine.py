@@ -219,17 +219,18 @@ def separate_sums(summands: list[Callable[[], jax.Array]], like: jax.Array) -> l
   array, of the type of ``like``: shape, dtype and, inside ``shard_map``, varying axes) as
   separate passes over the data.
 
-  On CPU each one runs as a branch of a ``lax.switch`` in a loop over the sums. XLA:CPU fuses
-  one elementwise computation into one YNNPACK reduction, but between sibling reductions it
+  Except on TPU, each one runs as a branch of a ``lax.switch`` in a loop over the sums. XLA:CPU
+  fuses one elementwise computation into one YNNPACK reduction, but between sibling reductions it
   merges every common intermediate, down to the broadcasts of shared constants, and stores it as
   a ``[..., V]`` array for both to read; optimisation barriers do not stop this (they are removed
   before the merge), and a variadic reduction (all sums in one pass) runs about ten times slower
   than separate ones. A loop branch is a computation of its own, which nothing is merged across
-  (a lone sum gets an empty second branch: XLA inlines a loop of one iteration). Other backends
-  get the sums written together: on TPU they keep no ``[..., V]`` array
-  (``experiments/results/aot_memory.md``), while on an H100 bfloat16 logits with label smoothing
-  keep one float32 ``[N, V]`` for four variants (``experiments/results/gpu_h100``);
-  ``experiments/bench_variants.py --cpu-branches`` measures whether this structure helps there.
+  (a lone sum gets an empty second branch: XLA inlines a loop of one iteration). XLA:GPU does the
+  same: on an H100, written together, bfloat16 logits with label smoothing kept one float32
+  ``[N, V]`` (1028 MiB at 8192 x 32768) for focal, poly-1, GCE and Taylor; as branches, 0.3 MiB,
+  and fwd+bwd 0.83-0.90x the time (truncated GCE 1.15x, the confidence penalty 1.07x;
+  ``experiments/results/gpu_h100/``). TPU gets the sums written together, which keep no
+  ``[..., V]`` array there (``experiments/results/aot_memory.md``).
   """
   if not summands:
     return []
@@ -243,7 +244,7 @@ def separate_sums(summands: list[Callable[[], jax.Array]], like: jax.Array) -> l
     )
     return [sums[i] for i in range(len(summands))]
 
-  return lax.platform_dependent(cpu=one_pass_each, default=lambda: [s() for s in summands])
+  return lax.platform_dependent(tpu=lambda: [s() for s in summands], default=one_pass_each)
 
 
 def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):

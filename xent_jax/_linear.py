@@ -83,17 +83,40 @@ from xent_jax import _reduction
 # The weight layouts the kernels take ('vd': [V, D], 'dv': [D, V]); _parallel checks against it.
 WEIGHT_LAYOUTS = ("vd", "dv")
 
-# Default rows per token chunk: the [chunk, V] float32 block stays near 2**24 elements (64 MiB),
-# and never below 128 rows, where re-reading the [V, D] weight gradient for every chunk dominates.
-_BLOCK_ELEMENTS = 2**24
-_MIN_TOKEN_CHUNK = 128
-_MAX_TOKEN_CHUNK = 1024
-# The one-pass schedule's float32 [V, D] weight-gradient accumulator may be at most 1/8 of the
-# [N, V] float32 logits (8 * D <= N) or one block (V * D <= _BLOCK_ELEMENTS), see plan_schedule.
-_ONE_PASS_RATIO = 8
 # Classes per vocabulary chunk of the vocabulary-major backward: a float32 [4096, D] block of the
 # weight gradient, [4096, token_chunk] blocks of logits.
 _VOCAB_MAJOR_CHUNK = 4096
+# One default block: 2**24 float32 elements (64 MiB).
+_BLOCK_ELEMENTS = 2**24
+# Never fewer rows per token chunk, where re-reading the [V, D] weight gradient dominates.
+_MIN_TOKEN_CHUNK = 128
+
+
+class _DefaultBlocks(NamedTuple):
+  """A backend's default block shape (see :func:`plan_schedule`).
+
+  Attributes:
+    elements: elements of a default ``[token_chunk, vocab_chunk]`` block of logits.
+    max_token_chunk: the most rows per default token chunk.
+    token_major_vocab_chunk: classes per block of the two-pass token-major loop (None: all).
+  """
+
+  elements: int
+  max_token_chunk: int
+  token_major_vocab_chunk: int | None
+
+
+_DEFAULT_BLOCKS = {
+  # 2 CPU cores: [T, V] row blocks of 2**24 elements, T in [128, 1024].
+  "cpu": _DefaultBlocks(_BLOCK_ELEMENTS, 1024, None),
+  # An H100 at Llama-3-8B's head (8192 x 4096 x 128256): [8192, ~4096] blocks of 2**25 elements
+  # run fwd+bwd 1.4x (fp32) / 1.7x (bf16) of the naive head, the CPU's [128, 128256] /
+  # [1024, 4096] blocks 2.9x / 2.3x (experiments/results/gpu_h100/).
+  "gpu": _DefaultBlocks(2 * _BLOCK_ELEMENTS, 8192, _VOCAB_MAJOR_CHUNK),
+}
+# The one-pass schedule's float32 [V, D] weight-gradient accumulator may be at most 1/8 of the
+# [N, V] float32 logits (8 * D <= N) or one block (V * D <= _BLOCK_ELEMENTS), see plan_schedule.
+_ONE_PASS_RATIO = 8
 # Classes per slice of the one-pass weight-gradient product: a [rows, D] float32 temporary of
 # about 2**21 elements (8 MiB).
 _WEIGHT_GRAD_ELEMENTS = 2**21
@@ -787,11 +810,19 @@ def _resolve_chunk(fn: str, name: str, size, total: int, default: int) -> int:
   return max(1, min(int(size), total))
 
 
-def default_token_chunk(num_classes: int) -> int:
+def default_blocks(platform: str | None = None) -> _DefaultBlocks:
+  """The default block shape for ``platform`` ('cpu', 'gpu', 'tpu'; None: JAX's default backend,
+  where a jitted function runs unless its inputs live elsewhere). Platforms without measurements
+  (TPU) get the CPU's."""
+  return _DEFAULT_BLOCKS.get(platform or jax.default_backend(), _DEFAULT_BLOCKS["cpu"])
+
+
+def default_token_chunk(num_classes: int, blocks: _DefaultBlocks | None = None) -> int:
   """Rows per token chunk when none is given: a power of two with a ``[chunk, V]`` block of about
-  ``2**24`` elements, between 128 and 1024 rows."""
-  rows = 2 ** int(np.floor(np.log2(max(_BLOCK_ELEMENTS // max(num_classes, 1), 1))))
-  return int(np.clip(rows, _MIN_TOKEN_CHUNK, _MAX_TOKEN_CHUNK))
+  ``blocks.elements`` elements (default: the CPU's), between 128 and ``blocks.max_token_chunk``."""
+  blocks = blocks or _DEFAULT_BLOCKS["cpu"]
+  rows = 2 ** int(np.floor(np.log2(max(blocks.elements // max(num_classes, 1), 1))))
+  return int(np.clip(rows, _MIN_TOKEN_CHUNK, blocks.max_token_chunk))
 
 
 class Schedule(NamedTuple):
@@ -828,6 +859,7 @@ def plan_schedule(
   vocab_chunk_size,
   hidden_dtype=jnp.float32,
   weight_dtype=jnp.float32,
+  platform: str | None = None,
 ) -> Schedule:
   r"""Chooses the schedule and the loop order from the shapes ``[N, D] x [V, D]`` and dtypes.
 
@@ -846,9 +878,12 @@ def plan_schedule(
     float32 and written once in the weight's dtype), float32 ones token-major (the accumulator is
     the gradient). Vocabulary-major blocks default to :math:`C = 4096` classes.
 
-  Explicit chunk sizes are kept (clipped to the axis); defaults give blocks of about ``2**24``
-  elements (:func:`default_token_chunk`).
+  Explicit chunk sizes are kept (clipped to the axis). Default blocks depend on ``platform``
+  (:func:`default_blocks`; None: JAX's default backend): on CPU about ``2**24`` elements, the
+  token-major loop taking all classes at once; on GPU about ``2**25``, as ``[8192, 4096]``
+  blocks in both loop orders (:func:`default_token_chunk`).
   """
+  blocks = default_blocks(platform)
   small = _ONE_PASS_RATIO * d <= n or v * d <= _BLOCK_ELEMENTS
   one_pass = linear_reduction and vocab_chunk_size is None and small
   if one_pass:
@@ -860,11 +895,14 @@ def plan_schedule(
     token_extra = v * d if narrower(weight_dtype) else 0
     vocab_extra = block * d + (n * d if narrower(hidden_dtype) else 0)
     vocab_major = token_extra > vocab_extra
+    token_major_chunk = blocks.token_major_vocab_chunk or v
     vocab_chunk = (
-      block if vocab_major else _resolve_chunk(fn, "vocab_chunk_size", vocab_chunk_size, v, v)
+      block
+      if vocab_major
+      else _resolve_chunk(fn, "vocab_chunk_size", vocab_chunk_size, v, token_major_chunk)
     )
   token_chunk = _resolve_chunk(
-    fn, "token_chunk_size", token_chunk_size, n, default_token_chunk(vocab_chunk)
+    fn, "token_chunk_size", token_chunk_size, n, default_token_chunk(vocab_chunk, blocks)
   )
   return Schedule(one_pass, token_chunk, vocab_chunk, vocab_major)
 
