@@ -452,8 +452,9 @@ class TestSchedules:
   @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
   @pytest.mark.parametrize("platform", ["cpu", "gpu", "tpu"])
   def test_default_blocks_by_platform(self, platform, dtype):
-    """At Llama-3-8B's head a GPU gets [8192, 4096] blocks in both loop orders; the CPU (and TPU,
-    unmeasured) [T, V] rows in float32 and [1024, 4096] vocabulary-major blocks in bfloat16."""
+    """At Llama-3-8B's head (two passes) a GPU gets [8192, 4096] blocks in both loop orders; the
+    CPU (and TPU, unmeasured) [T, V] rows in float32 and [1024, 4096] vocabulary-major blocks in
+    bfloat16. Explicit sizes are kept."""
     n, d, v = 8192, 4096, 128256
     common = dict(linear_reduction=True, hidden_dtype=dtype, weight_dtype=dtype, platform=platform)
     plan = _linear.plan_schedule(
@@ -466,6 +467,11 @@ class TestSchedules:
       "f", n, d, v, token_chunk_size=300, vocab_chunk_size=5000, **common
     )
     assert (explicit.token_chunk, explicit.vocab_chunk) == (300, 5000)
+    # One pass keeps [512, V] blocks everywhere: larger ones cost a GPU the memory saved.
+    one_pass = _linear.plan_schedule(
+      "f", 4096, 512, 32768, token_chunk_size=None, vocab_chunk_size=None, **common
+    )
+    assert one_pass.one_pass and (one_pass.token_chunk, one_pass.vocab_chunk) == (512, 32768)
 
   @pytest.mark.parametrize("layout", ["vd", "dv"])
   @pytest.mark.parametrize(

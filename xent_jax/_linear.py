@@ -96,23 +96,28 @@ class _DefaultBlocks(NamedTuple):
   """A backend's default block shape (see :func:`plan_schedule`).
 
   Attributes:
-    elements: elements of a default ``[token_chunk, vocab_chunk]`` block of logits.
+    one_pass_elements: elements of a default ``[token_chunk, V]`` block of the one-pass schedule
+      (its temporary memory is about two such float32 blocks).
+    two_pass_elements: elements of a default ``[token_chunk, vocab_chunk]`` block of two passes.
     max_token_chunk: the most rows per default token chunk.
     token_major_vocab_chunk: classes per block of the two-pass token-major loop (None: all).
   """
 
-  elements: int
+  one_pass_elements: int
+  two_pass_elements: int
   max_token_chunk: int
   token_major_vocab_chunk: int | None
 
 
 _DEFAULT_BLOCKS = {
   # 2 CPU cores: [T, V] row blocks of 2**24 elements, T in [128, 1024].
-  "cpu": _DefaultBlocks(_BLOCK_ELEMENTS, 1024, None),
-  # An H100 at Llama-3-8B's head (8192 x 4096 x 128256): [8192, ~4096] blocks of 2**25 elements
-  # run fwd+bwd 1.4x (fp32) / 1.7x (bf16) of the naive head, the CPU's [128, 128256] /
-  # [1024, 4096] blocks 2.9x / 2.3x (experiments/results/gpu_h100/).
-  "gpu": _DefaultBlocks(2 * _BLOCK_ELEMENTS, 8192, _VOCAB_MAJOR_CHUNK),
+  "cpu": _DefaultBlocks(_BLOCK_ELEMENTS, _BLOCK_ELEMENTS, 1024, None),
+  # One H100 (experiments/results/gpu_h100/). Two passes at Llama-3-8B's head (8192 x 4096 x
+  # 128256): [8192, 4096] blocks of 2**25 elements run fwd+bwd in 1.36x (fp32) / 1.63x (bf16) of
+  # the naive head's time at 4.0 % / 7.2 % of its memory; the CPU's [128, 128256] / [1024, 4096]
+  # blocks in 2.9x / 2.1x. One pass at 4096 x 512 x 32768 keeps the CPU's 2**24-element blocks
+  # (1.85x naive, 0.13 of its memory): 2**25 would be 1.51x at 0.25 of it (bf16: 0.52).
+  "gpu": _DefaultBlocks(_BLOCK_ELEMENTS, 2 * _BLOCK_ELEMENTS, 8192, _VOCAB_MAJOR_CHUNK),
 }
 # The one-pass schedule's float32 [V, D] weight-gradient accumulator may be at most 1/8 of the
 # [N, V] float32 logits (8 * D <= N) or one block (V * D <= _BLOCK_ELEMENTS), see plan_schedule.
@@ -817,11 +822,15 @@ def default_blocks(platform: str | None = None) -> _DefaultBlocks:
   return _DEFAULT_BLOCKS.get(platform or jax.default_backend(), _DEFAULT_BLOCKS["cpu"])
 
 
-def default_token_chunk(num_classes: int, blocks: _DefaultBlocks | None = None) -> int:
-  """Rows per token chunk when none is given: a power of two with a ``[chunk, V]`` block of about
-  ``blocks.elements`` elements (default: the CPU's), between 128 and ``blocks.max_token_chunk``."""
+def default_token_chunk(
+  num_classes: int, blocks: _DefaultBlocks | None = None, *, one_pass: bool = True
+) -> int:
+  """Rows per token chunk when none is given: a power of two with a ``[chunk, num_classes]``
+  block of about ``blocks``' elements for the schedule (default: the CPU's), between 128 and
+  ``blocks.max_token_chunk``."""
   blocks = blocks or _DEFAULT_BLOCKS["cpu"]
-  rows = 2 ** int(np.floor(np.log2(max(blocks.elements // max(num_classes, 1), 1))))
+  elements = blocks.one_pass_elements if one_pass else blocks.two_pass_elements
+  rows = 2 ** int(np.floor(np.log2(max(elements // max(num_classes, 1), 1))))
   return int(np.clip(rows, _MIN_TOKEN_CHUNK, blocks.max_token_chunk))
 
 
@@ -880,8 +889,8 @@ def plan_schedule(
 
   Explicit chunk sizes are kept (clipped to the axis). Default blocks depend on ``platform``
   (:func:`default_blocks`; None: JAX's default backend): on CPU about ``2**24`` elements, the
-  token-major loop taking all classes at once; on GPU about ``2**25``, as ``[8192, 4096]``
-  blocks in both loop orders (:func:`default_token_chunk`).
+  token-major loop taking all classes at once; on GPU two passes take ``[8192, 4096]`` blocks
+  (``2**25``) in both loop orders, one pass the CPU's (:func:`default_token_chunk`).
   """
   blocks = default_blocks(platform)
   small = _ONE_PASS_RATIO * d <= n or v * d <= _BLOCK_ELEMENTS
@@ -902,7 +911,11 @@ def plan_schedule(
       else _resolve_chunk(fn, "vocab_chunk_size", vocab_chunk_size, v, token_major_chunk)
     )
   token_chunk = _resolve_chunk(
-    fn, "token_chunk_size", token_chunk_size, n, default_token_chunk(vocab_chunk, blocks)
+    fn,
+    "token_chunk_size",
+    token_chunk_size,
+    n,
+    default_token_chunk(vocab_chunk, blocks, one_pass=one_pass),
   )
   return Schedule(one_pass, token_chunk, vocab_chunk, vocab_major)
 
