@@ -11,6 +11,9 @@ from jax.test_util import check_grads
 
 import xent_jax
 from tests._compiled import cpu_temp_bytes
+from xent_jax import _engine
+from xent_jax import _heads
+from xent_jax import _variants
 from xent_jax.train.config import LossConfig
 from xent_jax.train.steps import make_objective
 
@@ -310,11 +313,17 @@ def test_vocab_parallel_form_works_in_forward_mode(name, label_kind):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
-def plain_loss(logits, labels, *, axis=-1, weight=None, ignore_index=-100, reduction="mean",
-               where=None):
+def plain_loss(
+  logits, labels, *, axis=-1, weight=None, ignore_index=-100, reduction="mean", where=None
+):
   """Cross-entropy as a plain function: a loss named by import path that is no engine head."""
   return xent_jax.cross_entropy(
-    logits, labels, axis=axis, weight=weight, ignore_index=ignore_index, reduction=reduction,
+    logits,
+    labels,
+    axis=axis,
+    weight=weight,
+    ignore_index=ignore_index,
+    reduction=reduction,
     where=where,
   )
 
@@ -514,3 +523,64 @@ def test_fused_bfloat16_weight_gradient_sums_chunks_in_float32():
     full = lambda w: jnp.sum(loss(h64 @ w.T, labels, reduction="none"))
     want = np.asarray(jax.grad(full)(jnp.asarray(weight, jnp.float64)))
   assert np.max(np.abs(got - want)) <= 1e-2 * np.max(np.abs(want))
+
+
+SERIES_HEADS = {
+  "poly1": lambda: _variants.poly1_head(1.5),
+  "generalized_ce": lambda: _variants.generalized_head(0.7),
+  "taylor2": lambda: _variants.taylor_head(2),
+  "cross_entropy": lambda: _heads.Head(_heads.neg_log, class_series=_engine.PowerSeries(-1.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SERIES_HEADS))
+def test_power_series_equals_its_class_fn_and_saves_passes(name, monkeypatch):
+  """A head's declared power series is its class function (float64, p from 1e-30 to 1 - 1e-12),
+  the engine's sums and their derivatives are those of the elementwise form, and the JVP makes
+  fewer passes over the logits."""
+  head = SERIES_HEADS[name]()
+  series = head.class_series
+  with jax.enable_x64(True):
+    p = np.concatenate(
+      [np.logspace(-30, -1, 40), np.linspace(0.1, 0.9, 9), 1 - np.logspace(-12, -2, 10)]
+    )
+    a, c = series.log_coef, series.constant
+    expected = a * np.log(p) + c + sum(b * p**j for j, b in series.powers)
+    np.testing.assert_allclose(
+      head.class_fn(jnp.log(jnp.asarray(p))), expected, rtol=1e-12, atol=1e-14
+    )
+
+    logits = jnp.asarray(LOGITS, jnp.float64)
+    labels = jnp.asarray([0, 3, 8, 2, 5, 1])
+    sums = lambda s: (
+      lambda x: _engine.row_stats(
+        x, labels, (_engine.ClassSum(head.class_fn, series=s),)
+      ).class_sums[0]
+    )
+    with_series, elementwise = sums(series), sums(None)
+    np.testing.assert_allclose(with_series(logits), elementwise(logits), rtol=1e-12)
+    np.testing.assert_allclose(
+      jax.jacfwd(with_series)(logits), jax.jacfwd(elementwise)(logits), rtol=1e-10, atol=1e-12
+    )
+    np.testing.assert_allclose(
+      jax.jacrev(with_series)(logits), jax.jacrev(elementwise)(logits), rtol=1e-10, atol=1e-12
+    )
+    check_grads(with_series, (logits,), order=2, modes=("fwd", "rev"))
+
+  passes = []
+  separate_sums = _engine.separate_sums
+  monkeypatch.setattr(
+    _engine, "separate_sums", lambda s, like: passes.append(len(s)) or separate_sums(s, like)
+  )
+  for s in (series, None):
+    jax.jvp(sums(s), (LOGITS,), (LOGITS,))
+  assert passes[0] < passes[1], passes
+
+
+def test_power_series_is_left_out_where_it_would_lose_precision():
+  assert _variants.generalized_head(0.05).class_series is None  # (1 - p^q)/q cancels
+  assert _variants.taylor_head(3).class_series is None  # as many passes as f and f'
+  assert _variants.poly1_head(jnp.float32(1.0)).class_series is None  # a traced hyper-parameter
+  weighted = _variants.poly1_head(1.0)
+  assert _heads._series_for(weighted, weighted=True) is None  # several terms, class weights
+  assert _heads._series_for(weighted, weighted=False) is weighted.class_series

@@ -66,7 +66,9 @@ def cross_entropy_head(smoothing: str, z_loss: float) -> _heads.Head:
     return extra
 
   needs_term = t5x or bool(z_loss)
-  return _heads.Head(_heads.neg_log, row_term if needs_term else None, class_slope=-1.0)
+  return _heads.Head(
+    _heads.neg_log, row_term if needs_term else None, class_series=_engine.PowerSeries(-1.0)
+  )
 
 
 def integer_cross_entropy_last_axis(

@@ -134,6 +134,36 @@ class RowStats(NamedTuple):
     return self.log_sum - self.mean_logit
 
 
+class PowerSeries(NamedTuple):
+  """A per-class function of the form :math:`f(\\log p) = a\\log p + c + \\sum_j b_j p^j`.
+
+  Then :math:`\\sum_c \\beta_c f = a\\sum_c\\beta_c\\log p_c + c\\sum_c\\beta_c + \\sum_j b_j S_j`
+  and :math:`\\sum_c \\beta_c f' = a\\sum_c\\beta_c + \\sum_j j\\,b_j S_j` with the power sums
+  :math:`S_j = \\sum_c \\beta_c p_c^j`: one pass over the logits per power (none for
+  :math:`S_1 = 1` with unit weights) and one for :math:`\\sum_c \\beta_c \\log p_c` when
+  :math:`a \\ne 0`, where a general :math:`f` needs a value and a slope pass. Cross-entropy's
+  :math:`-\\log p` is ``PowerSeries(-1.0)``; poly-1, :math:`L_q` and Taylor cross-entropy have
+  powers of :math:`p`.
+
+  A single term is exact under any weights. With several, the sum is formed from terms larger
+  than it where the weight sits on classes with :math:`p \\to 1`, so :mod:`xent_jax._heads` uses
+  them with unit weights only, where every class with :math:`p \\approx 0` adds :math:`c`.
+
+  Attributes:
+    log_coef: :math:`a`.
+    constant: :math:`c`.
+    powers: ``((j, b_j), ...)``, :math:`j > 0`.
+  """
+
+  log_coef: float
+  constant: float = 0.0
+  powers: tuple[tuple[float, float], ...] = ()
+
+  @property
+  def single_term(self) -> bool:
+    return (self.log_coef != 0) + (self.constant != 0) + len(self.powers) <= 1
+
+
 class ClassSum(NamedTuple):
   """One requested statistic :math:`\\sum_c \\beta_c f(\\log p_c)`.
 
@@ -145,15 +175,15 @@ class ClassSum(NamedTuple):
       (without operands: every weight is 1). The kernel recomputes it in the backward pass, so
       a :math:`\\beta` made of a smoothed target or a product of class weights is never kept
       between the passes.
-    slope: the constant :math:`f'` when :math:`f` is affine in :math:`\\log p` (cross-entropy's
-      :math:`-\\log p`: -1), else None. The kernel then takes :math:`B = f'\\sum_c \\beta_c`
-      from the weights instead of a pass over the logits.
+    series: ``fn`` as a :class:`PowerSeries` (the same function), or None. The kernel then
+      forms the sum and its slope total :math:`B` from power sums instead of a value and a slope
+      pass.
   """
 
   fn: ClassFn
   operands: tuple[jax.Array, ...] = ()
   beta_fn: Callable[..., jax.Array] = lambda beta: beta
-  slope: float | None = None
+  series: PowerSeries | None = None
 
 
 def _over_rows(beta: jax.Array, shape) -> jax.Array:
@@ -171,7 +201,7 @@ class _Config:
   logit_softcap: float | None
   class_fns: tuple[ClassFn, ...]
   beta_fns: tuple[Callable[..., jax.Array], ...]
-  slopes: tuple[float | None, ...]
+  series: tuple[PowerSeries | None, ...]
   entropy: bool
   vocab_axis: Hashable | None = None
 
@@ -196,6 +226,21 @@ def _class_terms(f: ClassFn, beta: jax.Array | None, log_p) -> tuple[jax.Array, 
     return value, slope
   beta = _over_rows(beta, log_p.shape)
   return value * beta, slope * beta
+
+
+def _series_slope(series: PowerSeries, p, log_p) -> jax.Array:
+  """:math:`f'(\\log p) = a + \\sum_j j\\,b_j p^j` elementwise, from :math:`p` (integer powers
+  by multiplication, others as :math:`e^{j\\log p}`)."""
+  slope = jnp.full_like(p, series.log_coef)
+  for j, b in series.powers:
+    if j == 1:
+      power = p
+    elif float(j).is_integer():
+      power = lax.integer_pow(p, int(j))
+    else:
+      power = jnp.exp(j * floor_log_p(log_p))
+    slope = slope + (j * b) * power
+  return slope
 
 
 def _centred(logits, m, cfg: _Config):
@@ -274,10 +319,13 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
     c = _centred(logits, m, cfg)[1]
     return c, c - finite_log_sum[..., None]
 
-  def class_sum_pass(f, beta_fn, operands, part):
-    return lambda: jnp.sum(
-      _class_terms(f, _beta(beta_fn, operands, dtype), log_probs()[1])[part], -1
-    )
+  def weighted_pass(term, beta_fn, operands):
+    def total():
+      values = term(log_probs()[1])
+      beta = _beta(beta_fn, operands, dtype)
+      return jnp.sum(values if beta is None else values * _over_rows(beta, values.shape), -1)
+
+    return total
 
   def weight_sum(beta_fn, operands):
     if not operands:
@@ -290,26 +338,58 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
 
   summands = []
 
-  def pass_over_logits(fn) -> int:
+  def pass_over_logits(fn) -> Callable[[list], jax.Array]:
+    """Registers a pass; returns how to read its (completed) sum."""
     summands.append(fn)
-    return len(summands) - 1
+    k = len(summands) - 1
+    return lambda sums: sums[k]
 
-  # Indices into the passes below, or (an affine f's slope total) the total itself.
-  value_at, totals = [], []
-  for f, beta_fn, operands, slope in zip(cfg.class_fns, cfg.beta_fns, betas, cfg.slopes):
-    value_at.append(pass_over_logits(class_sum_pass(f, beta_fn, operands, 0)))
-    if slopes and slope is None:
-      totals.append(pass_over_logits(class_sum_pass(f, beta_fn, operands, 1)))
-    elif slopes:
-      totals.append(complete(slope * weight_sum(beta_fn, operands)))
+  def series_sums(series: PowerSeries, beta_fn, operands):
+    """Readers of :math:`\\sum_c\\beta_c f` and :math:`B` from the power sums' passes."""
+    total_weight = complete(weight_sum(beta_fn, operands))
+    log_sum_beta = (
+      pass_over_logits(weighted_pass(floor_log_p, beta_fn, operands)) if series.log_coef else None
+    )
+    powers = []
+    for j, b in series.powers:
+      if j == 1 and not operands:  # unit weights: sum_c p_c = 1
+        powers.append((j, b, lambda sums: jnp.ones_like(m)))
+      else:
+        power = lambda log_p, j=j: jnp.exp(j * floor_log_p(log_p))
+        powers.append((j, b, pass_over_logits(weighted_pass(power, beta_fn, operands))))
+    a = series.log_coef
+
+    def value(sums):
+      total = series.constant * total_weight + sum(b * read(sums) for _, b, read in powers)
+      return total + a * log_sum_beta(sums) if a else total
+
+    def slope(sums):
+      return a * total_weight + sum(j * b * read(sums) for j, b, read in powers)
+
+    return value, slope
+
+  # How to read each class sum and (with slopes) its B from the passes below.
+  values, totals = [], []
+  for f, beta_fn, operands, series in zip(cfg.class_fns, cfg.beta_fns, betas, cfg.series):
+    if series is not None:
+      value, slope = series_sums(series, beta_fn, operands)
+      values.append(value)
+      totals.append(slope)
+      continue
+    values.append(
+      pass_over_logits(weighted_pass(lambda lp, f=f: f(floor_log_p(lp)), beta_fn, operands))
+    )
+    if slopes:
+      slope_of = lambda lp, f=f: _class_terms(f, None, lp)[1]
+      totals.append(pass_over_logits(weighted_pass(slope_of, beta_fn, operands)))
   if cfg.entropy:
     mean_at = pass_over_logits(
       lambda: jnp.sum(_p_times(jnp.exp(log_probs()[1]), log_probs()[0]), -1)
     )
   sums = [complete(s) for s in separate_sums(summands, like=jnp.zeros_like(logits[..., 0], dtype))]
-  mean_logit = sums[mean_at] if cfg.entropy else jnp.zeros_like(m)
-  totals = [sums[t] if isinstance(t, int) else t for t in totals]
-  stats = RowStats(m, log_sum, target, tuple(sums[k] for k in value_at), mean_logit)
+  mean_logit = mean_at(sums) if cfg.entropy else jnp.zeros_like(m)
+  totals = [read(sums) for read in totals] if slopes else []
+  stats = RowStats(m, log_sum, target, tuple(read(sums) for read in values), mean_logit)
   return (stats, tuple(totals)) if slopes else stats
 
 
@@ -331,8 +411,15 @@ def _tangent(cfg: _Config, logits, labels, betas, stats: RowStats, totals, t_log
       local = local_labels(labels, logits.shape[-1], axis)
       classes = lax.broadcasted_iota(local.dtype, logits.shape, logits.ndim - 1)
       d_target = class_sum(jnp.where(classes == local[..., None], dx, jnp.zeros_like(dx)), axis)
-    for k, (f, beta_fn, operands) in enumerate(zip(cfg.class_fns, cfg.beta_fns, betas)):
-      _, slope = _class_terms(f, _beta(beta_fn, operands, dtype), log_p)
+    for k, (f, beta_fn, operands, series) in enumerate(
+      zip(cfg.class_fns, cfg.beta_fns, betas, cfg.series)
+    ):
+      beta = _beta(beta_fn, operands, dtype)
+      if series is None:
+        _, slope = _class_terms(f, beta, log_p)
+      else:  # f' from p, already at hand: no transcendental of its own for integer powers
+        slope = _series_slope(series, p, log_p)
+        slope = slope if beta is None else slope * _over_rows(beta, slope.shape)
       d_sums[k] = class_sum((slope - totals[k][..., None] * p) * dx, axis)
     if cfg.entropy:
       spread = c - stats.mean_logit[..., None] + 1.0
@@ -401,7 +488,7 @@ def row_stats(
     logit_softcap,
     tuple(c.fn for c in class_sums),
     tuple(c.beta_fn for c in class_sums),
-    tuple(c.slope for c in class_sums),
+    tuple(c.series for c in class_sums),
     bool(entropy),
     vocab_axis,
   )

@@ -36,6 +36,7 @@ from xent_jax import _inputs
 from xent_jax import _reduction
 from xent_jax._engine import ClassFn
 from xent_jax._engine import ClassSum
+from xent_jax._engine import PowerSeries
 from xent_jax._engine import RowStats
 
 
@@ -147,8 +148,9 @@ class Head:
     class_factor: ``[V]`` per-class factor :math:`a` of the class term, or None.
     extra_sums: with probability labels, further :class:`ClassSum` statistics for ``row_term``
       (given the :class:`Target`), or None.
-    class_slope: the constant derivative of ``class_fn`` when it is affine in :math:`\\log p`
-      (cross-entropy: -1), else None; saves the kernel a pass (see :class:`ClassSum`).
+    class_series: ``class_fn`` as a :class:`~xent_jax._engine.PowerSeries` (cross-entropy's
+      ``PowerSeries(-1.0)``), or None: saves the kernel passes over the logits. Used with unit
+      class weights, or where it is a single term (exact under any weights).
   """
 
   class_fn: ClassFn
@@ -156,7 +158,7 @@ class Head:
   entropy: bool = False
   class_factor: jax.Array | None = None
   extra_sums: ExtraSums | None = None
-  class_slope: float | None = None
+  class_series: PowerSeries | None = None
 
 
 def neg_log(log_p: jax.Array) -> jax.Array:
@@ -171,6 +173,13 @@ def along_classes(vector: jax.Array, ndim: int) -> jax.Array:
 
 def _gather(vector: jax.Array | None, labels: jax.Array, dtype) -> jax.Array | float:
   return 1.0 if vector is None else vector.astype(dtype)[labels]
+
+
+def _series_for(head: Head, weighted: bool) -> PowerSeries | None:
+  """The head's power series where the kernel may use it (see :class:`PowerSeries`): with unit
+  weights, or as a single term."""
+  series = head.class_series
+  return series if series is not None and (not weighted or series.single_term) else None
 
 
 def _class_beta(class_weight, class_factor, num_classes: int, dtype) -> jax.Array:
@@ -251,7 +260,7 @@ def integer_loss(
   if off:
     weighted = class_weight is not None or local_factor is not None
     betas = (_class_beta(class_weight, local_factor, num_local, dtype),) if weighted else ()
-    sums = (ClassSum(head.class_fn, betas, slope=head.class_slope),)
+    sums = (ClassSum(head.class_fn, betas, series=_series_for(head, weighted)),)
   stats = _engine.row_stats(
     logits,
     labels,
@@ -375,10 +384,10 @@ def probability_loss(
     w = along_classes(class_weight.astype(dtype), probs.ndim)
     target = target._replace(mass=target.sum_classes(probs * w))
   if class_beta is None:
-    main = ClassSum(head.class_fn, (labels,), smooth, head.class_slope)
+    main = ClassSum(head.class_fn, (labels,), smooth, _series_for(head, True))
   else:
     weighted = lambda q, w: smooth(q) * along_classes(w, q.ndim)
-    main = ClassSum(head.class_fn, (labels, class_beta), weighted, head.class_slope)
+    main = ClassSum(head.class_fn, (labels, class_beta), weighted, _series_for(head, True))
   extra = head.extra_sums(target) if head.extra_sums is not None else ()
   stats = _engine.row_stats(
     logits,
