@@ -737,11 +737,15 @@ class TestForwardMode:
           np.testing.assert_allclose(got_grad[k], want_grad, rtol=1e-10, atol=1e-12)
       check_grads(fused, primals, order=1, modes=("fwd", "rev"))
 
-  def test_reverse_over_reverse_equals_the_unfused_hessian(self):
+  # One pass, and two passes (vocabulary chunks): reverse mode over the transposed tangent pass.
+  @pytest.mark.parametrize("vocab_chunk", [None, 3])
+  def test_reverse_over_reverse_equals_the_unfused_hessian(self, vocab_chunk):
     hidden, weight, bias, labels, kwargs = _problem(13, n=9, d=3, v=7, options={"z_loss": 0.1})
     with jax.enable_x64(True):
       labels = jnp.asarray(labels)
-      fused = lambda h: xent_jax.linear_cross_entropy(h, jnp.asarray(weight), labels, **kwargs)
+      fused = lambda h: xent_jax.linear_cross_entropy(
+        h, jnp.asarray(weight), labels, token_chunk_size=4, vocab_chunk_size=vocab_chunk, **kwargs
+      )
       unfused = lambda h: xent_jax.cross_entropy(h @ jnp.asarray(weight).T, labels, **kwargs)
       np.testing.assert_allclose(
         jax.jacrev(jax.grad(fused))(jnp.asarray(hidden)),
