@@ -452,16 +452,16 @@ class TestSchedules:
   @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
   @pytest.mark.parametrize("platform", ["cpu", "gpu", "tpu"])
   def test_default_blocks_by_platform(self, platform, dtype):
-    """At Llama-3-8B's head (two passes) a GPU gets [8192, 4096] blocks in both loop orders; the
-    CPU (and TPU, unmeasured) [T, V] rows in float32 and [1024, 4096] vocabulary-major blocks in
-    bfloat16. Explicit sizes are kept."""
+    """At Llama-3-8B's head (two passes) a GPU gets [8192, 4008] blocks in both loop orders (4008:
+    the largest divisor of V up to 4096); the CPU (and TPU, unmeasured) [T, V] rows in float32
+    and [1024, 4008] vocabulary-major blocks in bfloat16. Explicit sizes are kept."""
     n, d, v = 8192, 4096, 128256
     common = dict(linear_reduction=True, hidden_dtype=dtype, weight_dtype=dtype, platform=platform)
     plan = _linear.plan_schedule(
       "f", n, d, v, token_chunk_size=None, vocab_chunk_size=None, **common
     )
     assert not plan.one_pass and plan.vocab_major == (dtype == "bfloat16")
-    expected = {"gpu": (8192, 4096)}.get(platform, (1024, 4096) if plan.vocab_major else (128, v))
+    expected = {"gpu": (8192, 4008)}.get(platform, (1024, 4008) if plan.vocab_major else (128, v))
     assert (plan.token_chunk, plan.vocab_chunk) == expected
     explicit = _linear.plan_schedule(
       "f", n, d, v, token_chunk_size=300, vocab_chunk_size=5000, **common
@@ -570,16 +570,22 @@ class TestSliceKernels:
     np.testing.assert_allclose(sum(p.target for p in parts), x[np.arange(N), labels], rtol=1e-5)
     np.testing.assert_allclose(sum(p.weighted_sum for p in parts), x @ class_weight, rtol=1e-5)
 
-    # Gradients given lse and per-row cotangents: slices hold disjoint parts of d_weight/d_bias
-    # and sum to d_hidden.
+    # Tangents given lse: the slices' partial tangents sum to the whole vocabulary's, and their
+    # transposes (reverse mode's backward pass) hold disjoint parts of d_weight/d_bias and sum to
+    # d_hidden.
     rng = np.random.default_rng(2)
-    cot = _linear.StatCotangents(*(jnp.float32(rng.normal(size=N)) for _ in range(3)))
+    t_hidden, t_weight = rng.normal(size=hidden.shape), rng.normal(size=weight.shape)
+    t_bias = rng.normal(size=V)
+    cap_grad = 1 - (x / 3.0) ** 2
+    p = np.exp(x - lse[:, None])
+    dx = (t_hidden @ weight.T + hidden @ t_weight.T + t_bias) * cap_grad
+    cot = tuple(jnp.float32(rng.normal(size=N)) for _ in range(3))
     g = (
-      cot.lse[:, None] * np.exp(x - lse[:, None])
-      + cot.target[:, None] * (np.arange(V)[None, :] == labels[:, None])
-      + cot.weighted_sum[:, None] * class_weight[None, :]
-    ) * (1 - (x / 3.0) ** 2)
-    d_hidden = 0
+      cot[0][:, None] * p
+      + cot[1][:, None] * (np.arange(V)[None, :] == labels[:, None])
+      + cot[2][:, None] * class_weight[None, :]
+    ) * cap_grad
+    tangents, d_hidden = 0, 0
     for lo, hi in [(0, split), (split, V)]:
       cfg = _linear.BlockConfig(
         "vd",
@@ -590,26 +596,32 @@ class TestSliceKernels:
         weighted_sum=True,
         vocab_major=vocab_major,
       )
-      dh, dw, db = _linear.vocab_slice_grads(
-        h,
-        jnp.float32(weight[lo:hi]),
-        jnp.float32(bias[lo:hi]),
-        y,
-        jnp.float32(class_weight[lo:hi]),
-        lse,
-        cot,
-        cfg,
+      slice_primals = (jnp.float32(weight[lo:hi]), jnp.float32(bias[lo:hi]))
+
+      def slice_tangents(th, tw, tb, cfg=cfg, slice_primals=slice_primals, lo=lo, hi=hi):
+        w, b = slice_primals
+        cw = jnp.float32(class_weight[lo:hi])
+        return _linear.vocab_slice_tangents(h, w, b, y, cw, lse, (th, tw, tb), cfg)
+
+      tangents = tangents + np.stack(
+        slice_tangents(
+          jnp.float32(t_hidden), jnp.float32(t_weight[lo:hi]), jnp.float32(t_bias[lo:hi])
+        )
       )
+      dh, dw, db = jax.linear_transpose(slice_tangents, h, *slice_primals)(cot)
       np.testing.assert_allclose(dw, g[:, lo:hi].T @ hidden, rtol=1e-4, atol=1e-5)
       np.testing.assert_allclose(db, g[:, lo:hi].sum(0), rtol=1e-4, atol=1e-5)
       d_hidden = d_hidden + dh
+    want = ((p * dx).sum(1), dx[np.arange(N), labels], dx @ class_weight)
+    np.testing.assert_allclose(tangents, np.stack(want), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(d_hidden, g @ weight, rtol=1e-4, atol=1e-5)
 
 
 class TestForwardMode:
-  """The one-pass schedule ('sum'/'mean' without vocabulary chunks) is a custom JVP whose tangent
-  is the inner product of the gradients it computes with the inputs' tangents: jax.jvp, jacfwd
-  and linearize equal the unfused loss's, and reverse mode over it is unchanged."""
+  """Both schedules are custom JVPs. The one-pass schedule's tangent is the inner product of the
+  gradients it computes with the inputs' tangents; the two-pass schedule's is a second blocked
+  pass over the statistics, whose transpose is its backward pass. jax.jvp, jacfwd and linearize
+  equal the unfused loss's, and reverse mode over them is unchanged."""
 
   @pytest.mark.parametrize(
     "name, reduction, layout",
@@ -666,11 +678,99 @@ class TestForwardMode:
         np.testing.assert_allclose(got_jac, grad, rtol=1e-10, atol=1e-12)
       check_grads(fused, primals, order=1, modes=("fwd", "rev"))
 
-  def test_reverse_over_reverse_equals_the_unfused_hessian(self):
+  @pytest.mark.parametrize(
+    "name, reduction, layout, order, options",
+    [
+      ("plain", "none", "vd", "token", {}),
+      ("weight_ignore_where", "none", "dv", "vocab", {"vocab_chunk_size": 7}),
+      ("smooth_t5x_weighted", "mean", "dv", "token", {"vocab_chunk_size": 7}),
+      ("everything", "sum", "vd", "vocab", {"return_lse": True}),
+      # 'mean' in two passes, as at a language-model head (8D > N and VD > 2**24).
+      ("zloss_softcap", "mean", "vd", "vocab", {}),
+    ],
+  )
+  def test_two_pass_forward_mode_and_per_example_grads(
+    self, name, reduction, layout, order, options, monkeypatch
+  ):
+    """The two-pass schedule is a custom JVP too (its tangent a second blocked pass, which
+    reverse mode transposes): jvp, linearize and jacfwd equal the unfused float64 loss's, and so
+    do per-example gradients (vmap of grad), in both loop orders."""
+    plan, plans = _linear.plan_schedule, []
+
+    def forced(*args, **kwargs):
+      plans.append(plan(*args, **kwargs)._replace(one_pass=False, vocab_major=order == "vocab"))
+      return plans[-1]
+
+    monkeypatch.setattr(_linear, "plan_schedule", forced)
+    hidden, weight, bias, labels, kwargs = _problem(17, options=OPTION_SETS[name])
+    rng = np.random.default_rng(18)
+    tangents = (rng.normal(size=hidden.shape), rng.normal(size=weight.shape), rng.normal(size=V))
+    return_lse = options.get("return_lse", False)
+    with jax.enable_x64(True):
+      w_layout = (lambda w: w) if layout == "vd" else (lambda w: w.T)
+      kwargs = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+      y = jnp.asarray(labels)
+
+      def combined(out):  # the loss, plus the lse's sum when it is returned
+        return out[0] + 0.5 * jnp.sum(out[1]) if return_lse else out
+
+      def fused(h, w, b):
+        return combined(
+          xent_jax.linear_cross_entropy(
+            h,
+            w_layout(w),
+            y,
+            bias=b,
+            weight_layout=layout,
+            reduction=reduction,
+            token_chunk_size=10,
+            **options,
+            **kwargs,
+          )
+        )
+
+      def unfused(h, w, b):
+        cross_options = dict(kwargs)
+        if "class_weight" in cross_options:
+          cross_options["weight"] = cross_options.pop("class_weight")
+        return combined(
+          xent_jax.cross_entropy(
+            h @ w.T + b[None, :], y, reduction=reduction, return_lse=return_lse, **cross_options
+          )
+        )
+
+      primals = tuple(jnp.asarray(a) for a in (hidden, weight, bias))
+      tangents = tuple(jnp.asarray(t) for t in tangents)
+      got = jax.jit(lambda p, t: jax.jvp(fused, p, t))(primals, tangents)
+      want = jax.jvp(unfused, primals, tangents)
+      np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+      assert plans and not any(p.one_pass for p in plans)
+      _, linear = jax.linearize(fused, *primals)
+      np.testing.assert_allclose(linear(*tangents), want[1], rtol=1e-10, atol=1e-12)
+      jac = jax.jacfwd(fused, argnums=(0, 1, 2))(*primals)
+      for got_jac, want_jac in zip(jac, jax.jacrev(unfused, argnums=(0, 1, 2))(*primals)):
+        np.testing.assert_allclose(got_jac, want_jac, rtol=1e-10, atol=1e-12)
+
+      # Per-example gradients: two copies of the batch, the second scaled.
+      summed = lambda f: lambda h, w, b: jnp.sum(f(h, w, b))
+      batch = jnp.stack([primals[0], 0.5 * primals[0]])
+      per_example = jax.jit(jax.vmap(jax.grad(summed(fused), argnums=(0, 1, 2)), (0, None, None)))
+      got = per_example(batch, *primals[1:])
+      for k, h in enumerate(batch):
+        want = jax.grad(summed(unfused), argnums=(0, 1, 2))(h, *primals[1:])
+        for got_grad, want_grad in zip(got, want):
+          np.testing.assert_allclose(got_grad[k], want_grad, rtol=1e-10, atol=1e-12)
+      check_grads(fused, primals, order=1, modes=("fwd", "rev"))
+
+  # One pass, and two passes (vocabulary chunks): reverse mode over the transposed tangent pass.
+  @pytest.mark.parametrize("vocab_chunk", [None, 3])
+  def test_reverse_over_reverse_equals_the_unfused_hessian(self, vocab_chunk):
     hidden, weight, bias, labels, kwargs = _problem(13, n=9, d=3, v=7, options={"z_loss": 0.1})
     with jax.enable_x64(True):
       labels = jnp.asarray(labels)
-      fused = lambda h: xent_jax.linear_cross_entropy(h, jnp.asarray(weight), labels, **kwargs)
+      fused = lambda h: xent_jax.linear_cross_entropy(
+        h, jnp.asarray(weight), labels, token_chunk_size=4, vocab_chunk_size=vocab_chunk, **kwargs
+      )
       unfused = lambda h: xent_jax.cross_entropy(h @ jnp.asarray(weight).T, labels, **kwargs)
       np.testing.assert_allclose(
         jax.jacrev(jax.grad(fused))(jnp.asarray(hidden)),

@@ -549,14 +549,18 @@ class TestForwardMode:
     rng = np.random.default_rng(24)
     hidden, weight, bias, labels, options = _linear_problem(rng)
     options.update(reduction=reduction)
-    tangents = tuple(rng.standard_normal(a.shape).astype(np.float32) for a in (hidden, weight, bias))
+    tangents = tuple(
+      rng.standard_normal(a.shape).astype(np.float32) for a in (hidden, weight, bias)
+    )
     mesh = _mesh(mesh_shape)
     sharded = lambda h, w, b: xent_jax.vocab_parallel_linear_cross_entropy(
       h, w, labels, mesh=mesh, data_axis="data", bias=b, **options
     )
     single = lambda h, w, b: xent_jax.linear_cross_entropy(h, w, labels, bias=b, **options)
     with jax.set_mesh(mesh):
-      value, tangent = jax.jit(lambda p, t: jax.jvp(sharded, p, t))((hidden, weight, bias), tangents)
+      value, tangent = jax.jit(lambda p, t: jax.jvp(sharded, p, t))(
+        (hidden, weight, bias), tangents
+      )
       jac = jax.jit(jax.jacfwd(sharded, argnums=(0, 1, 2)))(hidden, weight, bias)
       grads = jax.jit(jax.grad(sharded, argnums=(0, 1, 2)))(hidden, weight, bias)
     want_value, want_tangent = jax.jvp(single, (hidden, weight, bias), tangents)
@@ -567,6 +571,66 @@ class TestForwardMode:
     ):
       np.testing.assert_allclose(got_jac, grad, rtol=1e-5, atol=1e-6)
       np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+
+  @pytest.mark.parametrize(
+    "mesh_shape, reduction, options, vocab_major",
+    [
+      ((2, 4), "none", {"return_lse": True}, False),
+      ((1, 8), "mean", {"vocab_chunk_size": 3}, True),
+      ((2, 4), "sum", {"vocab_chunk_size": 3}, False),
+    ],
+  )
+  def test_linear_two_pass_forward_mode_and_per_example_grads(
+    self, mesh_shape, reduction, options, vocab_major, monkeypatch
+  ):
+    # The two-pass schedule: each shard's tangent pass gives partial tangents of the statistics,
+    # summed over the vocabulary axis; reverse mode (its transpose) and per-example gradients
+    # (vmap of grad) equal one device's.
+    plan = _linear.plan_schedule
+    monkeypatch.setattr(
+      _linear,
+      "plan_schedule",
+      lambda *a, **k: plan(*a, **k)._replace(one_pass=False, vocab_major=vocab_major),
+    )
+    rng = np.random.default_rng(25)
+    hidden, weight, bias, labels, kwargs = _linear_problem(rng)
+    kwargs.update(reduction=reduction, **options)
+    tangents = tuple(
+      rng.standard_normal(a.shape).astype(np.float32) for a in (hidden, weight, bias)
+    )
+    mesh = _mesh(mesh_shape)
+
+    def scalar(out):
+      out = out[0] + 0.5 * out[1] if kwargs.get("return_lse") else out
+      return jnp.sum(out)
+
+    sharded = lambda h, w, b: scalar(
+      xent_jax.vocab_parallel_linear_cross_entropy(
+        h, w, labels, mesh=mesh, data_axis="data", bias=b, **kwargs
+      )
+    )
+    single = lambda h, w, b: scalar(xent_jax.linear_cross_entropy(h, w, labels, bias=b, **kwargs))
+    batch = np.stack([hidden, 0.5 * hidden])
+    per_example = jax.vmap(jax.grad(sharded, argnums=(0, 1, 2)), (0, None, None))
+    with jax.set_mesh(mesh):
+      value, tangent = jax.jit(lambda p, t: jax.jvp(sharded, p, t))(
+        (hidden, weight, bias), tangents
+      )
+      jac = jax.jit(jax.jacfwd(sharded, argnums=(0, 1, 2)))(hidden, weight, bias)
+      grads = jax.jit(jax.grad(sharded, argnums=(0, 1, 2)))(hidden, weight, bias)
+      got_per_example = jax.jit(per_example)(batch, weight, bias)
+    want_value, want_tangent = jax.jvp(single, (hidden, weight, bias), tangents)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    np.testing.assert_allclose(tangent, want_tangent, rtol=1e-4, atol=1e-5)
+    for got_jac, grad, want in zip(
+      jac, grads, jax.grad(single, argnums=(0, 1, 2))(hidden, weight, bias)
+    ):
+      np.testing.assert_allclose(got_jac, grad, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+    for k, h in enumerate(batch):
+      want = jax.grad(single, argnums=(0, 1, 2))(h, weight, bias)
+      for got_grad, want_grad in zip(got_per_example, want):
+        np.testing.assert_allclose(got_grad[k], want_grad, rtol=1e-5, atol=1e-6)
 
   @pytest.mark.parametrize("smoothing", ["uniform", "t5x"])
   @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])

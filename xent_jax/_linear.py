@@ -30,12 +30,13 @@ Two schedules, chosen from the shapes by :func:`plan_schedule`:
 * **two passes** (otherwise: reduction 'none', ``return_lse``, vocabulary chunks, or a large
   ``D/N`` as at LLM heads): the forward pass keeps only the per-row statistics; the backward pass
   recomputes each block from ``hidden`` and ``weight`` once the per-row cotangents are known: four
-  matmuls, the least memory. Its loop order keeps the fewer float32 elements besides the
-  gradients: **vocabulary-major** (vocabulary chunks outermost, each seeing every token, so each
-  ``d_weight`` block is finished in float32 and written once in the weight's dtype; ``d_hidden``
-  accumulates ``[N, D]`` in float32) for bfloat16 heads with :math:`V > N + 4096`, token-major
-  otherwise (``d_weight`` accumulates ``[V, D]`` in float32: for a float32 weight, the gradient
-  itself).
+  matmuls, the least memory. That backward pass is JAX's transpose of the statistics' tangent (a
+  second blocked pass, :func:`vocab_slice_tangents`), so forward mode works here too. Its loop
+  order keeps the fewer float32 elements besides the gradients: **vocabulary-major** (vocabulary
+  chunks outermost, each seeing every token, so each ``d_weight`` block is finished in float32
+  and written once in the weight's dtype; ``d_hidden`` accumulates ``[N, D]`` in float32) for
+  bfloat16 heads with :math:`V > N + 4096`, token-major otherwise (``d_weight`` accumulates
+  ``[V, D]`` in float32: for a float32 weight, the gradient itself).
 
 Compiled for a TPU v5e or v6e in bfloat16 (value and gradients of ``hidden`` and ``weight``), the
 Llama-3-8B head (N=8192, D=4096, V=128256) keeps 129/161 MiB of temporaries against 6012 MiB for
@@ -50,7 +51,7 @@ across devices.
 The vocabulary-parallel form (:mod:`xent_jax._parallel`) runs the same kernels on each shard of
 the vocabulary. It uses only this internal interface, whose names carry no underscore: the front
 end :func:`prepare_rows` (with :class:`PreparedRows`, :func:`linear_shapes`, ``WEIGHT_LAYOUTS``),
-the slice kernels :func:`vocab_slice_stats`, :func:`vocab_slice_grads` and
+the slice kernels :func:`vocab_slice_stats`, :func:`vocab_slice_tangents` and
 :func:`fused_vocab_slice` (with the two-pass and one-pass ops :func:`stats_op` and
 :func:`fused_op`) with their per-row types :class:`RowStats` and :class:`StatCotangents`,
 :func:`logsumexp_from_stats`, and the per-row formula :func:`row_loss` with its
@@ -83,8 +84,8 @@ from xent_jax import _reduction
 # The weight layouts the kernels take ('vd': [V, D], 'dv': [D, V]); _parallel checks against it.
 WEIGHT_LAYOUTS = ("vd", "dv")
 
-# Classes per vocabulary chunk of the vocabulary-major backward: a float32 [4096, D] block of the
-# weight gradient, [4096, token_chunk] blocks of logits.
+# Classes per vocabulary chunk of the vocabulary-major backward (at most; vocab_major_chunk): a
+# float32 [4096, D] block of the weight gradient, [4096, token_chunk] blocks of logits.
 _VOCAB_MAJOR_CHUNK = 4096
 # One default block: 2**24 float32 elements (64 MiB).
 _BLOCK_ELEMENTS = 2**24
@@ -100,24 +101,26 @@ class _DefaultBlocks(NamedTuple):
       (its temporary memory is about two such float32 blocks).
     two_pass_elements: elements of a default ``[token_chunk, vocab_chunk]`` block of two passes.
     max_token_chunk: the most rows per default token chunk.
-    token_major_vocab_chunk: classes per block of the two-pass token-major loop (None: all).
+    token_major_blocks: whether the two-pass token-major loop takes vocabulary chunks of
+      :func:`vocab_major_chunk` classes (else all classes at once).
   """
 
   one_pass_elements: int
   two_pass_elements: int
   max_token_chunk: int
-  token_major_vocab_chunk: int | None
+  token_major_blocks: bool
 
 
 _DEFAULT_BLOCKS = {
   # 2 CPU cores: [T, V] row blocks of 2**24 elements, T in [128, 1024].
-  "cpu": _DefaultBlocks(_BLOCK_ELEMENTS, _BLOCK_ELEMENTS, 1024, None),
-  # One H100 (experiments/results/gpu_h100/). Two passes at Llama-3-8B's head (8192 x 4096 x
-  # 128256): [8192, 4096] blocks of 2**25 elements run fwd+bwd in 1.36x (fp32) / 1.63x (bf16) of
-  # the naive head's time at 4.0 % / 7.2 % of its memory; the CPU's [128, 128256] / [1024, 4096]
-  # blocks in 2.9x / 2.1x. One pass at 4096 x 512 x 32768 keeps the CPU's 2**24-element blocks
+  "cpu": _DefaultBlocks(_BLOCK_ELEMENTS, _BLOCK_ELEMENTS, 1024, False),
+  # One H100 (experiments/results/gpu_h100/, measured with the hand-written backward that the
+  # transposed tangent pass replaced). Two passes at Llama-3-8B's head (8192 x 4096 x 128256):
+  # [8192, 4008] blocks of about 2**25 elements ran fwd+bwd in 1.39x (fp32) / 1.56x (bf16) of the
+  # naive head's time at 3.9 % / 7.1 % of its memory ([8192, 4096]: 1.36x / 1.63x); the CPU's
+  # [128, 128256] / [1024, 4096] blocks in 2.9x / 2.1x. One pass at 4096 x 512 x 32768 keeps the CPU's 2**24-element blocks
   # (1.85x naive, 0.13 of its memory): 2**25 would be 1.51x at 0.25 of it (bf16: 0.52).
-  "gpu": _DefaultBlocks(_BLOCK_ELEMENTS, 2 * _BLOCK_ELEMENTS, 8192, _VOCAB_MAJOR_CHUNK),
+  "gpu": _DefaultBlocks(_BLOCK_ELEMENTS, 2 * _BLOCK_ELEMENTS, 8192, True),
 }
 # The one-pass schedule's float32 [V, D] weight-gradient accumulator may be at most 1/8 of the
 # [N, V] float32 logits (8 * D <= N) or one block (V * D <= _BLOCK_ELEMENTS), see plan_schedule.
@@ -156,7 +159,8 @@ class BlockConfig:
     vocab_chunk: classes per block (at most V).
     class_offset: global class index of the slice's first class.
     weighted_sum: whether :math:`\\sum_c w_c x_{ic}` is needed (label smoothing).
-    vocab_major: loop order of :func:`vocab_slice_grads` (vocabulary chunks outermost).
+    vocab_major: loop order of :func:`vocab_slice_tangents` and so of the backward pass
+      (vocabulary chunks outermost).
     varying_axes: inside ``shard_map(check_vma=True)``, the mesh axes ``hidden`` or ``weight``
       vary over: the type of every accumulator of blocks (partial statistics, gradients).
     row_axes: the mesh axes ``hidden`` varies over: the type of the complete per-row values
@@ -272,7 +276,7 @@ def logsumexp_from_stats(stats: RowStats) -> jax.Array:
 
 class StatCotangents(NamedTuple):
   """Per-row cotangents :math:`(\\bar{\\mathrm{lse}}, \\bar t, \\bar s)` of the statistics
-  (for :func:`vocab_slice_grads`; part of the interface for :mod:`xent_jax._parallel`)."""
+  (in the one-pass :func:`fused_vocab_slice`)."""
 
   lse: jax.Array
   target: jax.Array
@@ -401,184 +405,244 @@ def vocab_slice_stats(hidden_NxD, weight, bias_V, labels_N, class_weight_V, cfg:
   return lax.fori_loop(0, _num_chunks(n, t), token_step, init)
 
 
-def vocab_slice_grads(
+def vocab_slice_tangents(
   hidden_NxD,
   weight,
   bias_V,
   labels_N,
   class_weight_V,
   lse_N,
-  cot: StatCotangents,
+  tangents,
   cfg: BlockConfig,
 ):
-  """Gradients through one vocabulary slice, given the complete per-row ``lse`` and cotangents.
+  r"""Tangents of one slice's partial statistics, given the complete ``lse`` (the second pass).
 
-  Recomputes every block of logits (the second pass of the two-pass schedule), in the loop order
-  ``cfg.vocab_major`` names:
+  For tangents :math:`(\dot h, \dot W, \dot b)` of the inputs, each block of logits gets
+  :math:`\dot x = \mathrm{cap}'(z) \odot (\dot h W^\top + h \dot W^\top + \dot b)` and the
+  slice's classes contribute
 
-  * token-major (token chunks outermost): ``d_hidden`` of a token chunk is finished in the inner
-    loop; ``d_weight`` is a float32 ``[V, D]`` accumulator that every token chunk adds to;
-  * vocabulary-major (vocabulary chunks outermost, each seeing every token): ``d_weight`` of a
-    vocabulary chunk is finished in float32 in the inner loop and written once in the weight's
-    dtype; ``d_hidden`` is the float32 ``[N, D]`` accumulator.
+  .. math::
+     \dot{\mathrm{lse}}_i = \sum_c p_{ic}\, \dot x_{ic}, \qquad
+     \dot t_i = \dot x_{i y_i}, \qquad \dot s_i = \sum_c w_c\, \dot x_{ic},
+
+  with :math:`p_{ic} = e^{x_{ic} - \mathrm{lse}_i}`; sum them over slices (as
+  :mod:`xent_jax._parallel` does over the vocabulary shards). Linear in the tangents: reverse
+  mode is JAX's transpose of this function, in which each recomputed block's logits gradient is
+  multiplied back into ``d_hidden``, ``d_weight`` and ``d_bias`` (four matmuls with the
+  statistics). Each block is a ``jax.checkpoint`` saving nothing, so that linearising keeps only
+  the loop-invariant inputs, never the blocks' :math:`x` or :math:`p`. The loop order is
+  ``cfg.vocab_major``'s, and fixes where the cotangents accumulate:
+
+  * token-major (token chunks outermost): the tangents are read in float32, so ``d_weight``
+    accumulates in a float32 ``[V, D]`` buffer that every token chunk adds to, each token
+    chunk's ``d_hidden`` over its vocabulary chunks;
+  * vocabulary-major (vocabulary chunks outermost, each seeing every token): the tangents of
+    ``weight`` and ``bias`` are scanned over in blocks (remaining classes in one smaller block),
+    so that each ``d_weight`` block accumulates in float32 over the token chunks and is written
+    once in the weight's dtype; ``d_hidden`` accumulates ``[N, D]`` in float32.
 
   Args:
     hidden_NxD, weight, bias_V, labels_N, class_weight_V, cfg: as :func:`vocab_slice_stats`.
     lse_N: ``[N]`` complete (all-slice) logsumexp.
-    cot: per-row cotangents of ``(lse, target, weighted_sum)``.
+    tangents: ``(d_hidden, d_weight, d_bias)`` shaped like ``hidden_NxD``, ``weight``, ``bias_V``;
+      None for a zero tangent.
 
   Returns:
-    ``(d_hidden [N, D], d_weight (weight's shape), d_bias [V] or None)``: ``d_hidden`` and
-    ``d_bias`` in float32 (float64 for float64 inputs), ``d_weight`` in the weight's dtype (all
-    accumulated in float32). ``d_hidden`` is this slice's part: sum it over slices (as
-    :mod:`xent_jax._parallel` does over the vocabulary shards).
+    ``(d_lse, d_target, d_weighted_sum)``, each ``[N]`` in ``lse_N``'s dtype.
   """
-  grads = _grads_vocab_major if cfg.vocab_major else _grads_token_major
-  return grads(hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse_N, cot, cfg)
-
-
-def _class_block(tree, start, size):
-  """Slices ``size`` classes from ``start`` of each ``[V]`` array in ``tree`` (None stays None)."""
-  return jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, size), tree)
-
-
-def _block_grad_dlogits(
-  hidden_TxD,
-  labels_T,
-  lse_T,
-  cot_T,
-  weight_block,
-  bias_C,
-  weight_C,
-  class_start,
-  new_C,
-  cfg: BlockConfig,
-):
-  """The float32 ``[C, T]`` logits gradient of one block and its matmul-dtype copy."""
-  x_CxT = _block_logits(hidden_TxD, weight_block, bias_C, cfg)
-  is_target = _block_targets(_target_index(labels_T, class_start, new_C), x_CxT.shape)
-  g_CxT = _block_dlogits(x_CxT, is_target, new_C, lse_T, cot_T, weight_C, cfg)
-  return g_CxT, g_CxT.astype(_matmul_dtype(hidden_TxD, weight_block))
-
-
-def _grads_token_major(hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse_N, cot, cfg):
-  n, d = hidden_NxD.shape
-  v = weight.shape[cfg.vocab_axis]
-  t, c = cfg.token_chunk, cfg.vocab_chunk
+  d_hidden, d_weight, d_bias = tangents
   dtype = lse_N.dtype
+  # Read in the accumulation dtype, so that reverse mode sums the cotangents in it; the weight's
+  # tangent in vocabulary-major order one block at a time.
+  d_hidden, d_bias = (None if a is None else a.astype(dtype) for a in (d_hidden, d_bias))
+  if d_weight is not None and not cfg.vocab_major:
+    d_weight = d_weight.astype(dtype)
+  # Inside shard_map (hidden varying over the row axes, weight and bias over the vocabulary's),
+  # typed as varying over every axis of the blocks up front: in reverse mode each cotangent is
+  # then summed over the axes its input lacks (the transpose of this cast) once, at the end,
+  # rather than block by block.
+  vocab_axes = tuple(a for a in cfg.varying_axes if a not in cfg.row_axes)
+  d_hidden = _vary(d_hidden, vocab_axes)
+  d_weight, d_bias = (_vary(a, cfg.row_axes) for a in (d_weight, d_bias))
+  kernel = _tangents_vocab_major if cfg.vocab_major else _tangents_token_major
+  primals = (hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse_N)
+  return kernel(primals, (d_hidden, d_weight, d_bias), cfg)
+
+
+def _vary(x, axes: tuple[Hashable, ...]):
+  """``x`` typed as varying over the mesh ``axes`` (``jax.lax.pcast``); None stays None."""
+  return x if x is None or not axes else lax.pcast(x, axes, to="varying")
+
+
+def _slice(a, start, size, axis=0):
+  """``a[start:start + size]`` along ``axis``; None stays None."""
+  return None if a is None else lax.dynamic_slice_in_dim(a, start, size, axis=axis)
+
+
+def _block_tangents(primals, t0, c0, j, tangents, cfg: BlockConfig, shifted: bool):
+  """``(d_lse, d_target, d_weighted_sum)`` ``[T]`` of the block at token ``t0``, classes ``c0``
+  (chunk ``j``), over its new classes (all of them unless the chunk may be ``shifted``).
+
+  Takes the whole primal arrays and slices them itself: under :func:`_remat_block` the block's
+  residuals are then those loop-invariant arrays and the chunk starts.
+  """
+  hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse_N = primals
+  d_hidden_TxD, d_weight_block, d_bias_C = tangents
+  t, c = cfg.token_chunk, cfg.vocab_chunk
+  hidden_TxD, labels_T, lse_T = _token_chunk((hidden_NxD, labels_N, lse_N), t0, t)
+  weight_block = _weight_block(weight, c0, cfg)
+  x_CxT = _block_logits(hidden_TxD, weight_block, _slice(bias_V, c0, c), cfg)
+  dtype = x_CxT.dtype
+  features = 1 - cfg.vocab_axis
+  contract = (((features,), (1,)), ((), ()))
+  # Float32 products: their transposes take the float32 logits gradient (no rounding to the
+  # inputs' dtype before the gradient matmuls).
+  dz_CxT = jnp.zeros_like(x_CxT)
+  if d_weight_block is not None:
+    dz_CxT = dz_CxT + lax.dot_general(
+      d_weight_block, hidden_TxD, contract, preferred_element_type=dtype
+    )
+  if d_hidden_TxD is not None:
+    dz_CxT = dz_CxT + lax.dot_general(
+      weight_block, d_hidden_TxD, contract, preferred_element_type=dtype
+    )
+  if d_bias_C is not None:
+    dz_CxT = dz_CxT + d_bias_C[:, None]
+  dx_CxT = dz_CxT * _engine.softcap_grad(x_CxT, cfg.logit_softcap)
+  new_C = _new_mask(c0, j, c)
+  if shifted:
+    dx_CxT = jnp.where(new_C[:, None], dx_CxT, jnp.zeros_like(dx_CxT))
+  zeros = jnp.zeros_like(dx_CxT)
+  safe_lse = jnp.where(jnp.isfinite(lse_T), lse_T, jnp.zeros_like(lse_T))
+  d_lse_T = jnp.sum(jnp.exp(x_CxT - safe_lse[None, :]) * dx_CxT, axis=0)
+  # A masked sum rather than _gather_targets' gather: its transpose is a select that fuses into
+  # the logits gradient, where a gather's is a scatter.
+  is_target = _block_targets(_target_index(labels_T, c0 + cfg.class_offset, new_C), x_CxT.shape)
+  d_target_T = jnp.sum(jnp.where(is_target, dx_CxT, zeros), axis=0)
+  if cfg.weighted_sum:
+    class_weight_C = _slice(class_weight_V, c0, c)
+    weighted = dx_CxT if class_weight_C is None else dx_CxT * class_weight_C[:, None]
+    d_weighted_sum_T = jnp.sum(weighted, axis=0)
+  else:
+    d_weighted_sum_T = jnp.zeros_like(d_lse_T)
+  return d_lse_T, d_target_T, d_weighted_sum_T
+
+
+def _remat_block(cfg: BlockConfig, shifted: bool):
+  """:func:`_block_tangents` recomputing everything it needs in reverse mode (saves nothing):
+  its logits block, probabilities and masks are rebuilt where it is transposed."""
+  block = functools.partial(_block_tangents, cfg=cfg, shifted=shifted)
+  return jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
+
+
+def _carried(tree):
+  """``tree`` itself, as a loop carry that the loop does not take for a constant.
+
+  ``lax.scan`` and ``fori_loop`` turn a carry that the body returns unchanged into a loop constant
+  (jax 0.10); a constant's cotangent is then summed in a fresh whole-size buffer per run of the
+  loop and added to the enclosing loop's afterwards (two more float32 ``[N, D]`` buffers at the
+  Llama-3-8B head on a TPU v5e). Adding zero keeps it a carry, whose cotangent accumulates in one
+  buffer; XLA removes the addition.
+  """
+  return jax.tree.map(lambda a: a + jnp.zeros((), a.dtype), tree)
+
+
+def _tangents_token_major(primals, tangents, cfg: BlockConfig):
+  n = primals[0].shape[0]
+  v = primals[1].shape[cfg.vocab_axis]
+  d_hidden, d_weight, d_bias = tangents
+  t, c = cfg.token_chunk, cfg.vocab_chunk
+  dtype = primals[5].dtype
+  block = _remat_block(cfg, shifted=v % c != 0)
 
   def token_step(i, carry):
-    d_hidden_NxD, d_weight, d_bias_V = carry
+    out_N, class_tangents = carry
     t0 = _chunk_start(i, t, n)
-    new_T = _new_mask(t0, i, t)
-    hidden_TxD, labels_T, lse_T, cot_T = _token_chunk((hidden_NxD, labels_N, lse_N, cot), t0, t)
-    # Rows already handled by the previous chunk contribute nothing here.
-    cot_T = jax.tree.map(lambda a: jnp.where(new_T, a, jnp.zeros_like(a)), cot_T)
+    d_hidden_TxD = _slice(d_hidden, t0, t)
 
     def vocab_step(j, inner):
-      d_hidden_TxD, d_weight, d_bias_V = inner
+      acc_T, (d_weight, d_bias) = inner
       c0 = _chunk_start(j, c, v)
-      bias_C, weight_C = _class_block((bias_V, class_weight_V), c0, c)
-      weight_block = _weight_block(weight, c0, cfg)
-      g_CxT, g = _block_grad_dlogits(
-        hidden_TxD,
-        labels_T,
-        lse_T,
-        cot_T,
-        weight_block,
-        bias_C,
-        weight_C,
-        c0 + cfg.class_offset,
-        _new_mask(c0, j, c),
-        cfg,
+      block_tangents = (
+        d_hidden_TxD,
+        _slice(d_weight, c0, c, cfg.vocab_axis),
+        _slice(d_bias, c0, c),
       )
-      dh, dw = _block_hidden_grad(g, weight_block, cfg), _block_weight_grad(g, hidden_TxD, cfg)
-      if d_bias_V is not None:
-        d_bias_V = _add_at(d_bias_V, c0, jnp.sum(g_CxT, axis=1), 0)
-      return d_hidden_TxD + dh, _add_at(d_weight, c0, dw, cfg.vocab_axis), d_bias_V
+      parts_T = block(primals, t0, c0, j, block_tangents)
+      return tuple(a + b for a, b in zip(acc_T, parts_T)), _carried((d_weight, d_bias))
 
-    inner = (_zeros((t, d), dtype, cfg.varying_axes), d_weight, d_bias_V)
-    d_hidden_TxD, d_weight, d_bias_V = lax.fori_loop(0, _num_chunks(v, c), vocab_step, inner)
-    return _add_at(d_hidden_NxD, t0, d_hidden_TxD, 0), d_weight, d_bias_V
+    init = tuple(_zeros((t,), dtype, cfg.varying_axes) for _ in range(3))
+    chunk_T, class_tangents = lax.fori_loop(
+      0, _num_chunks(v, c), vocab_step, (init, class_tangents)
+    )
+    # Rows a shifted last chunk shares with the previous one get identical values: overwrite.
+    out_N = tuple(lax.dynamic_update_slice_in_dim(a, b, t0, 0) for a, b in zip(out_N, chunk_T))
+    return out_N, _carried(class_tangents)
 
-  axes = cfg.varying_axes
-  init = (
-    _zeros((n, d), dtype, axes),
-    _zeros(weight.shape, dtype, axes),
-    None if bias_V is None else _zeros((v,), dtype, axes),
-  )
-  d_hidden, d_weight, d_bias = lax.fori_loop(0, _num_chunks(n, t), token_step, init)
-  return d_hidden, d_weight.astype(weight.dtype), d_bias
+  # The tangents sliced in the inner loop are carried through both loops, unchanged: in the
+  # transpose their cotangents then accumulate in one buffer (a loop constant's would be summed
+  # in a fresh whole-size buffer per token chunk, then added to the outer one).
+  init = tuple(_zeros((n,), dtype, cfg.varying_axes) for _ in range(3))
+  out_N, _ = lax.fori_loop(0, _num_chunks(n, t), token_step, (init, (d_weight, d_bias)))
+  return out_N
 
 
-def _grads_vocab_major(hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse_N, cot, cfg):
-  n, d = hidden_NxD.shape
-  v = weight.shape[cfg.vocab_axis]
+def _tangents_vocab_major(primals, tangents, cfg: BlockConfig):
+  n = primals[0].shape[0]
+  v = primals[1].shape[cfg.vocab_axis]
+  d_hidden, d_weight, d_bias = tangents
   t, c = cfg.token_chunk, cfg.vocab_chunk
-  dtype = lse_N.dtype
+  dtype = primals[5].dtype
+  full, rest = divmod(v, c)
 
-  def vocab_step(j, carry):
-    d_hidden_NxD, d_weight, d_bias_V = carry
-    c0 = _chunk_start(j, c, v)
-    new_C = _new_mask(c0, j, c)
-    bias_C, weight_C = _class_block((bias_V, class_weight_V), c0, c)
-    weight_block = _weight_block(weight, c0, cfg)
+  def vocab_chunk(c0, j, d_hidden, d_weight_block, d_bias_C, cfg: BlockConfig):
+    """All tokens' tangents over the classes from ``c0``, and ``d_hidden``, carried through."""
+    block = _remat_block(cfg, shifted=False)
+    if d_weight_block is not None:  # its cotangent accumulates in float32 over the token chunks
+      d_weight_block = d_weight_block.astype(dtype)
 
-    def token_step(i, inner):
-      d_hidden_NxD, d_weight_block, d_bias_C = inner
+    def token_step(i, carry):
+      out_N, d_hidden = carry
       t0 = _chunk_start(i, t, n)
-      new_T = _new_mask(t0, i, t)
-      hidden_TxD, labels_T, lse_T, cot_T = _token_chunk((hidden_NxD, labels_N, lse_N, cot), t0, t)
-      # Rows already handled by the previous chunk contribute nothing here.
-      cot_T = jax.tree.map(lambda a: jnp.where(new_T, a, jnp.zeros_like(a)), cot_T)
-      g_CxT, g = _block_grad_dlogits(
-        hidden_TxD,
-        labels_T,
-        lse_T,
-        cot_T,
-        weight_block,
-        bias_C,
-        weight_C,
-        c0 + cfg.class_offset,
-        new_C,
-        cfg,
-      )
-      d_hidden_NxD = _add_at(d_hidden_NxD, t0, _block_hidden_grad(g, weight_block, cfg), 0)
-      d_weight_block = d_weight_block + _block_weight_grad(g, hidden_TxD, cfg)
-      if d_bias_C is not None:
-        d_bias_C = d_bias_C + jnp.sum(g_CxT, axis=1)
-      return d_hidden_NxD, d_weight_block, d_bias_C
+      parts_T = block(primals, t0, c0, j, (_slice(d_hidden, t0, t), d_weight_block, d_bias_C))
+      out_N = tuple(lax.dynamic_update_slice_in_dim(a, b, t0, 0) for a, b in zip(out_N, parts_T))
+      return out_N, _carried(d_hidden)
 
-    block_shape = weight_block.shape
-    inner = (
-      d_hidden_NxD,
-      _zeros(block_shape, dtype, cfg.varying_axes),
-      None if bias_V is None else _zeros((c,), dtype, cfg.varying_axes),
-    )
-    d_hidden_NxD, d_weight_block, d_bias_C = lax.fori_loop(0, _num_chunks(n, t), token_step, inner)
-    # Finished: written once, in the weight's dtype. A shifted last chunk keeps the classes it
-    # shares with the previous chunk as they are.
-    d_weight = _set_new_classes(
-      d_weight, c0, d_weight_block.astype(weight.dtype), new_C, cfg.vocab_axis
-    )
-    if d_bias_V is not None:
-      d_bias_V = _set_new_classes(d_bias_V, c0, d_bias_C, new_C, 0)
-    return d_hidden_NxD, d_weight, d_bias_V
+    init = tuple(_zeros((n,), dtype, cfg.varying_axes) for _ in range(3))
+    return lax.fori_loop(0, _num_chunks(n, t), token_step, (init, d_hidden))
 
-  axes = cfg.varying_axes
-  init = (
-    _zeros((n, d), dtype, axes),
-    _zeros(weight.shape, weight.dtype, axes),
-    None if bias_V is None else _zeros((v,), dtype, axes),
+  # Scanned over, not sliced from a loop constant: the transpose of a slice is a whole-size
+  # cotangent added at every step, while a scanned block's comes back as its own output.
+  def blocks(a, axis, start, count, size):
+    if a is None:
+      return None
+    a = lax.slice_in_dim(a, start, start + count * size, axis=axis)
+    return jnp.moveaxis(a.reshape(a.shape[:axis] + (count, size) + a.shape[axis + 1 :]), axis, 0)
+
+  def scan_step(carry, xs):
+    acc_N, d_hidden = carry
+    j, d_weight_block, d_bias_C = xs
+    parts_N, d_hidden = vocab_chunk(j * c, j, d_hidden, d_weight_block, d_bias_C, cfg)
+    return (tuple(a + b for a, b in zip(acc_N, parts_N)), _carried(d_hidden)), None
+
+  # d_hidden is carried through both loops (see _tangents_token_major): one float32 [N, D]
+  # cotangent buffer.
+  init = tuple(_zeros((n,), dtype, cfg.varying_axes) for _ in range(3))
+  xs = (
+    jnp.arange(full),
+    blocks(d_weight, cfg.vocab_axis, 0, full, c),
+    blocks(d_bias, 0, 0, full, c),
   )
-  return lax.fori_loop(0, _num_chunks(v, c), vocab_step, init)
-
-
-def _set_new_classes(total, start, block, new_C, axis):
-  """``total[start:start + C] = block`` along ``axis``, on the classes ``new_C`` marks only."""
-  current = lax.dynamic_slice_in_dim(total, start, block.shape[axis], axis=axis)
-  mask = new_C.reshape([-1 if k == axis else 1 for k in range(block.ndim)])
-  return lax.dynamic_update_slice_in_dim(total, jnp.where(mask, block, current), start, axis=axis)
+  (acc_N, d_hidden), _ = lax.scan(scan_step, (init, d_hidden), xs)
+  if rest:  # the remaining classes, one smaller block
+    start = full * c
+    tail_cfg = dataclasses.replace(cfg, vocab_chunk=rest)
+    tail = lambda a, axis: None if a is None else lax.slice_in_dim(a, start, v, axis=axis)
+    parts_N, _ = vocab_chunk(
+      start, full, d_hidden, tail(d_weight, cfg.vocab_axis), tail(d_bias, 0), tail_cfg
+    )
+    acc_N = tuple(a + b for a, b in zip(acc_N, parts_N))
+  return acc_N
 
 
 RowLoss = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
@@ -657,7 +721,7 @@ def fused_vocab_slice(
   return lax.fori_loop(0, _num_chunks(n, t), token_step, init)
 
 
-# --------------------------------------------------------------------------- custom VJPs
+# --------------------------------------------------------------------------- custom JVPs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -702,39 +766,35 @@ def _unchanged(x):
   return x
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def stats_op(cfg, complete_stats, sum_grads, hidden, weight, bias, labels, class_weight):
-  """Per-row ``(lse, target logit, weighted sum)`` of the two-pass schedule; the backward pass
-  recomputes the blocks (:func:`vocab_slice_grads`) from the saved ``lse``.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def stats_op(cfg, complete_stats, sum_slices, hidden, weight, bias, labels, class_weight):
+  """Per-row ``(lse, target logit, weighted sum)`` of the two-pass schedule
+  (:func:`vocab_slice_stats`), differentiable in both modes: its tangent is a second blocked pass
+  (:func:`vocab_slice_tangents`, from the ``lse`` of the first), and reverse mode is JAX's
+  transpose of that pass, which recomputes the blocks. ``labels`` and ``class_weight`` are
+  constants (their tangents are ignored).
 
-  On one device ``complete_stats`` and ``sum_grads`` are :func:`_unchanged`; on a vocabulary
-  shard they are :func:`fused_op`'s hooks of the same names."""
-  return _stats_fwd(cfg, complete_stats, sum_grads, hidden, weight, bias, labels, class_weight)[0]
-
-
-def _stats_fwd(cfg, complete_stats, sum_grads, hidden, weight, bias, labels, class_weight):
+  On one device ``complete_stats`` and ``sum_slices`` are :func:`_unchanged`; on a vocabulary
+  shard ``complete_stats`` is :func:`fused_op`'s hook of the same name and ``sum_slices`` sums
+  the shards' partial tangents ``(d_lse, d_target, d_weighted_sum)``."""
   stats = complete_stats(vocab_slice_stats(hidden, weight, bias, labels, class_weight, cfg))
-  lse = logsumexp_from_stats(stats)
-  return (lse, stats.target, stats.weighted_sum), (hidden, weight, bias, labels, class_weight, lse)
+  return logsumexp_from_stats(stats), stats.target, stats.weighted_sum
 
 
-def _stats_bwd(cfg, complete_stats, sum_grads, residuals, cotangents):
-  del complete_stats
-  hidden, weight, bias, labels, class_weight, lse = residuals
-  grads = vocab_slice_grads(
-    hidden, weight, bias, labels, class_weight, lse, StatCotangents(*cotangents), cfg
+def _stats_jvp(cfg, complete_stats, sum_slices, primals, tangents):
+  hidden, weight, bias, labels, class_weight = primals
+  out = stats_op(cfg, complete_stats, sum_slices, *primals)
+  # Symbolic zeros (undifferentiated inputs) stay out of the tangent pass.
+  tangents = tuple(
+    None if isinstance(t, jax.custom_derivatives.SymbolicZero) else t for t in tangents[:3]
   )
-  d_hidden, d_weight, d_bias = sum_grads(grads)
-  return (
-    d_hidden.astype(hidden.dtype),
-    d_weight.astype(weight.dtype),
-    None if bias is None else d_bias.astype(bias.dtype),
-    None,
-    None,
-  )
+  if all(t is None for t in tangents):
+    return out, tuple(jnp.zeros_like(o) for o in out)
+  parts = vocab_slice_tangents(hidden, weight, bias, labels, class_weight, out[0], tangents, cfg)
+  return out, tuple(sum_slices(parts))
 
 
-stats_op.defvjp(_stats_fwd, _stats_bwd)
+stats_op.defjvp(_stats_jvp, symbolic_zeros=True)
 
 
 def fused_op(
@@ -857,6 +917,21 @@ class Schedule(NamedTuple):
     )
 
 
+def vocab_major_chunk(num_classes: int) -> int:
+  """Classes per vocabulary-major chunk when none is given: the largest divisor of ``V`` from
+  2048 to 4096 (4000 for 32000 or 256000 classes, 4008 for Llama 3's 128256), else 4096.
+
+  The tangent pass scans the weight's tangent in such blocks, so that reverse mode writes each
+  block of ``d_weight`` once; classes left over by a chunk that does not divide ``V`` form one
+  more block, and joining its gradient to the others' copies ``d_weight`` (a full-size
+  temporary in the weight's dtype on a TPU).
+  """
+  for size in range(_VOCAB_MAJOR_CHUNK, _VOCAB_MAJOR_CHUNK // 2 - 1, -1):
+    if num_classes % size == 0:
+      return size
+  return _VOCAB_MAJOR_CHUNK
+
+
 def plan_schedule(
   fn: str,
   n: int,
@@ -885,12 +960,14 @@ def plan_schedule(
     a ``[C, D]`` block and an ``[N, D]`` accumulator, extra when ``hidden`` is narrower. So
     bfloat16 heads with :math:`V > N + C` go vocabulary-major (each ``d_weight`` block finished in
     float32 and written once in the weight's dtype), float32 ones token-major (the accumulator is
-    the gradient). Vocabulary-major blocks default to :math:`C = 4096` classes.
+    the gradient). Vocabulary-major blocks default to about :math:`C = 4096` classes
+    (:func:`vocab_major_chunk`).
 
   Explicit chunk sizes are kept (clipped to the axis). Default blocks depend on ``platform``
   (:func:`default_blocks`; None: JAX's default backend): on CPU about ``2**24`` elements, the
-  token-major loop taking all classes at once; on GPU two passes take ``[8192, 4096]`` blocks
-  (``2**25``) in both loop orders, one pass the CPU's (:func:`default_token_chunk`).
+  token-major loop taking all classes at once; on GPU two passes take ``[8192, C]`` blocks
+  (about ``2**25``, :math:`C` from :func:`vocab_major_chunk`) in both loop orders, one pass the
+  CPU's (:func:`default_token_chunk`).
   """
   blocks = default_blocks(platform)
   small = _ONE_PASS_RATIO * d <= n or v * d <= _BLOCK_ELEMENTS
@@ -898,13 +975,13 @@ def plan_schedule(
   if one_pass:
     vocab_chunk, vocab_major = v, False
   else:
-    block = _resolve_chunk(fn, "vocab_chunk_size", vocab_chunk_size, v, _VOCAB_MAJOR_CHUNK)
+    block = _resolve_chunk(fn, "vocab_chunk_size", vocab_chunk_size, v, vocab_major_chunk(v))
     acc = jnp.promote_types(jnp.promote_types(hidden_dtype, weight_dtype), jnp.float32)
     narrower = lambda dtype: jnp.dtype(dtype).itemsize < jnp.dtype(acc).itemsize
     token_extra = v * d if narrower(weight_dtype) else 0
     vocab_extra = block * d + (n * d if narrower(hidden_dtype) else 0)
     vocab_major = token_extra > vocab_extra
-    token_major_chunk = blocks.token_major_vocab_chunk or v
+    token_major_chunk = vocab_major_chunk(v) if blocks.token_major_blocks else v
     vocab_chunk = (
       block
       if vocab_major

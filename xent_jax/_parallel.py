@@ -179,7 +179,15 @@ def complete_row_stats(stats: _linear.RowStats, vocab_axis: Hashable) -> _linear
 # accumulators as varying over the mesh axes of ``hidden`` and ``weight`` (BlockConfig's
 # varying_axes and row_axes), cotangents of values replicated over an axis arrive whole, and each
 # backward pass returns cotangents with its primal's type: ``d hidden`` summed over the
-# vocabulary axis, ``d weight``/``d bias`` over the data axes.
+# vocabulary axis, ``d weight``/``d bias`` over the data axes. The one-pass op sums its forward
+# pass's gradients itself (``_sum_partial_grads``); in the two-pass op's transposed tangent, JAX
+# does: a tangent that meets an operand varying over more axes is cast to vary over them
+# (``pvary``), and the transpose of that cast is the ``psum``.
+
+
+def _psum_each(parts, axis):
+  """``psum`` of each array in ``parts`` over ``axis``."""
+  return tuple(jax.lax.psum(p, axis) for p in parts)
 
 
 def _sum_partial_grads(grads, vocab_axis, data_axis):
@@ -679,8 +687,10 @@ def _linear_local(
       # <d_hidden, hidden'> sums this shard's rows, <d_weight, weight'> its classes.
       tangent_axes=(rows_of, (vocab_axis,), (vocab_axis,)),
     )
+  # The tangents of the shards' partial statistics sum over the vocabulary axis.
+  sum_slices = functools.partial(_psum_each, axis=vocab_axis)
   lse_N, target_N, weighted_sum_N = _linear.stats_op(
-    rows.block, complete_stats, sum_grads, *args
+    rows.block, complete_stats, sum_slices, *args
   )
   loss_N = _linear.row_loss(
     rows.loss, rows.total_weight, lse_N, target_N, weighted_sum_N, rows.kernel_rows()
