@@ -71,6 +71,18 @@ def _close(actual, expected, tol=2e-5):
   np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=tol, atol=tol)
 
 
+def _assert_linear_derivatives(single, primals, tangents, value, tangent, jac, grads):
+  """The sharded loss's value, JVP tangent, ``jacfwd`` and ``grad`` (over hidden, weight and
+  bias) against the single-device loss ``single``: forward mode equals reverse mode, and both
+  the single-device gradient."""
+  want_value, want_tangent = jax.jvp(single, primals, tangents)
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  np.testing.assert_allclose(tangent, want_tangent, rtol=1e-4, atol=1e-5)
+  for got_jac, grad, want in zip(jac, grads, jax.grad(single, argnums=(0, 1, 2))(*primals)):
+    np.testing.assert_allclose(got_jac, grad, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+
+
 def _linear_problem(rng, n=12):
   """A head for the linear losses: ``hidden [n, D]``, ``weight [V, D]``, ``bias [V]``, labels with
   an ignored row (2), ``options`` with class weights, smoothing 0.1, z-loss, a soft cap and a
@@ -563,14 +575,7 @@ class TestForwardMode:
       )
       jac = jax.jit(jax.jacfwd(sharded, argnums=(0, 1, 2)))(hidden, weight, bias)
       grads = jax.jit(jax.grad(sharded, argnums=(0, 1, 2)))(hidden, weight, bias)
-    want_value, want_tangent = jax.jvp(single, (hidden, weight, bias), tangents)
-    np.testing.assert_allclose(value, want_value, rtol=1e-5)
-    np.testing.assert_allclose(tangent, want_tangent, rtol=1e-4, atol=1e-5)
-    for got_jac, grad, want in zip(
-      jac, grads, jax.grad(single, argnums=(0, 1, 2))(hidden, weight, bias)
-    ):
-      np.testing.assert_allclose(got_jac, grad, rtol=1e-5, atol=1e-6)
-      np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+    _assert_linear_derivatives(single, (hidden, weight, bias), tangents, value, tangent, jac, grads)
 
   @pytest.mark.parametrize(
     "mesh_shape, reduction, options, vocab_major",
@@ -619,14 +624,7 @@ class TestForwardMode:
       jac = jax.jit(jax.jacfwd(sharded, argnums=(0, 1, 2)))(hidden, weight, bias)
       grads = jax.jit(jax.grad(sharded, argnums=(0, 1, 2)))(hidden, weight, bias)
       got_per_example = jax.jit(per_example)(batch, weight, bias)
-    want_value, want_tangent = jax.jvp(single, (hidden, weight, bias), tangents)
-    np.testing.assert_allclose(value, want_value, rtol=1e-5)
-    np.testing.assert_allclose(tangent, want_tangent, rtol=1e-4, atol=1e-5)
-    for got_jac, grad, want in zip(
-      jac, grads, jax.grad(single, argnums=(0, 1, 2))(hidden, weight, bias)
-    ):
-      np.testing.assert_allclose(got_jac, grad, rtol=1e-5, atol=1e-6)
-      np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+    _assert_linear_derivatives(single, (hidden, weight, bias), tangents, value, tangent, jac, grads)
     for k, h in enumerate(batch):
       want = jax.grad(single, argnums=(0, 1, 2))(h, weight, bias)
       for got_grad, want_grad in zip(got_per_example, want):

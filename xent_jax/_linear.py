@@ -44,7 +44,9 @@ the matmul plus optax's loss, the Gemma-style head (N=8192, D=2304, V=256000) 73
 
 A chunk size that does not divide its axis is handled without padding copies: the last chunk is
 shifted back to end at the axis end and the rows (classes) it shares with the previous chunk are
-masked out. The kernels below work on a *slice* of the vocabulary whose first class has the global
+masked out. The vocabulary-major backward pass is the exception: its leftover classes form one
+smaller block, whose weight gradient costs one copy to join (so :func:`vocab_major_chunk`
+prefers a divisor of V). The kernels below work on a *slice* of the vocabulary whose first class has the global
 index ``class_offset``, so a vocabulary-sharded caller can combine their per-row partial statistics
 across devices.
 
