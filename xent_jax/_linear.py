@@ -39,7 +39,7 @@ Two schedules, chosen from the shapes by :func:`plan_schedule`:
   ``[V, D]`` in float32: for a float32 weight, the gradient itself).
 
 Compiled for a TPU v5e or v6e in bfloat16 (value and gradients of ``hidden`` and ``weight``), the
-Llama-3-8B head (N=8192, D=4096, V=128256) keeps 129/161 MiB of temporaries against 6012 MiB for
+Llama-3-8B head (N=8192, D=4096, V=128256) keeps 129/129 MiB of temporaries against 6012 MiB for
 the matmul plus optax's loss, the Gemma-style head (N=8192, D=2304, V=256000) 73 MiB against 12000.
 
 A chunk size that does not divide its axis is handled without padding copies: the last chunk is
