@@ -191,6 +191,13 @@ def _over_rows(beta: jax.Array, shape) -> jax.Array:
   return lax.broadcast_in_dim(beta, shape, tuple(range(len(shape) - beta.ndim, len(shape))))
 
 
+def _times_beta(values: jax.Array, beta: jax.Array | None) -> jax.Array:
+  """``values * β`` with ``β`` broadcast over the rows; ``β`` None (all ones) multiplies nothing:
+  on XLA:CPU a ``[V]`` weight broadcast over the rows makes the fused pass several times
+  slower."""
+  return values if beta is None else values * _over_rows(beta, values.shape)
+
+
 def _beta(beta_fn, operands, dtype) -> jax.Array | None:
   """:math:`\\beta` of a :class:`ClassSum` in ``dtype``; None (all ones) without operands."""
   return beta_fn(*operands).astype(dtype) if operands else None
@@ -218,28 +225,27 @@ def floor_log_p(log_p: jax.Array) -> jax.Array:
 def _class_terms(f: ClassFn, beta: jax.Array | None, log_p) -> tuple[jax.Array, jax.Array]:
   """``(β f(log p), β f'(log p))`` elementwise: exactly 0 where ``β == 0``, also where
   :math:`\\log p = -\\infty` (``f`` is evaluated at :func:`floor_log_p` there, and must be finite
-  at that value). ``β`` None means all ones and multiplies nothing: on XLA:CPU a ``[V]`` weight
-  broadcast over the rows makes the fused pass several times slower."""
+  at that value). ``β`` None means all ones (:func:`_times_beta`)."""
   safe = floor_log_p(log_p)
   value, slope = jax.jvp(f, (safe,), (jnp.ones_like(safe),))
-  if beta is None:
-    return value, slope
-  beta = _over_rows(beta, log_p.shape)
-  return value * beta, slope * beta
+  return _times_beta(value, beta), _times_beta(slope, beta)
+
+
+def _power_of_p(j: float, p: jax.Array, log_p: jax.Array) -> jax.Array:
+  """:math:`p^j` elementwise: an integer power by multiplication, another as
+  :math:`e^{j\\log p}` (at :func:`floor_log_p`)."""
+  if j == 1:
+    return p
+  if float(j).is_integer():
+    return lax.integer_pow(p, int(j))
+  return jnp.exp(j * floor_log_p(log_p))
 
 
 def _series_slope(series: PowerSeries, p, log_p) -> jax.Array:
-  """:math:`f'(\\log p) = a + \\sum_j j\\,b_j p^j` elementwise, from :math:`p` (integer powers
-  by multiplication, others as :math:`e^{j\\log p}`)."""
+  """:math:`f'(\\log p) = a + \\sum_j j\\,b_j p^j` elementwise, from :math:`p`."""
   slope = jnp.full_like(p, series.log_coef)
   for j, b in series.powers:
-    if j == 1:
-      power = p
-    elif float(j).is_integer():
-      power = lax.integer_pow(p, int(j))
-    else:
-      power = jnp.exp(j * floor_log_p(log_p))
-    slope = slope + (j * b) * power
+    slope = slope + (j * b) * _power_of_p(j, p, log_p)
   return slope
 
 
@@ -321,9 +327,7 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
 
   def weighted_pass(term, beta_fn, operands):
     def total():
-      values = term(log_probs()[1])
-      beta = _beta(beta_fn, operands, dtype)
-      return jnp.sum(values if beta is None else values * _over_rows(beta, values.shape), -1)
+      return jnp.sum(_times_beta(term(log_probs()[1]), _beta(beta_fn, operands, dtype)), -1)
 
     return total
 
@@ -355,7 +359,7 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
       if j == 1 and not operands:  # unit weights: sum_c p_c = 1
         powers.append((j, b, lambda sums: jnp.ones_like(m)))
       else:
-        power = lambda log_p, j=j: jnp.exp(j * floor_log_p(log_p))
+        power = lambda log_p, j=j: _power_of_p(j, jnp.exp(log_p), log_p)
         powers.append((j, b, pass_over_logits(weighted_pass(power, beta_fn, operands))))
     a = series.log_coef
 
@@ -418,8 +422,7 @@ def _tangent(cfg: _Config, logits, labels, betas, stats: RowStats, totals, t_log
       if series is None:
         _, slope = _class_terms(f, beta, log_p)
       else:  # f' from p, already at hand: no transcendental of its own for integer powers
-        slope = _series_slope(series, p, log_p)
-        slope = slope if beta is None else slope * _over_rows(beta, slope.shape)
+        slope = _times_beta(_series_slope(series, p, log_p), beta)
       d_sums[k] = class_sum((slope - totals[k][..., None] * p) * dx, axis)
     if cfg.entropy:
       spread = c - stats.mean_logit[..., None] + 1.0

@@ -884,13 +884,10 @@ def default_blocks(platform: str | None = None) -> _DefaultBlocks:
   return _DEFAULT_BLOCKS.get(platform or jax.default_backend(), _DEFAULT_BLOCKS["cpu"])
 
 
-def default_token_chunk(
-  num_classes: int, blocks: _DefaultBlocks | None = None, *, one_pass: bool = True
-) -> int:
+def default_token_chunk(num_classes: int, blocks: _DefaultBlocks, *, one_pass: bool) -> int:
   """Rows per token chunk when none is given: a power of two with a ``[chunk, num_classes]``
-  block of about ``blocks``' elements for the schedule (default: the CPU's), between 128 and
+  block of about ``blocks``' elements for the schedule, between 128 and
   ``blocks.max_token_chunk``."""
-  blocks = blocks or _DEFAULT_BLOCKS["cpu"]
   elements = blocks.one_pass_elements if one_pass else blocks.two_pass_elements
   rows = 2 ** int(np.floor(np.log2(max(elements // max(num_classes, 1), 1))))
   return int(np.clip(rows, _MIN_TOKEN_CHUNK, blocks.max_token_chunk))

@@ -60,6 +60,12 @@ _above.defjvp(
 )
 
 
+def _static(*hparams) -> bool:
+  """Whether hyper-parameters are Python numbers (a :class:`~xent_jax._engine.PowerSeries` is
+  static)."""
+  return all(isinstance(h, (int, float, np.number)) for h in hparams)
+
+
 def _focal_modulator(log_p: jax.Array, gamma) -> jax.Array:
   """:math:`(1-p)^\\gamma` with a finite gradient at :math:`p = 1` for every :math:`\\gamma \\ge 0`.
 
@@ -72,7 +78,7 @@ def _focal_modulator(log_p: jax.Array, gamma) -> jax.Array:
   # A constant integral gamma (2 in the paper) is a few multiplications, exact, and so is its
   # derivative; the general power is exp(gamma log u), two transcendentals, its derivative two
   # more. A traced gamma (differentiated, say) takes the general power.
-  integral = isinstance(gamma, (int, float, np.number)) and float(gamma).is_integer()
+  integral = _static(gamma) and float(gamma).is_integer()
   return lax.integer_pow(u, int(gamma)) if integral else u**gamma
 
 
@@ -111,12 +117,6 @@ def one_minus_p(log_p: jax.Array) -> jax.Array:
 def focal_head(gamma: float, alpha: jax.Array | None = None) -> _heads.Head:
   """Focal loss's head: :math:`f = -(1-p)^\\gamma\\log p`, class factor :math:`\\alpha`."""
   return _heads.Head(lambda log_p: -_focal_modulator(log_p, gamma) * log_p, class_factor=alpha)
-
-
-def _static(*hparams) -> bool:
-  """Whether hyper-parameters are Python numbers (a :class:`~xent_jax._engine.PowerSeries` is
-  static)."""
-  return all(isinstance(h, (int, float, np.number)) for h in hparams)
 
 
 def poly1_head(epsilon: float) -> _heads.Head:
@@ -211,9 +211,7 @@ def symmetric_head(alpha: float, beta: float, log_clip: float) -> _heads.Head:
     lambda log_p: -alpha * log_p,
     row_term if beta else None,
     extra_sums=extra_sums if beta else None,
-    class_series=(
-      _engine.PowerSeries(-float(alpha)) if isinstance(alpha, (int, float, np.number)) else None
-    ),
+    class_series=(_engine.PowerSeries(-float(alpha)) if _static(alpha) else None),
   )
 
 
