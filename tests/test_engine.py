@@ -425,7 +425,7 @@ def test_fused_form_names_a_bad_chunk_size():
 
 
 def test_fused_form_per_row_losses_match_the_logits_path():
-  """reduction='none' (the rematerialising schedule, which also takes forward mode)."""
+  """reduction='none' (the blocked two-pass schedule, which also takes forward mode)."""
   hidden = jnp.asarray(RNG.normal(size=(6, 4)), jnp.float32)
   weight = jnp.asarray(RNG.normal(size=(9, 4)), jnp.float32)
   loss = xent_jax.get_loss("generalized_ce")
@@ -441,7 +441,8 @@ def test_fused_form_per_row_losses_match_the_logits_path():
 
 def test_fused_form_plans_its_schedule_from_the_shapes():
   """One pass (a float32 [V, D] accumulator) only while that is at most 1/8 of the [N, V] logits
-  or one block; at the Llama-3-8B head the rematerialising schedule (no such accumulator)."""
+  or one block; at the Llama-3-8B head the blocked or rematerialising schedule (no such
+  accumulator)."""
   from xent_jax import _chunked  # pylint: disable=import-outside-toplevel
 
   assert _chunked.one_pass_fits(4096, 512, 32768)
@@ -477,7 +478,7 @@ _ENGINE_FUSED = [
 def test_fused_form_works_in_forward_mode(name, reduction):
   """``.linear`` in forward mode equals the logits path's, in both schedules: 'mean' takes the
   one-pass schedule here (gradients in the forward pass, their inner product with the tangents as
-  its JVP), 'none' the rematerialising one."""
+  its JVP), 'none' the blocked two-pass one (bi-tempered: the rematerialising one)."""
   with jax.enable_x64(True):
     hidden = jnp.asarray(RNG.normal(size=(14, 5)))
     weight = jnp.asarray(RNG.normal(size=(9, 5)) * 0.5)
@@ -523,6 +524,121 @@ def test_fused_bfloat16_weight_gradient_sums_chunks_in_float32():
     full = lambda w: jnp.sum(loss(h64 @ w.T, labels, reduction="none"))
     want = np.asarray(jax.grad(full)(jnp.asarray(weight, jnp.float64)))
   assert np.max(np.abs(got - want)) <= 1e-2 * np.max(np.abs(want))
+
+
+# The engine's heads (every registered loss but cross-entropy, whose fused form is
+# linear_cross_entropy, and bi-tempered, which rematerialises token chunks).
+_ENGINE_HEADS = [n for n in _ENGINE_FUSED if n != "bi_tempered"]
+
+
+@pytest.mark.parametrize("name", _ENGINE_HEADS)
+@pytest.mark.parametrize("order", ["token", "vocab"])
+def test_fused_head_blocks_equal_the_logits_path(name, order, monkeypatch):
+  """The blocked two-pass schedule of an engine head ('none', return_stats), in both loop orders,
+  with chunks that do not divide N or V, smoothing, class weights, a bias and an ignored row:
+  values, statistics, JVP and gradients equal the logits path's in float64."""
+  from xent_jax import _linear  # pylint: disable=import-outside-toplevel
+
+  plan = _linear.plan_schedule
+  monkeypatch.setattr(
+    _linear,
+    "plan_schedule",
+    lambda *a, **k: plan(*a, **k)._replace(
+      token_chunk=4, vocab_chunk=4, vocab_major=order == "vocab"
+    ),
+  )
+  with jax.enable_x64(True):
+    hidden = jnp.asarray(RNG.normal(size=(14, 5)))
+    weight = jnp.asarray(RNG.normal(size=(9, 5)) * 0.7)
+    bias = jnp.asarray(RNG.normal(size=(9,)))
+    class_weight = jnp.asarray(RNG.uniform(0.5, 2.0, size=9))
+    labels = jnp.asarray(RNG.integers(0, 9, size=14)).at[3].set(-100)
+    loss = xent_jax.get_loss(name, label_smoothing=0.1)
+    options = dict(bias=bias, class_weight=class_weight, reduction="none")
+    fused = lambda h, w: loss.linear(h, w, labels, return_stats=True, **options)  # noqa: E731
+    logits = lambda h, w: h @ w.T + bias[None]  # noqa: E731
+    full = lambda h, w: loss(logits(h, w), labels, weight=class_weight, reduction="none")  # noqa: E731
+    got, stats = fused(hidden, weight)
+    np.testing.assert_allclose(got, full(hidden, weight), rtol=1e-10, atol=1e-12)
+    log_p = jax.nn.log_softmax(logits(hidden, weight))
+    valid = labels != -100
+    want_stats = {
+      "log_prob": jnp.take_along_axis(log_p, jnp.where(valid, labels, 0)[:, None], -1)[:, 0],
+      "entropy": -jnp.sum(jnp.exp(log_p) * log_p, -1),
+      "lse": jax.nn.logsumexp(logits(hidden, weight), -1),
+    }
+    for key, want in want_stats.items():
+      np.testing.assert_allclose(stats[key], jnp.where(valid, want, 0), rtol=1e-10, atol=1e-12)
+    tangents = (jnp.asarray(RNG.normal(size=(14, 5))), jnp.asarray(RNG.normal(size=(9, 5))))
+    per_row = lambda h, w: fused(h, w)[0]  # noqa: E731
+    for g, w in zip(
+      jax.jvp(per_row, (hidden, weight), tangents), jax.jvp(full, (hidden, weight), tangents)
+    ):
+      np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+    scale = jnp.asarray(RNG.normal(size=14))
+    grads = jax.grad(lambda h, w: jnp.sum(scale * per_row(h, w)), argnums=(0, 1))(hidden, weight)
+    want = jax.grad(lambda h, w: jnp.sum(scale * full(h, w)), argnums=(0, 1))(hidden, weight)
+    for g, w in zip(grads, want):
+      np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["focal", "confidence_penalty"])
+def test_fused_head_blocks_second_derivative(name, monkeypatch):
+  """Forward over reverse through the blocked two-pass schedule equals the logits path's
+  Hessian (smoothing: the class-sum pass is differentiated too)."""
+  from xent_jax import _linear  # pylint: disable=import-outside-toplevel
+
+  plan = _linear.plan_schedule
+  monkeypatch.setattr(
+    _linear, "plan_schedule", lambda *a, **k: plan(*a, **k)._replace(token_chunk=4, vocab_chunk=4)
+  )
+  with jax.enable_x64(True):
+    hidden = jnp.asarray(RNG.normal(size=(14, 5)))
+    weight = jnp.asarray(RNG.normal(size=(9, 5)) * 0.5)
+    labels = jnp.asarray(RNG.integers(0, 9, size=14))
+    loss = xent_jax.get_loss(name, label_smoothing=0.1)
+    fused = lambda w: jnp.sum(loss.linear(hidden, w, labels, reduction="none"))  # noqa: E731
+    full = lambda w: jnp.sum(loss(hidden @ w.T, labels, reduction="none"))  # noqa: E731
+    got = jax.jacfwd(jax.grad(fused))(weight)
+    np.testing.assert_allclose(got, jax.jacfwd(jax.grad(full))(weight), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["focal", "confidence_penalty"])
+def test_fused_head_bfloat16_weight_gradient_is_summed_in_float32(name):
+  """A bfloat16 head whose float32 [V, D] buffer is not small takes the vocabulary-major order:
+  each block of the weight gradient is summed over all 16 token chunks in float32 and rounded to
+  bfloat16 once, so every entry is within bfloat16 rounding (2**-8, relative) of the float64
+  gradient of the same bfloat16 inputs. Summed in bfloat16 over the chunks, as rematerialised
+  token chunks do, entries are off by several roundings."""
+  from xent_jax import _linear  # pylint: disable=import-outside-toplevel
+
+  n, d, v = 256, 32, 8192
+  plan = _linear.plan_schedule(
+    "t",
+    n,
+    d,
+    v,
+    linear_reduction=False,
+    token_chunk_size=16,
+    vocab_chunk_size=None,
+    hidden_dtype=jnp.bfloat16,
+    weight_dtype=jnp.bfloat16,
+  )
+  assert plan.vocab_major and not plan.one_pass
+  hidden = jnp.asarray(RNG.normal(size=(n, d)), jnp.bfloat16)
+  weight = jnp.asarray(RNG.normal(size=(v, d)) / 4, jnp.bfloat16)
+  labels = jnp.asarray(RNG.integers(0, v, size=n))
+  loss = xent_jax.get_loss(name, label_smoothing=0.1)
+  fused = lambda w: jnp.sum(loss.linear(hidden, w, labels, reduction="none", token_chunk_size=16))
+  got = np.asarray(jax.grad(fused)(weight), np.float64)
+  with jax.enable_x64(True):
+    h64 = jnp.asarray(hidden, jnp.float64)
+    full = lambda w: jnp.sum(loss(h64 @ w.T, labels, reduction="none"))
+    want = np.asarray(jax.grad(full)(jnp.asarray(weight, jnp.float64)))
+  error = np.abs(got - want)
+  assert np.all(error <= 2.0**-8 * np.abs(want) + 1e-6 * np.max(np.abs(want))), np.max(
+    error / (np.abs(want) + 1e-6 * np.max(np.abs(want)))
+  )
 
 
 SERIES_HEADS = {

@@ -14,8 +14,11 @@ inputs' tangents, so it works in forward mode too) when its float32 ``[V, D]`` a
 small (:func:`one_pass_fits`).
 
 :func:`xent_jax.linear_cross_entropy` has specialised kernels for cross-entropy (one pass with
-gradients in the forward, or a vocabulary-major backward at large :math:`V \cdot D`); this module
-gives every other loss its fused form.
+gradients in the forward, or a vocabulary-major backward at large :math:`V \cdot D`), and
+:mod:`xent_jax._linear_heads` runs the engine's heads with integer labels on the same blocked
+kernels where the one-pass schedule does not fit; this module gives every loss its one-pass form,
+and the rematerialising one to the rest (probability labels, the bi-tempered loss, losses named by
+import path).
 
 References:
   Chen, Xu, Zhang, Guestrin, "Training Deep Nets with Sublinear Memory Cost", 2016
@@ -46,8 +49,9 @@ def default_chunk(num_classes: int, rows: int) -> int:
 def one_pass_fits(rows: int, features: int, num_classes: int) -> bool:
   """Whether :func:`one_pass_linear_sum`'s float32 ``[V, D]`` weight-gradient accumulator is
   small: at most 1/8 of the ``[N, V]`` logits (:math:`8D \\le N`) or one default block. At
-  language-model heads (Llama-3-8B: 2 GiB) the rematerialising schedule is used instead, whose
-  weight gradient is accumulated by autodiff in the weight's own buffer."""
+  language-model heads (Llama-3-8B: 2 GiB) the blocked statistics of
+  :mod:`xent_jax._linear_heads` are used instead, or the rematerialising schedule, whose weight
+  gradient is accumulated by autodiff in the weight's own buffer."""
   return 8 * features <= rows or num_classes * features <= _BLOCK_ELEMENTS
 
 

@@ -222,7 +222,7 @@ def floor_log_p(log_p: jax.Array) -> jax.Array:
   return jnp.maximum(log_p, jnp.finfo(log_p.dtype).min / 4)
 
 
-def _class_terms(f: ClassFn, beta: jax.Array | None, log_p) -> tuple[jax.Array, jax.Array]:
+def class_terms(f: ClassFn, beta: jax.Array | None, log_p) -> tuple[jax.Array, jax.Array]:
   """``(β f(log p), β f'(log p))`` elementwise: exactly 0 where ``β == 0``, also where
   :math:`\\log p = -\\infty` (``f`` is evaluated at :func:`floor_log_p` there, and must be finite
   at that value). ``β`` None means all ones (:func:`_times_beta`)."""
@@ -259,7 +259,7 @@ def _finite(log_sum):
   return jnp.where(jnp.isfinite(log_sum), log_sum, jnp.zeros_like(log_sum))
 
 
-def _p_times(p, values):
+def p_times(p, values):
   """:math:`p \\cdot v` with :math:`0 \\cdot (-\\infty) = 0` (no ``select``, see
   :func:`floor_log_p`)."""
   return p * jnp.maximum(values, jnp.finfo(values.dtype).min)
@@ -384,11 +384,11 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
       pass_over_logits(weighted_pass(lambda lp, f=f: f(floor_log_p(lp)), beta_fn, operands))
     )
     if slopes:
-      slope_of = lambda lp, f=f: _class_terms(f, None, lp)[1]
+      slope_of = lambda lp, f=f: class_terms(f, None, lp)[1]
       totals.append(pass_over_logits(weighted_pass(slope_of, beta_fn, operands)))
   if cfg.entropy:
     mean_at = pass_over_logits(
-      lambda: jnp.sum(_p_times(jnp.exp(log_probs()[1]), log_probs()[0]), -1)
+      lambda: jnp.sum(p_times(jnp.exp(log_probs()[1]), log_probs()[0]), -1)
     )
   sums = [complete(s) for s in separate_sums(summands, like=jnp.zeros_like(logits[..., 0], dtype))]
   mean_logit = mean_at(sums) if cfg.entropy else jnp.zeros_like(m)
@@ -420,13 +420,13 @@ def _tangent(cfg: _Config, logits, labels, betas, stats: RowStats, totals, t_log
     ):
       beta = _beta(beta_fn, operands, dtype)
       if series is None:
-        _, slope = _class_terms(f, beta, log_p)
+        _, slope = class_terms(f, beta, log_p)
       else:  # f' from p, already at hand: no transcendental of its own for integer powers
         slope = _times_beta(_series_slope(series, p, log_p), beta)
       d_sums[k] = class_sum((slope - totals[k][..., None] * p) * dx, axis)
     if cfg.entropy:
       spread = c - stats.mean_logit[..., None] + 1.0
-      d_mean = class_sum(_p_times(p, spread) * dx, axis)
+      d_mean = class_sum(p_times(p, spread) * dx, axis)
   for k, (f, beta_fn, operands, t_operands) in enumerate(
     zip(cfg.class_fns, cfg.beta_fns, betas, t_betas)
   ):
@@ -434,7 +434,7 @@ def _tangent(cfg: _Config, logits, labels, betas, stats: RowStats, totals, t_log
       continue
     t_operands = tuple(jnp.zeros_like(o) if t is None else t for o, t in zip(operands, t_operands))
     beta, t_beta = jax.jvp(beta_fn, operands, t_operands)
-    value, _ = _class_terms(f, None, log_p)
+    value, _ = class_terms(f, None, log_p)
     d_sums[k] = d_sums[k] + class_sum(value * _over_rows(t_beta.astype(dtype), value.shape), axis)
   return RowStats(zero, d_log_sum, d_target, tuple(d_sums), d_mean)
 

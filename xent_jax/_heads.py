@@ -256,21 +256,57 @@ def integer_loss(
   if local_factor is not None and vocab_axis is not None:
     start = lax.axis_index(vocab_axis) * num_local
     local_factor = lax.dynamic_slice_in_dim(local_factor, start, num_local)
-  sums = ()
-  if off:
-    weighted = class_weight is not None or local_factor is not None
-    betas = (_class_beta(class_weight, local_factor, num_local, dtype),) if weighted else ()
-    sums = (ClassSum(head.class_fn, betas, series=_series_for(head, weighted)),)
   stats = _engine.row_stats(
     logits,
     labels,
-    sums,
+    integer_class_sums(head, class_weight, local_factor, off, num_local, dtype),
     logit_softcap=logit_softcap,
     entropy=head.entropy,
     vocab_axis=vocab_axis,
   )
+  loss = integer_head_loss(
+    head,
+    stats,
+    labels,
+    class_weight=class_weight,
+    on=on,
+    off=off,
+    num_local=num_local,
+    vocab_axis=vocab_axis,
+  )
+  return loss, stats
+
+
+def integer_class_sums(
+  head: Head, class_weight, class_factor, off: float, num_local: int, dtype
+) -> tuple[ClassSum, ...]:
+  """The class sum a head needs for integer labels: :math:`\\sum_c w_c a_c f(\\log p_c)` with
+  class weights :math:`w` and the head's class factor :math:`a` (``[V]`` or None each) when the
+  target is smoothed (``off`` nonzero), else none."""
+  if not off:
+    return ()
+  weighted = class_weight is not None or class_factor is not None
+  betas = (_class_beta(class_weight, class_factor, num_local, dtype),) if weighted else ()
+  return (ClassSum(head.class_fn, betas, series=_series_for(head, weighted)),)
+
+
+def integer_head_loss(
+  head: Head,
+  stats: RowStats,
+  labels: jax.Array,
+  *,
+  class_weight: jax.Array | None,
+  on: float,
+  off: float,
+  num_local: int,
+  vocab_axis: Hashable | None = None,
+) -> jax.Array:
+  """Per-row loss of ``head`` for integer ``labels`` (valid ids) from its statistics (those of
+  :func:`integer_class_sums`): :func:`integer_stats_loss` with each row's target weight and
+  class factor. Arguments as :func:`integer_loss`."""
+  dtype = stats.log_p_target.dtype
   target_weight, total_weight = target_weights(class_weight, labels, num_local, dtype, vocab_axis)
-  loss = integer_stats_loss(
+  return integer_stats_loss(
     head,
     stats,
     target_weight=target_weight,
@@ -280,7 +316,6 @@ def integer_loss(
     class_weight=class_weight,
     target_factor=_gather(head.class_factor, labels, dtype),
   )
-  return loss, stats
 
 
 def integer_stats_loss(

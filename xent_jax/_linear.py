@@ -57,7 +57,9 @@ the slice kernels :func:`vocab_slice_stats`, :func:`vocab_slice_tangents` and
 :func:`fused_vocab_slice` (with the two-pass and one-pass ops :func:`stats_op` and
 :func:`fused_op`) with their per-row types :class:`RowStats` and :class:`StatCotangents`,
 :func:`logsumexp_from_stats`, and the per-row formula :func:`row_loss` with its
-:class:`LossConfig`.
+:class:`LossConfig`. :mod:`xent_jax._linear_heads` runs the engine's heads (the variants) on the
+same kernels through :func:`head_stats_op` (its second pass :func:`vocab_slice_class_sums`, and
+:func:`vocab_slice_tangents` with the heads' terms), with :func:`plan_schedule`'s loop order.
 
 References:
   Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024 (blockwise CE);
@@ -167,6 +169,9 @@ class BlockConfig:
       vary over: the type of every accumulator of blocks (partial statistics, gradients).
     row_axes: the mesh axes ``hidden`` varies over: the type of the complete per-row values
       (after ``complete_stats``) that :func:`fused_vocab_slice` accumulates.
+    class_fns: per-class functions :math:`f_k(\\log p)` of an engine head's class sums
+      :math:`\\sum_c \\beta_c f_k(\\log p_c)` (:func:`vocab_slice_class_sums`, :func:`head_stats_op`).
+    entropy: whether the head needs :math:`\\sum_c p_c \\log p_c` (its entropy).
   """
 
   weight_layout: str
@@ -178,10 +183,18 @@ class BlockConfig:
   vocab_major: bool = False
   varying_axes: tuple[Hashable, ...] = ()
   row_axes: tuple[Hashable, ...] = ()
+  class_fns: tuple[_engine.ClassFn, ...] = ()
+  entropy: bool = False
 
   @property
   def vocab_axis(self) -> int:
     return 0 if self.weight_layout == "vd" else 1
+
+  @property
+  def num_tangents(self) -> int:
+    """Per-row tangents of :func:`vocab_slice_tangents`: ``(d_lse, d_target, d_weighted_sum)``,
+    then one per class sum, then the entropy's."""
+    return 3 + len(self.class_fns) + self.entropy
 
 
 # --------------------------------------------------------------------------- blocks
@@ -407,6 +420,66 @@ def vocab_slice_stats(hidden_NxD, weight, bias_V, labels_N, class_weight_V, cfg:
   return lax.fori_loop(0, _num_chunks(n, t), token_step, init)
 
 
+def vocab_slice_class_sums(hidden_NxD, weight, bias_V, lse_N, betas, cfg: BlockConfig, *, slopes):
+  r"""An engine head's per-row class sums over one slice, given the complete ``lse``: the second
+  pass of :func:`head_stats_op`.
+
+  With :math:`\log p_{ic} = x_{ic} - \mathrm{lse}_i` on each block, for each :math:`f_k` of
+  ``cfg.class_fns`` (weights :math:`\beta^{(k)}`, ``[V]`` or None for ones)
+
+  .. math::
+     S_{ik} = \sum_c \beta^{(k)}_c f_k(\log p_{ic}), \qquad
+     B_{ik} = \sum_c \beta^{(k)}_c f_k'(\log p_{ic}), \qquad
+     E_i = \sum_c p_{ic} \log p_{ic},
+
+  the last with ``cfg.entropy`` (:math:`H = -E`). Loops as :func:`vocab_slice_stats`.
+
+  Returns:
+    ``(sums, slope_totals, mean)``: tuples of ``[N]`` arrays (the :math:`B` only with
+    ``slopes``, else ``()``) and :math:`E` ``[N]`` or None.
+  """
+  n = hidden_NxD.shape[0]
+  v = weight.shape[cfg.vocab_axis]
+  t, c = cfg.token_chunk, cfg.vocab_chunk
+  dtype = lse_N.dtype
+  shifted = v % c != 0
+  count = len(cfg.class_fns) * (1 + slopes) + cfg.entropy
+
+  def token_step(i, out_N):
+    t0 = _chunk_start(i, t, n)
+    hidden_TxD, lse_T = _token_chunk((hidden_NxD, lse_N), t0, t)
+
+    def vocab_step(j, acc_T):
+      c0 = _chunk_start(j, c, v)
+      new_C = _new_mask(c0, j, c).astype(dtype)[:, None] if shifted else None
+      x_CxT = _block_logits(hidden_TxD, _weight_block(weight, c0, cfg), _slice(bias_V, c0, c), cfg)
+      log_p_CxT = x_CxT - lse_T[None, :]
+      parts = []
+      for f, beta_V in zip(cfg.class_fns, betas):
+        beta_C = None if beta_V is None else _slice(beta_V, c0, c)[:, None]
+        if new_C is not None:  # classes a shifted last chunk shares with the previous one
+          beta_C = new_C if beta_C is None else beta_C * new_C
+        value_CxT, slope_CxT = _engine.class_terms(f, beta_C, log_p_CxT)
+        parts += [jnp.sum(value_CxT, axis=0)] + [jnp.sum(slope_CxT, axis=0)] * slopes
+      if cfg.entropy:
+        p_CxT = jnp.exp(log_p_CxT) * (1.0 if new_C is None else new_C)
+        parts.append(jnp.sum(_engine.p_times(p_CxT, log_p_CxT), axis=0))
+      return tuple(a + b for a, b in zip(acc_T, parts))
+
+    init = tuple(_zeros((t,), dtype, cfg.varying_axes) for _ in range(count))
+    chunk_T = lax.fori_loop(0, _num_chunks(v, c), vocab_step, init)
+    # Rows a shifted last chunk shares with the previous one get identical values: overwrite.
+    return tuple(lax.dynamic_update_slice_in_dim(a, b, t0, 0) for a, b in zip(out_N, chunk_T))
+
+  init = tuple(_zeros((n,), dtype, cfg.varying_axes) for _ in range(count))
+  out_N = lax.fori_loop(0, _num_chunks(n, t), token_step, init) if count else ()
+  k = len(cfg.class_fns)
+  step = 1 + slopes
+  sums = out_N[0 : step * k : step]
+  totals = out_N[1 : step * k : step] if slopes else ()
+  return sums, totals, out_N[-1] if cfg.entropy else None
+
+
 def vocab_slice_tangents(
   hidden_NxD,
   weight,
@@ -416,6 +489,7 @@ def vocab_slice_tangents(
   lse_N,
   tangents,
   cfg: BlockConfig,
+  head=((), (), None),
 ):
   r"""Tangents of one slice's partial statistics, given the complete ``lse`` (the second pass).
 
@@ -467,7 +541,7 @@ def vocab_slice_tangents(
   d_hidden = _vary(d_hidden, vocab_axes)
   d_weight, d_bias = (_vary(a, cfg.row_axes) for a in (d_weight, d_bias))
   kernel = _tangents_vocab_major if cfg.vocab_major else _tangents_token_major
-  primals = (hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse_N)
+  primals = (hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse_N, head)
   return kernel(primals, (d_hidden, d_weight, d_bias), cfg)
 
 
@@ -488,10 +562,13 @@ def _block_tangents(primals, t0, c0, j, tangents, cfg: BlockConfig, shifted: boo
   Takes the whole primal arrays and slices them itself: under :func:`_remat_block` the block's
   residuals are then those loop-invariant arrays and the chunk starts.
   """
-  hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse_N = primals
+  hidden_NxD, weight, bias_V, labels_N, class_weight_V, lse_N, head = primals
   d_hidden_TxD, d_weight_block, d_bias_C = tangents
   t, c = cfg.token_chunk, cfg.vocab_chunk
-  hidden_TxD, labels_T, lse_T = _token_chunk((hidden_NxD, labels_N, lse_N), t0, t)
+  betas, totals_N, mean_N = head
+  hidden_TxD, labels_T, lse_T, totals_T, mean_T = _token_chunk(
+    (hidden_NxD, labels_N, lse_N, totals_N, mean_N), t0, t
+  )
   weight_block = _weight_block(weight, c0, cfg)
   x_CxT = _block_logits(hidden_TxD, weight_block, _slice(bias_V, c0, c), cfg)
   dtype = x_CxT.dtype
@@ -516,7 +593,9 @@ def _block_tangents(primals, t0, c0, j, tangents, cfg: BlockConfig, shifted: boo
     dx_CxT = jnp.where(new_C[:, None], dx_CxT, jnp.zeros_like(dx_CxT))
   zeros = jnp.zeros_like(dx_CxT)
   safe_lse = jnp.where(jnp.isfinite(lse_T), lse_T, jnp.zeros_like(lse_T))
-  d_lse_T = jnp.sum(jnp.exp(x_CxT - safe_lse[None, :]) * dx_CxT, axis=0)
+  log_p_CxT = x_CxT - safe_lse[None, :]
+  p_CxT = jnp.exp(log_p_CxT)
+  d_lse_T = jnp.sum(p_CxT * dx_CxT, axis=0)
   # A masked sum rather than _gather_targets' gather: its transpose is a select that fuses into
   # the logits gradient, where a gather's is a scatter.
   is_target = _block_targets(_target_index(labels_T, c0 + cfg.class_offset, new_C), x_CxT.shape)
@@ -527,7 +606,16 @@ def _block_tangents(primals, t0, c0, j, tangents, cfg: BlockConfig, shifted: boo
     d_weighted_sum_T = jnp.sum(weighted, axis=0)
   else:
     d_weighted_sum_T = jnp.zeros_like(d_lse_T)
-  return d_lse_T, d_target_T, d_weighted_sum_T
+  parts = [d_lse_T, d_target_T, d_weighted_sum_T]
+  # An engine head's class sums and entropy (xent_jax._engine's tangent, on a block).
+  for f, beta_V, total_T in zip(cfg.class_fns, betas, totals_T):
+    beta_C = None if beta_V is None else _slice(beta_V, c0, c)[:, None]
+    _, slope_CxT = _engine.class_terms(f, beta_C, log_p_CxT)
+    parts.append(jnp.sum((slope_CxT - total_T[None, :] * p_CxT) * dx_CxT, axis=0))
+  if cfg.entropy:
+    spread_CxT = _engine.p_times(p_CxT, log_p_CxT - mean_T[None, :])
+    parts.append(jnp.sum(spread_CxT * dx_CxT, axis=0))
+  return tuple(parts)
 
 
 def _remat_block(cfg: BlockConfig, shifted: bool):
@@ -573,7 +661,7 @@ def _tangents_token_major(primals, tangents, cfg: BlockConfig):
       parts_T = block(primals, t0, c0, j, block_tangents)
       return tuple(a + b for a, b in zip(acc_T, parts_T)), _carried((d_weight, d_bias))
 
-    init = tuple(_zeros((t,), dtype, cfg.varying_axes) for _ in range(3))
+    init = tuple(_zeros((t,), dtype, cfg.varying_axes) for _ in range(cfg.num_tangents))
     chunk_T, class_tangents = lax.fori_loop(
       0, _num_chunks(v, c), vocab_step, (init, class_tangents)
     )
@@ -584,7 +672,7 @@ def _tangents_token_major(primals, tangents, cfg: BlockConfig):
   # The tangents sliced in the inner loop are carried through both loops, unchanged: in the
   # transpose their cotangents then accumulate in one buffer (a loop constant's would be summed
   # in a fresh whole-size buffer per token chunk, then added to the outer one).
-  init = tuple(_zeros((n,), dtype, cfg.varying_axes) for _ in range(3))
+  init = tuple(_zeros((n,), dtype, cfg.varying_axes) for _ in range(cfg.num_tangents))
   out_N, _ = lax.fori_loop(0, _num_chunks(n, t), token_step, (init, (d_weight, d_bias)))
   return out_N
 
@@ -610,7 +698,7 @@ def _tangents_vocab_major(primals, tangents, cfg: BlockConfig):
       out_N = tuple(lax.dynamic_update_slice_in_dim(a, b, t0, 0) for a, b in zip(out_N, parts_T))
       return out_N, _carried(d_hidden)
 
-    init = tuple(_zeros((n,), dtype, cfg.varying_axes) for _ in range(3))
+    init = tuple(_zeros((n,), dtype, cfg.varying_axes) for _ in range(cfg.num_tangents))
     return lax.fori_loop(0, _num_chunks(n, t), token_step, (init, d_hidden))
 
   # Scanned over, not sliced from a loop constant: the transpose of a slice is a whole-size
@@ -629,7 +717,7 @@ def _tangents_vocab_major(primals, tangents, cfg: BlockConfig):
 
   # d_hidden is carried through both loops (see _tangents_token_major): one float32 [N, D]
   # cotangent buffer.
-  init = tuple(_zeros((n,), dtype, cfg.varying_axes) for _ in range(3))
+  init = tuple(_zeros((n,), dtype, cfg.varying_axes) for _ in range(cfg.num_tangents))
   xs = (
     jnp.arange(full),
     blocks(d_weight, cfg.vocab_axis, 0, full, c),
@@ -797,6 +885,71 @@ def _stats_jvp(cfg, complete_stats, sum_slices, primals, tangents):
 
 
 stats_op.defjvp(_stats_jvp, symbolic_zeros=True)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def head_stats_op(cfg, hidden, weight, bias, labels, betas):
+  """An engine head's per-row statistics of ``cap(hidden @ weight.T + bias)``:
+  ``(lse, target logit, class sums, E)`` with the class sums of ``cfg.class_fns`` weighted by
+  ``betas`` (``[V]`` or None each) and :math:`E = \\sum_c p_c \\log p_c` (zeros unless
+  ``cfg.entropy``), each ``[N]``.
+
+  Two passes over the blocks (:func:`vocab_slice_stats`, then :func:`vocab_slice_class_sums`,
+  skipped without class sums or entropy); its tangent is a third (:func:`vocab_slice_tangents`
+  with the head's terms, :math:`\\sum_c (\\beta_c f'(\\log p_c) - p_c B)\\dot x_c` per class
+  sum and :math:`\\sum_c p_c(\\log p_c - E)\\dot x_c` for :math:`E`), and reverse mode is its
+  transpose, in the loop order of ``cfg.vocab_major``: as :func:`stats_op`, each ``d_weight``
+  block of a bfloat16 head is summed in float32 over all tokens and written once. ``labels``
+  (valid ids) and ``betas`` are constants.
+  """
+  return _head_stats(cfg, hidden, weight, bias, labels, betas, slopes=False)[0]
+
+
+def _head_stats(cfg, hidden, weight, bias, labels, betas, *, slopes):
+  """``(outputs of head_stats_op, (slope totals, E or None))``."""
+  stats = vocab_slice_stats(hidden, weight, bias, labels, None, cfg)
+  lse = logsumexp_from_stats(stats)
+  sums, totals, mean = vocab_slice_class_sums(hidden, weight, bias, lse, betas, cfg, slopes=slopes)
+  mean_out = jnp.zeros_like(lse) if mean is None else mean
+  return (lse, stats.target, sums, mean_out), (totals, mean)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _head_stats_with_slopes(cfg, hidden, weight, bias, labels, betas):
+  """:func:`_head_stats` with the slope totals, as one call of its own (as :func:`_stats_jvp`
+  calls :func:`stats_op`): written inline in :func:`_head_stats_jvp`, the compiled backward pass
+  kept the tangent pass's per-block label masks and float32 weight blocks for every block, ``[V,
+  N]`` and ``[V, D]`` arrays (bfloat16, N=128, D=1024, V=32000 on XLA:CPU: 321 MiB of temporaries
+  against 135 MiB). Its own derivatives (second order) are plain autodiff of the passes."""
+  return _head_stats(cfg, hidden, weight, bias, labels, betas, slopes=True)
+
+
+@_head_stats_with_slopes.defjvp
+def _head_stats_with_slopes_jvp(cfg, primals, tangents):
+  return jax.jvp(functools.partial(_head_stats, cfg, slopes=True), primals, tangents)
+
+
+def _head_stats_jvp(cfg, primals, tangents):
+  hidden, weight, bias, labels, betas = primals
+  if cfg.class_fns:
+    out, (totals, mean) = _head_stats_with_slopes(cfg, *primals)
+  else:
+    out = head_stats_op(cfg, *primals)
+    totals, mean = (), (out[3] if cfg.entropy else None)
+  tangents = tuple(
+    None if isinstance(t, jax.custom_derivatives.SymbolicZero) else t for t in tangents[:3]
+  )
+  if all(t is None for t in tangents):
+    return out, jax.tree.map(jnp.zeros_like, out)
+  d_lse, d_target, _, *d_head = vocab_slice_tangents(
+    hidden, weight, bias, labels, None, out[0], tangents, cfg, head=(betas, totals, mean)
+  )
+  k = len(cfg.class_fns)
+  d_mean = d_head[k] if cfg.entropy else jnp.zeros_like(d_lse)
+  return out, (d_lse, d_target, tuple(d_head[:k]), d_mean)
+
+
+head_stats_op.defjvp(_head_stats_jvp, symbolic_zeros=True)
 
 
 def fused_op(

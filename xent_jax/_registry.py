@@ -34,6 +34,7 @@ from xent_jax import _engine
 from xent_jax import _heads
 from xent_jax import _inputs
 from xent_jax import _linear
+from xent_jax import _linear_heads
 from xent_jax import _reduction
 from xent_jax import _variants
 
@@ -178,9 +179,12 @@ class ConfiguredLoss:
   ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     r"""This loss on ``hidden @ weight.T + bias`` without building the ``[N, V]`` logits.
 
-    Cross-entropy entries run :func:`xent_jax.linear_cross_entropy`'s kernels; every other loss
-    runs token chunk by token chunk with the chunk's logits rematerialised in the backward pass
-    (:mod:`xent_jax._chunked`). Values and gradients equal the loss on the full logits.
+    Cross-entropy entries run :func:`xent_jax.linear_cross_entropy`'s kernels. Every other loss
+    computes each token chunk's gradients in the forward pass for 'sum' and 'mean' while a float32
+    ``[V, D]`` accumulator is small (:mod:`xent_jax._chunked`); otherwise the engine's heads with
+    integer labels take blocked statistics (:mod:`xent_jax._linear_heads`, float32 accumulation
+    of the weight gradient), and the rest rematerialise each token chunk's logits in the backward
+    pass. Values and gradients equal the loss on the full logits.
 
     Args:
       hidden: ``[..., D]`` float features.
@@ -287,17 +291,42 @@ class ConfiguredLoss:
         weight_layout=weight_layout,
         chunk=chunk,
       )
-    loss_N, extras = _chunked.chunked_linear_loss(
-      fn,
-      row_loss,
-      hidden.reshape(n, -1),
-      weight,
-      labels_N,
-      mask_N if integer else valid_N,
-      bias=None if bias is None else jnp.asarray(bias),
-      weight_layout=weight_layout,
-      token_chunk_size=token_chunk_size,
-    )
+    engine_head = self._engine_head(num_classes)
+    if integer and engine_head is not None:
+      # The head's statistics in blocks; a bfloat16 head's weight gradient sums in float32.
+      head, label_smoothing = engine_head
+      loss_N, stats = _linear_heads.integer_head_linear(
+        fn,
+        head,
+        hidden.reshape(n, -1),
+        weight,
+        read.safe_labels,
+        bias=None if bias is None else jnp.asarray(bias),
+        weight_layout=weight_layout,
+        class_weight=class_weight,
+        label_smoothing=label_smoothing,
+        token_chunk_size=token_chunk_size,
+        entropy=return_stats,
+      )
+      loss_N = _heads.mask_rows(loss_N, read.valid, read.bad)
+      keep = lambda a: jnp.where(read.valid & ~read.bad, a, jnp.zeros_like(a))
+      extras = {
+        "entropy": keep(stats.entropy),
+        "lse": keep(stats.lse),
+        "log_prob": keep(stats.log_p_target),
+      }
+    else:
+      loss_N, extras = _chunked.chunked_linear_loss(
+        fn,
+        row_loss,
+        hidden.reshape(n, -1),
+        weight,
+        labels_N,
+        mask_N if integer else valid_N,
+        bias=None if bias is None else jnp.asarray(bias),
+        weight_layout=weight_layout,
+        token_chunk_size=token_chunk_size,
+      )
     loss = _reduction.reduce_loss(
       loss_N.reshape(batch_shape), example_weight_N.reshape(batch_shape), reduction, fn=fn
     )
@@ -329,24 +358,32 @@ class ConfiguredLoss:
       return _bitempered.vocab_parallel_bi_tempered_loss(
         fn, logits, labels, **self.hparams, **options
       )
-    factory = _variants.HEAD_FACTORIES.get(self.fn) or _USER_HEADS.get(self.fn)
-    if factory is None:
+    axis = options.get("axis", -1)
+    engine_head = self._engine_head(np.shape(logits)[axis])
+    if engine_head is None:
       raise NotImplementedError(
         f"{fn}: this loss is not a head of the row-statistics engine, so it has no "
         "vocabulary-parallel form; use .linear (fused) or the loss on gathered logits."
       )
-    hparams = dict(self.hparams)
-    label_smoothing = hparams.pop("label_smoothing", 0.0)
-    axis = options.get("axis", -1)
-    num_classes = np.shape(logits)[axis]
+    head, label_smoothing = engine_head
     return _parallel.vocab_parallel_head_loss(
       fn,
-      factory(num_classes, **hparams),
+      head,
       logits,
       labels,
       label_smoothing=label_smoothing,
       **options,
     )
+
+  def _engine_head(self, num_classes: int) -> tuple[_heads.Head, float] | None:
+    """``(head, label_smoothing)`` of a loss of the row-statistics engine (a variant, or a loss
+    from :func:`define_loss`) over ``num_classes`` classes; None for any other loss."""
+    factory = _variants.HEAD_FACTORIES.get(self.fn) or _USER_HEADS.get(self.fn)
+    if factory is None:
+      return None
+    hparams = dict(self.hparams)
+    label_smoothing = hparams.pop("label_smoothing", 0.0)
+    return factory(num_classes, **hparams), label_smoothing
 
   def __repr__(self) -> str:
     args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())

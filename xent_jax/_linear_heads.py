@@ -1,0 +1,100 @@
+r"""Any engine head on a linear layer, integer labels: the blocked kernels of the fused head.
+
+A head of :mod:`xent_jax._heads` (the variants, losses from :func:`xent_jax.define_loss`) depends
+on a logits row :math:`x_i = hW^\top + b` only through per-row statistics: the log-sum-exp, the
+label's logit, with label smoothing one class sum :math:`\sum_c \beta_c f(\log p_{ic})`
+(:math:`\beta` the class weights times the head's class factor), and for some the entropy.
+:func:`xent_jax._linear.head_stats_op` computes them block by block, as
+:func:`xent_jax.linear_cross_entropy`'s two-pass schedule does cross-entropy's: one pass for the
+log-sum-exp and the label's logit, a second for the class sum and entropy (only when asked for),
+and a blocked tangent pass whose transpose is the backward pass, in the loop order of
+:func:`xent_jax._linear.plan_schedule`. For a bfloat16 head with a large vocabulary that is
+vocabulary-major: each block of the weight's gradient is summed over every token in float32 and
+written once, where rematerialising token chunks (:mod:`xent_jax._chunked`) sums it over the
+chunks in bfloat16. Four matmuls without smoothing or entropy, five with.
+
+References:
+  Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024 (losses from
+  blockwise statistics).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from xent_jax import _engine
+from xent_jax import _heads
+from xent_jax import _inputs
+from xent_jax import _linear
+
+
+def integer_head_linear(
+  fn: str,
+  head: _heads.Head,
+  hidden_NxD: jax.Array,
+  weight: jax.Array,
+  labels_N: jax.Array,
+  *,
+  bias: jax.Array | None,
+  weight_layout: str,
+  class_weight: jax.Array | None,
+  label_smoothing: float,
+  token_chunk_size: int | None,
+  entropy: bool,
+) -> tuple[jax.Array, _engine.RowStats]:
+  """Per-row losses of ``head`` on ``hidden @ weight.T + bias`` (no checks, no mask).
+
+  Args:
+    fn: the public name, for error messages.
+    head: the loss.
+    hidden_NxD: ``[N, D]``; weight: ``[V, D]`` ('vd') or ``[D, V]`` ('dv'); bias: ``[V]`` or None.
+    labels_N: ``[N]`` valid class ids (make invalid ones safe before calling).
+    weight_layout: 'vd' or 'dv'.
+    class_weight: ``[V]`` or None.
+    label_smoothing: :math:`\\epsilon` of the uniformly smoothed target.
+    token_chunk_size: rows per block, or None for the default.
+    entropy: also compute the entropy (for the caller's statistics) when the head does not.
+
+  Returns:
+    ``(loss [N], stats)``, the statistics relative to the log-sum-exp (``max`` is the
+    log-sum-exp, ``log_sum`` 0), in float32 (float64 for float64 inputs).
+  """
+  n, d = hidden_NxD.shape
+  num_classes = weight.shape[0 if weight_layout == "vd" else 1]
+  dtype = _inputs.compute_dtype(jnp.result_type(hidden_NxD.dtype, weight.dtype))
+  target = _heads.smoothed_target(num_classes, label_smoothing)
+  sums = _heads.integer_class_sums(
+    head, class_weight, head.class_factor, target.off, num_classes, dtype
+  )
+  schedule = _linear.plan_schedule(
+    fn,
+    n,
+    d,
+    num_classes,
+    linear_reduction=False,
+    token_chunk_size=token_chunk_size,
+    vocab_chunk_size=None,
+    hidden_dtype=hidden_NxD.dtype,
+    weight_dtype=weight.dtype,
+  )
+  cfg = dataclasses.replace(
+    schedule.block_config(weight_layout, None, False),
+    class_fns=tuple(s.fn for s in sums),
+    entropy=head.entropy or entropy,
+  )
+  betas = tuple(s.beta_fn(*s.operands) if s.operands else None for s in sums)
+  lse, target_logit, class_sums, mean = _linear.head_stats_op(
+    cfg, hidden_NxD, weight, bias, labels_N, betas
+  )
+  stats = _engine.RowStats(lse, jnp.zeros_like(lse), target_logit - lse, class_sums, mean)
+  loss = _heads.integer_head_loss(
+    head,
+    stats,
+    labels_N,
+    class_weight=class_weight,
+    on=target.on,
+    off=target.off,
+    num_local=num_classes,
+  )
+  return loss, stats
