@@ -1,8 +1,8 @@
 """Engine heads at a language-model-like head: blocked statistics against rematerialised chunks.
 
 Where a head's float32 ``[V, D]`` buffer is not small (:func:`xent_jax._chunked.one_pass_fits`),
-``get_loss(name).linear`` of a variant with integer labels computes its per-row statistics in
-blocks (:mod:`xent_jax._linear_heads`): the log-sum-exp and the label's logit, the smoothing class
+``get_loss(name).linear`` of a variant with integer labels and a bfloat16 weight computes its
+per-row statistics in blocks (:mod:`xent_jax._linear_heads`): the log-sum-exp and the label's logit, the smoothing class
 sum and the entropy when the loss needs them, and a blocked tangent pass whose transpose is the
 backward pass, vocabulary-major for bfloat16 heads. Before, it rematerialised token chunks of
 logits (:func:`xent_jax._chunked.chunked_linear_loss`, still the schedule of probability labels
@@ -38,8 +38,12 @@ import numpy as np  # noqa: E402
 
 import xent_jax  # noqa: E402
 from xent_jax import _chunked  # noqa: E402
+from xent_jax import _linear_heads  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+# `.linear` takes the blocked statistics for weights narrower than float32 only (takes_blocks, from
+# the float32 rows of this table); here every row measures them.
+_linear_heads.takes_blocks = lambda *dtypes: True
 
 
 def _remat(loss, hidden, weight, labels):

@@ -13,6 +13,7 @@ import xent_jax
 from tests._compiled import cpu_temp_bytes
 from xent_jax import _engine
 from xent_jax import _heads
+from xent_jax import _linear_heads
 from xent_jax import _variants
 from xent_jax.train.config import LossConfig
 from xent_jax.train.steps import make_objective
@@ -508,22 +509,30 @@ def test_fused_one_pass_second_derivative(name):
     np.testing.assert_allclose(got, jax.jacrev(jax.grad(full))(weight), rtol=1e-8, atol=1e-12)
 
 
-def test_fused_bfloat16_weight_gradient_sums_chunks_in_float32():
-  """The rematerialising schedule ('none') over 128 token chunks of bfloat16 inputs: where a
-  float32 [V, D] buffer is small the weight gradient sums over the chunks in float32, within 1e-2
-  of its largest entry of the float64 gradient (summed in bfloat16 it was off by about 5e-2)."""
+def test_fused_bfloat16_weight_gradient_sums_chunks_in_float32(monkeypatch):
+  """The rematerialising schedule ('none'; forced here, as for probability labels) over 128 token
+  chunks of bfloat16 inputs: where a float32 [V, D] buffer is small the weight gradient sums over
+  the chunks in float32, within 1e-2 of its largest entry of the float64 gradient (summed in
+  bfloat16 it was off by about 5e-2)."""
+  monkeypatch.setattr(_linear_heads, "takes_blocks", lambda *dtypes: False)
   n, d, v = 2048, 32, 512
   hidden = jnp.asarray(RNG.normal(size=(n, d)) / 4, jnp.bfloat16)
   weight = jnp.asarray(RNG.normal(size=(v, d)), jnp.bfloat16)
   labels = jnp.asarray(RNG.integers(0, v, size=n))
-  loss = xent_jax.get_loss("focal")
+  got, want = _fused_and_float64_weight_grads(xent_jax.get_loss("focal"), hidden, weight, labels)
+  assert np.max(np.abs(got - want)) <= 1e-2 * np.max(np.abs(want))
+
+
+def _fused_and_float64_weight_grads(loss, hidden, weight, labels):
+  """The weight gradient of ``loss.linear`` ('none', summed; 16-row token chunks) and the float64
+  gradient of the same inputs on the full logits."""
   fused = lambda w: jnp.sum(loss.linear(hidden, w, labels, reduction="none", token_chunk_size=16))
   got = np.asarray(jax.grad(fused)(weight), np.float64)
   with jax.enable_x64(True):
     h64 = jnp.asarray(hidden, jnp.float64)
     full = lambda w: jnp.sum(loss(h64 @ w.T, labels, reduction="none"))
     want = np.asarray(jax.grad(full)(jnp.asarray(weight, jnp.float64)))
-  assert np.max(np.abs(got - want)) <= 1e-2 * np.max(np.abs(want))
+  return got, want
 
 
 # The engine's heads (every registered loss but cross-entropy, whose fused form is
@@ -547,6 +556,7 @@ def test_fused_head_blocks_equal_the_logits_path(name, order, monkeypatch):
       token_chunk=4, vocab_chunk=4, vocab_major=order == "vocab"
     ),
   )
+  monkeypatch.setattr(_linear_heads, "takes_blocks", lambda *dtypes: True)
   with jax.enable_x64(True):
     hidden = jnp.asarray(RNG.normal(size=(14, 5)))
     weight = jnp.asarray(RNG.normal(size=(9, 5)) * 0.7)
@@ -592,6 +602,7 @@ def test_fused_head_blocks_second_derivative(name, monkeypatch):
   monkeypatch.setattr(
     _linear, "plan_schedule", lambda *a, **k: plan(*a, **k)._replace(token_chunk=4, vocab_chunk=4)
   )
+  monkeypatch.setattr(_linear_heads, "takes_blocks", lambda *dtypes: True)
   with jax.enable_x64(True):
     hidden = jnp.asarray(RNG.normal(size=(14, 5)))
     weight = jnp.asarray(RNG.normal(size=(9, 5)) * 0.5)
@@ -601,6 +612,16 @@ def test_fused_head_blocks_second_derivative(name, monkeypatch):
     full = lambda w: jnp.sum(loss(hidden @ w.T, labels, reduction="none"))  # noqa: E731
     got = jax.jacfwd(jax.grad(fused))(weight)
     np.testing.assert_allclose(got, jax.jacfwd(jax.grad(full))(weight), rtol=1e-8, atol=1e-12)
+
+
+def test_fused_head_takes_blocks_for_narrow_weights():
+  """The blocked statistics serve weights narrower than the accumulation dtype; float32 and
+  float64 weights rematerialise (their gradient sums in float32 either way)."""
+  assert _linear_heads.takes_blocks(jnp.bfloat16, jnp.bfloat16)
+  assert _linear_heads.takes_blocks(jnp.float32, jnp.float16)
+  assert not _linear_heads.takes_blocks(jnp.bfloat16, jnp.float32)
+  assert not _linear_heads.takes_blocks(jnp.float32, jnp.float32)
+  assert not _linear_heads.takes_blocks(jnp.float64, jnp.float64)
 
 
 @pytest.mark.parametrize("name", ["focal", "confidence_penalty"])
@@ -629,12 +650,7 @@ def test_fused_head_bfloat16_weight_gradient_is_summed_in_float32(name):
   weight = jnp.asarray(RNG.normal(size=(v, d)) / 4, jnp.bfloat16)
   labels = jnp.asarray(RNG.integers(0, v, size=n))
   loss = xent_jax.get_loss(name, label_smoothing=0.1)
-  fused = lambda w: jnp.sum(loss.linear(hidden, w, labels, reduction="none", token_chunk_size=16))
-  got = np.asarray(jax.grad(fused)(weight), np.float64)
-  with jax.enable_x64(True):
-    h64 = jnp.asarray(hidden, jnp.float64)
-    full = lambda w: jnp.sum(loss(h64 @ w.T, labels, reduction="none"))
-    want = np.asarray(jax.grad(full)(jnp.asarray(weight, jnp.float64)))
+  got, want = _fused_and_float64_weight_grads(loss, hidden, weight, labels)
   error = np.abs(got - want)
   assert np.all(error <= 2.0**-8 * np.abs(want) + 1e-6 * np.max(np.abs(want))), np.max(
     error / (np.abs(want) + 1e-6 * np.max(np.abs(want)))

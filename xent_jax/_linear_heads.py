@@ -11,7 +11,8 @@ and a blocked tangent pass whose transpose is the backward pass, in the loop ord
 :func:`xent_jax._linear.plan_schedule`. For a bfloat16 head with a large vocabulary that is
 vocabulary-major: each block of the weight's gradient is summed over every token in float32 and
 written once, where rematerialising token chunks (:mod:`xent_jax._chunked`) sums it over the
-chunks in bfloat16. Four matmuls without smoothing or entropy, five with.
+chunks in bfloat16. Four matmuls without smoothing or entropy, five with; heads with float32
+weights keep rematerialising (:func:`takes_blocks`).
 
 References:
   Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024 (losses from
@@ -27,6 +28,18 @@ from xent_jax import _engine
 from xent_jax import _heads
 from xent_jax import _inputs
 from xent_jax import _linear
+
+
+def takes_blocks(hidden_dtype, weight_dtype) -> bool:
+  """Whether a head takes the blocked statistics rather than rematerialised token chunks (where
+  the one-pass schedule does not fit): when the weight is narrower than the accumulation dtype,
+  whose gradient the rematerialising schedule would sum over the chunks in the weight's dtype.
+  A float32 weight's gradient sums in float32 either way, and rematerialising takes one matmul
+  fewer where the loss needs a class sum or the entropy (CPU, N = 1024, D = 1024, V = 32000:
+  the blocked statistics took 1.06-1.29x its time at the same temp memory;
+  ``experiments/results/bench_fused_heads.md``)."""
+  acc = jnp.promote_types(jnp.promote_types(hidden_dtype, weight_dtype), jnp.float32)
+  return jnp.dtype(weight_dtype).itemsize < jnp.dtype(acc).itemsize
 
 
 def integer_head_linear(

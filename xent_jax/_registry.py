@@ -182,8 +182,9 @@ class ConfiguredLoss:
     Cross-entropy entries run :func:`xent_jax.linear_cross_entropy`'s kernels. Every other loss
     computes each token chunk's gradients in the forward pass for 'sum' and 'mean' while a float32
     ``[V, D]`` accumulator is small (:mod:`xent_jax._chunked`); otherwise the engine's heads with
-    integer labels take blocked statistics (:mod:`xent_jax._linear_heads`, float32 accumulation
-    of the weight gradient), and the rest rematerialise each token chunk's logits in the backward
+    integer labels and a weight narrower than float32 take blocked statistics
+    (:mod:`xent_jax._linear_heads`, float32 accumulation of the weight gradient), and the rest
+    rematerialise each token chunk's logits in the backward
     pass. Values and gradients equal the loss on the full logits.
 
     Args:
@@ -292,7 +293,9 @@ class ConfiguredLoss:
         chunk=chunk,
       )
     engine_head = self._engine_head(num_classes)
-    if integer and engine_head is not None:
+    if (
+      integer and engine_head is not None and _linear_heads.takes_blocks(hidden.dtype, weight.dtype)
+    ):
       # The head's statistics in blocks; a bfloat16 head's weight gradient sums in float32.
       head, label_smoothing = engine_head
       loss_N, stats = _linear_heads.integer_head_linear(
