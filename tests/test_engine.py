@@ -425,6 +425,28 @@ def test_fused_form_names_a_bad_chunk_size():
     xent_jax.get_loss("focal").linear(hidden, jnp.ones((9, 5)), LABELS)
 
 
+@pytest.mark.parametrize(
+  "name", sorted(n for n in xent_jax.list_losses() if not n.startswith("test_"))
+)
+def test_fused_form_of_an_empty_batch_is_the_logits_path(name):
+  """No rows: ``.linear`` gives the loss of the empty logits (it divided by zero before), zero
+  gradients and empty statistics."""
+  hidden = jnp.zeros((2, 0, 4), jnp.bfloat16)
+  weight = jnp.ones((9, 4), jnp.bfloat16)
+  labels = jnp.zeros((2, 0), jnp.int32)
+  loss = xent_jax.get_loss(name)
+  for reduction in ("mean", "sum", "none"):
+    got = loss.linear(hidden, weight, labels, reduction=reduction)
+    want = loss(jnp.zeros((2, 0, 9), jnp.bfloat16), labels, reduction=reduction)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  grad = jax.grad(lambda w: jnp.sum(loss.linear(hidden, w, labels)))(weight)
+  np.testing.assert_array_equal(np.asarray(grad, np.float32), 0.0)
+  _, stats = loss.linear(hidden, weight, labels, return_stats=True)
+  assert {k: v.shape for k, v in stats.items()} == {
+    k: (2, 0) for k in ("entropy", "lse", "log_prob")
+  }
+
+
 def test_fused_form_per_row_losses_match_the_logits_path():
   """reduction='none' (the blocked two-pass schedule, which also takes forward mode)."""
   hidden = jnp.asarray(RNG.normal(size=(6, 4)), jnp.float32)

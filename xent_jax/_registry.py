@@ -243,6 +243,22 @@ class ConfiguredLoss:
       example_weight_N = jnp.where(read.valid, target_weight, 0.0).astype(dtype)
     else:
       example_weight_N = valid_N.astype(dtype)
+    if n == 0:  # Nothing to chunk: the loss of the empty [..., 0, V] logits.
+      spec = "...d,vd->...v" if weight_layout == "vd" else "...d,dv->...v"
+      logits = jnp.einsum(spec, hidden, weight)
+      if bias is not None:
+        logits = logits + _heads.along_classes(jnp.asarray(bias), logits.ndim)
+      loss = self(
+        logits,
+        labels,
+        weight=class_weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        where=where,
+      )
+      empty = jnp.zeros(batch_shape, dtype)
+      stats = {"entropy": empty, "lse": empty} | ({"log_prob": empty} if integer else {})
+      return (loss, stats) if return_stats else loss
     cap = self.hparams.get("logit_softcap")
 
     def row_loss(logits_TxV, labels_T, valid_T):
