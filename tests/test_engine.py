@@ -566,7 +566,8 @@ _ENGINE_HEADS = [n for n in _ENGINE_FUSED if n != "bi_tempered"]
 @pytest.mark.parametrize("order", ["token", "vocab"])
 def test_fused_head_blocks_equal_the_logits_path(name, order, monkeypatch):
   """The blocked two-pass schedule of an engine head ('none', return_stats), in both loop orders,
-  with chunks that do not divide N or V, smoothing, class weights, a bias and an ignored row:
+  with chunks that do not divide N or V, smoothing, class weights, a bias, an ignored row and
+  both weight layouts:
   values, statistics, JVP and gradients equal the logits path's in float64."""
   from xent_jax import _linear  # pylint: disable=import-outside-toplevel
 
@@ -586,8 +587,11 @@ def test_fused_head_blocks_equal_the_logits_path(name, order, monkeypatch):
     class_weight = jnp.asarray(RNG.uniform(0.5, 2.0, size=9))
     labels = jnp.asarray(RNG.integers(0, 9, size=14)).at[3].set(-100)
     loss = xent_jax.get_loss(name, label_smoothing=0.1)
-    options = dict(bias=bias, class_weight=class_weight, reduction="none")
-    fused = lambda h, w: loss.linear(h, w, labels, return_stats=True, **options)  # noqa: E731
+    # The [D, V] layout in vocabulary-major order, [V, D] in token-major.
+    layout = "dv" if order == "vocab" else "vd"
+    as_layout = (lambda w: w.T) if layout == "dv" else (lambda w: w)  # noqa: E731
+    options = dict(bias=bias, class_weight=class_weight, reduction="none", weight_layout=layout)
+    fused = lambda h, w: loss.linear(h, as_layout(w), labels, return_stats=True, **options)  # noqa: E731
     logits = lambda h, w: h @ w.T + bias[None]  # noqa: E731
     full = lambda h, w: loss(logits(h, w), labels, weight=class_weight, reduction="none")  # noqa: E731
     got, stats = fused(hidden, weight)
