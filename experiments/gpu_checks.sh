@@ -63,3 +63,7 @@ step bench_variants_bi_tempered 40 env JAX_PLATFORMS=cuda python3 experiments/be
   --out "$res/bench_variants_bi_tempered"
 step bench_fused_variants 50 env JAX_PLATFORMS=cuda python3 experiments/bench_fused_variants.py --n $((vn / 2)) \
   --d $((d / 8)) --v $vv --reps 10 --out "$res/bench_fused_variants"
+# The variants at the Llama-3-8B head (half the tokens): blocked statistics against rematerialised
+# token chunks, time, temp memory and the weight gradient's bf16 error (never measured on a GPU).
+step bench_fused_heads 150 env JAX_PLATFORMS=cuda python3 experiments/bench_fused_heads.py \
+  --n $((n / 2)) --d $d --v $v --reps 5 --out "$res/bench_fused_heads"

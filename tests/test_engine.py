@@ -640,6 +640,36 @@ def test_fused_head_blocks_second_derivative(name, monkeypatch):
     np.testing.assert_allclose(got, jax.jacfwd(jax.grad(full))(weight), rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["cross_entropy", "focal", "confidence_penalty"])
+def test_fused_form_takes_vocab_chunk_size(name):
+  """``vocab_chunk_size`` selects the blocked schedule whatever the dtype (float64 here, 'mean',
+  which would otherwise take one pass), with chunks that do not divide V, as
+  ``linear_cross_entropy``'s does; values and gradients equal the logits path's."""
+  with jax.enable_x64(True):
+    hidden = jnp.asarray(RNG.normal(size=(14, 5)))
+    weight = jnp.asarray(RNG.normal(size=(9, 5)) * 0.5)
+    labels = jnp.asarray(RNG.integers(0, 9, size=14)).at[3].set(-100)
+    loss = xent_jax.get_loss(name)
+    fused = lambda h, w: loss.linear(h, w, labels, vocab_chunk_size=4, token_chunk_size=4)  # noqa: E731
+    full = lambda h, w: loss(h @ w.T, labels)  # noqa: E731
+    got = jax.value_and_grad(fused, argnums=(0, 1))(hidden, weight)
+    want = jax.value_and_grad(full, argnums=(0, 1))(hidden, weight)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_form_refuses_vocab_chunk_size_it_cannot_use():
+  hidden, weight = jnp.ones((6, 4)), jnp.ones((9, 4))
+  for bad in (0, 2.5, True):
+    with pytest.raises(ValueError, match="vocab_chunk_size"):
+      xent_jax.get_loss("focal").linear(hidden, weight, LABELS, vocab_chunk_size=bad)
+  with pytest.raises(ValueError, match="vocab_chunk_size.*'bi_tempered'"):
+    xent_jax.get_loss("bi_tempered").linear(hidden, weight, LABELS, vocab_chunk_size=4)
+  probabilities = jnp.full((6, 9), 1 / 9)
+  with pytest.raises(ValueError, match="vocab_chunk_size.*probability labels"):
+    xent_jax.get_loss("focal").linear(hidden, weight, probabilities, vocab_chunk_size=4)
+
+
 def test_fused_head_takes_blocks_for_narrow_weights():
   """The blocked statistics serve weights narrower than the accumulation dtype; float32 and
   float64 weights rematerialise (their gradient sums in float32 either way)."""
@@ -709,7 +739,7 @@ def test_power_series_equals_its_class_fn_and_saves_passes(name, monkeypatch):
     )
 
     logits = jnp.asarray(LOGITS, jnp.float64)
-    labels = jnp.asarray([0, 3, 8, 2, 5, 1])
+    labels = jnp.asarray([0, 3, 8, 2, 5, 1], jnp.int32)  # also read outside x64 below
     sums = lambda s: (
       lambda x: _engine.row_stats(
         x, labels, (_engine.ClassSum(head.class_fn, series=s),)

@@ -55,18 +55,6 @@ def one_pass_fits(rows: int, features: int, num_classes: int) -> bool:
   return 8 * features <= rows or num_classes * features <= _BLOCK_ELEMENTS
 
 
-def check_chunk(fn: str, token_chunk_size) -> None:
-  """Raises ``ValueError`` naming ``token_chunk_size`` unless it is a positive int."""
-  if (
-    isinstance(token_chunk_size, bool)
-    or not isinstance(token_chunk_size, (int, np.integer))
-    or token_chunk_size < 1
-  ):
-    raise ValueError(
-      f"{fn}: `token_chunk_size` must be a positive int or None, got {token_chunk_size!r}."
-    )
-
-
 def chunked_linear_loss(
   fn: str,
   row_loss: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]],
@@ -101,7 +89,7 @@ def chunked_linear_loss(
   if token_chunk_size is None:
     chunk = default_chunk(num_classes, n)
   else:
-    check_chunk(fn, token_chunk_size)
+    _linear.check_chunk_size(fn, "token_chunk_size", token_chunk_size)
     chunk = min(int(token_chunk_size), n)
   num_chunks = -(-n // chunk)
   pad = num_chunks * chunk - n

@@ -1022,11 +1022,17 @@ def fused_op(
 # --------------------------------------------------------------------------- public function
 
 
+def check_chunk_size(fn: str, name: str, size) -> None:
+  """Raises ``ValueError`` naming ``name`` unless ``size`` is a positive int."""
+  if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+    raise ValueError(f"{fn}: `{name}` must be a positive int or None, got {size!r}.")
+
+
 def _resolve_chunk(fn: str, name: str, size, total: int, default: int) -> int:
   if size is None:
     size = default
-  elif isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-    raise ValueError(f"{fn}: `{name}` must be a positive int or None, got {size!r}.")
+  else:
+    check_chunk_size(fn, name, size)
   return max(1, min(int(size), total))
 
 

@@ -54,6 +54,7 @@ def integer_head_linear(
   class_weight: jax.Array | None,
   label_smoothing: float,
   token_chunk_size: int | None,
+  vocab_chunk_size: int | None,
   entropy: bool,
 ) -> tuple[jax.Array, _engine.RowStats]:
   """Per-row losses of ``head`` on ``hidden @ weight.T + bias`` (no checks, no mask).
@@ -66,7 +67,8 @@ def integer_head_linear(
     weight_layout: 'vd' or 'dv'.
     class_weight: ``[V]`` or None.
     label_smoothing: :math:`\\epsilon` of the uniformly smoothed target.
-    token_chunk_size: rows per block, or None for the default.
+    token_chunk_size, vocab_chunk_size: rows and classes per block, or None for the defaults
+      (:func:`xent_jax._linear.plan_schedule`).
     entropy: also compute the entropy (for the caller's statistics) when the head does not.
 
   Returns:
@@ -87,7 +89,7 @@ def integer_head_linear(
     num_classes,
     linear_reduction=False,
     token_chunk_size=token_chunk_size,
-    vocab_chunk_size=None,
+    vocab_chunk_size=vocab_chunk_size,
     hidden_dtype=hidden_NxD.dtype,
     weight_dtype=weight.dtype,
   )

@@ -202,8 +202,6 @@ def _sum_partial_grads(grads, vocab_axis, data_axis):
   return d_hidden, d_weight, d_bias
 
 
-
-
 # --------------------------------------------------------------------------- public API
 
 
@@ -689,9 +687,7 @@ def _linear_local(
     )
   # The tangents of the shards' partial statistics sum over the vocabulary axis.
   sum_slices = functools.partial(_psum_each, axis=vocab_axis)
-  lse_N, target_N, weighted_sum_N = _linear.stats_op(
-    rows.block, complete_stats, sum_slices, *args
-  )
+  lse_N, target_N, weighted_sum_N = _linear.stats_op(rows.block, complete_stats, sum_slices, *args)
   loss_N = _linear.row_loss(
     rows.loss, rows.total_weight, lse_N, target_N, weighted_sum_N, rows.kernel_rows()
   )

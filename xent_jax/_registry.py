@@ -175,6 +175,7 @@ class ConfiguredLoss:
     reduction: str = "mean",
     where: jax.typing.ArrayLike | None = None,
     token_chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
     return_stats: bool = False,
   ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     r"""This loss on ``hidden @ weight.T + bias`` without building the ``[N, V]`` logits.
@@ -197,6 +198,10 @@ class ConfiguredLoss:
       ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
       token_chunk_size: rows per chunk (default: a ``[chunk, V]`` block of about ``2**24``
         elements).
+      vocab_chunk_size: classes per block, as in :func:`xent_jax.linear_cross_entropy`: giving
+        it selects the blocked schedule (cross-entropy's two-pass kernels, or the blocked
+        statistics of the engine's heads, whatever the dtype), which only integer labels of
+        those losses have (``ValueError`` otherwise).
       return_stats: also return per-token ``{"log_prob": log p_y (integer labels), "entropy":
         H(p), "lse": logsumexp}`` of the (capped) logits, each ``[...]`` (0 on rows that do not
         count), computed in the same pass; they carry gradients like the loss.
@@ -217,6 +222,7 @@ class ConfiguredLoss:
         reduction=reduction,
         where=where,
         token_chunk_size=token_chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
         **self.hparams,
       )
     num_classes = _chunked.check_linear_shapes(fn, hidden, weight, labels, weight_layout, bias)
@@ -243,6 +249,8 @@ class ConfiguredLoss:
       example_weight_N = jnp.where(read.valid, target_weight, 0.0).astype(dtype)
     else:
       example_weight_N = valid_N.astype(dtype)
+    if vocab_chunk_size is not None:
+      _linear.check_chunk_size(fn, "vocab_chunk_size", vocab_chunk_size)
     if n == 0:  # Nothing to chunk: the loss of the empty [..., 0, V] logits.
       spec = "...d,vd->...v" if weight_layout == "vd" else "...d,dv->...v"
       logits = jnp.einsum(spec, hidden, weight)
@@ -287,7 +295,10 @@ class ConfiguredLoss:
     mask_N = valid_N if not integer else read.valid
     features = hidden.shape[-1]
     if (
-      reduction != "none" and not return_stats and _chunked.one_pass_fits(n, features, num_classes)
+      reduction != "none"
+      and not return_stats
+      and vocab_chunk_size is None
+      and _chunked.one_pass_fits(n, features, num_classes)
     ):
       # 'sum' and 'mean' are linear in the per-row losses: one pass, gradients in the forward.
       scale_N = jax.grad(
@@ -295,7 +306,7 @@ class ConfiguredLoss:
       )(jnp.zeros((n,), dtype))
       chunk = _chunked.default_chunk(num_classes, n) if token_chunk_size is None else None
       if chunk is None:
-        _chunked.check_chunk(fn, token_chunk_size)
+        _linear.check_chunk_size(fn, "token_chunk_size", token_chunk_size)
         chunk = min(int(token_chunk_size), n)
       return _chunked.one_pass_linear_sum(
         row_loss,
@@ -309,9 +320,8 @@ class ConfiguredLoss:
         chunk=chunk,
       )
     engine_head = self._engine_head(num_classes)
-    if (
-      integer and engine_head is not None and _linear_heads.takes_blocks(hidden.dtype, weight.dtype)
-    ):
+    blocks = vocab_chunk_size is not None or _linear_heads.takes_blocks(hidden.dtype, weight.dtype)
+    if integer and engine_head is not None and blocks:
       # The head's statistics in blocks; a bfloat16 head's weight gradient sums in float32.
       head, label_smoothing = engine_head
       loss_N, stats = _linear_heads.integer_head_linear(
@@ -325,6 +335,7 @@ class ConfiguredLoss:
         class_weight=class_weight,
         label_smoothing=label_smoothing,
         token_chunk_size=token_chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
         entropy=return_stats,
       )
       loss_N = _heads.mask_rows(loss_N, read.valid, read.bad)
@@ -335,6 +346,12 @@ class ConfiguredLoss:
         "log_prob": keep(stats.log_p_target),
       }
     else:
+      if vocab_chunk_size is not None:
+        raise ValueError(
+          f"{fn}: `vocab_chunk_size` needs integer labels and a loss of the row-statistics engine "
+          f"(its blocked statistics); got {'integer' if integer else 'probability'} labels for "
+          f"loss {self.name!r}, whose fused form takes whole-vocabulary token chunks. Leave it None."
+        )
       loss_N, extras = _chunked.chunked_linear_loss(
         fn,
         row_loss,

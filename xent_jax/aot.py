@@ -70,9 +70,9 @@ LOGITS_SHAPE = (8192, 32768)
 # Heads (N tokens, D hidden, V vocabulary) of issue 9: Llama-3-8B, a Gemma-2-style vocabulary,
 # and many tokens over a small vocabulary.
 HEADS = {
-    "llama3_8b": (8192, 4096, 128256),
-    "gemma": (8192, 2304, 256000),
-    "n32k_d2k_v32k": (32768, 2048, 32000),
+  "llama3_8b": (8192, 4096, 128256),
+  "gemma": (8192, 2304, 256000),
+  "n32k_d2k_v32k": (32768, 2048, 32000),
 }
 
 # ``data x vocab`` meshes over the four chips of a slice.
@@ -94,6 +94,7 @@ TRAIN_STEP = {"batch": 32, "seq_len": 256, "vocab": 32768, "dim": 128}
 def _tpu_chips_attached() -> bool:
   """Whether this host has TPU chips on its PCI bus (the check JAX's own TPU set-up makes)."""
   from jax._src import hardware_utils  # pylint: disable=import-outside-toplevel
+
   return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
 
 
@@ -160,18 +161,24 @@ def logits_losses() -> dict[str, LogitsLoss]:
   results summed), and a loss built by `xent_jax.define_loss` (mean absolute error,
   :math:`f(\log p) = 1 - p`).
   """
-  losses = {name: LogitsLoss(functools.partial(info.fn, **info.hparams), info.fn, False)
-            for name, info in xent_jax.list_losses().items()}
-  losses["cross_entropy[probabilities]"] = LogitsLoss(xent_jax.cross_entropy,
-                                                      xent_jax.cross_entropy, True)
+  losses = {
+    name: LogitsLoss(functools.partial(info.fn, **info.hparams), info.fn, False)
+    for name, info in xent_jax.list_losses().items()
+  }
+  losses["cross_entropy[probabilities]"] = LogitsLoss(
+    xent_jax.cross_entropy, xent_jax.cross_entropy, True
+  )
   # Two variants with probability labels: a phi(log p) head and one with the entropy.
   for name in ("focal", "confidence_penalty"):
     info = xent_jax.list_losses()[name]
-    losses[f"{name}[probabilities]"] = LogitsLoss(functools.partial(info.fn, **info.hparams),
-                                                  info.fn, True)
-  for fn, dense in ((xent_jax.softmax_cross_entropy_with_integer_labels, False),
-                    (xent_jax.softmax_cross_entropy, True),
-                    (xent_jax.poly_loss_cross_entropy, True)):
+    losses[f"{name}[probabilities]"] = LogitsLoss(
+      functools.partial(info.fn, **info.hparams), info.fn, True
+    )
+  for fn, dense in (
+    (xent_jax.softmax_cross_entropy_with_integer_labels, False),
+    (xent_jax.softmax_cross_entropy, True),
+    (xent_jax.poly_loss_cross_entropy, True),
+  ):
     losses[fn.__name__] = LogitsLoss(lambda x, y, fn=fn: fn(x, y).sum(), fn, dense)
   losses["define_loss[mae]"] = LogitsLoss(xent_jax.define_loss(_mae), xent_jax.define_loss, False)
   return losses
@@ -193,8 +200,9 @@ def logits_temp_bytes(loss: str, topology_name: str) -> int:
   fn, _, dense = logits_losses()[loss]
   chip = topology(topology_name).devices[0]
   logits = spec(LOGITS_SHAPE, jnp.bfloat16, chip)
-  labels = (spec(LOGITS_SHAPE, jnp.bfloat16, chip) if dense
-            else spec(LOGITS_SHAPE[:1], jnp.int32, chip))
+  labels = (
+    spec(LOGITS_SHAPE, jnp.bfloat16, chip) if dense else spec(LOGITS_SHAPE[:1], jnp.int32, chip)
+  )
   return temp_bytes(jax.value_and_grad(fn), logits, labels)
 
 
@@ -226,8 +234,11 @@ def _head_args(head: str, topology_name: str) -> tuple:
   """Abstract ``(hidden [N, D], weight [V, D], labels [N])`` of ``HEADS[head]`` on one chip."""
   n, d, v = HEADS[head]
   chip = topology(topology_name).devices[0]
-  return (spec((n, d), jnp.bfloat16, chip), spec((v, d), jnp.bfloat16, chip),
-          spec((n,), jnp.int32, chip))
+  return (
+    spec((n, d), jnp.bfloat16, chip),
+    spec((v, d), jnp.bfloat16, chip),
+    spec((n,), jnp.int32, chip),
+  )
 
 
 @functools.cache
@@ -239,8 +250,11 @@ def fused_form_temp_bytes(loss: str, topology_name: str) -> int:
 
 # --------------------------------------------------------------------------- vocabulary-parallel
 
-PARALLEL_KINDS = ("vocab_parallel_cross_entropy", "vocab_parallel_cross_entropy_local",
-                  "vocab_parallel_linear_cross_entropy")
+PARALLEL_KINDS = (
+  "vocab_parallel_cross_entropy",
+  "vocab_parallel_cross_entropy_local",
+  "vocab_parallel_linear_cross_entropy",
+)
 
 
 def _parallel_problem(kind: str, m: Mesh):
@@ -248,19 +262,26 @@ def _parallel_problem(kind: str, m: Mesh):
   on = lambda *axes: NamedSharding(m, P(*axes))  # pylint: disable=unnecessary-lambda-assignment
   if kind == "vocab_parallel_linear_cross_entropy":
     n, d, v = HEADS[PARALLEL_HEAD]
-    args = (spec((n, d), jnp.bfloat16, on("data")), spec((v, d), jnp.bfloat16, on("vocab")),
-            spec((n,), jnp.int32, on("data")))
-    loss = functools.partial(xent_jax.vocab_parallel_linear_cross_entropy, mesh=m,
-                             data_axis="data")
+    args = (
+      spec((n, d), jnp.bfloat16, on("data")),
+      spec((v, d), jnp.bfloat16, on("vocab")),
+      spec((n,), jnp.int32, on("data")),
+    )
+    loss = functools.partial(xent_jax.vocab_parallel_linear_cross_entropy, mesh=m, data_axis="data")
     return jax.value_and_grad(loss, argnums=(0, 1)), args
-  args = (spec(LOGITS_SHAPE, jnp.bfloat16, on("data", "vocab")),
-          spec(LOGITS_SHAPE[:1], jnp.int32, on("data")))
+  args = (
+    spec(LOGITS_SHAPE, jnp.bfloat16, on("data", "vocab")),
+    spec(LOGITS_SHAPE[:1], jnp.int32, on("data")),
+  )
   if kind == "vocab_parallel_cross_entropy":
     loss = functools.partial(xent_jax.vocab_parallel_cross_entropy, mesh=m, data_axis="data")
   else:
-    loss = jax.shard_map(functools.partial(xent_jax.vocab_parallel_cross_entropy_local,
-                                           data_axis="data"),
-                         mesh=m, in_specs=(P("data", "vocab"), P("data")), out_specs=P())
+    loss = jax.shard_map(
+      functools.partial(xent_jax.vocab_parallel_cross_entropy_local, data_axis="data"),
+      mesh=m,
+      in_specs=(P("data", "vocab"), P("data")),
+      out_specs=P(),
+    )
   return jax.value_and_grad(loss), args
 
 
@@ -273,8 +294,10 @@ def parallel_form_temp_bytes(loss: str, topology_name: str) -> int:
   """Temp bytes per chip of value and gradient of ``get_loss(loss).vocab_parallel`` on the
   `FORMS_MESH` mesh, logits at `LOGITS_SHAPE` split over ``data x vocab``."""
   m = mesh(topology_name, MESHES[FORMS_MESH])
-  args = (spec(LOGITS_SHAPE, jnp.bfloat16, NamedSharding(m, P("data", "vocab"))),
-          spec(LOGITS_SHAPE[:1], jnp.int32, NamedSharding(m, P("data"))))
+  args = (
+    spec(LOGITS_SHAPE, jnp.bfloat16, NamedSharding(m, P("data", "vocab"))),
+    spec(LOGITS_SHAPE[:1], jnp.int32, NamedSharding(m, P("data"))),
+  )
   loss_fn = functools.partial(xent_jax.get_loss(loss).vocab_parallel, mesh=m, data_axis="data")
   return temp_bytes(jax.value_and_grad(loss_fn), *args)
 
@@ -303,12 +326,14 @@ def train_step_temp_bytes(fused: bool, topology_name: str) -> int:
   from xent_jax.train import models, optim, steps  # pylint: disable=import-outside-toplevel
 
   size = TRAIN_STEP
-  model_config = config_lib.ModelConfig(name="transformer", model_dim=size["dim"], num_layers=2,
-                                        num_heads=4, dtype="bfloat16")
+  model_config = config_lib.ModelConfig(
+    name="transformer", model_dim=size["dim"], num_layers=2, num_heads=4, dtype="bfloat16"
+  )
 
   def initialize():
-    model = models.build_model(model_config, input_shape=(size["seq_len"],),
-                               num_classes=size["vocab"], seed=0)
+    model = models.build_model(
+      model_config, input_shape=(size["seq_len"],), num_classes=size["vocab"], seed=0
+    )
     tx = optim.build_optimizer(config_lib.OptimConfig(), num_steps=100)
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -317,7 +342,8 @@ def train_step_temp_bytes(fused: bool, topology_name: str) -> int:
   replicated, split = NamedSharding(data_mesh, P()), NamedSharding(data_mesh, P("data"))
   state = jax.tree.map(lambda s: spec(s.shape, s.dtype, replicated), state)
   ids_BxL = spec((size["batch"], size["seq_len"]), jnp.int32, split)
-  train_step = steps.make_train_step(graphdef, steps.make_objective(
-      config_lib.LossConfig(fused=fused)))
+  train_step = steps.make_train_step(
+    graphdef, steps.make_objective(config_lib.LossConfig(fused=fused))
+  )
   compiled = train_step.lower(state, ids_BxL, ids_BxL).compile()
   return compiled.memory_analysis().temp_size_in_bytes
