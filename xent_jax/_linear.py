@@ -931,11 +931,7 @@ def _head_stats_with_slopes_jvp(cfg, primals, tangents):
 
 def _head_stats_jvp(cfg, primals, tangents):
   hidden, weight, bias, labels, betas = primals
-  if cfg.class_fns:
-    out, (totals, mean) = _head_stats_with_slopes(cfg, *primals)
-  else:
-    out = head_stats_op(cfg, *primals)
-    totals, mean = (), (out[3] if cfg.entropy else None)
+  out, (totals, mean) = _head_stats_with_slopes(cfg, *primals)
   tangents = tuple(
     None if isinstance(t, jax.custom_derivatives.SymbolicZero) else t for t in tangents[:3]
   )
@@ -1153,6 +1149,14 @@ def plan_schedule(
     default_token_chunk(vocab_chunk, blocks, one_pass=one_pass),
   )
   return Schedule(one_pass, token_chunk, vocab_chunk, vocab_major)
+
+
+def unfused_logits(hidden, weight, bias, weight_layout: str) -> jax.Array:
+  """``hidden @ weight.T + bias`` ``[..., V]`` written plainly (for the empty batches the blocked
+  schedules have nothing to chunk in)."""
+  spec = "...d,vd->...v" if weight_layout == "vd" else "...d,dv->...v"
+  logits = jnp.einsum(spec, jnp.asarray(hidden), jnp.asarray(weight))
+  return logits if bias is None else logits + _heads.along_classes(jnp.asarray(bias), logits.ndim)
 
 
 def linear_shapes(fn: str, hidden, weight, weight_layout: str) -> tuple[int, int]:
@@ -1455,10 +1459,8 @@ def linear_cross_entropy(
     vocab_chunk_size=vocab_chunk_size,
   )
   if rows.schedule is None:  # Nothing to chunk: the unfused loss of the empty [..., 0, V] logits.
-    spec = "...d,vd->...v" if weight_layout == "vd" else "...d,dv->...v"
-    logits = jnp.einsum(spec, jnp.asarray(hidden), jnp.asarray(weight))
     return _ce.cross_entropy(
-      logits if bias is None else logits + _heads.along_classes(jnp.asarray(bias), logits.ndim),
+      unfused_logits(hidden, weight, bias, weight_layout),
       labels,
       weight=class_weight,
       ignore_index=ignore_index,

@@ -252,12 +252,8 @@ class ConfiguredLoss:
     if vocab_chunk_size is not None:
       _linear.check_chunk_size(fn, "vocab_chunk_size", vocab_chunk_size)
     if n == 0:  # Nothing to chunk: the loss of the empty [..., 0, V] logits.
-      spec = "...d,vd->...v" if weight_layout == "vd" else "...d,dv->...v"
-      logits = jnp.einsum(spec, hidden, weight)
-      if bias is not None:
-        logits = logits + _heads.along_classes(jnp.asarray(bias), logits.ndim)
       loss = self(
-        logits,
+        _linear.unfused_logits(hidden, weight, bias, weight_layout),
         labels,
         weight=class_weight,
         ignore_index=ignore_index,
@@ -339,7 +335,7 @@ class ConfiguredLoss:
         entropy=return_stats,
       )
       loss_N = _heads.mask_rows(loss_N, read.valid, read.bad)
-      keep = lambda a: jnp.where(read.valid & ~read.bad, a, jnp.zeros_like(a))
+      keep = lambda a: jnp.where(read.valid & read.in_range, a, jnp.zeros_like(a))
       extras = {
         "entropy": keep(stats.entropy),
         "lse": keep(stats.lse),
