@@ -1,6 +1,6 @@
 """Table: TPU temp memory of every public loss, compiled ahead of time on a host without a TPU.
 
-For each problem of `xent_jax.aot` (loss x TPU topology x size) the script compiles value and
+For each problem of `xent_jax.tools.aot` (loss x TPU topology x size) the script compiles value and
 gradients for the TPU through libtpu's topology descriptions and reports
 ``memory_analysis().temp_size_in_bytes`` (scratch memory per chip besides arguments and outputs),
 its ratio to a reference, and whether it meets issue 9's bound (``tests/test_tpu_compile.py``
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optax
 
 import xent_jax
-from xent_jax import aot
+from xent_jax.tools import aot
 
 SECTIONS = ("logits", "heads", "fused_forms", "vocab_parallel", "vocab_parallel_forms",
             "train_step")

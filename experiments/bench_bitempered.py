@@ -9,7 +9,7 @@ it compiles ``jax.jit(jax.value_and_grad(mean loss))`` of both losses, reads the
 memory from ``memory_analysis()``, times the compile (lower + compile, seconds) and the calls
 (median of ``--repeats``; the two losses take turns, each turn an untimed call then a timed one,
 so that load changes on a shared machine hit both alike). With ``--tpu`` it also compiles both
-for one chip of that TPU slice through `xent_jax.aot` (needs libtpu; no TPU is used) and reports
+for one chip of that TPU slice through `xent_jax.tools.aot` (needs libtpu; no TPU is used) and reports
 the compile seconds and temp memory there. Prints a markdown table and writes ``<out>.md`` and
 ``<out>.json``.
 
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 import xent_jax
-from xent_jax import aot
+from xent_jax.tools import aot
 
 LOSSES = {
   "cross_entropy": lambda x, y: xent_jax.cross_entropy(x, y),

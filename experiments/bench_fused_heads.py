@@ -1,11 +1,11 @@
 """Engine heads at a language-model-like head: blocked statistics against rematerialised chunks.
 
-Where a head's float32 ``[V, D]`` buffer is not small (:func:`xent_jax._chunked.one_pass_fits`),
+Where a head's float32 ``[V, D]`` buffer is not small (:func:`xent_jax.fused.chunked.one_pass_fits`),
 ``get_loss(name).linear`` of a variant with integer labels and a bfloat16 weight computes its
-per-row statistics in blocks (:mod:`xent_jax._linear_heads`): the log-sum-exp and the label's logit, the smoothing class
+per-row statistics in blocks (:mod:`xent_jax.fused.heads`): the log-sum-exp and the label's logit, the smoothing class
 sum and the entropy when the loss needs them, and a blocked tangent pass whose transpose is the
 backward pass, vocabulary-major for bfloat16 heads. Before, it rematerialised token chunks of
-logits (:func:`xent_jax._chunked.chunked_linear_loss`, still the schedule of probability labels
+logits (:func:`xent_jax.fused.chunked.chunked_linear_loss`, still the schedule of probability labels
 and the bi-tempered loss), whose weight gradient sums over the chunks in the weight's dtype.
 
 Both schedules run in one process on the same inputs (value and gradients of hidden and weight,
@@ -37,20 +37,20 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import xent_jax  # noqa: E402
-from xent_jax import _chunked  # noqa: E402
-from xent_jax import _linear_heads  # noqa: E402
+from xent_jax.fused import chunked  # noqa: E402
+from xent_jax.fused import heads as fused_heads  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 # `.linear` takes the blocked statistics for weights narrower than float32 only (takes_blocks, from
 # the float32 rows of this table); here every row measures them.
-_linear_heads.takes_blocks = lambda *dtypes: True
+fused_heads.takes_blocks = lambda *dtypes: True
 
 
 def _remat(loss, hidden, weight, labels):
   """The rematerialising schedule of ``loss`` (the previous ``.linear`` of the variants)."""
   row_loss = lambda x, y, valid: (loss(x, y, where=valid, reduction="none"), {})  # noqa: E731
   valid = jnp.ones(labels.shape, bool)
-  per_row, _ = _chunked.chunked_linear_loss(
+  per_row, _ = chunked.chunked_linear_loss(
     "bench",
     row_loss,
     hidden,
@@ -95,7 +95,7 @@ def main():
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   n, d, v = args.n, args.d, args.v
-  assert not _chunked.one_pass_fits(n, d, v), "pick a head whose float32 [V, D] is not small"
+  assert not chunked.one_pass_fits(n, d, v), "pick a head whose float32 [V, D] is not small"
   rng = np.random.default_rng(0)
   hidden64 = rng.normal(size=(n, d)) / np.sqrt(d) * 4
   weight64 = rng.normal(size=(v, d)) / 2

@@ -1,4 +1,4 @@
-r"""Tests of the lean bi-tempered loss (`xent_jax._bitempered`): values and closed-form gradients
+r"""Tests of the lean bi-tempered loss (`xent_jax.losses.bitempered`): values and closed-form gradients
 in both autodiff modes against a float64 NumPy replica of the paper's algorithm (its
 ``num_iters`` iterations included) and the converged reference in ``_variant_reference.py``;
 gradient checks; per-row residuals only; no ``[N, V]`` temporaries; bf16; the block function.
@@ -22,7 +22,7 @@ import xent_jax
 from tests import _variant_reference as variant_ref
 from tests._compiled import cpu_temp_bytes
 from tests.test_cross_entropy import _large_non_input_residuals
-from xent_jax import _bitempered
+from xent_jax.losses import bitempered
 
 K = 7
 RNG = np.random.default_rng(8)
@@ -416,7 +416,7 @@ def test_block_function_on_blocks_equals_the_whole():
   labels = np.array([0, 3, -100, 6, 1, K], np.int32)
   valid = labels != -100
   hparams = dict(t1=0.6, t2=1.4, label_smoothing=0.1, num_iters=6)
-  rows = lambda x, y, v: _bitempered.bi_tempered_rows(x, y, v, **hparams)
+  rows = lambda x, y, v: bitempered.bi_tempered_rows(x, y, v, **hparams)
   scale = np.arange(6.0, dtype=np.float32)
   weighted_sum = jax.jit(
     jax.value_and_grad(lambda x, y, v, s: jnp.sum(jnp.where(v & (y < K), rows(x, y, v) * s, 0)))

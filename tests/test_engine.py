@@ -11,10 +11,10 @@ from jax.test_util import check_grads
 
 import xent_jax
 from tests._compiled import cpu_temp_bytes
-from xent_jax import _engine
-from xent_jax import _heads
-from xent_jax import _linear_heads
-from xent_jax import _variants
+from xent_jax.core import engine
+from xent_jax.core import heads
+from xent_jax.fused import heads as fused_heads
+from xent_jax.losses import variants
 from xent_jax.train.config import LossConfig
 from xent_jax.train.steps import make_objective
 
@@ -125,7 +125,7 @@ def test_user_defined_loss_matches_autodiff_of_a_naive_implementation():
 
 def test_register_loss_reaches_get_loss_list_losses_and_the_fused_form(monkeypatch):
   # A copy of the registry for this test, so the loss does not leak into other tests.
-  monkeypatch.setattr(xent_jax._registry, "_LOSSES", dict(xent_jax._registry._LOSSES))
+  monkeypatch.setattr(xent_jax.registry, "_LOSSES", dict(xent_jax.registry._LOSSES))
   name = "test_engine_squared_focal"
 
   @xent_jax.register_loss(name)
@@ -175,7 +175,7 @@ def test_import_path_names_a_loss(tmp_path, monkeypatch):
 
 def _fused_cases():
   """Every registered loss with integer labels; with probabilities too, except cross-entropy,
-  whose fused kernels take integer labels (tested in test_linear.py)."""
+  whose fused kernels take integer labels (tested in testfused_linear.py)."""
   names = sorted(n for n in xent_jax.list_losses() if not n.startswith("test_engine"))
   return [
     (n, kind)
@@ -359,11 +359,11 @@ def test_trainer_fused_objective_works_for_variants(name):
 
 
 HEADS = {
-  "cross_entropy": lambda: xent_jax._cross_entropy.cross_entropy_head("uniform", 1e-2),
-  "focal": lambda: xent_jax._variants.focal_head(2.0, jnp.linspace(0.5, 1.5, 16)),
-  "taylor": lambda: xent_jax._variants.taylor_head(3),
-  "symmetric": lambda: xent_jax._variants.symmetric_head(0.5, 1.0, -4.0),
-  "confidence_penalty": lambda: xent_jax._variants.confidence_penalty_head(0.3),
+  "cross_entropy": lambda: xent_jax.losses.cross_entropy.cross_entropy_head("uniform", 1e-2),
+  "focal": lambda: xent_jax.losses.variants.focal_head(2.0, jnp.linspace(0.5, 1.5, 16)),
+  "taylor": lambda: xent_jax.losses.variants.taylor_head(3),
+  "symmetric": lambda: xent_jax.losses.variants.symmetric_head(0.5, 1.0, -4.0),
+  "confidence_penalty": lambda: xent_jax.losses.variants.confidence_penalty_head(0.3),
 }
 
 
@@ -375,16 +375,15 @@ def test_engine_over_vocabulary_shards_equals_one_device(head_name, smoothing):
   from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
   from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
-  from xent_jax import _heads  # pylint: disable=import-outside-toplevel
 
   head = HEADS[head_name]()
   logits = jnp.asarray(RNG.normal(size=(4, 16)) * 3, jnp.float32)
   labels = jnp.asarray([0, 7, 15, 9])
   weight = jnp.asarray(RNG.uniform(0.5, 2.0, size=16), jnp.float32)
-  target = _heads.smoothed_target(16, smoothing)
+  target = heads.smoothed_target(16, smoothing)
 
   def dense(x):
-    loss, _ = _heads.integer_loss(
+    loss, _ = heads.integer_loss(
       head, x, labels, class_weight=weight, on=target.on, off=target.off, logit_softcap=None
     )
     return jnp.sum(loss)
@@ -394,7 +393,7 @@ def test_engine_over_vocabulary_shards_equals_one_device(head_name, smoothing):
   )
 
   def local(x, weight_shard):
-    loss, _ = _heads.integer_loss(
+    loss, _ = heads.integer_loss(
       head,
       x,
       labels,
@@ -466,12 +465,12 @@ def test_fused_form_plans_its_schedule_from_the_shapes():
   """One pass (a float32 [V, D] accumulator) only while that is at most 1/8 of the [N, V] logits
   or one block; at the Llama-3-8B head the blocked or rematerialising schedule (no such
   accumulator)."""
-  from xent_jax import _chunked  # pylint: disable=import-outside-toplevel
+  from xent_jax.fused import chunked  # pylint: disable=import-outside-toplevel
 
-  assert _chunked.one_pass_fits(4096, 512, 32768)
-  assert _chunked.one_pass_fits(14, 5, 9)
-  assert not _chunked.one_pass_fits(8192, 4096, 128256)
-  assert not _chunked.one_pass_fits(8192, 2304, 256000)
+  assert chunked.one_pass_fits(4096, 512, 32768)
+  assert chunked.one_pass_fits(14, 5, 9)
+  assert not chunked.one_pass_fits(8192, 4096, 128256)
+  assert not chunked.one_pass_fits(8192, 2304, 256000)
 
 
 @pytest.mark.parametrize("name", xent_jax.list_losses())
@@ -536,7 +535,7 @@ def test_fused_bfloat16_weight_gradient_sums_chunks_in_float32(monkeypatch):
   chunks of bfloat16 inputs: where a float32 [V, D] buffer is small the weight gradient sums over
   the chunks in float32, within 1e-2 of its largest entry of the float64 gradient (summed in
   bfloat16 it was off by about 5e-2)."""
-  monkeypatch.setattr(_linear_heads, "takes_blocks", lambda *dtypes: False)
+  monkeypatch.setattr(fused_heads, "takes_blocks", lambda *dtypes: False)
   n, d, v = 2048, 32, 512
   hidden = jnp.asarray(RNG.normal(size=(n, d)) / 4, jnp.bfloat16)
   weight = jnp.asarray(RNG.normal(size=(v, d)), jnp.bfloat16)
@@ -569,17 +568,17 @@ def test_fused_head_blocks_equal_the_logits_path(name, order, monkeypatch):
   with chunks that do not divide N or V, smoothing, class weights, a bias, an ignored row and
   both weight layouts:
   values, statistics, JVP and gradients equal the logits path's in float64."""
-  from xent_jax import _linear  # pylint: disable=import-outside-toplevel
+  from xent_jax.fused import linear as fused_linear  # pylint: disable=import-outside-toplevel
 
-  plan = _linear.plan_schedule
+  plan = fused_linear.plan_schedule
   monkeypatch.setattr(
-    _linear,
+    fused_linear,
     "plan_schedule",
     lambda *a, **k: plan(*a, **k)._replace(
       token_chunk=4, vocab_chunk=4, vocab_major=order == "vocab"
     ),
   )
-  monkeypatch.setattr(_linear_heads, "takes_blocks", lambda *dtypes: True)
+  monkeypatch.setattr(fused_heads, "takes_blocks", lambda *dtypes: True)
   with jax.enable_x64(True):
     hidden = jnp.asarray(RNG.normal(size=(14, 5)))
     weight = jnp.asarray(RNG.normal(size=(9, 5)) * 0.7)
@@ -623,13 +622,13 @@ def test_fused_head_blocks_second_derivative(monkeypatch):
   Hessian (the confidence penalty with smoothing: the class-sum and entropy pass is
   differentiated too)."""
   name = "confidence_penalty"
-  from xent_jax import _linear  # pylint: disable=import-outside-toplevel
+  from xent_jax.fused import linear as fused_linear  # pylint: disable=import-outside-toplevel
 
-  plan = _linear.plan_schedule
+  plan = fused_linear.plan_schedule
   monkeypatch.setattr(
-    _linear, "plan_schedule", lambda *a, **k: plan(*a, **k)._replace(token_chunk=4, vocab_chunk=4)
+    fused_linear, "plan_schedule", lambda *a, **k: plan(*a, **k)._replace(token_chunk=4, vocab_chunk=4)
   )
-  monkeypatch.setattr(_linear_heads, "takes_blocks", lambda *dtypes: True)
+  monkeypatch.setattr(fused_heads, "takes_blocks", lambda *dtypes: True)
   with jax.enable_x64(True):
     hidden = jnp.asarray(RNG.normal(size=(14, 5)))
     weight = jnp.asarray(RNG.normal(size=(9, 5)) * 0.5)
@@ -674,11 +673,11 @@ def test_fused_form_refuses_vocab_chunk_size_it_cannot_use():
 def test_fused_head_takes_blocks_for_narrow_weights():
   """The blocked statistics serve weights narrower than the accumulation dtype; float32 and
   float64 weights rematerialise (their gradient sums in float32 either way)."""
-  assert _linear_heads.takes_blocks(jnp.bfloat16, jnp.bfloat16)
-  assert _linear_heads.takes_blocks(jnp.float32, jnp.float16)
-  assert not _linear_heads.takes_blocks(jnp.bfloat16, jnp.float32)
-  assert not _linear_heads.takes_blocks(jnp.float32, jnp.float32)
-  assert not _linear_heads.takes_blocks(jnp.float64, jnp.float64)
+  assert fused_heads.takes_blocks(jnp.bfloat16, jnp.bfloat16)
+  assert fused_heads.takes_blocks(jnp.float32, jnp.float16)
+  assert not fused_heads.takes_blocks(jnp.bfloat16, jnp.float32)
+  assert not fused_heads.takes_blocks(jnp.float32, jnp.float32)
+  assert not fused_heads.takes_blocks(jnp.float64, jnp.float64)
 
 
 def test_fused_head_bfloat16_weight_gradient_is_summed_in_float32():
@@ -687,10 +686,10 @@ def test_fused_head_bfloat16_weight_gradient_is_summed_in_float32():
   bfloat16 once, so every entry is within bfloat16 rounding (2**-8, relative) of the float64
   gradient of the same bfloat16 inputs. Summed in bfloat16 over the chunks, as rematerialised
   token chunks do, entries are off by several roundings."""
-  from xent_jax import _linear  # pylint: disable=import-outside-toplevel
+  from xent_jax.fused import linear as fused_linear  # pylint: disable=import-outside-toplevel
 
   n, d, v = 256, 32, 8192
-  plan = _linear.plan_schedule(
+  plan = fused_linear.plan_schedule(
     "t",
     n,
     d,
@@ -715,10 +714,10 @@ def test_fused_head_bfloat16_weight_gradient_is_summed_in_float32():
 
 
 SERIES_HEADS = {
-  "poly1": lambda: _variants.poly1_head(1.5),
-  "generalized_ce": lambda: _variants.generalized_head(0.7),
-  "taylor2": lambda: _variants.taylor_head(2),
-  "cross_entropy": lambda: _heads.Head(_heads.neg_log, class_series=_engine.PowerSeries(-1.0)),
+  "poly1": lambda: variants.poly1_head(1.5),
+  "generalized_ce": lambda: variants.generalized_head(0.7),
+  "taylor2": lambda: variants.taylor_head(2),
+  "cross_entropy": lambda: heads.Head(heads.neg_log, class_series=engine.PowerSeries(-1.0)),
 }
 
 
@@ -742,8 +741,8 @@ def test_power_series_equals_its_class_fn_and_saves_passes(name, monkeypatch):
     logits = jnp.asarray(LOGITS, jnp.float64)
     labels = jnp.asarray([0, 3, 8, 2, 5, 1], jnp.int32)  # also read outside x64 below
     sums = lambda s: (
-      lambda x: _engine.row_stats(
-        x, labels, (_engine.ClassSum(head.class_fn, series=s),)
+      lambda x: engine.row_stats(
+        x, labels, (engine.ClassSum(head.class_fn, series=s),)
       ).class_sums[0]
     )
     with_series, elementwise = sums(series), sums(None)
@@ -757,9 +756,9 @@ def test_power_series_equals_its_class_fn_and_saves_passes(name, monkeypatch):
     check_grads(with_series, (logits,), order=2, modes=("fwd", "rev"))
 
   passes = []
-  separate_sums = _engine.separate_sums
+  separate_sums = engine.separate_sums
   monkeypatch.setattr(
-    _engine, "separate_sums", lambda s, like: passes.append(len(s)) or separate_sums(s, like)
+    engine, "separate_sums", lambda s, like: passes.append(len(s)) or separate_sums(s, like)
   )
   for s in (series, None):
     jax.jvp(sums(s), (LOGITS,), (LOGITS,))
@@ -767,9 +766,9 @@ def test_power_series_equals_its_class_fn_and_saves_passes(name, monkeypatch):
 
 
 def test_power_series_is_left_out_where_it_would_lose_precision():
-  assert _variants.generalized_head(0.05).class_series is None  # (1 - p^q)/q cancels
-  assert _variants.taylor_head(3).class_series is None  # as many passes as f and f'
-  assert _variants.poly1_head(jnp.float32(1.0)).class_series is None  # a traced hyper-parameter
-  weighted = _variants.poly1_head(1.0)
-  assert _heads._series_for(weighted, weighted=True) is None  # several terms, class weights
-  assert _heads._series_for(weighted, weighted=False) is weighted.class_series
+  assert variants.generalized_head(0.05).class_series is None  # (1 - p^q)/q cancels
+  assert variants.taylor_head(3).class_series is None  # as many passes as f and f'
+  assert variants.poly1_head(jnp.float32(1.0)).class_series is None  # a traced hyper-parameter
+  weighted = variants.poly1_head(1.0)
+  assert heads._series_for(weighted, weighted=True) is None  # several terms, class weights
+  assert heads._series_for(weighted, weighted=False) is weighted.class_series

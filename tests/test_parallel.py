@@ -18,7 +18,7 @@ from jax.test_util import check_grads
 
 import _reference as ref
 import xent_jax
-from xent_jax import _linear
+from xent_jax.fused import linear as fused_linear
 
 pytestmark = pytest.mark.skipif(
   jax.device_count() < 8,
@@ -315,9 +315,9 @@ class TestVocabParallelLinearCrossEntropy:
   @pytest.mark.parametrize("order", ["token", "vocab"])
   def test_two_pass_loop_orders(self, order, monkeypatch):
     # Both backward loop orders on every shard (float32 shards this small would go token-major).
-    plan = _linear.plan_schedule
+    plan = fused_linear.plan_schedule
     monkeypatch.setattr(
-      _linear, "plan_schedule", lambda *a, **k: plan(*a, **k)._replace(vocab_major=order == "vocab")
+      fused_linear, "plan_schedule", lambda *a, **k: plan(*a, **k)._replace(vocab_major=order == "vocab")
     )
     rng = np.random.default_rng(18)
     hidden = rng.standard_normal((12, D)).astype(np.float32)
@@ -591,9 +591,9 @@ class TestForwardMode:
     # The two-pass schedule: each shard's tangent pass gives partial tangents of the statistics,
     # summed over the vocabulary axis; reverse mode (its transpose) and per-example gradients
     # (vmap of grad) equal one device's.
-    plan = _linear.plan_schedule
+    plan = fused_linear.plan_schedule
     monkeypatch.setattr(
-      _linear,
+      fused_linear,
       "plan_schedule",
       lambda *a, **k: plan(*a, **k)._replace(one_pass=False, vocab_major=vocab_major),
     )

@@ -46,7 +46,7 @@ def test_readme_snippets_run_in_order_and_print_what_they_say(tmp_path, monkeypa
   # The README registers a loss: on a copy of the registry, so it does not leak into other tests.
   import xent_jax  # pylint: disable=import-outside-toplevel
 
-  monkeypatch.setattr(xent_jax._registry, "_LOSSES", dict(xent_jax._registry._LOSSES))
+  monkeypatch.setattr(xent_jax.registry, "_LOSSES", dict(xent_jax.registry._LOSSES))
   namespace: dict = {"__name__": "readme"}
   for line, code, expected in readme_snippets():
     out = io.StringIO()

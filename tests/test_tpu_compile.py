@@ -1,7 +1,7 @@
 """Every public loss compiled for TPU v5e and v6e slices, without a TPU: it compiles, and its
 scratch memory on the chip stays within the library's promise.
 
-`xent_jax.aot` compiles through libtpu's topology descriptions (the ``tpu`` extra) and reads
+`xent_jax.tools.aot` compiles through libtpu's topology descriptions (the ``tpu`` extra) and reads
 ``memory_analysis().temp_size_in_bytes``; these tests hold the bounds (justified there):
 
 * logits path, O(N): at most 1/64 of one ``[N, V]`` float32 array, integer or probability labels;
@@ -15,7 +15,7 @@ scratch memory on the chip stays within the library's promise.
 * the Transformer train step compiles; its fused version needs no more than the logits one.
 
 Compiling is the cost (seconds to a minute each on 2 cores): each problem compiles once per
-process (cached in `xent_jax.aot`), the heavy ones are marked slow and run on v5e only (see
+process (cached in `xent_jax.tools.aot`), the heavy ones are marked slow and run on v5e only (see
 `_HEAVY_TOPOLOGIES`; ``python experiments/aot_memory.py`` measures every problem on both).
 """
 
@@ -50,7 +50,7 @@ _HEAVY_TOPOLOGIES = aot.TOPOLOGIES[:1]
 
 
 def test_every_public_loss_is_compiled():
-  """A new public loss fails here until `xent_jax.aot` compiles it."""
+  """A new public loss fails here until `xent_jax.tools.aot` compiles it."""
   public = {
     name
     for name in xent_jax.__all__

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   # With the `tpu` extra installed on a host without TPU chips, libtpu prints three lines of
   # warnings when JAX starts; this names a placeholder host for it (nothing where chips are).
-  from xent_jax.aot import quiet_libtpu  # pylint: disable=import-outside-toplevel
+  from xent_jax.tools.libtpu import quiet_libtpu  # pylint: disable=import-outside-toplevel
 
   quiet_libtpu()
   if not debug:

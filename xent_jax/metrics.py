@@ -46,8 +46,8 @@ import jax as _jax
 import jax.numpy as _jnp
 import numpy as _np
 
-from xent_jax import _checks
-from xent_jax import _inputs
+from xent_jax.core import checks
+from xent_jax.core import inputs
 
 __all__ = [
   "CalibrationCounts",
@@ -143,7 +143,7 @@ def _as_array(x):
 def _public(*static_argnames: str):
   """``jax.jit`` with ``static_argnames`` behind a front that takes ``logits``, ``labels`` and
   ``where`` as lists too and refuses concrete labels that JAX would wrap to int32
-  (:func:`xent_jax._inputs.as_label_array`): past the ``jit`` boundary both are out of reach."""
+  (:func:`xent_jax.core.inputs.as_label_array`): past the ``jit`` boundary both are out of reach."""
 
   def decorate(fn):
     jitted = _jax.jit(fn, static_argnames=static_argnames)
@@ -152,7 +152,7 @@ def _public(*static_argnames: str):
     def front(logits, labels, **options):
       if "where" in options:
         options["where"] = _as_array(options["where"])
-      labels = _inputs.as_label_array(fn.__name__, _as_array(labels))
+      labels = inputs.as_label_array(fn.__name__, _as_array(labels))
       return jitted(_as_array(logits), labels, **options)
 
     return front
@@ -171,30 +171,30 @@ def _rows(fn: str, logits, labels, axis: int, where) -> _Rows:
   """Validates shapes and dtypes, moves the class axis last and flattens the batch dimensions.
 
   Labels come back as int32, with -1 for a label outside ``[0, C)`` in any integer dtype (see
-  :func:`xent_jax._inputs.integer_labels`), so the range tests below are exact.
+  :func:`xent_jax.core.inputs.integer_labels`), so the range tests below are exact.
   """
-  _checks.check_floating(fn, "logits", logits)
+  checks.check_floating(fn, "logits", logits)
   logits = _jnp.asarray(logits)
   if logits.ndim == 0:
     raise ValueError(f"{fn}: `logits` must have a class axis (rank >= 1), got a scalar.")
-  axis = _checks.canonical_axis(fn, axis, logits.ndim)
-  _checks.check_has_classes(fn, "logits", logits.shape, axis)
+  axis = checks.canonical_axis(fn, axis, logits.ndim)
+  checks.check_has_classes(fn, "logits", logits.shape, axis)
   logits = _jnp.moveaxis(logits, axis, -1)
   batch_shape = logits.shape[:-1]
   num_classes = logits.shape[-1]
-  _checks.check_shape(fn, "labels", labels, batch_shape)
-  labels = _inputs.integer_labels(
+  checks.check_shape(fn, "labels", labels, batch_shape)
+  labels = inputs.integer_labels(
     fn, labels, num_classes=num_classes, ignore_index=None, where=None
   ).labels
   if where is None:
     mask = _jnp.ones(batch_shape, dtype=bool)
   else:
-    _checks.check_broadcastable(fn, "where", where, batch_shape)
+    checks.check_broadcastable(fn, "where", where, batch_shape)
     where = _jnp.asarray(where)
     if where.dtype != _jnp.bool_:
       raise TypeError(f"{fn}: `where` must be a boolean mask, got dtype {where.dtype}.")
     mask = _jnp.broadcast_to(where, batch_shape)
-  dtype = _inputs.compute_dtype(logits.dtype)
+  dtype = inputs.compute_dtype(logits.dtype)
   return _Rows(logits.astype(dtype).reshape(-1, num_classes), labels.reshape(-1), mask.reshape(-1))
 
 
@@ -867,10 +867,10 @@ def fit_temperature(
   """
   fn = "fit_temperature"
   num_iters = _check_positive_int(fn, "num_iters", num_iters)
-  _checks.check_in_range(
+  checks.check_in_range(
     fn, "min_temperature", min_temperature, 0.0, _np.inf, low_open=True, high_open=True
   )
-  _checks.check_in_range(
+  checks.check_in_range(
     fn, "max_temperature", max_temperature, min_temperature, _np.inf, low_open=True, high_open=True
   )
   rows = _rows(fn, logits, labels, axis, where)
@@ -953,13 +953,13 @@ def apply_temperature(logits, temperature) -> _jax.Array:
   """
   fn = "apply_temperature"
   logits = _as_array(logits)
-  _checks.check_floating(fn, "logits", logits)
+  checks.check_floating(fn, "logits", logits)
   logits = _jnp.asarray(logits)
   if _jnp.ndim(temperature) != 0:
     raise ValueError(f"{fn}: `temperature` must be a scalar, got shape {_jnp.shape(temperature)}.")
-  _checks.check_real_scalar(fn, "temperature", temperature)
+  checks.check_real_scalar(fn, "temperature", temperature)
   if isinstance(temperature, _jax.core.Tracer) or not _np.isnan(_np.asarray(temperature)):
-    _checks.check_in_range(
+    checks.check_in_range(
       fn, "temperature", temperature, 0.0, _np.inf, low_open=True, high_open=True
     )
   return logits / _jnp.asarray(temperature, logits.dtype)

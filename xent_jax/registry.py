@@ -26,17 +26,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xent_jax import _bitempered
-from xent_jax import _checks
-from xent_jax import _chunked
-from xent_jax import _cross_entropy
-from xent_jax import _engine
-from xent_jax import _heads
-from xent_jax import _inputs
-from xent_jax import _linear
-from xent_jax import _linear_heads
-from xent_jax import _reduction
-from xent_jax import _variants
+from xent_jax.losses import bitempered
+from xent_jax.core import checks
+from xent_jax.fused import chunked
+from xent_jax.losses import cross_entropy
+from xent_jax.core import engine
+from xent_jax.core import heads
+from xent_jax.core import inputs
+from xent_jax.fused import linear
+from xent_jax.fused import heads as fused_heads
+from xent_jax.core.reduction import reduce_loss
+from xent_jax.losses import variants
 
 CONVENTIONS = ("axis", "weight", "ignore_index", "reduction", "where")
 # Keyword-only arguments that are neither conventions nor hyper-parameters: they change what the
@@ -52,25 +52,25 @@ class _Entry:
 
 
 _LOSSES: dict[str, _Entry] = {
-  "cross_entropy": _Entry(_cross_entropy.cross_entropy),
+  "cross_entropy": _Entry(cross_entropy.cross_entropy),
   "label_smoothing": _Entry(
-    _cross_entropy.cross_entropy,
+    cross_entropy.cross_entropy,
     {"label_smoothing": 0.1},
     "Cross-entropy with label smoothing (Szegedy et al. 2016), epsilon 0.1 by default.",
   ),
   "z_loss": _Entry(
-    _cross_entropy.cross_entropy,
+    cross_entropy.cross_entropy,
     {"z_loss": 1e-4},
     "Cross-entropy plus z * logsumexp^2 (PaLM, Chowdhery et al. 2022), z 1e-4 by default.",
   ),
-  "focal": _Entry(_variants.focal_loss),
-  "poly1": _Entry(_variants.poly1_cross_entropy),
-  "bi_tempered": _Entry(_bitempered.bi_tempered_logistic_loss),
-  "symmetric_ce": _Entry(_variants.symmetric_cross_entropy),
-  "generalized_ce": _Entry(_variants.generalized_cross_entropy),
-  "truncated_gce": _Entry(_variants.truncated_generalized_cross_entropy),
-  "taylor_ce": _Entry(_variants.taylor_cross_entropy),
-  "confidence_penalty": _Entry(_variants.confidence_penalty_cross_entropy),
+  "focal": _Entry(variants.focal_loss),
+  "poly1": _Entry(variants.poly1_cross_entropy),
+  "bi_tempered": _Entry(bitempered.bi_tempered_logistic_loss),
+  "symmetric_ce": _Entry(variants.symmetric_cross_entropy),
+  "generalized_ce": _Entry(variants.generalized_cross_entropy),
+  "truncated_gce": _Entry(variants.truncated_generalized_cross_entropy),
+  "taylor_ce": _Entry(variants.taylor_cross_entropy),
+  "confidence_penalty": _Entry(variants.confidence_penalty_cross_entropy),
 }
 
 
@@ -134,7 +134,7 @@ def _validate(fn: Callable[..., jax.Array], hparams: Mapping[str, Any]) -> None:
 
 
 def _is_cross_entropy(fn: Callable[..., jax.Array]) -> bool:
-  return fn is _cross_entropy.cross_entropy
+  return fn is cross_entropy.cross_entropy
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -182,9 +182,9 @@ class ConfiguredLoss:
 
     Cross-entropy entries run :func:`xent_jax.linear_cross_entropy`'s kernels. Every other loss
     computes each token chunk's gradients in the forward pass for 'sum' and 'mean' while a float32
-    ``[V, D]`` accumulator is small (:mod:`xent_jax._chunked`); otherwise the engine's heads with
+    ``[V, D]`` accumulator is small (:mod:`xent_jax.fused.chunked`); otherwise the engine's heads with
     integer labels and a weight narrower than float32 take blocked statistics
-    (:mod:`xent_jax._linear_heads`, float32 accumulation of the weight gradient), and the rest
+    (:mod:`xent_jax.fused.heads`, float32 accumulation of the weight gradient), and the rest
     rematerialise each token chunk's logits in the backward
     pass. Values and gradients equal the loss on the full logits.
 
@@ -211,7 +211,7 @@ class ConfiguredLoss:
     """
     fn = f"get_loss({self.name!r}).linear"
     if _is_cross_entropy(self.fn) and not return_stats:
-      return _linear.linear_cross_entropy(
+      return linear.linear_cross_entropy(
         hidden,
         weight,
         labels,
@@ -225,24 +225,24 @@ class ConfiguredLoss:
         vocab_chunk_size=vocab_chunk_size,
         **self.hparams,
       )
-    num_classes = _chunked.check_linear_shapes(fn, hidden, weight, labels, weight_layout, bias)
-    _checks.check_reduction(fn, reduction)
+    num_classes = chunked.check_linear_shapes(fn, hidden, weight, labels, weight_layout, bias)
+    checks.check_reduction(fn, reduction)
     hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
-    labels = _inputs.as_label_array(fn, labels)
+    labels = inputs.as_label_array(fn, labels)
     batch_shape = hidden.shape[:-1]
     n = math.prod(batch_shape)
     integer = jnp.issubdtype(labels.dtype, jnp.integer)
-    _checks.check_shape(
+    checks.check_shape(
       fn, "labels", labels, batch_shape if integer else batch_shape + (num_classes,)
     )
     if class_weight is not None:
-      _inputs.check_class_weight(fn, "class_weight", class_weight, num_classes)
+      inputs.check_class_weight(fn, "class_weight", class_weight, num_classes)
       class_weight = jnp.asarray(class_weight)
-    valid_N = _inputs.row_mask(fn, where, batch_shape).reshape(n)
-    dtype = _inputs.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
+    valid_N = inputs.row_mask(fn, where, batch_shape).reshape(n)
+    dtype = inputs.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
     labels_N = labels.reshape((n,) + labels.shape[len(batch_shape) :])
     if integer:
-      read = _inputs.integer_labels(
+      read = inputs.integer_labels(
         fn, labels_N, num_classes=num_classes, ignore_index=ignore_index, where=valid_N
       )
       target_weight = 1.0 if class_weight is None else class_weight.astype(dtype)[read.safe_labels]
@@ -250,10 +250,10 @@ class ConfiguredLoss:
     else:
       example_weight_N = valid_N.astype(dtype)
     if vocab_chunk_size is not None:
-      _linear.check_chunk_size(fn, "vocab_chunk_size", vocab_chunk_size)
+      linear.check_chunk_size(fn, "vocab_chunk_size", vocab_chunk_size)
     if n == 0:  # Nothing to chunk: the loss of the empty [..., 0, V] logits.
       loss = self(
-        _linear.unfused_logits(hidden, weight, bias, weight_layout),
+        linear.unfused_logits(hidden, weight, bias, weight_layout),
         labels,
         weight=class_weight,
         ignore_index=ignore_index,
@@ -280,7 +280,7 @@ class ConfiguredLoss:
         safe = None
         if integer:
           safe = jnp.clip(labels_T, 0, num_classes - 1).astype(jnp.int32)
-        stats = _engine.row_stats(logits_TxV, safe, logit_softcap=cap, entropy=True)
+        stats = engine.row_stats(logits_TxV, safe, logit_softcap=cap, entropy=True)
         counts = loss * 0 == 0  # rows whose loss is defined (NaN for an out-of-range label)
         keep = lambda a: jnp.where(valid_T & counts, a, jnp.zeros_like(a))
         extras = {"entropy": keep(stats.entropy), "lse": keep(stats.lse)}
@@ -294,17 +294,17 @@ class ConfiguredLoss:
       reduction != "none"
       and not return_stats
       and vocab_chunk_size is None
-      and _chunked.one_pass_fits(n, features, num_classes)
+      and chunked.one_pass_fits(n, features, num_classes)
     ):
       # 'sum' and 'mean' are linear in the per-row losses: one pass, gradients in the forward.
       scale_N = jax.grad(
-        lambda loss: _reduction.reduce_loss(loss, example_weight_N, reduction, fn=fn)
+        lambda loss: reduce_loss(loss, example_weight_N, reduction, fn=fn)
       )(jnp.zeros((n,), dtype))
-      chunk = _chunked.default_chunk(num_classes, n) if token_chunk_size is None else None
+      chunk = chunked.default_chunk(num_classes, n) if token_chunk_size is None else None
       if chunk is None:
-        _linear.check_chunk_size(fn, "token_chunk_size", token_chunk_size)
+        linear.check_chunk_size(fn, "token_chunk_size", token_chunk_size)
         chunk = min(int(token_chunk_size), n)
-      return _chunked.one_pass_linear_sum(
+      return chunked.one_pass_linear_sum(
         row_loss,
         hidden.reshape(n, -1),
         weight,
@@ -316,11 +316,11 @@ class ConfiguredLoss:
         chunk=chunk,
       )
     engine_head = self._engine_head(num_classes)
-    blocks = vocab_chunk_size is not None or _linear_heads.takes_blocks(hidden.dtype, weight.dtype)
+    blocks = vocab_chunk_size is not None or fused_heads.takes_blocks(hidden.dtype, weight.dtype)
     if integer and engine_head is not None and blocks:
       # The head's statistics in blocks; a bfloat16 head's weight gradient sums in float32.
       head, label_smoothing = engine_head
-      loss_N, stats = _linear_heads.integer_head_linear(
+      loss_N, stats = fused_heads.integer_head_linear(
         fn,
         head,
         hidden.reshape(n, -1),
@@ -334,7 +334,7 @@ class ConfiguredLoss:
         vocab_chunk_size=vocab_chunk_size,
         entropy=return_stats,
       )
-      loss_N = _heads.mask_rows(loss_N, read.valid, read.bad)
+      loss_N = heads.mask_rows(loss_N, read.valid, read.bad)
       keep = lambda a: jnp.where(read.valid & read.in_range, a, jnp.zeros_like(a))
       extras = {
         "entropy": keep(stats.entropy),
@@ -348,7 +348,7 @@ class ConfiguredLoss:
           f"(its blocked statistics); got {'integer' if integer else 'probability'} labels for "
           f"loss {self.name!r}, whose fused form takes whole-vocabulary token chunks. Leave it None."
         )
-      loss_N, extras = _chunked.chunked_linear_loss(
+      loss_N, extras = chunked.chunked_linear_loss(
         fn,
         row_loss,
         hidden.reshape(n, -1),
@@ -359,7 +359,7 @@ class ConfiguredLoss:
         weight_layout=weight_layout,
         token_chunk_size=token_chunk_size,
       )
-    loss = _reduction.reduce_loss(
+    loss = reduce_loss(
       loss_N.reshape(batch_shape), example_weight_N.reshape(batch_shape), reduction, fn=fn
     )
     if not return_stats:
@@ -376,18 +376,18 @@ class ConfiguredLoss:
     Cross-entropy entries run that function; every other head of the engine (the variants, losses
     from :func:`register_loss`) completes its per-row statistics with ``pmax``/``psum`` over the
     vocabulary axis, integer or probability labels. The bi-tempered loss runs
-    :func:`xent_jax._bitempered.vocab_parallel_bi_tempered_loss`, which completes its max and
+    :func:`xent_jax.losses.bitempered.vocab_parallel_bi_tempered_loss`, which completes its max and
     every class sum (those of its iterative normalization included) the same way; it has no
     ``return_lse``. Losses named by import path have no vocabulary-parallel form
     (``NotImplementedError``, naming the loss).
     """
-    from xent_jax import _parallel  # pylint: disable=import-outside-toplevel
+    from xent_jax.parallel import logits as parallel_logits  # pylint: disable=import-outside-toplevel
 
     fn = f"get_loss({self.name!r}).vocab_parallel"
     if _is_cross_entropy(self.fn):
-      return _parallel.vocab_parallel_cross_entropy(logits, labels, **self.hparams, **options)
-    if self.fn is _bitempered.bi_tempered_logistic_loss:
-      return _bitempered.vocab_parallel_bi_tempered_loss(
+      return parallel_logits.vocab_parallel_cross_entropy(logits, labels, **self.hparams, **options)
+    if self.fn is bitempered.bi_tempered_logistic_loss:
+      return bitempered.vocab_parallel_bi_tempered_loss(
         fn, logits, labels, **self.hparams, **options
       )
     axis = options.get("axis", -1)
@@ -398,7 +398,7 @@ class ConfiguredLoss:
         "vocabulary-parallel form; use .linear (fused) or the loss on gathered logits."
       )
     head, label_smoothing = engine_head
-    return _parallel.vocab_parallel_head_loss(
+    return parallel_logits.vocab_parallel_head_loss(
       fn,
       head,
       logits,
@@ -407,10 +407,10 @@ class ConfiguredLoss:
       **options,
     )
 
-  def _engine_head(self, num_classes: int) -> tuple[_heads.Head, float] | None:
+  def _engine_head(self, num_classes: int) -> tuple[heads.Head, float] | None:
     """``(head, label_smoothing)`` of a loss of the row-statistics engine (a variant, or a loss
     from :func:`define_loss`) over ``num_classes`` classes; None for any other loss."""
-    factory = _variants.HEAD_FACTORIES.get(self.fn) or _USER_HEADS.get(self.fn)
+    factory = variants.HEAD_FACTORIES.get(self.fn) or _USER_HEADS.get(self.fn)
     if factory is None:
       return None
     hparams = dict(self.hparams)
@@ -423,7 +423,7 @@ class ConfiguredLoss:
 
 
 # Heads of losses built by define_loss, by loss function, for their vocabulary-parallel form.
-_USER_HEADS: dict[Callable[..., jax.Array], Callable[..., _heads.Head]] = {}
+_USER_HEADS: dict[Callable[..., jax.Array], Callable[..., heads.Head]] = {}
 
 
 def _import_loss(path: str) -> _Entry:
@@ -549,9 +549,9 @@ def define_loss(class_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     if unknown:
       raise TypeError(f"{name}: unknown hyper-parameter(s) {unknown}; valid ones: {list(hparams)}.")
     bound = hparams | values
-    _checks.check_in_range(name, "label_smoothing", label_smoothing, 0.0, 1.0)
-    head = _heads.Head(lambda log_p: class_fn(log_p, **bound))
-    reduced, _ = _heads.dense_loss(
+    checks.check_in_range(name, "label_smoothing", label_smoothing, 0.0, 1.0)
+    head = heads.Head(lambda log_p: class_fn(log_p, **bound))
+    reduced, _ = heads.dense_loss(
       name,
       head,
       logits,
@@ -584,7 +584,7 @@ def define_loss(class_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
   )
   loss.__name__ = name
   loss.__doc__ = inspect.getdoc(class_fn) or f"The loss with per-class term {name}(log p)."
-  _USER_HEADS[loss] = lambda num_classes, **values: _heads.Head(
+  _USER_HEADS[loss] = lambda num_classes, **values: heads.Head(
     lambda log_p: class_fn(log_p, **(hparams | values))
   )
   return loss

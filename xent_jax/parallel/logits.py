@@ -12,7 +12,7 @@ that axis,
 
 plus :math:`\operatorname{psum}_s \sum_{c \in s} w_c x_{ic}` when labels are smoothed, after
 which the per-row loss is the core's own head
-(:func:`xent_jax._cross_entropy.cross_entropy_head`) over the **global** class count
+(:func:`xent_jax.losses.cross_entropy.cross_entropy_head`) over the **global** class count
 :math:`K = V_s\,|\text{vocab}|`. Megatron-LM's ``_VocabParallelCrossEntropy`` scales its
 smoothing by the vocabulary size of the local partition and averages the log-probabilities over
 that partition only, so its smoothed loss changes with the tensor-parallel degree; here the loss
@@ -21,7 +21,7 @@ is the single-device one on any number of shards (tested on 1, 2, 4 and 8).
 Backward passes are shard-local and keep only per-row residuals: the gradient on the shard that
 owns class :math:`c` is :math:`s_i p_{ic} - \mathrm{off}\,w_c - (\mathrm{on}-\mathrm{off})\,w_{y_i}
 [c = y_i]`, recomputed from the shard's logits (or, for the linear version, from ``hidden`` and
-the weight shard, by the blocked kernels of :mod:`xent_jax._linear`). Only gradients of
+the weight shard, by the blocked kernels of :mod:`xent_jax.fused.linear`). Only gradients of
 replicated inputs need a collective: ``psum`` over the vocabulary axis for ``hidden``, over the
 data axis for the weight shard.
 """
@@ -34,12 +34,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from xent_jax import _checks
-from xent_jax import _heads
-from xent_jax import _inputs
-from xent_jax import _cross_entropy as _ce
-from xent_jax import _linear
-from xent_jax import _reduction
+from xent_jax.core import checks
+from xent_jax.core import heads
+from xent_jax.core import inputs
+from xent_jax.losses import cross_entropy as _ce
+from xent_jax.fused import linear
+from xent_jax.core.reduction import reduce_loss
 
 # --------------------------------------------------------------------------- mesh and checks
 
@@ -145,19 +145,19 @@ def _shard_map(local, mesh, args, specs, out_specs):
 
 
 def reduce_rows(loss, example_weight, reduction: str, data_axis, fn: str):
-  """:func:`xent_jax._reduction.reduce_loss` over the global batch (rows split on ``data_axis``)."""
+  """:func:`xent_jax.core.reduction.reduce_loss` over the global batch (rows split on ``data_axis``)."""
   if reduction == "none" or not data_axes(data_axis):
-    return _reduction.reduce_loss(loss, example_weight, reduction, fn=fn)
+    return reduce_loss(loss, example_weight, reduction, fn=fn)
   total = jax.lax.psum(jnp.sum(loss), data_axis)[None]
   weight = jax.lax.psum(jnp.sum(example_weight.astype(loss.dtype)), data_axis)[None]
-  return _reduction.reduce_loss(total, weight, reduction, fn=fn)
+  return reduce_loss(total, weight, reduction, fn=fn)
 
 
 # --------------------------------------------------------------------------- linear kernel glue
 
 
-def complete_row_stats(stats: _linear.RowStats, vocab_axis: Hashable) -> _linear.RowStats:
-  r"""Combines per-shard :class:`xent_jax._linear.RowStats` into global ones (``pmax``/``psum``).
+def complete_row_stats(stats: linear.RowStats, vocab_axis: Hashable) -> linear.RowStats:
+  r"""Combines per-shard :class:`xent_jax.fused.linear.RowStats` into global ones (``pmax``/``psum``).
 
   .. math::
      m = \operatorname{pmax}_s m_s, \qquad
@@ -167,7 +167,7 @@ def complete_row_stats(stats: _linear.RowStats, vocab_axis: Hashable) -> _linear
   m = jax.lax.pmax(stats.max, vocab_axis)
   safe_m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
   sumexp = jax.lax.psum(stats.sumexp * jnp.exp(stats.max - safe_m), vocab_axis)
-  return _linear.RowStats(
+  return linear.RowStats(
     m,
     sumexp,
     jax.lax.psum(stats.target, vocab_axis),
@@ -319,23 +319,23 @@ def _local_loss(
   """One vocabulary shard's loss of ``head`` on the row-statistics engine over ``vocab_axis``,
   integer or probability labels (every class sum, the target's mass and the entropy are
   completed over the shards; a head's row term sees only those)."""
-  _checks.check_floating(fn, "logits", logits)
-  logits, labels = jnp.asarray(logits), _inputs.as_label_array(fn, labels)
+  checks.check_floating(fn, "logits", logits)
+  logits, labels = jnp.asarray(logits), inputs.as_label_array(fn, labels)
   if logits.ndim < 1:
     raise ValueError(f"{fn}: `logits` must have shape [..., V_shard], got a scalar.")
-  integer = _inputs.is_integer_labels(fn, labels, logits.shape, -1)
-  dtype = _inputs.compute_dtype(logits.dtype)
+  integer = inputs.is_integer_labels(fn, labels, logits.shape, -1)
+  dtype = inputs.compute_dtype(logits.dtype)
   if weight is not None:
-    _inputs.check_class_weight(fn, "weight", weight, logits.shape[-1])
+    inputs.check_class_weight(fn, "weight", weight, logits.shape[-1])
     weight = jnp.asarray(weight).astype(dtype)
   num_local = logits.shape[-1]
   num_classes = num_local * jax.lax.axis_size(vocab_axis)
   if integer:
-    read = _inputs.integer_labels(
+    read = inputs.integer_labels(
       fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=where
     )
-    target = _heads.smoothed_target(num_classes, label_smoothing, smoothing)
-    loss, stats = _heads.integer_loss(
+    target = heads.smoothed_target(num_classes, label_smoothing, smoothing)
+    loss, stats = heads.integer_loss(
       head,
       logits,
       read.safe_labels,
@@ -345,17 +345,17 @@ def _local_loss(
       logit_softcap=logit_softcap,
       vocab_axis=vocab_axis,
     )
-    loss, lse = _heads.mask_rows(loss, read.valid, read.bad), stats.lse
-    target_weight, _ = _heads.target_weights(weight, read.safe_labels, num_local, dtype, vocab_axis)
+    loss, lse = heads.mask_rows(loss, read.valid, read.bad), stats.lse
+    target_weight, _ = heads.target_weights(weight, read.safe_labels, num_local, dtype, vocab_axis)
     example_weight = jnp.where(read.valid, target_weight, jnp.zeros_like(target_weight))
   else:
-    valid = _inputs.row_mask(fn, where, logits.shape[:-1])
+    valid = inputs.row_mask(fn, where, logits.shape[:-1])
     eps = float(label_smoothing)
-    loss, stats = _heads.probability_loss(
+    loss, stats = heads.probability_loss(
       head,
       logits,
       labels,
-      smooth=lambda q: _heads.smooth_probabilities(q, eps, smoothing, num_classes),
+      smooth=lambda q: heads.smooth_probabilities(q, eps, smoothing, num_classes),
       class_weight=weight,
       logit_softcap=logit_softcap,
       vocab_axis=vocab_axis,
@@ -460,7 +460,7 @@ def vocab_parallel_cross_entropy(
 
 def vocab_parallel_head_loss(
   fn: str,
-  head: _heads.Head,
+  head: heads.Head,
   logits,
   labels,
   *,
@@ -475,12 +475,12 @@ def vocab_parallel_head_loss(
   where=None,
   return_lse: bool = False,
 ):
-  """Any engine head (see :mod:`xent_jax._heads`) with the classes split over ``vocab_axis``:
+  """Any engine head (see :mod:`xent_jax.core.heads`) with the classes split over ``vocab_axis``:
   :func:`vocab_parallel_cross_entropy`'s arguments and rules, integer or probability labels,
   uniform smoothing.
   ``get_loss(name).vocab_parallel`` calls it."""
-  _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
-  _checks.check_reduction(fn, reduction)
+  checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
+  checks.check_reduction(fn, reduction)
   return _global_loss(
     fn,
     head,
@@ -574,21 +574,21 @@ def sharded_loss(
   arrays (``weight``/``where`` None when not given) and returns the loss reduced over the global
   batch (``[...]`` rows for 'none'), with ``return_lse`` the pair ``(loss, lse [...])``.
   """
-  _checks.check_floating(fn, "logits", logits)
-  logits, labels = jnp.asarray(logits), _inputs.as_label_array(fn, labels)
-  class_axis = _checks.canonical_axis(fn, axis, logits.ndim)
-  integer = _inputs.is_integer_labels(fn, labels, logits.shape, class_axis)
+  checks.check_floating(fn, "logits", logits)
+  logits, labels = jnp.asarray(logits), inputs.as_label_array(fn, labels)
+  class_axis = checks.canonical_axis(fn, axis, logits.ndim)
+  integer = inputs.is_integer_labels(fn, labels, logits.shape, class_axis)
   if not integer:  # probabilities: classes on `axis` too
     labels = jnp.moveaxis(labels, class_axis, -1)
   logits = jnp.moveaxis(logits, class_axis, -1)
   batch_shape = logits.shape[:-1]
   if weight is not None:
-    _inputs.check_class_weight(fn, "weight", weight, logits.shape[-1])
+    inputs.check_class_weight(fn, "weight", weight, logits.shape[-1])
   rows = _mesh_specs(
     fn, mesh, vocab_axis, data_axis, logits.shape[-1], "logits", batch_shape, "logits"
   )
   if where is not None:
-    where = _inputs.row_mask(fn, where, batch_shape)
+    where = inputs.row_mask(fn, where, batch_shape)
   row_spec = PartitionSpec(*rows)
   args = {"logits": logits, "labels": labels, "weight": weight, "where": where}
   specs = {
@@ -629,17 +629,17 @@ def _linear_local(
   r""":func:`xent_jax.linear_cross_entropy` on one vocabulary shard of ``weight``.
 
   Runs inside ``shard_map(check_vma=True)`` (see the note above :func:`_sum_partial_grads`): the
-  single-device front end (:func:`xent_jax._linear.prepare_rows`) reads the arguments against the
+  single-device front end (:func:`xent_jax.fused.linear.prepare_rows`) reads the arguments against the
   global :math:`K = V_s\,|\text{vocab}|` classes, each shard runs the blocked kernels of
-  :mod:`xent_jax._linear` on its classes, relabelled ``0..V_s-1``, and
+  :mod:`xent_jax.fused.linear` on its classes, relabelled ``0..V_s-1``, and
   :func:`complete_row_stats` combines the per-row statistics before the core's per-row formula
-  (:func:`xent_jax._linear.row_loss`). Arguments are this device's shards
+  (:func:`xent_jax.fused.linear.row_loss`). Arguments are this device's shards
   (``hidden`` ``[..., D]``, ``weight`` ``[V_s, D]`` or ``[D, V_s]``, ``bias``/``class_weight``
   ``[V_s]``); options as in :func:`xent_jax.linear_cross_entropy`, chunk sizes per device.
   """
   fn = "vocab_parallel_linear_cross_entropy"
   rows_axes = data_axes(data_axis)
-  rows = _linear.prepare_rows(
+  rows = linear.prepare_rows(
     fn,
     hidden,
     weight,
@@ -669,11 +669,11 @@ def _linear_local(
     if rows_axes:
       total_weight_1 = jax.lax.psum(total_weight_1, rows_axes)
     row_scale = jax.grad(
-      lambda loss_1: _reduction.reduce_loss(loss_1, total_weight_1, reduction, fn=fn)
+      lambda loss_1: reduce_loss(loss_1, total_weight_1, reduction, fn=fn)
     )(jnp.zeros((1,), rows.total_weight.dtype))
     row_scale_N = jnp.broadcast_to(row_scale, rows.valid_N.shape)
     rows_of = data_axes(data_axis)
-    return _linear.fused_op(
+    return linear.fused_op(
       rows.block,
       rows.loss,
       *args,
@@ -687,8 +687,8 @@ def _linear_local(
     )
   # The tangents of the shards' partial statistics sum over the vocabulary axis.
   sum_slices = functools.partial(_psum_each, axis=vocab_axis)
-  lse_N, target_N, weighted_sum_N = _linear.stats_op(rows.block, complete_stats, sum_slices, *args)
-  loss_N = _linear.row_loss(
+  lse_N, target_N, weighted_sum_N = linear.stats_op(rows.block, complete_stats, sum_slices, *args)
+  loss_N = linear.row_loss(
     rows.loss, rows.total_weight, lse_N, target_N, weighted_sum_N, rows.kernel_rows()
   )
   batch_shape = rows.batch_shape
@@ -767,9 +767,9 @@ def vocab_parallel_linear_cross_entropy(
     "Megatron-LM", 2019.
   """
   fn = "vocab_parallel_linear_cross_entropy"
-  _checks.check_floating(fn, "hidden", hidden)
-  _checks.check_floating(fn, "weight", weight)
-  _checks.check_choice(fn, "weight_layout", weight_layout, _linear.WEIGHT_LAYOUTS)
+  checks.check_floating(fn, "hidden", hidden)
+  checks.check_floating(fn, "weight", weight)
+  checks.check_choice(fn, "weight_layout", weight_layout, linear.WEIGHT_LAYOUTS)
   _ce.check_common_options(
     fn,
     label_smoothing=label_smoothing,
@@ -779,13 +779,13 @@ def vocab_parallel_linear_cross_entropy(
     reduction=reduction,
   )
   hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
-  labels = _inputs.as_label_array(fn, labels)
-  num_classes, _ = _linear.linear_shapes(fn, hidden, weight, weight_layout)
+  labels = inputs.as_label_array(fn, labels)
+  num_classes, _ = linear.linear_shapes(fn, hidden, weight, weight_layout)
   batch_shape = hidden.shape[:-1]
-  _inputs.check_integer_labels(fn, labels, batch_shape)
+  inputs.check_integer_labels(fn, labels, batch_shape)
   rows = _mesh_specs(fn, mesh, vocab_axis, data_axis, num_classes, "weight", batch_shape, "hidden")
   if where is not None:
-    where = _inputs.row_mask(fn, where, batch_shape)
+    where = inputs.row_mask(fn, where, batch_shape)
   row_spec = PartitionSpec(*rows)
   class_spec = PartitionSpec(vocab_axis)
   args = {
@@ -808,8 +808,8 @@ def vocab_parallel_linear_cross_entropy(
   }
   for name in ("bias", "class_weight"):
     if args[name] is not None:
-      _checks.check_floating(fn, name, args[name])
-      _checks.check_shape(fn, name, args[name], (num_classes,))
+      checks.check_floating(fn, name, args[name])
+      checks.check_shape(fn, name, args[name], (num_classes,))
 
   def local(a):
     return _linear_local(

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from xent_jax._inputs import compute_dtype
+from xent_jax.core.inputs import compute_dtype
 
 ClassFn = Callable[[jax.Array], jax.Array]
 
@@ -146,7 +146,7 @@ class PowerSeries(NamedTuple):
   powers of :math:`p`.
 
   A single term is exact under any weights. With several, the sum is formed from terms larger
-  than it where the weight sits on classes with :math:`p \\to 1`, so :mod:`xent_jax._heads` uses
+  than it where the weight sits on classes with :math:`p \\to 1`, so :mod:`xent_jax.core.heads` uses
   them with unit weights only, where every class with :math:`p \\approx 0` adds :math:`c`.
 
   Attributes:

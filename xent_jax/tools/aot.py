@@ -35,7 +35,6 @@ References:
 """
 
 import functools
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -47,6 +46,7 @@ from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, Sharding, SingleDeviceSharding
 
 import xent_jax
+from xent_jax.tools import libtpu
 
 MIB = 2**20
 
@@ -91,37 +91,10 @@ FUSED_FORMS_HEAD = "llama3_8b"
 TRAIN_STEP = {"batch": 32, "seq_len": 256, "vocab": 32768, "dim": 128}
 
 
-def _tpu_chips_attached() -> bool:
-  """Whether this host has TPU chips on its PCI bus (the check JAX's own TPU set-up makes)."""
-  from jax._src import hardware_utils  # pylint: disable=import-outside-toplevel
-
-  return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-
-
-def quiet_libtpu() -> None:
-  """Lets libtpu load on a TPU-less host without warnings and alongside other processes.
-
-  Once installed, libtpu loads whenever JAX initialises its backends. With no TPU attached it
-  cannot learn the accelerator type or the worker hosts (it asks the cloud metadata service) and
-  prints "could not determine TPU accelerator type", "unexpected worker hostname" and
-  "Logging before InitGoogle()" to stderr; it also locks ``/tmp/libtpu_lockfile``, so a second
-  process (another pytest-xdist worker) cannot load it. On such a host this names a placeholder
-  type and host and allows concurrent loads; compiles use the topology they are given, not these
-  variables. Only unset variables are filled, and nothing is set where chips are attached. Call
-  it before JAX initialises its backends (before the first ``jax.devices()``).
-  """
-  if _tpu_chips_attached():
-    return
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-
 @functools.cache
 def topology(name: str):
   """The TPU slice called ``name`` (e.g. ``"v5e:2x2"``); its ``.devices`` are its chips."""
-  quiet_libtpu()
+  libtpu.quiet_libtpu()
   return topologies.get_topology_desc(platform="tpu", topology_name=name)
 
 

@@ -1,16 +1,16 @@
 r"""Any engine head on a linear layer, integer labels: the blocked kernels of the fused head.
 
-A head of :mod:`xent_jax._heads` (the variants, losses from :func:`xent_jax.define_loss`) depends
+A head of :mod:`xent_jax.core.heads` (the variants, losses from :func:`xent_jax.define_loss`) depends
 on a logits row :math:`x_i = hW^\top + b` only through per-row statistics: the log-sum-exp, the
 label's logit, with label smoothing one class sum :math:`\sum_c \beta_c f(\log p_{ic})`
 (:math:`\beta` the class weights times the head's class factor), and for some the entropy.
-:func:`xent_jax._linear.head_stats_op` computes them block by block, as
+:func:`xent_jax.fused.linear.head_stats_op` computes them block by block, as
 :func:`xent_jax.linear_cross_entropy`'s two-pass schedule does cross-entropy's: one pass for the
 log-sum-exp and the label's logit, a second for the class sum and entropy (only when asked for),
 and a blocked tangent pass whose transpose is the backward pass, in the loop order of
-:func:`xent_jax._linear.plan_schedule`. For a bfloat16 head with a large vocabulary that is
+:func:`xent_jax.fused.linear.plan_schedule`. For a bfloat16 head with a large vocabulary that is
 vocabulary-major: each block of the weight's gradient is summed over every token in float32 and
-written once, where rematerialising token chunks (:mod:`xent_jax._chunked`) sums it over the
+written once, where rematerialising token chunks (:mod:`xent_jax.fused.chunked`) sums it over the
 chunks in bfloat16. Four matmuls without smoothing or entropy, five with; heads with float32
 weights keep rematerialising (:func:`takes_blocks`).
 
@@ -24,10 +24,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from xent_jax import _engine
-from xent_jax import _heads
-from xent_jax import _inputs
-from xent_jax import _linear
+from xent_jax.core import engine
+from xent_jax.core import heads
+from xent_jax.core import inputs
+from xent_jax.fused import linear
 
 
 def takes_blocks(hidden_dtype, weight_dtype) -> bool:
@@ -44,7 +44,7 @@ def takes_blocks(hidden_dtype, weight_dtype) -> bool:
 
 def integer_head_linear(
   fn: str,
-  head: _heads.Head,
+  head: heads.Head,
   hidden_NxD: jax.Array,
   weight: jax.Array,
   labels_N: jax.Array,
@@ -56,7 +56,7 @@ def integer_head_linear(
   token_chunk_size: int | None,
   vocab_chunk_size: int | None,
   entropy: bool,
-) -> tuple[jax.Array, _engine.RowStats]:
+) -> tuple[jax.Array, engine.RowStats]:
   """Per-row losses of ``head`` on ``hidden @ weight.T + bias`` (no checks, no mask).
 
   Args:
@@ -68,7 +68,7 @@ def integer_head_linear(
     class_weight: ``[V]`` or None.
     label_smoothing: :math:`\\epsilon` of the uniformly smoothed target.
     token_chunk_size, vocab_chunk_size: rows and classes per block, or None for the defaults
-      (:func:`xent_jax._linear.plan_schedule`).
+      (:func:`xent_jax.fused.linear.plan_schedule`).
     entropy: also compute the entropy (for the caller's statistics) when the head does not.
 
   Returns:
@@ -77,12 +77,12 @@ def integer_head_linear(
   """
   n, d = hidden_NxD.shape
   num_classes = weight.shape[0 if weight_layout == "vd" else 1]
-  dtype = _inputs.compute_dtype(jnp.result_type(hidden_NxD.dtype, weight.dtype))
-  target = _heads.smoothed_target(num_classes, label_smoothing)
-  sums = _heads.integer_class_sums(
+  dtype = inputs.compute_dtype(jnp.result_type(hidden_NxD.dtype, weight.dtype))
+  target = heads.smoothed_target(num_classes, label_smoothing)
+  sums = heads.integer_class_sums(
     head, class_weight, head.class_factor, target.off, num_classes, dtype
   )
-  schedule = _linear.plan_schedule(
+  schedule = linear.plan_schedule(
     fn,
     n,
     d,
@@ -99,11 +99,11 @@ def integer_head_linear(
     entropy=head.entropy or entropy,
   )
   betas = tuple(s.beta_fn(*s.operands) if s.operands else None for s in sums)
-  lse, target_logit, class_sums, mean = _linear.head_stats_op(
+  lse, target_logit, class_sums, mean = linear.head_stats_op(
     cfg, hidden_NxD, weight, bias, labels_N, betas
   )
-  stats = _engine.RowStats(lse, jnp.zeros_like(lse), target_logit - lse, class_sums, mean)
-  loss = _heads.integer_head_loss(
+  stats = engine.RowStats(lse, jnp.zeros_like(lse), target_logit - lse, class_sums, mean)
+  loss = heads.integer_head_loss(
     head,
     stats,
     labels_N,

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from xent_jax import _checks
-from xent_jax import _inputs
+from xent_jax.core import checks
+from xent_jax.core import inputs
 
 
 def check_labels(
@@ -43,20 +43,20 @@ def check_labels(
   """
   fn = "check_labels"
   shape = jnp.shape(logits)
-  axis = _checks.canonical_axis(fn, axis, len(shape))
+  axis = checks.canonical_axis(fn, axis, len(shape))
   num_classes = shape[axis]
-  _checks.check_shape(fn, "labels", labels, shape[:axis] + shape[axis + 1 :])
+  checks.check_shape(fn, "labels", labels, shape[:axis] + shape[axis + 1 :])
   labels_dtype = jnp.result_type(labels)
   if not jnp.issubdtype(labels_dtype, jnp.integer):
     raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels_dtype}.")
-  ignore_index = _inputs.check_ignore_index(fn, ignore_index)
+  ignore_index = inputs.check_ignore_index(fn, ignore_index)
   allowed = f"[0, {num_classes}) or equal ignore_index={ignore_index}"
   if isinstance(labels, jax.core.Tracer):
     # Exact in the labels' own dtype (a uint8 label never equals -100).
     flat = jnp.ravel(labels)
-    ok_flat = _inputs.label_in_range(flat, num_classes)
+    ok_flat = inputs.label_in_range(flat, num_classes)
     if ignore_index is not None:
-      ok_flat = ok_flat | _inputs.label_equals(flat, ignore_index)
+      ok_flat = ok_flat | inputs.label_equals(flat, ignore_index)
     first = jnp.argmin(ok_flat)
     checkify.check(
       jnp.all(ok_flat),

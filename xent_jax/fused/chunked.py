@@ -15,7 +15,7 @@ small (:func:`one_pass_fits`).
 
 :func:`xent_jax.linear_cross_entropy` has specialised kernels for cross-entropy (one pass with
 gradients in the forward, or a vocabulary-major backward at large :math:`V \cdot D`), and
-:mod:`xent_jax._linear_heads` runs the engine's heads with integer labels on the same blocked
+:mod:`xent_jax.fused.heads` runs the engine's heads with integer labels on the same blocked
 kernels where the one-pass schedule does not fit; this module gives every loss its one-pass form,
 and the rematerialising one to the rest (probability labels, the bi-tempered loss, losses named by
 import path).
@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from xent_jax import _checks
-from xent_jax import _forward_grads
-from xent_jax import _linear
+from xent_jax.core import checks
+from xent_jax.fused import forward_grads
+from xent_jax.fused import linear
 
 # Rows per token chunk by default: a [rows, V] float32 block of about 2**24 elements (64 MiB).
 _BLOCK_ELEMENTS = 2**24
@@ -50,7 +50,7 @@ def one_pass_fits(rows: int, features: int, num_classes: int) -> bool:
   """Whether :func:`one_pass_linear_sum`'s float32 ``[V, D]`` weight-gradient accumulator is
   small: at most 1/8 of the ``[N, V]`` logits (:math:`8D \\le N`) or one default block. At
   language-model heads (Llama-3-8B: 2 GiB) the blocked statistics of
-  :mod:`xent_jax._linear_heads` are used instead, or the rematerialising schedule, whose weight
+  :mod:`xent_jax.fused.heads` are used instead, or the rematerialising schedule, whose weight
   gradient is accumulated by autodiff in the weight's own buffer."""
   return 8 * features <= rows or num_classes * features <= _BLOCK_ELEMENTS
 
@@ -89,7 +89,7 @@ def chunked_linear_loss(
   if token_chunk_size is None:
     chunk = default_chunk(num_classes, n)
   else:
-    _linear.check_chunk_size(fn, "token_chunk_size", token_chunk_size)
+    linear.check_chunk_size(fn, "token_chunk_size", token_chunk_size)
     chunk = min(int(token_chunk_size), n)
   num_chunks = -(-n // chunk)
   pad = num_chunks * chunk - n
@@ -131,15 +131,15 @@ def chunked_linear_loss(
 
 def check_linear_shapes(fn: str, hidden, weight, labels, weight_layout: str, bias) -> int:
   """Checks ``hidden [..., D]``, ``weight`` in its layout and ``bias`` as
-  :func:`xent_jax.linear_cross_entropy` does (:func:`xent_jax._linear.linear_shapes`); returns V.
+  :func:`xent_jax.linear_cross_entropy` does (:func:`xent_jax.fused.linear.linear_shapes`); returns V.
   ``labels`` are the caller's to check (they may be probabilities here)."""
-  _checks.check_floating(fn, "hidden", hidden)
-  _checks.check_floating(fn, "weight", weight)
-  _checks.check_choice(fn, "weight_layout", weight_layout, _linear.WEIGHT_LAYOUTS)
-  num_classes, _ = _linear.linear_shapes(fn, hidden, weight, weight_layout)
+  checks.check_floating(fn, "hidden", hidden)
+  checks.check_floating(fn, "weight", weight)
+  checks.check_choice(fn, "weight_layout", weight_layout, linear.WEIGHT_LAYOUTS)
+  num_classes, _ = linear.linear_shapes(fn, hidden, weight, weight_layout)
   if bias is not None:
-    _checks.check_floating(fn, "bias", bias)
-    _checks.check_shape(fn, "bias", bias, (num_classes,))
+    checks.check_floating(fn, "bias", bias)
+    checks.check_shape(fn, "bias", bias, (num_classes,))
   return num_classes
 
 
@@ -162,7 +162,7 @@ def one_pass_linear_sum(
   are built once and differentiated right away (Liger-Kernel's schedule): the chunk's
   :math:`\partial L/\partial x` gives ``d_hidden`` for its rows and adds to ``d_weight`` and
   ``d_bias`` (float32 accumulators). The backward pass only scales the stored gradients
-  (:func:`xent_jax._forward_grads.sum_with_gradients`; labels, mask and scales held constant),
+  (:func:`xent_jax.fused.forward_grads.sum_with_gradients`; labels, mask and scales held constant),
   and forward mode works.
 
   Args:
@@ -225,6 +225,6 @@ def one_pass_linear_sum(
       d_bias.astype(bias_V.dtype),
     )
 
-  return _forward_grads.sum_with_gradients(
+  return forward_grads.sum_with_gradients(
     forward, hidden, weight, bias_V, labels, valid, scale, num_differentiable=3
   )

@@ -50,14 +50,14 @@ prefers a divisor of V). The kernels below work on a *slice* of the vocabulary w
 index ``class_offset``, so a vocabulary-sharded caller can combine their per-row partial statistics
 across devices.
 
-The vocabulary-parallel form (:mod:`xent_jax._parallel`) runs the same kernels on each shard of
+The vocabulary-parallel form (:mod:`xent_jax.parallel.logits`) runs the same kernels on each shard of
 the vocabulary. It uses only this internal interface, whose names carry no underscore: the front
 end :func:`prepare_rows` (with :class:`PreparedRows`, :func:`linear_shapes`, ``WEIGHT_LAYOUTS``),
 the slice kernels :func:`vocab_slice_stats`, :func:`vocab_slice_tangents` and
 :func:`fused_vocab_slice` (with the two-pass and one-pass ops :func:`stats_op` and
 :func:`fused_op`) with their per-row types :class:`RowStats` and :class:`StatCotangents`,
 :func:`logsumexp_from_stats`, and the per-row formula :func:`row_loss` with its
-:class:`LossConfig`. :mod:`xent_jax._linear_heads` runs the engine's heads (the variants) on the
+:class:`LossConfig`. :mod:`xent_jax.fused.heads` runs the engine's heads (the variants) on the
 same kernels through :func:`head_stats_op` (its second pass :func:`vocab_slice_class_sums`, and
 :func:`vocab_slice_tangents` with the heads' terms), with :func:`plan_schedule`'s loop order.
 
@@ -77,13 +77,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from xent_jax import _checks
-from xent_jax import _engine
-from xent_jax import _forward_grads
-from xent_jax import _heads
-from xent_jax import _inputs
-from xent_jax import _cross_entropy as _ce
-from xent_jax import _reduction
+from xent_jax.core import checks
+from xent_jax.core import engine
+from xent_jax.fused import forward_grads
+from xent_jax.core import heads
+from xent_jax.core import inputs
+from xent_jax.losses import cross_entropy as _ce
+from xent_jax.core.reduction import reduce_loss
 
 # The weight layouts the kernels take ('vd': [V, D], 'dv': [D, V]); _parallel checks against it.
 WEIGHT_LAYOUTS = ("vd", "dv")
@@ -143,7 +143,7 @@ class RowStats(NamedTuple):
     target: ``[N]`` :math:`x_{iy_i}` where the label lies in the slice, else 0.
     weighted_sum: ``[N]`` :math:`\\sum_c w_c x_{ic}` (zeros unless requested).
 
-  Part of the interface for :mod:`xent_jax._parallel`, which combines the shards' statistics.
+  Part of the interface for :mod:`xent_jax.parallel.logits`, which combines the shards' statistics.
   """
 
   max: jax.Array
@@ -183,7 +183,7 @@ class BlockConfig:
   vocab_major: bool = False
   varying_axes: tuple[Hashable, ...] = ()
   row_axes: tuple[Hashable, ...] = ()
-  class_fns: tuple[_engine.ClassFn, ...] = ()
+  class_fns: tuple[engine.ClassFn, ...] = ()
   entropy: bool = False
 
   @property
@@ -230,14 +230,14 @@ def _block_logits(hidden_TxD, weight_block, bias_C, cfg: BlockConfig):
   Classes-major blocks make the weight-gradient product ``g @ hidden`` a plain (non-transposed)
   matmul, the layout XLA's CPU backend runs fastest.
   """
-  dtype = _inputs.compute_dtype(jnp.result_type(hidden_TxD.dtype, weight_block.dtype))
+  dtype = inputs.compute_dtype(jnp.result_type(hidden_TxD.dtype, weight_block.dtype))
   features = 1 - cfg.vocab_axis
   x_CxT = lax.dot_general(
     weight_block, hidden_TxD, (((features,), (1,)), ((), ())), preferred_element_type=dtype
   )
   if bias_C is not None:
     x_CxT = x_CxT + bias_C.astype(dtype)[:, None]
-  return _engine.softcap(x_CxT, cfg.logit_softcap)
+  return engine.softcap(x_CxT, cfg.logit_softcap)
 
 
 def _block_targets(target_index_T, shape):
@@ -285,7 +285,7 @@ def _merge_stats(a: RowStats, b: RowStats) -> RowStats:
 
 def logsumexp_from_stats(stats: RowStats) -> jax.Array:
   """:math:`\\mathrm{lse}_i = m_i + \\log\\sum_c e^{x_{ic} - m_i}` from complete statistics
-  (also those :mod:`xent_jax._parallel` completes over the shards)."""
+  (also those :mod:`xent_jax.parallel.logits` completes over the shards)."""
   return stats.max + jnp.log(stats.sumexp)
 
 
@@ -307,7 +307,7 @@ def _block_dlogits(x_CxT, is_target_CxT, new_C, lse_T, cot: StatCotangents, clas
   if cfg.weighted_sum:
     w_C = jnp.ones_like(new_C, x_CxT.dtype) if class_weight_C is None else class_weight_C
     g_CxT = g_CxT + w_C[:, None] * cot.weighted_sum[None, :]
-  g_CxT = g_CxT * _engine.softcap_grad(x_CxT, cfg.logit_softcap)
+  g_CxT = g_CxT * engine.softcap_grad(x_CxT, cfg.logit_softcap)
   return jnp.where(new_C[:, None], g_CxT, jnp.zeros_like(g_CxT))
 
 
@@ -323,13 +323,13 @@ def _block_hidden_grad(g_CxT, weight_block, cfg: BlockConfig):
     g_CxT,
     weight_block,
     (((0,), (cfg.vocab_axis,)), ((), ())),
-    preferred_element_type=_inputs.compute_dtype(g_CxT.dtype),
+    preferred_element_type=inputs.compute_dtype(g_CxT.dtype),
   )
 
 
 def _block_weight_grad(g_CxT, hidden_TxD, cfg: BlockConfig):
   """``d_weight`` of one block, ``[C, D]`` or ``[D, C]`` by layout (float32 accumulation)."""
-  acc = _inputs.compute_dtype(g_CxT.dtype)
+  acc = inputs.compute_dtype(g_CxT.dtype)
   if cfg.weight_layout == "vd":
     return lax.dot_general(g_CxT, hidden_TxD, (((1,), (0,)), ((), ())), preferred_element_type=acc)
   return lax.dot_general(hidden_TxD, g_CxT, (((0,), (1,)), ((), ())), preferred_element_type=acc)
@@ -376,7 +376,7 @@ def vocab_slice_stats(hidden_NxD, weight, bias_V, labels_N, class_weight_V, cfg:
   """Per-row partial statistics of ``cap(hidden @ weight_slice.T + bias_slice)`` over one slice.
 
   Loops over token chunks, and inside each over vocabulary chunks with the online-softmax merge.
-  The first pass of the two-pass schedule, here and on each shard in :mod:`xent_jax._parallel`.
+  The first pass of the two-pass schedule, here and on each shard in :mod:`xent_jax.parallel.logits`.
 
   Args:
     hidden_NxD: ``[N, D]``.
@@ -393,7 +393,7 @@ def vocab_slice_stats(hidden_NxD, weight, bias_V, labels_N, class_weight_V, cfg:
   n = hidden_NxD.shape[0]
   v = weight.shape[cfg.vocab_axis]
   t, c = cfg.token_chunk, cfg.vocab_chunk
-  dtype = _inputs.compute_dtype(jnp.result_type(hidden_NxD.dtype, weight.dtype))
+  dtype = inputs.compute_dtype(jnp.result_type(hidden_NxD.dtype, weight.dtype))
 
   def token_step(i, stats_N):
     t0 = _chunk_start(i, t, n)
@@ -459,11 +459,11 @@ def vocab_slice_class_sums(hidden_NxD, weight, bias_V, lse_N, betas, cfg: BlockC
         beta_C = None if beta_V is None else _slice(beta_V, c0, c)[:, None]
         if new_C is not None:  # classes a shifted last chunk shares with the previous one
           beta_C = new_C if beta_C is None else beta_C * new_C
-        value_CxT, slope_CxT = _engine.class_terms(f, beta_C, log_p_CxT)
+        value_CxT, slope_CxT = engine.class_terms(f, beta_C, log_p_CxT)
         parts += [jnp.sum(value_CxT, axis=0)] + [jnp.sum(slope_CxT, axis=0)] * slopes
       if cfg.entropy:
         p_CxT = jnp.exp(log_p_CxT) * (1.0 if new_C is None else new_C)
-        parts.append(jnp.sum(_engine.p_times(p_CxT, log_p_CxT), axis=0))
+        parts.append(jnp.sum(engine.p_times(p_CxT, log_p_CxT), axis=0))
       return tuple(a + b for a, b in zip(acc_T, parts))
 
     init = tuple(_zeros((t,), dtype, cfg.varying_axes) for _ in range(count))
@@ -502,7 +502,7 @@ def vocab_slice_tangents(
      \dot t_i = \dot x_{i y_i}, \qquad \dot s_i = \sum_c w_c\, \dot x_{ic},
 
   with :math:`p_{ic} = e^{x_{ic} - \mathrm{lse}_i}`; sum them over slices (as
-  :mod:`xent_jax._parallel` does over the vocabulary shards). Linear in the tangents: reverse
+  :mod:`xent_jax.parallel.logits` does over the vocabulary shards). Linear in the tangents: reverse
   mode is JAX's transpose of this function, in which each recomputed block's logits gradient is
   multiplied back into ``d_hidden``, ``d_weight`` and ``d_bias`` (four matmuls with the
   statistics). Each block is a ``jax.checkpoint`` saving nothing, so that linearising keeps only
@@ -587,7 +587,7 @@ def _block_tangents(primals, t0, c0, j, tangents, cfg: BlockConfig, shifted: boo
     )
   if d_bias_C is not None:
     dz_CxT = dz_CxT + d_bias_C[:, None]
-  dx_CxT = dz_CxT * _engine.softcap_grad(x_CxT, cfg.logit_softcap)
+  dx_CxT = dz_CxT * engine.softcap_grad(x_CxT, cfg.logit_softcap)
   new_C = _new_mask(c0, j, c)
   if shifted:
     dx_CxT = jnp.where(new_C[:, None], dx_CxT, jnp.zeros_like(dx_CxT))
@@ -607,13 +607,13 @@ def _block_tangents(primals, t0, c0, j, tangents, cfg: BlockConfig, shifted: boo
   else:
     d_weighted_sum_T = jnp.zeros_like(d_lse_T)
   parts = [d_lse_T, d_target_T, d_weighted_sum_T]
-  # An engine head's class sums and entropy (xent_jax._engine's tangent, on a block).
+  # An engine head's class sums and entropy (xent_jax.core.engine's tangent, on a block).
   for f, beta_V, total_T in zip(cfg.class_fns, betas, totals_T):
     beta_C = None if beta_V is None else _slice(beta_V, c0, c)[:, None]
-    _, slope_CxT = _engine.class_terms(f, beta_C, log_p_CxT)
+    _, slope_CxT = engine.class_terms(f, beta_C, log_p_CxT)
     parts.append(jnp.sum((slope_CxT - total_T[None, :] * p_CxT) * dx_CxT, axis=0))
   if cfg.entropy:
-    spread_CxT = _engine.p_times(p_CxT, log_p_CxT - mean_T[None, :])
+    spread_CxT = engine.p_times(p_CxT, log_p_CxT - mean_T[None, :])
     parts.append(jnp.sum(spread_CxT * dx_CxT, axis=0))
   return tuple(parts)
 
@@ -756,7 +756,7 @@ def fused_vocab_slice(
   vocabulary-sharded caller passes its collectives), and ``row_loss(lse_T, target_T,
   weighted_sum_T, rows_T)`` gives each row's contribution to the summed loss, ``rows`` being a
   pytree of ``[N, ...]`` per-row data sliced alongside. The one-pass schedule, here and on each
-  shard in :mod:`xent_jax._parallel`.
+  shard in :mod:`xent_jax.parallel.logits`.
 
   Returns:
     ``(loss_sum, lse [N], d_hidden [N, D], d_weight, d_bias [V] or None)``: the gradients of
@@ -766,7 +766,7 @@ def fused_vocab_slice(
   v = weight.shape[cfg.vocab_axis]
   t = cfg.token_chunk
   cfg = dataclasses.replace(cfg, vocab_chunk=v)
-  dtype = _inputs.compute_dtype(jnp.result_type(hidden_NxD.dtype, weight.dtype))
+  dtype = inputs.compute_dtype(jnp.result_type(hidden_NxD.dtype, weight.dtype))
   all_C = jnp.ones((v,), bool)
   weight_rows = max(_WEIGHT_GRAD_ELEMENTS // d, 1)
 
@@ -819,29 +819,29 @@ class LossConfig:
   """The static per-row loss options of the kernels: the smoothed target, its convention and the
   z-loss coefficient.
 
-  Part of the interface for :mod:`xent_jax._parallel` (made by :func:`prepare_rows`).
+  Part of the interface for :mod:`xent_jax.parallel.logits` (made by :func:`prepare_rows`).
   """
 
-  target: _heads.SmoothedTarget
+  target: heads.SmoothedTarget
   smoothing: str
   z_loss: float
 
 
 def row_loss(lcfg: LossConfig, total_weight, lse, target_logit, weighted_sum, rows):
   """Each row's loss times its scale, 0 on invalid rows: cross-entropy's head
-  (:func:`xent_jax._cross_entropy.cross_entropy_head`) on the kernels' statistics.
+  (:func:`xent_jax.losses.cross_entropy.cross_entropy_head`) on the kernels' statistics.
 
   The head reads :math:`\\log p_y = x_y - \\mathrm{lse}` and, when smoothing, the class sum
   :math:`\\sum_c w_c(\\mathrm{lse} - x_c) = W\\,\\mathrm{lse} - \\sum_c w_c x_c`. ``rows`` is
-  ``(scale, target_weight, valid)``, each ``[N]``. For :mod:`xent_jax._parallel` too, which
+  ``(scale, target_weight, valid)``, each ``[N]``. For :mod:`xent_jax.parallel.logits` too, which
   evaluates it on statistics completed over the vocabulary shards.
   """
   scale, target_weight, valid = rows
   target = lcfg.target
   zeros = jnp.zeros_like(lse)
   class_sums = (total_weight * lse - weighted_sum,) if target.off else ()
-  stats = _engine.RowStats(lse, zeros, target_logit - lse, class_sums, zeros)
-  loss = _heads.integer_stats_loss(
+  stats = engine.RowStats(lse, zeros, target_logit - lse, class_sums, zeros)
+  loss = heads.integer_stats_loss(
     _ce.cross_entropy_head(lcfg.smoothing, lcfg.z_loss),
     stats,
     target_weight=target_weight,
@@ -965,13 +965,13 @@ def fused_op(
   tangent_axes=None,
 ):
   """The summed row losses, with gradients for ``hidden``, ``weight`` and ``bias`` computed in
-  the forward pass (:func:`xent_jax._forward_grads.sum_with_gradients`); undifferentiated, only
+  the forward pass (:func:`xent_jax.fused.forward_grads.sum_with_gradients`); undifferentiated, only
   the statistics (one matmul).
 
-  On one device the defaults apply. On a vocabulary shard (:mod:`xent_jax._parallel`)
+  On one device the defaults apply. On a vocabulary shard (:mod:`xent_jax.parallel.logits`)
   ``complete_stats`` completes each row's statistics over the shards, ``sum_loss`` and
   ``sum_grads`` sum the shards' parts of the loss and of ``(d_hidden, d_weight, d_bias)`` to
-  their inputs' types, and ``tangent_axes`` is :func:`~xent_jax._forward_grads.sum_with_gradients`'s.
+  their inputs' types, and ``tangent_axes`` is :func:`~xent_jax.fused.forward_grads.sum_with_gradients`'s.
   """
 
   def value(hidden, weight, bias, labels, class_weight, rows, total_weight):
@@ -1000,7 +1000,7 @@ def fused_op(
       None if bias is None else d_bias.astype(bias.dtype),
     )
 
-  return _forward_grads.sum_with_gradients(
+  return forward_grads.sum_with_gradients(
     forward,
     hidden,
     weight,
@@ -1156,14 +1156,14 @@ def unfused_logits(hidden, weight, bias, weight_layout: str) -> jax.Array:
   schedules have nothing to chunk in)."""
   spec = "...d,vd->...v" if weight_layout == "vd" else "...d,dv->...v"
   logits = jnp.einsum(spec, jnp.asarray(hidden), jnp.asarray(weight))
-  return logits if bias is None else logits + _heads.along_classes(jnp.asarray(bias), logits.ndim)
+  return logits if bias is None else logits + heads.along_classes(jnp.asarray(bias), logits.ndim)
 
 
 def linear_shapes(fn: str, hidden, weight, weight_layout: str) -> tuple[int, int]:
   """``(classes, features)`` of ``weight`` in its layout, checked against ``hidden [..., D]``.
 
-  Shared with :mod:`xent_jax._parallel` (which checks the global arrays with it) and
-  :mod:`xent_jax._chunked` (every other loss's fused form). Any array-likes.
+  Shared with :mod:`xent_jax.parallel.logits` (which checks the global arrays with it) and
+  :mod:`xent_jax.fused.chunked` (every other loss's fused form). Any array-likes.
 
   Raises:
     ValueError: a scalar ``hidden``, a ``weight`` that is not 2-D or has no classes, or a
@@ -1178,7 +1178,7 @@ def linear_shapes(fn: str, hidden, weight, weight_layout: str) -> tuple[int, int
       f"{weight_shape}."
     )
   vocab_axis = 0 if weight_layout == "vd" else 1
-  _checks.check_has_classes(fn, "weight", weight_shape, vocab_axis)
+  checks.check_has_classes(fn, "weight", weight_shape, vocab_axis)
   num_classes, features = weight_shape[vocab_axis], weight_shape[1 - vocab_axis]
   if hidden_shape[-1] != features:
     raise ValueError(
@@ -1257,19 +1257,19 @@ def prepare_rows(
   """Checks :func:`linear_cross_entropy`'s arguments and prepares the kernels' per-row inputs.
 
   The one front end of the kernels: :func:`linear_cross_entropy` calls it on whole arrays, and
-  :mod:`xent_jax._parallel` on one vocabulary shard inside ``shard_map`` (``vocab_axis``: the mesh
+  :mod:`xent_jax.parallel.logits` on one vocabulary shard inside ``shard_map`` (``vocab_axis``: the mesh
   axis the classes of ``weight``, ``bias`` and ``class_weight`` are split over, whose global class
   count :math:`K` the labels and the smoothing refer to; ``row_axes``: the mesh axes the rows are
   split over, for the kernels' varying-axes types). Labels are read by
-  :func:`xent_jax._inputs.integer_labels`, ``where`` by :func:`xent_jax._inputs.row_mask`, the
+  :func:`xent_jax.core.inputs.integer_labels`, ``where`` by :func:`xent_jax.core.inputs.row_mask`, the
   schedule planned by :func:`plan_schedule` (none for an empty batch).
 
   Raises:
     TypeError, ValueError, AssertionError: naming the bad argument of ``fn``.
   """
-  _checks.check_floating(fn, "hidden", hidden)
-  _checks.check_floating(fn, "weight", weight)
-  _checks.check_choice(fn, "weight_layout", weight_layout, WEIGHT_LAYOUTS)
+  checks.check_floating(fn, "hidden", hidden)
+  checks.check_floating(fn, "weight", weight)
+  checks.check_choice(fn, "weight_layout", weight_layout, WEIGHT_LAYOUTS)
   _ce.check_common_options(
     fn,
     label_smoothing=label_smoothing,
@@ -1279,19 +1279,19 @@ def prepare_rows(
     reduction=reduction,
   )
   hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
-  labels = _inputs.as_label_array(fn, labels)
+  labels = inputs.as_label_array(fn, labels)
   num_local, features = linear_shapes(fn, hidden, weight, weight_layout)
   batch_shape = hidden.shape[:-1]
-  _inputs.check_integer_labels(fn, labels, batch_shape)
+  inputs.check_integer_labels(fn, labels, batch_shape)
   if bias is not None:
-    _checks.check_floating(fn, "bias", bias)
-    _checks.check_shape(fn, "bias", bias, (num_local,))
+    checks.check_floating(fn, "bias", bias)
+    checks.check_shape(fn, "bias", bias, (num_local,))
     bias = jnp.asarray(bias)
-  dtype = _inputs.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
+  dtype = inputs.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
   if class_weight is not None:
-    _inputs.check_class_weight(fn, "class_weight", class_weight, num_local)
+    inputs.check_class_weight(fn, "class_weight", class_weight, num_local)
     class_weight = jnp.asarray(class_weight).astype(dtype)
-  valid = _inputs.row_mask(fn, where, batch_shape)
+  valid = inputs.row_mask(fn, where, batch_shape)
   n = int(np.prod(batch_shape))
   schedule = None
   if n:
@@ -1307,12 +1307,12 @@ def prepare_rows(
       weight_dtype=weight.dtype,
     )
   num_classes = num_local if vocab_axis is None else num_local * lax.axis_size(vocab_axis)
-  read = _inputs.integer_labels(
+  read = inputs.integer_labels(
     fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=valid
   )
   # int32 labels, -1 outside [0, K): such a row matches no class of any block or shard.
   labels_N, valid_N, in_range_N = (a.reshape(n) for a in read)
-  target_weight_N, total_weight = _heads.target_weights(
+  target_weight_N, total_weight = heads.target_weights(
     class_weight, read.safe_labels.reshape(n), num_local, dtype, vocab_axis
   )
   example_weight_N = jnp.where(valid_N, target_weight_N, jnp.zeros_like(target_weight_N))
@@ -1324,7 +1324,7 @@ def prepare_rows(
     # (traced) shard offset through the static BlockConfig.class_offset.
     labels_N = labels_N - lax.axis_index(vocab_axis) * num_local
     varying_axes = (*row_axes, vocab_axis)
-  target = _heads.smoothed_target(num_classes, label_smoothing, smoothing)
+  target = heads.smoothed_target(num_classes, label_smoothing, smoothing)
   block = None
   if schedule is not None:
     block = schedule.block_config(
@@ -1390,7 +1390,7 @@ def linear_cross_entropy(
   logits (four matmuls, blocks of ``[token_chunk_size, vocab_chunk_size]``, residuals: the per-row
   ``lse``), vocabulary chunks outermost for bfloat16 heads with :math:`V > N + 4096`, so that no
   float32 ``[V, D]`` buffer exists besides a float32 gradient
-  (:func:`xent_jax._linear.plan_schedule`). Called
+  (:func:`xent_jax.fused.linear.plan_schedule`). Called
   without differentiation, it only computes the loss (one matmul).
 
   Gradients come back in the inputs' dtypes, accumulated in float32 (float64 for float64 inputs).
@@ -1476,14 +1476,14 @@ def linear_cross_entropy(
   if rows.schedule.one_pass:
     # Sum and mean are linear in the per-row losses: d(reduced)/d(loss_i) is known up front.
     row_scale_N = jax.grad(
-      lambda loss: _reduction.reduce_loss(loss, rows.example_weight_N, reduction, fn=fn)
+      lambda loss: reduce_loss(loss, rows.example_weight_N, reduction, fn=fn)
     )(jnp.zeros_like(rows.example_weight_N))
     return fused_op(rows.block, rows.loss, *args, rows.kernel_rows(row_scale_N), rows.total_weight)
   lse_N, target_N, weighted_sum_N = stats_op(rows.block, _unchanged, _unchanged, *args)
   loss_N = row_loss(
     rows.loss, rows.total_weight, lse_N, target_N, weighted_sum_N, rows.kernel_rows()
   )
-  loss = _reduction.reduce_loss(
+  loss = reduce_loss(
     loss_N.reshape(rows.batch_shape),
     rows.example_weight_N.reshape(rows.batch_shape),
     reduction,

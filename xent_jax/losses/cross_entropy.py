@@ -11,7 +11,7 @@ cap :math:`x \\leftarrow c\\tanh(x/c)`), :math:`\\mathrm{lse} = \\log\\sum_c e^{
 For an integer label :math:`y` the target puts ``on`` on :math:`y` and ``off`` on every other
 class, so the sum needs only :math:`\\mathrm{lse}`, :math:`x_y` and :math:`\\sum_c w_c x_c` per row:
 no one-hot is ever built. Cross-entropy is the head :math:`f = -\\log p` of the row-statistics
-engine (:mod:`xent_jax._engine`, :mod:`xent_jax._heads`): the backward pass recomputes the
+engine (:mod:`xent_jax.core.engine`, :mod:`xent_jax.core.heads`): the backward pass recomputes the
 softmax from the logits and per-row statistics, the only residuals it keeps, and forward-mode
 differentiation works too.
 """
@@ -21,13 +21,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-from xent_jax import _checks
-from xent_jax import _engine
-from xent_jax import _heads
-from xent_jax._engine import logsumexp_parts
-from xent_jax._heads import SmoothedTarget
-from xent_jax._heads import mask_rows
-from xent_jax._heads import smooth_probabilities
+from xent_jax.core import checks
+from xent_jax.core import engine
+from xent_jax.core import heads
+from xent_jax.core.engine import logsumexp_parts
+from xent_jax.core.heads import SmoothedTarget
+from xent_jax.core.heads import mask_rows
+from xent_jax.core.heads import smooth_probabilities
 
 SMOOTHING_CONVENTIONS = ("uniform", "t5x")
 
@@ -39,7 +39,7 @@ def finite_logsumexp(logits: jax.Array, cap: float | None = None) -> jax.Array:
   return m + log_sum
 
 
-def cross_entropy_head(smoothing: str, z_loss: float) -> _heads.Head:
+def cross_entropy_head(smoothing: str, z_loss: float) -> heads.Head:
   """Cross-entropy as a head: :math:`f = -\\log p`, plus the T5X target entropy and the z-loss.
 
   The per-row term adds :math:`\\sum_c w_c q_c\\log q_c` for 't5x' smoothing (a constant for
@@ -48,7 +48,7 @@ def cross_entropy_head(smoothing: str, z_loss: float) -> _heads.Head:
   """
   t5x = smoothing == "t5x"
 
-  def row_term(stats: _engine.RowStats, target: _heads.Target) -> jax.Array:
+  def row_term(stats: engine.RowStats, target: heads.Target) -> jax.Array:
     extra = jnp.zeros_like(stats.max)
     if t5x and target.integer and target.off:
       xlogx = lambda v: v * math.log(v) if v > 0 else 0.0
@@ -58,7 +58,7 @@ def cross_entropy_head(smoothing: str, z_loss: float) -> _heads.Head:
       w = (
         1.0
         if target.class_weight is None
-        else _heads.along_classes(target.class_weight, target.probs.ndim)
+        else heads.along_classes(target.class_weight, target.probs.ndim)
       )
       extra = extra + target.sum_classes(jax.scipy.special.xlogy(target.probs, target.probs) * w)
     if z_loss:
@@ -66,8 +66,8 @@ def cross_entropy_head(smoothing: str, z_loss: float) -> _heads.Head:
     return extra
 
   needs_term = t5x or bool(z_loss)
-  return _heads.Head(
-    _heads.neg_log, row_term if needs_term else None, class_series=_engine.PowerSeries(-1.0)
+  return heads.Head(
+    heads.neg_log, row_term if needs_term else None, class_series=engine.PowerSeries(-1.0)
   )
 
 
@@ -104,7 +104,7 @@ def integer_cross_entropy_last_axis(
   valid = jnp.broadcast_to(valid, labels.shape)
   in_range = (labels >= 0) & (labels < num_classes)
   safe_labels = jnp.where(valid & in_range, labels, jnp.zeros_like(labels))
-  loss, stats = _heads.integer_loss(
+  loss, stats = heads.integer_loss(
     head,
     logits,
     safe_labels,
@@ -137,7 +137,7 @@ def dense_cross_entropy_last_axis(
   """
   eps = float(label_smoothing)
   head = cross_entropy_head(smoothing if eps else "uniform", float(z_loss))
-  loss, stats = _heads.probability_loss(
+  loss, stats = heads.probability_loss(
     head,
     logits,
     labels,
@@ -159,13 +159,13 @@ def check_common_options(
   reduction: str | None = None,
 ) -> None:
   """Validates the options every cross-entropy entry point shares, naming the bad one."""
-  _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
-  _checks.check_choice(fn, "smoothing", smoothing, SMOOTHING_CONVENTIONS)
-  _checks.check_in_range(fn, "z_loss", z_loss, 0.0, math.inf)
+  checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
+  checks.check_choice(fn, "smoothing", smoothing, SMOOTHING_CONVENTIONS)
+  checks.check_in_range(fn, "z_loss", z_loss, 0.0, math.inf)
   if logit_softcap is not None:
-    _checks.check_in_range(fn, "logit_softcap", logit_softcap, 0.0, math.inf, low_open=True)
+    checks.check_in_range(fn, "logit_softcap", logit_softcap, 0.0, math.inf, low_open=True)
   if reduction is not None:
-    _checks.check_reduction(fn, reduction)
+    checks.check_reduction(fn, reduction)
 
 
 def cross_entropy(
@@ -242,7 +242,7 @@ def cross_entropy(
     reduction=reduction,
   )
   head = cross_entropy_head(smoothing, float(z_loss))
-  reduced, lse = _heads.dense_loss(
+  reduced, lse = heads.dense_loss(
     fn,
     head,
     logits,

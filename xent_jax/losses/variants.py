@@ -15,7 +15,7 @@ Each variant replaces cross-entropy's per-class term :math:`-\log p_c` by its ow
 * ``label_smoothing`` :math:`\epsilon` replaces the target by :math:`(1-\epsilon)q + \epsilon/C`
   (PyTorch's convention), so an integer label becomes ``on`` on :math:`y` and ``off`` elsewhere.
 
-Each variant is a head of the row-statistics engine (:mod:`xent_jax._heads`): its
+Each variant is a head of the row-statistics engine (:mod:`xent_jax.core.heads`): its
 ``*_head(...)`` function gives the head, which the public function evaluates on logits and
 :func:`xent_jax.get_loss` also evaluates on a fused linear head or vocabulary shards. With integer
 labels and no smoothing a variant needs only the label's log-probability per row, so it costs what
@@ -39,10 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from xent_jax import _checks
-from xent_jax import _engine
-from xent_jax import _heads
-from xent_jax import _variant_inputs as vi
+from xent_jax.core import checks
+from xent_jax.core import engine
+from xent_jax.core import heads
+from xent_jax.core import hparams as vi
 
 
 @jax.custom_jvp
@@ -61,7 +61,7 @@ _above.defjvp(
 
 
 def _static(*hparams) -> bool:
-  """Whether hyper-parameters are Python numbers (a :class:`~xent_jax._engine.PowerSeries` is
+  """Whether hyper-parameters are Python numbers (a :class:`~xent_jax.core.engine.PowerSeries` is
   static)."""
   return all(isinstance(h, (int, float, np.number)) for h in hparams)
 
@@ -93,8 +93,8 @@ _floor_tiny.defjvp(lambda primals, tangents: (_floor_tiny(primals[0]), tangents[
 
 def _dense(fn, head, logits, labels, label_smoothing, axis, weight, ignore_index, reduction, where):
   """Checks ``label_smoothing`` and evaluates ``head`` on the logits (the shared front end)."""
-  _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
-  loss, _ = _heads.dense_loss(
+  checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
+  loss, _ = heads.dense_loss(
     fn,
     head,
     logits,
@@ -114,18 +114,18 @@ def one_minus_p(log_p: jax.Array) -> jax.Array:
   return -jnp.expm1(log_p)
 
 
-def focal_head(gamma: float, alpha: jax.Array | None = None) -> _heads.Head:
+def focal_head(gamma: float, alpha: jax.Array | None = None) -> heads.Head:
   """Focal loss's head: :math:`f = -(1-p)^\\gamma\\log p`, class factor :math:`\\alpha`."""
-  return _heads.Head(lambda log_p: -_focal_modulator(log_p, gamma) * log_p, class_factor=alpha)
+  return heads.Head(lambda log_p: -_focal_modulator(log_p, gamma) * log_p, class_factor=alpha)
 
 
-def poly1_head(epsilon: float) -> _heads.Head:
+def poly1_head(epsilon: float) -> heads.Head:
   """Poly-1's head: :math:`f = -\\log p + \\epsilon(1-p)`, the power series
   :math:`-\\log p + \\epsilon - \\epsilon p`."""
   series = None
   if _static(epsilon):
-    series = _engine.PowerSeries(-1.0, float(epsilon), ((1.0, -float(epsilon)),))
-  return _heads.Head(lambda log_p: epsilon * one_minus_p(log_p) - log_p, class_series=series)
+    series = engine.PowerSeries(-1.0, float(epsilon), ((1.0, -float(epsilon)),))
+  return heads.Head(lambda log_p: epsilon * one_minus_p(log_p) - log_p, class_series=series)
 
 
 # Below this q the power sum's form of L_q, (sum_c 1 - sum_c p_c^q) / q, loses more than 30 ulp
@@ -133,7 +133,7 @@ def poly1_head(epsilon: float) -> _heads.Head:
 _MIN_SERIES_Q = 0.1
 
 
-def generalized_head(q: float) -> _heads.Head:
+def generalized_head(q: float) -> heads.Head:
   """:math:`L_q`'s head: :math:`f = -\\mathrm{expm1}(q\\log p)/q = (1 - p^q)/q`.
 
   With unit weights the kernel sums it as :math:`(V - \\sum_c p_c^q)/q`, one pass where
@@ -143,14 +143,14 @@ def generalized_head(q: float) -> _heads.Head:
   elementwise."""
   series = None
   if _static(q) and q >= _MIN_SERIES_Q:
-    series = _engine.PowerSeries(0.0, 1.0 / q, ((float(q), -1.0 / q),))
-  return _heads.Head(lambda log_p: -jnp.expm1(q * log_p) / q, class_series=series)
+    series = engine.PowerSeries(0.0, 1.0 / q, ((float(q), -1.0 / q),))
+  return heads.Head(lambda log_p: -jnp.expm1(q * log_p) / q, class_series=series)
 
 
-def truncated_generalized_head(q: float, k: float) -> _heads.Head:
+def truncated_generalized_head(q: float, k: float) -> heads.Head:
   """Truncated :math:`L_q`'s head: :math:`f = L_q(\\max(p, k))`."""
   log_k = math.log(k) if k > 0 else -math.inf
-  return _heads.Head(lambda log_p: -jnp.expm1(q * _above(log_p, log_k)) / q)
+  return heads.Head(lambda log_p: -jnp.expm1(q * _above(log_p, log_k)) / q)
 
 
 # Taylor cross-entropy's power series takes order - 1 passes over the logits with unit weights
@@ -158,7 +158,7 @@ def truncated_generalized_head(q: float, k: float) -> _heads.Head:
 _MAX_SERIES_ORDER = 2
 
 
-def _taylor_series(order: int) -> _engine.PowerSeries:
+def _taylor_series(order: int) -> engine.PowerSeries:
   """:math:`\\sum_{n=1}^{t}(1-p)^n/n = \\sum_n 1/n + \\sum_{j=1}^{t} b_j p^j` with
   :math:`b_j = (-1)^j \\sum_{n=j}^{t}\\binom{n}{j}/n` (binomial expansion)."""
   constant = sum(1.0 / n for n in range(1, order + 1))
@@ -166,10 +166,10 @@ def _taylor_series(order: int) -> _engine.PowerSeries:
     (float(j), (-1.0) ** j * sum(math.comb(n, j) / n for n in range(j, order + 1)))
     for j in range(1, order + 1)
   )
-  return _engine.PowerSeries(0.0, constant, powers)
+  return engine.PowerSeries(0.0, constant, powers)
 
 
-def taylor_head(order: int) -> _heads.Head:
+def taylor_head(order: int) -> heads.Head:
   """Taylor cross-entropy's head: :math:`f = \\sum_{n=1}^{t} (1-p)^n/n` (Horner's scheme; a
   power series of :math:`p` for the kernel's class sums at order 2)."""
 
@@ -180,7 +180,7 @@ def taylor_head(order: int) -> _heads.Head:
       series = 1.0 / n + u * series
     return u * series
 
-  return _heads.Head(
+  return heads.Head(
     per_class, class_series=_taylor_series(order) if order <= _MAX_SERIES_ORDER else None
   )
 
@@ -189,7 +189,7 @@ def _clip_log(v: float, log_clip: float) -> float:
   return max(math.log(v), log_clip) if v > 0 else log_clip
 
 
-def symmetric_head(alpha: float, beta: float, log_clip: float) -> _heads.Head:
+def symmetric_head(alpha: float, beta: float, log_clip: float) -> heads.Head:
   """Symmetric cross-entropy's head: :math:`f = -\\alpha\\log p` plus the reverse term
   :math:`-\\beta\\,(\\textstyle\\sum_c w_c q_c)\\sum_c p_c\\max(\\log q_c, A)`, a function of
   :math:`p_y` for a (smoothed) one-hot target and a second class sum for probability labels."""
@@ -205,26 +205,26 @@ def symmetric_head(alpha: float, beta: float, log_clip: float) -> _heads.Head:
 
   def extra_sums(target):
     clipped = lambda q: jnp.where(q > math.exp(log_clip), jnp.log(jnp.where(q > 0, q, 1)), log_clip)
-    return (_engine.ClassSum(jnp.exp, (target.labels,), lambda q: clipped(target.smooth(q))),)
+    return (engine.ClassSum(jnp.exp, (target.labels,), lambda q: clipped(target.smooth(q))),)
 
-  return _heads.Head(
+  return heads.Head(
     lambda log_p: -alpha * log_p,
     row_term if beta else None,
     extra_sums=extra_sums if beta else None,
-    class_series=(_engine.PowerSeries(-float(alpha)) if _static(alpha) else None),
+    class_series=(engine.PowerSeries(-float(alpha)) if _static(alpha) else None),
   )
 
 
-def confidence_penalty_head(beta: float) -> _heads.Head:
+def confidence_penalty_head(beta: float) -> heads.Head:
   """The confidence penalty's head: :math:`f = -\\log p`, minus
   :math:`\\beta\\,(\\textstyle\\sum_c w_c q_c)\\,H(p)` from the entropy statistic."""
   if not beta:
-    return _heads.Head(_heads.neg_log, class_series=_engine.PowerSeries(-1.0))
-  return _heads.Head(
-    _heads.neg_log,
+    return heads.Head(heads.neg_log, class_series=engine.PowerSeries(-1.0))
+  return heads.Head(
+    heads.neg_log,
     lambda stats, target: -beta * target.mass * stats.entropy,
     entropy=True,
-    class_series=_engine.PowerSeries(-1.0),
+    class_series=engine.PowerSeries(-1.0),
   )
 
 
@@ -271,10 +271,10 @@ def focal_loss(
     Lin, Goyal, Girshick, He, Dollár, "Focal Loss for Dense Object Detection", ICCV 2017.
   """
   fn = "focal_loss"
-  _checks.check_in_range(fn, "gamma", gamma, 0.0, math.inf)
+  checks.check_in_range(fn, "gamma", gamma, 0.0, math.inf)
   vi.check_nonnegative_array(fn, "alpha", alpha)
   if alpha is not None:
-    num_classes = np.shape(logits)[_checks.canonical_axis(fn, axis, np.ndim(logits))]
+    num_classes = np.shape(logits)[checks.canonical_axis(fn, axis, np.ndim(logits))]
     if np.shape(alpha) not in ((), (num_classes,)):
       raise ValueError(
         f"{fn}: `alpha` must be a scalar or of shape ({num_classes},), got shape {np.shape(alpha)}."
@@ -337,7 +337,7 @@ def poly1_cross_entropy(
     Functions", ICLR 2022.
   """
   fn = "poly1_cross_entropy"
-  _checks.check_in_range(fn, "epsilon", epsilon, -1.0, math.inf)
+  checks.check_in_range(fn, "epsilon", epsilon, -1.0, math.inf)
   return _dense(
     fn,
     poly1_head(epsilon),
@@ -399,9 +399,9 @@ def symmetric_cross_entropy(
     Labels", ICCV 2019.
   """
   fn = "symmetric_cross_entropy"
-  _checks.check_in_range(fn, "alpha", alpha, 0.0, math.inf)
-  _checks.check_in_range(fn, "beta", beta, 0.0, math.inf)
-  _checks.check_in_range(fn, "log_clip", log_clip, -math.inf, 0.0, low_open=True, high_open=True)
+  checks.check_in_range(fn, "alpha", alpha, 0.0, math.inf)
+  checks.check_in_range(fn, "beta", beta, 0.0, math.inf)
+  checks.check_in_range(fn, "log_clip", log_clip, -math.inf, 0.0, low_open=True, high_open=True)
   return _dense(
     fn,
     symmetric_head(alpha, beta, log_clip),
@@ -456,7 +456,7 @@ def generalized_cross_entropy(
     Labels", NeurIPS 2018.
   """
   fn = "generalized_cross_entropy"
-  _checks.check_in_range(fn, "q", q, 0.0, 1.0, low_open=True)
+  checks.check_in_range(fn, "q", q, 0.0, 1.0, low_open=True)
   return _dense(
     fn,
     generalized_head(q),
@@ -515,8 +515,8 @@ def truncated_generalized_cross_entropy(
     Labels", NeurIPS 2018.
   """
   fn = "truncated_generalized_cross_entropy"
-  _checks.check_in_range(fn, "q", q, 0.0, 1.0, low_open=True)
-  _checks.check_in_range(fn, "k", k, 0.0, 1.0, high_open=True)
+  checks.check_in_range(fn, "q", q, 0.0, 1.0, low_open=True)
+  checks.check_in_range(fn, "k", k, 0.0, 1.0, high_open=True)
   return _dense(
     fn,
     truncated_generalized_head(q, k),
@@ -573,7 +573,7 @@ def taylor_cross_entropy(
   fn = "taylor_cross_entropy"
   if not isinstance(order, (int, np.integer)) or isinstance(order, bool):
     raise TypeError(f"{fn}: `order` must be a Python int, got {order!r}.")
-  _checks.check_in_range(fn, "order", order, 1, math.inf)
+  checks.check_in_range(fn, "order", order, 1, math.inf)
   return _dense(
     fn,
     taylor_head(int(order)),
@@ -630,7 +630,7 @@ def confidence_penalty_cross_entropy(
     Confident Output Distributions", ICLR workshop 2017.
   """
   fn = "confidence_penalty_cross_entropy"
-  _checks.check_in_range(fn, "beta", beta, 0.0, math.inf)
+  checks.check_in_range(fn, "beta", beta, 0.0, math.inf)
   return _dense(
     fn,
     confidence_penalty_head(beta),

@@ -15,7 +15,7 @@ For an integer label :math:`y` smoothed to ``on`` on :math:`y` and ``off`` elsew
 splits into :math:`(\text{on}-\text{off})\,w_y a_y f(\log p_y) + \text{off}\sum_c w_c a_c f(\log
 p_c)`: one gathered logit, and a class sum only when smoothing. The gradient of every head is
 :math:`\partial\ell/\partial(\text{statistics})` (autodiff of per-row arrays) pushed through
-:func:`xent_jax._engine.row_stats`'s custom JVP: for :math:`\ell = \varphi(\log p_y)` that is
+:func:`xent_jax.core.engine.row_stats`'s custom JVP: for :math:`\ell = \varphi(\log p_y)` that is
 cross-entropy's gradient with a per-row scale, :math:`\varphi'(\log p_y)(e_y - p)`.
 
 This module evaluates heads on a ``[..., V]`` logits array (the dense executor); the fused linear
@@ -31,13 +31,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from xent_jax import _engine
-from xent_jax import _inputs
-from xent_jax import _reduction
-from xent_jax._engine import ClassFn
-from xent_jax._engine import ClassSum
-from xent_jax._engine import PowerSeries
-from xent_jax._engine import RowStats
+from xent_jax.core import engine
+from xent_jax.core.inputs import parse_inputs
+from xent_jax.core.reduction import reduce_loss
+from xent_jax.core.engine import ClassFn
+from xent_jax.core.engine import ClassSum
+from xent_jax.core.engine import PowerSeries
+from xent_jax.core.engine import RowStats
 
 
 class SmoothedTarget(NamedTuple):
@@ -129,7 +129,7 @@ class Target(NamedTuple):
   def sum_classes(self, values: jax.Array) -> jax.Array:
     """``[...]`` sum of ``[..., V]`` ``values`` over all classes (a ``psum`` over the shards of
     :attr:`vocab_axis` when the classes are split)."""
-    return _engine.class_sum(values, self.vocab_axis)
+    return engine.class_sum(values, self.vocab_axis)
 
 
 RowTerm = Callable[[RowStats, Target], jax.Array]
@@ -148,7 +148,7 @@ class Head:
     class_factor: ``[V]`` per-class factor :math:`a` of the class term, or None.
     extra_sums: with probability labels, further :class:`ClassSum` statistics for ``row_term``
       (given the :class:`Target`), or None.
-    class_series: ``class_fn`` as a :class:`~xent_jax._engine.PowerSeries` (cross-entropy's
+    class_series: ``class_fn`` as a :class:`~xent_jax.core.engine.PowerSeries` (cross-entropy's
       ``PowerSeries(-1.0)``), or None: saves the kernel passes over the logits. Used with unit
       class weights, or where it is a single term (exact under any weights).
   """
@@ -220,7 +220,7 @@ def _total_weight(
   if class_weight is None:
     shards = 1 if vocab_axis is None else lax.axis_size(vocab_axis)
     return jnp.asarray(num_local * shards, dtype)
-  return _engine.class_sum(class_weight.astype(dtype), vocab_axis)
+  return engine.class_sum(class_weight.astype(dtype), vocab_axis)
 
 
 def integer_loss(
@@ -244,19 +244,19 @@ def integer_loss(
     on, off: the smoothed one-hot target's values.
     logit_softcap: soft cap or None.
     vocab_axis: inside ``shard_map``, the mesh axis the classes of ``logits`` are split over
-      (see :func:`xent_jax._engine.row_stats`): ``class_weight`` is then this shard's ``[V_s]``
+      (see :func:`xent_jax.core.engine.row_stats`): ``class_weight`` is then this shard's ``[V_s]``
       slice, while ``labels`` and the head's class factor stay global.
 
   Returns:
     ``(loss [...], stats)`` in float32 (float64 for float64 logits).
   """
-  dtype = _engine.compute_dtype(logits.dtype)
+  dtype = engine.compute_dtype(logits.dtype)
   num_local = logits.shape[-1]
   local_factor = head.class_factor
   if local_factor is not None and vocab_axis is not None:
     start = lax.axis_index(vocab_axis) * num_local
     local_factor = lax.dynamic_slice_in_dim(local_factor, start, num_local)
-  stats = _engine.row_stats(
+  stats = engine.row_stats(
     logits,
     labels,
     integer_class_sums(head, class_weight, local_factor, off, num_local, dtype),
@@ -334,7 +334,7 @@ def integer_stats_loss(
   :math:`(\\text{on}-\\text{off})\\,w_y a_y f(\\log p_y) + \\text{off}\\cdot
   \\texttt{class\\_sums[0]} + g`, with ``stats.class_sums[0]`` the class sum
   :math:`\\sum_c w_c a_c f(\\log p_c)` (read only when ``off``). :func:`integer_loss` takes the
-  statistics from the engine; the fused linear kernels (:func:`xent_jax._linear.row_loss`) from
+  statistics from the engine; the fused linear kernels (:func:`xent_jax.fused.linear.row_loss`) from
   their blocks of ``hidden @ weight.T``.
 
   Args:
@@ -380,14 +380,14 @@ def probability_loss(
     class_weight: ``[V]`` or None.
     logit_softcap: soft cap or None.
     vocab_axis: inside ``shard_map``, the mesh axis the classes of ``logits`` are split over (see
-      :func:`xent_jax._engine.row_stats`): ``labels`` and ``class_weight`` are then this shard's
+      :func:`xent_jax.core.engine.row_stats`): ``labels`` and ``class_weight`` are then this shard's
       ``[..., V_s]`` and ``[V_s]`` slices, the head's class factor stays global, and ``smooth``
       must use the global class count.
 
   Returns:
     ``(loss [...], stats)``.
   """
-  dtype = _engine.compute_dtype(logits.dtype)
+  dtype = engine.compute_dtype(logits.dtype)
   num_local = logits.shape[-1]
   class_factor = head.class_factor
   if class_factor is not None and vocab_axis is not None:
@@ -424,7 +424,7 @@ def probability_loss(
     weighted = lambda q, w: smooth(q) * along_classes(w, q.ndim)
     main = ClassSum(head.class_fn, (labels, class_beta), weighted, _series_for(head, True))
   extra = head.extra_sums(target) if head.extra_sums is not None else ()
-  stats = _engine.row_stats(
+  stats = engine.row_stats(
     logits,
     None,
     (main, *extra),
@@ -458,7 +458,7 @@ def dense_loss(
   Checks the shared arguments (naming the bad one), evaluates ``head`` with integer labels
   (smoothed to ``on``/``off`` by :func:`smoothed_target`) or probability labels (smoothed by
   :func:`smooth_probabilities`), zeroes invalid rows, makes rows with an out-of-range label NaN
-  (value and gradient), and reduces by PyTorch's rule (:func:`xent_jax._reduction.reduce_loss`).
+  (value and gradient), and reduces by PyTorch's rule (:func:`xent_jax.core.reduction.reduce_loss`).
 
   Args:
     fn: the public function's name, for error messages.
@@ -471,7 +471,7 @@ def dense_loss(
   Returns:
     ``(reduced loss, lse [...])``.
   """
-  inputs = _inputs.parse_inputs(
+  inputs = parse_inputs(
     fn,
     logits,
     labels,
@@ -504,5 +504,5 @@ def dense_loss(
       logit_softcap=logit_softcap,
     )
     loss = jnp.where(inputs.valid, loss, jnp.zeros_like(loss))
-  reduced = _reduction.reduce_loss(loss, inputs.example_weight, reduction, fn=fn)
+  reduced = reduce_loss(loss, inputs.example_weight, reduction, fn=fn)
   return reduced, stats.lse

@@ -13,10 +13,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from xent_jax import _checks
-from xent_jax import _cross_entropy as ce
-from xent_jax import _heads
-from xent_jax import _inputs
+from xent_jax.core import checks
+from xent_jax.losses import cross_entropy as ce
+from xent_jax.core import heads
+from xent_jax.core import inputs
 
 Axis = int | tuple[int, ...]
 
@@ -26,13 +26,13 @@ def _classes_last(fn: str, logits, axis: Axis, where):
   to the end, as optax does for a tuple ``axis``. Returns ``(logits, class_mask)``, the mask
   None unless ``where`` is per-logit."""
   if isinstance(axis, tuple):
-    axes = tuple(_checks.canonical_axis(fn, a, logits.ndim) for a in axis)
+    axes = tuple(checks.canonical_axis(fn, a, logits.ndim) for a in axis)
   elif isinstance(axis, int):
-    axes = (_checks.canonical_axis(fn, axis, logits.ndim),)
+    axes = (checks.canonical_axis(fn, axis, logits.ndim),)
   else:
     raise TypeError(f"{fn}: `axis` must be an int or a tuple of ints, got {axis!r}.")
   for a in axes:
-    _checks.check_has_classes(fn, "logits", logits.shape, a)
+    checks.check_has_classes(fn, "logits", logits.shape, a)
   batch = tuple(a for a in range(logits.ndim) if a not in axes)
   num_classes = math.prod(logits.shape[a] for a in axes)
 
@@ -47,7 +47,7 @@ def _classes_last(fn: str, logits, axis: Axis, where):
 def _masked_class_cross_entropy(logits, q, class_mask):
   """:math:`\\sum_{c\\in M} q_c(\\mathrm{lse}_M - x_c)` over the classes ``class_mask`` keeps
   (optax's per-logit ``where``); 0 for rows that keep no class."""
-  dtype = _inputs.compute_dtype(logits.dtype)
+  dtype = inputs.compute_dtype(logits.dtype)
   x = jnp.where(class_mask, logits.astype(dtype), -jnp.inf)
   lse = ce.finite_logsumexp(x)
   keep = class_mask & (q != 0)
@@ -85,17 +85,17 @@ def softmax_cross_entropy_with_integer_labels(
     optax.losses.softmax_cross_entropy_with_integer_labels; Szegedy et al. 2016 (smoothing).
   """
   fn = "softmax_cross_entropy_with_integer_labels"
-  _checks.check_floating(fn, "logits", logits)
-  labels = _inputs.as_label_array(fn, labels)
-  _inputs.check_integer_labels(fn, labels)
-  _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
+  checks.check_floating(fn, "logits", logits)
+  labels = inputs.as_label_array(fn, labels)
+  inputs.check_integer_labels(fn, labels)
+  checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
   x, class_mask = _classes_last(fn, jnp.asarray(logits), axis, where)
-  _checks.check_shape(fn, "labels", labels, x.shape[:-1])
+  checks.check_shape(fn, "labels", labels, x.shape[:-1])
   num_classes = x.shape[-1]
-  read = _inputs.integer_labels(fn, labels, num_classes=num_classes, ignore_index=None, where=None)
+  read = inputs.integer_labels(fn, labels, num_classes=num_classes, ignore_index=None, where=None)
   if where is not None and jnp.ndim(where) == jnp.ndim(logits):
     # As optax: the normalizer runs over the kept classes, the label's logit is read unmasked.
-    dtype = _inputs.compute_dtype(x.dtype)
+    dtype = inputs.compute_dtype(x.dtype)
     lse = ce.finite_logsumexp(jnp.where(class_mask, x, -jnp.inf))
     target_logit = jnp.take_along_axis(x, read.safe_labels[..., None], axis=-1)[..., 0]
     loss = (1.0 - label_smoothing) * (lse - target_logit.astype(dtype))
@@ -109,8 +109,8 @@ def softmax_cross_entropy_with_integer_labels(
     x,
     read.labels,
     class_weight=None,
-    valid=_inputs.row_mask(fn, where, x.shape[:-1]),
-    target=_heads.smoothed_target(num_classes, label_smoothing),
+    valid=inputs.row_mask(fn, where, x.shape[:-1]),
+    target=heads.smoothed_target(num_classes, label_smoothing),
     z_loss=0.0,
     logit_softcap=None,
   )
@@ -149,29 +149,29 @@ def softmax_cross_entropy(
     optax.losses.softmax_cross_entropy.
   """
   fn = "softmax_cross_entropy"
-  _checks.check_floating(fn, "logits", logits)
-  labels = _inputs.as_label_array(fn, labels)
+  checks.check_floating(fn, "logits", logits)
+  labels = inputs.as_label_array(fn, labels)
   if jnp.issubdtype(labels.dtype, jnp.integer):
     return softmax_cross_entropy_with_integer_labels(
       logits, labels, axis, where, label_smoothing=label_smoothing
     )
-  _checks.check_floating(fn, "labels", labels)
-  _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
+  checks.check_floating(fn, "labels", labels)
+  checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
   logits = jnp.asarray(logits)
-  _checks.check_shape(fn, "labels", labels, logits.shape)
+  checks.check_shape(fn, "labels", labels, logits.shape)
   per_logit = where is not None and jnp.ndim(where) == logits.ndim
   x, class_mask = _classes_last(fn, logits, axis, where)
   q, _ = _classes_last(fn, labels, axis, None)
   if per_logit:
     kept = jnp.sum(class_mask, axis=-1, keepdims=True)
-    q = (1.0 - label_smoothing) * q.astype(_inputs.compute_dtype(x.dtype))
+    q = (1.0 - label_smoothing) * q.astype(inputs.compute_dtype(x.dtype))
     q = q + label_smoothing / jnp.maximum(kept, 1)
     return _masked_class_cross_entropy(x, q, class_mask)
   loss, _ = ce.dense_cross_entropy_last_axis(
     x,
     q,
     class_weight=None,
-    valid=_inputs.row_mask(fn, where, x.shape[:-1]),
+    valid=inputs.row_mask(fn, where, x.shape[:-1]),
     label_smoothing=label_smoothing,
     smoothing="uniform",
     z_loss=0.0,
@@ -207,8 +207,8 @@ def smooth_labels(
     Müller et al., "When does label smoothing help?", 2019.
   """
   fn = "smooth_labels"
-  _checks.check_floating(fn, "labels", labels)
-  _checks.check_in_range(fn, "alpha", alpha, 0.0, 1.0)
+  checks.check_floating(fn, "labels", labels)
+  checks.check_in_range(fn, "alpha", alpha, 0.0, 1.0)
   labels = jnp.asarray(labels)
   if where is None:
     axes = range(labels.ndim) if axis is None else (axis if isinstance(axis, tuple) else (axis,))
@@ -247,15 +247,15 @@ def poly_loss_cross_entropy(
     Functions", 2022.
   """
   fn = "poly_loss_cross_entropy"
-  _checks.check_floating(fn, "logits", logits)
-  _checks.check_real_scalar(fn, "epsilon", epsilon)
-  _checks.check_floating(fn, "labels", labels)
+  checks.check_floating(fn, "logits", logits)
+  checks.check_real_scalar(fn, "epsilon", epsilon)
+  checks.check_floating(fn, "labels", labels)
   logits = jnp.asarray(logits)
   labels = jnp.asarray(labels)
-  _checks.check_shape(fn, "labels", labels, logits.shape)
+  checks.check_shape(fn, "labels", labels, logits.shape)
   x, class_mask = _classes_last(fn, logits, axis, where)
   q, _ = _classes_last(fn, labels, axis, None)
-  q = q.astype(_inputs.compute_dtype(x.dtype))
+  q = q.astype(inputs.compute_dtype(x.dtype))
   xent = softmax_cross_entropy(logits, labels, axis, where)
   if where is not None and jnp.ndim(where) == jnp.ndim(logits):
     x = jnp.where(class_mask, x, -jnp.inf)
@@ -263,5 +263,5 @@ def poly_loss_cross_entropy(
   probs = jax.nn.softmax(x.astype(q.dtype), axis=-1)
   one_minus_pt = jnp.sum(q * (1.0 - probs), axis=-1)
   if where is not None and jnp.ndim(where) != jnp.ndim(logits):
-    one_minus_pt = jnp.where(_inputs.row_mask(fn, where, x.shape[:-1]), one_minus_pt, 0.0)
+    one_minus_pt = jnp.where(inputs.row_mask(fn, where, x.shape[:-1]), one_minus_pt, 0.0)
   return xent + epsilon * one_minus_pt

@@ -61,13 +61,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from xent_jax import _checks
-from xent_jax import _engine
-from xent_jax import _heads
-from xent_jax import _inputs
-from xent_jax import _parallel
-from xent_jax import _reduction
-from xent_jax import _variant_inputs as vi
+from xent_jax.core import checks
+from xent_jax.core import engine
+from xent_jax.core import heads
+from xent_jax.core import inputs as loss_inputs
+from xent_jax.parallel import logits as parallel_logits
+from xent_jax.core.reduction import reduce_loss
+from xent_jax.core import hparams as vi
 
 
 def _log_t(u, t: float):
@@ -142,7 +142,7 @@ class _Normalization(NamedTuple):
 def _row_max(logits: jax.Array, vocab_axis: Hashable | None) -> jax.Array:
   """``[...]`` :math:`\\max_c x_c` in the compute dtype (``pmax`` over ``vocab_axis``); 0 for a
   row of ``-inf``."""
-  m = jnp.max(logits, axis=-1).astype(_inputs.compute_dtype(logits.dtype))
+  m = jnp.max(logits, axis=-1).astype(loss_inputs.compute_dtype(logits.dtype))
   if vocab_axis is not None:
     m = lax.pmax(m, vocab_axis)
   return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
@@ -168,7 +168,7 @@ def _fixed_point_shift(logits, m, t: float, num_iters: int, vocab_axis) -> jax.A
 
   def step(_, carry):
     s, _ = carry
-    partition = _engine.class_sum(_exp_t(_centred(logits, m, s) * s[..., None], t), vocab_axis)
+    partition = engine.class_sum(_exp_t(_centred(logits, m, s) * s[..., None], t), vocab_axis)
     return partition ** (1.0 - t), partition
 
   ones = jnp.ones_like(m)
@@ -183,12 +183,12 @@ def _bisection_shift(logits, m, t: float, num_iters: int, vocab_axis) -> jax.Arr
   # compares and selects: XLA:CPU then fuses the whole count into one reduction (any of those
   # feeding its YNNPACK reductions is stored as a [..., V] array first).
   sign = jnp.sign(_centred(logits, m - 1.0 / (1.0 - t)))
-  support = _engine.class_sum(sign + jnp.abs(sign), vocab_axis) / 2.0
+  support = engine.class_sum(sign + jnp.abs(sign), vocab_axis) / 2.0
 
   def step(_, bounds):
     lower, upper = bounds
     middle = (lower + upper) / 2.0
-    total = _engine.class_sum(
+    total = engine.class_sum(
       _exp_t(_centred(logits, m, middle) - middle[..., None], t), vocab_axis
     )
     too_small = total < 1.0
@@ -207,7 +207,7 @@ def _normalization(
   every class sum are completed over the shards (``pmax``/``psum``)."""
   m = _row_max(logits, vocab_axis)
   if t == 1.0:
-    shift = jnp.log(_engine.class_sum(jnp.exp(_centred(logits, m)), vocab_axis))
+    shift = jnp.log(engine.class_sum(jnp.exp(_centred(logits, m)), vocab_axis))
   elif t > 1.0:
     shift = _fixed_point_shift(logits, m, t, num_iters, vocab_axis)
   else:
@@ -248,12 +248,12 @@ def tempered_softmax(
     NeurIPS 2019.
   """
   fn = "tempered_softmax"
-  _checks.check_floating(fn, "logits", logits)
+  checks.check_floating(fn, "logits", logits)
   vi.check_static_number(fn, "t", t)
-  _checks.check_in_range(fn, "t", t, 0.0, math.inf, low_open=True, high_open=True)
+  checks.check_in_range(fn, "t", t, 0.0, math.inf, low_open=True, high_open=True)
   _check_num_iters(fn, num_iters)
   logits = jnp.asarray(logits)
-  axis = _checks.canonical_axis(fn, axis, logits.ndim)
+  axis = checks.canonical_axis(fn, axis, logits.ndim)
   x = jnp.moveaxis(logits, axis, -1)
   t = float(t)
   p = _probs(x, _normalization(x, t, num_iters), t).power(1.0)
@@ -263,7 +263,7 @@ def tempered_softmax(
 def _check_num_iters(fn: str, num_iters) -> None:
   if not isinstance(num_iters, int) or isinstance(num_iters, bool):
     raise TypeError(f"{fn}: `num_iters` must be a Python int, got {num_iters!r}.")
-  _checks.check_in_range(fn, "num_iters", num_iters, 1, math.inf)
+  checks.check_in_range(fn, "num_iters", num_iters, 1, math.inf)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,9 +337,9 @@ def _forget(p: _TemperedExp, cfg: _Config) -> jax.Array:
 def _integer_target(logits: jax.Array, labels: jax.Array, cfg: _Config) -> jax.Array:
   """``[..., V_s]`` the smoothed one-hot target of global ``labels`` on this shard's classes,
   selected per class (never stored)."""
-  local = _engine.local_labels(labels, logits.shape[-1], cfg.vocab_axis)
+  local = engine.local_labels(labels, logits.shape[-1], cfg.vocab_axis)
   classes = lax.broadcasted_iota(local.dtype, logits.shape, logits.ndim - 1)
-  on = jnp.asarray(cfg.on, _inputs.compute_dtype(logits.dtype))
+  on = jnp.asarray(cfg.on, loss_inputs.compute_dtype(logits.dtype))
   return jnp.where(classes == local[..., None], on, cfg.off)
 
 
@@ -347,10 +347,10 @@ def _label_logit(logits: jax.Array, labels: jax.Array, vocab_axis: Hashable | No
   """``[...]`` :math:`x_y` of global ``labels`` in ``[0, V)``, in the compute dtype: gathered on
   the shard that holds class :math:`y`, 0 on the others, summed over ``vocab_axis``."""
   num_local = logits.shape[-1]
-  local = _engine.local_labels(labels, num_local, vocab_axis)
+  local = engine.local_labels(labels, num_local, vocab_axis)
   index = jnp.clip(local, 0, num_local - 1)[..., None]
   raw = jnp.take_along_axis(lax.optimization_barrier(logits), index, axis=-1)[..., 0]
-  raw = raw.astype(_inputs.compute_dtype(logits.dtype))
+  raw = raw.astype(loss_inputs.compute_dtype(logits.dtype))
   if vocab_axis is None:
     return raw
   owned = (local >= 0) & (local < num_local)
@@ -382,13 +382,13 @@ def _integer_rows(labels: jax.Array, valid: jax.Array, num_classes: int):
 def _row_sums(logits, norm: _Normalization, t: float, summands, vocab_axis) -> list[jax.Array]:
   """``[...]`` :math:`\\sum_c f(p_c)` for each ``summands`` function f of a `_TemperedExp` ``p``,
   each its own pass over the logits that recomputes :math:`p` (see
-  :func:`xent_jax._engine.separate_sums`: on CPU this keeps every pass one fused reduction),
+  :func:`xent_jax.core.engine.separate_sums`: on CPU this keeps every pass one fused reduction),
   then one ``psum`` of them all over ``vocab_axis``."""
   sum_of = lambda f: lambda: jnp.sum(f(_probs(logits, norm, t)), axis=-1)
   # `like` is typed like a shard's partial sums (varying over the vocabulary axis), not like the
   # completed per-row values such as norm.max.
   like = jnp.zeros_like(logits[..., 0], norm.max.dtype)
-  sums = _engine.separate_sums([sum_of(f) for f in summands], like=like)
+  sums = engine.separate_sums([sum_of(f) for f in summands], like=like)
   return sums if vocab_axis is None else lax.psum(sums, vocab_axis)
 
 
@@ -425,7 +425,7 @@ def _forward(logits, labels, valid, cfg: _Config) -> tuple[jax.Array, _Residuals
   selects (see :func:`_row_sums`).
   """
   num_classes = cfg.num_classes
-  dtype = _inputs.compute_dtype(logits.dtype)
+  dtype = loss_inputs.compute_dtype(logits.dtype)
   integer = jnp.issubdtype(labels.dtype, jnp.integer)
   norm = _normalization(logits, cfg.t2, cfg.num_iters, cfg.vocab_axis)
   sums = _Sums()
@@ -487,7 +487,7 @@ def _gradient(logits, labels, valid, res: _Residuals, cfg: _Config) -> jax.Array
 def _tangent(logits, labels, valid, res: _Residuals, t_logits, cfg: _Config) -> jax.Array:
   """:math:`\\dot\\ell = \\sum_c \\partial_c\\ell\\,\\dot x_c`, linear in ``t_logits``."""
   grad = _gradient(logits, labels, valid, res, cfg)
-  return _engine.class_sum(grad * t_logits.astype(grad.dtype), cfg.vocab_axis)
+  return engine.class_sum(grad * t_logits.astype(grad.dtype), cfg.vocab_axis)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
@@ -554,15 +554,15 @@ def _weighted_rows(logits, labels, valid, weight, cfg: _Config) -> tuple[jax.Arr
   dtype = loss.dtype
   if jnp.issubdtype(labels.dtype, jnp.integer):
     safe, _ = _integer_rows(labels, valid, cfg.num_classes)
-    mass, _ = _heads.target_weights(weight, safe, logits.shape[-1], dtype, cfg.vocab_axis)
+    mass, _ = heads.target_weights(weight, safe, logits.shape[-1], dtype, cfg.vocab_axis)
     example_weight = jnp.where(valid, mass, jnp.zeros_like(mass))
   else:
     example_weight = valid.astype(dtype)
     if weight is None:
       return loss, example_weight
     q = jnp.where(valid[..., None], labels.astype(dtype), 0)
-    w = _heads.along_classes(jnp.asarray(weight).astype(dtype), q.ndim)
-    mass = _engine.class_sum(q * w, cfg.vocab_axis)
+    w = heads.along_classes(jnp.asarray(weight).astype(dtype), q.ndim)
+    mass = engine.class_sum(q * w, cfg.vocab_axis)
   return jnp.where(valid, loss * mass, loss), example_weight
 
 
@@ -570,9 +570,9 @@ def _check_hparams(fn: str, t1, t2, label_smoothing, num_iters) -> None:
   for name, value in (("t1", t1), ("t2", t2), ("label_smoothing", label_smoothing)):
     vi.check_static_number(fn, name, value)
   _check_num_iters(fn, num_iters)
-  _checks.check_in_range(fn, "t1", t1, 0.0, 1.0)
-  _checks.check_in_range(fn, "t2", t2, 0.0, math.inf, low_open=True, high_open=True)
-  _checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
+  checks.check_in_range(fn, "t1", t1, 0.0, 1.0)
+  checks.check_in_range(fn, "t2", t2, 0.0, math.inf, low_open=True, high_open=True)
+  checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
 
 
 def _check_smoothable(fn: str, label_smoothing, num_classes: int) -> None:
@@ -640,7 +640,7 @@ def bi_tempered_logistic_loss(
   """
   fn = "bi_tempered_logistic_loss"
   _check_hparams(fn, t1, t2, label_smoothing, num_iters)
-  inputs = _inputs.parse_inputs(
+  inputs = loss_inputs.parse_inputs(
     fn,
     logits,
     labels,
@@ -655,7 +655,7 @@ def bi_tempered_logistic_loss(
   loss, example_weight = _weighted_rows(
     inputs.logits, inputs.labels, inputs.valid, inputs.weight, cfg
   )
-  return _reduction.reduce_loss(loss, example_weight, reduction, fn=fn)
+  return reduce_loss(loss, example_weight, reduction, fn=fn)
 
 
 def vocab_parallel_bi_tempered_loss(
@@ -691,7 +691,7 @@ def vocab_parallel_bi_tempered_loss(
   :math:`A`, :math:`B` and the tangent (module docstring), so values and gradients (of the logits,
   and of probability labels through class weights) equal the one-device loss; the smoothing is
   spread over the global :math:`V = V_s\,|\text{vocab}|`. Only per-row values are kept between
-  the passes; forward mode works. Runs :func:`xent_jax._parallel.sharded_loss`, which lays the
+  the passes; forward mode works. Runs :func:`xent_jax.parallel.logits.sharded_loss`, which lays the
   global arrays out on ``mesh`` as :func:`xent_jax.vocab_parallel_cross_entropy` does.
 
   Args:
@@ -718,8 +718,8 @@ def vocab_parallel_bi_tempered_loss(
     NeurIPS 2019; Shoeybi et al., "Megatron-LM", 2019 (vocabulary-parallel losses).
   """
   _check_hparams(fn, t1, t2, label_smoothing, num_iters)
-  _checks.check_reduction(fn, reduction)
-  ignore_index = _inputs.check_ignore_index(fn, ignore_index)
+  checks.check_reduction(fn, reduction)
+  ignore_index = loss_inputs.check_ignore_index(fn, ignore_index)
   if return_lse:
     raise ValueError(
       f"{fn}: `return_lse` must be False: the bi-tempered loss normalizes its tempered softmax "
@@ -731,16 +731,16 @@ def vocab_parallel_bi_tempered_loss(
     _check_smoothable(fn, label_smoothing, num_classes)
     cfg = _config(t1, t2, label_smoothing, num_iters, num_classes, vocab_axis)
     if jnp.issubdtype(labels.dtype, jnp.integer):
-      read = _inputs.integer_labels(
+      read = loss_inputs.integer_labels(
         fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=where
       )
       labels, valid = read.labels, read.valid
     else:
-      valid = _inputs.row_mask(fn, where, logits.shape[:-1])
+      valid = loss_inputs.row_mask(fn, where, logits.shape[:-1])
     loss, example_weight = _weighted_rows(logits, labels, valid, weight, cfg)
-    return _parallel.reduce_rows(loss, example_weight, reduction, data_axis, fn)
+    return parallel_logits.reduce_rows(loss, example_weight, reduction, data_axis, fn)
 
-  return _parallel.sharded_loss(
+  return parallel_logits.sharded_loss(
     fn,
     shard_loss,
     logits,

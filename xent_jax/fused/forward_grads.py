@@ -1,6 +1,6 @@
 r"""A scalar loss whose gradients its forward pass computes, differentiable in both modes.
 
-The one-pass schedules of the fused heads (:func:`xent_jax._chunked.one_pass_linear_sum`, the
+The one-pass schedules of the fused heads (:func:`xent_jax.fused.chunked.one_pass_linear_sum`, the
 one-pass ``linear_cross_entropy`` kernel and its vocabulary-parallel twin) build each block of
 logits once and differentiate it right away, so a forward pass returns
 :math:`L = \sum_i s_i \ell_i` together with :math:`g_k = \partial L / \partial a_k` for its

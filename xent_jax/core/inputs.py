@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xent_jax import _checks
+from xent_jax.core import checks
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -37,8 +37,8 @@ def check_class_weight(fn: str, name: str, weight, num_classes: int) -> None:
     AssertionError: (chex) a shape other than ``[C]``.
     ValueError: a negative or NaN weight, naming the first one.
   """
-  _checks.check_floating(fn, name, weight)
-  _checks.check_shape(fn, name, weight, (num_classes,))
+  checks.check_floating(fn, name, weight)
+  checks.check_shape(fn, name, weight, (num_classes,))
   if isinstance(weight, jax.core.Tracer):
     return
   host = np.asarray(weight, np.float32)
@@ -117,7 +117,7 @@ def row_mask(fn: str, where: jax.typing.ArrayLike | None, batch_shape) -> jax.Ar
   """
   if where is None:
     return jnp.ones(batch_shape, bool)
-  _checks.check_broadcastable(fn, "where", where, batch_shape)
+  checks.check_broadcastable(fn, "where", where, batch_shape)
   return jnp.broadcast_to(jnp.asarray(where, bool), batch_shape)
 
 
@@ -261,13 +261,13 @@ def parse_inputs(
       negative class weights, concrete labels JAX would wrap.
     AssertionError: (chex, at trace time) ``labels`` or ``weight`` of the wrong shape.
   """
-  _checks.check_floating(fn, "logits", logits)
-  _checks.check_reduction(fn, reduction)
+  checks.check_floating(fn, "logits", logits)
+  checks.check_reduction(fn, reduction)
   ignore_index = check_ignore_index(fn, ignore_index)
   logits = jnp.asarray(logits)
   labels = as_label_array(fn, labels)
-  axis = _checks.canonical_axis(fn, axis, logits.ndim)
-  _checks.check_has_classes(fn, "logits", logits.shape, axis)
+  axis = checks.canonical_axis(fn, axis, logits.ndim)
+  checks.check_has_classes(fn, "logits", logits.shape, axis)
   num_classes = logits.shape[axis]
   batch_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
   if weight is not None:
@@ -293,7 +293,7 @@ def check_integer_labels(
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}.")
   if batch_shape is not None:
-    _checks.check_shape(fn, "labels", labels, batch_shape)
+    checks.check_shape(fn, "labels", labels, batch_shape)
 
 
 def is_integer_labels(fn: str, labels: jax.Array, logits_shape: tuple[int, ...], axis: int) -> bool:
@@ -306,10 +306,10 @@ def is_integer_labels(fn: str, labels: jax.Array, logits_shape: tuple[int, ...],
   """
   if jnp.issubdtype(labels.dtype, jnp.integer):
     axis = axis % len(logits_shape)
-    _checks.check_shape(fn, "labels", labels, logits_shape[:axis] + logits_shape[axis + 1 :])
+    checks.check_shape(fn, "labels", labels, logits_shape[:axis] + logits_shape[axis + 1 :])
     return True
   if jnp.issubdtype(labels.dtype, jnp.floating):
-    _checks.check_shape(fn, "labels", labels, logits_shape)
+    checks.check_shape(fn, "labels", labels, logits_shape)
     return False
   raise TypeError(
     f"{fn}: `labels` must be integer class ids or float probabilities, got dtype {labels.dtype}."

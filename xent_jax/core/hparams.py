@@ -1,6 +1,6 @@
 """Checks of the variants' own hyper-parameters (the shared arguments are parsed by
-:func:`xent_jax._inputs.parse_inputs`, and every variant is a head of the row-statistics engine,
-:mod:`xent_jax._heads`)."""
+:func:`xent_jax.core.inputs.parse_inputs`, and every variant is a head of the row-statistics engine,
+:mod:`xent_jax.core.heads`)."""
 
 import jax
 import numpy as np

@@ -13,7 +13,7 @@ by the summed weights of the non-ignored targets). Where PyTorch returns NaN (ev
 import jax
 import jax.numpy as jnp
 
-from xent_jax import _checks
+from xent_jax.core import checks
 
 
 def reduce_loss(
@@ -30,7 +30,7 @@ def reduce_loss(
   Returns:
     ``loss`` for 'none', else a scalar in ``loss.dtype``.
   """
-  _checks.check_reduction(fn, reduction)
+  checks.check_reduction(fn, reduction)
   if reduction == "none":
     return loss
   total = jnp.sum(loss)

@@ -1,0 +1,1 @@
+"""The conventions and the engine every loss shares: checks, inputs, reduction, row statistics, heads."""

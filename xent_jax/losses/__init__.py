@@ -1,0 +1,1 @@
+"""Losses on a logits array: cross-entropy, its variants, the bi-tempered loss."""

@@ -1,0 +1,1 @@
+"""Losses with the classes split over a device mesh (vocabulary parallelism)."""
