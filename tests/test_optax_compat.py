@@ -268,6 +268,30 @@ def test_dense_negative_infinity_with_zero_mass_is_finite():
   _close(int_value, ref.cross_entropy(logits, int_labels, reduction="none"))
 
 
+def test_dense_negative_infinity_with_target_mass_is_inf_as_optax_safe():
+  """Mass on a ``-inf`` logit: an infinite loss, as optax's ``safe_softmax_cross_entropy`` (and
+  its ``SafeSoftmaxCrossEntropyTest.test_batched`` row), never a large finite number; rows where the
+  ``-inf`` logit has no mass stay finite and equal it."""
+  logits = np.array(
+    [[-np.inf, 0.0, 0.0], [-np.inf, 0.0, 0.0], [1.0, -np.inf, 3.0], [0.5, 1.5, -2.0]], np.float32
+  )
+  labels = np.array(
+    [[0.4, 0.3, 0.3], [0.0, 0.5, 0.5], [0.2, 0.1, 0.7], [0.2, 0.3, 0.5]], np.float32
+  )
+  safe = np.asarray(optax.losses.safe_softmax_cross_entropy(logits, labels))
+  np.testing.assert_array_equal(np.isinf(safe), [True, False, True, False])
+  for value in (
+    xent_jax.softmax_cross_entropy(jnp.asarray(logits), jnp.asarray(labels)),
+    xent_jax.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), reduction="none"),
+    xent_jax.cross_entropy(
+      jnp.asarray(logits), jnp.asarray(labels), reduction="none", weight=jnp.ones(3)
+    ),
+  ):
+    value = np.asarray(value)
+    np.testing.assert_array_equal(value[[0, 2]], np.inf)
+    _close(value[[1, 3]], safe[[1, 3]])
+
+
 # ----------------------------------------------------------------------------- smooth_labels
 
 

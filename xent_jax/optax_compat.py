@@ -14,11 +14,14 @@ import jax
 import jax.numpy as jnp
 
 from xent_jax.core import checks
-from xent_jax.losses import cross_entropy as ce
-from xent_jax.core import heads
+from xent_jax.core import engine
 from xent_jax.core import inputs
+from xent_jax.core.frontend import head_loss
+from xent_jax.core.options import LossOptions
+from xent_jax.losses.cross_entropy import cross_entropy_head
 
 Axis = int | tuple[int, ...]
+_CROSS_ENTROPY = cross_entropy_head("uniform", 0.0)
 
 
 def _classes_last(fn: str, logits, axis: Axis, where):
@@ -49,10 +52,17 @@ def _masked_class_cross_entropy(logits, q, class_mask):
   (optax's per-logit ``where``); 0 for rows that keep no class."""
   dtype = inputs.compute_dtype(logits.dtype)
   x = jnp.where(class_mask, logits.astype(dtype), -jnp.inf)
-  lse = ce.finite_logsumexp(x)
+  lse = engine.logsumexp(x)
   keep = class_mask & (q != 0)
   loss = jnp.sum(jnp.where(keep, q * (lse[..., None] - x), 0.0), axis=-1)
   return jnp.where(jnp.any(class_mask, axis=-1), loss, 0.0)
+
+
+def _per_example(fn: str, logits_BxC, labels, where, label_smoothing) -> jax.Array:
+  """Per-example cross-entropy, classes last, through the shared front end (no ignored label)."""
+  options = LossOptions(reduction="none", ignore_index=None, label_smoothing=label_smoothing)
+  loss, _ = head_loss(fn, _CROSS_ENTROPY, logits_BxC, labels, options, where=where)
+  return loss
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -96,7 +106,7 @@ def softmax_cross_entropy_with_integer_labels(
   if where is not None and jnp.ndim(where) == jnp.ndim(logits):
     # As optax: the normalizer runs over the kept classes, the label's logit is read unmasked.
     dtype = inputs.compute_dtype(x.dtype)
-    lse = ce.finite_logsumexp(jnp.where(class_mask, x, -jnp.inf))
+    lse = engine.logsumexp(jnp.where(class_mask, x, -jnp.inf))
     target_logit = jnp.take_along_axis(x, read.safe_labels[..., None], axis=-1)[..., 0]
     loss = (1.0 - label_smoothing) * (lse - target_logit.astype(dtype))
     if label_smoothing:
@@ -105,16 +115,7 @@ def softmax_cross_entropy_with_integer_labels(
       loss = loss + _masked_class_cross_entropy(x, uniform, class_mask)
     loss = jnp.where(read.in_range, loss, jnp.nan)
     return jnp.where(jnp.any(class_mask, axis=-1), loss, 0.0)
-  loss, _ = ce.integer_cross_entropy_last_axis(
-    x,
-    read.labels,
-    class_weight=None,
-    valid=inputs.row_mask(fn, where, x.shape[:-1]),
-    target=heads.smoothed_target(num_classes, label_smoothing),
-    z_loss=0.0,
-    logit_softcap=None,
-  )
-  return loss
+  return _per_example(fn, x, labels, where, label_smoothing)
 
 
 def softmax_cross_entropy(
@@ -167,17 +168,7 @@ def softmax_cross_entropy(
     q = (1.0 - label_smoothing) * q.astype(inputs.compute_dtype(x.dtype))
     q = q + label_smoothing / jnp.maximum(kept, 1)
     return _masked_class_cross_entropy(x, q, class_mask)
-  loss, _ = ce.dense_cross_entropy_last_axis(
-    x,
-    q,
-    class_weight=None,
-    valid=inputs.row_mask(fn, where, x.shape[:-1]),
-    label_smoothing=label_smoothing,
-    smoothing="uniform",
-    z_loss=0.0,
-    logit_softcap=None,
-  )
-  return loss
+  return _per_example(fn, x, q, where, label_smoothing)
 
 
 def smooth_labels(

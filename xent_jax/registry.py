@@ -32,6 +32,8 @@ from xent_jax.fused import chunked
 from xent_jax.losses import cross_entropy
 from xent_jax.core import engine
 from xent_jax.core import heads
+from xent_jax.core.frontend import head_loss
+from xent_jax.core.options import LossOptions
 from xent_jax.core import inputs
 from xent_jax.fused import linear
 from xent_jax.fused import heads as fused_heads
@@ -297,9 +299,9 @@ class ConfiguredLoss:
       and chunked.one_pass_fits(n, features, num_classes)
     ):
       # 'sum' and 'mean' are linear in the per-row losses: one pass, gradients in the forward.
-      scale_N = jax.grad(
-        lambda loss: reduce_loss(loss, example_weight_N, reduction, fn=fn)
-      )(jnp.zeros((n,), dtype))
+      scale_N = jax.grad(lambda loss: reduce_loss(loss, example_weight_N, reduction, fn=fn))(
+        jnp.zeros((n,), dtype)
+      )
       chunk = chunked.default_chunk(num_classes, n) if token_chunk_size is None else None
       if chunk is None:
         linear.check_chunk_size(fn, "token_chunk_size", token_chunk_size)
@@ -549,19 +551,12 @@ def define_loss(class_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     if unknown:
       raise TypeError(f"{name}: unknown hyper-parameter(s) {unknown}; valid ones: {list(hparams)}.")
     bound = hparams | values
-    checks.check_in_range(name, "label_smoothing", label_smoothing, 0.0, 1.0)
+    options = LossOptions.checked(
+      name, reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing
+    )
     head = heads.Head(lambda log_p: class_fn(log_p, **bound))
-    reduced, _ = heads.dense_loss(
-      name,
-      head,
-      logits,
-      labels,
-      axis=axis,
-      weight=weight,
-      ignore_index=ignore_index,
-      reduction=reduction,
-      where=where,
-      label_smoothing=label_smoothing,
+    reduced, _ = head_loss(
+      name, head, logits, labels, options, axis=axis, class_weight=weight, where=where
     )
     return reduced
 

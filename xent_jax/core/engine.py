@@ -82,9 +82,16 @@ def logsumexp_parts(
   m = softcap(jnp.max(logits, axis=-1).astype(dtype), cap)
   if vocab_axis is not None:
     m = lax.pmax(m, vocab_axis)
-  m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+  m = finite_or_zero(m)
   x = softcap(logits.astype(dtype), cap)
   return m, jnp.log(class_sum(jnp.exp(x - m[..., None]), vocab_axis))
+
+
+def logsumexp(logits: jax.Array, cap: float | None = None) -> jax.Array:
+  """:math:`\\log\\sum_c e^{x_c}` over the last axis of :math:`x = c\\tanh(\\text{logits}/c)`,
+  from :func:`logsumexp_parts` (``-inf`` for a row of ``-inf``)."""
+  m, log_sum = logsumexp_parts(logits, cap)
+  return m + log_sum
 
 
 def class_sum(values: jax.Array, vocab_axis: Hashable | None) -> jax.Array:
@@ -93,12 +100,47 @@ def class_sum(values: jax.Array, vocab_axis: Hashable | None) -> jax.Array:
   return total if vocab_axis is None else lax.psum(total, vocab_axis)
 
 
+def finite_or_zero(x: jax.Array) -> jax.Array:
+  """``x`` where finite, else 0: a safe reference point for :math:`e^{x - m}` when a row's
+  maximum is :math:`-\\infty` (every class masked) or a sum is empty."""
+  return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
+
+
+def shard_start(num_local: int, vocab_axis: Hashable | None):
+  """The global id of this shard's first class: :math:`s V_s` on shard :math:`s` of
+  ``vocab_axis`` (inside ``shard_map``), 0 without one."""
+  if vocab_axis is None:
+    return 0
+  return lax.axis_index(vocab_axis) * num_local
+
+
 def local_labels(labels: jax.Array, num_local: int, vocab_axis: Hashable | None) -> jax.Array:
   """Global class ids as indices into this shard's classes (outside ``[0, V_local)`` when
   another shard owns them)."""
   if vocab_axis is None:
     return labels
-  return labels - (lax.axis_index(vocab_axis) * num_local).astype(labels.dtype)
+  return labels - jnp.asarray(shard_start(num_local, vocab_axis)).astype(labels.dtype)
+
+
+def rescaled_sum(sum_exp: jax.Array, part_max: jax.Array, new_max: jax.Array) -> jax.Array:
+  """:math:`S e^{m_p - m}`: a partial :math:`S = \\sum_c e^{x_c - m_p}` over some classes,
+  taken relative to a new maximum :math:`m \\ge m_p` (the online-softmax rescaling; Milakov &
+  Gimelshein 2018). :math:`m = -\\infty` (no class yet) is read as 0."""
+  return sum_exp * jnp.exp(part_max - finite_or_zero(new_max))
+
+
+def merge_max_sums(a_max, a_sum, b_max, b_sum) -> tuple[jax.Array, jax.Array]:
+  """The maximum and :math:`\\sum e^{x - m}` of the union of two disjoint class sets, from each
+  set's own (the online-softmax merge)."""
+  m = jnp.maximum(a_max, b_max)
+  return m, rescaled_sum(a_sum, a_max, m) + rescaled_sum(b_sum, b_max, m)
+
+
+def complete_max_sum(part_max, part_sum, vocab_axis: Hashable) -> tuple[jax.Array, jax.Array]:
+  """:func:`merge_max_sums` over every shard of ``vocab_axis`` (``pmax``, then ``psum`` of the
+  rescaled sums), inside ``shard_map``."""
+  m = lax.pmax(part_max, vocab_axis)
+  return m, lax.psum(rescaled_sum(part_sum, part_max, m), vocab_axis)
 
 
 class RowStats(NamedTuple):
@@ -222,6 +264,21 @@ def floor_log_p(log_p: jax.Array) -> jax.Array:
   return jnp.maximum(log_p, jnp.finfo(log_p.dtype).min / 4)
 
 
+def weighted_log_p(log_p: jax.Array, beta: jax.Array | None) -> jax.Array:
+  """:math:`\\beta \\log p` elementwise with :math:`0 \\log 0 = 0` and :math:`-\\infty` where
+  :math:`\\beta > 0` meets :math:`p = 0` (a ``-inf`` logit holding target mass: an infinite
+  loss, as PyTorch and optax's ``safe_softmax_cross_entropy`` give). ``β`` None means all ones.
+
+  No ``select`` (see :func:`floor_log_p`): the floor is :math:`\\text{finfo.min}/4` where
+  :math:`\\beta = 0` and :math:`-\\infty` elsewhere, as ``floor / (β == 0)``.
+  """
+  if beta is None:
+    return log_p
+  zero_weight = (beta == 0).astype(log_p.dtype)
+  floor = _over_rows(jnp.finfo(log_p.dtype).min / 4 / zero_weight, log_p.shape)
+  return _times_beta(jnp.maximum(log_p, floor), beta)
+
+
 def class_terms(f: ClassFn, beta: jax.Array | None, log_p) -> tuple[jax.Array, jax.Array]:
   """``(β f(log p), β f'(log p))`` elementwise: exactly 0 where ``β == 0``, also where
   :math:`\\log p = -\\infty` (``f`` is evaluated at :func:`floor_log_p` there, and must be finite
@@ -253,10 +310,6 @@ def _centred(logits, m, cfg: _Config):
   """The capped logits :math:`x` and :math:`x - m` in the compute dtype."""
   x = softcap(logits.astype(compute_dtype(logits.dtype)), cfg.logit_softcap)
   return x, x - m[..., None]
-
-
-def _finite(log_sum):
-  return jnp.where(jnp.isfinite(log_sum), log_sum, jnp.zeros_like(log_sum))
 
 
 def p_times(p, values):
@@ -319,7 +372,7 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
     if axis is not None:
       target = lax.psum(jnp.where(owned, target, jnp.zeros_like(target)), axis)
   # Made finite outside the passes: a select inside a reduction's input is not fused on XLA:CPU.
-  finite_log_sum = _finite(log_sum)
+  finite_log_sum = finite_or_zero(log_sum)
 
   def log_probs():
     c = _centred(logits, m, cfg)[1]
@@ -351,9 +404,11 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
   def series_sums(series: PowerSeries, beta_fn, operands):
     """Readers of :math:`\\sum_c\\beta_c f` and :math:`B` from the power sums' passes."""
     total_weight = complete(weight_sum(beta_fn, operands))
-    log_sum_beta = (
-      pass_over_logits(weighted_pass(floor_log_p, beta_fn, operands)) if series.log_coef else None
-    )
+    log_sum_beta = None
+    if series.log_coef:
+      log_sum_beta = pass_over_logits(
+        lambda: jnp.sum(weighted_log_p(log_probs()[1], _beta(beta_fn, operands, dtype)), -1)
+      )
     powers = []
     for j, b in series.powers:
       if j == 1 and not operands:  # unit weights: sum_c p_c = 1
@@ -399,7 +454,7 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
 
 def _tangent(cfg: _Config, logits, labels, betas, stats: RowStats, totals, t_logits, t_betas):
   """The statistics' tangent, linear in ``(t_logits, t_betas)`` (None: a zero tangent)."""
-  logits, m, log_sum = lax.optimization_barrier((logits, stats.max, _finite(stats.log_sum)))
+  logits, m, log_sum = lax.optimization_barrier((logits, stats.max, finite_or_zero(stats.log_sum)))
   dtype = m.dtype
   x, c = _centred(logits, m, cfg)
   log_p = c - log_sum[..., None]

@@ -32,8 +32,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from xent_jax.core import engine
-from xent_jax.core.inputs import parse_inputs
-from xent_jax.core.reduction import reduce_loss
 from xent_jax.core.engine import ClassFn
 from xent_jax.core.engine import ClassSum
 from xent_jax.core.engine import PowerSeries
@@ -205,7 +203,7 @@ def target_weights(
   class_weight = class_weight.astype(dtype)
   if vocab_axis is None:
     return class_weight[labels], total_weight
-  local = labels - (lax.axis_index(vocab_axis) * num_local).astype(labels.dtype)
+  local = engine.local_labels(labels, num_local, vocab_axis)
   owned = (local >= 0) & (local < num_local)
   picked = class_weight[jnp.clip(local, 0, num_local - 1)]
   target_weight = lax.psum(jnp.where(owned, picked, jnp.zeros_like(picked)), vocab_axis)
@@ -254,7 +252,7 @@ def integer_loss(
   num_local = logits.shape[-1]
   local_factor = head.class_factor
   if local_factor is not None and vocab_axis is not None:
-    start = lax.axis_index(vocab_axis) * num_local
+    start = engine.shard_start(num_local, vocab_axis)
     local_factor = lax.dynamic_slice_in_dim(local_factor, start, num_local)
   stats = engine.row_stats(
     logits,
@@ -391,7 +389,7 @@ def probability_loss(
   num_local = logits.shape[-1]
   class_factor = head.class_factor
   if class_factor is not None and vocab_axis is not None:
-    start = lax.axis_index(vocab_axis) * num_local
+    start = engine.shard_start(num_local, vocab_axis)
     class_factor = lax.dynamic_slice_in_dim(class_factor, start, num_local)
   # The labels stay in their own dtype and every pass converts them where it reads them: a
   # converted copy, read by the forward and the backward pass, is what XLA:TPU would keep as a
@@ -436,73 +434,3 @@ def probability_loss(
   if head.row_term is not None:
     loss = loss + head.row_term(stats, target)
   return loss, stats
-
-
-def dense_loss(
-  fn: str,
-  head: Head,
-  logits: jax.typing.ArrayLike,
-  labels: jax.typing.ArrayLike,
-  *,
-  axis: int,
-  weight: jax.typing.ArrayLike | None,
-  ignore_index: int | None,
-  reduction: str,
-  where: jax.typing.ArrayLike | None,
-  label_smoothing: float = 0.0,
-  smoothing: str = "uniform",
-  logit_softcap: float | None = None,
-) -> tuple[jax.Array, jax.Array]:
-  """A head on a logits array with every shared convention: the dense executor's front end.
-
-  Checks the shared arguments (naming the bad one), evaluates ``head`` with integer labels
-  (smoothed to ``on``/``off`` by :func:`smoothed_target`) or probability labels (smoothed by
-  :func:`smooth_probabilities`), zeroes invalid rows, makes rows with an out-of-range label NaN
-  (value and gradient), and reduces by PyTorch's rule (:func:`xent_jax.core.reduction.reduce_loss`).
-
-  Args:
-    fn: the public function's name, for error messages.
-    head: the loss.
-    logits, labels, axis, weight, ignore_index, reduction, where: as in
-      :func:`xent_jax.cross_entropy`.
-    label_smoothing, smoothing: the target's smoothing, as in :func:`xent_jax.cross_entropy`.
-    logit_softcap: soft cap or None.
-
-  Returns:
-    ``(reduced loss, lse [...])``.
-  """
-  inputs = parse_inputs(
-    fn,
-    logits,
-    labels,
-    axis=axis,
-    weight=weight,
-    ignore_index=ignore_index,
-    where=where,
-    reduction=reduction,
-  )
-  eps = float(label_smoothing)
-  if inputs.integer:
-    target = smoothed_target(inputs.num_classes, eps, smoothing)
-    loss, stats = integer_loss(
-      head,
-      inputs.logits,
-      inputs.safe_labels,
-      class_weight=inputs.weight,
-      on=target.on,
-      off=target.off,
-      logit_softcap=logit_softcap,
-    )
-    loss = mask_rows(loss, inputs.valid, inputs.bad)
-  else:
-    loss, stats = probability_loss(
-      head,
-      inputs.logits,
-      inputs.labels,
-      smooth=lambda q: smooth_probabilities(q, eps, smoothing),
-      class_weight=inputs.weight,
-      logit_softcap=logit_softcap,
-    )
-    loss = jnp.where(inputs.valid, loss, jnp.zeros_like(loss))
-  reduced = reduce_loss(loss, inputs.example_weight, reduction, fn=fn)
-  return reduced, stats.lse

@@ -14,6 +14,7 @@ for ``C = 200``. Concrete int64 labels that JAX would wrap to int32 (``jax_enabl
 refused (:func:`as_label_array`).
 """
 
+from collections.abc import Hashable
 from typing import NamedTuple
 
 import jax
@@ -189,12 +190,14 @@ class LossInputs(NamedTuple):
   """Checked loss arguments with the classes on the last axis.
 
   Attributes:
-    logits: ``[..., C]`` in the caller's dtype.
-    labels: ``[...]`` int32 class ids, -1 where the given label lies outside ``[0, C)`` (see
+    logits: ``[..., C]`` in the caller's dtype (``[..., C_s]``, one shard's classes, when the
+      classes are split over a mesh axis).
+    labels: ``[...]`` int32 class ids, -1 where the given label lies outside ``[0, K)`` (see
       :class:`IntegerLabels`), or ``[..., C]`` probabilities as given.
     integer: whether ``labels`` are class ids.
     weight: ``[C]`` class weights in :func:`compute_dtype`, or None.
     valid: ``[...]`` bool, rows that count (``where`` and not ``ignore_index``).
+    num_classes: :math:`K`, the number of classes over all shards.
   """
 
   logits: jax.Array
@@ -202,43 +205,19 @@ class LossInputs(NamedTuple):
   integer: bool
   weight: jax.Array | None
   valid: jax.Array
-
-  @property
-  def num_classes(self) -> int:
-    return self.logits.shape[-1]
-
-  @property
-  def dtype(self) -> jnp.dtype:
-    return compute_dtype(self.logits.dtype)
-
-  @property
-  def in_range(self) -> jax.Array:
-    """``[...]`` integer labels inside ``[0, C)`` (all True for probability labels)."""
-    if not self.integer:
-      return jnp.ones(self.valid.shape, bool)
-    return (self.labels >= 0) & (self.labels < self.num_classes)
+  num_classes: int
 
   @property
   def bad(self) -> jax.Array:
-    """``[...]`` valid rows whose integer label is outside ``[0, C)``: their loss is NaN."""
-    return self.valid & ~self.in_range
+    """``[...]`` valid rows whose integer label is outside ``[0, K)``: their loss is NaN."""
+    if not self.integer:
+      return jnp.zeros(self.valid.shape, bool)
+    return self.valid & (self.labels < 0)
 
   @property
   def safe_labels(self) -> jax.Array:
     """``[...]`` integer labels with invalid and out-of-range ones replaced by 0 (to gather)."""
-    return jnp.where(self.valid & self.in_range, self.labels, 0)
-
-  @property
-  def target_weight(self) -> jax.Array:
-    """``[...]`` :math:`w_{y_i}` for integer labels, else 1 (compute dtype)."""
-    if not self.integer or self.weight is None:
-      return jnp.ones(self.valid.shape, self.dtype)
-    return self.weight[self.safe_labels]
-
-  @property
-  def example_weight(self) -> jax.Array:
-    """``[...]`` :math:`\\omega_i`, the denominator of a 'mean'."""
-    return jnp.where(self.valid, self.target_weight, jnp.zeros((), self.dtype))
+    return jnp.where(self.valid & (self.labels >= 0), self.labels, 0)
 
 
 def parse_inputs(
@@ -251,8 +230,12 @@ def parse_inputs(
   ignore_index: int | None,
   where: jax.typing.ArrayLike | None,
   reduction: str,
+  vocab_axis: Hashable | None = None,
 ) -> LossInputs:
   """Checks the shared arguments of ``fn`` (naming the bad one) and moves classes last.
+
+  With ``vocab_axis`` (inside ``shard_map``) ``logits`` and ``weight`` hold one shard's classes and
+  integer labels are read against the global class count.
 
   Raises:
     TypeError: non-float ``logits``; ``labels`` neither integer nor float; non-float ``weight``;
@@ -268,10 +251,11 @@ def parse_inputs(
   labels = as_label_array(fn, labels)
   axis = checks.canonical_axis(fn, axis, logits.ndim)
   checks.check_has_classes(fn, "logits", logits.shape, axis)
-  num_classes = logits.shape[axis]
+  num_local = logits.shape[axis]
+  num_classes = num_local if vocab_axis is None else num_local * jax.lax.axis_size(vocab_axis)
   batch_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
   if weight is not None:
-    check_class_weight(fn, "weight", weight, num_classes)
+    check_class_weight(fn, "weight", weight, num_local)
     weight = jnp.asarray(weight).astype(compute_dtype(logits.dtype))
   valid = row_mask(fn, where, batch_shape)
   integer = is_integer_labels(fn, labels, logits.shape, axis)
@@ -282,7 +266,8 @@ def parse_inputs(
     labels, valid = read.labels, valid & read.valid
   else:
     labels = jnp.moveaxis(labels, axis, -1)
-  return LossInputs(jnp.moveaxis(logits, axis, -1), labels, integer, weight, valid)
+  logits = jnp.moveaxis(logits, axis, -1)
+  return LossInputs(logits, labels, integer, weight, valid, num_classes)
 
 
 def check_integer_labels(

@@ -83,6 +83,7 @@ from xent_jax.fused import forward_grads
 from xent_jax.core import heads
 from xent_jax.core import inputs
 from xent_jax.losses import cross_entropy as _ce
+from xent_jax.core.options import LossOptions
 from xent_jax.core.reduction import reduce_loss
 
 # The weight layouts the kernels take ('vd': [V, D], 'dv': [D, V]); _parallel checks against it.
@@ -1270,7 +1271,7 @@ def prepare_rows(
   checks.check_floating(fn, "hidden", hidden)
   checks.check_floating(fn, "weight", weight)
   checks.check_choice(fn, "weight_layout", weight_layout, WEIGHT_LAYOUTS)
-  _ce.check_common_options(
+  LossOptions.checked(
     fn,
     label_smoothing=label_smoothing,
     smoothing=smoothing,

@@ -188,9 +188,7 @@ def _bisection_shift(logits, m, t: float, num_iters: int, vocab_axis) -> jax.Arr
   def step(_, bounds):
     lower, upper = bounds
     middle = (lower + upper) / 2.0
-    total = engine.class_sum(
-      _exp_t(_centred(logits, m, middle) - middle[..., None], t), vocab_axis
-    )
+    total = engine.class_sum(_exp_t(_centred(logits, m, middle) - middle[..., None], t), vocab_axis)
     too_small = total < 1.0
     return jnp.where(too_small, lower, middle), jnp.where(too_small, middle, upper)
 

@@ -21,22 +21,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from xent_jax.core import checks
 from xent_jax.core import engine
 from xent_jax.core import heads
-from xent_jax.core.engine import logsumexp_parts
-from xent_jax.core.heads import SmoothedTarget
-from xent_jax.core.heads import mask_rows
-from xent_jax.core.heads import smooth_probabilities
-
-SMOOTHING_CONVENTIONS = ("uniform", "t5x")
-
-
-def finite_logsumexp(logits: jax.Array, cap: float | None = None) -> jax.Array:
-  """:math:`\\log\\sum_c e^{x_c}` over the last axis of :math:`x = c\\tanh(\\text{logits}/c)`,
-  from :func:`logsumexp_parts`."""
-  m, log_sum = logsumexp_parts(logits, cap)
-  return m + log_sum
+from xent_jax.core.frontend import head_loss
+from xent_jax.core.options import LossOptions
 
 
 def cross_entropy_head(smoothing: str, z_loss: float) -> heads.Head:
@@ -69,103 +57,6 @@ def cross_entropy_head(smoothing: str, z_loss: float) -> heads.Head:
   return heads.Head(
     heads.neg_log, row_term if needs_term else None, class_series=engine.PowerSeries(-1.0)
   )
-
-
-def integer_cross_entropy_last_axis(
-  logits: jax.Array,
-  labels: jax.Array,
-  *,
-  class_weight: jax.Array | None,
-  valid: jax.Array,
-  target: SmoothedTarget,
-  z_loss: float,
-  logit_softcap: float | None,
-  smoothing: str = "uniform",
-) -> tuple[jax.Array, jax.Array]:
-  """Per-example loss and logsumexp for integer labels, classes on the last axis (no checks).
-
-  Args:
-    logits: ``[..., V]``.
-    labels: ``[...]`` integer class ids.
-    class_weight: ``[V]`` or None (all ones).
-    valid: ``[...]`` bool, rows that count.
-    target: smoothed target values, see :func:`smoothed_target`.
-    z_loss: z-loss coefficient.
-    logit_softcap: soft cap or None.
-    smoothing: the convention ``target`` was made with ('t5x' adds the target's entropy).
-
-  Returns:
-    ``(loss, lse)``, each ``[...]`` in float32 (float64 for float64 logits). ``loss`` already
-    carries the class weight of its label; it is 0 on invalid rows and NaN (with NaN gradients)
-    where a valid label is out of range.
-  """
-  head = cross_entropy_head(smoothing, z_loss)
-  num_classes = logits.shape[-1]
-  valid = jnp.broadcast_to(valid, labels.shape)
-  in_range = (labels >= 0) & (labels < num_classes)
-  safe_labels = jnp.where(valid & in_range, labels, jnp.zeros_like(labels))
-  loss, stats = heads.integer_loss(
-    head,
-    logits,
-    safe_labels,
-    class_weight=class_weight,
-    on=target.on,
-    off=target.off,
-    logit_softcap=logit_softcap,
-  )
-  return mask_rows(loss, valid, valid & ~in_range), stats.lse
-
-
-def dense_cross_entropy_last_axis(
-  logits: jax.Array,
-  labels: jax.Array,
-  *,
-  class_weight: jax.Array | None,
-  valid: jax.Array,
-  label_smoothing: float,
-  smoothing: str,
-  z_loss: float,
-  logit_softcap: float | None,
-) -> tuple[jax.Array, jax.Array]:
-  """Per-example loss and logsumexp for probability labels, classes on the last axis (no checks).
-
-  Smoothing: 'uniform' :math:`q' = (1-\\epsilon)q + \\epsilon/K`; 't5x'
-  :math:`q' = (1-\\epsilon)q + \\epsilon(1-q)/(K-1)` plus :math:`\\sum_c w_c q'_c\\log q'_c` (a
-  KL divergence), which reduce to :func:`smoothed_target` for one-hot :math:`q`. Terms with
-  :math:`q'_c = 0` contribute nothing, even where :math:`x_c = -\\infty`. Differentiable in
-  ``labels`` too; like the integer path, the backward pass keeps per-row residuals only.
-  """
-  eps = float(label_smoothing)
-  head = cross_entropy_head(smoothing if eps else "uniform", float(z_loss))
-  loss, stats = heads.probability_loss(
-    head,
-    logits,
-    labels,
-    smooth=lambda q: smooth_probabilities(q, eps, smoothing),
-    class_weight=class_weight,
-    logit_softcap=logit_softcap,
-  )
-  valid = jnp.broadcast_to(valid, labels.shape[:-1])
-  return jnp.where(valid, loss, jnp.zeros_like(loss)), stats.lse
-
-
-def check_common_options(
-  fn: str,
-  *,
-  label_smoothing: float,
-  smoothing: str,
-  z_loss: float,
-  logit_softcap: float | None,
-  reduction: str | None = None,
-) -> None:
-  """Validates the options every cross-entropy entry point shares, naming the bad one."""
-  checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
-  checks.check_choice(fn, "smoothing", smoothing, SMOOTHING_CONVENTIONS)
-  checks.check_in_range(fn, "z_loss", z_loss, 0.0, math.inf)
-  if logit_softcap is not None:
-    checks.check_in_range(fn, "logit_softcap", logit_softcap, 0.0, math.inf, low_open=True)
-  if reduction is not None:
-    checks.check_reduction(fn, reduction)
 
 
 def cross_entropy(
@@ -233,27 +124,17 @@ def cross_entropy(
     Chowdhery et al., "PaLM", 2022 (z-loss); Gemma Team, "Gemma 2", 2024 (soft-capping).
   """
   fn = "cross_entropy"
-  check_common_options(
+  options = LossOptions.checked(
     fn,
+    reduction=reduction,
+    ignore_index=ignore_index,
     label_smoothing=label_smoothing,
     smoothing=smoothing,
     z_loss=z_loss,
     logit_softcap=logit_softcap,
-    reduction=reduction,
   )
   head = cross_entropy_head(smoothing, float(z_loss))
-  reduced, lse = heads.dense_loss(
-    fn,
-    head,
-    logits,
-    labels,
-    axis=axis,
-    weight=weight,
-    ignore_index=ignore_index,
-    reduction=reduction,
-    where=where,
-    label_smoothing=label_smoothing,
-    smoothing=smoothing,
-    logit_softcap=logit_softcap,
+  reduced, stats = head_loss(
+    fn, head, logits, labels, options, axis=axis, class_weight=weight, where=where
   )
-  return (reduced, lse) if return_lse else reduced
+  return (reduced, stats.lse) if return_lse else reduced

@@ -42,6 +42,8 @@ from jax import lax
 from xent_jax.core import checks
 from xent_jax.core import engine
 from xent_jax.core import heads
+from xent_jax.core.frontend import head_loss
+from xent_jax.core.options import LossOptions
 from xent_jax.core import hparams as vi
 
 
@@ -92,19 +94,12 @@ _floor_tiny.defjvp(lambda primals, tangents: (_floor_tiny(primals[0]), tangents[
 
 
 def _dense(fn, head, logits, labels, label_smoothing, axis, weight, ignore_index, reduction, where):
-  """Checks ``label_smoothing`` and evaluates ``head`` on the logits (the shared front end)."""
-  checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
-  loss, _ = heads.dense_loss(
-    fn,
-    head,
-    logits,
-    labels,
-    axis=axis,
-    weight=weight,
-    ignore_index=ignore_index,
-    reduction=reduction,
-    where=where,
-    label_smoothing=label_smoothing,
+  """``head`` on the logits through the shared front end, uniform smoothing."""
+  options = LossOptions.checked(
+    fn, reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing
+  )
+  loss, _ = head_loss(
+    fn, head, logits, labels, options, axis=axis, class_weight=weight, where=where
   )
   return loss
 

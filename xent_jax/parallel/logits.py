@@ -39,6 +39,7 @@ from xent_jax.core import heads
 from xent_jax.core import inputs
 from xent_jax.losses import cross_entropy as _ce
 from xent_jax.fused import linear
+from xent_jax.core.options import LossOptions
 from xent_jax.core.reduction import reduce_loss
 
 # --------------------------------------------------------------------------- mesh and checks
@@ -273,7 +274,7 @@ def vocab_parallel_cross_entropy_local(
     Parallelism", 2019 (vocabulary-parallel cross-entropy).
   """
   fn = "vocab_parallel_cross_entropy_local"
-  _ce.check_common_options(
+  LossOptions.checked(
     fn,
     label_smoothing=label_smoothing,
     smoothing=smoothing,
@@ -430,7 +431,7 @@ def vocab_parallel_cross_entropy(
     Architecture", 2016 (label smoothing); Chowdhery et al., "PaLM", 2022 (z-loss).
   """
   fn = "vocab_parallel_cross_entropy"
-  _ce.check_common_options(
+  LossOptions.checked(
     fn,
     label_smoothing=label_smoothing,
     smoothing=smoothing,
@@ -770,7 +771,7 @@ def vocab_parallel_linear_cross_entropy(
   checks.check_floating(fn, "hidden", hidden)
   checks.check_floating(fn, "weight", weight)
   checks.check_choice(fn, "weight_layout", weight_layout, linear.WEIGHT_LAYOUTS)
-  _ce.check_common_options(
+  LossOptions.checked(
     fn,
     label_smoothing=label_smoothing,
     smoothing=smoothing,

@@ -1,0 +1,64 @@
+r"""The options every loss shares, checked once and carried as one frozen object.
+
+A loss, its fused form and its sharded form take the same keyword options; the public function
+checks them with :meth:`LossOptions.checked` (naming the bad one) and passes the object down, so
+no layer repeats the keyword list or the checks.
+"""
+
+import dataclasses
+import math
+
+import jax
+
+from xent_jax.core import checks
+from xent_jax.core import heads
+from xent_jax.core import inputs
+
+SMOOTHING_CONVENTIONS = ("uniform", "t5x")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+  r"""Checked options of a softmax loss.
+
+  Attributes:
+    reduction: 'none', 'sum' or 'mean' (PyTorch's rule, :func:`xent_jax.core.reduction.reduce_loss`).
+    ignore_index: integer label that counts for nothing, or None.
+    label_smoothing: :math:`\epsilon \in [0, 1]`.
+    smoothing: 'uniform' (:math:`q = (1-\epsilon)\,\mathrm{onehot} + \epsilon/K`) or 't5x'
+      (:math:`q_y = 1-\epsilon`, others :math:`\epsilon/(K-1)`).
+    z_loss: :math:`z \ge 0`, the coefficient of :math:`\mathrm{lse}^2` (cross-entropy's head).
+    logit_softcap: :math:`c > 0` for :math:`c\tanh(x/c)`, or None.
+  """
+
+  reduction: str = "mean"
+  ignore_index: int | None = -100
+  label_smoothing: float = 0.0
+  smoothing: str = "uniform"
+  z_loss: float = 0.0
+  logit_softcap: float | None = None
+
+  @classmethod
+  def checked(cls, fn: str, **options) -> "LossOptions":
+    """The options of ``fn``, each checked; the error names ``fn`` and the option.
+
+    Raises:
+      TypeError: a non-number where a number is expected, a non-int ``ignore_index``.
+      ValueError: a value out of range, an unknown ``reduction`` or ``smoothing``.
+    """
+    opts = cls(**options)
+    checks.check_reduction(fn, opts.reduction)
+    checks.check_in_range(fn, "label_smoothing", opts.label_smoothing, 0.0, 1.0)
+    checks.check_choice(fn, "smoothing", opts.smoothing, SMOOTHING_CONVENTIONS)
+    checks.check_in_range(fn, "z_loss", opts.z_loss, 0.0, math.inf)
+    if opts.logit_softcap is not None:
+      checks.check_in_range(fn, "logit_softcap", opts.logit_softcap, 0.0, math.inf, low_open=True)
+    return dataclasses.replace(opts, ignore_index=inputs.check_ignore_index(fn, opts.ignore_index))
+
+  def smoothed_target(self, num_classes: int) -> heads.SmoothedTarget:
+    """The on/off values of a smoothed one-hot target over ``num_classes`` classes."""
+    return heads.smoothed_target(num_classes, self.label_smoothing, self.smoothing)
+
+  def smooth(self, q: jax.Array, num_classes: int) -> jax.Array:
+    """The smoothed target of probability labels ``q`` (``[..., V]``, ``num_classes`` in all)."""
+    return heads.smooth_probabilities(q, self.label_smoothing, self.smoothing, num_classes)
