@@ -71,7 +71,7 @@ def test_variants_read_narrow_labels_exactly(case):
   dtype, values = NARROW_CASES[case]
   x = _logits(len(values))
   labels = np.array(values, dtype)
-  for fn in (xent_jax.focal_loss, xent_jax.poly1_cross_entropy):
+  for fn in (xent_jax.softmax_focal_loss, xent_jax.poly1_cross_entropy):
     got = fn(x, jnp.asarray(labels), reduction="none")
     same = fn(x, jnp.asarray(labels.astype(np.int32)), reduction="none")
     np.testing.assert_array_equal(np.isnan(got), np.isnan(same))
@@ -106,7 +106,7 @@ def test_uint32_labels_beyond_int32_are_out_of_range():
 
 INT64_FUNCTIONS = {
   "cross_entropy": lambda x, y: xent_jax.cross_entropy(x, y),
-  "focal_loss": lambda x, y: xent_jax.focal_loss(x, y),
+  "focal_loss": lambda x, y: xent_jax.softmax_focal_loss(x, y),
   "softmax_cross_entropy_with_integer_labels": lambda x, y: (
     xent_jax.softmax_cross_entropy_with_integer_labels(x, y)
   ),
@@ -248,7 +248,7 @@ def test_drop_in_empty_batch_with_a_tuple_axis():
 NO_CLASS_CALLS = {
   "cross_entropy": lambda x, y: xent_jax.cross_entropy(x, y),
   "cross_entropy smoothed": lambda x, y: xent_jax.cross_entropy(x, y, label_smoothing=0.1),
-  "focal_loss": lambda x, y: xent_jax.focal_loss(x, y),
+  "focal_loss": lambda x, y: xent_jax.softmax_focal_loss(x, y),
   "softmax_cross_entropy_with_integer_labels": lambda x, y: (
     xent_jax.softmax_cross_entropy_with_integer_labels(x, y)
   ),
@@ -304,7 +304,7 @@ STRING_OPTION_CALLS = {
       jnp.ones((2, 3)), jnp.ones((4, 3)), jnp.array([0, 1]), label_smoothing=v
     ),
   ),
-  "focal_loss": ("gamma", lambda v: xent_jax.focal_loss(_logits(2, 5), jnp.array([0, 1]), gamma=v)),
+  "focal_loss": ("gamma", lambda v: xent_jax.softmax_focal_loss(_logits(2, 5), jnp.array([0, 1]), gamma=v)),
   "softmax_cross_entropy_with_integer_labels": (
     "label_smoothing",
     lambda v: xent_jax.softmax_cross_entropy_with_integer_labels(
@@ -350,7 +350,7 @@ NEGATIVE_WEIGHT_CALLS = {
   ),
   "focal_loss": (
     "weight",
-    lambda w: xent_jax.focal_loss(_logits(2, 4), jnp.array([0, 1]), weight=w),
+    lambda w: xent_jax.softmax_focal_loss(_logits(2, 4), jnp.array([0, 1]), weight=w),
   ),
   "linear_cross_entropy": (
     "class_weight",

@@ -17,14 +17,14 @@ EXPECTED = {
   "cross_entropy": (xent_jax.cross_entropy, {}),
   "label_smoothing": (xent_jax.cross_entropy, {"label_smoothing": 0.1}),
   "z_loss": (xent_jax.cross_entropy, {"z_loss": 1e-4}),
-  "focal": (xent_jax.focal_loss, {}),
-  "poly1": (xent_jax.poly1_cross_entropy, {}),
-  "bi_tempered": (xent_jax.bi_tempered_logistic_loss, {}),
-  "symmetric_ce": (xent_jax.symmetric_cross_entropy, {}),
-  "generalized_ce": (xent_jax.generalized_cross_entropy, {}),
-  "truncated_gce": (xent_jax.truncated_generalized_cross_entropy, {}),
-  "taylor_ce": (xent_jax.taylor_cross_entropy, {}),
-  "confidence_penalty": (xent_jax.confidence_penalty_cross_entropy, {}),
+  "softmax_focal_loss": (xent_jax.softmax_focal_loss, {}),
+  "poly1_cross_entropy": (xent_jax.poly1_cross_entropy, {}),
+  "bi_tempered_logistic_loss": (xent_jax.bi_tempered_logistic_loss, {}),
+  "symmetric_cross_entropy": (xent_jax.symmetric_cross_entropy, {}),
+  "generalized_cross_entropy": (xent_jax.generalized_cross_entropy, {}),
+  "truncated_generalized_cross_entropy": (xent_jax.truncated_generalized_cross_entropy, {}),
+  "taylor_cross_entropy": (xent_jax.taylor_cross_entropy, {}),
+  "confidence_penalty_cross_entropy": (xent_jax.confidence_penalty_cross_entropy, {}),
 }
 
 
@@ -34,6 +34,28 @@ def test_names_and_functions():
   for name, (fn, _) in EXPECTED.items():
     assert losses[name].fn is fn
     assert losses[name].summary and "\n" not in losses[name].summary
+  # Registered under the function's own name, except the two cross-entropy presets.
+  for name, info in losses.items():
+    assert name in ("label_smoothing", "z_loss") or info.fn.__name__ == name
+
+
+def test_aliases_configure_the_same_loss():
+  """The short names of configs and earlier releases still name each loss."""
+  logits, labels = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.3, 0.2]]), jnp.array([0, 2])
+  for alias, name in xent_jax.registry.ALIASES.items():
+    assert name in xent_jax.list_losses() and alias not in xent_jax.list_losses()
+    np.testing.assert_array_equal(
+      xent_jax.get_loss(alias)(logits, labels), xent_jax.get_loss(name)(logits, labels)
+    )
+  with pytest.raises(ValueError, match="registered already"):
+    xent_jax.register_loss("focal")(lambda log_p: -log_p)
+
+
+def test_focal_loss_is_the_deprecated_name_of_softmax_focal_loss():
+  logits, labels = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.3, 0.2]]), jnp.array([0, 2])
+  with pytest.warns(DeprecationWarning, match="renamed softmax_focal_loss"):
+    old = xent_jax.focal_loss(logits, labels, gamma=1.5)
+  np.testing.assert_array_equal(old, xent_jax.softmax_focal_loss(logits, labels, gamma=1.5))
 
 
 DOCUMENTED_HPARAMS = {
@@ -50,14 +72,14 @@ DOCUMENTED_HPARAMS = {
     "logit_softcap": None,
   },
   "z_loss": {"label_smoothing": 0.0, "smoothing": "uniform", "z_loss": 1e-4, "logit_softcap": None},
-  "focal": {"gamma": 2.0, "alpha": None, "label_smoothing": 0.0},
-  "poly1": {"epsilon": 2.0, "label_smoothing": 0.0},
-  "bi_tempered": {"t1": 0.8, "t2": 1.2, "label_smoothing": 0.0, "num_iters": 5},
-  "symmetric_ce": {"alpha": 0.1, "beta": 1.0, "log_clip": -4.0, "label_smoothing": 0.0},
-  "generalized_ce": {"q": 0.7, "label_smoothing": 0.0},
-  "truncated_gce": {"q": 0.7, "k": 0.5, "label_smoothing": 0.0},
-  "taylor_ce": {"order": 2, "label_smoothing": 0.0},
-  "confidence_penalty": {"beta": 0.1, "label_smoothing": 0.0},
+  "softmax_focal_loss": {"gamma": 2.0, "alpha": None, "label_smoothing": 0.0},
+  "poly1_cross_entropy": {"epsilon": 2.0, "label_smoothing": 0.0},
+  "bi_tempered_logistic_loss": {"t1": 0.8, "t2": 1.2, "label_smoothing": 0.0, "num_iters": 5},
+  "symmetric_cross_entropy": {"alpha": 0.1, "beta": 1.0, "log_clip": -4.0, "label_smoothing": 0.0},
+  "generalized_cross_entropy": {"q": 0.7, "label_smoothing": 0.0},
+  "truncated_generalized_cross_entropy": {"q": 0.7, "k": 0.5, "label_smoothing": 0.0},
+  "taylor_cross_entropy": {"order": 2, "label_smoothing": 0.0},
+  "confidence_penalty_cross_entropy": {"beta": 0.1, "label_smoothing": 0.0},
 }
 
 
@@ -91,7 +113,7 @@ def test_bound_hparams_and_conventions_reach_the_loss():
       where=np.array([[True, False], [True, True]]),
     )
   )(logits_ckl)
-  want = xent_jax.focal_loss(
+  want = xent_jax.softmax_focal_loss(
     logits_ckl,
     LABELS.reshape(2, 2),
     gamma=0.5,

@@ -39,10 +39,10 @@ def _case(name, fn, row, hparams, ref_hparams, *, on_logits=False, weighted=Fals
 
 
 CASES = [
-  _case("focal", xent_jax.focal_loss, ref.focal, dict(gamma=2.0), dict(gamma=2.0)),
+  _case("focal", xent_jax.softmax_focal_loss, ref.focal, dict(gamma=2.0), dict(gamma=2.0)),
   _case(
     "focal_alpha",
-    xent_jax.focal_loss,
+    xent_jax.softmax_focal_loss,
     ref.focal,
     dict(gamma=0.5, alpha=ALPHA),
     dict(gamma=0.5, alpha=ALPHA),
@@ -136,7 +136,7 @@ def test_one_hot_labels_equal_integer_labels(case):
 
 
 NEUTRAL = [
-  pytest.param(xent_jax.focal_loss, dict(gamma=0.0), 1e-6, id="focal_gamma0"),
+  pytest.param(xent_jax.softmax_focal_loss, dict(gamma=0.0), 1e-6, id="focal_gamma0"),
   pytest.param(xent_jax.poly1_cross_entropy, dict(epsilon=0.0), 1e-6, id="poly1_eps0"),
   pytest.param(
     xent_jax.bi_tempered_logistic_loss, dict(t1=1.0, t2=1.0), 1e-6, id="bi_tempered_t1_t2_1"
@@ -208,8 +208,8 @@ EXTREME_PROBS = np.array(
 )
 
 ALL_VARIANTS = [
-  pytest.param(xent_jax.focal_loss, dict(gamma=2.0), id="focal"),
-  pytest.param(xent_jax.focal_loss, dict(gamma=0.3, alpha=0.5), id="focal_gamma_below_1"),
+  pytest.param(xent_jax.softmax_focal_loss, dict(gamma=2.0), id="focal"),
+  pytest.param(xent_jax.softmax_focal_loss, dict(gamma=0.3, alpha=0.5), id="focal_gamma_below_1"),
   pytest.param(xent_jax.poly1_cross_entropy, dict(epsilon=2.0), id="poly1"),
   pytest.param(xent_jax.symmetric_cross_entropy, {}, id="symmetric"),
   pytest.param(xent_jax.generalized_cross_entropy, dict(q=0.5), id="gce"),
@@ -249,7 +249,7 @@ def test_finite_values_and_gradients_at_extremes(fn, hparams, labels, dtype):
 def test_bf16_logits_are_computed_in_float32():
   logits_bf16 = jnp.asarray(LOGITS, jnp.bfloat16)
   upcast = jnp.asarray(logits_bf16, jnp.float32)
-  for fn in (xent_jax.focal_loss, xent_jax.bi_tempered_logistic_loss):
+  for fn in (xent_jax.softmax_focal_loss, xent_jax.bi_tempered_logistic_loss):
     got = fn(logits_bf16, INT_LABELS, reduction="none")
     want = fn(upcast, INT_LABELS, reduction="none")
     assert got.dtype == jnp.float32
@@ -259,13 +259,13 @@ def test_bf16_logits_are_computed_in_float32():
 def test_focal_gradient_at_certain_prediction_is_zero_for_gamma_below_one():
   # p_y == 1 exactly in float32: d/dx of (1-p)^gamma * (-log p) is 0, not NaN.
   logits = jnp.array([[100.0, -100.0, -100.0]])
-  grad = jax.grad(lambda x: xent_jax.focal_loss(x, jnp.array([0]), gamma=0.5))(logits)
+  grad = jax.grad(lambda x: xent_jax.softmax_focal_loss(x, jnp.array([0]), gamma=0.5))(logits)
   np.testing.assert_array_equal(np.asarray(grad), np.zeros((1, 3)))
 
 
 GRAD_CASES = [
-  pytest.param(xent_jax.focal_loss, dict(gamma=2.0, alpha=ALPHA), id="focal"),
-  pytest.param(xent_jax.focal_loss, dict(gamma=0.5), id="focal_gamma_below_1"),
+  pytest.param(xent_jax.softmax_focal_loss, dict(gamma=2.0, alpha=ALPHA), id="focal"),
+  pytest.param(xent_jax.softmax_focal_loss, dict(gamma=0.5), id="focal_gamma_below_1"),
   pytest.param(xent_jax.poly1_cross_entropy, dict(epsilon=1.0), id="poly1"),
   pytest.param(xent_jax.symmetric_cross_entropy, {}, id="symmetric"),
   pytest.param(xent_jax.generalized_cross_entropy, dict(q=0.7), id="gce"),
@@ -342,9 +342,9 @@ def test_masked_rows_like_cross_entropy(fn, hparams):
 @pytest.mark.parametrize(
   "call,name",
   [
-    (lambda x, y: xent_jax.focal_loss(x, y, gamma=-1.0), "gamma"),
-    (lambda x, y: xent_jax.focal_loss(x, y, alpha=[1.0, -1.0, 1.0, 1.0, 1.0]), "alpha"),
-    (lambda x, y: xent_jax.focal_loss(x, y, alpha=np.ones(3)), "alpha"),
+    (lambda x, y: xent_jax.softmax_focal_loss(x, y, gamma=-1.0), "gamma"),
+    (lambda x, y: xent_jax.softmax_focal_loss(x, y, alpha=[1.0, -1.0, 1.0, 1.0, 1.0]), "alpha"),
+    (lambda x, y: xent_jax.softmax_focal_loss(x, y, alpha=np.ones(3)), "alpha"),
     (lambda x, y: xent_jax.poly1_cross_entropy(x, y, epsilon=-2.0), "epsilon"),
     (lambda x, y: xent_jax.symmetric_cross_entropy(x, y, beta=-0.1), "beta"),
     (lambda x, y: xent_jax.symmetric_cross_entropy(x, y, log_clip=0.0), "log_clip"),
@@ -357,7 +357,7 @@ def test_masked_rows_like_cross_entropy(fn, hparams):
     (lambda x, y: xent_jax.bi_tempered_logistic_loss(x, y, t2=0.0), "t2"),
     (lambda x, y: xent_jax.bi_tempered_logistic_loss(x, y, label_smoothing=1.0), "label_smoothing"),
     (lambda x, y: xent_jax.bi_tempered_logistic_loss(x, y, num_iters=0), "num_iters"),
-    (lambda x, y: xent_jax.focal_loss(x, y, reduction="avg"), "reduction"),
+    (lambda x, y: xent_jax.softmax_focal_loss(x, y, reduction="avg"), "reduction"),
     (lambda x, y: xent_jax.poly1_cross_entropy(x, y, where=np.ones(4, bool)), "where"),
     (lambda x, y: xent_jax.taylor_cross_entropy(x, y, axis=2), "axis"),
   ],
@@ -376,8 +376,8 @@ def test_bad_options_raise_value_error_naming_them(call, name):
       lambda: jax.jit(lambda t: xent_jax.bi_tempered_logistic_loss(LOGITS, INT_LABELS, t2=t))(1.5),
       "t2",
     ),
-    (lambda: xent_jax.focal_loss(LOGITS.astype(np.int32), INT_LABELS), "logits"),
-    (lambda: xent_jax.focal_loss(LOGITS, INT_LABELS.astype(bool)), "labels"),
+    (lambda: xent_jax.softmax_focal_loss(LOGITS.astype(np.int32), INT_LABELS), "logits"),
+    (lambda: xent_jax.softmax_focal_loss(LOGITS, INT_LABELS.astype(bool)), "labels"),
   ],
 )
 def test_bad_types_raise_type_error_naming_them(call, name):
@@ -387,13 +387,13 @@ def test_bad_types_raise_type_error_naming_them(call, name):
 
 def test_bad_label_shape_names_labels():
   with pytest.raises(AssertionError, match="`labels`"):
-    xent_jax.focal_loss(LOGITS, INT_LABELS[:3])
+    xent_jax.softmax_focal_loss(LOGITS, INT_LABELS[:3])
   with pytest.raises(AssertionError, match="`labels`"):
-    xent_jax.focal_loss(LOGITS, PROBS[:, :3])
+    xent_jax.softmax_focal_loss(LOGITS, PROBS[:, :3])
 
 
 def test_hparams_may_be_traced_except_static_ones():
-  grad_gamma = jax.grad(lambda g: xent_jax.focal_loss(LOGITS, INT_LABELS, gamma=g))(2.0)
+  grad_gamma = jax.grad(lambda g: xent_jax.softmax_focal_loss(LOGITS, INT_LABELS, gamma=g))(2.0)
   assert np.isfinite(float(grad_gamma))
   jitted = jax.jit(lambda x, q: xent_jax.generalized_cross_entropy(x, INT_LABELS, q=q))
   np.testing.assert_allclose(

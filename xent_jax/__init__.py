@@ -28,14 +28,16 @@ from xent_jax.registry import list_losses
 from xent_jax.registry import register_loss
 from xent_jax.losses.variants import confidence_penalty_cross_entropy
 from xent_jax.losses.variants import focal_loss
+from xent_jax.losses.variants import softmax_focal_loss
 from xent_jax.losses.variants import generalized_cross_entropy
 from xent_jax.losses.variants import poly1_cross_entropy
 from xent_jax.losses.variants import symmetric_cross_entropy
 from xent_jax.losses.variants import taylor_cross_entropy
 from xent_jax.losses.variants import truncated_generalized_cross_entropy
 
-# Metrics (metrics/), used as a submodule: `from xent_jax import metrics`.
+# Submodules: metrics (`from xent_jax import metrics`) and the optax drop-ins' own namespace.
 from xent_jax import metrics
+from xent_jax import optax_compat
 
 __version__ = "0.1.0"
 
@@ -51,10 +53,12 @@ __all__ = [
   "linear_cross_entropy",
   "list_losses",
   "metrics",
+  "optax_compat",
   "poly1_cross_entropy",
   "poly_loss_cross_entropy",
   "register_loss",
   "smooth_labels",
+  "softmax_focal_loss",
   "softmax_cross_entropy",
   "softmax_cross_entropy_with_integer_labels",
   "symmetric_cross_entropy",

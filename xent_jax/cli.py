@@ -37,6 +37,18 @@ WORKDIR_HELP = {
 }
 
 
+def _command(sub, name: str, text: str, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  """The subcommand ``name``: ``text`` as its help and description, its examples as the epilog."""
+  return sub.add_parser(
+    name,
+    help=text,
+    description=text,
+    parents=[common],
+    epilog=EXAMPLES[name],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+
+
 def _parser() -> argparse.ArgumentParser:
   doc = __doc__.split("\n\n")
   parser = argparse.ArgumentParser(
@@ -60,14 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     ),
     ("compare", "run the config's grid of loss variants x seeds, then report"),
   ):
-    cmd = sub.add_parser(
-      name,
-      help=text,
-      description=text,
-      parents=[common],
-      epilog=EXAMPLES[name],
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    cmd = _command(sub, name, text, common)
     cmd.add_argument("config", help="YAML config file (see configs/)")
     cmd.add_argument(
       "overrides", nargs="*", help="key.sub=value overrides of the config, e.g. train.num_steps=100"
@@ -83,28 +88,16 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--coordinator", help="with --distributed: address HOST:PORT of process 0")
     cmd.add_argument("--num-processes", type=int, help="with --distributed: number of processes")
     cmd.add_argument("--process-id", type=int, help="with --distributed: this process's index")
-  text = "rebuild table.md, table.csv and plots/ from a comparison's files"
-  report = sub.add_parser(
-    "report",
-    help=text,
-    description=text,
-    parents=[common],
-    epilog=EXAMPLES["report"],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
+  report = _command(
+    sub, "report", "rebuild table.md, table.csv and plots/ from a comparison's files", common
   )
   report.add_argument(
     "directory",
     help="a comparison's output directory, holding <variant>/seed_<n>/ "
     "run directories (e.g. runs/digits_quick)",
   )
-  text = "list the registered losses with their hyper-parameters and defaults"
-  sub.add_parser(
-    "losses",
-    help=text,
-    description=text,
-    parents=[common],
-    epilog=EXAMPLES["losses"],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
+  _command(
+    sub, "losses", "list the registered losses with their hyper-parameters and defaults", common
   )
   return parser
 

@@ -15,10 +15,19 @@ import jax.numpy as jnp
 
 from xent_jax.core import checks
 from xent_jax.core import engine
+from xent_jax.core import heads
 from xent_jax.core import inputs
 from xent_jax.core.frontend import head_loss
 from xent_jax.core.options import LossOptions
 from xent_jax.losses.cross_entropy import cross_entropy_head
+from xent_jax.losses.variants import poly1_head
+
+__all__ = [
+  "poly_loss_cross_entropy",
+  "smooth_labels",
+  "softmax_cross_entropy",
+  "softmax_cross_entropy_with_integer_labels",
+]
 
 Axis = int | tuple[int, ...]
 _CROSS_ENTROPY = cross_entropy_head("uniform", 0.0)
@@ -58,10 +67,13 @@ def _masked_class_cross_entropy(logits, q, class_mask):
   return jnp.where(jnp.any(class_mask, axis=-1), loss, 0.0)
 
 
-def _per_example(fn: str, logits_BxC, labels, where, label_smoothing) -> jax.Array:
-  """Per-example cross-entropy, classes last, through the shared front end (no ignored label)."""
+def _per_example(
+  fn: str, logits_BxC, labels, where, label_smoothing, head: heads.Head = _CROSS_ENTROPY
+) -> jax.Array:
+  """Per-example ``head`` (cross-entropy by default), classes last, through the shared front
+  end (no ignored label)."""
   options = LossOptions(reduction="none", ignore_index=None, label_smoothing=label_smoothing)
-  loss, _ = head_loss(fn, _CROSS_ENTROPY, logits_BxC, labels, options, where=where)
+  loss, _ = head_loss(fn, head, logits_BxC, labels, options, where=where)
   return loss
 
 
@@ -246,13 +258,9 @@ def poly_loss_cross_entropy(
   checks.check_shape(fn, "labels", labels, logits.shape)
   x, class_mask = _classes_last(fn, logits, axis, where)
   q, _ = _classes_last(fn, labels, axis, None)
-  q = q.astype(inputs.compute_dtype(x.dtype))
-  xent = softmax_cross_entropy(logits, labels, axis, where)
-  if where is not None and jnp.ndim(where) == jnp.ndim(logits):
+  if class_mask is not None:
+    # optax's per-logit mask: the softmax and the target over the kept classes only.
     x = jnp.where(class_mask, x, -jnp.inf)
-    q = jnp.where(class_mask, q, 0.0)
-  probs = jax.nn.softmax(x.astype(q.dtype), axis=-1)
-  one_minus_pt = jnp.sum(q * (1.0 - probs), axis=-1)
-  if where is not None and jnp.ndim(where) != jnp.ndim(logits):
-    one_minus_pt = jnp.where(inputs.row_mask(fn, where, x.shape[:-1]), one_minus_pt, 0.0)
-  return xent + epsilon * one_minus_pt
+    q = jnp.where(class_mask, q, jnp.zeros_like(q))
+    where = jnp.any(class_mask, axis=-1)
+  return _per_example(fn, x, q, where, 0.0, head=poly1_head(epsilon))

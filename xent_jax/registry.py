@@ -9,9 +9,9 @@ argument except the shared conventions (``axis``, ``weight``, ``ignore_index``, 
 
 Example:
   >>> import jax.numpy as jnp, xent_jax
-  >>> loss_fn = xent_jax.get_loss("focal", gamma=1.0)
+  >>> loss_fn = xent_jax.get_loss("softmax_focal_loss", gamma=1.0)
   >>> logits, labels = jnp.array([[2.0, 0.5, -1.0]]), jnp.array([0])
-  >>> float(loss_fn(logits, labels)) == float(xent_jax.focal_loss(logits, labels, gamma=1.0))
+  >>> float(loss_fn(logits, labels)) == float(xent_jax.softmax_focal_loss(logits, labels, gamma=1.0))
   True
 """
 
@@ -65,14 +65,31 @@ _LOSSES: dict[str, _Entry] = {
     {"z_loss": 1e-4},
     "Cross-entropy plus z * logsumexp^2 (PaLM, Chowdhery et al. 2022), z 1e-4 by default.",
   ),
-  "focal": _Entry(variants.focal_loss),
-  "poly1": _Entry(variants.poly1_cross_entropy),
-  "bi_tempered": _Entry(bitempered.bi_tempered_logistic_loss),
-  "symmetric_ce": _Entry(variants.symmetric_cross_entropy),
-  "generalized_ce": _Entry(variants.generalized_cross_entropy),
-  "truncated_gce": _Entry(variants.truncated_generalized_cross_entropy),
-  "taylor_ce": _Entry(variants.taylor_cross_entropy),
-  "confidence_penalty": _Entry(variants.confidence_penalty_cross_entropy),
+}
+# Every other loss is registered under its function's name.
+for _fn in (
+  variants.softmax_focal_loss,
+  variants.poly1_cross_entropy,
+  bitempered.bi_tempered_logistic_loss,
+  variants.symmetric_cross_entropy,
+  variants.generalized_cross_entropy,
+  variants.truncated_generalized_cross_entropy,
+  variants.taylor_cross_entropy,
+  variants.confidence_penalty_cross_entropy,
+):
+  _LOSSES[_fn.__name__] = _Entry(_fn)
+
+# Short names (the configs' and earlier releases') of registered losses.
+ALIASES = {
+  "focal": "softmax_focal_loss",
+  "focal_loss": "softmax_focal_loss",
+  "poly1": "poly1_cross_entropy",
+  "bi_tempered": "bi_tempered_logistic_loss",
+  "symmetric_ce": "symmetric_cross_entropy",
+  "generalized_ce": "generalized_cross_entropy",
+  "truncated_gce": "truncated_generalized_cross_entropy",
+  "taylor_ce": "taylor_cross_entropy",
+  "confidence_penalty": "confidence_penalty_cross_entropy",
 }
 
 
@@ -113,7 +130,7 @@ def list_losses() -> dict[str, LossInfo]:
 
   Example:
     >>> import xent_jax
-    >>> xent_jax.list_losses()["focal"].hparams
+    >>> xent_jax.list_losses()["softmax_focal_loss"].hparams
     {'gamma': 2.0, 'alpha': None}
   """
   return {
@@ -452,13 +469,14 @@ def _import_loss(path: str) -> _Entry:
 
 
 def _entry(name: str) -> _Entry:
+  name = ALIASES.get(name, name)
   if name in _LOSSES:
     return _LOSSES[name]
   if ":" in name:
     return _import_loss(name)
   raise ValueError(
-    f"get_loss: unknown loss {name!r}; registered losses: {sorted(_LOSSES)} "
-    "(or an import path 'package.module:function')."
+    f"get_loss: unknown loss {name!r}; registered losses: {sorted(_LOSSES)}, aliases: "
+    f"{sorted(ALIASES)} (or an import path 'package.module:function')."
   )
 
 
@@ -611,7 +629,7 @@ def register_loss(
   """
   if not isinstance(name, str) or not name or ":" in name:
     raise ValueError(f"register_loss: `name` must be a non-empty string without ':', got {name!r}.")
-  if name in _LOSSES:
+  if name in _LOSSES or name in ALIASES:
     raise ValueError(f"register_loss: a loss named {name!r} is registered already.")
 
   def decorate(class_fn):

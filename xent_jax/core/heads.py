@@ -180,6 +180,14 @@ def _series_for(head: Head, weighted: bool) -> PowerSeries | None:
   return series if series is not None and (not weighted or series.single_term) else None
 
 
+def _local_class_factor(head: Head, num_local: int, vocab_axis: Hashable | None):
+  """The head's class factor on this shard's classes (the whole ``[V]`` without ``vocab_axis``)."""
+  factor = head.class_factor
+  if factor is None or vocab_axis is None:
+    return factor
+  return lax.dynamic_slice_in_dim(factor, engine.shard_start(num_local, vocab_axis), num_local)
+
+
 def _class_beta(class_weight, class_factor, num_classes: int, dtype) -> jax.Array:
   beta = jnp.ones((num_classes,), dtype) if class_weight is None else class_weight.astype(dtype)
   return beta if class_factor is None else beta * class_factor.astype(dtype)
@@ -250,10 +258,7 @@ def integer_loss(
   """
   dtype = engine.compute_dtype(logits.dtype)
   num_local = logits.shape[-1]
-  local_factor = head.class_factor
-  if local_factor is not None and vocab_axis is not None:
-    start = engine.shard_start(num_local, vocab_axis)
-    local_factor = lax.dynamic_slice_in_dim(local_factor, start, num_local)
+  local_factor = _local_class_factor(head, num_local, vocab_axis)
   stats = engine.row_stats(
     logits,
     labels,
@@ -387,10 +392,7 @@ def probability_loss(
   """
   dtype = engine.compute_dtype(logits.dtype)
   num_local = logits.shape[-1]
-  class_factor = head.class_factor
-  if class_factor is not None and vocab_axis is not None:
-    start = engine.shard_start(num_local, vocab_axis)
-    class_factor = lax.dynamic_slice_in_dim(class_factor, start, num_local)
+  class_factor = _local_class_factor(head, num_local, vocab_axis)
   # The labels stay in their own dtype and every pass converts them where it reads them: a
   # converted copy, read by the forward and the backward pass, is what XLA:TPU would keep as a
   # float32 [..., V] temporary.

@@ -67,7 +67,6 @@ from xent_jax.core import heads
 from xent_jax.core import inputs as loss_inputs
 from xent_jax.parallel import logits as parallel_logits
 from xent_jax.core.reduction import reduce_loss
-from xent_jax.core import hparams as vi
 
 
 def _log_t(u, t: float):
@@ -247,7 +246,7 @@ def tempered_softmax(
   """
   fn = "tempered_softmax"
   checks.check_floating(fn, "logits", logits)
-  vi.check_static_number(fn, "t", t)
+  checks.check_static_number(fn, "t", t)
   checks.check_in_range(fn, "t", t, 0.0, math.inf, low_open=True, high_open=True)
   _check_num_iters(fn, num_iters)
   logits = jnp.asarray(logits)
@@ -566,7 +565,7 @@ def _weighted_rows(logits, labels, valid, weight, cfg: _Config) -> tuple[jax.Arr
 
 def _check_hparams(fn: str, t1, t2, label_smoothing, num_iters) -> None:
   for name, value in (("t1", t1), ("t2", t2), ("label_smoothing", label_smoothing)):
-    vi.check_static_number(fn, name, value)
+    checks.check_static_number(fn, name, value)
   _check_num_iters(fn, num_iters)
   checks.check_in_range(fn, "t1", t1, 0.0, 1.0)
   checks.check_in_range(fn, "t2", t2, 0.0, math.inf, low_open=True, high_open=True)

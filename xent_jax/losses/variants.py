@@ -40,11 +40,11 @@ import numpy as np
 from jax import lax
 
 from xent_jax.core import checks
+from xent_jax.core.deprecation import renamed_function
 from xent_jax.core import engine
 from xent_jax.core import heads
 from xent_jax.core.frontend import head_loss
 from xent_jax.core.options import LossOptions
-from xent_jax.core import hparams as vi
 
 
 @jax.custom_jvp
@@ -223,7 +223,7 @@ def confidence_penalty_head(beta: float) -> heads.Head:
   )
 
 
-def focal_loss(
+def softmax_focal_loss(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
   *,
@@ -259,15 +259,15 @@ def focal_loss(
   Example:
     >>> import jax.numpy as jnp, xent_jax
     >>> logits = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
-    >>> round(float(xent_jax.focal_loss(logits, jnp.array([0, 1]), gamma=2.0)), 4)
+    >>> round(float(xent_jax.softmax_focal_loss(logits, jnp.array([0, 1]), gamma=2.0)), 4)
     1.3061
 
   References:
     Lin, Goyal, Girshick, He, Dollár, "Focal Loss for Dense Object Detection", ICCV 2017.
   """
-  fn = "focal_loss"
+  fn = "softmax_focal_loss"
   checks.check_in_range(fn, "gamma", gamma, 0.0, math.inf)
-  vi.check_nonnegative_array(fn, "alpha", alpha)
+  checks.check_nonnegative_array(fn, "alpha", alpha)
   if alpha is not None:
     num_classes = np.shape(logits)[checks.canonical_axis(fn, axis, np.ndim(logits))]
     if np.shape(alpha) not in ((), (num_classes,)):
@@ -651,7 +651,7 @@ def _alpha_vector(alpha, num_classes: int):
 # Each variant's head from its hyper-parameters (label smoothing aside) and the class count, for
 # the executors that take a head rather than logits (vocabulary shards).
 HEAD_FACTORIES = {
-  focal_loss: lambda num_classes, gamma, alpha: focal_head(
+  softmax_focal_loss: lambda num_classes, gamma, alpha: focal_head(
     gamma, _alpha_vector(alpha, num_classes)
   ),
   poly1_cross_entropy: lambda num_classes, epsilon: poly1_head(epsilon),
@@ -663,3 +663,7 @@ HEAD_FACTORIES = {
   taylor_cross_entropy: lambda num_classes, order: taylor_head(int(order)),
   confidence_penalty_cross_entropy: lambda num_classes, beta: confidence_penalty_head(beta),
 }
+
+
+# Former name (optax's focal loss is the sigmoid one, `optax.sigmoid_focal_loss`).
+focal_loss = renamed_function(softmax_focal_loss, "focal_loss")
