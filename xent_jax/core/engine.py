@@ -324,17 +324,15 @@ def separate_sums(summands: list[Callable[[], jax.Array]], like: jax.Array) -> l
   separate passes over the data.
 
   Except on TPU, each one runs as a branch of a ``lax.switch`` in a loop over the sums. XLA:CPU
-  fuses one elementwise computation into one YNNPACK reduction, but between sibling reductions it
-  merges every common intermediate, down to the broadcasts of shared constants, and stores it as
-  a ``[..., V]`` array for both to read; optimisation barriers do not stop this (they are removed
-  before the merge), and a variadic reduction (all sums in one pass) runs about ten times slower
-  than separate ones. A loop branch is a computation of its own, which nothing is merged across
-  (a lone sum gets an empty second branch: XLA inlines a loop of one iteration). XLA:GPU does the
-  same: on an H100, written together, bfloat16 logits with label smoothing kept one float32
-  ``[N, V]`` (1028 MiB at 8192 x 32768) for focal, poly-1, GCE and Taylor; as branches, 0.3 MiB,
-  and fwd+bwd 0.83-0.90x the time (truncated GCE 1.15x, the confidence penalty 1.07x;
-  ``experiments/results/gpu_h100/``). TPU gets the sums written together, which keep no
-  ``[..., V]`` array there (``experiments/results/aot_memory.md``).
+  fuses one elementwise computation into one reduction, but between sibling reductions it merges
+  every common intermediate, down to the broadcasts of shared constants, and stores it as a
+  ``[..., V]`` array for both to read; optimisation barriers do not stop this (they are removed
+  before the merge), and a variadic reduction (all sums in one pass) is far slower than separate
+  ones. A loop branch is a computation of its own, which nothing is merged across (a lone sum gets
+  an empty second branch: XLA inlines a loop of one iteration). XLA:GPU merges the same way, so it
+  takes the branches too. TPU gets the sums written together, which keep no ``[..., V]`` array
+  there. The measurements behind this choice are in ``experiments/results/`` (``probe_pair_sums``,
+  ``gpu_h100/``, ``aot_memory``).
   """
   if not summands:
     return []

@@ -22,7 +22,7 @@ This module holds the problems the project measures, so that the bounds of
 Every measurement is cached, so the naive baselines compile once per process.
 
 Example:
-  >>> from xent_jax import aot
+  >>> from xent_jax.tools import aot
   >>> aot.head_temp_bytes("fused", "n32k_d2k_v32k", "v5e:2x2") / aot.MIB  # doctest: +SKIP
   506.0
 
@@ -56,7 +56,7 @@ MIB = 2**20
 # blocked schedules visiting the vocabulary in 64 or more chunks, and fails as soon as any [N, V]
 # temporary is kept, even a bfloat16 one (1/2) or a float32 quarter ([N, V/4]).
 LOGITS_TEMP_FRACTION = 1 / 64
-# The fused head against the naive head compiled the same way (issue 9's target).
+# The fused head against the naive head compiled the same way: at most a tenth of its temporaries.
 FUSED_TEMP_FRACTION = 1 / 10
 
 # Two-by-two slices of the TPU generations the library targets. libtpu's default host holds 2x2
@@ -67,7 +67,7 @@ TOPOLOGIES = ("v5e:2x2", "v6e:2x2")
 # The logits path: [N, V] bfloat16 logits.
 LOGITS_SHAPE = (8192, 32768)
 
-# Heads (N tokens, D hidden, V vocabulary) of issue 9: Llama-3-8B, a Gemma-2-style vocabulary,
+# Heads (N tokens, D hidden, V vocabulary): Llama-3-8B, a Gemma-2-style vocabulary,
 # and many tokens over a small vocabulary.
 HEADS = {
   "llama3_8b": (8192, 4096, 128256),
