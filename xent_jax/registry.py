@@ -4,7 +4,7 @@ Each registered name is a loss function plus, optionally, different defaults for
 hyper-parameters. A name may also be an import path ``"package.module:function"`` of a loss with
 the same conventions, and :func:`register_loss` turns a per-class function
 :math:`f(\\log p)` into a full loss (lean on logits, fused with a linear layer, registered by name). A loss's hyper-parameters are read off its signature — every keyword-only
-argument except the shared conventions (``axis``, ``weight``, ``ignore_index``, ``reduction``,
+argument except the shared conventions (``axis``, ``class_weight``, ``ignore_index``, ``reduction``,
 ``where``) — so the registry never keeps a second copy of names or defaults.
 
 Example:
@@ -16,6 +16,7 @@ Example:
 """
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import math
@@ -28,6 +29,7 @@ import numpy as np
 
 from xent_jax.losses import bitempered
 from xent_jax.core import checks
+from xent_jax.core.deprecation import current_keywords
 from xent_jax.fused import chunked
 from xent_jax.losses import cross_entropy
 from xent_jax.core import engine
@@ -40,7 +42,9 @@ from xent_jax.fused import heads as fused_heads
 from xent_jax.core.reduction import reduce_loss
 from xent_jax.losses import variants
 
-CONVENTIONS = ("axis", "weight", "ignore_index", "reduction", "where")
+CONVENTIONS = ("axis", "class_weight", "ignore_index", "reduction", "where")
+# The former name of ``class_weight``, still accepted (with a DeprecationWarning).
+_FORMER_NAMES = {"weight": "class_weight"}
 # Keyword-only arguments that are neither conventions nor hyper-parameters: they change what the
 # loss returns, which a configured loss keeps fixed.
 _OUTPUT_OPTIONS = ("return_lse",)
@@ -112,7 +116,8 @@ def _hparam_defaults(entry: _Entry) -> dict[str, Any]:
   defaults = {
     p.name: p.default
     for p in params
-    if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in CONVENTIONS + _OUTPUT_OPTIONS
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+    and p.name not in CONVENTIONS + _OUTPUT_OPTIONS + tuple(_FORMER_NAMES)
   }
   return defaults | dict(entry.defaults)
 
@@ -161,7 +166,7 @@ class ConfiguredLoss:
   """A registered loss with its hyper-parameters bound; call it like the loss itself.
 
   ``loss_fn(logits, labels, **conventions)`` accepts the shared conventions (``axis``,
-  ``weight``, ``ignore_index``, ``reduction``, ``where``) and nothing else.
+  ``class_weight``, ``ignore_index``, ``reduction``, ``where``) and nothing else.
   :meth:`linear` is the same loss fused with a linear layer and :meth:`vocab_parallel` the same
   loss over vocabulary shards.
   """
@@ -173,6 +178,7 @@ class ConfiguredLoss:
   def __call__(
     self, logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike, **conventions: Any
   ) -> jax.Array:
+    conventions = current_keywords(f"loss {self.name!r}", conventions, _FORMER_NAMES)
     unknown = sorted(set(conventions) - set(CONVENTIONS))
     if unknown:
       raise ValueError(
@@ -459,13 +465,25 @@ def _import_loss(path: str) -> _Entry:
   if not callable(obj):
     raise ValueError(f"get_loss: {path!r} is not callable, got {type(obj).__name__}.")
   params = inspect.signature(obj).parameters
-  missing = [c for c in CONVENTIONS if c not in params]
+  former = [old for old, new in _FORMER_NAMES.items() if old in params and new not in params]
+  missing = [c for c in CONVENTIONS if c not in params and c not in _FORMER_NAMES.values()]
+  missing += [c for c in _FORMER_NAMES.values() if c not in params and not former]
   if missing:
     raise ValueError(
       f"get_loss: {path!r} must take the loss conventions as keyword arguments; it lacks "
       f"{missing} (see xent_jax.register_loss to build a loss from f(log p))."
     )
-  return _Entry(obj)
+  return _Entry(_taking_class_weight(obj) if former else obj)
+
+
+def _taking_class_weight(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """An import-path loss written with the former ``weight`` keyword, called with ``class_weight``."""
+
+  @functools.wraps(fn)
+  def loss(logits, labels, *, class_weight=None, **kwargs):
+    return fn(logits, labels, weight=class_weight, **kwargs)
+
+  return loss
 
 
 def _entry(name: str) -> _Entry:
@@ -522,7 +540,7 @@ def define_loss(class_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
 
   The loss is :math:`\ell_i = \sum_c w_c q_{ic} f(\log p_{ic})` (for an integer label
   :math:`\ell_i = w_{y_i} f(\log p_{i y_i})`), with every convention of
-  :func:`xent_jax.cross_entropy` (``label_smoothing``, ``axis``, ``weight``, ``ignore_index``,
+  :func:`xent_jax.cross_entropy` (``label_smoothing``, ``axis``, ``class_weight``, ``ignore_index``,
   ``reduction``, ``where``, probability labels). It runs on the row-statistics engine: with
   integer labels it costs what cross-entropy costs, keeps only per-row residuals, and works in
   forward and reverse mode. ``f`` must be elementwise, differentiable, and finite at
@@ -533,8 +551,8 @@ def define_loss(class_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
       hyper-parameters (Python numbers).
 
   Returns:
-    ``loss(logits, labels, *, <hyper-parameters>, label_smoothing=0.0, axis=-1, weight=None,
-    ignore_index=-100, reduction="mean", where=None)``.
+    ``loss(logits, labels, *, <hyper-parameters>, label_smoothing=0.0, axis=-1,
+    class_weight=None, ignore_index=-100, reduction="mean", where=None)``.
 
   Example:
     >>> import jax.numpy as jnp, xent_jax
@@ -559,12 +577,14 @@ def define_loss(class_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     *,
     label_smoothing=0.0,
     axis=-1,
-    weight=None,
+    class_weight=None,
     ignore_index=-100,
     reduction="mean",
     where=None,
     **values,
   ):
+    values = current_keywords(name, values, _FORMER_NAMES)
+    class_weight = values.pop("class_weight", class_weight)
     unknown = sorted(set(values) - set(hparams))
     if unknown:
       raise TypeError(f"{name}: unknown hyper-parameter(s) {unknown}; valid ones: {list(hparams)}.")
@@ -574,7 +594,7 @@ def define_loss(class_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     )
     head = heads.Head(lambda log_p: class_fn(log_p, **bound))
     reduced, _ = head_loss(
-      name, head, logits, labels, options, axis=axis, class_weight=weight, where=where
+      name, head, logits, labels, options, axis=axis, class_weight=class_weight, where=where
     )
     return reduced
 
@@ -589,7 +609,7 @@ def define_loss(class_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     + [
       inspect.Parameter("label_smoothing", kw, default=0.0),
       inspect.Parameter("axis", kw, default=-1),
-      inspect.Parameter("weight", kw, default=None),
+      inspect.Parameter("class_weight", kw, default=None),
       inspect.Parameter("ignore_index", kw, default=-100),
       inspect.Parameter("reduction", kw, default="mean"),
       inspect.Parameter("where", kw, default=None),

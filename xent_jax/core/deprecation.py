@@ -2,7 +2,7 @@
 
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -23,26 +23,31 @@ def renamed_function(fn: Callable[..., Any], old_name: str) -> Callable[..., Any
   return alias
 
 
-def renamed_keyword(old: str, new: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-  """Decorator: the keyword argument ``old`` of the decorated function is now called ``new``.
+def current_keywords(fn: str, kwargs: Mapping[str, Any], renames: Mapping[str, str]) -> dict:
+  """``kwargs`` with each former name (a key of ``renames``) replaced by its new name, with a
+  ``DeprecationWarning`` naming both; ``TypeError`` when a call gives both names."""
+  current = dict(kwargs)
+  for old, new in renames.items():
+    if old in current:
+      if new in current:
+        raise TypeError(f"{fn}: give `{new}` only (`{old}` is its former name).")
+      warnings.warn(
+        f"{fn}: `{old}` is renamed `{new}`; the old name will be removed.",
+        DeprecationWarning,
+        stacklevel=3,
+      )
+      current[new] = current.pop(old)
+  return current
 
-  A call that passes ``old=`` gets a ``DeprecationWarning`` and its value as ``new``; passing
-  both raises ``TypeError`` naming them.
-  """
+
+def renamed_keyword(old: str, new: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+  """Decorator: the keyword argument ``old`` of the decorated function is now called ``new``
+  (:func:`current_keywords` at each call)."""
 
   def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-      if old in kwargs:
-        if new in kwargs:
-          raise TypeError(f"{fn.__name__}: give `{new}` only (`{old}` is its former name).")
-        warnings.warn(
-          f"{fn.__name__}: `{old}` is renamed `{new}`; the old name will be removed.",
-          DeprecationWarning,
-          stacklevel=2,
-        )
-        kwargs[new] = kwargs.pop(old)
-      return fn(*args, **kwargs)
+      return fn(*args, **current_keywords(fn.__name__, kwargs, {old: new}))
 
     return wrapper
 

@@ -71,7 +71,7 @@ def head_loss(
     logits,
     labels,
     axis=axis,
-    weight=class_weight,
+    class_weight=class_weight,
     ignore_index=options.ignore_index,
     where=where,
     reduction=options.reduction,

@@ -1,7 +1,7 @@
 """The argument conventions every loss shares, checked and parsed in one place.
 
 ``logits`` with classes on ``axis``; ``labels`` either integer class ids (``logits.shape`` without
-``axis``) or float probabilities (``logits.shape``); class ``weight`` ``[C]``; ``ignore_index``;
+``axis``) or float probabilities (``logits.shape``); ``class_weight`` ``[C]``; ``ignore_index``;
 a per-example mask ``where``; a ``reduction``. :func:`parse_inputs` checks them at trace time
 (naming the bad argument) and returns them with the classes on the last axis, together with the
 derived per-example quantities of PyTorch's rules: the example weight
@@ -34,7 +34,7 @@ def check_class_weight(fn: str, name: str, weight, num_classes: int) -> None:
   are concrete (not traced), that every weight is a non-negative number.
 
   Raises:
-    TypeError: a non-float ``weight``.
+    TypeError: a non-float class weight.
     AssertionError: (chex) a shape other than ``[C]``.
     ValueError: a negative or NaN weight, naming the first one.
   """
@@ -226,7 +226,7 @@ def parse_inputs(
   labels: jax.typing.ArrayLike,
   *,
   axis: int,
-  weight: jax.typing.ArrayLike | None,
+  class_weight: jax.typing.ArrayLike | None,
   ignore_index: int | None,
   where: jax.typing.ArrayLike | None,
   reduction: str,
@@ -234,15 +234,16 @@ def parse_inputs(
 ) -> LossInputs:
   """Checks the shared arguments of ``fn`` (naming the bad one) and moves classes last.
 
-  With ``vocab_axis`` (inside ``shard_map``) ``logits`` and ``weight`` hold one shard's classes and
+  With ``vocab_axis`` (inside ``shard_map``) ``logits`` and ``class_weight`` hold one shard's classes and
   integer labels are read against the global class count.
 
   Raises:
-    TypeError: non-float ``logits``; ``labels`` neither integer nor float; non-float ``weight``;
+    TypeError: non-float ``logits``; ``labels`` neither integer nor float; non-float
+      ``class_weight``;
       a non-int ``ignore_index``.
     ValueError: bad ``axis`` or ``reduction``, no classes, a ``where`` that does not broadcast,
       negative class weights, concrete labels JAX would wrap.
-    AssertionError: (chex, at trace time) ``labels`` or ``weight`` of the wrong shape.
+    AssertionError: (chex, at trace time) ``labels`` or ``class_weight`` of the wrong shape.
   """
   checks.check_floating(fn, "logits", logits)
   checks.check_reduction(fn, reduction)
@@ -254,9 +255,10 @@ def parse_inputs(
   num_local = logits.shape[axis]
   num_classes = num_local if vocab_axis is None else num_local * jax.lax.axis_size(vocab_axis)
   batch_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
-  if weight is not None:
-    check_class_weight(fn, "weight", weight, num_local)
-    weight = jnp.asarray(weight).astype(compute_dtype(logits.dtype))
+  weight = None
+  if class_weight is not None:
+    check_class_weight(fn, "class_weight", class_weight, num_local)
+    weight = jnp.asarray(class_weight).astype(compute_dtype(logits.dtype))
   valid = row_mask(fn, where, batch_shape)
   integer = is_integer_labels(fn, labels, logits.shape, axis)
   if integer:

@@ -62,6 +62,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from xent_jax.core import checks
+from xent_jax.core.deprecation import renamed_keyword
 from xent_jax.core import engine
 from xent_jax.core import heads
 from xent_jax.core import inputs as loss_inputs
@@ -577,6 +578,7 @@ def _check_smoothable(fn: str, label_smoothing, num_classes: int) -> None:
     raise ValueError(f"{fn}: `label_smoothing` needs at least 2 classes, got {num_classes}.")
 
 
+@renamed_keyword("weight", "class_weight")
 def bi_tempered_logistic_loss(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -586,7 +588,7 @@ def bi_tempered_logistic_loss(
   label_smoothing: float = 0.0,
   num_iters: int = 5,
   axis: int = -1,
-  weight: jax.typing.ArrayLike | None = None,
+  class_weight: jax.typing.ArrayLike | None = None,
   ignore_index: int | None = -100,
   reduction: str = "mean",
   where: jax.typing.ArrayLike | None = None,
@@ -603,7 +605,7 @@ def bi_tempered_logistic_loss(
   :math:`t_2 > 1` gives the softmax a heavy tail (robust near it). :math:`t_1 = t_2 = 1` is
   cross-entropy (minus the target's entropy, 0 for one-hot targets). Label smoothing follows
   the reference implementation: :math:`q \leftarrow (1 - \frac{K}{K-1}\epsilon)\,q +
-  \frac{\epsilon}{K-1}`. With ``weight`` the loss is scaled by the target's weight
+  \frac{\epsilon}{K-1}`. With ``class_weight`` the loss is scaled by the target's weight
   (:math:`w_y`, or :math:`\sum_c w_c q_c` for probability labels).
 
   The gradient is the closed form
@@ -620,7 +622,7 @@ def bi_tempered_logistic_loss(
     label_smoothing: :math:`\epsilon \in [0, 1)` (default 0).
     num_iters: iterations of the normalization (default 5, as the reference), a Python int;
       each is one pass over the logits.
-    axis, weight, ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
+    axis, class_weight, ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
 
   Returns:
     The reduced loss, float32 (float64 for float64 logits); per-example for 'none'.
@@ -642,7 +644,7 @@ def bi_tempered_logistic_loss(
     logits,
     labels,
     axis=axis,
-    weight=weight,
+    class_weight=class_weight,
     ignore_index=ignore_index,
     where=where,
     reduction=reduction,

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from xent_jax.core import engine
+from xent_jax.core.deprecation import renamed_keyword
 from xent_jax.core import heads
 from xent_jax.core.frontend import head_loss
 from xent_jax.core.options import LossOptions
@@ -59,12 +60,13 @@ def cross_entropy_head(smoothing: str, z_loss: float) -> heads.Head:
   )
 
 
+@renamed_keyword("weight", "class_weight")
 def cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
   *,
   axis: int = -1,
-  weight: jax.typing.ArrayLike | None = None,
+  class_weight: jax.typing.ArrayLike | None = None,
   ignore_index: int | None = -100,
   reduction: str = "mean",
   label_smoothing: float = 0.0,
@@ -94,7 +96,8 @@ def cross_entropy(
     labels: integer class ids of shape ``logits.shape`` without ``axis``, or float probabilities
       of ``logits.shape``.
     axis: the class axis.
-    weight: ``[C]`` class weights (PyTorch's ``weight``), treated as constants.
+    class_weight: ``[C]`` class weights (PyTorch's ``weight``, the former name here, still
+      accepted with a ``DeprecationWarning``), treated as constants.
     ignore_index: integer labels equal to it count for nothing (loss 0, weight 0); None: no
       label is ignored. Other labels outside ``[0, C)`` give a NaN loss for their example (see
       :func:`xent_jax.check_labels` to find them).
@@ -135,6 +138,6 @@ def cross_entropy(
   )
   head = cross_entropy_head(smoothing, float(z_loss))
   reduced, stats = head_loss(
-    fn, head, logits, labels, options, axis=axis, class_weight=weight, where=where
+    fn, head, logits, labels, options, axis=axis, class_weight=class_weight, where=where
   )
   return (reduced, stats.lse) if return_lse else reduced

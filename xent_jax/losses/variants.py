@@ -41,6 +41,7 @@ from jax import lax
 
 from xent_jax.core import checks
 from xent_jax.core.deprecation import renamed_function
+from xent_jax.core.deprecation import renamed_keyword
 from xent_jax.core import engine
 from xent_jax.core import heads
 from xent_jax.core.frontend import head_loss
@@ -93,13 +94,15 @@ def _floor_tiny(u: jax.Array) -> jax.Array:
 _floor_tiny.defjvp(lambda primals, tangents: (_floor_tiny(primals[0]), tangents[0]))
 
 
-def _dense(fn, head, logits, labels, label_smoothing, axis, weight, ignore_index, reduction, where):
+def _dense(
+  fn, head, logits, labels, label_smoothing, axis, class_weight, ignore_index, reduction, where
+):
   """``head`` on the logits through the shared front end, uniform smoothing."""
   options = LossOptions.checked(
     fn, reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing
   )
   loss, _ = head_loss(
-    fn, head, logits, labels, options, axis=axis, class_weight=weight, where=where
+    fn, head, logits, labels, options, axis=axis, class_weight=class_weight, where=where
   )
   return loss
 
@@ -223,6 +226,7 @@ def confidence_penalty_head(beta: float) -> heads.Head:
   )
 
 
+@renamed_keyword("weight", "class_weight")
 def softmax_focal_loss(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -231,7 +235,7 @@ def softmax_focal_loss(
   alpha: jax.typing.ArrayLike | None = None,
   label_smoothing: float = 0.0,
   axis: int = -1,
-  weight: jax.typing.ArrayLike | None = None,
+  class_weight: jax.typing.ArrayLike | None = None,
   ignore_index: int | None = -100,
   reduction: str = "mean",
   where: jax.typing.ArrayLike | None = None,
@@ -242,7 +246,7 @@ def softmax_focal_loss(
      f(p_y) = -\alpha_y\,(1 - p_y)^{\gamma}\,\log p_y
 
   :math:`\gamma = 0` with ``alpha=None`` is cross-entropy. :math:`\alpha` balances classes like
-  ``weight`` but, as in the paper, is not part of the 'mean' denominator :math:`\omega`.
+  ``class_weight`` but, as in the paper, is not part of the 'mean' denominator :math:`\omega`.
 
   Args:
     logits: ``[..., C, ...]`` float logits.
@@ -250,7 +254,7 @@ def softmax_focal_loss(
       (``logits.shape``).
     gamma: focusing parameter :math:`\gamma \ge 0` (default 2, the paper's choice).
     alpha: per-class balance :math:`\alpha`, ``[C]`` or a scalar, :math:`\ge 0`; None: 1.
-    label_smoothing, axis, weight, ignore_index, reduction, where: as in
+    label_smoothing, axis, class_weight, ignore_index, reduction, where: as in
       :func:`xent_jax.cross_entropy` (uniform smoothing).
 
   Returns:
@@ -282,13 +286,14 @@ def softmax_focal_loss(
     labels,
     label_smoothing,
     axis,
-    weight,
+    class_weight,
     ignore_index,
     reduction,
     where,
   )
 
 
+@renamed_keyword("weight", "class_weight")
 def poly1_cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -296,7 +301,7 @@ def poly1_cross_entropy(
   epsilon: float = 2.0,
   label_smoothing: float = 0.0,
   axis: int = -1,
-  weight: jax.typing.ArrayLike | None = None,
+  class_weight: jax.typing.ArrayLike | None = None,
   ignore_index: int | None = -100,
   reduction: str = "mean",
   where: jax.typing.ArrayLike | None = None,
@@ -308,14 +313,14 @@ def poly1_cross_entropy(
 
   :math:`\epsilon = 0` is cross-entropy. For probability labels this is
   :math:`\mathrm{CE}(q, p) + \epsilon(1 - \sum_c q_c p_c)`, the same as
-  :func:`xent_jax.poly_loss_cross_entropy` (optax's semantics) without ``weight``.
+  :func:`xent_jax.poly_loss_cross_entropy` (optax's semantics) without ``class_weight``.
 
   Args:
     logits: ``[..., C, ...]`` float logits.
     labels: integer class ids or probabilities, as in :func:`xent_jax.cross_entropy`.
     epsilon: :math:`\epsilon \ge -1` (default 2, as optax; :math:`\epsilon \ge -1` keeps the loss
       decreasing in :math:`p_y`).
-    label_smoothing, axis, weight, ignore_index, reduction, where: as in
+    label_smoothing, axis, class_weight, ignore_index, reduction, where: as in
       :func:`xent_jax.cross_entropy` (uniform smoothing).
 
   Returns:
@@ -340,13 +345,14 @@ def poly1_cross_entropy(
     labels,
     label_smoothing,
     axis,
-    weight,
+    class_weight,
     ignore_index,
     reduction,
     where,
   )
 
 
+@renamed_keyword("weight", "class_weight")
 def symmetric_cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -356,7 +362,7 @@ def symmetric_cross_entropy(
   log_clip: float = -4.0,
   label_smoothing: float = 0.0,
   axis: int = -1,
-  weight: jax.typing.ArrayLike | None = None,
+  class_weight: jax.typing.ArrayLike | None = None,
   ignore_index: int | None = -100,
   reduction: str = "mean",
   where: jax.typing.ArrayLike | None = None,
@@ -368,7 +374,7 @@ def symmetric_cross_entropy(
      \mathrm{RCE} = -\sum_c p_c \max(\log q_c, A)
 
   For a one-hot target :math:`\mathrm{RCE} = -A\,(1 - p_y)`. Probability labels use the formula
-  as written, scaled by :math:`\sum_c w_c q_c` when ``weight`` is given. :math:`\alpha = 1,
+  as written, scaled by :math:`\sum_c w_c q_c` when ``class_weight`` is given. :math:`\alpha = 1,
   \beta = 0` is cross-entropy.
 
   Args:
@@ -377,7 +383,7 @@ def symmetric_cross_entropy(
     alpha: weight :math:`\alpha \ge 0` of cross-entropy (default 0.1, the paper's CIFAR-10 value).
     beta: weight :math:`\beta \ge 0` of reverse cross-entropy (default 1.0).
     log_clip: :math:`A < 0`, the value of :math:`\log 0` (default -4, the paper's).
-    label_smoothing, axis, weight, ignore_index, reduction, where: as in
+    label_smoothing, axis, class_weight, ignore_index, reduction, where: as in
       :func:`xent_jax.cross_entropy` (uniform smoothing).
 
   Returns:
@@ -404,13 +410,14 @@ def symmetric_cross_entropy(
     labels,
     label_smoothing,
     axis,
-    weight,
+    class_weight,
     ignore_index,
     reduction,
     where,
   )
 
 
+@renamed_keyword("weight", "class_weight")
 def generalized_cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -418,7 +425,7 @@ def generalized_cross_entropy(
   q: float = 0.7,
   label_smoothing: float = 0.0,
   axis: int = -1,
-  weight: jax.typing.ArrayLike | None = None,
+  class_weight: jax.typing.ArrayLike | None = None,
   ignore_index: int | None = -100,
   reduction: str = "mean",
   where: jax.typing.ArrayLike | None = None,
@@ -434,7 +441,7 @@ def generalized_cross_entropy(
     logits: ``[..., C, ...]`` float logits.
     labels: integer class ids or probabilities, as in :func:`xent_jax.cross_entropy`.
     q: :math:`q \in (0, 1]` (default 0.7, the paper's).
-    label_smoothing, axis, weight, ignore_index, reduction, where: as in
+    label_smoothing, axis, class_weight, ignore_index, reduction, where: as in
       :func:`xent_jax.cross_entropy` (uniform smoothing).
 
   Returns:
@@ -459,13 +466,14 @@ def generalized_cross_entropy(
     labels,
     label_smoothing,
     axis,
-    weight,
+    class_weight,
     ignore_index,
     reduction,
     where,
   )
 
 
+@renamed_keyword("weight", "class_weight")
 def truncated_generalized_cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -474,7 +482,7 @@ def truncated_generalized_cross_entropy(
   k: float = 0.5,
   label_smoothing: float = 0.0,
   axis: int = -1,
-  weight: jax.typing.ArrayLike | None = None,
+  class_weight: jax.typing.ArrayLike | None = None,
   ignore_index: int | None = -100,
   reduction: str = "mean",
   where: jax.typing.ArrayLike | None = None,
@@ -493,7 +501,7 @@ def truncated_generalized_cross_entropy(
     labels: integer class ids or probabilities, as in :func:`xent_jax.cross_entropy`.
     q: :math:`q \in (0, 1]` (default 0.7, the paper's).
     k: truncation threshold :math:`k \in [0, 1)` (default 0.5, the paper's).
-    label_smoothing, axis, weight, ignore_index, reduction, where: as in
+    label_smoothing, axis, class_weight, ignore_index, reduction, where: as in
       :func:`xent_jax.cross_entropy` (uniform smoothing).
 
   Returns:
@@ -519,13 +527,14 @@ def truncated_generalized_cross_entropy(
     labels,
     label_smoothing,
     axis,
-    weight,
+    class_weight,
     ignore_index,
     reduction,
     where,
   )
 
 
+@renamed_keyword("weight", "class_weight")
 def taylor_cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -533,7 +542,7 @@ def taylor_cross_entropy(
   order: int = 2,
   label_smoothing: float = 0.0,
   axis: int = -1,
-  weight: jax.typing.ArrayLike | None = None,
+  class_weight: jax.typing.ArrayLike | None = None,
   ignore_index: int | None = -100,
   reduction: str = "mean",
   where: jax.typing.ArrayLike | None = None,
@@ -550,7 +559,7 @@ def taylor_cross_entropy(
     logits: ``[..., C, ...]`` float logits.
     labels: integer class ids or probabilities, as in :func:`xent_jax.cross_entropy`.
     order: :math:`t \ge 1`, a Python int (default 2, the paper's choice for CIFAR-10).
-    label_smoothing, axis, weight, ignore_index, reduction, where: as in
+    label_smoothing, axis, class_weight, ignore_index, reduction, where: as in
       :func:`xent_jax.cross_entropy` (uniform smoothing).
 
   Returns:
@@ -576,13 +585,14 @@ def taylor_cross_entropy(
     labels,
     label_smoothing,
     axis,
-    weight,
+    class_weight,
     ignore_index,
     reduction,
     where,
   )
 
 
+@renamed_keyword("weight", "class_weight")
 def confidence_penalty_cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -590,7 +600,7 @@ def confidence_penalty_cross_entropy(
   beta: float = 0.1,
   label_smoothing: float = 0.0,
   axis: int = -1,
-  weight: jax.typing.ArrayLike | None = None,
+  class_weight: jax.typing.ArrayLike | None = None,
   ignore_index: int | None = -100,
   reduction: str = "mean",
   where: jax.typing.ArrayLike | None = None,
@@ -601,14 +611,14 @@ def confidence_penalty_cross_entropy(
      \ell = \mathrm{CE}(q, p) - \beta\,H(p), \qquad H(p) = -\sum_c p_c \log p_c
 
   The entropy term is scaled by the target's weight (:math:`w_y`, or :math:`\sum_c w_c q_c` when
-  probability labels come with ``weight``). :math:`\beta = 0` is cross-entropy. Classes with
+  probability labels come with ``class_weight``). :math:`\beta = 0` is cross-entropy. Classes with
   :math:`x_c = -\infty` add nothing to :math:`H` (:math:`0 \log 0 = 0`).
 
   Args:
     logits: ``[..., C, ...]`` float logits.
     labels: integer class ids or probabilities, as in :func:`xent_jax.cross_entropy`.
     beta: penalty strength :math:`\beta \ge 0` (default 0.1).
-    label_smoothing, axis, weight, ignore_index, reduction, where: as in
+    label_smoothing, axis, class_weight, ignore_index, reduction, where: as in
       :func:`xent_jax.cross_entropy` (uniform smoothing).
 
   Returns:
@@ -633,7 +643,7 @@ def confidence_penalty_cross_entropy(
     labels,
     label_smoothing,
     axis,
-    weight,
+    class_weight,
     ignore_index,
     reduction,
     where,
