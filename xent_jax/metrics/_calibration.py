@@ -102,6 +102,7 @@ def calibration_counts(
 def _calibration_counts(
   fn: str, logits, labels, num_bins: int, axis: int, where
 ) -> CalibrationCounts:
+  """:func:`calibration_counts` for the public function ``fn`` (named in its errors)."""
   num_bins = check_positive_int(fn, "num_bins", num_bins)
   return bin_sums(read_rows(fn, logits, labels, axis, where), num_bins)
 
