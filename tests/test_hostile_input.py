@@ -345,12 +345,12 @@ def test_numeric_label_smoothing_types_are_accepted(value):
 
 NEGATIVE_WEIGHT_CALLS = {
   "cross_entropy": (
-    "weight",
-    lambda w: xent_jax.cross_entropy(_logits(2, 4), jnp.array([0, 1]), weight=w),
+    "class_weight",
+    lambda w: xent_jax.cross_entropy(_logits(2, 4), jnp.array([0, 1]), class_weight=w),
   ),
-  "focal_loss": (
-    "weight",
-    lambda w: xent_jax.softmax_focal_loss(_logits(2, 4), jnp.array([0, 1]), weight=w),
+  "softmax_focal_loss": (
+    "class_weight",
+    lambda w: xent_jax.softmax_focal_loss(_logits(2, 4), jnp.array([0, 1]), class_weight=w),
   ),
   "linear_cross_entropy": (
     "class_weight",

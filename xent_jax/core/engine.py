@@ -264,21 +264,6 @@ def floor_log_p(log_p: jax.Array) -> jax.Array:
   return jnp.maximum(log_p, jnp.finfo(log_p.dtype).min / 4)
 
 
-def weighted_log_p(log_p: jax.Array, beta: jax.Array | None) -> jax.Array:
-  """:math:`\\beta \\log p` elementwise with :math:`0 \\log 0 = 0` and :math:`-\\infty` where
-  :math:`\\beta > 0` meets :math:`p = 0` (a ``-inf`` logit holding target mass: an infinite
-  loss, as PyTorch and optax's ``safe_softmax_cross_entropy`` give). ``β`` None means all ones.
-
-  No ``select`` (see :func:`floor_log_p`): the floor is :math:`\\text{finfo.min}/4` where
-  :math:`\\beta = 0` and :math:`-\\infty` elsewhere, as ``floor / (β == 0)``.
-  """
-  if beta is None:
-    return log_p
-  zero_weight = (beta == 0).astype(log_p.dtype)
-  floor = _over_rows(jnp.finfo(log_p.dtype).min / 4 / zero_weight, log_p.shape)
-  return _times_beta(jnp.maximum(log_p, floor), beta)
-
-
 def class_terms(f: ClassFn, beta: jax.Array | None, log_p) -> tuple[jax.Array, jax.Array]:
   """``(β f(log p), β f'(log p))`` elementwise: exactly 0 where ``β == 0``, also where
   :math:`\\log p = -\\infty` (``f`` is evaluated at :func:`floor_log_p` there, and must be finite
@@ -399,14 +384,29 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
     k = len(summands) - 1
     return lambda sums: sums[k]
 
+  def weighted_log_p_sum(beta_fn, operands):
+    """Reader of :math:`\\sum_c \\beta_c \\log p_c` with :math:`0 \\log 0 = 0`, and
+    :math:`-\\infty` where target mass :math:`\\beta_c > 0` sits on a class with :math:`p_c = 0`
+    (a ``-inf`` logit: an infinite loss, as in PyTorch and optax's
+    ``safe_softmax_cross_entropy``). Two passes that each read :math:`\\beta` once: the floored
+    sum (:func:`floor_log_p`), and the weight on classes with :math:`\\log p = -\\infty`
+    (:math:`\\beta` read twice in one pass, or a compare, is kept as a ``[..., V]`` array on
+    XLA:CPU)."""
+    floored = pass_over_logits(weighted_pass(floor_log_p, beta_fn, operands))
+    # 1 where log p = -inf, else 0, without a compare (not fused into the reduction on XLA:CPU).
+    at_zero = lambda log_p: 1.0 - jnp.exp(log_p - floor_log_p(log_p))
+    mass_at_zero = pass_over_logits(weighted_pass(at_zero, beta_fn, operands))
+    minus_inf = jnp.full_like(m, -jnp.inf)
+    return lambda sums: jnp.where(mass_at_zero(sums) > 0, minus_inf, floored(sums))
+
   def series_sums(series: PowerSeries, beta_fn, operands):
     """Readers of :math:`\\sum_c\\beta_c f` and :math:`B` from the power sums' passes."""
     total_weight = complete(weight_sum(beta_fn, operands))
     log_sum_beta = None
-    if series.log_coef:
-      log_sum_beta = pass_over_logits(
-        lambda: jnp.sum(weighted_log_p(log_probs()[1], _beta(beta_fn, operands, dtype)), -1)
-      )
+    if series.log_coef and not operands:  # unit weights: a -inf logit gives -inf
+      log_sum_beta = pass_over_logits(weighted_pass(lambda log_p: log_p, beta_fn, operands))
+    elif series.log_coef:
+      log_sum_beta = weighted_log_p_sum(beta_fn, operands)
     powers = []
     for j, b in series.powers:
       if j == 1 and not operands:  # unit weights: sum_c p_c = 1
