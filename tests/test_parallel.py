@@ -390,6 +390,45 @@ class TestVocabParallelLinearCrossEntropy:
         np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-3
       )
 
+  @pytest.mark.parametrize("reduction", ["mean", "none"])
+  def test_local_function_inside_user_shard_map(self, reduction):
+    # The per-shard function under the caller's own shard_map: 'mean' runs the one-pass schedule,
+    # 'none' the two-pass one; values and gradients equal the single-device function's.
+    from xent_jax.parallel.linear import vocab_parallel_linear_cross_entropy_local
+
+    hidden, weight_VxD, bias, labels, options = _linear_problem(np.random.default_rng(31))
+    options.update(reduction=reduction)
+    class_weight, where = options.pop("class_weight"), options.pop("where")
+    mesh = _mesh((2, 4))
+
+    def local(h, w, y, b, cw, m):
+      loss = vocab_parallel_linear_cross_entropy_local(
+        h, w, y, vocab_axis="vocab", data_axis="data", bias=b, class_weight=cw, where=m, **options
+      )
+      return jax.lax.psum(jnp.sum(loss), "data") if reduction == "none" else loss
+
+    rows, classes = P("data"), P("vocab")
+    specs = (P("data", None), P("vocab", None), rows, classes, classes, rows)
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())
+    args = (hidden, weight_VxD, labels, bias, class_weight, where)
+    with jax.set_mesh(mesh):
+      placed = [jax.device_put(a, jax.sharding.NamedSharding(mesh, s)) for a, s in zip(args, specs)]
+      loss, grads = jax.jit(jax.value_and_grad(mapped, argnums=(0, 1, 3)))(*placed)
+
+    def single(h, w, b):
+      return jnp.sum(
+        xent_jax.linear_cross_entropy(
+          h, w, labels, bias=b, class_weight=class_weight, where=where, **options
+        )
+      )
+
+    single_loss, single_grads = jax.value_and_grad(single, argnums=(0, 1, 2))(
+      hidden, weight_VxD, bias
+    )
+    np.testing.assert_allclose(loss, single_loss, rtol=1e-5)
+    for got, want in zip(grads, single_grads):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
 
 class TestMeshWithAnUnusedAxis:
   def test_both_losses_on_data_x_vocab_x_model(self):

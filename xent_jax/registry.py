@@ -39,6 +39,8 @@ from xent_jax.core.options import LossOptions
 from xent_jax.core import inputs
 from xent_jax.fused import linear
 from xent_jax.fused import heads as fused_heads
+from xent_jax.parallel import bitempered as parallel_bitempered
+from xent_jax.parallel import logits as parallel_logits
 from xent_jax.core.reduction import reduce_loss
 from xent_jax.losses import variants
 
@@ -401,18 +403,16 @@ class ConfiguredLoss:
     Cross-entropy entries run that function; every other head of the engine (the variants, losses
     from :func:`register_loss`) completes its per-row statistics with ``pmax``/``psum`` over the
     vocabulary axis, integer or probability labels. The bi-tempered loss runs
-    :func:`xent_jax.losses.bitempered.vocab_parallel_bi_tempered_loss`, which completes its max and
-    every class sum (those of its iterative normalization included) the same way; it has no
+    :func:`xent_jax.parallel.bitempered.vocab_parallel_bi_tempered_loss`, which completes its max
+    and every class sum (those of its iterative normalization included) the same way; it has no
     ``return_lse``. Losses named by import path have no vocabulary-parallel form
     (``NotImplementedError``, naming the loss).
     """
-    from xent_jax.parallel import logits as parallel_logits  # pylint: disable=import-outside-toplevel
-
     fn = f"get_loss({self.name!r}).vocab_parallel"
     if _is_cross_entropy(self.fn):
       return parallel_logits.vocab_parallel_cross_entropy(logits, labels, **self.hparams, **options)
     if self.fn is bitempered.bi_tempered_logistic_loss:
-      return bitempered.vocab_parallel_bi_tempered_loss(
+      return parallel_bitempered.vocab_parallel_bi_tempered_loss(
         fn, logits, labels, **self.hparams, **options
       )
     axis = options.get("axis", -1)

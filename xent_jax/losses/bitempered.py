@@ -35,7 +35,8 @@ How it is computed, row by row, so that nothing of size ``[..., V]`` is kept bet
   :math:`\text{off}` elsewhere; sums against it are :math:`\text{off}\sum_c f_c +
   (\text{on}-\text{off}) f_y` with :math:`f_y` from the label's logit, and the backward pass
   selects it per class.
-* With the classes split over a mesh axis (:func:`vocab_parallel_bi_tempered_loss`, which
+* With the classes split over a mesh axis
+  (:func:`xent_jax.parallel.bitempered.vocab_parallel_bi_tempered_loss`, which
   ``get_loss("bi_tempered").vocab_parallel`` runs) each shard makes the same passes over its
   ``[..., V_s]`` logits: the max is completed by a ``pmax`` and every class sum (the iterations',
   the loss's, :math:`A`, :math:`B`, the tangent's) by a ``psum`` over the vocabulary axis, and
@@ -66,7 +67,6 @@ from xent_jax.core.deprecation import renamed_keyword
 from xent_jax.core import engine
 from xent_jax.core import heads
 from xent_jax.core import inputs as loss_inputs
-from xent_jax.parallel import logits as parallel_logits
 from xent_jax.core.reduction import reduce_loss
 
 
@@ -290,7 +290,9 @@ class _Config:
     return self.t1 == self.t2 == 1.0
 
 
-def _config(t1, t2, label_smoothing, num_iters, num_classes: int, vocab_axis=None) -> _Config:
+def loss_config(t1, t2, label_smoothing, num_iters, num_classes: int, vocab_axis=None) -> _Config:
+  """The :class:`_Config` of checked hyper-parameters over ``num_classes`` (global) classes; with
+  ``vocab_axis`` each row's sums run over the shards of that mesh axis."""
   off = label_smoothing / (num_classes - 1) if label_smoothing else 0.0
   return _Config(
     float(t1), float(t2), int(num_iters), 1.0 - label_smoothing, off, num_classes, vocab_axis
@@ -537,11 +539,11 @@ def bi_tempered_rows(
     ``[T]`` loss (float32, float64 for float64 logits), to be multiplied by the row's target
     weight and reduced by the caller.
   """
-  cfg = _config(t1, t2, label_smoothing, num_iters, logits.shape[-1])
+  cfg = loss_config(t1, t2, label_smoothing, num_iters, logits.shape[-1])
   return _rows(logits, lax.stop_gradient(labels), valid, cfg)
 
 
-def _weighted_rows(logits, labels, valid, weight, cfg: _Config) -> tuple[jax.Array, jax.Array]:
+def weighted_rows(logits, labels, valid, weight, cfg: _Config) -> tuple[jax.Array, jax.Array]:
   """``([...] loss, [...] example weight)``: the per-row loss times the target's class weight
   (:math:`w_y`, or :math:`\\sum_c w_c q_c` for probability labels, through which alone they get
   gradients) and each row's weight in a 'mean' (:math:`w_y`, or 1, on valid rows).
@@ -564,7 +566,8 @@ def _weighted_rows(logits, labels, valid, weight, cfg: _Config) -> tuple[jax.Arr
   return jnp.where(valid, loss * mass, loss), example_weight
 
 
-def _check_hparams(fn: str, t1, t2, label_smoothing, num_iters) -> None:
+def check_hparams(fn: str, t1, t2, label_smoothing, num_iters) -> None:
+  """Checks the loss's hyper-parameters (static numbers in range); the error names ``fn``."""
   for name, value in (("t1", t1), ("t2", t2), ("label_smoothing", label_smoothing)):
     checks.check_static_number(fn, name, value)
   _check_num_iters(fn, num_iters)
@@ -573,7 +576,8 @@ def _check_hparams(fn: str, t1, t2, label_smoothing, num_iters) -> None:
   checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
 
 
-def _check_smoothable(fn: str, label_smoothing, num_classes: int) -> None:
+def check_smoothable(fn: str, label_smoothing, num_classes: int) -> None:
+  """Refuses label smoothing over fewer than 2 classes (its off value divides by ``K - 1``)."""
   if label_smoothing and num_classes < 2:
     raise ValueError(f"{fn}: `label_smoothing` needs at least 2 classes, got {num_classes}.")
 
@@ -638,7 +642,7 @@ def bi_tempered_logistic_loss(
     NeurIPS 2019; reference code github.com/google/bi-tempered-loss.
   """
   fn = "bi_tempered_logistic_loss"
-  _check_hparams(fn, t1, t2, label_smoothing, num_iters)
+  check_hparams(fn, t1, t2, label_smoothing, num_iters)
   inputs = loss_inputs.parse_inputs(
     fn,
     logits,
@@ -649,106 +653,9 @@ def bi_tempered_logistic_loss(
     where=where,
     reduction=reduction,
   )
-  _check_smoothable(fn, label_smoothing, inputs.num_classes)
-  cfg = _config(t1, t2, label_smoothing, num_iters, inputs.num_classes)
-  loss, example_weight = _weighted_rows(
+  check_smoothable(fn, label_smoothing, inputs.num_classes)
+  cfg = loss_config(t1, t2, label_smoothing, num_iters, inputs.num_classes)
+  loss, example_weight = weighted_rows(
     inputs.logits, inputs.labels, inputs.valid, inputs.weight, cfg
   )
   return reduce_loss(loss, example_weight, reduction, fn=fn)
-
-
-def vocab_parallel_bi_tempered_loss(
-  fn: str,
-  logits: jax.typing.ArrayLike,
-  labels: jax.typing.ArrayLike,
-  *,
-  mesh: jax.sharding.Mesh,
-  vocab_axis: Hashable = "vocab",
-  data_axis: Hashable | None = None,
-  axis: int = -1,
-  weight: jax.typing.ArrayLike | None = None,
-  ignore_index: int | None = -100,
-  reduction: str = "mean",
-  where: jax.typing.ArrayLike | None = None,
-  return_lse: bool = False,
-  t1: float = 0.8,
-  t2: float = 1.2,
-  label_smoothing: float = 0.0,
-  num_iters: int = 5,
-) -> jax.Array:
-  r""":func:`bi_tempered_logistic_loss` with the classes split over a mesh axis.
-
-  Shard :math:`s` of ``vocab_axis`` holds the logits ``[..., V_s]`` of classes
-  :math:`[s V_s, (s+1) V_s)`; the per-row numbers of the loss are completed over the shards,
-
-  .. math::
-     m = \operatorname{pmax}_s \max_{c \in s} x_c, \qquad
-     \textstyle\sum_c f(p_c) = \operatorname{psum}_s \sum_{c \in s} f(p_c), \qquad
-     x_y = \operatorname{psum}_s [y \in s]\, x_y,
-
-  for every sum of the normalization's iterations (fixed point or bisection), of the loss and of
-  :math:`A`, :math:`B` and the tangent (module docstring), so values and gradients (of the logits,
-  and of probability labels through class weights) equal the one-device loss; the smoothing is
-  spread over the global :math:`V = V_s\,|\text{vocab}|`. Only per-row values are kept between
-  the passes; forward mode works. Runs :func:`xent_jax.parallel.logits.sharded_loss`, which lays the
-  global arrays out on ``mesh`` as :func:`xent_jax.vocab_parallel_cross_entropy` does.
-
-  Args:
-    fn: the caller's name, for error messages.
-    logits: ``[..., V, ...]`` float logits, classes on ``axis``.
-    labels: integer class ids (``logits.shape`` without ``axis``) or float probabilities
-      (``logits.shape``, split over the classes like the logits).
-    mesh, vocab_axis, data_axis, axis, weight, ignore_index, reduction, where: as in
-      :func:`xent_jax.vocab_parallel_cross_entropy` (``weight`` ``[V]``, split like the classes).
-    return_lse: must be False: the loss normalizes by :math:`\lambda`, it has no logsumexp.
-    t1, t2, label_smoothing, num_iters: as in :func:`bi_tempered_logistic_loss`.
-
-  Returns:
-    The reduced loss (for 'none' of the batch shape, split over ``data_axis``).
-
-  Example::
-
-    mesh = jax.make_mesh((2, 4), ("data", "vocab"))
-    loss = xent_jax.get_loss("bi_tempered", t1=0.8, t2=1.2).vocab_parallel(
-        logits_BxV, labels_B, mesh=mesh, data_axis="data")
-
-  References:
-    Amid, Warmuth, Anil, Koren, "Robust Bi-Tempered Logistic Loss Based on Bregman Divergences",
-    NeurIPS 2019; Shoeybi et al., "Megatron-LM", 2019 (vocabulary-parallel losses).
-  """
-  _check_hparams(fn, t1, t2, label_smoothing, num_iters)
-  checks.check_reduction(fn, reduction)
-  ignore_index = loss_inputs.check_ignore_index(fn, ignore_index)
-  if return_lse:
-    raise ValueError(
-      f"{fn}: `return_lse` must be False: the bi-tempered loss normalizes its tempered softmax "
-      "by lambda and has no logsumexp."
-    )
-
-  def shard_loss(logits, labels, *, weight, where):
-    num_classes = logits.shape[-1] * lax.axis_size(vocab_axis)
-    _check_smoothable(fn, label_smoothing, num_classes)
-    cfg = _config(t1, t2, label_smoothing, num_iters, num_classes, vocab_axis)
-    if jnp.issubdtype(labels.dtype, jnp.integer):
-      read = loss_inputs.integer_labels(
-        fn, labels, num_classes=num_classes, ignore_index=ignore_index, where=where
-      )
-      labels, valid = read.labels, read.valid
-    else:
-      valid = loss_inputs.row_mask(fn, where, logits.shape[:-1])
-    loss, example_weight = _weighted_rows(logits, labels, valid, weight, cfg)
-    return parallel_logits.reduce_rows(loss, example_weight, reduction, data_axis, fn)
-
-  return parallel_logits.sharded_loss(
-    fn,
-    shard_loss,
-    logits,
-    labels,
-    mesh=mesh,
-    vocab_axis=vocab_axis,
-    data_axis=data_axis,
-    axis=axis,
-    weight=weight,
-    reduction=reduction,
-    where=where,
-  )
