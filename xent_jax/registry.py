@@ -397,7 +397,7 @@ class ConfiguredLoss:
     self, logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike, **options: Any
   ) -> jax.Array:
     """This loss with the classes split over a mesh axis: ``mesh``, ``vocab_axis``,
-    ``data_axis``, ``axis``, ``weight``, ``ignore_index``, ``reduction``, ``where`` and
+    ``data_axis``, ``axis``, ``class_weight``, ``ignore_index``, ``reduction``, ``where`` and
     ``return_lse`` as in :func:`xent_jax.vocab_parallel_cross_entropy`.
 
     Cross-entropy entries run that function; every other head of the engine (the variants, losses
@@ -409,6 +409,7 @@ class ConfiguredLoss:
     (``NotImplementedError``, naming the loss).
     """
     fn = f"get_loss({self.name!r}).vocab_parallel"
+    options = current_keywords(fn, options, _FORMER_NAMES)
     if _is_cross_entropy(self.fn):
       return parallel_logits.vocab_parallel_cross_entropy(logits, labels, **self.hparams, **options)
     if self.fn is bitempered.bi_tempered_logistic_loss:

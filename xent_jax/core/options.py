@@ -1,12 +1,19 @@
 r"""The options every loss shares, checked once and carried as one frozen object.
 
-A loss, its fused form and its sharded form take the same keyword options; the public function
-checks them with :meth:`LossOptions.checked` (naming the bad one) and passes the object down, so
-no layer repeats the keyword list or the checks.
+A loss, its fused form and its sharded form take the same keyword options. They are declared
+once, here: :class:`LossOptions` holds their defaults and checks, and a public function takes them
+as ``**options`` (typed by :class:`OptionKwargs` or :class:`CrossEntropyOptionKwargs`), with
+:func:`takes_options` listing them in its signature. The function checks them with
+:meth:`LossOptions.checked` (naming the bad one) and passes the object down, so no layer repeats
+the keyword list or the checks.
 """
 
 import dataclasses
+import functools
+import inspect
 import math
+from collections.abc import Callable
+from typing import Any, TypedDict
 
 import jax
 
@@ -62,3 +69,48 @@ class LossOptions:
   def smooth(self, q: jax.Array, num_classes: int) -> jax.Array:
     """The smoothed target of probability labels ``q`` (``[..., V]``, ``num_classes`` in all)."""
     return heads.smooth_probabilities(q, self.label_smoothing, self.smoothing, num_classes)
+
+
+class OptionKwargs(TypedDict, total=False):
+  """The option keywords of every loss (defaults and meaning: :class:`LossOptions`)."""
+
+  reduction: str
+  ignore_index: int | None
+  label_smoothing: float
+
+
+class CrossEntropyOptionKwargs(OptionKwargs, total=False):
+  """The option keywords of cross-entropy's functions: :class:`OptionKwargs` and the smoothing
+  convention, the z-loss and the soft cap."""
+
+  smoothing: str
+  z_loss: float
+  logit_softcap: float | None
+
+
+def takes_options(kwargs_type: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+  """Decorator for a function with ``**options: Unpack[kwargs_type]``: its signature (``help``,
+  ``inspect``, the registry, the docs) lists those keywords with :class:`LossOptions`' defaults,
+  and any other keyword raises ``TypeError`` as for an ordinary signature."""
+  defaults = {f.name: f.default for f in dataclasses.fields(LossOptions)}
+
+  def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+    signature = inspect.signature(fn)
+    own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    listed = [
+      inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=defaults[n], annotation=t)
+      for n, t in kwargs_type.__annotations__.items()
+    ]
+    accepted = {p.name for p in own} | set(kwargs_type.__annotations__)
+
+    @functools.wraps(fn)
+    def with_options(*args, **kwargs):
+      unknown = sorted(set(kwargs) - accepted)
+      if unknown:
+        raise TypeError(f"{fn.__name__}() got an unexpected keyword argument {unknown[0]!r}")
+      return fn(*args, **kwargs)
+
+    with_options.__signature__ = signature.replace(parameters=own + listed)
+    return with_options
+
+  return decorate

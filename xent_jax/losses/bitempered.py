@@ -55,7 +55,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Hashable
-from typing import NamedTuple
+from typing import NamedTuple, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +64,9 @@ from jax.custom_derivatives import SymbolicZero
 
 from xent_jax.core import checks
 from xent_jax.core.deprecation import renamed_keyword
+from xent_jax.core.options import LossOptions
+from xent_jax.core.options import OptionKwargs
+from xent_jax.core.options import takes_options
 from xent_jax.core import engine
 from xent_jax.core import heads
 from xent_jax.core import inputs as loss_inputs
@@ -583,19 +586,18 @@ def check_smoothable(fn: str, label_smoothing, num_classes: int) -> None:
 
 
 @renamed_keyword("weight", "class_weight")
+@takes_options(OptionKwargs)
 def bi_tempered_logistic_loss(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
   *,
   t1: float = 0.8,
   t2: float = 1.2,
-  label_smoothing: float = 0.0,
   num_iters: int = 5,
   axis: int = -1,
   class_weight: jax.typing.ArrayLike | None = None,
-  ignore_index: int | None = -100,
-  reduction: str = "mean",
   where: jax.typing.ArrayLike | None = None,
+  **options: Unpack[OptionKwargs],
 ) -> jax.Array:
   r"""Bi-tempered logistic loss: a Bregman divergence with a tempered log and softmax.
 
@@ -642,20 +644,21 @@ def bi_tempered_logistic_loss(
     NeurIPS 2019; reference code github.com/google/bi-tempered-loss.
   """
   fn = "bi_tempered_logistic_loss"
-  check_hparams(fn, t1, t2, label_smoothing, num_iters)
+  checked = LossOptions.checked(fn, **options)
+  check_hparams(fn, t1, t2, checked.label_smoothing, num_iters)
   inputs = loss_inputs.parse_inputs(
     fn,
     logits,
     labels,
     axis=axis,
     class_weight=class_weight,
-    ignore_index=ignore_index,
+    ignore_index=checked.ignore_index,
     where=where,
-    reduction=reduction,
+    reduction=checked.reduction,
   )
-  check_smoothable(fn, label_smoothing, inputs.num_classes)
-  cfg = loss_config(t1, t2, label_smoothing, num_iters, inputs.num_classes)
+  check_smoothable(fn, checked.label_smoothing, inputs.num_classes)
+  cfg = loss_config(t1, t2, checked.label_smoothing, num_iters, inputs.num_classes)
   loss, example_weight = weighted_rows(
     inputs.logits, inputs.labels, inputs.valid, inputs.weight, cfg
   )
-  return reduce_loss(loss, example_weight, reduction, fn=fn)
+  return reduce_loss(loss, example_weight, checked.reduction, fn=fn)

@@ -17,6 +17,7 @@ differentiation works too.
 """
 
 import math
+from typing import Unpack
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,9 @@ from xent_jax.core import engine
 from xent_jax.core.deprecation import renamed_keyword
 from xent_jax.core import heads
 from xent_jax.core.frontend import head_loss
+from xent_jax.core.options import CrossEntropyOptionKwargs
 from xent_jax.core.options import LossOptions
+from xent_jax.core.options import takes_options
 
 
 def cross_entropy_head(smoothing: str, z_loss: float) -> heads.Head:
@@ -61,20 +64,16 @@ def cross_entropy_head(smoothing: str, z_loss: float) -> heads.Head:
 
 
 @renamed_keyword("weight", "class_weight")
+@takes_options(CrossEntropyOptionKwargs)
 def cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
   *,
   axis: int = -1,
   class_weight: jax.typing.ArrayLike | None = None,
-  ignore_index: int | None = -100,
-  reduction: str = "mean",
-  label_smoothing: float = 0.0,
-  smoothing: str = "uniform",
-  z_loss: float = 0.0,
-  logit_softcap: float | None = None,
   where: jax.typing.ArrayLike | None = None,
   return_lse: bool = False,
+  **options: Unpack[CrossEntropyOptionKwargs],
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r"""Softmax cross-entropy with every option, following PyTorch's rules.
 
@@ -127,17 +126,9 @@ def cross_entropy(
     Chowdhery et al., "PaLM", 2022 (z-loss); Gemma Team, "Gemma 2", 2024 (soft-capping).
   """
   fn = "cross_entropy"
-  options = LossOptions.checked(
-    fn,
-    reduction=reduction,
-    ignore_index=ignore_index,
-    label_smoothing=label_smoothing,
-    smoothing=smoothing,
-    z_loss=z_loss,
-    logit_softcap=logit_softcap,
-  )
-  head = cross_entropy_head(smoothing, float(z_loss))
+  checked = LossOptions.checked(fn, **options)
+  head = cross_entropy_head(checked.smoothing, float(checked.z_loss))
   reduced, stats = head_loss(
-    fn, head, logits, labels, options, axis=axis, class_weight=class_weight, where=where
+    fn, head, logits, labels, checked, axis=axis, class_weight=class_weight, where=where
   )
   return (reduced, stats.lse) if return_lse else reduced

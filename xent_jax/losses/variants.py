@@ -33,6 +33,7 @@ The conventions' arguments, in every function below:
 """
 
 import math
+from typing import Unpack
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,8 @@ from xent_jax.core import engine
 from xent_jax.core import heads
 from xent_jax.core.frontend import head_loss
 from xent_jax.core.options import LossOptions
+from xent_jax.core.options import OptionKwargs
+from xent_jax.core.options import takes_options
 
 
 @jax.custom_jvp
@@ -94,15 +97,11 @@ def _floor_tiny(u: jax.Array) -> jax.Array:
 _floor_tiny.defjvp(lambda primals, tangents: (_floor_tiny(primals[0]), tangents[0]))
 
 
-def _dense(
-  fn, head, logits, labels, label_smoothing, axis, class_weight, ignore_index, reduction, where
-):
+def _dense(fn, head, logits, labels, axis, class_weight, where, options) -> jax.Array:
   """``head`` on the logits through the shared front end, uniform smoothing."""
-  options = LossOptions.checked(
-    fn, reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing
-  )
+  checked = LossOptions.checked(fn, **options)
   loss, _ = head_loss(
-    fn, head, logits, labels, options, axis=axis, class_weight=class_weight, where=where
+    fn, head, logits, labels, checked, axis=axis, class_weight=class_weight, where=where
   )
   return loss
 
@@ -227,18 +226,17 @@ def confidence_penalty_head(beta: float) -> heads.Head:
 
 
 @renamed_keyword("weight", "class_weight")
+@takes_options(OptionKwargs)
 def softmax_focal_loss(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
   *,
   gamma: float = 2.0,
   alpha: jax.typing.ArrayLike | None = None,
-  label_smoothing: float = 0.0,
   axis: int = -1,
   class_weight: jax.typing.ArrayLike | None = None,
-  ignore_index: int | None = -100,
-  reduction: str = "mean",
   where: jax.typing.ArrayLike | None = None,
+  **options: Unpack[OptionKwargs],
 ) -> jax.Array:
   r"""Softmax focal loss: cross-entropy down-weighted on well-classified examples.
 
@@ -284,27 +282,24 @@ def softmax_focal_loss(
     focal_head(gamma, alpha),
     logits,
     labels,
-    label_smoothing,
     axis,
     class_weight,
-    ignore_index,
-    reduction,
     where,
+    options,
   )
 
 
 @renamed_keyword("weight", "class_weight")
+@takes_options(OptionKwargs)
 def poly1_cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
   *,
   epsilon: float = 2.0,
-  label_smoothing: float = 0.0,
   axis: int = -1,
   class_weight: jax.typing.ArrayLike | None = None,
-  ignore_index: int | None = -100,
-  reduction: str = "mean",
   where: jax.typing.ArrayLike | None = None,
+  **options: Unpack[OptionKwargs],
 ) -> jax.Array:
   r"""Poly-1 loss: cross-entropy plus :math:`\epsilon` times the first polynomial term.
 
@@ -343,16 +338,15 @@ def poly1_cross_entropy(
     poly1_head(epsilon),
     logits,
     labels,
-    label_smoothing,
     axis,
     class_weight,
-    ignore_index,
-    reduction,
     where,
+    options,
   )
 
 
 @renamed_keyword("weight", "class_weight")
+@takes_options(OptionKwargs)
 def symmetric_cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -360,12 +354,10 @@ def symmetric_cross_entropy(
   alpha: float = 0.1,
   beta: float = 1.0,
   log_clip: float = -4.0,
-  label_smoothing: float = 0.0,
   axis: int = -1,
   class_weight: jax.typing.ArrayLike | None = None,
-  ignore_index: int | None = -100,
-  reduction: str = "mean",
   where: jax.typing.ArrayLike | None = None,
+  **options: Unpack[OptionKwargs],
 ) -> jax.Array:
   r"""Symmetric cross-entropy: cross-entropy plus reverse cross-entropy with a clipped log.
 
@@ -408,27 +400,24 @@ def symmetric_cross_entropy(
     symmetric_head(alpha, beta, log_clip),
     logits,
     labels,
-    label_smoothing,
     axis,
     class_weight,
-    ignore_index,
-    reduction,
     where,
+    options,
   )
 
 
 @renamed_keyword("weight", "class_weight")
+@takes_options(OptionKwargs)
 def generalized_cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
   *,
   q: float = 0.7,
-  label_smoothing: float = 0.0,
   axis: int = -1,
   class_weight: jax.typing.ArrayLike | None = None,
-  ignore_index: int | None = -100,
-  reduction: str = "mean",
   where: jax.typing.ArrayLike | None = None,
+  **options: Unpack[OptionKwargs],
 ) -> jax.Array:
   r"""Generalized cross-entropy :math:`L_q`: between cross-entropy and mean absolute error.
 
@@ -464,28 +453,25 @@ def generalized_cross_entropy(
     generalized_head(q),
     logits,
     labels,
-    label_smoothing,
     axis,
     class_weight,
-    ignore_index,
-    reduction,
     where,
+    options,
   )
 
 
 @renamed_keyword("weight", "class_weight")
+@takes_options(OptionKwargs)
 def truncated_generalized_cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
   *,
   q: float = 0.7,
   k: float = 0.5,
-  label_smoothing: float = 0.0,
   axis: int = -1,
   class_weight: jax.typing.ArrayLike | None = None,
-  ignore_index: int | None = -100,
-  reduction: str = "mean",
   where: jax.typing.ArrayLike | None = None,
+  **options: Unpack[OptionKwargs],
 ) -> jax.Array:
   r"""Truncated :math:`L_q` loss: constant (no gradient) once :math:`p_y \le k`.
 
@@ -525,27 +511,24 @@ def truncated_generalized_cross_entropy(
     truncated_generalized_head(q, k),
     logits,
     labels,
-    label_smoothing,
     axis,
     class_weight,
-    ignore_index,
-    reduction,
     where,
+    options,
   )
 
 
 @renamed_keyword("weight", "class_weight")
+@takes_options(OptionKwargs)
 def taylor_cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
   *,
   order: int = 2,
-  label_smoothing: float = 0.0,
   axis: int = -1,
   class_weight: jax.typing.ArrayLike | None = None,
-  ignore_index: int | None = -100,
-  reduction: str = "mean",
   where: jax.typing.ArrayLike | None = None,
+  **options: Unpack[OptionKwargs],
 ) -> jax.Array:
   r"""Taylor cross-entropy: the order-:math:`t` Taylor series of :math:`-\log p_y` around 1.
 
@@ -583,27 +566,24 @@ def taylor_cross_entropy(
     taylor_head(int(order)),
     logits,
     labels,
-    label_smoothing,
     axis,
     class_weight,
-    ignore_index,
-    reduction,
     where,
+    options,
   )
 
 
 @renamed_keyword("weight", "class_weight")
+@takes_options(OptionKwargs)
 def confidence_penalty_cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
   *,
   beta: float = 0.1,
-  label_smoothing: float = 0.0,
   axis: int = -1,
   class_weight: jax.typing.ArrayLike | None = None,
-  ignore_index: int | None = -100,
-  reduction: str = "mean",
   where: jax.typing.ArrayLike | None = None,
+  **options: Unpack[OptionKwargs],
 ) -> jax.Array:
   r"""Cross-entropy with a confidence penalty: rewards high-entropy predictions.
 
@@ -641,12 +621,10 @@ def confidence_penalty_cross_entropy(
     confidence_penalty_head(beta),
     logits,
     labels,
-    label_smoothing,
     axis,
     class_weight,
-    ignore_index,
-    reduction,
     where,
+    options,
   )
 
 

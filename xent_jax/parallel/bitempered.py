@@ -7,11 +7,15 @@ glue of :func:`xent_jax.parallel.mesh.sharded_loss`.
 
 from collections.abc import Hashable
 
+from typing import Unpack
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from xent_jax.core import checks, inputs
+from xent_jax.core import inputs
+from xent_jax.core.options import LossOptions
+from xent_jax.core.options import OptionKwargs
 from xent_jax.core.reduction import reduce_loss
 from xent_jax.losses import bitempered
 from xent_jax.parallel.mesh import sharded_loss
@@ -26,15 +30,13 @@ def vocab_parallel_bi_tempered_loss(
   vocab_axis: Hashable = "vocab",
   data_axis: Hashable | None = None,
   axis: int = -1,
-  weight: jax.typing.ArrayLike | None = None,
-  ignore_index: int | None = -100,
-  reduction: str = "mean",
+  class_weight: jax.typing.ArrayLike | None = None,
   where: jax.typing.ArrayLike | None = None,
   return_lse: bool = False,
   t1: float = 0.8,
   t2: float = 1.2,
-  label_smoothing: float = 0.0,
   num_iters: int = 5,
+  **options: Unpack[OptionKwargs],
 ) -> jax.Array:
   r""":func:`xent_jax.bi_tempered_logistic_loss` with the classes split over a mesh axis.
 
@@ -58,8 +60,9 @@ def vocab_parallel_bi_tempered_loss(
     logits: ``[..., V, ...]`` float logits, classes on ``axis``.
     labels: integer class ids (``logits.shape`` without ``axis``) or float probabilities
       (``logits.shape``, split over the classes like the logits).
-    mesh, vocab_axis, data_axis, axis, weight, ignore_index, reduction, where: as in
-      :func:`xent_jax.vocab_parallel_cross_entropy` (``weight`` ``[V]``, split like the classes).
+    mesh, vocab_axis, data_axis, axis, class_weight, where, reduction, ignore_index,
+      label_smoothing: as in :func:`xent_jax.vocab_parallel_cross_entropy` (``class_weight``
+      ``[V]``, split like the classes).
     return_lse: must be False: the loss normalizes by :math:`\lambda`, it has no logsumexp.
     t1, t2, label_smoothing, num_iters: as in :func:`xent_jax.bi_tempered_logistic_loss`.
 
@@ -76,16 +79,16 @@ def vocab_parallel_bi_tempered_loss(
     Amid, Warmuth, Anil, Koren, "Robust Bi-Tempered Logistic Loss Based on Bregman Divergences",
     NeurIPS 2019; Shoeybi et al., "Megatron-LM", 2019 (vocabulary-parallel losses).
   """
+  options = LossOptions.checked(fn, **options)
+  label_smoothing, ignore_index = options.label_smoothing, options.ignore_index
   bitempered.check_hparams(fn, t1, t2, label_smoothing, num_iters)
-  checks.check_reduction(fn, reduction)
-  ignore_index = inputs.check_ignore_index(fn, ignore_index)
   if return_lse:
     raise ValueError(
       f"{fn}: `return_lse` must be False: the bi-tempered loss normalizes its tempered softmax "
       "by lambda and has no logsumexp."
     )
 
-  def shard_loss(logits, labels, *, weight, where):
+  def shard_loss(logits, labels, *, class_weight, where):
     num_classes = logits.shape[-1] * lax.axis_size(vocab_axis)
     bitempered.check_smoothable(fn, label_smoothing, num_classes)
     cfg = bitempered.loss_config(t1, t2, label_smoothing, num_iters, num_classes, vocab_axis)
@@ -96,8 +99,8 @@ def vocab_parallel_bi_tempered_loss(
       labels, valid = read.labels, read.valid
     else:
       valid = inputs.row_mask(fn, where, logits.shape[:-1])
-    loss, example_weight = bitempered.weighted_rows(logits, labels, valid, weight, cfg)
-    return reduce_loss(loss, example_weight, reduction, fn=fn, data_axis=data_axis)
+    loss, example_weight = bitempered.weighted_rows(logits, labels, valid, class_weight, cfg)
+    return reduce_loss(loss, example_weight, options.reduction, fn=fn, data_axis=data_axis)
 
   return sharded_loss(
     fn,
@@ -108,7 +111,7 @@ def vocab_parallel_bi_tempered_loss(
     vocab_axis=vocab_axis,
     data_axis=data_axis,
     axis=axis,
-    weight=weight,
-    reduction=reduction,
+    class_weight=class_weight,
+    reduction=options.reduction,
     where=where,
   )

@@ -27,32 +27,35 @@ owns class :math:`c` is :math:`s_i p_{ic} - \mathrm{off}\,w_c - (\mathrm{on}-\ma
 import functools
 from collections.abc import Hashable
 
+from typing import Unpack
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from xent_jax.core import checks, heads
 from xent_jax.core.frontend import head_loss
+from xent_jax.core.deprecation import renamed_keyword
+from xent_jax.core.options import CrossEntropyOptionKwargs
 from xent_jax.core.options import LossOptions
+from xent_jax.core.options import OptionKwargs
+from xent_jax.core.options import takes_options
 from xent_jax.losses.cross_entropy import cross_entropy_head
 from xent_jax.parallel.mesh import sharded_loss
 
 
+@renamed_keyword("weight", "class_weight")
+@takes_options(CrossEntropyOptionKwargs)
 def vocab_parallel_cross_entropy_local(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
   *,
   vocab_axis: Hashable = "vocab",
   data_axis: Hashable | None = None,
-  weight: jax.typing.ArrayLike | None = None,
-  ignore_index: int | None = -100,
-  reduction: str = "mean",
-  label_smoothing: float = 0.0,
-  smoothing: str = "uniform",
-  z_loss: float = 0.0,
-  logit_softcap: float | None = None,
+  class_weight: jax.typing.ArrayLike | None = None,
   where: jax.typing.ArrayLike | None = None,
   return_lse: bool = False,
+  **options: Unpack[CrossEntropyOptionKwargs],
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r"""Cross-entropy of one vocabulary shard of the logits, to call inside your own ``shard_map``.
 
@@ -79,7 +82,7 @@ def vocab_parallel_cross_entropy_local(
     data_axis: the mesh axis (or tuple of axes) the rows are split over, or None. 'sum' and
       'mean' then reduce over the global batch (a ``psum``); with None they reduce over this
       shard's rows.
-    weight: ``[V_s]`` this shard's slice of the class weights (constants), or None.
+    class_weight: ``[V_s]`` this shard's slice of the class weights (constants), or None.
     ignore_index: labels equal to it count for nothing; None: none ignored. Other labels outside
       ``[0, K)`` give a NaN loss.
     reduction: 'none' (``[...]``), 'sum' or 'mean' (over the summed example weights).
@@ -106,15 +109,7 @@ def vocab_parallel_cross_entropy_local(
     Parallelism", 2019 (vocabulary-parallel cross-entropy).
   """
   fn = "vocab_parallel_cross_entropy_local"
-  options = LossOptions.checked(
-    fn,
-    reduction=reduction,
-    ignore_index=ignore_index,
-    label_smoothing=label_smoothing,
-    smoothing=smoothing,
-    z_loss=z_loss,
-    logit_softcap=logit_softcap,
-  )
+  options = LossOptions.checked(fn, **options)
   checks.check_floating(fn, "logits", logits)
   if jnp.ndim(logits) < 1:
     raise ValueError(f"{fn}: `logits` must have shape [..., V_shard], got a scalar.")
@@ -126,7 +121,7 @@ def vocab_parallel_cross_entropy_local(
     labels,
     vocab_axis=vocab_axis,
     data_axis=data_axis,
-    weight=weight,
+    class_weight=class_weight,
     where=where,
     return_lse=return_lse,
   )
@@ -138,7 +133,7 @@ def _cross_entropy_head(options: LossOptions) -> heads.Head:
 
 
 def _shard_loss(
-  fn, head, options, logits, labels, *, vocab_axis, data_axis, weight, where, return_lse
+  fn, head, options, logits, labels, *, vocab_axis, data_axis, class_weight, where, return_lse
 ):
   """One vocabulary shard's loss of ``head``: :func:`xent_jax.core.frontend.head_loss` on the
   shard, with ``return_lse`` the pair ``(loss, lse)``."""
@@ -148,7 +143,7 @@ def _shard_loss(
     logits,
     labels,
     options,
-    class_weight=weight,
+    class_weight=class_weight,
     where=where,
     vocab_axis=vocab_axis,
     data_axis=data_axis,
@@ -156,6 +151,8 @@ def _shard_loss(
   return (loss, stats.lse) if return_lse else loss
 
 
+@renamed_keyword("weight", "class_weight")
+@takes_options(CrossEntropyOptionKwargs)
 def vocab_parallel_cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -164,15 +161,10 @@ def vocab_parallel_cross_entropy(
   vocab_axis: Hashable = "vocab",
   data_axis: Hashable | None = None,
   axis: int = -1,
-  weight: jax.typing.ArrayLike | None = None,
-  ignore_index: int | None = -100,
-  reduction: str = "mean",
-  label_smoothing: float = 0.0,
-  smoothing: str = "uniform",
-  z_loss: float = 0.0,
-  logit_softcap: float | None = None,
+  class_weight: jax.typing.ArrayLike | None = None,
   where: jax.typing.ArrayLike | None = None,
   return_lse: bool = False,
+  **options: Unpack[CrossEntropyOptionKwargs],
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r""":func:`xent_jax.cross_entropy` with the classes split over a mesh axis.
 
@@ -201,7 +193,7 @@ def vocab_parallel_cross_entropy(
       over all of them, major first, as in a ``PartitionSpec`` entry); the dimension must be
       divisible by their total size. None replicates the rows.
     axis: the class axis of ``logits``.
-    weight: ``[V]`` class weights (constants), split like the classes; or None.
+    class_weight: ``[V]`` class weights (constants), split like the classes; or None.
     ignore_index, reduction, label_smoothing, smoothing, z_loss, logit_softcap, where,
       return_lse: as in :func:`xent_jax.cross_entropy`.
 
@@ -220,15 +212,7 @@ def vocab_parallel_cross_entropy(
     Architecture", 2016 (label smoothing); Chowdhery et al., "PaLM", 2022 (z-loss).
   """
   fn = "vocab_parallel_cross_entropy"
-  options = LossOptions.checked(
-    fn,
-    reduction=reduction,
-    ignore_index=ignore_index,
-    label_smoothing=label_smoothing,
-    smoothing=smoothing,
-    z_loss=z_loss,
-    logit_softcap=logit_softcap,
-  )
+  options = LossOptions.checked(fn, **options)
   return _mesh_loss(
     fn,
     _cross_entropy_head(options),
@@ -239,7 +223,7 @@ def vocab_parallel_cross_entropy(
     vocab_axis=vocab_axis,
     data_axis=data_axis,
     axis=axis,
-    weight=weight,
+    class_weight=class_weight,
     where=where,
     return_lse=return_lse,
   )
@@ -255,19 +239,15 @@ def vocab_parallel_head_loss(
   vocab_axis: Hashable = "vocab",
   data_axis: Hashable | None = None,
   axis: int = -1,
-  weight: jax.typing.ArrayLike | None = None,
-  ignore_index: int | None = -100,
-  reduction: str = "mean",
-  label_smoothing: float = 0.0,
+  class_weight: jax.typing.ArrayLike | None = None,
   where: jax.typing.ArrayLike | None = None,
   return_lse: bool = False,
+  **options: Unpack[OptionKwargs],
 ):
   """Any engine head (see :mod:`xent_jax.core.heads`) with the classes split over ``vocab_axis``:
   :func:`vocab_parallel_cross_entropy`'s arguments and rules, integer or probability labels,
   uniform smoothing, no soft cap. ``get_loss(name).vocab_parallel`` calls it."""
-  options = LossOptions.checked(
-    fn, reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing
-  )
+  options = LossOptions.checked(fn, **options)
   return _mesh_loss(
     fn,
     head,
@@ -278,14 +258,26 @@ def vocab_parallel_head_loss(
     vocab_axis=vocab_axis,
     data_axis=data_axis,
     axis=axis,
-    weight=weight,
+    class_weight=class_weight,
     where=where,
     return_lse=return_lse,
   )
 
 
 def _mesh_loss(
-  fn, head, options, logits, labels, *, mesh, vocab_axis, data_axis, axis, weight, where, return_lse
+  fn,
+  head,
+  options,
+  logits,
+  labels,
+  *,
+  mesh,
+  vocab_axis,
+  data_axis,
+  axis,
+  class_weight,
+  where,
+  return_lse,
 ):
   """Runs :func:`_shard_loss` of ``head`` on ``mesh``
   (:func:`xent_jax.parallel.mesh.sharded_loss`)."""
@@ -307,7 +299,7 @@ def _mesh_loss(
     vocab_axis=vocab_axis,
     data_axis=data_axis,
     axis=axis,
-    weight=weight,
+    class_weight=class_weight,
     reduction=options.reduction,
     where=where,
     return_lse=return_lse,

@@ -136,7 +136,7 @@ def sharded_loss(
   vocab_axis: Hashable,
   data_axis: Hashable | tuple[Hashable, ...] | None,
   axis: int,
-  weight: jax.typing.ArrayLike | None,
+  class_weight: jax.typing.ArrayLike | None,
   reduction: str,
   where: jax.typing.ArrayLike | None,
   return_lse: bool = False,
@@ -145,9 +145,9 @@ def sharded_loss(
   ``shard_map``.
 
   ``logits`` go as ``P(data_axis, ..., vocab_axis)`` (classes moved last), integer ``labels`` and
-  ``where`` as ``P(data_axis, ...)``, probability ``labels`` like the logits, ``weight`` as
-  ``P(vocab_axis)``. ``shard_loss(logits, labels, weight=..., where=...)`` gets one device's
-  arrays (``weight``/``where`` None when not given) and returns the loss reduced over the global
+  ``where`` as ``P(data_axis, ...)``, probability ``labels`` like the logits, ``class_weight`` as
+  ``P(vocab_axis)``. ``shard_loss(logits, labels, class_weight=..., where=...)`` gets one device's
+  arrays (``class_weight``/``where`` None when not given) and returns the loss reduced over the global
   batch (``[...]`` rows for 'none'), with ``return_lse`` the pair ``(loss, lse [...])``.
   """
   checks.check_floating(fn, "logits", logits)
@@ -158,23 +158,25 @@ def sharded_loss(
     labels = jnp.moveaxis(labels, class_axis, -1)
   logits = jnp.moveaxis(logits, class_axis, -1)
   batch_shape = logits.shape[:-1]
-  if weight is not None:
-    inputs.check_class_weight(fn, "weight", weight, logits.shape[-1])
+  if class_weight is not None:
+    inputs.check_class_weight(fn, "class_weight", class_weight, logits.shape[-1])
   rows = row_specs(
     fn, mesh, vocab_axis, data_axis, logits.shape[-1], "logits", batch_shape, "logits"
   )
   if where is not None:
     where = inputs.row_mask(fn, where, batch_shape)
   row_spec = PartitionSpec(*rows)
-  args = {"logits": logits, "labels": labels, "weight": weight, "where": where}
+  args = {"logits": logits, "labels": labels, "class_weight": class_weight, "where": where}
   specs = {
     "logits": PartitionSpec(*rows, vocab_axis),
     "labels": row_spec if integer else PartitionSpec(*rows, vocab_axis),
-    "weight": PartitionSpec(vocab_axis),
+    "class_weight": PartitionSpec(vocab_axis),
     "where": row_spec,
   }
 
   def local(a):
-    return shard_loss(a["logits"], a["labels"], weight=a.get("weight"), where=a.get("where"))
+    return shard_loss(
+      a["logits"], a["labels"], class_weight=a.get("class_weight"), where=a.get("where")
+    )
 
   return run_on_mesh(local, mesh, args, specs, loss_specs(reduction, row_spec, return_lse))
