@@ -72,9 +72,8 @@ def head_loss(
     labels,
     axis=axis,
     class_weight=class_weight,
-    ignore_index=options.ignore_index,
     where=where,
-    reduction=options.reduction,
+    ignore_index=options.ignore_index,
     vocab_axis=vocab_axis,
   )
   if parsed.integer:

@@ -372,20 +372,15 @@ def probability_loss(
   logit_softcap: float | None,
   vocab_axis: Hashable | None = None,
 ) -> tuple[jax.Array, RowStats]:
-  """Per-row loss of ``head`` for a target distribution (no checks, no mask).
+  """Per-row loss of ``head`` for a target distribution (no checks, no mask); the arguments
+  :func:`integer_loss` shares mean what they mean there, and:
 
   Args:
-    head: the loss.
-    logits: ``[..., V]`` float logits.
-    labels: ``[..., V]`` the target probabilities as given; differentiable.
+    labels: ``[..., V]`` the target probabilities as given; differentiable. Under ``vocab_axis``,
+      this shard's ``[..., V_s]`` slice.
     smooth: static elementwise map from ``labels`` to the target :math:`q` (label smoothing, or
-      the identity). The kernel recomputes :math:`q` in the backward pass instead of keeping it.
-    class_weight: ``[V]`` or None.
-    logit_softcap: soft cap or None.
-    vocab_axis: inside ``shard_map``, the mesh axis the classes of ``logits`` are split over (see
-      :func:`xent_jax.core.engine.row_stats`): ``labels`` and ``class_weight`` are then this shard's
-      ``[..., V_s]`` and ``[V_s]`` slices, the head's class factor stays global, and ``smooth``
-      must use the global class count.
+      the identity), over the global class count. The kernel recomputes :math:`q` in the
+      backward pass instead of keeping it.
 
   Returns:
     ``(loss [...], stats)``.

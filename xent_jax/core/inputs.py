@@ -227,9 +227,8 @@ def parse_inputs(
   *,
   axis: int,
   class_weight: jax.typing.ArrayLike | None,
-  ignore_index: int | None,
   where: jax.typing.ArrayLike | None,
-  reduction: str,
+  ignore_index: int | None,
   vocab_axis: Hashable | None = None,
 ) -> LossInputs:
   """Checks the shared arguments of ``fn`` (naming the bad one) and moves classes last.
@@ -241,12 +240,11 @@ def parse_inputs(
     TypeError: non-float ``logits``; ``labels`` neither integer nor float; non-float
       ``class_weight``;
       a non-int ``ignore_index``.
-    ValueError: bad ``axis`` or ``reduction``, no classes, a ``where`` that does not broadcast,
+    ValueError: a bad ``axis``, no classes, a ``where`` that does not broadcast,
       negative class weights, concrete labels JAX would wrap.
     AssertionError: (chex, at trace time) ``labels`` or ``class_weight`` of the wrong shape.
   """
   checks.check_floating(fn, "logits", logits)
-  checks.check_reduction(fn, reduction)
   ignore_index = check_ignore_index(fn, ignore_index)
   logits = jnp.asarray(logits)
   labels = as_label_array(fn, labels)

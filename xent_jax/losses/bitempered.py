@@ -646,15 +646,9 @@ def bi_tempered_logistic_loss(
   fn = "bi_tempered_logistic_loss"
   checked = LossOptions.checked(fn, **options)
   check_hparams(fn, t1, t2, checked.label_smoothing, num_iters)
+  ignore = checked.ignore_index
   inputs = loss_inputs.parse_inputs(
-    fn,
-    logits,
-    labels,
-    axis=axis,
-    class_weight=class_weight,
-    ignore_index=checked.ignore_index,
-    where=where,
-    reduction=checked.reduction,
+    fn, logits, labels, axis=axis, class_weight=class_weight, where=where, ignore_index=ignore
   )
   check_smoothable(fn, checked.label_smoothing, inputs.num_classes)
   cfg = loss_config(t1, t2, checked.label_smoothing, num_iters, inputs.num_classes)
