@@ -651,7 +651,7 @@ def test_other_restore_errors_stop_and_touch_nothing(tmp_path, monkeypatch, faul
     def broken(*args, **kwargs):
       raise RuntimeError("disk controller on fire")
 
-    monkeypatch.setattr(checkpointer.manager, "restore", broken)
+    monkeypatch.setattr(checkpointer._reader, "restore", broken)
   before = _snapshot(tmp_path)
   with pytest.raises(checkpoint.CheckpointError) as info:
     checkpointer.restore_latest(like)

@@ -160,16 +160,46 @@ def main(argv: list[str] | None = None) -> int:
   except Exception as err:  # pylint: disable=broad-except
     if debug:
       raise
-    message, status = _describe(err)
+    message, status = _describe(err, distributed=getattr(args, "distributed", False))
     print(f"xent-jax: error: {' '.join(message.split())}", file=sys.stderr)
+    if getattr(args, "distributed", False):
+      _leave(status)
     return status
 
 
-def _describe(err: Exception) -> tuple[str, int]:
-  """The one-line message and exit status of an error."""
+def _leave(status: int) -> None:
+  """Ends this process of a multi-host run now, with ``status``.
+
+  A normal exit would first wait at the JAX coordination service's shutdown barrier for the
+  other processes (up to 5 minutes, then every process is aborted with the service's messages),
+  while they wait at their next collective for this one. Leaving at once makes that collective
+  fail, so the others stop within seconds, each with its own one-line error.
+  """
+  sys.stdout.flush()
+  sys.stderr.flush()
+  logging.shutdown()
+  os._exit(status)  # pylint: disable=protected-access
+
+
+# What a collective reports when a process at the other end of it has died or left.
+_LOST_PEER = re.compile(r"Connection (reset|closed) by peer|Gloo \w+ failed")
+
+
+def _describe(err: Exception, distributed: bool = False) -> tuple[str, int]:
+  """The one-line message and exit status of an error (``distributed``: of a multi-host run)."""
   # Imported here so that `xent-jax --help` answers without loading JAX.
   from xent_jax.train import checkpoint, config, data, logs, trainer  # pylint: disable=import-outside-toplevel
 
+  lost = [link for link in _chain(err) if _LOST_PEER.search(str(link))]  # innermost last
+  if distributed and lost:
+    import jax  # pylint: disable=import-outside-toplevel
+
+    text = str(lost[-1]).strip().splitlines()[0]
+    message = (
+      f"another process of this {jax.process_count()}-process run died or stopped (its own "
+      f"output or the job scheduler's says why), so process {jax.process_index()} stops too: {text}"
+    )
+    return message, 1
   if isinstance(err, (config.ConfigError, data.DataError, logs.RunDirectoryError)):
     return str(err), 2
   if isinstance(err, (trainer.NonFiniteLossError, checkpoint.CheckpointError, logs.LogFileError)):
@@ -178,6 +208,13 @@ def _describe(err: Exception) -> tuple[str, int]:
     where = f"{err.filename}: " if err.filename else ""
     return f"{where}{err.strerror} (errno {errno.errorcode.get(err.errno, err.errno)})", 1
   return f"{type(err).__name__}: {err} (rerun with --debug for the traceback)", 1
+
+
+def _chain(err: BaseException):
+  """``err`` and the exceptions it was raised from or during."""
+  while err is not None:
+    yield err
+    err = err.__cause__ or err.__context__
 
 
 def _main(args: argparse.Namespace, extra: list[str]) -> int:

@@ -20,6 +20,15 @@ a missing file (deleted, or another orbax version's layout: not proof of bad dat
 other shapes, dtypes or names than the current config builds (orbax would restore the saved
 shapes silently, so they are compared first from the saved metadata), and any error not listed
 above. The message says how to fall back by hand: move the checkpoint aside.
+
+With several processes (``--distributed``) every process restores the same step and they decide
+together: each reports its outcome (restored, verified corrupt, or stopped with its error) and
+all processes see every report (`parallel.gather_text`). Any error stops every process: the one
+that hit it raises its own error, the others an error that quotes it. Otherwise, if any process
+verified corruption, process 0 moves the checkpoint aside, the others wait for the move, and all
+re-read the directory before trying the next older step; so no process keeps a stale list of
+steps. Restores read with a checkpointer of this process alone (no orbax barriers), so a read
+that fails on one process leaves none of the others waiting.
 """
 
 import contextlib
@@ -35,6 +44,8 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from xent_jax.train.parallel import gather_text
 
 CORRUPT_PREFIX = "corrupt-"
 REQUIRED_FILES = ("state/_METADATA", "record/metadata")  # what every committed checkpoint has
@@ -71,22 +82,24 @@ def _chain(err: BaseException):
     err = err.__cause__ or err.__context__
 
 
-def _is_corruption(err: BaseException) -> bool:
-  """Whether a restore error proves the data bad (as opposed to unreadable or mismatched)."""
+def _corruption_evidence(err: BaseException) -> BaseException | None:
+  """The error in ``err``'s chain that proves the data bad, or None when none does (the data
+  may be unreadable or mismatched, not bad)."""
   for link in _chain(err):
     if isinstance(link, (json.JSONDecodeError, UnicodeDecodeError)):
-      return True
+      return link
     if isinstance(link, PermissionError) or _DENIED.search(str(link)):
-      return False
+      return None
     if isinstance(link, ValueError) and _CORRUPT_DATA.search(str(link)):
-      return True
-  return False
+      return link
+  return None
 
 
 def _classify(step_dir: pathlib.Path, err: Exception) -> Exception:
   """The error to raise for a failed read: `_Corrupt` on verified corruption, else a stop."""
-  if _is_corruption(err):
-    return _Corrupt(_first_line(err))
+  evidence = _corruption_evidence(err)
+  if evidence is not None:
+    return _Corrupt(_first_line(evidence).split(" [tensorstore_spec=")[0])
   return CheckpointError(
     f"could not restore checkpoint {step_dir}: {_first_line(err)}; this does not prove it "
     f"corrupt, so it was left as is (move it aside, e.g. to {CORRUPT_PREFIX}{step_dir.name}, to "
@@ -165,6 +178,20 @@ class Checkpointer:
         "record": ocp.JsonCheckpointHandler(),
       },
     )
+    # Restores go through a checkpointer whose barriers involve this process only: orbax's
+    # manager ends each restore with a barrier of all processes, which a process whose read
+    # failed would never reach (the others would wait at it). Each process still reads every
+    # array it holds, whichever process wrote it.
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler())
+    registry.add("record", ocp.args.JsonRestore, ocp.JsonCheckpointHandler())
+    me = jax.process_index()
+    self._reader = ocp.Checkpointer(
+      ocp.CompositeCheckpointHandler(handler_registry=registry),
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}
+      ),
+    )
 
   def save(self, step: int, state, record: dict) -> None:
     """Writes checkpoint ``step`` (synchronously; orbax commits it atomically by a rename).
@@ -201,23 +228,61 @@ class Checkpointer:
     """The newest intact checkpoint as ``(state, record)``, or None when there is none.
 
     Corrupt checkpoints met on the way are moved to ``corrupt-<step>/`` (see the module
-    docstring for what counts as corrupt).
+    docstring for what counts as corrupt, and for how several processes agree on it). Every
+    process must call this, and all return the same step or all raise.
 
     Args:
       like_state: a pytree with the target shapes, dtypes and shardings of the state.
 
     Raises:
-      CheckpointError: a checkpoint that is not verifiably corrupt could not be restored (the
-        message names it and the reason); nothing was moved or deleted.
+      CheckpointError: a checkpoint that is not verifiably corrupt could not be restored, on this
+        process or another (the message names it, the reason and, for another's, the process);
+        nothing was moved or deleted.
     """
     abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
     self.manager.reload()
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    step = None
+    while (step := self._agreed_next_step(below=step)) is not None:
+      target = self._aside(step)  # named before any process moves anything
+      restored, error, report = None, None, "ok"
       try:
-        return self._restore(step, abstract_state)
+        restored = self._restore(step, abstract_state)
       except _Corrupt as err:
-        self._move_aside(step, str(err))
+        report = f"corrupt {err}"
+      except Exception as err:  # noqa: BLE001  # pylint: disable=broad-except  (raised below)
+        error, report = err, f"stop {' '.join(str(err).split()) or type(err).__name__}"
+      reports = [text.partition(" ") for text in gather_text(report)]
+      stops = [(k, message) for k, (kind, _, message) in enumerate(reports) if kind == "stop"]
+      if error is not None:
+        raise error
+      if stops:
+        k, message = stops[0]
+        raise CheckpointError(f"process {k} of {len(reports)} stopped the run: {message}")
+      corrupt = [(k, message) for k, (kind, _, message) in enumerate(reports) if kind == "corrupt"]
+      if not corrupt:
+        return restored
+      if len(reports) == 1:
+        reason = corrupt[0][1]
+      else:
+        reason = "; ".join(f"process {k}: {message}" for k, message in corrupt)
+      self._move_aside(step, target, reason)
     return None
+
+  def _agreed_next_step(self, below: int | None) -> int | None:
+    """The newest step older than ``below`` (None: any), the same on every process.
+
+    Raises:
+      CheckpointError: the processes see different steps (storage not shared by all of them).
+    """
+    mine = max((s for s in self.manager.all_steps() if below is None or s < below), default=None)
+    seen = gather_text(str(mine))
+    if len(set(seen)) > 1:
+      found = ", ".join(f"process {k}: {text}" for k, text in enumerate(seen))
+      raise CheckpointError(
+        f"the processes see different newest checkpoints in {self.directory} ({found}); the run "
+        "directory must be on storage that every process shares"
+      )
+    return mine
 
   def _restore(self, step: int, abstract_state):
     step_dir = self.directory / str(step)
@@ -242,8 +307,8 @@ class Checkpointer:
         "was config.yaml edited or the code changed? The checkpoint was left as is"
       )
     try:
-      restored = self.manager.restore(
-        step,
+      restored = self._reader.restore(
+        step_dir,
         args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()
         ),
@@ -265,11 +330,26 @@ class Checkpointer:
       target = self.directory / f"{CORRUPT_PREFIX}{step}-{n}"
     return target
 
-  def _move_aside(self, step: int, reason: str) -> None:
-    """Renames a corrupt checkpoint to `_aside`'s name, keeping every byte of it."""
-    source, target = self.directory / str(step), self._aside(step)
+  def _move_aside(self, step: int, target: pathlib.Path, reason: str) -> None:
+    """Renames a corrupt checkpoint to ``target`` (process 0), keeping every byte of it; every
+    process then re-reads the directory, once the move is done.
+
+    Raises:
+      CheckpointError: the rename failed (on process 0; every process raises it).
+    """
+    source = self.directory / str(step)
+    error = ""
     if jax.process_index() == 0:
-      source.rename(target)
+      try:
+        source.rename(target)
+      except OSError as err:
+        error = (
+          f"checkpoint {source} is corrupt ({reason}) but could not be moved aside to {target}: "
+          f"{err.strerror or err}; nothing was deleted"
+        )
+    error = gather_text(error)[0]  # process 0's outcome, after its rename: also a barrier
+    if error:
+      raise CheckpointError(error)
     logging.warning(
       "checkpoint %s is corrupt (%s); moved to %s, trying an older one", source, reason, target
     )
@@ -277,3 +357,4 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+    self._reader.close()

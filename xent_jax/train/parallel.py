@@ -4,10 +4,14 @@ The same code serves one CPU, eight fake CPU devices and a multi-host TPU slice:
 optimizer state are replicated, each batch is sharded along its first axis, and XLA inserts the
 gradient all-reduce. Each process supplies only its own rows of the global batch
 (`jax.make_array_from_process_local_data`); on one process that is the whole batch.
+
+Decisions that every process must take alike (is a checkpoint corrupt?) go through `gather_text`
+and `barrier`: collectives, so every process calls them at the same points, in the same order.
 """
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
@@ -32,3 +36,23 @@ def shard_batch(arrays, mesh: Mesh):
   """Turns this process's rows of a batch into global arrays sharded along axis 0."""
   sharding = NamedSharding(mesh, P("data"))
   return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), arrays)
+
+
+def gather_text(text: str, max_bytes: int = 1024) -> list[str]:
+  """Every process's ``text`` (UTF-8, cut to ``max_bytes`` bytes), in process order.
+
+  A collective: every process must call it, at the same point of the program.
+  """
+  if jax.process_count() == 1:
+    return [text]
+  data = text.encode()[:max_bytes]
+  padded = np.zeros(max_bytes, np.uint8)
+  padded[: len(data)] = np.frombuffer(data, np.uint8)
+  rows = multihost_utils.process_allgather(padded)
+  return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in np.asarray(rows)]
+
+
+def barrier(name: str) -> None:
+  """Waits until every process has reached the barrier ``name`` (a collective)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
