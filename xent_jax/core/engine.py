@@ -334,87 +334,94 @@ def separate_sums(summands: list[Callable[[], jax.Array]], like: jax.Array) -> l
   return lax.platform_dependent(tpu=lambda: [s() for s in summands], default=one_pass_each)
 
 
-def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
-  """The statistics; with ``slopes``, also :math:`B_k = \\sum_c \\beta_c f_k'(\\log p_c)` per class
-  sum (per-row residuals of the tangent, so that it needs no reduction of its own)."""
-  # The target's gather reads the logits through an optimization barrier: without it XLA's CPU
-  # backend shares one float32 copy of half-precision logits with the log-sum-exp pass, a
-  # [..., V] float32 temporary. The class sums are kept apart by separate_sums.
-  axis = cfg.vocab_axis
-  m, log_sum = logsumexp_parts(logits, cfg.logit_softcap, axis)
-  dtype = m.dtype
-  target = jnp.zeros_like(m)
-  if labels is not None:
-    num_local = logits.shape[-1]
-    local = local_labels(labels, num_local, axis)
-    owned = (local >= 0) & (local < num_local)
-    raw = jnp.take_along_axis(
-      lax.optimization_barrier(logits), jnp.clip(local, 0, num_local - 1)[..., None], axis=-1
-    )[..., 0]
-    target = softcap(raw.astype(dtype), cfg.logit_softcap) - m
-    if axis is not None:
-      target = lax.psum(jnp.where(owned, target, jnp.zeros_like(target)), axis)
-  # Made finite outside the passes: a select inside a reduction's input is not fused on XLA:CPU.
-  finite_log_sum = finite_or_zero(log_sum)
+def _target_logit(logits, labels, m, cfg: _Config) -> jax.Array:
+  """:math:`x_y - m` per row (0 without labels), over the vocabulary shards of ``cfg``."""
+  if labels is None:
+    return jnp.zeros_like(m)
+  # The gather reads the logits through an optimization barrier: without it XLA's CPU backend
+  # shares one float32 copy of half-precision logits with the log-sum-exp pass, a [..., V] float32
+  # temporary.
+  axis, num_local = cfg.vocab_axis, logits.shape[-1]
+  local = local_labels(labels, num_local, axis)
+  raw = jnp.take_along_axis(
+    lax.optimization_barrier(logits), jnp.clip(local, 0, num_local - 1)[..., None], axis=-1
+  )[..., 0]
+  target = softcap(raw.astype(m.dtype), cfg.logit_softcap) - m
+  if axis is None:
+    return target
+  owned = (local >= 0) & (local < num_local)
+  return lax.psum(jnp.where(owned, target, jnp.zeros_like(target)), axis)
 
-  def log_probs():
-    c = _centred(logits, m, cfg)[1]
-    return c, c - finite_log_sum[..., None]
 
-  def weighted_pass(term, beta_fn, operands):
-    def total():
-      return jnp.sum(_times_beta(term(log_probs()[1]), _beta(beta_fn, operands, dtype)), -1)
+class _Passes:
+  """The per-row sums over the logits that the statistics need, each registered as one pass and
+  run together by :func:`separate_sums`; registering returns how to read the completed sum."""
 
-    return total
+  def __init__(self, logits, m, log_sum, cfg: _Config):
+    self.logits, self.m, self.cfg = logits, m, cfg
+    # Made finite outside the passes: a select inside a reduction's input is not fused on XLA:CPU.
+    self.finite_log_sum = finite_or_zero(log_sum)
+    self.summands: list[Callable[[], jax.Array]] = []
 
-  def weight_sum(beta_fn, operands):
-    if not operands:
-      return jnp.full(m.shape, logits.shape[-1], dtype)
-    beta = _beta(beta_fn, operands, dtype)
-    return jnp.broadcast_to(jnp.sum(beta, axis=-1), m.shape)
+  def log_probs(self):
+    """``(x - m, log p)`` of the logits, ``[..., V]`` each."""
+    c = _centred(self.logits, self.m, self.cfg)[1]
+    return c, c - self.finite_log_sum[..., None]
 
-  def complete(total):
-    return total if axis is None else lax.psum(total, axis)
-
-  summands = []
-
-  def pass_over_logits(fn) -> Callable[[list], jax.Array]:
+  def add(self, fn: Callable[[], jax.Array]) -> Callable[[list], jax.Array]:
     """Registers a pass; returns how to read its (completed) sum."""
-    summands.append(fn)
-    k = len(summands) - 1
+    self.summands.append(fn)
+    k = len(self.summands) - 1
     return lambda sums: sums[k]
 
-  def weighted_log_p_sum(beta_fn, operands):
+  def weighted(self, term, beta_fn, operands) -> Callable[[list], jax.Array]:
+    """The pass :math:`\\sum_c \\beta_c\\,\\mathrm{term}(\\log p_c)`."""
+    dtype = self.m.dtype
+    return self.add(
+      lambda: jnp.sum(_times_beta(term(self.log_probs()[1]), _beta(beta_fn, operands, dtype)), -1)
+    )
+
+  def complete(self, total):
+    """A per-shard sum completed over the vocabulary shards."""
+    return total if self.cfg.vocab_axis is None else lax.psum(total, self.cfg.vocab_axis)
+
+  def weight_sum(self, beta_fn, operands):
+    """:math:`\\sum_c \\beta_c` per row, over every shard."""
+    m = self.m
+    if not operands:
+      return self.complete(jnp.full(m.shape, self.logits.shape[-1], m.dtype))
+    beta = _beta(beta_fn, operands, m.dtype)
+    return self.complete(jnp.broadcast_to(jnp.sum(beta, axis=-1), m.shape))
+
+  def weighted_log_p(self, beta_fn, operands) -> Callable[[list], jax.Array]:
     """Reader of :math:`\\sum_c \\beta_c \\log p_c` with :math:`0 \\log 0 = 0`, and
-    :math:`-\\infty` where target mass :math:`\\beta_c > 0` sits on a class with :math:`p_c = 0`
-    (a ``-inf`` logit: an infinite loss, as in PyTorch and optax's
-    ``safe_softmax_cross_entropy``). Two passes that each read :math:`\\beta` once: the floored
-    sum (:func:`floor_log_p`), and the weight on classes with :math:`\\log p = -\\infty`
-    (:math:`\\beta` read twice in one pass, or a compare, is kept as a ``[..., V]`` array on
-    XLA:CPU)."""
-    floored = pass_over_logits(weighted_pass(floor_log_p, beta_fn, operands))
-    # 1 where log p = -inf, else 0, without a compare (not fused into the reduction on XLA:CPU).
+    :math:`-\\infty` where target mass :math:`\\beta_c > 0` sits on a class with
+    :math:`p_c = 0` (a ``-inf`` logit: an infinite loss, as in PyTorch and optax's
+    ``safe_softmax_cross_entropy``). With weights, two passes that each read :math:`\\beta`
+    once: the floored sum (:func:`floor_log_p`), and the weight on classes with
+    :math:`\\log p = -\\infty` (:math:`\\beta` read twice in one pass, or a compare, is kept
+    as a ``[..., V]`` array on XLA:CPU)."""
+    if not operands:  # unit weights: log p itself
+      return self.weighted(lambda log_p: log_p, beta_fn, operands)
+    floored = self.weighted(floor_log_p, beta_fn, operands)
+    # 1 where log p = -inf, else 0, without a compare.
     at_zero = lambda log_p: 1.0 - jnp.exp(log_p - floor_log_p(log_p))
-    mass_at_zero = pass_over_logits(weighted_pass(at_zero, beta_fn, operands))
-    minus_inf = jnp.full_like(m, -jnp.inf)
+    mass_at_zero = self.weighted(at_zero, beta_fn, operands)
+    minus_inf = jnp.full_like(self.m, -jnp.inf)
     return lambda sums: jnp.where(mass_at_zero(sums) > 0, minus_inf, floored(sums))
 
-  def series_sums(series: PowerSeries, beta_fn, operands):
+  def series(self, series: PowerSeries, beta_fn, operands):
     """Readers of :math:`\\sum_c\\beta_c f` and :math:`B` from the power sums' passes."""
-    total_weight = complete(weight_sum(beta_fn, operands))
-    log_sum_beta = None
-    if series.log_coef and not operands:  # unit weights: a -inf logit gives -inf
-      log_sum_beta = pass_over_logits(weighted_pass(lambda log_p: log_p, beta_fn, operands))
-    elif series.log_coef:
-      log_sum_beta = weighted_log_p_sum(beta_fn, operands)
+    total_weight = self.weight_sum(beta_fn, operands)
+    a = series.log_coef
+    log_sum_beta = self.weighted_log_p(beta_fn, operands) if a else None
     powers = []
     for j, b in series.powers:
       if j == 1 and not operands:  # unit weights: sum_c p_c = 1
-        powers.append((j, b, lambda sums: jnp.ones_like(m)))
+        powers.append((j, b, lambda sums: jnp.ones_like(self.m)))
       else:
         power = lambda log_p, j=j: _power_of_p(j, jnp.exp(log_p), log_p)
-        powers.append((j, b, pass_over_logits(weighted_pass(power, beta_fn, operands))))
-    a = series.log_coef
+        powers.append((j, b, self.weighted(power, beta_fn, operands)))
 
     def value(sums):
       total = series.constant * total_weight + sum(b * read(sums) for _, b, read in powers)
@@ -425,25 +432,36 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
 
     return value, slope
 
-  # How to read each class sum and (with slopes) its B from the passes below.
+  def run(self) -> list[jax.Array]:
+    """Every registered sum, completed over the shards."""
+    like = jnp.zeros_like(self.logits[..., 0], self.m.dtype)
+    return [self.complete(s) for s in separate_sums(self.summands, like=like)]
+
+
+def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
+  """The statistics; with ``slopes``, also :math:`B_k = \\sum_c \\beta_c f_k'(\\log p_c)` per
+  class sum (per-row residuals of the tangent, so that it needs no reduction of its own). The
+  class sums are kept apart by :func:`separate_sums`."""
+  m, log_sum = logsumexp_parts(logits, cfg.logit_softcap, cfg.vocab_axis)
+  target = _target_logit(logits, labels, m, cfg)
+  passes = _Passes(logits, m, log_sum, cfg)
+  # How to read each class sum and (with slopes) its B from the passes.
   values, totals = [], []
   for f, beta_fn, operands, series in zip(cfg.class_fns, cfg.beta_fns, betas, cfg.series):
     if series is not None:
-      value, slope = series_sums(series, beta_fn, operands)
+      value, slope = passes.series(series, beta_fn, operands)
       values.append(value)
       totals.append(slope)
       continue
-    values.append(
-      pass_over_logits(weighted_pass(lambda lp, f=f: f(floor_log_p(lp)), beta_fn, operands))
-    )
+    values.append(passes.weighted(lambda lp, f=f: f(floor_log_p(lp)), beta_fn, operands))
     if slopes:
       slope_of = lambda lp, f=f: class_terms(f, None, lp)[1]
-      totals.append(pass_over_logits(weighted_pass(slope_of, beta_fn, operands)))
+      totals.append(passes.weighted(slope_of, beta_fn, operands))
   if cfg.entropy:
-    mean_at = pass_over_logits(
-      lambda: jnp.sum(p_times(jnp.exp(log_probs()[1]), log_probs()[0]), -1)
+    mean_at = passes.add(
+      lambda: jnp.sum(p_times(jnp.exp(passes.log_probs()[1]), passes.log_probs()[0]), -1)
     )
-  sums = [complete(s) for s in separate_sums(summands, like=jnp.zeros_like(logits[..., 0], dtype))]
+  sums = passes.run()
   mean_logit = mean_at(sums) if cfg.entropy else jnp.zeros_like(m)
   totals = [read(sums) for read in totals] if slopes else []
   stats = RowStats(m, log_sum, target, tuple(read(sums) for read in values), mean_logit)

@@ -221,44 +221,14 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, devices) ->
   is_main = jax.process_index() == 0
   train = config.train
   mesh = make_mesh(devices)
-  for key, size in (
-    ("train.batch_size", train.batch_size),
-    ("train.eval_batch_size", train.eval_batch_size),
-  ):
-    try:
-      check_batch_size(size, key, mesh)
-    except ValueError as err:
-      raise ConfigError(f"config key '{key}': {err}") from None
-
+  _check_batch_sizes(train, mesh)
   data = load_dataset(config.data, image=config.model.name == "cnn")
   _check_data_sizes(data, config)
   recorded = workdir / logs.CONFIG_FILE
   if is_main and not recorded.exists():  # only now: a config refused above leaves no run behind
     logs.write_atomic(recorded, to_yaml(config))
-  input_shape = (data.seq_len,) if data.is_lm else data.x_train_NxF.shape[1:]
-
-  @nnx.jit  # one compiled initialisation instead of one eager dispatch per parameter
-  def initialize():
-    model = build_model(
-      config.model, input_shape=input_shape, num_classes=data.num_classes, seed=train.seed
-    )
-    return model, nnx.Optimizer(
-      model, build_optimizer(config.optim, train.num_steps), wrt=nnx.Param
-    )
-
-  graphdef, state = nnx.split(initialize())
-  state = replicate(state, mesh)
-
-  checkpointer = None
-  start_step = 0
-  if train.checkpoint_every:
-    checkpointer = Checkpointer(workdir / CHECKPOINT_DIR, max_to_keep=train.max_checkpoints)
-    restored = checkpointer.restore_latest(nnx.to_pure_dict(state))
-    if restored is not None:
-      pure_state, record = restored
-      nnx.replace_by_pure_dict(state, pure_state)
-      start_step = record["step"]
-      logging.info("resuming %s from step %d", workdir, start_step)
+  graphdef, state = _initial_state(config, data, mesh)
+  checkpointer, start_step = _resume(config, workdir, state)
   if is_main:
     logs.truncate_metrics(workdir, last_step=start_step)
 
@@ -302,16 +272,7 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, devices) ->
       continue
     jax.block_until_ready(state)
     elapsed = time.perf_counter() - tic
-    losses, finite = (np.asarray(a) for a in zip(*jax.device_get(pending)))
-    bad = np.flatnonzero(~finite)
-    if bad.size:
-      bar.close()
-      kept = done - len(pending)
-      what = "training loss" if not np.isfinite(losses[bad[0]]) else "parameters after the update"
-      raise NonFiniteLossError(
-        f"{what} became non-finite at step {kept + bad[0] + 1} (loss {losses[bad[0]]}) of run "
-        f"{workdir}; stopped. Checkpoints up to step {kept} are kept."
-      )
+    losses = _finite_losses(pending, done, workdir, bar)
     row = {"step": done, "train/loss": float(np.mean(losses, dtype=np.float64))}
     row.update(evaluate(eval_step, state, data, config, mesh)[0])
     row["train/examples_per_s"] = timed_steps * train.batch_size / elapsed
@@ -326,7 +287,81 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, devices) ->
       )
     timed_steps, tic = 0, time.perf_counter()
   bar.close()
+  summary = _final_summary(config, graphdef, state, data, mesh, eval_step)
+  if checkpointer:
+    checkpointer.close()
+  if is_main:
+    logs.write_summary(workdir, summary)
+  return summary
 
+
+def _check_batch_sizes(train, mesh) -> None:
+  """Each batch size splits evenly over the mesh's devices; else a ConfigError naming its key."""
+  for key, size in (
+    ("train.batch_size", train.batch_size),
+    ("train.eval_batch_size", train.eval_batch_size),
+  ):
+    try:
+      check_batch_size(size, key, mesh)
+    except ValueError as err:
+      raise ConfigError(f"config key '{key}': {err}") from None
+
+
+def _initial_state(config: Config, data: Dataset, mesh):
+  """``(graphdef, state)`` of the freshly initialised model and optimizer, replicated on
+  ``mesh``."""
+  train = config.train
+  input_shape = (data.seq_len,) if data.is_lm else data.x_train_NxF.shape[1:]
+
+  @nnx.jit  # one compiled initialisation instead of one eager dispatch per parameter
+  def initialize():
+    model = build_model(
+      config.model, input_shape=input_shape, num_classes=data.num_classes, seed=train.seed
+    )
+    return model, nnx.Optimizer(
+      model, build_optimizer(config.optim, train.num_steps), wrt=nnx.Param
+    )
+
+  graphdef, state = nnx.split(initialize())
+  return graphdef, replicate(state, mesh)
+
+
+def _resume(config: Config, workdir: pathlib.Path, state):
+  """``(checkpointer, start_step)``: restores the newest good checkpoint into ``state`` (in
+  place); no checkpointer when checkpoints are off."""
+  train = config.train
+  if not train.checkpoint_every:
+    return None, 0
+  checkpointer = Checkpointer(workdir / CHECKPOINT_DIR, max_to_keep=train.max_checkpoints)
+  restored = checkpointer.restore_latest(nnx.to_pure_dict(state))
+  if restored is None:
+    return checkpointer, 0
+  pure_state, record = restored
+  nnx.replace_by_pure_dict(state, pure_state)
+  logging.info("resuming %s from step %d", workdir, record["step"])
+  return checkpointer, record["step"]
+
+
+def _finite_losses(pending, done: int, workdir: pathlib.Path, bar) -> np.ndarray:
+  """The losses of the steps since the last evaluation; ``NonFiniteLossError`` naming the first
+  step whose loss or updated parameters were not finite."""
+  losses, finite = (np.asarray(a) for a in zip(*jax.device_get(pending)))
+  bad = np.flatnonzero(~finite)
+  if bad.size:
+    bar.close()
+    kept = done - len(pending)
+    what = "training loss" if not np.isfinite(losses[bad[0]]) else "parameters after the update"
+    raise NonFiniteLossError(
+      f"{what} became non-finite at step {kept + bad[0] + 1} (loss {losses[bad[0]]}) of run "
+      f"{workdir}; stopped. Checkpoints up to step {kept} are kept."
+    )
+  return losses
+
+
+def _final_summary(config: Config, graphdef, state, data: Dataset, mesh, eval_step) -> dict:
+  """The run's ``summary.json``: final evaluation and calibration, before and after temperature
+  scaling."""
+  train = config.train
   final_row, bins = evaluate(eval_step, state, data, config, mesh)
   logits_step = make_logits_step(graphdef)
   calibration, bins_ts = calibration_row(
@@ -346,8 +381,4 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, devices) ->
     "calibration_counts": bins,
     "calibration_counts_ts": bins_ts,  # after temperature scaling; None without held-out data
   }
-  if checkpointer:
-    checkpointer.close()
-  if is_main:
-    logs.write_summary(workdir, summary)
   return summary
