@@ -21,7 +21,7 @@ is the single-device one on any number of shards (tested on 1, 2, 4 and 8).
 Backward passes are shard-local and keep only per-row residuals: the gradient on the shard that
 owns class :math:`c` is :math:`s_i p_{ic} - \mathrm{off}\,w_c - (\mathrm{on}-\mathrm{off})\,w_{y_i}
 [c = y_i]`, recomputed from the shard's logits (or, for the linear version, from ``hidden`` and
-the weight shard, by the blocked kernels of :mod:`xent_jax.fused.linear`). Only gradients of
+the weight shard, by the blocked kernels of :mod:`xent_jax.fused.kernels`). Only gradients of
 replicated inputs need a collective: ``psum`` over the vocabulary axis for ``hidden``, over the
 data axis for the weight shard.
 """
@@ -34,13 +34,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from xent_jax.core import checks
-from xent_jax.core import heads
-from xent_jax.core import inputs
-from xent_jax.losses import cross_entropy as _ce
-from xent_jax.fused import linear
+from xent_jax.core import checks, heads, inputs
 from xent_jax.core.options import LossOptions
 from xent_jax.core.reduction import reduce_loss
+from xent_jax.fused import ops as fused_ops
+from xent_jax.fused import rows as fused_rows
+from xent_jax.fused.blocks import BlockStats
+from xent_jax.fused.schedule import WEIGHT_LAYOUTS, LinearLayout
+from xent_jax.losses import cross_entropy as _ce
 
 # --------------------------------------------------------------------------- mesh and checks
 
@@ -157,8 +158,9 @@ def reduce_rows(loss, example_weight, reduction: str, data_axis, fn: str):
 # --------------------------------------------------------------------------- linear kernel glue
 
 
-def complete_row_stats(stats: linear.RowStats, vocab_axis: Hashable) -> linear.RowStats:
-  r"""Combines per-shard :class:`xent_jax.fused.linear.RowStats` into global ones (``pmax``/``psum``).
+def complete_row_stats(stats: BlockStats, vocab_axis: Hashable) -> BlockStats:
+  r"""Combines per-shard :class:`xent_jax.fused.blocks.BlockStats` into global ones
+  (``pmax``/``psum``).
 
   .. math::
      m = \operatorname{pmax}_s m_s, \qquad
@@ -168,7 +170,7 @@ def complete_row_stats(stats: linear.RowStats, vocab_axis: Hashable) -> linear.R
   m = jax.lax.pmax(stats.max, vocab_axis)
   safe_m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
   sumexp = jax.lax.psum(stats.sumexp * jnp.exp(stats.max - safe_m), vocab_axis)
-  return linear.RowStats(
+  return BlockStats(
     m,
     sumexp,
     jax.lax.psum(stats.target, vocab_axis),
@@ -630,34 +632,36 @@ def _linear_local(
   r""":func:`xent_jax.linear_cross_entropy` on one vocabulary shard of ``weight``.
 
   Runs inside ``shard_map(check_vma=True)`` (see the note above :func:`_sum_partial_grads`): the
-  single-device front end (:func:`xent_jax.fused.linear.prepare_rows`) reads the arguments against the
+  single-device front end (:func:`xent_jax.fused.rows.prepare_rows`) reads the arguments against the
   global :math:`K = V_s\,|\text{vocab}|` classes, each shard runs the blocked kernels of
-  :mod:`xent_jax.fused.linear` on its classes, relabelled ``0..V_s-1``, and
+  :mod:`xent_jax.fused.kernels` on its classes, relabelled ``0..V_s-1``, and
   :func:`complete_row_stats` combines the per-row statistics before the core's per-row formula
-  (:func:`xent_jax.fused.linear.row_loss`). Arguments are this device's shards
+  (:func:`xent_jax.fused.ops.row_loss`). Arguments are this device's shards
   (``hidden`` ``[..., D]``, ``weight`` ``[V_s, D]`` or ``[D, V_s]``, ``bias``/``class_weight``
   ``[V_s]``); options as in :func:`xent_jax.linear_cross_entropy`, chunk sizes per device.
   """
   fn = "vocab_parallel_linear_cross_entropy"
   rows_axes = data_axes(data_axis)
-  rows = linear.prepare_rows(
+  options = LossOptions.checked(
     fn,
-    hidden,
-    weight,
-    labels,
-    bias=bias,
-    weight_layout=weight_layout,
-    class_weight=class_weight,
-    ignore_index=ignore_index,
     reduction=reduction,
+    ignore_index=ignore_index,
     label_smoothing=label_smoothing,
     smoothing=smoothing,
     z_loss=z_loss,
     logit_softcap=logit_softcap,
+  )
+  rows = fused_rows.prepare_rows(
+    fn,
+    hidden,
+    weight,
+    labels,
+    options,
+    LinearLayout(weight_layout, token_chunk_size, vocab_chunk_size),
+    bias=bias,
+    class_weight=class_weight,
     where=where,
     return_lse=return_lse,
-    token_chunk_size=token_chunk_size,
-    vocab_chunk_size=vocab_chunk_size,
     vocab_axis=vocab_axis,
     row_axes=rows_axes,
   )
@@ -669,12 +673,12 @@ def _linear_local(
     total_weight_1 = jnp.sum(rows.example_weight_N, keepdims=True)
     if rows_axes:
       total_weight_1 = jax.lax.psum(total_weight_1, rows_axes)
-    row_scale = jax.grad(
-      lambda loss_1: reduce_loss(loss_1, total_weight_1, reduction, fn=fn)
-    )(jnp.zeros((1,), rows.total_weight.dtype))
+    row_scale = jax.grad(lambda loss_1: reduce_loss(loss_1, total_weight_1, reduction, fn=fn))(
+      jnp.zeros((1,), rows.total_weight.dtype)
+    )
     row_scale_N = jnp.broadcast_to(row_scale, rows.valid_N.shape)
     rows_of = data_axes(data_axis)
-    return linear.fused_op(
+    return fused_ops.fused_op(
       rows.block,
       rows.loss,
       *args,
@@ -688,8 +692,10 @@ def _linear_local(
     )
   # The tangents of the shards' partial statistics sum over the vocabulary axis.
   sum_slices = functools.partial(_psum_each, axis=vocab_axis)
-  lse_N, target_N, weighted_sum_N = linear.stats_op(rows.block, complete_stats, sum_slices, *args)
-  loss_N = linear.row_loss(
+  lse_N, target_N, weighted_sum_N = fused_ops.stats_op(
+    rows.block, complete_stats, sum_slices, *args
+  )
+  loss_N = fused_ops.row_loss(
     rows.loss, rows.total_weight, lse_N, target_N, weighted_sum_N, rows.kernel_rows()
   )
   batch_shape = rows.batch_shape
@@ -770,7 +776,7 @@ def vocab_parallel_linear_cross_entropy(
   fn = "vocab_parallel_linear_cross_entropy"
   checks.check_floating(fn, "hidden", hidden)
   checks.check_floating(fn, "weight", weight)
-  checks.check_choice(fn, "weight_layout", weight_layout, linear.WEIGHT_LAYOUTS)
+  checks.check_choice(fn, "weight_layout", weight_layout, WEIGHT_LAYOUTS)
   LossOptions.checked(
     fn,
     label_smoothing=label_smoothing,
@@ -781,7 +787,7 @@ def vocab_parallel_linear_cross_entropy(
   )
   hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
   labels = inputs.as_label_array(fn, labels)
-  num_classes, _ = linear.linear_shapes(fn, hidden, weight, weight_layout)
+  num_classes, _ = fused_rows.linear_shapes(fn, hidden, weight, weight_layout)
   batch_shape = hidden.shape[:-1]
   inputs.check_integer_labels(fn, labels, batch_shape)
   rows = _mesh_specs(fn, mesh, vocab_axis, data_axis, num_classes, "weight", batch_shape, "hidden")
