@@ -11,7 +11,8 @@ from jax.test_util import check_grads
 
 import xent_jax
 from tests._compiled import cpu_temp_bytes
-from xent_jax.core import engine, heads
+from xent_jax.core import engine
+from xent_jax.core import heads
 from xent_jax.fused import heads as fused_heads
 from xent_jax.losses import variants
 from xent_jax.train.config import LossConfig

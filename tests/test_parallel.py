@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import functools
 
-import _reference as ref
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 from jax.test_util import check_grads
 
+import _reference as ref
 import xent_jax
 from xent_jax.fused import schedule as fused_schedule
 

@@ -25,12 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xent_jax.losses import bitempered
+from xent_jax.losses import cross_entropy
 from xent_jax.core import heads
 from xent_jax.core.frontend import head_loss
 from xent_jax.core.options import LossOptions
 from xent_jax.fused import any_loss
-from xent_jax.fused.schedule import LinearLayout
-from xent_jax.losses import bitempered, cross_entropy, variants
+from xent_jax.fused.rows import LinearArrays
+from xent_jax.fused.rows import LinearLayout
+from xent_jax.losses import variants
 
 CONVENTIONS = ("axis", "weight", "ignore_index", "reduction", "where")
 # Keyword-only arguments that are neither conventions nor hyper-parameters: they change what the
@@ -209,14 +212,9 @@ class ConfiguredLoss:
       self.fn,
       self.hparams,
       self._engine_head,
-      hidden,
-      weight,
-      labels,
+      LinearArrays(hidden, weight, labels, bias, class_weight, where),
       LossOptions(reduction=reduction, ignore_index=ignore_index),
       LinearLayout(weight_layout, token_chunk_size, vocab_chunk_size),
-      bias=bias,
-      class_weight=class_weight,
-      where=where,
       return_stats=return_stats,
     )
 

@@ -21,13 +21,19 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from xent_jax.core import checks, engine, heads, inputs
+from xent_jax.core import checks
+from xent_jax.core import engine
+from xent_jax.core import heads
+from xent_jax.core import inputs
 from xent_jax.core.options import LossOptions
 from xent_jax.core.reduction import reduce_loss
-from xent_jax.fused import chunked, linear, schedule
+from xent_jax.fused import chunked
+from xent_jax.fused import linear
+from xent_jax.fused import schedule
 from xent_jax.fused import heads as fused_heads
 from xent_jax.fused import rows as rows_lib
-from xent_jax.fused.schedule import LinearLayout
+from xent_jax.fused.rows import LinearArrays
+from xent_jax.fused.rows import LinearLayout
 from xent_jax.losses import cross_entropy
 
 # ``engine_head(num_classes) -> (head, label_smoothing)`` of a loss of the row-statistics engine,
@@ -58,13 +64,14 @@ class _LinearRows(NamedTuple):
   class_weight: jax.Array | None
   mask_N: jax.Array
   example_weight_N: jax.Array
-  read: Any
+  read: inputs.IntegerLabels | None
   batch_shape: tuple[int, ...]
   num_classes: int
 
 
-def _read_rows(fn, hidden, weight, labels, options, layout, bias, class_weight, where):
+def _read_rows(fn, arrays: LinearArrays, options, layout: LinearLayout) -> _LinearRows:
   """Checks the arrays of a linear loss and reads them row by row (:class:`_LinearRows`)."""
+  hidden, weight, labels, bias, class_weight, where = arrays
   num_classes, _ = rows_lib.check_linear_layer(fn, hidden, weight, layout.weight_layout, bias)
   checks.check_reduction(fn, options.reduction)
   hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
@@ -93,7 +100,7 @@ def _read_rows(fn, hidden, weight, labels, options, layout, bias, class_weight, 
     schedule.check_chunk_size(fn, "vocab_chunk_size", layout.vocab_chunk_size)
   bias = None if bias is None else jnp.asarray(bias)
   return _LinearRows(
-    hidden.reshape(n, -1),
+    hidden.reshape(n, hidden.shape[-1]),
     weight,
     bias,
     labels_N,
@@ -172,12 +179,10 @@ def _blocked_head(fn, engine_head, rows: _LinearRows, layout: LinearLayout, retu
     rows.hidden_NxD,
     rows.weight,
     read.safe_labels,
+    layout,
     bias=rows.bias,
-    weight_layout=layout.weight_layout,
     class_weight=rows.class_weight,
     label_smoothing=label_smoothing,
-    token_chunk_size=layout.token_chunk_size,
-    vocab_chunk_size=layout.vocab_chunk_size,
     entropy=return_stats,
   )
   loss_N = heads.mask_rows(loss_N, read.valid, read.bad)
@@ -190,10 +195,33 @@ def _blocked_head(fn, engine_head, rows: _LinearRows, layout: LinearLayout, retu
   return loss_N, extras
 
 
-def _empty_batch(loss_fn, hparams, logits, labels, options, rows: _LinearRows, where):
+def _per_row(name, fn, engine_head, row_loss, rows: _LinearRows, layout, return_stats):
+  """``(loss [N], extras)`` from the blocked statistics of an engine head with integer labels
+  (a weight narrower than float32, or a ``vocab_chunk_size``), else from rematerialised token
+  chunks."""
+  head = engine_head(rows.num_classes)
+  blocks = layout.vocab_chunk_size is not None or fused_heads.takes_blocks(
+    rows.hidden_NxD.dtype, rows.weight.dtype
+  )
+  if rows.read is not None and head is not None and blocks:
+    return _blocked_head(fn, head, rows, layout, return_stats)
+  if layout.vocab_chunk_size is not None:
+    raise ValueError(
+      f"{fn}: `vocab_chunk_size` needs integer labels and a loss of the row-statistics engine "
+      f"(its blocked statistics); got {'integer' if rows.read is not None else 'probability'} "
+      f"labels for loss {name!r}, whose fused form takes whole-vocabulary token chunks. Leave "
+      "it None."
+    )
+  return chunked.chunked_linear_loss(
+    fn, row_loss, rows.hidden_NxD, rows.weight, rows.labels_N, rows.mask_N, layout, bias=rows.bias
+  )
+
+
+def _empty_batch(loss_fn, hparams, arrays: LinearArrays, options, layout, rows: _LinearRows):
   """The loss of the empty ``[..., 0, V]`` logits and its (empty) per-token statistics."""
+  hidden, weight, labels, bias, _, where = arrays
   loss = loss_fn(
-    logits,
+    rows_lib.unfused_logits(hidden, weight, bias, layout.weight_layout),
     labels,
     **hparams,
     weight=rows.class_weight,
@@ -211,15 +239,10 @@ def loss_on_linear(
   loss_fn: Callable[..., jax.Array],
   hparams: Mapping[str, Any],
   engine_head: EngineHead,
-  hidden: jax.typing.ArrayLike,
-  weight: jax.typing.ArrayLike,
-  labels: jax.typing.ArrayLike,
+  arrays: LinearArrays,
   options: LossOptions,
   layout: LinearLayout,
   *,
-  bias: jax.typing.ArrayLike | None,
-  class_weight: jax.typing.ArrayLike | None,
-  where: jax.typing.ArrayLike | None,
   return_stats: bool,
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
   """``loss_fn`` with ``hparams`` on ``hidden @ weight.T + bias``, without the ``[N, V]`` logits:
@@ -231,23 +254,23 @@ def loss_on_linear(
       reduction, where)``.
     hparams: its bound hyper-parameters.
     engine_head: its head of the row-statistics engine (:data:`EngineHead`).
+    arrays: ``hidden``, ``weight``, ``labels``, ``bias``, ``class_weight`` (the loss's
+      ``weight``) and ``where``.
     options: ``reduction`` and ``ignore_index`` (checked here; for cross-entropy the
       hyper-parameters join them).
     layout: the weight layout and the chunk sizes.
+    return_stats: also return the per-token statistics.
   """
   fn = f"get_loss({name!r}).linear"
   if loss_fn is cross_entropy.cross_entropy and not return_stats:
     public = "linear_cross_entropy"
     options = dataclasses.replace(options, **hparams)
     options = LossOptions.checked(public, **dataclasses.asdict(options))
-    return linear.cross_entropy_on_linear(
-      public, hidden, weight, labels, options, layout, bias, class_weight, where
-    )
-  rows = _read_rows(fn, hidden, weight, labels, options, layout, bias, class_weight, where)
+    return linear.cross_entropy_on_linear(public, arrays, options, layout)
+  rows = _read_rows(fn, arrays, options, layout)
   n, features = rows.hidden_NxD.shape
   if n == 0:  # Nothing to chunk: the loss of the empty [..., 0, V] logits.
-    logits = rows_lib.unfused_logits(hidden, weight, bias, layout.weight_layout)
-    loss, stats = _empty_batch(loss_fn, hparams, logits, labels, options, rows, where)
+    loss, stats = _empty_batch(loss_fn, hparams, arrays, options, layout, rows)
     return (loss, stats) if return_stats else loss
   row_loss = _token_loss(loss_fn, hparams, options, rows, return_stats)
   if (
@@ -257,39 +280,10 @@ def loss_on_linear(
     and schedule.one_pass_fits(n, features, rows.num_classes)
   ):
     return _one_pass(fn, row_loss, rows, options, layout)
-  head = engine_head(rows.num_classes)
-  weight_dtype = rows.weight.dtype
-  blocks = layout.vocab_chunk_size is not None or fused_heads.takes_blocks(
-    rows.hidden_NxD.dtype, weight_dtype
-  )
-  if rows.read is not None and head is not None and blocks:
-    loss_N, extras = _blocked_head(fn, head, rows, layout, return_stats)
-  else:
-    if layout.vocab_chunk_size is not None:
-      raise ValueError(
-        f"{fn}: `vocab_chunk_size` needs integer labels and a loss of the row-statistics engine "
-        f"(its blocked statistics); got {'integer' if rows.read is not None else 'probability'} "
-        f"labels for loss {name!r}, whose fused form takes whole-vocabulary token chunks. Leave "
-        "it None."
-      )
-    loss_N, extras = chunked.chunked_linear_loss(
-      fn,
-      row_loss,
-      rows.hidden_NxD,
-      rows.weight,
-      rows.labels_N,
-      rows.mask_N,
-      bias=rows.bias,
-      weight_layout=layout.weight_layout,
-      token_chunk_size=layout.token_chunk_size,
-    )
+  loss_N, extras = _per_row(name, fn, engine_head, row_loss, rows, layout, return_stats)
   batch_shape = rows.batch_shape
-  loss = reduce_loss(
-    loss_N.reshape(batch_shape),
-    rows.example_weight_N.reshape(batch_shape),
-    options.reduction,
-    fn=fn,
-  )
+  example_weight = rows.example_weight_N.reshape(batch_shape)
+  loss = reduce_loss(loss_N.reshape(batch_shape), example_weight, options.reduction, fn=fn)
   if not return_stats:
     return loss
   return loss, {k: v.reshape(batch_shape) for k, v in extras.items()}

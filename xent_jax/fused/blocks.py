@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from xent_jax.core import engine, inputs
+from xent_jax.core import engine
+from xent_jax.core import inputs
 from xent_jax.fused.schedule import BlockConfig
 
 
@@ -105,9 +106,9 @@ def carried(tree):
 
   ``lax.scan`` and ``fori_loop`` turn a carry that the body returns unchanged into a loop constant
   (jax 0.10); a constant's cotangent is then summed in a fresh whole-size buffer per run of the
-  loop and added to the enclosing loop's afterwards (two more float32 ``[N, D]`` buffers at the
-  Llama-3-8B head on a TPU v5e). Adding zero keeps it a carry, whose cotangent accumulates in one
-  buffer; XLA removes the addition.
+  loop and added to the enclosing loop's afterwards (for ``d_hidden``, more float32 ``[N, D]``
+  buffers). Adding zero keeps it a carry, whose cotangent accumulates in one buffer; XLA removes
+  the addition.
   """
   return jax.tree.map(lambda a: a + jnp.zeros((), a.dtype), tree)
 

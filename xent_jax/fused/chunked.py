@@ -31,7 +31,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from xent_jax.fused import forward_grads, schedule
+from xent_jax.fused import forward_grads
+from xent_jax.fused import schedule
+from xent_jax.fused.rows import LinearLayout
 
 
 def chunked_linear_loss(
@@ -41,10 +43,9 @@ def chunked_linear_loss(
   weight: jax.Array,
   labels: jax.Array,
   valid: jax.Array,
+  layout: LinearLayout,
   *,
   bias: jax.Array | None,
-  weight_layout: str,
-  token_chunk_size: int | None,
 ) -> tuple[jax.Array, dict]:
   """Per-row losses of ``row_loss`` on ``hidden @ weight.T + bias``, chunk by chunk.
 
@@ -56,17 +57,18 @@ def chunked_linear_loss(
     weight: ``[V, D]`` ('vd') or ``[D, V]`` ('dv').
     labels: ``[N, ...]`` (integer ids ``[N]``, or probabilities ``[N, V]``).
     valid: ``[N]`` bool.
+    layout: the weight layout ('vd' or 'dv') and the rows per chunk (``token_chunk_size``, or
+      None for :func:`xent_jax.fused.schedule.default_chunk`; ``vocab_chunk_size`` is not read).
     bias: ``[V]`` or None.
-    weight_layout: 'vd' or 'dv'.
-    token_chunk_size: rows per chunk, or None for :func:`xent_jax.fused.schedule.default_chunk`.
 
   Returns:
     ``(loss [N], extras)`` with each extra ``[N]``.
   """
   n = hidden.shape[0]
+  weight_layout = layout.weight_layout
   num_classes = weight.shape[schedule.class_dim(weight_layout)]
   chunk = schedule.resolve_chunk(
-    fn, "token_chunk_size", token_chunk_size, n, schedule.default_chunk(num_classes, n)
+    fn, "token_chunk_size", layout.token_chunk_size, n, schedule.default_chunk(num_classes, n)
   )
   num_chunks = -(-n // chunk)
   pad = num_chunks * chunk - n

@@ -25,8 +25,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from xent_jax.core import engine, heads, inputs
-from xent_jax.fused import ops, schedule
+from xent_jax.core import engine
+from xent_jax.core import heads
+from xent_jax.core import inputs
+from xent_jax.fused import ops
+from xent_jax.fused import schedule
+from xent_jax.fused.rows import LinearLayout
 
 
 def takes_blocks(hidden_dtype, weight_dtype) -> bool:
@@ -46,13 +50,11 @@ def integer_head_linear(
   hidden_NxD: jax.Array,
   weight: jax.Array,
   labels_N: jax.Array,
+  layout: LinearLayout,
   *,
   bias: jax.Array | None,
-  weight_layout: str,
   class_weight: jax.Array | None,
   label_smoothing: float,
-  token_chunk_size: int | None,
-  vocab_chunk_size: int | None,
   entropy: bool,
 ) -> tuple[jax.Array, engine.RowStats]:
   """Per-row losses of ``head`` on ``hidden @ weight.T + bias`` (no checks, no mask).
@@ -62,11 +64,10 @@ def integer_head_linear(
     head: the loss.
     hidden_NxD: ``[N, D]``; weight: ``[V, D]`` ('vd') or ``[D, V]`` ('dv'); bias: ``[V]`` or None.
     labels_N: ``[N]`` valid class ids (make invalid ones safe before calling).
-    weight_layout: 'vd' or 'dv'.
+    layout: the weight layout and the chunk sizes (rows and classes per block, or None for the
+      defaults of :func:`xent_jax.fused.schedule.plan_schedule`).
     class_weight: ``[V]`` or None.
     label_smoothing: :math:`\\epsilon` of the uniformly smoothed target.
-    token_chunk_size, vocab_chunk_size: rows and classes per block, or None for the defaults
-      (:func:`xent_jax.fused.schedule.plan_schedule`).
     entropy: also compute the entropy (for the caller's statistics) when the head does not.
 
   Returns:
@@ -74,7 +75,7 @@ def integer_head_linear(
     log-sum-exp, ``log_sum`` 0), in float32 (float64 for float64 inputs).
   """
   n, d = hidden_NxD.shape
-  num_classes = weight.shape[schedule.class_dim(weight_layout)]
+  num_classes = weight.shape[schedule.class_dim(layout.weight_layout)]
   dtype = inputs.compute_dtype(jnp.result_type(hidden_NxD.dtype, weight.dtype))
   target = heads.smoothed_target(num_classes, label_smoothing)
   sums = heads.integer_class_sums(
@@ -86,13 +87,13 @@ def integer_head_linear(
     d,
     num_classes,
     linear_reduction=False,
-    token_chunk_size=token_chunk_size,
-    vocab_chunk_size=vocab_chunk_size,
+    token_chunk_size=layout.token_chunk_size,
+    vocab_chunk_size=layout.vocab_chunk_size,
     hidden_dtype=hidden_NxD.dtype,
     weight_dtype=weight.dtype,
   )
   cfg = dataclasses.replace(
-    plan.block_config(weight_layout, None, False),
+    plan.block_config(layout.weight_layout, None, False),
     class_fns=tuple(s.fn for s in sums),
     entropy=head.entropy or entropy,
   )

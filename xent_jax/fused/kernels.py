@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from xent_jax.core import engine, inputs
+from xent_jax.core import engine
+from xent_jax.core import inputs
 from xent_jax.fused import blocks
 from xent_jax.fused.blocks import BlockStats
 from xent_jax.fused.schedule import BlockConfig
@@ -223,12 +224,16 @@ def vocab_slice_tangents(
   return kernel(primals, (d_hidden, d_weight, d_bias), cfg)
 
 
+def _loop_sizes(primals, cfg: BlockConfig) -> tuple[int, int, int, int, jnp.dtype]:
+  """``(N, V, token chunk, vocab chunk, dtype of the tangents)`` of the tangent pass."""
+  hidden_NxD, weight, lse_N = primals[0], primals[1], primals[5]
+  n, v = hidden_NxD.shape[0], weight.shape[cfg.class_dim]
+  return n, v, cfg.token_chunk, cfg.vocab_chunk, lse_N.dtype
+
+
 def _tangents_token_major(primals, tangents, cfg: BlockConfig):
-  n = primals[0].shape[0]
-  v = primals[1].shape[cfg.class_dim]
+  n, v, t, c, dtype = _loop_sizes(primals, cfg)
   d_hidden, d_weight, d_bias = tangents
-  t, c = cfg.token_chunk, cfg.vocab_chunk
-  dtype = primals[5].dtype
   block = blocks.remat_block(cfg, shifted=v % c != 0)
 
   def token_step(i, carry):
@@ -271,11 +276,8 @@ def _class_blocks(a, axis: int, start: int, count: int, size: int):
 
 
 def _tangents_vocab_major(primals, tangents, cfg: BlockConfig):
-  n = primals[0].shape[0]
-  v = primals[1].shape[cfg.class_dim]
+  n, v, t, c, dtype = _loop_sizes(primals, cfg)
   d_hidden, d_weight, d_bias = tangents
-  t, c = cfg.token_chunk, cfg.vocab_chunk
-  dtype = primals[5].dtype
   full, rest = divmod(v, c)
 
   def vocab_chunk(c0, j, d_hidden, d_weight_block, d_bias_C, cfg: BlockConfig):

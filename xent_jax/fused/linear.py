@@ -56,7 +56,8 @@ from xent_jax.core.options import LossOptions
 from xent_jax.core.reduction import reduce_loss
 from xent_jax.fused import ops
 from xent_jax.fused import rows as rows_lib
-from xent_jax.fused.schedule import LinearLayout
+from xent_jax.fused.rows import LinearArrays
+from xent_jax.fused.rows import LinearLayout
 from xent_jax.losses.cross_entropy import cross_entropy_head
 
 
@@ -159,39 +160,24 @@ def linear_cross_entropy(
     logit_softcap=logit_softcap,
   )
   layout = LinearLayout(weight_layout, token_chunk_size, vocab_chunk_size)
-  return cross_entropy_on_linear(
-    fn, hidden, weight, labels, options, layout, bias, class_weight, where, return_lse=return_lse
-  )
+  arrays = LinearArrays(hidden, weight, labels, bias, class_weight, where)
+  return cross_entropy_on_linear(fn, arrays, options, layout, return_lse=return_lse)
 
 
 def cross_entropy_on_linear(
   fn: str,
-  hidden,
-  weight,
-  labels,
+  arrays: LinearArrays,
   options: LossOptions,
   layout: LinearLayout,
-  bias=None,
-  class_weight=None,
-  where=None,
   *,
   return_lse: bool = False,
 ):
-  """:func:`linear_cross_entropy` with its options checked (:meth:`LossOptions.checked`) and
-  its layout as one object each; ``fn`` names the public function in error messages."""
-  rows = rows_lib.prepare_rows(
-    fn,
-    hidden,
-    weight,
-    labels,
-    options,
-    layout,
-    bias=bias,
-    class_weight=class_weight,
-    where=where,
-    return_lse=return_lse,
-  )
+  """:func:`linear_cross_entropy` of the ``arrays`` with its options checked
+  (:meth:`LossOptions.checked`) and its layout as one object each; ``fn`` names the public
+  function in error messages."""
+  rows = rows_lib.prepare_rows(fn, arrays, options, layout, return_lse=return_lse)
   if rows.schedule is None:  # Nothing to chunk: the unfused loss of the empty [..., 0, V] logits.
+    hidden, weight, labels, bias, class_weight, where = arrays
     logits = rows_lib.unfused_logits(hidden, weight, bias, layout.weight_layout)
     head = cross_entropy_head(options.smoothing, float(options.z_loss))
     reduced, stats = head_loss(

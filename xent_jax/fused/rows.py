@@ -6,6 +6,7 @@ arguments into the kernels' per-row inputs (:class:`PreparedRows`) and plans the
 whole arrays or, inside ``shard_map``, on one vocabulary shard (:mod:`xent_jax.parallel.logits`).
 """
 
+import dataclasses
 from collections.abc import Hashable
 from typing import NamedTuple
 
@@ -14,10 +15,51 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from xent_jax.core import checks, engine, heads, inputs
+from xent_jax.core import checks
+from xent_jax.core import engine
+from xent_jax.core import heads
+from xent_jax.core import inputs
 from xent_jax.core.options import LossOptions
-from xent_jax.fused import ops, schedule
-from xent_jax.fused.schedule import BlockConfig, LinearLayout, Schedule
+from xent_jax.fused import ops
+from xent_jax.fused import schedule
+from xent_jax.fused.schedule import BlockConfig
+from xent_jax.fused.schedule import Schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearLayout:
+  """How a linear layer's weight is laid out and how its logits are cut into blocks.
+
+  Attributes:
+    weight_layout: 'vd' for ``weight`` ``[V, D]``, 'dv' for ``[D, V]``.
+    token_chunk_size: rows per block, or None for the default (:func:`plan_schedule`).
+    vocab_chunk_size: classes per block, or None for the default; giving it selects the two-pass
+      schedule.
+  """
+
+  weight_layout: str = "vd"
+  token_chunk_size: int | None = None
+  vocab_chunk_size: int | None = None
+
+
+class LinearArrays(NamedTuple):
+  """The arrays of a loss on a linear layer, as its caller gave them (any array-likes).
+
+  Attributes:
+    hidden: ``[..., D]`` features.
+    weight: ``[V, D]`` ('vd') or ``[D, V]`` ('dv').
+    labels: integer ids ``[...]`` (or, where the loss takes them, probabilities ``[..., V]``).
+    bias: ``[V]`` or None.
+    class_weight: ``[V]`` class weights or None.
+    where: mask broadcastable to the batch shape, or None.
+  """
+
+  hidden: jax.typing.ArrayLike
+  weight: jax.typing.ArrayLike
+  labels: jax.typing.ArrayLike
+  bias: jax.typing.ArrayLike | None = None
+  class_weight: jax.typing.ArrayLike | None = None
+  where: jax.typing.ArrayLike | None = None
 
 
 def linear_shapes(fn: str, hidden, weight, weight_layout: str) -> tuple[int, int]:
@@ -139,20 +181,15 @@ def _plan(fn, hidden, weight, num_local, options, layout, return_lse) -> Schedul
 
 def prepare_rows(
   fn: str,
-  hidden: jax.typing.ArrayLike,
-  weight: jax.typing.ArrayLike,
-  labels: jax.typing.ArrayLike,
+  arrays: LinearArrays,
   options: LossOptions,
   layout: LinearLayout,
   *,
-  bias: jax.typing.ArrayLike | None,
-  class_weight: jax.typing.ArrayLike | None,
-  where: jax.typing.ArrayLike | None,
   return_lse: bool,
   vocab_axis: Hashable | None = None,
   row_axes: tuple[Hashable, ...] = (),
 ) -> PreparedRows:
-  """Checks :func:`xent_jax.linear_cross_entropy`'s arrays and prepares the kernels' per-row
+  """Checks :func:`xent_jax.linear_cross_entropy`'s ``arrays`` and prepares the kernels' per-row
   inputs, for the checked ``options`` (:meth:`~xent_jax.core.options.LossOptions.checked`) and
   the ``layout``.
 
@@ -168,6 +205,7 @@ def prepare_rows(
   Raises:
     TypeError, ValueError, AssertionError: naming the bad argument of ``fn``.
   """
+  hidden, weight, labels, bias, class_weight, where = arrays
   num_local, features = check_linear_layer(fn, hidden, weight, layout.weight_layout, bias)
   hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
   bias = None if bias is None else jnp.asarray(bias)

@@ -39,22 +39,6 @@ def class_dim(weight_layout: str) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearLayout:
-  """How a linear layer's weight is laid out and how its logits are cut into blocks.
-
-  Attributes:
-    weight_layout: 'vd' for ``weight`` ``[V, D]``, 'dv' for ``[D, V]``.
-    token_chunk_size: rows per block, or None for the default (:func:`plan_schedule`).
-    vocab_chunk_size: classes per block, or None for the default; giving it selects the two-pass
-      schedule.
-  """
-
-  weight_layout: str = "vd"
-  token_chunk_size: int | None = None
-  vocab_chunk_size: int | None = None
-
-
-@dataclasses.dataclass(frozen=True)
 class BlockConfig:
   """Static description of the blocked product :math:`\\mathrm{cap}(h W^\\top + b)`.
 

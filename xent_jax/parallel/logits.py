@@ -34,14 +34,18 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from xent_jax.core import checks, heads, inputs
-from xent_jax.core.options import LossOptions
-from xent_jax.core.reduction import reduce_loss
+from xent_jax.core import checks
+from xent_jax.core import heads
+from xent_jax.core import inputs
+from xent_jax.losses import cross_entropy as _ce
 from xent_jax.fused import ops as fused_ops
 from xent_jax.fused import rows as fused_rows
 from xent_jax.fused.blocks import BlockStats
-from xent_jax.fused.schedule import WEIGHT_LAYOUTS, LinearLayout
-from xent_jax.losses import cross_entropy as _ce
+from xent_jax.fused.rows import LinearArrays
+from xent_jax.fused.rows import LinearLayout
+from xent_jax.fused.schedule import WEIGHT_LAYOUTS
+from xent_jax.core.options import LossOptions
+from xent_jax.core.reduction import reduce_loss
 
 # --------------------------------------------------------------------------- mesh and checks
 
@@ -653,14 +657,9 @@ def _linear_local(
   )
   rows = fused_rows.prepare_rows(
     fn,
-    hidden,
-    weight,
-    labels,
+    LinearArrays(hidden, weight, labels, bias, class_weight, where),
     options,
     LinearLayout(weight_layout, token_chunk_size, vocab_chunk_size),
-    bias=bias,
-    class_weight=class_weight,
-    where=where,
     return_lse=return_lse,
     vocab_axis=vocab_axis,
     row_axes=rows_axes,
