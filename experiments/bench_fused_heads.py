@@ -1,7 +1,7 @@
 """Engine heads at a language-model-like head: blocked statistics against rematerialised chunks.
 
-Where a head's float32 ``[V, D]`` buffer is not small (:func:`xent_jax.fused.chunked.one_pass_fits`),
-``get_loss(name).linear`` of a variant with integer labels and a bfloat16 weight computes its
+Where a head's float32 ``[V, D]`` buffer is not small
+(:func:`xent_jax.fused.schedule.one_pass_fits`), ``get_loss(name).linear`` of a variant with integer labels and a bfloat16 weight computes its
 per-row statistics in blocks (:mod:`xent_jax.fused.heads`): the log-sum-exp and the label's logit, the smoothing class
 sum and the entropy when the loss needs them, and a blocked tangent pass whose transpose is the
 backward pass, vocabulary-major for bfloat16 heads. Before, it rematerialised token chunks of
@@ -39,6 +39,8 @@ import numpy as np  # noqa: E402
 import xent_jax  # noqa: E402
 from xent_jax.fused import chunked  # noqa: E402
 from xent_jax.fused import heads as fused_heads  # noqa: E402
+from xent_jax.fused import schedule  # noqa: E402
+from xent_jax.fused.rows import LinearLayout  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 # `.linear` takes the blocked statistics for weights narrower than float32 only (takes_blocks, from
@@ -57,9 +59,8 @@ def _remat(loss, hidden, weight, labels):
     weight,
     labels,
     valid,
+    LinearLayout("vd"),
     bias=None,
-    weight_layout="vd",
-    token_chunk_size=None,
   )
   return jnp.mean(per_row)
 
@@ -95,7 +96,7 @@ def main():
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   n, d, v = args.n, args.d, args.v
-  assert not chunked.one_pass_fits(n, d, v), "pick a head whose float32 [V, D] is not small"
+  assert not schedule.one_pass_fits(n, d, v), "pick a head whose float32 [V, D] is not small"
   rng = np.random.default_rng(0)
   hidden64 = rng.normal(size=(n, d)) / np.sqrt(d) * 4
   weight64 = rng.normal(size=(v, d)) / 2

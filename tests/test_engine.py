@@ -175,7 +175,7 @@ def test_import_path_names_a_loss(tmp_path, monkeypatch):
 
 def _fused_cases():
   """Every registered loss with integer labels; with probabilities too, except cross-entropy,
-  whose fused kernels take integer labels (tested in testfused_linear.py)."""
+  whose fused kernels take integer labels (tested in test_linear.py)."""
   names = sorted(n for n in xent_jax.list_losses() if not n.startswith("test_engine"))
   return [
     (n, kind)
@@ -375,7 +375,6 @@ def test_engine_over_vocabulary_shards_equals_one_device(head_name, smoothing):
   from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
   from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
-
   head = HEADS[head_name]()
   logits = jnp.asarray(RNG.normal(size=(4, 16)) * 3, jnp.float32)
   labels = jnp.asarray([0, 7, 15, 9])
@@ -465,12 +464,12 @@ def test_fused_form_plans_its_schedule_from_the_shapes():
   """One pass (a float32 [V, D] accumulator) only while that is at most 1/8 of the [N, V] logits
   or one block; at the Llama-3-8B head the blocked or rematerialising schedule (no such
   accumulator)."""
-  from xent_jax.fused import chunked  # pylint: disable=import-outside-toplevel
+  from xent_jax.fused import schedule  # pylint: disable=import-outside-toplevel
 
-  assert chunked.one_pass_fits(4096, 512, 32768)
-  assert chunked.one_pass_fits(14, 5, 9)
-  assert not chunked.one_pass_fits(8192, 4096, 128256)
-  assert not chunked.one_pass_fits(8192, 2304, 256000)
+  assert schedule.one_pass_fits(4096, 512, 32768)
+  assert schedule.one_pass_fits(14, 5, 9)
+  assert not schedule.one_pass_fits(8192, 4096, 128256)
+  assert not schedule.one_pass_fits(8192, 2304, 256000)
 
 
 @pytest.mark.parametrize("name", xent_jax.list_losses())
@@ -568,11 +567,11 @@ def test_fused_head_blocks_equal_the_logits_path(name, order, monkeypatch):
   with chunks that do not divide N or V, smoothing, class weights, a bias, an ignored row and
   both weight layouts:
   values, statistics, JVP and gradients equal the logits path's in float64."""
-  from xent_jax.fused import linear as fused_linear  # pylint: disable=import-outside-toplevel
+  from xent_jax.fused import schedule as fused_schedule  # pylint: disable=import-outside-toplevel
 
-  plan = fused_linear.plan_schedule
+  plan = fused_schedule.plan_schedule
   monkeypatch.setattr(
-    fused_linear,
+    fused_schedule,
     "plan_schedule",
     lambda *a, **k: plan(*a, **k)._replace(
       token_chunk=4, vocab_chunk=4, vocab_major=order == "vocab"
@@ -622,11 +621,13 @@ def test_fused_head_blocks_second_derivative(monkeypatch):
   Hessian (the confidence penalty with smoothing: the class-sum and entropy pass is
   differentiated too)."""
   name = "confidence_penalty"
-  from xent_jax.fused import linear as fused_linear  # pylint: disable=import-outside-toplevel
+  from xent_jax.fused import schedule as fused_schedule  # pylint: disable=import-outside-toplevel
 
-  plan = fused_linear.plan_schedule
+  plan = fused_schedule.plan_schedule
   monkeypatch.setattr(
-    fused_linear, "plan_schedule", lambda *a, **k: plan(*a, **k)._replace(token_chunk=4, vocab_chunk=4)
+    fused_schedule,
+    "plan_schedule",
+    lambda *a, **k: plan(*a, **k)._replace(token_chunk=4, vocab_chunk=4),
   )
   monkeypatch.setattr(fused_heads, "takes_blocks", lambda *dtypes: True)
   with jax.enable_x64(True):
@@ -686,10 +687,10 @@ def test_fused_head_bfloat16_weight_gradient_is_summed_in_float32():
   bfloat16 once, so every entry is within bfloat16 rounding (2**-8, relative) of the float64
   gradient of the same bfloat16 inputs. Summed in bfloat16 over the chunks, as rematerialised
   token chunks do, entries are off by several roundings."""
-  from xent_jax.fused import linear as fused_linear  # pylint: disable=import-outside-toplevel
+  from xent_jax.fused import schedule as fused_schedule  # pylint: disable=import-outside-toplevel
 
   n, d, v = 256, 32, 8192
-  plan = fused_linear.plan_schedule(
+  plan = fused_schedule.plan_schedule(
     "t",
     n,
     d,
@@ -741,9 +742,9 @@ def test_power_series_equals_its_class_fn_and_saves_passes(name, monkeypatch):
     logits = jnp.asarray(LOGITS, jnp.float64)
     labels = jnp.asarray([0, 3, 8, 2, 5, 1], jnp.int32)  # also read outside x64 below
     sums = lambda s: (
-      lambda x: engine.row_stats(
-        x, labels, (engine.ClassSum(head.class_fn, series=s),)
-      ).class_sums[0]
+      lambda x: engine.row_stats(x, labels, (engine.ClassSum(head.class_fn, series=s),)).class_sums[
+        0
+      ]
     )
     with_series, elementwise = sums(series), sums(None)
     np.testing.assert_allclose(with_series(logits), elementwise(logits), rtol=1e-12)

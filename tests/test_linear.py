@@ -18,7 +18,8 @@ from jax.test_util import check_grads
 
 import xent_jax
 from tests._compiled import cpu_temp_bytes
-from xent_jax.fused import linear as fused_linear
+from xent_jax.fused import kernels as fused_kernels
+from xent_jax.fused import schedule as fused_schedule
 
 N, D, V = 61, 6, 53  # prime token count and vocabulary: no chunk size below them divides them
 IGNORE = -100
@@ -160,7 +161,7 @@ class TestMatchesUnfused:
   @pytest.mark.parametrize("layout", ["vd", "dv"])
   def test_weight_gradient_in_uneven_class_slices(self, layout, monkeypatch):
     """The one-pass weight gradient accumulates in slices of classes: 7 per slice here."""
-    monkeypatch.setattr(fused_linear, "_WEIGHT_GRAD_ELEMENTS", 7 * D)
+    monkeypatch.setattr(fused_kernels, "WEIGHT_GRAD_ELEMENTS", 7 * D)
     hidden, weight, bias, labels, kwargs = _problem(9, options=OPTION_SETS["everything"])
     expected = _reference(hidden, weight, bias, labels, "mean", kwargs)
     kwargs = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
@@ -330,7 +331,7 @@ class TestFeatures:
     ],
   )
   def test_bfloat16_accumulates_in_float32(self, n, d, v, token_chunk, vocab_chunk):
-    plan = fused_linear.plan_schedule(
+    plan = fused_schedule.plan_schedule(
       "f",
       n,
       d,
@@ -414,7 +415,7 @@ class TestFeatures:
 
 
 class TestSchedules:
-  """The schedule and loop order chosen from the shapes (``fused_linear.plan_schedule``)."""
+  """The schedule and loop order chosen from the shapes (``fused_schedule.plan_schedule``)."""
 
   @pytest.mark.parametrize(
     "n, d, v, reduction, vocab_chunk, dtype, expected",
@@ -433,7 +434,7 @@ class TestSchedules:
     ],
   )
   def test_plan(self, n, d, v, reduction, vocab_chunk, dtype, expected):
-    plan = fused_linear.plan_schedule(
+    plan = fused_schedule.plan_schedule(
       "f",
       n,
       d,
@@ -457,18 +458,18 @@ class TestSchedules:
     and [1024, 4008] vocabulary-major blocks in bfloat16. Explicit sizes are kept."""
     n, d, v = 8192, 4096, 128256
     common = dict(linear_reduction=True, hidden_dtype=dtype, weight_dtype=dtype, platform=platform)
-    plan = fused_linear.plan_schedule(
+    plan = fused_schedule.plan_schedule(
       "f", n, d, v, token_chunk_size=None, vocab_chunk_size=None, **common
     )
     assert not plan.one_pass and plan.vocab_major == (dtype == "bfloat16")
     expected = {"gpu": (8192, 4008)}.get(platform, (1024, 4008) if plan.vocab_major else (128, v))
     assert (plan.token_chunk, plan.vocab_chunk) == expected
-    explicit = fused_linear.plan_schedule(
+    explicit = fused_schedule.plan_schedule(
       "f", n, d, v, token_chunk_size=300, vocab_chunk_size=5000, **common
     )
     assert (explicit.token_chunk, explicit.vocab_chunk) == (300, 5000)
     # One pass keeps [512, V] blocks everywhere: larger ones cost a GPU the memory saved.
-    one_pass = fused_linear.plan_schedule(
+    one_pass = fused_schedule.plan_schedule(
       "f", 4096, 512, 32768, token_chunk_size=None, vocab_chunk_size=None, **common
     )
     assert one_pass.one_pass and (one_pass.token_chunk, one_pass.vocab_chunk) == (512, 32768)
@@ -490,13 +491,13 @@ class TestSchedules:
     # Uneven chunks on both axes (10 rows, 7 classes) except for the one-pass schedule, which
     # takes whole-vocabulary blocks. float32 heads this small would take the token-major order:
     # the plan is forced to test both.
-    plan, plans = fused_linear.plan_schedule, []
+    plan, plans = fused_schedule.plan_schedule, []
 
     def forced(*args, **kwargs):
       plans.append(plan(*args, **kwargs)._replace(vocab_major=order == "vocab"))
       return plans[-1]
 
-    monkeypatch.setattr(fused_linear, "plan_schedule", forced)
+    monkeypatch.setattr(fused_schedule, "plan_schedule", forced)
     hidden, weight, bias, labels, kwargs = _problem(21, n=n, options=OPTION_SETS["everything"])
     expected = _reference(hidden, weight, bias, labels, reduction, kwargs)
     kwargs = {k: jnp.asarray(x) if isinstance(x, np.ndarray) else x for k, x in kwargs.items()}
@@ -550,11 +551,11 @@ class TestSliceKernels:
     split = 20
     parts = []
     for lo, hi in [(0, split), (split, V)]:
-      cfg = fused_linear.BlockConfig(
+      cfg = fused_schedule.BlockConfig(
         "vd", 3.0, token_chunk=8, vocab_chunk=6, class_offset=lo, weighted_sum=True
       )
       parts.append(
-        fused_linear.vocab_slice_stats(
+        fused_kernels.vocab_slice_stats(
           h,
           jnp.float32(weight[lo:hi]),
           jnp.float32(bias[lo:hi]),
@@ -587,7 +588,7 @@ class TestSliceKernels:
     ) * cap_grad
     tangents, d_hidden = 0, 0
     for lo, hi in [(0, split), (split, V)]:
-      cfg = fused_linear.BlockConfig(
+      cfg = fused_schedule.BlockConfig(
         "vd",
         3.0,
         token_chunk=8,
@@ -601,7 +602,7 @@ class TestSliceKernels:
       def slice_tangents(th, tw, tb, cfg=cfg, slice_primals=slice_primals, lo=lo, hi=hi):
         w, b = slice_primals
         cw = jnp.float32(class_weight[lo:hi])
-        return fused_linear.vocab_slice_tangents(h, w, b, y, cw, lse, (th, tw, tb), cfg)
+        return fused_kernels.vocab_slice_tangents(h, w, b, y, cw, lse, (th, tw, tb), cfg)
 
       tangents = tangents + np.stack(
         slice_tangents(
@@ -634,7 +635,7 @@ class TestForwardMode:
     with jax.enable_x64(True):
       w_layout = (lambda w: w) if layout == "vd" else (lambda w: w.T)
       options = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
-      assert fused_linear.plan_schedule(
+      assert fused_schedule.plan_schedule(
         "t",
         N,
         D,
@@ -695,13 +696,13 @@ class TestForwardMode:
     """The two-pass schedule is a custom JVP too (its tangent a second blocked pass, which
     reverse mode transposes): jvp, linearize and jacfwd equal the unfused float64 loss's, and so
     do per-example gradients (vmap of grad), in both loop orders."""
-    plan, plans = fused_linear.plan_schedule, []
+    plan, plans = fused_schedule.plan_schedule, []
 
     def forced(*args, **kwargs):
       plans.append(plan(*args, **kwargs)._replace(one_pass=False, vocab_major=order == "vocab"))
       return plans[-1]
 
-    monkeypatch.setattr(fused_linear, "plan_schedule", forced)
+    monkeypatch.setattr(fused_schedule, "plan_schedule", forced)
     hidden, weight, bias, labels, kwargs = _problem(17, options=OPTION_SETS[name])
     rng = np.random.default_rng(18)
     tangents = (rng.normal(size=hidden.shape), rng.normal(size=weight.shape), rng.normal(size=V))

@@ -18,7 +18,7 @@ from jax.test_util import check_grads
 
 import _reference as ref
 import xent_jax
-from xent_jax.fused import linear as fused_linear
+from xent_jax.fused import schedule as fused_schedule
 
 pytestmark = pytest.mark.skipif(
   jax.device_count() < 8,
@@ -315,9 +315,11 @@ class TestVocabParallelLinearCrossEntropy:
   @pytest.mark.parametrize("order", ["token", "vocab"])
   def test_two_pass_loop_orders(self, order, monkeypatch):
     # Both backward loop orders on every shard (float32 shards this small would go token-major).
-    plan = fused_linear.plan_schedule
+    plan = fused_schedule.plan_schedule
     monkeypatch.setattr(
-      fused_linear, "plan_schedule", lambda *a, **k: plan(*a, **k)._replace(vocab_major=order == "vocab")
+      fused_schedule,
+      "plan_schedule",
+      lambda *a, **k: plan(*a, **k)._replace(vocab_major=order == "vocab"),
     )
     rng = np.random.default_rng(18)
     hidden = rng.standard_normal((12, D)).astype(np.float32)
@@ -630,9 +632,9 @@ class TestForwardMode:
     # The two-pass schedule: each shard's tangent pass gives partial tangents of the statistics,
     # summed over the vocabulary axis; reverse mode (its transpose) and per-example gradients
     # (vmap of grad) equal one device's.
-    plan = fused_linear.plan_schedule
+    plan = fused_schedule.plan_schedule
     monkeypatch.setattr(
-      fused_linear,
+      fused_schedule,
       "plan_schedule",
       lambda *a, **k: plan(*a, **k)._replace(one_pass=False, vocab_major=vocab_major),
     )

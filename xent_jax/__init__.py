@@ -18,6 +18,7 @@ from xent_jax.fused.linear import linear_cross_entropy
 from xent_jax.parallel.logits import vocab_parallel_cross_entropy
 from xent_jax.parallel.logits import vocab_parallel_cross_entropy_local
 from xent_jax.parallel.linear import vocab_parallel_linear_cross_entropy
+from xent_jax.parallel.linear import vocab_parallel_linear_cross_entropy_local
 
 # Loss variants (losses/) and the registry (registry.py).
 from xent_jax.losses.bitempered import bi_tempered_logistic_loss
@@ -68,4 +69,5 @@ __all__ = [
   "vocab_parallel_cross_entropy",
   "vocab_parallel_cross_entropy_local",
   "vocab_parallel_linear_cross_entropy",
+  "vocab_parallel_linear_cross_entropy_local",
 ]

@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import importlib
 import inspect
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -28,20 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from xent_jax.losses import bitempered
-from xent_jax.core import checks
 from xent_jax.core.deprecation import current_keywords
-from xent_jax.fused import chunked
 from xent_jax.losses import cross_entropy
-from xent_jax.core import engine
 from xent_jax.core import heads
 from xent_jax.core.frontend import head_loss
 from xent_jax.core.options import LossOptions
-from xent_jax.core import inputs
-from xent_jax.fused import linear
-from xent_jax.fused import heads as fused_heads
 from xent_jax.parallel import bitempered as parallel_bitempered
 from xent_jax.parallel import logits as parallel_logits
-from xent_jax.core.reduction import reduce_loss
+from xent_jax.fused import any_loss
+from xent_jax.fused.rows import LinearArrays
+from xent_jax.fused.rows import LinearLayout
 from xent_jax.losses import variants
 
 CONVENTIONS = ("axis", "class_weight", "ignore_index", "reduction", "where")
@@ -209,11 +204,12 @@ class ConfiguredLoss:
 
     Cross-entropy entries run :func:`xent_jax.linear_cross_entropy`'s kernels. Every other loss
     computes each token chunk's gradients in the forward pass for 'sum' and 'mean' while a float32
-    ``[V, D]`` accumulator is small (:mod:`xent_jax.fused.chunked`); otherwise the engine's heads with
-    integer labels and a weight narrower than float32 take blocked statistics
+    ``[V, D]`` accumulator is small (:mod:`xent_jax.fused.chunked`); otherwise the engine's heads
+    with integer labels and a weight narrower than float32 take blocked statistics
     (:mod:`xent_jax.fused.heads`, float32 accumulation of the weight gradient), and the rest
     rematerialise each token chunk's logits in the backward
-    pass. Values and gradients equal the loss on the full logits.
+    pass (:func:`xent_jax.fused.any_loss.loss_on_linear`). Values and gradients equal the loss on
+    the full logits.
 
     Args:
       hidden: ``[..., D]`` float features.
@@ -236,162 +232,16 @@ class ConfiguredLoss:
     Returns:
       The reduced loss, and with ``return_stats`` the pair ``(loss, stats)``.
     """
-    fn = f"get_loss({self.name!r}).linear"
-    if _is_cross_entropy(self.fn) and not return_stats:
-      return linear.linear_cross_entropy(
-        hidden,
-        weight,
-        labels,
-        bias=bias,
-        weight_layout=weight_layout,
-        class_weight=class_weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        where=where,
-        token_chunk_size=token_chunk_size,
-        vocab_chunk_size=vocab_chunk_size,
-        **self.hparams,
-      )
-    num_classes = chunked.check_linear_shapes(fn, hidden, weight, labels, weight_layout, bias)
-    checks.check_reduction(fn, reduction)
-    hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
-    labels = inputs.as_label_array(fn, labels)
-    batch_shape = hidden.shape[:-1]
-    n = math.prod(batch_shape)
-    integer = jnp.issubdtype(labels.dtype, jnp.integer)
-    checks.check_shape(
-      fn, "labels", labels, batch_shape if integer else batch_shape + (num_classes,)
+    return any_loss.loss_on_linear(
+      self.name,
+      self.fn,
+      self.hparams,
+      self._engine_head,
+      LinearArrays(hidden, weight, labels, bias, class_weight, where),
+      LossOptions(reduction=reduction, ignore_index=ignore_index),
+      LinearLayout(weight_layout, token_chunk_size, vocab_chunk_size),
+      return_stats=return_stats,
     )
-    if class_weight is not None:
-      inputs.check_class_weight(fn, "class_weight", class_weight, num_classes)
-      class_weight = jnp.asarray(class_weight)
-    valid_N = inputs.row_mask(fn, where, batch_shape).reshape(n)
-    dtype = inputs.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
-    labels_N = labels.reshape((n,) + labels.shape[len(batch_shape) :])
-    if integer:
-      read = inputs.integer_labels(
-        fn, labels_N, num_classes=num_classes, ignore_index=ignore_index, where=valid_N
-      )
-      target_weight = 1.0 if class_weight is None else class_weight.astype(dtype)[read.safe_labels]
-      example_weight_N = jnp.where(read.valid, target_weight, 0.0).astype(dtype)
-    else:
-      example_weight_N = valid_N.astype(dtype)
-    if vocab_chunk_size is not None:
-      linear.check_chunk_size(fn, "vocab_chunk_size", vocab_chunk_size)
-    if n == 0:  # Nothing to chunk: the loss of the empty [..., 0, V] logits.
-      loss = self(
-        linear.unfused_logits(hidden, weight, bias, weight_layout),
-        labels,
-        weight=class_weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        where=where,
-      )
-      empty = jnp.zeros(batch_shape, dtype)
-      stats = {"entropy": empty, "lse": empty} | ({"log_prob": empty} if integer else {})
-      return (loss, stats) if return_stats else loss
-    cap = self.hparams.get("logit_softcap")
-
-    def row_loss(logits_TxV, labels_T, valid_T):
-      loss = self.fn(
-        logits_TxV,
-        labels_T,
-        **self.hparams,
-        weight=class_weight,
-        ignore_index=ignore_index,
-        where=valid_T,
-        reduction="none",
-      )
-      extras = {}
-      if return_stats:
-        safe = None
-        if integer:
-          safe = jnp.clip(labels_T, 0, num_classes - 1).astype(jnp.int32)
-        stats = engine.row_stats(logits_TxV, safe, logit_softcap=cap, entropy=True)
-        counts = loss * 0 == 0  # rows whose loss is defined (NaN for an out-of-range label)
-        keep = lambda a: jnp.where(valid_T & counts, a, jnp.zeros_like(a))
-        extras = {"entropy": keep(stats.entropy), "lse": keep(stats.lse)}
-        if integer:
-          extras["log_prob"] = keep(stats.log_p_target)
-      return loss, extras
-
-    mask_N = valid_N if not integer else read.valid
-    features = hidden.shape[-1]
-    if (
-      reduction != "none"
-      and not return_stats
-      and vocab_chunk_size is None
-      and chunked.one_pass_fits(n, features, num_classes)
-    ):
-      # 'sum' and 'mean' are linear in the per-row losses: one pass, gradients in the forward.
-      scale_N = jax.grad(lambda loss: reduce_loss(loss, example_weight_N, reduction, fn=fn))(
-        jnp.zeros((n,), dtype)
-      )
-      chunk = chunked.default_chunk(num_classes, n) if token_chunk_size is None else None
-      if chunk is None:
-        linear.check_chunk_size(fn, "token_chunk_size", token_chunk_size)
-        chunk = min(int(token_chunk_size), n)
-      return chunked.one_pass_linear_sum(
-        row_loss,
-        hidden.reshape(n, -1),
-        weight,
-        None if bias is None else jnp.asarray(bias),
-        labels_N,
-        mask_N,
-        scale_N,
-        weight_layout=weight_layout,
-        chunk=chunk,
-      )
-    engine_head = self._engine_head(num_classes)
-    blocks = vocab_chunk_size is not None or fused_heads.takes_blocks(hidden.dtype, weight.dtype)
-    if integer and engine_head is not None and blocks:
-      # The head's statistics in blocks; a bfloat16 head's weight gradient sums in float32.
-      head, label_smoothing = engine_head
-      loss_N, stats = fused_heads.integer_head_linear(
-        fn,
-        head,
-        hidden.reshape(n, -1),
-        weight,
-        read.safe_labels,
-        bias=None if bias is None else jnp.asarray(bias),
-        weight_layout=weight_layout,
-        class_weight=class_weight,
-        label_smoothing=label_smoothing,
-        token_chunk_size=token_chunk_size,
-        vocab_chunk_size=vocab_chunk_size,
-        entropy=return_stats,
-      )
-      loss_N = heads.mask_rows(loss_N, read.valid, read.bad)
-      keep = lambda a: jnp.where(read.valid & read.in_range, a, jnp.zeros_like(a))
-      extras = {
-        "entropy": keep(stats.entropy),
-        "lse": keep(stats.lse),
-        "log_prob": keep(stats.log_p_target),
-      }
-    else:
-      if vocab_chunk_size is not None:
-        raise ValueError(
-          f"{fn}: `vocab_chunk_size` needs integer labels and a loss of the row-statistics engine "
-          f"(its blocked statistics); got {'integer' if integer else 'probability'} labels for "
-          f"loss {self.name!r}, whose fused form takes whole-vocabulary token chunks. Leave it None."
-        )
-      loss_N, extras = chunked.chunked_linear_loss(
-        fn,
-        row_loss,
-        hidden.reshape(n, -1),
-        weight,
-        labels_N,
-        mask_N if integer else valid_N,
-        bias=None if bias is None else jnp.asarray(bias),
-        weight_layout=weight_layout,
-        token_chunk_size=token_chunk_size,
-      )
-    loss = reduce_loss(
-      loss_N.reshape(batch_shape), example_weight_N.reshape(batch_shape), reduction, fn=fn
-    )
-    if not return_stats:
-      return loss
-    return loss, {k: v.reshape(batch_shape) for k, v in extras.items()}
 
   def vocab_parallel(
     self, logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike, **options: Any

@@ -337,7 +337,7 @@ def integer_stats_loss(
   :math:`(\\text{on}-\\text{off})\\,w_y a_y f(\\log p_y) + \\text{off}\\cdot
   \\texttt{class\\_sums[0]} + g`, with ``stats.class_sums[0]`` the class sum
   :math:`\\sum_c w_c a_c f(\\log p_c)` (read only when ``off``). :func:`integer_loss` takes the
-  statistics from the engine; the fused linear kernels (:func:`xent_jax.fused.linear.row_loss`) from
+  statistics from the engine; the fused linear kernels (:func:`xent_jax.fused.ops.row_loss`) from
   their blocks of ``hidden @ weight.T``.
 
   Args:

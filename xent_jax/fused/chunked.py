@@ -11,7 +11,7 @@ and the two gradient products) against three for the unfused loss; this schedule
 in forward mode. For 'sum' and 'mean', :func:`one_pass_linear_sum` computes the gradients in the
 forward pass instead (three matmuls; its JVP is the inner product of those gradients with the
 inputs' tangents, so it works in forward mode too) when its float32 ``[V, D]`` accumulator is
-small (:func:`one_pass_fits`).
+small (:func:`xent_jax.fused.schedule.one_pass_fits`).
 
 :func:`xent_jax.linear_cross_entropy` has specialised kernels for cross-entropy (one pass with
 gradients in the forward, or a vocabulary-major backward at large :math:`V \cdot D`), and
@@ -29,30 +29,11 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from xent_jax.core import checks
 from xent_jax.fused import forward_grads
-from xent_jax.fused import linear
-
-# Rows per token chunk by default: a [rows, V] float32 block of about 2**24 elements (64 MiB).
-_BLOCK_ELEMENTS = 2**24
-
-
-def default_chunk(num_classes: int, rows: int) -> int:
-  """A power of two giving a ``[chunk, V]`` block of about ``2**24`` elements, at most ``rows``."""
-  chunk = 2 ** int(np.floor(np.log2(max(_BLOCK_ELEMENTS // max(num_classes, 1), 1))))
-  return max(1, min(chunk, rows))
-
-
-def one_pass_fits(rows: int, features: int, num_classes: int) -> bool:
-  """Whether :func:`one_pass_linear_sum`'s float32 ``[V, D]`` weight-gradient accumulator is
-  small: at most 1/8 of the ``[N, V]`` logits (:math:`8D \\le N`) or one default block. At
-  language-model heads (Llama-3-8B: 2 GiB) the blocked statistics of
-  :mod:`xent_jax.fused.heads` are used instead, or the rematerialising schedule, whose weight
-  gradient is accumulated by autodiff in the weight's own buffer."""
-  return 8 * features <= rows or num_classes * features <= _BLOCK_ELEMENTS
+from xent_jax.fused import schedule
+from xent_jax.fused.rows import LinearLayout
 
 
 def chunked_linear_loss(
@@ -62,10 +43,9 @@ def chunked_linear_loss(
   weight: jax.Array,
   labels: jax.Array,
   valid: jax.Array,
+  layout: LinearLayout,
   *,
   bias: jax.Array | None,
-  weight_layout: str,
-  token_chunk_size: int | None,
 ) -> tuple[jax.Array, dict]:
   """Per-row losses of ``row_loss`` on ``hidden @ weight.T + bias``, chunk by chunk.
 
@@ -77,20 +57,19 @@ def chunked_linear_loss(
     weight: ``[V, D]`` ('vd') or ``[D, V]`` ('dv').
     labels: ``[N, ...]`` (integer ids ``[N]``, or probabilities ``[N, V]``).
     valid: ``[N]`` bool.
+    layout: the weight layout ('vd' or 'dv') and the rows per chunk (``token_chunk_size``, or
+      None for :func:`xent_jax.fused.schedule.default_chunk`; ``vocab_chunk_size`` is not read).
     bias: ``[V]`` or None.
-    weight_layout: 'vd' or 'dv'.
-    token_chunk_size: rows per chunk, or None for :func:`default_chunk`.
 
   Returns:
     ``(loss [N], extras)`` with each extra ``[N]``.
   """
   n = hidden.shape[0]
-  num_classes = weight.shape[0 if weight_layout == "vd" else 1]
-  if token_chunk_size is None:
-    chunk = default_chunk(num_classes, n)
-  else:
-    linear.check_chunk_size(fn, "token_chunk_size", token_chunk_size)
-    chunk = min(int(token_chunk_size), n)
+  weight_layout = layout.weight_layout
+  num_classes = weight.shape[schedule.class_dim(weight_layout)]
+  chunk = schedule.resolve_chunk(
+    fn, "token_chunk_size", layout.token_chunk_size, n, schedule.default_chunk(num_classes, n)
+  )
   num_chunks = -(-n // chunk)
   pad = num_chunks * chunk - n
   padded = lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(
@@ -100,11 +79,10 @@ def chunked_linear_loss(
   # Autodiff sums the weight's and the bias's gradients over the chunks in the dtype of the arrays
   # the chunks read. The chunks read float32 copies (cast back per chunk for the product) of the
   # bias always, and of a low-precision weight where a float32 [V, D] buffer is small
-  # (one_pass_fits): a bfloat16 sum over many chunks loses precision (4.6e-2 of the largest entry
-  # over 128 chunks against 5.8e-3 for one). At language-model heads the weight's gradient still
-  # sums in its own dtype (README: bfloat16 caveat).
+  # (one_pass_fits): a bfloat16 sum loses precision with every chunk it adds. At language-model
+  # heads the weight's gradient still sums in its own dtype (README: bfloat16 caveat).
   acc = jnp.promote_types(weight.dtype, jnp.float32)
-  wide = acc != weight.dtype and one_pass_fits(n, hidden.shape[-1], num_classes)
+  wide = acc != weight.dtype and schedule.one_pass_fits(n, hidden.shape[-1], num_classes)
   weight_read = weight.astype(acc) if wide else weight
   bias_read = None if bias is None else bias.astype(jnp.promote_types(bias.dtype, jnp.float32))
 
@@ -127,20 +105,6 @@ def chunked_linear_loss(
   )
   unpad = lambda a: a.reshape((num_chunks * chunk,) + a.shape[2:])[:n]
   return unpad(loss), jax.tree.map(unpad, extras)
-
-
-def check_linear_shapes(fn: str, hidden, weight, labels, weight_layout: str, bias) -> int:
-  """Checks ``hidden [..., D]``, ``weight`` in its layout and ``bias`` as
-  :func:`xent_jax.linear_cross_entropy` does (:func:`xent_jax.fused.linear.linear_shapes`); returns V.
-  ``labels`` are the caller's to check (they may be probabilities here)."""
-  checks.check_floating(fn, "hidden", hidden)
-  checks.check_floating(fn, "weight", weight)
-  checks.check_choice(fn, "weight_layout", weight_layout, linear.WEIGHT_LAYOUTS)
-  num_classes, _ = linear.linear_shapes(fn, hidden, weight, weight_layout)
-  if bias is not None:
-    checks.check_floating(fn, "bias", bias)
-    checks.check_shape(fn, "bias", bias, (num_classes,))
-  return num_classes
 
 
 def one_pass_linear_sum(
@@ -184,7 +148,7 @@ def one_pass_linear_sum(
   acc = jnp.promote_types(jnp.result_type(hidden.dtype, weight.dtype), jnp.float32)
   spec = "td,vd->tv" if weight_layout == "vd" else "td,dv->tv"
   bias_V = (
-    jnp.zeros((weight.shape[0 if weight_layout == "vd" else 1],), acc) if bias is None else bias
+    jnp.zeros((weight.shape[schedule.class_dim(weight_layout)],), acc) if bias is None else bias
   )
 
   def forward(hidden, weight, bias_V, labels, valid, scale):

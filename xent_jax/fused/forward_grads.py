@@ -17,7 +17,7 @@ gradients, as a ``custom_vjp`` would, but without ``custom_vjp``'s refusal of fo
 The forward pass sits behind a ``custom_vjp`` whose backward pass is plain autodiff of it (only
 second derivatives reach it). That boundary is opaque to partial evaluation: without it,
 linearising the JVP hoists loop-invariant ``[chunk, V]`` constants of the forward's loop (an iota,
-a zero broadcast) out of the loop and keeps them alive (+128 MiB at 4096 × 512 × 32768).
+a zero broadcast) out of the loop and keeps them alive.
 
 References:
   Hsu et al., "Liger Kernel: Efficient Triton Kernels for LLM Training", 2024 (gradients in the

@@ -11,24 +11,24 @@ the weight shard.
 Every use of :mod:`xent_jax.fused.linear` by the vocabulary-parallel losses is in this module.
 """
 
-import dataclasses
 import functools
 from collections.abc import Hashable
-from typing import NamedTuple
+from typing import NamedTuple, Unpack
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from xent_jax.core import checks, engine, inputs
-from xent_jax.core.options import LossOptions
+from xent_jax.core.options import CrossEntropyOptionKwargs, LossOptions, takes_options
 from xent_jax.core.reduction import data_axes, reduce_loss
-from xent_jax.fused import linear as fused_linear
+from xent_jax.fused import ops as fused_ops
+from xent_jax.fused.rows import LinearArrays, LinearLayout, check_linear_layer, prepare_rows
 from xent_jax.parallel.mesh import loss_specs, row_specs, run_on_mesh
 
 
 def complete_row_stats(stats, vocab_axis: Hashable):
-  r"""Combines one shard's block statistics (:class:`xent_jax.fused.linear.RowStats`) into the
+  r"""Combines one shard's block statistics (:class:`xent_jax.fused.blocks.BlockStats`) into the
   statistics over all shards of ``vocab_axis``.
 
   .. math::
@@ -69,37 +69,29 @@ def _sum_partial_grads(grads, vocab_axis, data_axis):
 
 
 class _ShardPlan(NamedTuple):
-  """The static settings of one shard's run: mesh axes, weight layout, outputs, chunk sizes."""
+  """The static settings of one shard's run: mesh axes, the layer's layout and chunk sizes, and
+  whether the lse is returned."""
 
   vocab_axis: Hashable
   data_axis: Hashable | tuple[Hashable, ...] | None
-  weight_layout: str
+  layout: LinearLayout
   return_lse: bool
-  token_chunk_size: int | None
-  vocab_chunk_size: int | None
 
 
 def _shard_loss(
   fn, options: LossOptions, plan: _ShardPlan, hidden, weight, labels, bias, class_weight, where
 ):
   r"""The loss on one vocabulary shard inside ``shard_map``: the single-device front end
-  (:func:`xent_jax.fused.linear.prepare_rows`) reads the arguments against the global
+  (:func:`xent_jax.fused.rows.prepare_rows`) reads the arguments against the global
   :math:`K = V_s\,|\text{vocab}|` classes, then the one-pass or the two-pass schedule runs."""
-  rows = fused_linear.prepare_rows(
+  rows = prepare_rows(
     fn,
-    hidden,
-    weight,
-    labels,
-    bias=bias,
-    weight_layout=plan.weight_layout,
-    class_weight=class_weight,
-    where=where,
+    LinearArrays(hidden, weight, labels, bias, class_weight, where),
+    options,
+    plan.layout,
     return_lse=plan.return_lse,
-    token_chunk_size=plan.token_chunk_size,
-    vocab_chunk_size=plan.vocab_chunk_size,
     vocab_axis=plan.vocab_axis,
     row_axes=data_axes(plan.data_axis),
-    **dataclasses.asdict(options),
   )
   if rows.schedule.one_pass:
     return _one_pass_loss(fn, options.reduction, plan, rows)
@@ -107,7 +99,7 @@ def _shard_loss(
 
 
 def _kernel_args(rows):
-  """The arrays the kernels take, from :func:`xent_jax.fused.linear.prepare_rows`'s rows."""
+  """The arrays the kernels take, from :func:`xent_jax.fused.rows.prepare_rows`'s rows."""
   return (rows.hidden_NxD, rows.weight, rows.bias, rows.labels_N, rows.class_weight)
 
 
@@ -122,7 +114,7 @@ def _one_pass_loss(fn, reduction, plan: _ShardPlan, rows):
     jnp.zeros((1,), rows.total_weight.dtype)
   )
   row_scale_N = jnp.broadcast_to(row_scale, rows.valid_N.shape)
-  return fused_linear.fused_op(
+  return fused_ops.fused_op(
     rows.block,
     rows.loss,
     *_kernel_args(rows),
@@ -143,10 +135,10 @@ def _two_pass_loss(fn, reduction, plan: _ShardPlan, rows):
   the per-row loss, then the reduction over the global batch."""
   complete_stats = functools.partial(complete_row_stats, vocab_axis=plan.vocab_axis)
   sum_slices = functools.partial(_psum_each, axis=plan.vocab_axis)
-  lse_N, target_N, weighted_sum_N = fused_linear.stats_op(
+  lse_N, target_N, weighted_sum_N = fused_ops.stats_op(
     rows.block, complete_stats, sum_slices, *_kernel_args(rows)
   )
-  loss_N = fused_linear.row_loss(
+  loss_N = fused_ops.row_loss(
     rows.loss, rows.total_weight, lse_N, target_N, weighted_sum_N, rows.kernel_rows()
   )
   batch_shape = rows.batch_shape
@@ -160,6 +152,7 @@ def _two_pass_loss(fn, reduction, plan: _ShardPlan, rows):
   return (loss, lse_N.reshape(batch_shape)) if plan.return_lse else loss
 
 
+@takes_options(CrossEntropyOptionKwargs)
 def vocab_parallel_linear_cross_entropy_local(
   hidden: jax.typing.ArrayLike,
   weight: jax.typing.ArrayLike,
@@ -170,16 +163,11 @@ def vocab_parallel_linear_cross_entropy_local(
   bias: jax.typing.ArrayLike | None = None,
   weight_layout: str = "vd",
   class_weight: jax.typing.ArrayLike | None = None,
-  ignore_index: int | None = -100,
-  reduction: str = "mean",
-  label_smoothing: float = 0.0,
-  smoothing: str = "uniform",
-  z_loss: float = 0.0,
-  logit_softcap: float | None = None,
   where: jax.typing.ArrayLike | None = None,
   return_lse: bool = False,
   token_chunk_size: int | None = None,
   vocab_chunk_size: int | None = None,
+  **options: Unpack[CrossEntropyOptionKwargs],
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r"""Cross-entropy of a linear layer on one vocabulary shard of ``weight``, to call inside your
   own ``shard_map``.
@@ -235,21 +223,13 @@ def vocab_parallel_linear_cross_entropy_local(
     "Megatron-LM", 2019.
   """
   fn = "vocab_parallel_linear_cross_entropy_local"
-  options = LossOptions.checked(
-    fn,
-    reduction=reduction,
-    ignore_index=ignore_index,
-    label_smoothing=label_smoothing,
-    smoothing=smoothing,
-    z_loss=z_loss,
-    logit_softcap=logit_softcap,
-  )
-  plan = _ShardPlan(
-    vocab_axis, data_axis, weight_layout, return_lse, token_chunk_size, vocab_chunk_size
-  )
+  options = LossOptions.checked(fn, **options)
+  layout = LinearLayout(weight_layout, token_chunk_size, vocab_chunk_size)
+  plan = _ShardPlan(vocab_axis, data_axis, layout, return_lse)
   return _shard_loss(fn, options, plan, hidden, weight, labels, bias, class_weight, where)
 
 
+@takes_options(CrossEntropyOptionKwargs)
 def vocab_parallel_linear_cross_entropy(
   hidden: jax.typing.ArrayLike,
   weight: jax.typing.ArrayLike,
@@ -261,16 +241,11 @@ def vocab_parallel_linear_cross_entropy(
   bias: jax.typing.ArrayLike | None = None,
   weight_layout: str = "vd",
   class_weight: jax.typing.ArrayLike | None = None,
-  ignore_index: int | None = -100,
-  reduction: str = "mean",
-  label_smoothing: float = 0.0,
-  smoothing: str = "uniform",
-  z_loss: float = 0.0,
-  logit_softcap: float | None = None,
   where: jax.typing.ArrayLike | None = None,
   return_lse: bool = False,
   token_chunk_size: int | None = None,
   vocab_chunk_size: int | None = None,
+  **options: Unpack[CrossEntropyOptionKwargs],
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r""":func:`xent_jax.linear_cross_entropy` with ``weight`` split over the classes on a mesh.
 
@@ -315,30 +290,18 @@ def vocab_parallel_linear_cross_entropy(
     "Megatron-LM", 2019.
   """
   fn = "vocab_parallel_linear_cross_entropy"
-  checks.check_floating(fn, "hidden", hidden)
-  checks.check_floating(fn, "weight", weight)
-  checks.check_choice(fn, "weight_layout", weight_layout, fused_linear.WEIGHT_LAYOUTS)
-  options = LossOptions.checked(
-    fn,
-    reduction=reduction,
-    ignore_index=ignore_index,
-    label_smoothing=label_smoothing,
-    smoothing=smoothing,
-    z_loss=z_loss,
-    logit_softcap=logit_softcap,
-  )
+  num_classes, _ = check_linear_layer(fn, hidden, weight, weight_layout, bias)
+  options = LossOptions.checked(fn, **options)
   hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
   labels = inputs.as_label_array(fn, labels)
-  num_classes, _ = fused_linear.linear_shapes(fn, hidden, weight, weight_layout)
   batch_shape = hidden.shape[:-1]
   inputs.check_integer_labels(fn, labels, batch_shape)
   rows = row_specs(fn, mesh, vocab_axis, data_axis, num_classes, "weight", batch_shape, "hidden")
   if where is not None:
     where = inputs.row_mask(fn, where, batch_shape)
-  for name, value in (("bias", bias), ("class_weight", class_weight)):
-    if value is not None:
-      checks.check_floating(fn, name, value)
-      checks.check_shape(fn, name, value, (num_classes,))
+  if class_weight is not None:
+    checks.check_floating(fn, "class_weight", class_weight)
+    checks.check_shape(fn, "class_weight", class_weight, (num_classes,))
   row_spec, class_spec = PartitionSpec(*rows), PartitionSpec(vocab_axis)
   args = {
     "hidden": hidden,
@@ -358,9 +321,8 @@ def vocab_parallel_linear_cross_entropy(
     "class_weight": class_spec,
     "where": row_spec,
   }
-  plan = _ShardPlan(
-    vocab_axis, data_axis, weight_layout, return_lse, token_chunk_size, vocab_chunk_size
-  )
+  layout = LinearLayout(weight_layout, token_chunk_size, vocab_chunk_size)
+  plan = _ShardPlan(vocab_axis, data_axis, layout, return_lse)
 
   def local(a):
     return _shard_loss(
@@ -375,4 +337,4 @@ def vocab_parallel_linear_cross_entropy(
       a.get("where"),
     )
 
-  return run_on_mesh(local, mesh, args, specs, loss_specs(reduction, row_spec, return_lse))
+  return run_on_mesh(local, mesh, args, specs, loss_specs(options.reduction, row_spec, return_lse))

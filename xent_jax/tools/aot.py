@@ -142,7 +142,7 @@ def logits_losses() -> dict[str, LogitsLoss]:
     xent_jax.cross_entropy, xent_jax.cross_entropy, True
   )
   # Two variants with probability labels: a phi(log p) head and one with the entropy.
-  for name in ("focal", "confidence_penalty"):
+  for name in ("softmax_focal_loss", "confidence_penalty_cross_entropy"):
     info = xent_jax.list_losses()[name]
     losses[f"{name}[probabilities]"] = LogitsLoss(
       functools.partial(info.fn, **info.hparams), info.fn, True
@@ -227,20 +227,31 @@ PARALLEL_KINDS = (
   "vocab_parallel_cross_entropy",
   "vocab_parallel_cross_entropy_local",
   "vocab_parallel_linear_cross_entropy",
+  "vocab_parallel_linear_cross_entropy_local",
 )
 
 
 def _parallel_problem(kind: str, m: Mesh):
   """``(loss, args)`` of one vocabulary-parallel loss; logits and weight split over ``vocab``."""
   on = lambda *axes: NamedSharding(m, P(*axes))  # pylint: disable=unnecessary-lambda-assignment
-  if kind == "vocab_parallel_linear_cross_entropy":
+  if kind.startswith("vocab_parallel_linear_cross_entropy"):
     n, d, v = HEADS[PARALLEL_HEAD]
     args = (
       spec((n, d), jnp.bfloat16, on("data")),
       spec((v, d), jnp.bfloat16, on("vocab")),
       spec((n,), jnp.int32, on("data")),
     )
-    loss = functools.partial(xent_jax.vocab_parallel_linear_cross_entropy, mesh=m, data_axis="data")
+    if kind == "vocab_parallel_linear_cross_entropy":
+      loss = functools.partial(
+        xent_jax.vocab_parallel_linear_cross_entropy, mesh=m, data_axis="data"
+      )
+    else:
+      loss = jax.shard_map(
+        functools.partial(xent_jax.vocab_parallel_linear_cross_entropy_local, data_axis="data"),
+        mesh=m,
+        in_specs=(P("data", None), P("vocab", None), P("data")),
+        out_specs=P(),
+      )
     return jax.value_and_grad(loss, argnums=(0, 1)), args
   args = (
     spec(LOGITS_SHAPE, jnp.bfloat16, on("data", "vocab")),
