@@ -21,7 +21,7 @@ from xent_jax.parallel.linear import vocab_parallel_linear_cross_entropy
 from xent_jax.parallel.linear import vocab_parallel_linear_cross_entropy_local
 
 # Loss variants (losses/) and the registry (registry.py).
-from xent_jax.losses.bitempered import bi_tempered_logistic_loss
+from xent_jax.losses.variants import bi_tempered_logistic_loss
 from xent_jax.losses.bitempered import tempered_softmax
 from xent_jax.registry import define_loss
 from xent_jax.registry import get_loss

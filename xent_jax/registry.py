@@ -3,7 +3,8 @@
 Each registered name is a loss function plus, optionally, different defaults for some of its
 hyper-parameters. A name may also be an import path ``"package.module:function"`` of a loss with
 the same conventions, and :func:`register_loss` turns a per-class function
-:math:`f(\\log p)` into a full loss (lean on logits, fused with a linear layer, registered by name). A loss's hyper-parameters are read off its signature — every keyword-only
+:math:`f(\\log p)` into a full loss (lean on logits, fused with a linear layer, registered by
+name). A loss's hyper-parameters are read off its signature — every keyword-only
 argument except the shared conventions (``axis``, ``class_weight``, ``ignore_index``, ``reduction``,
 ``where``) — so the registry never keeps a second copy of names or defaults.
 
@@ -11,7 +12,8 @@ Example:
   >>> import jax.numpy as jnp, xent_jax
   >>> loss_fn = xent_jax.get_loss("softmax_focal_loss", gamma=1.0)
   >>> logits, labels = jnp.array([[2.0, 0.5, -1.0]]), jnp.array([0])
-  >>> float(loss_fn(logits, labels)) == float(xent_jax.softmax_focal_loss(logits, labels, gamma=1.0))
+  >>> want = xent_jax.softmax_focal_loss(logits, labels, gamma=1.0)
+  >>> float(loss_fn(logits, labels)) == float(want)
   True
 """
 
@@ -26,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xent_jax.losses import bitempered
 from xent_jax.core.deprecation import current_keywords
 from xent_jax.losses import cross_entropy
 from xent_jax.core import heads
@@ -71,7 +72,7 @@ _LOSSES: dict[str, _Entry] = {
 for _fn in (
   variants.softmax_focal_loss,
   variants.poly1_cross_entropy,
-  bitempered.bi_tempered_logistic_loss,
+  variants.bi_tempered_logistic_loss,
   variants.symmetric_cross_entropy,
   variants.generalized_cross_entropy,
   variants.truncated_generalized_cross_entropy,
@@ -133,7 +134,7 @@ def list_losses() -> dict[str, LossInfo]:
   Example:
     >>> import xent_jax
     >>> xent_jax.list_losses()["softmax_focal_loss"].hparams
-    {'gamma': 2.0, 'alpha': None}
+    {'gamma': 2.0, 'alpha': None, 'label_smoothing': 0.0}
   """
   return {
     name: LossInfo(_hparam_defaults(entry), _summary(entry), entry.fn)
@@ -262,7 +263,7 @@ class ConfiguredLoss:
     options = current_keywords(fn, options, _FORMER_NAMES)
     if _is_cross_entropy(self.fn):
       return parallel_logits.vocab_parallel_cross_entropy(logits, labels, **self.hparams, **options)
-    if self.fn is bitempered.bi_tempered_logistic_loss:
+    if self.fn is variants.bi_tempered_logistic_loss:
       return parallel_bitempered.vocab_parallel_bi_tempered_loss(
         fn, logits, labels, **self.hparams, **options
       )
@@ -328,7 +329,8 @@ def _import_loss(path: str) -> _Entry:
 
 
 def _taking_class_weight(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-  """An import-path loss written with the former ``weight`` keyword, called with ``class_weight``."""
+  """An import-path loss written with the former ``weight`` keyword, called with
+  ``class_weight``."""
 
   @functools.wraps(fn)
   def loss(logits, labels, *, class_weight=None, **kwargs):
@@ -371,8 +373,8 @@ def get_loss(name: str, **hparams: Any) -> ConfiguredLoss:
 
   Example:
     >>> import xent_jax
-    >>> xent_jax.get_loss("label_smoothing")
-    get_loss('label_smoothing', label_smoothing=0.1, smoothing='uniform', z_loss=0.0, logit_softcap=None)
+    >>> xent_jax.get_loss("label_smoothing").hparams
+    {'label_smoothing': 0.1, 'smoothing': 'uniform', 'z_loss': 0.0, 'logit_softcap': None}
   """
   entry = _entry(name)
   defaults = _hparam_defaults(entry)
@@ -411,7 +413,7 @@ def define_loss(class_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     ...   return scale * -jnp.expm1(log_p)
     >>> loss = xent_jax.define_loss(mae)
     >>> round(float(loss(jnp.array([[2.0, 0.5, -1.0]]), jnp.array([0]), scale=2.0)), 4)
-    0.4291
+    0.4288
   """
   params = inspect.signature(class_fn).parameters.values()
   hparams = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}

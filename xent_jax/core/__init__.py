@@ -1,1 +1,1 @@
-"""The conventions and the engine every loss shares: checks, inputs, reduction, row statistics, heads."""
+"""The conventions and the engine every loss shares: checks, inputs, reduction, statistics."""

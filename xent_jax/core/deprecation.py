@@ -1,4 +1,4 @@
-"""Renamed public names: the old name keeps working, with a ``DeprecationWarning`` naming the new."""
+"""Renamed public names: the old name keeps working, with a warning that names the new one."""
 
 import functools
 import warnings

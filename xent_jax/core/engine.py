@@ -21,7 +21,8 @@ one ``[..., V]`` kernel, with a custom JVP whose tangent is linear in the logits
 .. math::
    \dot{\texttt{log\_sum}} = \textstyle\sum_c p_c \dot x_c, \quad
    \dot{\texttt{target}} = \dot x_y, \quad
-   \dot{\texttt{class\_sums}}[k] = \textstyle\sum_c \big(\beta_c f_k'(\log p_c) - p_c B_k\big)\dot x_c
+   \dot{\texttt{class\_sums}}[k]
+     = \textstyle\sum_c \big(\beta_c f_k'(\log p_c) - p_c B_k\big)\dot x_c
    + \sum_c f_k(\log p_c)\,\dot\beta_c, \quad
    \dot{\texttt{mean\_logit}} = \textstyle\sum_c p_c (x_c - m - E + 1)\,\dot x_c
 

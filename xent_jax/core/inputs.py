@@ -233,8 +233,8 @@ def parse_inputs(
 ) -> LossInputs:
   """Checks the shared arguments of ``fn`` (naming the bad one) and moves classes last.
 
-  With ``vocab_axis`` (inside ``shard_map``) ``logits`` and ``class_weight`` hold one shard's classes and
-  integer labels are read against the global class count.
+  With ``vocab_axis`` (inside ``shard_map``) ``logits`` and ``class_weight`` hold one shard's
+  classes and integer labels are read against the global class count.
 
   Raises:
     TypeError: non-float ``logits``; ``labels`` neither integer nor float; non-float

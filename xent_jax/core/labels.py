@@ -39,7 +39,7 @@ def check_labels(
     >>> xent_jax.check_labels(jnp.zeros((2, 3)), jnp.array([0, 3]))
     Traceback (most recent call last):
     ...
-    ValueError: check_labels: `labels` must lie in [0, 3) or equal ignore_index=-100; labels[(1,)] = 3.
+    ValueError: check_labels: `labels` must lie in [0, 3) or equal ignore_index=-100; ...
   """
   fn = "check_labels"
   shape = jnp.shape(logits)

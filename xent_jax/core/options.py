@@ -29,7 +29,8 @@ class LossOptions:
   r"""Checked options of a softmax loss.
 
   Attributes:
-    reduction: 'none', 'sum' or 'mean' (PyTorch's rule, :func:`xent_jax.core.reduction.reduce_loss`).
+    reduction: 'none', 'sum' or 'mean' (PyTorch's rule,
+      :func:`xent_jax.core.reduction.reduce_loss`).
     ignore_index: integer label that counts for nothing, or None.
     label_smoothing: :math:`\epsilon \in [0, 1]`.
     smoothing: 'uniform' (:math:`q = (1-\epsilon)\,\mathrm{onehot} + \epsilon/K`) or 't5x'

@@ -1,4 +1,4 @@
-r"""Cross-entropy variants for class imbalance, noisy labels and calibration.
+r"""Cross-entropy variants for class imbalance, noisy labels and calibration (public functions).
 
 Each variant replaces cross-entropy's per-class term :math:`-\log p_c` by its own
 :math:`f(p_c)`, with :math:`p = \mathrm{softmax}(x)` over the class axis, and shares
@@ -45,7 +45,10 @@ from xent_jax.core.deprecation import renamed_function
 from xent_jax.core.deprecation import renamed_keyword
 from xent_jax.core import engine
 from xent_jax.core import heads
+from xent_jax.losses import bitempered
 from xent_jax.core.frontend import head_loss
+from xent_jax.core.inputs import parse_inputs
+from xent_jax.core.reduction import reduce_loss
 from xent_jax.core.options import LossOptions
 from xent_jax.core.options import OptionKwargs
 from xent_jax.core.options import takes_options
@@ -54,7 +57,8 @@ from xent_jax.core.options import takes_options
 @jax.custom_jvp
 def _above(x: jax.Array, low) -> jax.Array:
   """:math:`\\max(x, \\text{low})` whose derivative is 1 above ``low`` and 0 below (1/2 at it),
-  written with ``sign`` instead of a ``select`` so that XLA's CPU backend fuses it into reductions."""
+  written with ``sign`` instead of a ``select`` so that XLA's CPU backend fuses it into
+  reductions."""
   return jnp.maximum(x, low)
 
 
@@ -626,6 +630,79 @@ def confidence_penalty_cross_entropy(
     where,
     options,
   )
+
+
+@renamed_keyword("weight", "class_weight")
+@takes_options(OptionKwargs)
+def bi_tempered_logistic_loss(
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  t1: float = 0.8,
+  t2: float = 1.2,
+  num_iters: int = 5,
+  axis: int = -1,
+  class_weight: jax.typing.ArrayLike | None = None,
+  where: jax.typing.ArrayLike | None = None,
+  **options: Unpack[OptionKwargs],
+) -> jax.Array:
+  r"""Bi-tempered logistic loss: a Bregman divergence with a tempered log and softmax.
+
+  .. math::
+     \ell = \sum_c \Big[ q_c \big(\log_{t_1} q_c - \log_{t_1} p_c\big)
+        - \frac{q_c^{2-t_1} - p_c^{2-t_1}}{2-t_1} \Big], \qquad
+     p = \exp_{t_2}(x - \lambda(x))
+
+  with :math:`\log_t`, :math:`\exp_t` and the normalization :math:`\lambda` as in this module's
+  docstring. :math:`t_1 < 1` bounds the loss (robust to label noise far from the boundary),
+  :math:`t_2 > 1` gives the softmax a heavy tail (robust near it). :math:`t_1 = t_2 = 1` is
+  cross-entropy (minus the target's entropy, 0 for one-hot targets). Label smoothing follows
+  the reference implementation: :math:`q \leftarrow (1 - \frac{K}{K-1}\epsilon)\,q +
+  \frac{\epsilon}{K-1}`. With ``class_weight`` the loss is scaled by the target's weight
+  (:math:`w_y`, or :math:`\sum_c w_c q_c` for probability labels).
+
+  The gradient is the closed form
+  :math:`(p - q) \odot p^{t_2-t_1} - e \sum_c (p_c-q_c)\,p_c^{t_2-t_1}`,
+  :math:`e = p^{t_2}/\sum_c p_c^{t_2}`, in reverse and forward mode; ``labels`` get no gradient.
+  Between the passes only per-row values are kept (see the module docstring).
+
+  Args:
+    logits: ``[..., C, ...]`` float logits.
+    labels: integer class ids or probabilities, as in :func:`xent_jax.cross_entropy`.
+    t1: temperature :math:`t_1 \in [0, 1]` of the logarithm (default 0.8), a Python float.
+    t2: temperature :math:`t_2 > 0` of the softmax (default 1.2), a Python float; :math:`t_2 < 1`
+      gives a finite-support softmax (found by bisection, so use ``num_iters`` of 20 or more).
+    label_smoothing: :math:`\epsilon \in [0, 1)` (default 0).
+    num_iters: iterations of the normalization (default 5, as the reference), a Python int;
+      each is one pass over the logits.
+    axis, class_weight, ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
+
+  Returns:
+    The reduced loss, float32 (float64 for float64 logits); per-example for 'none'.
+
+  Example:
+    >>> import jax.numpy as jnp, xent_jax
+    >>> logits = jnp.array([[2.0, 0.5, -1.0]])
+    >>> round(float(xent_jax.bi_tempered_logistic_loss(logits, jnp.array([0]))), 4)
+    0.2131
+
+  References:
+    Amid, Warmuth, Anil, Koren, "Robust Bi-Tempered Logistic Loss Based on Bregman Divergences",
+    NeurIPS 2019; reference code github.com/google/bi-tempered-loss.
+  """
+  fn = "bi_tempered_logistic_loss"
+  checked = LossOptions.checked(fn, **options)
+  bitempered.check_hparams(fn, t1, t2, checked.label_smoothing, num_iters)
+  ignore = checked.ignore_index
+  inputs = parse_inputs(
+    fn, logits, labels, axis=axis, class_weight=class_weight, where=where, ignore_index=ignore
+  )
+  bitempered.check_smoothable(fn, checked.label_smoothing, inputs.num_classes)
+  cfg = bitempered.loss_config(t1, t2, checked.label_smoothing, num_iters, inputs.num_classes)
+  loss, example_weight = bitempered.weighted_rows(
+    inputs.logits, inputs.labels, inputs.valid, inputs.weight, cfg
+  )
+  return reduce_loss(loss, example_weight, checked.reduction, fn=fn)
 
 
 def _alpha_vector(alpha, num_classes: int):

@@ -5,20 +5,14 @@ every per-row max and class sum completed over the shards (``pmax``/``psum``), u
 glue of :func:`xent_jax.parallel.mesh.sharded_loss`.
 """
 
-from collections.abc import Hashable
-
-from typing import Unpack
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from xent_jax.core import inputs
-from xent_jax.core.options import LossOptions
-from xent_jax.core.options import OptionKwargs
 from xent_jax.core.reduction import reduce_loss
 from xent_jax.losses import bitempered
-from xent_jax.parallel.mesh import sharded_loss
+from xent_jax.parallel.mesh import layout_arrays_options, sharded_loss
 
 
 def vocab_parallel_bi_tempered_loss(
@@ -27,16 +21,11 @@ def vocab_parallel_bi_tempered_loss(
   labels: jax.typing.ArrayLike,
   *,
   mesh: jax.sharding.Mesh,
-  vocab_axis: Hashable = "vocab",
-  data_axis: Hashable | None = None,
-  axis: int = -1,
-  class_weight: jax.typing.ArrayLike | None = None,
-  where: jax.typing.ArrayLike | None = None,
-  return_lse: bool = False,
   t1: float = 0.8,
   t2: float = 1.2,
   num_iters: int = 5,
-  **options: Unpack[OptionKwargs],
+  return_lse: bool = False,
+  **kwargs,
 ) -> jax.Array:
   r""":func:`xent_jax.bi_tempered_logistic_loss` with the classes split over a mesh axis.
 
@@ -60,9 +49,10 @@ def vocab_parallel_bi_tempered_loss(
     logits: ``[..., V, ...]`` float logits, classes on ``axis``.
     labels: integer class ids (``logits.shape`` without ``axis``) or float probabilities
       (``logits.shape``, split over the classes like the logits).
-    mesh, vocab_axis, data_axis, axis, class_weight, where, reduction, ignore_index,
-      label_smoothing: as in :func:`xent_jax.vocab_parallel_cross_entropy` (``class_weight``
-      ``[V]``, split like the classes).
+    mesh: as in :func:`xent_jax.vocab_parallel_cross_entropy`.
+    kwargs: ``vocab_axis``, ``data_axis``, ``axis``, ``class_weight`` (``[V]``, split like the
+      classes), ``where``, ``reduction``, ``ignore_index``, ``label_smoothing``: as in
+      :func:`xent_jax.vocab_parallel_cross_entropy`.
     return_lse: must be False: the loss normalizes by :math:`\lambda`, it has no logsumexp.
     t1, t2, label_smoothing, num_iters: as in :func:`xent_jax.bi_tempered_logistic_loss`.
 
@@ -79,7 +69,8 @@ def vocab_parallel_bi_tempered_loss(
     Amid, Warmuth, Anil, Koren, "Robust Bi-Tempered Logistic Loss Based on Bregman Divergences",
     NeurIPS 2019; Shoeybi et al., "Megatron-LM", 2019 (vocabulary-parallel losses).
   """
-  options = LossOptions.checked(fn, **options)
+  layout, arrays, options = layout_arrays_options(fn, mesh, logits, labels, kwargs)
+  vocab_axis, data_axis = layout.vocab_axis, layout.data_axis
   label_smoothing, ignore_index = options.label_smoothing, options.ignore_index
   bitempered.check_hparams(fn, t1, t2, label_smoothing, num_iters)
   if return_lse:
@@ -102,16 +93,4 @@ def vocab_parallel_bi_tempered_loss(
     loss, example_weight = bitempered.weighted_rows(logits, labels, valid, class_weight, cfg)
     return reduce_loss(loss, example_weight, options.reduction, fn=fn, data_axis=data_axis)
 
-  return sharded_loss(
-    fn,
-    shard_loss,
-    logits,
-    labels,
-    mesh=mesh,
-    vocab_axis=vocab_axis,
-    data_axis=data_axis,
-    axis=axis,
-    class_weight=class_weight,
-    reduction=options.reduction,
-    where=where,
-  )
+  return sharded_loss(fn, shard_loss, layout, arrays, options.reduction)

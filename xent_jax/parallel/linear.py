@@ -276,8 +276,7 @@ def vocab_parallel_linear_cross_entropy(
       :func:`xent_jax.linear_cross_entropy` (chunk sizes count one device's rows and classes).
 
   Returns:
-    The reduced loss (for 'none' of the batch shape, split over ``data_axis``), and with
-    ``return_lse`` the pair ``(loss, lse)``.
+    As :func:`xent_jax.vocab_parallel_cross_entropy`.
 
   Example::
 

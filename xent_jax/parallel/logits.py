@@ -38,10 +38,9 @@ from xent_jax.core.frontend import head_loss
 from xent_jax.core.deprecation import renamed_keyword
 from xent_jax.core.options import CrossEntropyOptionKwargs
 from xent_jax.core.options import LossOptions
-from xent_jax.core.options import OptionKwargs
 from xent_jax.core.options import takes_options
 from xent_jax.losses.cross_entropy import cross_entropy_head
-from xent_jax.parallel.mesh import sharded_loss
+from xent_jax.parallel.mesh import LossArrays, MeshLayout, layout_arrays_options, sharded_loss
 
 
 @renamed_keyword("weight", "class_weight")
@@ -213,94 +212,33 @@ def vocab_parallel_cross_entropy(
   """
   fn = "vocab_parallel_cross_entropy"
   options = LossOptions.checked(fn, **options)
-  return _mesh_loss(
-    fn,
-    _cross_entropy_head(options),
-    options,
-    logits,
-    labels,
-    mesh=mesh,
-    vocab_axis=vocab_axis,
-    data_axis=data_axis,
-    axis=axis,
-    class_weight=class_weight,
-    where=where,
-    return_lse=return_lse,
-  )
+  layout = MeshLayout(mesh, vocab_axis, data_axis, axis)
+  arrays = LossArrays(logits, labels, class_weight, where)
+  return _mesh_loss(fn, _cross_entropy_head(options), options, layout, arrays, return_lse)
 
 
 def vocab_parallel_head_loss(
-  fn: str,
-  head: heads.Head,
-  logits: jax.typing.ArrayLike,
-  labels: jax.typing.ArrayLike,
-  *,
-  mesh: Mesh,
-  vocab_axis: Hashable = "vocab",
-  data_axis: Hashable | None = None,
-  axis: int = -1,
-  class_weight: jax.typing.ArrayLike | None = None,
-  where: jax.typing.ArrayLike | None = None,
-  return_lse: bool = False,
-  **options: Unpack[OptionKwargs],
+  fn: str, head: heads.Head, logits, labels, *, mesh: Mesh, return_lse: bool = False, **kwargs
 ):
-  """Any engine head (see :mod:`xent_jax.core.heads`) with the classes split over ``vocab_axis``:
-  :func:`vocab_parallel_cross_entropy`'s arguments and rules, integer or probability labels,
+  """Any engine head (see :mod:`xent_jax.core.heads`) with the classes split over a mesh axis:
+  :func:`vocab_parallel_cross_entropy`'s arguments (``kwargs``: the layout's ``vocab_axis``,
+  ``data_axis``, ``axis``, the arrays ``class_weight`` and ``where``, and the options of
+  :class:`~xent_jax.core.options.OptionKwargs`) and rules, integer or probability labels,
   uniform smoothing, no soft cap. ``get_loss(name).vocab_parallel`` calls it."""
-  options = LossOptions.checked(fn, **options)
-  return _mesh_loss(
-    fn,
-    head,
-    options,
-    logits,
-    labels,
-    mesh=mesh,
-    vocab_axis=vocab_axis,
-    data_axis=data_axis,
-    axis=axis,
-    class_weight=class_weight,
-    where=where,
-    return_lse=return_lse,
-  )
+  layout, arrays, options = layout_arrays_options(fn, mesh, logits, labels, kwargs)
+  return _mesh_loss(fn, head, options, layout, arrays, return_lse)
 
 
-def _mesh_loss(
-  fn,
-  head,
-  options,
-  logits,
-  labels,
-  *,
-  mesh,
-  vocab_axis,
-  data_axis,
-  axis,
-  class_weight,
-  where,
-  return_lse,
-):
-  """Runs :func:`_shard_loss` of ``head`` on ``mesh``
+def _mesh_loss(fn, head, options: LossOptions, layout: MeshLayout, arrays: LossArrays, return_lse):
+  """Runs :func:`_shard_loss` of ``head`` on ``layout``'s mesh
   (:func:`xent_jax.parallel.mesh.sharded_loss`)."""
   local = functools.partial(
     _shard_loss,
     fn,
     head,
     options,
-    vocab_axis=vocab_axis,
-    data_axis=data_axis,
+    vocab_axis=layout.vocab_axis,
+    data_axis=layout.data_axis,
     return_lse=return_lse,
   )
-  return sharded_loss(
-    fn,
-    local,
-    logits,
-    labels,
-    mesh=mesh,
-    vocab_axis=vocab_axis,
-    data_axis=data_axis,
-    axis=axis,
-    class_weight=class_weight,
-    reduction=options.reduction,
-    where=where,
-    return_lse=return_lse,
-  )
+  return sharded_loss(fn, local, layout, arrays, options.reduction, return_lse)

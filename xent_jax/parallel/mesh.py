@@ -9,10 +9,13 @@ a loss on logits (classes split over ``vocab_axis``, rows optionally over ``data
 import math
 from collections.abc import Callable, Hashable
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from xent_jax.core.options import LossOptions, OptionKwargs
 from xent_jax.core import checks, inputs
 from xent_jax.core.reduction import data_axes
 
@@ -126,30 +129,64 @@ def loss_specs(reduction: str, row_spec: PartitionSpec, return_lse: bool):
   return (loss_spec, row_spec) if return_lse else loss_spec
 
 
+class MeshLayout(NamedTuple):
+  """Where a loss on logits runs: the mesh, the axis its classes are split over, the axis (or
+  axes, major first) its rows are split over (None: replicated), and the class axis of the
+  logits."""
+
+  mesh: Mesh
+  vocab_axis: Hashable = "vocab"
+  data_axis: Hashable | tuple[Hashable, ...] | None = None
+  axis: int = -1
+
+
+class LossArrays(NamedTuple):
+  """The arrays of a loss on logits, as its caller gave them: ``logits``, ``labels`` and the
+  optional ``class_weight`` and ``where``."""
+
+  logits: jax.typing.ArrayLike
+  labels: jax.typing.ArrayLike
+  class_weight: jax.typing.ArrayLike | None = None
+  where: jax.typing.ArrayLike | None = None
+
+
+def layout_arrays_options(
+  fn: str, mesh: Mesh, logits, labels, kwargs: dict
+) -> tuple[MeshLayout, LossArrays, LossOptions]:
+  """Reads the keywords of a vocabulary-parallel loss: the layout's (``vocab_axis``,
+  ``data_axis``, ``axis``), the optional arrays (``class_weight``, ``where``) and the options of
+  :class:`~xent_jax.core.options.OptionKwargs` (checked); any other keyword is a ``TypeError``
+  naming it."""
+  layout_keys, array_keys = MeshLayout._fields[1:], LossArrays._fields[2:]
+  unknown = sorted(set(kwargs) - {*layout_keys, *array_keys, *OptionKwargs.__annotations__})
+  if unknown:
+    raise TypeError(f"{fn}: unexpected keyword argument {unknown[0]!r}")
+  rest = dict(kwargs)
+  take = lambda keys: {k: rest.pop(k) for k in keys if k in rest}  # noqa: E731
+  layout = MeshLayout(mesh, **take(layout_keys))
+  arrays = LossArrays(logits, labels, **take(array_keys))
+  return layout, arrays, LossOptions.checked(fn, **rest)
+
+
 def sharded_loss(
   fn: str,
   shard_loss: Callable,
-  logits: jax.typing.ArrayLike,
-  labels: jax.typing.ArrayLike,
-  *,
-  mesh: Mesh,
-  vocab_axis: Hashable,
-  data_axis: Hashable | tuple[Hashable, ...] | None,
-  axis: int,
-  class_weight: jax.typing.ArrayLike | None,
+  layout: MeshLayout,
+  arrays: LossArrays,
   reduction: str,
-  where: jax.typing.ArrayLike | None,
   return_lse: bool = False,
 ):
-  """Checks the global arrays against ``mesh``, lays them out and runs ``shard_loss`` in
-  ``shard_map``.
+  """Checks the global ``arrays`` against ``layout``'s mesh, lays them out and runs
+  ``shard_loss`` in ``shard_map``.
 
   ``logits`` go as ``P(data_axis, ..., vocab_axis)`` (classes moved last), integer ``labels`` and
   ``where`` as ``P(data_axis, ...)``, probability ``labels`` like the logits, ``class_weight`` as
   ``P(vocab_axis)``. ``shard_loss(logits, labels, class_weight=..., where=...)`` gets one device's
-  arrays (``class_weight``/``where`` None when not given) and returns the loss reduced over the global
-  batch (``[...]`` rows for 'none'), with ``return_lse`` the pair ``(loss, lse [...])``.
+  arrays (``class_weight``/``where`` None when not given) and returns the loss reduced over the
+  global batch (``[...]`` rows for 'none'), with ``return_lse`` the pair ``(loss, lse [...])``.
   """
+  mesh, vocab_axis, data_axis, axis = layout
+  logits, labels, class_weight, where = arrays
   checks.check_floating(fn, "logits", logits)
   logits, labels = jnp.asarray(logits), inputs.as_label_array(fn, labels)
   class_axis = checks.canonical_axis(fn, axis, logits.ndim)

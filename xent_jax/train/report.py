@@ -164,7 +164,8 @@ def _facets(groups: dict[str, list[dict]]):
 
 
 def loss_colours(losses: list[str]) -> dict[str, tuple]:
-  """One colour per loss, the same in every panel: tab10, tab20 beyond 10, evenly spaced beyond 20."""
+  """One colour per loss, the same in every panel: tab10, tab20 beyond 10, evenly spaced beyond
+  20."""
   if len(losses) <= 10:
     colours = plt.get_cmap("tab10").colors
   elif len(losses) <= 20:
@@ -379,7 +380,8 @@ def _plot_reliability(path: pathlib.Path, groups: dict[str, list[dict]], title: 
 def _plot_accuracy_vs_ece(
   path: pathlib.Path, groups: dict[str, list[dict]], table: list[dict], title: str
 ) -> None:
-  """One panel per grid setting: (ECE, accuracy) per loss, and where temperature scaling moves it."""
+  """One panel per grid setting: (ECE, accuracy) per loss, and where temperature scaling moves
+  it."""
   settings, losses, _ = _facets(groups)
   colours = loss_colours(losses)
   records = {

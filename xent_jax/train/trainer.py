@@ -140,7 +140,8 @@ def _check_data_sizes(data: Dataset, config: Config) -> None:
       )
   elif len(data.y_train_N) < config.train.batch_size:
     raise ConfigError(
-      f"config key 'train.batch_size' ({config.train.batch_size}) exceeds the {len(data.y_train_N)} "
+      f"config key 'train.batch_size' ({config.train.batch_size}) exceeds the "
+      f"{len(data.y_train_N)} "
       f"training examples of data set {config.data.name!r} (data.test_fraction="
       f"{config.data.test_fraction})"
     )
@@ -165,7 +166,8 @@ def evaluate(eval_step, state, data: Dataset, config: Config, mesh) -> tuple[dic
 def split_logits(
   logits_step, state, data: Dataset, config: Config, mesh, split: str
 ) -> tuple[np.ndarray, np.ndarray]:
-  """All logits ``[M, C]`` (LM: tokens x vocabulary) and labels ``[M]`` of one split, on the host."""
+  """All logits ``[M, C]`` (LM: tokens x vocabulary) and labels ``[M]`` of one split, on the
+  host."""
   logits, labels = [], []
   for x, y, valid_B in eval_batches(data, batch_size=config.train.eval_batch_size, split=split):
     out = logits_step(state, shard_batch(_local(x), mesh))
