@@ -14,7 +14,6 @@ writes ``<out>.md`` and ``<out>.json``.
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import host  # experiments/host.py: where this ran
 import xent_jax
 
 
@@ -91,7 +91,7 @@ def main():
     xent_jax.cross_entropy(logits32.astype(jnp.bfloat16).astype(jnp.float32), labels)
   )
 
-  machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind}"
+  machine = host.describe()
   rows = []
   for name, case in CASES.items():
     logits = logits32.astype(case["dtype"])

@@ -26,7 +26,6 @@ It runs on the CPU unless ``JAX_PLATFORMS`` is set.
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -36,6 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import host  # experiments/host.py: where this ran
 import xent_jax  # noqa: E402
 from xent_jax.fused import chunked  # noqa: E402
 from xent_jax.fused import heads as fused_heads  # noqa: E402
@@ -145,7 +145,7 @@ def main():
         rows.append(row)
         print(row, flush=True)
   machine = (
-    f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()})"
+    host.describe()
   )
   lines = [
     f"# Engine heads, blocked vs rematerialised, fwd+bwd, N={n}, D={d}, V={v}, 'mean'",

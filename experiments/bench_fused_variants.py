@@ -15,7 +15,6 @@ It runs on the CPU unless ``JAX_PLATFORMS`` is set (``JAX_PLATFORMS=cuda`` for a
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -31,6 +30,7 @@ def _platform_prefix() -> str:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+import host  # experiments/host.py: where this ran
 import xent_jax  # noqa: E402
 
 
@@ -110,8 +110,7 @@ def main():
     )
   header = (
     f"# Fused forms vs naive heads, fwd+bwd, N={args.n}, D={args.d}, V={args.v}, fp32\n\n"
-    f"Machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
-    f"({jax.default_backend()}). Command: `{_platform_prefix()}python experiments/bench_fused_variants.py "
+    f"Machine: {host.describe()}. Command: `{_platform_prefix()}python experiments/bench_fused_variants.py "
     f"--n {args.n} --d {args.d} --v {args.v} --reps {args.reps}`. Medians of "
     f"{args.reps} round-robin calls.\n\n"
   )

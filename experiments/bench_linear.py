@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import host  # experiments/host.py: where this ran
 import xent_jax
 
 MiB = 2**20
@@ -251,7 +252,7 @@ def markdown(result: dict) -> str:
     "",
     f"jax {meta['versions']['jax']}, optax {meta['versions']['optax']}, jax-cce "
     f"{meta['versions']['jax-cce']}, tokamax {meta['versions']['tokamax']}; "
-    f"{meta['cpu_count']} CPUs, load average before/after: {meta['load_before']} / "
+    f"{meta['host']}; load average before/after: {meta['load_before']} / "
     f"{meta['load_after']}. Forward + backward (grads of hidden and weight), median of "
     f"{meta['reps']} calls; temp = compiled temporary memory.",
     "",
@@ -350,6 +351,7 @@ def main(argv=None) -> None:
     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     "backend": f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
     "platform": platform.platform(),
+    "host": host.describe(),
     "cpu_count": os.cpu_count(),
     "load_before": [round(x, 2) for x in load_before],
     "load_after": [round(x, 2) for x in os.getloadavg()],

@@ -17,7 +17,6 @@ It runs on the CPU unless ``JAX_PLATFORMS`` is set (``JAX_PLATFORMS=cuda`` for a
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -33,6 +32,7 @@ def _platform_prefix() -> str:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+import host  # experiments/host.py: where this ran
 import xent_jax  # noqa: E402
 
 LOSSES = [
@@ -118,8 +118,7 @@ def main():
         )
   header = (
     f"# Variants vs cross_entropy, fwd+bwd, N={args.n}, V={args.v}, integer labels\n\n"
-    f"Machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
-    f"({jax.default_backend()}). Command: `{_platform_prefix()}python experiments/bench_variants.py "
+    f"Machine: {host.describe()}. Command: `{_platform_prefix()}python experiments/bench_variants.py "
     f"--n {args.n} --v {args.v} --reps {args.reps} --dtypes {args.dtypes} --smoothing "
     f"{args.smoothing}{' --cpu-branches' if args.cpu_branches else ''}`. Median of {args.reps} round-robin "
     "calls each.\n\n"
