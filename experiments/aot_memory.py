@@ -3,7 +3,7 @@
 For each problem of `xent_jax.tools.aot` (loss x TPU topology x size) the script compiles value and
 gradients for the TPU through libtpu's topology descriptions and reports
 ``memory_analysis().temp_size_in_bytes`` (scratch memory per chip besides arguments and outputs),
-its ratio to a reference, and whether it meets issue 9's bound (``tests/test_tpu_compile.py``
+its ratio to a reference, and whether it meets issue 9's bound (``tests/tools/test_tpu_compile.py``
 holds these, looser at the 32k-token head and for non-cross-entropy fused forms):
 
 * logits path, ``[8192, 32768]`` bf16, one chip: reference one ``[N, V]`` float32 array, bound
@@ -191,7 +191,7 @@ def markdown(result: dict) -> str:
       "",
       "temp = `memory_analysis().temp_size_in_bytes` per chip (scratch besides arguments and "
       "outputs) of value and gradients; ratio = temp / reference; met = ratio <= bound "
-      "(issue 9's target; `tests/test_tpu_compile.py` holds the 32k-token head and "
+      "(issue 9's target; `tests/tools/test_tpu_compile.py` holds the 32k-token head and "
       "vocab_parallel_linear_cross_entropy to 1/3 until they get a leaner schedule).",
   ]
   titles = {"logits": "Logits path (one chip)", "heads": "Heads loss(h W^T), one chip",

@@ -29,9 +29,9 @@ python3 -c "import jax, sys; print(sys.version.split()[0], 'jax', jax.__version_
 # XLA:GPU's default precision rounds float32 operands to TF32.
 step tests "${TEST_LIMIT:-170}" env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -v \
   -n "${WORKERS:-14}" -p no:cacheprovider --durations=8 --tb=line -rf \
-  ${TESTS:-tests/test_cross_entropy.py tests/test_linear.py tests/test_variants.py \
-  tests/test_engine.py tests/test_bitempered.py tests/test_optax_compat.py \
-  tests/test_torch_parity.py tests/test_own_losses.py} -k "not vocab_parallel_form and not over_vocabulary_shards"
+  ${TESTS:-tests/losses/test_cross_entropy.py tests/fused/test_linear.py tests/losses/test_variants.py \
+  tests/core/test_engine.py tests/losses/test_bitempered.py tests/losses/test_optax_compat.py \
+  tests/losses/test_torch_parity.py tests/registry/test_own_losses.py} -k "not vocab_parallel_form and not over_vocabulary_shards"
 
 if [ "$small" = 1 ]; then
   n=256 d=64 v=2048 vn=256 vv=2048

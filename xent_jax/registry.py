@@ -417,7 +417,7 @@ def define_loss(class_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
   """
   params = inspect.signature(class_fn).parameters.values()
   hparams = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
-  clash = sorted(set(hparams) & (set(CONVENTIONS) | {"label_smoothing"}))
+  clash = sorted(set(hparams) & {*CONVENTIONS, *_FORMER_NAMES, "label_smoothing"})
   if clash:
     raise ValueError(
       f"define_loss: hyper-parameter names {clash} are reserved for the conventions."

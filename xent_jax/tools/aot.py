@@ -7,7 +7,7 @@ jitted for abstract inputs placed on those chips compiles with the TPU compiler,
 beyond arguments and outputs: the number the memory claims of the library are about.
 
 This module holds the problems the project measures, so that the bounds of
-``tests/test_tpu_compile.py`` and the table of ``experiments/aot_memory.py`` read the same numbers:
+``tests/tools/test_tpu_compile.py`` and the table of ``experiments/aot_memory.py`` read the same numbers:
 
 * the logits path: every loss of `xent_jax.list_losses` and the optax drop-ins, value and gradient
   at ``[8192, 32768]`` bfloat16 logits on one chip;
@@ -50,7 +50,7 @@ from xent_jax.tools import libtpu
 
 MIB = 2**20
 
-# The bounds the tests hold (tests/test_tpu_compile.py) and the table reports:
+# The bounds the tests hold (tests/tools/test_tpu_compile.py) and the table reports:
 # O(N) for the logits path: lean kernels keep a few per-row float32 vectors ([N]: 32 KiB at
 # `LOGITS_SHAPE`), far below 1/64 of one [N, V] float32 array (16 MiB); that leaves room for
 # blocked schedules visiting the vocabulary in 64 or more chunks, and fails as soon as any [N, V]

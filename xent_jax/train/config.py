@@ -310,7 +310,7 @@ POSITIVE = ("> 0", lambda v: v > 0)
 NON_NEGATIVE = (">= 0", lambda v: v >= 0)
 FRACTION = ("in [0, 1)", lambda v: 0 <= v < 1)
 # The range of every numeric schema field (a list field: of each entry). NaN and +-inf are refused
-# for all of them; tests/test_train_config.py checks that no numeric field is missing here.
+# for all of them; tests/train/test_train_config.py checks that no numeric field is missing here.
 NUMERIC_RULES = {
   "data.seed": NON_NEGATIVE,
   "data.test_fraction": ("in (0, 1)", lambda v: 0 < v < 1),

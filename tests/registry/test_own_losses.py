@@ -14,7 +14,7 @@ from xent_jax.train.config import ConfigError, LossConfig, ModelConfig, load_con
 from xent_jax.train.models import build_model
 from xent_jax.train.steps import make_objective
 
-ROOT = pathlib.Path(__file__).parents[1]
+ROOT = pathlib.Path(__file__).parents[2]
 QUICK = str(ROOT / "configs" / "digits_quick.yaml")
 LOSS_MODULE = '''
 import xent_jax

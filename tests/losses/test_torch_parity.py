@@ -67,7 +67,7 @@ def _jax_value_and_grad(logits, target, weight, reduction, label_smoothing, cota
       x,
       labels,
       axis=1,
-      weight=w,
+      class_weight=w,
       ignore_index=IGNORE_INDEX,
       reduction=reduction,
       label_smoothing=label_smoothing,
@@ -123,7 +123,7 @@ def test_jitted_matches_torch():
   t_value, t_grad = _torch_value_and_grad(logits, target, weight, "mean", 0.1, None)
   f = jax.jit(
     jax.value_and_grad(
-      lambda x, y, w: xent_jax.cross_entropy(x, y, axis=1, weight=w, label_smoothing=0.1)
+      lambda x, y, w: xent_jax.cross_entropy(x, y, axis=1, class_weight=w, label_smoothing=0.1)
     )
   )
   j_value, j_grad = f(

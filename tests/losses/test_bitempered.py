@@ -20,8 +20,7 @@ from jax.test_util import check_grads
 
 import xent_jax
 from tests import _variant_reference as variant_ref
-from tests._compiled import cpu_temp_bytes
-from tests.test_cross_entropy import _large_non_input_residuals
+from tests._compiled import cpu_temp_bytes, large_non_input_residuals
 from xent_jax.losses import bitempered
 
 K = 7
@@ -168,7 +167,7 @@ def _per_row_and_derivatives(setting, integer):
   loss = functools.partial(
     xent_jax.bi_tempered_logistic_loss,
     labels=labels,
-    weight=WEIGHT,
+    class_weight=WEIGHT,
     where=WHERE,
     reduction="none",
     **_hparams(setting),
@@ -215,7 +214,7 @@ def test_reductions_and_class_axis(reduction, label_kind):
   )
   labels_3d = to_axis1(labels)
   fn = lambda x: xent_jax.bi_tempered_logistic_loss(
-    x, labels_3d, axis=1, weight=WEIGHT, where=to_axis1(WHERE), reduction=reduction, **setting
+    x, labels_3d, axis=1, class_weight=WEIGHT, where=to_axis1(WHERE), reduction=reduction, **setting
   )
   value, got_grad = jax.jit(jax.value_and_grad(fn))(jnp.asarray(to_axis1(LOGITS)))
   np.testing.assert_allclose(value, scale * np.sum(loss), rtol=1e-5)
@@ -234,7 +233,7 @@ def test_converged_values_match_the_variant_reference():
           t2=t2,
           label_smoothing=0.1,
           num_iters=num_iters,
-          weight=WEIGHT,
+          class_weight=WEIGHT,
           where=WHERE,
           reduction="none",
         )
@@ -270,7 +269,7 @@ def test_check_grads_both_modes_float64(hparams, label_kind):
   with jax.enable_x64(True):
     labels = INT_LABELS[:4] if label_kind == "integer" else PROBS[:4].astype(np.float64)
     loss = lambda x: xent_jax.bi_tempered_logistic_loss(
-      x, labels, num_iters=60, weight=WEIGHT.astype(np.float64), **hparams
+      x, labels, num_iters=60, class_weight=WEIGHT.astype(np.float64), **hparams
     )
     check_grads(
       jax.jit(loss), (jnp.asarray(LOGITS[:4], jnp.float64),), order=1, modes=("fwd", "rev")
@@ -352,7 +351,7 @@ def test_vjp_keeps_no_vocab_sized_residual(label_kind, hparams, dtype):
   else:
     labels = jnp.asarray(rng.dirichlet(np.ones(64), size=8), jnp.float32)
   fn = jax.jit(lambda x: xent_jax.bi_tempered_logistic_loss(x, labels, **hparams))
-  extra = _large_non_input_residuals(fn, logits, [logits, labels])
+  extra = large_non_input_residuals(fn, logits, [logits, labels])
   assert not extra, [(leaf.shape, leaf.dtype) for leaf in extra]
 
 
@@ -396,7 +395,7 @@ def test_bf16_logits_are_computed_in_float32(label_kind):
   labels = INT_LABELS if label_kind == "integer" else PROBS
   logits_bf16 = jnp.asarray(LOGITS, jnp.bfloat16)
   fn = lambda x: xent_jax.bi_tempered_logistic_loss(
-    x, labels, label_smoothing=0.1, weight=WEIGHT, reduction="sum"
+    x, labels, label_smoothing=0.1, class_weight=WEIGHT, reduction="sum"
   )
   value, grad = jax.jit(jax.value_and_grad(fn))(logits_bf16)
   want, want_grad = jax.jit(jax.value_and_grad(fn))(logits_bf16.astype(jnp.float32))
@@ -445,7 +444,7 @@ def test_branch_for_other_backends_matches_float64_replica(setting, monkeypatch)
     fn = functools.partial(
       xent_jax.bi_tempered_logistic_loss,
       labels=labels,
-      weight=WEIGHT,
+      class_weight=WEIGHT,
       where=WHERE,
       reduction="sum",
       **_hparams(setting),

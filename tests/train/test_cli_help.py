@@ -10,7 +10,7 @@ from xent_jax import cli
 from xent_jax.train import compare, trainer
 from xent_jax.train.config import ConfigError, load_config
 
-ROOT = pathlib.Path(__file__).parents[1]
+ROOT = pathlib.Path(__file__).parents[2]
 QUICK = str(ROOT / "configs" / "digits_quick.yaml")
 
 

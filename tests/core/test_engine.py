@@ -46,7 +46,7 @@ def test_forward_mode_agrees_with_reverse_mode(fn, hparams, smoothing):
   hparams = dict(hparams)
   if smoothing and "label_smoothing" not in hparams:
     hparams["label_smoothing"] = smoothing
-  loss = lambda x: fn(x, LABELS, weight=WEIGHT, **hparams)  # noqa: E731
+  loss = lambda x: fn(x, LABELS, class_weight=WEIGHT, **hparams)  # noqa: E731
   with jax.enable_x64(True):
     check_grads(jax.jit(loss), (jnp.asarray(LOGITS, jnp.float64),), order=1, modes=("fwd", "rev"))
   np.testing.assert_allclose(jax.jacfwd(loss)(LOGITS), jax.grad(loss)(LOGITS), rtol=1e-5, atol=1e-7)
@@ -253,13 +253,13 @@ def test_every_engine_loss_has_a_vocab_parallel_form(name, label_smoothing):
   weight = jnp.asarray(RNG.uniform(0.5, 2.0, size=16), jnp.float32)
   where = jnp.asarray([True, True, True, False])
   mesh = jax.make_mesh((2, 4), ("data", "vocab"), devices=jax.devices()[:8])
-  full = lambda x: loss(x, labels, weight=weight, where=where)  # noqa: E731
+  full = lambda x: loss(x, labels, class_weight=weight, where=where)  # noqa: E731
   sharded = lambda x: loss.vocab_parallel(
     x,
     labels,
     mesh=mesh,
     data_axis="data",  # noqa: E731
-    weight=weight,
+    class_weight=weight,
     where=where,
   )
   want, want_grad = jax.value_and_grad(full)(logits)
@@ -285,9 +285,9 @@ def test_every_engine_loss_has_a_vocab_parallel_form_with_probability_labels(nam
   weight = jnp.asarray(RNG.uniform(0.5, 2.0, size=16), jnp.float32)
   where = jnp.asarray([True, True, True, False])
   mesh = jax.make_mesh((2, 4), ("data", "vocab"), devices=jax.devices()[:8])
-  full = lambda x, q: loss(x, q, weight=weight, where=where)  # noqa: E731
+  full = lambda x, q: loss(x, q, class_weight=weight, where=where)  # noqa: E731
   sharded = lambda x, q: loss.vocab_parallel(  # noqa: E731
-    x, q, mesh=mesh, data_axis="data", weight=weight, where=where
+    x, q, mesh=mesh, data_axis="data", class_weight=weight, where=where
   )
   want, want_grads = jax.value_and_grad(full, argnums=(0, 1))(logits, probs)
   got, got_grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))(logits, probs)
@@ -591,7 +591,7 @@ def test_fused_head_blocks_equal_the_logits_path(name, order, monkeypatch):
     options = dict(bias=bias, class_weight=class_weight, reduction="none", weight_layout=layout)
     fused = lambda h, w: loss.linear(h, as_layout(w), labels, return_stats=True, **options)  # noqa: E731
     logits = lambda h, w: h @ w.T + bias[None]  # noqa: E731
-    full = lambda h, w: loss(logits(h, w), labels, weight=class_weight, reduction="none")  # noqa: E731
+    full = lambda h, w: loss(logits(h, w), labels, class_weight=class_weight, reduction="none")  # noqa: E731
     got, stats = fused(hidden, weight)
     np.testing.assert_allclose(got, full(hidden, weight), rtol=1e-10, atol=1e-12)
     log_p = jax.nn.log_softmax(logits(hidden, weight))

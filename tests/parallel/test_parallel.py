@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 from jax.test_util import check_grads
 
-import _reference as ref
+from tests import _reference as ref
 import xent_jax
 from xent_jax.fused import schedule as fused_schedule
 
@@ -793,7 +793,7 @@ class TestBadInput:
       ({"data_axis": "vocab"}, ValueError, ["`data_axis`", "`vocab_axis`"]),
       ({"label_smoothing": 1.5}, ValueError, ["`label_smoothing`"]),
       ({"reduction": "avg"}, ValueError, ["`reduction`"]),
-      ({"weight": np.ones(V - 1, np.float32)}, AssertionError, ["`weight`"]),
+      ({"class_weight": np.ones(V - 1, np.float32)}, AssertionError, ["`class_weight`"]),
     ],
   )
   def test_options_are_named(self, mesh, kwargs, error, names):

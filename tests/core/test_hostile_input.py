@@ -15,7 +15,7 @@ import optax
 import pytest
 from jax.experimental import checkify
 
-import _reference as ref
+from tests import _reference as ref
 import xent_jax
 from xent_jax import metrics
 
@@ -378,7 +378,7 @@ def test_zero_class_weights_are_fine():
   x, y = _logits(2, 4), np.array([0, 1])
   w = np.array([0.0, 1.0, 2.0, 0.0])
   np.testing.assert_allclose(
-    xent_jax.cross_entropy(x, y, weight=w, reduction="sum"),
+    xent_jax.cross_entropy(x, y, class_weight=w, reduction="sum"),
     ref.cross_entropy(x, y, weight=w, reduction="sum"),
     rtol=1e-5,
   )

@@ -7,7 +7,7 @@ import pytest
 
 from xent_jax.train.config import NUMERIC_RULES, Config, ConfigError, expand_grid, load_config
 
-CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((pathlib.Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
 
 def test_overrides_are_typed_and_applied():

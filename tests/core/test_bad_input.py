@@ -59,7 +59,7 @@ def test_shape_error_message_shows_the_actual_shape():
     xent_jax.cross_entropy(LOGITS, jnp.zeros((11,), jnp.int32))
   assert "11" in str(info.value), str(info.value)
   with pytest.raises(SHAPE_ERRORS, match="weight") as info:
-    xent_jax.cross_entropy(LOGITS, INT_LABELS, weight=jnp.ones(11))
+    xent_jax.cross_entropy(LOGITS, INT_LABELS, class_weight=jnp.ones(11))
   assert "11" in str(info.value) and "5" in str(info.value), str(info.value)
 
 

@@ -47,7 +47,7 @@ from xent_jax.train.checkpoint import Checkpointer
 from xent_jax.train.config import NUMERIC_RULES, Config
 from xent_jax.train.report import load_runs
 
-ROOT = pathlib.Path(__file__).parents[1]
+ROOT = pathlib.Path(__file__).parents[2]
 QUICK = str(ROOT / "configs" / "digits_quick.yaml")
 TINY = (
   "model.hidden_dims=[16]",

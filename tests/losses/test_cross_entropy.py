@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-import _reference as ref
+from tests import _reference as ref
+from tests._compiled import large_non_input_residuals
 import xent_jax
 
 NUM_CLASSES = 7
@@ -340,29 +341,6 @@ def test_negative_infinity_on_non_target_classes(label_kind, options):
   _assert_close(grad, ref.cross_entropy_grad(logits, labels, **options), rtol=1e-5, atol=1e-7)
 
 
-def _residual_leaves(fn, logits):
-  """Float arrays the VJP of ``fn`` keeps alive between forward and backward passes."""
-  _, vjp_fn = jax.vjp(fn, logits)
-  return [
-    leaf
-    for leaf in jax.tree_util.tree_leaves(vjp_fn)
-    if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
-  ]
-
-
-def _large_non_input_residuals(fn, logits, inputs):
-  """Residuals with at least half as many elements as the logits that are not an input."""
-  big = [leaf for leaf in _residual_leaves(fn, logits) if 2 * leaf.size >= logits.size]
-  return [
-    leaf
-    for leaf in big
-    if not any(
-      leaf.shape == inp.shape and leaf.dtype == inp.dtype and bool(jnp.array_equal(leaf, inp))
-      for inp in inputs
-    )
-  ]
-
-
 def test_residual_check_detects_a_softmax_residual():
   """The residual check below can fail: plain autodiff of log-softmax keeps a [N, V] array."""
   rng = np.random.default_rng(14)
@@ -372,7 +350,7 @@ def test_residual_check_detects_a_softmax_residual():
   def naive(x):
     return -jnp.take_along_axis(jax.nn.log_softmax(x), labels[:, None], axis=-1).mean()
 
-  assert _large_non_input_residuals(naive, logits, [logits])
+  assert large_non_input_residuals(naive, logits, [logits])
 
 
 @pytest.mark.parametrize(
@@ -397,7 +375,7 @@ def test_vjp_keeps_no_vocab_sized_residual(label_kind, options):
     options["weight"] = jnp.asarray(rng.uniform(0.5, 2.0, size=64), jnp.float32)
   inputs = [logits, labels] + ([options["weight"]] if "weight" in options else [])
   fn = lambda x: xent_jax.cross_entropy(x, labels, **options)  # noqa: E731
-  extra = _large_non_input_residuals(fn, logits, inputs)
+  extra = large_non_input_residuals(fn, logits, inputs)
   assert not extra, [(leaf.shape, leaf.dtype) for leaf in extra]
 
 
@@ -406,7 +384,7 @@ def test_vjp_keeps_no_float32_copy_of_bf16_logits():
   logits = jnp.asarray(rng.standard_normal((8, 64)), jnp.bfloat16)
   labels = jnp.asarray(rng.integers(0, 64, size=8))
   fn = lambda x: xent_jax.cross_entropy(x, labels)  # noqa: E731
-  extra = _large_non_input_residuals(fn, logits, [logits])
+  extra = large_non_input_residuals(fn, logits, [logits])
   assert not extra, [(leaf.shape, leaf.dtype) for leaf in extra]
 
 
@@ -415,7 +393,7 @@ def test_vjp_with_softcap_keeps_at_most_one_vocab_sized_array():
   logits = jnp.asarray(rng.standard_normal((8, 64)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 64, size=8))
   fn = lambda x: xent_jax.cross_entropy(x, labels, logit_softcap=2.0)  # noqa: E731
-  extra = _large_non_input_residuals(fn, logits, [logits])
+  extra = large_non_input_residuals(fn, logits, [logits])
   assert len(extra) <= 1, [(leaf.shape, leaf.dtype) for leaf in extra]
 
 
@@ -430,7 +408,7 @@ def test_integer_labels_equal_one_hot_labels(smoothing, reduction, weighted):
   rng = np.random.default_rng(21)
   weight = jnp.asarray(rng.uniform(0.3, 2.0, NUM_CLASSES), jnp.float32) if weighted else None
   kwargs = dict(
-    axis=1, label_smoothing=0.2, smoothing=smoothing, reduction=reduction, weight=weight
+    axis=1, label_smoothing=0.2, smoothing=smoothing, reduction=reduction, class_weight=weight
   )
   from_int = xent_jax.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), **kwargs)
   from_dense = xent_jax.cross_entropy(jnp.asarray(logits), one_hot, **kwargs)
@@ -481,7 +459,7 @@ def test_neutral_settings_equal_plain_cross_entropy():
     z_loss=0.0,
     logit_softcap=None,
     label_smoothing=0.0,
-    weight=jnp.ones(NUM_CLASSES),
+    class_weight=jnp.ones(NUM_CLASSES),
     where=jnp.ones(labels.shape, bool),
   )
   np.testing.assert_allclose(neutral, plain, rtol=1e-6)
@@ -497,8 +475,8 @@ def test_z_loss_adds_weighted_squared_logsumexp():
   logits, labels, _ = _case(LAYOUTS[0], "int", "plain", seed=24)
   weight = np.linspace(0.5, 2.0, NUM_CLASSES).astype(np.float32)
   x, y = jnp.asarray(logits), jnp.asarray(labels)
-  base = xent_jax.cross_entropy(x, y, reduction="none", weight=jnp.asarray(weight))
-  with_z = xent_jax.cross_entropy(x, y, reduction="none", weight=jnp.asarray(weight), z_loss=0.3)
+  base = xent_jax.cross_entropy(x, y, reduction="none", class_weight=jnp.asarray(weight))
+  with_z = xent_jax.cross_entropy(x, y, reduction="none", class_weight=jnp.asarray(weight), z_loss=0.3)
   lse = ref.logsumexp(logits)
   _assert_close(np.asarray(with_z) - np.asarray(base), 0.3 * weight[labels] * lse**2, rtol=1e-4)
 
@@ -567,3 +545,20 @@ def test_check_labels_negative_and_custom_ignore_index():
   # With ignore_index=-1 the -1 is fine but the -100 is now out of range.
   with pytest.raises(ValueError, match=r"-100"):
     xent_jax.check_labels(logits, jnp.asarray(labels), axis=1, ignore_index=-1)
+
+
+def test_weight_is_the_deprecated_name_of_class_weight():
+  """``weight=`` still works on the logits losses, configured losses and the vocabulary-parallel
+  loss, with a DeprecationWarning; giving both names is an error naming them."""
+  logits, labels, _ = _case(LAYOUTS[0], "int", "plain", seed=31)
+  x, y = jnp.asarray(logits), jnp.asarray(labels)
+  w = jnp.linspace(0.5, 2.0, NUM_CLASSES)
+  for fn in (xent_jax.cross_entropy, xent_jax.softmax_focal_loss, xent_jax.get_loss("poly1")):
+    want = fn(x, y, class_weight=w)
+    with pytest.warns(DeprecationWarning, match="`weight` is renamed `class_weight`"):
+      got = fn(x, y, weight=w)
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(TypeError, match="give `class_weight` only"):
+      fn(x, y, weight=w, class_weight=w)
+  with pytest.raises(TypeError, match="unexpected keyword argument 'weights'"):
+    xent_jax.cross_entropy(x, y, weights=w)

@@ -25,7 +25,7 @@ from xent_jax.train import logs
 
 pytestmark = pytest.mark.slow
 
-ROOT = pathlib.Path(__file__).parents[1]
+ROOT = pathlib.Path(__file__).parents[2]
 QUICK = str(ROOT / "configs" / "digits_quick.yaml")
 # Tiny digits MLP; 240 steps leave time to kill a run after its first checkpoint.
 OVERRIDES = ("model.hidden_dims=[32]", "train.batch_size=32", "train.eval_batch_size=128",

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import _reference as ref
+from tests import _reference as ref
 import xent_jax
 
 # Each example compiles afresh (new shapes and options), so keep the counts small.

@@ -9,7 +9,7 @@ import pytest
 
 from xent_jax.cli import main
 
-ROOT = pathlib.Path(__file__).parents[1]
+ROOT = pathlib.Path(__file__).parents[2]
 QUICK = str(ROOT / "configs" / "digits_quick.yaml")
 SMALL = [
   "model.hidden_dims=[16]",

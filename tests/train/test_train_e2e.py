@@ -21,7 +21,7 @@ from xent_jax.train import logs, trainer
 from xent_jax.train.checkpoint import Checkpointer
 from xent_jax.train.trainer import RunDirectoryError
 
-ROOT = pathlib.Path(__file__).parents[1]
+ROOT = pathlib.Path(__file__).parents[2]
 QUICK = str(ROOT / "configs" / "digits_quick.yaml")
 TINY = (
   "model.hidden_dims=[32]",

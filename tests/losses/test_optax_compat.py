@@ -9,7 +9,7 @@ from jax.test_util import check_grads
 import optax
 import pytest
 
-import _reference as ref
+from tests import _reference as ref
 import xent_jax
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -284,7 +284,7 @@ def test_dense_negative_infinity_with_target_mass_is_inf_as_optax_safe():
     xent_jax.softmax_cross_entropy(jnp.asarray(logits), jnp.asarray(labels)),
     xent_jax.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), reduction="none"),
     xent_jax.cross_entropy(
-      jnp.asarray(logits), jnp.asarray(labels), reduction="none", weight=jnp.ones(3)
+      jnp.asarray(logits), jnp.asarray(labels), reduction="none", class_weight=jnp.ones(3)
     ),
   ):
     value = np.asarray(value)

@@ -9,7 +9,7 @@ both weight layouts, bfloat16 inputs, leading batch dimensions, jit and vmap.
 
 from __future__ import annotations
 
-import _reference as ref
+from tests import _reference as ref
 import jax
 import jax.numpy as jnp
 import numpy as np
