@@ -119,7 +119,8 @@ def cross_entropy(
   Example:
     >>> import jax.numpy as jnp, xent_jax
     >>> logits = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
-    >>> round(float(xent_jax.cross_entropy(logits, jnp.array([0, 2]), label_smoothing=0.1)), 4)
+    >>> loss = xent_jax.cross_entropy(logits, jnp.array([0, 2]), label_smoothing=0.1)
+    >>> print(f"{float(loss):.4f}")
     0.3455
 
   References:
