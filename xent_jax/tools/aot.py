@@ -7,7 +7,8 @@ jitted for abstract inputs placed on those chips compiles with the TPU compiler,
 beyond arguments and outputs: the number the memory claims of the library are about.
 
 This module holds the problems the project measures, so that the bounds of
-``tests/tools/test_tpu_compile.py`` and the table of ``experiments/aot_memory.py`` read the same numbers:
+``tests/tools/test_tpu_compile.py`` and the table of ``experiments/aot_memory.py`` read the same
+numbers:
 
 * the logits path: every loss of `xent_jax.list_losses` and the optax drop-ins, value and gradient
   at ``[8192, 32768]`` bfloat16 logits on one chip;
