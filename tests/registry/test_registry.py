@@ -189,3 +189,12 @@ def test_call_time_hparams_are_rejected():
   with pytest.raises(ValueError, match="gamma.*conventions"):
     loss_fn(LOGITS, LABELS, gamma=1.0)
   assert repr(loss_fn) == "get_loss('focal', gamma=2.0, alpha=None, label_smoothing=0.0)"
+
+
+def test_vocab_parallel_form_refuses_an_unknown_keyword_by_name():
+  """The sharded forms read their keywords themselves; a misspelt one is named, not ignored."""
+  mesh = jax.make_mesh((1, 2), ("data", "vocab"), devices=jax.devices()[:2])
+  logits, labels = jnp.zeros((2, 4)), jnp.array([0, 1])
+  for name in ("focal", "bi_tempered"):
+    with pytest.raises(TypeError, match=r"vocab_parallel: unexpected keyword argument 'wehre'"):
+      xent_jax.get_loss(name).vocab_parallel(logits, labels, mesh=mesh, wehre=None)

@@ -143,7 +143,7 @@ def _row_max(logits: jax.Array, vocab_axis: Hashable | None) -> jax.Array:
   m = jnp.max(logits, axis=-1).astype(loss_inputs.compute_dtype(logits.dtype))
   if vocab_axis is not None:
     m = lax.pmax(m, vocab_axis)
-  return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+  return engine.finite_or_zero(m)
 
 
 def _centred(logits: jax.Array, m: jax.Array, *tie: jax.Array) -> jax.Array:
