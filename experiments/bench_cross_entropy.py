@@ -17,11 +17,11 @@ import os
 import statistics
 import time
 
+import host  # experiments/host.py: where this ran
 import jax
 import jax.numpy as jnp
 import optax
 
-import host  # experiments/host.py: where this ran
 import xent_jax
 
 

@@ -31,16 +31,18 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
 import host  # experiments/host.py: where this ran
-import xent_jax  # noqa: E402
-from xent_jax.fused import chunked  # noqa: E402
-from xent_jax.fused import heads as fused_heads  # noqa: E402
-from xent_jax.fused import schedule  # noqa: E402
-from xent_jax.fused.rows import LinearLayout  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import xent_jax
+from xent_jax.fused import (
+  chunked,
+  schedule,
+)
+from xent_jax.fused import heads as fused_heads
+from xent_jax.fused.rows import LinearLayout
 
 jax.config.update("jax_enable_x64", True)
 # `.linear` takes the blocked statistics for weights narrower than float32 only (takes_blocks, from
@@ -50,7 +52,7 @@ fused_heads.takes_blocks = lambda *dtypes: True
 
 def _remat(loss, hidden, weight, labels):
   """The rematerialising schedule of ``loss`` (the previous ``.linear`` of the variants)."""
-  row_loss = lambda x, y, valid: (loss(x, y, where=valid, reduction="none"), {})  # noqa: E731
+  row_loss = lambda x, y, valid: (loss(x, y, where=valid, reduction="none"), {})
   valid = jnp.ones(labels.shape, bool)
   per_row, _ = chunked.chunked_linear_loss(
     "bench",
@@ -112,7 +114,7 @@ def main():
           "blocked": lambda h, w, loss=loss: loss.linear(h, w, labels),
           "remat": lambda h, w, loss=loss: _remat(loss, h, w, labels),
         }
-        reference = lambda h, w, loss=loss: jnp.mean(loss(h @ w.T, labels, reduction="none"))  # noqa: E731
+        reference = lambda h, w, loss=loss: jnp.mean(loss(h @ w.T, labels, reduction="none"))
         want = jax.jit(jax.grad(reference, argnums=(0, 1)))(h64, w64)
         compiled, temps, times, errors = {}, {}, {k: [] for k in schedules}, {}
         for key, fn in schedules.items():
@@ -144,9 +146,7 @@ def main():
         )
         rows.append(row)
         print(row, flush=True)
-  machine = (
-    host.describe()
-  )
+  machine = host.describe()
   lines = [
     f"# Engine heads, blocked vs rematerialised, fwd+bwd, N={n}, D={d}, V={v}, 'mean'",
     "",

@@ -27,10 +27,10 @@ def _platform_prefix() -> str:
   return "" if platforms == "cpu" else f"JAX_PLATFORMS={platforms} "
 
 
+import host  # experiments/host.py: where this ran
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import host  # experiments/host.py: where this ran
 import xent_jax  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def _naive_losses():
   def on_log_p(f):
     return lambda logits, labels: jnp.mean(f(jax.nn.log_softmax(logits), labels))
 
-  p_y = lambda lp, y: jnp.exp(_picked(lp, y))  # noqa: E731
+  p_y = lambda lp, y: jnp.exp(_picked(lp, y))
   return {
     "cross_entropy": on_log_p(lambda lp, y: -_picked(lp, y)),
     "focal": on_log_p(lambda lp, y: -((1 - p_y(lp, y)) ** 2.0) * _picked(lp, y)),

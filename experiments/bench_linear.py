@@ -41,12 +41,12 @@ import statistics
 import time
 from collections.abc import Callable
 
+import host  # experiments/host.py: where this ran
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import host  # experiments/host.py: where this ran
 import xent_jax
 
 MiB = 2**20
@@ -87,7 +87,7 @@ def _methods(blocks=()) -> dict[str, tuple[str, Callable | str]]:
     import jax_cce
 
     methods["jax-cce"] = ("vd", lambda h, w, y: jax_cce.linear_cross_entropy(h, w, y))
-  except Exception as e:  # noqa: BLE001 - an unusable peer is a result to record
+  except Exception as e:
     methods["jax-cce"] = ("vd", f"import failed: {type(e).__name__}: {e}")
   try:
     import tokamax
@@ -102,7 +102,7 @@ def _methods(blocks=()) -> dict[str, tuple[str, Callable | str]]:
         h, y, w, reduction="mean", implementation="xla"
       ),
     )
-  except Exception as e:  # noqa: BLE001
+  except Exception as e:
     methods["tokamax"] = ("dv", f"import failed: {type(e).__name__}: {e}")
   return methods
 
@@ -131,7 +131,7 @@ def _compile(
     row["temp_MiB"] = compiled.memory_analysis().temp_size_in_bytes / MiB
     if run:
       row["loss"] = float(compiled(*args)[0])
-  except Exception as e:  # noqa: BLE001 - a peer failing at this shape is a result
+  except Exception as e:
     return {**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}, None, ()
   return row, compiled, args
 
@@ -311,7 +311,7 @@ def markdown(result: dict) -> str:
 def _block(text: str) -> tuple[int | None, int | None]:
   """``"T:C"`` -> ``(T, C)``, ``-`` for a default (``None``)."""
   parts = text.split(":")
-  if len(parts) != 2 or not all(p == "-" or p.isdigit() and int(p) > 0 for p in parts):
+  if len(parts) != 2 or not all(p == "-" or (p.isdigit() and int(p) > 0) for p in parts):
     raise argparse.ArgumentTypeError(f"expected T:C, each a positive integer or '-'; got {text!r}")
   return tuple(None if p == "-" else int(p) for p in parts)
 
@@ -348,7 +348,7 @@ def main(argv=None) -> None:
   load_before = os.getloadavg()
   result = run(args)
   result["meta"] = {
-    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     "backend": f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
     "platform": platform.platform(),
     "host": host.describe(),

@@ -29,10 +29,10 @@ def _platform_prefix() -> str:
   return "" if platforms == "cpu" else f"JAX_PLATFORMS={platforms} "
 
 
+import host  # experiments/host.py: where this ran
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import host  # experiments/host.py: where this ran
 import xent_jax  # noqa: E402
 
 LOSSES = [

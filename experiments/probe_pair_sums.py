@@ -26,9 +26,9 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax import lax  # noqa: E402
+import jax
+import jax.numpy as jnp
+from jax import lax
 
 
 def _focal_terms(x, m, log_sum):
@@ -77,8 +77,10 @@ def main():
   x = jax.random.normal(jax.random.key(0), (args.n, args.v), jnp.float32) * 3
   m = jnp.max(x, -1)
   log_sum = jnp.log(jnp.sum(jnp.exp(x - m[:, None]), -1))
-  print(f"N={args.n} V={args.v} float32, jax {jax.__version__} ({jax.default_backend()}), "
-        f"{os.cpu_count()} cores, median of {args.reps}\n")
+  print(
+    f"N={args.n} V={args.v} float32, jax {jax.__version__} ({jax.default_backend()}), "
+    f"{os.cpu_count()} cores, median of {args.reps}\n"
+  )
   print("| sums | ms | temp MiB |\n|---|---|---|")
   for name, fn in _cases().items():
     compiled = jax.jit(fn).lower(x, m, log_sum).compile()

@@ -4,41 +4,44 @@ The public API is exactly what this module re-exports; private modules hold one 
 """
 
 # Cross-entropy on logits (losses/cross_entropy.py), label checks (core/labels.py), optax drop-ins.
-from xent_jax.losses.cross_entropy import cross_entropy
+# Submodules: metrics (`from xent_jax import metrics`) and the optax drop-ins' own namespace.
+from xent_jax import metrics, optax_compat
 from xent_jax.core.labels import check_labels
-from xent_jax.optax_compat import poly_loss_cross_entropy
-from xent_jax.optax_compat import smooth_labels
-from xent_jax.optax_compat import softmax_cross_entropy
-from xent_jax.optax_compat import softmax_cross_entropy_with_integer_labels
 
 # Fused linear cross-entropy (fused/).
 from xent_jax.fused.linear import linear_cross_entropy
-
-# Vocabulary-parallel cross-entropy over a device mesh (parallel/).
-from xent_jax.parallel.logits import vocab_parallel_cross_entropy
-from xent_jax.parallel.logits import vocab_parallel_cross_entropy_local
-from xent_jax.parallel.linear import vocab_parallel_linear_cross_entropy
-from xent_jax.parallel.linear import vocab_parallel_linear_cross_entropy_local
+from xent_jax.losses.bitempered import tempered_softmax
+from xent_jax.losses.cross_entropy import cross_entropy
 
 # Loss variants (losses/) and the registry (registry.py).
-from xent_jax.losses.variants import bi_tempered_logistic_loss
-from xent_jax.losses.bitempered import tempered_softmax
-from xent_jax.registry import define_loss
-from xent_jax.registry import get_loss
-from xent_jax.registry import list_losses
-from xent_jax.registry import register_loss
-from xent_jax.losses.variants import confidence_penalty_cross_entropy
-from xent_jax.losses.variants import focal_loss
-from xent_jax.losses.variants import softmax_focal_loss
-from xent_jax.losses.variants import generalized_cross_entropy
-from xent_jax.losses.variants import poly1_cross_entropy
-from xent_jax.losses.variants import symmetric_cross_entropy
-from xent_jax.losses.variants import taylor_cross_entropy
-from xent_jax.losses.variants import truncated_generalized_cross_entropy
+from xent_jax.losses.variants import (
+  bi_tempered_logistic_loss,
+  confidence_penalty_cross_entropy,
+  focal_loss,
+  generalized_cross_entropy,
+  poly1_cross_entropy,
+  softmax_focal_loss,
+  symmetric_cross_entropy,
+  taylor_cross_entropy,
+  truncated_generalized_cross_entropy,
+)
+from xent_jax.optax_compat import (
+  poly_loss_cross_entropy,
+  smooth_labels,
+  softmax_cross_entropy,
+  softmax_cross_entropy_with_integer_labels,
+)
+from xent_jax.parallel.linear import (
+  vocab_parallel_linear_cross_entropy,
+  vocab_parallel_linear_cross_entropy_local,
+)
 
-# Submodules: metrics (`from xent_jax import metrics`) and the optax drop-ins' own namespace.
-from xent_jax import metrics
-from xent_jax import optax_compat
+# Vocabulary-parallel cross-entropy over a device mesh (parallel/).
+from xent_jax.parallel.logits import (
+  vocab_parallel_cross_entropy,
+  vocab_parallel_cross_entropy_local,
+)
+from xent_jax.registry import define_loss, get_loss, list_losses, register_loss
 
 __version__ = "0.1.0"
 
@@ -59,9 +62,9 @@ __all__ = [
   "poly_loss_cross_entropy",
   "register_loss",
   "smooth_labels",
-  "softmax_focal_loss",
   "softmax_cross_entropy",
   "softmax_cross_entropy_with_integer_labels",
+  "softmax_focal_loss",
   "symmetric_cross_entropy",
   "taylor_cross_entropy",
   "tempered_softmax",

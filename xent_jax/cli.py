@@ -18,7 +18,6 @@ import os
 import re
 import sys
 
-
 EXAMPLES = {
   "run": "examples:\n"
   "  xent-jax run configs/digits_quick.yaml\n"

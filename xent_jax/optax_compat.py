@@ -13,10 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from xent_jax.core import checks
-from xent_jax.core import engine
-from xent_jax.core import heads
-from xent_jax.core import inputs
+from xent_jax.core import checks, engine, heads, inputs
 from xent_jax.core.frontend import head_loss
 from xent_jax.core.options import LossOptions
 from xent_jax.losses.cross_entropy import cross_entropy_head

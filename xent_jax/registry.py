@@ -28,17 +28,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xent_jax.core.deprecation import current_keywords
-from xent_jax.losses import cross_entropy
 from xent_jax.core import heads
+from xent_jax.core.deprecation import current_keywords
 from xent_jax.core.frontend import head_loss
 from xent_jax.core.options import LossOptions
+from xent_jax.fused import any_loss
+from xent_jax.fused.rows import LinearArrays, LinearLayout
+from xent_jax.losses import cross_entropy, variants
 from xent_jax.parallel import bitempered as parallel_bitempered
 from xent_jax.parallel import logits as parallel_logits
-from xent_jax.fused import any_loss
-from xent_jax.fused.rows import LinearArrays
-from xent_jax.fused.rows import LinearLayout
-from xent_jax.losses import variants
 
 CONVENTIONS = ("axis", "class_weight", "ignore_index", "reduction", "where")
 # The former name of ``class_weight``, still accepted (with a DeprecationWarning).

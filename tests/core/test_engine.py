@@ -11,8 +11,7 @@ from jax.test_util import check_grads
 
 import xent_jax
 from tests._compiled import cpu_temp_bytes
-from xent_jax.core import engine
-from xent_jax.core import heads
+from xent_jax.core import engine, heads
 from xent_jax.fused import heads as fused_heads
 from xent_jax.losses import variants
 from xent_jax.train.config import LossConfig
@@ -46,7 +45,7 @@ def test_forward_mode_agrees_with_reverse_mode(fn, hparams, smoothing):
   hparams = dict(hparams)
   if smoothing and "label_smoothing" not in hparams:
     hparams["label_smoothing"] = smoothing
-  loss = lambda x: fn(x, LABELS, class_weight=WEIGHT, **hparams)  # noqa: E731
+  loss = lambda x: fn(x, LABELS, class_weight=WEIGHT, **hparams)
   with jax.enable_x64(True):
     check_grads(jax.jit(loss), (jnp.asarray(LOGITS, jnp.float64),), order=1, modes=("fwd", "rev"))
   np.testing.assert_allclose(jax.jacfwd(loss)(LOGITS), jax.grad(loss)(LOGITS), rtol=1e-5, atol=1e-7)
@@ -59,7 +58,7 @@ def test_forward_mode_agrees_with_reverse_mode(fn, hparams, smoothing):
 @pytest.mark.parametrize("fn,hparams", PUBLIC_LOSSES, ids=IDS)
 def test_forward_mode_with_probability_labels(fn, hparams):
   with jax.enable_x64(True):
-    loss = lambda x: fn(x, jnp.asarray(PROBS, jnp.float64), **hparams)  # noqa: E731
+    loss = lambda x: fn(x, jnp.asarray(PROBS, jnp.float64), **hparams)
     check_grads(jax.jit(loss), (jnp.asarray(LOGITS, jnp.float64),), order=1, modes=("fwd", "rev"))
 
 
@@ -81,7 +80,7 @@ def _vocab_sized_residuals(fn, logits, inputs):
 
 
 def test_residual_check_can_fail():
-  naive = lambda x: -jnp.mean(jax.nn.log_softmax(x)[jnp.arange(6), 0])  # noqa: E731
+  naive = lambda x: -jnp.mean(jax.nn.log_softmax(x)[jnp.arange(6), 0])
   assert _vocab_sized_residuals(naive, LOGITS, [LOGITS])
 
 
@@ -197,7 +196,7 @@ def test_every_registered_loss_has_a_fused_form(name, label_kind):
   loss = xent_jax.get_loss(name)
   full = lambda h, w, b: loss(
     jnp.einsum("btd,vd->btv", h, w) + b[None, None],
-    labels,  # noqa: E731
+    labels,
     reduction="sum",
   )
   fused = lambda h, w, b: loss.linear(
@@ -205,7 +204,7 @@ def test_every_registered_loss_has_a_fused_form(name, label_kind):
     w,
     labels,
     bias=b,
-    reduction="sum",  # noqa: E731
+    reduction="sum",
     token_chunk_size=4,
   )
   want, want_grads = jax.value_and_grad(full, argnums=(0, 1, 2))(hidden, weight, bias)
@@ -253,12 +252,12 @@ def test_every_engine_loss_has_a_vocab_parallel_form(name, label_smoothing):
   weight = jnp.asarray(RNG.uniform(0.5, 2.0, size=16), jnp.float32)
   where = jnp.asarray([True, True, True, False])
   mesh = jax.make_mesh((2, 4), ("data", "vocab"), devices=jax.devices()[:8])
-  full = lambda x: loss(x, labels, class_weight=weight, where=where)  # noqa: E731
+  full = lambda x: loss(x, labels, class_weight=weight, where=where)
   sharded = lambda x: loss.vocab_parallel(
     x,
     labels,
     mesh=mesh,
-    data_axis="data",  # noqa: E731
+    data_axis="data",
     class_weight=weight,
     where=where,
   )
@@ -285,8 +284,8 @@ def test_every_engine_loss_has_a_vocab_parallel_form_with_probability_labels(nam
   weight = jnp.asarray(RNG.uniform(0.5, 2.0, size=16), jnp.float32)
   where = jnp.asarray([True, True, True, False])
   mesh = jax.make_mesh((2, 4), ("data", "vocab"), devices=jax.devices()[:8])
-  full = lambda x, q: loss(x, q, class_weight=weight, where=where)  # noqa: E731
-  sharded = lambda x, q: loss.vocab_parallel(  # noqa: E731
+  full = lambda x, q: loss(x, q, class_weight=weight, where=where)
+  sharded = lambda x, q: loss.vocab_parallel(
     x, q, mesh=mesh, data_axis="data", class_weight=weight, where=where
   )
   want, want_grads = jax.value_and_grad(full, argnums=(0, 1))(logits, probs)
@@ -307,7 +306,7 @@ def test_vocab_parallel_form_works_in_forward_mode(name, label_kind):
   if label_kind == "probabilities":
     labels = jnp.asarray(RNG.dirichlet(np.ones(16), size=4), jnp.float32)
   mesh = jax.make_mesh((2, 4), ("data", "vocab"), devices=jax.devices()[:8])
-  sharded = lambda x: loss.vocab_parallel(x, labels, mesh=mesh, data_axis="data")  # noqa: E731
+  sharded = lambda x: loss.vocab_parallel(x, labels, mesh=mesh, data_axis="data")
   got = jax.jvp(sharded, (logits,), (tangent,))
   want = jax.jvp(lambda x: loss(x, labels), (logits,), (tangent,))
   for g, w in zip(got, want):
@@ -440,9 +439,9 @@ def test_fused_form_of_an_empty_batch_is_the_logits_path(name):
   grad = jax.grad(lambda w: jnp.sum(loss.linear(hidden, w, labels)))(weight)
   np.testing.assert_array_equal(np.asarray(grad, np.float32), 0.0)
   _, stats = loss.linear(hidden, weight, labels, return_stats=True)
-  assert {k: v.shape for k, v in stats.items()} == {
-    k: (2, 0) for k in ("entropy", "lse", "log_prob")
-  }
+  assert {k: v.shape for k, v in stats.items()} == dict.fromkeys(
+    ("entropy", "lse", "log_prob"), (2, 0)
+  )
 
 
 def test_fused_form_per_row_losses_match_the_logits_path():
@@ -505,8 +504,8 @@ def test_fused_form_works_in_forward_mode(name, reduction):
     weight = jnp.asarray(RNG.normal(size=(9, 5)) * 0.5)
     labels = jnp.asarray(RNG.integers(0, 9, size=14)).at[3].set(-100)
     loss = xent_jax.get_loss(name, label_smoothing=0.1)
-    fused = lambda h, w: loss.linear(h, w, labels, reduction=reduction)  # noqa: E731
-    full = lambda h, w: loss(h @ w.T, labels, reduction=reduction)  # noqa: E731
+    fused = lambda h, w: loss.linear(h, w, labels, reduction=reduction)
+    full = lambda h, w: loss(h @ w.T, labels, reduction=reduction)
     tangents = (jnp.asarray(RNG.normal(size=(14, 5))), jnp.asarray(RNG.normal(size=(9, 5))))
     got = jax.jvp(fused, (hidden, weight), tangents)
     want = jax.jvp(full, (hidden, weight), tangents)
@@ -523,8 +522,8 @@ def test_fused_one_pass_second_derivative(name):
     weight = jnp.asarray(RNG.normal(size=(9, 5)) * 0.5)
     labels = jnp.asarray(RNG.integers(0, 9, size=14))
     loss = xent_jax.get_loss(name, label_smoothing=0.1)
-    fused = lambda w: loss.linear(hidden, w, labels)  # noqa: E731
-    full = lambda w: loss(hidden @ w.T, labels)  # noqa: E731
+    fused = lambda w: loss.linear(hidden, w, labels)
+    full = lambda w: loss(hidden @ w.T, labels)
     got = jax.jacrev(jax.grad(fused))(weight)
     np.testing.assert_allclose(got, jax.jacrev(jax.grad(full))(weight), rtol=1e-8, atol=1e-12)
 
@@ -587,11 +586,11 @@ def test_fused_head_blocks_equal_the_logits_path(name, order, monkeypatch):
     loss = xent_jax.get_loss(name, label_smoothing=0.1)
     # The [D, V] layout in vocabulary-major order, [V, D] in token-major.
     layout = "dv" if order == "vocab" else "vd"
-    as_layout = (lambda w: w.T) if layout == "dv" else (lambda w: w)  # noqa: E731
+    as_layout = (lambda w: w.T) if layout == "dv" else (lambda w: w)
     options = dict(bias=bias, class_weight=class_weight, reduction="none", weight_layout=layout)
-    fused = lambda h, w: loss.linear(h, as_layout(w), labels, return_stats=True, **options)  # noqa: E731
-    logits = lambda h, w: h @ w.T + bias[None]  # noqa: E731
-    full = lambda h, w: loss(logits(h, w), labels, class_weight=class_weight, reduction="none")  # noqa: E731
+    fused = lambda h, w: loss.linear(h, as_layout(w), labels, return_stats=True, **options)
+    logits = lambda h, w: h @ w.T + bias[None]
+    full = lambda h, w: loss(logits(h, w), labels, class_weight=class_weight, reduction="none")
     got, stats = fused(hidden, weight)
     np.testing.assert_allclose(got, full(hidden, weight), rtol=1e-10, atol=1e-12)
     log_p = jax.nn.log_softmax(logits(hidden, weight))
@@ -604,7 +603,7 @@ def test_fused_head_blocks_equal_the_logits_path(name, order, monkeypatch):
     for key, want in want_stats.items():
       np.testing.assert_allclose(stats[key], jnp.where(valid, want, 0), rtol=1e-10, atol=1e-12)
     tangents = (jnp.asarray(RNG.normal(size=(14, 5))), jnp.asarray(RNG.normal(size=(9, 5))))
-    per_row = lambda h, w: fused(h, w)[0]  # noqa: E731
+    per_row = lambda h, w: fused(h, w)[0]
     for g, w in zip(
       jax.jvp(per_row, (hidden, weight), tangents), jax.jvp(full, (hidden, weight), tangents)
     ):
@@ -635,8 +634,8 @@ def test_fused_head_blocks_second_derivative(monkeypatch):
     weight = jnp.asarray(RNG.normal(size=(9, 5)) * 0.5)
     labels = jnp.asarray(RNG.integers(0, 9, size=14))
     loss = xent_jax.get_loss(name, label_smoothing=0.1)
-    fused = lambda w: jnp.sum(loss.linear(hidden, w, labels, reduction="none"))  # noqa: E731
-    full = lambda w: jnp.sum(loss(hidden @ w.T, labels, reduction="none"))  # noqa: E731
+    fused = lambda w: jnp.sum(loss.linear(hidden, w, labels, reduction="none"))
+    full = lambda w: jnp.sum(loss(hidden @ w.T, labels, reduction="none"))
     got = jax.jacfwd(jax.grad(fused))(weight)
     np.testing.assert_allclose(got, jax.jacfwd(jax.grad(full))(weight), rtol=1e-8, atol=1e-12)
 
@@ -651,8 +650,8 @@ def test_fused_form_takes_vocab_chunk_size(name):
     weight = jnp.asarray(RNG.normal(size=(9, 5)) * 0.5)
     labels = jnp.asarray(RNG.integers(0, 9, size=14)).at[3].set(-100)
     loss = xent_jax.get_loss(name)
-    fused = lambda h, w: loss.linear(h, w, labels, vocab_chunk_size=4, token_chunk_size=4)  # noqa: E731
-    full = lambda h, w: loss(h @ w.T, labels)  # noqa: E731
+    fused = lambda h, w: loss.linear(h, w, labels, vocab_chunk_size=4, token_chunk_size=4)
+    full = lambda h, w: loss(h @ w.T, labels)
     got = jax.value_and_grad(fused, argnums=(0, 1))(hidden, weight)
     want = jax.value_and_grad(full, argnums=(0, 1))(hidden, weight)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):

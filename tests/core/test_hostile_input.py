@@ -15,8 +15,8 @@ import optax
 import pytest
 from jax.experimental import checkify
 
-from tests import _reference as ref
 import xent_jax
+from tests import _reference as ref
 from xent_jax import metrics
 
 NUM_CLASSES = 200
@@ -304,7 +304,10 @@ STRING_OPTION_CALLS = {
       jnp.ones((2, 3)), jnp.ones((4, 3)), jnp.array([0, 1]), label_smoothing=v
     ),
   ),
-  "focal_loss": ("gamma", lambda v: xent_jax.softmax_focal_loss(_logits(2, 5), jnp.array([0, 1]), gamma=v)),
+  "focal_loss": (
+    "gamma",
+    lambda v: xent_jax.softmax_focal_loss(_logits(2, 5), jnp.array([0, 1]), gamma=v),
+  ),
   "softmax_cross_entropy_with_integer_labels": (
     "label_smoothing",
     lambda v: xent_jax.softmax_cross_entropy_with_integer_labels(

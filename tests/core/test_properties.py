@@ -8,8 +8,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests import _reference as ref
 import xent_jax
+from tests import _reference as ref
 
 # Each example compiles afresh (new shapes and options), so keep the counts small.
 SETTINGS = settings(max_examples=20, deadline=None, derandomize=True)

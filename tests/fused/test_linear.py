@@ -9,7 +9,6 @@ both weight layouts, bfloat16 inputs, leading batch dimensions, jit and vmap.
 
 from __future__ import annotations
 
-from tests import _reference as ref
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 from jax.test_util import check_grads
 
 import xent_jax
+from tests import _reference as ref
 from tests._compiled import cpu_temp_bytes
 from xent_jax.fused import kernels as fused_kernels
 from xent_jax.fused import schedule as fused_schedule

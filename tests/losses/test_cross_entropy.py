@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+import xent_jax
 from tests import _reference as ref
 from tests._compiled import large_non_input_residuals
-import xent_jax
 
 NUM_CLASSES = 7
 
@@ -246,7 +246,7 @@ def test_ignore_index_custom_value_and_all_ignored_mean_is_zero():
   assert np.all(np.asarray(per_example)[:3] == 0.0)
   # Every target ignored: mean is 0 (PyTorch would give NaN) and the gradient is finite (zero).
   all_ignored = jnp.full(labels.shape, -1, jnp.int32)
-  f = lambda x: xent_jax.cross_entropy(x, all_ignored, ignore_index=-1)  # noqa: E731
+  f = lambda x: xent_jax.cross_entropy(x, all_ignored, ignore_index=-1)
   value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(logits))
   assert float(value) == 0.0
   np.testing.assert_array_equal(np.asarray(grad), 0.0)
@@ -255,7 +255,7 @@ def test_ignore_index_custom_value_and_all_ignored_mean_is_zero():
 def test_where_all_false_mean_is_zero_with_finite_gradient():
   logits, labels, _ = _case(LAYOUTS[0], "dense", "plain")
   where = jnp.zeros(labels.shape[:-1], bool)
-  f = lambda x: xent_jax.cross_entropy(x, jnp.asarray(labels), where=where)  # noqa: E731
+  f = lambda x: xent_jax.cross_entropy(x, jnp.asarray(labels), where=where)
   value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(logits))
   assert float(value) == 0.0
   np.testing.assert_array_equal(np.asarray(grad), 0.0)
@@ -303,7 +303,7 @@ def test_huge_logits_are_finite_and_exact(label_kind, options):
   options = dict(options)
   if options.pop("weight", False):
     options["weight"] = rng.uniform(0.5, 2.0, size=5).astype(np.float32)
-  f = lambda x: xent_jax.cross_entropy(x, jnp.asarray(labels), **_jnp_options(options))  # noqa: E731
+  f = lambda x: xent_jax.cross_entropy(x, jnp.asarray(labels), **_jnp_options(options))
   value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(logits))
   assert np.isfinite(float(value))
   assert np.all(np.isfinite(np.asarray(grad)))
@@ -333,7 +333,7 @@ def test_negative_infinity_on_non_target_classes(label_kind, options):
   options = dict(options)
   if options.pop("weight", False):
     options["weight"] = rng.uniform(0.5, 2.0, size=6).astype(np.float32)
-  f = lambda x: xent_jax.cross_entropy(x, jnp.asarray(labels), **_jnp_options(options))  # noqa: E731
+  f = lambda x: xent_jax.cross_entropy(x, jnp.asarray(labels), **_jnp_options(options))
   value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(logits))
   assert np.isfinite(float(value))
   assert np.all(np.isfinite(np.asarray(grad)))
@@ -374,7 +374,7 @@ def test_vjp_keeps_no_vocab_sized_residual(label_kind, options):
   if options.pop("weight", False):
     options["weight"] = jnp.asarray(rng.uniform(0.5, 2.0, size=64), jnp.float32)
   inputs = [logits, labels] + ([options["weight"]] if "weight" in options else [])
-  fn = lambda x: xent_jax.cross_entropy(x, labels, **options)  # noqa: E731
+  fn = lambda x: xent_jax.cross_entropy(x, labels, **options)
   extra = large_non_input_residuals(fn, logits, inputs)
   assert not extra, [(leaf.shape, leaf.dtype) for leaf in extra]
 
@@ -383,7 +383,7 @@ def test_vjp_keeps_no_float32_copy_of_bf16_logits():
   rng = np.random.default_rng(16)
   logits = jnp.asarray(rng.standard_normal((8, 64)), jnp.bfloat16)
   labels = jnp.asarray(rng.integers(0, 64, size=8))
-  fn = lambda x: xent_jax.cross_entropy(x, labels)  # noqa: E731
+  fn = lambda x: xent_jax.cross_entropy(x, labels)
   extra = large_non_input_residuals(fn, logits, [logits])
   assert not extra, [(leaf.shape, leaf.dtype) for leaf in extra]
 
@@ -392,7 +392,7 @@ def test_vjp_with_softcap_keeps_at_most_one_vocab_sized_array():
   rng = np.random.default_rng(17)
   logits = jnp.asarray(rng.standard_normal((8, 64)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 64, size=8))
-  fn = lambda x: xent_jax.cross_entropy(x, labels, logit_softcap=2.0)  # noqa: E731
+  fn = lambda x: xent_jax.cross_entropy(x, labels, logit_softcap=2.0)
   extra = large_non_input_residuals(fn, logits, [logits])
   assert len(extra) <= 1, [(leaf.shape, leaf.dtype) for leaf in extra]
 
@@ -476,7 +476,9 @@ def test_z_loss_adds_weighted_squared_logsumexp():
   weight = np.linspace(0.5, 2.0, NUM_CLASSES).astype(np.float32)
   x, y = jnp.asarray(logits), jnp.asarray(labels)
   base = xent_jax.cross_entropy(x, y, reduction="none", class_weight=jnp.asarray(weight))
-  with_z = xent_jax.cross_entropy(x, y, reduction="none", class_weight=jnp.asarray(weight), z_loss=0.3)
+  with_z = xent_jax.cross_entropy(
+    x, y, reduction="none", class_weight=jnp.asarray(weight), z_loss=0.3
+  )
   lse = ref.logsumexp(logits)
   _assert_close(np.asarray(with_z) - np.asarray(base), 0.3 * weight[labels] * lse**2, rtol=1e-4)
 

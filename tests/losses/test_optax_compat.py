@@ -5,12 +5,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.test_util import check_grads
 import optax
 import pytest
+from jax.test_util import check_grads
 
-from tests import _reference as ref
 import xent_jax
+from tests import _reference as ref
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -71,8 +71,8 @@ def _batch(shape, axis):
 def test_integer_labels_match_optax(shape, axis):
   logits = _logits(0, shape)
   labels = _int_labels(0, _batch(shape, axis), _class_count(shape, axis))
-  ours = lambda x: xent_jax.softmax_cross_entropy_with_integer_labels(x, labels, axis)  # noqa: E731
-  theirs = lambda x: optax.losses.softmax_cross_entropy_with_integer_labels(x, labels, axis)  # noqa: E731
+  ours = lambda x: xent_jax.softmax_cross_entropy_with_integer_labels(x, labels, axis)
+  theirs = lambda x: optax.losses.softmax_cross_entropy_with_integer_labels(x, labels, axis)
   _assert_same_value_and_grad(ours, theirs, logits)
   _close(ours(logits), ref.optax_integer_cross_entropy(logits, labels, axis=axis))
 
@@ -99,10 +99,8 @@ def test_integer_labels_with_where_match_optax(shape, axis, per):
     where = jnp.asarray(rng.random(_batch(shape, axis)) > 0.3)
   else:
     where = _per_logit_where(rng, shape, axis, labels, include_label=True)
-  ours = lambda x: xent_jax.softmax_cross_entropy_with_integer_labels(x, labels, axis, where)  # noqa: E731
-  theirs = lambda x: optax.losses.softmax_cross_entropy_with_integer_labels(  # noqa: E731
-    x, labels, axis, where
-  )
+  ours = lambda x: xent_jax.softmax_cross_entropy_with_integer_labels(x, labels, axis, where)
+  theirs = lambda x: optax.losses.softmax_cross_entropy_with_integer_labels(x, labels, axis, where)
   _assert_same_value_and_grad(ours, theirs, logits)
   _close(ours(logits), ref.optax_integer_cross_entropy(logits, labels, axis=axis, where=where))
 
@@ -114,10 +112,8 @@ def test_integer_labels_with_where_excluding_the_label_class_match_optax(shape, 
   logits = _logits(2, shape)
   labels = _int_labels(2, _batch(shape, axis), _class_count(shape, axis))
   where = _per_logit_where(rng, shape, axis, labels, include_label=False)
-  ours = lambda x: xent_jax.softmax_cross_entropy_with_integer_labels(x, labels, axis, where)  # noqa: E731
-  theirs = lambda x: optax.losses.softmax_cross_entropy_with_integer_labels(  # noqa: E731
-    x, labels, axis, where
-  )
+  ours = lambda x: xent_jax.softmax_cross_entropy_with_integer_labels(x, labels, axis, where)
+  theirs = lambda x: optax.losses.softmax_cross_entropy_with_integer_labels(x, labels, axis, where)
   _assert_same_value_and_grad(ours, theirs, logits)
   _close(ours(logits), ref.optax_integer_cross_entropy(logits, labels, axis=axis, where=where))
 
@@ -142,7 +138,7 @@ def test_integer_label_smoothing_equals_optax_one_hot_path(shape, axis, eps):
   logits = _logits(3, shape)
   num_classes = _class_count(shape, axis)
   labels = _int_labels(3, _batch(shape, axis), num_classes)
-  ours = lambda x: xent_jax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+  ours = lambda x: xent_jax.softmax_cross_entropy_with_integer_labels(
     x, labels, axis, label_smoothing=eps
   )
 
@@ -204,8 +200,8 @@ def test_integer_labels_jit_and_bf16():
 def test_dense_labels_match_optax(shape, axis):
   logits = _logits(7, shape)
   labels = _probs(7, shape, axis)
-  ours = lambda x, y: xent_jax.softmax_cross_entropy(x, y, axis)  # noqa: E731
-  theirs = lambda x, y: optax.losses.softmax_cross_entropy(x, y, axis)  # noqa: E731
+  ours = lambda x, y: xent_jax.softmax_cross_entropy(x, y, axis)
+  theirs = lambda x, y: optax.losses.softmax_cross_entropy(x, y, axis)
   _assert_same_value_and_grad(ours, theirs, logits, labels)
   # Gradients w.r.t. the targets too (distillation from a trained teacher).
   g_ours = jax.jit(jax.grad(lambda y: ours(logits, y).sum()))(labels)
@@ -220,8 +216,8 @@ def test_dense_labels_with_where_match_optax(per):
   logits = _logits(8, (5, 6))
   labels = _probs(8, (5, 6))
   where = jnp.asarray(rng.random((5,) if per == "example" else (5, 6)) > 0.3)
-  ours = lambda x: xent_jax.softmax_cross_entropy(x, labels, -1, where)  # noqa: E731
-  theirs = lambda x: optax.losses.softmax_cross_entropy(x, labels, -1, where)  # noqa: E731
+  ours = lambda x: xent_jax.softmax_cross_entropy(x, labels, -1, where)
+  theirs = lambda x: optax.losses.softmax_cross_entropy(x, labels, -1, where)
   _assert_same_value_and_grad(ours, theirs, logits)
   _close(ours(logits), ref.dense_softmax_cross_entropy(logits, labels, where=where))
 
@@ -229,8 +225,8 @@ def test_dense_labels_with_where_match_optax(per):
 def test_dense_label_smoothing_equals_smoothing_the_targets():
   logits = _logits(9, (5, 6))
   labels = _probs(9, (5, 6))
-  ours = lambda x: xent_jax.softmax_cross_entropy(x, labels, label_smoothing=0.3)  # noqa: E731
-  theirs = lambda x: optax.losses.softmax_cross_entropy(x, optax.smooth_labels(labels, 0.3))  # noqa: E731
+  ours = lambda x: xent_jax.softmax_cross_entropy(x, labels, label_smoothing=0.3)
+  theirs = lambda x: optax.losses.softmax_cross_entropy(x, optax.smooth_labels(labels, 0.3))
   _assert_same_value_and_grad(ours, theirs, logits)
 
 
@@ -252,7 +248,7 @@ def test_softmax_cross_entropy_integer_labels_equal_one_hot(eps):
 def test_dense_negative_infinity_with_zero_mass_is_finite():
   logits = np.array([[0.5, -np.inf, 1.0, -np.inf], [2.0, 0.0, -np.inf, -1.0]], np.float32)
   labels = np.array([[0.3, 0.0, 0.7, 0.0], [0.0, 1.0, 0.0, 0.0]], np.float32)
-  ours = lambda x: xent_jax.softmax_cross_entropy(x, jnp.asarray(labels))  # noqa: E731
+  ours = lambda x: xent_jax.softmax_cross_entropy(x, jnp.asarray(labels))
   value = ours(jnp.asarray(logits))
   grad = jax.grad(lambda x: ours(x).sum())(jnp.asarray(logits))
   assert np.all(np.isfinite(np.asarray(value)))
@@ -323,8 +319,8 @@ def test_smooth_labels_traced_alpha_and_grad():
 def test_poly_loss_matches_optax(epsilon, shape, axis):
   logits = _logits(12, shape)
   labels = _probs(12, shape, axis)
-  ours = lambda x: xent_jax.poly_loss_cross_entropy(x, labels, epsilon=epsilon, axis=axis)  # noqa: E731
-  theirs = lambda x: optax.losses.poly_loss_cross_entropy(x, labels, epsilon=epsilon, axis=axis)  # noqa: E731
+  ours = lambda x: xent_jax.poly_loss_cross_entropy(x, labels, epsilon=epsilon, axis=axis)
+  theirs = lambda x: optax.losses.poly_loss_cross_entropy(x, labels, epsilon=epsilon, axis=axis)
   _assert_same_value_and_grad(ours, theirs, logits)
   _close(ours(logits), ref.poly_loss_cross_entropy(logits, labels, epsilon=epsilon, axis=axis))
 

@@ -58,8 +58,8 @@ def _both(hparams, options, labels):
   data_axis = common.pop("data_axis")
   if common.get("axis") == 0:
     labels = labels.T
-  full = lambda x, y: _scalar(loss(x, y, **common), options)  # noqa: E731
-  sharded = lambda x, y: _scalar(  # noqa: E731
+  full = lambda x, y: _scalar(loss(x, y, **common), options)
+  sharded = lambda x, y: _scalar(
     loss.vocab_parallel(x, y, mesh=_mesh(), data_axis=data_axis, **common), options
   )
   return full, sharded, labels
@@ -105,7 +105,7 @@ def test_forward_mode_matches_one_device(hparams, labels):
   """``jax.jvp`` of the vocabulary-parallel form (its custom JVP's tangent is a ``psum``)."""
   options = dict(reduction="mean", data_axis="data")
   full, sharded, labels = _both(hparams, options, labels)
-  jvp = lambda f: jax.jit(lambda x, t: jax.jvp(lambda x: f(x, labels), (x,), (t,)))  # noqa: E731
+  jvp = lambda f: jax.jit(lambda x, t: jax.jvp(lambda x: f(x, labels), (x,), (t,)))
   got = jvp(sharded)(LOGITS_NxV, TANGENT_NxV)
   want = jvp(full)(LOGITS_NxV, TANGENT_NxV)
   for g, w in zip(got, want):

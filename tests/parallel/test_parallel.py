@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
-from tests import _reference as ref
 import xent_jax
+from tests import _reference as ref
 from xent_jax.fused import schedule as fused_schedule
 
 pytestmark = pytest.mark.skipif(

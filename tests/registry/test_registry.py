@@ -94,9 +94,15 @@ def test_documented_hparams(name):
 def test_get_loss_defaults_equal_direct_call(name, reduction):
   fn, overrides = EXPECTED[name]
   loss_fn = xent_jax.get_loss(name)
-  got = loss_fn(LOGITS, LABELS, reduction=reduction, class_weight=np.array([1.0, 2.0, 0.5], np.float32))
+  got = loss_fn(
+    LOGITS, LABELS, reduction=reduction, class_weight=np.array([1.0, 2.0, 0.5], np.float32)
+  )
   want = fn(
-    LOGITS, LABELS, **overrides, reduction=reduction, class_weight=np.array([1.0, 2.0, 0.5], np.float32)
+    LOGITS,
+    LABELS,
+    **overrides,
+    reduction=reduction,
+    class_weight=np.array([1.0, 2.0, 0.5], np.float32),
   )
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 

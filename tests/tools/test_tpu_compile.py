@@ -28,8 +28,8 @@ import pytest
 
 pytest.importorskip("libtpu", reason="the TPU compile checks need libtpu: pip install -e '.[tpu]'")
 
-import xent_jax  # noqa: E402
-from xent_jax.tools import aot  # noqa: E402
+import xent_jax
+from xent_jax.tools import aot
 
 # Public callables that are not losses (register_loss registers what define_loss builds).
 _NOT_LOSSES = {

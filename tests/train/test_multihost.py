@@ -28,8 +28,14 @@ pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).parents[2]
 QUICK = str(ROOT / "configs" / "digits_quick.yaml")
 # Tiny digits MLP; 240 steps leave time to kill a run after its first checkpoint.
-OVERRIDES = ("model.hidden_dims=[32]", "train.batch_size=32", "train.eval_batch_size=128",
-             "train.num_steps=240", "train.eval_every=20", "train.checkpoint_every=40")
+OVERRIDES = (
+  "model.hidden_dims=[32]",
+  "train.batch_size=32",
+  "train.eval_batch_size=128",
+  "train.num_steps=240",
+  "train.eval_every=20",
+  "train.checkpoint_every=40",
+)
 TIMING_KEYS = ("train/examples_per_s", "train/step_time_s")
 # Two device layouts of one computation: float32 sums may be reduced in another order.
 TOLERANCE = 1e-6
@@ -56,15 +62,29 @@ def _env(cache: pathlib.Path, devices_per_process: int) -> dict:
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
   flags = f"{flags} --xla_force_host_platform_device_count={devices_per_process}".strip()
   path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-  return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=path,
-              JAX_COMPILATION_CACHE_DIR=str(cache),  # reruns skip compiling
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  return dict(
+    os.environ,
+    XLA_FLAGS=flags,
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=path,
+    JAX_COMPILATION_CACHE_DIR=str(cache),  # reruns skip compiling
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
 
 
 def _command(workdir: pathlib.Path, *distributed: str, driver: str | None = None) -> list[str]:
   entry = ["-c", driver] if driver else ["-m", "xent_jax.cli"]
-  return [sys.executable, *entry, "run", QUICK, *OVERRIDES, "--workdir", str(workdir),
-          "--no-progress", *distributed]
+  return [
+    sys.executable,
+    *entry,
+    "run",
+    QUICK,
+    *OVERRIDES,
+    "--workdir",
+    str(workdir),
+    "--no-progress",
+    *distributed,
+  ]
 
 
 def _free_port() -> int:
@@ -99,10 +119,25 @@ def _pair_starter(tmp_path: pathlib.Path, cache: pathlib.Path):
       if deny and rank == 1:
         env, driver = dict(env, XENT_DENY=deny), DENY_DRIVER
       with _log(tmp_path, rank).open("a") as log:  # the child keeps its own descriptor
-        pair.append(subprocess.Popen(
-            _command(workdir, "--distributed", "--coordinator", coordinator, "--num-processes",
-                     "2", "--process-id", str(rank), driver=driver),
-            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log))
+        pair.append(
+          subprocess.Popen(
+            _command(
+              workdir,
+              "--distributed",
+              "--coordinator",
+              coordinator,
+              "--num-processes",
+              "2",
+              "--process-id",
+              str(rank),
+              driver=driver,
+            ),
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+          )
+        )
     started.extend(pair)
     return pair
 
@@ -126,15 +161,17 @@ def start_pair(tmp_path, jax_cache):
 def _finish(processes: list[subprocess.Popen], tmp_path: pathlib.Path) -> None:
   for rank, process in enumerate(processes):
     process.wait(timeout=TIMEOUT_S)
-    assert process.returncode == 0, (f"process {rank} exited with {process.returncode}:\n"
-                                     f"{_log(tmp_path, rank).read_text()}")
+    assert process.returncode == 0, (
+      f"process {rank} exited with {process.returncode}:\n{_log(tmp_path, rank).read_text()}"
+    )
 
 
 def _results(workdir: pathlib.Path) -> tuple[dict, list[dict]]:
   summary = logs.read_summary(workdir)
   assert summary is not None, f"no {logs.SUMMARY_FILE} in {workdir}"
-  rows = [{k: v for k, v in row.items() if k not in TIMING_KEYS}
-          for row in logs.read_metrics(workdir)]
+  rows = [
+    {k: v for k, v in row.items() if k not in TIMING_KEYS} for row in logs.read_metrics(workdir)
+  ]
   return summary["final"], rows
 
 
@@ -157,8 +194,14 @@ def _assert_same_run(workdir: pathlib.Path, reference: pathlib.Path) -> None:
 def one_process_of_four_devices(tmp_path_factory, jax_cache) -> pathlib.Path:
   tmp_path = tmp_path_factory.mktemp("one_process")
   workdir = tmp_path / "run"
-  done = subprocess.run(_command(workdir), env=_env(jax_cache, 4), cwd=tmp_path,
-                        capture_output=True, text=True, timeout=TIMEOUT_S)
+  done = subprocess.run(
+    _command(workdir),
+    env=_env(jax_cache, 4),
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+  )
   assert done.returncode == 0, done.stderr
   assert json.loads((workdir / logs.SUMMARY_FILE).read_text())["final"]
   return workdir
@@ -185,8 +228,9 @@ def killed_pair(tmp_path_factory, jax_cache) -> tuple[pathlib.Path, int | None, 
     deadline = time.time() + TIMEOUT_S
     while not (workdir / "checkpoints" / "80").is_dir():
       for rank, process in enumerate(processes):
-        assert process.poll() is None, (f"process {rank} ended early:\n"
-                                        f"{_log(tmp_path, rank).read_text()}")
+        assert process.poll() is None, (
+          f"process {rank} ended early:\n{_log(tmp_path, rank).read_text()}"
+        )
       assert time.time() < deadline, "no checkpoint appeared"
       time.sleep(0.01)
     processes[1].send_signal(signal.SIGKILL)
@@ -209,7 +253,8 @@ def _errors(text: str) -> list[str]:
 
 
 def test_killed_process_stops_the_other_then_resumes_to_the_same_result(
-    tmp_path, start_pair, killed_pair, one_process_of_four_devices):
+  tmp_path, start_pair, killed_pair, one_process_of_four_devices
+):
   """SIGKILL of process 1 after a checkpoint: process 0 stops by itself, naming the lost peer
   (unless stuck inside a step, see `killed_pair`); both rerun once."""
   run, status, log = killed_pair
@@ -228,7 +273,8 @@ def test_killed_process_stops_the_other_then_resumes_to_the_same_result(
 
 
 def test_truncated_part_of_one_process_is_moved_aside_in_one_restart(
-    tmp_path, start_pair, killed_pair, one_process_of_four_devices):
+  tmp_path, start_pair, killed_pair, one_process_of_four_devices
+):
   """Half of an array file that process 1 wrote into the newest checkpoint is cut off: both
   processes agree it is corrupt, it is moved aside (byte for byte), and one rerun resumes from
   the checkpoint before it to the uninterrupted result."""
@@ -249,7 +295,8 @@ def test_truncated_part_of_one_process_is_moved_aside_in_one_restart(
 
 
 def test_unreadable_file_on_one_process_stops_both_and_touches_nothing(
-    tmp_path, start_pair, killed_pair):
+  tmp_path, start_pair, killed_pair
+):
   """Process 1 may not open a file of the newest checkpoint: not corruption, so both processes
   stop with one line each (process 1 names the file, process 0 quotes process 1), nothing moved."""
   workdir = _copy(killed_pair[0], tmp_path)
@@ -266,5 +313,6 @@ def test_unreadable_file_on_one_process_stops_both_and_touches_nothing(
   assert "cannot read checkpoint file" in errors[1][0] and where in errors[1][0], errors
   assert "Permission denied" in errors[1][0], errors
   assert errors[0][0].startswith("xent-jax: error: process 1 of 2 stopped the run: cannot read"), (
-      errors)
+    errors
+  )
   assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before

@@ -16,8 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from xent_jax.train import NonFiniteLossError, load_config, train_and_evaluate
-from xent_jax.train import logs, trainer
+from xent_jax.train import NonFiniteLossError, load_config, logs, train_and_evaluate, trainer
 from xent_jax.train.checkpoint import Checkpointer
 from xent_jax.train.trainer import RunDirectoryError
 

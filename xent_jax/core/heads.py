@@ -32,10 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from xent_jax.core import engine
-from xent_jax.core.engine import ClassFn
-from xent_jax.core.engine import ClassSum
-from xent_jax.core.engine import PowerSeries
-from xent_jax.core.engine import RowStats
+from xent_jax.core.engine import ClassFn, ClassSum, PowerSeries, RowStats
 
 
 class SmoothedTarget(NamedTuple):
@@ -392,7 +389,7 @@ def probability_loss(
   # converted copy, read by the forward and the backward pass, is what XLA:TPU would keep as a
   # float32 [..., V] temporary.
   given = smooth
-  smooth = lambda q: given(q.astype(dtype))  # noqa: E731
+  smooth = lambda q: given(q.astype(dtype))
   probs = smooth(labels)
   class_beta = None
   if class_weight is not None or class_factor is not None:

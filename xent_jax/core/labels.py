@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from xent_jax.core import checks
-from xent_jax.core import inputs
+from xent_jax.core import checks, inputs
 
 
 def check_labels(

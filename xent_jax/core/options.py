@@ -17,9 +17,7 @@ from typing import Any, TypedDict
 
 import jax
 
-from xent_jax.core import checks
-from xent_jax.core import heads
-from xent_jax.core import inputs
+from xent_jax.core import checks, heads, inputs
 
 SMOOTHING_CONVENTIONS = ("uniform", "t5x")
 

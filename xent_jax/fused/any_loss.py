@@ -21,19 +21,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from xent_jax.core import checks
-from xent_jax.core import engine
-from xent_jax.core import heads
-from xent_jax.core import inputs
+from xent_jax.core import checks, engine, heads, inputs
 from xent_jax.core.options import LossOptions
 from xent_jax.core.reduction import reduce_loss
-from xent_jax.fused import chunked
-from xent_jax.fused import linear
-from xent_jax.fused import schedule
+from xent_jax.fused import chunked, linear, schedule
 from xent_jax.fused import heads as fused_heads
 from xent_jax.fused import rows as rows_lib
-from xent_jax.fused.rows import LinearArrays
-from xent_jax.fused.rows import LinearLayout
+from xent_jax.fused.rows import LinearArrays, LinearLayout
 from xent_jax.losses import cross_entropy
 
 # ``engine_head(num_classes) -> (head, label_smoothing)`` of a loss of the row-statistics engine,

@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from xent_jax.core import engine
-from xent_jax.core import inputs
+from xent_jax.core import engine, inputs
 from xent_jax.fused.schedule import BlockConfig
 
 

@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from xent_jax.fused import forward_grads
-from xent_jax.fused import schedule
+from xent_jax.fused import forward_grads, schedule
 from xent_jax.fused.rows import LinearLayout
 
 

@@ -25,11 +25,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from xent_jax.core import engine
-from xent_jax.core import heads
-from xent_jax.core import inputs
-from xent_jax.fused import ops
-from xent_jax.fused import schedule
+from xent_jax.core import engine, heads, inputs
+from xent_jax.fused import ops, schedule
 from xent_jax.fused.rows import LinearLayout
 
 

@@ -54,14 +54,11 @@ import jax
 import jax.numpy as jnp
 
 from xent_jax.core.frontend import head_loss
-from xent_jax.core.options import CrossEntropyOptionKwargs
-from xent_jax.core.options import LossOptions
-from xent_jax.core.options import takes_options
+from xent_jax.core.options import CrossEntropyOptionKwargs, LossOptions, takes_options
 from xent_jax.core.reduction import reduce_loss
 from xent_jax.fused import ops
 from xent_jax.fused import rows as rows_lib
-from xent_jax.fused.rows import LinearArrays
-from xent_jax.fused.rows import LinearLayout
+from xent_jax.fused.rows import LinearArrays, LinearLayout
 from xent_jax.losses.cross_entropy import cross_entropy_head
 
 

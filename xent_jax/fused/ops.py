@@ -20,12 +20,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from xent_jax.core import engine
-from xent_jax.core import heads
-from xent_jax.fused import forward_grads
-from xent_jax.fused import kernels
-from xent_jax.fused.blocks import BlockStats
-from xent_jax.fused.blocks import logsumexp_from_stats
+from xent_jax.core import engine, heads
+from xent_jax.fused import forward_grads, kernels
+from xent_jax.fused.blocks import BlockStats, logsumexp_from_stats
 from xent_jax.losses import cross_entropy as _ce
 
 

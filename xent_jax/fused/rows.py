@@ -15,15 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from xent_jax.core import checks
-from xent_jax.core import engine
-from xent_jax.core import heads
-from xent_jax.core import inputs
+from xent_jax.core import checks, engine, heads, inputs
 from xent_jax.core.options import LossOptions
-from xent_jax.fused import ops
-from xent_jax.fused import schedule
-from xent_jax.fused.schedule import BlockConfig
-from xent_jax.fused.schedule import Schedule
+from xent_jax.fused import ops, schedule
+from xent_jax.fused.schedule import BlockConfig, Schedule
 
 
 @dataclasses.dataclass(frozen=True)

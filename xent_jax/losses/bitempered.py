@@ -62,9 +62,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from xent_jax.core import checks
-from xent_jax.core import engine
-from xent_jax.core import heads
+from xent_jax.core import checks, engine, heads
 from xent_jax.core import inputs as loss_inputs
 
 

@@ -23,13 +23,10 @@ from typing import Unpack
 import jax
 import jax.numpy as jnp
 
-from xent_jax.core import engine
+from xent_jax.core import engine, heads
 from xent_jax.core.deprecation import renamed_keyword
-from xent_jax.core import heads
 from xent_jax.core.frontend import head_loss
-from xent_jax.core.options import CrossEntropyOptionKwargs
-from xent_jax.core.options import LossOptions
-from xent_jax.core.options import takes_options
+from xent_jax.core.options import CrossEntropyOptionKwargs, LossOptions, takes_options
 
 
 def cross_entropy_head(smoothing: str, z_loss: float) -> heads.Head:

@@ -40,18 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from xent_jax.core import checks
-from xent_jax.core.deprecation import renamed_function
-from xent_jax.core.deprecation import renamed_keyword
-from xent_jax.core import engine
-from xent_jax.core import heads
-from xent_jax.losses import bitempered
+from xent_jax.core import checks, engine, heads
+from xent_jax.core.deprecation import renamed_function, renamed_keyword
 from xent_jax.core.frontend import head_loss
 from xent_jax.core.inputs import parse_inputs
+from xent_jax.core.options import LossOptions, OptionKwargs, takes_options
 from xent_jax.core.reduction import reduce_loss
-from xent_jax.core.options import LossOptions
-from xent_jax.core.options import OptionKwargs
-from xent_jax.core.options import takes_options
+from xent_jax.losses import bitempered
 
 
 @jax.custom_jvp

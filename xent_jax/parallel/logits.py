@@ -26,7 +26,6 @@ owns class :math:`c` is :math:`s_i p_{ic} - \mathrm{off}\,w_c - (\mathrm{on}-\ma
 
 import functools
 from collections.abc import Hashable
-
 from typing import Unpack
 
 import jax
@@ -34,11 +33,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from xent_jax.core import checks, heads
-from xent_jax.core.frontend import head_loss
 from xent_jax.core.deprecation import renamed_keyword
-from xent_jax.core.options import CrossEntropyOptionKwargs
-from xent_jax.core.options import LossOptions
-from xent_jax.core.options import takes_options
+from xent_jax.core.frontend import head_loss
+from xent_jax.core.options import CrossEntropyOptionKwargs, LossOptions, takes_options
 from xent_jax.losses.cross_entropy import cross_entropy_head
 from xent_jax.parallel.mesh import LossArrays, MeshLayout, layout_arrays_options, sharded_loss
 

@@ -8,15 +8,14 @@ a loss on logits (classes split over ``vocab_axis``, rows optionally over ``data
 
 import math
 from collections.abc import Callable, Hashable
-
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from xent_jax.core.options import LossOptions, OptionKwargs
 from xent_jax.core import checks, inputs
+from xent_jax.core.options import LossOptions, OptionKwargs
 from xent_jax.core.reduction import data_axes
 
 
@@ -162,7 +161,7 @@ def layout_arrays_options(
   if unknown:
     raise TypeError(f"{fn}: unexpected keyword argument {unknown[0]!r}")
   rest = dict(kwargs)
-  take = lambda keys: {k: rest.pop(k) for k in keys if k in rest}  # noqa: E731
+  take = lambda keys: {k: rest.pop(k) for k in keys if k in rest}
   layout = MeshLayout(mesh, **take(layout_keys))
   arrays = LossArrays(logits, labels, **take(array_keys))
   return layout, arrays, LossOptions.checked(fn, **rest)

@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import topologies
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, Sharding, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 import xent_jax
 from xent_jax.tools import libtpu
@@ -307,6 +308,7 @@ def train_step_temp_bytes(fused: bool, topology_name: str) -> int:
   """
   # The training harness is imported here: the loss measurements above do not need flax.
   from flax import nnx  # pylint: disable=import-outside-toplevel
+
   from xent_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
   from xent_jax.train import models, optim, steps  # pylint: disable=import-outside-toplevel
 

@@ -6,13 +6,9 @@ scikit-learn). Entry points: `train_and_evaluate` for one run, `run_comparison` 
 """
 
 from xent_jax.train.compare import run_comparison
-from xent_jax.train.config import Config
-from xent_jax.train.config import ConfigError
-from xent_jax.train.config import load_config
+from xent_jax.train.config import Config, ConfigError, load_config
 from xent_jax.train.report import build_report
-from xent_jax.train.trainer import NonFiniteLossError
-from xent_jax.train.trainer import RunDirectoryError
-from xent_jax.train.trainer import train_and_evaluate
+from xent_jax.train.trainer import NonFiniteLossError, RunDirectoryError, train_and_evaluate
 
 __all__ = [
   "Config",

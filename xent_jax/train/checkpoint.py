@@ -249,7 +249,7 @@ class Checkpointer:
         restored = self._restore(step, abstract_state)
       except _Corrupt as err:
         report = f"corrupt {err}"
-      except Exception as err:  # noqa: BLE001  # pylint: disable=broad-except  (raised below)
+      except Exception as err:  # pylint: disable=broad-except  (raised below)
         error, report = err, f"stop {' '.join(str(err).split()) or type(err).__name__}"
       reports = [text.partition(" ") for text in gather_text(report)]
       stops = [(k, message) for k, (kind, _, message) in enumerate(reports) if kind == "stop"]

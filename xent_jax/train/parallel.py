@@ -12,7 +12,8 @@ and `barrier`: collectives, so every process calls them at the same points, in t
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def make_mesh(devices=None) -> Mesh:
