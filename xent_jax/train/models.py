@@ -1,7 +1,8 @@
-"""Flax NNX models: MLPs, CNNs for images and 1-D signals, a small causal Transformer char-LM.
+"""Flax NNX models: linear, MLPs, CNNs, a GRU for 1-D signals, a small causal Transformer char-LM.
 
-``mnist1d_mlp`` and ``mnist1d_cnn`` are the two baselines of MNIST-1D (Greydanus 2020, "Scaling
-down deep learning", the authors' ``MLPBase`` and ``ConvBase``); they take any ``[B, L]`` signal.
+``linear``, ``mnist1d_mlp``, ``mnist1d_cnn`` and ``mnist1d_gru`` are the four baselines of MNIST-1D
+(Greydanus 2020, "Scaling down deep learning", the authors' ``LinearBase``, ``MLPBase``,
+``ConvBase`` and ``GRUBase``); they take any ``[B, L]`` signal.
 
 Parameters are float32; ``dtype`` sets the compute dtype (bfloat16 for mixed precision). Every
 model maps inputs to logits; the Transformer also exposes its final hidden states and its
@@ -16,6 +17,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xent_jax.train.config import ModelConfig
+
+
+class Linear(nnx.Module):
+  """Logistic regression: one affine map of the flattened example, ``[B, ...] -> [B, C]``."""
+
+  def __init__(self, num_features: int, num_classes: int, *, dtype, rngs: nnx.Rngs):
+    self.head = nnx.Linear(num_features, num_classes, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x_Bx___):
+    return self.head(x_Bx___.reshape(x_Bx___.shape[0], -1))
 
 
 class MLP(nnx.Module):
@@ -77,6 +88,12 @@ class CNN1D(nnx.Module):
   Kernels 5, 3, 3, stride 2, padding 1 and 25 channels, as the paper's ``ConvBase``; a length-40
   signal becomes 19, 10 then 5 positions, so the head sees 125 features. Shapes:
   ``[B, L]`` or ``[B, L, C_in]`` -> ``[B, K]``.
+
+  ``conv='lax'`` runs each layer as ``lax.conv_general_dilated`` (``nnx.Conv``); ``'im2col'``
+  gathers the ``[B, L_out, k * C_in]`` patches by strided slicing and multiplies them by the same
+  kernel reshaped to ``[k * C_in, C_out]``: the same parameters and values, but a batched matmul
+  under ``vmap`` (over ensemble members) where ``lax.conv`` becomes a grouped convolution, which
+  XLA:CPU runs several times slower.
   """
 
   def __init__(
@@ -86,9 +103,14 @@ class CNN1D(nnx.Module):
     num_classes: int,
     *,
     channels: int = 25,
+    conv: str = "lax",
     dtype,
     rngs: nnx.Rngs,
   ):
+    if conv not in ("lax", "im2col"):
+      raise ValueError(f"model.conv must be 'lax' or 'im2col', got {conv!r}")
+    self.im2col = conv == "im2col"
+    self.dtype = dtype
     kernels = (5, 3, 3)
     dims = [in_channels] + [channels] * len(kernels)
     self.convs = nnx.List(
@@ -107,8 +129,94 @@ class CNN1D(nnx.Module):
   def __call__(self, x_BxLxC):
     h_BxLxC = x_BxLxC if x_BxLxC.ndim == 3 else x_BxLxC[..., None]
     for conv in self.convs:
-      h_BxLxC = jax.nn.relu(conv(h_BxLxC))
+      h_BxLxC = jax.nn.relu(self._im2col_conv(conv, h_BxLxC) if self.im2col else conv(h_BxLxC))
     return self.head(h_BxLxC.reshape(h_BxLxC.shape[0], -1))
+
+  def _im2col_conv(self, conv: nnx.Conv, x_BxLxC):
+    """``conv`` (stride 2, padding 1) as patches ``[B, O, k * C]`` @ kernel ``[k * C, C_out]``."""
+    k, c_in, c_out = conv.kernel.shape
+    x_BxLxC = x_BxLxC.astype(self.dtype)
+    x_BxPxC = jnp.pad(x_BxLxC, ((0, 0), (1, 1), (0, 0)))
+    out = (x_BxPxC.shape[1] - k) // 2 + 1
+    # Patch j of output position o is padded position 2 o + j.
+    patches_BxOxKxC = jnp.stack(
+      [x_BxPxC[:, j : j + 2 * (out - 1) + 1 : 2] for j in range(k)], axis=2
+    )
+    kernel_KCxO = conv.kernel[...].astype(self.dtype).reshape(k * c_in, c_out)
+    y_BxOxC = patches_BxOxKxC.reshape(*patches_BxOxKxC.shape[:2], k * c_in) @ kernel_KCxO
+    return y_BxOxC + conv.bias[...].astype(self.dtype)[None, None]
+
+
+class GRU1D(nnx.Module):
+  r"""The MNIST-1D GRU baseline: a bidirectional GRU over the signal, every step's state to a head.
+
+  As the paper's ``GRUBase`` (``torch.nn.GRU``, 6 hidden units per direction, batch first, zero
+  initial state): each of the ``L`` positions is one step of ``C_in`` features (1 for MNIST-1D);
+  the forward and the backward states of every step, ``[B, L, 2H]``, are flattened step-major
+  into a linear head (``40 * 12 = 480`` features). Each direction's cell is PyTorch's:
+
+  .. math::
+     r = \sigma(W_{ir} x + b_{ir} + W_{hr} h + b_{hr}), \quad
+     z = \sigma(W_{iz} x + b_{iz} + W_{hz} h + b_{hz}),
+
+     n = \tanh(W_{in} x + b_{in} + r \odot (W_{hn} h + b_{hn})), \quad
+     h' = (1 - z) \odot n + z \odot h
+
+  (``nnx.GRUCell`` has no :math:`b_{hn}`, hence this cell). Shapes: ``[B, L]`` or
+  ``[B, L, C_in]`` -> ``[B, K]``.
+  """
+
+  def __init__(
+    self,
+    length: int,
+    in_channels: int,
+    num_classes: int,
+    *,
+    hidden: int = 6,
+    dtype,
+    rngs: nnx.Rngs,
+  ):
+    self.dtype = dtype
+    orthogonal = nnx.initializers.orthogonal()
+
+    def dense(a, b, **kwargs):
+      return nnx.Linear(a, b, dtype=dtype, rngs=rngs, **kwargs)
+
+    # Gates in PyTorch's order (r, z, n) along the output axis of each kernel.
+    self.input_fwd = dense(in_channels, 3 * hidden)
+    self.state_fwd = dense(hidden, 3 * hidden, kernel_init=orthogonal)
+    self.input_bwd = dense(in_channels, 3 * hidden)
+    self.state_bwd = dense(hidden, 3 * hidden, kernel_init=orthogonal)
+    self.head = dense(length * 2 * hidden, num_classes)
+
+  def _run(self, inputs_BxLx3H, state: nnx.Linear, reverse: bool):
+    """States ``[B, L, H]`` of one direction, from the input projections of every step."""
+    w_Hx3H = state.kernel[...].astype(self.dtype)
+    b_1x3H = state.bias[...].astype(self.dtype)[None]
+
+    def step(h_BxH, xi_Bx3H):
+      hi_Bx3H = h_BxH @ w_Hx3H + b_1x3H
+      xr, xz, xn = jnp.split(xi_Bx3H, 3, axis=-1)
+      hr, hz, hn = jnp.split(hi_Bx3H, 3, axis=-1)
+      r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
+      h_BxH = (1 - z) * jnp.tanh(xn + r * hn) + z * h_BxH
+      return h_BxH, h_BxH
+
+    b, _, three_h = inputs_BxLx3H.shape
+    h0_BxH = jnp.zeros((b, three_h // 3), inputs_BxLx3H.dtype)
+    _, h_LxBxH = jax.lax.scan(step, h0_BxH, inputs_BxLx3H.swapaxes(0, 1), reverse=reverse)
+    return h_LxBxH.swapaxes(0, 1)
+
+  def __call__(self, x_BxLxC):
+    x_BxLxC = x_BxLxC if x_BxLxC.ndim == 3 else x_BxLxC[..., None]
+    h_BxLx2H = jnp.concatenate(
+      [
+        self._run(self.input_fwd(x_BxLxC), self.state_fwd, reverse=False),
+        self._run(self.input_bwd(x_BxLxC), self.state_bwd, reverse=True),
+      ],
+      axis=-1,
+    )
+    return self.head(h_BxLx2H.reshape(h_BxLx2H.shape[0], -1))
 
 
 class Block(nnx.Module):
@@ -177,7 +285,8 @@ def build_model(config: ModelConfig, *, input_shape, num_classes: int, seed: int
   Args:
     config: the model section of the experiment config.
     input_shape: shape of one example: ``[F]`` or any shape (the MLPs flatten it), ``[H, W]`` or
-      ``[H, W, C]`` (cnn), ``[L]`` or ``[L, C]`` (mnist1d_cnn), ``[L]`` token ids (transformer).
+      ``[H, W, C]`` (cnn), ``[L]`` or ``[L, C]`` (mnist1d_cnn, mnist1d_gru), ``[L]`` token ids
+      (transformer).
     num_classes: number of classes or vocabulary size.
     seed: initialisation seed.
 
@@ -187,13 +296,15 @@ def build_model(config: ModelConfig, *, input_shape, num_classes: int, seed: int
   rngs = nnx.Rngs(seed)
   dtype = jnp.dtype(config.dtype)
   input_shape = tuple(input_shape)
-  ranks = {"cnn": (2, 3), "mnist1d_cnn": (1, 2)}.get(config.name)
+  ranks = {"cnn": (2, 3), "mnist1d_cnn": (1, 2), "mnist1d_gru": (1, 2)}.get(config.name)
   if ranks and len(input_shape) not in ranks:
     layout = "[H, W] or [H, W, C]" if config.name == "cnn" else "[L] or [L, C]"
     raise ValueError(
       f"model.name {config.name!r} needs examples of shape {layout}; the data has "
       f"examples of shape {list(input_shape)}"
     )
+  if config.name == "linear":
+    return Linear(math.prod(input_shape), num_classes, dtype=dtype, rngs=rngs)
   if config.name == "mlp":
     return MLP(
       math.prod(input_shape), num_classes, hidden_dims=config.hidden_dims, dtype=dtype, rngs=rngs
@@ -208,11 +319,14 @@ def build_model(config: ModelConfig, *, input_shape, num_classes: int, seed: int
       dtype=dtype,
       rngs=rngs,
     )
-  if config.name == "mnist1d_cnn":
-    return CNN1D(
+  if config.name in ("mnist1d_cnn", "mnist1d_gru"):
+    model = CNN1D if config.name == "mnist1d_cnn" else GRU1D
+    options = {"conv": config.conv} if config.name == "mnist1d_cnn" else {}
+    return model(
       input_shape[0],
       input_shape[1] if len(input_shape) == 2 else 1,
       num_classes,
+      **options,
       dtype=dtype,
       rngs=rngs,
     )
