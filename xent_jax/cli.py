@@ -114,7 +114,9 @@ def _print_losses() -> None:
     print(f"{name:<{width}}  {summary}\n{'':<{width}}  hyper-parameters: {hparams}")
   print(
     "\nA config names one as loss.name (hyper-parameters under loss.hparams), or any loss "
-    "function by import path: loss.name=my_pkg.losses:my_loss"
+    "function by import path: loss.name=my_pkg.losses:my_loss. One taking (logits, labels, "
+    "<hyper-parameters>) and none of the conventions returns per-example values; the harness "
+    "then applies where/ignore_index (zero weight), class_weight[label] and the reduction."
   )
 
 

@@ -2,7 +2,9 @@
 
 Each registered name is a loss function plus, optionally, different defaults for some of its
 hyper-parameters. A name may also be an import path ``"package.module:function"`` of a loss with
-the same conventions, and :func:`register_loss` turns a per-class function
+the same conventions, one taking them through ``**kwargs``, or a plain ``f(logits, labels,
+<hyper-parameters>)`` returning per-example values (the registry then masks, weights and reduces
+them), and :func:`register_loss` turns a per-class function
 :math:`f(\\log p)` into a full loss (lean on logits, fused with a linear layer, registered by
 name). A loss's hyper-parameters are read off its signature — every keyword-only
 argument except the shared conventions (``axis``, ``class_weight``, ``ignore_index``, ``reduction``,
@@ -28,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xent_jax.core import heads
+from xent_jax.core import checks, heads, inputs
+from xent_jax.core import reduction as reduction_lib
 from xent_jax.core.deprecation import current_keywords
 from xent_jax.core.frontend import head_loss
 from xent_jax.core.options import LossOptions
@@ -302,7 +305,19 @@ _USER_HEADS: dict[Callable[..., jax.Array], Callable[..., heads.Head]] = {}
 
 
 def _import_loss(path: str) -> _Entry:
-  """The loss named by an import path ``"package.module:function"``."""
+  """The loss named by an import path ``"package.module:function"``, in one of three forms.
+
+  - It takes every convention (``axis``, ``class_weight``, ``ignore_index``, ``reduction``,
+    ``where``) as a keyword: it is called with them, as a registered loss is.
+  - It takes ``(logits, labels, ..., **kwargs)``: the conventions go through ``**kwargs``.
+  - It takes none of them: ``(logits, labels, <hyper-parameters>)`` returning per-example values
+    (shape of ``logits`` without the class axis); the registry applies ``where``,
+    ``ignore_index``, ``class_weight`` and ``reduction`` (:func:`_reducing`).
+
+  In the last two forms every named argument after ``(logits, labels)`` is a hyper-parameter,
+  with or without a default. Anything else (some conventions but not all, no two positional
+  arguments first) is refused.
+  """
   module_name, _, attr = path.partition(":")
   try:
     obj = importlib.import_module(module_name)
@@ -318,12 +333,112 @@ def _import_loss(path: str) -> _Entry:
   former = [old for old, new in _FORMER_NAMES.items() if old in params and new not in params]
   missing = [c for c in CONVENTIONS if c not in params and c not in _FORMER_NAMES.values()]
   missing += [c for c in _FORMER_NAMES.values() if c not in params and not former]
-  if missing:
-    raise ValueError(
-      f"get_loss: {path!r} must take the loss conventions as keyword arguments; it lacks "
-      f"{missing} (see xent_jax.register_loss to build a loss from f(log p))."
+  if not missing:
+    return _Entry(_taking_class_weight(obj) if former else obj)
+  kinds = [p.kind for p in params.values()]
+  positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+  takes_pair = len(kinds) >= 2 and kinds[0] in positional and kinds[1] in positional
+  takes_kwargs = inspect.Parameter.VAR_KEYWORD in kinds
+  takes_none = not set(params) & {*CONVENTIONS, *_FORMER_NAMES}
+  named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+  rest = list(params.values())[2:]
+  nameable = all(p.kind is not inspect.Parameter.POSITIONAL_ONLY for p in rest)
+  if takes_pair and nameable and (takes_kwargs or takes_none):
+    hparams = [p for p in rest if p.kind in named and p.name not in CONVENTIONS]
+    loss = _passing_conventions(obj) if takes_kwargs else _reducing(obj, path)
+    return _Entry(_with_signature(loss, obj, hparams))
+  raise ValueError(
+    f"get_loss: {path!r} must take the loss conventions as keyword arguments; it lacks "
+    f"{missing} (or take (logits, labels, **kwargs), or (logits, labels, <hyper-parameters>) "
+    "returning per-example values with none of them; see xent_jax.register_loss to build a loss "
+    "from f(log p))."
+  )
+
+
+def _passing_conventions(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """A loss taking ``(logits, labels, **kwargs)``, called with hyper-parameters and conventions
+  as keywords (a wrapper, so that the registry's signature is not set on the user's function)."""
+
+  def loss(logits, labels, **kwargs):
+    return fn(logits, labels, **kwargs)
+
+  return loss
+
+
+def _reducing(fn: Callable[..., jax.Array], path: str) -> Callable[..., jax.Array]:
+  r"""A loss from ``fn(logits, labels, **hparams) -> [...]`` per-example values: the conventions
+  applied here.
+
+  With example weight :math:`\omega_i` (``where`` and ``label != ignore_index``, times
+  ``class_weight[label]`` for integer labels), :math:`\ell_i = \omega_i\,f_i` and the
+  reduction of :func:`xent_jax.core.reduction.reduce_loss` ('mean' divides by
+  :math:`\sum_i \omega_i`, as PyTorch's weighted mean). ``fn`` sees the class axis last and,
+  for integer labels, ignored rows labelled 0 (their values are discarded); a label outside
+  ``[0, C)`` gives NaN, as for the library's losses. ``class_weight`` with probability labels is
+  refused (per-example values carry no per-class terms to weight).
+  """
+
+  def loss(
+    logits,
+    labels,
+    *,
+    axis=-1,
+    class_weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    where=None,
+    **hparams,
+  ):
+    checks.check_reduction(path, reduction)
+    parsed = inputs.parse_inputs(
+      path,
+      logits,
+      labels,
+      axis=axis,
+      class_weight=class_weight,
+      where=where,
+      ignore_index=ignore_index,
     )
-  return _Entry(_taking_class_weight(obj) if former else obj)
+    if parsed.weight is not None and not parsed.integer:
+      raise ValueError(
+        f"{path}: `class_weight` needs integer labels for a loss returning per-example values "
+        "(it weights each example by its label's class), got probability labels."
+      )
+    labels_in = parsed.safe_labels if parsed.integer else parsed.labels
+    values = jnp.asarray(fn(parsed.logits, labels_in, **hparams))
+    if values.shape != parsed.valid.shape:
+      raise ValueError(
+        f"{path}: a loss without the conventions must return per-example values of shape "
+        f"{parsed.valid.shape} (logits without the class axis), got shape {values.shape}."
+      )
+    values = values.astype(inputs.compute_dtype(values.dtype))
+    weight = parsed.valid.astype(values.dtype)
+    if parsed.weight is not None:
+      weight = weight * parsed.weight[parsed.safe_labels].astype(values.dtype)
+    values = jnp.where(parsed.bad, jnp.nan, jnp.where(parsed.valid, values, 0) * weight)
+    return reduction_lib.reduce_loss(values, weight, reduction, fn=path)
+
+  return loss
+
+
+def _with_signature(
+  loss: Callable[..., jax.Array], fn: Callable[..., jax.Array], hparams: list[inspect.Parameter]
+) -> Callable[..., jax.Array]:
+  """``loss`` named and documented as ``fn``, its signature ``(logits, labels, *,
+  <hyper-parameters>, <conventions>)``, from which the registry reads the hyper-parameters."""
+  kw = inspect.Parameter.KEYWORD_ONLY
+  defaults = {"axis": -1, "class_weight": None, "ignore_index": -100, "reduction": "mean"}
+  loss.__signature__ = inspect.Signature(
+    [
+      inspect.Parameter("logits", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+      inspect.Parameter("labels", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    ]
+    + [inspect.Parameter(p.name, kw, default=p.default) for p in hparams]
+    + [inspect.Parameter(c, kw, default=defaults.get(c)) for c in CONVENTIONS]
+  )
+  loss.__name__ = getattr(fn, "__name__", "loss")
+  loss.__doc__ = inspect.getdoc(fn)
+  return loss
 
 
 def _taking_class_weight(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
@@ -357,8 +472,10 @@ def get_loss(name: str, **hparams: Any) -> ConfiguredLoss:
 
   Args:
     name: a key of :func:`list_losses`, or an import path ``"package.module:function"`` of a loss
-      taking ``(logits, labels, *, <hyper-parameters>, axis, weight, ignore_index, reduction,
-      where)``.
+      taking ``(logits, labels, *, <hyper-parameters>, axis, class_weight, ignore_index,
+      reduction, where)``, or ``(logits, labels, <hyper-parameters>, **kwargs)``, or
+      ``(logits, labels, <hyper-parameters>)`` returning per-example values, which the registry
+      masks (``where``, ``ignore_index``), weights (``class_weight[label]``) and reduces.
     **hparams: hyper-parameters of that loss; see ``list_losses()[name].hparams``.
 
   Returns:
@@ -382,6 +499,9 @@ def get_loss(name: str, **hparams: Any) -> ConfiguredLoss:
       f"get_loss: loss {name!r} has no hyper-parameter(s) {unknown}; valid ones: {list(defaults)}."
     )
   bound = defaults | hparams
+  required = [k for k, v in bound.items() if v is inspect.Parameter.empty]
+  if required:
+    raise ValueError(f"get_loss: loss {name!r} needs a value for hyper-parameter(s) {required}.")
   _validate(entry.fn, bound)
   return ConfiguredLoss(name, bound, entry.fn)
 
