@@ -49,9 +49,11 @@ class DataConfig:
 class ModelConfig:
   """Which Flax NNX model and its sizes."""
 
-  name: str = "mlp"  # mlp | cnn | mnist1d_mlp | mnist1d_cnn | transformer
+  # linear | mlp | cnn | mnist1d_mlp | mnist1d_cnn | mnist1d_gru | transformer
+  name: str = "mlp"
   hidden_dims: list[int] = dataclasses.field(default_factory=lambda: [128])  # mlp
   channels: list[int] = dataclasses.field(default_factory=lambda: [16, 32])  # cnn
+  conv: str = "lax"  # mnist1d_cnn: lax (lax.conv) | im2col (patches @ kernel, vmaps well)
   model_dim: int = 128  # transformer
   num_layers: int = 2  # transformer
   num_heads: int = 4  # transformer
@@ -77,7 +79,9 @@ class OptimConfig:
   learning_rate: float = 1e-3
   schedule: str = "cosine"  # constant | cosine | warmup_cosine | linear
   warmup_steps: int = 0
-  weight_decay: float = 1e-4  # adamw
+  # None: 1e-4 for adamw, 0 for adam and sgd. adamw decays decoupled (Loshchilov & Hutter); adam
+  # and sgd add weight_decay * params to the gradient first (coupled L2, PyTorch's weight_decay).
+  weight_decay: float | None = None
   momentum: float = 0.9  # sgd
   grad_clip_norm: float = 0.0  # 0 disables clipping
 
@@ -124,7 +128,16 @@ class Config:
 ALLOWED_NAMES = {
   "data.name": ("digits", "gaussian_mixture", "pydoc_chars", "mnist1d", "arrays"),
   "data.noise_type": ("symmetric", "asymmetric"),
-  "model.name": ("mlp", "cnn", "mnist1d_mlp", "mnist1d_cnn", "transformer"),
+  "model.name": (
+    "linear",
+    "mlp",
+    "cnn",
+    "mnist1d_mlp",
+    "mnist1d_cnn",
+    "mnist1d_gru",
+    "transformer",
+  ),
+  "model.conv": ("lax", "im2col"),
   "model.dtype": ("float32", "bfloat16"),
   "optim.name": ("adam", "adamw", "sgd"),
   "optim.schedule": ("constant", "cosine", "warmup_cosine", "linear"),
@@ -296,7 +309,13 @@ def validate(config: Config) -> None:
   if config.model.name == "cnn" and config.data.name in ("mnist1d", "gaussian_mixture"):
     raise ConfigError(
       f"config key 'model.name' is 'cnn' (2-D images) but data.name is "
-      f"{config.data.name!r}, whose examples are 1-D: use mlp, mnist1d_mlp or mnist1d_cnn"
+      f"{config.data.name!r}, whose examples are 1-D: use linear, mlp, mnist1d_mlp, "
+      "mnist1d_cnn or mnist1d_gru"
+    )
+  if config.model.conv == "im2col" and config.model.name == "cnn":
+    raise ConfigError(
+      "config key 'model.conv' is 'im2col', which only mnist1d_cnn has (models without a "
+      "convolution ignore it); the 2-D cnn runs lax.conv: drop the key or set it to 'lax'"
     )
   is_lm = config.data.name == "pydoc_chars"
   if is_lm != (config.model.name == "transformer"):
@@ -350,6 +369,8 @@ def validate_numbers(config: Config) -> None:
   for key, (expected, holds) in NUMERIC_RULES.items():
     section, field = key.split(".")
     value = getattr(getattr(config, section), field)
+    if value is None:  # an optional number (optim.weight_decay): the optimizer's default
+      continue
     for item in value if isinstance(value, list) else [value]:
       if not (math.isfinite(item) and holds(item)):
         each = " in every entry" if isinstance(value, list) else ""
