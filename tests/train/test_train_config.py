@@ -125,7 +125,7 @@ def test_every_numeric_field_has_a_range_rule():
       numeric |= {
         f"{section.name}.{field.name}"
         for field in dataclasses.fields(section.type)
-        if field.type in (int, float, list[int], list[float])
+        if field.type in (int, float, float | None, list[int], list[float])
       }
   assert numeric == set(NUMERIC_RULES)
 
@@ -159,5 +159,5 @@ def test_out_of_range_values_name_the_key(override, words):
 
 
 def test_grid_values_are_range_checked_too():
-  with pytest.raises(ConfigError, match="optim.learning_rate"):
+  with pytest.raises(ConfigError, match=r"optim\.learning_rate"):
     load_config(None, ("compare.grid={optim.learning_rate: [0.01, 0.0]}",))
