@@ -5,7 +5,14 @@ import pathlib
 
 import pytest
 
-from xent_jax.train.config import NUMERIC_RULES, Config, ConfigError, expand_grid, load_config
+from xent_jax.train.config import (
+  NUMERIC_RULES,
+  Config,
+  ConfigError,
+  expand_grid,
+  load_config,
+  to_yaml,
+)
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
@@ -161,3 +168,40 @@ def test_out_of_range_values_name_the_key(override, words):
 def test_grid_values_are_range_checked_too():
   with pytest.raises(ConfigError, match=r"optim\.learning_rate"):
     load_config(None, ("compare.grid={optim.learning_rate: [0.01, 0.0]}",))
+
+
+def test_grid_sweeps_model_names():
+  config = load_config(
+    None,
+    ("data.name=mnist1d", "compare.grid={model.name: [linear, mnist1d_cnn, mnist1d_gru]}"),
+  )
+  runs = expand_grid(config)
+  assert [r.model.name for r in runs] == ["linear", "mnist1d_cnn", "mnist1d_gru"]
+  assert [r.name for r in runs] == [f"name={r.model.name}__cross_entropy" for r in runs]
+  with pytest.raises(ConfigError, match=r"'model\.name' is 'resnet'; allowed values: \['linear'"):
+    load_config(None, ("data.name=mnist1d", "compare.grid={model.name: [linear, resnet]}"))
+  with pytest.raises(ConfigError, match=r"'model\.name' is 'cnn' \(2-D images\)"):
+    load_config(None, ("data.name=mnist1d", "compare.grid={model.name: [cnn]}"))
+
+
+@pytest.mark.parametrize(
+  "overrides,words",
+  [
+    (("model.conv=fft",), ["model.conv", "'lax', 'im2col'"]),
+    (("model.name=cnn", "model.conv=im2col"), ["model.conv", "mnist1d_cnn"]),
+  ],
+)
+def test_conv_form_is_checked(overrides, words):
+  with pytest.raises(ConfigError) as err:
+    load_config(None, overrides)
+  for word in words:
+    assert word in str(err.value)
+
+
+def test_weight_decay_defaults_to_the_optimizers_own_and_round_trips(tmp_path):
+  config = load_config(None, ("optim.name=adam",))
+  assert config.optim.weight_decay is None
+  path = tmp_path / "c.yaml"
+  path.write_text(to_yaml(config))
+  assert load_config(str(path)) == config
+  assert load_config(None, ("optim.name=sgd", "optim.weight_decay=0.01")).optim.weight_decay == 0.01
