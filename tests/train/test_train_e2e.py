@@ -86,6 +86,17 @@ def test_other_config_in_a_used_directory_is_refused(reference_run):
     train_and_evaluate(_config("train.seed=1"), reference_run, progress=False)
 
 
+def test_weight_decay_recorded_before_it_was_optional_still_matches(tmp_path):
+  """adamw runs recorded ``weight_decay: 0.0001`` before the key could be unset; same decay now."""
+  recorded = tmp_path / "config.yaml"
+  recorded.write_text("optim:\n  name: adamw\n  weight_decay: 0.0001\n")
+  assert trainer.config_differences(recorded, load_config(None)) == []
+  recorded.write_text("optim:\n  name: adamw\n  weight_decay: 0.001\n")
+  assert trainer.config_differences(recorded, load_config(None)) == [
+    "optim.weight_decay (recorded 0.001, now 0.0001)"
+  ]
+
+
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, reference_run):
   """Kills the real CLI mid-run with SIGKILL, reruns the same command, compares to the reference."""
   workdir = tmp_path / "killed"

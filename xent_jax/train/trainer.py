@@ -20,7 +20,7 @@ from xent_jax.train.config import Config, ConfigError, loss_label, to_yaml
 from xent_jax.train.data import Dataset, eval_batches, load_dataset, train_batch
 from xent_jax.train.logs import RunDirectoryError
 from xent_jax.train.models import build_model
-from xent_jax.train.optim import build_optimizer
+from xent_jax.train.optim import DEFAULT_WEIGHT_DECAY, build_optimizer
 from xent_jax.train.parallel import check_batch_size, make_mesh, replicate, shard_batch
 from xent_jax.train.steps import (
   calibration_row,
@@ -55,6 +55,16 @@ def _flat(tree, prefix: str = "") -> dict:
   return flat
 
 
+def _effective_weight_decay(flat: dict) -> dict:
+  """Fills an unset ``optim.weight_decay`` with the decay the optimizer applies (`build_optimizer`).
+
+  Runs recorded before the key became optional wrote adamw's 1e-4 explicitly; they stay resumable.
+  """
+  if flat.get("optim.weight_decay") is None:
+    flat["optim.weight_decay"] = DEFAULT_WEIGHT_DECAY.get(flat.get("optim.name"))
+  return flat
+
+
 def config_differences(recorded: pathlib.Path, config: Config) -> list[str]:
   """The keys whose values differ between a recorded ``config.yaml`` and ``config``.
 
@@ -76,6 +86,7 @@ def config_differences(recorded: pathlib.Path, config: Config) -> list[str]:
       "the directory holds: fix it or pass another workdir"
     ) from None
   new = _flat(OmegaConf.to_container(OmegaConf.structured(config), resolve=True))
+  old, new = _effective_weight_decay(old), _effective_weight_decay(new)
   return [
     f"{key} (recorded {old.get(key)!r}, now {new.get(key)!r})"
     for key in sorted(set(old) | set(new))
