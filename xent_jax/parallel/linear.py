@@ -199,9 +199,9 @@ def vocab_parallel_linear_cross_entropy_local(
     bias: ``[V_s]`` this shard's slice of the bias, or None.
     weight_layout: 'vd' or 'dv'.
     class_weight: ``[V_s]`` this shard's slice of the class weights (constants), or None.
-    ignore_index, reduction, label_smoothing, smoothing, z_loss, logit_softcap, where,
-      return_lse: as in :func:`xent_jax.linear_cross_entropy` (the smoothing spread over the
-      global :math:`K`).
+    ignore_index, reduction, label_smoothing, smoothing, z_loss, logit_softcap, where, return_lse:
+      as in :func:`xent_jax.linear_cross_entropy` (the smoothing spread over the global
+      :math:`K`).
     token_chunk_size, vocab_chunk_size: block sizes over this device's rows and classes, or None
       for the defaults.
 
@@ -271,8 +271,9 @@ def vocab_parallel_linear_cross_entropy(
       ``vocab_axis``.
     labels: ``[...]`` integer class ids.
     mesh, vocab_axis, data_axis: as in :func:`vocab_parallel_cross_entropy`.
-    bias, weight_layout, class_weight, ignore_index, reduction, label_smoothing, smoothing,
-      z_loss, logit_softcap, where, return_lse, token_chunk_size, vocab_chunk_size: as in
+    bias, weight_layout, class_weight, ignore_index, reduction, label_smoothing, smoothing:
+      as in :func:`xent_jax.linear_cross_entropy`.
+    z_loss, logit_softcap, where, return_lse, token_chunk_size, vocab_chunk_size: as in
       :func:`xent_jax.linear_cross_entropy` (chunk sizes count one device's rows and classes).
 
   Returns:

@@ -190,8 +190,8 @@ def vocab_parallel_cross_entropy(
       divisible by their total size. None replicates the rows.
     axis: the class axis of ``logits``.
     class_weight: ``[V]`` class weights (constants), split like the classes; or None.
-    ignore_index, reduction, label_smoothing, smoothing, z_loss, logit_softcap, where,
-      return_lse: as in :func:`xent_jax.cross_entropy`.
+    ignore_index, reduction, label_smoothing, smoothing, z_loss, logit_softcap, where, return_lse:
+      as in :func:`xent_jax.cross_entropy`.
 
   Returns:
     The reduced loss (for 'none' of the batch shape, split over ``data_axis``), and with
