@@ -209,14 +209,24 @@ def vocab_parallel_linear_cross_entropy_local(
     The reduced loss (float32; float64 for float64 inputs), and with ``return_lse`` the pair
     ``(loss, lse)``.
 
-  Example::
-
-    mesh = jax.make_mesh((2, 4), ("data", "vocab"))
-    loss_fn = functools.partial(
-        vocab_parallel_linear_cross_entropy_local, vocab_axis="vocab", data_axis="data")
-    loss = jax.shard_map(loss_fn, mesh=mesh,
-                         in_specs=(P("data", None), P("vocab", None), P("data")),
-                         out_specs=P())(hidden_NxD, weight_VxD, labels_N)
+  Example:
+    >>> # 8 devices; on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=8
+    >>> import functools, jax, jax.numpy as jnp, xent_jax
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> hidden_NxD = jax.random.normal(jax.random.key(1), (4, 8))
+    >>> weight_VxD = jax.random.normal(jax.random.key(2), (16, 8))
+    >>> labels_N = jnp.array([0, 5, 9, 15])
+    >>> mesh = jax.make_mesh((2, 4), ("data", "vocab"))
+    >>> loss_fn = functools.partial(
+    ...   xent_jax.vocab_parallel_linear_cross_entropy_local, vocab_axis="vocab", data_axis="data"
+    ... )
+    >>> specs = (P("data", None), P("vocab", None), P("data"))  # place the arrays as specified
+    >>> arrays = (hidden_NxD, weight_VxD, labels_N)
+    >>> placed = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(arrays, specs)]
+    >>> loss = jax.shard_map(loss_fn, mesh=mesh, in_specs=specs, out_specs=P())(*placed)
+    >>> one_device = xent_jax.linear_cross_entropy(hidden_NxD, weight_VxD, labels_N)
+    >>> print(f"{float(loss):.4f} {float(one_device):.4f}")
+    4.9421 4.9421
 
   References:
     Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024; Shoeybi et al.,
