@@ -89,6 +89,7 @@ def calibration_counts(
 
   Example:
     >>> import jax.numpy as jnp
+    >>> from xent_jax.metrics import calibration_counts
     >>> c = calibration_counts(jnp.zeros((3, 2)), jnp.array([0, 1, 0]), num_bins=2)
     >>> c.count.tolist(), c.confidence_sum.tolist(), c.correct_sum.tolist()
     ([3.0, 0.0], [1.5, 0.0], [2.0, 0.0])
@@ -208,6 +209,7 @@ def expected_calibration_error(
 
   Example:
     >>> import jax.numpy as jnp
+    >>> from xent_jax.metrics import expected_calibration_error
     >>> # Two uniform 2-class rows (confidence 0.5), one right: |0.5 - 0.5| = 0.
     >>> float(expected_calibration_error(jnp.zeros((2, 2)), jnp.array([0, 1])))
     0.0
@@ -246,6 +248,7 @@ def reliability_diagram_bins(
 
   Example:
     >>> import jax.numpy as jnp
+    >>> from xent_jax.metrics import reliability_diagram_bins
     >>> r = reliability_diagram_bins(jnp.zeros((2, 2)), jnp.array([0, 1]), num_bins=2)
     >>> r.count.tolist(), r.accuracy.tolist()
     ([2.0, 0.0], [0.5, nan])
@@ -308,6 +311,7 @@ def maximum_calibration_error(
 
   Example:
     >>> import jax.numpy as jnp
+    >>> from xent_jax.metrics import maximum_calibration_error
     >>> # 2 rows at confidence 0.5 (1 right), 1 row at 0.8 (wrong): gaps 0 and 0.8.
     >>> x = jnp.log(jnp.array([[0.5, 0.5], [0.5, 0.5], [0.8, 0.2]]))
     >>> round(float(maximum_calibration_error(x, jnp.array([0, 1, 1]), num_bins=2)), 4)
@@ -370,6 +374,7 @@ def adaptive_calibration_error(
 
   Example:
     >>> import jax.numpy as jnp
+    >>> from xent_jax.metrics import adaptive_calibration_error
     >>> # Confidences 0.5, 0.5, 0.8, 0.8 (right, wrong, right, right), 2 bins of 2:
     >>> # |0.5 - 0.5| * 2/4 + |1 - 0.8| * 2/4 = 0.1
     >>> x = jnp.log(jnp.array([[0.5, 0.5], [0.5, 0.5], [0.8, 0.2], [0.2, 0.8]]))
@@ -418,6 +423,7 @@ def classwise_calibration_error(
 
   Example:
     >>> import jax.numpy as jnp
+    >>> from xent_jax.metrics import classwise_calibration_error
     >>> # Uniform 2-class rows, labels 0 and 1: each class has p = 0.5 and frequency 0.5.
     >>> float(classwise_calibration_error(jnp.zeros((2, 2)), jnp.array([0, 1])))
     0.0

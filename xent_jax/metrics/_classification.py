@@ -61,6 +61,7 @@ def accuracy(logits, labels, *, k: int = 1, axis: int = -1, where=None) -> jax.A
 
   Example:
     >>> import jax.numpy as jnp
+    >>> from xent_jax.metrics import accuracy
     >>> logits = jnp.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]])
     >>> float(accuracy(logits, jnp.array([1, 2])))
     0.5
@@ -102,6 +103,7 @@ def negative_log_likelihood(logits, labels, *, axis: int = -1, where=None) -> ja
 
   Example:
     >>> import jax.numpy as jnp
+    >>> from xent_jax.metrics import negative_log_likelihood
     >>> round(float(negative_log_likelihood(jnp.zeros((2, 4)), jnp.array([0, 3]))), 4)  # log 4
     1.3863
 
@@ -137,6 +139,7 @@ def brier_score(logits, labels, *, axis: int = -1, where=None) -> jax.Array:
 
   Example:
     >>> import jax.numpy as jnp
+    >>> from xent_jax.metrics import brier_score
     >>> float(brier_score(jnp.zeros((1, 2)), jnp.array([0])))  # (0.5-1)^2 + 0.5^2
     0.5
 

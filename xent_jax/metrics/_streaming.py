@@ -63,6 +63,7 @@ def eval_sums(logits, labels, *, num_bins: int = 15, axis: int = -1, where=None)
 
   Example:
     >>> import jax, jax.numpy as jnp
+    >>> from xent_jax.metrics import eval_sums, metrics_from_sums
     >>> batches = [(jnp.zeros((2, 3)), jnp.array([0, 1])), (jnp.ones((1, 3)), jnp.array([2]))]
     >>> total = jax.tree.map(jnp.add, *[eval_sums(x, y) for x, y in batches])
     >>> round(float(metrics_from_sums(total)["accuracy"]), 4)

@@ -158,9 +158,10 @@ def fit_temperature(
 
   Example:
     >>> import jax, jax.numpy as jnp
+    >>> from xent_jax.metrics import fit_temperature
     >>> # Logits ten times too sharp for labels drawn from softmax(logits / 10):
     >>> key_x, key_y = jax.random.split(jax.random.key(0))
-    >>> x = 10.0 * jax.random.normal(key_x, (4000, 5))
+    >>> x = 10.0 * jax.random.normal(key_x, (512, 10))
     >>> y = jax.random.categorical(key_y, x / 10.0)
     >>> 8.0 < float(fit_temperature(x, y)) < 12.0
     True

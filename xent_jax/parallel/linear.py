@@ -199,9 +199,9 @@ def vocab_parallel_linear_cross_entropy_local(
     bias: ``[V_s]`` this shard's slice of the bias, or None.
     weight_layout: 'vd' or 'dv'.
     class_weight: ``[V_s]`` this shard's slice of the class weights (constants), or None.
-    ignore_index, reduction, label_smoothing, smoothing, z_loss, logit_softcap, where,
-      return_lse: as in :func:`xent_jax.linear_cross_entropy` (the smoothing spread over the
-      global :math:`K`).
+    ignore_index, reduction, label_smoothing, smoothing, z_loss, logit_softcap, where, return_lse:
+      as in :func:`xent_jax.linear_cross_entropy` (the smoothing spread over the global
+      :math:`K`).
     token_chunk_size, vocab_chunk_size: block sizes over this device's rows and classes, or None
       for the defaults.
 
@@ -209,14 +209,24 @@ def vocab_parallel_linear_cross_entropy_local(
     The reduced loss (float32; float64 for float64 inputs), and with ``return_lse`` the pair
     ``(loss, lse)``.
 
-  Example::
-
-    mesh = jax.make_mesh((2, 4), ("data", "vocab"))
-    loss_fn = functools.partial(
-        vocab_parallel_linear_cross_entropy_local, vocab_axis="vocab", data_axis="data")
-    loss = jax.shard_map(loss_fn, mesh=mesh,
-                         in_specs=(P("data", None), P("vocab", None), P("data")),
-                         out_specs=P())(hidden_NxD, weight_VxD, labels_N)
+  Example:
+    >>> # 8 devices; on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=8
+    >>> import functools, jax, jax.numpy as jnp, xent_jax
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> hidden_NxD = jax.random.normal(jax.random.key(1), (4, 8))
+    >>> weight_VxD = jax.random.normal(jax.random.key(2), (16, 8))
+    >>> labels_N = jnp.array([0, 5, 9, 15])
+    >>> mesh = jax.make_mesh((2, 4), ("data", "vocab"))
+    >>> loss_fn = functools.partial(
+    ...   xent_jax.vocab_parallel_linear_cross_entropy_local, vocab_axis="vocab", data_axis="data"
+    ... )
+    >>> specs = (P("data", None), P("vocab", None), P("data"))  # place the arrays as specified
+    >>> arrays = (hidden_NxD, weight_VxD, labels_N)
+    >>> placed = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(arrays, specs)]
+    >>> loss = jax.shard_map(loss_fn, mesh=mesh, in_specs=specs, out_specs=P())(*placed)
+    >>> one_device = xent_jax.linear_cross_entropy(hidden_NxD, weight_VxD, labels_N)
+    >>> print(f"{float(loss):.4f} {float(one_device):.4f}")
+    4.9421 4.9421
 
   References:
     Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024; Shoeybi et al.,
@@ -271,8 +281,9 @@ def vocab_parallel_linear_cross_entropy(
       ``vocab_axis``.
     labels: ``[...]`` integer class ids.
     mesh, vocab_axis, data_axis: as in :func:`vocab_parallel_cross_entropy`.
-    bias, weight_layout, class_weight, ignore_index, reduction, label_smoothing, smoothing,
-      z_loss, logit_softcap, where, return_lse, token_chunk_size, vocab_chunk_size: as in
+    bias, weight_layout, class_weight, ignore_index, reduction, label_smoothing, smoothing:
+      as in :func:`xent_jax.linear_cross_entropy`.
+    z_loss, logit_softcap, where, return_lse, token_chunk_size, vocab_chunk_size: as in
       :func:`xent_jax.linear_cross_entropy` (chunk sizes count one device's rows and classes).
 
   Returns:

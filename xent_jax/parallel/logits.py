@@ -93,12 +93,20 @@ def vocab_parallel_cross_entropy_local(
     The reduced loss (float32; float64 for float64 logits), and with ``return_lse`` the pair
     ``(loss, lse)``.
 
-  Example::
-
-    mesh = jax.make_mesh((8,), ("vocab",))
-    loss_fn = functools.partial(vocab_parallel_cross_entropy_local, vocab_axis="vocab")
-    loss = jax.shard_map(loss_fn, mesh=mesh, in_specs=(P(None, "vocab"), P()),
-                         out_specs=P())(logits_NxV, labels_N)
+  Example:
+    >>> # 8 devices; on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=8
+    >>> import functools, jax, jax.numpy as jnp, xent_jax
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> logits_NxV = jax.random.normal(jax.random.key(0), (4, 16))
+    >>> labels_N = jnp.array([0, 5, 9, 15])
+    >>> mesh = jax.make_mesh((8,), ("vocab",))
+    >>> loss_fn = functools.partial(xent_jax.vocab_parallel_cross_entropy_local, vocab_axis="vocab")
+    >>> specs = (P(None, "vocab"), P())  # place the arrays as the specs say (Explicit mesh axes)
+    >>> arrays = (logits_NxV, labels_N)
+    >>> placed = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(arrays, specs)]
+    >>> loss = jax.shard_map(loss_fn, mesh=mesh, in_specs=specs, out_specs=P())(*placed)
+    >>> print(f"{float(loss):.4f} {float(xent_jax.cross_entropy(logits_NxV, labels_N)):.4f}")
+    2.3663 2.3663
 
   References:
     Shoeybi et al., "Megatron-LM: Training Multi-Billion Parameter Language Models Using Model
@@ -190,8 +198,8 @@ def vocab_parallel_cross_entropy(
       divisible by their total size. None replicates the rows.
     axis: the class axis of ``logits``.
     class_weight: ``[V]`` class weights (constants), split like the classes; or None.
-    ignore_index, reduction, label_smoothing, smoothing, z_loss, logit_softcap, where,
-      return_lse: as in :func:`xent_jax.cross_entropy`.
+    ignore_index, reduction, label_smoothing, smoothing, z_loss, logit_softcap, where, return_lse:
+      as in :func:`xent_jax.cross_entropy`.
 
   Returns:
     The reduced loss (for 'none' of the batch shape, split over ``data_axis``), and with
