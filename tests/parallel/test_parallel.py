@@ -183,7 +183,7 @@ class TestVocabParallelCrossEntropy:
 
     with jax.set_mesh(mesh):
       (_, lse), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(logits)
-    single = lambda x: (lambda l, s: l + jnp.sum(s**2))(
+    single = lambda x: (lambda loss, s: loss + jnp.sum(s**2))(
       *xent_jax.cross_entropy(x, labels, z_loss=0.1, return_lse=True)
     )
     _close(lse, ref.logsumexp(logits))
@@ -841,7 +841,7 @@ class TestBadInput:
 
   def test_linear_shapes_are_named(self, mesh):
     hidden, labels = np.zeros((N, D), np.float32), np.zeros(N, np.int32)
-    with pytest.raises(ValueError, match="`hidden`.*`weight`"):
+    with pytest.raises(ValueError, match=r"`hidden`.*`weight`"):
       xent_jax.vocab_parallel_linear_cross_entropy(
         hidden, np.zeros((V, D + 1), np.float32), labels, mesh=mesh
       )

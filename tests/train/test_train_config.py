@@ -159,5 +159,5 @@ def test_out_of_range_values_name_the_key(override, words):
 
 
 def test_grid_values_are_range_checked_too():
-  with pytest.raises(ConfigError, match="optim.learning_rate"):
+  with pytest.raises(ConfigError, match=r"optim\.learning_rate"):
     load_config(None, ("compare.grid={optim.learning_rate: [0.01, 0.0]}",))

@@ -1,4 +1,4 @@
-"""Data sets (built-in, MNIST-1D, the user's arrays): splits, label noise, validation, batch order."""
+"""Data sets (built-in, MNIST-1D, the user's arrays): splits, label noise, checks, batch order."""
 
 import numpy as np
 import pytest

@@ -180,7 +180,7 @@ def _omegaconf_error(err: omegaconf.errors.OmegaConfBaseException, source: str) 
     parent, _, _ = str(key).rpartition(".")
     node = OmegaConf.structured(Config)
     for part in filter(None, parent.split(".")):
-      node = node[part] if part in node else None
+      node = node.get(part, None)
       if node is None:
         break
     allowed = sorted(node.keys()) if isinstance(node, omegaconf.DictConfig) else []

@@ -44,7 +44,7 @@ class Dataset:
 def _split(x_NxF, y_N, fraction, rng):
   """``(x_rest, y_rest, x_part, y_part)``: a random ``fraction`` of the rows split off."""
   perm_N = rng.permutation(len(y_N))
-  num_part = int(round(fraction * len(y_N)))
+  num_part = round(fraction * len(y_N))
   part, rest = perm_N[:num_part], perm_N[num_part:]
   return x_NxF[rest], y_N[rest], x_NxF[part], y_N[part]
 
@@ -62,7 +62,7 @@ def add_label_noise(
   Returns:
     (noisy labels ``[N]``, boolean mask ``[N]`` of the changed positions).
   """
-  num_noisy = int(round(rate * len(y_N)))
+  num_noisy = round(rate * len(y_N))
   mask_N = np.zeros(len(y_N), bool)
   mask_N[rng.permutation(len(y_N))[:num_noisy]] = True
   if noise_type == "symmetric":
@@ -232,9 +232,9 @@ def _pydoc_chars(config: DataConfig) -> Dataset:
   codes_T = np.frombuffer(text.encode("utf-32-le"), np.uint32)
   vocab_V = np.unique(codes_T)
   ids_T = np.searchsorted(vocab_V, codes_T).astype(np.int32)
-  num_test = int(round(config.test_fraction * len(ids_T)))
+  num_test = round(config.test_fraction * len(ids_T))
   train_T, test_T = ids_T[:-num_test], ids_T[-num_test:]
-  num_holdout = int(round(config.holdout_fraction * len(train_T)))
+  num_holdout = round(config.holdout_fraction * len(train_T))
   train_T, holdout_T = train_T[: len(train_T) - num_holdout], train_T[len(train_T) - num_holdout :]
   x_test, y_test = _windows(test_T, config.seq_len, config.max_eval_tokens)
   x_holdout, y_holdout = _windows(holdout_T, config.seq_len, config.max_eval_tokens)

@@ -9,6 +9,7 @@ model maps inputs to logits; the Transformer also exposes its final hidden state
 building the logits.
 """
 
+import itertools
 import math
 
 import jax
@@ -24,7 +25,7 @@ class MLP(nnx.Module):
   def __init__(self, num_features: int, num_classes: int, *, hidden_dims, dtype, rngs: nnx.Rngs):
     dims = [num_features, *hidden_dims]
     self.hidden = nnx.List(
-      [nnx.Linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(dims, dims[1:])]
+      [nnx.Linear(a, b, dtype=dtype, rngs=rngs) for a, b in itertools.pairwise(dims)]
     )
     self.head = nnx.Linear(dims[-1], num_classes, dtype=dtype, rngs=rngs)
 
@@ -41,7 +42,7 @@ class CNN(nnx.Module):
   def __init__(self, in_channels: int, num_classes: int, *, channels, dtype, rngs: nnx.Rngs):
     dims = [in_channels, *channels]
     self.convs = nnx.List(
-      [nnx.Conv(a, b, (3, 3), dtype=dtype, rngs=rngs) for a, b in zip(dims, dims[1:])]
+      [nnx.Conv(a, b, (3, 3), dtype=dtype, rngs=rngs) for a, b in itertools.pairwise(dims)]
     )
     self.head = nnx.Linear(dims[-1], num_classes, dtype=dtype, rngs=rngs)
 
@@ -124,13 +125,13 @@ class Block(nnx.Module):
     self.down = nnx.Linear(mlp_ratio * dim, dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x_BxLxD):
-    b, l, d = x_BxLxD.shape
+    b, seq_len, d = x_BxLxD.shape
     qkv_BxLx3D = self.qkv(self.norm1(x_BxLxD))
     q_BxLxNxH, k_BxLxNxH, v_BxLxNxH = jnp.split(
-      qkv_BxLx3D.reshape(b, l, 3 * self.num_heads, d // self.num_heads), 3, axis=2
+      qkv_BxLx3D.reshape(b, seq_len, 3 * self.num_heads, d // self.num_heads), 3, axis=2
     )
     att_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, is_causal=True)
-    x_BxLxD = x_BxLxD + self.proj(att_BxLxNxH.reshape(b, l, d))
+    x_BxLxD = x_BxLxD + self.proj(att_BxLxNxH.reshape(b, seq_len, d))
     return x_BxLxD + self.down(jax.nn.gelu(self.up(self.norm2(x_BxLxD))))
 
 
