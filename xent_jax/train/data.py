@@ -14,6 +14,7 @@ fitted on it, so the test split is only ever used for scoring.
 import dataclasses
 import functools
 import pathlib
+from typing import Any
 
 import numpy as np
 
@@ -283,7 +284,9 @@ def load_dataset(config: DataConfig, *, image: bool = False) -> Dataset:
   )
   mask_N = np.zeros(len(y_train), bool)
   if config.label_noise > 0:
-    noise = dict(rate=config.label_noise, noise_type=config.noise_type, num_classes=num_classes)
+    noise: dict[str, Any] = dict(
+      rate=config.label_noise, noise_type=config.noise_type, num_classes=num_classes
+    )
     y_train, mask_N = add_label_noise(y_train, **noise, rng=np.random.default_rng([config.seed, 2]))
     y_holdout, _ = add_label_noise(y_holdout, **noise, rng=np.random.default_rng([config.seed, 4]))
   return Dataset(
@@ -339,6 +342,8 @@ def eval_batches(data: Dataset, *, batch_size: int, split: str = "test"):
   x_all, y_all = (
     (data.x_test_MxF, data.y_test_M) if split == "test" else (data.x_holdout_HxF, data.y_holdout_H)
   )
+  if x_all is None or y_all is None:
+    raise ValueError(f"eval_batches: this data set has no {split!r} split, got `split`={split!r}.")
   for start in range(0, len(x_all), batch_size):
     x, y = x_all[start : start + batch_size], y_all[start : start + batch_size]
     valid_B = np.ones(len(x), bool)

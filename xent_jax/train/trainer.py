@@ -160,6 +160,7 @@ def evaluate(eval_step, state, data: Dataset, config: Config, mesh) -> tuple[dic
     sums = multihost_utils.process_allgather(sums, tiled=True)  # device_get on one process
     sums = jax.tree.map(lambda a: np.sum(a, axis=0, dtype=np.float64), sums)
     total = sums if total is None else jax.tree.map(np.add, total, sums)
+  assert total is not None  # the test split is not empty (checked on loading)
   return finish_eval(total)
 
 
