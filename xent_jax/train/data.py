@@ -343,7 +343,7 @@ def eval_batches(data: Dataset, *, batch_size: int, split: str = "test"):
     (data.x_test_MxF, data.y_test_M) if split == "test" else (data.x_holdout_HxF, data.y_holdout_H)
   )
   if x_all is None or y_all is None:
-    raise ValueError(f"eval_batches: this data set has no {split!r} split, got `split`={split!r}.")
+    raise ValueError(f"eval_batches: `split` must be a split this data set holds, got {split!r}.")
   for start in range(0, len(x_all), batch_size):
     x, y = x_all[start : start + batch_size], y_all[start : start + batch_size]
     valid_B = np.ones(len(x), bool)
