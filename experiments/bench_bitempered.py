@@ -9,9 +9,9 @@ it compiles ``jax.jit(jax.value_and_grad(mean loss))`` of both losses, reads the
 memory from ``memory_analysis()``, times the compile (lower + compile, seconds) and the calls
 (median of ``--repeats``; the two losses take turns, each turn an untimed call then a timed one,
 so that load changes on a shared machine hit both alike). With ``--tpu`` it also compiles both
-for one chip of that TPU slice through `xent_jax.tools.aot` (needs libtpu; no TPU is used) and reports
-the compile seconds and temp memory there. Prints a markdown table and writes ``<out>.md`` and
-``<out>.json``.
+for one chip of that TPU slice through `xent_jax.tools.aot` (needs libtpu; no TPU is used) and
+reports the compile seconds and temp memory there. Prints a markdown table and writes
+``<out>.md`` and ``<out>.json``.
 
 Targets (issue 8): time <= 4x cross_entropy, temp <= 1/8 of one [N, V] float32 array, compile
 <= 5 s.

@@ -122,7 +122,8 @@ def main():
   lines = [
     header,
     "",
-    "| case | xent_jax ms | optax ms | speed-up | xent_jax temp MiB | optax temp MiB | memory ratio | loss rel. err vs fp32 (xent_jax / optax) |",
+    "| case | xent_jax ms | optax ms | speed-up | xent_jax temp MiB | optax temp MiB "
+    "| memory ratio | loss rel. err vs fp32 (xent_jax / optax) |",
     "|---|---:|---:|---:|---:|---:|---:|---|",
   ]
   for r in rows:

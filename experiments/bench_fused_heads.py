@@ -1,9 +1,10 @@
 """Engine heads at a language-model-like head: blocked statistics against rematerialised chunks.
 
 Where a head's float32 ``[V, D]`` buffer is not small
-(:func:`xent_jax.fused.schedule.one_pass_fits`), ``get_loss(name).linear`` of a variant with integer labels and a bfloat16 weight computes its
-per-row statistics in blocks (:mod:`xent_jax.fused.heads`): the log-sum-exp and the label's logit, the smoothing class
-sum and the entropy when the loss needs them, and a blocked tangent pass whose transpose is the
+(:func:`xent_jax.fused.schedule.one_pass_fits`), ``get_loss(name).linear`` of a variant with
+integer labels and a bfloat16 weight computes its per-row statistics in blocks
+(:mod:`xent_jax.fused.heads`): the log-sum-exp and the label's logit, the smoothing class sum and
+the entropy when the loss needs them, and a blocked tangent pass whose transpose is the
 backward pass, vocabulary-major for bfloat16 heads. Before, it rematerialised token chunks of
 logits (:func:`xent_jax.fused.chunked.chunked_linear_loss`, still the schedule of probability labels
 and the bi-tempered loss), whose weight gradient sums over the chunks in the weight's dtype.

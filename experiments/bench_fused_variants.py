@@ -27,7 +27,7 @@ def _platform_prefix() -> str:
   return "" if platforms == "cpu" else f"JAX_PLATFORMS={platforms} "
 
 
-import host  # experiments/host.py: where this ran
+import host  # noqa: E402  experiments/host.py (where this ran) imports jax
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -84,9 +84,9 @@ def main():
   labels = jax.random.randint(keys[2], (args.n,), 0, args.v)
   rows = []
   for name, naive_loss in _naive_losses().items():
-    naive, naive_mib = _compile(lambda h, w: naive_loss(h @ w.T, labels), hidden, weight)
+    naive, naive_mib = _compile(lambda h, w, head=naive_loss: head(h @ w.T, labels), hidden, weight)
     loss = xent_jax.get_loss(name)
-    fused, fused_mib = _compile(lambda h, w: loss.linear(h, w, labels), hidden, weight)
+    fused, fused_mib = _compile(lambda h, w, loss=loss: loss.linear(h, w, labels), hidden, weight)
     _time(naive, hidden, weight), _time(fused, hidden, weight)
     naive_s, fused_s = [], []
     for _ in range(args.reps):
@@ -110,9 +110,9 @@ def main():
     )
   header = (
     f"# Fused forms vs naive heads, fwd+bwd, N={args.n}, D={args.d}, V={args.v}, fp32\n\n"
-    f"Machine: {host.describe()}. Command: `{_platform_prefix()}python experiments/bench_fused_variants.py "
-    f"--n {args.n} --d {args.d} --v {args.v} --reps {args.reps}`. Medians of "
-    f"{args.reps} round-robin calls.\n\n"
+    f"Machine: {host.describe()}. Command: `{_platform_prefix()}python "
+    f"experiments/bench_fused_variants.py --n {args.n} --d {args.d} --v {args.v} "
+    f"--reps {args.reps}`. Medians of {args.reps} round-robin calls.\n\n"
   )
   table = [
     "| loss | naive s | fused s | time fused/naive | naive temp MiB | fused temp MiB | "

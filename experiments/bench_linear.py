@@ -8,7 +8,8 @@ warm-up, the methods called in turn (round-robin) so that load changes hit them 
 
 * ``naive``: ``optax.softmax_cross_entropy_with_integer_labels(hidden @ weight.T, labels).mean()``;
 * ``xent_jax``: :func:`xent_jax.linear_cross_entropy` with its default schedule, chosen from the
-  shapes and dtypes (``xent_jax.fused.schedule.plan_schedule``): one pass at every shape measured here;
+  shapes and dtypes (``xent_jax.fused.schedule.plan_schedule``): one pass at every shape measured
+  here;
 * ``xent_jax low-mem``: ``token_chunk_size=1024, vocab_chunk_size=4096`` (two passes: token-major
   in float32, vocabulary-major in bfloat16);
 * ``xent_jax T=... C=...``: with ``--blocks T:C ...``, the default schedule with these
@@ -282,7 +283,7 @@ def markdown(result: dict) -> str:
       continue
     names = list(dict.fromkeys(r["method"] for r in sub))
     values = sorted({r[key] for r in sub})
-    fixed = "N=%d" % sub[0]["N"] if key == "V" else "V=%d" % sub[0]["V"]
+    fixed = f"N={sub[0]['N']:d}" if key == "V" else f"V={sub[0]['V']:d}"
     lines += [
       "",
       f"## Temporary memory (MiB) vs {key} (fp32, D={sub[0]['D']}, {fixed})",

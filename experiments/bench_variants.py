@@ -29,7 +29,7 @@ def _platform_prefix() -> str:
   return "" if platforms == "cpu" else f"JAX_PLATFORMS={platforms} "
 
 
-import host  # experiments/host.py: where this ran
+import host  # noqa: E402  experiments/host.py (where this ran) imports jax
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -118,9 +118,10 @@ def main():
         )
   header = (
     f"# Variants vs cross_entropy, fwd+bwd, N={args.n}, V={args.v}, integer labels\n\n"
-    f"Machine: {host.describe()}. Command: `{_platform_prefix()}python experiments/bench_variants.py "
-    f"--n {args.n} --v {args.v} --reps {args.reps} --dtypes {args.dtypes} --smoothing "
-    f"{args.smoothing}{' --cpu-branches' if args.cpu_branches else ''}`. Median of {args.reps} round-robin "
+    f"Machine: {host.describe()}. Command: `{_platform_prefix()}python "
+    f"experiments/bench_variants.py --n {args.n} --v {args.v} --reps {args.reps} "
+    f"--dtypes {args.dtypes} --smoothing {args.smoothing}"
+    f"{' --cpu-branches' if args.cpu_branches else ''}`. Median of {args.reps} round-robin "
     "calls each.\n\n"
   )
   table = [

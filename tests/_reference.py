@@ -56,7 +56,7 @@ def softcap(x: np.ndarray, cap: float | None) -> np.ndarray:
 
 
 def logsumexp(x: np.ndarray, axis: int = -1, where: np.ndarray | None = None) -> np.ndarray:
-  r"""Stable :math:`\log\sum e^{x}` along ``axis`` (optionally over ``where`` only; -inf if empty)."""
+  r"""Stable :math:`\log\sum e^{x}` along ``axis`` (over ``where`` only if given; -inf if empty)."""
   x = np.asarray(x, dtype=np.float64)
   if where is not None:
     x = np.where(where, x, -np.inf)

@@ -14,7 +14,7 @@ import jax  # noqa: E402
 from xent_jax.tools import libtpu  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
-# libtpu (the `tpu` extra, for tests/tools/test_tpu_compile.py) loads with JAX's backends in every test
-# process and subprocess: on a host without a TPU, keep it from printing warnings and let every
+# libtpu (the `tpu` extra, for tests/tools/test_tpu_compile.py) loads with JAX's backends in every
+# test process and subprocess: on a host without a TPU, keep it from printing warnings and let every
 # xdist worker load it.
 libtpu.quiet_libtpu()

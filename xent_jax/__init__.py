@@ -43,6 +43,7 @@ from xent_jax.parallel.logits import (
 )
 from xent_jax.registry import define_loss, get_loss, list_losses, register_loss
 
+# The one place the version is written: pyproject.toml reads it (setuptools dynamic version).
 __version__ = "0.1.0"
 
 __all__ = [

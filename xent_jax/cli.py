@@ -205,7 +205,7 @@ def _describe(err: Exception, distributed: bool = False) -> tuple[str, int]:
     return str(err), 2
   if isinstance(err, (trainer.NonFiniteLossError, checkpoint.CheckpointError, logs.LogFileError)):
     return str(err), 1
-  if isinstance(err, OSError) and err.strerror:
+  if isinstance(err, OSError) and err.strerror and err.errno is not None:
     where = f"{err.filename}: " if err.filename else ""
     return f"{where}{err.strerror} (errno {errno.errorcode.get(err.errno, err.errno)})", 1
   return f"{type(err).__name__}: {err} (rerun with --debug for the traceback)", 1

@@ -216,7 +216,7 @@ def smooth_labels(
     num_categories = max(math.prod(labels.shape[a] for a in axes), 1)
   else:
     num_categories = jnp.sum(where, axis, keepdims=True)
-  return (1.0 - alpha) * labels + alpha / num_categories
+  return labels * (1.0 - alpha) + alpha / num_categories
 
 
 def poly_loss_cross_entropy(

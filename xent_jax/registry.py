@@ -122,7 +122,7 @@ def _hparam_defaults(entry: _Entry) -> dict[str, Any]:
 
 
 def _summary(entry: _Entry) -> str:
-  return entry.summary or inspect.getdoc(entry.fn).splitlines()[0]
+  return entry.summary or _first_line(entry.fn, entry.fn.__name__)
 
 
 def list_losses() -> dict[str, LossInfo]:
@@ -428,7 +428,7 @@ def _with_signature(
   <hyper-parameters>, <conventions>)``, from which the registry reads the hyper-parameters."""
   kw = inspect.Parameter.KEYWORD_ONLY
   defaults = {"axis": -1, "class_weight": None, "ignore_index": -100, "reduction": "mean"}
-  loss.__signature__ = inspect.Signature(
+  loss.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
     [
       inspect.Parameter("logits", inspect.Parameter.POSITIONAL_OR_KEYWORD),
       inspect.Parameter("labels", inspect.Parameter.POSITIONAL_OR_KEYWORD),
@@ -571,7 +571,7 @@ def define_loss(class_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
 
   # The signature the registry reads hyper-parameters from: f's keyword-only arguments.
   kw = inspect.Parameter.KEYWORD_ONLY
-  loss.__signature__ = inspect.Signature(
+  loss.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
     [
       inspect.Parameter("logits", inspect.Parameter.POSITIONAL_OR_KEYWORD),
       inspect.Parameter("labels", inspect.Parameter.POSITIONAL_OR_KEYWORD),

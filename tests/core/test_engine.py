@@ -663,10 +663,10 @@ def test_fused_form_refuses_vocab_chunk_size_it_cannot_use():
   for bad in (0, 2.5, True):
     with pytest.raises(ValueError, match="vocab_chunk_size"):
       xent_jax.get_loss("focal").linear(hidden, weight, LABELS, vocab_chunk_size=bad)
-  with pytest.raises(ValueError, match="vocab_chunk_size.*'bi_tempered'"):
+  with pytest.raises(ValueError, match=r"vocab_chunk_size.*'bi_tempered'"):
     xent_jax.get_loss("bi_tempered").linear(hidden, weight, LABELS, vocab_chunk_size=4)
   probabilities = jnp.full((6, 9), 1 / 9)
-  with pytest.raises(ValueError, match="vocab_chunk_size.*probability labels"):
+  with pytest.raises(ValueError, match=r"vocab_chunk_size.*probability labels"):
     xent_jax.get_loss("focal").linear(hidden, weight, probabilities, vocab_chunk_size=4)
 
 

@@ -83,7 +83,7 @@ def test_gradient_matches_reference(problem):
 @FEW
 @given(problems())
 def test_shift_invariance_and_nonnegativity(problem):
-  logits, labels, options, reduction = problem
+  logits, labels, options, _ = problem
   # Without z-loss or softcap, adding a constant to every logit of an example changes nothing.
   options = dict(options, z_loss=0.0, logit_softcap=None)
   base = np.asarray(_call(logits, labels, options, "none"))

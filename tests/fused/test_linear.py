@@ -248,7 +248,7 @@ class TestFeatures:
         vocab_chunk_size=vocab_chunk,
       )
 
-    loss, lse = fused(*args)
+    _, lse = fused(*args)
     np.testing.assert_allclose(lse, expected_lse, rtol=1e-5)
     # d(loss + sum(lse)): the lse cotangent flows through the fused backward pass. The softmax
     # is the gradient of lse, so the reference is the loss gradient plus softmax terms.
@@ -370,7 +370,7 @@ class TestFeatures:
       np.testing.assert_allclose(np.asarray(g, np.float64), e, rtol=0, atol=1e-2 * np.abs(e).max())
 
   def test_out_of_range_label_gives_nan(self):
-    hidden, weight, bias, labels, _ = _problem(13)
+    hidden, weight, _, labels, _ = _problem(13)
     labels[3] = V + 2
     for vocab_chunk in (None, 10):
       loss = xent_jax.linear_cross_entropy(
@@ -766,7 +766,7 @@ class TestForwardMode:
   # One pass, and two passes (vocabulary chunks): reverse mode over the transposed tangent pass.
   @pytest.mark.parametrize("vocab_chunk", [None, 3])
   def test_reverse_over_reverse_equals_the_unfused_hessian(self, vocab_chunk):
-    hidden, weight, bias, labels, kwargs = _problem(13, n=9, d=3, v=7, options={"z_loss": 0.1})
+    hidden, weight, _, labels, kwargs = _problem(13, n=9, d=3, v=7, options={"z_loss": 0.1})
     with jax.enable_x64(True):
       labels = jnp.asarray(labels)
       fused = lambda h: xent_jax.linear_cross_entropy(

@@ -1,5 +1,5 @@
-r"""Tests of the lean bi-tempered loss (`xent_jax.losses.bitempered`): values and closed-form gradients
-in both autodiff modes against a float64 NumPy replica of the paper's algorithm (its
+r"""Tests of the lean bi-tempered loss (`xent_jax.losses.bitempered`): values and closed-form
+gradients in both autodiff modes against a float64 NumPy replica of the paper's algorithm (its
 ``num_iters`` iterations included) and the converged reference in ``_variant_reference.py``;
 gradient checks; per-row residuals only; no ``[N, V]`` temporaries; bf16; the block function.
 

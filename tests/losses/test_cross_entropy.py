@@ -128,7 +128,7 @@ def test_gradients_match_reference_fp32(layout, label_kind, option_name):
   for reduction in ("sum", "mean"):
     grad = jax.jit(
       jax.grad(
-        lambda x: xent_jax.cross_entropy(
+        lambda x, reduction=reduction: xent_jax.cross_entropy(
           x, jnp.asarray(labels), reduction=reduction, **_jnp_options(options)
         )
       )
@@ -325,11 +325,8 @@ def test_negative_infinity_on_non_target_classes(label_kind, options):
   keep = (labels_int + 1) % 6
   mask = (np.arange(6) == labels_int[:, None]) | (np.arange(6) == keep[:, None])
   logits = np.where(mask, logits, -np.inf).astype(np.float32)
-  if label_kind == "int":
-    labels = labels_int
-  else:
-    # Mass only on the finite classes.
-    labels = np.where(mask, 0.5, 0.0).astype(np.float32)
+  # Probability labels put mass only on the finite classes.
+  labels = labels_int if label_kind == "int" else np.where(mask, 0.5, 0.0).astype(np.float32)
   options = dict(options)
   if options.pop("weight", False):
     options["weight"] = rng.uniform(0.5, 2.0, size=6).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Tests of the cross-entropy variants against float64 NumPy references and their neutral settings."""
+"""Tests of the cross-entropy variants against float64 NumPy references and neutral settings."""
 
 import functools
 
@@ -232,11 +232,8 @@ ALL_VARIANTS = [
 @pytest.mark.parametrize("labels", [EXTREME_LABELS, EXTREME_PROBS], ids=["integer", "probs"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_finite_values_and_gradients_at_extremes(fn, hparams, labels, dtype):
-  if hparams.get("label_smoothing"):
-    # Smoothing puts target mass on the -inf classes, where an infinite loss is correct.
-    logits = np.maximum(EXTREME_LOGITS, -100.0)
-  else:
-    logits = EXTREME_LOGITS
+  # Smoothing puts target mass on the -inf classes, where an infinite loss is correct: no -inf then.
+  logits = np.maximum(EXTREME_LOGITS, -100.0) if hparams.get("label_smoothing") else EXTREME_LOGITS
   logits = jnp.asarray(logits, dtype)
   loss_fn = lambda x: fn(x, labels, **hparams, reduction="none")
   loss = jax.jit(loss_fn)(logits)
@@ -406,14 +403,14 @@ def test_hparams_may_be_traced_except_static_ones():
 class TestBiTemperedAgainstPublishedImplementation:
   """Known values: the paper authors' JAX code, ``jax-bitempered-loss`` on PyPI (optional)."""
 
-  SETTINGS = [
+  SETTINGS = (
     (0.8, 1.2, 0.0, 5),
     (0.5, 4.0, 0.1, 5),
     (1.0, 1.0, 0.0, 5),
     (0.2, 0.8, 0.0, 20),
     (1.0, 1.5, 0.2, 5),
     (0.7, 1.0, 0.0, 5),
-  ]
+  )
 
   @pytest.mark.parametrize("t1,t2,smoothing,num_iters", SETTINGS)
   @pytest.mark.parametrize("label_kind", ["integer", "probabilities"])

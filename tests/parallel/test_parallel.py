@@ -183,7 +183,7 @@ class TestVocabParallelCrossEntropy:
 
     with jax.set_mesh(mesh):
       (_, lse), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(logits)
-    single = lambda x: (lambda l, s: l + jnp.sum(s**2))(
+    single = lambda x: (lambda loss, s: loss + jnp.sum(s**2))(
       *xent_jax.cross_entropy(x, labels, z_loss=0.1, return_lse=True)
     )
     _close(lse, ref.logsumexp(logits))
@@ -260,6 +260,19 @@ class TestVocabParallelCrossEntropy:
 
 
 class TestVocabParallelLinearCrossEntropy:
+  @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+  def test_empty_batch_gives_the_single_device_value(self, reduction):
+    # No rows to chunk: the loss of the empty logits, as linear_cross_entropy's (it raised
+    # AttributeError on the missing schedule before).
+    hidden, weight = np.zeros((0, D), np.float32), np.ones((V, D), np.float32)
+    labels = np.zeros(0, np.int32)
+    got = xent_jax.vocab_parallel_linear_cross_entropy(
+      hidden, weight, labels, mesh=_mesh((2, 4)), data_axis="data", reduction=reduction
+    )
+    want = xent_jax.linear_cross_entropy(hidden, weight, labels, reduction=reduction)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
   @pytest.mark.parametrize("mesh_shape", MESH_SHAPES)
   @pytest.mark.parametrize(
     "reduction, layout, token_chunk, vocab_chunk",
@@ -841,7 +854,7 @@ class TestBadInput:
 
   def test_linear_shapes_are_named(self, mesh):
     hidden, labels = np.zeros((N, D), np.float32), np.zeros(N, np.int32)
-    with pytest.raises(ValueError, match="`hidden`.*`weight`"):
+    with pytest.raises(ValueError, match=r"`hidden`.*`weight`"):
       xent_jax.vocab_parallel_linear_cross_entropy(
         hidden, np.zeros((V, D + 1), np.float32), labels, mesh=mesh
       )

@@ -145,7 +145,7 @@ def test_label_smoothing_and_z_loss_entries_configure_cross_entropy():
 
 
 def test_unknown_name_lists_the_registered_ones():
-  with pytest.raises(ValueError, match="unknown loss 'focall'.*'focal'.*'taylor_ce'"):
+  with pytest.raises(ValueError, match=r"unknown loss 'focall'.*'focal'.*'taylor_ce'"):
     xent_jax.get_loss("focall")
 
 
@@ -192,7 +192,7 @@ def test_wrong_kind_of_hparam_fails_in_get_loss():
 
 def test_call_time_hparams_are_rejected():
   loss_fn = xent_jax.get_loss("focal")
-  with pytest.raises(ValueError, match="gamma.*conventions"):
+  with pytest.raises(ValueError, match=r"gamma.*conventions"):
     loss_fn(LOGITS, LABELS, gamma=1.0)
   assert repr(loss_fn) == "get_loss('focal', gamma=2.0, alpha=None, label_smoothing=0.0)"
 

@@ -85,7 +85,7 @@ def test_suggestions_for_keys_at_every_level(override, expected):
 
 
 def test_a_loss_module_in_the_working_directory_is_found(tmp_path, monkeypatch):
-  """`xent-jax run ... loss.name=my_losses:my_loss` works from the directory holding my_losses.py."""
+  """`xent-jax run ... loss.name=my_losses:my_loss` works from the directory of my_losses.py."""
   (tmp_path / "h5_cwd_losses.py").write_text(
     "import xent_jax\n\n\ndef my_loss(logits, labels, *, axis=-1, weight=None, ignore_index=-100,\n"
     "            reduction='mean', where=None):\n"

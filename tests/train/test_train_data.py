@@ -1,4 +1,4 @@
-"""Data sets (built-in, MNIST-1D, the user's arrays): splits, label noise, validation, batch order."""
+"""Data sets (built-in, MNIST-1D, the user's arrays): splits, label noise, checks, batch order."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ from xent_jax.train import train_and_evaluate
 from xent_jax.train.config import ConfigError, DataConfig, load_config
 from xent_jax.train.data import (
   DataError,
+  Dataset,
   add_label_noise,
   eval_batches,
   load_dataset,
@@ -124,6 +125,13 @@ def test_holdout_batches_cover_the_holdout_split():
   assert (
     len(load_dataset(DataConfig(name="gaussian_mixture", holdout_fraction=0.0)).y_holdout_H) == 0
   )
+
+
+def test_holdout_batches_of_a_data_set_without_holdout_name_split():
+  x, y = np.zeros((4, 2), np.float32), np.zeros(4, np.int32)
+  data = Dataset(x, y, x, y, num_classes=2)
+  with pytest.raises(ValueError, match=r"`split`.*'holdout'"):
+    list(eval_batches(data, batch_size=2, split="holdout"))
 
 
 def test_char_corpus_holdout_comes_from_the_training_text():

@@ -1,4 +1,4 @@
-"""Models and objectives (shapes, fused LM loss = logits path, bf16), and the final calibration row."""
+"""Models and objectives (shapes, fused LM loss = logits path, bf16), and the calibration row."""
 
 import jax
 import jax.numpy as jnp

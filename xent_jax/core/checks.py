@@ -136,7 +136,7 @@ def check_nonnegative_array(fn: str, name: str, value) -> None:
 
 def check_static_number(fn: str, name: str, value) -> None:
   """Raises ``TypeError`` unless ``value`` is a concrete (Python or NumPy) real number."""
-  if isinstance(value, jax.core.Tracer) or isinstance(value, bool) or np.ndim(value) != 0:
+  if isinstance(value, (jax.core.Tracer, bool)) or np.ndim(value) != 0:
     raise TypeError(f"{fn}: `{name}` must be a Python number (static), got {value!r}.")
   try:
     float(value)

@@ -43,7 +43,7 @@ References:
 import dataclasses
 import functools
 from collections.abc import Callable, Hashable
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -391,7 +391,7 @@ class _Passes:
     m = self.m
     if not operands:
       return self.complete(jnp.full(m.shape, self.logits.shape[-1], m.dtype))
-    beta = _beta(beta_fn, operands, m.dtype)
+    beta = cast(jax.Array, _beta(beta_fn, operands, m.dtype))  # operands given: not None
     return self.complete(jnp.broadcast_to(jnp.sum(beta, axis=-1), m.shape))
 
   def weighted_log_p(self, beta_fn, operands) -> Callable[[list], jax.Array]:
@@ -426,7 +426,7 @@ class _Passes:
 
     def value(sums):
       total = series.constant * total_weight + sum(b * read(sums) for _, b, read in powers)
-      return total + a * log_sum_beta(sums) if a else total
+      return total + a * log_sum_beta(sums) if log_sum_beta is not None else total
 
     def slope(sums):
       return a * total_weight + sum(j * b * read(sums) for j, b, read in powers)

@@ -109,7 +109,9 @@ def takes_options(kwargs_type: type) -> Callable[[Callable[..., Any]], Callable[
         raise TypeError(f"{fn.__name__}() got an unexpected keyword argument {unknown[0]!r}")
       return fn(*args, **kwargs)
 
-    with_options.__signature__ = signature.replace(parameters=own + listed)
+    with_options.__signature__ = signature.replace(  # type: ignore[attr-defined]
+      parameters=own + listed
+    )
     return with_options
 
   return decorate

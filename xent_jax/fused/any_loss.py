@@ -167,6 +167,7 @@ def _blocked_head(fn, engine_head, rows: _LinearRows, layout: LinearLayout, retu
   weight gradient sums in float32."""
   head, label_smoothing = engine_head
   read = rows.read
+  assert read is not None  # integer labels (the caller's condition)
   loss_N, stats = fused_heads.integer_head_linear(
     fn,
     head,

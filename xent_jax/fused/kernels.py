@@ -148,7 +148,7 @@ def vocab_slice_class_sums(hidden_NxD, weight, bias_V, lse_N, betas, cfg: BlockC
     return blocks.write_rows(out_N, chunk_T, t0)
 
   init = _row_zeros(count, n, dtype, cfg)
-  out_N = lax.fori_loop(0, blocks.num_chunks(n, t), token_step, init) if count else ()
+  out_N: tuple = lax.fori_loop(0, blocks.num_chunks(n, t), token_step, init) if count else ()
   k = len(cfg.class_fns)
   step = 1 + slopes
   sums = out_N[0 : step * k : step]

@@ -45,6 +45,7 @@ def cross_entropy_head(smoothing: str, z_loss: float) -> heads.Head:
       others = target.total_weight - target.target_weight
       extra = extra + target.target_weight * xlogx(target.on) + others * xlogx(target.off)
     if t5x and not target.integer:
+      assert target.probs is not None  # probability labels
       w = (
         1.0
         if target.class_weight is None

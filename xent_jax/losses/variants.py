@@ -33,6 +33,7 @@ The conventions' arguments, in every function below:
 """
 
 import math
+from collections.abc import Callable
 from typing import Unpack
 
 import jax
@@ -710,7 +711,7 @@ def _alpha_vector(alpha, num_classes: int):
 
 # Each variant's head from its hyper-parameters (label smoothing aside) and the class count, for
 # the executors that take a head rather than logits (vocabulary shards).
-HEAD_FACTORIES = {
+HEAD_FACTORIES: dict[Callable[..., jax.Array], Callable[..., heads.Head]] = {
   softmax_focal_loss: lambda num_classes, gamma, alpha: focal_head(
     gamma, _alpha_vector(alpha, num_classes)
   ),

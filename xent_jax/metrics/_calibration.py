@@ -29,7 +29,7 @@ class CalibrationCounts(NamedTuple):
     correct_sum: number of them whose arg-max prediction equals the label.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field, not tuple.count
   confidence_sum: jax.Array
   correct_sum: jax.Array
 
@@ -43,7 +43,7 @@ class ReliabilityBins(NamedTuple):
     accuracy: fraction correct in the bin (``NaN`` for an empty bin).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field, not tuple.count
   confidence: jax.Array
   accuracy: jax.Array
 

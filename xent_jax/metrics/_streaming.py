@@ -31,7 +31,7 @@ class EvalSums(NamedTuple):
     calibration: per-bin :class:`CalibrationCounts`.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field, not tuple.count
   correct_sum: jax.Array
   nll_sum: jax.Array
   brier_sum: jax.Array

@@ -49,7 +49,7 @@ class _Search(NamedTuple):
     best_slope: that ``|slope|``.
   """
 
-  i: jax.Array
+  i: jax.Array | int
   u: jax.Array
   low: jax.Array
   high: jax.Array

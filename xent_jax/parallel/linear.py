@@ -20,10 +20,18 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from xent_jax.core import checks, engine, inputs
+from xent_jax.core.frontend import head_loss
 from xent_jax.core.options import CrossEntropyOptionKwargs, LossOptions, takes_options
 from xent_jax.core.reduction import data_axes, reduce_loss
 from xent_jax.fused import ops as fused_ops
-from xent_jax.fused.rows import LinearArrays, LinearLayout, check_linear_layer, prepare_rows
+from xent_jax.fused.rows import (
+  LinearArrays,
+  LinearLayout,
+  check_linear_layer,
+  prepare_rows,
+  unfused_logits,
+)
+from xent_jax.losses.cross_entropy import cross_entropy_head
 from xent_jax.parallel.mesh import loss_specs, row_specs, run_on_mesh
 
 
@@ -93,12 +101,29 @@ def _shard_loss(
     vocab_axis=plan.vocab_axis,
     row_axes=data_axes(plan.data_axis),
   )
+  if rows.schedule is None:  # An empty batch: the loss of its empty [..., 0, V_s] logits.
+    head = cross_entropy_head(options.smoothing, float(options.z_loss))
+    logits = unfused_logits(hidden, weight, bias, plan.layout.weight_layout)
+    loss, stats = head_loss(
+      fn,
+      head,
+      logits,
+      labels,
+      options,
+      class_weight=class_weight,
+      where=where,
+      vocab_axis=plan.vocab_axis,
+      data_axis=plan.data_axis,
+    )
+    return (loss, stats.lse) if plan.return_lse else loss
   if rows.schedule.one_pass:
     return _one_pass_loss(fn, options.reduction, plan, rows)
   return _two_pass_loss(fn, options.reduction, plan, rows)
 
 
-def _kernel_args(rows):
+def _kernel_args(
+  rows,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array, jax.Array | None]:
   """The arrays the kernels take, from :func:`xent_jax.fused.rows.prepare_rows`'s rows."""
   return (rows.hidden_NxD, rows.weight, rows.bias, rows.labels_N, rows.class_weight)
 

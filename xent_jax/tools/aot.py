@@ -114,7 +114,10 @@ def spec(shape, dtype, where) -> jax.ShapeDtypeStruct:
 
 def temp_bytes(fn, *args) -> int:
   """Scratch memory in bytes per chip of ``jax.jit(fn)`` compiled for the devices of ``args``."""
-  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+  memory = jax.jit(fn).lower(*args).compile().memory_analysis()
+  if memory is None:
+    raise RuntimeError("temp_bytes: this backend's compiler reports no memory analysis.")
+  return memory.temp_size_in_bytes
 
 
 # --------------------------------------------------------------------------- the logits path
@@ -123,8 +126,8 @@ def temp_bytes(fn, *args) -> int:
 class LogitsLoss(NamedTuple):
   """One problem of the logits path: ``loss(logits, labels) -> scalar`` and where it comes from."""
 
-  loss: Callable[[jax.Array, jax.Array], jax.Array]
-  public: Callable[..., jax.Array]  # the public function it calls
+  loss: Callable[..., jax.Array]  # (logits, labels) -> scalar
+  public: Callable  # the public function it calls
   dense_labels: bool  # labels are [N, V] probabilities rather than [N] class ids
 
 
@@ -238,7 +241,7 @@ def _parallel_problem(kind: str, m: Mesh):
   on = lambda *axes: NamedSharding(m, P(*axes))  # pylint: disable=unnecessary-lambda-assignment
   if kind.startswith("vocab_parallel_linear_cross_entropy"):
     n, d, v = HEADS[PARALLEL_HEAD]
-    args = (
+    args: tuple[jax.ShapeDtypeStruct, ...] = (
       spec((n, d), jnp.bfloat16, on("data")),
       spec((v, d), jnp.bfloat16, on("vocab")),
       spec((n,), jnp.int32, on("data")),

@@ -13,7 +13,7 @@ import difflib
 import itertools
 import math
 import pathlib
-from typing import Any
+from typing import Any, cast
 
 import omegaconf
 import yaml
@@ -180,7 +180,7 @@ def _omegaconf_error(err: omegaconf.errors.OmegaConfBaseException, source: str) 
   key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
   message = str(err).splitlines()[0]
   if isinstance(err, (omegaconf.errors.ConfigKeyError, omegaconf.errors.ConfigAttributeError)):
-    schema = getattr(err, "object_type", None)
+    schema: type | None = getattr(err, "object_type", None)
     if dataclasses.is_dataclass(schema) and schema is not Config and "." not in str(key):
       # A key inside a list entry (compare.variants): OmegaConf names only the key itself.
       allowed = [field.name for field in dataclasses.fields(schema)]
@@ -193,10 +193,10 @@ def _omegaconf_error(err: omegaconf.errors.OmegaConfBaseException, source: str) 
     parent, _, _ = str(key).rpartition(".")
     node = OmegaConf.structured(Config)
     for part in filter(None, parent.split(".")):
-      node = node[part] if part in node else None
+      node = node.get(part, None)
       if node is None:
         break
-    allowed = sorted(node.keys()) if isinstance(node, omegaconf.DictConfig) else []
+    allowed = sorted(map(str, node.keys())) if isinstance(node, omegaconf.DictConfig) else []
     close = suggest_keys(str(key))
     hint = f"did you mean {' or '.join(repr(k) for k in close)}? " if close else ""
     return ConfigError(f"{source}: unknown config key '{key}'; {hint}allowed keys here: {allowed}")
@@ -248,7 +248,7 @@ def load_config(path: str | None, overrides: tuple[str, ...] = ()) -> Config:
       raise ConfigError(f"override '{item}': its value is not valid YAML ({reason})") from None
   try:
     merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-    config = OmegaConf.to_object(merged)
+    config = cast(Config, OmegaConf.to_object(merged))  # a structured Config node
   except omegaconf.errors.OmegaConfBaseException as err:
     raise _omegaconf_error(err, "command-line override" if overrides else source) from None
   validate(config)
@@ -424,7 +424,7 @@ def expand_grid(config: Config) -> list[Config]:
             OmegaConf.update(node, key, value, merge=False)
         except omegaconf.errors.OmegaConfBaseException as err:
           raise _omegaconf_error(err, "compare.grid") from None
-        run = OmegaConf.to_object(node)
+        run = cast(Config, OmegaConf.to_object(node))
         run.loss = copy.deepcopy(variant)
         run.train.seed = seed
         run.compare = CompareConfig()

@@ -14,6 +14,7 @@ fitted on it, so the test split is only ever used for scoring.
 import dataclasses
 import functools
 import pathlib
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class Dataset:
 def _split(x_NxF, y_N, fraction, rng):
   """``(x_rest, y_rest, x_part, y_part)``: a random ``fraction`` of the rows split off."""
   perm_N = rng.permutation(len(y_N))
-  num_part = int(round(fraction * len(y_N)))
+  num_part = round(fraction * len(y_N))
   part, rest = perm_N[:num_part], perm_N[num_part:]
   return x_NxF[rest], y_N[rest], x_NxF[part], y_N[part]
 
@@ -62,7 +63,7 @@ def add_label_noise(
   Returns:
     (noisy labels ``[N]``, boolean mask ``[N]`` of the changed positions).
   """
-  num_noisy = int(round(rate * len(y_N)))
+  num_noisy = round(rate * len(y_N))
   mask_N = np.zeros(len(y_N), bool)
   mask_N[rng.permutation(len(y_N))[:num_noisy]] = True
   if noise_type == "symmetric":
@@ -232,9 +233,9 @@ def _pydoc_chars(config: DataConfig) -> Dataset:
   codes_T = np.frombuffer(text.encode("utf-32-le"), np.uint32)
   vocab_V = np.unique(codes_T)
   ids_T = np.searchsorted(vocab_V, codes_T).astype(np.int32)
-  num_test = int(round(config.test_fraction * len(ids_T)))
+  num_test = round(config.test_fraction * len(ids_T))
   train_T, test_T = ids_T[:-num_test], ids_T[-num_test:]
-  num_holdout = int(round(config.holdout_fraction * len(train_T)))
+  num_holdout = round(config.holdout_fraction * len(train_T))
   train_T, holdout_T = train_T[: len(train_T) - num_holdout], train_T[len(train_T) - num_holdout :]
   x_test, y_test = _windows(test_T, config.seq_len, config.max_eval_tokens)
   x_holdout, y_holdout = _windows(holdout_T, config.seq_len, config.max_eval_tokens)
@@ -283,7 +284,9 @@ def load_dataset(config: DataConfig, *, image: bool = False) -> Dataset:
   )
   mask_N = np.zeros(len(y_train), bool)
   if config.label_noise > 0:
-    noise = dict(rate=config.label_noise, noise_type=config.noise_type, num_classes=num_classes)
+    noise: dict[str, Any] = dict(
+      rate=config.label_noise, noise_type=config.noise_type, num_classes=num_classes
+    )
     y_train, mask_N = add_label_noise(y_train, **noise, rng=np.random.default_rng([config.seed, 2]))
     y_holdout, _ = add_label_noise(y_holdout, **noise, rng=np.random.default_rng([config.seed, 4]))
   return Dataset(
@@ -339,6 +342,8 @@ def eval_batches(data: Dataset, *, batch_size: int, split: str = "test"):
   x_all, y_all = (
     (data.x_test_MxF, data.y_test_M) if split == "test" else (data.x_holdout_HxF, data.y_holdout_H)
   )
+  if x_all is None or y_all is None:
+    raise ValueError(f"eval_batches: `split` must be a split this data set holds, got {split!r}.")
   for start in range(0, len(x_all), batch_size):
     x, y = x_all[start : start + batch_size], y_all[start : start + batch_size]
     valid_B = np.ones(len(x), bool)

@@ -145,6 +145,7 @@ class CNN1D(nnx.Module):
     )
     kernel_KCxO = conv.kernel[...].astype(self.dtype).reshape(k * c_in, c_out)
     y_BxOxC = patches_BxOxKxC.reshape(*patches_BxOxKxC.shape[:2], k * c_in) @ kernel_KCxO
+    assert conv.bias is not None  # built with use_bias=True
     return y_BxOxC + conv.bias[...].astype(self.dtype)[None, None]
 
 
@@ -193,6 +194,7 @@ class GRU1D(nnx.Module):
   def _run(self, inputs_BxLx3H, state: nnx.Linear, reverse: bool):
     """States ``[B, L, H]`` of one direction, from the input projections of every step."""
     w_Hx3H = state.kernel[...].astype(self.dtype)
+    assert state.bias is not None  # built with use_bias=True
     b_1x3H = state.bias[...].astype(self.dtype)[None]
 
     def step(h_BxH, xi_Bx3H):
@@ -321,16 +323,10 @@ def build_model(config: ModelConfig, *, input_shape, num_classes: int, seed: int
       rngs=rngs,
     )
   if config.name in ("mnist1d_cnn", "mnist1d_gru"):
-    model = CNN1D if config.name == "mnist1d_cnn" else GRU1D
-    options = {"conv": config.conv} if config.name == "mnist1d_cnn" else {}
-    return model(
-      input_shape[0],
-      input_shape[1] if len(input_shape) == 2 else 1,
-      num_classes,
-      **options,
-      dtype=dtype,
-      rngs=rngs,
-    )
+    length, features = input_shape[0], input_shape[1] if len(input_shape) == 2 else 1
+    if config.name == "mnist1d_gru":
+      return GRU1D(length, features, num_classes, dtype=dtype, rngs=rngs)
+    return CNN1D(length, features, num_classes, conv=config.conv, dtype=dtype, rngs=rngs)
   return TransformerLM(
     num_classes,
     input_shape[0],

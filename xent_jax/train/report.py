@@ -167,9 +167,9 @@ def loss_colours(losses: list[str]) -> dict[str, tuple]:
   """One colour per loss, the same in every panel: tab10, tab20 beyond 10, evenly spaced beyond
   20."""
   if len(losses) <= 10:
-    colours = plt.get_cmap("tab10").colors
+    colours = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # a ListedColormap
   elif len(losses) <= 20:
-    colours = plt.get_cmap("tab20").colors
+    colours = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]  # a ListedColormap
   else:
     colours = plt.get_cmap("turbo")(np.linspace(0.05, 0.95, len(losses)))
   return {loss: tuple(colours[i]) for i, loss in enumerate(losses)}

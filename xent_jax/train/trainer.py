@@ -61,7 +61,7 @@ def _effective_weight_decay(flat: dict) -> dict:
   Runs recorded before the key became optional wrote adamw's 1e-4 explicitly; they stay resumable.
   """
   if flat.get("optim.weight_decay") is None:
-    flat["optim.weight_decay"] = DEFAULT_WEIGHT_DECAY.get(flat.get("optim.name"))
+    flat["optim.weight_decay"] = DEFAULT_WEIGHT_DECAY.get(str(flat.get("optim.name")))
   return flat
 
 
@@ -171,6 +171,7 @@ def evaluate(eval_step, state, data: Dataset, config: Config, mesh) -> tuple[dic
     sums = multihost_utils.process_allgather(sums, tiled=True)  # device_get on one process
     sums = jax.tree.map(lambda a: np.sum(a, axis=0, dtype=np.float64), sums)
     total = sums if total is None else jax.tree.map(np.add, total, sums)
+  assert total is not None  # the test split is not empty (checked on loading)
   return finish_eval(total)
 
 
