@@ -15,6 +15,7 @@ import argparse
 import errno
 import logging
 import os
+import pathlib
 import re
 import sys
 
@@ -258,7 +259,15 @@ def _main(args: argparse.Namespace, extra: list[str]) -> int:
     failures = run_comparison(config, progress=not args.no_progress)
     print(f"wrote {config.workdir}/table.md, table.csv and plots/")
     return 1 if failures else 0
+  from xent_jax.train.logs import read_summary  # pylint: disable=import-outside-toplevel
+
+  finished = pathlib.Path(config.workdir).is_dir() and read_summary(pathlib.Path(config.workdir))
   summary = train_and_evaluate(config, config.workdir, progress=not args.no_progress)
+  if finished:  # train_and_evaluate checked that it is a run of this same config
+    print(
+      f"reusing the finished run in {config.workdir} (same config; nothing was trained): "
+      "for a fresh run, pass a new --workdir"
+    )
   final = summary["final"]
   print(
     f"{config.name} seed={config.train.seed}: accuracy={final['eval/accuracy']:.4f} "

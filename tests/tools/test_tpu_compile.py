@@ -14,6 +14,10 @@ scratch memory on the chip stays within the library's promise.
   the naive head's share per chip;
 * the Transformer train step compiles; its fused version needs no more than the logits one.
 
+The compiles need libtpu, which the main test venv lacks (it prints errors wherever JAX starts on
+a host without a TPU): those tests are marked ``tpu``, skip there, and run in the TPU step of
+``.ci/run`` from a venv with the ``tpu-test`` extra (``python -m pytest -m tpu``).
+
 Compiling is the cost (seconds to a minute each on 2 cores): each problem compiles once per
 process (cached in `xent_jax.tools.aot`), the heavy ones are marked slow and run on v5e only (see
 `_HEAVY_TOPOLOGIES`; ``python experiments/aot_memory.py`` measures every problem on both).
@@ -25,8 +29,6 @@ import subprocess
 import sys
 
 import pytest
-
-pytest.importorskip("libtpu", reason="the TPU compile checks need libtpu: pip install -e '.[tpu]'")
 
 import xent_jax
 from xent_jax.tools import aot
@@ -62,6 +64,7 @@ def test_every_public_loss_is_compiled():
   assert public - covered == set()
 
 
+@pytest.mark.tpu
 def test_libtpu_prints_nothing_on_a_host_without_tpu():
   """A fresh process loads libtpu and compiles for a slice; stderr stays empty."""
   env = {
@@ -95,6 +98,7 @@ def _logits_cases() -> list:
   ]
 
 
+@pytest.mark.tpu
 @pytest.mark.parametrize("loss, topology", _logits_cases())
 def test_logits_path_temp_is_o_of_n(loss, topology):
   temp = aot.logits_temp_bytes(loss, topology)
@@ -126,6 +130,7 @@ def _fused_head_cases() -> list:
   ]
 
 
+@pytest.mark.tpu
 @pytest.mark.slow
 @pytest.mark.parametrize("head, topology", _fused_head_cases())
 def test_fused_head_temp_bound(head, topology):
@@ -137,6 +142,7 @@ def test_fused_head_temp_bound(head, topology):
   )
 
 
+@pytest.mark.tpu
 @pytest.mark.slow
 @pytest.mark.parametrize("topology", _HEAVY_TOPOLOGIES)
 @pytest.mark.parametrize("loss", list(xent_jax.list_losses()))
@@ -149,6 +155,7 @@ def test_fused_form_of_every_loss_temp_bound(loss, topology):
   )
 
 
+@pytest.mark.tpu
 @pytest.mark.parametrize("topology", aot.TOPOLOGIES)
 @pytest.mark.parametrize("mesh_name", list(aot.MESHES))
 @pytest.mark.parametrize("kind", aot.PARALLEL_KINDS[:2])
@@ -163,6 +170,7 @@ def test_vocab_parallel_logits_temp_is_o_of_n(kind, mesh_name, topology):
   )
 
 
+@pytest.mark.tpu
 @pytest.mark.slow
 @pytest.mark.parametrize("topology", _HEAVY_TOPOLOGIES)
 @pytest.mark.parametrize("loss", list(xent_jax.list_losses()))
@@ -176,6 +184,7 @@ def test_vocab_parallel_form_of_every_loss_temp_is_o_of_n(loss, topology):
   )
 
 
+@pytest.mark.tpu
 @pytest.mark.slow
 @pytest.mark.parametrize("topology", _HEAVY_TOPOLOGIES)
 @pytest.mark.parametrize(
@@ -197,6 +206,7 @@ def test_vocab_parallel_linear_temp_bound(kind, mesh_name, topology):
   )
 
 
+@pytest.mark.tpu
 @pytest.mark.slow
 @pytest.mark.parametrize("topology", _HEAVY_TOPOLOGIES)
 def test_transformer_train_step_compiles_and_fused_head_saves_memory(topology):

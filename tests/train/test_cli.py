@@ -1,6 +1,7 @@
 """The ``xent-jax`` entry point: run, compare (skipping finished runs), report, bad configs."""
 
 import csv
+import io
 import json
 import pathlib
 
@@ -23,14 +24,49 @@ SMALL = [
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A finished `xent-jax run` and what it printed."""
+  workdir = tmp_path_factory.mktemp("run")
+  args = ["run", QUICK, *SMALL, "--workdir", str(workdir)]
+  with pytest.MonkeyPatch.context() as patch:
+    out = io.StringIO()
+    patch.setattr("sys.stdout", out)
+    assert main(args) == 0
+  return workdir, args, out.getvalue()
+
+
 @pytest.mark.slow
-def test_run_prints_status_and_writes_files(tmp_path, capsys):
-  assert main(["run", QUICK, *SMALL, "--workdir", str(tmp_path)]) == 0
-  out = capsys.readouterr().out
+def test_run_prints_status_and_writes_files(finished_run):
+  tmp_path, _, out = finished_run
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert f"accuracy={summary['final']['eval/accuracy']:.4f}" in out
   assert (tmp_path / "config.yaml").exists()
   assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_says_it_reuses_it(finished_run, capsys):
+  workdir, args, _ = finished_run
+
+  def written():  # every file but the lock, which each run takes
+    return {p: p.stat().st_mtime_ns for p in workdir.iterdir() if p.name != "run.lock"}
+
+  before = written()
+  assert main(args) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == (
+    f"reusing the finished run in {workdir} (same config; nothing was trained): "
+    "for a fresh run, pass a new --workdir"
+  )
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert f"accuracy={summary['final']['eval/accuracy']:.4f}" in lines[1]
+  assert written() == before
+
+
+@pytest.mark.slow
+def test_first_run_says_nothing_of_reuse(finished_run):
+  assert "reusing" not in finished_run[2]
 
 
 @pytest.fixture(scope="module")

@@ -107,6 +107,7 @@ def test_a_loss_module_in_the_working_directory_is_found(tmp_path, monkeypatch):
   assert seen["loss"] == "h5_cwd_losses:my_loss"
 
 
+@pytest.mark.tpu
 def test_cli_prints_nothing_but_its_own_lines_on_a_host_without_tpu(tmp_path):
   """With the `tpu` extra installed, a fresh `xent-jax` process starting JAX on a CPU host prints
   no libtpu warnings (they used to come before every command's output)."""
@@ -114,7 +115,6 @@ def test_cli_prints_nothing_but_its_own_lines_on_a_host_without_tpu(tmp_path):
   import shutil  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
 
-  pytest.importorskip("libtpu")
   shutil.copytree(ROOT / "experiments" / "results" / "digits_quick", tmp_path / "quick")
   env = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "JAX_PLATFORMS"))}
   env.pop("ALLOW_MULTIPLE_LIBTPU_LOAD", None)

@@ -23,7 +23,7 @@ import pytest
 
 from xent_jax.train import logs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 ROOT = pathlib.Path(__file__).parents[2]
 QUICK = str(ROOT / "configs" / "digits_quick.yaml")

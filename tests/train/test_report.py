@@ -5,6 +5,7 @@ import csv
 import json
 
 import matplotlib
+import matplotlib.backends.backend_agg
 import numpy as np
 import pytest
 
@@ -169,3 +170,55 @@ def test_figures_have_title_legend_caption_and_one_colour_per_loss(tmp_path, fig
   # Noise levels are facets: one column per setting, titled with it.
   titles = {ax.get_title() for ax in curves.axes}
   assert {"label_noise=0.0", "label_noise=0.4"} <= titles
+
+
+def test_reliability_ece_label_covers_no_bar(tmp_path, figures):
+  """The ECE label sits clear of every bar, tall ones included (it used to cover them)."""
+  rng = np.random.default_rng(2)
+  for loss in ("tall", "short"):
+    _write_run(tmp_path, "", loss, 0, rng)
+  # Every example correct: every non-empty bar reaches the top of its panel.
+  summary_path = tmp_path / "tall" / "seed_0" / "summary.json"
+  summary = json.loads(summary_path.read_text())
+  summary["calibration_counts"]["count"] = [10.0] * NUM_BINS
+  summary["calibration_counts"]["correct_sum"] = [10.0] * NUM_BINS
+  summary_path.write_text(json.dumps(summary))
+  report.build_report(tmp_path)
+  fig = dict(figures)[str(tmp_path / "plots" / "reliability.png")]
+  canvas = matplotlib.backends.backend_agg.FigureCanvasAgg(fig)  # build_report closed it
+  canvas.draw()
+  renderer = canvas.get_renderer()
+  panels = [ax for ax in fig.axes if ax.patches]
+  assert len(panels) == 2
+  tall_panels = 0
+  for ax in panels:
+    (label,) = [t for t in [ax.title, *ax.texts] if t.get_text().startswith("ECE ")]
+    box = label.get_window_extent(renderer)
+    bars = [bar.get_window_extent(renderer) for bar in ax.patches]
+    reach = max(bar.y1 for bar in bars) - ax.get_window_extent(renderer).y1
+    tall_panels += reach > -1
+    assert not any(box.overlaps(bar) for bar in bars), label.get_text()
+  assert tall_panels == 1  # the bars of "tall" reach the top of their panel
+
+
+def test_log_axis_ticks_are_plain_decimals(tmp_path, figures):
+  """NLL within one decade (0.3 to 0.6): its ticks read 0.3, 0.4, ..., not 4x10^-1."""
+  rng = np.random.default_rng(3)
+  _write_run(tmp_path, "", "focal", 0, rng)
+  metrics_path = tmp_path / "focal" / "seed_0" / "metrics.jsonl"
+  rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+  for row, nll in zip(rows, (0.6, 0.3)):
+    row["eval/nll"] = row["train/loss"] = nll
+  metrics_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+  report.build_report(tmp_path)
+  fig = dict(figures)[str(tmp_path / "plots" / "learning_curves.png")]
+  nll_axis = next(ax for ax in fig.axes if ax.get_ylabel() == "test NLL")
+  labels = [
+    t.get_text()
+    for t in nll_axis.get_yticklabels() + nll_axis.get_yticklabels(minor=True)
+    if t.get_text()
+  ]
+  assert "0.4" in labels and "0.3" in labels, labels
+  for text in labels:
+    assert float(text) == pytest.approx(float(f"{float(text):g}")), text
+    assert "10" not in text and "$" not in text and "e" not in text, text

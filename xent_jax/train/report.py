@@ -13,6 +13,7 @@ import pathlib
 import matplotlib
 import matplotlib.lines
 import matplotlib.patches
+import matplotlib.ticker
 import numpy as np
 
 from xent_jax import metrics
@@ -239,6 +240,14 @@ def _setting_title(setting: str) -> str:
   return setting.replace("__", ", ") or "all runs"
 
 
+class _DecimalLogFormatter(matplotlib.ticker.LogFormatter):
+  """Log-axis tick labels as plain decimals (0.4, 2, 30) where matplotlib's default writes
+  4x10^-1; the same ticks are labelled."""
+
+  def __call__(self, x, pos=None):
+    return f"{x:g}" if super().__call__(x, pos) else ""
+
+
 def _plot_learning_curves(path: pathlib.Path, groups: dict[str, list[dict]], title: str) -> None:
   """Rows: training loss, test accuracy, test NLL; columns: grid settings; colour: loss."""
   panels = (
@@ -272,6 +281,9 @@ def _plot_learning_curves(path: pathlib.Path, groups: dict[str, list[dict]], tit
     axes[row_index, 0].set_ylabel(label)
     for ax in axes[row_index]:
       ax.set_yscale(scale)
+      if scale == "log":
+        ax.yaxis.set_major_formatter(_DecimalLogFormatter())
+        ax.yaxis.set_minor_formatter(_DecimalLogFormatter(labelOnlyBase=False))
       ax.grid(alpha=0.3)
   seeds = "/".join(str(n) for n in sorted(num_seeds))
   columns = " in every panel; columns: grid settings" if len(settings) > 1 else ""
@@ -310,8 +322,18 @@ def _plot_reliability(path: pathlib.Path, groups: dict[str, list[dict]], title: 
     runs = cells.get((setting, loss))
     ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal")
     ax.plot([0, 1], [0, 1], color="0.4", linestyle="--", linewidth=0.8)
-    if row == 0:
-      ax.set_title(loss, fontsize=9, color=colours[loss])
+    if row == 0:  # the loss names the column, above the top row's ECE titles (set below)
+      ax.annotate(
+        loss,
+        xy=(0.5, 1),
+        xycoords=ax.title,
+        xytext=(0, 2),
+        textcoords="offset points",
+        ha="center",
+        va="bottom",
+        fontsize=9,
+        color=colours[loss],
+      )
     if col == 0:
       ax.set_ylabel(f"{_setting_title(setting)}\naccuracy" if setting else "accuracy", fontsize=9)
     if row == len(settings) - 1:
@@ -340,15 +362,7 @@ def _plot_reliability(path: pathlib.Path, groups: dict[str, list[dict]], title: 
       after_K = np.asarray(metrics.reliability_from_counts(after).accuracy)
       ax.stairs(after_K, edges, baseline=None, color="k", linewidth=1.0)
       text += f"\nafter TS {float(metrics.ece_from_counts(after)):.3f}"
-    ax.text(
-      0.04,
-      0.96,
-      text,
-      transform=ax.transAxes,
-      fontsize=7,
-      va="top",
-      bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1},
-    )
+    ax.set_title(text, fontsize=7, pad=3)  # above the axes, where no bar reaches it
   handles = [
     matplotlib.patches.Patch(
       color="0.5", alpha=0.55, label="model's own confidence\n(colour: loss)"
@@ -372,7 +386,7 @@ def _plot_reliability(path: pathlib.Path, groups: dict[str, list[dict]], title: 
     handles,
     f"Height: accuracy of the test examples whose top-label confidence falls in the bin "
     f"({num_bins} equal-width bins; empty bins not drawn), all seeds pooled, as is the ECE "
-    f"printed in each panel. Dashed diagonal: accuracy = confidence; bars below it are "
+    f"printed above each panel. Dashed diagonal: accuracy = confidence; bars below it are "
     f"over-confident.{ts_note}",
   )
 
