@@ -540,6 +540,7 @@ def row_stats(
   logit_softcap: float | None = None,
   entropy: bool = False,
   vocab_axis: Hashable | None = None,
+  autodiff: bool = False,
 ) -> RowStats:
   """The per-row statistics of ``logits`` over its last axis (no argument checks).
 
@@ -555,6 +556,9 @@ def row_stats(
       :math:`[sV_s, (s+1)V_s)`), ``labels`` are global ids, a ``[V]`` weight is this shard's
       slice; every class sum is completed with ``psum`` (and the maximum with ``pmax``), forward
       and backward. None: one device.
+    autodiff: differentiate the passes by JAX's autodiff instead of the custom JVP (whose
+      functions are static): for class or weight functions that close over traced values, such as
+      a hyper-parameter under ``jax.grad``. Same values; keeps ``[..., V]`` residuals.
 
   Returns:
     :class:`RowStats` of ``[...]`` arrays in float32 (float64 for float64 logits).
@@ -568,4 +572,6 @@ def row_stats(
     vocab_axis,
   )
   operands = tuple(tuple(jnp.asarray(o) for o in c.operands) for c in class_sums)
+  if autodiff:
+    return _forward(logits, labels, operands, cfg)
   return _row_stats(logits, labels, operands, cfg)
