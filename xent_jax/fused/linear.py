@@ -53,6 +53,7 @@ from typing import Unpack
 import jax
 import jax.numpy as jnp
 
+from xent_jax.core import checks
 from xent_jax.core.frontend import head_loss
 from xent_jax.core.options import CrossEntropyOptionKwargs, LossOptions, takes_options
 from xent_jax.core.reduction import reduce_loss
@@ -168,7 +169,7 @@ def cross_entropy_on_linear(
   if rows.schedule is None:  # Nothing to chunk: the unfused loss of the empty [..., 0, V] logits.
     hidden, weight, labels, bias, class_weight, where = arrays
     logits = rows_lib.unfused_logits(hidden, weight, bias, layout.weight_layout)
-    head = cross_entropy_head(options.smoothing, float(options.z_loss))
+    head = cross_entropy_head(options.smoothing, options.z_loss)
     reduced, stats = head_loss(
       fn, head, logits, labels, options, class_weight=class_weight, where=where
     )
@@ -190,4 +191,5 @@ def cross_entropy_on_linear(
   loss = reduce_loss(
     loss_N.reshape(batch_shape), rows.example_weight_N.reshape(batch_shape), reduction, fn=fn
   )
+  loss = checks.nan_unless(loss, *options.in_range(fn))
   return (loss, lse_N.reshape(batch_shape)) if return_lse else loss
