@@ -82,7 +82,8 @@ def logsumexp_parts(
   dtype = compute_dtype(logits.dtype)
   m = softcap(jnp.max(logits, axis=-1).astype(dtype), cap)
   if vocab_axis is not None:
-    m = lax.pmax(m, vocab_axis)
+    # No value depends on the reference point m (pmax has no derivative rule): held constant.
+    m = lax.pmax(lax.stop_gradient(m), vocab_axis)
   m = finite_or_zero(m)
   x = softcap(logits.astype(dtype), cap)
   return m, jnp.log(class_sum(jnp.exp(x - m[..., None]), vocab_axis))

@@ -112,4 +112,6 @@ def head_loss(
     target_weight = jnp.ones_like(loss)
   example_weight = jnp.where(parsed.valid, target_weight, jnp.zeros_like(target_weight))
   reduced = reduce_loss(loss, example_weight, options.reduction, fn=fn, data_axis=data_axis)
+  # In the compute dtype also when a traced hyper-parameter is wider (float64 under x64).
+  reduced = reduced.astype(stats.lse.dtype)
   return checks.nan_unless(reduced, *options.in_range(fn)), stats

@@ -172,6 +172,11 @@ class Head:
   class_series: PowerSeries | None = None
   traced: bool = False
 
+  def __post_init__(self):
+    if self.traced:  # a float64 hyper-parameter must not widen the engine's float32 sums
+      class_fn = self.class_fn
+      object.__setattr__(self, "class_fn", lambda log_p: class_fn(log_p).astype(log_p.dtype))
+
 
 def neg_log(log_p: jax.Array) -> jax.Array:
   """Cross-entropy's per-class term :math:`f(\\log p) = -\\log p`."""

@@ -122,6 +122,11 @@ def linear_cross_entropy(
       label, minus the target's entropy).
     z_loss: :math:`z \ge 0`, adds :math:`z\,\omega_i\,\mathrm{lse}_i^2` (PaLM).
     logit_softcap: :math:`c > 0` applies :math:`c\tanh(x/c)` to the logits (Gemma 2).
+      ``label_smoothing`` and ``z_loss`` may be traced scalars (``jit``, ``vmap``, ``grad``,
+      ``jvp``; the two-pass schedule then runs, with the concrete call's values); a traced value
+      out of range makes the loss NaN instead of raising. ``logit_softcap`` is a constant of the
+      kernels' blocks: a traced one is a ``TypeError`` (``get_loss("cross_entropy",
+      logit_softcap=c).linear`` takes it).
     where: bool mask broadcastable to ``labels``' shape; False rows count for nothing.
     return_lse: also return the per-row ``lse`` ``[...]`` (uses the two-pass schedule).
     token_chunk_size: rows per block; default: a power of two giving a ``[rows, vocab_chunk]``

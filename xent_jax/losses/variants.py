@@ -31,12 +31,12 @@ The conventions' arguments, in every function below:
   where: bool mask over examples, broadcastable to ``logits.shape`` without ``axis``.
   label_smoothing: :math:`\epsilon \in [0, 1]` (default 0).
 
-Traced hyper-parameters: every numeric hyper-parameter (``label_smoothing``, focal's ``gamma`` and
-``alpha``, poly-1's ``epsilon``, symmetric's ``alpha``, ``beta`` and ``log_clip``, :math:`L_q`'s
-``q`` and ``k``, the confidence penalty's ``beta``, bi-tempered's ``label_smoothing``) may be a
-traced scalar under ``jit``, ``vmap``, ``grad`` and ``jvp``, with the values and gradients of the
-concrete call; Taylor's ``order`` and bi-tempered's ``t1``, ``t2`` and ``num_iters`` choose the
-program and must be Python numbers. A traced value cannot be checked at trace time: out of range,
+Traced hyper-parameters: every numeric hyper-parameter of the heads (``label_smoothing``, focal's
+``gamma`` and ``alpha``, poly-1's ``epsilon``, symmetric's ``alpha``, ``beta`` and ``log_clip``,
+:math:`L_q`'s ``q`` and ``k``, the confidence penalty's ``beta``) may be a traced scalar under
+``jit``, ``vmap``, ``grad`` and ``jvp``, with the values and gradients of the concrete call;
+Taylor's ``order`` and the bi-tempered loss's ``t1``, ``t2``, ``label_smoothing`` and
+``num_iters`` are constants of their kernels and must be Python numbers (``TypeError``). A traced value cannot be checked at trace time: out of range,
 it makes the loss NaN (every element, with NaN gradients) instead of raising.
 """
 
