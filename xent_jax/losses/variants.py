@@ -36,8 +36,9 @@ Traced hyper-parameters: every numeric hyper-parameter of the heads (``label_smo
 :math:`L_q`'s ``q`` and ``k``, the confidence penalty's ``beta``) may be a traced scalar under
 ``jit``, ``vmap``, ``grad`` and ``jvp``, with the values and gradients of the concrete call;
 Taylor's ``order`` and the bi-tempered loss's ``t1``, ``t2``, ``label_smoothing`` and
-``num_iters`` are constants of their kernels and must be Python numbers (``TypeError``). A traced value cannot be checked at trace time: out of range,
-it makes the loss NaN (every element, with NaN gradients) instead of raising.
+``num_iters`` are constants of their kernels and must be Python numbers (``TypeError``). A traced
+value cannot be checked at trace time: out of range, it makes the loss NaN (every element, with
+NaN gradients) instead of raising.
 """
 
 import math
