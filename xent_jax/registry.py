@@ -470,6 +470,14 @@ def get_loss(name: str, **hparams: Any) -> ConfiguredLoss:
   Every hyper-parameter is checked now, so a bad config fails before training starts, and again
   at call time.
 
+  Numeric hyper-parameters may be traced scalars: build the loss inside the transformed
+  function, e.g. ``jax.vmap(lambda t: get_loss("focal", gamma=t)(logits, labels))(gammas)`` (or
+  ``jax.grad`` wrt ``t``); the loss, ``.linear`` and ``.vocab_parallel`` then give the concrete
+  call's values and gradients. Such a value is checked only when concrete: a traced value out of
+  range makes the loss NaN. Hyper-parameters that choose the program (``smoothing``, Taylor's
+  ``order``, the bi-tempered loss's ``t1``, ``t2``, ``label_smoothing`` and ``num_iters``) must be
+  Python values.
+
   Args:
     name: a key of :func:`list_losses`, or an import path ``"package.module:function"`` of a loss
       taking ``(logits, labels, *, <hyper-parameters>, axis, class_weight, ignore_index,

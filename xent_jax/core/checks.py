@@ -3,8 +3,14 @@
 Shape and dtype checks run on static shapes, so under ``jit`` they cost nothing at run time and
 fail before anything executes. Option checks raise ``ValueError`` naming the option, what was
 expected and what came.
+
+A numeric hyper-parameter may also be a traced scalar (an argument under ``jit``, a ``vmap``
+member, a value differentiated by ``grad`` or ``jvp``). It cannot be read at trace time, so its
+range check returns a traced flag instead of raising, and the loss applies :func:`nan_unless`:
+:data:`TRACED_OUT_OF_RANGE` states the rule every loss's docstring refers to.
 """
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +20,44 @@ import jax.numpy as jnp
 import numpy as np
 
 REDUCTIONS = ("none", "sum", "mean")
+
+TRACED_OUT_OF_RANGE = (
+  "A traced hyper-parameter (under jit, vmap, grad or jvp) cannot be checked at trace time: a "
+  "traced value out of range makes the loss NaN (every element, with NaN gradients) instead of "
+  "raising; concrete values are checked as usual."
+)
+
+
+def is_traced(value: Any) -> bool:
+  """Whether ``value`` is a JAX tracer (its value unknown at trace time)."""
+  return isinstance(value, jax.core.Tracer)
+
+
+def any_traced(*values: Any) -> bool:
+  """Whether any leaf of ``values`` is a tracer."""
+  return any(is_traced(leaf) for leaf in jax.tree.leaves(values))
+
+
+def is_static_zero(value: Any) -> bool:
+  """Whether ``value`` is known at trace time to be 0: a concrete zero, not a tracer.
+
+  Code that skips work for a zero hyper-parameter asks this, so a traced value takes the
+  general program (which equals the skipped one where the value is 0)."""
+  return not is_traced(value) and not np.any(np.asarray(value) != 0)
+
+
+def nan_unless(loss: jax.Array, *in_range: Any) -> jax.Array:
+  """``loss``, times NaN unless every flag of ``in_range`` holds (:data:`TRACED_OUT_OF_RANGE`).
+
+  Flags are the returns of :func:`check_in_range` and :func:`check_nonnegative_array`: ``True``
+  (concrete, checked) adds nothing to the program; a traced bool multiplies ``loss`` by 1 or NaN,
+  so the gradients of an out-of-range member are NaN too.
+  """
+  flags = [f for f in in_range if f is not True]
+  if not flags:
+    return loss
+  ok = functools.reduce(jnp.logical_and, flags)
+  return loss * jnp.where(ok, 1.0, jnp.nan).astype(loss.dtype)
 
 
 def check_floating(fn: str, name: str, x: jax.typing.ArrayLike) -> None:
@@ -32,13 +76,20 @@ def check_in_range(
   *,
   low_open: bool = False,
   high_open: bool = False,
-) -> None:
-  """Raises ``ValueError`` unless the Python scalar ``value`` lies in the given interval.
+) -> Any:
+  """Raises ``ValueError`` unless the real scalar ``value`` lies in the given interval.
 
-  Traced values are skipped: a hyper-parameter under ``jit`` cannot be checked at trace time.
+  Returns:
+    ``True`` for a concrete value (checked now); for a traced one, which cannot be read at trace
+    time, a traced bool that is False outside the interval (or NaN): pass it to
+    :func:`nan_unless` (:data:`TRACED_OUT_OF_RANGE`).
   """
-  if isinstance(value, jax.core.Tracer):
-    return
+  if is_traced(value):
+    if np.ndim(value) != 0 or not jnp.issubdtype(value.dtype, jnp.number):
+      raise TypeError(f"{fn}: `{name}` must be a real scalar, got a traced {value.aval}.")
+    above_low = value > low if low_open else value >= low
+    below_high = value < high if high_open else value <= high
+    return above_low & below_high
   check_real_scalar(fn, name, value)
   v = float(np.asarray(value))
   below = v <= low if low_open else v < low
@@ -47,6 +98,7 @@ def check_in_range(
     lo = "(" if low_open else "["
     hi = ")" if high_open else "]"
     raise ValueError(f"{fn}: `{name}` must be in {lo}{low}, {high}{hi}, got {value!r}.")
+  return True
 
 
 def check_real_scalar(fn: str, name: str, value: Any) -> None:
@@ -125,13 +177,20 @@ def check_broadcastable(fn: str, name: str, x: jax.typing.ArrayLike, target: Seq
     )
 
 
-def check_nonnegative_array(fn: str, name: str, value) -> None:
-  """Raises ``ValueError`` naming ``name`` if a concrete array has a negative or NaN entry."""
-  if value is None or isinstance(value, jax.core.Tracer):
-    return
+def check_nonnegative_array(fn: str, name: str, value) -> Any:
+  """Raises ``ValueError`` naming ``name`` if a concrete array has a negative or NaN entry.
+
+  Returns ``True`` (None or a concrete array, checked now) or, for a traced array, a traced bool
+  that is False where an entry is negative or NaN, for :func:`nan_unless`.
+  """
+  if value is None:
+    return True
+  if is_traced(value):
+    return jnp.all(value >= 0)
   array = np.asarray(value, dtype=np.float64)
   if np.any(~(array >= 0)):
     raise ValueError(f"{fn}: `{name}` must be >= 0 everywhere, got {value!r}.")
+  return True
 
 
 def check_static_number(fn: str, name: str, value) -> None:

@@ -82,7 +82,8 @@ def logsumexp_parts(
   dtype = compute_dtype(logits.dtype)
   m = softcap(jnp.max(logits, axis=-1).astype(dtype), cap)
   if vocab_axis is not None:
-    m = lax.pmax(m, vocab_axis)
+    # No value depends on the reference point m (pmax has no derivative rule): held constant.
+    m = lax.pmax(lax.stop_gradient(m), vocab_axis)
   m = finite_or_zero(m)
   x = softcap(logits.astype(dtype), cap)
   return m, jnp.log(class_sum(jnp.exp(x - m[..., None]), vocab_axis))
@@ -540,6 +541,7 @@ def row_stats(
   logit_softcap: float | None = None,
   entropy: bool = False,
   vocab_axis: Hashable | None = None,
+  autodiff: bool = False,
 ) -> RowStats:
   """The per-row statistics of ``logits`` over its last axis (no argument checks).
 
@@ -555,6 +557,9 @@ def row_stats(
       :math:`[sV_s, (s+1)V_s)`), ``labels`` are global ids, a ``[V]`` weight is this shard's
       slice; every class sum is completed with ``psum`` (and the maximum with ``pmax``), forward
       and backward. None: one device.
+    autodiff: differentiate the passes by JAX's autodiff instead of the custom JVP (whose
+      functions are static): for class or weight functions that close over traced values, such as
+      a hyper-parameter under ``jax.grad``. Same values; keeps ``[..., V]`` residuals.
 
   Returns:
     :class:`RowStats` of ``[...]`` arrays in float32 (float64 for float64 logits).
@@ -568,4 +573,6 @@ def row_stats(
     vocab_axis,
   )
   operands = tuple(tuple(jnp.asarray(o) for o in c.operands) for c in class_sums)
+  if autodiff:
+    return _forward(logits, labels, operands, cfg)
   return _row_stats(logits, labels, operands, cfg)

@@ -20,7 +20,7 @@ from collections.abc import Hashable
 import jax
 import jax.numpy as jnp
 
-from xent_jax.core import heads
+from xent_jax.core import checks, heads
 from xent_jax.core.engine import RowStats
 from xent_jax.core.inputs import parse_inputs
 from xent_jax.core.options import LossOptions
@@ -54,7 +54,8 @@ def head_loss(
     labels: integer class ids (``logits.shape`` without ``axis``; global ids when sharded) or
       float probabilities (``logits.shape``; this shard's slice when sharded).
     options: the checked :class:`LossOptions` (``reduction``, ``ignore_index``, smoothing and the
-      soft cap are read here; ``z_loss`` belongs to the head).
+      soft cap are read here; ``z_loss`` belongs to the head). A traced number among them out of
+      range makes the loss NaN (:data:`xent_jax.core.checks.TRACED_OUT_OF_RANGE`).
     axis: the class axis.
     class_weight: ``[C]`` class weights (this shard's ``[C_s]`` when sharded), or None.
     where: mask over examples, broadcastable to the batch shape, or None.
@@ -99,6 +100,7 @@ def head_loss(
       class_weight=parsed.weight,
       logit_softcap=options.logit_softcap,
       vocab_axis=vocab_axis,
+      autodiff=options.traced(),
     )
     loss = jnp.where(parsed.valid, loss, jnp.zeros_like(loss))
   if parsed.integer:
@@ -110,4 +112,6 @@ def head_loss(
     target_weight = jnp.ones_like(loss)
   example_weight = jnp.where(parsed.valid, target_weight, jnp.zeros_like(target_weight))
   reduced = reduce_loss(loss, example_weight, options.reduction, fn=fn, data_axis=data_axis)
-  return reduced, stats
+  # In the compute dtype also when a traced hyper-parameter is wider (float64 under x64).
+  reduced = reduced.astype(stats.lse.dtype)
+  return checks.nan_unless(reduced, *options.in_range(fn)), stats

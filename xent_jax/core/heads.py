@@ -20,6 +20,11 @@ cross-entropy's gradient with a per-row scale, :math:`\varphi'(\log p_y)(e_y - p
 
 This module evaluates heads on a ``[..., V]`` logits array (the dense executor); the fused linear
 and vocabulary-parallel executors evaluate the same heads on their own statistics.
+
+Hyper-parameters may be traced scalars. The smoothed target's ``on``/``off`` are then traced too,
+and a class sum skipped for a concrete ``off = 0`` is computed (it is multiplied by ``off``); a
+head whose functions close over a traced value is marked :attr:`Head.traced`, and its statistics
+are differentiated by autodiff (the engine's custom JVP takes its functions as static).
 """
 
 import dataclasses
@@ -31,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from xent_jax.core import engine
+from xent_jax.core import checks, engine
 from xent_jax.core.engine import ClassFn, ClassSum, PowerSeries, RowStats
 
 
@@ -42,10 +47,17 @@ class SmoothedTarget(NamedTuple):
   subtracts the target's entropy (T5X), else 0.
   """
 
-  on: float
-  off: float
-  xlogx_on: float
-  xlogx_off: float
+  on: float | jax.Array
+  off: float | jax.Array
+  xlogx_on: float | jax.Array
+  xlogx_off: float | jax.Array
+
+
+def xlogx(v: float | jax.Array) -> float | jax.Array:
+  """:math:`v\\log v` with :math:`0\\log 0 = 0`: a Python float for a Python float, else traced."""
+  if checks.is_traced(v):
+    return jax.scipy.special.xlogy(v, v)
+  return v * math.log(v) if v > 0 else 0.0
 
 
 def smoothed_target(
@@ -57,13 +69,14 @@ def smoothed_target(
   \\epsilon/K`. 't5x' (T5X's ``compute_weighted_cross_entropy``): :math:`q_y = 1-\\epsilon`,
   :math:`q_{c\\neq y} = \\epsilon/(K-1)`, and the target's entropy is subtracted so the minimum
   loss is 0.
+
+  A traced ``label_smoothing`` gives traced values (Python floats otherwise).
   """
-  eps = float(label_smoothing)
+  eps = label_smoothing if checks.is_traced(label_smoothing) else float(label_smoothing)
   if smoothing == "uniform":
     return SmoothedTarget(1.0 - eps + eps / num_classes, eps / num_classes, 0.0, 0.0)
   on = 1.0 - eps
-  off = eps / (num_classes - 1) if num_classes > 1 else 0.0
-  xlogx = lambda v: v * math.log(v) if v > 0 else 0.0
+  off = eps / (num_classes - 1) if num_classes > 1 else 0.0 * eps
   return SmoothedTarget(on, off, xlogx(on), xlogx(off))
 
 
@@ -80,7 +93,7 @@ def smooth_probabilities(
   :math:`(1-\\epsilon)q + \\epsilon(1-q)/(K-1)`."""
   eps = label_smoothing
   num_classes = q.shape[-1] if num_classes is None else num_classes
-  if not eps:
+  if checks.is_static_zero(eps):
     return q
   if smoothing == "uniform":
     return (1.0 - eps) * q + eps / num_classes
@@ -110,8 +123,8 @@ class Target(NamedTuple):
   """
 
   integer: bool
-  on: float
-  off: float
+  on: float | jax.Array
+  off: float | jax.Array
   target_weight: jax.Array
   total_weight: jax.Array
   mass: jax.Array
@@ -146,6 +159,9 @@ class Head:
     class_series: ``class_fn`` as a :class:`~xent_jax.core.engine.PowerSeries` (cross-entropy's
       ``PowerSeries(-1.0)``), or None: saves the kernel passes over the logits. Used with unit
       class weights, or where it is a single term (exact under any weights).
+    traced: whether ``class_fn``, ``row_term`` or ``extra_sums`` close over a traced value (a
+      hyper-parameter under ``jit``, ``vmap``, ``grad``): the statistics are then differentiated
+      by autodiff of the engine's passes instead of its custom JVP, whose functions are static.
   """
 
   class_fn: ClassFn
@@ -154,6 +170,12 @@ class Head:
   class_factor: jax.Array | None = None
   extra_sums: ExtraSums | None = None
   class_series: PowerSeries | None = None
+  traced: bool = False
+
+  def __post_init__(self):
+    if self.traced:  # a float64 hyper-parameter must not widen the engine's float32 sums
+      class_fn = self.class_fn
+      object.__setattr__(self, "class_fn", lambda log_p: class_fn(log_p).astype(log_p.dtype))
 
 
 def neg_log(log_p: jax.Array) -> jax.Array:
@@ -236,6 +258,7 @@ def integer_loss(
   off: float,
   logit_softcap: float | None,
   vocab_axis: Hashable | None = None,
+  autodiff: bool = False,
 ) -> tuple[jax.Array, RowStats]:
   """Per-row loss of ``head`` for integer labels, classes on the last axis (no checks, no mask).
 
@@ -249,6 +272,9 @@ def integer_loss(
     vocab_axis: inside ``shard_map``, the mesh axis the classes of ``logits`` are split over
       (see :func:`xent_jax.core.engine.row_stats`): ``class_weight`` is then this shard's ``[V_s]``
       slice, while ``labels`` and the head's class factor stay global.
+    autodiff: differentiate the statistics by autodiff (see
+      :func:`xent_jax.core.engine.row_stats`); also taken for a :attr:`Head.traced` head or a
+      traced ``logit_softcap``.
 
   Returns:
     ``(loss [...], stats)`` in float32 (float64 for float64 logits).
@@ -263,6 +289,7 @@ def integer_loss(
     logit_softcap=logit_softcap,
     entropy=head.entropy,
     vocab_axis=vocab_axis,
+    autodiff=autodiff or head.traced or checks.is_traced(logit_softcap),
   )
   loss = integer_head_loss(
     head,
@@ -282,8 +309,8 @@ def integer_class_sums(
 ) -> tuple[ClassSum, ...]:
   """The class sum a head needs for integer labels: :math:`\\sum_c w_c a_c f(\\log p_c)` with
   class weights :math:`w` and the head's class factor :math:`a` (``[V]`` or None each) when the
-  target is smoothed (``off`` nonzero), else none."""
-  if not off:
+  target is smoothed (``off`` not a concrete 0), else none."""
+  if checks.is_static_zero(off):
     return ()
   weighted = class_weight is not None or class_factor is not None
   betas = (_class_beta(class_weight, class_factor, num_local, dtype),) if weighted else ()
@@ -350,7 +377,7 @@ def integer_stats_loss(
     ``[...]`` per-row loss (not masked).
   """
   loss = (on - off) * target_weight * target_factor * head.class_fn(stats.log_p_target)
-  if off:
+  if not checks.is_static_zero(off):
     loss = loss + off * stats.class_sums[0]
   if head.row_term is not None:
     mass = (on - off) * target_weight + off * total_weight
@@ -368,6 +395,7 @@ def probability_loss(
   class_weight: jax.Array | None,
   logit_softcap: float | None,
   vocab_axis: Hashable | None = None,
+  autodiff: bool = False,
 ) -> tuple[jax.Array, RowStats]:
   """Per-row loss of ``head`` for a target distribution (no checks, no mask); the arguments
   :func:`integer_loss` shares mean what they mean there, and:
@@ -378,6 +406,7 @@ def probability_loss(
     smooth: static elementwise map from ``labels`` to the target :math:`q` (label smoothing, or
       the identity), over the global class count. The kernel recomputes :math:`q` in the
       backward pass instead of keeping it.
+    autodiff: as in :func:`integer_loss`; pass True when ``smooth`` closes over a traced value.
 
   Returns:
     ``(loss [...], stats)``.
@@ -423,6 +452,7 @@ def probability_loss(
     logit_softcap=logit_softcap,
     entropy=head.entropy,
     vocab_axis=vocab_axis,
+    autodiff=autodiff or head.traced or checks.is_traced(logit_softcap),
   )
   loss = stats.class_sums[0]
   if head.row_term is not None:

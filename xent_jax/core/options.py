@@ -6,6 +6,13 @@ as ``**options`` (typed by :class:`OptionKwargs` or :class:`CrossEntropyOptionKw
 :func:`takes_options` listing them in its signature. The function checks them with
 :meth:`LossOptions.checked` (naming the bad one) and passes the object down, so no layer repeats
 the keyword list or the checks.
+
+``label_smoothing``, ``z_loss`` and ``logit_softcap`` may be traced scalars (arguments under
+``jit``, ``vmap`` members, values differentiated by ``grad`` or ``jvp``); ``reduction``,
+``ignore_index`` and ``smoothing`` choose the program and stay static. A concrete value keeps the
+cheap program it always had (no smoothing pass at 0, no z-loss term at 0); a traced one takes the
+general program, which equals it numerically. A traced value cannot be checked at trace time: out
+of range, it makes the loss NaN (:data:`xent_jax.core.checks.TRACED_OUT_OF_RANGE`).
 """
 
 import dataclasses
@@ -35,6 +42,8 @@ class LossOptions:
       (:math:`q_y = 1-\epsilon`, others :math:`\epsilon/(K-1)`).
     z_loss: :math:`z \ge 0`, the coefficient of :math:`\mathrm{lse}^2` (cross-entropy's head).
     logit_softcap: :math:`c > 0` for :math:`c\tanh(x/c)`, or None.
+
+  The three numbers may be traced scalars (see the module docstring).
   """
 
   reduction: str = "mean"
@@ -54,12 +63,25 @@ class LossOptions:
     """
     opts = cls(**options)
     checks.check_reduction(fn, opts.reduction)
-    checks.check_in_range(fn, "label_smoothing", opts.label_smoothing, 0.0, 1.0)
     checks.check_choice(fn, "smoothing", opts.smoothing, SMOOTHING_CONVENTIONS)
-    checks.check_in_range(fn, "z_loss", opts.z_loss, 0.0, math.inf)
-    if opts.logit_softcap is not None:
-      checks.check_in_range(fn, "logit_softcap", opts.logit_softcap, 0.0, math.inf, low_open=True)
+    opts.in_range(fn)
     return dataclasses.replace(opts, ignore_index=inputs.check_ignore_index(fn, opts.ignore_index))
+
+  def in_range(self, fn: str) -> list[Any]:
+    """Checks the numeric options (raising for a concrete value out of range) and returns their
+    flags for :func:`xent_jax.core.checks.nan_unless` (``True`` each unless traced)."""
+    flags = [
+      checks.check_in_range(fn, "label_smoothing", self.label_smoothing, 0.0, 1.0),
+      checks.check_in_range(fn, "z_loss", self.z_loss, 0.0, math.inf),
+    ]
+    if self.logit_softcap is not None:
+      cap = self.logit_softcap
+      flags.append(checks.check_in_range(fn, "logit_softcap", cap, 0.0, math.inf, low_open=True))
+    return flags
+
+  def traced(self) -> bool:
+    """Whether a numeric option is a traced scalar (see the module docstring)."""
+    return checks.any_traced(self.label_smoothing, self.z_loss, self.logit_softcap)
 
   def smoothed_target(self, num_classes: int) -> heads.SmoothedTarget:
     """The on/off values of a smoothed one-hot target over ``num_classes`` classes."""

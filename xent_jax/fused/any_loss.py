@@ -11,6 +11,12 @@ r"""Any registered loss on a linear layer's logits: picks the fused schedule tha
   (:mod:`xent_jax.fused.heads`) where the weight is narrower than float32 or a
   ``vocab_chunk_size`` is given, and the rest rematerialise each token chunk's logits
   (:func:`xent_jax.fused.chunked.chunked_linear_loss`).
+
+Traced hyper-parameters (under ``jit``, ``vmap``, ``grad``, ``jvp``): the one-pass schedule and
+the blocked statistics hold the loss's functions as constants of their custom derivatives, so a
+loss with a traced hyper-parameter rematerialises token chunks (plain autodiff, the same values
+and gradients); cross-entropy keeps its kernels (two-pass, see
+:func:`xent_jax.fused.rows.prepare_rows`) unless its ``logit_softcap`` is traced.
 """
 
 import dataclasses
@@ -190,7 +196,7 @@ def _blocked_head(fn, engine_head, rows: _LinearRows, layout: LinearLayout, retu
   return loss_N, extras
 
 
-def _per_row(name, fn, engine_head, row_loss, rows: _LinearRows, layout, return_stats):
+def _per_row(name, fn, engine_head, hparams, row_loss, rows: _LinearRows, layout, return_stats):
   """``(loss [N], extras)`` from the blocked statistics of an engine head with integer labels
   (a weight narrower than float32, or a ``vocab_chunk_size``), else from rematerialised token
   chunks."""
@@ -198,8 +204,15 @@ def _per_row(name, fn, engine_head, row_loss, rows: _LinearRows, layout, return_
   blocks = layout.vocab_chunk_size is not None or fused_heads.takes_blocks(
     rows.hidden_NxD.dtype, rows.weight.dtype
   )
-  if rows.read is not None and head is not None and blocks:
+  traced = checks.any_traced(dict(hparams))
+  if rows.read is not None and head is not None and blocks and not traced:
     return _blocked_head(fn, head, rows, layout, return_stats)
+  if layout.vocab_chunk_size is not None and traced:
+    raise ValueError(
+      f"{fn}: `vocab_chunk_size` selects blocked statistics, which hold the hyper-parameters as "
+      "constants; with traced hyper-parameters the loss takes whole-vocabulary token chunks. "
+      "Leave it None."
+    )
   if layout.vocab_chunk_size is not None:
     raise ValueError(
       f"{fn}: `vocab_chunk_size` needs integer labels and a loss of the row-statistics engine "
@@ -257,7 +270,9 @@ def loss_on_linear(
     return_stats: also return the per-token statistics.
   """
   fn = f"get_loss({name!r}).linear"
-  if loss_fn is cross_entropy.cross_entropy and not return_stats:
+  traced = checks.any_traced(dict(hparams))
+  kernels_take = not checks.is_traced(hparams.get("logit_softcap"))
+  if loss_fn is cross_entropy.cross_entropy and not return_stats and kernels_take:
     public = "linear_cross_entropy"
     options = dataclasses.replace(options, **hparams)
     options = LossOptions.checked(public, **dataclasses.asdict(options))
@@ -270,12 +285,13 @@ def loss_on_linear(
   row_loss = _token_loss(loss_fn, hparams, options, rows, return_stats)
   if (
     options.reduction != "none"
+    and not traced
     and not return_stats
     and layout.vocab_chunk_size is None
     and schedule.one_pass_fits(n, features, rows.num_classes)
   ):
     return _one_pass(fn, row_loss, rows, options, layout)
-  loss_N, extras = _per_row(name, fn, engine_head, row_loss, rows, layout, return_stats)
+  loss_N, extras = _per_row(name, fn, engine_head, hparams, row_loss, rows, layout, return_stats)
   batch_shape = rows.batch_shape
   example_weight = rows.example_weight_N.reshape(batch_shape)
   loss = reduce_loss(loss_N.reshape(batch_shape), example_weight, options.reduction, fn=fn)

@@ -53,6 +53,7 @@ from typing import Unpack
 import jax
 import jax.numpy as jnp
 
+from xent_jax.core import checks
 from xent_jax.core.frontend import head_loss
 from xent_jax.core.options import CrossEntropyOptionKwargs, LossOptions, takes_options
 from xent_jax.core.reduction import reduce_loss
@@ -121,6 +122,11 @@ def linear_cross_entropy(
       label, minus the target's entropy).
     z_loss: :math:`z \ge 0`, adds :math:`z\,\omega_i\,\mathrm{lse}_i^2` (PaLM).
     logit_softcap: :math:`c > 0` applies :math:`c\tanh(x/c)` to the logits (Gemma 2).
+      ``label_smoothing`` and ``z_loss`` may be traced scalars (``jit``, ``vmap``, ``grad``,
+      ``jvp``; the two-pass schedule then runs, with the concrete call's values); a traced value
+      out of range makes the loss NaN instead of raising. ``logit_softcap`` is a constant of the
+      kernels' blocks: a traced one is a ``TypeError`` (``get_loss("cross_entropy",
+      logit_softcap=c).linear`` takes it).
     where: bool mask broadcastable to ``labels``' shape; False rows count for nothing.
     return_lse: also return the per-row ``lse`` ``[...]`` (uses the two-pass schedule).
     token_chunk_size: rows per block; default: a power of two giving a ``[rows, vocab_chunk]``
@@ -168,7 +174,7 @@ def cross_entropy_on_linear(
   if rows.schedule is None:  # Nothing to chunk: the unfused loss of the empty [..., 0, V] logits.
     hidden, weight, labels, bias, class_weight, where = arrays
     logits = rows_lib.unfused_logits(hidden, weight, bias, layout.weight_layout)
-    head = cross_entropy_head(options.smoothing, float(options.z_loss))
+    head = cross_entropy_head(options.smoothing, options.z_loss)
     reduced, stats = head_loss(
       fn, head, logits, labels, options, class_weight=class_weight, where=where
     )
@@ -190,4 +196,5 @@ def cross_entropy_on_linear(
   loss = reduce_loss(
     loss_N.reshape(batch_shape), rows.example_weight_N.reshape(batch_shape), reduction, fn=fn
   )
+  loss = checks.nan_unless(loss, *options.in_range(fn))
   return (loss, lse_N.reshape(batch_shape)) if return_lse else loss

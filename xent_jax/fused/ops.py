@@ -20,7 +20,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from xent_jax.core import engine, heads
+from xent_jax.core import checks, engine, heads
 from xent_jax.fused import forward_grads, kernels
 from xent_jax.fused.blocks import BlockStats, logsumexp_from_stats
 from xent_jax.losses import cross_entropy as _ce
@@ -28,8 +28,8 @@ from xent_jax.losses import cross_entropy as _ce
 
 @dataclasses.dataclass(frozen=True)
 class RowLossConfig:
-  """The static per-row loss options of the kernels: the smoothed target, its convention and the
-  z-loss coefficient.
+  """The per-row loss options of the kernels: the smoothed target, its convention and the z-loss
+  coefficient (the numbers may be traced: :func:`row_loss` is outside the custom derivatives).
 
   Part of the interface for :mod:`xent_jax.parallel.logits` (made by
   :func:`xent_jax.fused.rows.prepare_rows`).
@@ -52,7 +52,8 @@ def row_loss(lcfg: RowLossConfig, total_weight, lse, target_logit, weighted_sum,
   scale, target_weight, valid = rows
   target = lcfg.target
   zeros = jnp.zeros_like(lse)
-  class_sums = (total_weight * lse - weighted_sum,) if target.off else ()
+  smoothed = not checks.is_static_zero(target.off)
+  class_sums = (total_weight * lse - weighted_sum,) if smoothed else ()
   stats = engine.RowStats(lse, zeros, target_logit - lse, class_sums, zeros)
   loss = heads.integer_stats_loss(
     _ce.cross_entropy_head(lcfg.smoothing, lcfg.z_loss),

@@ -166,7 +166,10 @@ def _plan(fn, hidden, weight, num_local, options, layout, return_lse) -> Schedul
     n,
     features,
     num_local,
-    linear_reduction=options.reduction != "none" and not return_lse,
+    # A traced option takes the two-pass schedule: its per-row formula, outside the kernels'
+    # custom derivatives, is differentiated by autodiff (the one-pass schedule computes the
+    # gradients inside a custom rule that holds the options as constants).
+    linear_reduction=options.reduction != "none" and not return_lse and not options.traced(),
     token_chunk_size=layout.token_chunk_size,
     vocab_chunk_size=layout.vocab_chunk_size,
     hidden_dtype=hidden.dtype,
@@ -198,8 +201,15 @@ def prepare_rows(
   :func:`xent_jax.fused.schedule.plan_schedule` (none for an empty batch).
 
   Raises:
-    TypeError, ValueError, AssertionError: naming the bad argument of ``fn``.
+    TypeError, ValueError, AssertionError: naming the bad argument of ``fn``; a traced
+      ``logit_softcap`` (a constant of the kernels' blocks) is a TypeError.
   """
+  if checks.is_traced(options.logit_softcap):
+    raise TypeError(
+      f"{fn}: `logit_softcap` must be a Python number here (the fused kernels' blocks hold it as "
+      "a constant), got a traced value; get_loss('cross_entropy', logit_softcap=c).linear takes "
+      "a traced cap (token chunks, autodiff)."
+    )
   hidden, weight, labels, bias, class_weight, where = arrays
   num_local, features = check_linear_layer(fn, hidden, weight, layout.weight_layout, bias)
   hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
@@ -236,7 +246,7 @@ def prepare_rows(
     block = plan.block_config(
       layout.weight_layout,
       options.logit_softcap,
-      bool(target.off),
+      not checks.is_static_zero(target.off),
       varying_axes=varying_axes,
       row_axes=row_axes,
     )
@@ -254,5 +264,5 @@ def prepare_rows(
     batch_shape,
     plan,
     block,
-    ops.RowLossConfig(target, options.smoothing, float(options.z_loss)),
+    ops.RowLossConfig(target, options.smoothing, options.z_loss),
   )

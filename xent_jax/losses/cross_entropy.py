@@ -17,13 +17,12 @@ softmax from the logits and per-row statistics, the only residuals it keeps, and
 differentiation works too.
 """
 
-import math
 from typing import Unpack
 
 import jax
 import jax.numpy as jnp
 
-from xent_jax.core import engine, heads
+from xent_jax.core import checks, engine, heads
 from xent_jax.core.deprecation import renamed_keyword
 from xent_jax.core.frontend import head_loss
 from xent_jax.core.options import CrossEntropyOptionKwargs, LossOptions, takes_options
@@ -34,16 +33,17 @@ def cross_entropy_head(smoothing: str, z_loss: float) -> heads.Head:
 
   The per-row term adds :math:`\\sum_c w_c q_c\\log q_c` for 't5x' smoothing (a constant for
   integer labels) and :math:`z\\,\\omega\\,\\mathrm{lse}^2` with :math:`\\omega = w_y` (1 for
-  probability labels).
+  probability labels). ``z_loss`` may be traced (the term is then always added).
   """
   t5x = smoothing == "t5x"
+  with_z = not checks.is_static_zero(z_loss)
 
   def row_term(stats: engine.RowStats, target: heads.Target) -> jax.Array:
     extra = jnp.zeros_like(stats.max)
-    if t5x and target.integer and target.off:
-      xlogx = lambda v: v * math.log(v) if v > 0 else 0.0
+    if t5x and target.integer and not checks.is_static_zero(target.off):
       others = target.total_weight - target.target_weight
-      extra = extra + target.target_weight * xlogx(target.on) + others * xlogx(target.off)
+      on_term, off_term = heads.xlogx(target.on), heads.xlogx(target.off)
+      extra = extra + target.target_weight * on_term + others * off_term
     if t5x and not target.integer:
       assert target.probs is not None  # probability labels
       w = (
@@ -52,11 +52,11 @@ def cross_entropy_head(smoothing: str, z_loss: float) -> heads.Head:
         else heads.along_classes(target.class_weight, target.probs.ndim)
       )
       extra = extra + target.sum_classes(jax.scipy.special.xlogy(target.probs, target.probs) * w)
-    if z_loss:
+    if with_z:
       extra = extra + z_loss * target.target_weight * jnp.square(stats.lse)
     return extra
 
-  needs_term = t5x or bool(z_loss)
+  needs_term = t5x or with_z
   return heads.Head(
     heads.neg_log, row_term if needs_term else None, class_series=engine.PowerSeries(-1.0)
   )
@@ -107,6 +107,10 @@ def cross_entropy(
       entropy: a KL divergence whose minimum is 0).
     z_loss: :math:`z \ge 0`, adds :math:`z\,\omega_i\,\mathrm{lse}_i^2` (PaLM).
     logit_softcap: :math:`c > 0` applies :math:`c\tanh(x/c)` first (Gemma 2); None: off.
+      ``label_smoothing``, ``z_loss`` and ``logit_softcap`` may be traced scalars (``jit``,
+      ``vmap``, ``grad``, ``jvp``), with the values of concrete ones. A traced value cannot be
+      checked at trace time: out of range, it makes the loss NaN (every element, with NaN
+      gradients) instead of raising.
     where: bool mask over examples (broadcastable to ``logits.shape`` without ``axis``).
     return_lse: also return the per-example ``lse`` (of the capped logits), unmasked.
 
@@ -127,7 +131,7 @@ def cross_entropy(
   """
   fn = "cross_entropy"
   checked = LossOptions.checked(fn, **options)
-  head = cross_entropy_head(checked.smoothing, float(checked.z_loss))
+  head = cross_entropy_head(checked.smoothing, checked.z_loss)
   reduced, stats = head_loss(
     fn, head, logits, labels, checked, axis=axis, class_weight=class_weight, where=where
   )

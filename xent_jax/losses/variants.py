@@ -30,6 +30,15 @@ The conventions' arguments, in every function below:
   reduction: 'none' (per-example, ``logits.shape`` without ``axis``), 'sum' or 'mean'.
   where: bool mask over examples, broadcastable to ``logits.shape`` without ``axis``.
   label_smoothing: :math:`\epsilon \in [0, 1]` (default 0).
+
+Traced hyper-parameters: every numeric hyper-parameter of the heads (``label_smoothing``, focal's
+``gamma`` and ``alpha``, poly-1's ``epsilon``, symmetric's ``alpha``, ``beta`` and ``log_clip``,
+:math:`L_q`'s ``q`` and ``k``, the confidence penalty's ``beta``) may be a traced scalar under
+``jit``, ``vmap``, ``grad`` and ``jvp``, with the values and gradients of the concrete call;
+Taylor's ``order`` and the bi-tempered loss's ``t1``, ``t2``, ``label_smoothing`` and
+``num_iters`` are constants of their kernels and must be Python numbers (``TypeError``). A traced
+value cannot be checked at trace time: out of range, it makes the loss NaN (every element, with
+NaN gradients) instead of raising.
 """
 
 import math
@@ -40,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from xent_jax.core import checks, engine, heads
 from xent_jax.core.deprecation import renamed_function, renamed_keyword
@@ -54,16 +64,21 @@ from xent_jax.losses import bitempered
 def _above(x: jax.Array, low) -> jax.Array:
   """:math:`\\max(x, \\text{low})` whose derivative is 1 above ``low`` and 0 below (1/2 at it),
   written with ``sign`` instead of a ``select`` so that XLA's CPU backend fuses it into
-  reductions."""
+  reductions; ``low`` (a traced one) gets the complementary derivative."""
   return jnp.maximum(x, low)
 
 
-_above.defjvp(
-  lambda primals, tangents: (
-    _above(*primals),
-    tangents[0] * 0.5 * (1.0 + jnp.sign(primals[0] - primals[1])),
-  )
-)
+def _above_jvp(primals, tangents):
+  x, low = primals
+  t_x, t_low = tangents
+  side = 0.5 * (1.0 + jnp.sign(x - low))
+  tangent = jnp.zeros_like(x) if isinstance(t_x, SymbolicZero) else t_x * side
+  if not isinstance(t_low, SymbolicZero):
+    tangent = tangent + t_low * (1.0 - side)
+  return _above(x, low), tangent
+
+
+_above.defjvp(_above_jvp, symbolic_zeros=True)
 
 
 def _static(*hparams) -> bool:
@@ -97,13 +112,15 @@ def _floor_tiny(u: jax.Array) -> jax.Array:
 _floor_tiny.defjvp(lambda primals, tangents: (_floor_tiny(primals[0]), tangents[0]))
 
 
-def _dense(fn, head, logits, labels, axis, class_weight, where, options) -> jax.Array:
-  """``head`` on the logits through the shared front end, uniform smoothing."""
+def _dense(fn, head, logits, labels, axis, class_weight, where, options, in_range) -> jax.Array:
+  """``head`` on the logits through the shared front end, uniform smoothing; NaN unless the
+  flags ``in_range`` of the hyper-parameters' checks hold
+  (:func:`xent_jax.core.checks.nan_unless`)."""
   checked = LossOptions.checked(fn, **options)
   loss, _ = head_loss(
     fn, head, logits, labels, checked, axis=axis, class_weight=class_weight, where=where
   )
-  return loss
+  return checks.nan_unless(loss, *in_range)
 
 
 def one_minus_p(log_p: jax.Array) -> jax.Array:
@@ -113,7 +130,11 @@ def one_minus_p(log_p: jax.Array) -> jax.Array:
 
 def focal_head(gamma: float, alpha: jax.Array | None = None) -> heads.Head:
   """Focal loss's head: :math:`f = -(1-p)^\\gamma\\log p`, class factor :math:`\\alpha`."""
-  return heads.Head(lambda log_p: -_focal_modulator(log_p, gamma) * log_p, class_factor=alpha)
+  return heads.Head(
+    lambda log_p: -_focal_modulator(log_p, gamma) * log_p,
+    class_factor=alpha,
+    traced=checks.is_traced(gamma),
+  )
 
 
 def poly1_head(epsilon: float) -> heads.Head:
@@ -122,7 +143,11 @@ def poly1_head(epsilon: float) -> heads.Head:
   series = None
   if _static(epsilon):
     series = engine.PowerSeries(-1.0, float(epsilon), ((1.0, -float(epsilon)),))
-  return heads.Head(lambda log_p: epsilon * one_minus_p(log_p) - log_p, class_series=series)
+  return heads.Head(
+    lambda log_p: epsilon * one_minus_p(log_p) - log_p,
+    class_series=series,
+    traced=checks.is_traced(epsilon),
+  )
 
 
 # Below this q the power sum's form of L_q, (sum_c 1 - sum_c p_c^q) / q, loses more than 30 ulp
@@ -141,13 +166,20 @@ def generalized_head(q: float) -> heads.Head:
   series = None
   if _static(q) and q >= _MIN_SERIES_Q:
     series = engine.PowerSeries(0.0, 1.0 / q, ((float(q), -1.0 / q),))
-  return heads.Head(lambda log_p: -jnp.expm1(q * log_p) / q, class_series=series)
+  return heads.Head(
+    lambda log_p: -jnp.expm1(q * log_p) / q, class_series=series, traced=checks.is_traced(q)
+  )
 
 
 def truncated_generalized_head(q: float, k: float) -> heads.Head:
   """Truncated :math:`L_q`'s head: :math:`f = L_q(\\max(p, k))`."""
-  log_k = math.log(k) if k > 0 else -math.inf
-  return heads.Head(lambda log_p: -jnp.expm1(q * _above(log_p, log_k)) / q)
+  if checks.is_traced(k):
+    log_k = jnp.where(k > 0, jnp.log(jnp.where(k > 0, k, 1.0)), -jnp.inf)
+  else:
+    log_k = math.log(k) if k > 0 else -math.inf
+  return heads.Head(
+    lambda log_p: -jnp.expm1(q * _above(log_p, log_k)) / q, traced=checks.any_traced(q, k)
+  )
 
 
 # Taylor cross-entropy's power series takes order - 1 passes over the logits with unit weights
@@ -182,7 +214,11 @@ def taylor_head(order: int) -> heads.Head:
   )
 
 
-def _clip_log(v: float, log_clip: float) -> float:
+def _clip_log(v, log_clip):
+  """:math:`\\max(\\log v, A)`, :math:`A` at :math:`v = 0`; traced if either is."""
+  if checks.any_traced(v, log_clip):
+    safe = jnp.where(v > 0, v, 1.0)
+    return jnp.where(v > 0, jnp.maximum(jnp.log(safe), log_clip), log_clip)
   return max(math.log(v), log_clip) if v > 0 else log_clip
 
 
@@ -200,22 +236,26 @@ def symmetric_head(alpha: float, beta: float, log_clip: float) -> heads.Head:
       reverse = -stats.class_sums[1]
     return beta * target.mass * reverse
 
+  clip_at = jnp.exp(log_clip) if checks.is_traced(log_clip) else math.exp(log_clip)
+
   def extra_sums(target):
-    clipped = lambda q: jnp.where(q > math.exp(log_clip), jnp.log(jnp.where(q > 0, q, 1)), log_clip)
+    clipped = lambda q: jnp.where(q > clip_at, jnp.log(jnp.where(q > 0, q, 1)), log_clip)
     return (engine.ClassSum(jnp.exp, (target.labels,), lambda q: clipped(target.smooth(q))),)
 
+  reverse = not checks.is_static_zero(beta)
   return heads.Head(
     lambda log_p: -alpha * log_p,
-    row_term if beta else None,
-    extra_sums=extra_sums if beta else None,
+    row_term if reverse else None,
+    extra_sums=extra_sums if reverse else None,
     class_series=(engine.PowerSeries(-float(alpha)) if _static(alpha) else None),
+    traced=checks.any_traced(alpha, log_clip),
   )
 
 
 def confidence_penalty_head(beta: float) -> heads.Head:
   """The confidence penalty's head: :math:`f = -\\log p`, minus
   :math:`\\beta\\,(\\textstyle\\sum_c w_c q_c)\\,H(p)` from the entropy statistic."""
-  if not beta:
+  if checks.is_static_zero(beta):
     return heads.Head(heads.neg_log, class_series=engine.PowerSeries(-1.0))
   return heads.Head(
     heads.neg_log,
@@ -268,8 +308,10 @@ def softmax_focal_loss(
     Lin, Goyal, Girshick, He, Dollár, "Focal Loss for Dense Object Detection", ICCV 2017.
   """
   fn = "softmax_focal_loss"
-  checks.check_in_range(fn, "gamma", gamma, 0.0, math.inf)
-  checks.check_nonnegative_array(fn, "alpha", alpha)
+  in_range = (
+    checks.check_in_range(fn, "gamma", gamma, 0.0, math.inf),
+    checks.check_nonnegative_array(fn, "alpha", alpha),
+  )
   if alpha is not None:
     num_classes = np.shape(logits)[checks.canonical_axis(fn, axis, np.ndim(logits))]
     if np.shape(alpha) not in ((), (num_classes,)):
@@ -286,6 +328,7 @@ def softmax_focal_loss(
     class_weight,
     where,
     options,
+    in_range,
   )
 
 
@@ -332,16 +375,9 @@ def poly1_cross_entropy(
     Functions", ICLR 2022.
   """
   fn = "poly1_cross_entropy"
-  checks.check_in_range(fn, "epsilon", epsilon, -1.0, math.inf)
+  in_range = (checks.check_in_range(fn, "epsilon", epsilon, -1.0, math.inf),)
   return _dense(
-    fn,
-    poly1_head(epsilon),
-    logits,
-    labels,
-    axis,
-    class_weight,
-    where,
-    options,
+    fn, poly1_head(epsilon), logits, labels, axis, class_weight, where, options, in_range
   )
 
 
@@ -392,19 +428,13 @@ def symmetric_cross_entropy(
     Labels", ICCV 2019.
   """
   fn = "symmetric_cross_entropy"
-  checks.check_in_range(fn, "alpha", alpha, 0.0, math.inf)
-  checks.check_in_range(fn, "beta", beta, 0.0, math.inf)
-  checks.check_in_range(fn, "log_clip", log_clip, -math.inf, 0.0, low_open=True, high_open=True)
-  return _dense(
-    fn,
-    symmetric_head(alpha, beta, log_clip),
-    logits,
-    labels,
-    axis,
-    class_weight,
-    where,
-    options,
+  in_range = (
+    checks.check_in_range(fn, "alpha", alpha, 0.0, math.inf),
+    checks.check_in_range(fn, "beta", beta, 0.0, math.inf),
+    checks.check_in_range(fn, "log_clip", log_clip, -math.inf, 0.0, low_open=True, high_open=True),
   )
+  head = symmetric_head(alpha, beta, log_clip)
+  return _dense(fn, head, logits, labels, axis, class_weight, where, options, in_range)
 
 
 @renamed_keyword("weight", "class_weight")
@@ -447,16 +477,9 @@ def generalized_cross_entropy(
     Labels", NeurIPS 2018.
   """
   fn = "generalized_cross_entropy"
-  checks.check_in_range(fn, "q", q, 0.0, 1.0, low_open=True)
+  in_range = (checks.check_in_range(fn, "q", q, 0.0, 1.0, low_open=True),)
   return _dense(
-    fn,
-    generalized_head(q),
-    logits,
-    labels,
-    axis,
-    class_weight,
-    where,
-    options,
+    fn, generalized_head(q), logits, labels, axis, class_weight, where, options, in_range
   )
 
 
@@ -504,18 +527,12 @@ def truncated_generalized_cross_entropy(
     Labels", NeurIPS 2018.
   """
   fn = "truncated_generalized_cross_entropy"
-  checks.check_in_range(fn, "q", q, 0.0, 1.0, low_open=True)
-  checks.check_in_range(fn, "k", k, 0.0, 1.0, high_open=True)
-  return _dense(
-    fn,
-    truncated_generalized_head(q, k),
-    logits,
-    labels,
-    axis,
-    class_weight,
-    where,
-    options,
+  in_range = (
+    checks.check_in_range(fn, "q", q, 0.0, 1.0, low_open=True),
+    checks.check_in_range(fn, "k", k, 0.0, 1.0, high_open=True),
   )
+  head = truncated_generalized_head(q, k)
+  return _dense(fn, head, logits, labels, axis, class_weight, where, options, in_range)
 
 
 @renamed_keyword("weight", "class_weight")
@@ -570,6 +587,7 @@ def taylor_cross_entropy(
     class_weight,
     where,
     options,
+    (),
   )
 
 
@@ -615,17 +633,9 @@ def confidence_penalty_cross_entropy(
     Confident Output Distributions", ICLR workshop 2017.
   """
   fn = "confidence_penalty_cross_entropy"
-  checks.check_in_range(fn, "beta", beta, 0.0, math.inf)
-  return _dense(
-    fn,
-    confidence_penalty_head(beta),
-    logits,
-    labels,
-    axis,
-    class_weight,
-    where,
-    options,
-  )
+  in_range = (checks.check_in_range(fn, "beta", beta, 0.0, math.inf),)
+  head = confidence_penalty_head(beta)
+  return _dense(fn, head, logits, labels, axis, class_weight, where, options, in_range)
 
 
 @renamed_keyword("weight", "class_weight")

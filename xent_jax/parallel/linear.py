@@ -118,7 +118,12 @@ def _shard_loss(
     return (loss, stats.lse) if plan.return_lse else loss
   if rows.schedule.one_pass:
     return _one_pass_loss(fn, options.reduction, plan, rows)
-  return _two_pass_loss(fn, options.reduction, plan, rows)
+  loss = _two_pass_loss(fn, options.reduction, plan, rows)
+  # A traced option out of range makes the loss NaN (the one-pass schedule takes none).
+  in_range = options.in_range(fn)
+  if plan.return_lse:
+    return checks.nan_unless(loss[0], *in_range), loss[1]
+  return checks.nan_unless(loss, *in_range)
 
 
 def _kernel_args(

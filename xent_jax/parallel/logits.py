@@ -133,7 +133,7 @@ def vocab_parallel_cross_entropy_local(
 
 def _cross_entropy_head(options: LossOptions) -> heads.Head:
   """Cross-entropy's head for ``options`` (its smoothing convention and z-loss)."""
-  return cross_entropy_head(options.smoothing, float(options.z_loss))
+  return cross_entropy_head(options.smoothing, options.z_loss)
 
 
 def _shard_loss(
