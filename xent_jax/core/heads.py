@@ -254,8 +254,8 @@ def integer_loss(
   labels: jax.Array,
   *,
   class_weight: jax.Array | None,
-  on: float,
-  off: float,
+  on: float | jax.Array,
+  off: float | jax.Array,
   logit_softcap: float | None,
   vocab_axis: Hashable | None = None,
   autodiff: bool = False,
@@ -305,7 +305,7 @@ def integer_loss(
 
 
 def integer_class_sums(
-  head: Head, class_weight, class_factor, off: float, num_local: int, dtype
+  head: Head, class_weight, class_factor, off: float | jax.Array, num_local: int, dtype
 ) -> tuple[ClassSum, ...]:
   """The class sum a head needs for integer labels: :math:`\\sum_c w_c a_c f(\\log p_c)` with
   class weights :math:`w` and the head's class factor :math:`a` (``[V]`` or None each) when the
@@ -323,8 +323,8 @@ def integer_head_loss(
   labels: jax.Array,
   *,
   class_weight: jax.Array | None,
-  on: float,
-  off: float,
+  on: float | jax.Array,
+  off: float | jax.Array,
   num_local: int,
   vocab_axis: Hashable | None = None,
 ) -> jax.Array:
@@ -351,8 +351,8 @@ def integer_stats_loss(
   *,
   target_weight: jax.Array,
   total_weight: jax.Array,
-  on: float,
-  off: float,
+  on: float | jax.Array,
+  off: float | jax.Array,
   class_weight: jax.Array | None = None,
   target_factor: jax.Array | float = 1.0,
 ) -> jax.Array:
