@@ -85,6 +85,7 @@ def make_member_step(graphdef, config: Config, traced: tuple[str, ...]):
   """
 
   def member_step(state, values, x_BxF, y_B, active):
+    before = nnx.to_pure_dict(state)  # arrays: merge hands the state's variables to the model
     model, optimizer = nnx.merge(graphdef, state)
     if "optim.learning_rate" in traced:
       optim = dataclasses.replace(config.optim, learning_rate=values["optim.learning_rate"])
@@ -94,7 +95,9 @@ def make_member_step(graphdef, config: Config, traced: tuple[str, ...]):
     objective = make_objective(dataclasses.replace(config.loss, hparams=hparams))
     loss, finite = _update(model, optimizer, objective, x_BxF, y_B)
     new = nnx.state((model, optimizer))
-    return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state), loss, finite
+    kept = jax.tree.map(lambda a, b: jnp.where(active, a, b), nnx.to_pure_dict(new), before)
+    nnx.replace_by_pure_dict(new, kept)
+    return new, loss, finite
 
   return member_step
 
