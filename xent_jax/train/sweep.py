@@ -214,8 +214,11 @@ def train_group(
     unit="step",
   )
   pending, tic, timed = [], time.perf_counter(), 0
+  mask = active = None
   for step in range(int(starts.min()), train.num_steps):
-    active = jax.device_put(alive & (step >= starts), programs.members)
+    if not np.array_equal(mask, alive & (step >= starts)):  # changes on a resume or a failure
+      mask = alive & (step >= starts)
+      active = jax.device_put(mask, programs.members)
     state, loss, finite = programs.train_step(state, programs.values, *programs.batch(step), active)
     pending.append((loss, finite))
     done = step + 1
