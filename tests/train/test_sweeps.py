@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from xent_jax.train import load_config, logs
+from xent_jax import cli
+from xent_jax.train import compare, load_config, logs
 from xent_jax.train.compare import run_comparison, run_dir
 from xent_jax.train.config import expand_grid
 from xent_jax.train.data import load_dataset, train_batch
 from xent_jax.train.grouping import Group, plan_groups, split_group
-from xent_jax.train.members import graph_of, initial_states
+from xent_jax.train.members import graph_of, initial_states, model_and_optimizer
 from xent_jax.train.steps import make_member_step, make_objective, make_train_step, over_members
 from xent_jax.train.sweep import GroupPrograms, choose_mode
 
@@ -118,7 +119,9 @@ def test_member_step_equals_each_sequential_step(mode):
   new, loss, finite = step(state, values, x, y, jnp.array([True, True]))
   assert finite.tolist() == [True, True]
   for m, run in enumerate(runs):
-    model = nnx.jit(lambda run=run: _model_and_optimizer(run, data))()
+    model = nnx.jit(
+      lambda run=run: model_and_optimizer(run, data, jax.random.key(run.train.seed))
+    )()
     alone_graph, alone = nnx.split(model)
     alone_step = make_train_step(alone_graph, make_objective(run.loss))
     first = nnx.to_pure_dict(alone)
@@ -141,12 +144,6 @@ def test_member_step_equals_each_sequential_step(mode):
     nnx.to_pure_dict(frozen),
     nnx.to_pure_dict(initial_states(base, data, [0, 5], None)),
   )
-
-
-def _model_and_optimizer(run, data):
-  from xent_jax.train.members import _build  # pylint: disable=import-outside-toplevel
-
-  return _build(run, data, jax.random.key(run.train.seed))
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +223,26 @@ def test_a_diverging_member_is_reported_and_the_others_finish(tmp_path):
   assert failures[0] == expected[0].replace(str(tmp_path / "alone"), str(tmp_path / "group"))
   assert "became non-finite at step" in failures[0]
   assert math.isfinite(logs.read_metrics(run_dir(tmp_path / "group", good))[-1]["eval/nll"])
+
+
+@pytest.mark.parametrize(
+  "flags, mode, budget",
+  [
+    ([], "auto", 2048),
+    (["--sequential"], "sequential", 2048),
+    (["--group-mode", "vmap", "--group-memory-mb", "64"], "vmap", 64),
+  ],
+)
+def test_compare_flags_choose_how_groups_run(monkeypatch, flags, mode, budget):
+  seen = {}
+  monkeypatch.setattr(
+    compare, "run_comparison", lambda config, **_: seen.update(compare=config.compare) or []
+  )
+  assert cli.main(["compare", QUICK, "--no-progress", *flags]) == 0
+  assert (seen["compare"].group_mode, seen["compare"].group_memory_mb) == (mode, budget)
+
+
+def test_sequential_and_group_mode_exclude_each_other(capsys):
+  with pytest.raises(SystemExit):
+    cli.main(["compare", QUICK, "--sequential", "--group-mode", "map"])
+  assert "not allowed with argument" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from xent_jax.train.models import build_model
 from xent_jax.train.optim import build_optimizer
 
 
-def _build(config: Config, data: Dataset, key):
+def model_and_optimizer(config: Config, data: Dataset, key):
   """``(model, optimizer)`` of ``config``, initialised from the PRNG ``key``."""
   input_shape = (data.seq_len,) if data.is_lm else data.x_train_NxF.shape[1:]
   model = build_model(config.model, input_shape=input_shape, num_classes=data.num_classes, seed=key)
@@ -31,7 +31,7 @@ def _build(config: Config, data: Dataset, key):
 
 def graph_of(config: Config, data: Dataset):
   """The `nnx.GraphDef` of ``config``'s model and optimizer (no arrays are made)."""
-  return nnx.split(nnx.eval_shape(lambda: _build(config, data, jax.random.key(0))))[0]
+  return nnx.split(nnx.eval_shape(lambda: model_and_optimizer(config, data, jax.random.key(0))))[0]
 
 
 def initial_states(config: Config, data: Dataset, seeds: list[int], sharding):
@@ -43,7 +43,7 @@ def initial_states(config: Config, data: Dataset, seeds: list[int], sharding):
   """
 
   def one(seed):
-    return nnx.split(_build(config, data, jax.random.key(seed)))[1]
+    return nnx.split(model_and_optimizer(config, data, jax.random.key(seed)))[1]
 
   return jax.jit(jax.vmap(one), out_shardings=sharding)(jnp.asarray(seeds, jnp.int32))
 
@@ -82,7 +82,7 @@ def member_bytes(config: Config, data: Dataset) -> int:
   temporaries) plus eight of the batch's inputs and logits (activations and their gradients):
   an upper bound for the MLPs and CNNs of the harness, which keep few activations per layer.
   """
-  shapes = nnx.state(nnx.eval_shape(lambda: _build(config, data, jax.random.key(0))))
+  shapes = nnx.state(nnx.eval_shape(lambda: model_and_optimizer(config, data, jax.random.key(0))))
   state = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
   batch = config.train.batch_size
   example = data.seq_len if data.is_lm else int(np.prod(data.x_train_NxF.shape[1:]))
