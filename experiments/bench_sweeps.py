@@ -13,8 +13,8 @@ MNIST-1D paper protocol; >= 30x for the MNIST-1D comparison on a GPU.
   python experiments/bench_sweeps.py                      # digits label noise, auto mode
   python experiments/bench_sweeps.py --config configs/mnist1d_label_noise.yaml --group-mode map
 
-Results: ``experiments/results/sweeps/bench_sweeps.{md,json}`` (appended per config, with the
-host line of experiments/host.py).
+Results: ``experiments/results/sweeps/bench_sweeps.{md,json}`` (or ``--out``; appended per
+config, with the host line of experiments/host.py).
 """
 
 import argparse
@@ -67,10 +67,11 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", action="append", help="configs to run (default: digits noise)")
   parser.add_argument("--group-mode", default="auto", choices=("auto", "vmap", "map"))
+  parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results directory")
   parser.add_argument("overrides", nargs="*", help="key=value overrides for both runs")
   args = parser.parse_args()
   configs = args.config or ["configs/digits_label_noise.yaml"]
-  RESULTS.mkdir(parents=True, exist_ok=True)
+  args.out.mkdir(parents=True, exist_ok=True)
   machine = host.describe()
   lines = []
   for config in configs:
@@ -89,7 +90,7 @@ def main() -> None:
       **equality,
       "host": machine,
     }
-    with (RESULTS / "bench_sweeps.json").open("a") as f:
+    with (args.out / "bench_sweeps.json").open("a") as f:
       f.write(json.dumps(result) + "\n")
     lines.append(
       f"| {config} {' '.join(args.overrides)} | {args.group_mode} | {equality['members']} | "
@@ -108,7 +109,7 @@ def main() -> None:
     *lines,
     "",
   ]
-  with (RESULTS / "bench_sweeps.md").open("a") as f:
+  with (args.out / "bench_sweeps.md").open("a") as f:
     f.write("\n".join(table) + "\n")
   print("\n".join(table))
 

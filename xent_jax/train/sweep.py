@@ -20,6 +20,9 @@ seed gives the same batches and `jax.random.key`), so its results equal that run
 rounding. Members resume from their own checkpoints: a member that saved a later step than the
 others waits (its updates are masked) until the group reaches it. A member whose loss or weights
 become non-finite is reported as in a sequential run and frozen; the others go on.
+
+A member's logged throughput (``train/examples_per_s``, ``train/step_time_s``) is the group's
+clock: its examples per second while it shared each step with the other members.
 """
 
 import dataclasses
