@@ -211,7 +211,10 @@ def test_members_sharded_over_devices_equal_their_sequential_runs(tmp_path, sequ
 def test_a_diverging_member_is_reported_and_the_others_finish(tmp_path):
   """One member's learning rate blows up: it fails with the sequential run's message, its
   checkpoints before the failure stay, and the other member finishes."""
-  overrides = ("compare.seeds=[0]", "compare.grid={optim.learning_rate: [0.003, 1.0e+30]}")
+  overrides = (
+    "compare.seeds=[0]",
+    "compare.grid={data.label_noise: [0.0], optim.learning_rate: [0.003, 1.0e+30]}",
+  )
   config = _config(tmp_path / "group", "compare.group_mode=map", *overrides)
   failures = run_comparison(config, progress=False, devices=jax.devices()[:1])
   good, bad = expand_grid(config)

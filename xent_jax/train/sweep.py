@@ -201,7 +201,7 @@ def train_group(
 ) -> list[Outcome]:
   """Trains every member of ``programs`` to the end; returns each member's outcome.
 
-  The directories must be locked and checked by the caller (`compare.run_groups`).
+  The directories must be locked and checked by the caller (as `compare.run_comparison` does).
   """
   train = programs.config.train
   state, checkpointers, starts = open_members(programs, directories)
@@ -242,7 +242,8 @@ def train_group(
       errors[m] = nonfinite_error(losses[:, m], finite[:, m], done, directories[m])
       if errors[m]:
         alive[m] = False
-        tqdm.write(f"{label} seed={programs.runs[m].train.seed}: FAILED: {errors[m]}")
+        run = programs.runs[m]
+        tqdm.write(f"{label}: {run.name} seed={run.train.seed}: FAILED: {errors[m]}")
         continue
       row = {"step": done, "train/loss": float(np.mean(losses[:, m], dtype=np.float64))}
       row.update(rows[m][0])
