@@ -8,6 +8,7 @@ one test example and its NLL by 1e-5 relative, at every logged step and in the s
 import dataclasses
 import math
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -249,3 +250,20 @@ def test_sequential_and_group_mode_exclude_each_other(capsys):
   with pytest.raises(SystemExit):
     cli.main(["compare", QUICK, "--sequential", "--group-mode", "map"])
   assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_sequential_checkpoints_resume_in_a_group(tmp_path, sequential):
+  """Runs left by ``--sequential`` before their summaries, half of them back at step 10, finish
+  as one group: each member resumes from its own checkpoint (the same format), the members at
+  20 wait for the others, and every run equals its uninterrupted sequential run."""
+  workdir = tmp_path / "compare"
+  shutil.copytree(sequential, workdir)
+  config = _config(workdir, "compare.group_mode=map")
+  runs = expand_grid(config)
+  for index, run in enumerate(runs):
+    directory = run_dir(workdir, run)
+    (directory / logs.SUMMARY_FILE).unlink()
+    if index % 2:
+      shutil.move(directory / "checkpoints" / "20", tmp_path / f"aside_{index}")
+  assert run_comparison(config, progress=False, devices=jax.devices()[:1]) == []
+  _assert_members_equal(workdir, sequential, runs)

@@ -12,6 +12,7 @@ step, so they may differ between members only where they trace: a value that can
 import copy
 import dataclasses
 import functools
+import json
 import math
 
 import jax
@@ -52,12 +53,13 @@ def traced_value(run: Config, key: str) -> float:
 
 
 @functools.cache
-def _learning_rate_traces(optim_fields: tuple, num_steps: int) -> bool:
-  """Whether the optimizer builds with a traced learning rate (optax's warm-up cosine does not)."""
+def _learning_rate_traces(optim_json: str, num_steps: int) -> bool:
+  """Whether the optimizer (``optim_json``: its config as JSON text) builds with a traced
+  learning rate (optax's warm-up cosine does not)."""
   params = {"w": jnp.zeros(2)}
 
   def build(learning_rate):
-    optim = dataclasses.replace(OptimConfig(*optim_fields), learning_rate=learning_rate)
+    optim = dataclasses.replace(OptimConfig(**json.loads(optim_json)), learning_rate=learning_rate)
     tx = build_optimizer(optim, num_steps)
     return tx.update(params, tx.init(params), params)[0]
 
@@ -65,11 +67,12 @@ def _learning_rate_traces(optim_fields: tuple, num_steps: int) -> bool:
 
 
 @functools.cache
-def _hparam_traces(loss_name: str, key: str, others: tuple) -> bool:
-  """Whether loss ``loss_name`` takes hyper-parameter ``key`` as a traced scalar."""
+def _hparam_traces(loss_name: str, key: str, others_json: str) -> bool:
+  """Whether loss ``loss_name`` takes hyper-parameter ``key`` as a traced scalar, its other
+  hyper-parameters being ``others_json`` (JSON text: a hashable cache key even for lists)."""
 
   def evaluate(value):
-    loss = xent_jax.get_loss(loss_name, **dict(others), **{key: value})
+    loss = xent_jax.get_loss(loss_name, **json.loads(others_json), **{key: value})
     return loss(jnp.zeros((2, 3)), jnp.zeros(2, jnp.int32), reduction="mean")
 
   return _traces(evaluate)
@@ -86,13 +89,14 @@ def _traces(fn) -> bool:
 def traceable_keys(run: Config) -> list[str]:
   """The keys of ``run`` that may differ inside a group (see the module docstring)."""
   keys = []
-  if _learning_rate_traces(dataclasses.astuple(run.optim), run.train.num_steps):
+  optim_json = json.dumps(dataclasses.asdict(run.optim), sort_keys=True)
+  if _learning_rate_traces(optim_json, run.train.num_steps):
     keys.append(LEARNING_RATE)
   for name, value in sorted(run.loss.hparams.items()):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       continue
-    others = tuple(sorted((k, v) for k, v in run.loss.hparams.items() if k != name))
-    if _hparam_traces(run.loss.name, name, others):
+    others = {k: v for k, v in run.loss.hparams.items() if k != name}
+    if _hparam_traces(run.loss.name, name, json.dumps(others, sort_keys=True)):
       keys.append(HPARAM_PREFIX + name)
   return keys
 
