@@ -101,7 +101,8 @@ def main() -> None:
     print(lines[-1], flush=True)
   table = [
     f"Machine: {machine}. Command: `python experiments/bench_sweeps.py "
-    f"{' '.join(f'--config {c}' for c in configs)} --group-mode {args.group_mode}`",
+    f"{' '.join(f'--config {c}' for c in configs)} --group-mode {args.group_mode} "
+    f"{' '.join(repr(o) for o in args.overrides)}`",
     "",
     "| config | mode | runs | vectorized s | sequential s | speed-up | max acc diff (examples) "
     "| max NLL rel diff | equal |",
