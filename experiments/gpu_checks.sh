@@ -67,3 +67,8 @@ step bench_fused_variants 50 env JAX_PLATFORMS=cuda python3 experiments/bench_fu
 # token chunks, time, temp memory and the weight gradient's bf16 error (never measured on a GPU).
 step bench_fused_heads 150 env JAX_PLATFORMS=cuda python3 experiments/bench_fused_heads.py \
   --n $((n / 2)) --d $d --v $v --reps 5 --out "$res/bench_fused_heads"
+# Issue 18: the MNIST-1D label-noise comparison vectorized (members vmapped) against --sequential,
+# one seed (21 runs) to fit the budget; target >= 30x.
+step bench_sweeps 540 env JAX_PLATFORMS=cuda python3 experiments/bench_sweeps.py \
+  --config configs/mnist1d_label_noise.yaml --group-mode vmap --out "$res/bench_sweeps" \
+  'compare.seeds=[0]'

@@ -26,7 +26,8 @@ EXAMPLES = {
   "  xent-jax run configs/digits_quick.yaml loss.name=my_pkg.losses:my_loss --workdir /tmp/a",
   "compare": "examples:\n"
   "  xent-jax compare configs/digits_quick.yaml\n"
-  "  xent-jax compare configs/mnist1d_label_noise.yaml 'compare.seeds=[0]'",
+  "  xent-jax compare configs/mnist1d_label_noise.yaml 'compare.seeds=[0]'\n"
+  "  xent-jax compare configs/digits_label_noise.yaml --sequential",
   "report": "example:\n  xent-jax report runs/digits_quick",
   "losses": "example:\n  xent-jax losses",
 }
@@ -88,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--coordinator", help="with --distributed: address HOST:PORT of process 0")
     cmd.add_argument("--num-processes", type=int, help="with --distributed: number of processes")
     cmd.add_argument("--process-id", type=int, help="with --distributed: this process's index")
+    if name == "compare":
+      _group_options(cmd)
   report = _command(
     sub, "report", "rebuild table.md, table.csv and plots/ from a comparison's files", common
   )
@@ -100,6 +103,40 @@ def _parser() -> argparse.ArgumentParser:
     sub, "losses", "list the registered losses with their hyper-parameters and defaults", common
   )
   return parser
+
+
+def _group_options(cmd: argparse.ArgumentParser) -> None:
+  """``compare``'s choice of how runs train (the config's ``compare.group_*`` keys)."""
+  how = cmd.add_mutually_exclusive_group()
+  how.add_argument(
+    "--sequential",
+    action="store_true",
+    help="train one run after another, each its own program (compare.group_mode=sequential)",
+  )
+  how.add_argument(
+    "--group-mode",
+    choices=("auto", "vmap", "map"),
+    help="how a group of runs that share shapes trains: vmap (members vectorized, for GPU/TPU), "
+    "map (members one after another inside one program, for CPU) or auto (map on CPU, vmap "
+    "elsewhere; the default)",
+  )
+  cmd.add_argument(
+    "--group-memory-mb",
+    type=int,
+    help="device memory one vectorized group may take (default 2048); larger groups are split",
+  )
+
+
+def _group_overrides(args: argparse.Namespace) -> list[str]:
+  """The config overrides of `_group_options`' flags."""
+  if args.command != "compare":
+    return []
+  overrides = ["compare.group_mode=sequential"] if args.sequential else []
+  if args.group_mode:
+    overrides.append(f"compare.group_mode={args.group_mode}")
+  if args.group_memory_mb is not None:
+    overrides.append(f"compare.group_memory_mb={args.group_memory_mb}")
+  return overrides
 
 
 def _print_losses() -> None:
@@ -245,6 +282,7 @@ def _main(args: argparse.Namespace, extra: list[str]) -> int:
       process_id=args.process_id,
     )
   overrides = list(args.overrides) + extra + ([f"workdir={args.workdir}"] if args.workdir else [])
+  overrides += _group_overrides(args)
   # Like `python -m`, look for a loss named by import path (loss.name=my_losses:my_loss) in the
   # working directory first; a console script's sys.path starts at its own bin/ directory.
   if os.getcwd() not in sys.path:

@@ -216,3 +216,24 @@ def test_transformer_train_step_compiles_and_fused_head_saves_memory(topology):
     f"train step {aot.TRAIN_STEP} on {topology}: fused head "
     f"{fused / aot.MIB:.1f} MiB temp, logits {logits / aot.MIB:.1f} MiB"
   )
+
+
+@pytest.mark.parametrize("topology", _HEAVY_TOPOLOGIES)
+def test_vectorized_group_step_compiles_with_members_sharded(topology, record_property):
+  """One group of the MNIST-1D comparison (1-D CNN, traced gamma and learning rate) compiles for
+  the slice; each chip holds only its own members' states and batches: 8 members over 4 chips
+  take twice the argument memory per chip of 4 members, not eight times."""
+  temp_4, args_4 = aot.group_step_memory(topology, 4)
+  temp_8, args_8 = aot.group_step_memory(topology, 8)
+  record_property(
+    "group_step_mib",
+    {"4": (temp_4 / aot.MIB, args_4 / aot.MIB), "8": (temp_8 / aot.MIB, args_8 / aot.MIB)},
+  )
+  message = (
+    f"group step {aot.GROUP_STEP} on {topology}: 4 members {temp_4 / aot.MIB:.2f} MiB temp, "
+    f"{args_4 / aot.MIB:.2f} MiB arguments per chip; 8 members {temp_8 / aot.MIB:.2f} / "
+    f"{args_8 / aot.MIB:.2f} MiB"
+  )
+  assert 0 < args_4 < aot.MIB, message
+  assert args_8 == pytest.approx(2 * args_4, rel=0.01), message
+  assert temp_8 <= 2 * temp_4 + aot.MIB, message

@@ -11,7 +11,8 @@ Faults are injected into the real ``xent-jax`` entry point by a small driver (`D
 
 - ``kill_at_step=N``: SIGKILL when the batch of step N is requested (mid-training);
 - ``kill_in_save=N``: SIGKILL inside orbax's commit of checkpoint N (all files written to its
-  temporary directory, not yet renamed): a kill during a save;
+  temporary directory, not yet renamed): a kill during a save; ``N`` may name the run too
+  (``seed_1/checkpoints/40``: the save of one member of a vectorized group);
 - ``wait_at_step=N``: at step N, wait until the file ``$XENT_GO`` exists (holds a run mid-way);
 - ``enospc=NAME``: writes to files named NAME write half their text, then fail with ENOSPC as
   on a full disk (orbax writes through tensorstore, in C++; a real full disk for it is the tmpfs
@@ -44,6 +45,7 @@ import yaml
 from xent_jax.cli import main
 from xent_jax.train import checkpoint, load_config, logs, train_and_evaluate
 from xent_jax.train.checkpoint import Checkpointer
+from xent_jax.train.compare import run_comparison
 from xent_jax.train.config import NUMERIC_RULES, Config
 from xent_jax.train.report import load_runs
 
@@ -64,7 +66,7 @@ DRIVER = r"""
 import errno, os, signal, sys, time
 fault, _, arg = os.environ.get("XENT_FAULT", "").partition("=")
 if fault in ("kill_at_step", "wait_at_step"):
-  from xent_jax.train import trainer
+  from xent_jax.train import sweep, trainer
   real_batch = trainer.train_batch
   def train_batch(data, *, step, **kwargs):
     if step == int(arg) and fault == "kill_at_step":
@@ -72,12 +74,12 @@ if fault in ("kill_at_step", "wait_at_step"):
     while step == int(arg) and not os.path.exists(os.environ["XENT_GO"]):
       time.sleep(0.05)
     return real_batch(data, step=step, **kwargs)
-  trainer.train_batch = train_batch
+  trainer.train_batch = sweep.train_batch = train_batch
 elif fault == "kill_in_save":
   from orbax.checkpoint._src.path import atomicity
   real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
   async def finalize(self, *args, **kwargs):
-    if os.path.basename(str(self._final_path)) == arg:
+    if str(self._final_path).endswith(os.sep + arg):
       os.kill(os.getpid(), signal.SIGKILL)
     return await real_finalize(self, *args, **kwargs)
   atomicity.AtomicRenameTemporaryPath.finalize = finalize
@@ -137,14 +139,15 @@ def _command(workdir: pathlib.Path, *overrides) -> list[str]:
   ]
 
 
-def _run(workdir, *overrides, fault="", cache=None, user=None, timeout=300, **env):
+def _run(workdir, *overrides, fault="", cache=None, user=None, timeout=300, command=None, **env):
   """Runs the CLI (through the fault driver) to the end; returns the CompletedProcess.
 
-  ``user``: a uid to run as (from root), taken after the imports (see `DRIVER`).
+  ``user``: a uid to run as (from root), taken after the imports (see `DRIVER`). ``command``:
+  the argument list (default: `_command` of ``workdir`` and ``overrides``).
   """
   env = _env(cache, XENT_FAULT=fault, XENT_USER="" if user is None else str(user), **env)
   return subprocess.run(
-    _command(workdir, *overrides),
+    command or _command(workdir, *overrides),
     env=env,
     cwd=workdir.parent,
     capture_output=True,
@@ -659,3 +662,147 @@ def test_other_restore_errors_stop_and_touch_nothing(tmp_path, monkeypatch, faul
     assert word in str(info.value)
   assert str(tmp_path / "2") in str(info.value)
   assert _snapshot(tmp_path) == before
+
+
+# --- a vectorized group of runs (`compare`): the same faults, nothing lost ------------------------
+
+# Two members (seeds 0 and 1) of one loss, trained as one group: the tiny run's shapes.
+GROUP = (*TINY, "compare.seeds=[0,1]", "compare.variants=[{name: cross_entropy, label: ce}]")
+
+
+def _group_command(workdir: pathlib.Path, *overrides) -> list[str]:
+  return [
+    sys.executable,
+    "-c",
+    DRIVER,
+    "compare",
+    QUICK,
+    *GROUP,
+    *overrides,
+    "--workdir",
+    str(workdir),
+    "--no-progress",
+  ]
+
+
+def _members(workdir: pathlib.Path) -> list[pathlib.Path]:
+  return [workdir / "ce" / f"seed_{seed}" for seed in (0, 1)]
+
+
+def _resume_group(workdir: pathlib.Path) -> None:
+  """Reruns the comparison in this process (vectorized: ``compare.group_mode`` is ``auto``)."""
+  assert run_comparison(load_config(QUICK, (*GROUP, f"workdir={workdir}")), progress=False) == []
+
+
+def _assert_same_group(workdir: pathlib.Path, reference: pathlib.Path) -> None:
+  for member, expected in zip(_members(workdir), _members(reference)):
+    _assert_same_results(member, expected)
+
+
+@pytest.fixture(scope="module")
+def group_reference(tmp_path_factory):
+  """An uninterrupted vectorized group; every recovered group must equal it, member by member."""
+  workdir = tmp_path_factory.mktemp("group_reference") / "compare"
+  _resume_group(workdir)
+  assert [_checkpoint_steps(m) for m in _members(workdir)] == [[20, 40], [20, 40]]
+  return workdir
+
+
+def _interrupted_group(reference: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
+  """The reference group as if it died after its last checkpoints: no summaries."""
+  shutil.copytree(reference, target)
+  for member in _members(target):
+    (member / logs.SUMMARY_FILE).unlink()
+  return target
+
+
+def test_group_sigkill_at_a_random_step_then_resume(tmp_path, group_reference, cache):
+  step = random.SystemRandom().randrange(1, 40)
+  workdir = tmp_path / "compare"
+  killed = _run(workdir, fault=f"kill_at_step={step}", cache=cache, command=_group_command(workdir))
+  assert killed.returncode == -signal.SIGKILL, (step, killed.stderr)
+  for member in _members(workdir):
+    assert logs.read_summary(member) is None
+    assert [r["step"] for r in logs.read_metrics(member)] == list(range(10, step + 1, 10)), step
+    assert _checkpoint_steps(member) == ([20] if step >= 20 else []), step
+  _resume_group(workdir)
+  _assert_same_group(workdir, group_reference)
+
+
+def test_group_sigkill_in_one_members_save_then_resume(tmp_path, group_reference, cache):
+  """Killed while saving member 1's checkpoint 40, after member 0 saved its own: member 0 resumes
+  from 40 and waits while member 1 replays 20..40 from its checkpoint 20."""
+  workdir = tmp_path / "compare"
+  killed = _run(
+    workdir,
+    fault="kill_in_save=seed_1/checkpoints/40",
+    cache=cache,
+    command=_group_command(workdir),
+  )
+  assert killed.returncode == -signal.SIGKILL, killed.stderr
+  first, second = _members(workdir)
+  assert _checkpoint_steps(first) == [20, 40] and _checkpoint_steps(second) == [20]
+  assert list((second / "checkpoints").glob("40.orbax-checkpoint-tmp*")), "kill missed the save"
+  _resume_group(workdir)
+  _assert_same_group(workdir, group_reference)
+  assert sorted(p.name for p in (second / "checkpoints").iterdir()) == ["20", "40"]
+
+
+def test_group_corrupt_checkpoint_of_one_member_is_moved_aside(tmp_path, group_reference):
+  workdir = _interrupted_group(group_reference, tmp_path / "compare")
+  step_dir = _members(workdir)[1] / "checkpoints" / "40"
+  damaged = {}
+  for path in sorted(step_dir.rglob("*")):
+    if path.is_file() and path.stat().st_size > 64:
+      data = bytearray(path.read_bytes())
+      data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)
+      path.write_bytes(bytes(data))
+      damaged[path.relative_to(step_dir)] = bytes(data)
+  _resume_group(workdir)
+  _assert_same_group(workdir, group_reference)
+  aside = step_dir.parent / "corrupt-40"
+  assert {p: (aside / p).read_bytes() for p in damaged} == damaged  # kept byte for byte
+
+
+def test_group_full_disk_while_logging_then_resume(tmp_path, group_reference, cache):
+  workdir = tmp_path / "compare"
+  full = _run(workdir, fault="enospc=metrics.jsonl", cache=cache, command=_group_command(workdir))
+  _assert_one_line_error(full, str(_members(workdir)[0] / "metrics.jsonl"), "No space left")
+  assert not list(workdir.rglob("*.tmp")) and not list(workdir.rglob("*orbax-checkpoint-tmp*"))
+  _resume_group(workdir)
+  _assert_same_group(workdir, group_reference)
+
+
+def test_group_second_process_is_refused_while_the_first_runs(tmp_path, group_reference, cache):
+  workdir, go = tmp_path / "compare", tmp_path / "go"
+  env = _env(cache, XENT_FAULT="wait_at_step=15", XENT_GO=str(go))
+  first = subprocess.Popen(
+    _group_command(workdir),
+    env=env,
+    cwd=tmp_path,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    deadline = time.time() + 240
+    while not (_members(workdir)[1] / "metrics.jsonl").exists():  # both members locked, training
+      assert first.poll() is None and time.time() < deadline, first.stderr and first.stderr.read()
+      time.sleep(0.05)
+    second = _run(workdir, cache=cache, command=_group_command(workdir))
+    _assert_one_line_error(second, "in use by another process", f"pid {first.pid}", status=2)
+  finally:
+    go.touch()
+    _, err = first.communicate(timeout=300)
+  assert first.returncode == 0, err
+  _assert_same_group(workdir, group_reference)
+
+
+def test_group_with_a_changed_config_is_refused_untouched(tmp_path, group_reference, capsys):
+  workdir = _interrupted_group(group_reference, tmp_path / "compare")
+  before = _snapshot(workdir)
+  argv = ["compare", QUICK, *GROUP, "optim.learning_rate=0.05", "--workdir", str(workdir)]
+  assert main(argv) == 2
+  err = capsys.readouterr().err
+  assert "holds a run of a different config" in err and "optim.learning_rate" in err, err
+  assert _snapshot(workdir) == before

@@ -337,3 +337,62 @@ def train_step_temp_bytes(fused: bool, topology_name: str) -> int:
   )
   compiled = train_step.lower(state, ids_BxL, ids_BxL).compile()
   return compiled.memory_analysis().temp_size_in_bytes
+
+
+# --------------------------------------------------------------------------- vectorized sweep step
+
+# One vectorized group of the MNIST-1D comparison: the 1-D CNN at the paper's batch, focal loss
+# with a traced gamma and a traced learning rate per member (`xent_jax.train.sweep`).
+GROUP_STEP = {"batch": 100, "length": 40, "classes": 10}
+
+
+@functools.cache
+def group_step_memory(topology_name: str, members: int) -> tuple[int, int]:
+  """``(temp, argument)`` bytes per chip of one vectorized group's train step.
+
+  The step is `xent_jax.train.sweep`'s: `steps.make_member_step` vmapped over ``members`` stacked
+  states, the members split over the slice's chips (the ``members`` mesh axis) with each member's
+  batch on its own chip, as `parallel.member_mesh` lays them out.
+  """
+  from xent_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  from xent_jax.train import data, parallel, steps  # pylint: disable=import-outside-toplevel
+  from xent_jax.train import members as members_lib  # pylint: disable=import-outside-toplevel
+
+  size = GROUP_STEP
+  config = config_lib.Config(
+    model=config_lib.ModelConfig(name="mnist1d_cnn"),
+    loss=config_lib.LossConfig(name="focal", hparams={"gamma": 2.0}),
+    optim=config_lib.OptimConfig(name="adam", schedule="constant", learning_rate=1e-2),
+  )
+  x = np.zeros((1, size["length"]), np.float32)
+  shapes = data.Dataset(x, np.zeros(1, np.int32), x, np.zeros(1, np.int32), size["classes"])
+  graphdef = members_lib.graph_of(config, shapes)
+  grid = parallel.member_mesh(topology(topology_name).devices, members, "vmap")
+  stacked, split = NamedSharding(grid, P("members")), NamedSharding(grid, P("members", "data"))
+  state = _stacked_state_specs(config, shapes, members, stacked)
+  traced = ("optim.learning_rate", "loss.hparams.gamma")
+  values = {key: spec((members,), jnp.float32, stacked) for key in traced}
+  step = steps.over_members(steps.make_member_step(graphdef, config, traced), "vmap", (0,) * 5)
+  compiled = (
+    jax.jit(step)
+    .lower(
+      state,
+      values,
+      spec((members, size["batch"], size["length"]), jnp.float32, split),
+      spec((members, size["batch"]), jnp.int32, split),
+      spec((members,), jnp.bool_, stacked),
+    )
+    .compile()
+  )
+  memory = compiled.memory_analysis()
+  return memory.temp_size_in_bytes, memory.argument_size_in_bytes
+
+
+def _stacked_state_specs(config, shapes, members: int, sharding):
+  """Abstract stacked states ``[members, ...]`` of ``config``'s model and optimizer."""
+  from xent_jax.train import members as members_lib  # pylint: disable=import-outside-toplevel
+
+  abstract = jax.eval_shape(
+    lambda: members_lib.initial_states(config, shapes, list(range(members)), None)
+  )
+  return jax.tree.map(lambda s: spec(s.shape, s.dtype, sharding), abstract)

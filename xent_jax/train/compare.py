@@ -1,14 +1,31 @@
-"""`run_comparison`: every run of a config's grid, skipping finished ones, then the report."""
+"""`run_comparison`: every run of a config's grid, skipping finished ones, then the report.
 
+Runs train in vectorized groups (`grouping.plan_groups`, `sweep.train_group`): runs that differ
+only in seed, label noise, learning rate or loss hyper-parameter values share one compiled
+program. ``compare.group_mode: sequential`` (``--sequential``) trains one run after another as
+`trainer.train_and_evaluate` does, and so does a multi-process (``--distributed``) comparison.
+"""
+
+import contextlib
 import pathlib
 import time
 
+import jax
 from tqdm import tqdm
 
 from xent_jax.train import logs
 from xent_jax.train.config import Config, expand_grid
+from xent_jax.train.data import load_dataset
+from xent_jax.train.grouping import Group, plan_groups, split_group
+from xent_jax.train.members import member_bytes
 from xent_jax.train.report import build_report
-from xent_jax.train.trainer import NonFiniteLossError, check_run_directory, train_and_evaluate
+from xent_jax.train.sweep import GroupPrograms, choose_mode, train_group
+from xent_jax.train.trainer import (
+  NonFiniteLossError,
+  check_run_directory,
+  exclusive,
+  train_and_evaluate,
+)
 
 
 def run_dir(workdir: pathlib.Path, run: Config) -> pathlib.Path:
@@ -16,7 +33,7 @@ def run_dir(workdir: pathlib.Path, run: Config) -> pathlib.Path:
   return workdir / run.name / f"seed_{run.train.seed}"
 
 
-def run_comparison(config: Config, *, progress: bool = True) -> list[str]:
+def run_comparison(config: Config, *, progress: bool = True, devices=None) -> list[str]:
   """Runs loss variants x seeds x grid values of ``config`` under ``config.workdir``.
 
   Finished runs (``summary.json`` marked completed) are not redone, and no run starts before
@@ -25,6 +42,12 @@ def run_comparison(config: Config, *, progress: bool = True) -> list[str]:
   Interrupted ones resume from their checkpoints. A run stopped by a NaN/Inf loss is reported and
   the others go on; any other error stops the comparison. Builds
   ``table.md``, ``table.csv`` and ``plots/`` from the logged files at the end.
+
+  Args:
+    config: the comparison's config; ``compare.group_mode`` and ``compare.group_memory_mb``
+      choose how its runs train.
+    progress: show progress bars.
+    devices: the devices to train on (default: all).
 
   Returns:
     The error messages of failed runs (empty when all finished).
@@ -38,6 +61,26 @@ def run_comparison(config: Config, *, progress: bool = True) -> list[str]:
   for run in runs:  # before any training: a clash found late would waste the runs before it
     if run_dir(workdir, run).is_dir():
       check_run_directory(run, run_dir(workdir, run))
+  if config.compare.group_mode == "sequential" or jax.process_count() > 1:
+    failures = _run_sequential(runs, workdir, progress=progress, devices=devices)
+  else:
+    mode = choose_mode(config.compare.group_mode)
+    budget = config.compare.group_memory_mb * 2**20
+    failures = _run_groups(runs, workdir, mode, budget, progress=progress, devices=devices)
+  build_report(workdir)
+  return failures
+
+
+def _summary_line(summary: dict) -> str:
+  final = summary["final"]
+  return (
+    f"accuracy={final['eval/accuracy']:.4f} nll={final['eval/nll']:.4f} "
+    f"ece={final['eval/ece']:.4f} brier={final['eval/brier']:.4f}"
+  )
+
+
+def _run_sequential(runs, workdir: pathlib.Path, *, progress: bool, devices) -> list[str]:
+  """One run after another, each its own program (`train_and_evaluate`)."""
   failures = []
   bar = tqdm(runs, disable=not progress, desc="runs", unit="run")
   for index, run in enumerate(bar, 1):
@@ -48,16 +91,68 @@ def run_comparison(config: Config, *, progress: bool = True) -> list[str]:
       continue
     tic = time.perf_counter()
     try:
-      summary = train_and_evaluate(run, directory, progress=progress)
+      summary = train_and_evaluate(run, directory, progress=progress, devices=devices)
     except NonFiniteLossError as err:
       failures.append(str(err))
       tqdm.write(f"{head}: FAILED: {err}")
       continue
-    final = summary["final"]
-    tqdm.write(
-      f"{head}: accuracy={final['eval/accuracy']:.4f} nll={final['eval/nll']:.4f} "
-      f"ece={final['eval/ece']:.4f} brier={final['eval/brier']:.4f} "
-      f"({time.perf_counter() - tic:.1f}s)"
-    )
-  build_report(workdir)
+    tqdm.write(f"{head}: {_summary_line(summary)} ({time.perf_counter() - tic:.1f}s)")
   return failures
+
+
+def _budgeted(group: Group, budget: int) -> list[Group]:
+  """``group`` split so that each part's estimated memory (`members.member_bytes`) fits."""
+  run = group.runs[0]
+  per_member = member_bytes(run, load_dataset(run.data, image=run.model.name == "cnn"))
+  return split_group(group, budget // per_member)
+
+
+def _run_groups(runs, workdir, mode: str, budget: int, *, progress: bool, devices) -> list[str]:
+  """The unfinished runs in vectorized groups, each group one program."""
+  todo = []
+  for run in runs:
+    if logs.read_summary(run_dir(workdir, run)):
+      tqdm.write(f"{run.name} seed={run.train.seed}: already finished, skipped")
+    else:
+      todo.append(run)
+  groups = [part for group in plan_groups(todo) for part in _budgeted(group, budget)]
+  failures = []
+  bar = tqdm(groups, disable=not progress, desc="groups", unit="group")
+  for index, group in enumerate(bar, 1):
+    label = f"[group {index}/{len(groups)}] {group.runs[0].name}"
+    tic = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+      directories = _lock_members(group, workdir, stack)
+      if not directories:
+        continue
+      group = Group(
+        tuple(run for run in group.runs if run_dir(workdir, run) in directories), group.traced
+      )
+      programs = GroupPrograms(group, mode, devices)
+      outcomes = train_group(programs, directories, progress=progress, label=label)
+    seconds = time.perf_counter() - tic
+    for outcome in outcomes:
+      head = f"{outcome.run.name} seed={outcome.run.train.seed}"
+      if outcome.error:
+        failures.append(str(outcome.error))
+      else:
+        tqdm.write(
+          f"{head}: {_summary_line(outcome.summary)} (group of {len(outcomes)}, {seconds:.1f}s)"
+        )
+  return failures
+
+
+def _lock_members(group: Group, workdir: pathlib.Path, stack) -> list[pathlib.Path]:
+  """Locks and checks each member's directory (held until ``stack`` closes); the directories of
+  the members still to train (one finished meanwhile by another process is left out)."""
+  directories = []
+  for run in group.runs:
+    directory = run_dir(workdir, run)
+    directory.mkdir(parents=True, exist_ok=True)
+    stack.enter_context(exclusive(directory))
+    check_run_directory(run, directory)
+    if logs.read_summary(directory):
+      tqdm.write(f"{run.name} seed={run.train.seed}: already finished, skipped")
+      continue
+    directories.append(directory)
+  return directories

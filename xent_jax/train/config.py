@@ -109,6 +109,10 @@ class CompareConfig:
   grid: dict[str, list[Any]] = dataclasses.field(
     default_factory=dict
   )  # "data.label_noise": [0, 0.4]
+  # How the runs train (not part of a run's identity: each run records the defaults):
+  # auto | vmap | map | sequential (see xent_jax.train.sweep); --group-mode, --sequential
+  group_mode: str = "auto"
+  group_memory_mb: int = 2048  # device memory one vectorized group may take; larger ones split
 
 
 @dataclasses.dataclass
@@ -141,6 +145,7 @@ ALLOWED_NAMES = {
   "model.dtype": ("float32", "bfloat16"),
   "optim.name": ("adam", "adamw", "sgd"),
   "optim.schedule": ("constant", "cosine", "warmup_cosine", "linear"),
+  "compare.group_mode": ("auto", "vmap", "map", "sequential"),
 }
 
 
@@ -361,6 +366,7 @@ NUMERIC_RULES = {
   "train.max_checkpoints": POSITIVE,
   "train.num_ece_bins": POSITIVE,
   "compare.seeds": NON_NEGATIVE,
+  "compare.group_memory_mb": POSITIVE,
 }
 
 

@@ -9,6 +9,8 @@ Decisions that every process must take alike (is a checkpoint corrupt?) go throu
 and `barrier`: collectives, so every process calls them at the same points, in the same order.
 """
 
+import math
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -57,3 +59,17 @@ def barrier(name: str) -> None:
   """Waits until every process has reached the barrier ``name`` (a collective)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def member_mesh(devices, num_members: int, mode: str) -> Mesh:
+  """A ``("members", "data")`` mesh for a group of ``num_members`` members.
+
+  ``vmap``: the members are split over ``gcd(num_members, devices)`` rows of devices, and each
+  member's batch is sharded over the devices of its row (the ``data`` axis), so its gradient
+  all-reduce stays inside that row. ``map``: members run one after another, each over every
+  device (one row).
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  rows = math.gcd(num_members, len(devices)) if mode == "vmap" else 1
+  grid = np.array(devices).reshape(rows, len(devices) // rows)
+  return Mesh(grid, ("members", "data"), axis_types=(jax.sharding.AxisType.Auto,) * 2)

@@ -8,6 +8,8 @@ After training, `calibration_row` fits a temperature on the held-out part of the
 scores the test split before and after scaling.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,8 @@ from flax import nnx
 
 import xent_jax
 from xent_jax import metrics
-from xent_jax.train.config import LossConfig
+from xent_jax.train.config import Config, LossConfig
+from xent_jax.train.optim import build_optimizer
 
 
 def make_objective(loss: LossConfig):
@@ -40,27 +43,93 @@ def make_objective(loss: LossConfig):
   return objective
 
 
-def make_train_step(graphdef, objective):
-  """``train_step(state, x, y) -> (state, loss, finite)``, jitted, donating the old state.
+def _update(model, optimizer, objective, x_BxF, y_B):
+  """One optimizer step of ``model`` in place; returns ``(loss, finite)``.
 
   ``finite`` is True when the loss and every updated parameter are finite, so a step that
   blows up the weights is caught even while its own loss was still finite.
   """
+  loss, grads = nnx.value_and_grad(objective)(model, x_BxF, y_B)
+  optimizer.update(model, grads)
+  params = nnx.state(model, nnx.Param)
+  finite = jnp.isfinite(loss) & jnp.all(
+    jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
+  )
+  return loss, finite
+
+
+def make_train_step(graphdef, objective):
+  """``train_step(state, x, y) -> (state, loss, finite)``, jitted, donating the old state.
+
+  ``finite``: see `_update`.
+  """
 
   def train_step(state, x_BxF, y_B):
     model, optimizer = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(objective)(model, x_BxF, y_B)
-    optimizer.update(model, grads)
-    params = nnx.state(model, nnx.Param)
-    finite = jnp.isfinite(loss) & jnp.all(
-      jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
-    )
+    loss, finite = _update(model, optimizer, objective, x_BxF, y_B)
     return nnx.state((model, optimizer)), loss, finite
 
   return jax.jit(train_step, donate_argnums=0)
 
 
+def make_member_step(graphdef, config: Config, traced: tuple[str, ...]):
+  """``member_step(state, values, x, y, active) -> (state, loss, finite)`` of one sweep member.
+
+  The pure (unjitted) step of `make_train_step` where the config values named in ``traced``
+  (``"optim.learning_rate"``, ``"loss.hparams.<name>"``) come in as traced scalars ``values``
+  (a dict keyed by those names), so one compiled program serves every member of a group. The
+  optimizer is rebuilt from the traced learning rate (its state layout does not depend on it),
+  and the loss from the traced hyper-parameters. Where ``active`` is False the old state is
+  returned unchanged (a member waiting for the group to reach its checkpoint, or one stopped by a
+  non-finite loss), so the members never influence each other.
+  """
+
+  def member_step(state, values, x_BxF, y_B, active):
+    before = nnx.to_pure_dict(state)  # arrays: merge hands the state's variables to the model
+    model, optimizer = nnx.merge(graphdef, state)
+    if "optim.learning_rate" in traced:
+      optim = dataclasses.replace(config.optim, learning_rate=values["optim.learning_rate"])
+      optimizer.tx = build_optimizer(optim, config.train.num_steps)
+    hparams = dict(config.loss.hparams)
+    hparams.update({k.split(".", 2)[2]: v for k, v in values.items() if k.startswith("loss.")})
+    objective = make_objective(dataclasses.replace(config.loss, hparams=hparams))
+    loss, finite = _update(model, optimizer, objective, x_BxF, y_B)
+    new = nnx.state((model, optimizer))
+    kept = jax.tree.map(lambda a, b: jnp.where(active, a, b), nnx.to_pure_dict(new), before)
+    nnx.replace_by_pure_dict(new, kept)
+    return new, loss, finite
+
+  return member_step
+
+
+def over_members(fn, mode: str, in_axes: tuple):
+  """``fn`` applied to every member: ``jax.vmap`` (mode ``vmap``) or ``jax.lax.map`` (``map``).
+
+  ``in_axes`` holds 0 for an argument stacked over members and None for one they share. With
+  ``map`` the members run one after another inside the same program, so each keeps the
+  unbatched kernels (a vmapped convolution becomes a grouped one, slow on XLA:CPU).
+  """
+  if mode == "vmap":
+    return jax.vmap(fn, in_axes=in_axes)
+
+  def mapped(*args):
+    stacked = [a for a, axis in zip(args, in_axes) if axis == 0]
+
+    def one(member_args):
+      rest = iter(member_args)
+      return fn(*[next(rest) if axis == 0 else a for a, axis in zip(args, in_axes)])
+
+    return jax.lax.map(one, stacked)
+
+  return mapped
+
+
 def make_eval_step(graphdef, *, num_bins: int, num_shards: int):
+  """`eval_sums_fn`, jitted."""
+  return jax.jit(eval_sums_fn(graphdef, num_bins=num_bins, num_shards=num_shards))
+
+
+def eval_sums_fn(graphdef, *, num_bins: int, num_shards: int):
   """``eval_step(state, x, y, valid) -> metrics.EvalSums`` with a leading ``[num_shards]`` axis.
 
   Each device's rows are summed separately (no cross-device reduction, whose order is not fixed
@@ -78,7 +147,7 @@ def make_eval_step(graphdef, *, num_bins: int, num_shards: int):
     split = lambda a: a.reshape((num_shards, -1) + a.shape[1:])  # pylint: disable=unnecessary-lambda-assignment
     return jax.vmap(shard_sums)(split(logits_BxC), split(y_B), split(where_B))
 
-  return jax.jit(eval_step)
+  return eval_step
 
 
 def finish_eval(sums: metrics.EvalSums) -> tuple[dict, dict]:
@@ -93,13 +162,18 @@ def finish_eval(sums: metrics.EvalSums) -> tuple[dict, dict]:
 
 
 def make_logits_step(graphdef):
-  """``logits_step(state, x) -> logits`` (``[B, C]`` or ``[B, L, V]``), jitted."""
+  """`logits_fn`, jitted."""
+  return jax.jit(logits_fn(graphdef))
+
+
+def logits_fn(graphdef):
+  """``logits_step(state, x) -> logits`` (``[B, C]`` or ``[B, L, V]``)."""
 
   def logits_step(state, x_BxF):
     model, _ = nnx.merge(graphdef, state)
     return model(x_BxF)
 
-  return jax.jit(logits_step)
+  return logits_step
 
 
 def calibration_row(

@@ -123,7 +123,7 @@ def check_run_directory(config: Config, workdir: pathlib.Path) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive(workdir: pathlib.Path):
+def exclusive(workdir: pathlib.Path):
   """Holds the directory's lock (process 0) for the run; all processes stop if it is taken."""
   with contextlib.ExitStack() as stack:
     error = None
@@ -141,7 +141,7 @@ def _exclusive(workdir: pathlib.Path):
     yield
 
 
-def _check_data_sizes(data: Dataset, config: Config) -> None:
+def check_data_sizes(data: Dataset, config: Config) -> None:
   """Sizes only known once the data is loaded: a batch must fit the training split, tests exist."""
   if data.is_lm:
     if len(data.x_train_NxF) <= data.seq_len + 1:
@@ -222,7 +222,7 @@ def train_and_evaluate(config: Config, workdir, *, progress: bool = True, device
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  with _exclusive(workdir):
+  with exclusive(workdir):
     check_run_directory(config, workdir)
     finished = logs.read_summary(workdir)
     if finished:
@@ -235,9 +235,9 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, devices) ->
   is_main = jax.process_index() == 0
   train = config.train
   mesh = make_mesh(devices)
-  _check_batch_sizes(train, mesh)
+  check_batch_sizes(train, mesh)
   data = load_dataset(config.data, image=config.model.name == "cnn")
-  _check_data_sizes(data, config)
+  check_data_sizes(data, config)
   recorded = workdir / logs.CONFIG_FILE
   if is_main and not recorded.exists():  # only now: a config refused above leaves no run behind
     logs.write_atomic(recorded, to_yaml(config))
@@ -309,7 +309,7 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, devices) ->
   return summary
 
 
-def _check_batch_sizes(train, mesh) -> None:
+def check_batch_sizes(train, mesh) -> None:
   """Each batch size splits evenly over the mesh's devices; else a ConfigError naming its key."""
   for key, size in (
     ("train.batch_size", train.batch_size),
@@ -357,19 +357,27 @@ def _resume(config: Config, workdir: pathlib.Path, state):
 
 
 def _finite_losses(pending, done: int, workdir: pathlib.Path, bar) -> np.ndarray:
-  """The losses of the steps since the last evaluation; ``NonFiniteLossError`` naming the first
-  step whose loss or updated parameters were not finite."""
+  """The losses of the steps since the last evaluation; raises `nonfinite_error`'s error."""
   losses, finite = (np.asarray(a) for a in zip(*jax.device_get(pending)))
-  bad = np.flatnonzero(~finite)
-  if bad.size:
+  error = nonfinite_error(losses, finite, done, workdir)
+  if error:
     bar.close()
-    kept = done - len(pending)
-    what = "training loss" if not np.isfinite(losses[bad[0]]) else "parameters after the update"
-    raise NonFiniteLossError(
-      f"{what} became non-finite at step {kept + bad[0] + 1} (loss {losses[bad[0]]}) of run "
-      f"{workdir}; stopped. Checkpoints up to step {kept} are kept."
-    )
+    raise error
   return losses
+
+
+def nonfinite_error(losses, finite, done: int, workdir: pathlib.Path) -> NonFiniteLossError | None:
+  """The `NonFiniteLossError` naming the first step whose loss or updated parameters were not
+  finite, among the ``len(losses)`` steps that end at step ``done``; None when all were."""
+  bad = np.flatnonzero(~np.asarray(finite))
+  if not bad.size:
+    return None
+  kept = done - len(losses)
+  what = "training loss" if not np.isfinite(losses[bad[0]]) else "parameters after the update"
+  return NonFiniteLossError(
+    f"{what} became non-finite at step {kept + bad[0] + 1} (loss {losses[bad[0]]}) of run "
+    f"{workdir}; stopped. Checkpoints up to step {kept} are kept."
+  )
 
 
 def _final_summary(config: Config, graphdef, state, data: Dataset, mesh, eval_step) -> dict:
@@ -384,15 +392,20 @@ def _final_summary(config: Config, graphdef, state, data: Dataset, mesh, eval_st
     num_bins=train.num_ece_bins,
   )
   final_row.update(calibration)
-  summary = {
+  return make_summary(config, final_row, bins, bins_ts, num_devices=mesh.size)
+
+
+def make_summary(config: Config, final_row: dict, bins, bins_ts, *, num_devices: int) -> dict:
+  """A run's ``summary.json``: its final row (evaluation and calibration) and reliability counts
+  before and after temperature scaling (``bins_ts`` None without held-out data)."""
+  return {
     "completed": True,
     "group": config.name,
     "loss": loss_label(config.loss),
-    "seed": train.seed,
-    "num_steps": train.num_steps,
-    "num_devices": mesh.size,
+    "seed": config.train.seed,
+    "num_steps": config.train.num_steps,
+    "num_devices": num_devices,
     "final": final_row,
     "calibration_counts": bins,
     "calibration_counts_ts": bins_ts,  # after temperature scaling; None without held-out data
   }
-  return summary
