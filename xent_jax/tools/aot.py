@@ -385,6 +385,8 @@ def group_step_memory(topology_name: str, members: int) -> tuple[int, int]:
     .compile()
   )
   memory = compiled.memory_analysis()
+  if memory is None:
+    raise RuntimeError("group_step_memory: this backend's compiler reports no memory analysis.")
   return memory.temp_size_in_bytes, memory.argument_size_in_bytes
 
 

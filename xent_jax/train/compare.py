@@ -133,7 +133,7 @@ def _run_groups(runs, workdir, mode: str, budget: int, *, progress: bool, device
     seconds = time.perf_counter() - tic
     for outcome in outcomes:
       head = f"{outcome.run.name} seed={outcome.run.train.seed}"
-      if outcome.error:
+      if outcome.error or outcome.summary is None:
         failures.append(str(outcome.error))
       else:
         tqdm.write(

@@ -407,8 +407,8 @@ def loss_label(loss: LossConfig) -> str:
   return ("fused_" if loss.fused else "") + ",".join(parts)
 
 
-def to_yaml(config: Config) -> str:
-  """The resolved config as YAML (what each run directory records)."""
+def to_yaml(config: object) -> str:
+  """The resolved config, or one of its sections, as YAML (what each run directory records)."""
   return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 

@@ -143,9 +143,11 @@ class GroupPrograms:
     for x, _, valid_B in eval_batches(self.datasets[0], batch_size=batch_size, split=split):
       out = np.asarray(self.logits_step(state, jax.device_put(x, self.shared_batch)))
       logits.append(out[:, valid_B].reshape(len(self.runs), -1, out.shape[-1]))
-    labels = [
-      (data.y_test_M if split == "test" else data.y_holdout_H).reshape(-1) for data in self.datasets
-    ]
+    labels = []
+    for data in self.datasets:
+      y = data.y_test_M if split == "test" else data.y_holdout_H
+      assert y is not None, f"no {split} split"  # holdout is evaluated only where it exists
+      labels.append(y.reshape(-1))
     if not logits:
       return np.zeros((len(self.runs), 0, self.datasets[0].num_classes), np.float32), labels
     return np.concatenate(logits, axis=1), labels
@@ -155,7 +157,7 @@ class GroupPrograms:
     rows = self.evaluate(state)
     holdout, holdout_labels = self.logits(state, "holdout")
     test, test_labels = self.logits(state, "test")
-    out = []
+    out: list[dict | None] = []
     for m, run in enumerate(self.runs):
       if not alive[m]:
         out.append(None)
@@ -217,9 +219,9 @@ def train_group(
     unit="step",
   )
   pending, tic, timed = [], time.perf_counter(), 0
-  mask = active = None
+  mask, active = np.zeros_like(alive), None
   for step in range(int(starts.min()), train.num_steps):
-    if not np.array_equal(mask, alive & (step >= starts)):  # changes on a resume or a failure
+    if active is None or not np.array_equal(mask, alive & (step >= starts)):  # resume, failure
       mask = alive & (step >= starts)
       active = jax.device_put(mask, programs.members)
     state, loss, finite = programs.train_step(state, programs.values, *programs.batch(step), active)
@@ -252,7 +254,9 @@ def train_group(
       logs.append_metrics(directories[m], row)
       if checkpointers[m] and (done % train.checkpoint_every == 0 or done == train.num_steps):
         record = {"data_order": {"seed": programs.runs[m].train.seed, "next_step": done}}
-        checkpointers[m].save(done, member_pure(state, m, programs.mesh.devices.flat[0]), record)
+        checkpointers[m].save(
+          done, member_pure(state, int(m), programs.mesh.devices.flat[0]), record
+        )
     bar.set_postfix(alive=f"{alive.sum()}/{size}")
     tic, timed = time.perf_counter(), 0
   bar.close()
@@ -261,7 +265,8 @@ def train_group(
     checkpointer.close()
   outcomes = []
   for m, run in enumerate(programs.runs):
-    if summaries[m] is not None:
-      logs.write_summary(directories[m], summaries[m])
+    summary = summaries[m]
+    if summary is not None:
+      logs.write_summary(directories[m], summary)
     outcomes.append(Outcome(run, summaries[m], errors[m]))
   return outcomes
