@@ -44,6 +44,12 @@ fi
 step bench_linear 200 python3 experiments/bench_linear.py --n $n --d $d --v $v --reps 7 \
   --vocab-series --token-series --blocks ${BLOCKS:-128:$v 1024:4096 $((n / 2)):- $n:$((v / 32))} \
   --out "$res/bench_linear"
+# The same head with the autotuner on (XENT_JAX_AUTOTUNE=1): the default-schedule row times the
+# tuned blocks (tuning, a few compiled candidates, runs in the warm-up call); the chosen blocks are
+# in bench_linear_autotune.log and the cache file, kept with the results.
+step bench_linear_autotune 300 env XENT_JAX_AUTOTUNE=1 XDG_CACHE_HOME="$res/xent_cache" bash -c \
+  "python3 experiments/bench_linear.py --n $n --d $d --v $v --reps 7 --vocab-series \
+  --token-series --out '$res/bench_linear_autotune' && cat '$res/xent_cache/xent_jax/blocks.json'"
 step bench_linear_one_pass 90 python3 experiments/bench_linear.py --n $((vn / 2)) --d $((d / 8)) \
   --v $vv --reps 10 --vocab-series --token-series --blocks 512:- 2048:- 4096:- \
   --out "$res/bench_linear_one_pass"

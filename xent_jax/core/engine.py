@@ -32,7 +32,10 @@ head depends on the row only through :math:`\mathrm{lse} = m + \texttt{log\_sum}
 :math:`x_y = m + \texttt{target}` and shift-free sums). The tangent is computed under
 ``jax.checkpoint``, so reverse mode (which transposes it) recomputes :math:`p` from the logits and
 the per-row statistics and keeps no ``[..., V]`` residual; forward mode (``jax.jvp``,
-``jax.jacfwd``, ``jax.linearize``) works as well.
+``jax.jacfwd``, ``jax.linearize``) works as well. The recomputed :math:`p` is written as
+:math:`e^{x - m} / e^{\texttt{log\_sum}}`, the forward pass's own exponential, so that under one
+``jit`` of value and gradient XLA computes it once per element for float32 logits
+(:func:`shares_forward_exp`).
 
 References:
   Milakov & Gimelshein, "Online normalizer calculation for softmax", 2018 (statistics relative
@@ -470,13 +473,35 @@ def _forward(logits, labels, betas, cfg: _Config, *, slopes: bool = False):
   return (stats, tuple(totals)) if slopes else stats
 
 
+def shares_forward_exp(dtype) -> bool:
+  """Whether the tangent may share :math:`e^{x - m}` with the forward's log-sum-exp pass.
+
+  Reverse mode recomputes :math:`p = e^{x - m} / \\sum_c e^{x_c - m}` from the logits (no
+  ``[..., V]`` residual between the passes). Under one ``jit`` of value and gradient, XLA can
+  then merge the recomputed :math:`e^{x - m}` with the forward's (common-subexpression
+  elimination), which is allowed here for logits already in the compute dtype (float32,
+  float64): XLA stores :math:`e^{x - m}` once, in the buffer of the logits' gradient (same shape
+  and dtype), and the program computes one exponential per element instead of two, with no
+  ``[..., V]`` temporary. For half-precision logits that store would be a float32 ``[..., V]``
+  temporary (twice the gradient's size, which cannot hold it), so the tangent recomputes the
+  exponential behind an optimisation barrier instead: two exponentials, no temporary. When the
+  forward and backward passes are compiled apart (``jax.vjp``, ``jax.linearize``), there is
+  nothing to share and the tangent recomputes in both cases. The choice depends on the dtype
+  only, never on the host; ``tests/core/test_compiled_guards.py`` holds both branches.
+  """
+  return compute_dtype(dtype) == jnp.dtype(dtype)
+
+
 def _tangent(cfg: _Config, logits, labels, betas, stats: RowStats, totals, t_logits, t_betas):
   """The statistics' tangent, linear in ``(t_logits, t_betas)`` (None: a zero tangent)."""
-  logits, m, log_sum = lax.optimization_barrier((logits, stats.max, finite_or_zero(stats.log_sum)))
+  m, log_sum = stats.max, finite_or_zero(stats.log_sum)
+  if not shares_forward_exp(logits.dtype):
+    logits, m, log_sum = lax.optimization_barrier((logits, m, log_sum))
   dtype = m.dtype
   x, c = _centred(logits, m, cfg)
   log_p = c - log_sum[..., None]
-  p = jnp.exp(log_p)
+  # p as exp(x - m) / sum: the forward's log-sum-exp pass computes the same exp(x - m).
+  p = jnp.exp(c) * jnp.exp(-log_sum)[..., None]
   zero = jnp.zeros_like(stats.max)
   d_log_sum, d_target, d_mean = zero, zero, zero
   d_sums = [zero for _ in cfg.class_fns]
@@ -523,7 +548,9 @@ def _row_stats_jvp(cfg, primals, tangents):
   stats, totals = _forward(logits, labels, betas, cfg, slopes=True)
   nonzero = lambda t: None if isinstance(t, SymbolicZero) else t
   tangent_fn = jax.checkpoint(
-    functools.partial(_tangent, cfg), policy=jax.checkpoint_policies.nothing_saveable
+    functools.partial(_tangent, cfg),
+    policy=jax.checkpoint_policies.nothing_saveable,
+    prevent_cse=not shares_forward_exp(logits.dtype),
   )
   t_betas = tuple(tuple(nonzero(t) for t in ts) for ts in t_betas)
   tangent = tangent_fn(logits, labels, betas, stats, totals, nonzero(t_logits), t_betas)

@@ -4,33 +4,27 @@ r"""How the fused kernels cut ``[N, V]`` into blocks: default sizes, the one-pas
 one-pass schedule (gradients in the forward pass, a float32 ``[V, D]`` accumulator) and the
 two-pass one (statistics, then recomputed blocks) and, for the latter, the backward pass's loop
 order; :func:`one_pass_fits` is the one rule for when that accumulator is small, shared with the
-rematerialising schedule of every other loss (:mod:`xent_jax.fused.chunked`), and
-:data:`BLOCK_ELEMENTS` the one default block size. :class:`BlockConfig` is the static description
-of a block that the kernels take.
+rematerialising schedule of every other loss (:mod:`xent_jax.fused.chunked`). Every default block
+size comes from :mod:`xent_jax.fused.tuning` (a table per device, an optional autotuner).
+:class:`BlockConfig` is the static description of a block that the kernels take.
 """
 
 import dataclasses
 from collections.abc import Hashable
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from xent_jax.core import engine
+from xent_jax.fused import tuning
+from xent_jax.fused.tuning import BLOCK_ELEMENTS, DefaultBlocks, default_blocks
 
 # The weight layouts the kernels take ('vd': [V, D], 'dv': [D, V]).
 WEIGHT_LAYOUTS = ("vd", "dv")
-# One default block: 2**24 float32 elements (64 MiB).
-BLOCK_ELEMENTS = 2**24
 # The one-pass schedule's float32 [V, D] weight-gradient accumulator may be at most 1/8 of the
 # [N, V] float32 logits (8 * D <= N) or one block (V * D <= BLOCK_ELEMENTS), see one_pass_fits.
 _ONE_PASS_RATIO = 8
-# Classes per vocabulary chunk of the vocabulary-major backward (at most; vocab_major_chunk): a
-# float32 [4096, D] block of the weight gradient, [4096, token_chunk] blocks of logits.
-_VOCAB_MAJOR_CHUNK = 4096
-# Never fewer rows per token chunk, where re-reading the [V, D] weight gradient dominates.
-_MIN_TOKEN_CHUNK = 128
 
 
 def class_dim(weight_layout: str) -> int:
@@ -84,40 +78,6 @@ class BlockConfig:
     return 3 + len(self.class_fns) + self.entropy
 
 
-class DefaultBlocks(NamedTuple):
-  """A backend's default block shape (see :func:`plan_schedule`).
-
-  Attributes:
-    one_pass_elements: elements of a default ``[token_chunk, V]`` block of the one-pass schedule
-      (its temporary memory is about two such float32 blocks).
-    two_pass_elements: elements of a default ``[token_chunk, vocab_chunk]`` block of two passes.
-    max_token_chunk: the most rows per default token chunk.
-    token_major_blocks: whether the two-pass token-major loop takes vocabulary chunks of
-      :func:`vocab_major_chunk` classes (else all classes at once).
-  """
-
-  one_pass_elements: int
-  two_pass_elements: int
-  max_token_chunk: int
-  token_major_blocks: bool
-
-
-_DEFAULT_BLOCKS = {
-  # [T, V] row blocks of 2**24 elements, T in [128, 1024].
-  "cpu": DefaultBlocks(BLOCK_ELEMENTS, BLOCK_ELEMENTS, 1024, False),
-  # Two passes take [8192, C] blocks of about 2**25 elements, one pass the CPU's blocks (the
-  # measurements on one H100 that chose them: experiments/results/gpu_h100/).
-  "gpu": DefaultBlocks(BLOCK_ELEMENTS, 2 * BLOCK_ELEMENTS, 8192, True),
-}
-
-
-def default_blocks(platform: str | None = None) -> DefaultBlocks:
-  """The default block shape for ``platform`` ('cpu', 'gpu', 'tpu'; None: JAX's default backend,
-  where a jitted function runs unless its inputs live elsewhere). Platforms without measurements
-  (TPU) get the CPU's."""
-  return _DEFAULT_BLOCKS.get(platform or jax.default_backend(), _DEFAULT_BLOCKS["cpu"])
-
-
 def one_pass_fits(rows: int, features: int, num_classes: int) -> bool:
   """Whether a one-pass schedule's float32 ``[V, D]`` weight-gradient accumulator is small: at
   most 1/8 of the ``[N, V]`` float32 logits it replaces (:math:`4VD \\le 4NV/8`, i.e.
@@ -159,7 +119,7 @@ def default_token_chunk(num_classes: int, blocks: DefaultBlocks, *, one_pass: bo
   ``blocks.max_token_chunk``."""
   elements = blocks.one_pass_elements if one_pass else blocks.two_pass_elements
   rows = _rows_per_block(elements, num_classes)
-  return int(np.clip(rows, _MIN_TOKEN_CHUNK, blocks.max_token_chunk))
+  return int(np.clip(rows, tuning.MIN_TOKEN_CHUNK, blocks.max_token_chunk))
 
 
 class Schedule(NamedTuple):
@@ -194,10 +154,10 @@ def vocab_major_chunk(num_classes: int) -> int:
   more block, and joining its gradient to the others' copies ``d_weight`` (a full-size
   temporary in the weight's dtype on a TPU).
   """
-  for size in range(_VOCAB_MAJOR_CHUNK, _VOCAB_MAJOR_CHUNK // 2 - 1, -1):
+  for size in range(tuning.VOCAB_MAJOR_CHUNK, tuning.VOCAB_MAJOR_CHUNK // 2 - 1, -1):
     if num_classes % size == 0:
       return size
-  return _VOCAB_MAJOR_CHUNK
+  return tuning.VOCAB_MAJOR_CHUNK
 
 
 def _vocab_major(n: int, d: int, v: int, block: int, hidden_dtype, weight_dtype) -> bool:
@@ -239,10 +199,12 @@ def plan_schedule(
     (:func:`vocab_major_chunk`).
 
   Explicit chunk sizes are kept (clipped to the axis). Default blocks depend on ``platform``
-  (:func:`default_blocks`; None: JAX's default backend): on CPU about ``2**24`` elements, the
-  token-major loop taking all classes at once; on GPU two passes take ``[8192, C]`` blocks
-  (about ``2**25``, :math:`C` from :func:`vocab_major_chunk`) in both loop orders, one pass the
-  CPU's (:func:`default_token_chunk`).
+  and the device kind (:func:`xent_jax.fused.tuning.default_blocks`; None: JAX's default
+  backend); with ``XENT_JAX_AUTOTUNE=1`` and no explicit size, the pair is the autotuner's
+  (:func:`xent_jax.fused.tuning.tuned_chunks`, cached per device and shape bucket). The table:
+  on CPU about ``2**24`` elements, the token-major loop taking all classes at once; on GPU two
+  passes take ``[8192, C]`` blocks (about ``2**25``, :math:`C` from :func:`vocab_major_chunk`) in
+  both loop orders, one pass the CPU's (:func:`default_token_chunk`).
   """
   blocks = default_blocks(platform)
   one_pass = linear_reduction and vocab_chunk_size is None and one_pass_fits(n, d, v)
@@ -264,4 +226,11 @@ def plan_schedule(
     n,
     default_token_chunk(vocab_chunk, blocks, one_pass=one_pass),
   )
+  if token_chunk_size is None and vocab_chunk_size is None:
+    problem = tuning.Problem(
+      n, d, v, str(jnp.dtype(hidden_dtype)), str(jnp.dtype(weight_dtype)), one_pass, vocab_major
+    )
+    token_chunk, vocab_chunk = tuning.tuned_chunks(
+      problem, token_chunk, vocab_chunk, backend=platform
+    )
   return Schedule(one_pass, token_chunk, vocab_chunk, vocab_major)

@@ -14,7 +14,10 @@ class, so the sum needs only :math:`\\mathrm{lse}`, :math:`x_y` and :math:`\\sum
 no one-hot is ever built. Cross-entropy is the head :math:`f = -\\log p` of the row-statistics
 engine (:mod:`xent_jax.core.engine`, :mod:`xent_jax.core.heads`): the backward pass recomputes the
 softmax from the logits and per-row statistics, the only residuals it keeps, and forward-mode
-differentiation works too.
+differentiation works too. Under one ``jax.jit(jax.value_and_grad(...))`` of float32 logits the
+recomputed :math:`e^{x - m}` is the forward's (one exponential per logit, stored in the gradient's
+own buffer); half-precision logits recompute it (two, and no float32 ``[N, V]`` temporary), see
+:func:`xent_jax.core.engine.shares_forward_exp`.
 """
 
 from typing import Unpack
