@@ -55,5 +55,4 @@ myst_heading_anchors = 3
 
 html_theme = "furo"
 html_title = f"xent_jax {release}"
-html_static_path = ["_static"]
 nitpicky = False
