@@ -291,7 +291,9 @@ def test_linear_form_equals_loss_on_logits(case, inputs):
   got = jax.jit(jax.vmap(jax.value_and_grad(linear, argnums=(0, 1)), in_axes=(None, 0)))(
     weight, values
   )
-  want = jax.vmap(jax.value_and_grad(dense, argnums=(0, 1)), in_axes=(None, 0))(weight, values)
+  want = jax.jit(jax.vmap(jax.value_and_grad(dense, argnums=(0, 1)), in_axes=(None, 0)))(
+    weight, values
+  )
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-6)
 
@@ -311,7 +313,7 @@ def test_linear_cross_entropy_traced_smoothing_and_z_loss(inputs):
   eps, z = jnp.asarray([0.0, 0.1, 2.0]), jnp.asarray([1e-2, 0.0, 0.1])
   grad = lambda f: jax.vmap(jax.value_and_grad(f, argnums=(0, 1, 2)))
   got = jax.jit(grad(fused), static_argnums=())(jnp.broadcast_to(weight, (3, V, D)), eps, z)
-  want = grad(dense)(jnp.broadcast_to(weight, (3, V, D)), eps, z)
+  want = jax.jit(grad(dense))(jnp.broadcast_to(weight, (3, V, D)), eps, z)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g[:2], w[:2], rtol=2e-5, atol=1e-6)
     assert np.all(np.isnan(g[2]))
@@ -336,8 +338,11 @@ def test_vocab_parallel_equals_one_device(case, inputs):
     return loss.vocab_parallel(x, labels, mesh=mesh, vocab_axis="vocab")
 
   values = jnp.asarray(case.values[:2], jnp.float32)
-  got = jax.vmap(jax.value_and_grad(sharded, argnums=(0, 1)), in_axes=(None, 0))(logits, values)
-  want = jax.vmap(jax.value_and_grad(case.fn, argnums=(0, 2)), in_axes=(None, None, 0))(
+  # jit: one program each (un-jitted, a vmapped shard_map runs op by op, ~10x slower here).
+  got = jax.jit(jax.vmap(jax.value_and_grad(sharded, argnums=(0, 1)), in_axes=(None, 0)))(
+    logits, values
+  )
+  want = jax.jit(jax.vmap(jax.value_and_grad(case.fn, argnums=(0, 2)), in_axes=(None, None, 0)))(
     logits, labels, values
   )
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -358,8 +363,12 @@ def test_vocab_parallel_linear_traced_smoothing(inputs):
     return xent_jax.cross_entropy(hidden @ w.T, labels, label_smoothing=eps)
 
   eps = jnp.asarray([0.1, 0.3])
-  got = jax.vmap(jax.value_and_grad(sharded, argnums=(0, 1)), in_axes=(None, 0))(weight, eps)
-  want = jax.vmap(jax.value_and_grad(dense, argnums=(0, 1)), in_axes=(None, 0))(weight, eps)
+  got = jax.jit(jax.vmap(jax.value_and_grad(sharded, argnums=(0, 1)), in_axes=(None, 0)))(
+    weight, eps
+  )
+  want = jax.jit(jax.vmap(jax.value_and_grad(dense, argnums=(0, 1)), in_axes=(None, 0)))(
+    weight, eps
+  )
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-6)
 
