@@ -48,10 +48,11 @@ def test_forward_mode_agrees_with_reverse_mode(fn, hparams, smoothing):
   loss = lambda x: fn(x, LABELS, class_weight=WEIGHT, **hparams)
   with jax.enable_x64(True):
     check_grads(jax.jit(loss), (jnp.asarray(LOGITS, jnp.float64),), order=1, modes=("fwd", "rev"))
-  np.testing.assert_allclose(jax.jacfwd(loss)(LOGITS), jax.grad(loss)(LOGITS), rtol=1e-5, atol=1e-7)
-  value, linear = jax.linearize(loss, LOGITS)
+  grad = jax.jit(jax.grad(loss))(LOGITS)
+  np.testing.assert_allclose(jax.jit(jax.jacfwd(loss))(LOGITS), grad, rtol=1e-5, atol=1e-7)
+  value, linear = jax.linearize(jax.jit(loss), LOGITS)
   tangent = jnp.asarray(RNG.normal(size=LOGITS.shape), jnp.float32)
-  np.testing.assert_allclose(linear(tangent), jnp.vdot(jax.grad(loss)(LOGITS), tangent), rtol=1e-4)
+  np.testing.assert_allclose(linear(tangent), jnp.vdot(grad, tangent), rtol=1e-4)
   np.testing.assert_allclose(value, loss(LOGITS), rtol=1e-6)
 
 
@@ -207,7 +208,7 @@ def test_every_registered_loss_has_a_fused_form(name, label_kind):
     reduction="sum",
     token_chunk_size=4,
   )
-  want, want_grads = jax.value_and_grad(full, argnums=(0, 1, 2))(hidden, weight, bias)
+  want, want_grads = jax.jit(jax.value_and_grad(full, argnums=(0, 1, 2)))(hidden, weight, bias)
   got, got_grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(hidden, weight, bias)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for g, w in zip(got_grads, want_grads):
@@ -307,8 +308,9 @@ def test_vocab_parallel_form_works_in_forward_mode(name, label_kind):
     labels = jnp.asarray(RNG.dirichlet(np.ones(16), size=4), jnp.float32)
   mesh = jax.make_mesh((2, 4), ("data", "vocab"), devices=jax.devices()[:8])
   sharded = lambda x: loss.vocab_parallel(x, labels, mesh=mesh, data_axis="data")
-  got = jax.jvp(sharded, (logits,), (tangent,))
-  want = jax.jvp(lambda x: loss(x, labels), (logits,), (tangent,))
+  # Jitted: eager JVPs compile every primitive of the shard_map's body separately (~4x the time).
+  got = jax.jit(lambda x, t: jax.jvp(sharded, (x,), (t,)))(logits, tangent)
+  want = jax.jit(lambda x, t: jax.jvp(lambda x: loss(x, labels), (x,), (t,)))(logits, tangent)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
@@ -507,11 +509,14 @@ def test_fused_form_works_in_forward_mode(name, reduction):
     fused = lambda h, w: loss.linear(h, w, labels, reduction=reduction)
     full = lambda h, w: loss(h @ w.T, labels, reduction=reduction)
     tangents = (jnp.asarray(RNG.normal(size=(14, 5))), jnp.asarray(RNG.normal(size=(9, 5))))
-    got = jax.jvp(fused, (hidden, weight), tangents)
-    want = jax.jvp(full, (hidden, weight), tangents)
+    # Jitted: eager, every primitive of the loops compiles separately.
+    jvp = lambda f: jax.jit(lambda p, t: jax.jvp(f, p, t))
+    got = jvp(fused)((hidden, weight), tangents)
+    want = jvp(full)((hidden, weight), tangents)
     for g, w in zip(got, want):
       np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
-    check_grads(lambda h, w: jnp.sum(fused(h, w)), (hidden, weight), order=1, modes=("fwd", "rev"))
+    summed = jax.jit(lambda h, w: jnp.sum(fused(h, w)))
+    check_grads(summed, (hidden, weight), order=1, modes=("fwd", "rev"))
 
 
 @pytest.mark.parametrize("name", ["focal", "confidence_penalty"])
@@ -524,8 +529,8 @@ def test_fused_one_pass_second_derivative(name):
     loss = xent_jax.get_loss(name, label_smoothing=0.1)
     fused = lambda w: loss.linear(hidden, w, labels)
     full = lambda w: loss(hidden @ w.T, labels)
-    got = jax.jacrev(jax.grad(fused))(weight)
-    np.testing.assert_allclose(got, jax.jacrev(jax.grad(full))(weight), rtol=1e-8, atol=1e-12)
+    hessian = lambda f: jax.jit(jax.jacrev(jax.grad(f)))(weight)
+    np.testing.assert_allclose(hessian(fused), hessian(full), rtol=1e-8, atol=1e-12)
 
 
 def test_fused_bfloat16_weight_gradient_sums_chunks_in_float32(monkeypatch):
@@ -546,11 +551,11 @@ def _fused_and_float64_weight_grads(loss, hidden, weight, labels):
   """The weight gradient of ``loss.linear`` ('none', summed; 16-row token chunks) and the float64
   gradient of the same inputs on the full logits."""
   fused = lambda w: jnp.sum(loss.linear(hidden, w, labels, reduction="none", token_chunk_size=16))
-  got = np.asarray(jax.grad(fused)(weight), np.float64)
+  got = np.asarray(jax.jit(jax.grad(fused))(weight), np.float64)
   with jax.enable_x64(True):
     h64 = jnp.asarray(hidden, jnp.float64)
     full = lambda w: jnp.sum(loss(h64 @ w.T, labels, reduction="none"))
-    want = np.asarray(jax.grad(full)(jnp.asarray(weight, jnp.float64)))
+    want = np.asarray(jax.jit(jax.grad(full))(jnp.asarray(weight, jnp.float64)))
   return got, want
 
 
@@ -591,8 +596,8 @@ def test_fused_head_blocks_equal_the_logits_path(name, order, monkeypatch):
     fused = lambda h, w: loss.linear(h, as_layout(w), labels, return_stats=True, **options)
     logits = lambda h, w: h @ w.T + bias[None]
     full = lambda h, w: loss(logits(h, w), labels, class_weight=class_weight, reduction="none")
-    got, stats = fused(hidden, weight)
-    np.testing.assert_allclose(got, full(hidden, weight), rtol=1e-10, atol=1e-12)
+    got, stats = jax.jit(fused)(hidden, weight)
+    np.testing.assert_allclose(got, jax.jit(full)(hidden, weight), rtol=1e-10, atol=1e-12)
     log_p = jax.nn.log_softmax(logits(hidden, weight))
     valid = labels != -100
     want_stats = {
@@ -604,13 +609,14 @@ def test_fused_head_blocks_equal_the_logits_path(name, order, monkeypatch):
       np.testing.assert_allclose(stats[key], jnp.where(valid, want, 0), rtol=1e-10, atol=1e-12)
     tangents = (jnp.asarray(RNG.normal(size=(14, 5))), jnp.asarray(RNG.normal(size=(9, 5))))
     per_row = lambda h, w: fused(h, w)[0]
-    for g, w in zip(
-      jax.jvp(per_row, (hidden, weight), tangents), jax.jvp(full, (hidden, weight), tangents)
-    ):
+    # Jitted: eager, every primitive of the loops compiles separately.
+    jvp = lambda f: jax.jit(lambda p, t: jax.jvp(f, p, t))((hidden, weight), tangents)
+    for g, w in zip(jvp(per_row), jvp(full)):
       np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
     scale = jnp.asarray(RNG.normal(size=14))
-    grads = jax.grad(lambda h, w: jnp.sum(scale * per_row(h, w)), argnums=(0, 1))(hidden, weight)
-    want = jax.grad(lambda h, w: jnp.sum(scale * full(h, w)), argnums=(0, 1))(hidden, weight)
+    grad = lambda f: jax.jit(jax.grad(lambda h, w: jnp.sum(scale * f(h, w)), argnums=(0, 1)))
+    grads = grad(per_row)(hidden, weight)
+    want = grad(full)(hidden, weight)
     for g, w in zip(grads, want):
       np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
 
@@ -636,8 +642,8 @@ def test_fused_head_blocks_second_derivative(monkeypatch):
     loss = xent_jax.get_loss(name, label_smoothing=0.1)
     fused = lambda w: jnp.sum(loss.linear(hidden, w, labels, reduction="none"))
     full = lambda w: jnp.sum(loss(hidden @ w.T, labels, reduction="none"))
-    got = jax.jacfwd(jax.grad(fused))(weight)
-    np.testing.assert_allclose(got, jax.jacfwd(jax.grad(full))(weight), rtol=1e-8, atol=1e-12)
+    hessian = lambda f: jax.jit(jax.jacfwd(jax.grad(f)))(weight)
+    np.testing.assert_allclose(hessian(fused), hessian(full), rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["cross_entropy", "focal", "confidence_penalty"])
@@ -745,14 +751,15 @@ def test_power_series_equals_its_class_fn_and_saves_passes(name, monkeypatch):
         0
       ]
     )
-    with_series, elementwise = sums(series), sums(None)
+    with_series, elementwise = jax.jit(sums(series)), jax.jit(sums(None))
     np.testing.assert_allclose(with_series(logits), elementwise(logits), rtol=1e-12)
-    np.testing.assert_allclose(
-      jax.jacfwd(with_series)(logits), jax.jacfwd(elementwise)(logits), rtol=1e-10, atol=1e-12
-    )
-    np.testing.assert_allclose(
-      jax.jacrev(with_series)(logits), jax.jacrev(elementwise)(logits), rtol=1e-10, atol=1e-12
-    )
+    for jac in (jax.jacfwd, jax.jacrev):
+      np.testing.assert_allclose(
+        jax.jit(jac(with_series))(logits),
+        jax.jit(jac(elementwise))(logits),
+        rtol=1e-10,
+        atol=1e-12,
+      )
     check_grads(with_series, (logits,), order=2, modes=("fwd", "rev"))
 
   passes = []

@@ -669,15 +669,16 @@ class TestForwardMode:
 
       primals = tuple(jnp.asarray(a) for a in (hidden, weight, bias))
       tangents = tuple(jnp.asarray(t) for t in tangents)
+      # Everything jitted: eager, every primitive of the loops compiles separately.
       got = jax.jit(lambda p, t: jax.jvp(fused, p, t))(primals, tangents)
-      want = jax.jvp(unfused, primals, tangents)
+      want = jax.jit(lambda p, t: jax.jvp(unfused, p, t))(primals, tangents)
       np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
-      _, linear = jax.linearize(fused, *primals)
+      _, linear = jax.linearize(jax.jit(fused), *primals)
       np.testing.assert_allclose(linear(*tangents), want[1], rtol=1e-10, atol=1e-12)
-      jac = jax.jacfwd(fused, argnums=(0, 1, 2))(*primals)
-      for got_jac, grad in zip(jac, jax.grad(unfused, argnums=(0, 1, 2))(*primals)):
+      jac = jax.jit(jax.jacfwd(fused, argnums=(0, 1, 2)))(*primals)
+      for got_jac, grad in zip(jac, jax.jit(jax.grad(unfused, argnums=(0, 1, 2)))(*primals)):
         np.testing.assert_allclose(got_jac, grad, rtol=1e-10, atol=1e-12)
-      check_grads(fused, primals, order=1, modes=("fwd", "rev"))
+      check_grads(jax.jit(fused), primals, order=1, modes=("fwd", "rev"))
 
   @pytest.mark.parametrize(
     "name, reduction, layout, order, options",
@@ -742,14 +743,15 @@ class TestForwardMode:
 
       primals = tuple(jnp.asarray(a) for a in (hidden, weight, bias))
       tangents = tuple(jnp.asarray(t) for t in tangents)
+      # Everything jitted: eager, every primitive of the loops compiles separately.
       got = jax.jit(lambda p, t: jax.jvp(fused, p, t))(primals, tangents)
-      want = jax.jvp(unfused, primals, tangents)
+      want = jax.jit(lambda p, t: jax.jvp(unfused, p, t))(primals, tangents)
       np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
       assert plans and not any(p.one_pass for p in plans)
-      _, linear = jax.linearize(fused, *primals)
+      _, linear = jax.linearize(jax.jit(fused), *primals)
       np.testing.assert_allclose(linear(*tangents), want[1], rtol=1e-10, atol=1e-12)
-      jac = jax.jacfwd(fused, argnums=(0, 1, 2))(*primals)
-      for got_jac, want_jac in zip(jac, jax.jacrev(unfused, argnums=(0, 1, 2))(*primals)):
+      jac = jax.jit(jax.jacfwd(fused, argnums=(0, 1, 2)))(*primals)
+      for got_jac, want_jac in zip(jac, jax.jit(jax.jacrev(unfused, argnums=(0, 1, 2)))(*primals)):
         np.testing.assert_allclose(got_jac, want_jac, rtol=1e-10, atol=1e-12)
 
       # Per-example gradients: two copies of the batch, the second scaled.
@@ -757,11 +759,12 @@ class TestForwardMode:
       batch = jnp.stack([primals[0], 0.5 * primals[0]])
       per_example = jax.jit(jax.vmap(jax.grad(summed(fused), argnums=(0, 1, 2)), (0, None, None)))
       got = per_example(batch, *primals[1:])
+      unfused_grad = jax.jit(jax.grad(summed(unfused), argnums=(0, 1, 2)))
       for k, h in enumerate(batch):
-        want = jax.grad(summed(unfused), argnums=(0, 1, 2))(h, *primals[1:])
+        want = unfused_grad(h, *primals[1:])
         for got_grad, want_grad in zip(got, want):
           np.testing.assert_allclose(got_grad[k], want_grad, rtol=1e-10, atol=1e-12)
-      check_grads(fused, primals, order=1, modes=("fwd", "rev"))
+      check_grads(jax.jit(fused), primals, order=1, modes=("fwd", "rev"))
 
   # One pass, and two passes (vocabulary chunks): reverse mode over the transposed tangent pass.
   @pytest.mark.parametrize("vocab_chunk", [None, 3])
@@ -774,8 +777,8 @@ class TestForwardMode:
       )
       unfused = lambda h: xent_jax.cross_entropy(h @ jnp.asarray(weight).T, labels, **kwargs)
       np.testing.assert_allclose(
-        jax.jacrev(jax.grad(fused))(jnp.asarray(hidden)),
-        jax.hessian(unfused)(jnp.asarray(hidden)),
+        jax.jit(jax.jacrev(jax.grad(fused)))(jnp.asarray(hidden)),
+        jax.jit(jax.hessian(unfused))(jnp.asarray(hidden)),
         rtol=1e-9,
         atol=1e-12,
       )

@@ -76,10 +76,11 @@ def _assert_linear_derivatives(single, primals, tangents, value, tangent, jac, g
   """The sharded loss's value, JVP tangent, ``jacfwd`` and ``grad`` (over hidden, weight and
   bias) against the single-device loss ``single``: forward mode equals reverse mode, and both
   the single-device gradient."""
-  want_value, want_tangent = jax.jvp(single, primals, tangents)
+  want_value, want_tangent = jax.jit(lambda p, t: jax.jvp(single, p, t))(primals, tangents)
   np.testing.assert_allclose(value, want_value, rtol=1e-5)
   np.testing.assert_allclose(tangent, want_tangent, rtol=1e-4, atol=1e-5)
-  for got_jac, grad, want in zip(jac, grads, jax.grad(single, argnums=(0, 1, 2))(*primals)):
+  want_grads = jax.jit(jax.grad(single, argnums=(0, 1, 2)))(*primals)
+  for got_jac, grad, want in zip(jac, grads, want_grads):
     np.testing.assert_allclose(got_jac, grad, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
 
@@ -266,10 +267,15 @@ class TestVocabParallelLinearCrossEntropy:
     # AttributeError on the missing schedule before).
     hidden, weight = np.zeros((0, D), np.float32), np.ones((V, D), np.float32)
     labels = np.zeros(0, np.int32)
-    got = xent_jax.vocab_parallel_linear_cross_entropy(
-      hidden, weight, labels, mesh=_mesh((2, 4)), data_axis="data", reduction=reduction
+    # Jitted: eager, every primitive in the shard_map compiles separately.
+    got = jax.jit(
+      lambda h, w: xent_jax.vocab_parallel_linear_cross_entropy(
+        h, w, labels, mesh=_mesh((2, 4)), data_axis="data", reduction=reduction
+      )
+    )(hidden, weight)
+    want = jax.jit(lambda h, w: xent_jax.linear_cross_entropy(h, w, labels, reduction=reduction))(
+      hidden, weight
     )
-    want = xent_jax.linear_cross_entropy(hidden, weight, labels, reduction=reduction)
     assert got.shape == want.shape
     np.testing.assert_array_equal(got, want)
 
@@ -582,9 +588,13 @@ class TestForwardMode:
       jac_logits = jax.jit(jax.jacfwd(sharded))(logits, probs)
       jac_probs = jax.jit(jax.jacfwd(sharded, argnums=1))(logits, probs)
       grads = jax.jit(jax.grad(sharded, argnums=(0, 1)))(logits, probs)
-      lin_value, linear = jax.linearize(sharded, logits, probs)
+      # Of the jitted loss: eager, every primitive in the shard_map compiles separately (about
+      # half of this test's time).
+      lin_value, linear = jax.linearize(jax.jit(sharded), logits, probs)
       lin_tangent = jax.jit(linear)(t_logits, t_probs)
-    want_value, want_tangent = jax.jvp(single, (logits, probs), (t_logits, t_probs))
+    want_value, want_tangent = jax.jit(lambda p, t: jax.jvp(single, p, t))(
+      (logits, probs), (t_logits, t_probs)
+    )
     _close(value, ref.cross_entropy(logits, probs, **options))
     _close(lin_value, want_value)
     np.testing.assert_allclose(tangent, want_tangent, rtol=1e-5, atol=1e-6)
@@ -594,7 +604,7 @@ class TestForwardMode:
     np.testing.assert_allclose(jac_probs, grads[1], rtol=1e-5, atol=1e-7)
     _close(grads[0], ref.cross_entropy_grad(logits, probs, **options), 1e-5)
     np.testing.assert_allclose(
-      grads[1], jax.grad(single, argnums=1)(logits, probs), rtol=1e-5, atol=1e-6
+      grads[1], jax.jit(jax.grad(single, argnums=1))(logits, probs), rtol=1e-5, atol=1e-6
     )
 
   def test_integer_labels_jacfwd_equals_grad(self):
@@ -680,8 +690,9 @@ class TestForwardMode:
       grads = jax.jit(jax.grad(sharded, argnums=(0, 1, 2)))(hidden, weight, bias)
       got_per_example = jax.jit(per_example)(batch, weight, bias)
     _assert_linear_derivatives(single, (hidden, weight, bias), tangents, value, tangent, jac, grads)
+    single_grad = jax.jit(jax.grad(single, argnums=(0, 1, 2)))
     for k, h in enumerate(batch):
-      want = jax.grad(single, argnums=(0, 1, 2))(h, weight, bias)
+      want = single_grad(h, weight, bias)
       for got_grad, want_grad in zip(got_per_example, want):
         np.testing.assert_allclose(got_grad[k], want_grad, rtol=1e-5, atol=1e-6)
 
