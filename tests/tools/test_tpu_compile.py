@@ -218,6 +218,7 @@ def test_transformer_train_step_compiles_and_fused_head_saves_memory(topology):
   )
 
 
+@pytest.mark.tpu
 @pytest.mark.parametrize("topology", _HEAVY_TOPOLOGIES)
 def test_vectorized_group_step_compiles_with_members_sharded(topology, record_property):
   """One group of the MNIST-1D comparison (1-D CNN, traced gamma and learning rate) compiles for
