@@ -1,9 +1,8 @@
-"""Test session set-up: 8 fake CPU devices for the multi-device tests, strict rank promotion, one
-compilation cache shared by the xdist workers, the `tpu` tests skipped where libtpu is absent."""
+"""Test session set-up: 8 fake CPU devices for the multi-device tests, strict rank promotion, the
+`tpu` tests skipped where libtpu is absent."""
 
 import importlib.util
 import os
-import pathlib
 
 # Must happen before JAX initializes its backends; only adds host devices, so single-device code
 # is unaffected.
@@ -12,20 +11,6 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
 _HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-if not _HAS_LIBTPU:
-  # XLA's compiled programs, kept on disk and shared: the two xdist workers compile many of the
-  # same programs (the same shapes in different tests), the CLI, README and multi-process tests
-  # start fresh processes that compile the same train steps, and a second run of the suite
-  # compiles much less. Every program is kept (no minimum compile time or size); the size cap
-  # turns on the cache's file lock, so that no process reads an entry another is still writing.
-  # Environment variables, so that the test's subprocesses share it; values already set are kept.
-  # Not with libtpu: its TPU programs (compiled for a topology, no TPU client) cannot be read
-  # back, and JAX warns at every such compile.
-  _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax-compilation"
-  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 2**30))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
