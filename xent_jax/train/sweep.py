@@ -27,7 +27,6 @@ clock: its examples per second while it shared each step with the other members.
 
 import dataclasses
 import pathlib
-import time
 
 import jax
 import numpy as np
@@ -37,6 +36,7 @@ from tqdm import tqdm
 
 from xent_jax.train import logs
 from xent_jax.train.checkpoint import Checkpointer
+from xent_jax.train.clock import StepClock, logs_after, saves_after
 from xent_jax.train.config import Config, to_yaml
 from xent_jax.train.data import Dataset, eval_batches, load_dataset, train_batch
 from xent_jax.train.grouping import Group
@@ -218,7 +218,7 @@ def train_group(
     desc=f"{label} ({size} members, {programs.mode})",
     unit="step",
   )
-  pending, tic, timed = [], time.perf_counter(), 0
+  pending, clock = [], StepClock(int(starts.min()))
   mask, active = np.zeros_like(alive), None
   for step in range(int(starts.min()), train.num_steps):
     if active is None or not np.array_equal(mask, alive & (step >= starts)):  # resume, failure
@@ -228,15 +228,10 @@ def train_group(
     pending.append((loss, finite))
     done = step + 1
     bar.update(1)
-    if step == starts.min() and done % train.eval_every and done != train.num_steps:
-      jax.block_until_ready(state)  # the first step compiles: the clock starts after it
-      tic = time.perf_counter()
-    else:
-      timed += 1
-    if done % train.eval_every and done != train.num_steps:
+    clock.stepped(train, step, state)
+    if not logs_after(train, done):
       continue
-    jax.block_until_ready(state)
-    elapsed = time.perf_counter() - tic
+    rates = clock.rates(train, state)
     losses, finite = (np.stack(a) for a in zip(*jax.device_get(pending)))  # [steps, M]
     pending = []
     rows = programs.evaluate(state)
@@ -249,16 +244,15 @@ def train_group(
         continue
       row = {"step": done, "train/loss": float(np.mean(losses[:, m], dtype=np.float64))}
       row.update(rows[m][0])
-      row["train/examples_per_s"] = timed * train.batch_size / elapsed
-      row["train/step_time_s"] = elapsed / timed
+      row.update(rates)
       logs.append_metrics(directories[m], row)
-      if checkpointers[m] and (done % train.checkpoint_every == 0 or done == train.num_steps):
+      if checkpointers[m] and saves_after(train, done):
         record = {"data_order": {"seed": programs.runs[m].train.seed, "next_step": done}}
         checkpointers[m].save(
           done, member_pure(state, int(m), programs.mesh.devices.flat[0]), record
         )
     bar.set_postfix(alive=f"{alive.sum()}/{size}")
-    tic, timed = time.perf_counter(), 0
+    clock.restart()
   bar.close()
   summaries = programs.summaries(state, alive)
   for checkpointer in filter(None, checkpointers):

@@ -3,7 +3,6 @@
 import contextlib
 import logging
 import pathlib
-import time
 
 import jax
 import numpy as np
@@ -16,6 +15,7 @@ from tqdm import tqdm
 
 from xent_jax.train import logs
 from xent_jax.train.checkpoint import Checkpointer
+from xent_jax.train.clock import StepClock, logs_after, saves_after
 from xent_jax.train.config import Config, ConfigError, loss_label, to_yaml
 from xent_jax.train.data import Dataset, eval_batches, load_dataset, train_batch
 from xent_jax.train.logs import RunDirectoryError
@@ -271,35 +271,29 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, devices) ->
     unit="step",
   )
   pending = []
-  timed_steps, tic = 0, time.perf_counter()
+  clock = StepClock(start_step)
   for step in range(start_step, train.num_steps):
     state, loss, finite = train_step(state, *batch(step))
     pending.append((loss, finite))
     done = step + 1
     bar.update(1)
-    if step == start_step and done % train.eval_every and done != train.num_steps:
-      jax.block_until_ready(state)  # the first step warms up: the clock starts after it
-      tic = time.perf_counter()
-    else:
-      timed_steps += 1
-    if done % train.eval_every and done != train.num_steps:
+    clock.stepped(train, step, state)
+    if not logs_after(train, done):
       continue
-    jax.block_until_ready(state)
-    elapsed = time.perf_counter() - tic
+    rates = clock.rates(train, state)
     losses = _finite_losses(pending, done, workdir, bar)
     row = {"step": done, "train/loss": float(np.mean(losses, dtype=np.float64))}
     row.update(evaluate(eval_step, state, data, config, mesh)[0])
-    row["train/examples_per_s"] = timed_steps * train.batch_size / elapsed
-    row["train/step_time_s"] = elapsed / timed_steps
+    row.update(rates)
     if is_main:
       logs.append_metrics(workdir, row)
     bar.set_postfix(loss=f"{row['train/loss']:.4f}", acc=f"{row['eval/accuracy']:.3f}")
     pending = []
-    if checkpointer and (done % train.checkpoint_every == 0 or done == train.num_steps):
+    if checkpointer and saves_after(train, done):
       checkpointer.save(
         done, nnx.to_pure_dict(state), {"data_order": {"seed": train.seed, "next_step": done}}
       )
-    timed_steps, tic = 0, time.perf_counter()
+    clock.restart()
   bar.close()
   summary = _final_summary(config, graphdef, state, data, mesh, eval_step)
   if checkpointer:
