@@ -198,6 +198,21 @@ def test_conv_form_is_checked(overrides, words):
     assert word in str(err.value)
 
 
+@pytest.mark.parametrize(
+  "override,words",
+  [
+    ("compare.group_mode=pmap", ["compare.group_mode", "'pmap'", "'vmap', 'map'"]),
+    ("compare.group_memory_mb=0", ["compare.group_memory_mb", "> 0", "got 0"]),
+    ("compare.group_memory_mb=-5", ["compare.group_memory_mb", "got -5"]),
+  ],
+)
+def test_group_keys_are_checked(override, words):
+  with pytest.raises(ConfigError) as err:
+    load_config(None, (override,))
+  for word in words:
+    assert word in str(err.value)
+
+
 def test_weight_decay_defaults_to_the_optimizers_own_and_round_trips(tmp_path):
   config = load_config(None, ("optim.name=adam",))
   assert config.optim.weight_decay is None
