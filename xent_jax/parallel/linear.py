@@ -20,7 +20,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from xent_jax.core import checks, engine, inputs
-from xent_jax.core.frontend import head_loss
 from xent_jax.core.options import CrossEntropyOptionKwargs, LossOptions, takes_options
 from xent_jax.core.reduction import data_axes, reduce_loss
 from xent_jax.fused import ops as fused_ops
@@ -31,7 +30,7 @@ from xent_jax.fused.rows import (
   prepare_rows,
   unfused_logits,
 )
-from xent_jax.losses.cross_entropy import cross_entropy_head
+from xent_jax.parallel.logits import cross_entropy_head_of, shard_head_loss
 from xent_jax.parallel.mesh import loss_specs, row_specs, run_on_mesh
 
 
@@ -102,20 +101,18 @@ def _shard_loss(
     row_axes=data_axes(plan.data_axis),
   )
   if rows.schedule is None:  # An empty batch: the loss of its empty [..., 0, V_s] logits.
-    head = cross_entropy_head(options.smoothing, float(options.z_loss))
-    logits = unfused_logits(hidden, weight, bias, plan.layout.weight_layout)
-    loss, stats = head_loss(
+    return shard_head_loss(
       fn,
-      head,
-      logits,
-      labels,
+      cross_entropy_head_of(options),
       options,
-      class_weight=class_weight,
-      where=where,
+      unfused_logits(hidden, weight, bias, plan.layout.weight_layout),
+      labels,
       vocab_axis=plan.vocab_axis,
       data_axis=plan.data_axis,
+      class_weight=class_weight,
+      where=where,
+      return_lse=plan.return_lse,
     )
-    return (loss, stats.lse) if plan.return_lse else loss
   if rows.schedule.one_pass:
     return _one_pass_loss(fn, options.reduction, plan, rows)
   loss = _two_pass_loss(fn, options.reduction, plan, rows)

@@ -117,9 +117,9 @@ def vocab_parallel_cross_entropy_local(
   checks.check_floating(fn, "logits", logits)
   if jnp.ndim(logits) < 1:
     raise ValueError(f"{fn}: `logits` must have shape [..., V_shard], got a scalar.")
-  return _shard_loss(
+  return shard_head_loss(
     fn,
-    _cross_entropy_head(options),
+    cross_entropy_head_of(options),
     options,
     logits,
     labels,
@@ -131,12 +131,12 @@ def vocab_parallel_cross_entropy_local(
   )
 
 
-def _cross_entropy_head(options: LossOptions) -> heads.Head:
+def cross_entropy_head_of(options: LossOptions) -> heads.Head:
   """Cross-entropy's head for ``options`` (its smoothing convention and z-loss)."""
   return cross_entropy_head(options.smoothing, options.z_loss)
 
 
-def _shard_loss(
+def shard_head_loss(
   fn, head, options, logits, labels, *, vocab_axis, data_axis, class_weight, where, return_lse
 ):
   """One vocabulary shard's loss of ``head``: :func:`xent_jax.core.frontend.head_loss` on the
@@ -219,7 +219,7 @@ def vocab_parallel_cross_entropy(
   options = LossOptions.checked(fn, **options)
   layout = MeshLayout(mesh, vocab_axis, data_axis, axis)
   arrays = LossArrays(logits, labels, class_weight, where)
-  return _mesh_loss(fn, _cross_entropy_head(options), options, layout, arrays, return_lse)
+  return _mesh_loss(fn, cross_entropy_head_of(options), options, layout, arrays, return_lse)
 
 
 def vocab_parallel_head_loss(
@@ -235,10 +235,10 @@ def vocab_parallel_head_loss(
 
 
 def _mesh_loss(fn, head, options: LossOptions, layout: MeshLayout, arrays: LossArrays, return_lse):
-  """Runs :func:`_shard_loss` of ``head`` on ``layout``'s mesh
+  """Runs :func:`shard_head_loss` of ``head`` on ``layout``'s mesh
   (:func:`xent_jax.parallel.mesh.sharded_loss`)."""
   local = functools.partial(
-    _shard_loss,
+    shard_head_loss,
     fn,
     head,
     options,
