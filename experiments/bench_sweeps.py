@@ -14,12 +14,16 @@ MNIST-1D paper protocol; >= 30x for the MNIST-1D comparison on a GPU.
   python experiments/bench_sweeps.py --config configs/mnist1d_label_noise.yaml --group-mode map
 
 Results: ``experiments/results/sweeps/bench_sweeps.{md,json}`` (or ``--out``; appended per
-config, with the host line of experiments/host.py).
+config, with the host line of experiments/host.py). ``--keep DIR`` also keeps the vectorized
+comparison's results in DIR/<config name>/: every run's ``config.yaml``, ``metrics.jsonl`` and
+``summary.json`` and the report's tables and plots (not the checkpoints), so the timed run is the
+one committed.
 """
 
 import argparse
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,14 +67,25 @@ def _equality(vectorized: pathlib.Path, sequential: pathlib.Path) -> dict:
   }
 
 
+def _keep(workdir: pathlib.Path, destination: pathlib.Path) -> None:
+  """Copies a finished comparison's results, without checkpoints or run locks, to destination."""
+  shutil.copytree(workdir, destination, ignore=shutil.ignore_patterns("checkpoints", "run.lock"))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", action="append", help="configs to run (default: digits noise)")
   parser.add_argument("--group-mode", default="auto", choices=("auto", "vmap", "map"))
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results directory")
+  parser.add_argument(
+    "--keep", type=pathlib.Path, help="also keep the vectorized results in KEEP/<config stem>/"
+  )
   parser.add_argument("overrides", nargs="*", help="key=value overrides for both runs")
   args = parser.parse_args()
   configs = args.config or ["configs/digits_label_noise.yaml"]
+  for config in configs if args.keep else ():
+    if (args.keep / pathlib.Path(config).stem).exists():
+      parser.error(f"--keep: {args.keep / pathlib.Path(config).stem} exists; move it away first")
   args.out.mkdir(parents=True, exist_ok=True)
   machine = host.describe()
   lines = []
@@ -78,6 +93,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_sweeps_") as scratch:
       vec_dir, seq_dir = pathlib.Path(scratch, "vectorized"), pathlib.Path(scratch, "sequential")
       vectorized = _compare(config, vec_dir, ["--group-mode", args.group_mode], args.overrides)
+      if args.keep:
+        _keep(vec_dir, args.keep / pathlib.Path(config).stem)
       sequential = _compare(config, seq_dir, ["--sequential"], args.overrides)
       equality = _equality(vec_dir, seq_dir)
     result = {
