@@ -698,17 +698,18 @@ def bi_tempered_logistic_loss(
   """
   fn = "bi_tempered_logistic_loss"
   checked = LossOptions.checked(fn, **options)
-  bitempered.check_hparams(fn, t1, t2, checked.label_smoothing, num_iters)
+  in_range = bitempered.check_hparams(fn, t1, t2, checked.label_smoothing, num_iters)
   ignore = checked.ignore_index
   inputs = parse_inputs(
     fn, logits, labels, axis=axis, class_weight=class_weight, where=where, ignore_index=ignore
   )
-  bitempered.check_smoothable(fn, checked.label_smoothing, inputs.num_classes)
+  smoothable = bitempered.check_smoothable(fn, checked.label_smoothing, inputs.num_classes)
   cfg = bitempered.loss_config(t1, t2, checked.label_smoothing, num_iters, inputs.num_classes)
   loss, example_weight = bitempered.weighted_rows(
     inputs.logits, inputs.labels, inputs.valid, inputs.weight, cfg
   )
-  return reduce_loss(loss, example_weight, checked.reduction, fn=fn)
+  loss = reduce_loss(loss, example_weight, checked.reduction, fn=fn)
+  return checks.nan_unless(loss, *in_range, smoothable)
 
 
 def _alpha_vector(alpha, num_classes: int):
