@@ -4,7 +4,7 @@ Each case builds its loss the way the training harness does, ``get_loss(name, **
 inside the transformed function, and checks: a jit argument equals the concrete call; a vmap over
 three values equals three concrete calls and the float64 NumPy reference of the formula; the
 gradient wrt the logits equals the concrete one; ``check_grads`` wrt the hyper-parameter (the
-bi-tempered loss instead refuses a derivative wrt its hyper-parameters by name); forward mode
+bi-tempered loss instead refuses a derivative wrt its temperatures by name); forward mode
 equals the concrete forward mode; a traced value out of range gives NaN (value and gradient) for
 its member only. Concrete values still raise with the old messages, and a concrete zero keeps its
 cheaper program. Shapes are tiny and each case compiles one program per check.
@@ -191,7 +191,7 @@ CASES = [
       invalid,
       {"num_iters": 20},
       _bi_tempered_ref(t1=0.8, t2=1.2, weighted=True),
-      differentiable=False,
+      differentiable=hparam == "label_smoothing",
     )
     for hparam, values, invalid in (
       ("t1", [0.0, 0.5, 1.0], 1.5),
@@ -439,13 +439,13 @@ def test_bi_tempered_num_iters_stays_static(inputs):
     jax.jit(fn)(5)
 
 
-BI_TEMPERED = [c for c in CASES if not c.differentiable]
+TEMPERATURES = [c for c in CASES if not c.differentiable]
 
 
-@pytest.mark.parametrize("case", BI_TEMPERED, ids=repr)
-def test_bi_tempered_refuses_a_derivative_wrt_its_hyperparameters(case, inputs):
-  """Its closed-form gradient is wrt the logits: reverse and forward mode wrt a temperature or the
-  smoothing fail at trace time naming it; through ``stop_gradient`` the value is the concrete
+@pytest.mark.parametrize("case", TEMPERATURES, ids=repr)
+def test_bi_tempered_refuses_a_derivative_wrt_a_temperature(case, inputs):
+  """Its closed-form gradient is wrt the logits and the smoothing: reverse and forward mode wrt a
+  temperature fail at trace time naming it; through ``stop_gradient`` the value is the concrete
   one and the derivative 0."""
   logits, labels, _, _ = inputs
   value = case.values[1]
@@ -461,7 +461,7 @@ def test_bi_tempered_refuses_a_derivative_wrt_its_hyperparameters(case, inputs):
 
 def test_bi_tempered_probability_labels_and_reduction_none(inputs):
   """Probability labels, per-example losses, all three hyper-parameters traced together: a vmap
-  equals the concrete calls in value and logit gradient."""
+  equals the concrete calls in value and logit gradient; check_grads wrt the smoothing."""
   logits = inputs[0]
   q = jax.nn.softmax(0.5 * jax.random.normal(jax.random.key(5), (N, V)))
 
@@ -478,12 +478,17 @@ def test_bi_tempered_probability_labels_and_reduction_none(inputs):
     want_loss, want_grad = concrete(*hparams)
     np.testing.assert_allclose(losses[i], want_loss, rtol=2e-6, atol=1e-7)
     np.testing.assert_allclose(grads[i], want_grad, rtol=1e-5, atol=1e-6)
+  with jax.enable_x64(True):
+    x64 = jnp.asarray(logits, jnp.float64)
+    for t1, t2 in ((0.5, 0.7), (1.0, 1.0)):
+      fn = lambda eps, t1=t1, t2=t2: total(x64, t1, t2, eps)
+      check_grads(fn, (jnp.float64(0.2),), order=1, modes=("fwd", "rev"))
 
 
 def test_bi_tempered_linear_form_equals_loss_on_logits(inputs):
   """get_loss("bi_tempered", ...).linear with traced temperatures and smoothing (token chunks,
-  plain autodiff through the kernel's custom JVP): vmap values and weight gradients equal the
-  loss on the full logits; an out-of-range member is NaN."""
+  plain autodiff through the kernel's custom JVP): vmap values and gradients wrt the weight and
+  the smoothing equal the loss on the full logits; an out-of-range member is NaN."""
   _, labels, hidden, weight = inputs
 
   def loss(t1, t2, eps):
@@ -492,9 +497,11 @@ def test_bi_tempered_linear_form_equals_loss_on_logits(inputs):
   linear = lambda w, *hparams: loss(*hparams).linear(hidden, w, labels)
   dense = lambda w, *hparams: loss(*hparams)(hidden @ w.T, labels)
   grid = jnp.asarray([(0.5, 0.7, 0.1), (1.0, 1.0, 0.0), (0.8, 1.5, 0.2), (0.8, 1.2, 1.0)]).T
-  sweep = lambda f: jax.jit(jax.vmap(jax.value_and_grad(f), in_axes=(None, 0, 0, 0)))
+  sweep = lambda f: jax.jit(
+    jax.vmap(jax.value_and_grad(f, argnums=(0, 3)), in_axes=(None, 0, 0, 0))
+  )
   got, want = sweep(linear)(weight, *grid), sweep(dense)(weight, *grid)
-  for g, w in zip(got, want):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g[:3], w[:3], rtol=2e-5, atol=1e-6)
     assert np.all(np.isnan(g[3]))
 

@@ -74,6 +74,11 @@ def _static(value: Any) -> TypeGuard[float]:
   return isinstance(value, float)
 
 
+def _static_zero(value: Scalar) -> bool:
+  """Whether a hyper-parameter is a static 0 (its pass or term can be left out)."""
+  return _static(value) and value == 0.0
+
+
 def _is_one(t: Scalar) -> bool | jax.Array:
   """:math:`t = 1`: a Python bool for a static ``t``, a traced bool for a traced one."""
   return t == 1.0
@@ -408,6 +413,21 @@ def _target_term(q, cfg: _Config):
   return _pick(cfg.kl, lambda: term, lambda: term - q * q_to_1_minus_t1 / cfg.power)
 
 
+def _target_slope(q: jax.Array, cfg: _Config) -> jax.Array:
+  """:math:`\\partial/\\partial q` of :func:`_target_term`: :math:`\\log_{t_1} q` (plus 1 for the
+  KL divergence, whose power part is dropped), elementwise; at :math:`q = 0` it is
+  :math:`-1/(1-t_1)`, or :math:`-\\infty` for :math:`t_1 = 1`."""
+  positive = q > 0.0
+  log_q = jnp.log(jnp.where(positive, q, 1.0))
+  q_to_1_minus_t1 = jnp.where(positive, jnp.exp((1.0 - cfg.t1) * log_q), 0.0)
+  log_t1_q = _pick(
+    _is_one(cfg.t1),
+    lambda: jnp.where(positive, log_q, -jnp.inf),
+    lambda: (q_to_1_minus_t1 - 1.0) / _one_minus(cfg.t1),
+  )
+  return log_t1_q + _pick(cfg.kl, lambda: 1.0, lambda: 0.0)
+
+
 def _log_t1(p: _TemperedExp, t1: Scalar) -> jax.Array:
   """:math:`\\log_{t_1} p` (finite for :math:`t_1 < 1`, also at ``p = 0``)."""
   # For a traced t1 the exponent is _one_minus(t1) too: 1 at t1 = 1, where expm1(0 * -inf) would
@@ -468,7 +488,7 @@ def _label_logit(logits: jax.Array, labels: jax.Array, vocab_axis: Hashable | No
 def _smoothed(labels: jax.Array, cfg: _Config, dtype) -> jax.Array:
   """Probability labels smoothed: :math:`(1 - V\\,\\text{off})\\,q + \\text{off}`."""
   q = labels.astype(dtype)
-  return q if checks.is_static_zero(cfg.off) else (1.0 - cfg.num_classes * cfg.off) * q + cfg.off
+  return q if _static_zero(cfg.off) else (1.0 - cfg.num_classes * cfg.off) * q + cfg.off
 
 
 class _Residuals(NamedTuple):
@@ -521,8 +541,11 @@ class _Sums:
     return dict(zip(self.summands, _row_sums(logits, norm, cfg.t2, summands, cfg.vocab_axis)))
 
 
-def _forward(logits, labels, valid, cfg: _Config) -> tuple[jax.Array, _Residuals]:
-  """``[...]`` loss (0 on invalid rows, NaN on bad ones) and the per-row residuals.
+def _forward(
+  logits, labels, valid, cfg: _Config, slopes: bool = False
+) -> tuple[jax.Array, _Residuals, tuple[jax.Array, jax.Array] | None]:
+  """``[...]`` loss (0 on invalid rows, NaN on bad ones), the per-row residuals and, with
+  ``slopes``, the loss's per-row derivatives wrt ``on`` and ``off`` (else None).
 
   .. math::
      \\ell = \\sum_c \\big[q_c\\log_{t_1} q_c - \\tfrac{q_c^{2-t_1}}{2-t_1}\\big]
@@ -534,6 +557,14 @@ def _forward(logits, labels, valid, cfg: _Config) -> tuple[jax.Array, _Residuals
   :math:`\\sum_c q_c f_c = \\text{off}\\sum_c f_c + (\\text{on}-\\text{off})\\,f_y`, with
   :math:`f_y` from the label's logit. With static hyper-parameters the summands have no selects
   (see :func:`_row_sums`).
+
+  The loss depends on the smoothing only through :math:`q`, with
+  :math:`\\partial\\ell/\\partial q_c = \\log_{t_1} q_c - \\log_{t_1} p_c` (:func:`_target_slope`):
+  for integer labels :math:`\\partial_{\\text{on}}\\ell = \\log_{t_1}\\text{on} - \\log_{t_1} p_y`
+  and :math:`\\partial_{\\text{off}}\\ell = (V-1)\\log_{t_1}\\text{off} - \\sum_{c \\ne y}
+  \\log_{t_1} p_c` from sums the loss takes anyway; for probability labels, through
+  :math:`q' = (1 - V\\text{off})\\,q + \\text{off}`, one more row sum
+  :math:`\\sum_c \\partial_{q'_c}\\ell\\,(1 - V q_c)`.
   """
   num_classes = cfg.num_classes
   dtype = loss_inputs.compute_dtype(logits.dtype)
@@ -545,7 +576,7 @@ def _forward(logits, labels, valid, cfg: _Config) -> tuple[jax.Array, _Residuals
   # A traced kl (either value) takes the sums of both cases and selects.
   kl = cfg.kl
   power_key = None if kl is True else sums.power("power", cfg.power)
-  smoothed = not checks.is_static_zero(cfg.off)
+  smoothed = not _static_zero(cfg.off)
   if integer and smoothed:
     log_t1_key = sums.add("log_t1", lambda p: _log_t1(p, cfg.t1))
     forget_key = None if kl is True else sums.add("forget", lambda p: _forget(p, cfg))
@@ -560,6 +591,11 @@ def _forward(logits, labels, valid, cfg: _Config) -> tuple[jax.Array, _Residuals
       log_t1_p = lambda p: jnp.maximum(_log_t1(p, cfg.t1), floor)
     q_forget_key = sums.add("q_forget", lambda p: q() * _forget(p, cfg))
     target_key = sums.add("target", lambda p: _target_term(q(), cfg) - q() * log_t1_p(p))
+    if slopes:
+      slope = lambda p: (
+        (_target_slope(q(), cfg) - log_t1_p(p)) * (1.0 - num_classes * labels.astype(dtype))
+      )
+      off_slope_key = sums.add("off_slope", slope)
   row = sums.compute(logits, norm, cfg)
   escort_sum, delta_sum = row[escort_key], row[p_forget_key]
   loss = _pick(kl, lambda: jnp.zeros_like(escort_sum), lambda: row[power_key] / cfg.power)
@@ -567,19 +603,30 @@ def _forward(logits, labels, valid, cfg: _Config) -> tuple[jax.Array, _Residuals
     labels, bad = _integer_rows(labels, valid, num_classes)
     raw = _label_logit(logits, labels, cfg.vocab_axis)
     target_p = _TemperedExp((raw - norm.max) - norm.shift, cfg.t2)
-    cross = (cfg.on - cfg.off) * _log_t1(target_p, cfg.t1)
+    log_t1_target = _log_t1(target_p, cfg.t1)
+    cross = (cfg.on - cfg.off) * log_t1_target
     delta_sum = delta_sum - (cfg.on - cfg.off) * _forget(target_p, cfg)
     if smoothed:
       cross = cross + cfg.off * row[log_t1_key]
       delta_sum = delta_sum - cfg.off * _pick(kl, lambda: num_classes, lambda: row[forget_key])
     loss = loss + _target_term(cfg.on, cfg) + (num_classes - 1) * _target_term(cfg.off, cfg) - cross
+    if slopes:
+      on_slope = _target_slope(jnp.asarray(cfg.on), cfg) - log_t1_target
+      off_slope = (num_classes - 1) * _target_slope(jnp.asarray(cfg.off), cfg)
+      off_slope = off_slope + log_t1_target - row[log_t1_key]
   else:
     bad = jnp.zeros_like(valid)
     delta_sum = delta_sum - row[q_forget_key]
     loss = loss + row[target_key]
-  loss = jnp.where(valid, loss, jnp.zeros_like(loss))
-  loss = jnp.where(bad, jnp.full_like(loss, jnp.nan), loss)
-  return loss, _Residuals(norm, delta_sum, escort_sum)
+    if slopes:
+      on_slope, off_slope = jnp.zeros_like(loss), row[off_slope_key]
+
+  def rows_rule(x):  # 0 on rows that don't count, NaN on bad ones
+    x = jnp.where(valid, x, jnp.zeros_like(x))
+    return jnp.where(bad, jnp.full_like(x, jnp.nan), x)
+
+  residuals = _Residuals(norm, delta_sum, escort_sum)
+  return rows_rule(loss), residuals, (rows_rule(on_slope), rows_rule(off_slope)) if slopes else None
 
 
 def _gradient(logits, labels, valid, res: _Residuals, cfg: _Config) -> jax.Array:
@@ -610,16 +657,20 @@ def _rows(logits, labels, valid, cfg):
   return _forward(logits, labels, valid, cfg)[0]
 
 
-def _refuse_hyperparameter_tangents(t_cfg: _Config) -> None:
-  """Raises ``NotImplementedError`` naming a traced hyper-parameter that is differentiated (its
-  tangent is not a symbolic zero): the closed form is the gradient wrt the logits only."""
-  names = {"t1": "t1", "t2": "t2", "on": "label_smoothing", "off": "label_smoothing"}
-  for field, tangent in t_cfg.hyperparameters().items():
-    if not _static(tangent) and not isinstance(tangent, SymbolicZero):
+def _nonzero(tangent) -> bool:
+  """Whether a hyper-parameter's tangent may be nonzero (traced, not a symbolic zero)."""
+  return not _static(tangent) and not isinstance(tangent, SymbolicZero)
+
+
+def _refuse_temperature_tangents(t_cfg: _Config) -> None:
+  """Raises ``NotImplementedError`` naming a temperature that is differentiated: the closed form
+  is the gradient wrt the logits (and the smoothing), not wrt :math:`t_1` or :math:`t_2`."""
+  for name in ("t1", "t2"):
+    if _nonzero(getattr(t_cfg, name)):
       raise NotImplementedError(
-        f"bi_tempered_logistic_loss: the derivative wrt `{names[field]}` is not implemented (the "
-        "loss's closed-form gradient is wrt the logits only); differentiate wrt the logits, or "
-        f"pass `{names[field]}` through jax.lax.stop_gradient."
+        f"bi_tempered_logistic_loss: the derivative wrt `{name}` is not implemented (the loss's "
+        "closed-form gradient is wrt the logits and the label smoothing); differentiate wrt "
+        f"those, or pass `{name}` through jax.lax.stop_gradient."
       )
 
 
@@ -627,12 +678,20 @@ def _rows_jvp(primals, tangents):
   logits, labels, valid, cfg = primals
   # The labels get no gradient (the closed form treats q as constant).
   t_logits, _, _, t_cfg = tangents
-  _refuse_hyperparameter_tangents(t_cfg)
-  loss, res = _forward(logits, labels, valid, cfg)
+  _refuse_temperature_tangents(t_cfg)
+  t_smoothing = (t_cfg.on, t_cfg.off)
+  smoothed = any(_nonzero(t) for t in t_smoothing)
+  loss, res, slopes = _forward(logits, labels, valid, cfg, slopes=smoothed)
   if isinstance(t_logits, SymbolicZero):
-    return loss, jnp.zeros_like(loss)
-  tangent_fn = jax.checkpoint(_tangent, policy=jax.checkpoint_policies.nothing_saveable)
-  return loss, tangent_fn(logits, labels, valid, res, t_logits, cfg)
+    tangent = jnp.zeros_like(loss)
+  else:
+    tangent_fn = jax.checkpoint(_tangent, policy=jax.checkpoint_policies.nothing_saveable)
+    tangent = tangent_fn(logits, labels, valid, res, t_logits, cfg)
+  if slopes is not None:
+    for slope, t in zip(slopes, t_smoothing):
+      if _nonzero(t):
+        tangent = tangent + slope * t
+  return loss, tangent
 
 
 _rows.defjvp(_rows_jvp, symbolic_zeros=True)
