@@ -42,6 +42,17 @@ How it is computed, row by row, so that nothing of size ``[..., V]`` is kept bet
   the loss's, :math:`A`, :math:`B`, the tangent's) by a ``psum`` over the vocabulary axis, and
   the label's logit comes from the shard that holds it. Every per-row value is then the same on
   all shards, and the gradient of each shard's logits is the closed form on its classes.
+* Traced hyper-parameters (:math:`t_1`, :math:`t_2` or the smoothing a tracer under ``jit``,
+  ``vmap``, ``grad``, ``jvp``): the config :class:`_Config` is a pytree whose leaves are the
+  traced values, primal arguments of the custom JVP. Every choice a Python number makes (the
+  exact softmax at :math:`t = 1`, the KL terms at :math:`t_1 = t_2 = 1`, fixed point or
+  bisection, integer powers, leaving out a zero smoothing) becomes a formula valid for any value
+  in range, or a ``jnp.where`` between the cases whose unselected side holds no inf or NaN (a
+  double ``where``, :func:`_one_minus`); for a traced :math:`t_2` all three normalizations are
+  computed and one selected (under ``vmap`` a ``cond`` would compute all three too). With no
+  traced value the program is exactly the specialised one. The custom JVP also gives the exact
+  derivative wrt the smoothing (see :func:`_forward`) and refuses one wrt :math:`t_1` or
+  :math:`t_2` (``NotImplementedError`` naming it).
 * XLA:CPU specifics (why the row sums are laid out as they are, and the integer powers) are in
   :func:`_row_sums` and :class:`_TemperedExp`. At the defaults, fwd+bwd costs about 3x
   ``cross_entropy`` on CPU (``experiments/bench_bitempered.py``).
@@ -727,7 +738,8 @@ def bi_tempered_rows(
       loss and the gradient of that row), or ``[T, V]`` float target probabilities.
     valid: ``[T]`` bool, rows that count; the others give 0 with a zero gradient.
     t1, t2, label_smoothing, num_iters: as in :func:`xent_jax.bi_tempered_logistic_loss`
-      (Python numbers, checked by the caller; ``label_smoothing`` needs ``V >= 2``).
+      (Python numbers or, but for ``num_iters``, traced scalars; checked by the caller, which
+      also applies the NaN rule to traced values; ``label_smoothing`` needs ``V >= 2``).
 
   Returns:
     ``[T]`` loss (float32, float64 for float64 logits), to be multiplied by the row's target

@@ -54,7 +54,8 @@ def vocab_parallel_bi_tempered_loss(
       classes), ``where``, ``reduction``, ``ignore_index``, ``label_smoothing``: as in
       :func:`xent_jax.vocab_parallel_cross_entropy`.
     return_lse: must be False: the loss normalizes by :math:`\lambda`, it has no logsumexp.
-    t1, t2, label_smoothing, num_iters: as in :func:`xent_jax.bi_tempered_logistic_loss`.
+    t1, t2, label_smoothing, num_iters: as in :func:`xent_jax.bi_tempered_logistic_loss` (the
+      first three may be traced scalars: a traced value out of range makes the loss NaN).
 
   Returns:
     The reduced loss (for 'none' of the batch shape, split over ``data_axis``).
