@@ -373,6 +373,28 @@ def test_compiled_temp_memory_is_per_row(hparams, dtype):
   assert temp <= n * v * 4 / 8, f"{temp} bytes of temp memory, bound {n * v * 4 // 8}"
 
 
+@pytest.mark.parametrize("label_kind", ["integer", "probabilities"])
+def test_compiled_temp_memory_is_per_row_with_traced_hyperparameters(label_kind):
+  """The same bound (for both members together) with t1, t2 and the smoothing traced over a vmap
+  of two members, and the gradient wrt the smoothing too: the traced kernel has no elementwise
+  select in its passes, which XLA:CPU would store as an [N, V] array."""
+  n, v = 64, 4096
+  x = jax.ShapeDtypeStruct((n, v), jnp.float32)
+  y = jax.ShapeDtypeStruct((n,) if label_kind == "integer" else (n, v), jnp.int32)
+  if label_kind == "probabilities":
+    y = x
+  hparams = jax.ShapeDtypeStruct((2,), jnp.float32)
+
+  def step(x, y, t1, t2, eps):
+    loss = lambda x, eps: xent_jax.bi_tempered_logistic_loss(
+      x, y, t1=t1, t2=t2, label_smoothing=eps
+    )
+    return jax.value_and_grad(loss, argnums=(0, 1))(x, eps)
+
+  temp = cpu_temp_bytes(jax.vmap(step, in_axes=(None, None, 0, 0, 0)), x, y, *[hparams] * 3)
+  assert temp <= n * v * 4 / 8, f"{temp} bytes of temp memory, bound {n * v * 4 // 8}"
+
+
 def test_iterations_are_a_loop_not_unrolled():
   """The traced program does not grow with num_iters (compile time stays flat)."""
   sizes = []
@@ -487,6 +509,29 @@ def test_traced_hyperparameters_match_concrete_and_float64_replica(label_kind):
     np.testing.assert_allclose(jvps[i], np.sum(want_grad * tangent, -1), rtol=rtol, atol=1e-5)
   bad = slice(len(TRACED_GRID), None)
   assert np.all(np.isnan(values[bad])) and np.all(np.isnan(vjps[bad]))
+
+
+@pytest.mark.parametrize("label_kind", ["integer", "probabilities"])
+def test_traced_hyperparameters_with_minus_inf_logits_match_concrete(label_kind):
+  """Classes with -inf logits (p = 0 at any temperature): the traced kernel's select-free
+  formulas give the concrete values and gradients, also where those are inf (smoothing at
+  t1 = 1 puts mass on a class of p = 0) and for a traced smoothing of 0 there."""
+  logits = LOGITS[:4].copy()
+  logits[0, 2] = logits[1, [0, 5]] = logits[3, 1] = -np.inf
+  labels = INT_LABELS[[0, 1, 3, 4]] if label_kind == "integer" else PROBS[[0, 2, 3, 4]]
+
+  def value_and_grad(t1, t2, label_smoothing):
+    loss = lambda x: xent_jax.bi_tempered_logistic_loss(
+      x, labels, t1=t1, t2=t2, label_smoothing=label_smoothing, num_iters=25, reduction="none"
+    )
+    return loss(logits), jax.grad(lambda x: jnp.sum(loss(x)))(logits)
+
+  traced = jax.jit(value_and_grad)
+  for setting in ((1.0, 1.0, 0.0), (1.0, 1.5, 0.1), (0.5, 0.7, 0.1), (0.7, 1.0, 0.0)):
+    for got, want in zip(
+      traced(*setting), jax.jit(value_and_grad, static_argnums=(0, 1, 2))(*setting)
+    ):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # equal where inf or NaN
 
 
 def test_block_function_takes_traced_hyperparameters():

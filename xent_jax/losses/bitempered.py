@@ -47,12 +47,14 @@ How it is computed, row by row, so that nothing of size ``[..., V]`` is kept bet
   traced values, primal arguments of the custom JVP. Every choice a Python number makes (the
   exact softmax at :math:`t = 1`, the KL terms at :math:`t_1 = t_2 = 1`, fixed point or
   bisection, integer powers, leaving out a zero smoothing) becomes a formula valid for any value
-  in range, or a ``jnp.where`` between the cases whose unselected side holds no inf or NaN (a
-  double ``where``, :func:`_one_minus`); for a traced :math:`t_2` all three normalizations are
-  computed and one selected (under ``vmap`` a ``cond`` would compute all three too). With no
-  traced value the program is exactly the specialised one. The custom JVP also gives the exact
-  derivative wrt the smoothing (see :func:`_forward`) and refuses one wrt :math:`t_1` or
-  :math:`t_2` (``NotImplementedError`` naming it).
+  in range: per row a ``jnp.where`` whose unselected side holds no inf or NaN (a double
+  ``where``, :func:`_one_minus`), and inside the passes over the logits a blend of finite values
+  instead of a select, which XLA:CPU would store as a ``[..., V]`` array (:func:`_blend`; so the
+  traced kernel keeps per-row temporaries only, too). For a traced :math:`t_2` all three
+  normalizations are computed and one selected (under ``vmap`` a ``cond`` would compute all
+  three too). With no traced value the program is exactly the specialised one. The custom JVP
+  also gives the exact derivative wrt the smoothing (see :func:`_forward`) and refuses one wrt
+  :math:`t_1` or :math:`t_2` (``NotImplementedError`` naming it).
 * XLA:CPU specifics (why the row sums are laid out as they are, and the integer powers) are in
   :func:`_row_sums` and :class:`_TemperedExp`. At the defaults, fwd+bwd costs about 3x
   ``cross_entropy`` on CPU (``experiments/bench_bitempered.py``).
@@ -110,6 +112,29 @@ def _pick(flag: bool | jax.Array, if_true: Callable[[], Any], if_false: Callable
   return jnp.where(flag, if_true(), if_false())
 
 
+def _blend(flag: bool | jax.Array, if_true: Callable[[], Any], if_false: Callable[[], Any]) -> Any:
+  """:func:`_pick` without an elementwise select, for a traced ``flag`` whose two values are
+  finite: :math:`a\\,x + (1-a)\\,y` with :math:`a \\in \\{0, 1\\}` (XLA:CPU stores a select that
+  feeds a row sum as a ``[..., V]`` array; these products and sums fuse into the reduction)."""
+  if isinstance(flag, bool):
+    return if_true() if flag else if_false()
+  a = flag.astype(jnp.result_type(float))
+  return a * if_true() + (1.0 - a) * if_false()
+
+
+def _log_t_of_log(log_x, t: Scalar):
+  """:math:`\\log_t x` from :math:`\\log x` (``-inf`` at :math:`x = 0`) for :math:`t \\in [0, 1]`.
+
+  For a traced :math:`t`, without an elementwise select (see :func:`_blend`): for :math:`t < 1`,
+  :math:`\\log_t x = \\mathrm{expm1}((1-t)\\log x)/(1-t) \\ge \\log x`, so it is the larger of the
+  two; at :math:`t = 1` the former gets :math:`-\\infty` added (it is finite there, with the
+  exponent and divisor of :func:`_one_minus`), which leaves :math:`\\log x`."""
+  if _static(t):
+    return log_x if t == 1.0 else jnp.expm1((1.0 - t) * log_x) / (1.0 - t)
+  k = _one_minus(t)
+  return jnp.maximum(log_x, jnp.expm1(k * log_x) / k + jnp.where(t == 1.0, -jnp.inf, 0.0))
+
+
 def _log_t(u, t: Scalar):
   """:math:`\\log_t u` of a per-row array (or a Python float)."""
   at_one = lambda: math.log(u) if isinstance(u, float) else jnp.log(u)
@@ -126,16 +151,21 @@ class _TemperedExp:
   ...) it is a few multiplications instead (of :math:`1/b`, one division, for negative powers),
   about 1.5x faster there; other backends keep ``exp``/``log``, which compile faster for TPU.
 
-  A traced :math:`t` (or :math:`k`) takes :math:`\\exp(k \\log e)` with
-  :math:`\\log e = u` selected where :math:`t = 1` (see :func:`_one_minus`).
+  A traced :math:`t` (or :math:`k`) takes :math:`\\exp(k \\log e)`, where :math:`\\log e` is
+  :math:`u` at :math:`t = 1` (unless ``not_one`` says that :math:`t \\ne 1`), blended in without a
+  select (see :func:`log`).
   """
 
   _MAX_INTEGER_POWER = 12
 
-  def __init__(self, u: jax.Array, t: Scalar):
-    self.u, self.t = u, t
+  def __init__(self, u: jax.Array, t: Scalar, not_one: bool = False):
+    self.u, self.t, self.not_one = u, t, not_one
     self.exact = _static(t) and t == 1.0
-    if not self.exact:
+    self.blended = not (self.exact or _static(t) or not_one)
+    if self.blended:  # u finite: at t = 1, (1 - t) u is then 0, not NaN (see `log`)
+      self.finite_u = jnp.maximum(u, -jnp.finfo(u.dtype).max)
+      self.base = jnp.maximum(1.0 + (1.0 - t) * self.finite_u, 0.0)
+    elif not self.exact:
       self.base = jnp.maximum(1.0 + (1.0 - t) * u, 0.0)
       if _static(t):  # unused (and removed by XLA) unless a power is negative
         self.reciprocal = 1.0 / self.base
@@ -149,12 +179,18 @@ class _TemperedExp:
     return whole if abs(n - whole) < 1e-9 and 0 < abs(whole) <= self._MAX_INTEGER_POWER else None
 
   def log(self) -> jax.Array:
-    """:math:`\\log e`, ``-inf`` outside the support (:math:`t < 1`)."""
+    """:math:`\\log e`, ``-inf`` outside the support (:math:`t < 1`).
+
+    For a traced :math:`t` that may be 1, :math:`a u' + (1-a) \\log(b')/(1-t) + (u - u')` with
+    :math:`a = [t = 1]`, :math:`u' = \\max(u, -\\text{float max})` and :math:`b'` the base of
+    :math:`u'`: both parts are finite where they are not taken, and :math:`u - u'` is 0 but for
+    :math:`u = -\\infty`, which it passes on (:func:`_blend`)."""
     if self.exact:
       return self.u
-    if _static(self.t):
+    if not self.blended:
       return jnp.log(self.base) / (1.0 - self.t)
-    return jnp.where(self.t == 1.0, self.u, jnp.log(self.base) / _one_minus(self.t))
+    tempered = lambda: jnp.log(self.base) / _one_minus(self.t)
+    return _blend(self.t == 1.0, lambda: self.finite_u, tempered) + (self.u - self.finite_u)
 
   def power(self, k: Scalar) -> jax.Array:
     """:math:`e^k` for :math:`k \\ne 0` (0 where :math:`e = 0` and :math:`k > 0`)."""
@@ -178,7 +214,8 @@ class _TemperedExp:
 
 
 def _exp_t(u: jax.Array, t: Scalar) -> jax.Array:
-  return _TemperedExp(u, t).power(1.0)
+  """:math:`\\exp_t u` for :math:`t \\ne 1` (the normalization's iterations)."""
+  return _TemperedExp(u, t, not_one=True).power(1.0)
 
 
 class _Normalization(NamedTuple):
@@ -365,10 +402,12 @@ class _Config:
     return (self.t1 == 1.0) & (self.t2 == 1.0)
 
   def hyperparameters(self) -> dict[str, Scalar]:
+    """The values a traced hyper-parameter may be (the pytree's possible leaves), by field."""
     return {"t1": self.t1, "t2": self.t2, "on": self.on, "off": self.off}
 
 
 def _flatten_config(cfg: _Config):
+  """Leaves: the traced values; treedef: the static ones (None where traced) and the rest."""
   values = cfg.hyperparameters()
   children = [v for v in values.values() if not _static(v)]
   statics = tuple(v if _static(v) else None for v in values.values())
@@ -417,33 +456,29 @@ def _target_term(q, cfg: _Config):
     return q * _log_t(q, cfg.t1) - _pick(cfg.kl, lambda: 0.0, lambda: q**cfg.power / cfg.power)
   log_q = jnp.log(jnp.maximum(q, jnp.finfo(q.dtype).tiny))
   q_to_1_minus_t1 = jnp.exp((1.0 - cfg.t1) * log_q)  # q^(2 - t1) = q * q^(1 - t1) is 0 at q = 0
-  log_t1_q = _pick(
-    _is_one(cfg.t1), lambda: log_q, lambda: (q_to_1_minus_t1 - 1.0) / _one_minus(cfg.t1)
-  )
+  if _static(cfg.t1):
+    log_t1_q = log_q if cfg.t1 == 1.0 else (q_to_1_minus_t1 - 1.0) / (1.0 - cfg.t1)
+  else:
+    log_t1_q = _log_t_of_log(log_q, cfg.t1)
   term = q * log_t1_q
-  return _pick(cfg.kl, lambda: term, lambda: term - q * q_to_1_minus_t1 / cfg.power)
+  power_part = lambda: q * q_to_1_minus_t1 / cfg.power
+  if isinstance(cfg.kl, bool):
+    return term if cfg.kl else term - power_part()
+  return term - _blend(cfg.kl, lambda: 0.0, power_part)
 
 
 def _target_slope(q: jax.Array, cfg: _Config) -> jax.Array:
   """:math:`\\partial/\\partial q` of :func:`_target_term`: :math:`\\log_{t_1} q` (plus 1 for the
   KL divergence, whose power part is dropped), elementwise; at :math:`q = 0` it is
   :math:`-1/(1-t_1)`, or :math:`-\\infty` for :math:`t_1 = 1`."""
-  positive = q > 0.0
-  log_q = jnp.log(jnp.where(positive, q, 1.0))
-  q_to_1_minus_t1 = jnp.where(positive, jnp.exp((1.0 - cfg.t1) * log_q), 0.0)
-  log_t1_q = _pick(
-    _is_one(cfg.t1),
-    lambda: jnp.where(positive, log_q, -jnp.inf),
-    lambda: (q_to_1_minus_t1 - 1.0) / _one_minus(cfg.t1),
-  )
-  return log_t1_q + _pick(cfg.kl, lambda: 1.0, lambda: 0.0)
+  return _log_t_of_log(jnp.log(q), cfg.t1) + _blend(cfg.kl, lambda: 1.0, lambda: 0.0)
 
 
 def _log_t1(p: _TemperedExp, t1: Scalar) -> jax.Array:
   """:math:`\\log_{t_1} p` (finite for :math:`t_1 < 1`, also at ``p = 0``)."""
-  # For a traced t1 the exponent is _one_minus(t1) too: 1 at t1 = 1, where expm1(0 * -inf) would
-  # be NaN outside the support.
-  return _pick(_is_one(t1), p.log, lambda: p.power_minus_one(_one_minus(t1)) / _one_minus(t1))
+  if not _static(t1):
+    return _log_t_of_log(p.log(), t1)
+  return p.log() if t1 == 1.0 else p.power_minus_one(1.0 - t1) / (1.0 - t1)
 
 
 def _forget(p: _TemperedExp, cfg: _Config) -> jax.Array:
@@ -464,13 +499,14 @@ def _forget(p: _TemperedExp, cfg: _Config) -> jax.Array:
 
 
 def _any_forget(p: _TemperedExp, kl: bool | jax.Array, exponent: Scalar) -> jax.Array:
-  """:func:`_forget` for traced temperatures: :math:`\\min(p^{t_2-t_1}, \\text{float max})` where
-  the power is taken (:math:`p > 0`, or :math:`t_2 > t_1`, where it is 0 at :math:`p = 0`), else
-  0; 1 where :math:`t_1 = t_2 = 1`."""
-  taken = (p.power(1.0) > 0.0) | (exponent > 0.0)
-  log_p = jnp.where(taken, p.log(), 0.0)
-  power = jnp.minimum(jnp.exp(exponent * log_p), jnp.finfo(p.u.dtype).max)
-  return jnp.where(kl, 1.0, jnp.where(taken, power, 0.0))
+  """:func:`_forget` for traced temperatures, without an elementwise select (see :func:`_blend`):
+  :math:`\\min(p^{t_2-t_1}, \\text{float max})`, times :math:`\\mathrm{sign}(p)` unless
+  :math:`t_2 > t_1` (where the power is 0 at :math:`p = 0`); 1 where :math:`t_1 = t_2 = 1`. The
+  log is made finite so that a zero exponent gives 1, not NaN, at :math:`p = 0`."""
+  big = jnp.finfo(p.u.dtype).max
+  power = jnp.minimum(jnp.exp(exponent * jnp.maximum(p.log(), -big)), big)
+  forget = lambda: power * _blend(exponent > 0.0, lambda: 1.0, lambda: jnp.sign(p.power(1.0)))
+  return _blend(kl, lambda: 1.0, forget)
 
 
 def _integer_target(logits: jax.Array, labels: jax.Array, cfg: _Config) -> jax.Array:
@@ -618,13 +654,18 @@ def _forward(
     cross = (cfg.on - cfg.off) * log_t1_target
     delta_sum = delta_sum - (cfg.on - cfg.off) * _forget(target_p, cfg)
     if smoothed:
-      cross = cross + cfg.off * row[log_t1_key]
+      # sum_c log_t1 p_c is -inf where a class has p = 0 at t1 = 1: a traced off of 0 adds 0.
+      log_t1_sum = row[log_t1_key]
+      if _static(cfg.off):
+        cross = cross + cfg.off * log_t1_sum
+      else:
+        cross = cross + jnp.where(cfg.off == 0.0, 0.0, cfg.off * log_t1_sum)
       delta_sum = delta_sum - cfg.off * _pick(kl, lambda: num_classes, lambda: row[forget_key])
     loss = loss + _target_term(cfg.on, cfg) + (num_classes - 1) * _target_term(cfg.off, cfg) - cross
     if slopes:
       on_slope = _target_slope(jnp.asarray(cfg.on), cfg) - log_t1_target
       off_slope = (num_classes - 1) * _target_slope(jnp.asarray(cfg.off), cfg)
-      off_slope = off_slope + log_t1_target - row[log_t1_key]
+      off_slope = off_slope + log_t1_target - log_t1_sum
   else:
     bad = jnp.zeros_like(valid)
     delta_sum = delta_sum - row[q_forget_key]
