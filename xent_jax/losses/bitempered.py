@@ -92,11 +92,6 @@ def _static_zero(value: Scalar) -> bool:
   return _static(value) and value == 0.0
 
 
-def _is_one(t: Scalar) -> bool | jax.Array:
-  """:math:`t = 1`: a Python bool for a static ``t``, a traced bool for a traced one."""
-  return t == 1.0
-
-
 def _one_minus(t: Scalar) -> Scalar:
   """:math:`1 - t`, the divisor of the tempered log and exp; for a traced ``t`` 1 where
   :math:`t = 1` (the inner select of a double ``where``: the branch for :math:`t \\ne 1`, computed
@@ -138,7 +133,7 @@ def _log_t_of_log(log_x, t: Scalar):
 def _log_t(u, t: Scalar):
   """:math:`\\log_t u` of a per-row array (or a Python float)."""
   at_one = lambda: math.log(u) if isinstance(u, float) else jnp.log(u)
-  return _pick(_is_one(t), at_one, lambda: (u ** (1.0 - t) - 1.0) / _one_minus(t))
+  return _pick(t == 1.0, at_one, lambda: (u ** (1.0 - t) - 1.0) / _one_minus(t))
 
 
 class _TemperedExp:
