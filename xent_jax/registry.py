@@ -475,8 +475,8 @@ def get_loss(name: str, **hparams: Any) -> ConfiguredLoss:
   ``jax.grad`` wrt ``t``); the loss, ``.linear`` and ``.vocab_parallel`` then give the concrete
   call's values and gradients. Such a value is checked only when concrete: a traced value out of
   range makes the loss NaN. Hyper-parameters that choose the program (``smoothing``, Taylor's
-  ``order``, the bi-tempered loss's ``t1``, ``t2``, ``label_smoothing`` and ``num_iters``) must be
-  Python values.
+  ``order``, the bi-tempered loss's ``num_iters``) must be Python values; the bi-tempered loss's
+  ``t1`` and ``t2`` may be traced but have no derivative (``NotImplementedError``).
 
   Args:
     name: a key of :func:`list_losses`, or an import path ``"package.module:function"`` of a loss

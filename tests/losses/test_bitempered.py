@@ -1,7 +1,8 @@
 r"""Tests of the lean bi-tempered loss (`xent_jax.losses.bitempered`): values and closed-form
 gradients in both autodiff modes against a float64 NumPy replica of the paper's algorithm (its
 ``num_iters`` iterations included) and the converged reference in ``_variant_reference.py``;
-gradient checks; per-row residuals only; no ``[N, V]`` temporaries; bf16; the block function.
+gradient checks; per-row residuals only; no ``[N, V]`` temporaries; bf16; the block function;
+traced hyper-parameters.
 
 The replica here follows Amid et al. (2019) and their reference code step by step in float64:
 the normalization :math:`\lambda` by ``num_iters`` fixed-point steps (:math:`t_2 > 1`) or
@@ -372,6 +373,28 @@ def test_compiled_temp_memory_is_per_row(hparams, dtype):
   assert temp <= n * v * 4 / 8, f"{temp} bytes of temp memory, bound {n * v * 4 // 8}"
 
 
+@pytest.mark.parametrize("label_kind", ["integer", "probabilities"])
+def test_compiled_temp_memory_is_per_row_with_traced_hyperparameters(label_kind):
+  """The same bound (for both members together) with t1, t2 and the smoothing traced over a vmap
+  of two members, and the gradient wrt the smoothing too: the traced kernel has no elementwise
+  select in its passes, which XLA:CPU would store as an [N, V] array."""
+  n, v = 64, 4096
+  x = jax.ShapeDtypeStruct((n, v), jnp.float32)
+  y = jax.ShapeDtypeStruct((n,) if label_kind == "integer" else (n, v), jnp.int32)
+  if label_kind == "probabilities":
+    y = x
+  hparams = jax.ShapeDtypeStruct((2,), jnp.float32)
+
+  def step(x, y, t1, t2, eps):
+    loss = lambda x, eps: xent_jax.bi_tempered_logistic_loss(
+      x, y, t1=t1, t2=t2, label_smoothing=eps
+    )
+    return jax.value_and_grad(loss, argnums=(0, 1))(x, eps)
+
+  temp = cpu_temp_bytes(jax.vmap(step, in_axes=(None, None, 0, 0, 0)), x, y, *[hparams] * 3)
+  assert temp <= n * v * 4 / 8, f"{temp} bytes of temp memory, bound {n * v * 4 // 8}"
+
+
 def test_iterations_are_a_loop_not_unrolled():
   """The traced program does not grow with num_iters (compile time stays flat)."""
   sizes = []
@@ -429,6 +452,99 @@ def test_block_function_on_blocks_equals_the_whole():
   got = jax.jit(rows)(LOGITS, labels, valid)
   want, _, _ = _reference(LOGITS, labels, **hparams)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # NaN in the last row of both
+
+
+# (t1, t2, label_smoothing) swept by one vmapped program: t2 below, at and above 1, t1 at 0 and
+# 1, t2 - t1 of each sign, the KL point (t1 = t2 = 1); then one member out of range per value.
+TRACED_GRID = [
+  (0.5, 0.8, 0.1),
+  (0.6, 0.6, 0.0),
+  (0.9, 0.5, 0.1),
+  (0.7, 1.0, 0.1),
+  (1.0, 1.0, 0.1),
+  (0.0, 1.2, 0.0),
+  (1.0, 1.5, 0.2),
+  (0.5, 2.0, 0.1),
+]
+OUT_OF_RANGE = [(1.5, 1.2, 0.1), (0.8, 0.0, 0.1), (0.8, 1.2, 1.0)]
+TRACED_ITERS = 25
+
+
+@pytest.mark.parametrize("label_kind", ["integer", "probabilities"])
+def test_traced_hyperparameters_match_concrete_and_float64_replica(label_kind):
+  """t1, t2 and the smoothing traced (one jitted program vmapped over the grid): per-row values,
+  VJP and JVP of each member equal the concrete program's and the float64 replica's (weights, a
+  mask, an ignored row); a member out of range is NaN in every value and gradient."""
+  integer = label_kind == "integer"
+  labels = INT_LABELS if integer else PROBS
+  cotangent = RNG.normal(size=6).astype(np.float32)
+  tangent = RNG.normal(size=LOGITS.shape).astype(np.float32)
+
+  def run(t1, t2, label_smoothing):
+    loss = functools.partial(
+      xent_jax.bi_tempered_logistic_loss,
+      labels=labels,
+      class_weight=WEIGHT,
+      where=WHERE,
+      reduction="none",
+      t1=t1,
+      t2=t2,
+      label_smoothing=label_smoothing,
+      num_iters=TRACED_ITERS,
+    )
+    value, vjp = jax.vjp(loss, LOGITS)
+    return value, vjp(cotangent)[0], jax.jvp(loss, (LOGITS,), (tangent,))[1]
+
+  grid = np.asarray(TRACED_GRID + OUT_OF_RANGE, np.float32).T
+  values, vjps, jvps = jax.jit(jax.vmap(run))(*grid)
+  for i, setting in enumerate(TRACED_GRID):
+    concrete = _per_row_and_derivatives((*setting, TRACED_ITERS), integer)
+    for got, want in zip((values[i], vjps[i], jvps[i]), concrete(LOGITS, cotangent, tangent)):
+      np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+    hparams = dict(zip(("t1", "t2", "label_smoothing"), setting), num_iters=TRACED_ITERS)
+    want, _, want_grad = _reference(LOGITS, labels, weight=WEIGHT, where=WHERE, **hparams)
+    np.testing.assert_allclose(values[i], want, rtol=1e-5, atol=1e-6)
+    rtol = GRAD_RTOL.get((*setting, TRACED_ITERS), 1e-5)
+    np.testing.assert_allclose(vjps[i], cotangent[:, None] * want_grad, rtol=rtol, atol=1e-6)
+    np.testing.assert_allclose(jvps[i], np.sum(want_grad * tangent, -1), rtol=rtol, atol=1e-5)
+  bad = slice(len(TRACED_GRID), None)
+  assert np.all(np.isnan(values[bad])) and np.all(np.isnan(vjps[bad]))
+
+
+@pytest.mark.parametrize("label_kind", ["integer", "probabilities"])
+def test_traced_hyperparameters_with_minus_inf_logits_match_concrete(label_kind):
+  """Classes with -inf logits (p = 0 at any temperature): the traced kernel's select-free
+  formulas give the concrete values and gradients, also where those are inf (smoothing at
+  t1 = 1 puts mass on a class of p = 0) and for a traced smoothing of 0 there."""
+  logits = LOGITS[:4].copy()
+  logits[0, 2] = logits[1, [0, 5]] = logits[3, 1] = -np.inf
+  labels = INT_LABELS[[0, 1, 3, 4]] if label_kind == "integer" else PROBS[[0, 2, 3, 4]]
+
+  def value_and_grad(t1, t2, label_smoothing):
+    loss = lambda x: xent_jax.bi_tempered_logistic_loss(
+      x, labels, t1=t1, t2=t2, label_smoothing=label_smoothing, num_iters=25, reduction="none"
+    )
+    return loss(logits), jax.grad(lambda x: jnp.sum(loss(x)))(logits)
+
+  traced = jax.jit(value_and_grad)
+  for setting in ((1.0, 1.0, 0.0), (1.0, 1.5, 0.1), (0.5, 0.7, 0.1), (0.7, 1.0, 0.0)):
+    for got, want in zip(
+      traced(*setting), jax.jit(value_and_grad, static_argnums=(0, 1, 2))(*setting)
+    ):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # equal where inf or NaN
+
+
+def test_block_function_takes_traced_hyperparameters():
+  """`bi_tempered_rows` with traced t1, t2 and smoothing equals the float64 replica."""
+  labels = np.array([0, 3, 2, 6, 1, 5], np.int32)
+  rows = jax.jit(
+    lambda t1, t2, eps: bitempered.bi_tempered_rows(
+      LOGITS, labels, np.ones(6, bool), t1=t1, t2=t2, label_smoothing=eps, num_iters=6
+    )
+  )
+  for t1, t2, eps in ((0.6, 1.4, 0.1), (0.5, 0.8, 0.0)):
+    want, _, _ = _reference(LOGITS, labels, t1=t1, t2=t2, label_smoothing=eps, num_iters=6)
+    np.testing.assert_allclose(rows(t1, t2, eps), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,11 @@
 Each case builds its loss the way the training harness does, ``get_loss(name, **{hparam: t})``
 inside the transformed function, and checks: a jit argument equals the concrete call; a vmap over
 three values equals three concrete calls and the float64 NumPy reference of the formula; the
-gradient wrt the logits equals the concrete one; ``check_grads`` wrt the hyper-parameter; forward
-mode equals the concrete forward mode; a traced value out of range gives NaN (value and gradient)
-for its member only. Concrete values still raise with the old messages, and a concrete zero keeps
-its cheaper program. Shapes are tiny and each case compiles one program per check.
+gradient wrt the logits equals the concrete one; ``check_grads`` wrt the hyper-parameter (the
+bi-tempered loss instead refuses a derivative wrt its temperatures by name); forward mode
+equals the concrete forward mode; a traced value out of range gives NaN (value and gradient) for
+its member only. Concrete values still raise with the old messages, and a concrete zero keeps its
+cheaper program. Shapes are tiny and each case compiles one program per check.
 """
 
 from __future__ import annotations
@@ -55,6 +56,18 @@ def _variant_ref(row_fn, **fixed):
   return reference
 
 
+def _bi_tempered_ref(**fixed):
+  """float64 reference of the bi-tempered loss (exact normalization; the cases run 20 iterations,
+  converged to float32 here), smoothing by the paper's convention."""
+
+  def reference(logits, labels, value, name):
+    options = {"label_smoothing": SMOOTHING} | fixed | {name: value}
+    x = np.asarray(logits, np.float64)
+    return vref.variant_loss(vref.bi_tempered, x, np.asarray(labels), on_logits=True, **options)
+
+  return reference
+
+
 def _ce_ref(**fixed):
   def reference(logits, labels, value, name):
     options = {"label_smoothing": SMOOTHING} | fixed | {name: value}
@@ -66,11 +79,23 @@ def _ce_ref(**fixed):
 class Case:
   """One hyper-parameter of one registered loss: three in-range values, one out of range."""
 
-  def __init__(self, loss, hparam, values, invalid, fixed=None, reference=None, ref_name=None):
+  def __init__(
+    self,
+    loss,
+    hparam,
+    values,
+    invalid,
+    fixed=None,
+    reference=None,
+    ref_name=None,
+    differentiable=True,
+  ):
     self.loss, self.hparam, self.values, self.invalid = loss, hparam, values, invalid
     self.fixed = {"label_smoothing": SMOOTHING} | (fixed or {})
     self.fixed.pop(hparam, None)
     self.reference, self.ref_name = reference, ref_name or hparam
+    # Whether the loss has a derivative wrt the hyper-parameter (else it refuses one by name).
+    self.differentiable = differentiable
 
   def __repr__(self):
     return f"{self.loss}-{self.hparam}"
@@ -157,18 +182,30 @@ CASES = [
       ("confidence_penalty", -0.5),
     )
   ),
+  # t2 on both sides of 1 and at 1 (fixed point, exact softmax, bisection); t1 up to 1.
+  *(
+    Case(
+      "bi_tempered",
+      hparam,
+      values,
+      invalid,
+      {"num_iters": 20},
+      _bi_tempered_ref(t1=0.8, t2=1.2, weighted=True),
+      differentiable=hparam == "label_smoothing",
+    )
+    for hparam, values, invalid in (
+      ("t1", [0.0, 0.5, 1.0], 1.5),
+      ("t2", [0.5, 1.0, 2.0], 0.0),
+      ("label_smoothing", [0.0, 0.1, 0.4], 1.0),
+    )
+  ),
 ]
+DIFFERENTIABLE = [c for c in CASES if c.differentiable]
 
 
 # Hyper-parameters that choose the program (a kernel, a loop length, a polynomial's degree): they
 # stay Python numbers, and a traced one is refused by name (last test).
-STATIC = {
-  ("taylor_cross_entropy", "order"),
-  ("bi_tempered_logistic_loss", "num_iters"),
-  ("bi_tempered_logistic_loss", "t1"),
-  ("bi_tempered_logistic_loss", "t2"),
-  ("bi_tempered_logistic_loss", "label_smoothing"),
-}
+STATIC = {("taylor_cross_entropy", "order"), ("bi_tempered_logistic_loss", "num_iters")}
 
 
 def _function_name(loss):
@@ -223,7 +260,7 @@ def test_traced_equals_concrete(case, inputs):
   assert np.isnan(losses[-1]) and np.all(np.isnan(grads[-1]))
 
 
-@pytest.mark.parametrize("case", CASES, ids=repr)
+@pytest.mark.parametrize("case", DIFFERENTIABLE, ids=repr)
 def test_check_grads_wrt_hyperparameter(case, inputs):
   """Forward and reverse derivatives wrt the hyper-parameter match finite differences (float64)."""
   logits, labels, _, _ = inputs
@@ -394,12 +431,87 @@ def test_concrete_zero_keeps_the_cheaper_program(inputs):
   )
 
 
-def test_bi_tempered_hyperparameters_stay_static(inputs):
-  """t1 and t2 choose the kernel (fixed point, bisection, exact softmax) and its integer powers,
-  and with the smoothing they are constants of its custom JVP: a traced one is refused by name,
-  as before."""
+def test_bi_tempered_num_iters_stays_static(inputs):
+  """``num_iters`` is the length of the normalization's loop: a traced one is refused by name."""
   logits, labels, _, _ = inputs
-  for hparam in ("t1", "t2", "label_smoothing"):
-    fn = lambda v, hparam=hparam: registry.get_loss("bi_tempered", **{hparam: v})(logits, labels)
-    with pytest.raises(TypeError, match=f"`{hparam}` must be a Python number"):
-      jax.jit(fn)(0.9)
+  fn = lambda n: registry.get_loss("bi_tempered", num_iters=n)(logits, labels)
+  with pytest.raises(TypeError, match="`num_iters` must be a Python int"):
+    jax.jit(fn)(5)
+
+
+TEMPERATURES = [c for c in CASES if not c.differentiable]
+
+
+@pytest.mark.parametrize("case", TEMPERATURES, ids=repr)
+def test_bi_tempered_refuses_a_derivative_wrt_a_temperature(case, inputs):
+  """Its closed-form gradient is wrt the logits and the smoothing: reverse and forward mode wrt a
+  temperature fail at trace time naming it; through ``stop_gradient`` the value is the concrete
+  one and the derivative 0."""
+  logits, labels, _, _ = inputs
+  value = case.values[1]
+  fn = lambda v: case.fn(logits, labels, v)
+  with pytest.raises(NotImplementedError, match=f"`{case.hparam}`"):
+    jax.grad(fn)(value)
+  with pytest.raises(NotImplementedError, match=f"`{case.hparam}`"):
+    jax.jvp(fn, (value,), (1.0,))
+  stopped, derivative = jax.jit(jax.value_and_grad(lambda v: fn(jax.lax.stop_gradient(v))))(value)
+  np.testing.assert_allclose(stopped, fn(value), rtol=2e-6)
+  assert derivative == 0.0
+
+
+def test_bi_tempered_probability_labels_and_reduction_none(inputs):
+  """Probability labels, per-example losses, all three hyper-parameters traced together: a vmap
+  equals the concrete calls in value and logit gradient; check_grads wrt the smoothing."""
+  logits = inputs[0]
+  q = jax.nn.softmax(0.5 * jax.random.normal(jax.random.key(5), (N, V)))
+
+  def per_example(x, t1, t2, eps):
+    loss = registry.get_loss("bi_tempered", t1=t1, t2=t2, label_smoothing=eps, num_iters=20)
+    return loss(x, q, reduction="none")
+
+  total = lambda x, *hparams: jnp.sum(per_example(x, *hparams))
+  run = lambda *hparams: (per_example(logits, *hparams), jax.grad(total)(logits, *hparams))
+  grid = [(0.5, 0.7, 0.1), (1.0, 1.0, 0.0), (0.8, 1.5, 0.2)]
+  losses, grads = jax.jit(jax.vmap(run))(*jnp.asarray(grid).T)
+  concrete = jax.jit(run, static_argnums=(0, 1, 2))
+  for i, hparams in enumerate(grid):
+    want_loss, want_grad = concrete(*hparams)
+    np.testing.assert_allclose(losses[i], want_loss, rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(grads[i], want_grad, rtol=1e-5, atol=1e-6)
+  with jax.enable_x64(True):
+    x64 = jnp.asarray(logits, jnp.float64)
+    for t1, t2 in ((0.5, 0.7), (1.0, 1.0)):
+      fn = lambda eps, t1=t1, t2=t2: total(x64, t1, t2, eps)
+      check_grads(fn, (jnp.float64(0.2),), order=1, modes=("fwd", "rev"))
+
+
+def test_bi_tempered_linear_form_equals_loss_on_logits(inputs):
+  """get_loss("bi_tempered", ...).linear with traced temperatures and smoothing (token chunks,
+  plain autodiff through the kernel's custom JVP): vmap values and gradients wrt the weight and
+  the smoothing equal the loss on the full logits; an out-of-range member is NaN."""
+  _, labels, hidden, weight = inputs
+
+  def loss(t1, t2, eps):
+    return registry.get_loss("bi_tempered", t1=t1, t2=t2, label_smoothing=eps, num_iters=20)
+
+  linear = lambda w, *hparams: loss(*hparams).linear(hidden, w, labels)
+  dense = lambda w, *hparams: loss(*hparams)(hidden @ w.T, labels)
+  grid = jnp.asarray([(0.5, 0.7, 0.1), (1.0, 1.0, 0.0), (0.8, 1.5, 0.2), (0.8, 1.2, 1.0)]).T
+  sweep = lambda f: jax.jit(
+    jax.vmap(jax.value_and_grad(f, argnums=(0, 3)), in_axes=(None, 0, 0, 0))
+  )
+  got, want = sweep(linear)(weight, *grid), sweep(dense)(weight, *grid)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g[:3], w[:3], rtol=2e-5, atol=1e-6)
+    assert np.all(np.isnan(g[3]))
+
+
+def test_bi_tempered_traced_smoothing_over_one_class():
+  """Smoothing needs two classes: a concrete value is refused, a traced one is NaN unless 0."""
+  logits, labels = jnp.asarray([[0.5], [-1.0]]), jnp.asarray([0, 0])
+  fn = lambda eps: registry.get_loss("bi_tempered", label_smoothing=eps)(logits, labels)
+  got = jax.jit(jax.vmap(fn))(jnp.asarray([0.0, 0.1]))
+  np.testing.assert_allclose(got[0], fn(0.0), rtol=1e-6, atol=1e-7)
+  assert np.isnan(got[1])
+  with pytest.raises(ValueError, match="`label_smoothing` needs at least 2 classes"):
+    fn(0.1)

@@ -1,7 +1,8 @@
 r"""The bi-tempered loss with the classes split over a mesh axis,
 ``get_loss("bi_tempered").vocab_parallel``, against the one-device loss (itself tested against a
 float64 NumPy replica in ``test_bitempered.py``): values, gradients of the logits (and of
-probability labels, which get them through class weights), forward mode, and per-row memory.
+probability labels, which get them through class weights), forward mode, per-row memory, and
+traced hyper-parameters.
 
 Every test runs on a 2 x 4 (data x vocab) mesh of the 8 fake CPU devices (``conftest.py``): each
 device holds ``[N/2, V/4]`` logits, so the maximum, every class sum of the normalization's
@@ -110,6 +111,40 @@ def test_forward_mode_matches_one_device(hparams, labels):
   want = jvp(full)(LOGITS_NxV, TANGENT_NxV)
   for g, w in zip(got, want):
     _assert_close(g, w)
+
+
+def test_traced_hyperparameters_match_one_device():
+  """t1, t2 and the smoothing traced (vmapped over t2 below, at and above 1, with t1 = 1 and the
+  KL point, and one member out of range): values and gradients wrt the logits and the smoothing of
+  the vocabulary-parallel form equal the one-device loss; forward mode too; the out-of-range
+  member is NaN."""
+  options = dict(CASES[0][1], class_weight=WEIGHT_V, where=WHERE_N)
+  data_axis = options.pop("data_axis")
+
+  def loss(t1, t2, label_smoothing):
+    return xent_jax.get_loss(
+      "bi_tempered", t1=t1, t2=t2, label_smoothing=label_smoothing, num_iters=25
+    )
+
+  sharded = lambda x, *h: loss(*h).vocab_parallel(
+    x, LABELS_N, mesh=_mesh(), data_axis=data_axis, **options
+  )
+  full = lambda x, *h: loss(*h)(x, LABELS_N, **options)
+  grid = jnp.asarray([(0.5, 0.7, 0.1), (1.0, 1.0, 0.2), (1.0, 1.5, 0.0), (0.8, 1.0, 0.1)]).T
+  bad = jnp.asarray([(0.8, 1.2, 1.0)]).T
+
+  def sweep(f):
+    value_and_grad = jax.vmap(jax.value_and_grad(f, argnums=(0, 3)), in_axes=(None, 0, 0, 0))
+    jvp = jax.vmap(
+      lambda x, t, *h: jax.jvp(lambda x: f(x, *h), (x,), (t,))[1], in_axes=(None, None, 0, 0, 0)
+    )
+    return jax.jit(lambda x, t, *h: (value_and_grad(x, *h), jvp(x, t, *h)))
+
+  got, got_jvp = sweep(sharded)(LOGITS_NxV, TANGENT_NxV, *jnp.concatenate([grid, bad], axis=1))
+  want, want_jvp = sweep(full)(LOGITS_NxV, TANGENT_NxV, *grid)
+  for g, w in zip(jax.tree.leaves((got, got_jvp)), jax.tree.leaves((want, want_jvp))):
+    _assert_close(g[:4], w)
+    assert np.all(np.isnan(np.asarray(g[4])))
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,19 @@ How it is computed, row by row, so that nothing of size ``[..., V]`` is kept bet
   the loss's, :math:`A`, :math:`B`, the tangent's) by a ``psum`` over the vocabulary axis, and
   the label's logit comes from the shard that holds it. Every per-row value is then the same on
   all shards, and the gradient of each shard's logits is the closed form on its classes.
+* Traced hyper-parameters (:math:`t_1`, :math:`t_2` or the smoothing a tracer under ``jit``,
+  ``vmap``, ``grad``, ``jvp``): the config :class:`_Config` is a pytree whose leaves are the
+  traced values, primal arguments of the custom JVP. Every choice a Python number makes (the
+  exact softmax at :math:`t = 1`, the KL terms at :math:`t_1 = t_2 = 1`, fixed point or
+  bisection, integer powers, leaving out a zero smoothing) becomes a formula valid for any value
+  in range: per row a ``jnp.where`` whose unselected side holds no inf or NaN (a double
+  ``where``, :func:`_one_minus`), and inside the passes over the logits a blend of finite values
+  instead of a select, which XLA:CPU would store as a ``[..., V]`` array (:func:`_blend`; so the
+  traced kernel keeps per-row temporaries only, too). For a traced :math:`t_2` all three
+  normalizations are computed and one selected (under ``vmap`` a ``cond`` would compute all
+  three too). With no traced value the program is exactly the specialised one. The custom JVP
+  also gives the exact derivative wrt the smoothing (see :func:`_forward`) and refuses one wrt
+  :math:`t_1` or :math:`t_2` (``NotImplementedError`` naming it).
 * XLA:CPU specifics (why the row sums are laid out as they are, and the integer powers) are in
   :func:`_row_sums` and :class:`_TemperedExp`. At the defaults, fwd+bwd costs about 3x
   ``cross_entropy`` on CPU (``experiments/bench_bitempered.py``).
@@ -52,10 +65,9 @@ References:
 """
 
 import dataclasses
-import functools
 import math
-from collections.abc import Hashable
-from typing import NamedTuple
+from collections.abc import Callable, Hashable
+from typing import Any, NamedTuple, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -65,12 +77,63 @@ from jax.custom_derivatives import SymbolicZero
 from xent_jax.core import checks, engine, heads
 from xent_jax.core import inputs as loss_inputs
 
+# A temperature or a smoothed target's value: a Python float (static: the program is specialised to
+# it) or a 0-d array (traced: the generic formulas below, valid for any value in range).
+Scalar = float | jax.Array
 
-def _log_t(u, t: float):
+
+def _static(value: Any) -> TypeGuard[float]:
+  """Whether a hyper-parameter is a Python float (else a traced 0-d array)."""
+  return isinstance(value, float)
+
+
+def _static_zero(value: Scalar) -> bool:
+  """Whether a hyper-parameter is a static 0 (its pass or term can be left out)."""
+  return _static(value) and value == 0.0
+
+
+def _one_minus(t: Scalar) -> Scalar:
+  """:math:`1 - t`, the divisor of the tempered log and exp; for a traced ``t`` 1 where
+  :math:`t = 1` (the inner select of a double ``where``: the branch for :math:`t \\ne 1`, computed
+  and discarded at :math:`t = 1`, then holds no inf or NaN, nor does its derivative)."""
+  return 1.0 - t if _static(t) else jnp.where(t == 1.0, 1.0, 1.0 - t)
+
+
+def _pick(flag: bool | jax.Array, if_true: Callable[[], Any], if_false: Callable[[], Any]) -> Any:
+  """``if_true()`` where ``flag`` holds, else ``if_false()``: for a Python bool only the one
+  chosen is computed; for a traced one both are, and selected elementwise."""
+  if isinstance(flag, bool):
+    return if_true() if flag else if_false()
+  return jnp.where(flag, if_true(), if_false())
+
+
+def _blend(flag: bool | jax.Array, if_true: Callable[[], Any], if_false: Callable[[], Any]) -> Any:
+  """:func:`_pick` without an elementwise select, for a traced ``flag`` whose two values are
+  finite: :math:`a\\,x + (1-a)\\,y` with :math:`a \\in \\{0, 1\\}` (XLA:CPU stores a select that
+  feeds a row sum as a ``[..., V]`` array; these products and sums fuse into the reduction)."""
+  if isinstance(flag, bool):
+    return if_true() if flag else if_false()
+  a = flag.astype(jnp.result_type(float))
+  return a * if_true() + (1.0 - a) * if_false()
+
+
+def _log_t_of_log(log_x, t: Scalar):
+  """:math:`\\log_t x` from :math:`\\log x` (``-inf`` at :math:`x = 0`) for :math:`t \\in [0, 1]`.
+
+  For a traced :math:`t`, without an elementwise select (see :func:`_blend`): for :math:`t < 1`,
+  :math:`\\log_t x = \\mathrm{expm1}((1-t)\\log x)/(1-t) \\ge \\log x`, so it is the larger of the
+  two; at :math:`t = 1` the former gets :math:`-\\infty` added (it is finite there, with the
+  exponent and divisor of :func:`_one_minus`), which leaves :math:`\\log x`."""
+  if _static(t):
+    return log_x if t == 1.0 else jnp.expm1((1.0 - t) * log_x) / (1.0 - t)
+  k = _one_minus(t)
+  return jnp.maximum(log_x, jnp.expm1(k * log_x) / k + jnp.where(t == 1.0, -jnp.inf, 0.0))
+
+
+def _log_t(u, t: Scalar):
   """:math:`\\log_t u` of a per-row array (or a Python float)."""
-  if t == 1.0:
-    return math.log(u) if isinstance(u, float) else jnp.log(u)
-  return (u ** (1.0 - t) - 1.0) / (1.0 - t)
+  at_one = lambda: math.log(u) if isinstance(u, float) else jnp.log(u)
+  return _pick(t == 1.0, at_one, lambda: (u ** (1.0 - t) - 1.0) / _one_minus(t))
 
 
 class _TemperedExp:
@@ -82,29 +145,51 @@ class _TemperedExp:
   :math:`t_2 = 1.2` make every power used here one: :math:`e = b^{-5}`, :math:`e^{t_2} = b^{-6}`,
   ...) it is a few multiplications instead (of :math:`1/b`, one division, for negative powers),
   about 1.5x faster there; other backends keep ``exp``/``log``, which compile faster for TPU.
+
+  A traced :math:`t` (or :math:`k`) takes :math:`\\exp(k \\log e)`, where :math:`\\log e` is
+  :math:`u` at :math:`t = 1` (unless ``not_one`` says that :math:`t \\ne 1`), blended in without a
+  select (see :func:`log`).
   """
 
   _MAX_INTEGER_POWER = 12
 
-  def __init__(self, u: jax.Array, t: float):
-    self.u, self.t = u, t
-    if t != 1.0:
+  def __init__(self, u: jax.Array, t: Scalar, not_one: bool = False):
+    self.u, self.t, self.not_one = u, t, not_one
+    self.exact = _static(t) and t == 1.0
+    self.blended = not (self.exact or _static(t) or not_one)
+    if self.blended:  # u finite: at t = 1, (1 - t) u is then 0, not NaN (see `log`)
+      self.finite_u = jnp.maximum(u, -jnp.finfo(u.dtype).max)
+      self.base = jnp.maximum(1.0 + (1.0 - t) * self.finite_u, 0.0)
+    elif not self.exact:
       self.base = jnp.maximum(1.0 + (1.0 - t) * u, 0.0)
-      self.reciprocal = 1.0 / self.base  # unused (and removed by XLA) unless a power is negative
+      if _static(t):  # unused (and removed by XLA) unless a power is negative
+        self.reciprocal = 1.0 / self.base
 
-  def _integer_exponent(self, k: float) -> int | None:
-    """:math:`k/(1-t)` when it is a small nonzero integer, else None."""
+  def _integer_exponent(self, k: Scalar) -> int | None:
+    """:math:`k/(1-t)` when it is a small nonzero integer, else None (also for a traced value)."""
+    if not (_static(self.t) and _static(k)):
+      return None
     n = k / (1.0 - self.t)
     whole = round(n)
     return whole if abs(n - whole) < 1e-9 and 0 < abs(whole) <= self._MAX_INTEGER_POWER else None
 
   def log(self) -> jax.Array:
-    """:math:`\\log e`, ``-inf`` outside the support (:math:`t < 1`)."""
-    return self.u if self.t == 1.0 else jnp.log(self.base) / (1.0 - self.t)
+    """:math:`\\log e`, ``-inf`` outside the support (:math:`t < 1`).
 
-  def power(self, k: float) -> jax.Array:
+    For a traced :math:`t` that may be 1, :math:`a u' + (1-a) \\log(b')/(1-t) + (u - u')` with
+    :math:`a = [t = 1]`, :math:`u' = \\max(u, -\\text{float max})` and :math:`b'` the base of
+    :math:`u'`: both parts are finite where they are not taken, and :math:`u - u'` is 0 but for
+    :math:`u = -\\infty`, which it passes on (:func:`_blend`)."""
+    if self.exact:
+      return self.u
+    if not self.blended:
+      return jnp.log(self.base) / (1.0 - self.t)
+    tempered = lambda: jnp.log(self.base) / _one_minus(self.t)
+    return _blend(self.t == 1.0, lambda: self.finite_u, tempered) + (self.u - self.finite_u)
+
+  def power(self, k: Scalar) -> jax.Array:
     """:math:`e^k` for :math:`k \\ne 0` (0 where :math:`e = 0` and :math:`k > 0`)."""
-    if self.t == 1.0:
+    if self.exact:
       return jnp.exp(k * self.u)
     whole = self._integer_exponent(k)
     generic = lambda: jnp.exp(k * self.log())
@@ -113,9 +198,9 @@ class _TemperedExp:
     factor = self.base if whole > 0 else self.reciprocal
     return lax.platform_dependent(cpu=lambda: lax.integer_pow(factor, abs(whole)), default=generic)
 
-  def power_minus_one(self, k: float) -> jax.Array:
+  def power_minus_one(self, k: Scalar) -> jax.Array:
     """:math:`e^k - 1`, with ``expm1`` unless the power is a few multiplications."""
-    if self.t == 1.0:
+    if self.exact:
       return jnp.expm1(k * self.u)
     generic = lambda: jnp.expm1(k * self.log())
     if self._integer_exponent(k) is None:
@@ -123,8 +208,9 @@ class _TemperedExp:
     return lax.platform_dependent(cpu=lambda: self.power(k) - 1.0, default=generic)
 
 
-def _exp_t(u: jax.Array, t: float) -> jax.Array:
-  return _TemperedExp(u, t).power(1.0)
+def _exp_t(u: jax.Array, t: Scalar) -> jax.Array:
+  """:math:`\\exp_t u` for :math:`t \\ne 1` (the normalization's iterations)."""
+  return _TemperedExp(u, t, not_one=True).power(1.0)
 
 
 class _Normalization(NamedTuple):
@@ -156,7 +242,7 @@ def _centred(logits: jax.Array, m: jax.Array, *tie: jax.Array) -> jax.Array:
   return logits.astype(m.dtype) - m[..., None]
 
 
-def _fixed_point_shift(logits, m, t: float, num_iters: int, vocab_axis) -> jax.Array:
+def _fixed_point_shift(logits, m, t: Scalar, num_iters: int, vocab_axis) -> jax.Array:
   """:math:`d = -\\log_t(1/Z)` for :math:`t > 1` by the paper's iteration
   :math:`a \\leftarrow a_0 Z(a)^{1-t}`, :math:`Z(a) = \\sum_c \\exp_t(a_c)`, carried as
   :math:`a = s\\,a_0`; ``[...]``. The loop runs once more than ``num_iters`` to give the final
@@ -172,7 +258,7 @@ def _fixed_point_shift(logits, m, t: float, num_iters: int, vocab_axis) -> jax.A
   return -_log_t(1.0 / partition, t)
 
 
-def _bisection_shift(logits, m, t: float, num_iters: int, vocab_axis) -> jax.Array:
+def _bisection_shift(logits, m, t: Scalar, num_iters: int, vocab_axis) -> jax.Array:
   """:math:`d` for :math:`t < 1` by bisection on :math:`\\sum_c \\exp_t(x_c - m - d) = 1`, in
   :math:`[0, -\\log_t(1/K)]` with :math:`K` the classes within the largest possible support."""
   # The count of c = x - (m - 1/(1-t)) > 0 as sum_c (sign c + |sign c|) / 2, free of constants,
@@ -193,15 +279,33 @@ def _bisection_shift(logits, m, t: float, num_iters: int, vocab_axis) -> jax.Arr
   return (lower + upper) / 2.0
 
 
+def _softmax_shift(logits, m, vocab_axis) -> jax.Array:
+  """:math:`d = \\log \\sum_c e^{x_c - m}` for :math:`t = 1`; ``[...]``."""
+  return jnp.log(engine.class_sum(jnp.exp(_centred(logits, m)), vocab_axis))
+
+
+def _any_temperature_shift(logits, m, t: Scalar, num_iters: int, vocab_axis) -> jax.Array:
+  """:math:`d` for a traced :math:`t`: the exact, fixed-point and bisection shifts all computed
+  (under ``vmap`` a ``cond`` would compute them all too) and the one for :math:`t` selected; the
+  iterations not selected run at a stand-in temperature (2 or 1/2), so that none makes an inf
+  or NaN."""
+  exact = _softmax_shift(logits, m, vocab_axis)
+  heavy = _fixed_point_shift(logits, m, jnp.where(t > 1.0, t, 2.0), num_iters, vocab_axis)
+  light = _bisection_shift(logits, m, jnp.where(t < 1.0, t, 0.5), num_iters, vocab_axis)
+  return jnp.where(t == 1.0, exact, jnp.where(t > 1.0, heavy, light))
+
+
 def _normalization(
-  logits: jax.Array, t: float, num_iters: int, vocab_axis: Hashable | None = None
+  logits: jax.Array, t: Scalar, num_iters: int, vocab_axis: Hashable | None = None
 ) -> _Normalization:
   """:math:`\\lambda` of the tempered softmax over the last axis, as ``(max, shift)``; with
   ``vocab_axis`` (inside ``shard_map``) the last axis is one shard of the classes, and the max and
   every class sum are completed over the shards (``pmax``/``psum``)."""
   m = _row_max(logits, vocab_axis)
-  if t == 1.0:
-    shift = jnp.log(engine.class_sum(jnp.exp(_centred(logits, m)), vocab_axis))
+  if not _static(t):
+    shift = _any_temperature_shift(logits, m, t, num_iters, vocab_axis)
+  elif t == 1.0:
+    shift = _softmax_shift(logits, m, vocab_axis)
   elif t > 1.0:
     shift = _fixed_point_shift(logits, m, t, num_iters, vocab_axis)
   else:
@@ -209,7 +313,7 @@ def _normalization(
   return _Normalization(m, shift)
 
 
-def _probs(logits: jax.Array, norm: _Normalization, t: float, *tie: jax.Array) -> _TemperedExp:
+def _probs(logits: jax.Array, norm: _Normalization, t: Scalar, *tie: jax.Array) -> _TemperedExp:
   """``[..., V]`` :math:`p_c = \\exp_t((x_c - m) - d)` (``tie``: see :func:`_centred`)."""
   return _TemperedExp(_centred(logits, norm.max, norm.shift, *tie) - norm.shift[..., None], t)
 
@@ -262,37 +366,79 @@ def _check_num_iters(fn: str, num_iters) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
-  """The loss's static settings; ``on``/``off`` are the smoothed target's two values for integer
+  """The loss's settings; ``on``/``off`` are the smoothed target's two values for integer
   labels, and for probability labels
   :math:`q \\leftarrow (1 - V\\,\\text{off})\\,q + \\text{off}`. ``num_classes`` is the
   global :math:`V`; with ``vocab_axis`` (inside ``shard_map``) each shard holds ``[..., V_s]``
-  logits of classes :math:`[sV_s, (s+1)V_s)` and every sum over the classes is a ``psum``."""
+  logits of classes :math:`[sV_s, (s+1)V_s)` and every sum over the classes is a ``psum``.
 
-  t1: float
-  t2: float
+  A pytree whose leaves are the traced ones of ``t1``, ``t2``, ``on``, ``off`` (0-d arrays); the
+  Python floats and the rest are static (its treedef), so with no traced value it is all static
+  and the kernel is specialised to the values as before."""
+
+  t1: Scalar
+  t2: Scalar
   num_iters: int
-  on: float
-  off: float
+  on: Scalar
+  off: Scalar
   num_classes: int
   vocab_axis: Hashable | None = None
 
   @property
-  def power(self) -> float:
+  def power(self) -> Scalar:
     return 2.0 - self.t1
 
   @property
-  def kl(self) -> bool:
-    """:math:`t_1 = t_2 = 1`: the KL divergence, whose power terms cancel exactly."""
-    return self.t1 == self.t2 == 1.0
+  def kl(self) -> bool | jax.Array:
+    """:math:`t_1 = t_2 = 1`: the KL divergence, whose power terms cancel exactly (a traced bool
+    if a temperature is traced)."""
+    if _static(self.t1) and _static(self.t2):
+      return self.t1 == self.t2 == 1.0
+    return (self.t1 == 1.0) & (self.t2 == 1.0)
+
+  def hyperparameters(self) -> dict[str, Scalar]:
+    """The values a traced hyper-parameter may be (the pytree's possible leaves), by field."""
+    return {"t1": self.t1, "t2": self.t2, "on": self.on, "off": self.off}
+
+
+def _flatten_config(cfg: _Config):
+  """Leaves: the traced values; treedef: the static ones (None where traced) and the rest."""
+  values = cfg.hyperparameters()
+  children = [v for v in values.values() if not _static(v)]
+  statics = tuple(v if _static(v) else None for v in values.values())
+  return children, (statics, cfg.num_iters, cfg.num_classes, cfg.vocab_axis)
+
+
+def _unflatten_config(aux, children) -> _Config:
+  statics, num_iters, num_classes, vocab_axis = aux
+  traced = iter(children)
+  t1, t2, on, off = (next(traced) if v is None else v for v in statics)
+  return _Config(t1, t2, num_iters, on, off, num_classes, vocab_axis)
+
+
+jax.tree_util.register_pytree_node(_Config, _flatten_config, _unflatten_config)
 
 
 def loss_config(t1, t2, label_smoothing, num_iters, num_classes: int, vocab_axis=None) -> _Config:
   """The :class:`_Config` of checked hyper-parameters over ``num_classes`` (global) classes; with
-  ``vocab_axis`` each row's sums run over the shards of that mesh axis."""
-  off = label_smoothing / (num_classes - 1) if label_smoothing else 0.0
-  return _Config(
-    float(t1), float(t2), int(num_iters), 1.0 - label_smoothing, off, num_classes, vocab_axis
-  )
+  ``vocab_axis`` each row's sums run over the shards of that mesh axis. A traced value stays a
+  0-d array (a traced smoothing over one class: ``off`` = 0, the caller's NaN rule applies)."""
+  if not checks.any_traced(t1, t2, label_smoothing):
+    off = label_smoothing / (num_classes - 1) if label_smoothing else 0.0
+    return _Config(
+      float(t1), float(t2), int(num_iters), 1.0 - label_smoothing, off, num_classes, vocab_axis
+    )
+  scalar = lambda v: v if checks.is_traced(v) else float(v)
+  label_smoothing = scalar(label_smoothing)
+  static_zero = checks.is_static_zero(label_smoothing)
+  off = 0.0 if static_zero else label_smoothing / max(num_classes - 1, 1)
+  on = 1.0 - label_smoothing
+  return _Config(scalar(t1), scalar(t2), int(num_iters), on, off, num_classes, vocab_axis)
+
+
+def _cast(cfg: _Config, dtype) -> _Config:
+  """``cfg`` with its traced values in ``dtype`` (the logits' compute dtype)."""
+  return jax.tree.map(lambda v: jnp.asarray(v, dtype), cfg)
 
 
 def _target_term(q, cfg: _Config):
@@ -302,16 +448,31 @@ def _target_term(q, cfg: _Config):
   if isinstance(q, float):
     if q == 0.0:
       return 0.0
-    return q * _log_t(q, cfg.t1) - (0.0 if cfg.kl else q**cfg.power / cfg.power)
+    return q * _log_t(q, cfg.t1) - _pick(cfg.kl, lambda: 0.0, lambda: q**cfg.power / cfg.power)
   log_q = jnp.log(jnp.maximum(q, jnp.finfo(q.dtype).tiny))
   q_to_1_minus_t1 = jnp.exp((1.0 - cfg.t1) * log_q)  # q^(2 - t1) = q * q^(1 - t1) is 0 at q = 0
-  log_t1_q = log_q if cfg.t1 == 1.0 else (q_to_1_minus_t1 - 1.0) / (1.0 - cfg.t1)
+  if _static(cfg.t1):
+    log_t1_q = log_q if cfg.t1 == 1.0 else (q_to_1_minus_t1 - 1.0) / (1.0 - cfg.t1)
+  else:
+    log_t1_q = _log_t_of_log(log_q, cfg.t1)
   term = q * log_t1_q
-  return term if cfg.kl else term - q * q_to_1_minus_t1 / cfg.power
+  power_part = lambda: q * q_to_1_minus_t1 / cfg.power
+  if isinstance(cfg.kl, bool):
+    return term if cfg.kl else term - power_part()
+  return term - _blend(cfg.kl, lambda: 0.0, power_part)
 
 
-def _log_t1(p: _TemperedExp, t1: float) -> jax.Array:
+def _target_slope(q: jax.Array, cfg: _Config) -> jax.Array:
+  """:math:`\\partial/\\partial q` of :func:`_target_term`: :math:`\\log_{t_1} q` (plus 1 for the
+  KL divergence, whose power part is dropped), elementwise; at :math:`q = 0` it is
+  :math:`-1/(1-t_1)`, or :math:`-\\infty` for :math:`t_1 = 1`."""
+  return _log_t_of_log(jnp.log(q), cfg.t1) + _blend(cfg.kl, lambda: 1.0, lambda: 0.0)
+
+
+def _log_t1(p: _TemperedExp, t1: Scalar) -> jax.Array:
   """:math:`\\log_{t_1} p` (finite for :math:`t_1 < 1`, also at ``p = 0``)."""
+  if not _static(t1):
+    return _log_t_of_log(p.log(), t1)
   return p.log() if t1 == 1.0 else p.power_minus_one(1.0 - t1) / (1.0 - t1)
 
 
@@ -320,6 +481,8 @@ def _forget(p: _TemperedExp, cfg: _Config) -> jax.Array:
   :math:`t_1 = t_2 = 1` (softmax underflow), else 0 (outside the support). Without a select:
   for :math:`t_2 < t_1` it is :math:`\\mathrm{sign}(p) \\min(p^{t_2-t_1}, \\text{float max})`."""
   exponent = cfg.t2 - cfg.t1
+  if not _static(exponent):
+    return _any_forget(p, cfg.kl, exponent)
   if cfg.kl:
     return jnp.ones_like(p.u)
   if exponent > 0:
@@ -328,6 +491,17 @@ def _forget(p: _TemperedExp, cfg: _Config) -> jax.Array:
   if exponent == 0:
     return positive
   return positive * jnp.minimum(p.power(exponent), jnp.finfo(p.u.dtype).max)
+
+
+def _any_forget(p: _TemperedExp, kl: bool | jax.Array, exponent: Scalar) -> jax.Array:
+  """:func:`_forget` for traced temperatures, without an elementwise select (see :func:`_blend`):
+  :math:`\\min(p^{t_2-t_1}, \\text{float max})`, times :math:`\\mathrm{sign}(p)` unless
+  :math:`t_2 > t_1` (where the power is 0 at :math:`p = 0`); 1 where :math:`t_1 = t_2 = 1`. The
+  log is made finite so that a zero exponent gives 1, not NaN, at :math:`p = 0`."""
+  big = jnp.finfo(p.u.dtype).max
+  power = jnp.minimum(jnp.exp(exponent * jnp.maximum(p.log(), -big)), big)
+  forget = lambda: power * _blend(exponent > 0.0, lambda: 1.0, lambda: jnp.sign(p.power(1.0)))
+  return _blend(kl, lambda: 1.0, forget)
 
 
 def _integer_target(logits: jax.Array, labels: jax.Array, cfg: _Config) -> jax.Array:
@@ -356,7 +530,7 @@ def _label_logit(logits: jax.Array, labels: jax.Array, vocab_axis: Hashable | No
 def _smoothed(labels: jax.Array, cfg: _Config, dtype) -> jax.Array:
   """Probability labels smoothed: :math:`(1 - V\\,\\text{off})\\,q + \\text{off}`."""
   q = labels.astype(dtype)
-  return (1.0 - cfg.num_classes * cfg.off) * q + cfg.off if cfg.off else q
+  return q if _static_zero(cfg.off) else (1.0 - cfg.num_classes * cfg.off) * q + cfg.off
 
 
 class _Residuals(NamedTuple):
@@ -375,7 +549,7 @@ def _integer_rows(labels: jax.Array, valid: jax.Array, num_classes: int):
   return jnp.where(valid & in_range, labels, 0), valid & ~in_range
 
 
-def _row_sums(logits, norm: _Normalization, t: float, summands, vocab_axis) -> list[jax.Array]:
+def _row_sums(logits, norm: _Normalization, t: Scalar, summands, vocab_axis) -> list[jax.Array]:
   """``[...]`` :math:`\\sum_c f(p_c)` for each ``summands`` function f of a `_TemperedExp` ``p``,
   each its own pass over the logits that recomputes :math:`p` (see
   :func:`xent_jax.core.engine.separate_sums`: on CPU this keeps every pass one fused reduction),
@@ -398,17 +572,22 @@ class _Sums:
     self.summands.setdefault(key, summand)
     return key
 
-  def power(self, exponent: float):
-    """:math:`\\sum_c p_c^k` for :math:`k > 0` (0 where :math:`p_c = 0`)."""
-    return self.add(("power", exponent), lambda p: p.power(exponent))
+  def power(self, name: str, exponent: Scalar):
+    """:math:`\\sum_c p_c^k` for :math:`k > 0` (0 where :math:`p_c = 0`); one sum for equal
+    static exponents, ``name`` tells traced ones apart."""
+    key = ("power", exponent if _static(exponent) else name)
+    return self.add(key, lambda p: p.power(exponent))
 
   def compute(self, logits, norm, cfg: _Config) -> dict:
     summands = list(self.summands.values())
     return dict(zip(self.summands, _row_sums(logits, norm, cfg.t2, summands, cfg.vocab_axis)))
 
 
-def _forward(logits, labels, valid, cfg: _Config) -> tuple[jax.Array, _Residuals]:
-  """``[...]`` loss (0 on invalid rows, NaN on bad ones) and the per-row residuals.
+def _forward(
+  logits, labels, valid, cfg: _Config, slopes: bool = False
+) -> tuple[jax.Array, _Residuals, tuple[jax.Array, jax.Array] | None]:
+  """``[...]`` loss (0 on invalid rows, NaN on bad ones), the per-row residuals and, with
+  ``slopes``, the loss's per-row derivatives wrt ``on`` and ``off`` (else None).
 
   .. math::
      \\ell = \\sum_c \\big[q_c\\log_{t_1} q_c - \\tfrac{q_c^{2-t_1}}{2-t_1}\\big]
@@ -416,51 +595,85 @@ def _forward(logits, labels, valid, cfg: _Config) -> tuple[jax.Array, _Residuals
      A = \\sum_c p_c^{1+t_2-t_1} - \\sum_c q_c\\,p_c^{t_2-t_1}
 
   (for :math:`t_1 = t_2 = 1` the two power terms, which cancel for a normalized :math:`p`, are
-  left out). Integer labels: :math:`\\sum_c q_c f_c = \\text{off}\\sum_c f_c +
-  (\\text{on}-\\text{off})\\,f_y`, with :math:`f_y` from the label's logit. The summands have no
-  selects (see :func:`_row_sums`).
+  left out; a traced temperature selects them out where both are 1). Integer labels:
+  :math:`\\sum_c q_c f_c = \\text{off}\\sum_c f_c + (\\text{on}-\\text{off})\\,f_y`, with
+  :math:`f_y` from the label's logit. With static hyper-parameters the summands have no selects
+  (see :func:`_row_sums`).
+
+  The loss depends on the smoothing only through :math:`q`, with
+  :math:`\\partial\\ell/\\partial q_c = \\log_{t_1} q_c - \\log_{t_1} p_c` (:func:`_target_slope`):
+  for integer labels :math:`\\partial_{\\text{on}}\\ell = \\log_{t_1}\\text{on} - \\log_{t_1} p_y`
+  and :math:`\\partial_{\\text{off}}\\ell = (V-1)\\log_{t_1}\\text{off} - \\sum_{c \\ne y}
+  \\log_{t_1} p_c` from sums the loss takes anyway; for probability labels, through
+  :math:`q' = (1 - V\\text{off})\\,q + \\text{off}`, one more row sum
+  :math:`\\sum_c \\partial_{q'_c}\\ell\\,(1 - V q_c)`.
   """
   num_classes = cfg.num_classes
   dtype = loss_inputs.compute_dtype(logits.dtype)
   integer = jnp.issubdtype(labels.dtype, jnp.integer)
   norm = _normalization(logits, cfg.t2, cfg.num_iters, cfg.vocab_axis)
   sums = _Sums()
-  escort_key = sums.power(cfg.t2)
-  p_forget_key = sums.power(1.0 + cfg.t2 - cfg.t1)
-  power_key = None if cfg.kl else sums.power(cfg.power)
-  if integer and cfg.off:
+  escort_key = sums.power("escort", cfg.t2)
+  p_forget_key = sums.power("p_forget", 1.0 + cfg.t2 - cfg.t1)
+  # A traced kl (either value) takes the sums of both cases and selects.
+  kl = cfg.kl
+  power_key = None if kl is True else sums.power("power", cfg.power)
+  smoothed = not _static_zero(cfg.off)
+  if integer and smoothed:
     log_t1_key = sums.add("log_t1", lambda p: _log_t1(p, cfg.t1))
-    forget_key = None if cfg.kl else sums.add("forget", lambda p: _forget(p, cfg))
+    forget_key = None if kl is True else sums.add("forget", lambda p: _forget(p, cfg))
   if not integer:
     # The smoothed labels are computed inside each pass (a [..., V] array if computed before).
     q = lambda: _smoothed(labels, cfg, dtype)
     # At t1 = 1, log p = -inf (p = 0) is clipped to the lowest float so that q = 0 gives 0.
     floor = jnp.finfo(dtype).min
-    log_t1_p = (
-      (lambda p: jnp.maximum(p.log(), floor)) if cfg.t1 == 1.0 else (lambda p: _log_t1(p, cfg.t1))
-    )
+    if _static(cfg.t1) and cfg.t1 != 1.0:
+      log_t1_p = lambda p: _log_t1(p, cfg.t1)
+    else:
+      log_t1_p = lambda p: jnp.maximum(_log_t1(p, cfg.t1), floor)
     q_forget_key = sums.add("q_forget", lambda p: q() * _forget(p, cfg))
     target_key = sums.add("target", lambda p: _target_term(q(), cfg) - q() * log_t1_p(p))
+    if slopes:
+      slope = lambda p: (
+        (_target_slope(q(), cfg) - log_t1_p(p)) * (1.0 - num_classes * labels.astype(dtype))
+      )
+      off_slope_key = sums.add("off_slope", slope)
   row = sums.compute(logits, norm, cfg)
   escort_sum, delta_sum = row[escort_key], row[p_forget_key]
-  loss = jnp.zeros_like(escort_sum) if cfg.kl else row[power_key] / cfg.power
+  loss = _pick(kl, lambda: jnp.zeros_like(escort_sum), lambda: row[power_key] / cfg.power)
   if integer:
     labels, bad = _integer_rows(labels, valid, num_classes)
     raw = _label_logit(logits, labels, cfg.vocab_axis)
     target_p = _TemperedExp((raw - norm.max) - norm.shift, cfg.t2)
-    cross = (cfg.on - cfg.off) * _log_t1(target_p, cfg.t1)
+    log_t1_target = _log_t1(target_p, cfg.t1)
+    cross = (cfg.on - cfg.off) * log_t1_target
     delta_sum = delta_sum - (cfg.on - cfg.off) * _forget(target_p, cfg)
-    if cfg.off:
-      cross = cross + cfg.off * row[log_t1_key]
-      delta_sum = delta_sum - cfg.off * (num_classes if cfg.kl else row[forget_key])
+    if smoothed:
+      # sum_c log_t1 p_c is -inf where a class has p = 0 at t1 = 1: a traced off of 0 adds 0.
+      log_t1_sum = row[log_t1_key]
+      if _static(cfg.off):
+        cross = cross + cfg.off * log_t1_sum
+      else:
+        cross = cross + jnp.where(cfg.off == 0.0, 0.0, cfg.off * log_t1_sum)
+      delta_sum = delta_sum - cfg.off * _pick(kl, lambda: num_classes, lambda: row[forget_key])
     loss = loss + _target_term(cfg.on, cfg) + (num_classes - 1) * _target_term(cfg.off, cfg) - cross
+    if slopes:
+      on_slope = _target_slope(jnp.asarray(cfg.on), cfg) - log_t1_target
+      off_slope = (num_classes - 1) * _target_slope(jnp.asarray(cfg.off), cfg)
+      off_slope = off_slope + log_t1_target - log_t1_sum
   else:
     bad = jnp.zeros_like(valid)
     delta_sum = delta_sum - row[q_forget_key]
     loss = loss + row[target_key]
-  loss = jnp.where(valid, loss, jnp.zeros_like(loss))
-  loss = jnp.where(bad, jnp.full_like(loss, jnp.nan), loss)
-  return loss, _Residuals(norm, delta_sum, escort_sum)
+    if slopes:
+      on_slope, off_slope = jnp.zeros_like(loss), row[off_slope_key]
+
+  def rows_rule(x):  # 0 on rows that don't count, NaN on bad ones
+    x = jnp.where(valid, x, jnp.zeros_like(x))
+    return jnp.where(bad, jnp.full_like(x, jnp.nan), x)
+
+  residuals = _Residuals(norm, delta_sum, escort_sum)
+  return rows_rule(loss), residuals, (rows_rule(on_slope), rows_rule(off_slope)) if slopes else None
 
 
 def _gradient(logits, labels, valid, res: _Residuals, cfg: _Config) -> jax.Array:
@@ -486,24 +699,56 @@ def _tangent(logits, labels, valid, res: _Residuals, t_logits, cfg: _Config) -> 
   return engine.class_sum(grad * t_logits.astype(grad.dtype), cfg.vocab_axis)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+@jax.custom_jvp
 def _rows(logits, labels, valid, cfg):
   return _forward(logits, labels, valid, cfg)[0]
 
 
-def _rows_jvp(cfg, primals, tangents):
-  logits, labels, valid = primals
-  t_logits = tangents[0]  # the labels get no gradient (the closed form treats q as constant)
-  loss, res = _forward(logits, labels, valid, cfg)
+def _nonzero(tangent) -> bool:
+  """Whether a hyper-parameter's tangent may be nonzero (traced, not a symbolic zero)."""
+  return not _static(tangent) and not isinstance(tangent, SymbolicZero)
+
+
+def _refuse_temperature_tangents(t_cfg: _Config) -> None:
+  """Raises ``NotImplementedError`` naming a temperature that is differentiated: the closed form
+  is the gradient wrt the logits (and the smoothing), not wrt :math:`t_1` or :math:`t_2`."""
+  for name in ("t1", "t2"):
+    if _nonzero(getattr(t_cfg, name)):
+      raise NotImplementedError(
+        f"bi_tempered_logistic_loss: the derivative wrt `{name}` is not implemented (the loss's "
+        "closed-form gradient is wrt the logits and the label smoothing); differentiate wrt "
+        f"those, or pass `{name}` through jax.lax.stop_gradient."
+      )
+
+
+def _rows_jvp(primals, tangents):
+  logits, labels, valid, cfg = primals
+  # The labels get no gradient (the closed form treats q as constant).
+  t_logits, _, _, t_cfg = tangents
+  _refuse_temperature_tangents(t_cfg)
+  t_smoothing = (t_cfg.on, t_cfg.off)
+  smoothed = any(_nonzero(t) for t in t_smoothing)
+  loss, res, slopes = _forward(logits, labels, valid, cfg, slopes=smoothed)
   if isinstance(t_logits, SymbolicZero):
-    return loss, jnp.zeros_like(loss)
-  tangent_fn = jax.checkpoint(
-    functools.partial(_tangent, cfg=cfg), policy=jax.checkpoint_policies.nothing_saveable
-  )
-  return loss, tangent_fn(logits, labels, valid, res, t_logits)
+    tangent = jnp.zeros_like(loss)
+  else:
+    tangent_fn = jax.checkpoint(_tangent, policy=jax.checkpoint_policies.nothing_saveable)
+    tangent = tangent_fn(logits, labels, valid, res, t_logits, cfg)
+  if slopes is not None:
+    for slope, t in zip(slopes, t_smoothing):
+      if _nonzero(t):
+        tangent = tangent + slope * t
+  return loss, tangent
 
 
 _rows.defjvp(_rows_jvp, symbolic_zeros=True)
+
+
+def _loss_rows(logits, labels, valid, cfg: _Config) -> jax.Array:
+  """``[...]`` per-row loss (:func:`_rows`); ``labels`` get no gradient, traced hyper-parameters
+  are cast to the compute dtype."""
+  cfg = _cast(cfg, loss_inputs.compute_dtype(logits.dtype))
+  return _rows(logits, lax.stop_gradient(labels), valid, cfg)
 
 
 def bi_tempered_rows(
@@ -529,14 +774,15 @@ def bi_tempered_rows(
       loss and the gradient of that row), or ``[T, V]`` float target probabilities.
     valid: ``[T]`` bool, rows that count; the others give 0 with a zero gradient.
     t1, t2, label_smoothing, num_iters: as in :func:`xent_jax.bi_tempered_logistic_loss`
-      (Python numbers, checked by the caller; ``label_smoothing`` needs ``V >= 2``).
+      (Python numbers or, but for ``num_iters``, traced scalars; checked by the caller, which
+      also applies the NaN rule to traced values; ``label_smoothing`` needs ``V >= 2``).
 
   Returns:
     ``[T]`` loss (float32, float64 for float64 logits), to be multiplied by the row's target
     weight and reduced by the caller.
   """
   cfg = loss_config(t1, t2, label_smoothing, num_iters, logits.shape[-1])
-  return _rows(logits, lax.stop_gradient(labels), valid, cfg)
+  return _loss_rows(logits, labels, valid, cfg)
 
 
 def weighted_rows(logits, labels, valid, weight, cfg: _Config) -> tuple[jax.Array, jax.Array]:
@@ -546,7 +792,7 @@ def weighted_rows(logits, labels, valid, weight, cfg: _Config) -> tuple[jax.Arra
 
   ``weight`` is ``[V_s]`` (this shard's slice with ``cfg.vocab_axis``) or None; integer
   ``labels`` are global class ids."""
-  loss = _rows(logits, lax.stop_gradient(labels), valid, cfg)
+  loss = _loss_rows(logits, labels, valid, cfg)
   dtype = loss.dtype
   if jnp.issubdtype(labels.dtype, jnp.integer):
     safe, _ = _integer_rows(labels, valid, cfg.num_classes)
@@ -562,17 +808,24 @@ def weighted_rows(logits, labels, valid, weight, cfg: _Config) -> tuple[jax.Arra
   return jnp.where(valid, loss * mass, loss), example_weight
 
 
-def check_hparams(fn: str, t1, t2, label_smoothing, num_iters) -> None:
-  """Checks the loss's hyper-parameters (static numbers in range); the error names ``fn``."""
-  for name, value in (("t1", t1), ("t2", t2), ("label_smoothing", label_smoothing)):
-    checks.check_static_number(fn, name, value)
+def check_hparams(fn: str, t1, t2, label_smoothing, num_iters) -> tuple[Any, ...]:
+  """Checks the loss's hyper-parameters (real numbers in range, ``num_iters`` a Python int); the
+  error names ``fn``. ``t1``, ``t2`` and ``label_smoothing`` may be traced scalars: returns their
+  flags for :func:`xent_jax.core.checks.nan_unless` (``True`` for a concrete value)."""
   _check_num_iters(fn, num_iters)
-  checks.check_in_range(fn, "t1", t1, 0.0, 1.0)
-  checks.check_in_range(fn, "t2", t2, 0.0, math.inf, low_open=True, high_open=True)
-  checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
+  return (
+    checks.check_in_range(fn, "t1", t1, 0.0, 1.0),
+    checks.check_in_range(fn, "t2", t2, 0.0, math.inf, low_open=True, high_open=True),
+    checks.check_in_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True),
+  )
 
 
-def check_smoothable(fn: str, label_smoothing, num_classes: int) -> None:
-  """Refuses label smoothing over fewer than 2 classes (its off value divides by ``K - 1``)."""
+def check_smoothable(fn: str, label_smoothing, num_classes: int) -> Any:
+  """Refuses label smoothing over fewer than 2 classes (its off value divides by ``K - 1``); for
+  a traced ``label_smoothing`` returns the flag (for :func:`xent_jax.core.checks.nan_unless`)
+  that it is 0 there, else ``True``."""
+  if checks.is_traced(label_smoothing):
+    return True if num_classes >= 2 else label_smoothing == 0.0
   if label_smoothing and num_classes < 2:
     raise ValueError(f"{fn}: `label_smoothing` needs at least 2 classes, got {num_classes}.")
+  return True

@@ -34,9 +34,10 @@ The conventions' arguments, in every function below:
 Traced hyper-parameters: every numeric hyper-parameter of the heads (``label_smoothing``, focal's
 ``gamma`` and ``alpha``, poly-1's ``epsilon``, symmetric's ``alpha``, ``beta`` and ``log_clip``,
 :math:`L_q`'s ``q`` and ``k``, the confidence penalty's ``beta``) may be a traced scalar under
-``jit``, ``vmap``, ``grad`` and ``jvp``, with the values and gradients of the concrete call;
-Taylor's ``order`` and the bi-tempered loss's ``t1``, ``t2``, ``label_smoothing`` and
-``num_iters`` are constants of their kernels and must be Python numbers (``TypeError``). A traced
+``jit``, ``vmap``, ``grad`` and ``jvp``, with the values and gradients of the concrete call, and
+so may the bi-tempered loss's ``t1``, ``t2`` and ``label_smoothing`` (its own kernel; no derivative
+wrt ``t1`` or ``t2``, see there); Taylor's ``order`` and the bi-tempered ``num_iters`` are a
+polynomial's degree and a loop's length and must be Python numbers (``TypeError``). A traced
 value cannot be checked at trace time: out of range, it makes the loss NaN (every element, with
 NaN gradients) instead of raising.
 """
@@ -672,13 +673,30 @@ def bi_tempered_logistic_loss(
   :math:`e = p^{t_2}/\sum_c p_c^{t_2}`, in reverse and forward mode; ``labels`` get no gradient.
   Between the passes only per-row values are kept (see the module docstring).
 
+  ``t1``, ``t2`` and ``label_smoothing`` may be traced scalars (under ``jit``, ``vmap``, ``grad``
+  or ``jvp``, e.g. a ``vmap`` over a grid of temperatures): the kernel then takes formulas valid
+  for any value instead of the ones a Python number selects, with the concrete call's values and
+  gradients. A traced :math:`t_2` computes all three normalizations (exact softmax, fixed point
+  and bisection: ``2 num_iters + 3`` passes over the logits instead of ``num_iters + 1``, or 1)
+  and selects one; a traced :math:`t_1` or smoothing takes the row sums that a static value may
+  leave out (a few more passes at most). A traced value out of range (:math:`t_1 \notin [0, 1]`,
+  :math:`t_2 \le 0`, :math:`\epsilon \notin [0, 1)`, or :math:`\epsilon \ne 0` over one class)
+  cannot be checked at trace time: it makes the loss NaN (every element, with NaN gradients)
+  instead of raising; concrete values are checked as usual. The derivative wrt the smoothing is
+  exact (:math:`\partial\ell/\partial q_c = \log_{t_1} q_c - \log_{t_1} p_c`, whatever
+  ``num_iters``; :math:`-\infty` at :math:`\epsilon = 0` for :math:`t_1 = 1`); one wrt
+  :math:`t_1` or :math:`t_2` raises ``NotImplementedError`` naming it (pass the value through
+  ``jax.lax.stop_gradient``). ``num_iters`` stays a Python int.
+
   Args:
     logits: ``[..., C, ...]`` float logits.
     labels: integer class ids or probabilities, as in :func:`xent_jax.cross_entropy`.
-    t1: temperature :math:`t_1 \in [0, 1]` of the logarithm (default 0.8), a Python float.
-    t2: temperature :math:`t_2 > 0` of the softmax (default 1.2), a Python float; :math:`t_2 < 1`
-      gives a finite-support softmax (found by bisection, so use ``num_iters`` of 20 or more).
-    label_smoothing: :math:`\epsilon \in [0, 1)` (default 0).
+    t1: temperature :math:`t_1 \in [0, 1]` of the logarithm (default 0.8), a Python float or a
+      traced scalar.
+    t2: temperature :math:`t_2 > 0` of the softmax (default 1.2), a Python float or a traced
+      scalar; :math:`t_2 < 1` gives a finite-support softmax (found by bisection, so use
+      ``num_iters`` of 20 or more).
+    label_smoothing: :math:`\epsilon \in [0, 1)` (default 0), a Python float or a traced scalar.
     num_iters: iterations of the normalization (default 5, as the reference), a Python int;
       each is one pass over the logits.
     axis, class_weight, ignore_index, reduction, where: as in :func:`xent_jax.cross_entropy`.
@@ -698,17 +716,18 @@ def bi_tempered_logistic_loss(
   """
   fn = "bi_tempered_logistic_loss"
   checked = LossOptions.checked(fn, **options)
-  bitempered.check_hparams(fn, t1, t2, checked.label_smoothing, num_iters)
+  in_range = bitempered.check_hparams(fn, t1, t2, checked.label_smoothing, num_iters)
   ignore = checked.ignore_index
   inputs = parse_inputs(
     fn, logits, labels, axis=axis, class_weight=class_weight, where=where, ignore_index=ignore
   )
-  bitempered.check_smoothable(fn, checked.label_smoothing, inputs.num_classes)
+  smoothable = bitempered.check_smoothable(fn, checked.label_smoothing, inputs.num_classes)
   cfg = bitempered.loss_config(t1, t2, checked.label_smoothing, num_iters, inputs.num_classes)
   loss, example_weight = bitempered.weighted_rows(
     inputs.logits, inputs.labels, inputs.valid, inputs.weight, cfg
   )
-  return reduce_loss(loss, example_weight, checked.reduction, fn=fn)
+  loss = reduce_loss(loss, example_weight, checked.reduction, fn=fn)
+  return checks.nan_unless(loss, *in_range, smoothable)
 
 
 def _alpha_vector(alpha, num_classes: int):

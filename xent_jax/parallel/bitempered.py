@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from xent_jax.core import inputs
+from xent_jax.core import checks, inputs
 from xent_jax.core.reduction import reduce_loss
 from xent_jax.losses import bitempered
 from xent_jax.parallel.mesh import layout_arrays_options, sharded_loss
@@ -54,7 +54,8 @@ def vocab_parallel_bi_tempered_loss(
       classes), ``where``, ``reduction``, ``ignore_index``, ``label_smoothing``: as in
       :func:`xent_jax.vocab_parallel_cross_entropy`.
     return_lse: must be False: the loss normalizes by :math:`\lambda`, it has no logsumexp.
-    t1, t2, label_smoothing, num_iters: as in :func:`xent_jax.bi_tempered_logistic_loss`.
+    t1, t2, label_smoothing, num_iters: as in :func:`xent_jax.bi_tempered_logistic_loss` (the
+      first three may be traced scalars: a traced value out of range makes the loss NaN).
 
   Returns:
     The reduced loss (for 'none' of the batch shape, split over ``data_axis``).
@@ -72,7 +73,7 @@ def vocab_parallel_bi_tempered_loss(
   layout, arrays, options = layout_arrays_options(fn, mesh, logits, labels, kwargs)
   vocab_axis, data_axis = layout.vocab_axis, layout.data_axis
   label_smoothing, ignore_index = options.label_smoothing, options.ignore_index
-  bitempered.check_hparams(fn, t1, t2, label_smoothing, num_iters)
+  in_range = bitempered.check_hparams(fn, t1, t2, label_smoothing, num_iters)
   if return_lse:
     raise ValueError(
       f"{fn}: `return_lse` must be False: the bi-tempered loss normalizes its tempered softmax "
@@ -81,7 +82,7 @@ def vocab_parallel_bi_tempered_loss(
 
   def shard_loss(logits, labels, *, class_weight, where):
     num_classes = logits.shape[-1] * lax.axis_size(vocab_axis)
-    bitempered.check_smoothable(fn, label_smoothing, num_classes)
+    smoothable = bitempered.check_smoothable(fn, label_smoothing, num_classes)
     cfg = bitempered.loss_config(t1, t2, label_smoothing, num_iters, num_classes, vocab_axis)
     if jnp.issubdtype(labels.dtype, jnp.integer):
       read = inputs.integer_labels(
@@ -91,6 +92,8 @@ def vocab_parallel_bi_tempered_loss(
     else:
       valid = inputs.row_mask(fn, where, logits.shape[:-1])
     loss, example_weight = bitempered.weighted_rows(logits, labels, valid, class_weight, cfg)
-    return reduce_loss(loss, example_weight, options.reduction, fn=fn, data_axis=data_axis)
+    loss = reduce_loss(loss, example_weight, options.reduction, fn=fn, data_axis=data_axis)
+    return checks.nan_unless(loss, smoothable)
 
-  return sharded_loss(fn, shard_loss, layout, arrays, options.reduction)
+  loss = sharded_loss(fn, shard_loss, layout, arrays, options.reduction)
+  return checks.nan_unless(loss, *in_range)
