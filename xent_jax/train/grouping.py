@@ -54,7 +54,7 @@ def traced_value(run: Config, key: str) -> float:
   if key == LEARNING_RATE:
     return run.optim.learning_rate
   name = key.removeprefix(HPARAM_PREFIX)
-  return run.loss.hparams.get(name, _hparam_defaults(run.loss.name).get(name))
+  return run.loss.hparams.get(name, _hparam_defaults(run.loss.name)[name])
 
 
 @functools.cache
