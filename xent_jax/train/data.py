@@ -329,9 +329,18 @@ def train_batch(
     return data.x_train_NxF[offsets_BxL], data.x_train_NxF[offsets_BxL + 1]
   steps_per_epoch = len(data.y_train_N) // batch_size
   epoch, index = divmod(step, steps_per_epoch)
-  perm_N = np.random.default_rng([seed, epoch]).permutation(len(data.y_train_N))
+  perm_N = _epoch_order(seed, epoch, len(data.y_train_N))
   idx_B = perm_N[index * batch_size : (index + 1) * batch_size][lo:hi]
   return data.x_train_NxF[idx_B], data.y_train_N[idx_B]
+
+
+@functools.lru_cache(maxsize=256)
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The permutation of ``n`` training examples in ``epoch`` for ``seed`` (read-only): drawn once
+  per epoch, not once per step (a vectorized group asks for every member's at every step)."""
+  order = np.random.default_rng([seed, epoch]).permutation(n)
+  order.flags.writeable = False
+  return order
 
 
 def eval_batches(data: Dataset, *, batch_size: int, split: str = "test"):

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from xent_jax.train.checkpoint import Checkpointer
-from xent_jax.train.config import Config
+from xent_jax.train.config import Config, to_yaml
 from xent_jax.train.data import Dataset
 from xent_jax.train.models import build_model
 from xent_jax.train.optim import build_optimizer
@@ -34,6 +34,18 @@ def graph_of(config: Config, data: Dataset):
   return nnx.split(nnx.eval_shape(lambda: model_and_optimizer(config, data, jax.random.key(0))))[0]
 
 
+def model_graph_of(config: Config, data: Dataset):
+  """The `nnx.GraphDef` of ``config``'s model alone: equal (and hashable) for every config with
+  the same model and data shapes, whatever its loss or optimizer."""
+  model, _ = nnx.eval_shape(lambda: model_and_optimizer(config, data, jax.random.key(0)))
+  return nnx.split(model)[0]
+
+
+# The compiled initialisation of each (model, optimizer, steps, data shapes, sharding): the groups
+# of a comparison that differ only in their loss initialise the same state, and compile it once.
+_INIT_PROGRAMS: dict = {}
+
+
 def initial_states(config: Config, data: Dataset, seeds: list[int], sharding):
   """Every member's fresh state stacked over a leading member axis, placed with ``sharding``.
 
@@ -41,11 +53,21 @@ def initial_states(config: Config, data: Dataset, seeds: list[int], sharding):
   and vmapping the initialisation keeps each member's random numbers, so member ``m`` starts
   from the weights of its sequential run.
   """
+  key = (
+    to_yaml(config.model),
+    to_yaml(config.optim),
+    config.train.num_steps,
+    data.seq_len if data.is_lm else data.x_train_NxF.shape[1:],
+    data.num_classes,
+    sharding,
+  )
+  if key not in _INIT_PROGRAMS:
 
-  def one(seed):
-    return nnx.split(model_and_optimizer(config, data, jax.random.key(seed)))[1]
+    def one(seed):
+      return nnx.split(model_and_optimizer(config, data, jax.random.key(seed)))[1]
 
-  return jax.jit(jax.vmap(one), out_shardings=sharding)(jnp.asarray(seeds, jnp.int32))
+    _INIT_PROGRAMS[key] = jax.jit(jax.vmap(one), out_shardings=sharding)
+  return _INIT_PROGRAMS[key](jnp.asarray(seeds, jnp.int32))
 
 
 def member_pure(state, member: int, device):

@@ -124,13 +124,22 @@ def over_members(fn, mode: str, in_axes: tuple):
   return mapped
 
 
+def _model(graphdef, state):
+  """The model of ``graphdef`` and ``state``: of a ``(model, optimizer)`` pair, or of a model alone
+  (a vectorized group's evaluation takes only the models, so that groups of the same model with
+  another loss or optimizer share its compiled program)."""
+  merged = nnx.merge(graphdef, state)
+  return merged[0] if isinstance(merged, tuple) else merged
+
+
 def make_eval_step(graphdef, *, num_bins: int, num_shards: int):
   """`eval_sums_fn`, jitted."""
   return jax.jit(eval_sums_fn(graphdef, num_bins=num_bins, num_shards=num_shards))
 
 
 def eval_sums_fn(graphdef, *, num_bins: int, num_shards: int):
-  """``eval_step(state, x, y, valid) -> metrics.EvalSums`` with a leading ``[num_shards]`` axis.
+  """``eval_step(state, x, y, valid) -> metrics.EvalSums`` with a leading ``[num_shards]`` axis
+  (``graphdef`` and ``state``: of the ``(model, optimizer)`` pair or of the model alone).
 
   Each device's rows are summed separately (no cross-device reduction, whose order is not fixed
   on CPU); the caller adds the shards on the host in a fixed order, so evaluation is bitwise
@@ -141,7 +150,7 @@ def eval_sums_fn(graphdef, *, num_bins: int, num_shards: int):
     return metrics.eval_sums(logits_SxC, y_S, num_bins=num_bins, where=where_S)
 
   def eval_step(state, x_BxF, y_B, valid_B):
-    model, _ = nnx.merge(graphdef, state)
+    model = _model(graphdef, state)
     logits_BxC = model(x_BxF)
     where_B = jnp.broadcast_to(valid_B.reshape(valid_B.shape + (1,) * (y_B.ndim - 1)), y_B.shape)
     split = lambda a: a.reshape((num_shards, -1) + a.shape[1:])  # pylint: disable=unnecessary-lambda-assignment
@@ -167,10 +176,11 @@ def make_logits_step(graphdef):
 
 
 def logits_fn(graphdef):
-  """``logits_step(state, x) -> logits`` (``[B, C]`` or ``[B, L, V]``)."""
+  """``logits_step(state, x) -> logits`` (``[B, C]`` or ``[B, L, V]``; ``graphdef`` and
+  ``state`` as in `eval_sums_fn`)."""
 
   def logits_step(state, x_BxF):
-    model, _ = nnx.merge(graphdef, state)
+    model = _model(graphdef, state)
     return model(x_BxF)
 
   return logits_step

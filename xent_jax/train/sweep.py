@@ -26,6 +26,7 @@ clock: its examples per second while it shared each step with the other members.
 """
 
 import dataclasses
+import functools
 import pathlib
 
 import jax
@@ -40,7 +41,13 @@ from xent_jax.train.clock import StepClock, logs_after, saves_after
 from xent_jax.train.config import Config, to_yaml
 from xent_jax.train.data import Dataset, eval_batches, load_dataset, train_batch
 from xent_jax.train.grouping import Group
-from xent_jax.train.members import graph_of, initial_states, member_pure, restore_members
+from xent_jax.train.members import (
+  graph_of,
+  initial_states,
+  member_pure,
+  model_graph_of,
+  restore_members,
+)
 from xent_jax.train.parallel import member_mesh
 from xent_jax.train.steps import (
   calibration_row,
@@ -111,11 +118,9 @@ class GroupPrograms:
       donate_argnums=0,
       out_shardings=(self.members, self.members, self.members),
     )
-    eval_step = eval_sums_fn(
-      self.graphdef, num_bins=config.train.num_ece_bins, num_shards=self.data_size
+    self.eval_step, self.logits_step = _model_programs(
+      model_graph_of(config, self.datasets[0]), config.train.num_ece_bins, self.data_size, mode
     )
-    self.eval_step = jax.jit(over_members(eval_step, mode, (0, None, None, None)))
-    self.logits_step = jax.jit(over_members(logits_fn(self.graphdef), mode, (0, None)))
 
   def batch(self, step: int):
     """Every member's batch of ``step`` (its own seed and labels), stacked ``[M, B, ...]``."""
@@ -130,7 +135,8 @@ class GroupPrograms:
     """Each member's metric row and calibration counts on the (shared, clean) test split."""
     total = None
     for batch in eval_batches(self.datasets[0], batch_size=self.config.train.eval_batch_size):
-      sums = jax.device_get(self.eval_step(state, *jax.device_put(batch, self.shared_batch)))
+      batch = jax.device_put(batch, self.shared_batch)
+      sums = jax.device_get(self.eval_step(_models(state), *batch))
       sums = jax.tree.map(lambda a: np.sum(a, axis=1, dtype=np.float64), sums)  # over shards
       total = sums if total is None else jax.tree.map(np.add, total, sums)
     return [finish_eval(jax.tree.map(lambda a, m=m: a[m], total)) for m in range(len(self.runs))]
@@ -141,7 +147,7 @@ class GroupPrograms:
     batch_size = self.config.train.eval_batch_size
     logits = []
     for x, _, valid_B in eval_batches(self.datasets[0], batch_size=batch_size, split=split):
-      out = np.asarray(self.logits_step(state, jax.device_put(x, self.shared_batch)))
+      out = np.asarray(self.logits_step(_models(state), jax.device_put(x, self.shared_batch)))
       logits.append(out[:, valid_B].reshape(len(self.runs), -1, out.shape[-1]))
     labels = []
     for data in self.datasets:
@@ -169,6 +175,23 @@ class GroupPrograms:
       row.update(calibration)
       out.append(make_summary(run, row, bins, bins_ts, num_devices=self.data_size))
     return out
+
+
+@functools.cache
+def _model_programs(model_graphdef, num_bins: int, num_shards: int, mode: str):
+  """``(eval_step, logits_step)`` over the members' models, jitted once per model, evaluation
+  setting and mode: the groups of a comparison that differ only in their loss or optimizer share
+  these programs, and so compile them once."""
+  eval_step = eval_sums_fn(model_graphdef, num_bins=num_bins, num_shards=num_shards)
+  return (
+    jax.jit(over_members(eval_step, mode, (0, None, None, None))),
+    jax.jit(over_members(logits_fn(model_graphdef), mode, (0, None))),
+  )
+
+
+def _models(state):
+  """The members' models of a stacked ``(model, optimizer)`` state."""
+  return state[0]
 
 
 def open_members(programs: GroupPrograms, directories: list[pathlib.Path]):
