@@ -53,13 +53,12 @@ def _config(workdir, *overrides):
 def test_groups_share_shapes_and_split_on_everything_else():
   runs = expand_grid(load_config(NOISE))
   groups = plan_groups(runs)
-  # 7 losses, each over 3 seeds x 2 noise rates; cross-entropy and its smoothed variant are one
-  # group (the first at the smoothing's default, 0), the others differ only in data and init.
-  assert [len(g.runs) for g in groups] == [12] + [6] * 5
-  assert {len({r.loss.name for r in g.runs}) for g in groups} == {1}
-  assert [g.traced for g in groups] == [("loss.hparams.label_smoothing",)] + [()] * 5
-  assert sorted(groups[0].values()["loss.hparams.label_smoothing"]) == [0.0] * 6 + [0.1] * 6
-  assert [r.loss.hparams for r in groups[0].runs if r.loss.label == "cross_entropy"] == [{}] * 6
+  assert [len(g.runs) for g in groups] == [6] * 7  # 7 losses, each over 3 seeds x 2 noise rates
+  assert {len({r.loss.name + str(r.loss.hparams) for r in g.runs}) for g in groups} == {1}
+  assert all(g.traced == () for g in groups)  # seeds and noise: only data and init differ
+  # A hyper-parameter set in one run and left out of another (cross-entropy and its smoothed
+  # variant) splits them: a traced 0 is not bitwise the static program, and a member must equal
+  # its sequential run (at 1000 steps the NLL drifted 8e-4 apart).
   # Loss hyper-parameter values and learning rates join one group as traced values; another
   # loss function, batch size or an untraceable learning rate (optax's warm-up cosine reads it
   # in Python) makes another group.
@@ -93,31 +92,6 @@ def test_group_mode_rule():
   assert choose_mode("vmap", "cpu") == "vmap" and choose_mode("map", "gpu") == "map"
   with pytest.raises(ValueError, match="group mode must be one of"):
     choose_mode("grouped")
-
-
-def test_a_left_out_hyperparameter_joins_the_group_at_its_default():
-  """Cross-entropy without hyper-parameters and with label smoothing 0.1 train as one group whose
-  first member smooths by a traced 0.0: each member's step equals its own sequential step."""
-  base = load_config(QUICK, ("model.hidden_dims=[8]",))
-  smoothed = dataclasses.replace(
-    base, loss=dataclasses.replace(base.loss, hparams={"label_smoothing": 0.1})
-  )
-  (group,) = plan_groups([base, smoothed])
-  assert group.traced == ("loss.hparams.label_smoothing",) and base.loss.hparams == {}
-  assert group.values() == {"loss.hparams.label_smoothing": [0.0, 0.1]}
-  data = load_dataset(base.data)
-  graphdef = graph_of(base, data)
-  state = initial_states(base, data, [0, 0], None)
-  values = {k: jnp.asarray(v) for k, v in group.values().items()}
-  x, y = train_batch(data, seed=0, step=0, batch_size=16)
-  step = jax.jit(over_members(make_member_step(graphdef, base, group.traced), "map", (0,) * 5))
-  stacked = lambda a: jnp.stack([a, a])  # pylint: disable=unnecessary-lambda-assignment
-  _, loss, _ = step(state, values, stacked(x), stacked(y), jnp.array([True, True]))
-  for m, run in enumerate(group.runs):
-    model = nnx.jit(lambda run=run: model_and_optimizer(run, data, jax.random.key(0)))()
-    alone_graph, alone = nnx.split(model)
-    _, alone_loss, _ = make_train_step(alone_graph, make_objective(run.loss))(alone, x, y)
-    np.testing.assert_allclose(loss[m], alone_loss, rtol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["vmap", "map"])

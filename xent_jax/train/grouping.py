@@ -6,10 +6,7 @@ hyper-parameters. A run's loss function, model, batch size, number of steps and 
 in another group. The learning rate and the hyper-parameters become traced inputs of the group's
 step, so they may differ between members only where they trace: a value that cannot be traced
 (a schedule that reads it in Python, a loss that checks it at trace time) is probed once with
-`jax.eval_shape` and then splits the group instead of failing inside it. A hyper-parameter that
-one run sets and another of the same loss leaves out counts at its default for the latter
-(``cross_entropy`` and ``cross_entropy`` with ``label_smoothing: 0.1`` are one group, the first
-member smoothing by a traced 0.0); the runs' configs are not changed.
+`jax.eval_shape` and then splits the group instead of failing inside it.
 """
 
 import copy
@@ -49,34 +46,10 @@ class Group:
 
 
 def traced_value(run: Config, key: str) -> float:
-  """The value of a traceable key (`LEARNING_RATE` or ``loss.hparams.<name>``) in ``run``: a
-  hyper-parameter the run leaves out is at its loss's default."""
+  """The value of a traceable key (`LEARNING_RATE` or ``loss.hparams.<name>``) in ``run``."""
   if key == LEARNING_RATE:
     return run.optim.learning_rate
-  name = key.removeprefix(HPARAM_PREFIX)
-  return run.loss.hparams.get(name, _hparam_defaults(run.loss.name)[name])
-
-
-@functools.cache
-def _hparam_defaults(loss_name: str) -> dict:
-  """The hyper-parameters of loss ``loss_name`` (registered or an import path) at their defaults."""
-  return dict(xent_jax.get_loss(loss_name).hparams)
-
-
-def _with_defaults(run: Config, names: set[str]) -> Config:
-  """``run`` with each hyper-parameter in ``names`` that it leaves out set to its loss's numeric
-  default (a default that is not a number, like None, stays out)."""
-  defaults = _hparam_defaults(run.loss.name)
-  missing = {
-    name: defaults[name]
-    for name in names - set(run.loss.hparams)
-    if isinstance(defaults.get(name), (int, float)) and not isinstance(defaults[name], bool)
-  }
-  if not missing:
-    return run
-  filled = copy.deepcopy(run)
-  filled.loss.hparams = {**run.loss.hparams, **missing}
-  return filled
+  return run.loss.hparams[key.removeprefix(HPARAM_PREFIX)]
 
 
 @functools.cache
@@ -144,23 +117,18 @@ def group_key(run: Config) -> str:
 
 
 def plan_groups(runs: list[Config]) -> list[Group]:
-  """The runs grouped by `group_key` (of each run with the hyper-parameters that other runs of
-  its loss set filled in at their defaults), groups in order of their first run."""
-  named: dict[str, set[str]] = {}
+  """The runs grouped by `group_key`, groups in order of their first run."""
+  by_key: dict[str, list[Config]] = {}
   for run in runs:
-    named.setdefault(run.loss.name, set()).update(run.loss.hparams)
-  by_key: dict[str, list[tuple[Config, Config]]] = {}
-  for run in runs:
-    filled = _with_defaults(run, named[run.loss.name])
-    by_key.setdefault(group_key(filled), []).append((run, filled))
+    by_key.setdefault(group_key(run), []).append(run)
   groups = []
   for members in by_key.values():
     varying = [
       key
-      for key in traceable_keys(members[0][1])
-      if len({traced_value(filled, key) for _, filled in members}) > 1
+      for key in traceable_keys(members[0])
+      if len({traced_value(run, key) for run in members}) > 1
     ]
-    groups.append(Group(tuple(run for run, _ in members), tuple(varying)))
+    groups.append(Group(tuple(members), tuple(varying)))
   return groups
 
 
