@@ -79,6 +79,16 @@ def test_groups_share_shapes_and_split_on_everything_else():
   assert sorted(len(g.runs) for g in plan_groups(expand_grid(warmup))) == [1] * 4 + [2] * 4
 
 
+def test_groups_of_one_model_share_its_programs():
+  """Groups that differ only in their loss share the model's evaluation and logits programs (so
+  compile them once); each has its own train step."""
+  groups = plan_groups(expand_grid(load_config(NOISE)))  # cross_entropy, ..., focal, ...
+  first, second = GroupPrograms(groups[0], "map"), GroupPrograms(groups[2], "map")
+  assert (first.runs[0].loss.name, second.runs[0].loss.name) == ("cross_entropy", "focal")
+  assert first.eval_step is second.eval_step and first.logits_step is second.logits_step
+  assert first.train_step is not second.train_step
+
+
 def test_split_group_makes_near_equal_parts_within_the_bound():
   group = Group(tuple(range(7)), ())
   for bound, sizes in ((7, [7]), (100, [7]), (3, [3, 2, 2]), (1, [1] * 7), (0, [1] * 7)):

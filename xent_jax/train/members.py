@@ -35,10 +35,16 @@ def graph_of(config: Config, data: Dataset):
 
 
 def model_graph_of(config: Config, data: Dataset):
-  """The `nnx.GraphDef` of ``config``'s model alone: equal (and hashable) for every config with
-  the same model and data shapes, whatever its loss or optimizer."""
+  """The `nnx.GraphDef` of ``config``'s model alone (without its optimizer)."""
   model, _ = nnx.eval_shape(lambda: model_and_optimizer(config, data, jax.random.key(0)))
   return nnx.split(model)[0]
+
+
+def model_key(config: Config, data: Dataset) -> tuple:
+  """What a model's programs depend on, as a hashable key: its config and the data's example
+  shape and number of classes (not the loss, the optimizer or the labels)."""
+  example = data.seq_len if data.is_lm else data.x_train_NxF.shape[1:]
+  return (to_yaml(config.model), example, data.num_classes)
 
 
 # The compiled initialisation of each (model, optimizer, steps, data shapes, sharding): the groups
@@ -53,14 +59,7 @@ def initial_states(config: Config, data: Dataset, seeds: list[int], sharding):
   and vmapping the initialisation keeps each member's random numbers, so member ``m`` starts
   from the weights of its sequential run.
   """
-  key = (
-    to_yaml(config.model),
-    to_yaml(config.optim),
-    config.train.num_steps,
-    data.seq_len if data.is_lm else data.x_train_NxF.shape[1:],
-    data.num_classes,
-    sharding,
-  )
+  key = (*model_key(config, data), to_yaml(config.optim), config.train.num_steps, sharding)
   if key not in _INIT_PROGRAMS:
 
     def one(seed):

@@ -26,7 +26,6 @@ clock: its examples per second while it shared each step with the other members.
 """
 
 import dataclasses
-import functools
 import pathlib
 
 import jax
@@ -46,6 +45,7 @@ from xent_jax.train.members import (
   initial_states,
   member_pure,
   model_graph_of,
+  model_key,
   restore_members,
 )
 from xent_jax.train.parallel import member_mesh
@@ -119,7 +119,7 @@ class GroupPrograms:
       out_shardings=(self.members, self.members, self.members),
     )
     self.eval_step, self.logits_step = _model_programs(
-      model_graph_of(config, self.datasets[0]), config.train.num_ece_bins, self.data_size, mode
+      config, self.datasets[0], self.data_size, mode
     )
 
   def batch(self, step: int):
@@ -177,16 +177,23 @@ class GroupPrograms:
     return out
 
 
-@functools.cache
-def _model_programs(model_graphdef, num_bins: int, num_shards: int, mode: str):
+# ``(eval_step, logits_step)`` of each model, evaluation setting and mode (see `_model_programs`).
+_MODEL_PROGRAMS: dict = {}
+
+
+def _model_programs(config: Config, data: Dataset, num_shards: int, mode: str):
   """``(eval_step, logits_step)`` over the members' models, jitted once per model, evaluation
   setting and mode: the groups of a comparison that differ only in their loss or optimizer share
   these programs, and so compile them once."""
-  eval_step = eval_sums_fn(model_graphdef, num_bins=num_bins, num_shards=num_shards)
-  return (
-    jax.jit(over_members(eval_step, mode, (0, None, None, None))),
-    jax.jit(over_members(logits_fn(model_graphdef), mode, (0, None))),
-  )
+  key = (*model_key(config, data), config.train.num_ece_bins, num_shards, mode)
+  if key not in _MODEL_PROGRAMS:
+    graphdef = model_graph_of(config, data)
+    eval_step = eval_sums_fn(graphdef, num_bins=config.train.num_ece_bins, num_shards=num_shards)
+    _MODEL_PROGRAMS[key] = (
+      jax.jit(over_members(eval_step, mode, (0, None, None, None))),
+      jax.jit(over_members(logits_fn(graphdef), mode, (0, None))),
+    )
+  return _MODEL_PROGRAMS[key]
 
 
 def _models(state):
