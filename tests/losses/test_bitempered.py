@@ -161,24 +161,29 @@ def test_replica_matches_the_converged_reference():
     np.testing.assert_allclose(loss, want, rtol=1e-9, atol=1e-12)
 
 
-@functools.cache
-def _per_row_and_derivatives(setting, integer):
-  """Jitted ``(x, cotangent, tangent) -> (loss per row, VJP, JVP)``."""
-  labels = INT_LABELS if integer else PROBS
+def _value_vjp_jvp(labels, **hparams):
+  """``(x, cotangent, tangent) -> (loss per row, VJP, JVP)`` of the loss with `WEIGHT` and
+  `WHERE` (unjitted; ``hparams`` may be traced)."""
   loss = functools.partial(
     xent_jax.bi_tempered_logistic_loss,
     labels=labels,
     class_weight=WEIGHT,
     where=WHERE,
     reduction="none",
-    **_hparams(setting),
+    **hparams,
   )
 
   def run(x, cotangent, tangent):
     value, vjp = jax.vjp(loss, x)
     return value, vjp(cotangent)[0], jax.jvp(loss, (x,), (tangent,))[1]
 
-  return jax.jit(run)
+  return run
+
+
+@functools.cache
+def _per_row_and_derivatives(setting, integer):
+  """Jitted `_value_vjp_jvp` of a concrete setting."""
+  return jax.jit(_value_vjp_jvp(INT_LABELS if integer else PROBS, **_hparams(setting)))
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
@@ -481,19 +486,8 @@ def test_traced_hyperparameters_match_concrete_and_float64_replica(label_kind):
   tangent = RNG.normal(size=LOGITS.shape).astype(np.float32)
 
   def run(t1, t2, label_smoothing):
-    loss = functools.partial(
-      xent_jax.bi_tempered_logistic_loss,
-      labels=labels,
-      class_weight=WEIGHT,
-      where=WHERE,
-      reduction="none",
-      t1=t1,
-      t2=t2,
-      label_smoothing=label_smoothing,
-      num_iters=TRACED_ITERS,
-    )
-    value, vjp = jax.vjp(loss, LOGITS)
-    return value, vjp(cotangent)[0], jax.jvp(loss, (LOGITS,), (tangent,))[1]
+    hparams = dict(t1=t1, t2=t2, label_smoothing=label_smoothing, num_iters=TRACED_ITERS)
+    return _value_vjp_jvp(labels, **hparams)(LOGITS, cotangent, tangent)
 
   grid = np.asarray(TRACED_GRID + OUT_OF_RANGE, np.float32).T
   values, vjps, jvps = jax.jit(jax.vmap(run))(*grid)
