@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jax_core
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
@@ -801,8 +802,18 @@ class TestMeshUse:
         argnums=(0, 1),
       )
     )(hidden, weight)
-    flags = [e.params["check_vma"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "shard_map"]
+    flags = [
+      e.params["check_vma"] for e in _equations(jaxpr.jaxpr) if e.primitive.name == "shard_map"
+    ]
     assert flags and all(flags), flags
+
+
+def _equations(jaxpr):
+  """Every equation of ``jaxpr`` and of the jaxprs nested in its equations' parameters."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jax_core.jaxprs_in_params(eqn.params):
+      yield from _equations(sub)
 
 
 class TestBadInput:

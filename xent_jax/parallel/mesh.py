@@ -108,6 +108,11 @@ def run_on_mesh(local: Callable, mesh: Mesh, args: dict, specs: dict, out_specs)
   see), ``specs`` names to their ``PartitionSpec``. Within ``jax.set_mesh`` (or on a mesh with Auto
   axes) it runs on ``mesh`` as given; an Explicit mesh outside any mesh context runs on its Auto
   twin (:func:`_auto_twin`), so the loss also works eagerly, under ``jax.grad`` without ``jit``.
+
+  The ``shard_map`` runs inside ``jax.jit``: under a caller's ``jit`` that is inlined, and an
+  eager call runs one compiled program rather than sending each primitive of the body to every
+  device one at a time (eager ``shard_map`` keeps nothing between calls: a small loss's forward
+  and backward pass on 8 CPU devices took about 13 s per call that way, 1 s with the ``jit``).
   """
   twin = _auto_twin(mesh)
   if twin is not None:
@@ -118,7 +123,7 @@ def run_on_mesh(local: Callable, mesh: Mesh, args: dict, specs: dict, out_specs)
   else:
     placed = {k: _place(v, mesh, specs[k]) for k, v in args.items() if v is not None}
   in_specs = {k: specs[k] for k in placed}
-  return jax.shard_map(local, mesh=mesh, in_specs=(in_specs,), out_specs=out_specs)(placed)
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(in_specs,), out_specs=out_specs))(placed)
 
 
 def loss_specs(reduction: str, row_spec: PartitionSpec, return_lse: bool):
