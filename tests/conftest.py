@@ -60,7 +60,8 @@ def pytest_collection_modifyitems(config, items):
   """Runs the tests marked `slow` first, and skips those marked `tpu` where libtpu is not
   installed (the main test venv).
 
-  Slow first: pytest-xdist hands tests out in collection order, so a 20-80 s end-to-end test
+  Slow first: pytest-xdist hands tests out in collection order (``--dist worksteal``, set in
+  pyproject.toml, then moves queued tests to a worker that runs out), so a 20-80 s end-to-end test
   collected last (tests/train/ and the docs build sort late) would run alone while the other
   worker idles; started first, the many short tests fill in around them. The sort is stable and
   the same in every worker, as xdist requires.
