@@ -19,8 +19,8 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 # code: no LLVM optimization passes, and the classic elemental emitter instead of the newer fusion
 # emitters. A small program then compiles ~10x faster (0.28 -> 0.03 s on the AMD EPYC CI host) and
 # the suite takes under half the time. Users, the benchmarks and the docs build keep XLA's defaults;
-# `XENT_JAX_TEST_XLA_DEFAULTS=1` runs the tests with them too (CI runs the core tests that way). A
-# JAX whose XLA no longer knows a flag would abort at start-up, so a subprocess tries them first.
+# `XENT_JAX_TEST_XLA_DEFAULTS=1` runs the tests with them too. A JAX whose XLA no longer knows a
+# flag would abort at start-up, so a subprocess tries them first.
 _FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 _DECIDED = "XENT_JAX_TEST_FAST_COMPILE"  # set by the first process (xdist workers inherit it)
 if os.environ.get("XENT_JAX_TEST_XLA_DEFAULTS") != "1" and _DECIDED not in os.environ:
