@@ -206,7 +206,7 @@ def fused_op(
     loss = row_loss(lcfg, total_weight, lse, stats.target, stats.weighted_sum, rows)
     return sum_loss(jnp.sum(loss))
 
-  def forward(hidden, weight, bias, labels, class_weight, rows, total_weight):
+  def in_dtypes(hidden, weight, bias, labels, class_weight, rows, total_weight):
     per_row = functools.partial(row_loss, lcfg, total_weight)
     loss, _, *grads = kernels.fused_vocab_slice(
       hidden, weight, bias, labels, class_weight, per_row, rows, cfg, complete_stats
@@ -221,5 +221,48 @@ def fused_op(
 
   args = (hidden, weight, bias, labels, class_weight, rows, total_weight)
   return forward_grads.sum_with_gradients(
-    forward, *args, num_differentiable=3, value=value, tangent_axes=tangent_axes
+    upcast_on(UPCAST_PLATFORMS, in_dtypes),
+    *args,
+    num_differentiable=3,
+    value=value,
+    tangent_axes=tangent_axes,
   )
+
+
+# Where the one-pass schedule casts half-precision operands to float32 before its blocks.
+# XLA:CPU has no bfloat16 matrix product: it converts both operands inside every product, and a
+# block makes three (logits, d_hidden, d_weight), each converting the whole [V, D] weight again.
+# One cast up front makes the head 0.90x the naive head's time instead of 1.20x (bfloat16,
+# 4096 x 512 x 32768, AMD EPYC; experiments/results/amd_epyc_f25m1/probe_bf16_upcast.md). GPUs
+# and TPUs multiply bfloat16 natively and keep the inputs' dtypes.
+UPCAST_PLATFORMS: tuple[str, ...] = ("cpu",)
+
+
+def upcast_on(platforms: tuple[str, ...], forward: Callable) -> Callable:
+  """``forward(hidden, weight, bias, *rest) -> (total, (d_hidden, d_weight, d_bias))``, run on
+  float32 copies of half-precision ``hidden``, ``weight`` and ``bias`` when the program is lowered
+  for one of ``platforms`` and on the inputs as they come elsewhere.
+
+  The choice follows the platform the program is compiled for (``jax.lax.platform_dependent``),
+  not the host's default backend, so an ahead-of-time TPU compile on a CPU host keeps bfloat16
+  blocks. The gradients come back in the inputs' dtypes either way; the float32 branch rounds
+  them once at the end instead of rounding each block's logit gradients to the operands' dtype
+  before its products, so it is the more accurate of the two (both within 1e-2 of the float64
+  gradient's largest entry). The copies cost ``[N, D]`` and ``[V, D]`` float32, no more than the
+  one-pass schedule's float32 ``d_hidden`` and ``d_weight`` accumulators.
+  """
+
+  def upcast(hidden, weight, bias, *rest):
+    f32 = lambda x: None if x is None else x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    total, grads = forward(f32(hidden), f32(weight), f32(bias), *rest)
+    dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    return total, tuple(None if g is None else g.astype(t) for g, t in zip(grads, dtypes))
+
+  def chosen(hidden, weight, bias, *rest):
+    half = any(jnp.finfo(x.dtype).bits < 32 for x in (hidden, weight, bias) if x is not None)
+    if not platforms or not half:
+      return forward(hidden, weight, bias, *rest)
+    branches = dict.fromkeys(platforms, upcast)
+    return jax.lax.platform_dependent(hidden, weight, bias, *rest, default=forward, **branches)
+
+  return chosen
