@@ -144,7 +144,30 @@ def list_losses() -> dict[str, LossInfo]:
 
 
 def _validate(fn: Callable[..., jax.Array], hparams: Mapping[str, Any]) -> None:
-  """Runs the loss's own option checks now, on abstract inputs (nothing is computed)."""
+  """Runs the loss's own option checks now, on abstract inputs (nothing is computed).
+
+  Hyper-parameters that are all Python scalars, strings or None are checked once per loss and
+  x64 mode (:func:`_validate_scalars` remembers the combinations that passed), so a config grid
+  of many runs traces each distinct loss once instead of once per run."""
+  scalars = (bool, int, float, str, type(None))
+  if all(type(value) in scalars for value in hparams.values()):
+    typed = tuple((k, type(v), v) for k, v in sorted(hparams.items()))
+    _validate_scalars(fn, jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64, typed)
+  else:
+    _check_on_abstract_inputs(fn, hparams)
+
+
+@functools.lru_cache(maxsize=1024)
+def _validate_scalars(fn: Callable[..., jax.Array], x64: bool, typed: tuple) -> None:
+  """:func:`_check_on_abstract_inputs` of ``(name, type, value)`` triples; a failure raises and is
+  not remembered. ``x64`` and the types are part of the key only (``1 == True``)."""
+  del x64
+  _check_on_abstract_inputs(fn, {name: value for name, _, value in typed})
+
+
+def _check_on_abstract_inputs(fn: Callable[..., jax.Array], hparams: Mapping[str, Any]) -> None:
+  """Calls ``fn`` with ``hparams`` under ``jax.eval_shape`` on ``[1, C]`` logits, ``C`` the
+  length of the longest 1-D hyper-parameter (at least 2)."""
   num_classes = 2
   for value in hparams.values():
     if value is not None and not isinstance(value, str) and np.ndim(value) == 1:

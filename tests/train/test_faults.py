@@ -108,7 +108,7 @@ elif fault == "enospc":
   pathlib.Path.open = open_
 from xent_jax.cli import main
 if os.environ.get("XENT_USER"):  # drop root only now: the interpreter lives under /root
-  import jax, xent_jax.train.compare, xent_jax.train.report
+  import jax, xent_jax.train.compare, xent_jax.train.report, xent_jax.train.plots
   jax.devices()
   os.setgid(int(os.environ["XENT_USER"]))
   os.setuid(int(os.environ["XENT_USER"]))

@@ -1,15 +1,17 @@
 """Tables and figures of `build_report`, from synthetic run files: new calibration columns, and
 figures a reader understands alone (title, legend, caption, one colour per loss everywhere)."""
 
+import ast
 import csv
 import json
+import pathlib
 
 import matplotlib
 import matplotlib.backends.backend_agg
 import numpy as np
 import pytest
 
-from xent_jax.train import report
+from xent_jax.train import plots, report
 
 NUM_BINS = 5
 FINAL_KEYS = (
@@ -125,7 +127,7 @@ def test_table_has_calibration_before_and_after_temperature_scaling(tmp_path):
 
 def test_loss_colours_are_distinct_beyond_ten_losses():
   for n in (3, 14, 25):
-    colours = report.loss_colours([f"loss{i}" for i in range(n)])
+    colours = plots.loss_colours([f"loss{i}" for i in range(n)])
     assert len(set(colours.values())) == n
 
 
@@ -222,3 +224,31 @@ def test_log_axis_ticks_are_plain_decimals(tmp_path, figures):
   for text in labels:
     assert float(text) == pytest.approx(float(f"{float(text):g}")), text
     assert "10" not in text and "$" not in text and "e" not in text, text
+
+
+def _imported_modules(node) -> list[str]:
+  """The modules an import statement names (``from a import b`` names ``a`` and ``a.b``)."""
+  if isinstance(node, ast.Import):
+    return [alias.name for alias in node.names]
+  if isinstance(node, ast.ImportFrom) and node.module:
+    return [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+  return []
+
+
+def test_only_the_plots_module_imports_matplotlib():
+  """`xent-jax run` never loads matplotlib (half a second of every run's start-up): no module of
+  the package but `xent_jax.train.plots` imports it, and only `report.build_report` imports
+  `plots`, inside the function."""
+  package = pathlib.Path(report.__file__).resolve().parents[1]
+  matplotlib_users, plots_users = set(), set()
+  for path in package.rglob("*.py"):
+    tree = ast.parse(path.read_text())
+    name = path.relative_to(package).as_posix()
+    for node in ast.walk(tree):
+      modules = _imported_modules(node)
+      if any(module.split(".")[0] == "matplotlib" for module in modules):
+        matplotlib_users.add(name)
+      if "xent_jax.train.plots" in modules:
+        plots_users.add((name, node in tree.body))
+  assert matplotlib_users == {"train/plots.py"}
+  assert plots_users == {("train/report.py", False)}
