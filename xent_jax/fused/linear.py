@@ -103,7 +103,9 @@ def linear_cross_entropy(
   Gradients come back in the inputs' dtypes, accumulated in float32 (float64 for float64 inputs).
   With bfloat16 inputs the loss equals the float64 loss of the (rounded) inputs to 1e-5 relative,
   and each gradient lies within 1e-2 of its largest entry of the float64 gradient (bfloat16
-  matmul operands and outputs; tested in every schedule).
+  matmul operands and outputs; tested in every schedule). Compiled for CPU, which has no
+  bfloat16 products, the one-pass schedule casts bfloat16 inputs to float32 once instead, and
+  rounds the gradients once, at the end (``xent_jax.fused.ops.UPCAST_PLATFORMS``).
 
   Args:
     hidden: ``[..., D]`` float features (bfloat16 is accumulated in float32).
