@@ -63,6 +63,11 @@ def test_grid_is_variants_times_seeds_times_values(tmp_path):
   assert {r.loss.hparams.get("label_smoothing", 0.0) for r in runs if r.name.endswith("__ls")} == {
     0.1
   }
+  # Runs of one grid point are copies of one config: changing one changes no other.
+  runs[0].model.hidden_dims.append(7)
+  runs[0].loss.hparams["label_smoothing"] = 0.3
+  assert all(7 not in r.model.hidden_dims for r in runs[1:])
+  assert all(r.loss.hparams.get("label_smoothing", 0.0) != 0.3 for r in runs[1:])
 
 
 BAD_OVERRIDES = [

@@ -422,15 +422,18 @@ def expand_grid(config: Config) -> list[Config]:
   grid_keys = sorted(config.compare.grid)
   runs = []
   for values in itertools.product(*(config.compare.grid[k] for k in grid_keys)):
+    # One typed OmegaConf update per grid point (building the node is ~70 ms); its variants and
+    # seeds are plain copies of the resulting dataclass.
+    node = OmegaConf.structured(config)
+    try:
+      for key, value in zip(grid_keys, values):
+        OmegaConf.update(node, key, value, merge=False)
+    except omegaconf.errors.OmegaConfBaseException as err:
+      raise _omegaconf_error(err, "compare.grid") from None
+    point = cast(Config, OmegaConf.to_object(node))
     for variant in variants:
       for seed in config.compare.seeds:
-        node = OmegaConf.structured(config)
-        try:
-          for key, value in zip(grid_keys, values):
-            OmegaConf.update(node, key, value, merge=False)
-        except omegaconf.errors.OmegaConfBaseException as err:
-          raise _omegaconf_error(err, "compare.grid") from None
-        run = cast(Config, OmegaConf.to_object(node))
+        run = copy.deepcopy(point)
         run.loss = copy.deepcopy(variant)
         run.train.seed = seed
         run.compare = CompareConfig()
