@@ -104,7 +104,8 @@ def vocab_parallel_cross_entropy_local(
     >>> specs = (P(None, "vocab"), P())  # place the arrays as the specs say (Explicit mesh axes)
     >>> arrays = (logits_NxV, labels_N)
     >>> placed = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(arrays, specs)]
-    >>> loss = jax.shard_map(loss_fn, mesh=mesh, in_specs=specs, out_specs=P())(*placed)
+    >>> sharded = jax.shard_map(loss_fn, mesh=mesh, in_specs=specs, out_specs=P())
+    >>> loss = jax.jit(sharded)(*placed)  # one program (eagerly, each op would run per device)
     >>> print(f"{float(loss):.4f} {float(xent_jax.cross_entropy(logits_NxV, labels_N)):.4f}")
     2.3663 2.3663
 
