@@ -348,7 +348,7 @@ def test_trainer_fused_objective_works_for_variants(name):
   )
   ids = jnp.asarray(RNG.integers(0, 11, size=(2, 6)))
   results = [
-    nnx.value_and_grad(make_objective(LossConfig(name=name, fused=fused)))(model, ids, ids)
+    nnx.jit(nnx.value_and_grad(make_objective(LossConfig(name=name, fused=fused))))(model, ids, ids)
     for fused in (False, True)
   ]
   np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
