@@ -20,7 +20,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from xent_jax.core import checks, engine, heads
+from xent_jax.core import checks, engine, heads, inputs
 from xent_jax.fused import forward_grads, kernels
 from xent_jax.fused.blocks import BlockStats, logsumexp_from_stats
 from xent_jax.losses import cross_entropy as _ce
@@ -253,13 +253,14 @@ def upcast_on(platforms: tuple[str, ...], forward: Callable) -> Callable:
   """
 
   def upcast(hidden, weight, bias, *rest):
-    f32 = lambda x: None if x is None else x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    f32 = lambda x: None if x is None else x.astype(inputs.compute_dtype(x.dtype))
     total, grads = forward(f32(hidden), f32(weight), f32(bias), *rest)
     dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     return total, tuple(None if g is None else g.astype(t) for g, t in zip(grads, dtypes))
 
   def chosen(hidden, weight, bias, *rest):
-    half = any(jnp.finfo(x.dtype).bits < 32 for x in (hidden, weight, bias) if x is not None)
+    operands = [x for x in (hidden, weight, bias) if x is not None]
+    half = any(inputs.compute_dtype(x.dtype) != x.dtype for x in operands)
     if not platforms or not half:
       return forward(hidden, weight, bias, *rest)
     branches = dict.fromkeys(platforms, upcast)
