@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optax
 
 import xent_jax
-from xent_jax.tools import aot
+from xent_jax.tools import aot, libtpu
 
 SECTIONS = (
   "logits",
@@ -224,7 +224,7 @@ def _train_step_rows(topology):
 
 def _topology_rows(topology, sections) -> list[dict]:
   """Every row of ``sections`` on one topology (one process: the naive baselines are shared)."""
-  aot.quiet_libtpu()
+  libtpu.quiet_libtpu()
   rows_of = {
     "logits": lambda t: [*_logits_rows(t), _optax_row(t)],
     "heads": _head_rows,

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 import xent_jax
-from xent_jax.tools import aot
+from xent_jax.tools import aot, libtpu
 
 LOSSES = {
   "cross_entropy": lambda x, y: xent_jax.cross_entropy(x, y),
@@ -81,7 +81,7 @@ def main():
   parser.add_argument("--out", default="experiments/results/bench_bitempered")
   args = parser.parse_args()
   if args.tpu:
-    aot.quiet_libtpu()  # before JAX starts its backends
+    libtpu.quiet_libtpu()  # before JAX starts its backends
 
   load_at_start = os.getloadavg()
   shape = (args.tokens, args.vocab)
