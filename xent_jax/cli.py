@@ -125,6 +125,12 @@ def _group_options(cmd: argparse.ArgumentParser) -> None:
     type=int,
     help="device memory one vectorized group may take (default 2048); larger groups are split",
   )
+  cmd.add_argument(
+    "--lanes",
+    type=int,
+    help="groups trained at once, one thread each (compare.lanes; default: one per CPU core "
+    "in map mode on CPU, 1 elsewhere)",
+  )
 
 
 def _group_overrides(args: argparse.Namespace) -> list[str]:
@@ -136,6 +142,8 @@ def _group_overrides(args: argparse.Namespace) -> list[str]:
     overrides.append(f"compare.group_mode={args.group_mode}")
   if args.group_memory_mb is not None:
     overrides.append(f"compare.group_memory_mb={args.group_memory_mb}")
+  if args.lanes is not None:
+    overrides.append(f"compare.lanes={args.lanes}")
   return overrides
 
 

@@ -1,13 +1,16 @@
 """`run_comparison`: every run of a config's grid, skipping finished ones, then the report.
 
 Runs train in vectorized groups (`grouping.plan_groups`, `sweep.train_group`): runs that differ
-only in seed, label noise, learning rate or loss hyper-parameter values share one compiled
-program. ``compare.group_mode: sequential`` (``--sequential``) trains one run after another as
+only in seed, label noise, learning rate or loss hyper-parameter values (in ``map`` mode, also
+in their loss) share one compiled program, and on CPU several groups train at once
+(`lanes.run_in_lanes`). ``compare.group_mode: sequential`` (``--sequential``) trains one run after another as
 `trainer.train_and_evaluate` does, and so does a multi-process (``--distributed``) comparison.
 """
 
 import contextlib
+import math
 import pathlib
+import threading
 import time
 
 import jax
@@ -17,6 +20,7 @@ from xent_jax.train import logs
 from xent_jax.train.config import Config, expand_grid
 from xent_jax.train.data import load_dataset
 from xent_jax.train.grouping import Group, plan_groups, split_group
+from xent_jax.train.lanes import choose_lanes, run_in_lanes
 from xent_jax.train.members import member_bytes
 from xent_jax.train.report import build_report
 from xent_jax.train.sweep import GroupPrograms, choose_mode, train_group
@@ -64,9 +68,7 @@ def run_comparison(config: Config, *, progress: bool = True, devices=None) -> li
   if config.compare.group_mode == "sequential" or jax.process_count() > 1:
     failures = _run_sequential(runs, workdir, progress=progress, devices=devices)
   else:
-    mode = choose_mode(config.compare.group_mode)
-    budget = config.compare.group_memory_mb * 2**20
-    failures = _run_groups(runs, workdir, mode, budget, progress=progress, devices=devices)
+    failures = _run_groups(runs, workdir, config, progress=progress, devices=devices)
   build_report(workdir)
   return failures
 
@@ -107,38 +109,64 @@ def _budgeted(group: Group, budget: int) -> list[Group]:
   return split_group(group, budget // per_member)
 
 
-def _run_groups(runs, workdir, mode: str, budget: int, *, progress: bool, devices) -> list[str]:
-  """The unfinished runs in vectorized groups, each group one program."""
+def _run_groups(runs, workdir, config: Config, *, progress: bool, devices) -> list[str]:
+  """The unfinished runs in vectorized groups, each group one program, ``compare.lanes`` of
+  them at once (`lanes.run_in_lanes`)."""
+  mode = choose_mode(config.compare.group_mode)
+  budget = config.compare.group_memory_mb * 2**20
+  lanes = choose_lanes(config.compare.lanes, mode)
   todo = []
   for run in runs:
     if logs.read_summary(run_dir(workdir, run)):
       tqdm.write(f"{run.name} seed={run.train.seed}: already finished, skipped")
     else:
       todo.append(run)
-  groups = [part for group in plan_groups(todo) for part in _budgeted(group, budget)]
+  planned = plan_groups(todo, across_losses=mode == "map")
+  groups = [part for group in planned for part in _budgeted(group, budget)]
+  if lanes > 1:  # one part per lane, so that a single large group fills every lane
+    groups = [part for g in groups for part in split_group(g, math.ceil(len(g.runs) / lanes))]
+  bar = tqdm(total=len(groups), disable=not progress, desc="groups", unit="group")
+  stop = threading.Event()
+
+  def task(index: int, group: Group):
+    def train(lane: int) -> list[str]:
+      name = f"{len(group.losses)} losses" if group.losses else group.runs[0].name
+      label = f"[group {index}/{len(groups)}] {name}"
+      failures = _train_group(group, workdir, mode, devices, progress, label, lane, stop)
+      bar.update(1)
+      return failures
+
+    return train
+
+  tasks = [task(index, group) for index, group in enumerate(groups, 1)]
+  try:
+    return [failure for failures in run_in_lanes(tasks, lanes, stop) for failure in failures]
+  finally:
+    bar.close()
+
+
+def _train_group(group, workdir, mode, devices, progress, label, lane, stop) -> list[str]:
+  """Trains one group (its members locked for the whole time); its failed members' messages."""
+  tic = time.perf_counter()
+  with contextlib.ExitStack() as stack:
+    directories = _lock_members(group, workdir, stack)
+    if not directories:
+      return []
+    group = group.subset(run for run in group.runs if run_dir(workdir, run) in directories)
+    programs = GroupPrograms(group, mode, devices)
+    outcomes = train_group(
+      programs, directories, progress=progress, label=label, position=lane + 1, stop=stop
+    )
+  seconds = time.perf_counter() - tic
   failures = []
-  bar = tqdm(groups, disable=not progress, desc="groups", unit="group")
-  for index, group in enumerate(bar, 1):
-    label = f"[group {index}/{len(groups)}] {group.runs[0].name}"
-    tic = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-      directories = _lock_members(group, workdir, stack)
-      if not directories:
-        continue
-      group = Group(
-        tuple(run for run in group.runs if run_dir(workdir, run) in directories), group.traced
+  for outcome in outcomes:
+    head = f"{outcome.run.name} seed={outcome.run.train.seed}"
+    if outcome.error or outcome.summary is None:
+      failures.append(str(outcome.error))
+    else:
+      tqdm.write(
+        f"{head}: {_summary_line(outcome.summary)} (group of {len(outcomes)}, {seconds:.1f}s)"
       )
-      programs = GroupPrograms(group, mode, devices)
-      outcomes = train_group(programs, directories, progress=progress, label=label)
-    seconds = time.perf_counter() - tic
-    for outcome in outcomes:
-      head = f"{outcome.run.name} seed={outcome.run.train.seed}"
-      if outcome.error or outcome.summary is None:
-        failures.append(str(outcome.error))
-      else:
-        tqdm.write(
-          f"{head}: {_summary_line(outcome.summary)} (group of {len(outcomes)}, {seconds:.1f}s)"
-        )
   return failures
 
 

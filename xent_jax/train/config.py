@@ -113,6 +113,7 @@ class CompareConfig:
   # auto | vmap | map | sequential (see xent_jax.train.sweep); --group-mode, --sequential
   group_mode: str = "auto"
   group_memory_mb: int = 2048  # device memory one vectorized group may take; larger ones split
+  lanes: int = 0  # groups trained at once, one thread each; 0: one per CPU core in map mode
 
 
 @dataclasses.dataclass
@@ -367,6 +368,7 @@ NUMERIC_RULES = {
   "train.num_ece_bins": POSITIVE,
   "compare.seeds": NON_NEGATIVE,
   "compare.group_memory_mb": POSITIVE,
+  "compare.lanes": (">= 0 (0 chooses: one per CPU core in map mode on CPU, else 1)", lambda v: v >= 0),
 }
 
 

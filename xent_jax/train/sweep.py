@@ -27,6 +27,7 @@ clock: its examples per second while it shared each step with the other members.
 
 import dataclasses
 import pathlib
+import threading
 
 import jax
 import numpy as np
@@ -39,7 +40,8 @@ from xent_jax.train.checkpoint import Checkpointer
 from xent_jax.train.clock import StepClock, logs_after, saves_after
 from xent_jax.train.config import Config, to_yaml
 from xent_jax.train.data import Dataset, eval_batches, load_dataset, train_batch
-from xent_jax.train.grouping import Group
+from xent_jax.train.grouping import BRANCH, Group
+from xent_jax.train.lanes import Stopped
 from xent_jax.train.members import (
   graph_of,
   initial_states,
@@ -109,10 +111,14 @@ class GroupPrograms:
     self.batch_sharding = NamedSharding(self.mesh, P("members", "data"))
     self.shared_batch = NamedSharding(self.mesh, P("data"))
     self.values = jax.device_put(
-      {k: np.asarray(v, np.float32) for k, v in group.values().items()}, self.members
+      {
+        k: np.asarray(v, np.int32 if k == BRANCH else np.float32)
+        for k, v in group.values().items()
+      },
+      self.members,
     )
     self.graphdef = graph_of(config, self.datasets[0])
-    step = make_member_step(self.graphdef, config, group.traced)
+    step = make_member_step(self.graphdef, config, group.traced, group.losses)
     self.train_step = jax.jit(
       over_members(step, mode, (0, 0, 0, 0, 0)),
       donate_argnums=0,
@@ -229,11 +235,20 @@ def open_members(programs: GroupPrograms, directories: list[pathlib.Path]):
 
 
 def train_group(
-  programs: GroupPrograms, directories: list[pathlib.Path], *, progress: bool = True, label=""
+  programs: GroupPrograms,
+  directories: list[pathlib.Path],
+  *,
+  progress: bool = True,
+  label="",
+  position: int | None = None,
+  stop: threading.Event | None = None,
 ) -> list[Outcome]:
   """Trains every member of ``programs`` to the end; returns each member's outcome.
 
   The directories must be locked and checked by the caller (as `compare.run_comparison` does).
+  ``position``: the progress bar's row. ``stop``: when set (another lane failed), the group
+  ends at its next evaluation, after that evaluation's rows and checkpoints are written, with
+  `lanes.Stopped`; its members resume from their checkpoints.
   """
   train = programs.config.train
   state, checkpointers, starts = open_members(programs, directories)
@@ -247,6 +262,7 @@ def train_group(
     leave=False,
     desc=f"{label} ({size} members, {programs.mode})",
     unit="step",
+    position=position,
   )
   pending, clock = [], StepClock(int(starts.min()))
   mask, active = np.zeros_like(alive), None
@@ -282,6 +298,11 @@ def train_group(
           done, member_pure(state, int(m), programs.mesh.devices.flat[0]), record
         )
     bar.set_postfix(alive=f"{alive.sum()}/{size}")
+    if stop is not None and stop.is_set():
+      bar.close()
+      for checkpointer in filter(None, checkpointers):
+        checkpointer.close()
+      raise Stopped(f"{label}: stopped at step {done} because another lane stopped")
     clock.restart()
   bar.close()
   summaries = programs.summaries(state, alive)
