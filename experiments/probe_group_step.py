@@ -4,15 +4,21 @@ A group of ``compare`` runs its members either side by side (``vmap``) or one af
 one program (``lax.map``). The convolution's form decides which is fast on XLA:CPU: ``lax.conv``
 (``model.conv: lax``) or patches @ kernel (``im2col``). This times, for each form, the jitted step
 of one member alone and of ``--members`` members under ``map`` and ``vmap`` (the paper config's
-Adam step at batch 100; milliseconds, median of ``--reps`` calls after a warm-up call).
+Adam step at batch 100; milliseconds, median of ``--reps`` calls after a warm-up call). The last
+columns time the ``map`` group cut into lanes (`xent_jax.train.lanes`: one part per CPU core,
+each part's steps chained in its own thread, as ``compare`` runs them): milliseconds per step of
+all members (wall time of ``--reps`` chained steps over ``--reps``), and the process's CPU time
+over its wall time while they ran.
 
 Usage:
-  python experiments/probe_group_step.py [--members 5] [--reps 30]
+  python experiments/probe_group_step.py [--members 8] [--reps 30]
 """
 
 import argparse
+import itertools
 import os
 import statistics
+import threading
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -27,6 +33,7 @@ from xent_jax.train import (
 )
 from xent_jax.train import members as group_members
 from xent_jax.train.data import load_dataset
+from xent_jax.train.lanes import choose_lanes
 
 
 def _median_ms(fn, *args, reps: int) -> float:
@@ -39,15 +46,41 @@ def _median_ms(fn, *args, reps: int) -> float:
   return 1e3 * statistics.median(times)
 
 
+def _lanes_ms(fn, parts, *, reps: int) -> tuple[float, float]:
+  """``(ms per step of every part, process CPU s / wall s)``: each part's ``reps`` chained
+  steps in its own thread, all threads at once."""
+
+  def chain(args):
+    state = args[0]
+    for _ in range(reps):
+      state, _, _ = fn(state, *args[1:])
+    jax.block_until_ready(state)
+
+  for args in parts:
+    jax.block_until_ready(fn(*args))  # compile every part's shape first
+  threads = [threading.Thread(target=chain, args=(args,)) for args in parts]
+  wall, cpu = time.perf_counter(), time.process_time()
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  wall = time.perf_counter() - wall
+  return 1e3 * wall / reps, (time.process_time() - cpu) / wall
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--members", type=int, default=5)
+  parser.add_argument("--members", type=int, default=8)
   parser.add_argument("--reps", type=int, default=30)
   args = parser.parse_args()
   m = args.members
+  lanes = min(m, choose_lanes(0, "map", "cpu"))
   print(host.describe())
-  print(f"| conv | one run ms | map {m} ms | vmap {m} ms | map per member / one run |")
-  print("|---|---:|---:|---:|---:|")
+  print(
+    f"| conv | one run ms | map {m} ms | vmap {m} ms | map per member / one run "
+    f"| map {m} in {lanes} lanes ms | lanes CPU / wall |"
+  )
+  print("|---|---:|---:|---:|---:|---:|---:|")
   for conv in ("lax", "im2col"):
     config = load_config("configs/mnist1d_paper.yaml", (f"model.conv={conv}",))
     data = load_dataset(config.data, image=False)
@@ -70,7 +103,17 @@ def main():
       for mode in ("map", "vmap")
     }
     ratio = grouped["map"] / m / alone
-    print(f"| {conv} | {alone:.2f} | {grouped['map']:.2f} | {grouped['vmap']:.2f} | {ratio:.2f} |")
+    mapped = jax.jit(steps.over_members(step, "map", (0, None, 0, 0, 0)))
+    bounds = [round(i * m / lanes) for i in range(lanes + 1)]
+    parts = [
+      jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], (state, {}, *stacked))
+      for lo, hi in itertools.pairwise(bounds)
+    ]
+    in_lanes, cores = _lanes_ms(mapped, parts, reps=args.reps)
+    print(
+      f"| {conv} | {alone:.2f} | {grouped['map']:.2f} | {grouped['vmap']:.2f} | {ratio:.2f} "
+      f"| {in_lanes:.2f} | {cores:.2f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,7 @@ ROOT = pathlib.Path(__file__).parents[2]
 QUICK = str(ROOT / "configs" / "digits_quick.yaml")
 NOISE = str(ROOT / "configs" / "digits_label_noise.yaml")
 TEST_EXAMPLES = 359  # the digits test split
-# Eight runs: two losses x two label-noise rates x two learning rates (one group in map mode,
-# two under vmap).
+# Eight runs in two groups (one per loss) of two label-noise rates x two learning rates.
 TINY = (
   "model.hidden_dims=[16]",
   "train.batch_size=32",
@@ -79,62 +78,6 @@ def test_groups_share_shapes_and_split_on_everything_else():
   ]
   warmup = load_config(QUICK, (*overrides, "optim.schedule=warmup_cosine", "optim.warmup_steps=5"))
   assert sorted(len(g.runs) for g in plan_groups(expand_grid(warmup))) == [1] * 4 + [2] * 4
-
-
-def test_groups_across_losses_branch_on_each_distinct_loss():
-  """In map mode the seven losses of the digits comparison train as one group: each distinct
-  loss (with its static hyper-parameters) is one branch, and every member names its own."""
-  runs = expand_grid(load_config(NOISE))
-  (group,) = plan_groups(runs, across_losses=True)
-  assert group.runs == tuple(runs) and group.traced == ()
-  assert [loss.label for loss in group.losses] == list(dict.fromkeys(r.loss.label for r in runs))
-  branch = group.values()["loss.branch"]
-  assert [group.losses[b].label for b in branch] == [run.loss.label for run in runs]
-  assert group.subset(runs[:2]).losses == group.losses  # a part keeps the branch numbering
-  # The learning rate stays traced; another batch size splits the group (the grid's two
-  # learning rates and two batch sizes join its two noise rates: 7 x 3 x 2 x 4 runs).
-  overrides = ("compare.grid={optim.learning_rate: [0.001, 0.01], train.batch_size: [32, 64]}",)
-  groups = plan_groups(expand_grid(load_config(NOISE, overrides)), across_losses=True)
-  assert [(len(g.runs), g.traced, len(g.losses)) for g in groups] == [
-    (84, ("optim.learning_rate",), 7),
-    (84, ("optim.learning_rate",), 7),
-  ]
-  assert {r.train.batch_size for r in groups[0].runs} == {32}
-
-
-def test_member_step_switches_to_each_members_loss():
-  """Two members of one map-mode group with different losses (focal, smoothed cross-entropy)
-  equal the sequential step of each, bit for bit in the loss."""
-  base = load_config(QUICK, ("model.hidden_dims=[8]",))
-  data = load_dataset(base.data)
-  losses = (
-    dataclasses.replace(base.loss, name="focal", hparams={"gamma": 2.0}),
-    dataclasses.replace(base.loss, name="cross_entropy", hparams={"label_smoothing": 0.1}),
-  )
-  runs = [
-    dataclasses.replace(base, train=dataclasses.replace(base.train, seed=seed), loss=loss)
-    for seed, loss in zip((0, 5), losses)
-  ]
-  graphdef = graph_of(base, data)
-  state = initial_states(base, data, [0, 5], None)
-  batches = [train_batch(data, seed=s, step=3, batch_size=16) for s in (0, 5)]
-  x, y = (jnp.stack(column) for column in zip(*batches))
-  step = jax.jit(over_members(make_member_step(graphdef, base, (), losses), "map", (0,) * 5))
-  values = {"loss.branch": jnp.array([0, 1], jnp.int32)}
-  new, loss, _ = step(state, values, x, y, jnp.array([True, True]))
-  for m, run in enumerate(runs):
-    alone_graph, alone = nnx.split(
-      nnx.jit(lambda run=run: model_and_optimizer(run, data, jax.random.key(run.train.seed)))()
-    )
-    alone, alone_loss, _ = make_train_step(alone_graph, make_objective(run.loss))(
-      alone, *batches[m]
-    )
-    np.testing.assert_allclose(loss[m], alone_loss, rtol=1e-6)
-    jax.tree.map(
-      lambda a, b, m=m: np.testing.assert_allclose(a[m], b, rtol=1e-5, atol=1e-7),
-      nnx.to_pure_dict(new),
-      nnx.to_pure_dict(alone),
-    )
 
 
 def test_groups_of_one_model_share_its_programs():

@@ -1,9 +1,9 @@
 """`run_comparison`: every run of a config's grid, skipping finished ones, then the report.
 
 Runs train in vectorized groups (`grouping.plan_groups`, `sweep.train_group`): runs that differ
-only in seed, label noise, learning rate or loss hyper-parameter values (in ``map`` mode, also
-in their loss) share one compiled program, and on CPU several groups train at once
-(`lanes.run_in_lanes`). ``compare.group_mode: sequential`` (``--sequential``) trains one run after another as
+only in seed, label noise, learning rate or loss hyper-parameter values share one compiled
+program, and on CPU several groups train at once (`lanes.run_in_lanes`).
+``compare.group_mode: sequential`` (``--sequential``) trains one run after another as
 `trainer.train_and_evaluate` does, and so does a multi-process (``--distributed``) comparison.
 """
 
@@ -121,8 +121,7 @@ def _run_groups(runs, workdir, config: Config, *, progress: bool, devices) -> li
       tqdm.write(f"{run.name} seed={run.train.seed}: already finished, skipped")
     else:
       todo.append(run)
-  planned = plan_groups(todo, across_losses=mode == "map")
-  groups = [part for group in planned for part in _budgeted(group, budget)]
+  groups = [part for group in plan_groups(todo) for part in _budgeted(group, budget)]
   if lanes > 1:  # one part per lane, so that a single large group fills every lane
     groups = [part for g in groups for part in split_group(g, math.ceil(len(g.runs) / lanes))]
   bar = tqdm(total=len(groups), disable=not progress, desc="groups", unit="group")
@@ -130,8 +129,7 @@ def _run_groups(runs, workdir, config: Config, *, progress: bool, devices) -> li
 
   def task(index: int, group: Group):
     def train(lane: int) -> list[str]:
-      name = f"{len(group.losses)} losses" if group.losses else group.runs[0].name
-      label = f"[group {index}/{len(groups)}] {name}"
+      label = f"[group {index}/{len(groups)}] {group.runs[0].name}"
       failures = _train_group(group, workdir, mode, devices, progress, label, lane, stop)
       bar.update(1)
       return failures
@@ -152,7 +150,9 @@ def _train_group(group, workdir, mode, devices, progress, label, lane, stop) -> 
     directories = _lock_members(group, workdir, stack)
     if not directories:
       return []
-    group = group.subset(run for run in group.runs if run_dir(workdir, run) in directories)
+    group = Group(
+      tuple(run for run in group.runs if run_dir(workdir, run) in directories), group.traced
+    )
     programs = GroupPrograms(group, mode, devices)
     outcomes = train_group(
       programs, directories, progress=progress, label=label, position=lane + 1, stop=stop

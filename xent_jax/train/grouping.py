@@ -7,13 +7,6 @@ in another group. The learning rate and the hyper-parameters become traced input
 step, so they may differ between members only where they trace: a value that cannot be traced
 (a schedule that reads it in Python, a loss that checks it at trace time) is probed once with
 `jax.eval_shape` and then splits the group instead of failing inside it.
-
-``across_losses=True`` (the ``map`` mode, where members run one after another) also puts runs
-of different losses in one group: each distinct loss (name and hyper-parameter values) becomes a
-branch of a `jax.lax.switch` inside the member step, chosen by a traced per-member index, so
-only the member's own loss runs and its hyper-parameters stay static, as in its sequential run.
-Under ``vmap`` a switch over a batched index computes every branch for every member, so there
-the loss stays part of the group key.
 """
 
 import copy
@@ -26,12 +19,11 @@ import jax
 import jax.numpy as jnp
 
 import xent_jax
-from xent_jax.train.config import Config, LossConfig, OptimConfig, to_yaml
+from xent_jax.train.config import Config, OptimConfig, to_yaml
 from xent_jax.train.optim import build_optimizer
 
 LEARNING_RATE = "optim.learning_rate"
 HPARAM_PREFIX = "loss.hparams."
-BRANCH = "loss.branch"  # the member's index into `Group.losses`, an int32 traced value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,28 +35,14 @@ class Group:
     traced: config values that differ between members and enter the step as traced scalars
       (``"optim.learning_rate"``, ``"loss.hparams.<name>"``); seed and label noise differ too,
       but only the initial state and the data depend on them.
-    losses: the distinct losses of a group planned ``across_losses`` (the branches of its step,
-      in order of their first member); empty when every member has ``runs[0].loss``.
   """
 
   runs: tuple[Config, ...]
   traced: tuple[str, ...]
-  losses: tuple[LossConfig, ...] = ()
 
-  def values(self) -> dict[str, list[float] | list[int]]:
-    """``{traced key: [value of each member]}``, and ``{BRANCH: [loss index of each member]}``
-    when the group has several losses."""
-    values: dict[str, list[float] | list[int]] = {
-      key: [traced_value(run, key) for run in self.runs] for key in self.traced
-    }
-    if self.losses:
-      keys = [loss_key(loss) for loss in self.losses]
-      values[BRANCH] = [keys.index(loss_key(run.loss)) for run in self.runs]
-    return values
-
-  def subset(self, runs) -> "Group":
-    """The group restricted to ``runs`` (a subsequence of its runs), keeping its branches."""
-    return dataclasses.replace(self, runs=tuple(runs))
+  def values(self) -> dict[str, list[float]]:
+    """``{traced key: [value of each member]}``."""
+    return {key: [traced_value(run, key) for run in self.runs] for key in self.traced}
 
 
 def traced_value(run: Config, key: str) -> float:
@@ -108,15 +86,12 @@ def _traces(fn) -> bool:
   return True
 
 
-def traceable_keys(run: Config, *, with_hparams: bool = True) -> list[str]:
-  """The keys of ``run`` that may differ inside a group (see the module docstring); the loss's
-  hyper-parameters only ``with_hparams``."""
+def traceable_keys(run: Config) -> list[str]:
+  """The keys of ``run`` that may differ inside a group (see the module docstring)."""
   keys = []
   optim_json = json.dumps(dataclasses.asdict(run.optim), sort_keys=True)
   if _learning_rate_traces(optim_json, run.train.num_steps):
     keys.append(LEARNING_RATE)
-  if not with_hparams:
-    return keys
   for name, value in sorted(run.loss.hparams.items()):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       continue
@@ -126,22 +101,14 @@ def traceable_keys(run: Config, *, with_hparams: bool = True) -> list[str]:
   return keys
 
 
-def loss_key(loss: LossConfig) -> str:
-  """A loss as text without its table label: the runs of one branch share it."""
-  return to_yaml(dataclasses.replace(loss, label=""))
-
-
-def group_key(run: Config, *, across_losses: bool = False) -> str:
-  """Everything a group's members share, as text: the config with its member values blanked
-  (with ``across_losses``, the loss's name and hyper-parameters too; whether it is fused stays)."""
+def group_key(run: Config) -> str:
+  """Everything a group's members share, as text: the config with its member values blanked."""
   shared = copy.deepcopy(run)
   shared.name = ""
   shared.loss.label = ""
   shared.train.seed = 0
   shared.data.label_noise = 0.0
-  if across_losses:
-    shared.loss = LossConfig(fused=run.loss.fused)
-  for key in traceable_keys(run, with_hparams=not across_losses):
+  for key in traceable_keys(run):
     if key == LEARNING_RATE:
       shared.optim.learning_rate = 1.0
     else:
@@ -149,29 +116,19 @@ def group_key(run: Config, *, across_losses: bool = False) -> str:
   return to_yaml(shared)
 
 
-def plan_groups(runs: list[Config], *, across_losses: bool = False) -> list[Group]:
-  """The runs grouped by `group_key`, groups in order of their first run.
-
-  With ``across_losses`` the members' losses stay static (one switch branch per distinct loss)
-  and only the learning rate may be traced.
-  """
+def plan_groups(runs: list[Config]) -> list[Group]:
+  """The runs grouped by `group_key`, groups in order of their first run."""
   by_key: dict[str, list[Config]] = {}
   for run in runs:
-    by_key.setdefault(group_key(run, across_losses=across_losses), []).append(run)
+    by_key.setdefault(group_key(run), []).append(run)
   groups = []
   for members in by_key.values():
     varying = [
       key
-      for key in traceable_keys(members[0], with_hparams=not across_losses)
+      for key in traceable_keys(members[0])
       if len({traced_value(run, key) for run in members}) > 1
     ]
-    losses: tuple[LossConfig, ...] = ()
-    if across_losses:
-      distinct: dict[str, LossConfig] = {}
-      for run in members:
-        distinct.setdefault(loss_key(run.loss), run.loss)
-      losses = tuple(distinct.values()) if len(distinct) > 1 else ()
-    groups.append(Group(tuple(members), tuple(varying), losses))
+    groups.append(Group(tuple(members), tuple(varying)))
   return groups
 
 
@@ -183,6 +140,6 @@ def split_group(group: Group, max_members: int) -> list[Group]:
   parts, start = [], 0
   for index in range(count):
     stop = start + size + (index < extra)
-    parts.append(group.subset(group.runs[start:stop]))
+    parts.append(Group(group.runs[start:stop], group.traced))
     start = stop
   return parts

@@ -40,9 +40,7 @@ def choose_lanes(lanes: int, mode: str, backend: str | None = None) -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run_in_lanes(
-  tasks: Sequence[Callable[[int], T]], lanes: int, stop: threading.Event
-) -> list[T]:
+def run_in_lanes(tasks: Sequence[Callable[[int], T]], lanes: int, stop: threading.Event) -> list[T]:
   """Runs every ``task(lane)``, at most ``lanes`` at once, and returns their results in order.
 
   ``lane`` is the index (``0 .. lanes - 1``) of the lane the task holds while it runs (a
@@ -63,6 +61,11 @@ def run_in_lanes(
     lane = free.get()
     try:
       return task(lane)
+    except Stopped:
+      raise
+    except BaseException:
+      stop.set()  # before the lane is free, so that no queued task starts after a failure
+      raise
     finally:
       free.put(lane)
 

@@ -9,7 +9,6 @@ scores the test split before and after scaling.
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,48 +21,26 @@ from xent_jax.train.config import Config, LossConfig
 from xent_jax.train.optim import build_optimizer
 
 
-def make_objective(loss: LossConfig, branches: tuple[LossConfig, ...] = ()):
-  """``objective(model, x, y, branch=None) -> scalar`` mean training loss of one batch.
+def make_objective(loss: LossConfig):
+  """``objective(model, x, y) -> scalar`` mean training loss of one batch."""
+  loss_fn = xent_jax.get_loss(loss.name, **loss.hparams)
+  if loss.fused:
 
-  With ``branches`` (losses of the same ``fused`` kind as ``loss``), the loss is
-  ``branches[branch]``, chosen by `jax.lax.switch` on the traced index ``branch`` after the
-  model's forward pass: the model runs once, and only the chosen loss and its gradient run.
-  """
-  calls = [_mean_loss(b) for b in branches] or [_mean_loss(loss)]
-  loss_inputs = _fused_inputs if loss.fused else _logits_inputs
+    def fused_objective(model, ids_BxL, labels_BxL):
+      h_BxLxD = model.hidden(ids_BxL)
+      h_NxD = h_BxLxD.reshape(-1, h_BxLxD.shape[-1])
+      w_VxD = model.unembed_VxD[...].astype(h_NxD.dtype)
+      return loss_fn.linear(h_NxD, w_VxD, labels_BxL.reshape(-1), reduction="mean")
 
-  def objective(model, x, labels, branch=None):
-    inputs = loss_inputs(model, x)
-    if len(calls) == 1:
-      return calls[0](inputs, labels)
-    return jax.lax.switch(branch, calls, inputs, labels)
+    return fused_objective
+
+  def objective(model, x_BxF, labels_B):
+    logits_BxC = model(x_BxF)
+    return loss_fn(
+      logits_BxC.reshape(-1, logits_BxC.shape[-1]), labels_B.reshape(-1), reduction="mean"
+    )
 
   return objective
-
-
-def _logits_inputs(model, x_BxF):
-  """``(logits [N, C],)`` of a classifier (or ``[B, L, V]`` logits flattened to tokens)."""
-  logits_BxC = model(x_BxF)
-  return (logits_BxC.reshape(-1, logits_BxC.shape[-1]),)
-
-
-def _fused_inputs(model, ids_BxL):
-  """``(h [N, D], w [V, D])``: the Transformer's final hidden states and its unembedding."""
-  h_BxLxD = model.hidden(ids_BxL)
-  h_NxD = h_BxLxD.reshape(-1, h_BxLxD.shape[-1])
-  return h_NxD, model.unembed_VxD[...].astype(h_NxD.dtype)
-
-
-def _mean_loss(loss: LossConfig):
-  """``call(inputs, labels) -> scalar``: the mean of ``loss`` on `_logits_inputs` (or, fused,
-  on `_fused_inputs` through ``get_loss(...).linear``)."""
-  loss_fn = xent_jax.get_loss(loss.name, **loss.hparams)
-  apply = loss_fn.linear if loss.fused else loss_fn
-
-  def call(inputs, labels):
-    return apply(*inputs, labels.reshape(-1), reduction="mean")
-
-  return call
 
 
 def _update(model, optimizer, objective, x_BxF, y_B):
@@ -95,20 +72,16 @@ def make_train_step(graphdef, objective):
   return jax.jit(train_step, donate_argnums=0)
 
 
-def make_member_step(
-  graphdef, config: Config, traced: tuple[str, ...], losses: tuple[LossConfig, ...] = ()
-):
+def make_member_step(graphdef, config: Config, traced: tuple[str, ...]):
   """``member_step(state, values, x, y, active) -> (state, loss, finite)`` of one sweep member.
 
   The pure (unjitted) step of `make_train_step` where the config values named in ``traced``
   (``"optim.learning_rate"``, ``"loss.hparams.<name>"``) come in as traced scalars ``values``
   (a dict keyed by those names), so one compiled program serves every member of a group. The
   optimizer is rebuilt from the traced learning rate (its state layout does not depend on it),
-  and the loss from the traced hyper-parameters. With ``losses`` (a group planned across
-  losses), ``values["loss.branch"]`` is the member's index into them (`make_objective`). Where
-  ``active`` is False the old state is returned unchanged (a member waiting for the group to
-  reach its checkpoint, or one stopped by a non-finite loss), so the members never influence
-  each other.
+  and the loss from the traced hyper-parameters. Where ``active`` is False the old state is
+  returned unchanged (a member waiting for the group to reach its checkpoint, or one stopped by a
+  non-finite loss), so the members never influence each other.
   """
 
   def member_step(state, values, x_BxF, y_B, active):
@@ -118,11 +91,8 @@ def make_member_step(
       optim = dataclasses.replace(config.optim, learning_rate=values["optim.learning_rate"])
       optimizer.tx = build_optimizer(optim, config.train.num_steps)
     hparams = dict(config.loss.hparams)
-    prefix = "loss.hparams."
-    hparams.update({k.removeprefix(prefix): v for k, v in values.items() if k.startswith(prefix)})
-    objective = make_objective(dataclasses.replace(config.loss, hparams=hparams), losses)
-    if losses:
-      objective = functools.partial(objective, branch=values["loss.branch"])
+    hparams.update({k.split(".", 2)[2]: v for k, v in values.items() if k.startswith("loss.")})
+    objective = make_objective(dataclasses.replace(config.loss, hparams=hparams))
     loss, finite = _update(model, optimizer, objective, x_BxF, y_B)
     new = nnx.state((model, optimizer))
     kept = jax.tree.map(lambda a, b: jnp.where(active, a, b), nnx.to_pure_dict(new), before)

@@ -40,7 +40,7 @@ from xent_jax.train.checkpoint import Checkpointer
 from xent_jax.train.clock import StepClock, logs_after, saves_after
 from xent_jax.train.config import Config, to_yaml
 from xent_jax.train.data import Dataset, eval_batches, load_dataset, train_batch
-from xent_jax.train.grouping import BRANCH, Group
+from xent_jax.train.grouping import Group
 from xent_jax.train.lanes import Stopped
 from xent_jax.train.members import (
   graph_of,
@@ -111,14 +111,10 @@ class GroupPrograms:
     self.batch_sharding = NamedSharding(self.mesh, P("members", "data"))
     self.shared_batch = NamedSharding(self.mesh, P("data"))
     self.values = jax.device_put(
-      {
-        k: np.asarray(v, np.int32 if k == BRANCH else np.float32)
-        for k, v in group.values().items()
-      },
-      self.members,
+      {k: np.asarray(v, np.float32) for k, v in group.values().items()}, self.members
     )
     self.graphdef = graph_of(config, self.datasets[0])
-    step = make_member_step(self.graphdef, config, group.traced, group.losses)
+    step = make_member_step(self.graphdef, config, group.traced)
     self.train_step = jax.jit(
       over_members(step, mode, (0, 0, 0, 0, 0)),
       donate_argnums=0,
