@@ -9,7 +9,13 @@ import pytest
 from xent_jax.train import compare, load_config, logs
 from xent_jax.train.compare import run_comparison, run_dir
 from xent_jax.train.config import expand_grid
-from xent_jax.train.lanes import Stopped, choose_lanes, run_in_lanes
+from xent_jax.train.lanes import (
+  MIN_SPLIT_WORK,
+  Stopped,
+  choose_lanes,
+  parts_per_group,
+  run_in_lanes,
+)
 from xent_jax.train.trainer import CHECKPOINT_DIR
 
 
@@ -17,6 +23,12 @@ def test_lane_rule():
   assert choose_lanes(3, "vmap", "gpu") == 3  # set: as given
   assert choose_lanes(0, "vmap", "cpu") == choose_lanes(0, "map", "gpu") == 1
   assert choose_lanes(0, "map", "cpu") >= 1
+  # A group is cut into lanes only where its work pays for each part's compilation, or by hand.
+  assert parts_per_group(63, 8000, 2, forced=False) == 2
+  assert parts_per_group(8, MIN_SPLIT_WORK // 8 - 1, 2, forced=False) == 1
+  assert parts_per_group(8, 20, 2, forced=True) == 2
+  assert parts_per_group(3, 20, 8, forced=True) == 3  # at least one member a part
+  assert parts_per_group(63, 8000, 1, forced=True) == 1
 
 
 def test_tasks_run_at_most_lanes_at_once_and_return_in_order():

@@ -20,7 +20,7 @@ from xent_jax.train import logs
 from xent_jax.train.config import Config, expand_grid
 from xent_jax.train.data import load_dataset
 from xent_jax.train.grouping import Group, plan_groups, split_group
-from xent_jax.train.lanes import choose_lanes, run_in_lanes
+from xent_jax.train.lanes import choose_lanes, parts_per_group, run_in_lanes
 from xent_jax.train.members import member_bytes
 from xent_jax.train.report import build_report
 from xent_jax.train.sweep import GroupPrograms, choose_mode, train_group
@@ -122,8 +122,8 @@ def _run_groups(runs, workdir, config: Config, *, progress: bool, devices) -> li
     else:
       todo.append(run)
   groups = [part for group in plan_groups(todo) for part in _budgeted(group, budget)]
-  if lanes > 1:  # one part per lane, so that a single large group fills every lane
-    groups = [part for g in groups for part in split_group(g, math.ceil(len(g.runs) / lanes))]
+  forced = config.compare.lanes > 0
+  groups = [part for group in groups for part in _lane_parts(group, lanes, forced=forced)]
   bar = tqdm(total=len(groups), disable=not progress, desc="groups", unit="group")
   stop = threading.Event()
 
@@ -141,6 +141,14 @@ def _run_groups(runs, workdir, config: Config, *, progress: bool, devices) -> li
     return [failure for failures in run_in_lanes(tasks, lanes, stop) for failure in failures]
   finally:
     bar.close()
+
+
+def _lane_parts(group: Group, lanes: int, *, forced: bool) -> list[Group]:
+  """``group`` cut into `lanes.parts_per_group` near-equal parts, so that a large group fills
+  every lane."""
+  runs = len(group.runs)
+  parts = parts_per_group(runs, group.runs[0].train.num_steps, lanes, forced=forced)
+  return split_group(group, math.ceil(runs / parts))
 
 
 def _train_group(group, workdir, mode, devices, progress, label, lane, stop) -> list[str]:
