@@ -2,9 +2,10 @@
 
 A group of ``compare`` runs its members either side by side (``vmap``) or one after another in
 one program (``lax.map``). The convolution's form decides which is fast on XLA:CPU: ``lax.conv``
-(``model.conv: lax``) or patches @ kernel (``im2col``). This times, for each form, the jitted step
-of one member alone and of ``--members`` members under ``map`` and ``vmap`` (the paper config's
-Adam step at batch 100; milliseconds, median of ``--reps`` calls after a warm-up call). The last
+(``model.conv: lax``) or patches @ kernel (``im2col``). This times, for each form, the train step
+of one run alone (the sequential run's program) and of ``--members`` members under ``map`` and
+``vmap`` (the paper config's Adam step at batch 100; milliseconds, median of ``--reps`` calls
+after a warm-up call). The last
 columns time the ``map`` group cut into lanes (`xent_jax.train.lanes`: one part per CPU core,
 each part's steps chained in its own thread, as ``compare`` runs them): milliseconds per step of
 all members (wall time of ``--reps`` chained steps over ``--reps``), and the process's CPU time
@@ -42,6 +43,17 @@ def _median_ms(fn, *args, reps: int) -> float:
   for _ in range(reps):
     tic = time.perf_counter()
     jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - tic)
+  return 1e3 * statistics.median(times)
+
+
+def _chained_median_ms(step, state, *args, reps: int) -> float:
+  """Median milliseconds of ``state = step(state, *args)[0]`` (a run's donating train step)."""
+  state = jax.block_until_ready(step(state, *args)[0])
+  times = []
+  for _ in range(reps):
+    tic = time.perf_counter()
+    state = jax.block_until_ready(step(state, *args)[0])
     times.append(time.perf_counter() - tic)
   return 1e3 * statistics.median(times)
 
@@ -89,8 +101,12 @@ def main():
     x_BxF, y_B = jnp.asarray(data.x_train_NxF[:100]), jnp.asarray(data.y_train_N[:100])
     stacked = (jnp.stack([x_BxF] * m), jnp.stack([y_B] * m), jnp.ones((m,), bool))
     step = steps.make_member_step(graphdef, config, ())
-    alone = _median_ms(
-      jax.jit(step), jax.tree.map(lambda a: a[0], state), {}, x_BxF, y_B, True, reps=args.reps
+    alone = _chained_median_ms(
+      steps.make_train_step(graphdef, steps.make_objective(config.loss)),
+      jax.tree.map(lambda a: jnp.array(a[0]), state),
+      x_BxF,
+      y_B,
+      reps=args.reps,
     )
     grouped = {
       mode: _median_ms(

@@ -514,6 +514,7 @@ BAD_VALUES = {  # one out-of-range value per rule; NaN is refused by every rule
   ">= 2": "1",
   ">= 0 (0 disables clipping)": "-0.5",
   ">= 0 (0 disables checkpoints)": "-10",
+  ">= 0 (0: one per CPU core in map mode on CPU, else 1)": "-2",
 }
 
 

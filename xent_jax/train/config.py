@@ -368,10 +368,7 @@ NUMERIC_RULES = {
   "train.num_ece_bins": POSITIVE,
   "compare.seeds": NON_NEGATIVE,
   "compare.group_memory_mb": POSITIVE,
-  "compare.lanes": (
-    ">= 0 (0 chooses: one per CPU core in map mode on CPU, else 1)",
-    lambda v: v >= 0,
-  ),
+  "compare.lanes": (">= 0 (0: one per CPU core in map mode on CPU, else 1)", lambda v: v >= 0),
 }
 
 

@@ -1,13 +1,12 @@
 """Lanes: vectorized groups trained side by side, one thread each.
 
-On CPU one small model's step leaves cores idle: the MNIST-1D CNN's jitted Adam step used 1.4 of
-2 cores alone, and two programs stepping at once from two threads used 1.9 and trained 8 members
-in 5.1 ms a step against 8.9 ms for one program mapping over all 8 (AMD EPYC, 2 cores; the
-probe is in `experiments/probe_group_step.py`). XLA:CPU runs the programs of two threads at once,
-and one thread's programs one after another. So on CPU ``compare`` cuts each group into one part
-per lane (where the group has work enough to pay for a part's compilation, `parts_per_group`)
-and trains the groups and parts at once (`run_in_lanes`); on GPU and TPU one vmapped group
-already fills the device, and a lane is all there is.
+On CPU one small model's step leaves cores idle, and XLA:CPU runs the programs of two threads at
+once but one thread's programs one after another. Two threads stepping two parts of 4 MNIST-1D CNN
+members kept 1.7 of 2 cores busy and took 5.5 ms per step of all 8, against 8.7 ms for one program
+mapping over the 8 (AMD EPYC, 2 cores; `experiments/results/sweeps/probe_group_step.md`). So on CPU
+``compare`` cuts each group into one part per lane (where the group has work enough to pay for a
+part's compilation, `parts_per_group`) and trains the groups and parts at once (`run_in_lanes`); on
+GPU and TPU one vmapped group already fills the device, and a lane is all there is.
 
 A lane that fails stops the others: they end at their next evaluation (`Stopped`), keeping
 every checkpoint they wrote, and the first error is raised once all have ended. Ctrl-C does the

@@ -16,10 +16,12 @@ How the members run (``mode``; `choose_mode` picks it for ``auto``):
   metric programs once.
 
 Each member keeps the data order, label noise and initial weights of its sequential run (the same
-seed gives the same batches and `jax.random.key`), so its results equal that run's up to float
-rounding. Members resume from their own checkpoints: a member that saved a later step than the
-others waits (its updates are masked) until the group reaches it. A member whose loss or weights
-become non-finite is reported as in a sequential run and frozen; the others go on.
+seed gives the same batches and `jax.random.key`), so its results equal that run's: bit for bit
+under ``map``, where the member's step compiles as the sequential one (`steps.make_member_step`),
+and up to float rounding under ``vmap``. Members resume from their own checkpoints: a member that
+saved a later step than the others waits (its updates are masked) until the group reaches it. A
+member whose loss or weights become non-finite is reported as in a sequential run and frozen; the
+others go on.
 
 A member's logged throughput (``train/examples_per_s``, ``train/step_time_s``) is the group's
 clock: its examples per second while it shared each step with the other members.
