@@ -10,6 +10,7 @@ import math
 import pathlib
 import shutil
 
+import filelock
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -196,11 +197,22 @@ def test_member_step_equals_each_sequential_step(mode):
 
 
 @pytest.fixture(scope="module")
-def sequential(tmp_path_factory):
-  """The eight runs of `TINY`, one after another on one device (today's path)."""
-  workdir = tmp_path_factory.mktemp("sequential")
-  config = _config(workdir, "compare.group_mode=sequential")
-  assert run_comparison(config, progress=False, devices=jax.devices()[:1]) == []
+def sequential(tmp_path_factory, worker_id):
+  """The eight runs of `TINY`, one after another on one device (today's path).
+
+  Trained once per test session: the xdist workers share the session's temporary directory, and
+  the first worker to need the runs trains them under a file lock while the others wait, then
+  read them (every test copies what it changes).
+  """
+  base = tmp_path_factory.getbasetemp()
+  session = base if worker_id == "master" else base.parent  # per session, seen by every worker
+  workdir, done = session / "sweeps_sequential", session / "sweeps_sequential.done"
+  with filelock.FileLock(session / "sweeps_sequential.lock"):
+    if not done.exists():
+      shutil.rmtree(workdir, ignore_errors=True)  # a worker that failed here left a partial one
+      config = _config(workdir, "compare.group_mode=sequential")
+      assert run_comparison(config, progress=False, devices=jax.devices()[:1]) == []
+      done.touch()
   return workdir
 
 
