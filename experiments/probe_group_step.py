@@ -5,11 +5,10 @@ one program (``lax.map``). The convolution's form decides which is fast on XLA:C
 (``model.conv: lax``) or patches @ kernel (``im2col``). This times, for each form, the train step
 of one run alone (the sequential run's program) and of ``--members`` members under ``map`` and
 ``vmap`` (the paper config's Adam step at batch 100; milliseconds, median of ``--reps`` calls
-after a warm-up call). The last
-columns time the ``map`` group cut into lanes (`xent_jax.train.lanes`: one part per CPU core,
-each part's steps chained in its own thread, as ``compare`` runs them): milliseconds per step of
-all members (wall time of ``--reps`` chained steps over ``--reps``), and the process's CPU time
-over its wall time while they ran.
+after a warm-up call). The last columns time the ``map`` group cut into lanes
+(`xent_jax.train.lanes`: one part per CPU core, each part's steps chained in its own thread, as
+``compare`` runs them): milliseconds per step of all members (wall time of ``--reps`` chained
+steps over ``--reps``), and the process's CPU time over its wall time while they ran.
 
 Usage:
   python experiments/probe_group_step.py [--members 8] [--reps 30]
@@ -108,24 +107,20 @@ def main():
       y_B,
       reps=args.reps,
     )
+    programs = {
+      mode: jax.jit(steps.over_members(step, mode, (0, None, 0, 0, 0))) for mode in ("map", "vmap")
+    }
     grouped = {
-      mode: _median_ms(
-        jax.jit(steps.over_members(step, mode, (0, None, 0, 0, 0))),
-        state,
-        {},
-        *stacked,
-        reps=args.reps,
-      )
-      for mode in ("map", "vmap")
+      mode: _median_ms(program, state, {}, *stacked, reps=args.reps)
+      for mode, program in programs.items()
     }
     ratio = grouped["map"] / m / alone
-    mapped = jax.jit(steps.over_members(step, "map", (0, None, 0, 0, 0)))
     bounds = [round(i * m / lanes) for i in range(lanes + 1)]
     parts = [
       jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], (state, {}, *stacked))
       for lo, hi in itertools.pairwise(bounds)
     ]
-    in_lanes, cores = _lanes_ms(mapped, parts, reps=args.reps)
+    in_lanes, cores = _lanes_ms(programs["map"], parts, reps=args.reps)
     print(
       f"| {conv} | {alone:.2f} | {grouped['map']:.2f} | {grouped['vmap']:.2f} | {ratio:.2f} "
       f"| {in_lanes:.2f} | {cores:.2f} |"

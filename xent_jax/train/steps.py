@@ -92,10 +92,8 @@ def make_member_step(graphdef, config: Config, traced: tuple[str, ...]):
   """
 
   def member_step(state, values, x_BxF, y_B, active):
-    def update(pure):
-      current = jax.tree.map(lambda a: a, state)  # the state's structure, filled with ``pure``
-      nnx.replace_by_pure_dict(current, pure)
-      model, optimizer = nnx.merge(graphdef, current)
+    def update(state):
+      model, optimizer = nnx.merge(graphdef, state)
       if "optim.learning_rate" in traced:
         optim = dataclasses.replace(config.optim, learning_rate=values["optim.learning_rate"])
         optimizer.tx = build_optimizer(optim, config.train.num_steps)
@@ -103,15 +101,12 @@ def make_member_step(graphdef, config: Config, traced: tuple[str, ...]):
       hparams.update({k.split(".", 2)[2]: v for k, v in values.items() if k.startswith("loss.")})
       objective = make_objective(dataclasses.replace(config.loss, hparams=hparams))
       loss, finite = _update(model, optimizer, objective, x_BxF, y_B)
-      return nnx.to_pure_dict(nnx.state((model, optimizer))), loss.astype(jnp.float32), finite
+      return nnx.state((model, optimizer)), loss.astype(jnp.float32), finite
 
-    def keep(pure):
-      return pure, jnp.zeros((), jnp.float32), jnp.ones((), bool)
+    def keep(state):
+      return state, jnp.zeros((), jnp.float32), jnp.ones((), bool)
 
-    pure, loss, finite = jax.lax.cond(active, update, keep, nnx.to_pure_dict(state))
-    new = jax.tree.map(lambda a: a, state)
-    nnx.replace_by_pure_dict(new, pure)
-    return new, loss, finite
+    return jax.lax.cond(active, update, keep, state)
 
   return member_step
 
