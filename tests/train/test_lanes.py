@@ -1,11 +1,13 @@
 """Lanes: groups trained side by side in threads, the first error stopping the others."""
 
+import pathlib
 import threading
 import time
 
 import jax
 import pytest
 
+from xent_jax import cli
 from xent_jax.train import compare, load_config, logs
 from xent_jax.train.compare import run_comparison, run_dir
 from xent_jax.train.config import expand_grid
@@ -18,6 +20,8 @@ from xent_jax.train.lanes import (
 )
 from xent_jax.train.trainer import CHECKPOINT_DIR
 
+QUICK = str(pathlib.Path(__file__).parents[2] / "configs" / "digits_quick.yaml")
+
 
 def test_lane_rule():
   assert choose_lanes(3, "vmap", "gpu") == 3  # set: as given
@@ -29,6 +33,15 @@ def test_lane_rule():
   assert parts_per_group(8, 20, 2, forced=True) == 2
   assert parts_per_group(3, 20, 8, forced=True) == 3  # at least one member a part
   assert parts_per_group(63, 8000, 1, forced=True) == 1
+
+
+@pytest.mark.parametrize("flags", [["--lanes", "-1"], ["compare.lanes=-2"]])
+def test_a_negative_lane_count_is_refused_naming_the_key(tmp_path, capsys, flags):
+  status = cli.main(["compare", QUICK, *flags, "--workdir", str(tmp_path)])
+  err = capsys.readouterr().err
+  assert status == 2 and err.count("\n") == 1, err
+  assert "config key 'compare.lanes'" in err and ">= 0" in err, err
+  assert not any(tmp_path.iterdir())  # nothing started
 
 
 def test_tasks_run_at_most_lanes_at_once_and_return_in_order():
@@ -85,7 +98,7 @@ def test_a_stopped_lane_keeps_its_rows_and_checkpoints_and_resumes(tmp_path, mon
   fails) raises `Stopped`, leaves each member's rows and checkpoints of that step, and a rerun
   finishes every member from them."""
   config = load_config(
-    "configs/digits_quick.yaml",
+    QUICK,
     (
       f"workdir={tmp_path}",
       "model.hidden_dims=[8]",

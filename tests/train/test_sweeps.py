@@ -296,20 +296,23 @@ def test_a_diverging_member_is_reported_and_the_others_finish(tmp_path):
 
 
 @pytest.mark.parametrize(
-  "flags, mode, budget",
+  "flags, mode, budget, lanes",
   [
-    ([], "auto", 2048),
-    (["--sequential"], "sequential", 2048),
-    (["--group-mode", "vmap", "--group-memory-mb", "64"], "vmap", 64),
+    ([], "auto", 2048, 0),
+    (["--sequential"], "sequential", 2048, 0),
+    (["--group-mode", "vmap", "--group-memory-mb", "64"], "vmap", 64, 0),
+    (["--group-mode", "map", "--lanes", "3"], "map", 2048, 3),
   ],
 )
-def test_compare_flags_choose_how_groups_run(monkeypatch, flags, mode, budget):
+def test_compare_flags_choose_how_groups_run(monkeypatch, flags, mode, budget, lanes):
   seen = {}
   monkeypatch.setattr(
     compare, "run_comparison", lambda config, **_: seen.update(compare=config.compare) or []
   )
   assert cli.main(["compare", QUICK, "--no-progress", *flags]) == 0
-  assert (seen["compare"].group_mode, seen["compare"].group_memory_mb) == (mode, budget)
+  compare_config = seen["compare"]
+  assert (compare_config.group_mode, compare_config.group_memory_mb) == (mode, budget)
+  assert compare_config.lanes == lanes
 
 
 def test_sequential_and_group_mode_exclude_each_other(capsys):
