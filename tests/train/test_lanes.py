@@ -94,9 +94,10 @@ def test_the_first_error_stops_the_other_lanes_and_is_raised():
 
 @pytest.mark.slow
 def test_a_stopped_lane_keeps_its_rows_and_checkpoints_and_resumes(tmp_path, monkeypatch):
-  """A comparison whose lanes are stopped at their first evaluation (as when another lane
-  fails) raises `Stopped`, leaves each member's rows and checkpoints of that step, and a rerun
-  finishes every member from them."""
+  """A comparison (two losses x two seeds: two groups, cut into four parts for two lanes)
+  whose lanes are stopped at their first evaluation (as when another lane fails) raises
+  `Stopped`, leaves each member's rows and checkpoints of that step, and a rerun finishes every
+  member from them."""
   config = load_config(
     QUICK,
     (
@@ -108,6 +109,7 @@ def test_a_stopped_lane_keeps_its_rows_and_checkpoints_and_resumes(tmp_path, mon
       "train.eval_every=10",
       "train.checkpoint_every=10",
       "compare.seeds=[0,1]",
+      "compare.variants=[{name: cross_entropy}, {name: focal}]",
       "compare.group_mode=map",
       "compare.lanes=2",
     ),
