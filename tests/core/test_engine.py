@@ -48,12 +48,17 @@ def test_forward_mode_agrees_with_reverse_mode(fn, hparams, smoothing):
   loss = lambda x: fn(x, LABELS, class_weight=WEIGHT, **hparams)
   with jax.enable_x64(True):
     check_grads(jax.jit(loss), (jnp.asarray(LOGITS, jnp.float64),), order=1, modes=("fwd", "rev"))
-  grad = jax.jit(jax.grad(loss))(LOGITS)
-  np.testing.assert_allclose(jax.jit(jax.jacfwd(loss))(LOGITS), grad, rtol=1e-5, atol=1e-7)
-  value, linear = jax.linearize(jax.jit(loss), LOGITS)
+
+  def derivatives(x, tangent):
+    value, linear = jax.linearize(loss, x)
+    return loss(x), value, linear(tangent), jax.grad(loss)(x), jax.jacfwd(loss)(x)
+
   tangent = jnp.asarray(RNG.normal(size=LOGITS.shape), jnp.float32)
-  np.testing.assert_allclose(linear(tangent), jnp.vdot(grad, tangent), rtol=1e-4)
-  np.testing.assert_allclose(value, loss(LOGITS), rtol=1e-6)
+  # One program for all four (each compiled program costs more here than its work).
+  plain, value, directional, grad, jac = jax.jit(derivatives)(LOGITS, tangent)
+  np.testing.assert_allclose(jac, grad, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(directional, jnp.vdot(grad, tangent), rtol=1e-4)
+  np.testing.assert_allclose(value, plain, rtol=1e-6)
 
 
 @pytest.mark.parametrize("fn,hparams", PUBLIC_LOSSES, ids=IDS)
@@ -262,7 +267,7 @@ def test_every_engine_loss_has_a_vocab_parallel_form(name, label_smoothing):
     class_weight=weight,
     where=where,
   )
-  want, want_grad = jax.value_and_grad(full)(logits)
+  want, want_grad = jax.jit(jax.value_and_grad(full))(logits)
   got, got_grad = jax.jit(jax.value_and_grad(sharded))(logits)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(got_grad), want_grad, rtol=1e-4, atol=1e-6)
@@ -289,7 +294,7 @@ def test_every_engine_loss_has_a_vocab_parallel_form_with_probability_labels(nam
   sharded = lambda x, q: loss.vocab_parallel(
     x, q, mesh=mesh, data_axis="data", class_weight=weight, where=where
   )
-  want, want_grads = jax.value_and_grad(full, argnums=(0, 1))(logits, probs)
+  want, want_grads = jax.jit(jax.value_and_grad(full, argnums=(0, 1)))(logits, probs)
   got, got_grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))(logits, probs)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for g, w in zip(got_grads, want_grads):
@@ -434,13 +439,24 @@ def test_fused_form_of_an_empty_batch_is_the_logits_path(name):
   weight = jnp.ones((9, 4), jnp.bfloat16)
   labels = jnp.zeros((2, 0), jnp.int32)
   loss = xent_jax.get_loss(name)
-  for reduction in ("mean", "sum", "none"):
-    got = loss.linear(hidden, weight, labels, reduction=reduction)
-    want = loss(jnp.zeros((2, 0, 9), jnp.bfloat16), labels, reduction=reduction)
+
+  def everything(hidden, weight, labels):
+    """Per reduction the fused and the logits path's loss, the gradient, the statistics."""
+    losses = {
+      reduction: (
+        loss.linear(hidden, weight, labels, reduction=reduction),
+        loss(jnp.zeros((2, 0, 9), jnp.bfloat16), labels, reduction=reduction),
+      )
+      for reduction in ("mean", "sum", "none")
+    }
+    grad = jax.grad(lambda w: jnp.sum(loss.linear(hidden, w, labels)))(weight)
+    return losses, grad, loss.linear(hidden, weight, labels, return_stats=True)[1]
+
+  # One jitted program (eagerly, each primitive would compile on its own).
+  losses, grad, stats = jax.jit(everything)(hidden, weight, labels)
+  for got, want in losses.values():
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-  grad = jax.grad(lambda w: jnp.sum(loss.linear(hidden, w, labels)))(weight)
   np.testing.assert_array_equal(np.asarray(grad, np.float32), 0.0)
-  _, stats = loss.linear(hidden, weight, labels, return_stats=True)
   assert {k: v.shape for k, v in stats.items()} == dict.fromkeys(
     ("entropy", "lse", "log_prob"), (2, 0)
   )
@@ -514,10 +530,10 @@ def test_fused_form_works_in_forward_mode(name, reduction):
     fused = lambda h, w: loss.linear(h, w, labels, reduction=reduction)
     full = lambda h, w: loss(h @ w.T, labels, reduction=reduction)
     tangents = (jnp.asarray(RNG.normal(size=(14, 5))), jnp.asarray(RNG.normal(size=(9, 5))))
-    # Jitted: eager, every primitive of the loops compiles separately.
-    jvp = lambda f: jax.jit(lambda p, t: jax.jvp(f, p, t))
-    got = jvp(fused)((hidden, weight), tangents)
-    want = jvp(full)((hidden, weight), tangents)
+    # One jitted program for both: eager, every primitive of the loops compiles separately.
+    got, want = jax.jit(
+      lambda p, t: (jax.jvp(fused, p, t), jax.jvp(full, p, t)),
+    )((hidden, weight), tangents)
     for g, w in zip(got, want):
       np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
     summed = jax.jit(lambda h, w: jnp.sum(fused(h, w)))
@@ -601,8 +617,22 @@ def test_fused_head_blocks_equal_the_logits_path(name, order, monkeypatch):
     fused = lambda h, w: loss.linear(h, as_layout(w), labels, return_stats=True, **options)
     logits = lambda h, w: h @ w.T + bias[None]
     full = lambda h, w: loss(logits(h, w), labels, class_weight=class_weight, reduction="none")
-    got, stats = jax.jit(fused)(hidden, weight)
-    np.testing.assert_allclose(got, jax.jit(full)(hidden, weight), rtol=1e-10, atol=1e-12)
+    per_row = lambda h, w: fused(h, w)[0]
+    tangents = (jnp.asarray(RNG.normal(size=(14, 5))), jnp.asarray(RNG.normal(size=(9, 5))))
+    scale = jnp.asarray(RNG.normal(size=14))
+
+    def derivatives(f, h, w):
+      """The JVP along the tangents and the gradients of ``sum(scale * f)``."""
+      weighted_sum = lambda h, w: jnp.sum(scale * f(h, w))
+      return jax.jvp(f, (h, w), tangents), jax.grad(weighted_sum, argnums=(0, 1))(h, w)
+
+    # One jitted program for both paths (each compiled program costs more here than its work).
+    # Jitted: eager, every primitive of the loops compiles separately.
+    both = jax.jit(
+      lambda h, w: (fused(h, w), full(h, w), derivatives(per_row, h, w), derivatives(full, h, w))
+    )
+    (got, stats), want_values, (got_jvp, got_grads), (want_jvp, want_grads) = both(hidden, weight)
+    np.testing.assert_allclose(got, want_values, rtol=1e-10, atol=1e-12)
     log_p = jax.nn.log_softmax(logits(hidden, weight))
     valid = labels != -100
     want_stats = {
@@ -612,17 +642,9 @@ def test_fused_head_blocks_equal_the_logits_path(name, order, monkeypatch):
     }
     for key, want in want_stats.items():
       np.testing.assert_allclose(stats[key], jnp.where(valid, want, 0), rtol=1e-10, atol=1e-12)
-    tangents = (jnp.asarray(RNG.normal(size=(14, 5))), jnp.asarray(RNG.normal(size=(9, 5))))
-    per_row = lambda h, w: fused(h, w)[0]
-    # Jitted: eager, every primitive of the loops compiles separately.
-    jvp = lambda f: jax.jit(lambda p, t: jax.jvp(f, p, t))((hidden, weight), tangents)
-    for g, w in zip(jvp(per_row), jvp(full)):
+    for g, w in zip(got_jvp, want_jvp):
       np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
-    scale = jnp.asarray(RNG.normal(size=14))
-    grad = lambda f: jax.jit(jax.grad(lambda h, w: jnp.sum(scale * f(h, w)), argnums=(0, 1)))
-    grads = grad(per_row)(hidden, weight)
-    want = grad(full)(hidden, weight)
-    for g, w in zip(grads, want):
+    for g, w in zip(got_grads, want_grads):
       np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
 
 

@@ -64,7 +64,10 @@ def _call(logits, labels, options, reduction, **extra):
 @given(problems())
 def test_matches_reference(problem):
   logits, labels, options, reduction = problem
-  got = np.asarray(_call(logits, labels, options, reduction), np.float64)
+  # Jitted: each example has new shapes, and eagerly each primitive would compile on its own
+  # (about 20 programs an example); the eager path at random shapes is the test below.
+  loss = jax.jit(lambda x, y: _call(x, y, options, reduction))
+  got = np.asarray(loss(jnp.asarray(logits), jnp.asarray(labels)), np.float64)
   want = ref.cross_entropy(logits, labels, reduction=reduction, **options)
   assert got.shape == np.shape(want)
   np.testing.assert_allclose(got, want, rtol=5e-5, atol=5e-5)

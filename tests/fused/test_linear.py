@@ -695,14 +695,21 @@ class TestForwardMode:
 
       primals = tuple(jnp.asarray(a) for a in (hidden, weight, bias))
       tangents = tuple(jnp.asarray(t) for t in tangents)
-      # Everything jitted: eager, every primitive of the loops compiles separately.
-      got = jax.jit(lambda p, t: jax.jvp(fused, p, t))(primals, tangents)
-      want = jax.jit(lambda p, t: jax.jvp(unfused, p, t))(primals, tangents)
+      # Everything jitted (eager, every primitive of the loops compiles separately), and in one
+      # program per loss (each compiled program costs more here than its work).
+      got, linearized, jac = jax.jit(
+        lambda p, t: (
+          jax.jvp(fused, p, t),
+          jax.linearize(fused, *p)[1](*t),
+          jax.jacfwd(fused, argnums=(0, 1, 2))(*p),
+        )
+      )(primals, tangents)
+      want, grads = jax.jit(
+        lambda p, t: (jax.jvp(unfused, p, t), jax.grad(unfused, argnums=(0, 1, 2))(*p))
+      )(primals, tangents)
       np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
-      _, linear = jax.linearize(jax.jit(fused), *primals)
-      np.testing.assert_allclose(linear(*tangents), want[1], rtol=1e-10, atol=1e-12)
-      jac = jax.jit(jax.jacfwd(fused, argnums=(0, 1, 2)))(*primals)
-      for got_jac, grad in zip(jac, jax.jit(jax.grad(unfused, argnums=(0, 1, 2)))(*primals)):
+      np.testing.assert_allclose(linearized, want[1], rtol=1e-10, atol=1e-12)
+      for got_jac, grad in zip(jac, grads):
         np.testing.assert_allclose(got_jac, grad, rtol=1e-10, atol=1e-12)
       check_grads(jax.jit(fused), primals, order=1, modes=("fwd", "rev"))
 
@@ -769,26 +776,36 @@ class TestForwardMode:
 
       primals = tuple(jnp.asarray(a) for a in (hidden, weight, bias))
       tangents = tuple(jnp.asarray(t) for t in tangents)
-      # Everything jitted: eager, every primitive of the loops compiles separately.
-      got = jax.jit(lambda p, t: jax.jvp(fused, p, t))(primals, tangents)
-      want = jax.jit(lambda p, t: jax.jvp(unfused, p, t))(primals, tangents)
-      np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
-      assert plans and not any(p.one_pass for p in plans)
-      _, linear = jax.linearize(jax.jit(fused), *primals)
-      np.testing.assert_allclose(linear(*tangents), want[1], rtol=1e-10, atol=1e-12)
-      jac = jax.jit(jax.jacfwd(fused, argnums=(0, 1, 2)))(*primals)
-      for got_jac, want_jac in zip(jac, jax.jit(jax.jacrev(unfused, argnums=(0, 1, 2)))(*primals)):
-        np.testing.assert_allclose(got_jac, want_jac, rtol=1e-10, atol=1e-12)
-
-      # Per-example gradients: two copies of the batch, the second scaled.
+      # Per-example gradients: two copies of the batch, the second scaled; vmapped for the fused
+      # loss, one at a time for the unfused one.
       summed = lambda f: lambda h, w, b: jnp.sum(f(h, w, b))
       batch = jnp.stack([primals[0], 0.5 * primals[0]])
-      per_example = jax.jit(jax.vmap(jax.grad(summed(fused), argnums=(0, 1, 2)), (0, None, None)))
-      got = per_example(batch, *primals[1:])
-      unfused_grad = jax.jit(jax.grad(summed(unfused), argnums=(0, 1, 2)))
-      for k, h in enumerate(batch):
-        want = unfused_grad(h, *primals[1:])
-        for got_grad, want_grad in zip(got, want):
+      per_example = jax.vmap(jax.grad(summed(fused), argnums=(0, 1, 2)), (0, None, None))
+      unfused_grad = jax.grad(summed(unfused), argnums=(0, 1, 2))
+      # Everything jitted (eager, every primitive of the loops compiles separately), and in one
+      # program per loss (each compiled program costs more here than its work).
+      got, linearized, jac, got_per_example = jax.jit(
+        lambda p, t, batch: (
+          jax.jvp(fused, p, t),
+          jax.linearize(fused, *p)[1](*t),
+          jax.jacfwd(fused, argnums=(0, 1, 2))(*p),
+          per_example(batch, *p[1:]),
+        )
+      )(primals, tangents, batch)
+      want, want_jacs, want_per_example = jax.jit(
+        lambda p, t, batch: (
+          jax.jvp(unfused, p, t),
+          jax.jacrev(unfused, argnums=(0, 1, 2))(*p),
+          [unfused_grad(h, *p[1:]) for h in batch],
+        )
+      )(primals, tangents, batch)
+      np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+      assert plans and not any(p.one_pass for p in plans)
+      np.testing.assert_allclose(linearized, want[1], rtol=1e-10, atol=1e-12)
+      for got_jac, want_jac in zip(jac, want_jacs):
+        np.testing.assert_allclose(got_jac, want_jac, rtol=1e-10, atol=1e-12)
+      for k, want in enumerate(want_per_example):
+        for got_grad, want_grad in zip(got_per_example, want):
           np.testing.assert_allclose(got_grad[k], want_grad, rtol=1e-10, atol=1e-12)
       check_grads(jax.jit(fused), primals, order=1, modes=("fwd", "rev"))
 

@@ -111,10 +111,14 @@ def _assert_close(actual, expected, rtol=2e-5, atol=2e-6):
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
 def test_values_match_reference(layout, label_kind, option_name):
   logits, labels, options = _case(layout, label_kind, option_name)
-  for reduction in ref.REDUCTIONS:
-    got = xent_jax.cross_entropy(
-      jnp.asarray(logits), jnp.asarray(labels), reduction=reduction, **_jnp_options(options)
-    )
+  # One jitted program for the three reductions (eagerly, each primitive of each would compile
+  # on its own for these shapes and options); eager calls are tested below and in test_properties.
+  losses = jax.jit(
+    lambda x, y: {
+      r: xent_jax.cross_entropy(x, y, reduction=r, **_jnp_options(options)) for r in ref.REDUCTIONS
+    }
+  )(jnp.asarray(logits), jnp.asarray(labels))
+  for reduction, got in losses.items():
     want = ref.cross_entropy(logits, labels, reduction=reduction, **options)
     assert got.dtype == jnp.float32, reduction
     _assert_close(got, want)

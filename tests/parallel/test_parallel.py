@@ -123,8 +123,12 @@ class TestVocabParallelCrossEntropy:
 
     with jax.set_mesh(mesh):
       per_example, mean, grad = run(logits)
-    single = xent_jax.cross_entropy(logits, labels, reduction="none", **options)
-    single_grad = jax.grad(lambda x: xent_jax.cross_entropy(x, labels, **options))(logits)
+    single, single_grad = jax.jit(
+      lambda x: (
+        xent_jax.cross_entropy(x, labels, reduction="none", **options),
+        jax.grad(lambda x: xent_jax.cross_entropy(x, labels, **options))(x),
+      )
+    )(logits)
     np.testing.assert_allclose(per_example, single, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(grad, single_grad, rtol=1e-5, atol=1e-6)
     _close(per_example, ref.cross_entropy(logits, labels, reduction="none", **options))
