@@ -249,11 +249,11 @@ def test_traced_equals_concrete(case, inputs):
   run = functools.partial(_value_grad_jvp, case, logits, labels, tangent)
   values = jnp.asarray([*case.values, case.invalid], jnp.float32)
   losses, grads, jvps = jax.jit(jax.vmap(run))(values)
-  # The concrete calls: the value a Python float inside each (jitted) program, as a user writes
-  # it; jitted rather than eager, so each is one compiled program instead of one per primitive.
-  concrete = jax.jit(run, static_argnums=0)
+  # The concrete calls: each value a Python float inside the program, as a user writes it; all
+  # in one jitted program rather than eager (one compiled program instead of one per primitive).
+  concrete = jax.jit(lambda: [run(value) for value in case.values])()
   for i, value in enumerate(case.values):
-    want_loss, want_grad, want_jvp = concrete(value)
+    want_loss, want_grad, want_jvp = concrete[i]
     np.testing.assert_allclose(losses[i], want_loss, rtol=2e-6, atol=1e-7)
     np.testing.assert_allclose(grads[i], want_grad, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(jvps[i], want_jvp, rtol=1e-5, atol=1e-6)
@@ -301,14 +301,18 @@ def test_probability_labels_and_reduction_none(name, hparam, values, inputs):
     return registry.get_loss(name, **{hparam: v})(x, q, reduction="none")
 
   total = lambda x, v: jnp.sum(per_example(x, v))
-  swept = jax.jit(jax.vmap(lambda v: (per_example(logits, v), jax.grad(total)(logits, v))))
-  losses, grads = swept(jnp.asarray(values))
-  for i, v in enumerate(values):
-    np.testing.assert_allclose(losses[i], per_example(logits, v), rtol=2e-6, atol=1e-7)
-    np.testing.assert_allclose(grads[i], jax.grad(total)(logits, v), rtol=1e-5, atol=1e-6)
+  run = lambda v: (per_example(logits, v), jax.grad(total)(logits, v))
+  losses, grads = jax.jit(jax.vmap(run))(jnp.asarray(values))
+  # The concrete calls (Python floats) in one jitted program, as in test_traced_equals_concrete.
+  concrete = jax.jit(lambda: [run(v) for v in values])()
+  for i, (want_loss, want_grad) in enumerate(concrete):
+    np.testing.assert_allclose(losses[i], want_loss, rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(grads[i], want_grad, rtol=1e-5, atol=1e-6)
   with jax.enable_x64(True):
     x64 = jnp.asarray(logits, jnp.float64)
-    check_grads(lambda v: total(x64, v), (jnp.float64(values[1]),), order=1, modes=("fwd", "rev"))
+    check_grads(
+      jax.jit(lambda v: total(x64, v)), (jnp.float64(values[1]),), order=1, modes=("fwd", "rev")
+    )
 
 
 # The fused linear layer: get_loss(...).linear (every loss) and linear_cross_entropy.
@@ -476,15 +480,15 @@ def test_bi_tempered_probability_labels_and_reduction_none(inputs):
   run = lambda *hparams: (per_example(logits, *hparams), jax.grad(total)(logits, *hparams))
   grid = [(0.5, 0.7, 0.1), (1.0, 1.0, 0.0), (0.8, 1.5, 0.2)]
   losses, grads = jax.jit(jax.vmap(run))(*jnp.asarray(grid).T)
-  concrete = jax.jit(run, static_argnums=(0, 1, 2))
-  for i, hparams in enumerate(grid):
-    want_loss, want_grad = concrete(*hparams)
+  # The concrete calls (Python floats) in one jitted program.
+  concrete = jax.jit(lambda: [run(*hparams) for hparams in grid])()
+  for i, (want_loss, want_grad) in enumerate(concrete):
     np.testing.assert_allclose(losses[i], want_loss, rtol=2e-6, atol=1e-7)
     np.testing.assert_allclose(grads[i], want_grad, rtol=1e-5, atol=1e-6)
   with jax.enable_x64(True):
     x64 = jnp.asarray(logits, jnp.float64)
     for t1, t2 in ((0.5, 0.7), (1.0, 1.0)):
-      fn = lambda eps, t1=t1, t2=t2: total(x64, t1, t2, eps)
+      fn = jax.jit(lambda eps, t1=t1, t2=t2: total(x64, t1, t2, eps))
       check_grads(fn, (jnp.float64(0.2),), order=1, modes=("fwd", "rev"))
 
 

@@ -236,8 +236,7 @@ def test_finite_values_and_gradients_at_extremes(fn, hparams, labels, dtype):
   logits = np.maximum(EXTREME_LOGITS, -100.0) if hparams.get("label_smoothing") else EXTREME_LOGITS
   logits = jnp.asarray(logits, dtype)
   loss_fn = lambda x: fn(x, labels, **hparams, reduction="none")
-  loss = jax.jit(loss_fn)(logits)
-  grad = jax.jit(jax.grad(lambda x: jnp.sum(loss_fn(x))))(logits)
+  loss, grad = jax.jit(lambda x: (loss_fn(x), jax.grad(lambda x: jnp.sum(loss_fn(x)))(x)))(logits)
   assert loss.dtype == jnp.float32 and grad.dtype == dtype
   assert np.all(np.isfinite(np.asarray(loss))), loss
   assert np.all(np.isfinite(np.asarray(grad, np.float32))), grad
@@ -289,9 +288,11 @@ def test_check_grads_float64(fn, hparams, label_kind):
     # Logits kept apart from truncation/support kinks by the fixed seed.
     logits = jnp.asarray(LOGITS[:4], jnp.float64)
     labels = INT_LABELS[:4] if label_kind == "integer" else PROBS[:4].astype(np.float64)
-    loss = lambda x: fn(x, labels, **hparams, weight=WEIGHT.astype(np.float64), reduction="mean")
+    loss = jax.jit(
+      lambda x: fn(x, labels, **hparams, weight=WEIGHT.astype(np.float64), reduction="mean")
+    )
     assert loss(logits).dtype == jnp.float64
-    check_grads(jax.jit(loss), (logits,), order=1, modes=["rev"])
+    check_grads(loss, (logits,), order=1, modes=["rev"])
 
 
 @pytest.mark.parametrize("fn,hparams", ALL_VARIANTS)
