@@ -77,13 +77,25 @@ def _assert_linear_derivatives(single, primals, tangents, value, tangent, jac, g
   """The sharded loss's value, JVP tangent, ``jacfwd`` and ``grad`` (over hidden, weight and
   bias) against the single-device loss ``single``: forward mode equals reverse mode, and both
   the single-device gradient."""
-  want_value, want_tangent = jax.jit(lambda p, t: jax.jvp(single, p, t))(primals, tangents)
+  (want_value, want_tangent), want_grads = jax.jit(
+    lambda p, t: (jax.jvp(single, p, t), jax.grad(single, argnums=(0, 1, 2))(*p))
+  )(primals, tangents)
   np.testing.assert_allclose(value, want_value, rtol=1e-5)
   np.testing.assert_allclose(tangent, want_tangent, rtol=1e-4, atol=1e-5)
-  want_grads = jax.jit(jax.grad(single, argnums=(0, 1, 2)))(*primals)
   for got_jac, grad, want in zip(jac, grads, want_grads):
     np.testing.assert_allclose(got_jac, grad, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+
+
+def _linear_derivatives(loss):
+  """``(primals, tangents) -> (jvp, jacfwd, grad)`` of ``loss(hidden, weight, bias)``, to jit as
+  one program (each compiled program costs more here than its work)."""
+  argnums = (0, 1, 2)
+  return lambda p, t: (
+    jax.jvp(loss, p, t),
+    jax.jacfwd(loss, argnums=argnums)(*p),
+    jax.grad(loss, argnums=argnums)(*p),
+  )
 
 
 def _linear_problem(rng, n=12):
@@ -586,20 +598,23 @@ class TestForwardMode:
     rng = np.random.default_rng(23)
     t_logits = rng.standard_normal(logits.shape).astype(np.float32)
     t_probs = rng.standard_normal(probs.shape).astype(np.float32)
+
+    def derivatives(x, q, tx, tq):
+      value, tangent = jax.jvp(sharded, (x, q), (tx, tq))
+      lin_value, linear = jax.linearize(sharded, x, q)
+      jacs = jax.jacfwd(sharded)(x, q), jax.jacfwd(sharded, argnums=1)(x, q)
+      grads = jax.grad(sharded, argnums=(0, 1))(x, q)
+      return value, tangent, lin_value, linear(tx, tq), jacs, grads
+
+    # One jitted program per loss: eager, every primitive in the shard_map compiles separately,
+    # and each compiled program costs more here than its work.
     with jax.set_mesh(mesh):
-      value, tangent = jax.jit(lambda x, q, tx, tq: jax.jvp(sharded, (x, q), (tx, tq)))(
+      value, tangent, lin_value, lin_tangent, (jac_logits, jac_probs), grads = jax.jit(derivatives)(
         logits, probs, t_logits, t_probs
       )
-      jac_logits = jax.jit(jax.jacfwd(sharded))(logits, probs)
-      jac_probs = jax.jit(jax.jacfwd(sharded, argnums=1))(logits, probs)
-      grads = jax.jit(jax.grad(sharded, argnums=(0, 1)))(logits, probs)
-      # Of the jitted loss: eager, every primitive in the shard_map compiles separately (about
-      # half of this test's time).
-      lin_value, linear = jax.linearize(jax.jit(sharded), logits, probs)
-      lin_tangent = jax.jit(linear)(t_logits, t_probs)
-    want_value, want_tangent = jax.jit(lambda p, t: jax.jvp(single, p, t))(
-      (logits, probs), (t_logits, t_probs)
-    )
+    (want_value, want_tangent), want_probs_grad = jax.jit(
+      lambda p, t: (jax.jvp(single, p, t), jax.grad(single, argnums=1)(*p))
+    )((logits, probs), (t_logits, t_probs))
     _close(value, ref.cross_entropy(logits, probs, **options))
     _close(lin_value, want_value)
     np.testing.assert_allclose(tangent, want_tangent, rtol=1e-5, atol=1e-6)
@@ -608,9 +623,7 @@ class TestForwardMode:
     np.testing.assert_allclose(jac_logits, grads[0], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(jac_probs, grads[1], rtol=1e-5, atol=1e-7)
     _close(grads[0], ref.cross_entropy_grad(logits, probs, **options), 1e-5)
-    np.testing.assert_allclose(
-      grads[1], jax.jit(jax.grad(single, argnums=1))(logits, probs), rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(grads[1], want_probs_grad, rtol=1e-5, atol=1e-6)
 
   def test_integer_labels_jacfwd_equals_grad(self):
     logits, labels, options = self._problem(FORWARD_OPTIONS["uniform_zloss_weight_where"], False)
@@ -640,11 +653,9 @@ class TestForwardMode:
     )
     single = lambda h, w, b: xent_jax.linear_cross_entropy(h, w, labels, bias=b, **options)
     with jax.set_mesh(mesh):
-      value, tangent = jax.jit(lambda p, t: jax.jvp(sharded, p, t))(
+      (value, tangent), jac, grads = jax.jit(_linear_derivatives(sharded))(
         (hidden, weight, bias), tangents
       )
-      jac = jax.jit(jax.jacfwd(sharded, argnums=(0, 1, 2)))(hidden, weight, bias)
-      grads = jax.jit(jax.grad(sharded, argnums=(0, 1, 2)))(hidden, weight, bias)
     _assert_linear_derivatives(single, (hidden, weight, bias), tangents, value, tangent, jac, grads)
 
   @pytest.mark.parametrize(
@@ -688,12 +699,9 @@ class TestForwardMode:
     batch = np.stack([hidden, 0.5 * hidden])
     per_example = jax.vmap(jax.grad(sharded, argnums=(0, 1, 2)), (0, None, None))
     with jax.set_mesh(mesh):
-      value, tangent = jax.jit(lambda p, t: jax.jvp(sharded, p, t))(
-        (hidden, weight, bias), tangents
-      )
-      jac = jax.jit(jax.jacfwd(sharded, argnums=(0, 1, 2)))(hidden, weight, bias)
-      grads = jax.jit(jax.grad(sharded, argnums=(0, 1, 2)))(hidden, weight, bias)
-      got_per_example = jax.jit(per_example)(batch, weight, bias)
+      ((value, tangent), jac, grads), got_per_example = jax.jit(
+        lambda p, t, batch: (_linear_derivatives(sharded)(p, t), per_example(batch, *p[1:]))
+      )((hidden, weight, bias), tangents, batch)
     _assert_linear_derivatives(single, (hidden, weight, bias), tangents, value, tangent, jac, grads)
     single_grad = jax.jit(jax.grad(single, argnums=(0, 1, 2)))
     for k, h in enumerate(batch):
