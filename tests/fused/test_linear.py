@@ -322,7 +322,10 @@ class TestFeatures:
         **kwargs,
       )
       check_grads(
-        fn, (jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(bias)), order=1, modes=("rev",)
+        jax.jit(fn),
+        (jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(bias)),
+        order=1,
+        modes=("rev",),
       )
 
   @pytest.mark.parametrize(

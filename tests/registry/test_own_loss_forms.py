@@ -104,7 +104,7 @@ def test_plain_loss_takes_the_class_axis_anywhere(module):
 
 def test_plain_loss_gradient(module):
   loss_fn = xent_jax.get_loss(f"{module}:powered_nll", margin=0.5, power=2.0)
-  f = lambda x: loss_fn(x, LABELS, class_weight=CLASS_WEIGHT, where=WHERE)
+  f = jax.jit(lambda x: loss_fn(x, LABELS, class_weight=CLASS_WEIGHT, where=WHERE))
   check_grads(f, (jnp.asarray(LOGITS),), order=1, modes=("rev", "fwd"), eps=1e-2, atol=2e-2)
   # The masked row (label -100) and the row outside `where` get no gradient.
   grad = jax.grad(f)(jnp.asarray(LOGITS))
@@ -118,7 +118,7 @@ def test_kwargs_loss_gets_the_conventions(module):
   want = 3.0 * _reference(1.0, 1.0, class_weight=CLASS_WEIGHT, where=WHERE, reduction="sum")
   np.testing.assert_allclose(got, want, rtol=2e-6)
   check_grads(
-    lambda x: loss_fn(x, LABELS),
+    jax.jit(lambda x: loss_fn(x, LABELS)),
     (jnp.asarray(LOGITS),),
     order=1,
     modes=("rev",),
