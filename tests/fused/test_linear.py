@@ -360,17 +360,19 @@ class TestFeatures:
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)
     rounded = [np.asarray(bf(x), np.float64) for x in (hidden, weight, bias)]
     expected = _reference(*rounded, labels, "mean", {"label_smoothing": 0.1})
-    value, grads = jax.value_and_grad(
-      lambda h, w, b: xent_jax.linear_cross_entropy(
-        h,
-        w,
-        jnp.asarray(labels),
-        bias=b,
-        label_smoothing=0.1,
-        token_chunk_size=token_chunk,
-        vocab_chunk_size=vocab_chunk,
-      ),
-      argnums=(0, 1, 2),
+    value, grads = jax.jit(
+      jax.value_and_grad(
+        lambda h, w, b: xent_jax.linear_cross_entropy(
+          h,
+          w,
+          jnp.asarray(labels),
+          bias=b,
+          label_smoothing=0.1,
+          token_chunk_size=token_chunk,
+          vocab_chunk_size=vocab_chunk,
+        ),
+        argnums=(0, 1, 2),
+      )
     )(bf(hidden), bf(weight), bf(bias))
     assert value.dtype == jnp.float32
     assert all(g.dtype == jnp.bfloat16 for g in grads)
