@@ -297,9 +297,11 @@ def test_check_grads_float64(fn, hparams, label_kind):
 
 @pytest.mark.parametrize("fn,hparams", ALL_VARIANTS)
 def test_vmap_matches_per_example(fn, hparams):
-  per_example = fn(LOGITS, INT_LABELS, **hparams, reduction="none")
   single = lambda x, y: fn(x, y, **hparams, reduction="sum")
-  mapped = jax.vmap(single)(LOGITS, INT_LABELS)
+  # One jitted program (eagerly, each primitive would compile on its own).
+  per_example, mapped = jax.jit(
+    lambda x, y: (fn(x, y, **hparams, reduction="none"), jax.vmap(single)(x, y))
+  )(LOGITS, INT_LABELS)
   np.testing.assert_allclose(np.asarray(mapped), np.asarray(per_example), rtol=1e-6, atol=1e-7)
 
 
@@ -307,15 +309,25 @@ def test_vmap_matches_per_example(fn, hparams):
 def test_class_axis_one_matches_last_axis(fn, hparams):
   logits_nkl = RNG.normal(size=(2, K, 3)).astype(np.float32)
   labels_nl = np.array([[0, 4, 2], [1, -100, 3]], np.int32)
-  got = fn(logits_nkl, labels_nl, **hparams, axis=1, weight=WEIGHT, reduction="none")
-  want = fn(np.moveaxis(logits_nkl, 1, -1), labels_nl, **hparams, weight=WEIGHT, reduction="none")
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
   probs_nkl = np.moveaxis(RNG.dirichlet(np.ones(K), size=(2, 3)), -1, 1).astype(np.float32)
-  got = fn(logits_nkl, probs_nkl, **hparams, axis=1, reduction="none")
-  want = fn(
-    np.moveaxis(logits_nkl, 1, -1), np.moveaxis(probs_nkl, 1, -1), **hparams, reduction="none"
-  )
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+
+  def both_layouts(x, y, q):
+    """Per label kind, the loss with the classes on axis 1 and with them moved last."""
+    last = jnp.moveaxis(x, 1, -1)
+    return [
+      (
+        fn(x, y, **hparams, axis=1, weight=WEIGHT, reduction="none"),
+        fn(last, y, **hparams, weight=WEIGHT, reduction="none"),
+      ),
+      (
+        fn(x, q, **hparams, axis=1, reduction="none"),
+        fn(last, jnp.moveaxis(q, 1, -1), **hparams, reduction="none"),
+      ),
+    ]
+
+  # One jitted program (eagerly, each primitive would compile on its own).
+  for got, want in jax.jit(both_layouts)(logits_nkl, labels_nl, probs_nkl):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
 
 
 @pytest.mark.parametrize("fn,hparams", ALL_VARIANTS)
