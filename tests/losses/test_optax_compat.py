@@ -37,11 +37,17 @@ def _close(a, b, rtol=RTOL, atol=ATOL):
 
 
 def _assert_same_value_and_grad(ours, theirs, *args):
-  """Per-example values and the gradient of their sum agree (jitted: one compile each)."""
-  _close(jax.jit(ours)(*args), jax.jit(theirs)(*args))
-  g1 = jax.jit(jax.grad(lambda *a: ours(*a).sum()))(*args)
-  g2 = jax.jit(jax.grad(lambda *a: theirs(*a).sum()))(*args)
-  _close(g1, g2)
+  """Per-example values and the gradient of their sum agree; returns ours' values. Both
+  functions, values and gradients, in one jitted program (each compiled program costs more here
+  than its work, and eagerly each primitive would compile on its own)."""
+
+  def values_and_grads(*a):
+    return [(f(*a), jax.grad(lambda *b, f=f: f(*b).sum())(*a)) for f in (ours, theirs)]
+
+  (value, grad), (want_value, want_grad) = jax.jit(values_and_grads)(*args)
+  _close(value, want_value)
+  _close(grad, want_grad)
+  return value
 
 
 # --------------------------------------------- softmax_cross_entropy_with_integer_labels
@@ -73,8 +79,8 @@ def test_integer_labels_match_optax(shape, axis):
   labels = _int_labels(0, _batch(shape, axis), _class_count(shape, axis))
   ours = lambda x: xent_jax.softmax_cross_entropy_with_integer_labels(x, labels, axis)
   theirs = lambda x: optax.losses.softmax_cross_entropy_with_integer_labels(x, labels, axis)
-  _assert_same_value_and_grad(ours, theirs, logits)
-  _close(ours(logits), ref.optax_integer_cross_entropy(logits, labels, axis=axis))
+  value = _assert_same_value_and_grad(ours, theirs, logits)
+  _close(value, ref.optax_integer_cross_entropy(logits, labels, axis=axis))
 
 
 def _per_logit_where(rng, shape, axis, labels, include_label):
@@ -101,8 +107,8 @@ def test_integer_labels_with_where_match_optax(shape, axis, per):
     where = _per_logit_where(rng, shape, axis, labels, include_label=True)
   ours = lambda x: xent_jax.softmax_cross_entropy_with_integer_labels(x, labels, axis, where)
   theirs = lambda x: optax.losses.softmax_cross_entropy_with_integer_labels(x, labels, axis, where)
-  _assert_same_value_and_grad(ours, theirs, logits)
-  _close(ours(logits), ref.optax_integer_cross_entropy(logits, labels, axis=axis, where=where))
+  value = _assert_same_value_and_grad(ours, theirs, logits)
+  _close(value, ref.optax_integer_cross_entropy(logits, labels, axis=axis, where=where))
 
 
 @pytest.mark.parametrize("shape,axis", [((6, 9), -1), ((2, 3, 4, 5), (2, 3))])
@@ -114,8 +120,8 @@ def test_integer_labels_with_where_excluding_the_label_class_match_optax(shape, 
   where = _per_logit_where(rng, shape, axis, labels, include_label=False)
   ours = lambda x: xent_jax.softmax_cross_entropy_with_integer_labels(x, labels, axis, where)
   theirs = lambda x: optax.losses.softmax_cross_entropy_with_integer_labels(x, labels, axis, where)
-  _assert_same_value_and_grad(ours, theirs, logits)
-  _close(ours(logits), ref.optax_integer_cross_entropy(logits, labels, axis=axis, where=where))
+  value = _assert_same_value_and_grad(ours, theirs, logits)
+  _close(value, ref.optax_integer_cross_entropy(logits, labels, axis=axis, where=where))
 
 
 def test_integer_labels_where_excluding_every_class_gives_zero():
@@ -151,10 +157,8 @@ def test_integer_label_smoothing_equals_optax_one_hot_path(shape, axis, eps):
     targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), eps)
     return optax.losses.softmax_cross_entropy(flat, targets)
 
-  _assert_same_value_and_grad(ours, theirs, logits)
-  _close(
-    ours(logits), ref.optax_integer_cross_entropy(logits, labels, axis=axis, label_smoothing=eps)
-  )
+  value = _assert_same_value_and_grad(ours, theirs, logits)
+  _close(value, ref.optax_integer_cross_entropy(logits, labels, axis=axis, label_smoothing=eps))
 
 
 def test_integer_label_smoothing_with_per_example_where():
@@ -218,8 +222,8 @@ def test_dense_labels_with_where_match_optax(per):
   where = jnp.asarray(rng.random((5,) if per == "example" else (5, 6)) > 0.3)
   ours = lambda x: xent_jax.softmax_cross_entropy(x, labels, -1, where)
   theirs = lambda x: optax.losses.softmax_cross_entropy(x, labels, -1, where)
-  _assert_same_value_and_grad(ours, theirs, logits)
-  _close(ours(logits), ref.dense_softmax_cross_entropy(logits, labels, where=where))
+  value = _assert_same_value_and_grad(ours, theirs, logits)
+  _close(value, ref.dense_softmax_cross_entropy(logits, labels, where=where))
 
 
 def test_dense_label_smoothing_equals_smoothing_the_targets():
@@ -321,8 +325,8 @@ def test_poly_loss_matches_optax(epsilon, shape, axis):
   labels = _probs(12, shape, axis)
   ours = lambda x: xent_jax.poly_loss_cross_entropy(x, labels, epsilon=epsilon, axis=axis)
   theirs = lambda x: optax.losses.poly_loss_cross_entropy(x, labels, epsilon=epsilon, axis=axis)
-  _assert_same_value_and_grad(ours, theirs, logits)
-  _close(ours(logits), ref.poly_loss_cross_entropy(logits, labels, epsilon=epsilon, axis=axis))
+  value = _assert_same_value_and_grad(ours, theirs, logits)
+  _close(value, ref.poly_loss_cross_entropy(logits, labels, epsilon=epsilon, axis=axis))
 
 
 def test_poly_loss_with_where_matches_optax():
