@@ -1,6 +1,7 @@
 """Test session set-up: 8 fake CPU devices for the multi-device tests, XLA:CPU's fast-compiling
 settings, strict rank promotion, the `tpu` tests skipped where libtpu is absent."""
 
+import gc
 import importlib.util
 import os
 import subprocess
@@ -54,6 +55,21 @@ if _HAS_LIBTPU:
   # In the `tpu-test` venv libtpu loads with JAX's backends in every test process and subprocess:
   # on a host without a TPU, keep it from printing warnings and let every xdist worker load it.
   libtpu.quiet_libtpu()
+
+
+@pytest.fixture(autouse=True)
+def _freeze_what_outlives_the_test():
+  """After each test, moves every object still alive into the cyclic GC's permanent generation.
+
+  A worker keeps JAX's caches of every program it has traced and compiled (about 4 GiB by the
+  end), and each full collection of the cyclic GC scanned all of it: 27-35 s of each worker's
+  time in a run of the suite (gc callbacks), 0.34 s a collection in
+  ``tests/core/test_engine.py``. Frozen objects are not scanned again. The price: a reference
+  cycle that becomes garbage after its test ends is freed only when the worker exits (peak memory
+  of test_engine.py and test_variants.py together: 1887 MiB against 1860 MiB).
+  """
+  yield
+  gc.freeze()
 
 
 def pytest_collection_modifyitems(config, items):
