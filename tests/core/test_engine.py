@@ -54,7 +54,8 @@ def test_forward_mode_agrees_with_reverse_mode(fn, hparams, smoothing):
     return loss(x), value, linear(tangent), jax.grad(loss)(x), jax.jacfwd(loss)(x)
 
   tangent = jnp.asarray(RNG.normal(size=LOGITS.shape), jnp.float32)
-  # One program for all four (each compiled program costs more here than its work).
+  # One program for the plain value, linearize, grad and jacfwd (each compiled program costs more
+  # here than its work).
   plain, value, directional, grad, jac = jax.jit(derivatives)(LOGITS, tangent)
   np.testing.assert_allclose(jac, grad, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(directional, jnp.vdot(grad, tangent), rtol=1e-4)
@@ -631,8 +632,8 @@ def test_fused_head_blocks_equal_the_logits_path(name, order, monkeypatch):
       weighted_sum = lambda h, w: jnp.sum(scale * f(h, w))
       return jax.jvp(f, (h, w), tangents), jax.grad(weighted_sum, argnums=(0, 1))(h, w)
 
-    # One jitted program for both paths (each compiled program costs more here than its work).
-    # Jitted: eager, every primitive of the loops compiles separately.
+    # One jitted program for both paths: eager, every primitive of the loops compiles separately,
+    # and each compiled program costs more here than its work.
     both = jax.jit(
       lambda h, w: (fused(h, w), full(h, w), derivatives(per_row, h, w), derivatives(full, h, w))
     )
