@@ -649,6 +649,16 @@ class TestSliceKernels:
     np.testing.assert_allclose(d_hidden, g @ weight, rtol=1e-4, atol=1e-5)
 
 
+def _forward_derivatives(loss):
+  """``(primals, tangents) -> (jvp, linearize's tangent, jacfwd)`` of ``loss(hidden, weight,
+  bias)``, to jit as one program."""
+  return lambda p, t: (
+    jax.jvp(loss, p, t),
+    jax.linearize(loss, *p)[1](*t),
+    jax.jacfwd(loss, argnums=(0, 1, 2))(*p),
+  )
+
+
 class TestForwardMode:
   """Both schedules are custom JVPs. The one-pass schedule's tangent is the inner product of the
   gradients it computes with the inputs' tangents; the two-pass schedule's is a second blocked
@@ -702,13 +712,7 @@ class TestForwardMode:
       tangents = tuple(jnp.asarray(t) for t in tangents)
       # Everything jitted (eager, every primitive of the loops compiles separately), and in one
       # program per loss (each compiled program costs more here than its work).
-      got, linearized, jac = jax.jit(
-        lambda p, t: (
-          jax.jvp(fused, p, t),
-          jax.linearize(fused, *p)[1](*t),
-          jax.jacfwd(fused, argnums=(0, 1, 2))(*p),
-        )
-      )(primals, tangents)
+      got, linearized, jac = jax.jit(_forward_derivatives(fused))(primals, tangents)
       want, grads = jax.jit(
         lambda p, t: (jax.jvp(unfused, p, t), jax.grad(unfused, argnums=(0, 1, 2))(*p))
       )(primals, tangents)
@@ -789,13 +793,8 @@ class TestForwardMode:
       unfused_grad = jax.grad(summed(unfused), argnums=(0, 1, 2))
       # Everything jitted (eager, every primitive of the loops compiles separately), and in one
       # program per loss (each compiled program costs more here than its work).
-      got, linearized, jac, got_per_example = jax.jit(
-        lambda p, t, batch: (
-          jax.jvp(fused, p, t),
-          jax.linearize(fused, *p)[1](*t),
-          jax.jacfwd(fused, argnums=(0, 1, 2))(*p),
-          per_example(batch, *p[1:]),
-        )
+      (got, linearized, jac), got_per_example = jax.jit(
+        lambda p, t, batch: (_forward_derivatives(fused)(p, t), per_example(batch, *p[1:]))
       )(primals, tangents, batch)
       want, want_jacs, want_per_example = jax.jit(
         lambda p, t, batch: (
