@@ -146,23 +146,41 @@ def list_losses() -> dict[str, LossInfo]:
 def _validate(fn: Callable[..., jax.Array], hparams: Mapping[str, Any]) -> None:
   """Runs the loss's own option checks now, on abstract inputs (nothing is computed).
 
-  Hyper-parameters that are all Python scalars, strings or None are checked once per loss and
-  x64 mode (:func:`_validate_scalars` remembers the combinations that passed), so a config grid
-  of many runs traces each distinct loss once instead of once per run."""
+  A check that passed is remembered (the last ``_PASSED_LIMIT`` of them) for hyper-parameters
+  that are Python scalars, strings, None or traced values: what the checks can see of a traced
+  value is its abstract value (shape, dtype, weak type), which is all they look at, so a config
+  grid of many runs, or a sweep that builds its loss inside a jitted or vmapped step, traces each
+  distinct loss once. Concrete arrays are checked on every call (their entries may be read). A
+  failure raises and is not remembered."""
+  key = _check_key(fn, hparams)
+  if key is not None and key in _PASSED:
+    return
+  _check_on_abstract_inputs(fn, hparams)
+  if key is not None:
+    _PASSED[key] = None
+    if len(_PASSED) > _PASSED_LIMIT:
+      del _PASSED[next(iter(_PASSED))]
+
+
+_PASSED: dict[tuple, None] = {}  # insertion-ordered: the oldest entry goes first
+_PASSED_LIMIT = 1024
+
+
+def _check_key(fn: Callable[..., jax.Array], hparams: Mapping[str, Any]) -> tuple | None:
+  """What the checks of ``fn`` can see of ``hparams``, or None where a value is a concrete array.
+
+  Scalars enter with their type (``1 == True``), traced values with their abstract value, and the
+  x64 mode with the function."""
   scalars = (bool, int, float, str, type(None))
-  if all(type(value) in scalars for value in hparams.values()):
-    typed = tuple((k, type(v), v) for k, v in sorted(hparams.items()))
-    _validate_scalars(fn, jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64, typed)
-  else:
-    _check_on_abstract_inputs(fn, hparams)
-
-
-@functools.lru_cache(maxsize=1024)
-def _validate_scalars(fn: Callable[..., jax.Array], x64: bool, typed: tuple) -> None:
-  """:func:`_check_on_abstract_inputs` of ``(name, type, value)`` triples; a failure raises and is
-  not remembered. ``x64`` and the types are part of the key only (``1 == True``)."""
-  del x64
-  _check_on_abstract_inputs(fn, {name: value for name, _, value in typed})
+  seen = []
+  for name, value in sorted(hparams.items()):
+    if type(value) in scalars:
+      seen.append((name, type(value), value))
+    elif isinstance(value, jax.core.Tracer):
+      seen.append((name, jax.core.Tracer, jax.typeof(value)))
+    else:
+      return None
+  return (fn, jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64, tuple(seen))
 
 
 def _check_on_abstract_inputs(fn: Callable[..., jax.Array], hparams: Mapping[str, Any]) -> None:

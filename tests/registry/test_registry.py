@@ -185,6 +185,43 @@ def test_out_of_range_hparams_fail_in_get_loss(name, hparams, bad):
     xent_jax.get_loss(name, **hparams)
 
 
+def test_checks_run_once_per_scalar_value_or_traced_abstract_value(monkeypatch):
+  """get_loss remembers a passed check by what it could see: a scalar's value, a traced value's
+  shape and dtype. A new value, dtype or x64 mode is checked again; a concrete array every time;
+  a failure is never remembered."""
+  calls = []
+  check = xent_jax.registry._check_on_abstract_inputs
+  monkeypatch.setattr(
+    xent_jax.registry, "_check_on_abstract_inputs", lambda fn, h: calls.append(h) or check(fn, h)
+  )
+  monkeypatch.setattr(xent_jax.registry, "_PASSED", {})
+
+  def traced(gamma):
+    return xent_jax.get_loss("focal", gamma=gamma)(LOGITS, LABELS)
+
+  jax.jit(jax.vmap(traced))(jnp.asarray([0.5, 1.0]))
+  jax.jit(traced)(jnp.float32(3.0))  # another trace, the same abstract value: not checked
+  assert len(calls) == 1
+  jax.jit(traced)(jnp.float16(3.0))
+  jax.jit(traced)(3.0)  # a weakly typed float32
+  assert len(calls) == 3
+  xent_jax.get_loss("focal", gamma=1.5)
+  xent_jax.get_loss("focal", gamma=1.5)
+  assert len(calls) == 4
+  with jax.enable_x64(True):
+    xent_jax.get_loss("focal", gamma=1.5)
+  assert len(calls) == 5
+  xent_jax.get_loss("focal", alpha=np.array([1.0, 1.0, 1.0]))
+  xent_jax.get_loss("focal", alpha=np.array([1.0, 1.0, 1.0]))
+  assert len(calls) == 7
+  for _ in range(2):
+    with pytest.raises(ValueError, match="`gamma`"):
+      xent_jax.get_loss("focal", gamma=-1.0)
+  with pytest.raises(ValueError, match="`alpha`"):
+    xent_jax.get_loss("focal", alpha=np.array([1.0, -1.0, 1.0]))
+  assert len(calls) == 10
+
+
 def test_wrong_kind_of_hparam_fails_in_get_loss():
   with pytest.raises(TypeError, match="`order`"):
     xent_jax.get_loss("taylor_ce", order=2.5)
