@@ -115,7 +115,7 @@ if os.environ.get("XENT_USER"):  # drop root only now: the interpreter lives und
 sys.exit(main(sys.argv[1:]))
 """
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("figures_not_drawn")]
 
 
 def _env(cache: pathlib.Path | None, **extra) -> dict:

@@ -93,6 +93,7 @@ def test_the_first_error_stops_the_other_lanes_and_is_raised():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("figures_not_drawn")
 def test_a_stopped_lane_keeps_its_rows_and_checkpoints_and_resumes(tmp_path, monkeypatch):
   """A comparison (two losses x two seeds: two groups, cut into four parts for two lanes)
   whose lanes are stopped at their first evaluation (as when another lane fails) raises

@@ -45,7 +45,7 @@ TINY = (
   "{name: cross_entropy, hparams: {label_smoothing: 0.1}}]",
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("figures_not_drawn")]
 
 
 def _config(workdir, *overrides):
