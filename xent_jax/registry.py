@@ -176,7 +176,7 @@ def _check_key(fn: Callable[..., jax.Array], hparams: Mapping[str, Any]) -> tupl
   for name, value in sorted(hparams.items()):
     if type(value) in scalars:
       seen.append((name, type(value), value))
-    elif isinstance(value, jax.core.Tracer):
+    elif checks.is_traced(value):
       seen.append((name, jax.core.Tracer, jax.typeof(value)))
     else:
       return None
