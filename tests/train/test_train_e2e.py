@@ -18,6 +18,7 @@ import pytest
 
 from xent_jax.train import NonFiniteLossError, load_config, logs, train_and_evaluate, trainer
 from xent_jax.train.checkpoint import Checkpointer
+from xent_jax.train.data import load_dataset
 from xent_jax.train.trainer import RunDirectoryError
 
 ROOT = pathlib.Path(__file__).parents[2]
@@ -195,6 +196,31 @@ def test_nan_loss_stops_naming_the_step(tmp_path):
   assert f"up to step {bad_step - 1}" in str(info.value)
   assert logs.read_summary(workdir) is None
   assert max(row["step"] for row in logs.read_metrics(workdir)) == bad_step - 1
+
+
+def test_runs_that_differ_in_seed_or_labels_share_their_programs(tmp_path, monkeypatch):
+  """A sequential sweep's runs of one model, optimizer and loss trace and compile their programs
+  once: the seed is an argument of the initialisation (two seeds train two models), the labels
+  are data, and a run on the shared programs equals one on programs made afresh. Another loss or
+  learning rate gets its own programs."""
+  monkeypatch.setattr(trainer, "_RUN_PROGRAMS", {})
+  short = ("train.num_steps=10", "train.eval_every=5", "train.checkpoint_every=0")
+  configs = [
+    _config(*short, f"train.seed={seed}", f"data.label_noise={noise}")
+    for seed, noise in ((0, 0.0), (1, 0.0), (1, 0.3))
+  ]
+  runs = [tmp_path / f"run{i}" for i in range(len(configs))]
+  summaries = [train_and_evaluate(c, run, progress=False) for c, run in zip(configs, runs)]
+  assert len(trainer._RUN_PROGRAMS) == 1
+  assert summaries[0]["final"] != summaries[1]["final"]
+  assert summaries[1]["final"] != summaries[2]["final"]
+  monkeypatch.setattr(trainer, "_RUN_PROGRAMS", {})
+  train_and_evaluate(configs[2], tmp_path / "afresh", progress=False)
+  _same_results(tmp_path / "afresh", runs[2])
+  data = load_dataset(configs[0].data, image=False)
+  shared = trainer.run_programs(configs[0], data, jax.device_count())
+  for other in ("loss.name=focal", "optim.learning_rate=0.5"):
+    assert trainer.run_programs(_config(*short, other), data, jax.device_count()) is not shared
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py fakes them)")

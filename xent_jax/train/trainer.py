@@ -3,6 +3,7 @@
 import contextlib
 import logging
 import pathlib
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -19,8 +20,8 @@ from xent_jax.train.clock import StepClock, logs_after, saves_after
 from xent_jax.train.config import Config, ConfigError, loss_label, to_yaml
 from xent_jax.train.data import Dataset, eval_batches, load_dataset, train_batch
 from xent_jax.train.logs import RunDirectoryError
-from xent_jax.train.models import build_model
-from xent_jax.train.optim import DEFAULT_WEIGHT_DECAY, build_optimizer
+from xent_jax.train.members import graph_of, model_and_optimizer, model_key
+from xent_jax.train.optim import DEFAULT_WEIGHT_DECAY
 from xent_jax.train.parallel import check_batch_size, make_mesh, replicate, shard_batch
 from xent_jax.train.steps import (
   calibration_row,
@@ -241,7 +242,8 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, devices) ->
   recorded = workdir / logs.CONFIG_FILE
   if is_main and not recorded.exists():  # only now: a config refused above leaves no run behind
     logs.write_atomic(recorded, to_yaml(config))
-  graphdef, state = _initial_state(config, data, mesh)
+  programs = run_programs(config, data, mesh.size)
+  state = replicate(programs.initialize(np.int32(train.seed)), mesh)
   checkpointer, start_step = _resume(config, workdir, state)
   if is_main:
     logs.truncate_metrics(workdir, last_step=start_step)
@@ -257,8 +259,7 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, devices) ->
     )
     return shard_batch((x, y), mesh)
 
-  train_step = make_train_step(graphdef, make_objective(config.loss))
-  eval_step = make_eval_step(graphdef, num_bins=train.num_ece_bins, num_shards=mesh.size)
+  train_step, eval_step = programs.train_step, programs.eval_step
   if start_step < train.num_steps:
     train_step = train_step.lower(state, *batch(start_step)).compile()
 
@@ -295,7 +296,7 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, devices) ->
       )
     clock.restart()
   bar.close()
-  summary = _final_summary(config, graphdef, state, data, mesh, eval_step)
+  summary = _final_summary(config, programs, state, data, mesh)
   if checkpointer:
     checkpointer.close()
   if is_main:
@@ -315,23 +316,52 @@ def check_batch_sizes(train, mesh) -> None:
       raise ConfigError(f"config key '{key}': {err}") from None
 
 
-def _initial_state(config: Config, data: Dataset, mesh):
-  """``(graphdef, state)`` of the freshly initialised model and optimizer, replicated on
-  ``mesh``."""
-  train = config.train
-  input_shape = (data.seq_len,) if data.is_lm else data.x_train_NxF.shape[1:]
+class RunPrograms(NamedTuple):
+  """A sequential run's jitted programs (see `run_programs`)."""
 
-  @nnx.jit  # one compiled initialisation instead of one eager dispatch per parameter
-  def initialize():
-    model = build_model(
-      config.model, input_shape=input_shape, num_classes=data.num_classes, seed=train.seed
-    )
-    return model, nnx.Optimizer(
-      model, build_optimizer(config.optim, train.num_steps), wrt=nnx.Param
-    )
+  graphdef: nnx.GraphDef  # of the (model, optimizer) pair
+  initialize: jax.stages.Wrapped  # seed -> the fresh state of the pair
+  train_step: jax.stages.Wrapped  # `make_train_step`
+  eval_step: jax.stages.Wrapped  # `make_eval_step`
+  logits_step: jax.stages.Wrapped  # `make_logits_step`
 
-  graphdef, state = nnx.split(initialize())
-  return graphdef, replicate(state, mesh)
+
+# Each config's programs, kept for the process's lifetime: runs that differ only in their seed or
+# their labels (a sweep's seeds and label-noise rates) reuse them, so a sequential comparison
+# traces and compiles them once instead of once per run.
+_RUN_PROGRAMS: dict = {}
+
+
+def run_programs(config: Config, data: Dataset, num_shards: int) -> RunPrograms:
+  """The jitted programs of a run of ``config`` on ``data`` with ``num_shards`` devices, made once
+  per model, optimizer, loss, step count, evaluation setting and data shapes.
+
+  The seed is an argument of ``initialize`` (``jax.random.key(seed)``, what ``nnx.Rngs(seed)``
+  makes, and what a vectorized group's members start from: `members.initial_states`), not a
+  constant of its program.
+  """
+  key = (
+    *model_key(config, data),
+    to_yaml(config.optim),
+    to_yaml(config.loss),
+    config.train.num_steps,
+    config.train.num_ece_bins,
+    num_shards,
+  )
+  if key not in _RUN_PROGRAMS:
+    graphdef = graph_of(config, data)
+
+    def initialize(seed):
+      return nnx.split(model_and_optimizer(config, data, jax.random.key(seed)))[1]
+
+    _RUN_PROGRAMS[key] = RunPrograms(
+      graphdef=graphdef,
+      initialize=jax.jit(initialize),
+      train_step=make_train_step(graphdef, make_objective(config.loss)),
+      eval_step=make_eval_step(graphdef, num_bins=config.train.num_ece_bins, num_shards=num_shards),
+      logits_step=make_logits_step(graphdef),
+    )
+  return _RUN_PROGRAMS[key]
 
 
 def _resume(config: Config, workdir: pathlib.Path, state):
@@ -374,12 +404,12 @@ def nonfinite_error(losses, finite, done: int, workdir: pathlib.Path) -> NonFini
   )
 
 
-def _final_summary(config: Config, graphdef, state, data: Dataset, mesh, eval_step) -> dict:
+def _final_summary(config: Config, programs: RunPrograms, state, data: Dataset, mesh) -> dict:
   """The run's ``summary.json``: final evaluation and calibration, before and after temperature
   scaling."""
   train = config.train
-  final_row, bins = evaluate(eval_step, state, data, config, mesh)
-  logits_step = make_logits_step(graphdef)
+  final_row, bins = evaluate(programs.eval_step, state, data, config, mesh)
+  logits_step = programs.logits_step
   calibration, bins_ts = calibration_row(
     *split_logits(logits_step, state, data, config, mesh, "holdout"),
     *split_logits(logits_step, state, data, config, mesh, "test"),
