@@ -84,7 +84,14 @@ def _share_one_mlir_context() -> None:
     )
     return
   shared = make()
-  mlir.make_ir_context = lambda: shared
+
+  def make_ir_context():
+    # A program lowered while another is being lowered (the fused head's tuner compiles its
+    # candidates at trace time) gets a context of its own: MLIR hands an inner use of the same
+    # context the outer one's insertion point, where JAX's copy of the inner module would land.
+    return shared if mlir.ir.Context.current is None else make()
+
+  mlir.make_ir_context = make_ir_context
 
 
 if os.environ.get("XENT_JAX_TEST_XLA_DEFAULTS") != "1":
