@@ -82,7 +82,8 @@ def _summary_line(summary: dict) -> str:
 
 
 def _run_sequential(runs, workdir: pathlib.Path, *, progress: bool, devices) -> list[str]:
-  """One run after another, each its own program (`train_and_evaluate`)."""
+  """One run after another (`train_and_evaluate`); runs that differ only in seed or labels share
+  their compiled programs (`trainer.run_programs`)."""
   failures = []
   bar = tqdm(runs, disable=not progress, desc="runs", unit="run")
   for index, run in enumerate(bar, 1):
