@@ -4,6 +4,7 @@ Each test trains a tiny model for a few dozen steps through `train_and_evaluate`
 ``xent-jax`` entry point in a subprocess) and checks what the run left on disk.
 """
 
+import gc
 import os
 import pathlib
 import re
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import jax
 import numpy as np
@@ -221,6 +223,12 @@ def test_runs_that_differ_in_seed_or_labels_share_their_programs(tmp_path, monke
   shared = trainer.run_programs(configs[0], data, jax.device_count())
   for other in ("loss.name=focal", "optim.learning_rate=0.5"):
     assert trainer.run_programs(_config(*short, other), data, jax.device_count()) is not shared
+  # The kept programs hold the data's shapes, not its arrays.
+  kept = weakref.ref(data.x_train_NxF)
+  trainer.run_programs(_config(*short, "model.hidden_dims=[8]"), data, jax.device_count())
+  del data
+  gc.collect()
+  assert kept() is None
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py fakes them)")
