@@ -320,7 +320,6 @@ def check_batch_sizes(train, mesh) -> None:
 class RunPrograms(NamedTuple):
   """A sequential run's jitted programs (see `run_programs`)."""
 
-  graphdef: nnx.GraphDef  # of the (model, optimizer) pair
   initialize: jax.stages.Wrapped  # seed -> the fresh state of the pair
   train_step: jax.stages.Wrapped  # `make_train_step`
   eval_step: jax.stages.Wrapped  # `make_eval_step`
@@ -357,7 +356,6 @@ def run_programs(config: Config, data: Dataset, num_shards: int) -> RunPrograms:
       return nnx.split(model_and_optimizer(config, shapes, jax.random.key(seed)))[1]
 
     _RUN_PROGRAMS[key] = RunPrograms(
-      graphdef=graphdef,
       initialize=jax.jit(initialize),
       train_step=make_train_step(graphdef, make_objective(config.loss)),
       eval_step=make_eval_step(graphdef, num_bins=config.train.num_ece_bins, num_shards=num_shards),
