@@ -6,9 +6,11 @@ one test example and its NLL by 1e-5 relative, at every logged step and in the s
 """
 
 import dataclasses
+import gc
 import math
 import pathlib
 import shutil
+import weakref
 
 import filelock
 import jax
@@ -79,6 +81,20 @@ def test_groups_share_shapes_and_split_on_everything_else():
   ]
   warmup = load_config(QUICK, (*overrides, "optim.schedule=warmup_cosine", "optim.warmup_steps=5"))
   assert sorted(len(g.runs) for g in plan_groups(expand_grid(warmup))) == [1] * 4 + [2] * 4
+
+
+def test_kept_initialisation_holds_the_data_shapes_not_its_arrays():
+  """`initial_states` keeps its compiled program for later groups; the program must not keep the
+  first group's data set alive (it closed over the whole data set before)."""
+  config = load_config(QUICK, ("model.hidden_dims=[7]",))  # a key no other test makes
+  data = load_dataset(config.data)
+  state = initial_states(config, data, [0, 1], None)
+  again = initial_states(config, data, [0, 1], None)  # the kept program: the same weights
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state, again))
+  kept = weakref.ref(data.x_train_NxF)
+  del data
+  gc.collect()
+  assert kept() is None
 
 
 def test_map_member_is_its_sequential_run_bit_for_bit():

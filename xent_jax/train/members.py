@@ -14,7 +14,7 @@ from flax import nnx
 
 from xent_jax.train.checkpoint import Checkpointer
 from xent_jax.train.config import Config, to_yaml
-from xent_jax.train.data import Dataset
+from xent_jax.train.data import Dataset, without_rows
 from xent_jax.train.models import build_model
 from xent_jax.train.optim import build_optimizer
 
@@ -61,9 +61,10 @@ def initial_states(config: Config, data: Dataset, seeds: list[int], sharding):
   """
   key = (*model_key(config, data), to_yaml(config.optim), config.train.num_steps, sharding)
   if key not in _INIT_PROGRAMS:
+    shapes = without_rows(data)  # a kept program must not keep the first group's data set alive
 
     def one(seed):
-      return nnx.split(model_and_optimizer(config, data, jax.random.key(seed)))[1]
+      return nnx.split(model_and_optimizer(config, shapes, jax.random.key(seed)))[1]
 
     _INIT_PROGRAMS[key] = jax.jit(jax.vmap(one), out_shardings=sharding)
   return _INIT_PROGRAMS[key](jnp.asarray(seeds, jnp.int32))

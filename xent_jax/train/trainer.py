@@ -1,7 +1,6 @@
 """`train_and_evaluate(config, workdir)`: one training run, resumable, logged to files."""
 
 import contextlib
-import dataclasses
 import logging
 import pathlib
 from typing import NamedTuple
@@ -19,7 +18,7 @@ from xent_jax.train import logs
 from xent_jax.train.checkpoint import Checkpointer
 from xent_jax.train.clock import StepClock, logs_after, saves_after
 from xent_jax.train.config import Config, ConfigError, loss_label, to_yaml
-from xent_jax.train.data import Dataset, eval_batches, load_dataset, train_batch
+from xent_jax.train.data import Dataset, eval_batches, load_dataset, train_batch, without_rows
 from xent_jax.train.logs import RunDirectoryError
 from xent_jax.train.members import graph_of, model_and_optimizer, model_key
 from xent_jax.train.optim import DEFAULT_WEIGHT_DECAY
@@ -350,7 +349,7 @@ def run_programs(config: Config, data: Dataset, num_shards: int) -> RunPrograms:
   )
   if key not in _RUN_PROGRAMS:
     graphdef = graph_of(config, data)
-    shapes = _without_rows(data)  # a kept program must not keep the run's data set alive
+    shapes = without_rows(data)  # a kept program must not keep the run's data set alive
 
     def initialize(seed):
       return nnx.split(model_and_optimizer(config, shapes, jax.random.key(seed)))[1]
@@ -362,27 +361,6 @@ def run_programs(config: Config, data: Dataset, num_shards: int) -> RunPrograms:
       logits_step=make_logits_step(graphdef),
     )
   return _RUN_PROGRAMS[key]
-
-
-def _without_rows(data: Dataset) -> Dataset:
-  """``data`` with every array emptied to 0 rows (its example shape, dtypes and sizes stay)."""
-
-  def empty(array: np.ndarray) -> np.ndarray:
-    return np.empty((0, *array.shape[1:]), array.dtype)
-
-  def maybe(array: np.ndarray | None) -> np.ndarray | None:
-    return None if array is None else empty(array)
-
-  return dataclasses.replace(
-    data,
-    x_train_NxF=empty(data.x_train_NxF),
-    y_train_N=empty(data.y_train_N),
-    x_test_MxF=empty(data.x_test_MxF),
-    y_test_M=empty(data.y_test_M),
-    noise_mask_N=maybe(data.noise_mask_N),
-    x_holdout_HxF=maybe(data.x_holdout_HxF),
-    y_holdout_H=maybe(data.y_holdout_H),
-  )
 
 
 def _resume(config: Config, workdir: pathlib.Path, state):
