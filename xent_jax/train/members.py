@@ -47,6 +47,18 @@ def model_key(config: Config, data: Dataset) -> tuple:
   return (to_yaml(config.model), example, data.num_classes)
 
 
+def state_from_seed(config: Config, data: Dataset):
+  """``seed -> state``: the fresh `nnx.State` of ``config``'s (model, optimizer) pair from
+  ``jax.random.key(seed)`` (what ``nnx.Rngs(seed)`` makes), for a program that is kept: it
+  closes over the data's shapes (`without_rows`), not its arrays."""
+  shapes = without_rows(data)
+
+  def initialize(seed):
+    return nnx.split(model_and_optimizer(config, shapes, jax.random.key(seed)))[1]
+
+  return initialize
+
+
 # The compiled initialisation of each (model, optimizer, steps, data shapes, sharding): the groups
 # of a comparison that differ only in their loss initialise the same state, and compile it once.
 _INIT_PROGRAMS: dict = {}
@@ -61,12 +73,7 @@ def initial_states(config: Config, data: Dataset, seeds: list[int], sharding):
   """
   key = (*model_key(config, data), to_yaml(config.optim), config.train.num_steps, sharding)
   if key not in _INIT_PROGRAMS:
-    shapes = without_rows(data)  # a kept program must not keep the first group's data set alive
-
-    def one(seed):
-      return nnx.split(model_and_optimizer(config, shapes, jax.random.key(seed)))[1]
-
-    _INIT_PROGRAMS[key] = jax.jit(jax.vmap(one), out_shardings=sharding)
+    _INIT_PROGRAMS[key] = jax.jit(jax.vmap(state_from_seed(config, data)), out_shardings=sharding)
   return _INIT_PROGRAMS[key](jnp.asarray(seeds, jnp.int32))
 
 

@@ -18,9 +18,9 @@ from xent_jax.train import logs
 from xent_jax.train.checkpoint import Checkpointer
 from xent_jax.train.clock import StepClock, logs_after, saves_after
 from xent_jax.train.config import Config, ConfigError, loss_label, to_yaml
-from xent_jax.train.data import Dataset, eval_batches, load_dataset, train_batch, without_rows
+from xent_jax.train.data import Dataset, eval_batches, load_dataset, train_batch
 from xent_jax.train.logs import RunDirectoryError
-from xent_jax.train.members import graph_of, model_and_optimizer, model_key
+from xent_jax.train.members import graph_of, model_key, state_from_seed
 from xent_jax.train.optim import DEFAULT_WEIGHT_DECAY
 from xent_jax.train.parallel import check_batch_size, make_mesh, replicate, shard_batch
 from xent_jax.train.steps import (
@@ -335,9 +335,8 @@ def run_programs(config: Config, data: Dataset, num_shards: int) -> RunPrograms:
   """The jitted programs of a run of ``config`` on ``data`` with ``num_shards`` devices, made once
   per model, optimizer, loss, step count, evaluation setting and data shapes.
 
-  The seed is an argument of ``initialize`` (``jax.random.key(seed)``, what ``nnx.Rngs(seed)``
-  makes, and what a vectorized group's members start from: `members.initial_states`), not a
-  constant of its program.
+  The seed is an argument of ``initialize`` (`members.state_from_seed`, from which a vectorized
+  group's members start too: `members.initial_states`), not a constant of its program.
   """
   key = (
     *model_key(config, data),
@@ -349,13 +348,8 @@ def run_programs(config: Config, data: Dataset, num_shards: int) -> RunPrograms:
   )
   if key not in _RUN_PROGRAMS:
     graphdef = graph_of(config, data)
-    shapes = without_rows(data)  # a kept program must not keep the run's data set alive
-
-    def initialize(seed):
-      return nnx.split(model_and_optimizer(config, shapes, jax.random.key(seed)))[1]
-
     _RUN_PROGRAMS[key] = RunPrograms(
-      initialize=jax.jit(initialize),
+      initialize=jax.jit(state_from_seed(config, data)),
       train_step=make_train_step(graphdef, make_objective(config.loss)),
       eval_step=make_eval_step(graphdef, num_bins=config.train.num_ece_bins, num_shards=num_shards),
       logits_step=make_logits_step(graphdef),
