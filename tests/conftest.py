@@ -66,7 +66,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # program; 21.7 -> 20.2 and 52.1 -> 50.8 in a second pair). The test processes have no directory
 # and compile each program once, so they skip the key; the processes the tests start get their
 # cache directory through the environment and keep it.
-if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+if jax.config.jax_compilation_cache_dir is None:
   jax.config.update("jax_enable_compilation_cache", False)
 
 
