@@ -53,6 +53,7 @@ def _run(args, cwd, env):
   return result.stdout
 
 
+@pytest.mark.processes
 @pytest.mark.slow
 def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

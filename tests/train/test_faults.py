@@ -257,6 +257,7 @@ def _interrupted_copy(reference: pathlib.Path, target: pathlib.Path) -> pathlib.
 # --- SIGKILL -------------------------------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_sigkill_at_a_random_step_then_resume(tmp_path, reference, cache):
   step = random.SystemRandom().randrange(1, 40)
   workdir = tmp_path / "run"
@@ -271,6 +272,7 @@ def test_sigkill_at_a_random_step_then_resume(tmp_path, reference, cache):
   _assert_same_results(workdir, reference)
 
 
+@pytest.mark.processes
 def test_sigkill_during_a_checkpoint_save_then_resume(tmp_path, reference, cache):
   workdir = tmp_path / "run"
   killed = _run(workdir, fault="kill_in_save=40", cache=cache)
@@ -287,6 +289,7 @@ def test_sigkill_during_a_checkpoint_save_then_resume(tmp_path, reference, cache
 # --- checkpoints that cannot be restored --------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_corrupt_latest_checkpoint_is_moved_aside_not_deleted(tmp_path, reference, cache):
   workdir = _interrupted_copy(reference, tmp_path / "run")
   damaged = {}
@@ -321,6 +324,7 @@ def test_changed_state_shape_stops_and_touches_nothing(tmp_path, reference, caps
   assert _snapshot(workdir) == before
 
 
+@pytest.mark.processes
 def test_unreadable_checkpoint_stops_and_touches_nothing(public_dir, reference, cache):
   """A permission error is not corruption: stop, name the file, move and delete nothing."""
   base = public_dir
@@ -367,6 +371,7 @@ def test_checkpoints_without_config_yaml_are_refused(tmp_path, reference, capsys
 # --- two processes -------------------------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_second_process_is_refused_while_the_first_runs(tmp_path, reference, cache):
   workdir, go = tmp_path / "run", tmp_path / "go"
   env = _env(cache, XENT_FAULT="wait_at_step=15", XENT_GO=str(go))
@@ -397,6 +402,7 @@ def test_second_process_is_refused_while_the_first_runs(tmp_path, reference, cac
 # --- full disk -----------------------------------------------------------------------------------
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("name", ["metrics.jsonl", "summary.json.tmp"])
 def test_full_disk_while_logging_then_resume(tmp_path, reference, cache, name):
   workdir = tmp_path / "run"
@@ -408,6 +414,7 @@ def test_full_disk_while_logging_then_resume(tmp_path, reference, cache, name):
   _assert_same_results(workdir, reference)
 
 
+@pytest.mark.processes
 def test_full_disk_during_a_checkpoint_save_then_resume(tmp_path, reference, cache):
   """A real full disk (a 1 MiB tmpfs), met by orbax's own writer; needs permission to mount."""
   mount = tmp_path / "small"
@@ -449,6 +456,7 @@ def test_run_directory_under_a_file(tmp_path, capsys):
   assert err.count("\n") == 1 and "a_file" in err and "Not a directory" in err
 
 
+@pytest.mark.processes
 def test_run_directory_without_write_permission(public_dir):
   base = public_dir  # owned by this user: others may not write in it
   if os.geteuid() != 0:
@@ -477,6 +485,7 @@ def test_report_keeps_rows_after_a_torn_line_and_names_it(tmp_path, reference, c
   assert loaded["rows"] == [json.loads(line) for line in lines]  # every good row, the last ones too
 
 
+@pytest.mark.processes
 def test_resume_keeps_rows_after_a_torn_line(tmp_path, reference, cache):
   """The resume rewrites metrics.jsonl: a torn line in the middle must not cut the rows after it."""
   workdir = _interrupted_copy(reference, tmp_path / "run")
@@ -553,6 +562,7 @@ def test_other_bad_values_are_one_line_errors(tmp_path, capsys, override, words)
   assert err.count("\n") == 1 and all(word in err for word in words), err
 
 
+@pytest.mark.processes
 def test_bad_config_in_a_real_process_exits_2_without_traceback(tmp_path):
   result = _run(tmp_path / "run", "optim.learning_rate=-0.1")
   _assert_one_line_error(result, "optim.learning_rate", status=2)
@@ -719,6 +729,7 @@ def _interrupted_group(reference: pathlib.Path, target: pathlib.Path) -> pathlib
   return target
 
 
+@pytest.mark.processes
 def test_group_sigkill_at_a_random_step_then_resume(tmp_path, group_reference, cache):
   step = random.SystemRandom().randrange(1, 40)
   workdir = tmp_path / "compare"
@@ -732,6 +743,7 @@ def test_group_sigkill_at_a_random_step_then_resume(tmp_path, group_reference, c
   _assert_same_group(workdir, group_reference)
 
 
+@pytest.mark.processes
 def test_group_sigkill_in_one_members_save_then_resume(tmp_path, group_reference, cache):
   """Killed while saving member 1's checkpoint 40, after member 0 saved its own: member 0 resumes
   from 40 and waits while member 1 replays 20..40 from its checkpoint 20."""
@@ -767,6 +779,7 @@ def test_group_corrupt_checkpoint_of_one_member_is_moved_aside(tmp_path, group_r
   assert {p: (aside / p).read_bytes() for p in damaged} == damaged  # kept byte for byte
 
 
+@pytest.mark.processes
 def test_group_full_disk_while_logging_then_resume(tmp_path, group_reference, cache):
   workdir = tmp_path / "compare"
   full = _run(workdir, fault="enospc=metrics.jsonl", cache=cache, command=_group_command(workdir))
@@ -776,6 +789,7 @@ def test_group_full_disk_while_logging_then_resume(tmp_path, group_reference, ca
   _assert_same_group(workdir, group_reference)
 
 
+@pytest.mark.processes
 def test_group_second_process_is_refused_while_the_first_runs(tmp_path, group_reference, cache):
   workdir, go = tmp_path / "compare", tmp_path / "go"
   env = _env(cache, XENT_FAULT="wait_at_step=15", XENT_GO=str(go))

@@ -100,6 +100,7 @@ def test_weight_decay_recorded_before_it_was_optional_still_matches(tmp_path):
   ]
 
 
+@pytest.mark.processes
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, reference_run):
   """Kills the real CLI mid-run with SIGKILL, reruns the same command, compares to the reference."""
   workdir = tmp_path / "killed"
