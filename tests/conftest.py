@@ -1,6 +1,6 @@
 """Test session set-up: 8 fake CPU devices for the multi-device tests, XLA:CPU's fast-compiling
-settings, strict rank promotion, fewer cyclic-GC passes, the `tpu` tests skipped where libtpu is
-absent."""
+settings, strict rank promotion, the process settings of `tests/_process_settings.py`, the `tpu`
+tests skipped where libtpu is absent."""
 
 import gc
 import importlib.util
@@ -55,73 +55,19 @@ _HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from tests import _process_settings  # noqa: E402
 from xent_jax.tools import libtpu  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-# With no cache directory JAX still serializes and hashes every program into a persistent-cache
-# key (the cache is enabled by default, and on CPU a key is made before it looks for the missing
-# directory): 5-7% of the compile time of small programs on the AMD EPYC CI host (a 0.10.2
-# microbenchmark of 60 tiny and 30 loss-gradient programs: 24.2 -> 22.4 and 57.2 -> 53.5 ms per
-# program; 21.7 -> 20.2 and 52.1 -> 50.8 in a second pair). The test processes have no directory
-# and compile each program once, so they skip the key; the processes the tests start get their
-# cache directory through the environment and keep it.
-if jax.config.jax_compilation_cache_dir is None:
-  jax.config.update("jax_enable_compilation_cache", False)
-
-
-def _share_one_mlir_context() -> None:
-  """Lowers every program of the test process into one MLIR context instead of a fresh one each.
-
-  JAX makes a new MLIR context for each program it lowers and loads its dialects into it (about
-  6 ms a program here; the suite lowers thousands), and each cached lowering keeps its context
-  alive. The programs are the same (same dialects, same IR); MLIR contexts are made to be shared
-  by many modules, and the only price of one long-lived context is that the types and attributes
-  it has seen stay in it. `tests/core/test_engine.py` with `tests/losses/test_variants.py` in one
-  process (AMD EPYC, 2 cores, interleaved): 269 -> 247 s, peak memory 1.66 -> 0.67 GB.
-  Test processes only: users, the benchmarks, the docs build and the processes the tests start
-  keep JAX's behaviour, and so do the tests with ``XENT_JAX_TEST_XLA_DEFAULTS=1``. A JAX without
-  the private function ``jax._src.interpreters.mlir.make_ir_context`` (renamed or removed) is left
-  as it is, with a warning.
-  """
-  from jax._src.interpreters import mlir  # pylint: disable=import-outside-toplevel
-
-  make = getattr(mlir, "make_ir_context", None)
-  if make is None:
-    warnings.warn(
-      "tests/conftest.py: this JAX has no jax._src.interpreters.mlir.make_ir_context; each "
-      "program is lowered in its own MLIR context (slower)",
-      stacklevel=1,
-    )
-    return
-  shared = make()
-
-  def make_ir_context():
-    # A program lowered while another is being lowered (the fused head's tuner compiles its
-    # candidates at trace time) gets a context of its own: MLIR hands an inner use of the same
-    # context the outer one's insertion point, where JAX's copy of the inner module would land.
-    return shared if mlir.ir.Context.current is None else make()
-
-  mlir.make_ir_context = make_ir_context
-
-
-if os.environ.get("XENT_JAX_TEST_XLA_DEFAULTS") != "1":
-  _share_one_mlir_context()
+# Fewer cyclic-GC passes, no persistent-cache keys without a cache directory, one MLIR context
+# for every program (each measured in tests/_process_settings.py).
+_process_settings.apply()
 
 if _HAS_LIBTPU:
   # In the `tpu-test` venv libtpu loads with JAX's backends in every test process and subprocess:
   # on a host without a TPU, keep it from printing warnings and let every xdist worker load it.
   libtpu.quiet_libtpu()
-
-
-# The cyclic GC's youngest generation is collected every 700 net allocations by default: while a
-# test traces and lowers programs (millions of short-lived objects), thousands of collections a
-# minute. At 100000 it runs a few times a test. `tests/losses/test_variants.py`,
-# `tests/fused/test_tuning.py` and `tests/metrics/test_calibration.py` in one process (AMD EPYC,
-# 2 cores, four interleaved pairs): 109.8 -> 103.8, 106.4 -> 98.2, 105.1 -> 95.7 s (and
-# `test_cross_entropy.py` with `test_bitempered.py` 128.2 -> 114.5, 116.1 -> 107.1 s), 2988
-# collections -> 5, peak memory 894 -> 900 MB.
-gc.set_threshold(100_000, 50, 1000)
 
 
 @pytest.fixture(autouse=True)
