@@ -2,8 +2,10 @@
 documentation build that `tests/test_docs.py` starts. They make tracing, lowering and compiling
 thousands of small programs cheaper and change no result.
 
-The processes the tests start to run the CLI, the benchmarks, and users keep JAX's and Python's
-behaviour. ``XENT_JAX_TEST_XLA_DEFAULTS=1`` also keeps the MLIR contexts as JAX makes them.
+The CLI processes the tests start, the benchmarks and users keep JAX's and Python's behaviour
+here (the CLI processes inherit the tests' XLA flags through the environment, see
+`tests/conftest.py`). ``XENT_JAX_TEST_XLA_DEFAULTS=1`` also keeps the MLIR contexts as JAX
+makes them.
 """
 
 import gc

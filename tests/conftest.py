@@ -22,10 +22,10 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 # emitters, and one LLVM module per program instead of parts compiled on a thread pool (two
 # workers already fill the two cores). A small program then compiles ~10x faster (0.28 -> 0.03 s
 # on the AMD EPYC CI host) and the suite takes under half the time; the last setting alone took
-# 14-17% off the compile time of 80 small loss programs (10.6 -> 9.1 s, 10.1 -> 8.3 s). Users,
-# the benchmarks and the docs build keep XLA's defaults; `XENT_JAX_TEST_XLA_DEFAULTS=1` runs the
-# tests with them too. A JAX whose XLA no longer knows a flag would abort at start-up, so a
-# subprocess tries them first.
+# 14-17% off the compile time of 80 small loss programs (10.6 -> 9.1 s, 10.1 -> 8.3 s). Users and
+# the benchmarks keep XLA's defaults (the processes the tests start inherit these flags through
+# the environment); `XENT_JAX_TEST_XLA_DEFAULTS=1` runs the tests with the defaults too. A JAX
+# whose XLA no longer knows a flag would abort at start-up, so a subprocess tries them first.
 _FAST_COMPILE = (
   "--xla_backend_optimization_level=0",
   "--xla_cpu_use_fusion_emitters=false",

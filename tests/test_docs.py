@@ -6,8 +6,8 @@ objects.inv lists every documented object) and the doctest builder, which runs t
 ``testcode`` blocks against their ``testoutput`` and every ``>>>`` example of the docstrings the
 reference renders. Both builds run one after the other in one Python process (Sphinx's
 ``build_main``, what ``python -m sphinx`` calls), so the second reuses the first's imports of
-Sphinx, JAX and the library (about 3 s of a 36 s pair on the AMD EPYC CI host); that process
-takes the test processes' settings (``tests/_process_settings.py``).
+Sphinx, JAX and the library (about 3 s of a pair on the AMD EPYC CI host); that process takes
+the test processes' settings (``tests/_process_settings.py``).
 """
 
 import pathlib
