@@ -45,24 +45,14 @@ class Dataset:
 def without_rows(data: Dataset) -> Dataset:
   """``data`` with every array emptied to 0 rows: its example shapes, dtypes, number of classes
   and sequence length stay. What a compiled program kept for later runs may close over, instead
-  of the arrays of the first run's data set."""
-
-  def empty(array: np.ndarray) -> np.ndarray:
-    return np.empty((0, *array.shape[1:]), array.dtype)
-
-  def maybe(array: np.ndarray | None) -> np.ndarray | None:
-    return None if array is None else empty(array)
-
-  return dataclasses.replace(
-    data,
-    x_train_NxF=empty(data.x_train_NxF),
-    y_train_N=empty(data.y_train_N),
-    x_test_MxF=empty(data.x_test_MxF),
-    y_test_M=empty(data.y_test_M),
-    noise_mask_N=maybe(data.noise_mask_N),
-    x_holdout_HxF=maybe(data.x_holdout_HxF),
-    y_holdout_H=maybe(data.y_holdout_H),
-  )
+  of the arrays of the first run's data set. Every array field is emptied, so one added to
+  `Dataset` later is too."""
+  emptied: dict[str, Any] = {
+    field.name: np.empty((0, *value.shape[1:]), value.dtype)
+    for field in dataclasses.fields(data)
+    if getattr(value := getattr(data, field.name), "ndim", 0) >= 1
+  }
+  return dataclasses.replace(data, **emptied)
 
 
 def _split(x_NxF, y_N, fraction, rng):
